@@ -1,0 +1,205 @@
+"""The ResNet stack (stem, stages, head, feature outputs), the named models, and ``create_model``.
+
+Every variant in the family is a setting of the knobs on one ``ResNet`` module; the named models are a table
+of those settings. Parameter names follow torchvision (``conv1``, ``bn1``, ``layer1_0/conv1``, ``fc``), so a
+``features_only`` model shares every name with its classifier except the head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from resnet_jax.blocks import BLOCKS, SHORTCUTS
+
+STEMS = ("imagenet", "cifar", "deep")
+
+
+def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1, *, dtype: Any, param_dtype: Any,
+          **kwargs: Any) -> nn.Conv:
+    """A bias-free conv padded by k//2 on both sides, as torchvision (not XLA "SAME", which pads (2, 3) at
+    stride 2 and would shift every feature map by a pixel against torchvision weights); He-normal fan-out init."""
+    pad = [(k // 2, k // 2) for k in kernel_size]
+    kwargs.setdefault("kernel_init", nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+    return nn.Conv(features, kernel_size, strides=strides, padding=pad, use_bias=False, dtype=dtype,
+                   param_dtype=param_dtype, **kwargs)
+
+
+class ResNet(nn.Module):
+    """A ResNet on NHWC images; ``__call__(x, train)`` returns float32 logits, or the stage outputs.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      block: "basic" or "bottleneck".
+      num_classes: classifier outputs; 0 returns the pooled features instead of logits.
+      in_channels: image channels the model accepts (1 for greyscale/medical images).
+      stage_widths: base width of each stage (Bottleneck stages output 4x this).
+      stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool), "cifar" (3x3/1 conv, no pool) or "deep" (three 3x3
+        convs + max-pool, ResNet-C/D).
+      stem_width: channels out of the stem.
+      shortcut: how blocks downsample their residual path: "projection" (1x1 conv + BN), "avg_pool" (ResNet-D)
+        or "zero_pad" (parameter-free, He et al. CIFAR "option A").
+      groups, width_per_group: ResNeXt cardinality and per-group width (wide ResNets: width_per_group=128).
+      preact: pre-activation (BN-ReLU-conv) blocks of He et al. 2016, with a final BN-ReLU before the head.
+      zero_init_residual: start every block as the identity (last BN scale, or last conv when preact, at 0).
+      remat: recompute each block's activations in the backward pass instead of storing them.
+      features_only: return the list of stage outputs (strides 4/8/16/32 for the ImageNet stem), no head.
+      dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: storage dtype of parameters (keep float32).
+      bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (torchvision's momentum 0.1 = 0.9).
+    """
+
+    stage_sizes: Sequence[int]
+    block: str = "basic"
+    num_classes: int = 1000
+    in_channels: int = 3
+    stage_widths: Sequence[int] = (64, 128, 256, 512)
+    stem: str = "imagenet"
+    stem_width: int = 64
+    shortcut: str = "projection"
+    groups: int = 1
+    width_per_group: int = 64
+    preact: bool = False
+    zero_init_residual: bool = False
+    remat: bool = False
+    features_only: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check_choice("block", self.block, BLOCKS)
+        _check_choice("stem", self.stem, STEMS)
+        _check_choice("shortcut", self.shortcut, SHORTCUTS)
+        if len(self.stage_sizes) != len(self.stage_widths):
+            raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and stage_widths {tuple(self.stage_widths)} "
+                             "must have the same length (one entry per stage)")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray | list[jnp.ndarray]:
+        self._check_input(x)
+        conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                                 epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = self._stem(jnp.asarray(x, self.dtype), conv, norm)
+
+        block_cls = BLOCKS[self.block]
+        if self.remat:
+            block_cls = nn.remat(block_cls)
+        features = []
+        for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+            for j in range(size):
+                x = block_cls(width, 2 if i > 0 and j == 0 else 1, conv, norm, shortcut=self.shortcut,
+                              preact=self.preact, zero_init_residual=self.zero_init_residual, groups=self.groups,
+                              width_per_group=self.width_per_group, name=f"layer{i + 1}_{j}")(x)
+            features.append(x)
+        if self.features_only:
+            return features
+
+        if self.preact:  # pre-activation blocks leave the sum un-normalised: close the stack with BN-ReLU
+            x = nn.relu(norm(name="bn_final")(x))
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # pool and classify in float32 whatever the compute dtype
+        if self.num_classes == 0:
+            return x
+        return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
+                        kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), name="fc")(x)
+
+    def _stem(self, x, conv, norm):
+        if self.stem == "cifar":
+            x = conv(self.stem_width, (3, 3), name="conv1")(x)
+            return x if self.preact else nn.relu(norm(name="bn1")(x))
+        if self.stem == "deep":
+            half = self.stem_width // 2
+            for k, (width, strides) in enumerate([(half, 2), (half, 1), (self.stem_width, 1)]):
+                x = conv(width, (3, 3), strides=strides, name=f"conv1_{k}")(x)
+                if k < 2 or not self.preact:
+                    x = nn.relu(norm(name=f"bn1_{k}")(x))
+        else:
+            x = conv(self.stem_width, (7, 7), strides=2, name="conv1")(x)
+            if not self.preact:  # the first pre-activation block normalises the stem output itself
+                x = nn.relu(norm(name="bn1")(x))
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    def _check_input(self, x) -> None:
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) == 4 and shape[-1] == self.in_channels:
+            return
+        hint = ""
+        if len(shape) == 4 and shape[1] == self.in_channels:
+            hint = " It looks channels-first (NCHW): transpose with x.transpose(0, 2, 3, 1)."
+        elif len(shape) == 3:
+            hint = " Add a batch axis with x[None]."
+        elif len(shape) == 4:
+            hint = f" Build the model with in_channels={shape[-1]} or convert the images."
+        raise ValueError(f"expected NHWC images of shape (batch, height, width, {self.in_channels}), "
+                         f"got shape {shape}.{hint}")
+
+
+def _check_choice(field: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {field} {value!r}; choose one of {sorted(choices)}")
+
+
+def _imagenet(stage_sizes, block, **kw):
+    return dict(stage_sizes=stage_sizes, block=block, **kw)
+
+
+def _cifar_he(depth: int):
+    """He et al. 2015 section 4.2: 6n+2 layers, widths 16/32/64, parameter-free shortcuts, 10 classes."""
+    n = (depth - 2) // 6
+    return dict(stage_sizes=(n, n, n), block="basic", stage_widths=(16, 32, 64), stem="cifar", stem_width=16,
+                shortcut="zero_pad", num_classes=10)
+
+
+_DEPTHS = {18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck"),
+           101: ((3, 4, 23, 3), "bottleneck"), 152: ((3, 8, 36, 3), "bottleneck")}
+
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    **{f"resnet{d}": _imagenet(*_DEPTHS[d]) for d in _DEPTHS},
+    "resnext50_32x4d": _imagenet(*_DEPTHS[50], groups=32, width_per_group=4),
+    "resnext101_32x8d": _imagenet(*_DEPTHS[101], groups=32, width_per_group=8),
+    "resnext101_64x4d": _imagenet(*_DEPTHS[101], groups=64, width_per_group=4),
+    "wide_resnet50_2": _imagenet(*_DEPTHS[50], width_per_group=128),
+    "wide_resnet101_2": _imagenet(*_DEPTHS[101], width_per_group=128),
+    **{f"resnet{d}d": _imagenet(*_DEPTHS[d], stem="deep", shortcut="avg_pool") for d in _DEPTHS},
+    **{f"preact_resnet{d}": _imagenet(*_DEPTHS[d], preact=True) for d in _DEPTHS},
+    **{f"resnet{d}_cifar": _imagenet(*_DEPTHS[d], stem="cifar", num_classes=10) for d in (18, 34, 50)},
+    **{f"resnet{d}": _cifar_he(d) for d in (20, 32, 44, 56, 110)},
+}
+
+_FIELDS = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``create_model``, sorted."""
+    return sorted(MODEL_CONFIGS)
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The knob settings behind a named model (a copy: change it and pass it to ``ResNet(**config)``)."""
+    if name not in MODEL_CONFIGS:
+        close = difflib.get_close_matches(name, MODEL_CONFIGS, n=3, cutoff=0.5)
+        suggestion = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{suggestion} resnet_jax.list_models() lists all "
+                         f"{len(MODEL_CONFIGS)} names.")
+    return dict(MODEL_CONFIGS[name])
+
+
+def create_model(name: str, **overrides: Any) -> ResNet:
+    """Build a named model, e.g. ``create_model("resnet50", num_classes=10, dtype=jnp.bfloat16)``.
+
+    Any ``ResNet`` attribute can be overridden; an unknown name or attribute raises ``ValueError``.
+    """
+    config = model_config(name)
+    unknown = sorted(set(overrides) - _FIELDS)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for create_model({name!r}); valid options are "
+                         f"{sorted(_FIELDS)}")
+    config.update(overrides)
+    return ResNet(**config)
