@@ -13,21 +13,32 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from resnet_jax.blocks import BLOCKS, SHORTCUTS
+from resnet_jax.ops.conv import MatmulGradConv
 
 STEMS = ("imagenet", "cifar", "deep")
+CONV_IMPLS = ("xla", "matmul_grad", "auto")
 
 
 def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1, *, dtype: Any, param_dtype: Any,
-          **kwargs: Any) -> nn.Conv:
+          impl: str = "xla", **kwargs: Any) -> nn.Module:
     """A bias-free conv padded by k//2 on both sides, as torchvision (not XLA "SAME", which pads (2, 3) at
-    stride 2 and would shift every feature map by a pixel against torchvision weights); He-normal fan-out init."""
+    stride 2 and would shift every feature map by a pixel against torchvision weights); He-normal fan-out init.
+
+    ``impl`` picks the module: "xla" is ``nn.Conv``; "matmul_grad" is ``ops.MatmulGradConv`` (same parameter,
+    same output, kernel gradient as one matmul: faster training on CPU); "auto" is "matmul_grad" on a CPU
+    backend and "xla" elsewhere.
+    """
     pad = [(k // 2, k // 2) for k in kernel_size]
     kwargs.setdefault("kernel_init", nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
-    return nn.Conv(features, kernel_size, strides=strides, padding=pad, use_bias=False, dtype=dtype,
-                   param_dtype=param_dtype, **kwargs)
+    if impl == "auto":
+        impl = "matmul_grad" if jax.default_backend() == "cpu" else "xla"
+    module = MatmulGradConv if impl == "matmul_grad" else nn.Conv
+    return module(features, kernel_size, strides=strides, padding=pad, use_bias=False, dtype=dtype,
+                  param_dtype=param_dtype, **kwargs)
 
 
 class ResNet(nn.Module):
@@ -51,6 +62,9 @@ class ResNet(nn.Module):
       features_only: return the list of stage outputs (strides 4/8/16/32 for the ImageNet stem), no head.
       dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: storage dtype of parameters (keep float32).
       bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (torchvision's momentum 0.1 = 0.9).
+      conv_impl: how convolutions are computed; parameters and outputs are identical for every choice.
+        "xla" (``nn.Conv``), "matmul_grad" (``ops.MatmulGradConv``: kernel gradient as one matmul, ~2x faster
+        training on CPU) or "auto" ("matmul_grad" on a CPU backend, "xla" elsewhere).
     """
 
     stage_sizes: Sequence[int]
@@ -71,11 +85,13 @@ class ResNet(nn.Module):
     param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    conv_impl: str = "xla"
 
     def __post_init__(self) -> None:
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
         _check_choice("shortcut", self.shortcut, SHORTCUTS)
+        _check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
         if len(self.stage_sizes) != len(self.stage_widths):
             raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and stage_widths {tuple(self.stage_widths)} "
                              "must have the same length (one entry per stage)")
@@ -84,7 +100,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray | list[jnp.ndarray]:
         self._check_input(x)
-        conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv_impl)
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                                  epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
         x = self._stem(jnp.asarray(x, self.dtype), conv, norm)
