@@ -1,0 +1,105 @@
+"""Per-example augmentations on uint8 HWC numpy images, each seeded by the `np.random.Generator` it is given.
+
+Grain hands every record its own generator derived from (seed, position in the stream), so an augmentation
+depends only on the seed and the record's place in the run: the same batches come back after a resume, in
+any worker. Resizing uses Pillow (bilinear, antialiased on downscale), which reads crop box and resize in one
+pass, the cheap way to do random-resized crops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+# ITU-R BT.601 luma, what Pillow's "L" conversion and torchvision's Grayscale use.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def resize(image: np.ndarray, height: int, width: int, box: tuple[float, float, float, float] | None = None):
+    """Bilinear resize of `image` (or of its `box` = (left, top, right, bottom) region) to (height, width)."""
+    if box is None and image.shape[:2] == (height, width):
+        return image
+    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    out = np.asarray(pil.resize((width, height), Image.BILINEAR, box=box))
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def random_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int, padding: int = 4) -> np.ndarray:
+    """CIFAR recipe: zero-pad by `padding`, take a random size x size crop, flip left-right half the time."""
+    image = resize(image, size, size)
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    top, left = rng.integers(0, 2 * padding + 1, size=2)
+    crop = padded[top:top + size, left:left + size]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
+                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """Inception-style crop box (left, top, right, bottom): area fraction in `scale`, aspect ratio in `ratio`.
+
+    Ten tries at a box that fits, then the whole image clamped to the ratio range, as torchvision does.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def random_resized_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int,
+                             scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """ImageNet recipe: a random-resized crop to size x size, flipped left-right half the time."""
+    box = random_resized_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
+    crop = resize(image, size, size, box=box)
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def resize_center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+    """Evaluation: resize the shorter side to size / crop_fraction, then take the central size x size."""
+    height, width = image.shape[:2]
+    crop = min(height, width) * crop_fraction
+    if crop == height == width == size:
+        return image
+    # Crop in source coordinates and resize once: the same view as resize-then-crop, with less work.
+    top, left = (height - crop) / 2, (width - crop) / 2
+    return resize(image, size, size, box=(left, top, left + crop, top + crop))
+
+
+def to_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
+    """Greyscale -> RGB by repetition, RGB -> greyscale by luma; unchanged when `channels` is None or equal."""
+    have = image.shape[2]
+    if channels is None or channels == have:
+        return image
+    if have == 1 and channels == 3:
+        return np.repeat(image, 3, axis=2)
+    if have == 3 and channels == 1:
+        return np.round(image.astype(np.float32) @ _LUMA)[:, :, None].astype(np.uint8)
+    raise ValueError(f"Cannot convert {have}-channel images to {channels} channels; only 1 <-> 3 is supported.")
+
+
+def normalize(image: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 -> float32 (x / 255 - mean) / std, per channel; one-value mean/std apply to every channel."""
+    mean = np.asarray(mean, np.float32).reshape(-1)
+    std = np.asarray(std, np.float32).reshape(-1)
+    channels = image.shape[2]
+    if mean.size not in (1, channels) or std.size not in (1, channels):
+        raise ValueError(f"mean/std have {mean.size}/{std.size} values but the images have {channels} channels; "
+                         f"give one value per channel (or one for all).")
+    return (image.astype(np.float32) * np.float32(1 / 255) - mean) / std

@@ -1,0 +1,225 @@
+"""Grain pipelines: a checkpointable, sharded, shuffled training stream and an exact, padded evaluation pass.
+
+Training: `grain.DataLoader` over the source with an `IndexSampler` (seeded shuffle, reshuffled every epoch),
+this process's shard only, a seeded per-example augmentation, and local batches of batch_size // processes.
+Its iterator's `get_state()` is a few bytes of JSON (the last index each worker produced, plus the sampler and
+source descriptions it is checked against), so a checkpoint of it resumes the exact stream.
+
+Evaluation: each process takes a contiguous slice of the split, padded to the same number of batches on every
+process; padded rows carry mask=False so metrics count every example exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grain
+import jax
+import numpy as np
+
+from resnet_jax.data import augment as aug
+from resnet_jax.data.source import Source
+from resnet_jax.data.stats import DATASET_STATS
+
+AUGMENTS = ("cifar", "imagenet", "none")
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full global batches in one pass over `num_examples` (training drops the remainder)."""
+    return num_examples // batch_size
+
+
+def _processes(process_index, process_count) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else int(process_index)
+    count = jax.process_count() if process_count is None else int(process_count)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"process_index must be in [0, process_count), got {index} of {count}.")
+    return index, count
+
+
+def _local_batch(batch_size: int, count: int) -> int:
+    if batch_size < 1 or batch_size % count:
+        raise ValueError(f"The global batch_size ({batch_size}) must be a positive multiple of the number of "
+                         f"processes ({count}); each process loads batch_size // process_count examples.")
+    return batch_size // count
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside an absl app (pytest, notebooks, plain scripts) nobody
+    parsed them, and the first batch would fail. Marking them parsed keeps every flag at its default."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _stats(src: Source, mean, std):
+    if mean is not None and std is not None:
+        return mean, std
+    if src.name in DATASET_STATS:
+        return DATASET_STATS[src.name]
+    raise ValueError(f"No known mean/std for dataset {src.name!r}; pass mean= and std= (per channel, 0..1 units).")
+
+
+def _default_crop_fraction(src: Source) -> float:
+    """Fixed-size datasets (CIFAR, digits) are evaluated whole; photos of varying size get the 87.5% centre."""
+    return 1.0 if None not in src.image_shape[:2] else 0.875
+
+
+def check_compatible(src: Source, *, num_classes: int | None = None, channels: int | None = None) -> None:
+    """Fail before training starts when the data cannot fit the model: empty split, labels beyond the model's
+    classes, channels that cannot be converted, or records that are not uint8 HWC images with an int label."""
+    if len(src) == 0:
+        raise ValueError(f"{src!r} has no examples; check the split name and slicing.")
+    if num_classes is not None and src.num_classes > num_classes:
+        raise ValueError(f"The dataset has {src.num_classes} classes but the model outputs {num_classes}; "
+                         f"create the model with num_classes={src.num_classes}.")
+    have = src.image_shape[2]
+    if channels is not None and channels != have and {channels, have} != {1, 3}:
+        raise ValueError(f"The dataset's images have {have} channels and the model expects {channels}; "
+                         f"only greyscale <-> RGB can be converted.")
+    record = src[0]
+    image, label = np.asarray(record["image"]), record["label"]
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != have:
+        raise ValueError(f"{src!r} yields images of dtype {image.dtype} and shape {image.shape}; "
+                         f"expected uint8 (H, W, {have}).")
+    if np.ndim(label) != 0 or not 0 <= int(label) < max(src.num_classes, num_classes or 0):
+        raise ValueError(f"{src!r} yields label {label!r}; expected one integer in [0, {src.num_classes}).")
+
+
+class _Preprocess:
+    """Shared by train and eval: crop/resize, channel conversion, normalisation; picklable for Grain workers."""
+
+    def __init__(self, augment: str, image_size: int, mean, std, channels, crop_fraction: float):
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, not {augment!r}.")
+        if image_size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, not {image_size!r}.")
+        self.augment, self.size, self.channels, self.crop_fraction = augment, int(image_size), channels, crop_fraction
+        self.mean, self.std = tuple(np.ravel(mean).tolist()), tuple(np.ravel(std).tolist())
+
+    def __call__(self, record: dict, rng: np.random.Generator | None) -> dict:
+        image = np.asarray(record["image"])
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if self.augment == "cifar" and rng is not None:
+            image = aug.random_crop_flip(image, rng, self.size)
+        elif self.augment == "imagenet" and rng is not None:
+            image = aug.random_resized_crop_flip(image, rng, self.size)
+        else:
+            image = aug.resize_center_crop(image, self.size, self.crop_fraction)
+        image = aug.normalize(aug.to_channels(image, self.channels), self.mean, self.std)
+        return {"image": image, "label": np.int32(record["label"])}
+
+
+class _TrainMap(grain.transforms.RandomMap):
+    def __init__(self, preprocess: _Preprocess):
+        self.preprocess = preprocess
+
+    def random_map(self, element, rng: np.random.Generator):
+        return self.preprocess(element, rng)
+
+
+def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str = "none", mean=None, std=None,
+                 seed: int = 0, channels: int | None = None, num_epochs: int | None = None, worker_count: int = 0,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_classes: int | None = None, crop_fraction: float | None = None,
+                 worker_buffer_size: int = 2) -> grain.DataLoader:
+    """A `grain.DataLoader` yielding {"image": float32 (local_batch, S, S, C), "label": int32 (local_batch,)}.
+
+    batch_size is global; this process reads only its shard (contiguous 1/process_count of the split, shuffled
+    with `seed` anew each epoch) and yields batch_size // process_count examples per batch, dropping the last
+    partial batch. num_epochs=None streams forever (batches then straddle epoch boundaries; count steps with
+    `steps_per_epoch`). With num_epochs set and a split that does not divide evenly, the last
+    len % process_count examples are left out so every process yields the same number of batches.
+    `iter(loader)` has `get_state()` / `set_state()`; save it with `grain.checkpoint.CheckpointHandler`.
+    """
+    index, count = _processes(process_index, process_count)
+    local = _local_batch(batch_size, count)
+    check_compatible(src, num_classes=num_classes, channels=channels)
+    if batch_size > len(src):
+        raise ValueError(f"batch_size {batch_size} is larger than the dataset ({len(src)} examples); "
+                         f"use a smaller batch or a larger split.")
+    mean, std = _stats(src, mean, std)
+    preprocess = _Preprocess(augment, image_size, mean, std, channels,
+                             crop_fraction or _default_crop_fraction(src))
+    if worker_count:
+        _absl_flags_parsed()
+    shard = grain.sharding.ShardOptions(shard_index=index, shard_count=count,
+                                        drop_remainder=num_epochs is not None)
+    sampler = grain.samplers.IndexSampler(len(src), shard_options=shard, shuffle=True, num_epochs=num_epochs,
+                                          seed=int(seed))
+    return grain.DataLoader(data_source=src, sampler=sampler, shard_options=shard, worker_count=worker_count,
+                            worker_buffer_size=worker_buffer_size,
+                            operations=[_TrainMap(preprocess),
+                                        grain.transforms.Batch(batch_size=local, drop_remainder=True)])
+
+
+class _PaddedShard:
+    """This process's slice [start, stop) of the source, padded with masked rows to `length` records."""
+
+    def __init__(self, src: Source, start: int, stop: int, length: int):
+        self.src, self.start, self.stop, self.length = src, start, stop, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        if self.start + i < self.stop:
+            return {**self.src[self.start + i], "mask": True}
+        return {"image": None, "label": 0, "mask": False}
+
+    def __repr__(self) -> str:
+        return f"_PaddedShard({self.src!r}, start={self.start}, stop={self.stop}, length={self.length})"
+
+
+class _EvalMap(grain.transforms.Map):
+    def __init__(self, preprocess: _Preprocess, pad_shape: tuple[int, int, int]):
+        self.preprocess, self.pad_shape = preprocess, pad_shape
+
+    def map(self, element):
+        if not element["mask"]:
+            return {"image": np.zeros(self.pad_shape, np.float32), "label": np.int32(0), "mask": np.False_}
+        return {**self.preprocess(element, None), "mask": np.True_}
+
+
+class EvalLoader:
+    """Re-iterable, finite: `len(loader)` batches of {"image", "label", "mask"}, the same count on every process."""
+
+    def __init__(self, dataset: grain.IterDataset, num_batches: int, start: int, stop: int):
+        self._dataset, self.num_batches, self.start, self.stop = dataset, num_batches, start, stop
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        return iter(self._dataset)
+
+
+def eval_loader(src: Source, *, batch_size: int, image_size: int, mean=None, std=None,
+                channels: int | None = None, process_index: int | None = None, process_count: int | None = None,
+                num_classes: int | None = None, crop_fraction: float | None = None,
+                worker_count: int = 0, read_threads: int = 8) -> EvalLoader:
+    """Every example exactly once across processes, in order, resized and centre-cropped (no randomness).
+
+    Process p reads the contiguous slice p of ceil(len / process_count) examples; the last batch is padded with
+    zero images, label 0 and mask False, and shorter slices get extra padded batches, so all processes run the
+    same number of steps (a multi-host eval step never waits on a process that has finished).
+    """
+    index, count = _processes(process_index, process_count)
+    local = _local_batch(batch_size, count)
+    check_compatible(src, num_classes=num_classes, channels=channels)
+    mean, std = _stats(src, mean, std)
+    preprocess = _Preprocess("none", image_size, mean, std, channels, crop_fraction or _default_crop_fraction(src))
+    per_process = math.ceil(len(src) / count)
+    start, stop = min(index * per_process, len(src)), min((index + 1) * per_process, len(src))
+    num_batches = math.ceil(per_process / local)
+    pad_shape = (int(image_size), int(image_size), channels or src.image_shape[2])
+    dataset = (grain.MapDataset.source(_PaddedShard(src, start, stop, num_batches * local))
+               .map(_EvalMap(preprocess, pad_shape))
+               .batch(local)
+               .to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads)))
+    if worker_count:
+        _absl_flags_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return EvalLoader(dataset, num_batches, start, stop)

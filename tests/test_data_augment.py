@@ -1,0 +1,73 @@
+"""Augmentations: seeded, the right shapes, and the geometry each recipe promises."""
+
+import numpy as np
+import pytest
+
+from resnet_jax.data import augment as aug
+
+
+def ramp(h=40, w=60, c=3):
+    """An image whose pixel values encode their own column, so crops and flips can be read back."""
+    cols = np.linspace(0, 255, w).astype(np.uint8)
+    return np.broadcast_to(cols[None, :, None], (h, w, c)).copy()
+
+
+def test_random_crop_flip_is_seeded_and_pads_with_zeros():
+    image = np.full((32, 32, 3), 200, np.uint8)
+    outs = [aug.random_crop_flip(image, np.random.default_rng(s), 32) for s in range(20)]
+    assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in outs)
+    assert any((o == 0).any() for o in outs)  # some crops reach into the zero padding
+    again = aug.random_crop_flip(image, np.random.default_rng(7), 32)
+    assert np.array_equal(outs[7], again)
+
+
+def test_flip_happens_about_half_the_time():
+    image = ramp(32, 32)
+    flips = [aug.random_crop_flip(image, np.random.default_rng(s), 32, padding=0)[0, 0, 0] > 128
+             for s in range(200)]
+    assert 70 < sum(flips) < 130
+
+
+def test_random_resized_crop_box_respects_scale_and_ratio():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, right, bottom = aug.random_resized_crop_box(300, 400, rng)
+        w, h = right - left, bottom - top
+        assert 0 <= left < right <= 400 and 0 <= top < bottom <= 300
+        assert 0.07 * 300 * 400 <= w * h <= 300 * 400 and 0.7 <= w / h <= 1.4
+
+
+def test_random_resized_crop_falls_back_to_clamped_centre_for_extreme_images():
+    box = aug.random_resized_crop_box(10, 1000, np.random.default_rng(0), scale=(0.99, 1.0))
+    left, top, right, bottom = box
+    assert (top, bottom) == (0, 10) and right - left == round(10 * 4 / 3)
+
+
+def test_random_resized_crop_flip_shape_and_determinism():
+    image = ramp(120, 90)
+    a = aug.random_resized_crop_flip(image, np.random.default_rng(1), 64)
+    b = aug.random_resized_crop_flip(image, np.random.default_rng(1), 64)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+
+
+def test_resize_center_crop_takes_the_middle():
+    image = ramp(100, 200)
+    out = aug.resize_center_crop(image, 50, crop_fraction=1.0)
+    assert out.shape == (50, 50, 3)
+    # The central 100 of 200 columns hold values ~64..191.
+    assert 55 < out[0, 0, 0] < 75 and 180 < out[0, -1, 0] < 200
+    same = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+    assert aug.resize_center_crop(same, 32, 1.0) is same
+
+
+def test_channels_and_normalise():
+    grey = np.full((4, 4, 1), 51, np.uint8)
+    rgb = aug.to_channels(grey, 3)
+    assert rgb.shape == (4, 4, 3) and (rgb == 51).all()
+    assert aug.to_channels(rgb, 1).shape == (4, 4, 1) and (aug.to_channels(rgb, 1) == 51).all()
+    out = aug.normalize(rgb, (0.2, 0.2, 0.2), (0.5,))
+    assert out.dtype == np.float32 and np.allclose(out, 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="only 1 <-> 3"):
+        aug.to_channels(rgb, 4)
+    with pytest.raises(ValueError, match="one value per channel"):
+        aug.normalize(rgb, (0.1, 0.2), (0.3, 0.3))

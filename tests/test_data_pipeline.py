@@ -1,0 +1,191 @@
+"""Grain pipeline: same seed -> same batches, exact resume, disjoint covering shards, exact evaluation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grain
+import numpy as np
+import pytest
+
+from resnet_jax import data
+
+
+class IndexSource(data.Source):
+    """Record i has label i and an image filled with i % 256, so batches reveal exactly which records they hold."""
+
+    def __init__(self, n=50, shape=(8, 8, 3)):
+        self.name, self.split, self.n = "index", "train", n
+        self.num_classes, self.class_names, self.image_shape = n, [str(i) for i in range(n)], shape
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"image": np.full(self.image_shape, i % 256, np.uint8), "label": int(i)}
+
+
+STATS = dict(mean=(0.5,), std=(0.25,))
+
+
+def take(iterator, k):
+    return [next(iterator) for _ in range(k)]
+
+
+def same(a, b):
+    return len(a) == len(b) and all(np.array_equal(x[key], y[key]) for x, y in zip(a, b) for key in x)
+
+
+def test_batches_have_the_contract_shapes_and_dtypes():
+    src = data.get_source("digits", "train", image_size=16)
+    batch = next(iter(data.train_loader(src, batch_size=8, image_size=12, augment="cifar", seed=0, channels=3,
+                                        mean=(0.3,), std=(0.3,))))
+    assert batch["image"].shape == (8, 12, 12, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+    assert data.steps_per_epoch(len(src), 8) == len(src) // 8
+
+
+@pytest.mark.parametrize("augment", ["cifar", "imagenet", "none"])
+def test_same_seed_same_batches_other_seed_other_batches(augment):
+    src = data.get_source("synthetic", "train", num_examples=40, image_shape=(20, 24, 3))
+    run = lambda seed: take(iter(data.train_loader(src, batch_size=8, image_size=16, augment=augment, seed=seed)), 6)
+    first, again, other = run(1), run(1), run(2)
+    assert same(first, again)
+    assert not same(first, other)
+
+
+def test_each_epoch_is_a_new_permutation_of_the_split():
+    src = IndexSource(40)
+    batches = take(iter(data.train_loader(src, batch_size=10, image_size=8, seed=5, **STATS)), 8)
+    epochs = [np.concatenate([b["label"] for b in batches[e * 4:(e + 1) * 4]]) for e in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_resume_from_saved_state_continues_the_same_stream():
+    src = data.get_source("digits", "train", image_size=8)
+    loader = lambda: data.train_loader(src, batch_size=16, image_size=8, augment="cifar", seed=3)
+    uninterrupted = take(iter(loader()), 10)
+    it = iter(loader())
+    take(it, 4)
+    state = it.get_state()
+    resumed = iter(loader())
+    resumed.set_state(state)
+    assert same(take(resumed, 6), uninterrupted[4:])
+
+
+def test_orbax_saves_and_restores_the_iterator(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    src = data.get_source("digits", "train", image_size=8)
+    loader = lambda: data.train_loader(src, batch_size=16, image_size=8, augment="cifar", seed=3)
+    uninterrupted = take(iter(loader()), 7)
+    it = iter(loader())
+    take(it, 3)
+    with ocp.CheckpointManager(tmp_path, item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as mngr:
+        mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    resumed = iter(loader())
+    with ocp.CheckpointManager(tmp_path, item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as mngr:
+        mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    assert same(take(resumed, 4), uninterrupted[3:])
+
+
+@pytest.mark.parametrize("n,count", [(48, 2), (50, 3), (7, 4)])
+def test_training_shards_are_disjoint_and_cover_the_split(n, count):
+    src = IndexSource(n)
+    seen = []
+    for p in range(count):
+        loader = data.train_loader(src, batch_size=count, image_size=8, seed=0, process_index=p,
+                                   process_count=count, **STATS)
+        labels = np.concatenate([b["label"] for b in take(iter(loader), n)])  # >= one epoch of this shard
+        seen.append(set(labels.tolist()))
+    assert all(not (seen[a] & seen[b]) for a in range(count) for b in range(a + 1, count))
+    assert set().union(*seen) == set(range(n))
+
+
+@pytest.mark.parametrize("n,batch_size,count", [(50, 8, 1), (50, 8, 2), (7, 4, 4), (3, 6, 3), (64, 16, 2)])
+def test_evaluation_sees_each_example_exactly_once(n, batch_size, count):
+    src = IndexSource(n)
+    lengths, labels = set(), []
+    for p in range(count):
+        loader = data.eval_loader(src, batch_size=batch_size, image_size=8, process_index=p, process_count=count,
+                                  **STATS)
+        batches = list(loader)
+        lengths.add(len(batches))
+        assert len(batches) == len(loader) and all(b["mask"].shape == (batch_size // count,) for b in batches)
+        labels += [lab for b in batches for lab in b["label"][b["mask"]].tolist()]
+    assert len(lengths) == 1
+    assert sorted(labels) == list(range(n))
+
+
+def test_evaluation_is_reiterable_and_unaugmented():
+    src = data.get_source("digits", "validation")
+    loader = data.eval_loader(src, batch_size=64, image_size=32, channels=3)
+    first, second = list(loader), list(loader)
+    assert same(first, second) and len(first) == 6
+    assert first[0]["image"].shape == (64, 32, 32, 3)
+    assert not first[-1]["mask"][-1] and first[-1]["mask"].sum() == 360 - 5 * 64
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(batch_size=10, process_count=3, process_index=0), "multiple of the number of processes"),
+    (dict(batch_size=8, process_count=2, process_index=2), "process_index must be in"),
+    (dict(batch_size=8, num_classes=5), "create the model with num_classes=10"),
+    (dict(batch_size=8, channels=4), "only greyscale <-> RGB"),
+    (dict(batch_size=8, augment="autoaugment"), "augment must be one of"),
+    (dict(batch_size=4096), "larger than the dataset"),
+])
+def test_misfits_fail_before_any_batch(kwargs, match):
+    src = data.get_source("digits", "train")
+    with pytest.raises(ValueError, match=match):
+        data.train_loader(src, image_size=32, seed=0, **{"augment": "none", **kwargs})
+
+
+def test_unknown_stats_ask_for_mean_and_std():
+    with pytest.raises(ValueError, match="pass mean= and std="):
+        data.eval_loader(IndexSource(), batch_size=4, image_size=8)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_grain_workers_are_deterministic_and_resumable():
+    src = data.get_source("digits", "train", image_size=8)
+    loader = lambda: data.train_loader(src, batch_size=16, image_size=8, augment="cifar", seed=3, worker_count=2)
+    it = iter(loader())
+    uninterrupted = take(it, 5)
+    state = it.get_state()
+    uninterrupted += take(it, 3)
+    resumed = iter(loader())
+    resumed.set_state(state)
+    assert same(take(resumed, 3), uninterrupted[5:])
+
+
+CHILD = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from resnet_jax import data
+from test_data_pipeline import IndexSource, STATS
+p, count = int(sys.argv[1]), int(sys.argv[2])
+src = IndexSource(101)
+train = iter(data.train_loader(src, batch_size=4, image_size=8, seed=9, num_epochs=1, process_index=p,
+                               process_count=count, **STATS))
+ev = data.eval_loader(src, batch_size=6, image_size=8, process_index=p, process_count=count, **STATS)
+print(json.dumps({{"train": [int(x) for b in train for x in b["label"]],
+                  "eval": [int(x) for b in ev for x in b["label"][b["mask"]]], "eval_batches": len(list(ev))}}))
+"""
+
+
+@pytest.mark.multiprocess
+def test_two_processes_read_disjoint_shards_and_evaluate_everything_once():
+    code = CHILD.format(tests=str(Path(__file__).parent))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(p), "2"], stdout=subprocess.PIPE, text=True)
+             for p in range(2)]
+    outs = [json.loads(proc.communicate(timeout=120)[0].strip().splitlines()[-1]) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    train = [set(o["train"]) for o in outs]
+    # One epoch of 101 examples over 2 processes: 50 each (one left out so both run 25 steps), disjoint.
+    assert not train[0] & train[1] and len(outs[0]["train"]) == len(outs[1]["train"]) == len(train[0]) == 50
+    assert outs[0]["eval_batches"] == outs[1]["eval_batches"]
+    assert sorted(outs[0]["eval"] + outs[1]["eval"]) == list(range(101))
