@@ -1,0 +1,284 @@
+"""Read and write PyTorch ``.pth`` files and ``.safetensors`` as ``{name: numpy array}``, without torch.
+
+A ``.pth`` file is a zip holding a pickle (``data.pkl``) and one raw byte file per tensor storage. Unpickling
+is code execution in disguise: any global the pickle names gets imported and called. So the unpickler here
+admits only the handful of globals that rebuilding tensors needs and refuses every other one with
+``UnsafeFileError`` *before* it is called: a hostile file is rejected, never run. Writing emits the same
+opcodes ``torch.save`` does, by hand, so ``torch.load(path, weights_only=True)`` accepts the result and torch is
+not needed to produce it.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+
+# torch's legacy storage classes, as pickled by torch.save, and the numpy dtype of each.
+_STORAGE_DTYPES = {
+    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+_DTYPE_STORAGES = {np.dtype(dtype): name for name, dtype in _STORAGE_DTYPES.items()}
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "model_state")
+
+
+class UnsafeFileError(ValueError):
+    """A weights file asked to import something that is not needed to rebuild tensors (possibly malicious)."""
+
+
+class _StorageType:
+    """Stands in for ``torch.FloatStorage`` etc. inside the pickle: it only remembers the dtype."""
+
+    def __init__(self, name: str):
+        self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_ignored) -> np.ndarray:
+    """Replacement for ``torch._utils._rebuild_tensor_v2``: a copy of the strided view into the flat storage."""
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    if len(size) != len(stride) or any(s < 0 for s in size + stride) or offset < 0:
+        raise ValueError(f"corrupt tensor record: size {size}, stride {stride}, offset {offset}")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    if last >= storage.size:
+        raise ValueError(f"corrupt tensor record: a {size} view at offset {offset} with stride {stride} reads "
+                         f"past its storage of {storage.size} elements; the file is damaged, re-save it")
+    itemsize = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(storage[offset:] if storage.size else storage, size,
+                                           [s * itemsize for s in stride], writeable=False)
+    return np.array(view)
+
+
+def _rebuild_parameter(data, *_ignored):
+    """``nn.Parameter`` wraps a tensor: keep the tensor."""
+    return data
+
+
+class _OrderedDict(collections.OrderedDict):
+    """``collections.OrderedDict`` that may carry torch's ``_metadata`` attribute (set by the pickle's BUILD)."""
+
+
+_ALLOWED = {
+    ("collections", "OrderedDict"): _OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the globals in ``_ALLOWED``; tensor storages come from the zip via ``persistent_load``."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix, self.byteorder = archive, prefix, byteorder
+        self.storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafeFileError(
+                f"refusing to load: the file asks for the global '{module}.{name}', which rebuilding tensors never "
+                "needs. The file may be malicious, or holds objects other than tensors (optimizer state, custom "
+                "classes). Nothing from it was run. If you trust it, re-save just the state_dict with "
+                "torch.save(model.state_dict(), path).") from None
+
+    def persistent_load(self, pid: Any) -> np.ndarray:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise UnsafeFileError(f"refusing to load: unexpected persistent record {pid!r} (only tensor storages "
+                                  "are allowed)")
+        _, storage_type, key, _location, numel = pid
+        if key not in self.storages:
+            try:
+                raw = self.archive.read(f"{self.prefix}data/{key}")
+            except KeyError:
+                raise ValueError(f"corrupt .pth file: storage {key!r} is missing from the archive") from None
+            dtype = storage_type.dtype.newbyteorder("<" if self.byteorder == "little" else ">")
+            if len(raw) % dtype.itemsize:
+                raise ValueError(f"corrupt .pth file: storage {key!r} has {len(raw)} bytes, not a whole number "
+                                 f"of {storage_type.name} elements")
+            self.storages[key] = np.frombuffer(raw, dtype).astype(storage_type.dtype, copy=False)
+        return self.storages[key]
+
+
+def _open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:1] == b"\x80":  # a bare pickle: the legacy format, or a plain pickle of something
+        raise ValueError(f"{path} is in the legacy (pre-1.6) torch.save format, which cannot be read safely. "
+                         "Re-save it with a recent torch: torch.save(torch.load(path), path) (only if you trust "
+                         "the file).")
+    if not head.startswith(b"PK"):
+        raise ValueError(f"{path} is not a PyTorch .pth file (not a zip archive; it starts with {head[:8]!r}). "
+                         "It may be corrupt or truncated, or another format: download or export it again.")
+    try:
+        archive = zipfile.ZipFile(path)
+        bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(f"{path} is corrupt or truncated ({e}); delete it and download or save it again.") from e
+    if bad is not None:
+        raise ValueError(f"{path} is corrupt: the entry {bad!r} fails its checksum; delete it and download or save "
+                         "it again.")
+    return archive
+
+
+def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state_dict in a ``torch.save`` file, as ``{name: numpy array}``; torch is never imported.
+
+    Accepts a plain state_dict or a checkpoint dict holding one under ``state_dict`` / ``model``. Raises
+    ``UnsafeFileError`` for a pickle that names anything but tensor-rebuild globals, ``ValueError`` for a
+    truncated, corrupt or legacy-format file.
+    """
+    with _open_zip(path) as archive:
+        names = archive.namelist()
+        pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise ValueError(f"{path} is a zip but not a torch.save archive (no unique <name>/data.pkl among "
+                             f"{names[:5]}...)")
+        prefix = pickles[0][: -len("data.pkl")]
+        byteorder = "little"
+        if f"{prefix}byteorder" in names:
+            byteorder = archive.read(f"{prefix}byteorder").decode().strip()
+        unpickler = _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, byteorder)
+        try:
+            obj = unpickler.load()
+        except (UnsafeFileError, ValueError):
+            raise
+        except Exception as e:  # malformed opcodes, truncated pickle...
+            raise ValueError(f"{path}: the pickle inside is corrupt ({type(e).__name__}: {e}); save it again") from e
+    return _state_dict_of(obj, path)
+
+
+def _state_dict_of(obj: Any, path) -> dict[str, np.ndarray]:
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        for key in _CONTAINER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if isinstance(obj, np.ndarray) or not isinstance(obj, Mapping) or not _is_state_dict(obj):
+        keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(f"{path} holds no state_dict (a mapping of names to tensors, alone or under one of "
+                         f"{_CONTAINER_KEYS}); found {keys}")
+    return {str(k): v for k, v in obj.items() if isinstance(v, np.ndarray)}
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return bool(obj) and all(isinstance(v, np.ndarray) for v in obj.values())
+
+
+class _Opcodes:
+    """Emits the protocol-2 pickle of a ``{name: tensor}`` OrderedDict exactly as torch.save lays it out."""
+
+    def __init__(self):
+        self.out = io.BytesIO()
+        self.out.write(pickle.PROTO + b"\x02")
+
+    def glob(self, module: str, name: str) -> None:
+        self.out.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+
+    def text(self, s: str) -> None:
+        data = s.encode("utf-8")
+        self.out.write(pickle.BINUNICODE + struct.pack("<I", len(data)) + data)
+
+    def int(self, i: int) -> None:
+        if -(2**31) <= i < 2**31:
+            self.out.write(pickle.BININT + struct.pack("<i", i))
+        else:
+            data = i.to_bytes((i.bit_length() + 8) // 8, "little", signed=True)
+            self.out.write(pickle.LONG1 + bytes([len(data)]) + data)
+
+    def int_tuple(self, values) -> None:
+        self.out.write(pickle.MARK)
+        for v in values:
+            self.int(int(v))
+        self.out.write(pickle.TUPLE)
+
+    def empty_ordered_dict(self) -> None:
+        self.glob("collections", "OrderedDict")
+        self.out.write(pickle.EMPTY_TUPLE + pickle.REDUCE)
+
+    def tensor(self, key: str, array: np.ndarray) -> None:
+        """``_rebuild_tensor_v2(storage, 0, shape, contiguous strides, False, OrderedDict())``."""
+        strides = [int(np.prod(array.shape[i + 1:])) for i in range(array.ndim)]
+        self.glob("torch._utils", "_rebuild_tensor_v2")
+        self.out.write(pickle.MARK + pickle.MARK)
+        self.text("storage")
+        self.glob("torch", _DTYPE_STORAGES[array.dtype])
+        self.text(key)
+        self.text("cpu")
+        self.int(array.size)
+        self.out.write(pickle.TUPLE + pickle.BINPERSID)
+        self.int(0)
+        self.int_tuple(array.shape)
+        self.int_tuple(strides)
+        self.out.write(pickle.NEWFALSE)
+        self.empty_ordered_dict()
+        self.out.write(pickle.TUPLE + pickle.REDUCE)
+
+
+def write_torch_file(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
+    """Save ``{name: array}`` as a ``.pth`` that ``torch.load(path, weights_only=True)`` reads as a state_dict."""
+    arrays = {str(k): np.asarray(v, order="C") for k, v in tensors.items()}
+    for name, a in arrays.items():
+        if a.dtype not in _DTYPE_STORAGES:
+            raise ValueError(f"cannot save {name!r}: dtype {a.dtype} has no torch equivalent; cast it first")
+    ops = _Opcodes()
+    ops.empty_ordered_dict()
+    ops.out.write(pickle.MARK)
+    for key, (name, a) in enumerate(arrays.items()):
+        ops.text(name)
+        ops.tensor(str(key), a)
+    ops.out.write(pickle.SETITEMS + pickle.STOP)
+
+    prefix = "archive/"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr(prefix + "data.pkl", ops.out.getvalue())
+        z.writestr(prefix + "byteorder", "little")
+        for key, a in enumerate(arrays.values()):
+            z.writestr(prefix + f"data/{key}", a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+        z.writestr(prefix + "version", "3\n")
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A ``.safetensors`` file as ``{name: numpy array}`` (the format holds no code, so no restrictions needed)."""
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for bad headers / short files
+        raise ValueError(f"{path} is not a valid .safetensors file ({e}); it may be truncated: save or download "
+                         "it again.") from e
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
+    """Save ``{name: array}`` as ``.safetensors`` (numpy arrays, jax arrays or anything ``np.asarray`` takes)."""
+    from safetensors.numpy import save_file
+
+    save_file({str(k): np.asarray(v, order="C") for k, v in tensors.items()}, str(path))
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a ``.safetensors`` or a torch ``.pth``/``.pt``/``.bin`` file, chosen by extension."""
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(path)
+    return read_torch_file(path)
+
+
+def save_state_dict(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
+    """Write ``.safetensors`` when the path says so, else a torch ``.pth``."""
+    if str(path).endswith(".safetensors"):
+        write_safetensors(path, tensors)
+    else:
+        write_torch_file(path, tensors)
