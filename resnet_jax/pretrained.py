@@ -1,0 +1,208 @@
+"""torchvision's published ImageNet weights: where each file is, its digest, how to feed it, and a cached download.
+
+``pretrained("resnet50")`` fetches the file once into a cache directory, checks its sha256, and converts it
+with ``load_torchvision``. The download goes to a temporary file beside the target and is renamed only once
+complete and verified, so an interrupted or tampered transfer never leaves a file that looks valid. Without
+network the error names the file, where to get it and where to put it, so it can be copied in by hand.
+
+Digests: torchvision puts the first 8 hex digits of each file's sha256 in its name (``resnet50-0676ba61.pth``)
+and publishes nothing longer. Where independent public copies agree on the full 64-digit sha256 it is pinned
+here; for the other files the check is the 8-digit prefix, exactly the check torch.hub itself makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import http.client
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+OFFICIAL_BASE = "https://download.pytorch.org/models"
+CACHE_ENV, MIRROR_ENV = "RESNET_JAX_CACHE", "RESNET_JAX_WEIGHTS_MIRROR"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DownloadError(ConnectionError):
+    """A weights file could not be fetched (no network, server error, interrupted transfer)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """One published weights file and the preprocessing its accuracy was measured with.
+
+    Images: resize the short side to ``resize_size`` (bilinear, antialiased), centre-crop ``crop_size``,
+    scale to [0, 1], subtract ``mean`` and divide by ``std`` per RGB channel; the model takes NHWC.
+    """
+
+    model: str
+    tag: str
+    filename: str
+    sha256: str  # the full digest, or the 8-digit prefix in the filename where no full one is published
+    acc1: float  # ImageNet-1k top-1 (%) as reported by torchvision
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    @property
+    def url(self) -> str:
+        return f"{OFFICIAL_BASE}/{self.filename}"
+
+    @property
+    def categories(self) -> list[str]:
+        return imagenet_classes()
+
+
+def _table() -> dict[str, dict[str, Weights]]:
+    rows = [  # model, tag, ImageNet top-1, resize size, sha256 (full, or the 8-digit prefix in the file name)
+        ("resnet18", "V1", 69.758, 256, "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"),
+        ("resnet34", "V1", 73.314, 256, "b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f"),
+        ("resnet50", "V1", 76.130, 256, "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a"),
+        ("resnet50", "V2", 80.858, 232, "11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca"),
+        ("resnet101", "V1", 77.374, 256, "63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a"),
+        ("resnet101", "V2", 81.886, 232, "cd907fc2a0de2292b2ba2b27d2216bc672d84632d1cf20058d01c0c03b5e020e"),
+        ("resnet152", "V1", 78.312, 256, "394f9c45966e3651a89bbb78a48410a6755854ce4a5ab64927cf1c7247f85e58"),
+        ("resnet152", "V2", 82.284, 232, "f82ba261"),
+        ("resnext50_32x4d", "V1", 77.618, 256, "7cdf4587"),
+        ("resnext50_32x4d", "V2", 81.198, 232, "1a0047aa"),
+        ("resnext101_32x8d", "V1", 79.312, 256, "8ba56ff5"),
+        ("resnext101_32x8d", "V2", 82.834, 232, "110c445d"),
+        ("resnext101_64x4d", "V1", 83.246, 232, "173b62eb"),
+        ("wide_resnet50_2", "V1", 78.468, 256, "95faca4d11227dddf8633dbb5ff6c8a9003c1aa5b8945c73834b8007b10950b8"),
+        ("wide_resnet50_2", "V2", 81.602, 232, "9ba9bcbe"),
+        ("wide_resnet101_2", "V1", 78.848, 256, "32ee1156"),
+        ("wide_resnet101_2", "V2", 82.510, 232, "d733dc28"),
+    ]
+    table: dict[str, dict[str, Weights]] = {}
+    for model, version, acc1, resize, digest in rows:
+        entry = Weights(model, f"IMAGENET1K_{version}", f"{model}-{digest[:8]}.pth", digest, acc1, resize)
+        table.setdefault(model, {})[entry.tag] = entry
+        table[model]["DEFAULT"] = entry  # the last row of each model is the best, torchvision's DEFAULT
+    return table
+
+
+WEIGHTS: dict[str, dict[str, Weights]] = _table()
+
+
+@functools.cache
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names in logit order (as torchvision's weights metadata lists them)."""
+    return (Path(__file__).with_name("imagenet_classes.txt")).read_text(encoding="utf-8").splitlines()
+
+
+def weights_info(name: str, weights: str = "DEFAULT") -> Weights:
+    """The ``Weights`` record for a model and tag (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``)."""
+    if name not in WEIGHTS:
+        close = difflib.get_close_matches(name, WEIGHTS, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"no published torchvision weights for {name!r}.{hint} Models with weights: "
+                         f"{sorted(WEIGHTS)}; any other model can load a file with load_torchvision.")
+    tags = WEIGHTS[name]
+    key = weights.split(".")[-1]  # also accept "ResNet50_Weights.IMAGENET1K_V2"
+    if key not in tags:
+        raise ValueError(f"{name} has no weights {weights!r}; choose one of {sorted(tags)}")
+    return tags[key]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "resnet_jax").expanduser()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, sha256: str, *, filename: str | None = None, cache_dir: str | os.PathLike | None = None,
+             progress: bool = True) -> Path:
+    """The verified local copy of ``url``: from the cache if present and intact, else downloaded into it.
+
+    ``sha256`` is the full hex digest or a prefix of it (at least 8 digits). Raises ``DownloadError`` when the
+    file cannot be fetched (the message says where to put a copy fetched by hand) and ``ValueError`` when the
+    downloaded bytes have the wrong digest; in both cases nothing is left in the cache.
+    """
+    sha256 = sha256.lower()
+    if len(sha256) < 8:
+        raise ValueError(f"a sha256 of at least 8 hex digits is needed to verify {url}, got {sha256!r}")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / (filename or url.rstrip("/").rsplit("/", 1)[-1])
+    if target.is_file():
+        if _sha256(target).startswith(sha256):
+            return target
+        target.unlink()  # damaged or replaced: fetch a good copy
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest = _fetch(url, out, target, progress)
+        if not digest.startswith(sha256):
+            raise ValueError(f"the file downloaded from {url} has sha256 {digest}, expected {sha256}; it was "
+                             f"discarded. The download was corrupted or the server (or mirror) serves a different "
+                             f"file: try again, or fetch {url} by hand and put it at {target}.")
+        os.replace(tmp, target)
+        return target
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fetch(url: str, out, target: Path, progress: bool) -> str:
+    """Stream ``url`` into ``out`` with a progress bar; the sha256 of what arrived. Complete or raise."""
+    digest, received, expected = hashlib.sha256(), 0, None
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length else None
+            with tqdm(total=expected, unit="B", unit_scale=True, desc=target.name, disable=not progress) as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        if received:
+            raise DownloadError(f"the download of {url} was interrupted after {received} of {expected or '?'} "
+                                f"bytes ({e}); nothing was kept. Try again.") from e
+        raise DownloadError(_offline_message(url, target, e)) from e
+    if expected is not None and received != expected:
+        raise DownloadError(f"the download of {url} was interrupted after {received} of {expected} bytes; nothing "
+                            "was kept. Try again.")
+    return digest.hexdigest()
+
+
+def _offline_message(url: str, target: Path, error: Exception) -> str:
+    return (f"could not download {url} ({getattr(error, 'reason', error)}). Without network access, fetch that "
+            f"file by other means and put it at {target} (keep the file name; its sha256 is checked). Or point "
+            f"mirror= or ${MIRROR_ENV} at a server holding a copy, or ${CACHE_ENV} at a directory that has it.")
+
+
+def pretrained(name: str, weights: str = "DEFAULT", *, cache_dir: str | os.PathLike | None = None,
+               mirror: str | None = None, progress: bool = True, **overrides: Any):
+    """``(model, variables)`` with torchvision's published ImageNet weights, e.g. ``pretrained("resnet50")``.
+
+    ``weights``: ``"DEFAULT"`` (the best published), ``"IMAGENET1K_V1"`` or ``"IMAGENET1K_V2"``; see
+    ``weights_info`` for the preprocessing and class names. The file is cached in ``cache_dir`` (default
+    ``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``) and fetched from ``mirror`` (a base URL; default
+    ``$RESNET_JAX_WEIGHTS_MIRROR`` or download.pytorch.org). ``overrides`` go to ``load_torchvision``, e.g.
+    ``num_classes=10, new_head=True`` for fine-tuning or ``features_only=True`` for a backbone.
+    """
+    from resnet_jax.torchvision import load_torchvision
+
+    info = weights_info(name, weights)
+    base = mirror or os.environ.get(MIRROR_ENV) or OFFICIAL_BASE
+    path = download(f"{base.rstrip('/')}/{info.filename}", info.sha256, filename=info.filename,
+                    cache_dir=cache_dir, progress=progress)
+    return load_torchvision(name, path, **overrides)
