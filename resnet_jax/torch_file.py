@@ -10,6 +10,7 @@ not needed to produce it.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import os
@@ -85,6 +86,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 2 spells some names the Python 2 way (__builtin__.eval); judge and report them as Python 3's.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         try:
             return _ALLOWED[(module, name)]
         except KeyError:

@@ -1,0 +1,230 @@
+"""Reading and writing .pth without torch: exact tensors, torch accepts what we write, hostile files refused."""
+
+import io
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from resnet_jax.torch_file import (UnsafeFileError, load_state_dict, read_safetensors, read_torch_file,
+                                   save_state_dict, write_safetensors, write_torch_file)
+
+
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, generator=g)
+    return {
+        "conv.weight": torch.randn(8, 3, 3, 3, generator=g),
+        "strided_view": torch.arange(10)[2:9:3],  # storage offset and stride
+        "transposed": base.t(),  # non-contiguous: shares base's storage
+        "shares_storage": base,
+        "scalar": torch.tensor(7),
+        "half": torch.randn(3, generator=g).half(),
+        "bfloat16": torch.randn(3, generator=g).bfloat16(),
+        "float64": torch.randn(2, 2, generator=g).double(),
+        "int32": torch.tensor([1, -2], dtype=torch.int32),
+        "uint8": torch.tensor([0, 255], dtype=torch.uint8),
+        "bool": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 3),
+        "parameter": torch.nn.Parameter(torch.randn(5, generator=g)),  # pickled via _rebuild_parameter
+    }
+
+
+def as_numpy(t):
+    t = t.detach()
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def assert_same(ours, theirs):
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        ref = as_numpy(t)
+        got = np.asarray(ours[name]).astype(ref.dtype)
+        assert got.shape == ref.shape and ours[name].dtype.itemsize == t.element_size(), name
+        np.testing.assert_array_equal(got, ref, err_msg=name)
+
+
+def test_reads_what_torch_saves(tmp_path):
+    torch.save(tensors(), tmp_path / "t.pth")
+    assert_same(read_torch_file(tmp_path / "t.pth"), tensors())
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model"])
+def test_reads_state_dict_nested_in_checkpoint(tmp_path, key):
+    state = torch.nn.Conv2d(3, 4, 3).state_dict()
+    torch.save({key: state, "epoch": 3, "best_acc": 0.5}, tmp_path / "ckpt.pt")
+    assert_same(read_torch_file(tmp_path / "ckpt.pt"), state)
+
+
+def test_written_file_loads_in_torch_weights_only(tmp_path):
+    arrays = {k: as_numpy(v) for k, v in tensors().items() if k != "bfloat16"}
+    write_torch_file(tmp_path / "ours.pth", arrays)
+    loaded = torch.load(tmp_path / "ours.pth", weights_only=True)
+    assert list(loaded) == list(arrays)
+    for name, a in arrays.items():
+        assert loaded[name].shape == a.shape and loaded[name].is_contiguous(), name
+        np.testing.assert_array_equal(loaded[name].numpy(), a, err_msg=name)
+    assert loaded["scalar"].dtype == torch.int64 and loaded["scalar"].shape == ()
+    assert_same(read_torch_file(tmp_path / "ours.pth"), loaded)  # and back through our own reader
+
+
+def test_written_bfloat16_loads_in_torch(tmp_path):
+    t = torch.randn(4).bfloat16()
+    write_torch_file(tmp_path / "bf.pth", read_torch_file_of({"x": t}, tmp_path))
+    assert torch.equal(torch.load(tmp_path / "bf.pth", weights_only=True)["x"], t)
+
+
+def read_torch_file_of(state, tmp_path):
+    torch.save(state, tmp_path / "src.pth")
+    return read_torch_file(tmp_path / "src.pth")
+
+
+def test_safetensors_both_ways(tmp_path):
+    state = {k: v.detach().contiguous() for k, v in tensors().items() if k != "shares_storage"}
+    safetensors.torch.save_file(state, tmp_path / "theirs.safetensors")
+    assert_same(load_state_dict(tmp_path / "theirs.safetensors"), state)
+    arrays = {k: as_numpy(v) for k, v in state.items() if k != "bfloat16"}
+    save_state_dict(tmp_path / "ours.safetensors", arrays)
+    theirs = safetensors.torch.load_file(tmp_path / "ours.safetensors")
+    assert_same(read_safetensors(tmp_path / "ours.safetensors"), theirs)
+    assert_same(arrays, theirs)
+
+
+def test_unsupported_dtype_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="complex64 has no torch equivalent"):
+        write_torch_file(tmp_path / "c.pth", {"z": np.zeros(2, np.complex64)})
+
+
+# --- hostile files ---------------------------------------------------------------------------------------------
+
+class Payload:
+    """Pickles as a call of ``func(*args)``: what a malicious checkpoint does on unpickling."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def payloads(marker):
+    import builtins
+    import os
+
+    write = f"open({str(marker)!r}, 'w').write('pwned')"
+    return {
+        "os.system": Payload(os.system, f"touch {marker}"),
+        "builtins.exec": Payload(builtins.exec, write),
+        "builtins.eval": Payload(builtins.eval, write),
+        "subprocess.call": Payload(subprocess.call, ["touch", str(marker)]),
+        "subprocess.check_output": Payload(subprocess.check_output, ["touch", str(marker)]),
+    }
+
+
+def hostile_pth(path, payload, protocol):
+    """A torch-like zip whose data.pkl runs ``payload`` when unpickled, hidden among ordinary entries."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"fc.bias": payload}, protocol=protocol))
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
+
+
+@pytest.mark.parametrize("protocol", [2, 4])  # GLOBAL and STACK_GLOBAL opcodes
+@pytest.mark.parametrize("kind", ["os.system", "builtins.exec", "builtins.eval", "subprocess.call",
+                                  "subprocess.check_output"])
+def test_hostile_pickle_is_refused_and_nothing_runs(tmp_path, kind, protocol):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    hostile_pth(path, payloads(marker)[kind], protocol)
+    with pytest.raises(UnsafeFileError) as info:
+        read_torch_file(path)
+    assert isinstance(info.value, ValueError)
+    func = payloads(marker)[kind].func
+    assert f"{func.__module__}.{func.__qualname__}" in str(info.value)  # names the global (posix.system for os)
+    assert "Nothing from it was run" in str(info.value)
+    assert not marker.exists()
+    # The payload is real: an ordinary unpickler does run it.
+    subprocess.run([sys.executable, "-c", f"import pickle, zipfile; "
+                    f"pickle.loads(zipfile.ZipFile({str(path)!r}).read('archive/data.pkl'))"], check=False,
+                   capture_output=True, timeout=60)
+    assert marker.exists()
+
+
+def test_hostile_storage_type_is_refused(tmp_path):
+    """A global smuggled into the storage record (where torch puts FloatStorage) is refused too."""
+    import os
+
+    marker = tmp_path / "marker"
+    pid = ("storage", Payload(os.system, f"touch {marker}"), "0", "cpu", 1)
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return pid if obj == "TENSOR" else None
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(tmp_path / "evil.pth", "w") as z:
+        Pickler(buf, protocol=2).dump({"w": "TENSOR"})
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/data/0", b"\0\0\0\0")
+    with pytest.raises(UnsafeFileError, match="system"):
+        read_torch_file(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+# --- damaged and foreign files ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.save(torch.nn.Conv2d(3, 16, 3).state_dict(), tmp_path / "good.pth")
+    return (tmp_path / "good.pth").read_bytes()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.95])
+def test_truncated_file_is_a_clear_error(tmp_path, saved, keep):
+    path = tmp_path / "cut.pth"
+    path.write_bytes(saved[: int(len(saved) * keep)])
+    with pytest.raises(ValueError, match="corrupt or truncated.*download or save it again"):
+        read_torch_file(path)
+
+
+def test_flipped_bytes_are_a_clear_error(tmp_path, saved):
+    data = bytearray(saved)
+    offset = zipfile.ZipFile(tmp_path / "good.pth").getinfo("good/data/0").header_offset
+    name_len, extra_len = (int.from_bytes(data[offset + i: offset + i + 2], "little") for i in (26, 28))
+    start = offset + 30 + name_len + extra_len
+    data[start: start + 8] = bytes(255 - b for b in data[start: start + 8])  # inside the weight tensor
+    (tmp_path / "bad.pth").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt.*fails its checksum"):  # the zip's CRC catches it
+        read_torch_file(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("content", [b"", b"<html>404 Not Found</html>", b"\x00" * 64])
+def test_non_zip_file_is_a_clear_error(tmp_path, content):
+    (tmp_path / "x.pth").write_bytes(content)
+    with pytest.raises(ValueError, match="not a PyTorch .pth file.*corrupt or truncated"):
+        read_torch_file(tmp_path / "x.pth")
+
+
+def test_legacy_format_says_to_resave(tmp_path):
+    torch.save(torch.nn.Linear(2, 3).state_dict(), tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="legacy.*Re-save it with a recent torch"):
+        read_torch_file(tmp_path / "old.pth")
+
+
+def test_file_without_tensors_is_a_clear_error(tmp_path):
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pth")
+    with pytest.raises(ValueError, match="holds no state_dict.*'epoch'"):
+        read_torch_file(tmp_path / "meta.pth")
+
+
+def test_bad_safetensors_is_a_clear_error(tmp_path):
+    write_safetensors(tmp_path / "a.safetensors", {"x": np.ones(100, np.float32)})
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "a.safetensors").write_bytes(data[:-50])
+    with pytest.raises(ValueError, match="not a valid .safetensors file.*truncated"):
+        read_safetensors(tmp_path / "a.safetensors")
