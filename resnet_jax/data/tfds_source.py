@@ -1,0 +1,110 @@
+"""Any prepared TFDS image-classification dataset as a random-access source, read without TensorFlow.
+
+`tfds.data_source` reads ArrayRecord files directly and decodes images with numpy/Pillow, so training
+processes never import TensorFlow; only preparing a dataset (see `prepare.py`) needs it. Every failure that
+TFDS would report late, verbosely or after minutes of download retries is turned here into one sentence.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+
+from resnet_jax.data.source import Source
+
+INSTALL_HINT = 'pip install "resnet-jax[data]"'
+
+
+def import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise ValueError(f"Reading TFDS datasets needs tensorflow-datasets and array_record: {INSTALL_HINT}.") from err
+    return tfds
+
+
+def _unknown_name(name: str, tfds) -> ValueError:
+    known = ["digits", "synthetic", *tfds.list_builders()]
+    close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known, n=3)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return ValueError(f"Unknown dataset {name!r}: {hint}Use 'digits', 'synthetic' or a TFDS dataset name "
+                      f"(tfds.list_builders()).")
+
+
+def open_builder(name: str, data_dir=None):
+    """The TFDS builder for `name` (e.g. "cifar10", "imagenette/320px-v2"): the prepared one if on disk, else
+    one that will prepare ArrayRecord files, the format random access needs."""
+    tfds = import_tfds()
+    if data_dir is not None and not os.path.isdir(os.fspath(data_dir)):
+        raise ValueError(f"data_dir {os.fspath(data_dir)!r} does not exist; create it or point data_dir at your "
+                         f"TFDS data directory.")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise _unknown_name(name, tfds) from None
+    if not builder.is_prepared():
+        return tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    if builder.info.file_format is not None and builder.info.file_format.value != "array_record":
+        raise ValueError(f"{name!r} in {builder.data_dir} was prepared as {builder.info.file_format.value}, but "
+                         f"random access needs ArrayRecord: delete that folder and prepare it again.")
+    return builder
+
+
+def _classification_keys(info, name: str) -> tuple[str, str]:
+    """(image key, label key): the supervised keys when TFDS declares them, else the first Image and ClassLabel."""
+    import tensorflow_datasets as tfds
+
+    features = info.features
+    keys = info.supervised_keys
+    if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+        image_key, label_key = keys
+    else:
+        image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
+        label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
+    if (image_key is None or label_key is None or not isinstance(features[image_key], tfds.features.Image)
+            or not isinstance(features[label_key], tfds.features.ClassLabel)):
+        raise ValueError(f"{name!r} is not an image-classification dataset (it needs an Image and a ClassLabel "
+                         f"feature); pick another dataset.")
+    return image_key, label_key
+
+
+class TfdsSource(Source):
+    """`split` of a TFDS dataset: any split string TFDS accepts ("train", "train[:90%]", "validation")."""
+
+    def __init__(self, name: str, split: str, *, data_dir=None, download: bool = True, manual_dir=None):
+        builder = open_builder(name, data_dir)
+        info = builder.info
+        self.image_key, self.label_key = _classification_keys(info, name)
+        try:
+            self._ds = builder.as_data_source(split=split)
+        except Exception as err:  # TFDS raises KeyError, AssertionError or ValueError here
+            self._ds = self._retry_after_prepare(builder, name, split, download, manual_dir, err)
+        label = info.features[self.label_key]
+        self.name, self.split = name, split
+        self.num_classes, self.class_names = int(label.num_classes), list(label.names)
+        self.image_shape = tuple(info.features[self.image_key].shape)
+
+    @staticmethod
+    def _retry_after_prepare(builder, name, split, download, manual_dir, err):
+        from resnet_jax.data.prepare import prepare_builder
+
+        if builder.is_prepared():
+            splits = ", ".join(sorted(builder.info.splits)) or "none"
+            raise ValueError(f"Cannot read split {split!r} of {name!r} ({err}); its splits are: {splits}.") from None
+        if not download:
+            root = builder._data_dir_root
+            raise ValueError(f"{name!r} is not prepared in {root}; run `python -m resnet_jax.data.prepare {name} "
+                             f"--data_dir {root}` (or pass download=True).") from None
+        prepare_builder(builder, manual_dir=manual_dir)
+        return builder.as_data_source(split=split)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._ds[index]
+        return {"image": record[self.image_key], "label": int(record[self.label_key])}
+
+    def __repr__(self) -> str:
+        # No data_dir: moving the data must not invalidate a saved iterator state.
+        return f"TfdsSource(name={self.name!r}, split={self.split!r}, len={len(self)})"

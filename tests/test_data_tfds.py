@@ -1,0 +1,175 @@
+"""TFDS for real, offline: mocked cifar10/imagenet2012 records through the pipeline, a small dataset prepared
+as ArrayRecord on disk and read back without TensorFlow, and each failure as one sentence within seconds."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from resnet_jax import data  # noqa: E402
+from resnet_jax.data import prepare as prep  # noqa: E402
+
+
+class TinyShapes(tfds.core.GeneratorBasedBuilder):
+    """Two classes of 20x24 images (dark squares / light squares), JPEG-encoded like ImageNet's."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(20, 24, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(names=["dark", "light"]),
+            }),
+            supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(range(0, 30)), "test": self._generate_examples(range(30, 41))}
+
+    def _generate_examples(self, ids):
+        for i in ids:
+            image = np.full((20, 24, 3), 40 + 170 * (i % 2), np.uint8)
+            image[5:15, 6:18] = i  # a per-example mark
+            yield i, {"image": image, "label": i % 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """Prepared once per module; the network probe points at a local listener, as nothing is downloaded."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    with socket.create_server(("127.0.0.1", 0)) as server, pytest.MonkeyPatch.context() as mp:
+        mp.setenv(prep.PROBE_ENV, f"127.0.0.1:{server.getsockname()[1]}")
+        prep.prepare("tiny_shapes", data_dir=data_dir)
+    return data_dir
+
+
+@pytest.mark.slow
+def test_prepared_array_record_dataset_reads_back(tiny_dir):
+    assert list((tiny_dir / "tiny_shapes" / "1.0.0").glob("*.array_record*"))
+    src = data.get_source("tiny_shapes", "train[:50%]", data_dir=tiny_dir, download=False)
+    assert len(src) == 15 and src.num_classes == 2 and src.class_names == ["dark", "light"]
+    assert src.image_shape == (20, 24, 3)
+    record = src[3]
+    assert record["image"].shape == (20, 24, 3) and record["image"].dtype == np.uint8 and record["label"] == 1
+    test = data.get_source("tfds:tiny_shapes", "test", data_dir=tiny_dir)
+    marks = sorted(int(test[i]["image"][10, 12, 0]) for i in range(len(test)))  # JPEG: within a few levels
+    assert len(test) == 11 and np.abs(np.array(marks) - np.arange(30, 41)).max() <= 4
+    ev = data.eval_loader(test, batch_size=4, image_size=16, mean=(0.5,), std=(0.25,))
+    labels = [int(x) for b in ev for x in b["label"][b["mask"]]]
+    assert sorted(labels) == sorted(i % 2 for i in range(30, 41))
+
+
+READ_WITHOUT_TF = """
+import json, sys
+
+
+class HideTensorFlow:  # wraps every import finder so that TensorFlow looks not installed
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+
+
+sys.meta_path[:] = [HideTensorFlow(f) for f in sys.meta_path]
+from resnet_jax import data
+src = data.get_source("tiny_shapes", "train", data_dir=sys.argv[1])
+batch = next(iter(data.train_loader(src, batch_size=6, image_size=16, augment="imagenet", mean=(0.5,), std=(0.25,))))
+try:
+    data.get_source("mnist", "train", data_dir=sys.argv[2])
+    error = None
+except ValueError as err:
+    error = str(err)
+print(json.dumps({"shape": list(batch["image"].shape), "error": error, "tf": "tensorflow" in sys.modules}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_reading_needs_no_tensorflow_and_preparing_says_so(tiny_dir, tmp_path):
+    out = subprocess.run([sys.executable, "-c", READ_WITHOUT_TF, str(tiny_dir), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [6, 16, 16, 3] and not result["tf"]
+    assert "needs TensorFlow" in result["error"] and "resnet-jax[data]" in result["error"]
+
+
+def test_mocked_cifar10_through_the_cifar_recipe():
+    with tfds.testing.mock_data(num_examples=24):
+        src = data.get_source("cifar10", "train[:90%]")
+        assert src.num_classes == 10 and len(src.class_names) == 10 and src.image_shape == (32, 32, 3)
+        loader = data.train_loader(src, batch_size=8, image_size=32, augment="cifar", seed=0,
+                                   mean=data.DATASET_STATS["cifar10"][0], std=data.DATASET_STATS["cifar10"][1])
+        batches = [b for _, b in zip(range(3), loader)]
+        assert batches[0]["image"].shape == (8, 32, 32, 3) and batches[0]["image"].dtype == np.float32
+        assert all(((b["label"] >= 0) & (b["label"] < 10)).all() for b in batches)
+
+
+def test_mocked_imagenet2012_through_the_imagenet_recipe():
+    with tfds.testing.mock_data(num_examples=10):
+        train = data.get_source("imagenet2012", "train", data_dir=None)
+        assert train.num_classes == 1000 and train.image_shape == (None, None, 3)
+        batch = next(iter(data.train_loader(train, batch_size=4, image_size=64, augment="imagenet", seed=0,
+                                            mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)))
+        assert batch["image"].shape == (4, 64, 64, 3)
+        ev = data.eval_loader(data.get_source("imagenet2012", "validation"), batch_size=4, image_size=56,
+                              mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
+        batches = list(ev)
+        assert len(batches) == 3 and sum(int(b["mask"].sum()) for b in batches) == 10
+
+
+def quick(call):
+    """Run `call`, expecting one ValueError sentence; return its message and assert it came within seconds."""
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        call()
+    assert time.perf_counter() - start < 15
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(".")
+    return message
+
+
+def test_unknown_name_suggests_close_matches():
+    assert "did you mean 'cifar10'" in quick(lambda: data.get_source("cifar1O", "train"))
+
+
+def test_missing_data_dir(tmp_path):
+    assert "does not exist" in quick(lambda: data.get_source("cifar10", "train", data_dir=tmp_path / "nope"))
+
+
+def test_unprepared_without_download_names_the_command(tmp_path):
+    message = quick(lambda: data.get_source("cifar10", "train", data_dir=tmp_path, download=False))
+    assert "python -m resnet_jax.data.prepare cifar10" in message
+
+
+def test_no_network_fails_in_seconds_not_minutes(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")
+    with socket.socket() as closed:  # bind a port, then leave it closed: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv(prep.PROBE_ENV, f"127.0.0.1:{closed.getsockname()[1]}")
+    assert "no network" in quick(lambda: data.get_source("mnist", "train", data_dir=tmp_path))
+
+
+def test_manual_download_dataset_says_where_files_go(tmp_path):
+    pytest.importorskip("tensorflow")
+    message = quick(lambda: data.get_source("imagenet2012", "train", data_dir=tmp_path))
+    assert "downloaded by hand" in message and str(tmp_path / "downloads" / "manual") in message
+
+
+@pytest.mark.slow
+def test_unknown_split_lists_the_splits(tiny_dir):
+    message = quick(lambda: data.get_source("tiny_shapes", "trian", data_dir=tiny_dir))
+    assert "its splits are: test, train" in message
