@@ -124,7 +124,8 @@ def _expected_shapes(model: ResNet) -> dict[tuple[str, ...], tuple[tuple[int, ..
 
 
 def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_head: bool = False,
-                       source: str = "the state_dict") -> tuple[dict, list[tuple[str, ...]]]:
+                       source: str = "the state_dict", model_name: str = "the model"
+                       ) -> tuple[dict, list[tuple[str, ...]]]:
     """Map a torchvision state_dict onto ``model``'s variables, strictly.
 
     Returns the (nested) variables and the Flax paths left unfilled because ``skip_head`` dropped the head.
@@ -133,7 +134,7 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
     """
     expected = _expected_shapes(model)
     has_head = any(k[1] == "fc" for k in expected)
-    flat, problems, unexpected, misshaped = {}, [], [], []
+    flat, problems, unexpected, misshaped, seen = {}, [], [], [], set()
     for name, value in state_dict.items():
         if name.startswith(_HEAD) and (skip_head or not has_head):
             continue
@@ -147,6 +148,7 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         if path not in expected:
             unexpected.append(name)
             continue
+        seen.add(path)
         array = layout(to_numpy(value))
         shape, dtype = expected[path]
         if array.shape != shape:
@@ -154,9 +156,9 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
             continue
         flat[path] = jnp.asarray(array, dtype)
     head = [p for p in expected if p[1] == "fc"] if skip_head else []
-    missing = [flax_to_torch_name(p)[0] for p in expected if p not in flat and p not in head]
+    missing = [flax_to_torch_name(p)[0] for p in expected if p not in seen and p not in head]
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (not in {model_name(model)}): {', '.join(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected (the model has no such entry): {', '.join(unexpected)}")
     if missing:
         problems.append(f"{len(missing)} missing (the model needs them): {', '.join(missing)}")
     if misshaped:
@@ -166,7 +168,7 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         if any(m.startswith(_HEAD) for m in misshaped):
             hint = ("\nThe classifier head differs: to fine-tune with another number of classes pass "
                     "num_classes=N and new_head=True (a fresh head is initialised from rng).")
-        raise ValueError(f"{source} does not fit {model_name(model)}:\n  " + "\n  ".join(problems) + hint +
+        raise ValueError(f"{source} does not fit {model_name}:\n  " + "\n  ".join(problems) + hint +
                          "\nCheck the model name and options (num_classes, in_channels, ...) match the file.")
     return unflatten_dict(flat), head
 
@@ -175,10 +177,6 @@ def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ..
     """A Flax shape in torchvision's layout, for error messages."""
     _, layout = flax_to_torch_name(path)
     return layout(np.empty(shape, np.uint8)).shape
-
-
-def model_name(model: ResNet) -> str:
-    return f"ResNet(stage_sizes={tuple(model.stage_sizes)}, block={model.block!r}, num_classes={model.num_classes})"
 
 
 def load_torchvision(name: str, source: str | os.PathLike | Mapping[str, Any], *, new_head: bool = False,
@@ -198,12 +196,27 @@ def load_torchvision(name: str, source: str | os.PathLike | Mapping[str, Any], *
     else:
         raise TypeError(f"source must be a file path or a mapping of names to arrays, got {type(source).__name__}")
     variables, head = convert_state_dict(model, _strip_wrapper_prefix(state_dict), skip_head=new_head,
-                                         source=label)
+                                         source=label, model_name=_describe(name, overrides))
     if head:
         key = jax.random.key(rng) if isinstance(rng, int) else rng
-        fresh = flatten_dict(model.init(key, jnp.zeros((1, 32, 32, model.in_channels)), train=False))
+        fresh = _init_head(model, key)
         variables = unflatten_dict({**flatten_dict(variables), **{p: fresh[p] for p in head}})
     return model, variables
+
+
+def _init_head(model: ResNet, key: jax.Array) -> dict[tuple[str, ...], jax.Array]:
+    """A new classifier head, initialised by the model's own code but without running its backbone: the same
+    module stripped to a one-conv stem as wide as the head's input (a few ops instead of hundreds). Flax
+    derives each parameter's key from its module path, so ``fc`` gets what ``model.init(key)`` would give it."""
+    fan_in = _expected_shapes(model)[("params", "fc", "kernel")][0][0]
+    stub = model.clone(stage_sizes=(), stage_widths=(), stem="cifar", stem_width=fan_in, preact=False)
+    x = jnp.zeros((1, 1, 1, model.in_channels))
+    return flatten_dict(stub.init(key, x, train=False))
+
+
+def _describe(name: str, overrides: Mapping[str, Any]) -> str:
+    options = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    return f"create_model({name!r}{', ' + options if options else ''})"
 
 
 def _strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -1,0 +1,228 @@
+"""torchvision <-> Flax weights: output parity with real torchvision, exact round trips, strict clear errors."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+from flax.traverse_util import flatten_dict
+
+from resnet_jax import create_model
+from resnet_jax.torchvision import load_torchvision, save_torchvision, to_torchvision
+
+FAST = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d"]
+SLOW = ["resnet101", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+
+
+def torchvision_model(name, seed=0, **kwargs):
+    """A torchvision model in eval mode with random weights and random, non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, name)(**kwargs).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model
+
+
+def torch_forward(model, x):
+    """torchvision's forward, keeping the four stage outputs."""
+    with torch.no_grad():
+        y = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        features = []
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+            y = stage(y)
+            features.append(y.numpy())
+        logits = model.fc(torch.flatten(model.avgpool(y), 1)).numpy()
+    return logits, features
+
+
+def assert_close(ours, ref, what):
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(np.asarray(ours) - ref).max())
+    assert err <= 1e-4 * scale, f"{what}: max |diff| {err:.3g} vs scale {scale:.3g}"
+
+
+def assert_state_dicts_equal(ours, ref):
+    assert sorted(ours) == sorted(ref)
+    for k, v in ref.items():
+        v = v.numpy()
+        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape, k
+        np.testing.assert_array_equal(ours[k], v, err_msg=k)
+
+
+def check_parity_and_round_trip(name):
+    """Logits and stage outputs match torchvision on a non-square image; export gives back the same
+    state_dict, which torchvision loads strictly."""
+    tm = torchvision_model(name)
+    state = tm.state_dict()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 72, 104), dtype=np.float32))
+    ref_logits, ref_features = torch_forward(tm, x)
+
+    model, variables = load_torchvision(name, state)
+    x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+    assert_close(model.apply(variables, x_nhwc), ref_logits, f"{name} logits")
+    features = create_model(name, features_only=True).apply(variables, x_nhwc)
+    for i, (ours, ref) in enumerate(zip(features, ref_features, strict=True)):
+        assert_close(np.asarray(ours).transpose(0, 3, 1, 2), ref, f"{name} layer{i + 1}")
+
+    exported = to_torchvision(variables)
+    assert_state_dicts_equal(exported, state)
+    fresh = getattr(torchvision.models, name)()
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_parity_and_round_trip(name):
+    check_parity_and_round_trip(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW)
+def test_parity_and_round_trip_large(name):
+    check_parity_and_round_trip(name)
+
+
+def test_every_torchvision_model_is_covered():
+    from resnet_jax import list_models
+
+    tv = {n for n in list_models() if hasattr(torchvision.models, n)}
+    assert tv == set(FAST + SLOW)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    tm = torchvision_model("resnet18")
+    return tm, tm.state_dict()
+
+
+def test_pth_export_loads_in_torch_weights_only(tmp_path, resnet18):
+    tm, state = resnet18
+    model, variables = load_torchvision("resnet18", state)
+    save_torchvision(variables, tmp_path / "r18.pth")
+    loaded = torch.load(tmp_path / "r18.pth", weights_only=True)
+    assert_state_dicts_equal({k: v.numpy() for k, v in loaded.items()}, state)
+    fresh = torchvision.models.resnet18().eval()
+    fresh.load_state_dict(loaded, strict=True)
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), tm(x))
+    _, again = load_torchvision("resnet18", tmp_path / "r18.pth")  # and our reader takes our file back
+    jax.tree.map(np.testing.assert_array_equal, again, variables)
+
+
+def test_safetensors_both_ways(tmp_path, resnet18):
+    tm, state = resnet18
+    safetensors.torch.save_file(state, tmp_path / "theirs.safetensors")
+    _, variables = load_torchvision("resnet18", tmp_path / "theirs.safetensors")
+    save_torchvision(variables, tmp_path / "ours.safetensors")
+    loaded = safetensors.torch.load_file(tmp_path / "ours.safetensors")
+    torchvision.models.resnet18().load_state_dict(loaded, strict=True)
+    assert_state_dicts_equal({k: v.numpy() for k, v in loaded.items()}, state)
+
+
+@pytest.mark.parametrize("name,kwargs", [("resnet18_cifar", {}), ("resnet20", {}), ("preact_resnet18", {}),
+                                         ("preact_resnet50", {}), ("resnet18d", {}), ("resnet50d", {}),
+                                         ("resnet18", {"num_classes": 7, "in_channels": 1})])
+def test_every_variant_round_trips(tmp_path, name, kwargs):
+    """Models torchvision does not have still go to a state_dict and back unchanged, through a .pth file."""
+    model = create_model(name, **kwargs)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, model.in_channels)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+    save_torchvision(variables, tmp_path / "v.pth")
+    state = torch.load(tmp_path / "v.pth", weights_only=True)
+    assert all(k.endswith(("weight", "bias", "running_mean", "running_var", "num_batches_tracked")) for k in state)
+    _, back = load_torchvision(name, tmp_path / "v.pth", **kwargs)
+    assert flatten_dict(back).keys() == flatten_dict(variables).keys()
+    jax.tree.map(np.testing.assert_array_equal, back, variables)
+
+
+def test_strict_error_lists_every_problem_at_once(resnet18):
+    _, state = resnet18
+    state = dict(state)
+    del state["layer1.0.conv1.weight"], state["bn1.running_var"]
+    state["layer9.0.conv1.weight"] = torch.zeros(1)
+    state["extra.thing"] = torch.zeros(1)
+    state["layer2.0.conv2.weight"] = torch.zeros(128, 128, 5, 5)
+    with pytest.raises(ValueError) as info:
+        load_torchvision("resnet18", state)
+    msg = str(info.value)
+    for needle in ["2 missing", "layer1.0.conv1.weight", "bn1.running_var", "2 unexpected", "layer9.0.conv1.weight",
+                   "extra.thing", "1 mis-shaped", "layer2.0.conv2.weight: file has (128, 128, 5, 5), model needs "
+                   "(128, 128, 3, 3)"]:
+        assert needle in msg, (needle, msg)
+
+
+def test_wrong_model_name_is_a_clear_error(resnet18):
+    with pytest.raises(ValueError, match=r"missing.*layer1\.2\.conv1\.weight"):
+        load_torchvision("resnet34", resnet18[1])
+
+
+def test_other_class_count_needs_new_head(resnet18):
+    _, state = resnet18
+    with pytest.raises(ValueError, match=r"fc\.weight: file has \(1000, 512\), model needs \(10, 512\)"
+                                         r"(.|\n)*new_head=True"):
+        load_torchvision("resnet18", state, num_classes=10)
+    model, variables = load_torchvision("resnet18", state, num_classes=10, new_head=True, rng=3)
+    assert variables["params"]["fc"]["kernel"].shape == (512, 10)
+    assert float(jnp.abs(variables["params"]["fc"]["kernel"]).sum()) > 0
+    _, same = load_torchvision("resnet18", state, num_classes=10, new_head=True, rng=3)
+    jax.tree.map(np.testing.assert_array_equal, same, variables)  # the rng decides the head
+    np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"],
+                                  state["conv1.weight"].numpy().transpose(2, 3, 1, 0))
+    assert model.apply(variables, jnp.ones((1, 32, 32, 3))).shape == (1, 10)
+
+
+def test_backbone_takes_a_classifier_file(resnet18):
+    model, variables = load_torchvision("resnet18", resnet18[1], features_only=True)
+    assert "fc" not in variables["params"]
+    assert len(model.apply(variables, jnp.ones((1, 64, 64, 3)))) == 4
+
+
+def test_data_parallel_prefix_is_stripped(resnet18):
+    wrapped = {f"module.{k}": v for k, v in resnet18[1].items()}
+    _, variables = load_torchvision("resnet18", wrapped)
+    assert_state_dicts_equal(to_torchvision(variables), resnet18[1])
+
+
+def test_bad_source_type_is_a_clear_error():
+    with pytest.raises(TypeError, match="file path or a mapping"):
+        load_torchvision("resnet18", 42)
+
+
+def test_loading_needs_no_torch(tmp_path, resnet18):
+    """In a process where importing torch fails, a .pth still loads, converts and saves; torch stays unloaded."""
+    torch.save(resnet18[1], tmp_path / "r18.pth")
+    script = textwrap.dedent(f"""
+        import sys
+        class BlockTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision"):
+                    raise ImportError(f"torch is blocked in this test: {{name}}")
+        sys.meta_path.insert(0, BlockTorch())
+        import numpy as np
+        from resnet_jax.torchvision import load_torchvision, save_torchvision
+        model, variables = load_torchvision("resnet18", {str(tmp_path / "r18.pth")!r})
+        save_torchvision(variables, {str(tmp_path / "out.pth")!r})
+        save_torchvision(variables, {str(tmp_path / "out.safetensors")!r})
+        print(model.apply(variables, np.ones((1, 32, 32, 3), np.float32)).shape)
+        assert not any(m.split(".")[0] in ("torch", "torchvision") for m in sys.modules), "torch was imported"
+        print("no torch")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(1, 1000)\nno torch" in done.stdout
+    loaded = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert_state_dicts_equal({k: v.numpy() for k, v in loaded.items()}, resnet18[1])
