@@ -27,12 +27,18 @@ def resize(image: np.ndarray, height: int, width: int, box: tuple[float, float, 
 
 
 def random_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int, padding: int = 4) -> np.ndarray:
-    """CIFAR recipe: zero-pad by `padding`, take a random size x size crop, flip left-right half the time."""
+    """CIFAR recipe: zero-pad by `padding`, take a random size x size crop, flip left-right half the time.
+
+    Copies the in-bounds part of the shifted window into zeros rather than padding first: same pixels, one
+    allocation (this runs once per example per epoch).
+    """
     image = resize(image, size, size)
-    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    top, left = rng.integers(0, 2 * padding + 1, size=2)
-    crop = padded[top:top + size, left:left + size]
-    return crop[:, ::-1] if rng.random() < 0.5 else crop
+    dy, dx, flip = rng.integers(0, (2 * padding + 1, 2 * padding + 1, 2)) - (padding, padding, 0)
+    out = np.zeros_like(image)
+    h, w = size - abs(dy), size - abs(dx)
+    out[max(-dy, 0):max(-dy, 0) + h, max(-dx, 0):max(-dx, 0) + w] = image[max(dy, 0):max(dy, 0) + h,
+                                                                          max(dx, 0):max(dx, 0) + w]
+    return out[:, ::-1] if flip else out
 
 
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
@@ -83,23 +89,24 @@ def resize_center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.87
 
 
 def to_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
-    """Greyscale -> RGB by repetition, RGB -> greyscale by luma; unchanged when `channels` is None or equal."""
-    have = image.shape[2]
+    """Greyscale -> RGB by repetition, RGB -> greyscale by luma, on the last axis (one image or a batch)."""
+    have = image.shape[-1]
     if channels is None or channels == have:
         return image
     if have == 1 and channels == 3:
-        return np.repeat(image, 3, axis=2)
+        return np.repeat(image, 3, axis=-1)
     if have == 3 and channels == 1:
-        return np.round(image.astype(np.float32) @ _LUMA)[:, :, None].astype(np.uint8)
+        return np.round(image.astype(np.float32) @ _LUMA)[..., None].astype(np.uint8)
     raise ValueError(f"Cannot convert {have}-channel images to {channels} channels; only 1 <-> 3 is supported.")
 
 
 def normalize(image: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 -> float32 (x / 255 - mean) / std, per channel; one-value mean/std apply to every channel."""
+    """uint8 -> float32 (x / 255 - mean) / std per channel (last axis); one-value mean/std apply to all."""
     mean = np.asarray(mean, np.float32).reshape(-1)
     std = np.asarray(std, np.float32).reshape(-1)
-    channels = image.shape[2]
+    channels = image.shape[-1]
     if mean.size not in (1, channels) or std.size not in (1, channels):
         raise ValueError(f"mean/std have {mean.size}/{std.size} values but the images have {channels} channels; "
                          f"give one value per channel (or one for all).")
-    return (image.astype(np.float32) * np.float32(1 / 255) - mean) / std
+    scale = 1 / (255 * std)
+    return image.astype(np.float32) * scale - mean / std
