@@ -1,0 +1,156 @@
+"""``Classifier``: model name + number of classes -> ``fit``, ``evaluate``, ``predict``, ``save``/``load``,
+``export_torchvision``. A thin facade over ``train`` and the checkpoint module, for notebooks and scripts.
+
+    clf = Classifier("resnet20", num_classes=10, in_channels=1, image_size=16)
+    clf.fit("digits", workdir="runs/digits", num_epochs=30)
+    clf.predict(images)          # [[("3", 0.98), ("8", 0.01), ...], ...]
+    clf.export_torchvision("digits.pth")
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resnet_jax import data
+from resnet_jax.checkpoint import load_variables
+from resnet_jax.parallel import make_mesh
+from resnet_jax.training.config import base_config, model_from_config, normalization_stats, validate
+from resnet_jax.training.loop import evaluate_loader, train
+from resnet_jax.training.steps import make_eval_step
+
+
+class Classifier:
+    """An image classifier: a ResNet, its variables, its class names and how to preprocess images."""
+
+    def __init__(self, model: str = "resnet20", num_classes: int = 10, *, in_channels: int = 3,
+                 image_size: int = 32, class_names: Sequence[str] | None = None, **config: Any):
+        self.config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "model": model,
+                                                          "image_size": image_size, **config}))
+        self.config.model_overrides.in_channels = in_channels
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.model = model_from_config(self.config, num_classes)
+        self.variables: dict[str, Any] | None = None
+        self.workdir: Path | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # --- training and evaluation -------------------------------------------------------------------------
+    def fit(self, dataset: str = "digits", *, workdir: str | Path | None = None, **config: Any) -> list[dict]:
+        """Train on ``dataset`` (any ``get_source`` name); config keys as keyword arguments. Resumes if
+        ``workdir`` holds checkpoints of the same run. Returns the metrics history."""
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="resnet_jax_"))
+        cfg = ml_collections.ConfigDict(self.config.to_dict())
+        cfg.update({"dataset": dataset, **config})
+        result = train(cfg, self.workdir)
+        if result.model.num_classes != self.num_classes:
+            self.num_classes = result.model.num_classes
+        self.config, self.model, self.class_names = result.config, result.model, result.class_names
+        self.variables, self.history = result.variables, result.history
+        return self.history
+
+    def evaluate(self, dataset: str | None = None, split: str | None = None, batch_size: int = 256
+                 ) -> dict[str, float]:
+        """Loss, top-1 and top-5 accuracy on a split (default: the validation split it was trained with)."""
+        variables = self._require_variables()
+        source = data.get_source(dataset or self.config.dataset, split or self.config.val_split,
+                                 image_size=self.config.image_size, seed=self.config.seed,
+                                 data_dir=self.config.data_dir or None)
+        mean, std = self._stats()
+        loader = data.eval_loader(source, batch_size=batch_size, image_size=self.config.image_size, mean=mean,
+                                  std=std, channels=self.model.in_channels)
+        mesh = make_mesh()
+        state = _Evaluable(self.model.apply, variables)
+        return evaluate_loader(state, make_eval_step(mesh), loader, mesh)
+
+    def predict(self, images: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k ``(class name, probability)`` per image; ``images`` are uint8 HWC arrays (one or a batch)
+        or image file paths."""
+        batch = self.preprocess(images)
+        logits = jax.jit(lambda v, x: self.model.apply(v, x, train=False))(self._require_variables(), batch)
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        k = min(top_k, probs.shape[-1])
+        order = np.argsort(-probs, axis=-1)[:, :k]
+        return [[(self.class_names[i], float(p[i])) for i in row] for p, row in zip(probs, order)]
+
+    def preprocess(self, images: Any) -> jnp.ndarray:
+        """Images as the model saw them in evaluation: resized, centre-cropped, channels fixed, normalised."""
+        if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            images = [images]
+        size, mean, std = self.config.image_size, *self._stats()
+        crop = 1.0 if self.config.augment == "cifar" else 0.875
+        out = []
+        for image in images:
+            image = _read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+            if image.ndim == 2:
+                image = image[:, :, None]
+            if image.dtype != np.uint8:
+                raise ValueError(f"predict expects uint8 images (0..255), got {image.dtype}; convert with "
+                                 "np.clip(x * 255, 0, 255).astype(np.uint8) if they are floats in [0, 1]")
+            image = data.to_channels(data.resize_center_crop(image, size, crop), self.model.in_channels)
+            out.append(data.normalize(image, mean, std))
+        return jnp.asarray(np.stack(out))
+
+    # --- persistence -------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, workdir: str | Path, step: int | str | None = None) -> "Classifier":
+        """A classifier from a training run's workdir (latest checkpoint, a step, or ``"best"``)."""
+        config, variables, class_names = load_variables(workdir, step)
+        config = validate(ml_collections.ConfigDict(config))
+        num_classes = int(np.shape(variables["params"]["fc"]["bias"])[0])
+        clf = cls(config.model, num_classes, in_channels=config.model_overrides.get("in_channels", 3),
+                  class_names=class_names, **{k: v for k, v in config.items()
+                                              if k not in ("model", "model_overrides")})
+        clf.config = config
+        clf.model = model_from_config(config, num_classes)
+        clf.variables, clf.workdir = variables, Path(workdir)
+        return clf
+
+    def save(self, workdir: str | Path) -> Path:
+        """Write the variables, config and class names as a checkpoint that ``Classifier.load`` reads."""
+        from resnet_jax.checkpoint import save_variables
+
+        return save_variables(workdir, self._require_variables(), self.config.to_dict(), self.class_names)
+
+    def export_torchvision(self, path: str | Path) -> Path:
+        """A ``.pth`` (or ``.safetensors``) that ``torchvision.models.<model>(num_classes=...)`` loads strictly."""
+        from resnet_jax.torchvision import save_torchvision
+
+        save_torchvision(self._require_variables(), path)
+        return Path(path)
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    def _require_variables(self) -> dict[str, Any]:
+        if self.variables is None:
+            raise RuntimeError("this Classifier has no weights yet: call fit(...) or Classifier.load(workdir)")
+        return self.variables
+
+    def _stats(self):
+        return normalization_stats(self.config)
+
+
+class _Evaluable:
+    """Just enough of a ``TrainState`` (``apply_fn`` + ``variables``) for ``eval_step``."""
+
+    def __init__(self, apply_fn, variables):
+        self.apply_fn, self.variables = apply_fn, variables
+
+
+jax.tree_util.register_pytree_node(_Evaluable, lambda e: ((e.variables,), e.apply_fn),
+                                   lambda fn, children: _Evaluable(fn, children[0]))
+
+
+def _read_image(path: str | Path) -> np.ndarray:
+    from PIL import Image
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)

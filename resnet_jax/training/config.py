@@ -1,0 +1,138 @@
+"""The training configuration: every key with its default, and validation that runs before anything compiles.
+
+Configs are plain ``ml_collections.ConfigDict`` objects (big_vision style). ``train/configs/*.py`` start from
+``base_config()`` and change what their recipe needs, so a key missing from a recipe always has a default and a
+mistyped key is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from resnet_jax.resnet import MODEL_CONFIGS, create_model
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "step", "multistep", "cosine")
+DTYPES = ("float32", "bfloat16")
+AUGMENTS = ("cifar", "imagenet", "none")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # model
+    c.model = "resnet20"
+    c.model_overrides = ml_collections.ConfigDict()  # any ResNet field, e.g. {"in_channels": 1}
+    c.dtype = "float32"                 # compute dtype; parameters and logits stay float32
+    c.remat = False
+    c.zero_init_residual = False
+    c.init_from = ""                    # torchvision .pth/.safetensors file, or a run's workdir, to start from
+    # data
+    c.dataset = "digits"                # "digits", "synthetic", or any TFDS name ("cifar10", "imagenet2012", ...)
+    c.data_dir = ""                     # TFDS data_dir ("" = TFDS default)
+    c.train_split = "train"
+    c.val_split = "validation"
+    c.image_size = 32
+    c.augment = "cifar"                 # "cifar" (pad-crop + flip), "imagenet" (random-resized crop + flip), "none"
+    c.normalize = "dataset"             # "dataset" (per-dataset mean/std) or "imagenet" (for torchvision weights)
+    c.num_workers = 0                   # Grain worker processes (0 = in-process)
+    # optimisation
+    c.batch_size = 128                  # global, across all devices and processes
+    c.eval_batch_size = 256
+    c.num_epochs = 90
+    c.max_steps = -1                    # stop after this many steps in total (-1: num_epochs decides)
+    c.optimizer = "sgd"
+    c.learning_rate = 0.1               # per 256 images when lr_scaling == "linear"
+    c.lr_scaling = "linear"             # "linear": lr * batch_size / 256 (Goyal et al.); "none": as given
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 1e-4
+    c.decay_norm_and_bias = False       # False exempts BatchNorm scale/bias and biases from weight decay
+    c.schedule = "step"
+    c.step_epochs = 30                  # "step": multiply by lr_decay every step_epochs (the seed's StepLR)
+    c.milestones = (30, 60)             # "multistep": epochs at which to multiply by lr_decay
+    c.lr_decay = 0.1
+    c.warmup_epochs = 0.0               # linear warm-up from 0, for any schedule
+    c.label_smoothing = 0.0
+    c.class_weights = ()                # per-class loss weights (empty: uniform)
+    c.mixup_alpha = 0.0
+    c.cutmix_alpha = 0.0
+    c.seed = 0
+    # run
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 500      # also at each epoch end
+    c.keep_checkpoints = 3
+    c.eval_every_epochs = 1
+    c.early_stopping_patience = 0       # epochs without val-accuracy improvement before stopping (0 = off)
+    c.progress_bar = True
+    c.compilation_cache_dir = "~/.cache/resnet_jax/jit"  # JAX persistent compilation cache ("" = off)
+    # multi-host (flags or RESNET_JAX_* environment variables; empty = single process or auto-detect)
+    c.coordinator_address = ""
+    c.num_processes = -1
+    c.process_id = -1
+    return c
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"config.{key}={value!r} is not one of {list(choices)}{hint}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Return ``config`` completed with defaults; raise ``ValueError`` (one sentence) on any bad setting."""
+    full = base_config()
+    unknown = sorted(set(config.keys()) - set(full.keys()))
+    if unknown:
+        close = {k: difflib.get_close_matches(k, full.keys(), n=1) for k in unknown}
+        hints = ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in close.items())
+        raise ValueError(f"unknown config key(s) {hints}")
+    full.update(config)
+    if full.model not in MODEL_CONFIGS:
+        create_model(full.model)  # raises the registry's error with close matches
+    _choice("optimizer", full.optimizer, OPTIMIZERS)
+    _choice("schedule", full.schedule, SCHEDULES)
+    _choice("dtype", full.dtype, DTYPES)
+    _choice("augment", full.augment, AUGMENTS)
+    _choice("lr_scaling", full.lr_scaling, ("linear", "none"))
+    _choice("normalize", full.normalize, ("dataset", "imagenet"))
+    for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints", "image_size"):
+        if int(full[key]) <= 0:
+            raise ValueError(f"config.{key} must be positive, got {full[key]}")
+    if full.learning_rate <= 0:
+        raise ValueError(f"config.learning_rate must be positive, got {full.learning_rate}")
+    if not 0.0 <= full.label_smoothing < 1.0:
+        raise ValueError(f"config.label_smoothing must be in [0, 1), got {full.label_smoothing}")
+    return full
+
+
+def model_from_config(config: ml_collections.ConfigDict, num_classes: int, in_channels: int | None = None):
+    """The ``ResNet`` a config describes, for ``num_classes`` outputs."""
+    import jax.numpy as jnp
+
+    overrides = dict(config.model_overrides)
+    overrides.setdefault("num_classes", num_classes)
+    if in_channels is not None:
+        overrides.setdefault("in_channels", in_channels)
+    overrides.update(dtype=jnp.dtype(config.dtype), remat=config.remat, zero_init_residual=config.zero_init_residual)
+    return create_model(config.model, **overrides)
+
+
+def min_image_size(model) -> int:
+    """Total downsampling of the feature stack: smaller inputs leave the last stage with less than one pixel."""
+    stem = {"imagenet": 4, "deep": 4, "cifar": 1}[model.stem]
+    return stem * 2 ** (len(model.stage_sizes) - 1)
+
+
+def normalization_stats(config: ml_collections.ConfigDict):
+    """Per-channel mean/std for the inputs: ImageNet's for torchvision weights (``normalize="imagenet"``) and for
+    datasets without known statistics, otherwise the dataset's own."""
+    from resnet_jax import data
+
+    imagenet = (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    if config.normalize == "imagenet":
+        return imagenet
+    return data.DATASET_STATS.get(config.dataset.removeprefix("tfds:"), imagenet)

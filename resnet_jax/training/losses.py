@@ -1,0 +1,56 @@
+"""Softmax cross-entropy with label smoothing and class weights; mixup/cutmix; top-k correctness."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def soft_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    return onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Per-example loss against soft ``targets``; ``weights`` (per example) scale each example's loss."""
+    loss = -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+    return loss if weights is None else loss * weights
+
+
+def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, mixup_alpha: float, cutmix_alpha: float):
+    """Mixup (Zhang et al.) or CutMix (Yun et al.; chosen with probability 1/2 when both are on): blend each
+    example with the batch reversed, and its targets in the same proportion."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return images, targets
+    k_choice, k_mix, k_cut, k_box = jax.random.split(rng, 4)
+    partner_images, partner_targets = images[::-1], targets[::-1]
+
+    def mixup(_):
+        lam = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
+        return lam * images + (1 - lam) * partner_images, lam
+
+    def cutmix(_):
+        lam = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
+        h, w = images.shape[1:3]
+        cut_h, cut_w = (h * jnp.sqrt(1 - lam)).astype(jnp.int32), (w * jnp.sqrt(1 - lam)).astype(jnp.int32)
+        cy, cx = jax.random.randint(k_box, (2,), 0, jnp.array([h, w]))
+        y0, y1 = jnp.clip(cy - cut_h // 2, 0, h), jnp.clip(cy + cut_h // 2, 0, h)
+        x0, x1 = jnp.clip(cx - cut_w // 2, 0, w), jnp.clip(cx + cut_w // 2, 0, w)
+        ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+        box = ((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1))[None, :, :, None]
+        area = (y1 - y0) * (x1 - x0) / (h * w)
+        return jnp.where(box, partner_images, images), 1.0 - area  # lambda from the box actually cut
+
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or jax.random.bernoulli(k_choice))
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        mixed, lam = jax.lax.cond(use_cutmix, cutmix, mixup, None)
+    else:
+        mixed, lam = (cutmix if cutmix_alpha > 0 else mixup)(None)
+    return mixed.astype(images.dtype), lam * targets + (1 - lam) * partner_targets
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the ``k`` highest logits (k clipped to the number of classes)."""
+    k = min(k, logits.shape[-1])
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+    return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)

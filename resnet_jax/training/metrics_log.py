@@ -1,0 +1,93 @@
+"""What a run leaves behind for people: ``metrics.jsonl``, TensorBoard events and ``learning_curves.png``.
+
+Only process 0 writes. On resume, rows logged after the restored checkpoint are dropped first, so the file of
+a resumed run reads exactly like the file of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "learning_curves.png"
+
+
+class MetricsLog:
+    def __init__(self, workdir: str | Path, resume_step: int = 0):
+        self.workdir = Path(workdir)
+        self.path = self.workdir / METRICS_FILE
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if self.enabled:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            kept = [r for r in read_metrics(self.workdir) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        tb = self._writer()
+        if tb is not None:
+            for key, value in row.items():
+                if key not in ("step", "epoch", "split") and isinstance(value, (int, float)):
+                    tb.add_scalar(f"{row['split']}/{key}", value, row["step"])
+            tb.flush()
+
+    def _writer(self):
+        if self._tb is None:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # TensorBoard events are a convenience; metrics.jsonl is the record
+                self._tb = False
+            else:
+                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        return self._tb or None
+
+    def close(self) -> None:
+        if self.enabled:
+            plot_learning_curves(self.workdir)
+        if self._tb:
+            self._tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_learning_curves(workdir: str | Path) -> Path | None:
+    """Loss and accuracy against epoch for train and validation rows; returns the PNG path."""
+    rows = read_metrics(workdir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for split, style in (("train", "-"), ("val", "o-")):
+        part = [r for r in rows if r["split"] == split]
+        if not part:
+            continue
+        x = [r["epoch"] for r in part]
+        axes[0].plot(x, [r["loss"] for r in part], style, label=split)
+        axes[1].plot(x, [r["accuracy"] for r in part], style, label=split)
+    for ax, name in zip(axes, ("loss", "top-1 accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out = Path(workdir) / CURVES_FILE
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

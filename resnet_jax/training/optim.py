@@ -1,0 +1,52 @@
+"""Optimizers and learning-rate schedules from Optax, chosen by config.
+
+Schedules are defined in epochs (as papers state them) and converted to steps here, once.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """Linear scaling rule (Goyal et al. 2017): ``learning_rate`` is per 256 images."""
+    if config.lr_scaling == "linear":
+        return config.learning_rate * config.batch_size / 256
+    return config.learning_rate
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    lr = peak_learning_rate(config)
+    total = config.num_epochs * steps_per_epoch
+    if config.max_steps > 0:
+        total = min(total, config.max_steps)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if config.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(1, total - warmup))
+    else:
+        epochs = (range(config.step_epochs, config.num_epochs + 1, config.step_epochs) if config.schedule == "step"
+                  else config.milestones)
+        boundaries = {int(e * steps_per_epoch) - warmup: config.lr_decay for e in epochs if e > 0}
+        main = optax.piecewise_constant_schedule(lr, {b: s for b, s in boundaries.items() if b > 0})
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay applies to conv and dense kernels; BatchNorm scale/bias and biases (1-D) are exempt."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    schedule = make_schedule(config, steps_per_epoch)
+    mask = None if config.decay_norm_and_bias else decay_mask
+    if config.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask)
+    # SGD as in PyTorch: L2 term added to the gradient, then (Nesterov) momentum, then the learning rate.
+    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask),
+                       optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))

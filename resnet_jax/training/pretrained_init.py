@@ -1,0 +1,67 @@
+"""Starting weights for fine-tuning (``config.init_from``): a torchvision file or another run's workdir.
+
+Every parameter and BatchNorm statistic is taken from the source except the classifier head when the class
+count differs, which keeps its fresh initialisation (the usual fine-tuning recipe). Anything else that does not
+match is listed in one error instead of being silently re-initialised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+HEAD = "fc"
+
+
+def initial_variables(config, model, input_shape, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Variables to start from, or ``None`` for a fresh initialisation."""
+    if not config.init_from:
+        return None
+    source = Path(config.init_from).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(f"config.init_from={config.init_from!r} does not exist; give a torchvision "
+                                ".pth/.safetensors file or the workdir of an earlier run")
+    if source.is_dir():
+        from resnet_jax.checkpoint import load_variables
+
+        _, loaded, _ = load_variables(source)
+    else:
+        from resnet_jax.torchvision import load_torchvision
+
+        _, loaded = load_torchvision(config.model, str(source))
+    fresh = jax.jit(lambda: model.init(jax.random.PRNGKey(config.seed), jnp.zeros(input_shape), train=False))()
+    merged, replaced = merge_pretrained(jax.device_get(fresh), loaded)
+    log(f"initialised from {source}" + (f" (new head: {', '.join(replaced)})" if replaced else ""))
+    return merged
+
+
+def merge_pretrained(fresh: dict[str, Any], loaded: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Take ``loaded`` values into the structure of ``fresh``; only the head may differ in shape."""
+    out, replaced, problems = {}, [], []
+    for collection in fresh:
+        target = flatten_dict(fresh[collection], sep="/")
+        source = flatten_dict(loaded.get(collection, {}), sep="/")
+        merged = {}
+        for key, value in target.items():
+            got = source.get(key)
+            if got is not None and tuple(np.shape(got)) == tuple(value.shape):
+                merged[key] = np.asarray(got, value.dtype)
+            elif key.split("/")[0] == HEAD:
+                merged[key] = value
+                replaced.append(f"{collection}/{key}")
+            elif got is None:
+                problems.append(f"missing {collection}/{key}")
+            else:
+                problems.append(f"{collection}/{key}: source {tuple(np.shape(got))}, model {tuple(value.shape)}")
+        extra = sorted(set(source) - set(target))
+        problems += [f"unexpected {collection}/{k}" for k in extra if k.split("/")[0] != HEAD]
+        out[collection] = unflatten_dict(merged, sep="/")
+    if problems:
+        raise ValueError("the starting weights do not fit the model: " + "; ".join(problems[:20]) +
+                         (f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""))
+    return out, replaced

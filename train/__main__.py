@@ -1,0 +1,42 @@
+"""``python -m train --workdir=DIR --config=train/configs/default.py [--config.key=value ...]``
+
+Trains (or resumes, when DIR already holds checkpoints) and leaves in DIR: checkpoints/, metrics.jsonl,
+tensorboard/, learning_curves.png and config.json. Multi-host: pass ``--config.coordinator_address=HOST:PORT
+--config.num_processes=N --config.process_id=I`` to each process (or set RESNET_JAX_COORDINATOR,
+RESNET_JAX_NUM_PROCESSES, RESNET_JAX_PROCESS_ID).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "default.py")
+flags.DEFINE_string("workdir", "runs/default", "directory for checkpoints, metrics and plots (resumes if present)")
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "training config file", lock_config=True)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --workdir and --config[.key=value]")
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO
+    from resnet_jax.training import TrainingDiverged, train
+
+    try:
+        result = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ValueError, FileNotFoundError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    val = [r for r in result.history if r["split"] == "val"]
+    final = f"; final val accuracy {val[-1]['accuracy']:.4f}" if val else ""
+    print(f"{result.stop_reason}: step {int(result.state.step)}{final}; outputs in {flags.FLAGS.workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

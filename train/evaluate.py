@@ -1,0 +1,34 @@
+"""``python -m train.evaluate --workdir=DIR [--step=N|best] [--split=NAME]``: loss / top-1 / top-5 of a run's
+checkpoint on its validation split (or another split of its dataset)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)", required=True)
+flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest)")
+flags.DEFINE_string("split", None, "split to evaluate (default: the run's config.val_split)")
+flags.DEFINE_integer("batch_size", 256, "evaluation batch size")
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from resnet_jax.training.classifier import Classifier
+
+    try:
+        clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step)
+        metrics = clf.evaluate(split=flags.FLAGS.split, batch_size=flags.FLAGS.batch_size)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({"dataset": clf.config.dataset, "split": flags.FLAGS.split or clf.config.val_split,
+                      **metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
