@@ -233,12 +233,16 @@ def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if unknown:
         raise ValueError(f"to_torchvision takes the model's variables ({{'params', 'batch_stats'}}), got the "
                          f"extra collection(s) {unknown}")
+    flat = flatten_dict(dict(variables))
+    modules = list(dict.fromkeys(path[1:-1] for path in flat))  # in creation order: torchvision's order too
     out: dict[str, np.ndarray] = {}
-    for path, value in flatten_dict(dict(variables)).items():
-        name, layout = flax_to_torch_name(path)
-        out[name] = np.ascontiguousarray(layout(np.asarray(value)))
-        if name.endswith(".running_var"):
-            out[name[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+    for module in modules:
+        for collection in ("params", "batch_stats"):  # weight, bias, then running_mean, running_var
+            for path in (p for p in flat if p[0] == collection and p[1:-1] == module):
+                name, layout = flax_to_torch_name(path)
+                out[name] = np.array(layout(np.asarray(flat[path])), order="C")  # a writable copy
+                if name.endswith(".running_var"):
+                    out[name[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
     return out
 
 
