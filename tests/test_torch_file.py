@@ -228,3 +228,20 @@ def test_bad_safetensors_is_a_clear_error(tmp_path):
     (tmp_path / "a.safetensors").write_bytes(data[:-50])
     with pytest.raises(ValueError, match="not a valid .safetensors file.*truncated"):
         read_safetensors(tmp_path / "a.safetensors")
+
+
+def test_pickled_module_is_refused_with_a_hint(tmp_path):
+    """A whole pickled nn.Module (torch.save(model)) needs its class imported: refused, with the way out."""
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "module.pth")
+    with pytest.raises(UnsafeFileError, match=r"torch\.nn\.modules\.container\.Sequential.*torch\.save\(model\."
+                                              r"state_dict\(\), path\)"):
+        read_torch_file(tmp_path / "module.pth")
+
+
+def test_storage_shorter_than_its_tensor_is_a_clear_error(tmp_path):
+    write_torch_file(tmp_path / "ok.pth", {"w": np.ones((4, 4), np.float32)})
+    with zipfile.ZipFile(tmp_path / "ok.pth") as src, zipfile.ZipFile(tmp_path / "short.pth", "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, src.read(name)[:8] if name.endswith("data/0") else src.read(name))
+    with pytest.raises(ValueError, match="reads past its storage of 2 elements"):
+        read_torch_file(tmp_path / "short.pth")
