@@ -167,12 +167,12 @@ def main(argv=None):
     results = []
     for recipe in args.recipes:
         if recipe == "cifar":
-            batch, warmup, steps = (16, 1, 2) if args.quick else (256, 3, 30)
+            batch, warmup, steps = (16, 1, 1) if args.quick else (256, 3, 30)
             images, labels = make_cifar(512 if args.quick else 10_000, rng)
             src, tf_inputs = ArraySource(images, labels), images
         else:
-            batch, warmup, steps = (4, 1, 2) if args.quick else (32, 2, 12)
-            jpegs, labels = make_jpegs(16 if args.quick else 256, rng)
+            batch, warmup, steps = (4, 1, 1) if args.quick else (32, 2, 12)
+            jpegs, labels = make_jpegs(8 if args.quick else 256, rng)
             src, tf_inputs = JpegSource(jpegs, labels), np.array(jpegs, dtype=object)
         pipelines = {f"grain workers={w}": grain_pipeline(src, recipe, batch, w) for w in args.workers}
         if recipe == "imagenet":

@@ -1,0 +1,27 @@
+"""The input-pipeline benchmark runs end to end (smoke mode) and writes the JSON it reports."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_input_pipeline_benchmark_smoke(tmp_path):
+    pytest.importorskip("tensorflow")
+    out = tmp_path / "input_pipeline.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.input_pipeline", "--quick", "--workers", "0",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {"date", "cpu", "versions", "command"} <= set(report)
+    rows = {(r["recipe"], r["pipeline"]): r for r in report["results"]}
+    assert set(rows) == {("cifar", "grain workers=0"), ("cifar", "tf.data"), ("imagenet", "grain workers=0"),
+                         ("imagenet", "tf.data full decode"), ("imagenet", "tf.data crop-decode")}
+    assert all(r["images_per_s"] > 0 for r in rows.values())
+    assert "vs tf.data" in run.stdout
