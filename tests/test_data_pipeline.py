@@ -135,6 +135,7 @@ def test_evaluation_is_reiterable_and_unaugmented():
     (dict(batch_size=8, channels=4), "only greyscale <-> RGB"),
     (dict(batch_size=8, augment="autoaugment"), "augment must be one of"),
     (dict(batch_size=4096), "larger than the dataset"),
+    (dict(batch_size=8, mean=(0.1, 0.2, 0.3), std=(0.2, 0.2, 0.2)), "batches have 1 channels"),
 ])
 def test_misfits_fail_before_any_batch(kwargs, match):
     src = data.get_source("digits", "train")

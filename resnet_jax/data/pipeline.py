@@ -58,12 +58,20 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _stats(src: Source, mean, std):
-    if mean is not None and std is not None:
-        return mean, std
-    if src.name in DATASET_STATS:
-        return DATASET_STATS[src.name]
-    raise ValueError(f"No known mean/std for dataset {src.name!r}; pass mean= and std= (per channel, 0..1 units).")
+def _stats(src: Source, mean, std, channels: int | None):
+    """The mean/std to normalise with: as given, else the dataset's (by base name: "imagenette/320px" ->
+    "imagenette"); checked against the channel count now rather than at the first batch."""
+    if mean is None or std is None:
+        base = src.name.split("/")[0].split(":")[0]
+        if base not in DATASET_STATS:
+            raise ValueError(f"No known mean/std for dataset {src.name!r}; pass mean= and std= "
+                             f"(per channel, 0..1 units).")
+        mean, std = DATASET_STATS[base]
+    out = channels or src.image_shape[2]
+    if np.size(mean) not in (1, out) or np.size(std) not in (1, out):
+        raise ValueError(f"mean/std have {np.size(mean)}/{np.size(std)} values but the batches have {out} "
+                         f"channels; give one value per channel (or one for all).")
+    return mean, std
 
 
 def _default_crop_fraction(src: Source) -> float:
@@ -112,7 +120,7 @@ class _Crop:
             image = aug.random_resized_crop_flip(image, rng, self.size)
         else:
             image = aug.resize_center_crop(image, self.size, self.crop_fraction)
-        return {**record, "image": image, "label": np.int32(record["label"])}
+        return {"image": image, "label": np.int32(record["label"])}
 
 
 class _TrainCrop(grain.transforms.RandomMap):
@@ -165,7 +173,7 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
                          f"use a smaller batch or a larger split.")
     if not 0 <= int(seed) < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), not {seed!r}.")
-    mean, std = _stats(src, mean, std)
+    mean, std = _stats(src, mean, std, channels)
     crop = _Crop(augment, image_size, crop_fraction or _default_crop_fraction(src))
     ds = grain.MapDataset.source(src)[index::count]
     if num_epochs is not None:
@@ -236,7 +244,7 @@ def eval_loader(src: Source, *, batch_size: int, image_size: int, mean=None, std
     index, count = _processes(process_index, process_count)
     local = _local_batch(batch_size, count)
     check_compatible(src, num_classes=num_classes, channels=channels)
-    mean, std = _stats(src, mean, std)
+    mean, std = _stats(src, mean, std, channels)
     crop = _Crop("none", image_size, crop_fraction or _default_crop_fraction(src))
     per_process = math.ceil(len(src) / count)
     start, stop = min(index * per_process, len(src)), min((index + 1) * per_process, len(src))
