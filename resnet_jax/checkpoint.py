@@ -53,7 +53,8 @@ class Checkpointer:
             ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
                                           keep_checkpoints_without_metrics=False),
         ])
-        self._options = ocp.CheckpointManagerOptions(preservation_policy=policy,
+        # cleanup_tmp_directories: a save cut short by a crash leaves a temporary directory, not a checkpoint
+        self._options = ocp.CheckpointManagerOptions(preservation_policy=policy, cleanup_tmp_directories=True,
                                                      enable_async_checkpointing=async_save)
         self._manager = self._open()
 

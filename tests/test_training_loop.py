@@ -124,3 +124,22 @@ def test_fine_tune_from_another_run(finished_run, tmp_path):
 def test_init_from_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(tiny_config(init_from=str(tmp_path / "nope.pth")), tmp_path / "run")
+
+
+def test_fine_tune_from_a_torchvision_file_with_another_head(tmp_path):
+    """A .pth for 5 classes starts a 10-class digits run: backbone taken, head initialised afresh."""
+    import jax.numpy as jnp
+
+    from resnet_jax import create_model
+    from resnet_jax.torchvision import save_torchvision
+
+    model = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=5)
+    variables = jax.device_get(model.init(jax.random.PRNGKey(7), jnp.zeros((1, 8, 8, 1))))
+    save_torchvision(variables, tmp_path / "five.pth")
+    messages = []
+    result = train(tiny_config(init_from=str(tmp_path / "five.pth"), max_steps=2, learning_rate=1e-9),
+                   tmp_path / "ft", log=messages.append)
+    assert any(m.startswith("initialised from") for m in messages)
+    params = jax.device_get(result.state.params)
+    np.testing.assert_allclose(params["conv1"]["kernel"], variables["params"]["conv1"]["kernel"], atol=1e-6)
+    assert params["fc"]["kernel"].shape == (64, 10)

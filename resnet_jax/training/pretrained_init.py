@@ -31,13 +31,25 @@ def initial_variables(config, model, input_shape, log: Callable[[str], None]) ->
 
         _, loaded, _ = load_variables(source)
     else:
-        from resnet_jax.torchvision import load_torchvision
-
-        _, loaded = load_torchvision(config.model, str(source))
+        loaded = _torchvision_variables(config, model, source)
     fresh = jax.jit(lambda: model.init(jax.random.PRNGKey(config.seed), jnp.zeros(input_shape), train=False))()
     merged, replaced = merge_pretrained(jax.device_get(fresh), loaded)
     log(f"initialised from {source}" + (f" (new head: {', '.join(replaced)})" if replaced else ""))
     return merged
+
+
+def _torchvision_variables(config, model, source: Path) -> dict[str, Any]:
+    """Convert a torchvision file for this model (its overrides included); a head for another number of
+    classes is dropped by the converter and initialised afresh."""
+    from resnet_jax.torch_file import read_safetensors, read_torch_file
+    from resnet_jax.torchvision import load_torchvision
+
+    state = read_safetensors(source) if source.suffix == ".safetensors" else read_torch_file(source)
+    head = state.get(f"{HEAD}.weight")
+    new_head = head is not None and np.shape(head)[0] != model.num_classes
+    overrides = {**dict(config.model_overrides), "num_classes": model.num_classes}
+    _, variables = load_torchvision(config.model, state, new_head=new_head, rng=config.seed, **overrides)
+    return variables
 
 
 def merge_pretrained(fresh: dict[str, Any], loaded: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

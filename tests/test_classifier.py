@@ -1,0 +1,80 @@
+"""The ``Classifier`` facade: fit, evaluate, predict, save/load, export to torchvision."""
+
+import numpy as np
+import pytest
+
+from resnet_jax import data
+from resnet_jax.training.classifier import Classifier
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    clf = Classifier("resnet20", num_classes=10, in_channels=1, image_size=8,
+                     model_overrides={"stage_sizes": (1, 1, 1)})
+    clf.fit("digits", workdir=tmp_path_factory.mktemp("fit"), num_epochs=3, batch_size=32, augment="none",
+            learning_rate=1.6, schedule="cosine", progress_bar=False, compilation_cache_dir="")
+    return clf
+
+
+def validation_images(n=12):
+    src = data.get_source("digits", "validation", image_size=8)
+    return np.stack([src[i]["image"] for i in range(n)]), [src[i]["label"] for i in range(n)]
+
+
+def test_fit_learns_and_evaluate_agrees_with_history(fitted):
+    metrics = fitted.evaluate()
+    assert metrics["accuracy"] > 0.8
+    last_val = [r for r in fitted.history if r["split"] == "val"][-1]
+    assert metrics["accuracy"] == pytest.approx(last_val["accuracy"])
+
+
+def test_predict_returns_topk_names_and_probabilities(fitted):
+    images, labels = validation_images()
+    predictions = fitted.predict(images, top_k=3)
+    assert len(predictions) == len(images) and all(len(p) == 3 for p in predictions)
+    for top in predictions:
+        probs = [p for _, p in top]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    hits = sum(top[0][0] == str(label) for top, label in zip(predictions, labels))
+    assert hits >= 8
+    single = fitted.predict(images[0], top_k=1)
+    assert single[0][0] == predictions[0][0]
+
+
+def test_predict_reads_image_files_and_rejects_floats(fitted, tmp_path):
+    from PIL import Image
+
+    images, _ = validation_images(1)
+    path = tmp_path / "digit.png"
+    Image.fromarray(images[0][:, :, 0]).save(path)
+    assert fitted.predict([str(path)], top_k=1)[0][0][0] == fitted.predict(images[0], top_k=1)[0][0][0]
+    with pytest.raises(ValueError, match="uint8"):
+        fitted.predict(images.astype(np.float32) / 255)
+    with pytest.raises(FileNotFoundError):
+        fitted.predict([str(tmp_path / "missing.png")])
+
+
+def test_save_load_round_trip_and_load_from_run(fitted, tmp_path):
+    images, _ = validation_images()
+    expected = fitted.predict(images)
+    fitted.save(tmp_path / "saved")
+    for source in (tmp_path / "saved", fitted.workdir):
+        loaded = Classifier.load(source)
+        got = loaded.predict(images)
+        assert [[n for n, _ in t] for t in got] == [[n for n, _ in t] for t in expected]
+        np.testing.assert_allclose([[p for _, p in t] for t in got], [[p for _, p in t] for t in expected],
+                                   rtol=1e-5)
+
+
+def test_export_torchvision_round_trips(fitted, tmp_path):
+    from resnet_jax.torch_file import read_torch_file
+
+    path = fitted.export_torchvision(tmp_path / "digits.pth")
+    state_dict = read_torch_file(path)
+    assert state_dict["conv1.weight"].shape == (16, 1, 3, 3) and state_dict["fc.weight"].shape == (10, 64)
+    assert "layer1.0.bn1.num_batches_tracked" in state_dict
+
+
+def test_unfitted_classifier_says_what_to_do():
+    with pytest.raises(RuntimeError, match="fit"):
+        Classifier("resnet20").predict(np.zeros((8, 8, 3), np.uint8))

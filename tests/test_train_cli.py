@@ -1,0 +1,66 @@
+"""The README's main job, verbatim (``python -m train``), and the evaluate / predict / export commands on it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from training_helpers import REPO, worker_env
+
+
+def run(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=worker_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("default")
+    proc = run("train", f"--workdir={workdir}", "--config.progress_bar=False",
+               f"--config.compilation_cache_dir={workdir / 'jit-cache'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir, proc
+
+
+@pytest.mark.slow
+def test_default_config_reaches_97_percent_on_digits(default_run):
+    workdir, proc = default_run
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r["split"] == "val"][-1]
+    assert final["accuracy"] >= 0.97, final
+    assert "epoch 30/30: train loss" in proc.stdout + proc.stderr
+    assert "final val accuracy" in proc.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_predict_export_commands(default_run, tmp_path):
+    workdir, _ = default_run
+    proc = run("train.evaluate", f"--workdir={workdir}", "--step=best")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"] >= 0.97
+
+    from PIL import Image
+
+    from resnet_jax import data
+
+    sample = data.get_source("digits", "validation", image_size=8)[0]
+    image = tmp_path / "digit.png"
+    Image.fromarray(sample["image"][:, :, 0]).save(image)
+    proc = run("train.predict", f"--workdir={workdir}", str(image))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == str(image) and len(lines) == 6 and lines[1].strip().endswith(str(sample["label"]))
+
+    out = tmp_path / "digits_resnet20.pth"
+    proc = run("train.export", f"--workdir={workdir}", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.stat().st_size > 100_000
+
+
+def test_bad_config_is_one_clear_sentence(tmp_path):
+    proc = run("train", f"--workdir={tmp_path}", "--config.optimizer=lamb", timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: config.optimizer='lamb' is not one of")
+    proc = run("train.evaluate", f"--workdir={tmp_path / 'nothing'}", timeout=300)
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
