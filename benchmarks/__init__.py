@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against PyTorch; run each as ``python -m benchmarks.<name>`` from the repo root."""

@@ -1,0 +1,247 @@
+"""Shared pieces of the benchmarks: the cases, the JAX train/eval steps, the torch peers, timing and reporting.
+
+Both frameworks run in one process and are timed interleaved (round-robin, several rounds, median step time),
+so a noisy shared machine moves both alike and the ratio ours/PyTorch is what to trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked configuration: the same model, batch, image size and precision on both sides."""
+    name: str
+    model: str  # create_model name
+    batch: int
+    image: int
+    dtype: str  # "float32" or "bfloat16"
+    device: str  # "cpu" or "gpu"
+    num_classes: int = 1000
+    stage_sizes: tuple[int, ...] | None = None  # None: the named model's; smoke tests use one block per stage
+
+
+CASES = {
+    "resnet18_cifar_cpu": Case("resnet18_cifar_cpu", "resnet18_cifar", 128, 32, "float32", "cpu", 10),
+    "resnet50_cpu": Case("resnet50_cpu", "resnet50", 32, 224, "float32", "cpu"),
+    "resnet50_gpu_bf16": Case("resnet50_gpu_bf16", "resnet50", 256, 224, "bfloat16", "gpu"),
+}
+
+
+def quick(case: Case) -> Case:
+    """The smoke-test version of a case: same block type and precision, one block per stage, batch 2, 32px
+    (compiling the full ResNet-50 step alone takes minutes on a 2-core machine)."""
+    return Case(case.name, case.model, 2, 32, case.dtype, case.device, case.num_classes, (1, 1, 1, 1))
+
+
+def maybe_use_tcmalloc(enabled: bool) -> str:
+    """Re-exec this process with tcmalloc preloaded (both frameworks then share the allocator).
+
+    glibc serves every buffer above 32 MB with a fresh mmap, so XLA re-faults its large activations each step;
+    a caching allocator keeps the pages (see /work/shared/notes/cpu-convolution.md). Returns the allocator name.
+    """
+    preloaded = TCMALLOC in os.environ.get("LD_PRELOAD", "")
+    if enabled and not preloaded and os.path.exists(TCMALLOC):
+        env = dict(os.environ, LD_PRELOAD=f"{TCMALLOC}:{os.environ.get('LD_PRELOAD', '')}".rstrip(":"))
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # keeps "-m module"
+    return "tcmalloc" if preloaded else "glibc"
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--quick", action="store_true", help="smoke mode: tiny batch and images, 1 step")
+    p.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/...)")
+    p.add_argument("--tcmalloc", action=argparse.BooleanOptionalAction, default=True,
+                   help="preload tcmalloc if installed (apt-get install libtcmalloc-minimal4)")
+    return p
+
+
+def environment(allocator: str) -> dict:
+    """What a result depends on: machine, versions, allocator, date, command."""
+    import jax
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
+           "cores": os.cpu_count(), "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()],
+           "python": platform.python_version(), "allocator": allocator, "command": " ".join(sys.argv)}
+    for name in ("flax", "optax", "torch", "torchvision"):  # only those this run used: importing torch costs ~5 s
+        if name in sys.modules:
+            env[name] = sys.modules[name].__version__
+    return env
+
+
+# ---------------------------------------------------------------- JAX side
+
+
+def jax_model(case: Case, **overrides):
+    import jax.numpy as jnp
+    from resnet_jax import create_model
+    dtype = jnp.bfloat16 if case.dtype == "bfloat16" else jnp.float32
+    if case.stage_sizes:
+        overrides["stage_sizes"] = case.stage_sizes
+    return create_model(case.model, num_classes=case.num_classes, dtype=dtype, **overrides)
+
+
+def optimizer():
+    """SGD with momentum 0.9 and weight decay 1e-4 on every parameter: torch.optim.SGD's semantics."""
+    import optax
+    return optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+
+
+def jax_batch(case: Case, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+    kx, ky = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (case.batch, case.image, case.image, 3), jnp.float32)
+    y = jax.random.randint(ky, (case.batch,), 0, case.num_classes)
+    return x, y
+
+
+def jax_train_step(model):
+    """(state, x, y) -> (state, loss): forward, backward, BatchNorm update, SGD step; the state is donated."""
+    import jax
+    import optax
+    tx = optimizer()
+
+    def loss_fn(params, batch_stats, x, y):
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates["batch_stats"]
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, x, y):
+        params, batch_stats, opt_state = state
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    def init(x):
+        variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+        return variables["params"], variables["batch_stats"], tx.init(variables["params"])
+
+    return step, init
+
+
+def jax_runner(model, case: Case, train: bool) -> Callable[[], None]:
+    """A no-argument callable that runs one step to completion (block_until_ready)."""
+    import jax
+    x, y = jax_batch(case)
+    if train:
+        step, init = jax_train_step(model)
+        holder = [init(x)]
+
+        def run():
+            holder[0], loss = step(holder[0], x, y)
+            loss.block_until_ready()
+        return run
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+    infer = jax.jit(functools.partial(model.apply, train=False))
+    return lambda: infer(variables, x).block_until_ready()
+
+
+# ---------------------------------------------------------------- PyTorch side
+
+
+def torch_model(case: Case):
+    import torch
+    import torchvision
+    model = getattr(torchvision.models, case.model.removesuffix("_cifar"))(num_classes=case.num_classes)
+    if case.stage_sizes:
+        block = type(model.layer1[0])
+        model = torchvision.models.resnet.ResNet(block, list(case.stage_sizes), num_classes=case.num_classes)
+    if case.model.endswith("_cifar"):  # the CIFAR stem: 3x3 stride-1 conv, no max-pool
+        model.conv1 = torch.nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    return model
+
+
+def torch_runner(case: Case, train: bool, channels_last: bool, compile: bool) -> Callable[[], None]:
+    """One torch step (same model, batch, optimizer); AMP bf16 when the case is bf16; synchronised on GPU."""
+    import torch
+    dev = "cuda" if case.device == "gpu" else "cpu"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = torch_model(case).to(dev, memory_format=fmt)
+    x = torch.randn(case.batch, 3, case.image, case.image, device=dev).to(memory_format=fmt)
+    y = torch.randint(0, case.num_classes, (case.batch,), device=dev)
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16")
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    if not train:
+        model.eval()
+        fwd = torch.compile(model) if compile else model
+
+        def infer():
+            with torch.inference_mode(), amp:
+                fwd(x)
+            sync()
+        return infer
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+    step = torch.compile(step) if compile else step
+
+    def run():
+        step()
+        sync()
+    return run
+
+
+# ---------------------------------------------------------------- timing and reporting
+
+
+def time_interleaved(runners: dict[str, Callable[[], None]], warmup: int, steps: int, rounds: int) -> dict:
+    """Median seconds per step of each runner; runners alternate within each round so load hits all alike."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "samples": len(t)} for name, t in times.items()}
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    print(f"\n{title}\n{line(cells[0])}\n|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print(line(r))
+    sys.stdout.flush()
+
+
+def write_json(path: str | None, default_name: str, payload: dict) -> str:
+    path = path or os.path.join(os.path.dirname(__file__), "results", default_name)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"\nwrote {path}")
+    return path

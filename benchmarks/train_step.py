@@ -1,0 +1,98 @@
+"""Training-step and inference throughput, this project vs torchvision, same model/batch/precision, one process.
+
+    python -m benchmarks.train_step                      # the CPU cases (ResNet-18 CIFAR b128, ResNet-50 b32)
+    python -m benchmarks.train_step --device gpu         # ResNet-50 224px batch 256 bf16 (torch: AMP + channels_last)
+    python -m benchmarks.train_step --quick              # smoke test: batch 2, 32px, 1 step
+
+Ours runs with each ``conv_impl``; torch runs NCHW, channels_last and (unless --no-compile) torch.compile of the
+faster layout. Ratios compare our best variant with torch's best variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from benchmarks import common
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--case", action="append", choices=sorted(common.CASES), help="default: all for --device")
+    p.add_argument("--mode", action="append", choices=["train", "inference"], help="default: both")
+    p.add_argument("--conv-impl", action="append", help="ours' conv_impl values (default: xla, matmul_grad)")
+    p.add_argument("--batch", type=int), p.add_argument("--image-size", type=int)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action=argparse_bool(), default=True, help="also time torch.compile")
+    p.add_argument("--torch", action=argparse_bool(), default=True, help="time the torch side")
+    return p.parse_args(argv)
+
+
+def argparse_bool():
+    import argparse
+    return argparse.BooleanOptionalAction
+
+
+def variants(case, mode, args):
+    """name -> zero-argument step runner, ours first."""
+    from resnet_jax.resnet import CONV_IMPLS  # noqa: F401  (validates names via create_model)
+    train = mode == "train"
+    runners = {}
+    for impl in args.conv_impl or ["xla", "matmul_grad"]:
+        runners[f"jax conv_impl={impl}"] = common.jax_runner(common.jax_model(case, conv_impl=impl), case, train)
+    if args.torch:
+        runners["torch NCHW"] = common.torch_runner(case, train, channels_last=False, compile=False)
+        runners["torch channels_last"] = common.torch_runner(case, train, channels_last=True, compile=False)
+        if args.compile:
+            try:
+                run = common.torch_runner(case, train, channels_last=True, compile=True)
+                run()  # compiles here, so a failure is caught and reported, not fatal
+                runners["torch channels_last+compile"] = run
+            except Exception as e:  # inductor needs a C++ toolchain; report and go on without it
+                print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    return runners
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    allocator = common.maybe_use_tcmalloc(args.tcmalloc and args.device == "cpu")
+    if args.device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    names = args.case or [n for n, c in common.CASES.items() if c.device == args.device]
+    if args.quick:
+        args.steps, args.rounds, args.warmup = 1, 1, 1
+    results = []
+    for name in names:
+        case = common.CASES[name]
+        case = common.quick(case) if args.quick else case
+        case = dataclasses.replace(case, device=args.device, batch=args.batch or case.batch,
+                                   image=args.image_size or case.image)
+        for mode in args.mode or ["train", "inference"]:
+            print(f"\n== {name} {mode}: {case.model} batch {case.batch} {case.image}px {case.dtype} {case.device}",
+                  flush=True)
+            times = common.time_interleaved(variants(case, mode, args), args.warmup, args.steps, args.rounds)
+            for variant, t in times.items():
+                results.append(dict(case=name, mode=mode, variant=variant, **dataclasses.asdict(case),
+                                    images_per_s=case.batch / t["median_s"], **t))
+    rows = []
+    for name in names:
+        for mode in args.mode or ["train", "inference"]:
+            rs = [r for r in results if r["case"] == name and r["mode"] == mode]
+            theirs = max((r["images_per_s"] for r in rs if r["variant"].startswith("torch")), default=None)
+            ours = max(r["images_per_s"] for r in rs if r["variant"].startswith("jax"))
+            for r in rs:
+                r["ratio_to_torch_best"] = r["images_per_s"] / theirs if theirs else None
+                rows.append([name, mode, r["variant"], r["images_per_s"],
+                             f"{r['ratio_to_torch_best']:.2f}" if theirs else "-"])
+            if theirs:
+                rows.append([name, mode, "=> ours best / torch best", "", f"{ours / theirs:.2f}"])
+    common.print_table(f"images/s (median of {args.rounds} interleaved rounds x {args.steps} steps; "
+                       f"allocator {allocator})", ["case", "mode", "variant", "images/s", "x torch best"], rows)
+    common.write_json(args.json, f"train_step_{args.device}{'_quick' if args.quick else ''}.json",
+                      {"environment": common.environment(allocator), "results": results})
+
+
+if __name__ == "__main__":
+    main()

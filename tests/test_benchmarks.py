@@ -1,0 +1,46 @@
+"""Each benchmark script runs end to end in smoke mode, prints its table and writes its JSON (never timed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(module, tmp_path, *extra):
+    out = tmp_path / "result.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--json", str(out), *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "|---" in proc.stdout, proc.stdout  # a markdown table was printed
+    data = json.loads(out.read_text())
+    assert data["environment"]["jax"] and data["environment"]["cpu"]
+    return proc.stdout, data["results"]
+
+
+def test_train_step_smoke(tmp_path):
+    pytest.importorskip("torch")
+    stdout, results = run_script("benchmarks.train_step", tmp_path, "--case", "resnet18_cifar_cpu",
+                                 "--conv-impl", "matmul_grad", "--no-compile")
+    variants = {(r["mode"], r["variant"]) for r in results}
+    for mode in ("train", "inference"):
+        assert {(mode, "jax conv_impl=matmul_grad"), (mode, "torch NCHW"), (mode, "torch channels_last")} <= variants
+    assert all(r["images_per_s"] > 0 and r["ratio_to_torch_best"] > 0 for r in results)
+    assert "ours best / torch best" in stdout
+
+
+def test_compile_time_smoke(tmp_path):
+    _, results = run_script("benchmarks.compile_time", tmp_path, "--case", "resnet18_cifar_cpu")
+    assert [r["run"] for r in results] == ["cold", "warm (persistent cache)"]
+    assert results[0]["cache_entries"] > 0  # the thresholds let the cold run write the cache
+    assert all(r["compile_s"] > 0 for r in results)
+
+
+def test_memory_smoke(tmp_path):
+    _, results = run_script("benchmarks.memory", tmp_path, "--case", "resnet18_cifar_cpu")
+    assert [r["remat"] for r in results] == [False, True]
+    assert all(r["temp_mb"] > 0 and r["max_rss_mb"] > 0 for r in results)
