@@ -91,17 +91,20 @@ def test_orbax_saves_and_restores_the_iterator(tmp_path):
     assert same(take(resumed, 4), uninterrupted[3:])
 
 
-@pytest.mark.parametrize("n,count", [(48, 2), (50, 3), (7, 4)])
-def test_training_shards_are_disjoint_and_cover_the_split(n, count):
+@pytest.mark.parametrize("n,batch_size,count", [(48, 4, 2), (50, 6, 3), (7, 4, 4)])
+def test_process_shards_are_disjoint_and_add_up_to_the_one_process_batches(n, batch_size, count):
     src = IndexSource(n)
-    seen = []
-    for p in range(count):
-        loader = data.train_loader(src, batch_size=count, image_size=8, seed=0, process_index=p,
-                                   process_count=count, **STATS)
-        labels = np.concatenate([b["label"] for b in take(iter(loader), n)])  # >= one epoch of this shard
-        seen.append(set(labels.tolist()))
-    assert all(not (seen[a] & seen[b]) for a in range(count) for b in range(a + 1, count))
-    assert set().union(*seen) == set(range(n))
+    one = [b["label"] for b in data.train_loader(src, batch_size=batch_size, image_size=8, seed=0, num_epochs=2,
+                                                 process_index=0, process_count=1, **STATS)]
+    shards = [[b["label"] for b in data.train_loader(src, batch_size=batch_size, image_size=8, seed=0,
+                                                     num_epochs=2, process_index=p, process_count=count, **STATS)]
+              for p in range(count)]
+    assert all(len(s) == len(one) for s in shards)
+    for step, labels in enumerate(one):  # global step k: the processes' local batches, in process order
+        assert np.concatenate([s[step] for s in shards]).tolist() == labels.tolist()
+    first_epoch = [np.concatenate(s[:n // batch_size]).tolist() for s in shards]
+    seen = [set(labels) for labels in first_epoch]
+    assert sum(map(len, first_epoch)) == len(set().union(*seen)) == n // batch_size * batch_size
 
 
 @pytest.mark.parametrize("n,batch_size,count", [(50, 8, 1), (50, 8, 2), (7, 4, 4), (3, 6, 3), (64, 16, 2)])

@@ -4,9 +4,9 @@ Built with Grain's dataset API (MapDataset -> IterDataset), which costs a quarte
 per-record overhead (no per-record Philox construction, no sampler metadata) and keeps the batch order the
 same whatever the number of worker processes.
 
-Training: this process's shard (every process_count-th record), shuffled with `seed` anew each epoch, a seeded
-per-example crop/flip on uint8 images, local batches of batch_size // process_count, then channel conversion
-and normalisation once per batch (vectorised). `iter(loader).get_state()` is a small dict (the position in
+Training: the split shuffled with `seed` anew each epoch and a seeded per-example crop/flip on uint8 images,
+the same global stream on every process; each process takes its local batches (batch_size // process_count
+examples) of each global batch, then channel conversion and normalisation once per batch (vectorised). `iter(loader).get_state()` is a small dict (the position in
 the stream), so checkpointing it resumes the exact stream.
 
 Evaluation: each process takes a contiguous slice of the split, padded to the same number of batches on every
@@ -157,13 +157,16 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
                  worker_buffer_size: int = 2, read_threads: int | None = None) -> grain.IterDataset:
     """A Grain IterDataset of {"image": float32 (local_batch, S, S, C), "label": int32 (local_batch,)}.
 
-    batch_size is global; this process reads only its shard (records process_index, process_index +
-    process_count, ...), shuffled with `seed` anew each epoch, and yields batch_size // process_count examples
-    per batch, dropping the last partial batch. num_epochs=None streams forever (batches then straddle epoch
-    boundaries; count steps with `steps_per_epoch`). With num_epochs set and a split that does not divide
-    evenly, each shard is cut to len // process_count records so every process yields the same number of
-    batches. `iter(loader)` has `get_state()` / `set_state()`; save it with `grain.checkpoint.CheckpointHandler`.
-    Batches are the same for any worker_count (workers build alternate batches, read back in order).
+    batch_size is global. All processes agree on one stream: the whole split shuffled with `seed` anew each
+    epoch, augmented per position, cut into local batches of batch_size // process_count; process p takes local
+    batches p, p + process_count, ... So global step k is the same examples, with the same augmentations, in
+    the same order, for any number of processes: N processes train exactly as one process would on the same
+    devices. Grain's datasets are lazy, so each process reads and decodes only the records of its own batches.
+    The last partial batch is dropped. num_epochs=None streams forever (batches then straddle epoch
+    boundaries; count steps with `steps_per_epoch`); with num_epochs set, the stream is cut to whole global
+    batches so every process yields the same number of batches. `iter(loader)` has `get_state()` /
+    `set_state()`; save it with `grain.checkpoint.CheckpointHandler`. Batches are the same for any
+    worker_count (workers build alternate batches, read back in order).
     """
     index, count = _processes(process_index, process_count)
     local = _local_batch(batch_size, count)
@@ -175,12 +178,12 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
         raise ValueError(f"seed must be an integer in [0, 2**32), not {seed!r}.")
     mean, std = _stats(src, mean, std, channels)
     crop = _Crop(augment, image_size, crop_fraction or _default_crop_fraction(src))
-    ds = grain.MapDataset.source(src)[index::count]
-    if num_epochs is not None:
-        ds = ds[:len(src) // count]
-    ds = (ds.shuffle(seed=int(seed)).repeat(num_epochs)
+    ds = (grain.MapDataset.source(src).shuffle(seed=int(seed)).repeat(num_epochs)
           .random_map(_TrainCrop(crop), seed=int(seed))
-          .batch(local, drop_remainder=True)
+          .batch(local, drop_remainder=True))
+    if num_epochs is not None:
+        ds = ds[:len(ds) // count * count]
+    ds = (ds[index::count]
           .map(_Normalize(mean, std, channels))
           .to_iter_dataset(_read_options(read_threads)))
     if worker_count:
