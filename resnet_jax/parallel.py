@@ -23,12 +23,20 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Start ``jax.distributed`` when several processes are configured; return whether it was started.
 
     Arguments override the environment (``RESNET_JAX_COORDINATOR``, ``RESNET_JAX_NUM_PROCESSES``,
-    ``RESNET_JAX_PROCESS_ID``). With none of them set this is a no-op, so single-process runs and managed
-    clusters where JAX auto-detects its peers (TPU pods, SLURM) need no flags.
+    ``RESNET_JAX_PROCESS_ID``). With none of them set this is a no-op (one process). The address ``"auto"``
+    lets JAX read the cluster's own environment (SLURM, Open MPI, Cloud TPU pods, ...), so a launcher that
+    starts one copy of the same command per process needs no per-process flags. It is opt-in: a single
+    process started inside a cluster allocation must not wait for peers that will never come.
     """
     address = coordinator_address or os.environ.get("RESNET_JAX_COORDINATOR")
     count = num_processes if num_processes is not None else _env_int("RESNET_JAX_NUM_PROCESSES")
     index = process_id if process_id is not None else _env_int("RESNET_JAX_PROCESS_ID")
+    if address == "auto":
+        if count is not None or index is not None:
+            raise ValueError("coordinator address 'auto' takes the process count and id from the cluster; "
+                             "do not also set them")
+        jax.distributed.initialize()
+        return jax.process_count() > 1
     if address is None and count is None and index is None:
         return False
     if address is None or count is None or index is None:

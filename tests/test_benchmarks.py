@@ -44,3 +44,10 @@ def test_memory_smoke(tmp_path):
     _, results = run_script("benchmarks.memory", tmp_path, "--case", "resnet18_cifar_cpu")
     assert [r["remat"] for r in results] == [False, True]
     assert all(r["temp_mb"] > 0 and r["max_rss_mb"] > 0 for r in results)
+
+
+def test_conv_layers_smoke(tmp_path):
+    pytest.importorskip("torch")
+    _, results = run_script("benchmarks.conv_layers", tmp_path)
+    assert [r["layer"] for r in results][-1].startswith("matmul")
+    assert all(r["xla_gflops"] > 0 and r["torch_gflops"] > 0 for r in results)

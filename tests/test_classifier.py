@@ -41,6 +41,16 @@ def test_predict_returns_topk_names_and_probabilities(fitted):
     assert single[0][0] == predictions[0][0]
 
 
+def test_predict_preprocesses_exactly_as_evaluation_did(fitted):
+    """The run resolved and saved its evaluation crop (whole image for fixed-size digits); predict reuses it."""
+    assert fitted.config.eval_crop_fraction == 1.0
+    images, _ = validation_images(5)
+    src = data.get_source("digits", "validation", image_size=8)
+    mean, std = fitted._stats()
+    batch = next(iter(data.eval_loader(src, batch_size=5, image_size=8, mean=mean, std=std, channels=1)))
+    np.testing.assert_allclose(np.asarray(fitted.preprocess(images)), batch["image"], atol=1e-6)
+
+
 def test_predict_reads_image_files_and_rejects_floats(fitted, tmp_path):
     from PIL import Image
 

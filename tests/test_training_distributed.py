@@ -4,6 +4,7 @@ devices (``jax.distributed`` on 127.0.0.1) vs 1 process x 4 devices. Real proces
 import json
 import socket
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -55,3 +56,38 @@ def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "batch_size 30 must be divisible by the number of devices (4)" in proc.stderr
+
+
+AUTO_CHILD = """
+import jax
+from resnet_jax.parallel import initialize_distributed
+started = initialize_distributed("auto")
+print(started, jax.process_index(), jax.process_count(), len(jax.devices()), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.multiprocess
+def test_auto_address_takes_the_processes_from_the_cluster_environment(tmp_path):
+    """What `srun -n 2` gives each task (job id, node list, task count and rank): JAX's own SLURM detection
+    finds the coordinator, so the same command runs unchanged on every task."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = worker_env(2)
+    base.update(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2", SLURM_LOCALID="0",
+                SLURM_STEP_NUM_NODES="1", JAX_COORDINATOR_PORT=str(port))
+    procs = [subprocess.Popen([sys.executable, "-c", AUTO_CHILD], env={**base, "SLURM_PROCID": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    lines = sorted(out.split() for out, _ in outs)
+    assert lines == [["True", "0", "2", "4"], ["True", "1", "2", "4"]]
+
+
+def test_auto_address_refuses_an_explicit_process_count():
+    from resnet_jax.parallel import initialize_distributed
+
+    with pytest.raises(ValueError, match="from the cluster"):
+        initialize_distributed("auto", num_processes=2)

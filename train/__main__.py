@@ -3,7 +3,8 @@
 Trains (or resumes, when DIR already holds checkpoints) and leaves in DIR: checkpoints/, metrics.jsonl,
 tensorboard/, learning_curves.png and config.json. Multi-host: pass ``--config.coordinator_address=HOST:PORT
 --config.num_processes=N --config.process_id=I`` to each process (or set RESNET_JAX_COORDINATOR,
-RESNET_JAX_NUM_PROCESSES, RESNET_JAX_PROCESS_ID).
+RESNET_JAX_NUM_PROCESSES, RESNET_JAX_PROCESS_ID); under SLURM, Open MPI or on a TPU pod,
+``--config.coordinator_address=auto`` takes them from the cluster.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def _stats(src: Source, mean, std, channels: int | None):
     return mean, std
 
 
-def _default_crop_fraction(src: Source) -> float:
+def default_crop_fraction(src: Source) -> float:
     """Fixed-size datasets (CIFAR, digits) are evaluated whole; photos of varying size get the 87.5% centre."""
     return 1.0 if None not in src.image_shape[:2] else 0.875
 
@@ -177,7 +177,7 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
     if not 0 <= int(seed) < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), not {seed!r}.")
     mean, std = _stats(src, mean, std, channels)
-    crop = _Crop(augment, image_size, crop_fraction or _default_crop_fraction(src))
+    crop = _Crop(augment, image_size, crop_fraction or default_crop_fraction(src))
     ds = (grain.MapDataset.source(src).shuffle(seed=int(seed)).repeat(num_epochs)
           .random_map(_TrainCrop(crop), seed=int(seed))
           .batch(local, drop_remainder=True))
@@ -248,7 +248,7 @@ def eval_loader(src: Source, *, batch_size: int, image_size: int, mean=None, std
     local = _local_batch(batch_size, count)
     check_compatible(src, num_classes=num_classes, channels=channels)
     mean, std = _stats(src, mean, std, channels)
-    crop = _Crop("none", image_size, crop_fraction or _default_crop_fraction(src))
+    crop = _Crop("none", image_size, crop_fraction or default_crop_fraction(src))
     per_process = math.ceil(len(src) / count)
     start, stop = min(index * per_process, len(src)), min((index + 1) * per_process, len(src))
     num_batches = math.ceil(per_process / local)

@@ -64,7 +64,8 @@ class Classifier:
                                  data_dir=self.config.data_dir or None)
         mean, std = self._stats()
         loader = data.eval_loader(source, batch_size=batch_size, image_size=self.config.image_size, mean=mean,
-                                  std=std, channels=self.model.in_channels)
+                                  std=std, channels=self.model.in_channels,
+                                  crop_fraction=self.config.eval_crop_fraction or None)
         mesh = make_mesh()
         state = _Evaluable(self.model.apply, variables)
         return evaluate_loader(state, make_eval_step(mesh), loader, mesh)
@@ -84,7 +85,7 @@ class Classifier:
         if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
             images = [images]
         size, mean, std = self.config.image_size, *self._stats()
-        crop = 1.0 if self.config.augment == "cifar" else 0.875
+        crop = self.config.eval_crop_fraction or (0.875 if self.config.augment == "imagenet" else 1.0)
         out = []
         for image in images:
             image = _read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.val_split = "validation"
     c.image_size = 32
     c.augment = "cifar"                 # "cifar" (pad-crop + flip), "imagenet" (random-resized crop + flip), "none"
+    c.eval_crop_fraction = 0.0          # centre crop at evaluation/predict (0: 1.0 for fixed-size data, else 0.875)
     c.normalize = "dataset"             # "dataset" (per-dataset mean/std) or "imagenet" (for torchvision weights)
     c.num_workers = 0                   # Grain worker processes (0 = in-process)
     # optimisation
@@ -67,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.early_stopping_patience = 0       # epochs without val-accuracy improvement before stopping (0 = off)
     c.progress_bar = True
     c.compilation_cache_dir = "~/.cache/resnet_jax/jit"  # JAX persistent compilation cache ("" = off)
-    # multi-host (flags or RESNET_JAX_* environment variables; empty = single process or auto-detect)
+    # multi-host: flags or RESNET_JAX_* environment variables; empty = one process, "auto" = from the cluster
+    # environment (SLURM, Open MPI, TPU pods)
     c.coordinator_address = ""
     c.num_processes = -1
     c.process_id = -1
@@ -104,6 +106,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(f"config.{key} must be positive, got {full[key]}")
     if full.learning_rate <= 0:
         raise ValueError(f"config.learning_rate must be positive, got {full.learning_rate}")
+    if not 0.0 <= full.eval_crop_fraction <= 1.0:
+        raise ValueError(f"config.eval_crop_fraction must be in (0, 1] (or 0 for the dataset's default), "
+                         f"got {full.eval_crop_fraction}")
     if not 0.0 <= full.label_smoothing < 1.0:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {full.label_smoothing}")
     return full

@@ -81,6 +81,8 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
     val_source = data.get_source(config.dataset, config.val_split, data_dir=data_dir,
                                  image_size=config.image_size, seed=config.seed)
     model = model_from_config(config, train_source.num_classes)
+    if not config.eval_crop_fraction:  # resolved here and saved with the config, so predict crops the same way
+        config.eval_crop_fraction = data.default_crop_fraction(val_source)
     if config.image_size < min_image_size(model):
         raise ValueError(f"config.image_size={config.image_size} is too small for {config.model}, which "
                          f"downsamples by {min_image_size(model)}; use at least {min_image_size(model)}")
@@ -120,7 +122,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
     loader_args = dict(image_size=config.image_size, mean=run.mean, std=run.std, channels=model.in_channels)
     train_loader = data.train_loader(run.train_source, batch_size=config.batch_size, augment=config.augment,
                                      seed=config.seed, worker_count=config.num_workers, **loader_args)
-    val_loader = data.eval_loader(run.val_source, batch_size=config.eval_batch_size, **loader_args)
+    val_loader = data.eval_loader(run.val_source, batch_size=config.eval_batch_size,
+                                  crop_fraction=config.eval_crop_fraction, **loader_args)
 
     tx = make_optimizer(config, spe)
     input_shape = (1, config.image_size, config.image_size, model.in_channels)

@@ -68,12 +68,12 @@ def plot_learning_curves(workdir: str | Path) -> Path | None:
     rows = read_metrics(workdir)
     if not rows:
         return None
-    import matplotlib
+    # A bare Figure draws off-screen without touching pyplot's global backend, so a notebook's inline plots
+    # (or a user's GUI backend) keep working after a run.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for split, style in (("train", "-"), ("val", "o-")):
         part = [r for r in rows if r["split"] == split]
         if not part:
@@ -89,5 +89,4 @@ def plot_learning_curves(workdir: str | Path) -> Path | None:
     fig.tight_layout()
     out = Path(workdir) / CURVES_FILE
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
