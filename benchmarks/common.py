@@ -18,9 +18,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-
-
 @dataclass(frozen=True)
 class Case:
     """One benchmarked configuration: the same model, batch, image size and precision on both sides."""
@@ -45,19 +42,6 @@ def quick(case: Case) -> Case:
     """The smoke-test version of a case: same block type and precision, one block per stage, batch 2, 32px
     (compiling the full ResNet-50 step alone takes minutes on a 2-core machine)."""
     return Case(case.name, case.model, 2, 32, case.dtype, case.device, case.num_classes, (1, 1, 1, 1))
-
-
-def maybe_use_tcmalloc(enabled: bool) -> str:
-    """Re-exec this process with tcmalloc preloaded (both frameworks then share the allocator).
-
-    glibc serves every buffer above 32 MB with a fresh mmap, so XLA re-faults its large activations each step;
-    a caching allocator keeps the pages (see /work/shared/notes/cpu-convolution.md). Returns the allocator name.
-    """
-    preloaded = TCMALLOC in os.environ.get("LD_PRELOAD", "")
-    if enabled and not preloaded and os.path.exists(TCMALLOC):
-        env = dict(os.environ, LD_PRELOAD=f"{TCMALLOC}:{os.environ.get('LD_PRELOAD', '')}".rstrip(":"))
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # keeps "-m module"
-    return "tcmalloc" if preloaded else "glibc"
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

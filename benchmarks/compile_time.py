@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from benchmarks import common
+from train.allocator import preload_tcmalloc
 
 
 def child(args) -> dict:
@@ -56,7 +57,7 @@ def main(argv=None):
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
-    allocator = common.maybe_use_tcmalloc(args.tcmalloc and args.device == "cpu")
+    allocator = preload_tcmalloc(args.tcmalloc and args.device == "cpu")
     case = common.CASES[args.case]
     case = dataclasses.replace(common.quick(case) if args.quick else case, device=args.device)
     env = dict(os.environ, **({"JAX_PLATFORMS": "cpu"} if args.device == "cpu" else {}))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 from benchmarks import common
+from train.allocator import preload_tcmalloc
 
 MB = 2 ** 20
 
@@ -50,7 +51,7 @@ def main(argv=None):
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
-    allocator = common.maybe_use_tcmalloc(args.tcmalloc and args.device == "cpu")
+    allocator = preload_tcmalloc(args.tcmalloc and args.device == "cpu")
     case = common.CASES[args.case]
     case = common.quick(case) if args.quick else dataclasses.replace(case, batch=args.batch)
     case = dataclasses.replace(case, device=args.device)

@@ -4,7 +4,9 @@ Trains (or resumes, when DIR already holds checkpoints) and leaves in DIR: check
 tensorboard/, learning_curves.png and config.json. Multi-host: pass ``--config.coordinator_address=HOST:PORT
 --config.num_processes=N --config.process_id=I`` to each process (or set RESNET_JAX_COORDINATOR,
 RESNET_JAX_NUM_PROCESSES, RESNET_JAX_PROCESS_ID); under SLURM, Open MPI or on a TPU pod,
-``--config.coordinator_address=auto`` takes them from the cluster.
+``--config.coordinator_address=auto`` takes them from the cluster. Where Debian's libtcmalloc-minimal4 (or
+another tcmalloc) is installed the command runs under it (``train/allocator.py``; ``RESNET_JAX_TCMALLOC=0``
+turns that off).
 """
 
 from __future__ import annotations
@@ -40,4 +42,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from train.allocator import preload_tcmalloc
+
+    preload_tcmalloc()  # re-execs under tcmalloc when installed (faster CPU steps); before jax is imported
     app.run(main)
