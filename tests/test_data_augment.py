@@ -28,6 +28,28 @@ def test_flip_happens_about_half_the_time():
     assert 70 < sum(flips) < 130
 
 
+def test_crop_without_flip_takes_the_same_shifts_and_never_mirrors():
+    image = ramp(16, 16)
+    for seed in range(50):
+        shifted = aug.random_crop_flip(image, np.random.default_rng(seed), 16, padding=2, flip=False)
+        maybe_flipped = aug.random_crop_flip(image, np.random.default_rng(seed), 16, padding=2)
+        assert np.array_equal(shifted, maybe_flipped) or np.array_equal(shifted[:, ::-1], maybe_flipped)
+        columns = shifted[0, :, 0][shifted[0, :, 0] > 0]
+        assert (np.diff(columns.astype(int)) > 0).all()  # the ramp still rises left to right: not mirrored
+
+
+def test_crop_recipe_in_the_loader_never_flips():
+    from resnet_jax.data.pipeline import _Crop
+
+    crop = _Crop("crop", 16, 1.0)
+    image = ramp(16, 16, 1)
+    for seed in range(30):
+        out = crop({"image": image, "label": 0}, np.random.default_rng(seed))["image"][8, :, 0]
+        assert (np.diff(out[out > 0].astype(int)) > 0).all()
+    with pytest.raises(ValueError, match="crop"):
+        _Crop("crops", 16, 1.0)
+
+
 def test_random_resized_crop_box_respects_scale_and_ratio():
     rng = np.random.default_rng(0)
     for _ in range(200):

@@ -26,19 +26,23 @@ def resize(image: np.ndarray, height: int, width: int, box: tuple[float, float, 
     return out[:, :, None] if out.ndim == 2 else out
 
 
-def random_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int, padding: int = 4) -> np.ndarray:
+def random_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int, padding: int = 4,
+                     flip: bool = True) -> np.ndarray:
     """CIFAR recipe: zero-pad by `padding`, take a random size x size crop, flip left-right half the time.
+
+    ``flip=False`` keeps only the shift, for images whose mirror is another class or no class (digits, text).
+    The same random numbers are drawn either way, so the crops do not depend on ``flip``.
 
     Copies the in-bounds part of the shifted window into zeros rather than padding first: same pixels, one
     allocation (this runs once per example per epoch).
     """
     image = resize(image, size, size)
-    dy, dx, flip = rng.integers(0, (2 * padding + 1, 2 * padding + 1, 2)) - (padding, padding, 0)
+    dy, dx, mirror = rng.integers(0, (2 * padding + 1, 2 * padding + 1, 2)) - (padding, padding, 0)
     out = np.zeros_like(image)
     h, w = size - abs(dy), size - abs(dx)
     out[max(-dy, 0):max(-dy, 0) + h, max(-dx, 0):max(-dx, 0) + w] = image[max(dy, 0):max(dy, 0) + h,
                                                                           max(dx, 0):max(dx, 0) + w]
-    return out[:, ::-1] if flip else out
+    return out[:, ::-1] if flip and mirror else out
 
 
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,

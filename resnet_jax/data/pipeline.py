@@ -26,7 +26,7 @@ from resnet_jax.data import augment as aug
 from resnet_jax.data.source import Source
 from resnet_jax.data.stats import DATASET_STATS
 
-AUGMENTS = ("cifar", "imagenet", "none")
+AUGMENTS = ("cifar", "crop", "imagenet", "none")  # crop: CIFAR's shift without the flip (digits, text)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -114,8 +114,9 @@ class _Crop:
         image = np.asarray(record["image"])
         if image.ndim == 2:
             image = image[:, :, None]
-        if self.augment == "cifar" and rng is not None:
-            image = aug.random_crop_flip(image, rng, self.size)
+        if self.augment in ("cifar", "crop") and rng is not None:
+            padding = max(1, self.size // 8)  # 4 pixels at CIFAR's 32: the same relative shift at any size
+            image = aug.random_crop_flip(image, rng, self.size, padding, flip=self.augment == "cifar")
         elif self.augment == "imagenet" and rng is not None:
             image = aug.random_resized_crop_flip(image, rng, self.size)
         else:

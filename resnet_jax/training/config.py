@@ -16,7 +16,7 @@ from resnet_jax.resnet import MODEL_CONFIGS, create_model
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "multistep", "cosine")
 DTYPES = ("float32", "bfloat16")
-AUGMENTS = ("cifar", "imagenet", "none")
+AUGMENTS = ("cifar", "crop", "imagenet", "none")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_split = "train"
     c.val_split = "validation"
     c.image_size = 32
-    c.augment = "cifar"                 # "cifar" (pad-crop + flip), "imagenet" (random-resized crop + flip), "none"
+    c.augment = "cifar"                 # "cifar" (pad-crop + flip), "crop" (pad-crop, no flip: digits, text),
+                                        # "imagenet" (random-resized crop + flip), "none"
     c.eval_crop_fraction = 0.0          # centre crop at evaluation/predict (0: 1.0 for fixed-size data, else 0.875)
     c.normalize = "dataset"             # "dataset" (per-dataset mean/std) or "imagenet" (for torchvision weights)
     c.num_workers = 0                   # Grain worker processes (0 = in-process)
