@@ -3,6 +3,7 @@
     python -m benchmarks.train_step                      # the CPU cases (ResNet-18 CIFAR b128, ResNet-50 b32)
     python -m benchmarks.train_step --device gpu         # ResNet-50 224px batch 256 bf16 (torch: AMP + channels_last)
     python -m benchmarks.train_step --quick              # smoke test: batch 2, 32px, 1 step
+    python -m benchmarks.train_step --dtype bfloat16     # the CPU cases in bf16 (CPUs with AVX-512 BF16 / AMX)
 
 Ours runs with each ``conv_impl``; torch runs NCHW, channels_last and (unless --no-compile) torch.compile of the
 faster layout. Ratios compare our best variant with torch's best variant.
@@ -14,6 +15,7 @@ import dataclasses
 import os
 
 from benchmarks import common
+from train.allocator import preload_tcmalloc
 
 
 def parse_args(argv=None):
@@ -22,6 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", action="append", choices=["train", "inference"], help="default: both")
     p.add_argument("--conv-impl", action="append", help="ours' conv_impl values (default: xla, matmul_grad)")
     p.add_argument("--batch", type=int), p.add_argument("--image-size", type=int)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the case's compute precision "
+                   "(bfloat16: ours dtype=bfloat16, torch autocast bf16; parameters stay float32 on both sides)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--warmup", type=int, default=1)
@@ -57,7 +61,7 @@ def variants(case, mode, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    allocator = common.maybe_use_tcmalloc(args.tcmalloc and args.device == "cpu")
+    allocator = preload_tcmalloc(args.tcmalloc and args.device == "cpu")
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     names = args.case or [n for n, c in common.CASES.items() if c.device == args.device]
@@ -68,7 +72,7 @@ def main(argv=None):
         case = common.CASES[name]
         case = common.quick(case) if args.quick else case
         case = dataclasses.replace(case, device=args.device, batch=args.batch or case.batch,
-                                   image=args.image_size or case.image)
+                                   image=args.image_size or case.image, dtype=args.dtype or case.dtype)
         for mode in args.mode or ["train", "inference"]:
             print(f"\n== {name} {mode}: {case.model} batch {case.batch} {case.image}px {case.dtype} {case.device}",
                   flush=True)
