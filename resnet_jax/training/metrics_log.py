@@ -7,6 +7,7 @@ a resumed run reads exactly like the file of an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,9 @@ def plot_learning_curves(workdir: str | Path) -> Path | None:
         x = [r["epoch"] for r in part]
         axes[0].plot(x, [r["loss"] for r in part], style, label=split)
         axes[1].plot(x, [r["accuracy"] for r in part], style, label=split)
+    losses = [r["loss"] for r in rows if math.isfinite(r["loss"])]
+    if losses and min(losses) > 0:  # the first validation losses of a run can be 100x the rest: log keeps both
+        axes[0].set_yscale("log")
     for ax, name in zip(axes, ("loss", "top-1 accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
