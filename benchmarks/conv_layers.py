@@ -98,14 +98,12 @@ def main(argv=None) -> None:
     results, rows, totals = [], [], {}
     for (h, cin, cout, k, s), uses in layers:
         runners, flops = layer_runners(h, cin, cout, k, s, batch)
-        fwd = common.time_interleaved(runners["forward"], warmup=1, steps=3, rounds=rounds)
-        bwd = common.time_interleaved(runners["backward"], warmup=1, steps=3, rounds=rounds)
-        r = {"layer": f"{h}x{h} {cin}->{cout} k{k} s{s}", "uses": uses, "batch": batch,
-             **{f"forward_{side}_gflops": flops / t["median_s"] / 1e9 for side, t in fwd.items()},
-             **{f"backward_{side}_gflops": 2 * flops / t["median_s"] / 1e9 for side, t in bwd.items()}}
+        r = {"layer": f"{h}x{h} {cin}->{cout} k{k} s{s}", "uses": uses, "batch": batch}
+        for pass_name, pass_flops in (("forward", flops), ("backward", 2 * flops)):  # backward: dx and dw
+            for side, t in common.time_interleaved(runners[pass_name], warmup=1, steps=3, rounds=rounds).items():
+                r[f"{pass_name}_{side}_gflops"] = pass_flops / t["median_s"] / 1e9
+                totals[f"{pass_name} {side}"] = totals.get(f"{pass_name} {side}", 0.0) + uses * t["median_s"]
         results.append(r)
-        for key, t in [*(("forward " + sd, v) for sd, v in fwd.items()), *(("backward " + sd, v) for sd, v in bwd.items())]:
-            totals[key] = totals.get(key, 0.0) + uses * t["median_s"]
         rows.append([r["layer"], uses, *(f"{r[c]:.0f}" for c in ("forward_xla_gflops", "forward_torch_gflops")),
                      r["forward_xla_gflops"] / r["forward_torch_gflops"],
                      *(f"{r[c]:.0f}" for c in ("backward_xla_gflops", "backward_matmul_grad_gflops",

@@ -11,12 +11,12 @@ import difflib
 
 import ml_collections
 
+from resnet_jax.data import AUGMENTS
 from resnet_jax.resnet import MODEL_CONFIGS, create_model
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "multistep", "cosine")
 DTYPES = ("float32", "bfloat16")
-AUGMENTS = ("cifar", "crop", "imagenet", "none")
 
 
 def base_config() -> ml_collections.ConfigDict:
