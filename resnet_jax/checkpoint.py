@@ -1,10 +1,19 @@
 """Orbax checkpoints of a run: train state + data-iterator state + config + loop bookkeeping.
 
 A checkpoint holds everything a run needs to continue exactly where it was: the ``TrainState`` arrays, each
-process's Grain iterator position, the metric sums of the unfinished logging window and epoch, and a
-fingerprint of the parameters. On restart the newest checkpoint that restores *and* matches its fingerprint is
-used; a damaged one is reported and moved aside to ``checkpoints_damaged/`` (never used, never deleted), so the
-next saves are not refused by Orbax for being older than it.
+process's Grain iterator position, the metric sums of the unfinished logging window and epoch, the number of
+processes that wrote it, and a fingerprint of the parameters.
+
+Restoring tells two failures apart, because they need opposite answers:
+
+- A checkpoint whose tree, shapes or dtypes differ from the state this config builds, or that another number
+  of processes wrote, belongs to a *different run*: ``ConfigMismatch``, raised at once. Nothing is moved; the
+  fix is the config or the workdir, not the checkpoint.
+- A checkpoint that matches but cannot be read (a truncated file, flipped bytes caught by the fingerprint) is
+  *damaged*: the next older one is tried. Once one restores, the damaged newer ones are moved to
+  ``checkpoints_damaged/`` (never deleted), so Orbax does not refuse the next saves for being older than them.
+  When none restores, ``CheckpointError`` lists every checkpoint with its reason and nothing is moved, so the
+  run never starts over silently.
 """
 
 from __future__ import annotations
@@ -20,12 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from resnet_jax.parallel import sync_processes
+
 try:
-    from grain.checkpoint import CheckpointRestore as _IterRestore, CheckpointSave as _IterSave
+    from grain.checkpoint import (CheckpointHandler as _IterHandler, CheckpointRestore as _IterRestore,
+                                  CheckpointSave as _IterSave)
 except ImportError:  # older grain
-    from grain.python import PyGrainCheckpointRestore as _IterRestore, PyGrainCheckpointSave as _IterSave
+    from grain.python import (PyGrainCheckpointHandler as _IterHandler,
+                              PyGrainCheckpointRestore as _IterRestore, PyGrainCheckpointSave as _IterSave)
 
 BEST_METRIC = "val_accuracy"
+DAMAGED_DIR = "checkpoints_damaged"
 
 
 def fingerprint(tree: Any) -> list[float]:
@@ -40,6 +54,26 @@ class CheckpointError(RuntimeError):
     """No checkpoint in a directory could be restored."""
 
 
+class NonFiniteState(ValueError):
+    """The state to save holds NaN or infinity; it is not written, so every checkpoint can be resumed from."""
+
+
+class ConfigMismatch(ValueError):
+    """A workdir holds a run that differs from the one asked for (its config, state structure or processes)."""
+
+
+def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """A handler per item, known up front, so a checkpoint's metadata can be read without restoring it."""
+    json_item = (ocp.args.JsonSave, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+    items = {"state": (ocp.args.StandardSave, ocp.args.StandardRestore, ocp.StandardCheckpointHandler),
+             "data": (_IterSave, _IterRestore, _IterHandler), "meta": json_item, "config": json_item}
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for name, (save, restore, handler) in items.items():
+        registry.add(name, save, handler)
+        registry.add(name, restore, handler)
+    return registry
+
+
 class Checkpointer:
     """Save and restore a run's checkpoints under ``directory`` (usually ``workdir/checkpoints``).
 
@@ -50,45 +84,83 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
-            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
-                                          keep_checkpoints_without_metrics=False),
+            ocp.checkpoint_managers.BestN(get_metric_fn=_score, n=1, keep_checkpoints_without_metrics=False),
         ])
-        # cleanup_tmp_directories: a save cut short by a crash leaves a temporary directory, not a checkpoint
-        self._options = ocp.CheckpointManagerOptions(preservation_policy=policy, cleanup_tmp_directories=True,
+        # best_fn makes Orbax write each checkpoint's metrics to disk, so a resumed run still knows (and keeps)
+        # the best one; the policy above decides what is kept. cleanup_tmp_directories: a save cut short by a
+        # crash leaves a temporary directory, not a checkpoint.
+        self._options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_score,
+                                                     cleanup_tmp_directories=True,
                                                      enable_async_checkpointing=async_save)
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(self.directory, options=self._options,
-                                     item_names=("state", "data", "meta", "config"))
+        return ocp.CheckpointManager(self.directory, options=self._options, handler_registry=_registry())
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state_arrays: Any, iterator: Any, meta: dict, config: dict,
              val_accuracy: float | None = None) -> None:
-        meta = {**meta, "fingerprint": fingerprint(state_arrays), "saved_at": time.time()}
+        sums = fingerprint(state_arrays)
+        if not np.isfinite(sums).all():
+            raise NonFiniteState(f"the state at step {step} holds NaN or infinite values; not saved")
+        meta = {**meta, "fingerprint": sums, "process_count": jax.process_count(), "saved_at": time.time()}
         items = {"state": ocp.args.StandardSave(state_arrays), "meta": ocp.args.JsonSave(meta),
                  "config": ocp.args.JsonSave(config)}
         if iterator is not None:
             items["data"] = _IterSave(iterator)
-        metrics = None if val_accuracy is None else {BEST_METRIC: float(val_accuracy)}
+        metrics = {} if val_accuracy is None else {BEST_METRIC: float(val_accuracy)}  # {}: not evaluated
         self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def restore_latest(self, abstract_arrays: Any, iterator: Any = None, log=print):
         """Restore the newest good checkpoint into the structure/shardings of ``abstract_arrays`` (and
-        ``iterator``); returns ``(step, arrays, meta)`` or ``None`` when there is no checkpoint."""
+        ``iterator``); returns ``(step, arrays, meta)``, or ``None`` when there is no checkpoint at all.
+
+        Raises ``ConfigMismatch`` for a checkpoint of another structure and ``CheckpointError`` when every
+        checkpoint is damaged (see the module docstring)."""
+        failures = []
         for step in reversed(self.steps()):
+            self._check_fits(step, abstract_arrays)
             try:
                 arrays, meta = self._restore(step, abstract_arrays, iterator)
             except Exception as err:  # noqa: BLE001 - any failure means this checkpoint cannot be trusted
-                reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                moved = self._quarantine(step)
-                log(f"checkpoint at step {step} is damaged ({reason[:300]}); moved it to {moved} and "
-                    "trying the previous one")
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                log(f"checkpoint at step {step} is damaged ({reason}); trying the previous one")
+                failures.append((step, reason))
                 continue
+            for bad, _ in failures:
+                log(f"moved the damaged checkpoint at step {bad} to {self._quarantine(bad)}")
             return step, arrays, meta
+        if failures:
+            listing = "; ".join(f"step {s}: {r}" for s, r in failures)
+            raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({listing}); nothing was "
+                                  "moved or changed. Restore the files from a copy, or pass "
+                                  "--config.restart=True to move this run aside and start over")
         return None
+
+    def _check_fits(self, step: int, abstract_arrays: Any) -> None:
+        """``ConfigMismatch`` when the checkpoint's tree, shapes or dtypes, or its number of processes, are not
+        those of this run. Unreadable metadata is left for the restore to report as damage."""
+        try:
+            saved = _leaf_specs(self._manager.item_metadata(step)["state"])
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # noqa: BLE001 - unreadable: damage, reported by the restore itself
+            return
+        wanted = _leaf_specs(abstract_arrays)
+        problems = [f"{k}: saved {_spec(saved.get(k))}, now {_spec(wanted.get(k))}"
+                    for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+        where = f"the checkpoint at step {step} in {self.directory}"
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ConfigMismatch(f"{where} holds a state of another structure than this config builds "
+                                 f"({'; '.join(problems[:5])}{more}), so it belongs to another run; use a new "
+                                 "--workdir, or pass --config.restart=True to move the old run aside")
+        processes = meta.get("process_count", jax.process_count())
+        if processes != jax.process_count():
+            raise ConfigMismatch(f"{where} was written by {processes} process(es) and this run has "
+                                 f"{jax.process_count()}; resume with {processes} (each process saved its own data "
+                                 "position), or pass --config.restart=True to start over")
 
     def _restore(self, step: int, abstract_arrays: Any, iterator: Any):
         items = {"state": ocp.args.StandardRestore(abstract_arrays), "meta": ocp.args.JsonRestore()}
@@ -104,11 +176,12 @@ class Checkpointer:
     def _quarantine(self, step: int) -> Path:
         self._manager.wait_until_finished()
         source = next(p for p in self.directory.iterdir() if p.name == str(step) or p.name.endswith(f"_{step}"))
-        target = self.directory.parent / "checkpoints_damaged" / f"{source.name}-{int(time.time())}"
+        target = self.directory.parent / DAMAGED_DIR / f"{source.name}-{int(time.time())}"
+        sync_processes("before_quarantine")  # every process is done reading it
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(source), str(target))
-        _sync("quarantine")
+        sync_processes("quarantine")
         self._manager.close()
         self._manager = self._open()
         return target
@@ -121,7 +194,15 @@ class Checkpointer:
         return steps[-1]
 
     def best_step(self) -> int | None:
-        return self._manager.best_step()
+        """The kept step with the highest validation accuracy (the latest of equals, which is the one the
+        preservation policy keeps); None when no checkpoint was saved with an evaluation."""
+        scored = [(metrics[BEST_METRIC], step) for step in self.steps()
+                  if (metrics := self._manager.metrics(step)) and BEST_METRIC in metrics]
+        return max(scored)[1] if scored else None
+
+    def config(self, step: int) -> dict:
+        """The config saved with the checkpoint at ``step``."""
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -131,10 +212,26 @@ class Checkpointer:
         self._manager.close()
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+def _score(metrics: dict) -> float:
+    """Validation accuracy, with checkpoints saved without an evaluation ranked below every evaluated one."""
+    return metrics.get(BEST_METRIC, -1.0)
+
+
+def _leaf_specs(tree: Any) -> dict[str, tuple]:
+    """``{"params/conv1/kernel": (shape, dtype)}`` for arrays or array metadata; path entries by name, so a
+    saved tuple index and a live namedtuple field compare equal."""
+    def name(entry) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(e) for e in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in leaves}
+
+
+def _spec(spec) -> str:
+    return "absent" if spec is None else f"{spec[1]}{list(spec[0])}"
 
 
 MODEL_DIR, MODEL_INFO = "model", "model.json"
@@ -165,8 +262,12 @@ def load_variables(workdir: str | Path, step: int | str | None = None) -> tuple[
     ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
     try:
         if step == "best":
-            step = ckpt.best_step() or ckpt.latest_step()
+            step = ckpt.best_step() or ckpt.latest_step()  # no evaluation saved: the latest
+        if isinstance(step, str) and not step.isdigit():
+            raise ValueError(f"step {step!r} is neither a number nor 'best'")
         step = ckpt.latest_step() if step is None else int(step)
+        if step not in ckpt.steps():
+            raise CheckpointError(f"no checkpoint at step {step} in {ckpt.directory}; it has steps {ckpt.steps()}")
         restored = ckpt._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
         state = jax.device_get(restored["state"])

@@ -8,6 +8,7 @@ is what ``pmap`` with ``axis_name`` gave, without ``pmap``. The same code runs o
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -65,11 +66,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-    """Fail before compiling when the batch cannot be split evenly over devices and processes."""
+def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
+    """Fail before compiling when a batch (``name`` says which) cannot be split evenly over devices and
+    processes."""
     devices, processes = mesh.devices.size, jax.process_count()
     if global_batch_size % devices or global_batch_size % processes:
-        raise ValueError(f"batch_size {global_batch_size} must be divisible by the number of devices ({devices}) "
+        raise ValueError(f"{name} {global_batch_size} must be divisible by the number of devices ({devices}) "
                          f"and processes ({processes}); try {max(devices, processes) * max(1, global_batch_size // devices)}")
 
 
@@ -82,3 +84,27 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place a pytree (e.g. the train state) on every device of the mesh."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def sync_processes(name: str) -> None:
+    """Barrier: every process waits here until all have arrived (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool, mesh: Mesh) -> jax.Array:
+    """Whether ``flag`` is set on any process, as a replicated scalar every process can read.
+
+    Dispatched asynchronously like a train step, so a caller that reads the previous call's result keeps the
+    devices busy while all processes still act on the same value at the same point.
+    """
+    local = np.full((len(mesh.local_devices),), flag, np.int32)
+    global_flags = jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+    return _any(global_flags, replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _any(flags: jax.Array, out_sharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(flags.max() > 0, out_sharding)
