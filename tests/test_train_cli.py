@@ -1,12 +1,15 @@
 """The README's main job, verbatim (``python -m train``), and the evaluate / predict / export commands on it."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from training_helpers import REPO, worker_env
+from training_helpers import REPO, snapshot, worker_env
 
 
 def run(*args, timeout=900):
@@ -64,3 +67,31 @@ def test_bad_config_is_one_clear_sentence(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: config.optimizer='lamb' is not one of")
     proc = run("train.evaluate", f"--workdir={tmp_path / 'nothing'}", timeout=300)
     assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_exits_75_with_a_checkpoint_and_a_changed_seed_is_refused_with_exit_1(tmp_path):
+    workdir = tmp_path / "run"
+    args = ["train", f"--workdir={workdir}", "--config.progress_bar=False", "--config.max_steps=300",
+            "--config.checkpoint_every_steps=5", "--config.log_every_steps=5",
+            f"--config.compilation_cache_dir={tmp_path / 'jit-cache'}"]
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (workdir / "checkpoints" / "5").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75, err[-3000:]
+    stopped = re.search(r"^preempted: stopped by SIGTERM at step (\d+); checkpoint saved in \S+; run the same "
+                        r"command again to resume \(exit code 75\)$", err, re.MULTILINE)
+    assert stopped, err[-3000:]
+    assert (workdir / "checkpoints" / stopped.group(1)).is_dir()
+
+    before = snapshot(workdir)
+    refused = run(*args, "--config.seed=1", timeout=300)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: {workdir} holds a run with other settings")
+    assert "(seed: 0 -> 1)" in refused.stderr
+    assert snapshot(workdir) == before

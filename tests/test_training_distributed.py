@@ -1,61 +1,167 @@
 """Data parallelism gives the same training as one device: 1 vs 4 simulated devices, and 2 processes x 2
-devices (``jax.distributed`` on 127.0.0.1) vs 1 process x 4 devices. Real processes throughout."""
+devices (``jax.distributed`` on 127.0.0.1) vs 1 process x 4 devices; the processes of a run stop together on a
+signal and resume exactly. Real processes and real signals throughout."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+from flax.traverse_util import unflatten_dict
 
-from training_helpers import run_worker, tiny_config, worker_command, worker_env
+from training_helpers import direct_metrics, run_worker, tiny_config, worker_command, worker_env
 
-STEPS = 6
+STEPS = 6  # device layouts are compared over the first steps (see the 2 x 2 vs 1 x 4 test for why)
+PREEMPTED = 75
 
 
 def config(**kw):
-    # batch 32 over 4 devices: 8 images per device; BatchNorm statistics must still be over all 32
-    return tiny_config(max_steps=STEPS, log_every_steps=1, checkpoint_every_steps=3, **kw)
+    # batch 32 over 4 devices: 8 images per device; BatchNorm statistics must still be over all 32. The run
+    # ends mid-epoch, so it ends with an evaluation of the validation split.
+    return tiny_config(**{"max_steps": STEPS, "log_every_steps": 1, "checkpoint_every_steps": 3, **kw})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(workdir, npz=None, port=None, **kw):
+    """The two processes of one run, each in its own process group so a signal can reach just one."""
+    port = port or free_port()
+    procs = []
+    for pid in range(2):
+        cfg = config(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid, **kw)
+        command = worker_command(workdir, cfg) + ([str(npz)] if npz and pid == 0 else [])
+        procs.append(subprocess.Popen(command, env=worker_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    return procs
+
+
+def finish(procs, expected_code=0):
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == expected_code, err[-4000:]
+    return [last_json(out) for out, _ in outs]
+
+
+def last_json(out: str) -> dict | None:
+    """The worker's JSON line (Gloo, the CPU collectives, prints its own lines on stdout too)."""
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def val_rows(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "loss", "accuracy", "top5")} for r in rows if r["split"] == "val"]
+
+
+def load_variables_npz(path):
+    with np.load(path) as f:
+        return unflatten_dict({tuple(k.split("/")): f[k] for k in f.files})
 
 
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("d4"), config(), devices=4)
+    workdir = tmp_path_factory.mktemp("d4")
+    npz = workdir.parent / f"{workdir.name}.npz"
+    return workdir, run_worker(workdir, config(), devices=4, extra_args=[str(npz)]), npz
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("mp")
+    npz = workdir.parent / f"{workdir.name}.npz"
+    result = finish(start_processes(workdir, npz))[0]
+    return workdir, result, npz
 
 
 @pytest.mark.multiprocess
 def test_one_and_four_devices_give_the_same_losses(four_devices, tmp_path):
     one = run_worker(tmp_path / "d1", config(), devices=1)
-    assert one["devices"] == 1 and four_devices["devices"] == 4
+    _, four, _ = four_devices
+    assert one["devices"] == 1 and four["devices"] == 4
     assert len(one["losses"]) == STEPS
-    np.testing.assert_allclose(four_devices["losses"], one["losses"], rtol=2e-4)
+    np.testing.assert_allclose(four["losses"], one["losses"], rtol=2e-4)
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one_process_with_the_same_devices(four_devices, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for pid in range(2):
-        cfg = config(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-        procs.append(subprocess.Popen(worker_command(tmp_path / "mp", cfg), env=worker_env(2),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
-    result = json.loads(outs[0][0].strip().splitlines()[-1])
-    assert result["devices"] == 4
-    np.testing.assert_allclose(result["losses"], four_devices["losses"], rtol=2e-4)
+def test_two_processes_match_one_process_with_the_same_devices(four_devices, two_processes):
+    """Same batches, same devices, same programs. Only the gradient all-reduce differs (Gloo across processes,
+    XLA's own within one), summing in another order, so results agree to float32 rounding rather than bit for
+    bit. Training this small model amplifies rounding step after step (losses 1e-7 apart over the first steps,
+    1e-3 by step 15), so the layouts are compared after 6 steps, where a real fault (a wrong data shard,
+    per-process BatchNorm statistics, unaveraged gradients) shows at 1e-2 or more."""
+    one_dir, one, one_npz = four_devices
+    two_dir, two, two_npz = two_processes
+    assert two["devices"] == 4
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    ones, twos = np.load(one_npz), np.load(two_npz)
+    assert sorted(ones.files) == sorted(twos.files)
+    for name in ones.files:  # parameters and BatchNorm statistics
+        np.testing.assert_allclose(twos[name], ones[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    one_val, two_val = val_rows(one_dir), val_rows(two_dir)
+    assert [r["step"] for r in two_val] == [r["step"] for r in one_val] == [STEPS]
+    assert two_val[0] == pytest.approx(one_val[0], rel=1e-5)
 
 
 @pytest.mark.multiprocess
-def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
-    proc = subprocess.run(worker_command(tmp_path / "bad", config(batch_size=30)), env=worker_env(4),
+def test_evaluation_over_devices_and_processes_counts_every_example_once(four_devices, two_processes):
+    """The last validation row of each run against its final variables applied directly to the whole split."""
+    from resnet_jax import data
+    from resnet_jax.training.config import model_from_config, normalization_stats, validate
+
+    cfg = validate(config())
+    model = model_from_config(cfg, 10)
+    source = data.get_source("digits", "validation", image_size=8)
+    mean, std = normalization_stats(cfg)
+    for workdir, _, npz in (four_devices, two_processes):
+        expected = direct_metrics(model, load_variables_npz(npz), source, mean, std)
+        got = val_rows(workdir)[-1]
+        assert {k: got[k] for k in expected} == pytest.approx(expected, rel=1e-5), workdir
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_they_resume_exactly(tmp_path):
+    """SIGINT (Ctrl-C) reaches process 1 only; process 0 learns of it through the per-step agreement. Both save
+    one checkpoint, exit with the preemption code, and a restart of both ends bitwise where an uninterrupted
+    two-process run ends: a multi-process save and resume."""
+    long = dict(max_steps=16, checkpoint_every_steps=4)
+    uninterrupted = finish(start_processes(tmp_path / "uninterrupted", **long))[0]
+    workdir = tmp_path / "mp"
+    procs = start_processes(workdir, **long)
+    deadline = time.monotonic() + 600
+    while not (workdir / "checkpoints" / "4").exists() and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+        time.sleep(0.02)
+    assert all(p.poll() is None for p in procs), "the run ended before it could be interrupted"
+    os.killpg(procs[1].pid, signal.SIGINT)
+    stops = finish(procs, expected_code=PREEMPTED)
+    assert stops[0]["preempted_at"] == stops[1]["preempted_at"]
+    stopped = stops[0]["preempted_at"]
+    assert 4 <= stopped < 16
+    assert max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == stopped
+
+    resumed = finish(start_processes(workdir, **long))[0]
+    assert resumed["resumed_from"] == stopped
+    assert resumed["params_digest"] == uninterrupted["params_digest"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("key", ["batch_size", "eval_batch_size"])
+def test_a_batch_not_divisible_by_devices_fails_before_compiling_with_nothing_written(tmp_path, key):
+    proc = subprocess.run(worker_command(tmp_path / "bad", config(**{key: 30})), env=worker_env(4),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "batch_size 30 must be divisible by the number of devices (4)" in proc.stderr
+    assert f"ValueError: {key} 30 must be divisible by the number of devices (4)" in proc.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 AUTO_CHILD = """
@@ -71,9 +177,7 @@ jax.distributed.shutdown()
 def test_auto_address_takes_the_processes_from_the_cluster_environment(tmp_path):
     """What `srun -n 2` gives each task (job id, node list, task count and rank): JAX's own SLURM detection
     finds the coordinator, so the same command runs unchanged on every task."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     base = worker_env(2)
     base.update(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2", SLURM_LOCALID="0",
                 SLURM_STEP_NUM_NODES="1", JAX_COORDINATOR_PORT=str(port))

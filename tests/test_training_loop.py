@@ -1,15 +1,18 @@
-"""The training loop in-process on real data: what a run leaves behind, resume, damage, divergence, errors."""
+"""The training loop in-process on real data: what a run leaves behind, resume, damage, divergence, errors.
+
+The workdir contract (config changes, restart, history) has its own file, test_training_workdir.py.
+"""
 
 import json
-from pathlib import Path
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from resnet_jax.checkpoint import load_variables
+from resnet_jax.checkpoint import CheckpointError, ConfigMismatch, load_variables
 from resnet_jax.training import TrainingDiverged, train
-from training_helpers import tiny_config
+from training_helpers import count_compiles, direct_metrics, snapshot, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -54,37 +57,107 @@ def test_best_checkpoint_is_kept_and_loadable(finished_run):
     assert set(variables) == {"params", "batch_stats"}
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_latest_checkpoint_is_reported_skipped_and_kept(tmp_path, damage):
-    workdir = tmp_path / "run"
-    train(tiny_config(num_epochs=1, max_steps=24), workdir)
-    latest = workdir / "checkpoints" / "24"
-    files = sorted((p for p in latest.rglob("*") if p.is_file() and "state" in p.parts),
-                   key=lambda p: p.stat().st_size)
-    biggest = files[-1]
+def test_evaluation_counts_every_validation_example_once(finished_run):
+    """The loop's evaluation (batches of 64 over 360 examples: the last one padded) against the model applied
+    directly to the whole split at once."""
+    from resnet_jax import data
+    from resnet_jax.parallel import make_mesh
+    from resnet_jax.training import evaluate_loader, make_eval_step
+    from resnet_jax.training.config import normalization_stats
+
+    _, result, _ = finished_run
+    source = data.get_source("digits", "validation", image_size=8)
+    mean, std = normalization_stats(result.config)
+    loader = data.eval_loader(source, batch_size=64, image_size=8, mean=mean, std=std, channels=1)
+    mesh = make_mesh()
+    got = evaluate_loader(result.state, make_eval_step(mesh), loader, mesh)
+
+    expected = direct_metrics(result.model, result.variables, source, mean, std)
+    assert got == pytest.approx(expected, rel=1e-5)
+    last_val = [r for r in result.history if r["split"] == "val"][-1]  # the loop's own pass, batches of 100
+    assert {k: last_val[k] for k in expected} == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """16 steps with checkpoints at 8 and 16; tests damage copies of it."""
+    workdir = tmp_path_factory.mktemp("short") / "run"
+    train(tiny_config(max_steps=16), workdir)
+    return workdir
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def damage(checkpoint, how):
+    """Truncate, or flip bytes inside, the largest array file of a checkpoint."""
+    biggest = max((p for p in checkpoint.rglob("*") if p.is_file() and "state" in p.parts),
+                  key=lambda p: p.stat().st_size)
     raw = bytearray(biggest.read_bytes())
-    if damage == "truncate":
+    if how == "truncate":
         biggest.write_bytes(raw[: len(raw) // 2])
     else:
         for i in range(len(raw) // 3, len(raw) // 3 + 64):
             raw[i] ^= 0xFF
         biggest.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_damaged_latest_checkpoint_is_reported_skipped_and_kept(short_run, tmp_path, how):
+    workdir = copy_of(short_run, tmp_path)
+    damage(workdir / "checkpoints" / "16", how)
     messages = []
-    result = train(tiny_config(num_epochs=1, max_steps=32), workdir, log=messages.append)
-    assert any("checkpoint at step 24 is damaged" in m for m in messages), messages
-    assert any("resumed from the checkpoint at step 16" in m for m in messages), messages
-    assert int(result.state.step) == 32
+    result = train(tiny_config(max_steps=20), workdir, log=messages.append)
+    assert any("checkpoint at step 16 is damaged" in m for m in messages), messages
+    assert any("resumed from the checkpoint at step 8" in m for m in messages), messages
+    assert int(result.state.step) == 20 and result.resumed_from == 8
     kept = list((workdir / "checkpoints_damaged").iterdir())
-    assert len(kept) == 1 and kept[0].name.startswith("24-")
+    assert len(kept) == 1 and kept[0].name.startswith("16-")
+
+
+def test_no_restorable_checkpoint_stops_with_each_reason_and_moves_nothing(short_run, tmp_path):
+    workdir = copy_of(short_run, tmp_path)
+    damage(workdir / "checkpoints" / "16", "flip")
+    damage(workdir / "checkpoints" / "8", "truncate")
+    before = snapshot(workdir)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* could be restored \(step 16: ValueError: the "
+                                              r"restored arrays do not match .*; step 8: .*\); nothing was moved"):
+        train(tiny_config(max_steps=16), workdir)
+    assert snapshot(workdir) == before
+
+
+def test_a_checkpoint_of_another_structure_is_a_config_mismatch_not_damage(short_run, tmp_path):
+    """config.json edited by hand (or a library that builds the model differently): the config check passes,
+    the checkpoint's tree does not match, and nothing is called damaged or moved."""
+    from resnet_jax.training import setup
+
+    workdir = copy_of(short_run, tmp_path)
+    other = tiny_config(max_steps=16)
+    other.model_overrides.stage_sizes = (2, 1, 1)
+    (workdir / "config.json").write_text(setup(other).config.to_json_best_effort(indent=2))
+    before = snapshot(workdir)
+    with pytest.raises(ConfigMismatch, match=r"step 16 .* another structure than this config builds "
+                                             r"\(batch_stats/layer1_1/bn1/mean: saved absent, now float32\[16\]"):
+        train(other, workdir)
+    assert snapshot(workdir) == before
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    """The learning rate jumps 1e30-fold after the first epoch: the epoch-end checkpoint is the last good one."""
     workdir = tmp_path / "run"
-    train(tiny_config(max_steps=8), workdir)
-    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*last good checkpoint is step 8"):
-        train(tiny_config(max_steps=40, learning_rate=float("inf")), workdir)
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*last good checkpoint is step 44"):
+        train(tiny_config(schedule="step", step_epochs=1, lr_decay=1e30), workdir)
     _, variables, _ = load_variables(workdir)
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
+
+
+def test_a_diverged_update_is_never_saved(tmp_path):
+    """An infinite learning rate: step 1's loss is still finite (it is computed before the update), but the state
+    it leaves is not, and a checkpoint due at step 1 must not keep it."""
+    with pytest.raises(TrainingDiverged, match="state at step 1 holds NaN or infinite values.*no checkpoint"):
+        train(tiny_config(learning_rate=float("inf"), checkpoint_every_steps=1), tmp_path / "run")
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -95,11 +168,16 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     ({"image_size": 2}, "image_size=2 is too small for resnet20.*at least 4"),
     ({"dataset": "no_such_dataset_xyz"}, "no_such_dataset_xyz"),
     ({"batch_size": 5000}, "fewer than one batch"),
+    ({"class_weights": (1.0, 2.0, 3.0)}, "class_weights has 3 entries but digits has 10 classes"),
+    ({"model_overrides": {"in_channels": 1, "stage_size": (1, 1, 1)}},
+     "model_overrides has unknown key 'stage_size' \\(did you mean 'stage_sizes'"),
+    ({"model_overrides": {"in_channels": 1, "dtype": "bfloat16"}}, "model_overrides.dtype is set by config.dtype"),
 ])
-def test_bad_configs_fail_before_compiling_with_one_sentence(tmp_path, overrides, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_configs_fail_before_compiling_with_nothing_written(tmp_path, overrides, message):
+    with count_compiles() as compiles, pytest.raises(ValueError, match=message):
         train(_with(tiny_config(), overrides), tmp_path / "run")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert compiles[0] == 0
+    assert not (tmp_path / "run").exists()
 
 
 def _with(config, overrides):
@@ -121,9 +199,10 @@ def test_fine_tune_from_another_run(finished_run, tmp_path):
                                jax.device_get(source.state.params["conv1"]["kernel"]), atol=1e-6)
 
 
-def test_init_from_missing_file_is_a_clear_error(tmp_path):
+def test_init_from_missing_file_is_a_clear_error_with_nothing_written(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(tiny_config(init_from=str(tmp_path / "nope.pth")), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_fine_tune_from_a_torchvision_file_with_another_head(tmp_path):

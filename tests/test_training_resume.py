@@ -1,17 +1,36 @@
-"""A run killed with SIGKILL mid-epoch and started again ends bitwise identical to one that never stopped."""
+"""A run stopped mid-epoch by SIGKILL or SIGTERM and started again ends bitwise identical to one that never stopped.
+
+Real processes and real signals. Every config here has mixup and CutMix on (they draw random numbers every step)
+and pad-crop-flip augmentation (random per example), so a resume that replayed the wrong step or batch shows in
+the parameters. Checkpoints every 7 steps and log rows every 20 never coincide in the second epoch (steps 45-88),
+so any checkpoint restored there is mid-epoch *and* mid-logging-window: the restored metric sums are exercised.
+"""
 
 import json
+import os
 import signal
 import subprocess
 import time
 
+import pytest
+
 from training_helpers import run_worker, tiny_config, worker_command, worker_env
 
-KILL_AFTER_CHECKPOINT = 56  # 44 steps per epoch: the kill lands in the second epoch
+STEPS_PER_EPOCH = 1437 // 32  # 44
+TOTAL = 2 * STEPS_PER_EPOCH
+LOG_EVERY, CHECKPOINT_EVERY = 20, 7
+PREEMPTED = 75
 
 
-def config():
-    return tiny_config(num_epochs=3, checkpoint_every_steps=8, log_every_steps=4, augment="cifar")
+def config(**kw):
+    return tiny_config(**{"num_epochs": 2, "checkpoint_every_steps": CHECKPOINT_EVERY, "log_every_steps": LOG_EVERY,
+                          "augment": "cifar", "mixup_alpha": 0.2, "cutmix_alpha": 1.0, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    return workdir, run_worker(workdir, config())
 
 
 def metric_rows(workdir):
@@ -21,24 +40,61 @@ def metric_rows(workdir):
     return rows
 
 
-def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(tmp_path):
-    reference = run_worker(tmp_path / "reference", config())
+def checkpoint_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
-    workdir = tmp_path / "killed"
-    proc = subprocess.Popen(worker_command(workdir, config()), env=worker_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    target = workdir / "checkpoints" / str(KILL_AFTER_CHECKPOINT)
+
+def start(workdir, cfg):
+    """The worker in its own process group, so a signal can reach it and its data workers together, as a
+    terminal's Ctrl-C or a scheduler's kill does."""
+    return subprocess.Popen(worker_command(workdir, cfg), env=worker_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(path, proc):
     deadline = time.monotonic() + 600
-    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_logging_window_with_data_workers_resumes_bitwise(reference, tmp_path):
+    ref_dir, ref = reference
+    workdir = tmp_path / "killed"
+    cfg = config(num_workers=2)  # batches do not depend on the worker count; the iterator state does
+    proc = start(workdir, cfg)
+    wait_for(workdir / "checkpoints" / str(STEPS_PER_EPOCH + 5), proc)  # step 49: the second epoch
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group, data workers too, like a VM going away
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert KILL_AFTER_CHECKPOINT <= saved < 132 and saved % 44 != 0
 
-    resumed = run_worker(workdir, config())
-    assert resumed["step"] == reference["step"] == 132
-    assert resumed["params_digest"] == reference["params_digest"]
-    assert metric_rows(workdir) == metric_rows(tmp_path / "reference")
+    resumed = run_worker(workdir, cfg)
+    start_step = resumed["resumed_from"]
+    assert start_step is not None and STEPS_PER_EPOCH < start_step < TOTAL, resumed
+    assert start_step % LOG_EVERY and start_step % STEPS_PER_EPOCH  # mid window, mid epoch
+    assert not (workdir / "checkpoints_damaged").exists() and not (workdir / "previous_runs").exists()
+    assert resumed["step"] == ref["step"] == TOTAL
+    assert resumed["params_digest"] == ref["params_digest"]
+    assert metric_rows(workdir) == metric_rows(ref_dir)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_a_checkpoint_and_resumes_bitwise(reference, tmp_path):
+    ref_dir, ref = reference
+    workdir = tmp_path / "preempted"
+    cfg = config(checkpoint_every_steps=1000)  # no periodic checkpoint: the one found after the stop is its own
+    proc = start(workdir, cfg)
+    wait_for(workdir / "metrics.jsonl", proc)  # the first log row, step 20
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == PREEMPTED, err[-3000:]
+    stopped = json.loads(out.strip().splitlines()[-1])["preempted_at"]
+    assert f"stopped by SIGTERM at step {stopped}; checkpoint saved in" in out + err
+    assert LOG_EVERY <= stopped < STEPS_PER_EPOCH, stopped
+    assert checkpoint_steps(workdir) == [stopped]
+
+    resumed = run_worker(workdir, cfg)
+    assert resumed["resumed_from"] == stopped
+    assert resumed["params_digest"] == ref["params_digest"]
+    assert metric_rows(workdir) == metric_rows(ref_dir)

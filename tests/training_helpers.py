@@ -1,5 +1,7 @@
 """Shared pieces of the training tests: a tiny but real config, and running training in a subprocess."""
 
+import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -46,8 +48,51 @@ def worker_command(workdir, config) -> list[str]:
     return [sys.executable, WORKER, str(workdir), json.dumps(config.to_dict())]
 
 
-def run_worker(workdir, config, devices: int | None = None, timeout: int = 600) -> dict:
-    proc = subprocess.run(worker_command(workdir, config), env=worker_env(devices), capture_output=True,
-                          text=True, timeout=timeout)
+def run_worker(workdir, config, devices: int | None = None, timeout: int = 600, extra_args=()) -> dict:
+    proc = subprocess.run(worker_command(workdir, config) + list(extra_args), env=worker_env(devices),
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def snapshot(directory) -> dict[str, str]:
+    """Every file and folder under ``directory`` with a checksum of its content: equal snapshots mean nothing
+    was written, moved or deleted."""
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA compilations inside the block (JAX's own monitoring events): ``with count_compiles() as n:``
+    then ``n[0]``."""
+    import jax.monitoring
+
+    count = [0]
+
+    def listener(name, *_, **__):
+        if name == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def direct_metrics(model, variables, source, mean, std) -> dict[str, float]:
+    """Loss, top-1 and top-5 of one ``model.apply`` over every example of ``source``, in float64 numpy."""
+    import numpy as np
+
+    from resnet_jax import data
+
+    images = np.stack([data.normalize(source[i]["image"], mean, std) for i in range(len(source))])
+    labels = np.array([source[i]["label"] for i in range(len(source))])
+    logits = np.asarray(model.apply(variables, images, train=False), np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    rank = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(-1)
+    return {"loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+            "accuracy": float((rank < 1).mean()), "top5": float((rank < 5).mean())}

@@ -1,7 +1,10 @@
 """``python -m train --workdir=DIR --config=train/configs/default.py [--config.key=value ...]``
 
 Trains (or resumes, when DIR already holds checkpoints) and leaves in DIR: checkpoints/, metrics.jsonl,
-tensorboard/, learning_curves.png and config.json. Multi-host: pass ``--config.coordinator_address=HOST:PORT
+tensorboard/, learning_curves.png and config.json. A config that changes the run already in DIR is refused
+(exit code 1, nothing written); ``--config.restart=True`` moves that run aside to DIR/previous_runs/ first.
+SIGTERM or SIGINT finishes the current step, saves a checkpoint and exits with code 75 (EX_TEMPFAIL): run the
+same command again to resume. Multi-host: pass ``--config.coordinator_address=HOST:PORT
 --config.num_processes=N --config.process_id=I`` to each process (or set RESNET_JAX_COORDINATOR,
 RESNET_JAX_NUM_PROCESSES, RESNET_JAX_PROCESS_ID); under SLURM, Open MPI or on a TPU pod,
 ``--config.coordinator_address=auto`` takes them from the cluster. Where Debian's libtcmalloc-minimal4 (or
@@ -28,11 +31,15 @@ def main(argv: list[str]) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO
-    from resnet_jax.training import TrainingDiverged, train
+    from resnet_jax.checkpoint import CheckpointError
+    from resnet_jax.training import Preempted, TrainingDiverged, train
 
     try:
         result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as err:
+    except Preempted as stopped:
+        print(f"preempted: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except (ValueError, FileNotFoundError, TrainingDiverged, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     val = [r for r in result.history if r["split"] == "val"]

@@ -7,6 +7,7 @@ mistyped key is an error, never silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 
 import ml_collections
@@ -69,12 +70,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.early_stopping_patience = 0       # epochs without val-accuracy improvement before stopping (0 = off)
     c.progress_bar = True
     c.compilation_cache_dir = "~/.cache/resnet_jax/jit"  # JAX persistent compilation cache ("" = off)
+    c.restart = False                   # True: move an existing run in the workdir aside and start over
     # multi-host: flags or RESNET_JAX_* environment variables; empty = one process, "auto" = from the cluster
     # environment (SLURM, Open MPI, TPU pods)
     c.coordinator_address = ""
     c.num_processes = -1
     c.process_id = -1
     return c
+
+
+# What may differ when a run continues in its workdir (``training/workdir.py`` compares against config.json).
+# CONTINUABLE keys say how long, how often and how fast, never what a step computes: changing one is accepted and
+# logged. PER_INVOCATION keys describe this command, not the run: they are not compared. Every other key defines
+# the run (model, data, optimisation, seed, ...), so changing it in an existing workdir is refused. A new key is
+# therefore refused until someone decides it is safe, which is the failure that loses nothing.
+CONTINUABLE = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+               "eval_every_epochs", "eval_batch_size", "early_stopping_patience", "progress_bar",
+               "compilation_cache_dir", "data_dir")
+# The number of processes is not compared here: it can come from the environment, so the checkpoint records the
+# count that wrote it and a resume with another count is refused there (the data position is saved per process).
+PER_INVOCATION = ("restart", "coordinator_address", "num_processes", "process_id")
 
 
 def _choice(key: str, value, choices) -> None:
@@ -112,7 +127,34 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                          f"got {full.eval_crop_fraction}")
     if not 0.0 <= full.label_smoothing < 1.0:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {full.label_smoothing}")
+    _check_model_overrides(full.model_overrides)
     return full
+
+
+# Set by model_from_config from the top-level keys of the same name; an override would be silently replaced.
+_TOP_LEVEL_MODEL_KEYS = ("dtype", "remat", "zero_init_residual")
+
+
+def _check_model_overrides(overrides) -> None:
+    """Unknown ``model_overrides`` keys fail here, by name, rather than deep inside model construction."""
+    from resnet_jax.resnet import ResNet
+
+    fields = [f.name for f in dataclasses.fields(ResNet) if f.name not in ("parent", "name")]
+    for key in overrides.keys():
+        if key in _TOP_LEVEL_MODEL_KEYS:
+            raise ValueError(f"config.model_overrides.{key} is set by config.{key}; set that instead")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"config.model_overrides has unknown key {key!r} ({hint}ResNet fields are "
+                             f"{', '.join(sorted(set(fields) - set(_TOP_LEVEL_MODEL_KEYS)))})")
+
+
+def check_against_data(config: ml_collections.ConfigDict, num_classes: int) -> None:
+    """Settings that can only be checked once the dataset is known; called before anything compiles."""
+    if len(config.class_weights) and len(config.class_weights) != num_classes:
+        raise ValueError(f"config.class_weights has {len(config.class_weights)} entries but {config.dataset} has "
+                         f"{num_classes} classes; give one weight per class (or none)")
 
 
 def model_from_config(config: ml_collections.ConfigDict, num_classes: int, in_channels: int | None = None):

@@ -1,7 +1,9 @@
 """What a run leaves behind for people: ``metrics.jsonl``, TensorBoard events and ``learning_curves.png``.
 
-Only process 0 writes. On resume, rows logged after the restored checkpoint are dropped first, so the file of
-a resumed run reads exactly like the file of an uninterrupted one.
+Only process 0 writes. On resume at step s, rows logged after s by the interrupted run are dropped first (and
+TensorBoard is told to purge its events after s), so the history of a resumed run reads exactly like that of an
+uninterrupted one. Rows up to s are never touched, and a run that does not resume never truncates anything:
+``training/workdir.py`` moves an earlier history aside before a fresh start.
 """
 
 from __future__ import annotations
@@ -18,15 +20,20 @@ CURVES_FILE = "learning_curves.png"
 
 
 class MetricsLog:
-    def __init__(self, workdir: str | Path, resume_step: int = 0):
+    """Appends rows to ``metrics.jsonl`` and TensorBoard; ``resume_step`` (None for a run that starts at step 0)
+    first drops the rows an interrupted run logged after it."""
+
+    def __init__(self, workdir: str | Path, resume_step: int | None = None):
         self.workdir = Path(workdir)
         self.path = self.workdir / METRICS_FILE
         self.enabled = jax.process_index() == 0
+        self.resume_step = resume_step
         self._tb = None
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            kept = [r for r in read_metrics(self.workdir) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            if resume_step is not None and self.path.exists():
+                kept = [r for r in read_metrics(self.workdir) if r["step"] <= resume_step]
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -47,7 +54,9 @@ class MetricsLog:
             except ImportError:  # TensorBoard events are a convenience; metrics.jsonl is the record
                 self._tb = False
             else:
-                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+                # purge_step: TensorBoard hides the interrupted run's events after the resumed step
+                purge = None if self.resume_step is None else self.resume_step + 1
+                self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
         return self._tb or None
 
     def close(self) -> None:

@@ -18,14 +18,23 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 HEAD = "fc"
 
 
-def initial_variables(config, model, input_shape, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Variables to start from, or ``None`` for a fresh initialisation."""
+def check_init_from(config) -> Path | None:
+    """The starting-weights file or workdir, checked to exist (before a run writes or compiles anything)."""
     if not config.init_from:
         return None
     source = Path(config.init_from).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"config.init_from={config.init_from!r} does not exist; give a torchvision "
                                 ".pth/.safetensors file or the workdir of an earlier run")
+    return source
+
+
+def initial_variables(config, model, input_shape, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Variables to start from, or ``None`` for a fresh initialisation. Only a run that starts at step 0 reads
+    them; a resumed one takes everything from its checkpoint."""
+    source = check_init_from(config)
+    if source is None:
+        return None
     if source.is_dir():
         from resnet_jax.checkpoint import load_variables
 

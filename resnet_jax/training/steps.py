@@ -14,6 +14,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from resnet_jax.parallel import batch_sharding, replicated
+from resnet_jax.training.config import check_against_data
 from resnet_jax.training.losses import cross_entropy, mix_batch, soft_targets, topk_correct
 from resnet_jax.training.state import TrainState
 
@@ -27,10 +28,8 @@ def _sums(per_example_loss, logits, labels, weight):
 
 def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh) -> Callable:
     """``step(state, batch) -> (state, metric sums)``; the state's buffers are donated (updated in place)."""
+    check_against_data(config, num_classes)
     class_weights = jnp.asarray(config.class_weights, jnp.float32) if len(config.class_weights) else None
-    if class_weights is not None and class_weights.shape != (num_classes,):
-        raise ValueError(f"config.class_weights has {class_weights.shape[0]} entries; the dataset has "
-                         f"{num_classes} classes")
 
     def step(state: TrainState, batch):
         images, labels = batch["image"], batch["label"]

@@ -1,0 +1,45 @@
+"""``StopOnSignal`` with real signals, in a child process (a test runner's worker may not own the main thread, and a
+stray SIGTERM must not reach it). The end-to-end behaviour, a stopped run that saves and resumes bitwise, is in
+test_training_resume.py and, across processes, test_training_distributed.py."""
+
+import json
+import subprocess
+import sys
+
+from training_helpers import worker_env
+
+CHILD = """
+import json, os, signal, time
+from resnet_jax.parallel import make_mesh
+from resnet_jax.training.preemption import StopOnSignal
+
+report = {}
+before = signal.getsignal(signal.SIGTERM)
+with StopOnSignal(make_mesh()) as stop:
+    report["before_signal"] = stop.requested()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)  # Python runs the handler between bytecodes
+    report["after_signal"] = stop.requested()
+    report["received"] = stop.received
+report["handler_restored"] = signal.getsignal(signal.SIGTERM) is before
+try:
+    with StopOnSignal(make_mesh()) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        report["first_ctrl_c_requests_a_stop"] = stop.requested()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        report["second_ctrl_c"] = "ignored"
+except KeyboardInterrupt:
+    report["second_ctrl_c"] = "KeyboardInterrupt"
+print(json.dumps(report))
+"""
+
+
+def test_a_signal_requests_a_stop_and_a_second_one_acts_at_once():
+    proc = subprocess.run([sys.executable, "-c", CHILD], env=worker_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "before_signal": False, "after_signal": True, "received": "SIGTERM", "handler_restored": True,
+        "first_ctrl_c_requests_a_stop": True, "second_ctrl_c": "KeyboardInterrupt"}
