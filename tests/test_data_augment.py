@@ -87,9 +87,26 @@ def test_channels_and_normalise():
     rgb = aug.to_channels(grey, 3)
     assert rgb.shape == (4, 4, 3) and (rgb == 51).all()
     assert aug.to_channels(rgb, 1).shape == (4, 4, 1) and (aug.to_channels(rgb, 1) == 51).all()
-    out = aug.normalize(rgb, (0.2, 0.2, 0.2), (0.5,))
-    assert out.dtype == np.float32 and np.allclose(out, 0.0, atol=1e-6)
     with pytest.raises(ValueError, match="only 1 <-> 3"):
         aug.to_channels(rgb, 4)
     with pytest.raises(ValueError, match="one value per channel"):
         aug.normalize(rgb, (0.1, 0.2), (0.3, 0.3))
+
+
+def test_greyscale_weighs_red_green_blue_by_luma():
+    """ITU-R BT.601, as Pillow's "L" and torchvision's Grayscale: 0.299 R + 0.587 G + 0.114 B."""
+    colours = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 200, 30]]], np.uint8)
+    grey = aug.to_channels(colours, 1)
+    assert grey.shape == (1, 4, 1) and grey.dtype == np.uint8
+    assert grey[0, :, 0].tolist() == [76, 150, 29, 124]  # 76.2, 149.7, 29.1, 123.8 rounded
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_normalise_subtracts_the_mean_and_divides_by_the_std_per_channel(dtype):
+    image = np.array([[[0, 51, 255], [255, 0, 102]]], dtype)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    out = aug.normalize(image, mean, std)
+    expected = (np.array([[[0, 51, 255], [255, 0, 102]]]) / 255 - np.array(mean)) / np.array(std)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(aug.normalize(image, (0.5,), (0.25,)), (image / 255 - 0.5) / 0.25, rtol=1e-6)

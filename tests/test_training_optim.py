@@ -67,11 +67,23 @@ def test_sgd_momentum_matches_torch_formula():
     np.testing.assert_allclose(params["w"], w, rtol=1e-6)
 
 
-def test_adamw_is_selectable():
-    tx = make_optimizer(config(optimizer="adamw", learning_rate=1e-3, schedule="constant"), 1)
-    params = {"w": jnp.ones((2, 2))}
-    updates, _ = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
-    assert float(jnp.abs(updates["w"]).max()) > 0
+def test_adamw_decays_kernels_only_by_value():
+    """With zero gradients Adam's own step is 0, so the whole update is -lr * wd * w where the mask allows decay:
+    conv and dense kernels decay, BatchNorm scale/bias and biases keep their value."""
+    params = {"conv": {"kernel": jnp.full((3, 3, 2, 2), 2.0)}, "fc": {"kernel": jnp.full((4, 3), -1.0),
+                                                                     "bias": jnp.ones(3)},
+              "bn": {"scale": jnp.ones(2), "bias": jnp.full(2, 0.5)}}
+    tx = make_optimizer(config(optimizer="adamw", batch_size=256, learning_rate=0.1, weight_decay=0.5,
+                               schedule="constant"), 1)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["conv"]["kernel"], -0.1 * 0.5 * 2.0)
+    np.testing.assert_allclose(updates["fc"]["kernel"], -0.1 * 0.5 * -1.0)
+    for leaf in (updates["fc"]["bias"], updates["bn"]["scale"], updates["bn"]["bias"]):
+        np.testing.assert_array_equal(leaf, 0.0)
+    everything = make_optimizer(config(optimizer="adamw", batch_size=256, learning_rate=0.1, weight_decay=0.5,
+                                       schedule="constant", decay_norm_and_bias=True), 1)
+    updates, _ = everything.update(jax.tree.map(jnp.zeros_like, params), everything.init(params), params)
+    np.testing.assert_allclose(updates["bn"]["bias"], -0.1 * 0.5 * 0.5)
 
 
 def test_label_smoothing_and_class_weights():
@@ -90,11 +102,45 @@ def test_topk_correct():
     np.testing.assert_array_equal(topk_correct(logits, labels, 5), [1, 0])
 
 
+def labelled_images(n=6, size=8):
+    """Example i is an image filled with i + 1 and labelled i, so any pixel and any target tells its source."""
+    images = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32)[:, None, None, None], (n, size, size, 3))
+    return images, soft_targets(jnp.arange(n), n)
+
+
 @pytest.mark.parametrize("mixup,cutmix", [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
-def test_mix_batch_keeps_target_mass(mixup, cutmix):
-    images = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
-    targets = soft_targets(jnp.arange(6) % 3, 3)
-    mixed, mixed_targets = mix_batch(jax.random.PRNGKey(1), images, targets, mixup, cutmix)
-    assert mixed.shape == images.shape
+@pytest.mark.parametrize("seed", range(4))
+def test_mixed_images_and_targets_use_the_same_weight(mixup, cutmix, seed):
+    """Example i is mixed with example n-1-i. Its target keeps weight lam on its own label and 1 - lam on the
+    partner's; the image must hold the same proportions: for mixup every pixel is lam * own + (1 - lam) *
+    partner, for CutMix a fraction 1 - lam of the pixels (the box) is the partner's."""
+    n = 6
+    images, targets = labelled_images(n)
+    mixed, mixed_targets = mix_batch(jax.random.PRNGKey(seed), images, targets, mixup, cutmix)
+    mixed, mixed_targets = np.asarray(mixed), np.asarray(mixed_targets)
     np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)
+    for i in range(n // 2):  # the middle pairs mix with each other; both halves are checked through i and n-1-i
+        own, partner = i + 1.0, n - i
+        lam = mixed_targets[i, i]
+        np.testing.assert_allclose(mixed_targets[i, n - 1 - i], 1 - lam, atol=1e-6)
+        pixels = mixed[i]
+        if np.isin(pixels, [own, partner]).all():  # CutMix: whole pixels from one or the other
+            np.testing.assert_allclose((pixels == partner).mean(), 1 - lam, atol=1e-6)
+        else:  # mixup: one blend everywhere
+            np.testing.assert_allclose(pixels, lam * own + (1 - lam) * partner, rtol=1e-5)
     assert not np.allclose(mixed, images)
+
+
+def test_cutmix_weight_is_one_minus_the_box_area_even_when_the_box_is_clipped():
+    """A box centred near a corner is cut off by the border: the label weight follows the pixels actually
+    pasted, not the area drawn from the Beta distribution."""
+    images, targets = labelled_images(2, size=16)
+    clipped = 0
+    for seed in range(40):
+        mixed, mixed_targets = mix_batch(jax.random.PRNGKey(seed), images, targets, 0.0, 1.0)
+        area = float((np.asarray(mixed[0]) == 2.0).mean())
+        np.testing.assert_allclose(float(mixed_targets[0, 1]), area, atol=1e-6)
+        box = np.asarray(mixed[0, :, :, 0]) == 2.0
+        rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+        clipped += bool(box.any()) and (rows[0] == 0 or cols[0] == 0 or rows[-1] == 15 or cols[-1] == 15)
+    assert clipped  # the seeds include boxes that the border cut

@@ -1,0 +1,46 @@
+"""Every recipe in train/configs/ loads, validates and builds its model (shapes only: no data, no compile)."""
+
+import importlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from resnet_jax.training import validate
+from resnet_jax.training.config import min_image_size, model_from_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
+RECIPES = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem != "__init__")
+VARIANTS = {"imagenet_resnet50": ("step", "cosine")}  # recipes whose get_config takes a variant (file.py:variant)
+CLASSES = {"digits": 10, "cifar10": 10, "imagenet2012": 1000}
+CHANNELS = {"digits": 1, "cifar10": 3, "imagenet2012": 3}
+
+
+def cases():
+    return [(name, variant) for name in RECIPES for variant in VARIANTS.get(name, (None,))]
+
+
+def test_the_recipe_list_is_not_empty():
+    assert {"default", "cifar10_resnet56", "imagenet_resnet50"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name,variant", cases())
+def test_recipe_validates_and_builds_its_model(name, variant):
+    module = importlib.import_module(f"train.configs.{name}")
+    config = validate(module.get_config() if variant is None else module.get_config(variant))
+    assert config.dataset in CLASSES, f"add {config.dataset!r} to CLASSES and CHANNELS in this test"
+    model = model_from_config(config, CLASSES[config.dataset])
+    assert config.image_size >= min_image_size(model)
+    images = jax.ShapeDtypeStruct((2, config.image_size, config.image_size, model.in_channels), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+    logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+    assert logits.shape == (2, CLASSES[config.dataset]) and logits.dtype == jnp.float32
+    if model.in_channels != CHANNELS[config.dataset]:  # the loader converts 1 <-> 3 channels, nothing else
+        assert {model.in_channels, CHANNELS[config.dataset]} == {1, 3}
+
+
+def test_an_unknown_variant_is_a_clear_error():
+    module = importlib.import_module("train.configs.imagenet_resnet50")
+    with pytest.raises(ValueError, match="unknown variant 'cosin'.*'step' or 'cosine'"):
+        module.get_config("cosin")
