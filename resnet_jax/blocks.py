@@ -1,8 +1,9 @@
 """Residual blocks: BasicBlock (two 3x3 convs) and Bottleneck (1x1, 3x3, 1x1), plain or pre-activation.
 
-Blocks receive ``conv`` and ``norm`` as pre-configured factories from the stack, so compute dtype, BatchNorm
-momentum/epsilon and train/eval mode are decided once in ``resnet.py``, and a block only says *where* a
-convolution or normalisation goes. Module names (``conv1``, ``bn1``, ``downsample_conv``...) mirror
+Blocks receive ``conv_norm`` (a convolution followed by its BatchNorm, optionally a residual add and a ReLU)
+and ``norm`` as pre-configured factories from the stack, so compute dtype, convolution algorithm, BatchNorm
+momentum/epsilon, train/eval mode and BatchNorm folding are decided once in ``resnet.py``, and a block only says
+*where* a convolution or normalisation goes. Module names (``conv1``, ``bn1``, ``downsample_conv``...) mirror
 torchvision's so the weight converter is a rename, not a translation.
 """
 
@@ -14,6 +15,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 ModuleFactory = Callable[..., nn.Module]
+# conv_norm(features, kernel_size, *, strides, groups, conv_name, norm_name, scale_init, kernel_init) returns
+# apply(x, residual=None, relu=False) = relu(BN(conv(x)) + residual): conv then BN, or one conv with the BN folded
+ConvNormFactory = Callable[..., Callable[..., jnp.ndarray]]
 
 # How a block's input reaches its output when the shape changes (stride > 1 or a new width):
 #   projection - 1x1 strided conv + BN (torchvision, "option B")
@@ -34,8 +38,8 @@ class Shortcut(nn.Module):
     features: int
     strides: int
     kind: str
-    conv: ModuleFactory
-    norm: ModuleFactory | None  # None for pre-activation blocks: the projection sees already-normalised input
+    conv_norm: ConvNormFactory
+    normalized: bool  # False for pre-activation blocks: the projection sees already-normalised input
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -48,8 +52,8 @@ class Shortcut(nn.Module):
         strides = self.strides
         if self.kind == "avg_pool" and strides > 1:
             x, strides = _avg_pool_ceil(x), 1
-        x = self.conv(self.features, (1, 1), strides=strides, name="conv")(x)
-        return x if self.norm is None else self.norm(name="bn")(x)
+        return self.conv_norm(self.features, (1, 1), strides=strides, conv_name="conv",
+                              norm_name="bn" if self.normalized else None)(x)
 
 
 class ResidualBlock(nn.Module):
@@ -57,9 +61,8 @@ class ResidualBlock(nn.Module):
 
     width: int
     strides: int
-    conv: ModuleFactory
+    conv_norm: ConvNormFactory
     norm: ModuleFactory
-    act: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
     shortcut: str = "projection"
     preact: bool = False
     zero_init_residual: bool = False
@@ -69,19 +72,22 @@ class ResidualBlock(nn.Module):
     expansion = 1
 
     def residual(self, x: jnp.ndarray, preact: bool) -> jnp.ndarray:
-        norm = None if preact else self.norm
         out = self.width * self.expansion
-        return Shortcut(out, self.strides, self.shortcut, self.conv, norm, name="downsample")(x)
+        return Shortcut(out, self.strides, self.shortcut, self.conv_norm, not preact, name="downsample")(x)
 
-    def last_norm(self, name: str) -> nn.Module:
-        """The BN closing a plain block; zero scale makes the block start as identity (Goyal et al. 2017)."""
+    def last_conv_norm(self, features: int, kernel_size, conv_name: str, norm_name: str):
+        """The conv + BN closing a plain block; zero BN scale makes the block start as identity (Goyal et al.)."""
         init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        return self.norm(name=name, scale_init=init)
+        return self.conv_norm(features, kernel_size, conv_name=conv_name, norm_name=norm_name, scale_init=init)
 
-    def last_conv(self, features: int, name: str) -> nn.Module:
+    def last_conv(self, features: int, name: str):
         """Pre-activation blocks end in a conv, not a BN: zero-init that conv for the same identity start."""
         extra = {"kernel_init": nn.initializers.zeros} if self.zero_init_residual else {}
-        return self.conv(features, (1, 1) if self.expansion > 1 else (3, 3), name=name, **extra)
+        return self.conv_norm(features, (1, 1) if self.expansion > 1 else (3, 3), conv_name=name, norm_name=None,
+                              **extra)
+
+    def pre_activation(self, x: jnp.ndarray, norm_name: str) -> jnp.ndarray:
+        return nn.relu(self.norm(name=norm_name)(x))
 
 
 class BasicBlock(ResidualBlock):
@@ -95,13 +101,13 @@ class BasicBlock(ResidualBlock):
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64 (as torchvision); use a "
                              "Bottleneck model such as resnext50_32x4d or wide_resnet50_2 for grouped or wide blocks")
         if self.preact:
-            pre = self.act(self.norm(name="bn1")(x))
-            y = self.conv(self.width, (3, 3), strides=self.strides, name="conv1")(pre)
-            y = self.last_conv(self.width, "conv2")(self.act(self.norm(name="bn2")(y)))
-            return self.residual(pre, preact=True) + y
-        y = self.act(self.norm(name="bn1")(self.conv(self.width, (3, 3), strides=self.strides, name="conv1")(x)))
-        y = self.last_norm("bn2")(self.conv(self.width, (3, 3), name="conv2")(y))
-        return self.act(self.residual(x, preact=False) + y)
+            pre = self.pre_activation(x, "bn1")
+            y = self.conv_norm(self.width, (3, 3), strides=self.strides, conv_name="conv1", norm_name="bn2")(
+                pre, relu=True)
+            return self.last_conv(self.width, "conv2")(y, residual=self.residual(pre, preact=True))
+        y = self.conv_norm(self.width, (3, 3), strides=self.strides, conv_name="conv1", norm_name="bn1")(x, relu=True)
+        return self.last_conv_norm(self.width, (3, 3), "conv2", "bn2")(y, residual=self.residual(x, preact=False),
+                                                                       relu=True)
 
 
 class Bottleneck(ResidualBlock):
@@ -117,17 +123,15 @@ class Bottleneck(ResidualBlock):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         inner = int(self.width * (self.width_per_group / 64.0)) * self.groups
         out = self.width * self.expansion
-        conv2 = self.conv(inner, (3, 3), strides=self.strides, feature_group_count=self.groups, name="conv2")
+        conv2 = dict(strides=self.strides, groups=self.groups, conv_name="conv2")
         if self.preact:
-            pre = self.act(self.norm(name="bn1")(x))
-            y = self.conv(inner, (1, 1), name="conv1")(pre)
-            y = conv2(self.act(self.norm(name="bn2")(y)))
-            y = self.last_conv(out, "conv3")(self.act(self.norm(name="bn3")(y)))
-            return self.residual(pre, preact=True) + y
-        y = self.act(self.norm(name="bn1")(self.conv(inner, (1, 1), name="conv1")(x)))
-        y = self.act(self.norm(name="bn2")(conv2(y)))
-        y = self.last_norm("bn3")(self.conv(out, (1, 1), name="conv3")(y))
-        return self.act(self.residual(x, preact=False) + y)
+            pre = self.pre_activation(x, "bn1")
+            y = self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn2")(pre, relu=True)
+            y = self.conv_norm(inner, (3, 3), norm_name="bn3", **conv2)(y, relu=True)
+            return self.last_conv(out, "conv3")(y, residual=self.residual(pre, preact=True))
+        y = self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn1")(x, relu=True)
+        y = self.conv_norm(inner, (3, 3), norm_name="bn2", **conv2)(y, relu=True)
+        return self.last_conv_norm(out, (1, 1), "conv3", "bn3")(y, residual=self.residual(x, preact=False), relu=True)
 
 
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}

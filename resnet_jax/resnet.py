@@ -17,28 +17,47 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.blocks import BLOCKS, SHORTCUTS
-from resnet_jax.ops.conv import MatmulGradConv
+from resnet_jax.ops import ALGORITHMS, Conv
 
 STEMS = ("imagenet", "cifar", "deep")
-CONV_IMPLS = ("xla", "matmul_grad", "auto")
+CONV_IMPLS = (*ALGORITHMS, "auto")
 
 
 def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1, *, dtype: Any, param_dtype: Any,
-          impl: str = "xla", **kwargs: Any) -> nn.Module:
-    """A bias-free conv padded by k//2 on both sides, as torchvision (not XLA "SAME", which pads (2, 3) at
-    stride 2 and would shift every feature map by a pixel against torchvision weights); He-normal fan-out init.
+          impl: str = "auto", **kwargs: Any) -> nn.Module:
+    """A conv padded by k//2 on both sides, as torchvision (not XLA "SAME", which pads (2, 3) at stride 2 and
+    would shift every feature map by a pixel against torchvision weights); He-normal fan-out init.
 
-    ``impl`` picks the module: "xla" is ``nn.Conv``; "matmul_grad" is ``ops.MatmulGradConv`` (same parameter,
-    same output, kernel gradient as one matmul: faster training on CPU); "auto" is "matmul_grad" on a CPU
-    backend and "xla" elsewhere.
+    ``impl`` names the convolution algorithm (``ops.ALGORITHMS`` or "auto"); parameters do not depend on it.
     """
     pad = [(k // 2, k // 2) for k in kernel_size]
     kwargs.setdefault("kernel_init", nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
-    if impl == "auto":
-        impl = "matmul_grad" if jax.default_backend() == "cpu" else "xla"
-    module = MatmulGradConv if impl == "matmul_grad" else nn.Conv
-    return module(features, kernel_size, strides=strides, padding=pad, use_bias=False, dtype=dtype,
-                  param_dtype=param_dtype, **kwargs)
+    return Conv(features, kernel_size, strides=strides, padding=pad, dtype=dtype, param_dtype=param_dtype,
+                algorithm=impl, **kwargs)
+
+
+def _conv_norm(conv, norm, folded: bool):
+    """The ``conv_norm`` factory blocks receive: conv -> BN (-> + residual) (-> ReLU).
+
+    With ``folded`` the BatchNorm is already inside the convolution (scaled kernel, BN shift as bias, see
+    ``ops.fold_batchnorm``), and the residual add and ReLU become that convolution's epilogue, which the oneDNN
+    algorithm fuses. ``norm_name=None`` is a bare convolution (pre-activation blocks end in one).
+    """
+
+    def make(features, kernel_size, *, conv_name, norm_name, strides=1, groups=1, scale_init=None, **conv_kwargs):
+        fold = folded and norm_name is not None
+        c = conv(features, kernel_size, strides=strides, feature_group_count=groups, use_bias=fold, name=conv_name,
+                 **conv_kwargs)
+        if fold or norm_name is None:
+            return lambda x, residual=None, relu=False: c(x, residual=residual, relu=relu)
+        n = norm(name=norm_name, **({} if scale_init is None else {"scale_init": scale_init}))
+
+        def apply(x, residual=None, relu=False):
+            y = n(c(x))
+            y = y if residual is None else y + residual
+            return nn.relu(y) if relu else y
+        return apply
+    return make
 
 
 class ResNet(nn.Module):
@@ -63,9 +82,12 @@ class ResNet(nn.Module):
       dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: storage dtype of parameters (keep float32).
       bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (torchvision's momentum 0.1 = 0.9).
       conv_impl: how convolutions are computed; parameters and outputs are identical for every choice.
-        "xla" (``nn.Conv``), "matmul_grad" (``ops.MatmulGradConv``: kernel gradient as one matmul; training
-        steps measured 1.5x (ResNet-20, 16px) to 4x (ResNet-50, 224px) faster on CPU) or "auto", the default
-        ("matmul_grad" on a CPU backend, "xla" on GPU/TPU, whose own kernel gradients are fast).
+        "auto" (the default) picks per layer shape, dtype and backend (``ops.choose``): oneDNN kernels on CPU
+        when the optional extension is installed (``resnet-jax[cpu]``), the fastest pure-JAX algorithm
+        otherwise, XLA's own on GPU/TPU. Any name in ``ops.ALGORITHMS`` runs that algorithm on every layer it
+        can compute (Winograd: the 3x3 stride-1 ones) and "auto" on the rest.
+      folded: BatchNorm folded into the convolutions (inference only): made by ``ops.fold_batchnorm``, whose
+        variables it takes; ``train=True`` is refused.
     """
 
     stage_sizes: Sequence[int]
@@ -87,6 +109,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     conv_impl: str = "auto"
+    folded: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("block", self.block, BLOCKS)
@@ -101,10 +124,14 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray | list[jnp.ndarray]:
         self._check_input(x)
+        if self.folded and train:
+            raise ValueError("this model has its BatchNorm folded into the convolutions (ops.fold_batchnorm), "
+                             "which is for inference only; train the unfolded model")
         conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv_impl)
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                                  epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = self._stem(jnp.asarray(x, self.dtype), conv, norm)
+        conv_norm = _conv_norm(conv, norm, self.folded)
+        x = self._stem(jnp.asarray(x, self.dtype), conv_norm)
 
         block_cls = BLOCKS[self.block]
         if self.remat:
@@ -112,7 +139,7 @@ class ResNet(nn.Module):
         features = []
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             for j in range(size):
-                x = block_cls(width, 2 if i > 0 and j == 0 else 1, conv, norm, shortcut=self.shortcut,
+                x = block_cls(width, 2 if i > 0 and j == 0 else 1, conv_norm, norm, shortcut=self.shortcut,
                               preact=self.preact, zero_init_residual=self.zero_init_residual, groups=self.groups,
                               width_per_group=self.width_per_group, name=f"layer{i + 1}_{j}")(x)
             features.append(x)
@@ -127,20 +154,18 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
                         kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), name="fc")(x)
 
-    def _stem(self, x, conv, norm):
+    def _stem(self, x, conv_norm):
+        bn = None if self.preact else "bn1"  # the first pre-activation block normalises the stem output itself
         if self.stem == "cifar":
-            x = conv(self.stem_width, (3, 3), name="conv1")(x)
-            return x if self.preact else nn.relu(norm(name="bn1")(x))
+            return conv_norm(self.stem_width, (3, 3), conv_name="conv1", norm_name=bn)(x, relu=not self.preact)
         if self.stem == "deep":
             half = self.stem_width // 2
             for k, (width, strides) in enumerate([(half, 2), (half, 1), (self.stem_width, 1)]):
-                x = conv(width, (3, 3), strides=strides, name=f"conv1_{k}")(x)
-                if k < 2 or not self.preact:
-                    x = nn.relu(norm(name=f"bn1_{k}")(x))
+                last = k == 2 and self.preact
+                x = conv_norm(width, (3, 3), strides=strides, conv_name=f"conv1_{k}",
+                              norm_name=None if last else f"bn1_{k}")(x, relu=not last)
         else:
-            x = conv(self.stem_width, (7, 7), strides=2, name="conv1")(x)
-            if not self.preact:  # the first pre-activation block normalises the stem output itself
-                x = nn.relu(norm(name="bn1")(x))
+            x = conv_norm(self.stem_width, (7, 7), strides=2, conv_name="conv1", norm_name=bn)(x, relu=not self.preact)
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     def _check_input(self, x) -> None:

@@ -1,5 +1,11 @@
-"""Hand-tuned building blocks that XLA lowers poorly on some backends (see ``conv.py``)."""
+"""Convolution algorithms (pure functions with their own VJPs), the per-shape choice, BatchNorm folding.
 
-from resnet_jax.ops.conv import MatmulGradConv, conv2d
+``conv2d(..., algorithm=NAME)`` forces one of ``ALGORITHMS``; "auto" picks per shape, dtype and backend.
+The models name an algorithm through their ``conv_impl`` field and know nothing else about them.
+"""
 
-__all__ = ["MatmulGradConv", "conv2d"]
+from resnet_jax.ops.algorithms import ALGORITHMS, Geometry, choose
+from resnet_jax.ops.conv import Conv, conv2d
+from resnet_jax.ops.fold import fold_batchnorm
+
+__all__ = ["ALGORITHMS", "Conv", "Geometry", "choose", "conv2d", "fold_batchnorm"]

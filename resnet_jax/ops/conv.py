@@ -1,15 +1,12 @@
-"""A 2-D NHWC convolution whose kernel gradient is one matmul, for backends where XLA's is slow (CPU).
+"""``conv2d``: one NHWC convolution, computed by a named algorithm or the one ``choose`` picks for its shape.
 
-XLA:CPU lowers the gradient of a convolution with respect to its kernel to a convolution that runs ~8x below
-oneDNN at large spatial sizes (docs: /work/shared/notes/cpu-convolution.md). The forward pass and the input
-gradient stay XLA's own convolutions; only d/dkernel is rewritten as ``patches(x).T @ dy``, where the patches
-are the k*k shifted (strided) slices of the padded input concatenated on the channel axis, in HWIO order, so
-the product reshapes straight into the kernel layout. Grouped convolutions (ResNeXt) keep XLA's gradient.
+The optional epilogue (``bias``, ``residual``, ``relu``) is what BatchNorm folding leaves after a convolution:
+``relu(conv(x) + bias + residual)``. An algorithm that can fuse it (oneDNN's post-ops) does so and saves a pass
+over the output; for the others it is plain ``jnp``, which XLA fuses into one elementwise pass.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -17,66 +14,55 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_DIMS = ("NHWC", "HWIO", "NHWC")
+from resnet_jax.ops.algorithms import ALGORITHMS, REGISTRY, Geometry, choose
+
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _xla_conv(x, kernel, strides, padding, groups):
-    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMS,
-                                    feature_group_count=groups)
-
-
-def _patches(x: jnp.ndarray, kernel_hw: tuple[int, int], strides, padding, out_hw) -> jnp.ndarray:
-    """(N*Ho*Wo, kh*kw*C) rows of input windows, tap-major then channel, matching an HWIO kernel's rows."""
-    (kh, kw), (sh, sw), (ho, wo) = kernel_hw, strides, out_hw
-    if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
-        return x[:, ::sh, ::sw, :][:, :ho, :wo, :].reshape(-1, x.shape[-1])
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    taps = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * x.shape[-1])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, kernel, strides, padding, groups):
-    return _xla_conv(x, kernel, strides, padding, groups)
-
-
-def _conv_fwd(x, kernel, strides, padding, groups):
-    return _xla_conv(x, kernel, strides, padding, groups), (x, kernel)
-
-
-def _conv_bwd(strides, padding, groups, residuals, dy):
-    x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, padding, groups), x)
-    (dx,) = input_vjp(dy)  # XLA's transposed convolution: already close to oneDNN on CPU
-    kh, kw, cin, cout = kernel.shape
-    patches = _patches(x, (kh, kw), strides, padding, dy.shape[1:3])
-    dk = lax.dot_general(patches, dy.reshape(-1, cout), (((0,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
-    return dx, dk.reshape(kh, kw, cin, cout).astype(kernel.dtype)
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
-
-
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int] = (1, 1),
-           padding: str | Sequence[tuple[int, int]] = "SAME", groups: int = 1) -> jnp.ndarray:
-    """NHWC x HWIO -> NHWC, equal to ``lax.conv_general_dilated`` (values and gradients), faster to train on CPU.
+           padding: str | Sequence[tuple[int, int]] = "SAME", groups: int = 1, *, bias: jnp.ndarray | None = None,
+           residual: jnp.ndarray | None = None, relu: bool = False, algorithm: str = "auto",
+           fallback: bool = False) -> jnp.ndarray:
+    """``relu(conv(x, kernel) + bias + residual)``, NHWC x HWIO -> NHWC; equal to ``lax.conv_general_dilated``
+    (values and both gradients) for every algorithm within float32 rounding.
 
-    ``padding`` is "SAME", "VALID" or explicit ``((top, bottom), (left, right))``; ``groups`` > 1 uses XLA's
-    own gradient (the patch matmul would need one product per group).
+    ``padding`` is "SAME", "VALID" or explicit ``((top, bottom), (left, right))``. ``algorithm`` is one of
+    ``ALGORITHMS`` or "auto" (the fastest measured for this shape, dtype and backend). A forced algorithm that
+    cannot compute this convolution raises ``ValueError`` saying why, unless ``fallback`` (what a model's
+    ``conv_impl`` uses): then "auto" computes it instead.
     """
     strides = tuple(int(s) for s in strides)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if groups != 1:
-        return _xla_conv(x, kernel, strides, padding, groups)
-    return _conv(x, kernel, strides, padding, groups)
+    geometry = Geometry.of(x, kernel, strides, padding, groups)
+    backend = jax.default_backend()
+    name = choose(geometry, backend) if algorithm == "auto" else algorithm
+    if name not in REGISTRY:
+        raise ValueError(f"unknown convolution algorithm {algorithm!r}; choose one of {[*ALGORITHMS, 'auto']}")
+    refusal = REGISTRY[name].refusal(geometry, backend)
+    if refusal and fallback:
+        name = choose(geometry, backend)
+    elif refusal:
+        raise ValueError(f"{refusal}; use algorithm='auto' to pick one that can")
+    algo = REGISTRY[name]
+    if algo.fused is not None:
+        return algo.fused(x, kernel, bias, residual, strides, padding, groups, relu)
+    y = algo.conv(x, kernel, strides, padding, groups)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    if residual is not None:
+        y = y + residual
+    return jax.nn.relu(y) if relu else y
 
 
-class MatmulGradConv(nn.Module):
-    """Drop-in for a bias-free ``nn.Conv``: same ``kernel`` parameter (HWIO), same output, ``conv2d`` inside."""
+class Conv(nn.Module):
+    """A bias-optional ``nn.Conv`` replacement whose convolution is ``conv2d`` with a chosen ``algorithm``.
+
+    Same ``kernel`` parameter (HWIO) and output as ``nn.Conv``, so weights and checkpoints do not depend on the
+    algorithm. ``__call__(x, residual=None, relu=False)`` applies the fused epilogue. Where ``algorithm`` cannot
+    compute this layer (Winograd on a strided layer, say) "auto" does, so one name can serve a whole model.
+    """
 
     features: int
     kernel_size: Sequence[int]
@@ -87,13 +73,15 @@ class MatmulGradConv(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     kernel_init: Callable[..., jnp.ndarray] = nn.initializers.lecun_normal()
+    bias_init: Callable[..., jnp.ndarray] = nn.initializers.zeros
+    algorithm: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        if self.use_bias:
-            raise ValueError("MatmulGradConv is bias-free (ResNet convs are followed by BatchNorm)")
+    def __call__(self, x: jnp.ndarray, residual: jnp.ndarray | None = None, relu: bool = False) -> jnp.ndarray:
         strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
         shape = (*self.kernel_size, x.shape[-1] // self.feature_group_count, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return conv2d(x, kernel, strides, self.padding, self.feature_group_count)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return conv2d(x, kernel, strides, self.padding, self.feature_group_count, bias=bias, residual=residual,
+                      relu=relu, algorithm=self.algorithm, fallback=True)

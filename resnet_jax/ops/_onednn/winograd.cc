@@ -1,0 +1,454 @@
+// Winograd F(m x m, 3 x 3) convolutions for 3x3 stride-1 layers on CPU (Lavin & Gray 2016), m = 2 or 4.
+//
+// Why: oneDNN's direct kernels already run the multiply-adds near the FMA peak, so beating them needs fewer
+// multiply-adds. F(4x4, 3x3) computes a 4x4 output tile from a 6x6 input tile with 36 products per
+// (input, output) channel pair instead of 144; the price is three cheap linear transforms per tile and memory
+// for the transformed tiles. The 36 (or 16) products per tile position become one batched matrix product
+// (oneDNN's matmul) over all tiles, so the heavy part still runs at GEMM speed.
+//
+// All three passes of training use it:
+//   forward           Y = A^T [ (G w G^T) . (B^T X B) ] A     (+ bias, + residual, ReLU as an epilogue)
+//   input gradient    the forward of dY with the flipped, transposed kernel (arranged in JAX)
+//   kernel gradient   dW = G^T [ sum over tiles (B^T X B) . (A dY A^T) ] G
+// The kernel-gradient form follows from the forward identity by the transposition principle: the same B and
+// the roles of A and G exchanged. Tiles hang over the borders; reads there see zeros and writes are dropped.
+//
+// Two schedules: "blocked" (each thread transforms a small block of tiles, multiplies it and transforms it
+// back while it is still in cache) for layers whose transformed kernel is small, and "whole" (transform every
+// tile, one large batched product, transform back) for the deep layers, whose transformed kernel is large but
+// whose tiles are few.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <sstream>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using resnet_jax::Engine;
+using resnet_jax::Run;
+using resnet_jax::Stream;
+using resnet_jax::ThreadBuffer;
+
+// Transform matrices; interpolation points 0, +-1 (F(2,3)) and 0, +-1, +-2 (F(4,3)), and infinity.
+// B^T: input (A x A); G: kernel (A x 3); A^T: output (m x A); their transposes serve the kernel gradient.
+template <int M>
+struct Tables;
+
+template <>
+struct Tables<2> {
+  static constexpr int kA = 4;
+  static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr float G[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+  static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+  static constexpr float A[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};
+  static constexpr float GT[3][4] = {{1, 0.5f, 0.5f, 0}, {0, 0.5f, -0.5f, 0}, {0, 0.5f, 0.5f, 1}};
+};
+
+template <>
+struct Tables<4> {
+  static constexpr int kA = 6;
+  static constexpr float BT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                                     {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+  static constexpr float G[6][3] = {{0.25f, 0, 0},
+                                    {-1.f / 6, -1.f / 6, -1.f / 6},
+                                    {-1.f / 6, 1.f / 6, -1.f / 6},
+                                    {1.f / 24, 1.f / 12, 1.f / 6},
+                                    {1.f / 24, -1.f / 12, 1.f / 6},
+                                    {0, 0, 1}};
+  static constexpr float AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+  static constexpr float A[6][4] = {{1, 0, 0, 0}, {1, 1, 1, 1}, {1, -1, 1, -1}, {1, 2, 4, 8}, {1, -2, 4, -8}, {0, 0, 0, 1}};
+  static constexpr float GT[3][6] = {{0.25f, -1.f / 6, -1.f / 6, 1.f / 24, 1.f / 24, 0},
+                                     {0, -1.f / 6, 1.f / 6, 1.f / 12, -1.f / 12, 0},
+                                     {0, -1.f / 6, -1.f / 6, 1.f / 6, 1.f / 6, 1}};
+};
+
+enum Epilogue { kBias = 1, kResidual = 2, kRelu = 4 };
+
+// out[i][j] = sum_{k,l} T[i][k] in[k][l] T[j][l] for every channel: `in` holds S*S pointers, `out` R*R, each to
+// `channels` contiguous floats (NHWC rows or rows of a transformed-tile matrix). Vectorised over channels; the
+// constant T folds into adds and a few multiplies. `Flags` adds the forward epilogue on the way out.
+template <int R, int S, const float (&T)[R][S], int Flags = 0>
+inline void Sandwich(const float* const* in, float* const* out, int64_t channels, const float* bias = nullptr,
+                     const float* const* residual = nullptr) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    float d[S][S];
+#pragma GCC unroll 8
+    for (int k = 0; k < S; ++k)
+#pragma GCC unroll 8
+      for (int l = 0; l < S; ++l) d[k][l] = in[k * S + l][c];
+    float t[R][S];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int l = 0; l < S; ++l) {
+        float acc = 0.f;
+#pragma GCC unroll 8
+        for (int k = 0; k < S; ++k)
+          if (T[i][k] != 0.f) acc += T[i][k] * d[k][l];
+        t[i][l] = acc;
+      }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) {
+        float acc = 0.f;
+#pragma GCC unroll 8
+        for (int l = 0; l < S; ++l)
+          if (T[j][l] != 0.f) acc += t[i][l] * T[j][l];
+        if constexpr ((Flags & kBias) != 0) acc += bias[c];
+        if constexpr ((Flags & kResidual) != 0) acc += residual[i * R + j][c];
+        if constexpr ((Flags & kRelu) != 0) acc = acc > 0.f ? acc : 0.f;
+        out[i * R + j][c] = acc;
+      }
+  }
+}
+
+// Where the tiles are: output tiles of m x m over an (N, OH, OW) map; tile p is (n, ty, tx), row-major.
+struct Tiling {
+  int64_t n, h, w, oh, ow, pad_top, pad_left, m, tiles_h, tiles_w;
+  int64_t Count() const { return n * tiles_h * tiles_w; }
+  void Locate(int64_t p, int64_t* image, int64_t* row, int64_t* col) const {
+    *col = (p % tiles_w) * m;
+    *row = (p / tiles_w % tiles_h) * m;
+    *image = p / (tiles_w * tiles_h);
+  }
+};
+
+// Pointers to the S x S window at (row0, col0) of an (rows x cols x channels) image; outside: `outside`.
+template <int S, typename Ptr>
+inline void Window(Ptr base, int64_t rows, int64_t cols, int64_t channels, int64_t row0, int64_t col0, Ptr outside,
+                   Ptr* out) {
+  for (int i = 0; i < S; ++i)
+    for (int j = 0; j < S; ++j) {
+      int64_t r = row0 + i, c = col0 + j;
+      out[i * S + j] = (r >= 0 && r < rows && c >= 0 && c < cols) ? base + (r * cols + c) * channels : outside;
+    }
+}
+
+// Rows [row0, row0 + count) of a transformed-tile matrix laid out [A*A][rows][channels], for tile t.
+template <int S>
+inline void Rows(float* matrix, int64_t rows, int64_t channels, int64_t t, float** out) {
+  for (int k = 0; k < S * S; ++k) out[k] = matrix + (k * rows + t) * channels;
+}
+
+const float* Zeros(int64_t count) {
+  thread_local std::vector<float> zeros;
+  if (static_cast<int64_t>(zeros.size()) < count) zeros.assign(count, 0.f);
+  return zeros.data();
+}
+
+float* Sink(int64_t count) {
+  thread_local ThreadBuffer sink;
+  return static_cast<float*>(sink.Get(count * sizeof(float)));
+}
+
+// Input tiles [p0, p0 + count) of x into rows [0, count) of v ([A*A][rows][C]).
+template <int M>
+void TransformInput(const float* x, const Tiling& g, int64_t c, int64_t p0, int64_t count, float* v, int64_t rows) {
+  constexpr int kA = Tables<M>::kA;
+  const float* zeros = Zeros(c);
+  for (int64_t t = 0; t < count; ++t) {
+    int64_t image, row, col;
+    g.Locate(p0 + t, &image, &row, &col);
+    const float* in[kA * kA];
+    float* out[kA * kA];
+    Window<kA>(x + image * g.h * g.w * c, g.h, g.w, c, row - g.pad_top, col - g.pad_left, zeros, in);
+    Rows<kA>(v, rows, c, t, out);
+    Sandwich<kA, kA, Tables<M>::BT>(in, out, c);
+  }
+}
+
+// Output tiles [p0, p0 + count) from rows [0, count) of mhat ([A*A][rows][O]) into y, with the epilogue.
+template <int M, int Flags>
+void TransformOutput(float* mhat, int64_t rows, const Tiling& g, int64_t o, int64_t p0, int64_t count, float* y,
+                     const float* bias, const float* residual) {
+  constexpr int kA = Tables<M>::kA;
+  float* sink = Sink(o);
+  const float* zeros = Zeros(o);
+  for (int64_t t = 0; t < count; ++t) {
+    int64_t image, row, col;
+    g.Locate(p0 + t, &image, &row, &col);
+    float* in[kA * kA];
+    float* out[M * M];
+    const float* res[M * M];
+    Rows<kA>(mhat, rows, o, t, in);
+    Window<M>(y + image * g.oh * g.ow * o, g.oh, g.ow, o, row, col, sink, out);
+    if constexpr ((Flags & kResidual) != 0)
+      Window<M>(residual + image * g.oh * g.ow * o, g.oh, g.ow, o, row, col, zeros, res);
+    Sandwich<M, kA, Tables<M>::AT, Flags>(in, out, o, bias, res);
+  }
+}
+
+template <int M>
+void TransformOutputDispatch(int flags, float* mhat, int64_t rows, const Tiling& g, int64_t o, int64_t p0,
+                             int64_t count, float* y, const float* bias, const float* residual) {
+  switch (flags) {
+#define CASE(F) \
+  case F: return TransformOutput<M, F>(mhat, rows, g, o, p0, count, y, bias, residual);
+    CASE(0) CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7)
+#undef CASE
+  }
+}
+
+// U = G w G^T for every (c, o): w is HWIO, u is [A*A][C][O].
+template <int M>
+void TransformKernel(const float* w, int64_t c, int64_t o, float* u) {
+  constexpr int kA = Tables<M>::kA;
+#pragma omp parallel for schedule(static)
+  for (int64_t ci = 0; ci < c; ++ci) {
+    const float* in[9];
+    float* out[kA * kA];
+    for (int k = 0; k < 9; ++k) in[k] = w + (k * c + ci) * o;
+    for (int k = 0; k < kA * kA; ++k) out[k] = u + (k * c + ci) * o;
+    Sandwich<kA, 3, Tables<M>::G>(in, out, o);
+  }
+}
+
+// dW = G^T dwhat G: dwhat is [A*A][C][O], dw is HWIO.
+template <int M>
+void TransformKernelGradient(const float* dwhat, int64_t c, int64_t o, float* dw) {
+  constexpr int kA = Tables<M>::kA;
+#pragma omp parallel for schedule(static)
+  for (int64_t ci = 0; ci < c; ++ci) {
+    const float* in[kA * kA];
+    float* out[9];
+    for (int k = 0; k < kA * kA; ++k) in[k] = dwhat + (k * c + ci) * o;
+    for (int k = 0; k < 9; ++k) out[k] = dw + (k * c + ci) * o;
+    Sandwich<3, kA, Tables<M>::GT>(in, out, o);
+  }
+}
+
+// Output-gradient tiles [p0, p0 + count) of dy (N, OH, OW, O) as A dY A^T into rows [0, count) of z.
+template <int M>
+void TransformOutputGradient(const float* dy, const Tiling& g, int64_t o, int64_t p0, int64_t count, float* z,
+                             int64_t rows) {
+  constexpr int kA = Tables<M>::kA;
+  const float* zeros = Zeros(o);
+  for (int64_t t = 0; t < count; ++t) {
+    int64_t image, row, col;
+    g.Locate(p0 + t, &image, &row, &col);
+    const float* in[M * M];
+    float* out[kA * kA];
+    Window<M>(dy + image * g.oh * g.ow * o, g.oh, g.ow, o, row, col, zeros, in);
+    Rows<kA>(z, rows, o, t, out);
+    Sandwich<kA, M, Tables<M>::A>(in, out, o);
+  }
+}
+
+// A batched product over the A*A tile positions: [batch][rows][k] x [batch][k][cols] -> [batch][rows][cols],
+// or with the left operand stored [batch][k][rows] (transpose_lhs, for the kernel gradient's sum over tiles).
+struct Matmul {
+  dnnl::matmul prim;
+  memory::desc lhs, rhs, dst, scratchpad;
+};
+
+Matmul* BatchedMatmul(int64_t batch, int64_t rows, int64_t k, int64_t cols, bool transpose_lhs, bool accumulate) {
+  std::ostringstream key;
+  key << "wino_matmul:" << batch << ':' << rows << ':' << k << ':' << cols << ':' << transpose_lhs << accumulate;
+  return resnet_jax::Cached<Matmul>(key.str(), [&] {
+    using tag = memory::format_tag;
+    memory::desc lhs = transpose_lhs ? memory::desc({batch, rows, k}, memory::data_type::f32, tag::acb)
+                                     : memory::desc({batch, rows, k}, memory::data_type::f32, tag::abc);
+    memory::desc rhs({batch, k, cols}, memory::data_type::f32, tag::abc);
+    memory::desc dst({batch, rows, cols}, memory::data_type::f32, tag::abc);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (accumulate) {
+      dnnl::post_ops ops;
+      ops.append_sum(1.f);
+      attr.set_post_ops(ops);
+    }
+    dnnl::matmul::primitive_desc pd(Engine(), lhs, rhs, dst, attr);
+    return Matmul{dnnl::matmul(pd), lhs, rhs, dst, pd.scratchpad_desc()};
+  });
+}
+
+void RunMatmul(const Matmul& mm, const float* lhs, const float* rhs, float* dst) {
+  thread_local ThreadBuffer scratch;
+  mm.prim.execute(Stream(), {{DNNL_ARG_SRC, memory(mm.lhs, Engine(), const_cast<float*>(lhs))},
+                             {DNNL_ARG_WEIGHTS, memory(mm.rhs, Engine(), const_cast<float*>(rhs))},
+                             {DNNL_ARG_DST, memory(mm.dst, Engine(), dst)},
+                             {DNNL_ARG_SCRATCHPAD, memory(mm.scratchpad, Engine(), scratch.Get(mm.scratchpad.get_size()))}});
+}
+
+// Tiles per block of the blocked schedule: enough rows for an efficient product, few enough that a block's
+// transformed tiles stay in the core's cache.
+int64_t BlockTiles(int64_t channels) { return std::clamp<int64_t>((96 * 1024) / (channels * 4 * 4), 16, 64); }
+
+// The blocked schedule pays off while the transformed kernel fits in cache next to a block.
+bool Blocked(int kA, int64_t c, int64_t o) { return kA * kA * c * o * 4 <= 4 * 1024 * 1024; }
+
+thread_local ThreadBuffer u_buffer, v_buffer, m_buffer;
+
+template <int M>
+void Forward(const float* x, const float* w, const float* bias, const float* residual, float* y, const Tiling& g,
+             int64_t c, int64_t o, int flags) {
+  constexpr int kA = Tables<M>::kA;
+  float* u = static_cast<float*>(u_buffer.Get(kA * kA * c * o * sizeof(float)));
+  TransformKernel<M>(w, c, o, u);
+  const int64_t tiles = g.Count();
+  if (Blocked(kA, c, o)) {
+    const int64_t block = BlockTiles(std::max(c, o));
+    Matmul* mm = BatchedMatmul(kA * kA, block, c, o, false, false);
+    const int64_t blocks = (tiles + block - 1) / block;
+#pragma omp parallel
+    {
+      thread_local ThreadBuffer vb, mb;
+      float* v = static_cast<float*>(vb.Get(kA * kA * block * c * sizeof(float)));
+      float* mh = static_cast<float*>(mb.Get(kA * kA * block * o * sizeof(float)));
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t p0 = b * block, count = std::min(block, tiles - p0);
+        TransformInput<M>(x, g, c, p0, count, v, block);
+        RunMatmul(*mm, v, u, mh);
+        TransformOutputDispatch<M>(flags, mh, block, g, o, p0, count, y, bias, residual);
+      }
+    }
+    return;
+  }
+  float* v = static_cast<float*>(v_buffer.Get(kA * kA * tiles * c * sizeof(float)));
+  float* mh = static_cast<float*>(m_buffer.Get(kA * kA * tiles * o * sizeof(float)));
+  const int64_t chunk = 8;
+#pragma omp parallel for schedule(static)
+  for (int64_t p0 = 0; p0 < tiles; p0 += chunk)
+    TransformInput<M>(x, g, c, p0, std::min(chunk, tiles - p0), v + p0 * c, tiles);
+  RunMatmul(*BatchedMatmul(kA * kA, tiles, c, o, false, false), v, u, mh);
+#pragma omp parallel for schedule(static)
+  for (int64_t p0 = 0; p0 < tiles; p0 += chunk)
+    TransformOutputDispatch<M>(flags, mh + p0 * o, tiles, g, o, p0, std::min(chunk, tiles - p0), y, bias, residual);
+}
+
+template <int M>
+void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g, int64_t c, int64_t o) {
+  constexpr int kA = Tables<M>::kA;
+  const int64_t tiles = g.Count();
+  float* dwhat = static_cast<float*>(u_buffer.Get(kA * kA * c * o * sizeof(float)));
+  if (Blocked(kA, c, o)) {
+    const int64_t block = BlockTiles(std::max(c, o));
+    Matmul* first = BatchedMatmul(kA * kA, c, block, o, true, false);
+    Matmul* more = BatchedMatmul(kA * kA, c, block, o, true, true);
+    const int64_t blocks = (tiles + block - 1) / block;
+    std::vector<float*> partial(omp_get_max_threads(), nullptr);
+#pragma omp parallel
+    {
+      thread_local ThreadBuffer vb, zb, db;
+      const int me = omp_get_thread_num(), team = omp_get_num_threads();
+      float* v = static_cast<float*>(vb.Get(kA * kA * block * c * sizeof(float)));
+      float* z = static_cast<float*>(zb.Get(kA * kA * block * o * sizeof(float)));
+      float* acc = static_cast<float*>(db.Get(kA * kA * c * o * sizeof(float)));
+      bool started = false;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t p0 = b * block, count = std::min(block, tiles - p0);
+        TransformInput<M>(x, g, c, p0, count, v, block);
+        TransformOutputGradient<M>(dy, g, o, p0, count, z, block);
+        if (count < block) {  // rows past the last tile must add nothing
+          for (int k = 0; k < kA * kA; ++k) {
+            std::memset(v + (k * block + count) * c, 0, (block - count) * c * sizeof(float));
+            std::memset(z + (k * block + count) * o, 0, (block - count) * o * sizeof(float));
+          }
+        }
+        RunMatmul(started ? *more : *first, v, z, acc);
+        started = true;
+      }
+      if (!started) std::memset(acc, 0, kA * kA * c * o * sizeof(float));
+      partial[me] = acc;
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < kA * kA * c * o; ++i) {
+        float s = 0.f;
+        for (int t = 0; t < team; ++t) s += partial[t][i];
+        dwhat[i] = s;
+      }
+    }
+  } else {
+    float* v = static_cast<float*>(v_buffer.Get(kA * kA * tiles * c * sizeof(float)));
+    float* z = static_cast<float*>(m_buffer.Get(kA * kA * tiles * o * sizeof(float)));
+    const int64_t chunk = 8;
+#pragma omp parallel for schedule(static)
+    for (int64_t p0 = 0; p0 < tiles; p0 += chunk) {
+      TransformInput<M>(x, g, c, p0, std::min(chunk, tiles - p0), v + p0 * c, tiles);
+      TransformOutputGradient<M>(dy, g, o, p0, std::min(chunk, tiles - p0), z + p0 * o, tiles);
+    }
+    RunMatmul(*BatchedMatmul(kA * kA, c, tiles, o, true, false), v, z, dwhat);
+  }
+  TransformKernelGradient<M>(dwhat, c, o, dw);
+}
+
+ffi::ErrorOr<Tiling> MakeTiling(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions y,
+                                ffi::Span<const int64_t> padding, int64_t m) {
+  if (x.size() != 4 || y.size() != 4 || padding.size() != 4 || (m != 2 && m != 4))
+    return ffi::Unexpected(ffi::Error::InvalidArgument("Winograd: expected NHWC buffers, 4 pads and m of 2 or 4"));
+  if (y[1] != x[1] + padding[0] + padding[1] - 2 || y[2] != x[2] + padding[2] + padding[3] - 2 || y[0] != x[0])
+    return ffi::Unexpected(ffi::Error::InvalidArgument("Winograd: output shape does not match a 3x3 stride-1 conv"));
+  return Tiling{x[0], x[1], x[2], y[1], y[2], padding[0], padding[2], m, (y[1] + m - 1) / m, (y[2] + m - 1) / m};
+}
+
+ffi::Error WinogradForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> y,
+                           ffi::Span<const int64_t> padding, int64_t m, int64_t has_bias, int64_t has_residual,
+                           int64_t relu) {
+  auto tiling = MakeTiling(x.dimensions(), y->dimensions(), padding, m);
+  if (tiling.has_error()) return tiling.error();
+  if (x.element_type() != ffi::DataType::F32 || w.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("Winograd: float32 only");
+  if (static_cast<int64_t>(rest.size()) != has_bias + has_residual)
+    return ffi::Error::InvalidArgument("Winograd: optional operands do not match has_bias/has_residual");
+  const float* bias = has_bias ? rest.get<ffi::AnyBuffer>(0)->typed_data<float>() : nullptr;
+  const float* residual = has_residual ? rest.get<ffi::AnyBuffer>(has_bias)->typed_data<float>() : nullptr;
+  const int64_t c = x.dimensions()[3], o = y->dimensions()[3];
+  const int flags = (has_bias ? kBias : 0) | (has_residual ? kResidual : 0) | (relu ? kRelu : 0);
+  return Run([&] {
+    if (m == 4)
+      Forward<4>(x.typed_data<float>(), w.typed_data<float>(), bias, residual, y->typed_data<float>(), *tiling, c, o,
+                 flags);
+    else
+      Forward<2>(x.typed_data<float>(), w.typed_data<float>(), bias, residual, y->typed_data<float>(), *tiling, c, o,
+                 flags);
+  });
+}
+
+ffi::Error WinogradBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                                   ffi::Span<const int64_t> padding, int64_t m) {
+  auto tiling = MakeTiling(x.dimensions(), dy.dimensions(), padding, m);
+  if (tiling.has_error()) return tiling.error();
+  if (x.element_type() != ffi::DataType::F32 || dy.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("Winograd: float32 only");
+  const int64_t c = x.dimensions()[3], o = dy.dimensions()[3];
+  return Run([&] {
+    if (m == 4)
+      KernelGradient<4>(x.typed_data<float>(), dy.typed_data<float>(), dw->typed_data<float>(), *tiling, c, o);
+    else
+      KernelGradient<2>(x.typed_data<float>(), dy.typed_data<float>(), dw->typed_data<float>(), *tiling, c, o);
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxWinogradForward, WinogradForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("padding")
+                                  .Attr<int64_t>("m")
+                                  .Attr<int64_t>("has_bias")
+                                  .Attr<int64_t>("has_residual")
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxWinogradBackwardWeights, WinogradBackwardWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("padding")
+                                  .Attr<int64_t>("m"));

@@ -1,0 +1,68 @@
+"""fold_batchnorm: inference with every BatchNorm that follows a convolution folded into it equals the unfolded
+model, for every block kind, under jit, and is refused where it does not apply."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import create_model
+from resnet_jax.ops import fold_batchnorm
+
+
+def trained_like(variables, seed=0):
+    """Non-trivial BatchNorm statistics and affine parameters, as after training."""
+    keys = iter(jax.random.split(jax.random.key(seed), 4 * len(jax.tree.leaves(variables))))
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape) if a.ndim == 1 else a,
+                          variables["params"])
+    stats = jax.tree.map(lambda a: jnp.abs(a + 0.5 * jax.random.normal(next(keys), a.shape)),
+                         variables["batch_stats"])
+    return {"params": params, "batch_stats": stats}
+
+
+def count(tree, name):
+    return sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0] if any(
+        getattr(k, "key", None) == name for k in path))
+
+
+# (name, input shape, BatchNorms left unfolded: pre-activation blocks normalise their input, not a conv output)
+MODELS = [("resnet18", (2, 64, 72, 3), 0), ("resnet20", (2, 16, 16, 1), 0), ("resnet50d", (1, 64, 64, 3), 0),
+          ("resnext50_32x4d", (1, 64, 64, 3), 0), ("preact_resnet18", (2, 64, 64, 3), 9)]
+
+
+@pytest.mark.parametrize("name,shape,kept", MODELS, ids=[m[0] for m in MODELS])
+def test_folded_model_equals_unfolded(name, shape, kept):
+    model = create_model(name, num_classes=7, in_channels=shape[-1])
+    x = jax.random.normal(jax.random.key(1), shape)
+    variables = trained_like(model.init(jax.random.key(0), x))
+    want = model.apply(variables, x)
+    folded = jax.jit(lambda v: fold_batchnorm(model, v)[1])(variables)  # folding runs under jit too
+    folded_model = fold_batchnorm(model, variables)[0]
+    got = jax.jit(folded_model.apply)(folded, x)
+    # float32 rounding, plus Winograd F(4,3)'s where "auto" picks it: ~1e-5 of the logits' scale
+    np.testing.assert_allclose(got, want, atol=5e-5 * float(jnp.abs(want).max()))
+    assert count(folded["batch_stats"], "mean") == kept
+    assert count(folded["params"], "bias") == count(variables["params"], "bias")  # every folded BN became one bias
+    assert folded_model.folded and not model.folded
+
+
+def test_folded_features_equal_unfolded():
+    model = create_model("resnet18", features_only=True)
+    x = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
+    variables = trained_like(model.init(jax.random.key(0), x))
+    folded_model, folded = fold_batchnorm(model, variables)
+    for got, want in zip(folded_model.apply(folded, x), model.apply(variables, x)):
+        np.testing.assert_allclose(got, want, atol=5e-5 * float(jnp.abs(want).max()))
+
+
+def test_folding_is_for_inference_and_for_unfolded_resnets():
+    model = create_model("resnet20", num_classes=3)
+    x = jnp.ones((1, 16, 16, 3))
+    folded_model, folded = fold_batchnorm(model, model.init(jax.random.key(0), x))
+    with pytest.raises(ValueError, match="folded into the convolutions .* inference only"):
+        folded_model.apply(folded, x, train=True)
+    with pytest.raises(ValueError, match="already folded"):
+        fold_batchnorm(folded_model, folded)
+    import flax.linen as nn
+    with pytest.raises(ValueError, match="needs a resnet_jax model"):
+        fold_batchnorm(nn.Dense(3), {"params": {}})

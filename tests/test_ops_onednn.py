@@ -1,0 +1,99 @@
+"""The optional oneDNN extension: built where its wheels and a compiler are, cached, and replaced by the
+pure-JAX convolutions, with one line saying why, wherever it cannot be used. Real builds in real processes."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from resnet_jax.ops import onednn
+
+PROBE = textwrap.dedent("""
+    import jax.numpy as jnp
+    from resnet_jax import create_model
+    from resnet_jax.ops import Geometry, choose, onednn
+    model = create_model("resnet20", num_classes=3, in_channels=1)
+    x = jnp.ones((1, 8, 8, 1))
+    print(model.apply(model.init(__import__("jax").random.key(0), x), x).shape)
+    g = Geometry(8, 16, 16, 32, 32, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+    print("available", onednn.available(), "choice", choose(g, "cpu"))
+""")
+
+
+def run_probe(tmp_path, **env):
+    full = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=full, timeout=600)
+
+
+def wheels_and_compiler() -> str | None:
+    """Why the extension cannot be expected here, or None when it must work."""
+    if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
+        return "the oneDNN wheels exist for Linux x86_64 only"
+    try:
+        onednn._toolchain()
+    except onednn.OnednnUnavailable as err:
+        return str(err)
+    return None
+
+
+def test_extension_is_available_wherever_its_wheels_and_a_compiler_are():
+    reason = wheels_and_compiler()
+    if reason:
+        pytest.skip(reason)
+    assert onednn.available(), onednn.unavailable_reason()
+    assert onednn.version().startswith("3.")
+
+
+def test_off_switch_runs_the_pure_jax_convolutions_and_says_so_once(tmp_path):
+    done = run_probe(tmp_path, RESNET_JAX_ONEDNN="0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(1, 3)" in done.stdout and "available False choice matmul_grad" in done.stdout
+    lines = [line for line in done.stderr.splitlines() if "oneDNN" in line]
+    assert lines == ["resnet_jax: oneDNN convolutions are off (RESNET_JAX_ONEDNN=0 turns it off); "
+                     "using the pure-JAX convolutions"]
+
+
+def test_missing_compiler_falls_back_with_the_reason(tmp_path):
+    if wheels_and_compiler() and "compiler" not in wheels_and_compiler():
+        pytest.skip(wheels_and_compiler())
+    done = run_probe(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "available False" in done.stdout
+    assert "no C++ compiler to build it with (CXX=" in done.stderr and "not found" in done.stderr
+
+
+def test_failed_build_falls_back_with_the_compiler_output(tmp_path):
+    reason = wheels_and_compiler()
+    if reason:
+        pytest.skip(reason)
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'fatal: this compiler is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    done = run_probe(tmp_path, CXX=str(broken))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "available False" in done.stdout
+    assert "building it failed" in done.stderr and "fatal: this compiler is broken" in done.stderr
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built is left to be loaded later
+
+
+def test_build_is_cached_per_toolchain_and_reused(tmp_path):
+    reason = wheels_and_compiler()
+    if reason:
+        pytest.skip(reason)
+    first = run_probe(tmp_path)
+    assert first.returncode == 0 and "available True choice onednn_winograd_f4" in first.stdout, first.stderr[-3000:]
+    (built,) = list((tmp_path / "cache").rglob("*.so"))
+    stamp = built.stat().st_mtime_ns
+    second = run_probe(tmp_path)
+    assert second.returncode == 0 and "available True" in second.stdout
+    assert [p for p in (tmp_path / "cache").rglob("*.so")] == [built] and built.stat().st_mtime_ns == stamp
+    # another compiler is another build, in its own directory
+    wrapper = tmp_path / "my-g++"
+    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('g++')} \"$@\"\n")
+    wrapper.chmod(0o755)
+    third = run_probe(tmp_path, CXX=str(wrapper))
+    assert third.returncode == 0 and "available True" in third.stdout, third.stderr[-3000:]
+    assert len(list((tmp_path / "cache").rglob("*.so"))) == 2
