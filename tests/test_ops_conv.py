@@ -143,14 +143,31 @@ def test_extension_algorithms_refuse_other_backends():
         assert "runs on CPU only (this backend is gpu)" in REGISTRY[name].refusal(g, "gpu")
 
 
-def test_auto_choice_per_backend_and_shape():
+def test_auto_choice_per_backend_shape_and_pass():
     g3 = Geometry(128, 16, 16, 128, 128, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
     g1 = Geometry(128, 16, 16, 128, 256, (1, 1), (2, 2), ((0, 0), (0, 0)), 1, "float32")
-    for g in (g3, g1):
-        assert choose(g, "gpu") == choose(g, "tpu") == "xla"  # cuDNN / the TPU compiler choose for themselves
-        assert REGISTRY[choose(g, "cpu")].refusal(g, "cpu") is None
+    stem = Geometry(128, 32, 32, 3, 64, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+    for g in (g3, g1, stem):
+        assert choose(g, "gpu") == choose(g, "tpu") == ("xla",) * 3  # cuDNN / the TPU compiler choose for themselves
+        assert all(REGISTRY[name].refusal(g, "cpu") is None for name in choose(g, "cpu"))
+        assert not any(REGISTRY[name].cpu_only for name in choose(g, "cpu", extension=False))
     if onednn.available():
-        assert choose(g3, "cpu") == "onednn_winograd_f4" and choose(g1, "cpu") == "onednn"
+        assert choose(g3, "cpu") == ("onednn_winograd_f4",) * 3 and choose(g1, "cpu") == ("onednn",) * 3
+        assert not any(REGISTRY[name].cpu_only for name in choose(stem, "cpu"))  # 3 channels starve oneDNN
+
+
+def test_passes_from_different_algorithms_compose_into_one_exact_convolution():
+    from resnet_jax.ops.conv import _composed
+
+    case = CASES[3]
+    ksize, stride, groups, *_, padding = case
+    x, k, dy = inputs(case, jnp.float32)
+    passes = ("im2col", "winograd_f2", "winograd_f4")
+    ours = value_and_grads(jax.jit(lambda a, b: _composed(a, b, None, None, (1, 1), padding, 1, False, passes)),
+                           x, k, dy)
+    want = value_and_grads(lambda a, b: reference(a, b, 1, padding, 1), x, k, dy)
+    for part, got, exp in zip(("output", "d/dinput", "d/dkernel"), ours, want):
+        assert_close(got, exp, 1e-4, part)
 
 
 def test_module_is_a_drop_in_for_nn_conv():

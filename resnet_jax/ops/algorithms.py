@@ -1,9 +1,11 @@
 """The convolution algorithms by name, what each can compute, and the per-shape choice behind "auto".
 
 Every algorithm computes exactly ``lax.conv_general_dilated`` (NHWC input, HWIO kernel, explicit padding,
-stride, groups) with its own custom VJP; they differ only in speed, which depends on the layer's shape, the
-dtype and the backend. ``choose`` is deterministic: a rule table measured on CPUs (BENCHMARKS.md, "Per-layer
-algorithms"), and XLA's own convolutions on GPU/TPU, whose libraries pick their own algorithms.
+stride, groups) in three passes: the forward, the input gradient and the kernel gradient. They differ only in
+speed, which depends on the layer's shape, the pass, the dtype and the backend, so a choice is a triple: one
+algorithm per pass (``conv.py`` joins them in one custom VJP). ``choose`` is deterministic: rules from the
+per-layer measurements on CPUs (BENCHMARKS.md, "Per-layer algorithms"), XLA's own convolutions on GPU/TPU,
+whose libraries pick their own algorithms.
 """
 
 from __future__ import annotations
@@ -43,12 +45,22 @@ class Geometry:
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
+    """One way to compute a convolution: its three passes and the shapes it can compute.
+
+    forward(x, kernel, strides, padding, groups) -> y
+    input_grad(dy, kernel, x_shape, strides, padding, groups) -> dx
+    kernel_grad(x, dy, kernel_shape, kernel_dtype, strides, padding, groups) -> dkernel
+    fused_forward(x, kernel, bias, residual, relu, strides, padding, groups) -> relu(y + bias + residual), for
+      algorithms that apply that epilogue inside their kernel (saving a pass over y); None for the others.
+    """
+
     name: str
-    conv: Callable  # (x, kernel, strides, padding, groups) -> y, differentiable
+    forward: Callable
+    input_grad: Callable
+    kernel_grad: Callable
     limits: Callable[[Geometry], str | None]  # None when it computes this geometry, else what it cannot do
     cpu_only: bool = False
-    # (x, kernel, bias, residual, strides, padding, groups, relu) -> y with the epilogue fused in, or None
-    fused: Callable | None = None
+    fused_forward: Callable | None = None
 
     def refusal(self, g: Geometry, backend: str) -> str | None:
         if self.cpu_only and backend != "cpu":
@@ -59,10 +71,6 @@ class Algorithm:
 
 def _any(g: Geometry) -> str | None:
     return None
-
-
-def _ungrouped(g: Geometry) -> str | None:
-    return "computes ungrouped convolutions only" if g.groups != 1 else None
 
 
 def _extension_limits(float32_only: bool):
@@ -81,44 +89,82 @@ def _both(*checks):
     return lambda g: next((r for r in (c(g) for c in checks) if r is not None), None)
 
 
-def _registry() -> dict[str, Algorithm]:
-    from resnet_jax.ops import gemm, matmul_grad, onednn, polyphase, winograd
-    from resnet_jax.ops.xla import xla_conv
+def _autodiff(name, forward, limits) -> Algorithm:
+    """An algorithm written as a differentiable forward: its gradients are autodiff's."""
+    from resnet_jax.ops import xla
 
-    def extension(kind):
-        def fused(x, kernel, bias, residual, strides, padding, groups, relu):
-            return onednn.conv(x, kernel, bias, residual, strides, padding, groups, relu, kind)
-        return fused
+    return Algorithm(name, forward, xla.input_grad_by_autodiff(forward), xla.kernel_grad_by_autodiff(forward), limits)
+
+
+def _extension() -> list[Algorithm]:
+    from resnet_jax.ops import onednn
 
     def unfused(fused):
-        return lambda x, kernel, strides, padding, groups: fused(x, kernel, None, None, strides, padding, groups,
-                                                                 False)
+        return lambda x, kernel, strides, padding, groups: fused(x, kernel, None, None, False, strides, padding,
+                                                                 groups)
+
+    def direct(x, kernel, bias, residual, relu, strides, padding, groups):
+        return onednn.forward(x, kernel, strides, padding, groups, bias, residual, relu)
+
+    table = [Algorithm("onednn", unfused(direct), onednn.backward_data, onednn.backward_weights,
+                       _extension_limits(False), True, direct)]
+    from resnet_jax.ops import winograd
+
+    for m in (2, 4):
+        def fused(x, kernel, bias, residual, relu, strides, padding, groups, m=m):
+            return onednn.winograd_forward(x, kernel, padding, m, bias, residual, relu)
+
+        table.append(Algorithm(
+            f"onednn_winograd_f{m}", unfused(fused),
+            lambda dy, kernel, x_shape, strides, padding, groups, m=m: onednn.winograd_backward_data(
+                dy, kernel, padding, m),
+            lambda x, dy, kernel_shape, kernel_dtype, strides, padding, groups, m=m:
+                onednn.winograd_backward_weights(x, dy, padding, m, kernel_dtype),
+            _both(winograd.limits, _extension_limits(True)), True, fused))
+    return table
+
+
+def _registry() -> dict[str, Algorithm]:
+    from resnet_jax.ops import gemm, matmul_grad, polyphase, winograd, xla
 
     table = [
-        Algorithm("xla", xla_conv, _any),
-        Algorithm("matmul_grad", matmul_grad.conv, _any),
-        Algorithm("im2col", matmul_grad.im2col, matmul_grad.im2col_limits),
-        Algorithm("gemm", gemm.conv, gemm.limits),
-        Algorithm("polyphase", polyphase.conv, polyphase.limits),
-        *(Algorithm(f"winograd_f{m}", winograd.algorithm(m), winograd.limits) for m in (2, 4)),
+        Algorithm("xla", xla.xla_conv, xla.input_grad, xla.kernel_grad, _any),
+        Algorithm("matmul_grad", xla.xla_conv, xla.input_grad, matmul_grad.kernel_grad, _any),
+        Algorithm("im2col", matmul_grad.im2col_forward, xla.input_grad, matmul_grad.kernel_grad,
+                  matmul_grad.im2col_limits),
+        _autodiff("gemm", gemm.forward, gemm.limits),
+        _autodiff("polyphase", polyphase.forward, polyphase.limits),
+        *(Algorithm(f"winograd_f{m}", *winograd.passes(m), winograd.limits) for m in (2, 4)),
         # C++ through jax.ffi, the optional CPU extension: oneDNN's direct kernels, and Winograd tiles around
         # oneDNN's matmul (float32), each with the epilogue fused
-        Algorithm("onednn", unfused(extension("direct")), _extension_limits(False), True, extension("direct")),
-        *(Algorithm(f"onednn_winograd_f{m}", unfused(extension(m)), _both(winograd.limits, _extension_limits(True)),
-                    True, extension(m)) for m in (2, 4)),
+        *_extension(),
     ]
     return {a.name: a for a in table}
 
 
 REGISTRY = _registry()
 ALGORITHMS: tuple[str, ...] = tuple(REGISTRY)
+CHOICES = ("auto", "jax")  # chosen per shape and pass: among all algorithms, or among the pure-JAX ones
+Passes = tuple[str, str, str]  # the algorithm of the forward, of the input gradient, of the kernel gradient
 
 
-def choose(g: Geometry, backend: str) -> str:
-    """The algorithm "auto" runs for this geometry on this backend."""
+def _usable(name: str, g: Geometry, backend: str) -> bool:
+    return REGISTRY[name].refusal(g, backend) is None
+
+
+def choose(g: Geometry, backend: str, extension: bool = True) -> Passes:
+    """The algorithms "auto" runs for this geometry on this backend, per pass ("jax": ``extension=False``).
+
+    Rules read off the per-layer tables (BENCHMARKS.md): on CPU the extension's Winograd F(4,3) wins every
+    pass of a 3x3 stride-1 layer (1.5-2.7x oneDNN's direct kernels) and oneDNN the other layers, except where
+    few input channels (the stem) starve its kernels and XLA's convolution with the patch-matmul kernel
+    gradient is 3x faster. Without the extension: XLA's forward and input gradient, with the kernel gradient as
+    a patch matmul.
+    """
     if backend != "cpu":
-        return "xla"
-    for name in ("onednn_winograd_f4", "onednn"):
-        if REGISTRY[name].refusal(g, backend) is None:
-            return name
-    return "matmul_grad"
+        return ("xla", "xla", "xla")
+    if extension and g.in_channels >= 8:
+        for name in ("onednn_winograd_f4", "onednn"):
+            if _usable(name, g, backend):
+                return (name, name, name)
+    return ("xla", "xla", "matmul_grad")

@@ -1,4 +1,5 @@
-"""``conv2d``: one NHWC convolution, computed by a named algorithm or the one ``choose`` picks for its shape.
+"""``conv2d``: one NHWC convolution, each pass (forward, input gradient, kernel gradient) computed by a named
+algorithm or by the one ``choose`` picks for its shape, joined in one custom VJP.
 
 The optional epilogue (``bias``, ``residual``, ``relu``) is what BatchNorm folding leaves after a convolution:
 ``relu(conv(x) + bias + residual)``. An algorithm that can fuse it (oneDNN's post-ops) does so and saves a pass
@@ -7,6 +8,7 @@ over the output; for the others it is plain ``jnp``, which XLA fuses into one el
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -14,9 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax.ops.algorithms import ALGORITHMS, REGISTRY, Geometry, choose
-
-Padding = tuple[tuple[int, int], tuple[int, int]]
+from resnet_jax.ops.algorithms import ALGORITHMS, CHOICES, REGISTRY, Geometry, Passes, choose
+from resnet_jax.ops.xla import xla_conv
 
 
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int] = (1, 1),
@@ -27,33 +28,75 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int] = (1, 1),
     (values and both gradients) for every algorithm within float32 rounding.
 
     ``padding`` is "SAME", "VALID" or explicit ``((top, bottom), (left, right))``. ``algorithm`` is one of
-    ``ALGORITHMS`` or "auto" (the fastest measured for this shape, dtype and backend). A forced algorithm that
-    cannot compute this convolution raises ``ValueError`` saying why, unless ``fallback`` (what a model's
-    ``conv_impl`` uses): then "auto" computes it instead.
+    ``ALGORITHMS`` (all three passes by that algorithm), "auto" (per pass, the fastest measured for this shape,
+    dtype and backend) or "jax" (the same among the pure-JAX algorithms: what "auto" does without the CPU
+    extension). A forced algorithm that cannot compute this convolution raises ``ValueError`` saying why,
+    unless ``fallback`` (what a model's ``conv_impl`` uses): then "auto" computes it instead.
     """
     strides = tuple(int(s) for s in strides)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     geometry = Geometry.of(x, kernel, strides, padding, groups)
-    backend = jax.default_backend()
-    name = choose(geometry, backend) if algorithm == "auto" else algorithm
-    if name not in REGISTRY:
-        raise ValueError(f"unknown convolution algorithm {algorithm!r}; choose one of {[*ALGORITHMS, 'auto']}")
-    refusal = REGISTRY[name].refusal(geometry, backend)
+    passes = resolve(algorithm, geometry, jax.default_backend(), fallback)
+    if passes == ("xla", "xla", "xla"):  # plain lax: keeps forward-mode autodiff (jvp, hessians) working
+        return _epilogue(xla_conv(x, kernel, strides, padding, groups), bias, residual, relu)
+    return _composed(x, kernel, bias, residual, strides, padding, groups, relu, passes)
+
+
+def resolve(algorithm: str, g: Geometry, backend: str, fallback: bool = False) -> Passes:
+    """The (forward, input gradient, kernel gradient) algorithms that ``conv2d(algorithm=...)`` runs."""
+    if algorithm in CHOICES:
+        return choose(g, backend, extension=algorithm == "auto")
+    if algorithm not in REGISTRY:
+        raise ValueError(f"unknown convolution algorithm {algorithm!r}; choose one of {[*ALGORITHMS, *CHOICES]}")
+    refusal = REGISTRY[algorithm].refusal(g, backend)
     if refusal and fallback:
-        name = choose(geometry, backend)
-    elif refusal:
+        return choose(g, backend)
+    if refusal:
         raise ValueError(f"{refusal}; use algorithm='auto' to pick one that can")
-    algo = REGISTRY[name]
-    if algo.fused is not None:
-        return algo.fused(x, kernel, bias, residual, strides, padding, groups, relu)
-    y = algo.conv(x, kernel, strides, padding, groups)
+    return (algorithm,) * 3
+
+
+def _epilogue(y, bias, residual, relu):
     if bias is not None:
         y = y + bias.astype(y.dtype)
     if residual is not None:
-        y = y + residual
+        y = y + residual.astype(y.dtype)
     return jax.nn.relu(y) if relu else y
+
+
+def _forward(x, kernel, bias, residual, strides, padding, groups, relu, name):
+    algorithm = REGISTRY[name]
+    if algorithm.fused_forward is not None:
+        bias = None if bias is None else bias.astype(x.dtype)
+        return algorithm.fused_forward(x, kernel, bias, residual, relu, strides, padding, groups)
+    return _epilogue(algorithm.forward(x, kernel, strides, padding, groups), bias, residual, relu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _composed(x, kernel, bias, residual, strides, padding, groups, relu, passes):
+    """The convolution with its epilogue, each pass computed by the algorithm ``passes`` names for it."""
+    return _forward(x, kernel, bias, residual, strides, padding, groups, relu, passes[0])
+
+
+def _composed_fwd(x, kernel, bias, residual, strides, padding, groups, relu, passes):
+    y = _forward(x, kernel, bias, residual, strides, padding, groups, relu, passes[0])
+    return y, (x, kernel, bias, residual, y if relu else None)
+
+
+def _composed_bwd(strides, padding, groups, relu, passes, saved, dy):
+    x, kernel, bias, residual, y = saved
+    if relu:
+        dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
+    dx = REGISTRY[passes[1]].input_grad(dy, kernel, x.shape, strides, padding, groups)
+    dk = REGISTRY[passes[2]].kernel_grad(x, dy, kernel.shape, kernel.dtype, strides, padding, groups)
+    dbias = None if bias is None else jnp.sum(dy, axis=(0, 1, 2), dtype=jnp.float32).astype(bias.dtype)
+    dresidual = None if residual is None else dy.astype(residual.dtype)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype), dbias, dresidual
+
+
+_composed.defvjp(_composed_fwd, _composed_bwd)
 
 
 class Conv(nn.Module):

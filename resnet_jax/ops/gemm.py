@@ -1,7 +1,7 @@
 """Algorithm "gemm": a 1x1 convolution is a matrix product over pixels (strided: subsample first).
 
 ``(N*H*W, Cin) @ (Cin, Cout)`` is the shape XLA's dot runs fastest; autodiff gives the two gradients as the two
-other products (``dy @ W^T`` scattered back to the kept pixels, and ``x^T @ dy``), so no custom VJP is needed.
+other products (``dy @ W^T`` scattered back to the kept pixels, and ``x^T @ dy``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def conv(x, kernel, strides, padding, groups):
+def forward(x, kernel, strides, padding, groups):
     sh, sw = strides
     if any(padding[0]) or any(padding[1]):
         x = jnp.pad(x, ((0, 0), *padding, (0, 0)))

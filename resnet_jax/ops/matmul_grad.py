@@ -1,21 +1,19 @@
-"""Algorithm "matmul_grad": XLA's own forward and input gradient, the kernel gradient as one matrix product.
+"""Kernel gradient (and, for "im2col", the forward too) as one matrix product over input patches.
 
 XLA:CPU lowers the gradient of a convolution with respect to its kernel to a convolution that runs ~8x below
-oneDNN at large spatial sizes (docs/cpu-convolution.md). Here d/dkernel is ``patches(x).T @ dy`` instead, where
-the patches are the k*k shifted (strided) slices of the padded input concatenated on the channel axis, in HWIO
-order, so the product reshapes straight into the kernel layout. Grouped convolutions (ResNeXt) keep XLA's
-gradient: the patch product would need one matmul per group.
+oneDNN at large spatial sizes (docs/cpu-convolution.md). ``kernel_grad`` computes it as ``patches(x).T @ dy``
+instead, where the patches are the k*k shifted (strided) slices of the padded input concatenated on the
+channel axis, in HWIO order, so the product reshapes straight into the kernel layout. Algorithm "matmul_grad"
+is XLA's forward and input gradient with this kernel gradient; "im2col" also computes the forward as
+``patches @ kernel``. Grouped convolutions keep XLA's kernel gradient (one product per group would be needed).
 """
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax.ops.xla import xla_conv
+from resnet_jax.ops import xla
 
 
 def patches(x: jnp.ndarray, kernel_hw: tuple[int, int], strides, padding, out_hw) -> jnp.ndarray:
@@ -28,53 +26,23 @@ def patches(x: jnp.ndarray, kernel_hw: tuple[int, int], strides, padding, out_hw
     return jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * x.shape[-1])
 
 
-def kernel_gradient(x, dy, kernel_shape, kernel_dtype, strides, padding):
-    """d/dkernel of a groups=1 convolution as one (kh*kw*Cin, N*Ho*Wo) @ (N*Ho*Wo, Cout) product."""
+def kernel_grad(x, dy, kernel_shape, kernel_dtype, strides, padding, groups):
+    """(kh*kw*Cin, N*Ho*Wo) @ (N*Ho*Wo, Cout): the product shape XLA's dot runs fastest."""
+    if groups != 1:
+        return xla.kernel_grad(x, dy, kernel_shape, kernel_dtype, strides, padding, groups)
     kh, kw, cin, cout = kernel_shape
     rows = patches(x, (kh, kw), strides, padding, dy.shape[1:3])
     dk = lax.dot_general(rows, dy.reshape(-1, cout), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return dk.reshape(kh, kw, cin, cout).astype(kernel_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv(x, kernel, strides, padding, groups):
-    return xla_conv(x, kernel, strides, padding, groups)
-
-
-def _fwd(x, kernel, strides, padding, groups):
-    return xla_conv(x, kernel, strides, padding, groups), (x, kernel)
-
-
-def _bwd(strides, padding, groups, saved, dy):
-    x, kernel = saved
-    _, input_vjp = jax.vjp(lambda x_: xla_conv(x_, kernel, strides, padding, groups), x)
-    (dx,) = input_vjp(dy)  # XLA's transposed convolution: already close to oneDNN on CPU
-    if groups != 1:
-        _, kernel_vjp = jax.vjp(lambda k_: xla_conv(x, k_, strides, padding, groups), kernel)
-        return dx, kernel_vjp(dy)[0]
-    return dx, kernel_gradient(x, dy, kernel.shape, kernel.dtype, strides, padding)
-
-
-conv.defvjp(_fwd, _bwd)
-
-
-# Algorithm "im2col": the forward pass as one matrix product too (patches @ kernel rows); same backward.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def im2col(x, kernel, strides, padding, groups):
-    return _im2col_forward(x, kernel, strides, padding)
-
-
-def _im2col_forward(x, kernel, strides, padding):
+def im2col_forward(x, kernel, strides, padding, groups):
     kh, kw, cin, cout = kernel.shape
     ho = (x.shape[1] + sum(padding[0]) - kh) // strides[0] + 1
     wo = (x.shape[2] + sum(padding[1]) - kw) // strides[1] + 1
     rows = patches(x, (kh, kw), strides, padding, (ho, wo))
     y = lax.dot_general(rows, kernel.reshape(-1, cout), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return y.reshape(x.shape[0], ho, wo, cout).astype(x.dtype)
-
-
-im2col.defvjp(lambda x, kernel, strides, padding, groups: (_im2col_forward(x, kernel, strides, padding), (x, kernel)),
-              _bwd)
 
 
 def im2col_limits(g) -> str | None:

@@ -198,42 +198,7 @@ def winograd_backward_data(dy, kernel, padding, m):
     return winograd_forward(dy, flipped, ((2 - top, 2 - bottom), (2 - left, 2 - right)), m)
 
 
-def winograd_backward_weights(x, dy, padding, m):
-    return _call(TARGETS[4], (3, 3, x.shape[-1], dy.shape[-1]), x.dtype, x, dy,
-                 padding=_geometry((1, 1), padding, 1)["padding"], m=np.int64(m))
-
-
-# kernel: "direct" (oneDNN's convolution primitives) or 2 / 4 (Winograd F(m x m, 3 x 3) around oneDNN's matmul)
-def _forward(kernel_kind, x, kernel, bias, residual, strides, padding, groups, relu):
-    if kernel_kind == "direct":
-        return forward(x, kernel, strides, padding, groups, bias, residual, relu)
-    return winograd_forward(x, kernel, padding, kernel_kind, bias, residual, relu)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def conv(x, kernel, bias, residual, strides, padding, groups, relu, kernel_kind="direct"):
-    """The differentiable extension convolution with its optional epilogue (bias, residual add, ReLU)."""
-    return _forward(kernel_kind, x, kernel, bias, residual, strides, padding, groups, relu)
-
-
-def _conv_fwd(x, kernel, bias, residual, strides, padding, groups, relu, kernel_kind):
-    y = _forward(kernel_kind, x, kernel, bias, residual, strides, padding, groups, relu)
-    return y, (x, kernel, bias, residual, y if relu else None)
-
-
-def _conv_bwd(strides, padding, groups, relu, kernel_kind, saved, dy):
-    x, kernel, bias, residual, y = saved
-    if relu:
-        dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
-    if kernel_kind == "direct":
-        dx = backward_data(dy, kernel, x.shape, strides, padding, groups)
-        dk = backward_weights(x, dy, kernel.shape, kernel.dtype, strides, padding, groups)
-    else:
-        dx = winograd_backward_data(dy, kernel, padding, kernel_kind)
-        dk = winograd_backward_weights(x, dy, padding, kernel_kind)
-    dbias = None if bias is None else jnp.sum(dy, axis=(0, 1, 2), dtype=jnp.float32).astype(bias.dtype)
-    dresidual = None if residual is None else dy.astype(residual.dtype)
-    return dx, dk, dbias, dresidual
-
-
-conv.defvjp(_conv_fwd, _conv_bwd)
+def winograd_backward_weights(x, dy, padding, m, kernel_dtype=None):
+    dk = _call(TARGETS[4], (3, 3, x.shape[-1], dy.shape[-1]), x.dtype, x, dy,
+               padding=_geometry((1, 1), padding, 1)["padding"], m=np.int64(m))
+    return dk if kernel_dtype is None else dk.astype(kernel_dtype)

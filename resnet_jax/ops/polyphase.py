@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from resnet_jax.ops.xla import xla_conv
 
 
-def conv(x, kernel, strides, padding, groups):
+def forward(x, kernel, strides, padding, groups):
     kh, kw = kernel.shape[:2]
     ho = (x.shape[1] + sum(padding[0]) - kh) // 2 + 1
     wo = (x.shape[2] + sum(padding[1]) - kw) // 2 + 1

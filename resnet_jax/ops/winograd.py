@@ -18,9 +18,6 @@ convolution inside a model on CPU (BENCHMARKS.md), so "auto" does not pick it th
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -125,23 +122,6 @@ def backward_weights(x, dy, padding, m, kernel_dtype):
     return dw.astype(kernel_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x, kernel, padding, m):
-    return forward(x, kernel, padding, m)
-
-
-def _fwd(x, kernel, padding, m):
-    return forward(x, kernel, padding, m), (x, kernel)
-
-
-def _bwd(padding, m, saved, dy):
-    x, kernel = saved
-    return backward_data(dy, kernel, padding, m), backward_weights(x, dy, padding, m, kernel.dtype)
-
-
-conv.defvjp(_fwd, _bwd)
-
-
 def limits(g) -> str | None:
     pads_ok = all(0 <= p <= 2 for side in g.padding for p in side)
     if g.kernel != (3, 3) or g.strides != (1, 1) or g.groups != 1 or not pads_ok:
@@ -149,6 +129,9 @@ def limits(g) -> str | None:
     return None
 
 
-def algorithm(m):
-    """``conv(x, kernel, strides, padding, groups)`` for the registry."""
-    return lambda x, kernel, strides, padding, groups: conv(x, kernel, padding, m)
+def passes(m):
+    """(forward, input_grad, kernel_grad) in the registry's signatures."""
+    return (lambda x, kernel, strides, padding, groups: forward(x, kernel, padding, m),
+            lambda dy, kernel, x_shape, strides, padding, groups: backward_data(dy, kernel, padding, m),
+            lambda x, dy, kernel_shape, kernel_dtype, strides, padding, groups: backward_weights(
+                x, dy, padding, m, kernel_dtype))
