@@ -29,11 +29,14 @@ class Case:
     device: str  # "cpu" or "gpu"
     num_classes: int = 1000
     stage_sizes: tuple[int, ...] | None = None  # None: the named model's; smoke tests use one block per stage
+    channels: int = 3
 
 
 CASES = {
     "resnet18_cifar_cpu": Case("resnet18_cifar_cpu", "resnet18_cifar", 128, 32, "float32", "cpu", 10),
     "resnet50_cpu": Case("resnet50_cpu", "resnet50", 32, 224, "float32", "cpu"),
+    # the default run (train/configs/default.py): ResNet-20 on the 8x8 digits upsampled to 16 px, greyscale
+    "resnet20_digits_cpu": Case("resnet20_digits_cpu", "resnet20", 64, 16, "float32", "cpu", 10, channels=1),
     "resnet50_gpu_bf16": Case("resnet50_gpu_bf16", "resnet50", 256, 224, "bfloat16", "gpu"),
 }
 
@@ -41,7 +44,8 @@ CASES = {
 def quick(case: Case) -> Case:
     """The smoke-test version of a case: same block type and precision, one block per stage, batch 2, 32px
     (compiling the full ResNet-50 step alone takes minutes on a 2-core machine)."""
-    return Case(case.name, case.model, 2, 32, case.dtype, case.device, case.num_classes, (1, 1, 1, 1))
+    stages = (1,) * (3 if case.model in CIFAR_DEPTHS else 4)
+    return Case(case.name, case.model, 2, 32, case.dtype, case.device, case.num_classes, stages, case.channels)
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -81,7 +85,8 @@ def jax_model(case: Case, **overrides):
     dtype = jnp.bfloat16 if case.dtype == "bfloat16" else jnp.float32
     if case.stage_sizes:
         overrides["stage_sizes"] = case.stage_sizes
-    return create_model(case.model, num_classes=case.num_classes, dtype=dtype, **overrides)
+    return create_model(case.model, num_classes=case.num_classes, dtype=dtype, in_channels=case.channels,
+                        **overrides)
 
 
 def optimizer():
@@ -94,7 +99,7 @@ def jax_batch(case: Case, seed: int = 0):
     import jax
     import jax.numpy as jnp
     kx, ky = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (case.batch, case.image, case.image, 3), jnp.float32)
+    x = jax.random.normal(kx, (case.batch, case.image, case.image, case.channels), jnp.float32)
     y = jax.random.randint(ky, (case.batch,), 0, case.num_classes)
     return x, y
 
@@ -136,17 +141,55 @@ def jax_runner(model, case: Case, train: bool) -> Callable[[], None]:
             holder[0], loss = step(holder[0], x, y)
             loss.block_until_ready()
         return run
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
-    infer = jax.jit(functools.partial(model.apply, train=False))
+    from resnet_jax.ops import fold_batchnorm
+    # inference as evaluation and prediction run it: BatchNorm folded into the convolutions
+    folded_model, variables = fold_batchnorm(model, jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), x))
+    infer = jax.jit(functools.partial(folded_model.apply, train=False))
     return lambda: infer(variables, x).block_until_ready()
 
 
 # ---------------------------------------------------------------- PyTorch side
 
 
+CIFAR_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
+
+
+def torch_cifar_resnet(blocks_per_stage, num_classes, in_channels, stage_sizes=None):
+    """He et al.'s CIFAR ResNet (widths 16/32/64, parameter-free "option A" shortcuts) in torch, as ours:
+    torchvision has none, and the benchmark's peer must do the same work."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+            self.stride, self.extra = stride, cout - cin
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            shortcut = x[:, :, ::self.stride, ::self.stride]
+            if self.extra:
+                shortcut = nn.functional.pad(shortcut, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+            return torch.relu(y + shortcut)
+
+    layers, cin = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    for stage, width in enumerate((16, 32, 64)):
+        for j in range(stage_sizes[stage] if stage_sizes else blocks_per_stage):
+            layers.append(Block(cin, width, 2 if stage and not j else 1))
+            cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+    return nn.Sequential(*layers)
+
+
 def torch_model(case: Case):
     import torch
     import torchvision
+    if case.model in CIFAR_DEPTHS:
+        return torch_cifar_resnet(CIFAR_DEPTHS[case.model], case.num_classes, case.channels, case.stage_sizes)
     model = getattr(torchvision.models, case.model.removesuffix("_cifar"))(num_classes=case.num_classes)
     if case.stage_sizes:
         block = type(model.layer1[0])
@@ -163,7 +206,7 @@ def torch_runner(case: Case, train: bool, channels_last: bool, compile: bool) ->
     dev = "cuda" if case.device == "gpu" else "cpu"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = torch_model(case).to(dev, memory_format=fmt)
-    x = torch.randn(case.batch, 3, case.image, case.image, device=dev).to(memory_format=fmt)
+    x = torch.randn(case.batch, case.channels, case.image, case.image, device=dev).to(memory_format=fmt)
     y = torch.randint(0, case.num_classes, (case.batch,), device=dev)
     amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16")
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)

@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from benchmarks import common
-from train.allocator import preload_tcmalloc
+from resnet_jax.allocator import preload_tcmalloc
 
 
 def child(args) -> dict:

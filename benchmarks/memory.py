@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 from benchmarks import common
-from train.allocator import preload_tcmalloc
+from resnet_jax.allocator import preload_tcmalloc
 
 MB = 2 ** 20
 

@@ -1,12 +1,14 @@
 """Training-step and inference throughput, this project vs torchvision, same model/batch/precision, one process.
 
-    python -m benchmarks.train_step                      # the CPU cases (ResNet-18 CIFAR b128, ResNet-50 b32)
+    python -m benchmarks.train_step                      # the CPU cases (ResNet-18 CIFAR b128, ResNet-50 b32,
+                                                         # the digits ResNet-20 b64 16 px)
     python -m benchmarks.train_step --device gpu         # ResNet-50 224px batch 256 bf16 (torch: AMP + channels_last)
     python -m benchmarks.train_step --quick              # smoke test: batch 2, 32px, 1 step
     python -m benchmarks.train_step --dtype bfloat16     # the CPU cases in bf16 (CPUs with AVX-512 BF16 / AMX)
 
-Ours runs with each ``conv_impl``; torch runs NCHW, channels_last and (unless --no-compile) torch.compile of the
-faster layout. Ratios compare our best variant with torch's best variant.
+Ours runs with each ``conv_impl`` (default: "auto", and "jax": the pure-JAX algorithms, i.e. without the
+optional CPU extension); torch runs NCHW, channels_last and (unless --no-compile) torch.compile of the faster
+layout. Ratios compare each of ours with torch's best variant.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import dataclasses
 import os
 
 from benchmarks import common
-from train.allocator import preload_tcmalloc
+from resnet_jax.allocator import preload_tcmalloc
 
 
 def parse_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--case", action="append", choices=sorted(common.CASES), help="default: all for --device")
     p.add_argument("--mode", action="append", choices=["train", "inference"], help="default: both")
-    p.add_argument("--conv-impl", action="append", help="ours' conv_impl values (default: xla, matmul_grad)")
+    p.add_argument("--conv-impl", action="append", help="ours' conv_impl values (default: auto, jax)")
     p.add_argument("--batch", type=int), p.add_argument("--image-size", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the case's compute precision "
                    "(bfloat16: ours dtype=bfloat16, torch autocast bf16; parameters stay float32 on both sides)")
@@ -44,7 +46,7 @@ def variants(case, mode, args):
     from resnet_jax.resnet import CONV_IMPLS  # noqa: F401  (validates names via create_model)
     train = mode == "train"
     runners = {}
-    for impl in args.conv_impl or ["xla", "matmul_grad"]:
+    for impl in args.conv_impl or ["auto", "jax"]:
         runners[f"jax conv_impl={impl}"] = common.jax_runner(common.jax_model(case, conv_impl=impl), case, train)
     if args.torch:
         runners["torch NCHW"] = common.torch_runner(case, train, channels_last=False, compile=False)

@@ -22,13 +22,14 @@ def run_script(module, tmp_path, *extra):
     return proc.stdout, data["results"]
 
 
-def test_train_step_smoke(tmp_path):
+@pytest.mark.parametrize("case", ["resnet18_cifar_cpu", "resnet20_digits_cpu"])
+def test_train_step_smoke(tmp_path, case):
     pytest.importorskip("torch")
-    stdout, results = run_script("benchmarks.train_step", tmp_path, "--case", "resnet18_cifar_cpu",
-                                 "--conv-impl", "matmul_grad", "--no-compile")
+    stdout, results = run_script("benchmarks.train_step", tmp_path, "--case", case, "--no-compile")
     variants = {(r["mode"], r["variant"]) for r in results}
     for mode in ("train", "inference"):
-        assert {(mode, "jax conv_impl=matmul_grad"), (mode, "torch NCHW"), (mode, "torch channels_last")} <= variants
+        expected = {"jax conv_impl=auto", "jax conv_impl=jax", "torch NCHW", "torch channels_last"}
+        assert {(mode, v) for v in expected} <= variants
     assert all(r["images_per_s"] > 0 and r["ratio_to_torch_best"] > 0 for r in results)
     assert "ours best / torch best" in stdout
 
@@ -49,6 +50,12 @@ def test_memory_smoke(tmp_path):
 def test_conv_layers_smoke(tmp_path):
     pytest.importorskip("torch")
     stdout, results = run_script("benchmarks.conv_layers", tmp_path)
-    rates = ("forward_xla", "forward_torch", "backward_xla", "backward_matmul_grad", "backward_torch")
-    assert len(results) == 2 and all(r[f"{k}_gflops"] > 0 for r in results for k in rates)
-    assert "matmul 256x256x256" in stdout and "summed over the network" in stdout
+    from resnet_jax.ops import ALGORITHMS
+
+    assert len(results) == 2
+    for r in results:  # the first two layers of ResNet-18-CIFAR: 3x3 stride 1, every algorithm that computes them
+        for rates in r["gflops"].values():
+            assert {"xla", "matmul_grad", "winograd_f2", "winograd_f4", "torch"} <= set(rates) <= {*ALGORITHMS, "torch"}
+            assert all(v > 0 for v in rates.values())
+        assert len(r["auto"]) == len(r["jax"]) == 3 and set(r["auto"]) <= set(ALGORITHMS)
+    assert "summed over each model's convolutions" in stdout
