@@ -98,3 +98,19 @@ def test_build_is_cached_per_toolchain_and_reused(tmp_path):
     third = run_probe(tmp_path, CXX=str(wrapper))
     assert third.returncode == 0 and "available True" in third.stdout, third.stderr[-3000:]
     assert len(list((tmp_path / "cache").rglob("*.so"))) == 2
+
+
+@pytest.mark.parametrize("call", [
+    "onednn.backward_weights(x, x, (3, 3, 8, 8), x.dtype, (1, 1), ((1, 1), (1, 1)), 1)",
+    "onednn.backward_data(x, jnp.ones((3, 3, 8, 8)), x.shape, (1, 1), ((1, 1), (1, 1)), 1)",
+    "onednn.winograd_backward_weights(x, x, ((1, 1), (1, 1)), 4)",
+])
+def test_each_pass_loads_the_extension_when_called_first(tmp_path, call):
+    """A process whose first use of the extension is a backward pass must find its FFI targets registered."""
+    reason = wheels_and_compiler()
+    if reason:
+        pytest.skip(reason)
+    code = f"import jax, jax.numpy as jnp\nfrom resnet_jax.ops import onednn\nx = jnp.ones((2, 6, 6, 8))\n" \
+           f"print(jax.jit(lambda x: {call})(x).shape)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]

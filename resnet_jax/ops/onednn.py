@@ -159,13 +159,13 @@ def _output_shape(x_shape, kernel_shape, strides, padding):
 
 
 def _call(target: str, shape, dtype, *operands, **attrs):
+    _load()  # registers the targets (once); raises OnednnUnavailable where it cannot
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")(
         *operands, **attrs)
 
 
 def forward(x, kernel, strides, padding, groups, bias=None, residual=None, relu=False):
     """``relu(conv(x, kernel) + bias + residual)`` in one oneDNN call (bias, residual, relu optional)."""
-    _load()
     extra = [a for a in (bias, residual) if a is not None]
     return _call(TARGETS[0], _output_shape(x.shape, kernel.shape, strides, padding), x.dtype, x, kernel, *extra,
                  has_bias=np.int64(bias is not None), has_residual=np.int64(residual is not None),
@@ -182,7 +182,6 @@ def backward_weights(x, dy, kernel_shape, kernel_dtype, strides, padding, groups
 
 def winograd_forward(x, kernel, padding, m, bias=None, residual=None, relu=False):
     """A 3x3 stride-1 convolution by Winograd F(m x m, 3 x 3), with the same optional epilogue as ``forward``."""
-    _load()
     extra = [a for a in (bias, residual) if a is not None]
     return _call(TARGETS[3], _output_shape(x.shape, kernel.shape, (1, 1), padding), x.dtype, x, kernel, *extra,
                  padding=_geometry((1, 1), padding, 1)["padding"], m=np.int64(m),
