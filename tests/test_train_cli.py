@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from training_helpers import REPO, snapshot, worker_env
+from training_helpers import REPO, snapshot, spawn, worker_env  # noqa: F401
 
 
 def run(*args, timeout=900):
@@ -70,13 +70,12 @@ def test_bad_config_is_one_clear_sentence(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_exits_75_with_a_checkpoint_and_a_changed_seed_is_refused_with_exit_1(tmp_path):
+def test_sigterm_exits_75_with_a_checkpoint_and_a_changed_seed_is_refused_with_exit_1(tmp_path, spawn):
     workdir = tmp_path / "run"
     args = ["train", f"--workdir={workdir}", "--config.progress_bar=False", "--config.max_steps=300",
             "--config.checkpoint_every_steps=5", "--config.log_every_steps=5",
             f"--config.compilation_cache_dir={tmp_path / 'jit-cache'}"]
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = spawn([sys.executable, "-m", *args], worker_env())  # PYTHONPATH finds the repository
     deadline = time.monotonic() + 600
     while not (workdir / "checkpoints" / "5").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

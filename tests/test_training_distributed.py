@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import unflatten_dict
 
-from training_helpers import direct_metrics, run_worker, tiny_config, worker_command, worker_env
+from training_helpers import (direct_metrics, process_groups, run_worker, snapshot, spawn,  # noqa: F401
+                              tiny_config, worker_command, worker_env)
 
 STEPS = 6  # device layouts are compared over the first steps (see the 2 x 2 vs 1 x 4 test for why)
 PREEMPTED = 75
@@ -32,15 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_processes(workdir, npz=None, port=None, **kw):
-    """The two processes of one run, each in its own process group so a signal can reach just one."""
-    port = port or free_port()
+def start_processes(spawn, workdir, npz=None, **kw):
+    """The two processes of one run (2 devices each), each in its own process group so a signal can reach one."""
+    port = free_port()
     procs = []
     for pid in range(2):
         cfg = config(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid, **kw)
         command = worker_command(workdir, cfg) + ([str(npz)] if npz and pid == 0 else [])
-        procs.append(subprocess.Popen(command, env=worker_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))
+        procs.append(spawn(command, worker_env(2)))
     return procs
 
 
@@ -78,7 +78,8 @@ def four_devices(tmp_path_factory):
 def two_processes(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mp")
     npz = workdir.parent / f"{workdir.name}.npz"
-    result = finish(start_processes(workdir, npz))[0]
+    with process_groups() as start:
+        result = finish(start_processes(start, workdir, npz))[0]
     return workdir, result, npz
 
 
@@ -129,14 +130,14 @@ def test_evaluation_over_devices_and_processes_counts_every_example_once(four_de
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_a_signal_to_one_process_stops_both_at_the_same_step_and_they_resume_exactly(tmp_path):
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_they_resume_exactly(tmp_path, spawn):
     """SIGINT (Ctrl-C) reaches process 1 only; process 0 learns of it through the per-step agreement. Both save
     one checkpoint, exit with the preemption code, and a restart of both ends bitwise where an uninterrupted
     two-process run ends: a multi-process save and resume."""
     long = dict(max_steps=16, checkpoint_every_steps=4)
-    uninterrupted = finish(start_processes(tmp_path / "uninterrupted", **long))[0]
+    uninterrupted = finish(start_processes(spawn, tmp_path / "uninterrupted", **long))[0]
     workdir = tmp_path / "mp"
-    procs = start_processes(workdir, **long)
+    procs = start_processes(spawn, workdir, **long)
     deadline = time.monotonic() + 600
     while not (workdir / "checkpoints" / "4").exists() and time.monotonic() < deadline:
         assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
@@ -149,7 +150,13 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_they_resume_exa
     assert 4 <= stopped < 16
     assert max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == stopped
 
-    resumed = finish(start_processes(workdir, **long))[0]
+    before = snapshot(workdir)  # one process cannot take over: each process saved its own data position
+    alone = subprocess.run(worker_command(workdir, config(**long)), env=worker_env(4), capture_output=True,
+                           text=True, timeout=300)
+    assert alone.returncode != 0 and "was written by 2 process(es) and this run has 1" in alone.stderr
+    assert snapshot(workdir) == before
+
+    resumed = finish(start_processes(spawn, workdir, **long))[0]
     assert resumed["resumed_from"] == stopped
     assert resumed["params_digest"] == uninterrupted["params_digest"]
 

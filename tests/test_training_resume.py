@@ -1,24 +1,25 @@
 """A run stopped mid-epoch by SIGKILL or SIGTERM and started again ends bitwise identical to one that never stopped.
 
 Real processes and real signals. Every config here has mixup and CutMix on (they draw random numbers every step)
-and pad-crop-flip augmentation (random per example), so a resume that replayed the wrong step or batch shows in
-the parameters. Checkpoints every 7 steps and log rows every 20 never coincide in the second epoch (steps 45-88),
-so any checkpoint restored there is mid-epoch *and* mid-logging-window: the restored metric sums are exercised.
+and pad-crop-flip augmentation (random per example), so a resume that replayed the wrong step, batch or random
+stream shows in the parameters. Checkpoints every 11 steps and log rows every 20 never coincide within the run
+(88 steps), so any checkpoint restored is mid logging window (the restored metric sums are exercised), and the
+row at step 60 comes 5 steps after the checkpoint at 55 and 6 before the next one: a kill right after that row
+leaves a row the resumed run must drop.
 """
 
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
-from training_helpers import run_worker, tiny_config, worker_command, worker_env
+from training_helpers import run_worker, spawn, tiny_config, worker_command, worker_env  # noqa: F401
 
 STEPS_PER_EPOCH = 1437 // 32  # 44
 TOTAL = 2 * STEPS_PER_EPOCH
-LOG_EVERY, CHECKPOINT_EVERY = 20, 7
+LOG_EVERY, CHECKPOINT_EVERY = 20, 11
 PREEMPTED = 75
 
 
@@ -44,35 +45,37 @@ def checkpoint_steps(workdir):
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def start(workdir, cfg):
-    """The worker in its own process group, so a signal can reach it and its data workers together, as a
-    terminal's Ctrl-C or a scheduler's kill does."""
-    return subprocess.Popen(worker_command(workdir, cfg), env=worker_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for(path, proc):
+def wait_for(ready, proc):
     deadline = time.monotonic() + 600
-    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
 
 
+def logged_step(workdir, step):
+    path = workdir / "metrics.jsonl"
+    return lambda: path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()
+                                         if line.endswith("}"))
+
+
 @pytest.mark.slow
-def test_sigkill_mid_logging_window_with_data_workers_resumes_bitwise(reference, tmp_path):
+def test_sigkill_mid_logging_window_with_data_workers_resumes_bitwise(reference, tmp_path, spawn):
     ref_dir, ref = reference
     workdir = tmp_path / "killed"
     cfg = config(num_workers=2)  # batches do not depend on the worker count; the iterator state does
-    proc = start(workdir, cfg)
-    wait_for(workdir / "checkpoints" / str(STEPS_PER_EPOCH + 5), proc)  # step 49: the second epoch
+    proc = spawn(worker_command(workdir, cfg), worker_env())
+    row_60, checkpoint_55 = logged_step(workdir, 60), workdir / "checkpoints" / "55"
+    wait_for(lambda: row_60() and checkpoint_55.exists(), proc)  # the save is asynchronous: either comes first
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group, data workers too, like a VM going away
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
+    last_checkpoint = checkpoint_steps(workdir)[-1]
+    assert max(r["step"] for r in metric_rows(workdir)) > last_checkpoint  # rows the resume must drop
 
     resumed = run_worker(workdir, cfg)
-    start_step = resumed["resumed_from"]
-    assert start_step is not None and STEPS_PER_EPOCH < start_step < TOTAL, resumed
-    assert start_step % LOG_EVERY and start_step % STEPS_PER_EPOCH  # mid window, mid epoch
+    assert resumed["resumed_from"] == last_checkpoint
+    assert STEPS_PER_EPOCH < last_checkpoint < TOTAL
+    assert last_checkpoint % LOG_EVERY and last_checkpoint % STEPS_PER_EPOCH  # mid window, mid epoch
     assert not (workdir / "checkpoints_damaged").exists() and not (workdir / "previous_runs").exists()
     assert resumed["step"] == ref["step"] == TOTAL
     assert resumed["params_digest"] == ref["params_digest"]
@@ -80,12 +83,12 @@ def test_sigkill_mid_logging_window_with_data_workers_resumes_bitwise(reference,
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_saves_a_checkpoint_and_resumes_bitwise(reference, tmp_path):
+def test_sigterm_mid_epoch_saves_a_checkpoint_and_resumes_bitwise(reference, tmp_path, spawn):
     ref_dir, ref = reference
     workdir = tmp_path / "preempted"
     cfg = config(checkpoint_every_steps=1000)  # no periodic checkpoint: the one found after the stop is its own
-    proc = start(workdir, cfg)
-    wait_for(workdir / "metrics.jsonl", proc)  # the first log row, step 20
+    proc = spawn(worker_command(workdir, cfg), worker_env())
+    wait_for(logged_step(workdir, LOG_EVERY), proc)
     os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == PREEMPTED, err[-3000:]

@@ -4,9 +4,12 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).with_name("train_worker.py"))
@@ -46,6 +49,35 @@ def worker_env(devices: int | None = None) -> dict:
 
 def worker_command(workdir, config) -> list[str]:
     return [sys.executable, WORKER, str(workdir), json.dumps(config.to_dict())]
+
+
+@contextlib.contextmanager
+def process_groups():
+    """``start(command, env)`` runs a command in its own process group, so a signal can reach one run and its
+    data workers together (as a terminal's Ctrl-C or a scheduler's kill does) or one process of several.
+    Whatever is still running when the block ends, passed or failed, is killed with its group."""
+    started = []
+
+    def start(command, env):
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+@pytest.fixture
+def spawn():
+    """``process_groups`` for one test."""
+    with process_groups() as start:
+        yield start
 
 
 def run_worker(workdir, config, devices: int | None = None, timeout: int = 600, extra_args=()) -> dict:
