@@ -1,16 +1,24 @@
-"""Flax variables <-> torchvision ``state_dict``: names, layouts, and one strict report of every mismatch.
+"""Flax variables <-> PyTorch ``state_dict`` in torchvision's or timm's names, with one strict report of every
+mismatch.
 
-The mapping is a table of rules, each a torchvision name pattern, the Flax path it becomes and the layout
-change (conv OIHW <-> HWIO, linear transpose), plus a module-path rename (``layer1.0`` <-> ``layer1_0``,
-``downsample.0/1`` <-> ``downsample/conv|bn``). One loop applies it in each direction, and the export is
-defined as the inverse of the import, so the two cannot drift apart. Because the rules are about *kinds* of
-layers, not a list of keys, they cover every model ``create_model`` builds: torchvision's own ten models
-match torchvision exactly, and the variants (CIFAR stems, pre-activation, ResNet-D) round-trip through the
-same names (``conv1_0``, ``bn_final``...) even though torchvision has no such model.
+The mapping is two tables and one loop. ``MODULES`` renames module paths (``layer1.0.conv1`` <->
+``layer1_0/conv1``); ``PARAMS`` says, per kind of Flax module (conv, BatchNorm, the ``fc`` head), which tensor
+becomes which variable and how its layout changes (conv OIHW <-> HWIO, linear transpose). A *naming* is a set of
+``MODULES`` rows: torchvision's, or timm's, which spells the same modules differently only where ResNet-D differs
+from torchvision (the deep stem ``conv1.0/1/3/4/6`` and the average-pool shortcut ``downsample.1/2``), so its rows
+name the model settings (``stem``, ``shortcut``) they apply to. The export is defined as the inverse of the import
+and a name is accepted only in the spelling the export would write, so the two directions cannot drift apart and
+one naming's file never loads under the other's.
+
+Because the rules are about *kinds* of layers, not a list of keys, they cover every model ``create_model`` builds:
+torchvision's ten models match torchvision exactly, timm's fifteen shared names (``TIMM_MODELS``) match timm, and
+the variants no one else has (CIFAR stems, pre-activation) round-trip through torchvision-style names
+(``conv1_0``, ``bn_final``...).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any, Callable, Mapping
@@ -20,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from resnet_jax.resnet import ResNet, create_model
+from resnet_jax.resnet import ResNet, create_model, model_config
 from resnet_jax.torch_file import load_state_dict, save_state_dict
 
 Layout = Callable[[np.ndarray], np.ndarray]
+NAMINGS = ("torchvision", "timm")
 
 
 def _same(a: np.ndarray) -> np.ndarray:
@@ -42,69 +51,131 @@ def _transpose(a: np.ndarray) -> np.ndarray:
     return a.T
 
 
-# (torchvision module pattern, parameter name, Flax path template or None to drop it, import layout, export
-# layout). The first rule whose "<module>.<parameter>" matches wins; the module path is renamed by _MODULE_RENAMES.
-_CONV = r"(?:[^.]+\.)*(?:conv\w*|downsample\.0)"
-RULES: tuple[tuple[str, str, str | None, Layout, Layout], ...] = (
-    (_CONV, "weight", "params/{m}/kernel", _oihw_to_hwio, _hwio_to_oihw),
-    ("fc", "weight", "params/{m}/kernel", _transpose, _transpose),
-    ("fc", "bias", "params/{m}/bias", _same, _same),
-    (".+", "weight", "params/{m}/scale", _same, _same),  # BatchNorm
-    (".+", "bias", "params/{m}/bias", _same, _same),
-    (".+", "running_mean", "batch_stats/{m}/mean", _same, _same),
-    (".+", "running_var", "batch_stats/{m}/var", _same, _same),
-    (".+", "num_batches_tracked", None, _same, _same),  # a training counter Flax has no use for
+# Module paths: (namings, torch path, Flax path, model settings the row needs). {i}/{j} are stage and block
+# numbers, {name} one path component. The first row that applies and matches wins, in either direction.
+_DEEP, _AVG = {"stem": "deep"}, {"shortcut": "avg_pool"}
+MODULES: tuple[tuple[tuple[str, ...], str, str, dict[str, Any]], ...] = (
+    # timm's deep stem is one Sequential (2 and 5 are its ReLUs), closed by bn1 as the plain stem is
+    (("timm",), "conv1.0", "conv1_0", _DEEP),
+    (("timm",), "conv1.1", "bn1_0", _DEEP),
+    (("timm",), "conv1.3", "conv1_1", _DEEP),
+    (("timm",), "conv1.4", "bn1_1", _DEEP),
+    (("timm",), "conv1.6", "conv1_2", _DEEP),
+    (("timm",), "bn1", "bn1_2", _DEEP),
+    # timm's average-pool shortcut: downsample.0 is the pool (an Identity at stride 1), which has no parameters
+    (("timm",), "layer{i}.{j}.downsample.1", "layer{i}_{j}/downsample/conv", _AVG),
+    (("timm",), "layer{i}.{j}.downsample.2", "layer{i}_{j}/downsample/bn", _AVG),
+    (NAMINGS, "layer{i}.{j}.downsample.0", "layer{i}_{j}/downsample/conv", {}),
+    (NAMINGS, "layer{i}.{j}.downsample.1", "layer{i}_{j}/downsample/bn", {}),
+    (NAMINGS, "layer{i}.{j}.{name}", "layer{i}_{j}/{name}", {}),
+    (NAMINGS, "{name}", "{name}", {}),
 )
-# (torchvision module-path pattern, Flax replacement), and back; applied in order.
-_MODULE_RENAMES = ((r"layer(\d+)\.(\d+)", r"layer\1_\2"), (r"downsample\.0", "downsample/conv"),
-                   (r"downsample\.1", "downsample/bn"), (r"\.", "/"))
-_MODULE_RENAMES_BACK = ((r"layer(\d+)_(\d+)", r"layer\1.\2"), (r"downsample/conv", "downsample.0"),
-                        (r"downsample/bn", "downsample.1"), (r"/", "."))
+# Tensors: (Flax module kind, torch parameter, Flax collection, Flax variable or None to drop it, import layout,
+# export layout). A Flax module's kind is its name's prefix: conv1, conv1_0, downsample/conv -> "conv".
+PARAMS: tuple[tuple[str, str, str, str | None, Layout, Layout], ...] = (
+    ("conv", "weight", "params", "kernel", _oihw_to_hwio, _hwio_to_oihw),
+    ("conv", "bias", "params", "bias", _same, _same),  # only BatchNorm-folded models have one
+    ("fc", "weight", "params", "kernel", _transpose, _transpose),
+    ("fc", "bias", "params", "bias", _same, _same),
+    ("bn", "weight", "params", "scale", _same, _same),
+    ("bn", "bias", "params", "bias", _same, _same),
+    ("bn", "running_mean", "batch_stats", "mean", _same, _same),
+    ("bn", "running_var", "batch_stats", "var", _same, _same),
+    ("bn", "num_batches_tracked", "batch_stats", None, _same, _same),  # a training counter Flax has no use for
+)
+_KINDS = ("conv", "bn", "fc")
 _HEAD = "fc."
+# timm's models of the same name compute exactly what ours do (tests/test_timm.py checks each against timm)
+TIMM_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet18d", "resnet34d", "resnet50d",
+               "resnet101d", "resnet152d", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+               "wide_resnet50_2", "wide_resnet101_2")
+# the settings that decide what a model computes from given weights; the others (num_classes, in_channels,
+# dtype, remat, features_only, conv_impl...) are checked by the shapes or do not change the function
+_ARCHITECTURE = ("stage_sizes", "block", "stage_widths", "stem", "stem_width", "shortcut", "groups",
+                 "width_per_group", "preact", "bn_epsilon", "folded")
 
 
-def _rename(path: str, renames) -> str:
-    for pattern, replacement in renames:
-        path = re.sub(pattern, replacement, path)
-    return path
+def _template_regex(template: str, separator: str) -> re.Pattern:
+    parts = re.split(r"(\{\w+\})", template)
+    body = "".join(rf"(?P<{p[1:-1]}>\d+)" if p in ("{i}", "{j}") else rf"(?P<name>[^{re.escape(separator)}]+)"
+                   if p == "{name}" else re.escape(p) for p in parts)
+    return re.compile(body)
 
 
-def _match(name: str):
-    """The first rule covering a torchvision name, and the Flax path it gives (None: dropped)."""
-    for rule in RULES:
-        module, param, template = rule[:3]
-        match = re.fullmatch(rf"(?P<m>{module})\.{param}", name)
+@functools.cache
+def _module_rows(naming: str, settings: tuple[tuple[str, Any], ...]):
+    """The ``MODULES`` rows of one naming that apply to a model with these settings, compiled both ways."""
+    if naming not in NAMINGS:
+        raise ValueError(f"unknown naming {naming!r}; choose one of {list(NAMINGS)}")
+    given = dict(settings)
+    return tuple((_template_regex(torch, "."), torch, _template_regex(flax, "/"), flax)
+                 for namings, torch, flax, needs in MODULES
+                 if naming in namings and all(given.get(k) == v for k, v in needs.items()))
+
+
+def _settings(model: ResNet | None) -> tuple[tuple[str, Any], ...]:
+    """What the conditional rows look at; without a model, none of them applies."""
+    return () if model is None else (("stem", model.stem), ("shortcut", model.shortcut))
+
+
+def _rename(path: str, rows, source: int) -> str | None:
+    """A module path in the other spelling (``source`` 0: torch -> Flax, 2: Flax -> torch); None if no row."""
+    for row in rows:
+        match = row[source].fullmatch(path)
         if match:
-            path = None if template is None else template.format(m=_rename(match["m"], _MODULE_RENAMES))
-            return rule, None if path is None else tuple(path.split("/"))
-    raise ValueError(f"no rule for the torchvision name {name!r}")
+            return row[3 - source].format(**match.groupdict())
+    return None
 
 
-def torch_to_flax_name(name: str) -> tuple[tuple[str, ...] | None, Layout]:
-    """Where a torchvision entry goes: the Flax path ``("params", "layer1_0", "conv1", "kernel")`` (None when
-    the entry is dropped) and the layout change; ``ValueError`` for a name no rule covers."""
-    rule, path = _match(name)
-    return path, rule[3]
+def _kind(flax_module: str) -> str | None:
+    last = flax_module.rsplit("/", 1)[-1]
+    return next((k for k in _KINDS if last.startswith(k)), None)
 
 
-def flax_to_torch_name(path: tuple[str, ...]) -> tuple[str, Layout]:
-    """The inverse of ``torch_to_flax_name``: each rule is tried backwards and kept only if the forward
-    mapping picks that same rule and lands on the same path, so import and export agree by construction."""
-    joined = "/".join(path)
-    for rule in RULES:
-        _, param, template, _, to_torch = rule
-        if template is None:
-            continue
-        match = re.fullmatch(re.escape(template).replace(re.escape("{m}"), "(?P<m>.+)"), joined)
-        if not match:
-            continue
-        candidate = f"{_rename(match['m'], _MODULE_RENAMES_BACK)}.{param}"
-        try:
-            if _match(candidate) == (rule, path):
-                return candidate, to_torch
-        except ValueError:
-            pass
-    raise ValueError(f"no torchvision name for the Flax variable {joined!r}")
+def _forward(name: str, rows):
+    module, _, param = name.rpartition(".")
+    flax_module = _rename(module, rows, 0) if module else None
+    kind = flax_module and _kind(flax_module)
+    for rule in PARAMS:
+        if rule[0] == kind and rule[1] == param:
+            path = None if rule[3] is None else (rule[2], *flax_module.split("/"), rule[3])
+            return path, rule
+    return None
+
+
+def _backward(path: tuple[str, ...], rows):
+    collection, flax_module, variable = path[0], "/".join(path[1:-1]), path[-1]
+    kind = _kind(flax_module)
+    module = _rename(flax_module, rows, 2)
+    for rule in PARAMS:
+        if module is not None and rule[0] == kind and rule[2:4] == (collection, variable):
+            return f"{module}.{rule[1]}", rule
+    return None
+
+
+def torch_to_flax_name(name: str, naming: str = "torchvision", model: ResNet | None = None
+                       ) -> tuple[tuple[str, ...] | None, Layout]:
+    """Where a state_dict entry goes: the Flax path ``("params", "layer1_0", "conv1", "kernel")`` (None when the
+    entry is dropped) and the layout change. ``model`` selects timm's ResNet-D rows. ``ValueError`` for a name
+    no rule covers, or one spelled otherwise than this naming's export would write it."""
+    rows = _module_rows(naming, _settings(model))
+    found = _forward(name, rows)
+    if found is not None:
+        path, rule = found
+        if path is None or (_backward(path, rows) or (None,))[0] == name:
+            return path, rule[4]
+    raise ValueError(f"no rule for the {naming} name {name!r}")
+
+
+def flax_to_torch_name(path: tuple[str, ...], naming: str = "torchvision", model: ResNet | None = None
+                       ) -> tuple[str, Layout]:
+    """The inverse of ``torch_to_flax_name``: kept only if importing the name lands on the same path, so import
+    and export agree by construction."""
+    rows = _module_rows(naming, _settings(model))
+    found = _backward(tuple(path), rows)
+    if found is not None and (_forward(found[0], rows) or (None,))[0] == tuple(path):
+        return found[0], found[1][5]
+    raise ValueError(f"no {naming} name for the Flax variable {'/'.join(path)!r}")
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -124,9 +195,9 @@ def _expected_shapes(model: ResNet) -> dict[tuple[str, ...], tuple[tuple[int, ..
 
 
 def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_head: bool = False,
-                       source: str = "the state_dict", model_name: str = "the model"
+                       source: str = "the state_dict", model_name: str = "the model", naming: str = "torchvision"
                        ) -> tuple[dict, list[tuple[str, ...]]]:
-    """Map a torchvision state_dict onto ``model``'s variables, strictly.
+    """Map a state_dict in ``naming``'s names onto ``model``'s variables, strictly.
 
     Returns the (nested) variables and the Flax paths left unfilled because ``skip_head`` dropped the head.
     Every missing, unexpected, mis-shaped or unnamed entry is collected and raised as one ``ValueError``.
@@ -139,7 +210,7 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         if name.startswith(_HEAD) and (skip_head or not has_head):
             continue
         try:
-            path, layout = torch_to_flax_name(name)
+            path, layout = torch_to_flax_name(name, naming, model)
         except ValueError:
             unexpected.append(name)
             continue
@@ -152,11 +223,12 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         array = layout(to_numpy(value))
         shape, dtype = expected[path]
         if array.shape != shape:
-            misshaped.append(f"{name}: file has {tuple(np.shape(value))}, model needs {_torch_shape(path, shape)}")
+            misshaped.append(f"{name}: file has {tuple(np.shape(value))}, model needs "
+                             f"{_torch_shape(path, shape, naming, model)}")
             continue
         flat[path] = jnp.asarray(array, dtype)
     head = [p for p in expected if p[1] == "fc"] if skip_head else []
-    missing = [flax_to_torch_name(p)[0] for p in expected if p not in seen and p not in head]
+    missing = [flax_to_torch_name(p, naming, model)[0] for p in expected if p not in seen and p not in head]
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected (the model has no such entry): {', '.join(unexpected)}")
     if missing:
@@ -168,14 +240,25 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         if any(m.startswith(_HEAD) for m in misshaped):
             hint = ("\nThe classifier head differs: to fine-tune with another number of classes pass "
                     "num_classes=N and new_head=True (a fresh head is initialised from rng).")
+        other = {"torchvision": "timm", "timm": "torchvision"}[naming]
+        if unexpected and missing and _fits_naming(model, state_dict, other):
+            hint += f"\nThe names are {other}'s: load it with load_{other} instead."
         raise ValueError(f"{source} does not fit {model_name}:\n  " + "\n  ".join(problems) + hint +
                          "\nCheck the model name and options (num_classes, in_channels, ...) match the file.")
     return unflatten_dict(flat), head
 
 
-def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A Flax shape in torchvision's layout, for error messages."""
-    _, layout = flax_to_torch_name(path)
+def _fits_naming(model: ResNet, state_dict: Mapping[str, Any], naming: str) -> bool:
+    """Whether every name in the file is one of ``model``'s in another naming (for the error's hint)."""
+    try:
+        return all(torch_to_flax_name(n, naming, model) for n in state_dict)
+    except ValueError:
+        return False
+
+
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...], naming: str, model: ResNet) -> tuple[int, ...]:
+    """A Flax shape in PyTorch's layout, for error messages."""
+    _, layout = flax_to_torch_name(path, naming, model)
     return layout(np.empty(shape, np.uint8)).shape
 
 
@@ -188,7 +271,38 @@ def load_torchvision(name: str, source: str | os.PathLike | Mapping[str, Any], *
     ``num_classes=N, new_head=True``: the file's ``fc`` is dropped and a new head initialised from ``rng``.
     Returns ``(model, {"params": ..., "batch_stats": ...})``.
     """
-    model = create_model(name, **overrides)
+    return _load("torchvision", create_model(name, **overrides), name, source, new_head, rng, overrides)
+
+
+def load_timm(name: str, source: str | os.PathLike | Mapping[str, Any], *, new_head: bool = False,
+              rng: jax.Array | int = 0, **overrides: Any) -> tuple[ResNet, dict]:
+    """Build timm's ``name`` (e.g. ``"resnet50d"``, or a tagged ``"resnet50.a1_in1k"``) and fill it from a timm
+    state_dict: a ``.safetensors`` (the hub's format) or ``.pth``/``.bin`` path, or a mapping.
+
+    Only the names in ``TIMM_MODELS``, whose timm architecture is exactly ours, are accepted, and overrides
+    that would change the architecture (``stem``, ``shortcut``, ``groups``...) are refused, so a timm file never
+    loads into a different computation. ``new_head``, ``rng`` and the other overrides (``num_classes``,
+    ``features_only``, ``dtype``...) work as in ``load_torchvision``. Returns ``(model, variables)``.
+    """
+    arch = name.split(".", 1)[0]  # timm's "architecture.tag" names one file of one architecture
+    if arch not in TIMM_MODELS:
+        raise ValueError(f"{arch!r} is not one of the timm models whose architecture resnet_jax builds exactly; "
+                         f"choose one of {list(TIMM_MODELS)} (other timm ResNets, e.g. resnet26d or "
+                         f"seresnet50, have no equal here)")
+    config = model_config(arch)
+    changed = sorted(k for k in _ARCHITECTURE if k in overrides and overrides[k] != config.get(k, _default(k)))
+    if changed:
+        raise ValueError(f"load_timm({name!r}) builds timm's {arch} architecture; the option(s) {changed} would "
+                         "change what the weights compute. Drop them, or build that model with create_model and "
+                         "train it.")
+    return _load("timm", create_model(arch, **overrides), name, source, new_head, rng, overrides)
+
+
+def _default(field: str) -> Any:
+    return ResNet.__dataclass_fields__[field].default
+
+
+def _load(naming: str, model: ResNet, name: str, source, new_head: bool, rng, overrides) -> tuple[ResNet, dict]:
     if isinstance(source, (str, os.PathLike)):
         label, state_dict = str(source), load_state_dict(source)
     elif isinstance(source, Mapping):
@@ -196,7 +310,7 @@ def load_torchvision(name: str, source: str | os.PathLike | Mapping[str, Any], *
     else:
         raise TypeError(f"source must be a file path or a mapping of names to arrays, got {type(source).__name__}")
     variables, head = convert_state_dict(model, _strip_wrapper_prefix(state_dict), skip_head=new_head,
-                                         source=label, model_name=_describe(name, overrides))
+                                         source=label, model_name=_describe(name, overrides), naming=naming)
     if head:
         key = jax.random.key(rng) if isinstance(rng, int) else rng
         fresh = _init_head(model, key)
@@ -229,17 +343,35 @@ def _strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
 def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``{"params", "batch_stats"}`` -> a torchvision state_dict (names, layouts, float32/int64 numpy arrays)
     that ``torchvision.models.X().load_state_dict(sd)`` accepts strictly, ``num_batches_tracked`` included."""
+    return _export(variables, "torchvision", None)
+
+
+def to_timm(model: ResNet | str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``model``'s variables -> a timm state_dict that ``timm.create_model(name).load_state_dict(sd)`` accepts
+    strictly. timm spells ResNet-D's layers by the model's settings, which the variables do not record, so the
+    model (or its name) is needed; a model timm does not have (pre-activation, CIFAR...) is refused."""
+    model = create_model(model) if isinstance(model, str) else model
+    for arch in TIMM_MODELS:
+        config = model_config(arch)
+        if all(getattr(model, k) == config.get(k, _default(k)) for k in _ARCHITECTURE):
+            return _export(variables, "timm", model)
+    raise ValueError(f"timm has no model with this architecture (stem={model.stem!r}, shortcut={model.shortcut!r}, "
+                     f"preact={model.preact}, stage_sizes={tuple(model.stage_sizes)}...); timm's files hold only "
+                     f"{list(TIMM_MODELS)}. Use save_torchvision for the others.")
+
+
+def _export(variables: Mapping[str, Any], naming: str, model: ResNet | None) -> dict[str, np.ndarray]:
     unknown = sorted(set(variables) - {"params", "batch_stats"})
     if unknown:
-        raise ValueError(f"to_torchvision takes the model's variables ({{'params', 'batch_stats'}}), got the "
-                         f"extra collection(s) {unknown}")
+        raise ValueError(f"expected the model's variables ({{'params', 'batch_stats'}}), got the extra "
+                         f"collection(s) {unknown}")
     flat = flatten_dict(dict(variables))
-    modules = list(dict.fromkeys(path[1:-1] for path in flat))  # in creation order: torchvision's order too
+    modules = list(dict.fromkeys(path[1:-1] for path in flat))  # in creation order: PyTorch's order too
     out: dict[str, np.ndarray] = {}
     for module in modules:
         for collection in ("params", "batch_stats"):  # weight, bias, then running_mean, running_var
             for path in (p for p in flat if p[0] == collection and p[1:-1] == module):
-                name, layout = flax_to_torch_name(path)
+                name, layout = flax_to_torch_name(path, naming, model)
                 out[name] = np.array(layout(np.asarray(flat[path])), order="C")  # a writable copy
                 if name.endswith(".running_var"):
                     out[name[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
@@ -249,3 +381,8 @@ def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def save_torchvision(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``to_torchvision(variables)`` as ``.safetensors`` (by extension) or a torch ``.pth``."""
     save_state_dict(path, to_torchvision(variables))
+
+
+def save_timm(model: ResNet | str, variables: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``to_timm(model, variables)`` as ``.safetensors`` (by extension) or a torch ``.pth``."""
+    save_state_dict(path, to_timm(model, variables))
