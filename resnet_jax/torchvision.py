@@ -220,13 +220,12 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
             unexpected.append(name)
             continue
         seen.add(path)
-        array = layout(to_numpy(value))
         shape, dtype = expected[path]
-        if array.shape != shape:
-            misshaped.append(f"{name}: file has {tuple(np.shape(value))}, model needs "
-                             f"{_torch_shape(path, shape, naming, model)}")
+        needed = _torch_shape(path, shape, naming, model)  # compared before the layout change, which may not apply
+        if tuple(np.shape(value)) != needed:
+            misshaped.append(f"{name}: file has {tuple(np.shape(value))}, model needs {needed}")
             continue
-        flat[path] = jnp.asarray(array, dtype)
+        flat[path] = jnp.asarray(layout(to_numpy(value)), dtype)
     head = [p for p in expected if p[1] == "fc"] if skip_head else []
     missing = [flax_to_torch_name(p, naming, model)[0] for p in expected if p not in seen and p not in head]
     if unexpected:
