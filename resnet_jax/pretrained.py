@@ -1,13 +1,17 @@
-"""torchvision's published ImageNet weights: where each file is, its digest, how to feed it, and a cached download.
+"""Published ImageNet weights (torchvision's and timm's): where each file is, its digest, how to feed it, and a
+cached download.
 
 ``pretrained("resnet50")`` fetches the file once into a cache directory, checks its sha256, and converts it
-with ``load_torchvision``. The download goes to a temporary file beside the target and is renamed only once
-complete and verified, so an interrupted or tampered transfer never leaves a file that looks valid. Without
-network the error names the file, where to get it and where to put it, so it can be copied in by hand.
+with ``load_torchvision`` or ``load_timm`` (``Weights.naming``). The download goes to a temporary file beside
+the target and is renamed only once complete and verified, so an interrupted or tampered transfer never leaves
+a file that looks valid. Without network the error names the file, where to get it and where to put it, so it
+can be copied in by hand.
 
 Digests: torchvision puts the first 8 hex digits of each file's sha256 in its name (``resnet50-0676ba61.pth``)
 and publishes nothing longer. Where independent public copies agree on the full 64-digit sha256 it is pinned
-here; for the other files the check is the 8-digit prefix, exactly the check torch.hub itself makes.
+here; for the other files the check is the 8-digit prefix, exactly the check torch.hub itself makes. timm's
+files live on the Hugging Face hub, whose Git LFS pointers publish each file's full sha256; ``_timm_rows`` cites
+the page each digest was read from.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import difflib
 import functools
 import hashlib
 import http.client
+import math
 import os
 import tempfile
 import urllib.error
@@ -45,18 +50,20 @@ class Weights:
 
     model: str
     tag: str
-    filename: str
+    filename: str  # the name in the cache and on a mirror
     sha256: str  # the full digest, or the 8-digit prefix in the filename where no full one is published
-    acc1: float  # ImageNet-1k top-1 (%) as reported by torchvision
+    acc1: float  # ImageNet-1k top-1 (%) at crop_size, as reported by torchvision or timm
     resize_size: int = 256
     crop_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    naming: str = "torchvision"  # whose parameter names the file uses: "torchvision" or "timm"
+    origin: str | None = None  # where it is published; None: torchvision's download.pytorch.org/models/<filename>
 
     @property
     def url(self) -> str:
-        return f"{OFFICIAL_BASE}/{self.filename}"
+        return self.origin or f"{OFFICIAL_BASE}/{self.filename}"
 
     @property
     def categories(self) -> list[str]:
@@ -88,7 +95,51 @@ def _table() -> dict[str, dict[str, Weights]]:
         entry = Weights(model, f"IMAGENET1K_{version}", f"{model}-{digest[:8]}.pth", digest, acc1, resize)
         table.setdefault(model, {})[entry.tag] = entry
         table[model]["DEFAULT"] = entry  # the last row of each model is the best, torchvision's DEFAULT
+    for entry in _timm_rows():
+        table.setdefault(entry.model, {})[entry.tag] = entry
+        table[entry.model].setdefault("DEFAULT", entry)  # torchvision's stays the default where it has one
     return table
+
+
+HF_BASE = "https://huggingface.co/timm"
+
+
+def _timm_rows() -> list[Weights]:
+    """timm's strongest ImageNet-1k weights for the architectures it shares with us (``TIMM_MODELS``).
+
+    Each sha256 is the Git LFS pointer's, as shown on the file's page
+    ``https://huggingface.co/timm/<model>.<tag>/blob/<revision>/<file>``; top-1, evaluation size and crop are
+    the rows of timm's ``results/results-imagenet.csv`` (github.com/huggingface/pytorch-image-models), which
+    match the weights' ``test_input_size``/``test_crop_pct`` in timm's pretrained configs. Where the page shows
+    the safetensors file's digest it is used, else the pickle's (read by the restricted unpickler).
+    """
+    rows = [  # model, tag, file, revision, sha256, top-1, eval size, crop fraction
+        ("resnet18", "a1_in1k", "model.safetensors", "ebd61f9c7420e5b5b53262b8ce6bbe311e1e872a",
+         "80c49dee3da4822c009c5a7fe591e9223c5a2cfcf95a4067ca4dfb5a7b89c612", 73.158, 288, 1.0),
+        ("resnet18d", "ra2_in1k", "model.safetensors", "main",
+         "0ad5d924c4269ad863590b6ccdd19f5fb48d0bae695c1dd6751de0b0282d8361", 73.794, 288, 0.95),
+        ("resnet50", "a1_in1k", "model.safetensors", "5d9e13b8fdab4d9718bcf2c8f5c3af01878367e8",
+         "773525d5821de224f8f30c33377b7a795d7863e08522698200d3217d3f2a41bb", 81.214, 288, 1.0),
+        ("resnet50d", "a1_in1k", "model.safetensors", "main",
+         "0b4f757b0732eb4c6584d2c3692923c3b92efe116b8a383fd4b5eb62fda660cb", 81.450, 288, 1.0),
+        ("resnet101", "a1h_in1k", "model.safetensors", "21721ac354aff8c4fbc371f3c4e46fa8832d4d68",
+         "1a076c0384295e7d3704f201c5711ff245507db934230bab72ff3014a95f90fe", 82.778, 288, 1.0),
+        ("resnet101d", "ra2_in1k", "model.safetensors", "main",
+         "c2192596da2e8d652cbf0465b8694704247b524efb68ed194504af453830709c", 83.016, 320, 1.0),
+        ("resnet152d", "ra2_in1k", "pytorch_model.bin", "3566144f955888325a551683389ff25932c9861a",
+         "7c7de686c9c6cb38399f4200a4f78286658d57013939afa083db19bf87b78243", 83.684, 320, 1.0),
+        ("resnext50_32x4d", "a1h_in1k", "model.safetensors", "8af8dd95e2a7538fad74714fc76507d9de9de33c",
+         "b952952a7b3e856b16ebf82fb44d2aa8c502e73ec678976c9e3b970fcd530bd5", 82.014, 288, 1.0),
+        ("wide_resnet50_2", "racm_in1k", "pytorch_model.bin", "main",
+         "ffcad4ccf5c7181ca88301c2377dc6dd0b5ec1f39958d66adab829f218220f31", 82.280, 288, 0.95),
+    ]
+    out = []
+    for model, tag, file, revision, digest, acc1, size, crop in rows:
+        suffix = ".safetensors" if file.endswith(".safetensors") else ".pth"
+        out.append(Weights(model, tag, f"{model}.{tag}{suffix}", digest, acc1, resize_size=math.floor(size / crop),
+                           crop_size=size, interpolation="bicubic", naming="timm",
+                           origin=f"{HF_BASE}/{model}.{tag}/resolve/{revision}/{file}"))
+    return out
 
 
 WEIGHTS: dict[str, dict[str, Weights]] = _table()
@@ -101,14 +152,15 @@ def imagenet_classes() -> list[str]:
 
 
 def weights_info(name: str, weights: str = "DEFAULT") -> Weights:
-    """The ``Weights`` record for a model and tag (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``)."""
+    """The ``Weights`` record for a model and tag: torchvision's ``"IMAGENET1K_V1"``/``"IMAGENET1K_V2"``, timm's
+    (``"a1_in1k"``...), or ``"DEFAULT"`` (torchvision's best where it has weights for the model, else timm's)."""
     if name not in WEIGHTS:
         close = difflib.get_close_matches(name, WEIGHTS, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"no published torchvision weights for {name!r}.{hint} Models with weights: "
-                         f"{sorted(WEIGHTS)}; any other model can load a file with load_torchvision.")
+        raise ValueError(f"no published weights for {name!r}.{hint} Models with weights: {sorted(WEIGHTS)}; any "
+                         f"other model can load a file with load_torchvision or load_timm.")
     tags = WEIGHTS[name]
-    key = weights.split(".")[-1]  # also accept "ResNet50_Weights.IMAGENET1K_V2"
+    key = weights.split(".")[-1]  # also accept "ResNet50_Weights.IMAGENET1K_V2" and timm's "resnet50.a1_in1k"
     if key not in tags:
         raise ValueError(f"{name} has no weights {weights!r}; choose one of {sorted(tags)}")
     return tags[key]
@@ -191,18 +243,21 @@ def _offline_message(url: str, target: Path, error: Exception) -> str:
 
 def pretrained(name: str, weights: str = "DEFAULT", *, cache_dir: str | os.PathLike | None = None,
                mirror: str | None = None, progress: bool = True, **overrides: Any):
-    """``(model, variables)`` with torchvision's published ImageNet weights, e.g. ``pretrained("resnet50")``.
+    """``(model, variables)`` with published ImageNet weights, e.g. ``pretrained("resnet50")`` or
+    ``pretrained("resnet50d", "a1_in1k")``.
 
-    ``weights``: ``"DEFAULT"`` (the best published), ``"IMAGENET1K_V1"`` or ``"IMAGENET1K_V2"``; see
+    ``weights``: ``"DEFAULT"``, a torchvision tag (``"IMAGENET1K_V2"``) or a timm tag (``"a1_in1k"``); see
     ``weights_info`` for the preprocessing and class names. The file is cached in ``cache_dir`` (default
-    ``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``) and fetched from ``mirror`` (a base URL; default
-    ``$RESNET_JAX_WEIGHTS_MIRROR`` or download.pytorch.org). ``overrides`` go to ``load_torchvision``, e.g.
-    ``num_classes=10, new_head=True`` for fine-tuning or ``features_only=True`` for a backbone.
+    ``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``) and fetched from ``mirror`` (a base URL holding the files
+    under ``Weights.filename``; default ``$RESNET_JAX_WEIGHTS_MIRROR``, else the publisher's URL). ``overrides`` go
+    to ``load_torchvision``/``load_timm``, e.g. ``num_classes=10, new_head=True`` for fine-tuning or
+    ``features_only=True`` for a backbone.
     """
-    from resnet_jax.torchvision import load_torchvision
+    from resnet_jax.torchvision import load_timm, load_torchvision
 
     info = weights_info(name, weights)
-    base = mirror or os.environ.get(MIRROR_ENV) or OFFICIAL_BASE
-    path = download(f"{base.rstrip('/')}/{info.filename}", info.sha256, filename=info.filename,
-                    cache_dir=cache_dir, progress=progress)
-    return load_torchvision(name, path, **overrides)
+    base = mirror or os.environ.get(MIRROR_ENV)
+    url = f"{base.rstrip('/')}/{info.filename}" if base else info.url
+    path = download(url, info.sha256, filename=info.filename, cache_dir=cache_dir, progress=progress)
+    load = load_timm if info.naming == "timm" else load_torchvision
+    return load(name, path, **overrides)

@@ -13,12 +13,18 @@ from resnet_jax.pretrained import WEIGHTS, DownloadError, Weights, download, pre
 from resnet_jax.torchvision import to_torchvision
 
 
+def torchvision_rows(tags):
+    return {tag: w for tag, w in tags.items() if w.naming == "torchvision"}
+
+
 def test_table_matches_torchvision():
     """Every torchvision weight enum of the family, with its URL, preprocessing, accuracy and class names."""
     for name, tags in WEIGHTS.items():
+        if not torchvision_rows(tags):
+            continue
         enum = torchvision.models.get_model_weights(name)
-        assert {e.name for e in enum} | {"DEFAULT"} == set(tags), name
-        for tag, ours in tags.items():
+        assert {e.name for e in enum} | {"DEFAULT"} == set(torchvision_rows(tags)), name
+        for tag, ours in torchvision_rows(tags).items():
             ref = enum.DEFAULT if tag == "DEFAULT" else enum[tag]
             transforms = ref.transforms()
             assert ours.url == ref.url
@@ -29,11 +35,37 @@ def test_table_matches_torchvision():
             assert ours.categories == ref.meta["categories"]
     from resnet_jax import list_models
 
-    assert set(WEIGHTS) == {n for n in list_models() if hasattr(torchvision.models, n)}
+    assert {n for n, tags in WEIGHTS.items() if torchvision_rows(tags)} == {
+        n for n in list_models() if hasattr(torchvision.models, n)}
+
+
+def test_timm_rows_match_timm():
+    """Each timm entry is a real pretrained tag of a shared architecture, with timm's own evaluation
+    preprocessing (the size and crop its published top-1 was measured at), a full digest and a hub URL."""
+    timm = pytest.importorskip("timm")
+    from resnet_jax.torchvision import TIMM_MODELS
+
+    rows = [w for tags in WEIGHTS.values() for tag, w in tags.items() if w.naming == "timm" and tag != "DEFAULT"]
+    assert len(rows) >= 9
+    for w in rows:
+        cfg = timm.models.get_pretrained_cfg(f"{w.model}.{w.tag}").to_dict()
+        assert w.model in TIMM_MODELS and cfg["hf_hub_id"] == f"timm/{w.model}.{w.tag}"
+        size = cfg.get("test_input_size", cfg["input_size"])[-1]
+        crop = cfg.get("test_crop_pct", cfg["crop_pct"])
+        assert (w.crop_size, w.resize_size) == (size, int(size / crop)), w
+        assert (w.interpolation, w.mean, w.std) == (cfg["interpolation"], cfg["mean"], cfg["std"]), w
+        assert cfg["num_classes"] == len(w.categories) == 1000
+        assert len(w.sha256) == 64 and int(w.sha256, 16) >= 0
+        assert w.url.startswith(f"https://huggingface.co/timm/{w.model}.{w.tag}/resolve/")
+        assert w.url.endswith(("/model.safetensors", "/pytorch_model.bin"))
+    for name in ("resnet18d", "resnet50d", "resnet101d", "resnet152d"):  # no torchvision weights: timm's default
+        assert weights_info(name).naming == "timm"
+    assert weights_info("resnet50").tag == "IMAGENET1K_V2"  # torchvision's default stays
+    assert weights_info("resnet50", "resnet50.a1_in1k").acc1 == 81.214  # timm's own spelling of a tag
 
 
 def test_weights_info_errors_are_clear():
-    with pytest.raises(ValueError, match="no published torchvision weights for 'resnet5'.*'resnet50'"):
+    with pytest.raises(ValueError, match="no published weights for 'resnet5'.*'resnet50'"):
         weights_info("resnet5")
     with pytest.raises(ValueError, match=r"resnet18 has no weights 'IMAGENET1K_V2'; choose one of"):
         weights_info("resnet18", "IMAGENET1K_V2")
@@ -177,3 +209,31 @@ def test_pretrained_offline_names_the_official_file(tmp_path, monkeypatch):
     assert f"{dead.url}/resnet50-11ad3fa6.pth" in str(info.value)
     assert str(tmp_path / "resnet50-11ad3fa6.pth") in str(info.value)
 
+
+
+def test_pretrained_timm_entry_end_to_end(tmp_path, monkeypatch):
+    """A timm entry downloads from a mirror, is checked, cached under its own name, and loads with timm's names
+    (a ResNet-D file, whose names only load_timm maps). The entry is a test row: no hub file is reachable."""
+    timm = pytest.importorskip("timm")
+    import safetensors.torch
+
+    tm = timm.create_model("resnet18d").eval()
+    safetensors.torch.save_file(tm.state_dict(), tmp_path / "src.safetensors")
+    data = (tmp_path / "src.safetensors").read_bytes()
+    entry = Weights("resnet18d", "test_in1k", "resnet18d.test_in1k.safetensors", sha(data), 0.0, naming="timm",
+                    origin="http://127.0.0.1:9/timm/resnet18d.test_in1k/resolve/main/model.safetensors")
+    monkeypatch.setitem(WEIGHTS["resnet18d"], "test_in1k", entry)
+    monkeypatch.delenv("RESNET_JAX_WEIGHTS_MIRROR", raising=False)
+    mirror = Server({f"/m/{entry.filename}": data})
+    try:
+        model, variables = pretrained("resnet18d", "test_in1k", cache_dir=tmp_path / "cache",
+                                      mirror=f"{mirror.url}/m", progress=False)
+    finally:
+        mirror.stop()
+    assert (tmp_path / "cache" / entry.filename).read_bytes() == data
+    from resnet_jax.torchvision import to_timm
+
+    for k, v in tm.state_dict().items():
+        np.testing.assert_array_equal(to_timm(model, variables)[k], v.numpy(), err_msg=k)
+    with pytest.raises(DownloadError, match=r"could not download http://127\.0\.0\.1:9/timm/resnet18d"):
+        pretrained("resnet18d", "test_in1k", cache_dir=tmp_path / "elsewhere", progress=False)
