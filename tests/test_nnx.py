@@ -1,0 +1,204 @@
+"""resnet_jax.nnx: the NNX face computes what linen does, follows NNX's BatchNorm modes, and works with NNX's
+transforms, optimizer and split/merge."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torchvision
+from flax import nnx
+from flax.traverse_util import flatten_dict
+
+import resnet_jax
+from resnet_jax import nnx as rnnx
+
+
+def random_variables(module, seed=0, size=32):
+    """Linen variables with random weights and non-trivial BatchNorm statistics."""
+    x = jnp.zeros((1, size, size, module.in_channels))
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        name = path[-1].key
+        if name == "var":
+            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
+        if name == "scale":
+            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
+        scale = 0.2 if name in ("mean", "bias") else np.sqrt(2 / max(1, np.prod(s.shape[:-1])))
+        return jnp.asarray(rng.standard_normal(s.shape) * scale, s.dtype)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def images(shape, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def assert_trees_equal(a, b, **tol):
+    a, b = flatten_dict(a), flatten_dict(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        if tol:
+            np.testing.assert_allclose(a[k], b[k], err_msg=str(k), **tol)
+        else:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+
+
+@pytest.fixture(scope="module")
+def resnet18d():
+    """A model with every kind of layer a ResNet-D has (deep stem, average-pool shortcut) and its variables."""
+    module = resnet_jax.create_model("resnet18d", num_classes=5)
+    return module, random_variables(module)
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def test_outputs_stats_and_gradients_equal_linen(resnet18d):
+    """Eval and train outputs, the train-mode running statistics, and the gradients with respect to every
+    parameter are linen's for the same weights."""
+    module, variables = resnet18d
+    x, labels = images((4, 40, 56, 3)), jnp.array([0, 1, 2, 3])
+    model = rnnx.from_linen(module, variables)
+
+    model.eval()
+    np.testing.assert_array_equal(model(x), module.apply(variables, x, train=False))
+
+    model.train()
+    ref, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(model(x), ref)
+    assert_trees_equal(rnnx.to_linen(model)[1]["batch_stats"], updates["batch_stats"])
+
+    model = rnnx.from_linen(module, variables)  # back to the original statistics
+    grads = nnx.grad(lambda m: cross_entropy(m(x), labels))(model)
+
+    def linen_loss(params):
+        logits, _ = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return cross_entropy(logits, labels)
+    ref_grads = jax.grad(linen_loss)(variables["params"])
+    assert_trees_equal(nnx.to_pure_dict(grads), ref_grads, rtol=1e-6, atol=1e-7)
+
+
+def test_create_model_is_linen_init():
+    model = rnnx.create_model("resnet20", rngs=nnx.Rngs(3), in_channels=1)
+    module, variables = rnnx.to_linen(model)
+    assert module == resnet_jax.create_model("resnet20", in_channels=1)
+    ref = module.init(nnx.Rngs(3).params(), jnp.zeros((1, 16, 16, 1)), train=False)
+    assert_trees_equal(variables, ref)
+    assert isinstance(model.layer1_0.conv1.kernel, nnx.Param) and isinstance(model.bn1.mean, nnx.BatchStat)
+    assert not model.use_running_average  # NNX's convention: a new model is in train mode
+
+
+def test_optimizer_step_in_train_mode_and_eval_mode(resnet18d):
+    """One nnx.jit step with nnx.Optimizer (SGD with momentum): in train mode it moves the parameters and the
+    BatchNorm statistics (to what linen computes); in eval mode it moves the parameters and leaves the
+    statistics alone."""
+    module, variables = resnet18d
+    x, labels = images((4, 32, 48, 3)), jnp.array([4, 3, 2, 1])
+    model = rnnx.from_linen(module, variables)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, labels):
+        loss, grads = nnx.value_and_grad(lambda m: cross_entropy(m(x), labels))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    _, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    step(model, optimizer, x, labels)
+    after = rnnx.to_linen(model)[1]
+    assert_trees_equal(after["batch_stats"], updates["batch_stats"], rtol=1e-4, atol=1e-6)  # jit vs eager
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), after["params"], variables["params"])
+    assert all(jax.tree.leaves(changed))  # every parameter took a step
+    assert int(optimizer.step[...]) == 1
+
+    model.eval()
+    step(model, optimizer, x, labels)
+    again = rnnx.to_linen(model)[1]
+    assert_trees_equal(again["batch_stats"], after["batch_stats"])
+    assert not np.array_equal(again["params"]["fc"]["kernel"], after["params"]["fc"]["kernel"])
+
+
+def test_split_merge_and_view(resnet18d):
+    module, variables = resnet18d
+    model = rnnx.from_linen(module, variables)
+    model.eval()
+    x = images((2, 32, 32, 3))
+    graphdef, state = nnx.split(model)
+    params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+    assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(variables["params"]))
+    assert len(jax.tree.leaves(stats)) == len(jax.tree.leaves(variables["batch_stats"]))
+    merged = nnx.merge(graphdef, state)
+    np.testing.assert_array_equal(merged(x), model(x))
+    assert_trees_equal(rnnx.to_linen(merged)[1], variables)
+    train_view = nnx.view(model, use_running_average=False)
+    assert not train_view.use_running_average and model.use_running_average
+    np.testing.assert_array_equal(train_view(x), module.apply(variables, x, train=True, mutable=["batch_stats"])[0])
+
+
+def test_linen_round_trip_and_torchvision_weights(tmp_path):
+    """torchvision's weights load into the NNX model and give torchvision's logits; to_linen gives back the
+    same variables, which save to a file torchvision loads."""
+    torch.manual_seed(0)
+    tm = torchvision.models.resnet18().eval()
+    model = rnnx.load_torchvision("resnet18", tm.state_dict())
+    model.eval()
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        ref = tm(x).numpy()
+    ours = np.asarray(model(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+    module, variables = rnnx.to_linen(model)
+    again = rnnx.from_linen(module, variables)
+    assert_trees_equal(rnnx.to_linen(again)[1], variables)
+    resnet_jax.save_torchvision(variables, tmp_path / "r18.pth")
+    torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True), strict=True)
+
+
+@pytest.mark.parametrize("overrides", [{"features_only": True}, {"in_channels": 1}, {"remat": True},
+                                       {"dtype": jnp.bfloat16}, {"num_classes": 0}])
+def test_overrides_work_as_in_linen(overrides):
+    """features_only, in_channels, remat, dtype: the NNX model returns what the linen model with the same
+    settings returns, and trains (gradients) through it."""
+    module = resnet_jax.create_model("resnet20", **overrides)
+    variables = random_variables(module)
+    model = rnnx.from_linen(module, variables)
+    model.eval()
+    x = images((2, 16, 24, module.in_channels))
+    out, ref = model(x), module.apply(variables, x, train=False)
+    jax.tree.map(np.testing.assert_array_equal, out, ref)
+    if overrides.get("features_only"):
+        assert [f.shape for f in out] == [(2, 16, 24, 16), (2, 8, 12, 32), (2, 4, 6, 64)]
+    else:
+        assert out.dtype == jnp.float32  # logits in float32 whatever the compute dtype
+    grads = nnx.grad(lambda m: sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in jax.tree.leaves(m(x))))(model)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_timm_weights_load():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    tm = timm.create_model("resnet18d").eval()
+    model = rnnx.load_timm("resnet18d", tm.state_dict())
+    model.eval()
+    x = torch.randn(1, 3, 36, 52)
+    with torch.no_grad():
+        ref = tm(x).numpy()
+    ours = np.asarray(model(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_bad_input_is_a_clear_error(resnet18d):
+    module, variables = resnet18d
+    with pytest.raises(TypeError, match="from_linen takes a resnet_jax.ResNet"):
+        rnnx.from_linen(object(), variables)
+    with pytest.raises(TypeError, match="to_linen takes a resnet_jax.nnx.ResNet"):
+        rnnx.to_linen(module)
+    with pytest.raises(ValueError, match=r"extra collection\(s\) \['intermediates'\]"):
+        rnnx.from_linen(module, {**variables, "intermediates": {}})
+    with pytest.raises(ValueError, match="unknown model 'resnet5'"):
+        rnnx.create_model("resnet5", rngs=nnx.Rngs(0))
