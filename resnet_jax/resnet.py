@@ -18,9 +18,10 @@ import jax.numpy as jnp
 
 from resnet_jax.blocks import BLOCKS, SHORTCUTS
 from resnet_jax.ops import ALGORITHMS, Conv
+from resnet_jax.ops.algorithms import CHOICES
 
 STEMS = ("imagenet", "cifar", "deep")
-CONV_IMPLS = (*ALGORITHMS, "auto")
+CONV_IMPLS = (*ALGORITHMS, *CHOICES)
 
 
 def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1, *, dtype: Any, param_dtype: Any,
@@ -28,7 +29,8 @@ def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1, *, dtyp
     """A conv padded by k//2 on both sides, as torchvision (not XLA "SAME", which pads (2, 3) at stride 2 and
     would shift every feature map by a pixel against torchvision weights); He-normal fan-out init.
 
-    ``impl`` names the convolution algorithm (``ops.ALGORITHMS`` or "auto"); parameters do not depend on it.
+    ``impl`` names the convolution algorithm (``ops.ALGORITHMS``, "auto" or "jax"); parameters do not depend on
+    it.
     """
     pad = [(k // 2, k // 2) for k in kernel_size]
     kwargs.setdefault("kernel_init", nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
@@ -84,8 +86,10 @@ class ResNet(nn.Module):
       conv_impl: how convolutions are computed; parameters and outputs are identical for every choice.
         "auto" (the default) picks per layer shape, dtype and backend (``ops.choose``): oneDNN kernels on CPU
         when the optional extension is installed (``resnet-jax[cpu]``), the fastest pure-JAX algorithm
-        otherwise, XLA's own on GPU/TPU. Any name in ``ops.ALGORITHMS`` runs that algorithm on every layer it
-        can compute (Winograd: the 3x3 stride-1 ones) and "auto" on the rest.
+        otherwise, XLA's own on GPU/TPU; "jax" picks among the pure-JAX algorithms only. Any name in
+        ``ops.ALGORITHMS`` runs that algorithm on every layer it can compute (Winograd: the 3x3 stride-1
+        ones) and "auto" on the rest; three names joined by "/" choose the forward, input-gradient and
+        kernel-gradient algorithms apart.
       folded: BatchNorm folded into the convolutions (inference only): made by ``ops.fold_batchnorm``, whose
         variables it takes; ``train=True`` is refused.
     """
@@ -115,7 +119,11 @@ class ResNet(nn.Module):
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
         _check_choice("shortcut", self.shortcut, SHORTCUTS)
-        _check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
+        if self.conv_impl.count("/") == 2:  # one algorithm per pass
+            for impl in self.conv_impl.split("/"):
+                _check_choice("conv_impl", impl, ALGORITHMS)
+        else:
+            _check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
         if len(self.stage_sizes) != len(self.stage_widths):
             raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and stage_widths {tuple(self.stage_widths)} "
                              "must have the same length (one entry per stage)")

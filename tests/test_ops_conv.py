@@ -91,7 +91,7 @@ def test_bfloat16_where_supported(name):
     case = next(c for c in CASES if refusal(name, c) is None)
     reason = refusal(name, case, jnp.bfloat16)
     if reason:
-        assert "float32 only" in reason and name.startswith("onednn_winograd")
+        assert "float32 only" in reason and name in ("onednn_winograd_f2", "onednn_winograd_f4", "onednn_gemm")
         return
     ksize, stride, groups, *_, padding = case
     x, k, dy = inputs(case, jnp.bfloat16)
@@ -135,6 +135,10 @@ def test_forced_algorithm_that_cannot_compute_a_shape_says_why():
         conv2d(x, k, (2, 2), ((1, 1), (1, 1)), algorithm="winograd_f4")
     with pytest.raises(ValueError, match=r"unknown convolution algorithm 'cudnn'"):
         conv2d(x, k, algorithm="cudnn")
+    with pytest.raises(ValueError, match=r"three of those joined by '/'"):
+        conv2d(x, k, algorithm="xla/winograd_f4")
+    with pytest.raises(ValueError, match=r"'gemm' computes ungrouped 1x1"):
+        conv2d(x, k, algorithm="xla/xla/gemm")
 
 
 def test_extension_algorithms_refuse_other_backends():
@@ -151,9 +155,12 @@ def test_auto_choice_per_backend_shape_and_pass():
         assert choose(g, "gpu") == choose(g, "tpu") == ("xla",) * 3  # cuDNN / the TPU compiler choose for themselves
         assert all(REGISTRY[name].refusal(g, "cpu") is None for name in choose(g, "cpu"))
         assert not any(REGISTRY[name].cpu_only for name in choose(g, "cpu", extension=False))
+    assert choose(g3, "cpu", extension=False) == ("xla", "xla", "winograd_f4")
+    assert choose(g1, "cpu", extension=False) == ("gemm", "gemm", "gemm")
     if onednn.available():
-        assert choose(g3, "cpu") == ("onednn_winograd_f4",) * 3 and choose(g1, "cpu") == ("onednn",) * 3
-        assert not any(REGISTRY[name].cpu_only for name in choose(stem, "cpu"))  # 3 channels starve oneDNN
+        assert choose(g3, "cpu") == ("onednn_winograd_f4",) * 3
+        assert choose(g1, "cpu") == ("gemm", "gemm", "onednn_gemm")
+        assert choose(stem, "cpu") == ("xla", "xla", "matmul_grad")  # 3 channels starve oneDNN's kernels
 
 
 def test_passes_from_different_algorithms_compose_into_one_exact_convolution():

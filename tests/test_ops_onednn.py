@@ -50,7 +50,7 @@ def test_extension_is_available_wherever_its_wheels_and_a_compiler_are():
 def test_off_switch_runs_the_pure_jax_convolutions_and_says_so_once(tmp_path):
     done = run_probe(tmp_path, RESNET_JAX_ONEDNN="0")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(1, 3)" in done.stdout and "available False choice xla,xla,matmul_grad" in done.stdout
+    assert "(1, 3)" in done.stdout and "available False choice xla,xla,winograd_f4" in done.stdout
     lines = [line for line in done.stderr.splitlines() if "oneDNN" in line]
     assert lines == ["resnet_jax: oneDNN convolutions are off (RESNET_JAX_ONEDNN=0 turns it off); "
                      "using the pure-JAX convolutions"]

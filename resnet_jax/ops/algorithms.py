@@ -106,9 +106,11 @@ def _extension() -> list[Algorithm]:
     def direct(x, kernel, bias, residual, relu, strides, padding, groups):
         return onednn.forward(x, kernel, strides, padding, groups, bias, residual, relu)
 
+    from resnet_jax.ops import gemm, winograd
+
     table = [Algorithm("onednn", unfused(direct), onednn.backward_data, onednn.backward_weights,
-                       _extension_limits(False), True, direct)]
-    from resnet_jax.ops import winograd
+                       _extension_limits(False), True, direct),
+             Algorithm("onednn_gemm", *gemm.extension_passes(), _both(gemm.limits, _extension_limits(True)), True)]
 
     for m in (2, 4):
         def fused(x, kernel, bias, residual, relu, strides, padding, groups, m=m):
@@ -155,16 +157,34 @@ def _usable(name: str, g: Geometry, backend: str) -> bool:
 def choose(g: Geometry, backend: str, extension: bool = True) -> Passes:
     """The algorithms "auto" runs for this geometry on this backend, per pass ("jax": ``extension=False``).
 
-    Rules read off the per-layer tables (BENCHMARKS.md): on CPU the extension's Winograd F(4,3) wins every
-    pass of a 3x3 stride-1 layer (1.5-2.7x oneDNN's direct kernels) and oneDNN the other layers, except where
-    few input channels (the stem) starve its kernels and XLA's convolution with the patch-matmul kernel
-    gradient is 3x faster. Without the extension: XLA's forward and input gradient, with the kernel gradient as
-    a patch matmul.
+    Rules read off the per-layer tables (BENCHMARKS.md, "Per-layer algorithms"), float32 on CPU:
+    - 3x3 stride 1: the extension's Winograd F(4,3) wins all three passes (1.5-2.7x oneDNN's direct kernels).
+      Without it: XLA's forward and input gradient, and the kernel gradient by jnp Winograd F(4,3) in float32
+      (1.4x the patch matmul over a whole ResNet-18-CIFAR step), by the patch matmul otherwise.
+    - 1x1: the passes are plain matrix products; XLA's dot beats oneDNN's 1x1 convolution kernels for the
+      forward and input gradient, oneDNN's GEMM wins the kernel gradient (a reduction over every pixel).
+    - Few input channels (the stem): oneDNN's kernels starve (29 against 90 GFLOP/s); XLA's forward, and the
+      kernel gradient as a patch matmul, or oneDNN's where the patch matrix would be huge (7x7 at 224 px).
+    - Other strided or large kernels: oneDNN's direct kernels; without the extension XLA's with the patch matmul.
+    bfloat16 takes oneDNN's direct kernels (AVX-512 BF16) where the float32-only algorithms do not apply. On
+    GPU/TPU: XLA's own, whose libraries choose their algorithms themselves.
     """
     if backend != "cpu":
         return ("xla", "xla", "xla")
-    if extension and g.in_channels >= 8:
-        for name in ("onednn_winograd_f4", "onednn"):
-            if _usable(name, g, backend):
-                return (name, name, name)
-    return ("xla", "xla", "matmul_grad")
+    ok = lambda *names: all(_usable(n, g, backend) for n in names)  # noqa: E731
+    pure_kernel_grad = "matmul_grad" if g.groups == 1 else "xla"
+    if g.kernel == (1, 1) and g.groups == 1:
+        pure = ("gemm", "gemm", "gemm")
+        return ("gemm", "gemm", "onednn_gemm") if extension and ok("onednn_gemm") else pure
+    winograd_grad = g.dtype == "float32" and _usable("winograd_f4", g, backend)
+    pure = ("xla", "xla", "winograd_f4" if winograd_grad and g.in_channels >= 8 else pure_kernel_grad)
+    if not extension:
+        return pure
+    if g.in_channels < 8:
+        patches_bytes = g.batch * g.height * g.width * g.kernel[0] * g.kernel[1] * g.in_channels * 4 / (
+            g.strides[0] * g.strides[1])
+        return ("xla", "xla", "onednn" if patches_bytes > 64e6 and ok("onednn") else pure_kernel_grad)
+    for name in ("onednn_winograd_f4", "onednn"):
+        if ok(name):
+            return (name, name, name)
+    return pure

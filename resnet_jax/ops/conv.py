@@ -28,9 +28,10 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int] = (1, 1),
     (values and both gradients) for every algorithm within float32 rounding.
 
     ``padding`` is "SAME", "VALID" or explicit ``((top, bottom), (left, right))``. ``algorithm`` is one of
-    ``ALGORITHMS`` (all three passes by that algorithm), "auto" (per pass, the fastest measured for this shape,
-    dtype and backend) or "jax" (the same among the pure-JAX algorithms: what "auto" does without the CPU
-    extension). A forced algorithm that cannot compute this convolution raises ``ValueError`` saying why,
+    ``ALGORITHMS`` (all three passes by that algorithm), three of them joined by "/" (forward/input
+    gradient/kernel gradient, e.g. "xla/xla/winograd_f4"), "auto" (per pass, the fastest measured for this
+    shape, dtype and backend) or "jax" (the same among the pure-JAX algorithms: what "auto" does without the
+    CPU extension). A forced algorithm that cannot compute this convolution raises ``ValueError`` saying why,
     unless ``fallback`` (what a model's ``conv_impl`` uses): then "auto" computes it instead.
     """
     strides = tuple(int(s) for s in strides)
@@ -45,17 +46,21 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int] = (1, 1),
 
 
 def resolve(algorithm: str, g: Geometry, backend: str, fallback: bool = False) -> Passes:
-    """The (forward, input gradient, kernel gradient) algorithms that ``conv2d(algorithm=...)`` runs."""
+    """The (forward, input gradient, kernel gradient) algorithms that ``conv2d(algorithm=...)`` runs: a choice
+    ("auto", "jax"), one algorithm for all three passes, or three names joined by "/" (one per pass)."""
     if algorithm in CHOICES:
         return choose(g, backend, extension=algorithm == "auto")
-    if algorithm not in REGISTRY:
-        raise ValueError(f"unknown convolution algorithm {algorithm!r}; choose one of {[*ALGORITHMS, *CHOICES]}")
-    refusal = REGISTRY[algorithm].refusal(g, backend)
+    names = algorithm.split("/") if "/" in algorithm else [algorithm] * 3
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown or len(names) != 3:
+        raise ValueError(f"unknown convolution algorithm {algorithm!r}; choose one of {[*ALGORITHMS, *CHOICES]}, "
+                         "or three of those joined by '/' (forward/input gradient/kernel gradient)")
+    refusal = next((r for r in (REGISTRY[n].refusal(g, backend) for n in dict.fromkeys(names)) if r), None)
     if refusal and fallback:
         return choose(g, backend)
     if refusal:
         raise ValueError(f"{refusal}; use algorithm='auto' to pick one that can")
-    return (algorithm,) * 3
+    return tuple(names)
 
 
 def _epilogue(y, bias, residual, relu):

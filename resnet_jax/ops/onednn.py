@@ -33,7 +33,7 @@ SOURCES = tuple(sorted((Path(__file__).with_name("_onednn")).glob("*.cc")))
 HEADERS = tuple(sorted((Path(__file__).with_name("_onednn")).glob("*.h")))
 ENV_VAR = "RESNET_JAX_ONEDNN"
 TARGETS = ("ResnetJaxConvForward", "ResnetJaxConvBackwardData", "ResnetJaxConvBackwardWeights",
-           "ResnetJaxWinogradForward", "ResnetJaxWinogradBackwardWeights")
+           "ResnetJaxWinogradForward", "ResnetJaxWinogradBackwardWeights", "ResnetJaxMatmul")
 _LIB_DIST, _HEADERS_DIST = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 logger = logging.getLogger("resnet_jax")
 
@@ -201,3 +201,11 @@ def winograd_backward_weights(x, dy, padding, m, kernel_dtype=None):
     dk = _call(TARGETS[4], (3, 3, x.shape[-1], dy.shape[-1]), x.dtype, x, dy,
                padding=_geometry((1, 1), padding, 1)["padding"], m=np.int64(m))
     return dk if kernel_dtype is None else dk.astype(kernel_dtype)
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False):
+    """``a @ b`` (float32) by oneDNN's GEMM; ``transpose_a``/``transpose_b`` read an operand stored transposed."""
+    rows = a.shape[1] if transpose_a else a.shape[0]
+    cols = b.shape[0] if transpose_b else b.shape[1]
+    return _call(TARGETS[5], (rows, cols), jnp.float32, a, b, transpose_lhs=np.int64(transpose_a),
+                 transpose_rhs=np.int64(transpose_b))

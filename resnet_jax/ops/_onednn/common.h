@@ -54,6 +54,47 @@ T* Cached(const std::string& key, Build build) {
   return slot.get();
 }
 
+// A batched matrix product [batch][rows][k] x [batch][k][cols] -> [batch][rows][cols] (row-major), either
+// operand optionally stored transposed ([batch][k][rows], [batch][cols][k]); `accumulate` adds to dst.
+struct Matmul {
+  dnnl::matmul prim;
+  dnnl::memory::desc lhs, rhs, dst, scratchpad;
+};
+
+inline Matmul* BatchedMatmul(int64_t batch, int64_t rows, int64_t k, int64_t cols, bool transpose_lhs,
+                             bool transpose_rhs, bool accumulate) {
+  using dnnl::memory;
+  using tag = memory::format_tag;
+  std::string key = "matmul:" + std::to_string(batch) + ':' + std::to_string(rows) + ':' + std::to_string(k) +
+                    ':' + std::to_string(cols) + ':' + std::to_string(transpose_lhs) +
+                    std::to_string(transpose_rhs) + std::to_string(accumulate);
+  return Cached<Matmul>(key, [&] {
+    const auto f32 = memory::data_type::f32;
+    memory::desc lhs({batch, rows, k}, f32, transpose_lhs ? tag::acb : tag::abc);
+    memory::desc rhs({batch, k, cols}, f32, transpose_rhs ? tag::acb : tag::abc);
+    memory::desc dst({batch, rows, cols}, f32, tag::abc);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (accumulate) {
+      dnnl::post_ops ops;
+      ops.append_sum(1.f);
+      attr.set_post_ops(ops);
+    }
+    dnnl::matmul::primitive_desc pd(Engine(), lhs, rhs, dst, attr);
+    return Matmul{dnnl::matmul(pd), lhs, rhs, dst, pd.scratchpad_desc()};
+  });
+}
+
+inline void RunMatmul(const Matmul& mm, const float* lhs, const float* rhs, float* dst) {
+  using dnnl::memory;
+  thread_local ThreadBuffer scratch;
+  mm.prim.execute(Stream(), {{DNNL_ARG_SRC, memory(mm.lhs, Engine(), const_cast<float*>(lhs))},
+                             {DNNL_ARG_WEIGHTS, memory(mm.rhs, Engine(), const_cast<float*>(rhs))},
+                             {DNNL_ARG_DST, memory(mm.dst, Engine(), dst)},
+                             {DNNL_ARG_SCRATCHPAD,
+                              memory(mm.scratchpad, Engine(), scratch.Get(mm.scratchpad.get_size()))}});
+}
+
 inline xla::ffi::Error Run(const std::function<void()>& body) {
   try {
     body();

@@ -32,8 +32,11 @@ namespace {
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
+using resnet_jax::BatchedMatmul;
 using resnet_jax::Engine;
+using resnet_jax::Matmul;
 using resnet_jax::Run;
+using resnet_jax::RunMatmul;
 using resnet_jax::Stream;
 using resnet_jax::ThreadBuffer;
 
@@ -244,42 +247,6 @@ void TransformOutputGradient(const float* dy, const Tiling& g, int64_t o, int64_
   }
 }
 
-// A batched product over the A*A tile positions: [batch][rows][k] x [batch][k][cols] -> [batch][rows][cols],
-// or with the left operand stored [batch][k][rows] (transpose_lhs, for the kernel gradient's sum over tiles).
-struct Matmul {
-  dnnl::matmul prim;
-  memory::desc lhs, rhs, dst, scratchpad;
-};
-
-Matmul* BatchedMatmul(int64_t batch, int64_t rows, int64_t k, int64_t cols, bool transpose_lhs, bool accumulate) {
-  std::ostringstream key;
-  key << "wino_matmul:" << batch << ':' << rows << ':' << k << ':' << cols << ':' << transpose_lhs << accumulate;
-  return resnet_jax::Cached<Matmul>(key.str(), [&] {
-    using tag = memory::format_tag;
-    memory::desc lhs = transpose_lhs ? memory::desc({batch, rows, k}, memory::data_type::f32, tag::acb)
-                                     : memory::desc({batch, rows, k}, memory::data_type::f32, tag::abc);
-    memory::desc rhs({batch, k, cols}, memory::data_type::f32, tag::abc);
-    memory::desc dst({batch, rows, cols}, memory::data_type::f32, tag::abc);
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    if (accumulate) {
-      dnnl::post_ops ops;
-      ops.append_sum(1.f);
-      attr.set_post_ops(ops);
-    }
-    dnnl::matmul::primitive_desc pd(Engine(), lhs, rhs, dst, attr);
-    return Matmul{dnnl::matmul(pd), lhs, rhs, dst, pd.scratchpad_desc()};
-  });
-}
-
-void RunMatmul(const Matmul& mm, const float* lhs, const float* rhs, float* dst) {
-  thread_local ThreadBuffer scratch;
-  mm.prim.execute(Stream(), {{DNNL_ARG_SRC, memory(mm.lhs, Engine(), const_cast<float*>(lhs))},
-                             {DNNL_ARG_WEIGHTS, memory(mm.rhs, Engine(), const_cast<float*>(rhs))},
-                             {DNNL_ARG_DST, memory(mm.dst, Engine(), dst)},
-                             {DNNL_ARG_SCRATCHPAD, memory(mm.scratchpad, Engine(), scratch.Get(mm.scratchpad.get_size()))}});
-}
-
 // Tiles per block of the blocked schedule: enough rows for an efficient product, few enough that a block's
 // transformed tiles stay in the core's cache.
 int64_t BlockTiles(int64_t channels) { return std::clamp<int64_t>((96 * 1024) / (channels * 4 * 4), 16, 64); }
@@ -298,7 +265,7 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
   const int64_t tiles = g.Count();
   if (Blocked(kA, c, o)) {
     const int64_t block = BlockTiles(std::max(c, o));
-    Matmul* mm = BatchedMatmul(kA * kA, block, c, o, false, false);
+    Matmul* mm = BatchedMatmul(kA * kA, block, c, o, false, false, false);
     const int64_t blocks = (tiles + block - 1) / block;
 #pragma omp parallel
     {
@@ -310,6 +277,7 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
         const int64_t p0 = b * block, count = std::min(block, tiles - p0);
         TransformInput<M>(x, g, c, p0, count, v, block);
         RunMatmul(*mm, v, u, mh);
+        Stream().wait();
         TransformOutputDispatch<M>(flags, mh, block, g, o, p0, count, y, bias, residual);
       }
     }
@@ -321,7 +289,8 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
 #pragma omp parallel for schedule(static)
   for (int64_t p0 = 0; p0 < tiles; p0 += chunk)
     TransformInput<M>(x, g, c, p0, std::min(chunk, tiles - p0), v + p0 * c, tiles);
-  RunMatmul(*BatchedMatmul(kA * kA, tiles, c, o, false, false), v, u, mh);
+  RunMatmul(*BatchedMatmul(kA * kA, tiles, c, o, false, false, false), v, u, mh);
+  Stream().wait();
 #pragma omp parallel for schedule(static)
   for (int64_t p0 = 0; p0 < tiles; p0 += chunk)
     TransformOutputDispatch<M>(flags, mh + p0 * o, tiles, g, o, p0, std::min(chunk, tiles - p0), y, bias, residual);
@@ -334,8 +303,8 @@ void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g,
   float* dwhat = static_cast<float*>(u_buffer.Get(kA * kA * c * o * sizeof(float)));
   if (Blocked(kA, c, o)) {
     const int64_t block = BlockTiles(std::max(c, o));
-    Matmul* first = BatchedMatmul(kA * kA, c, block, o, true, false);
-    Matmul* more = BatchedMatmul(kA * kA, c, block, o, true, true);
+    Matmul* first = BatchedMatmul(kA * kA, c, block, o, true, false, false);
+    Matmul* more = BatchedMatmul(kA * kA, c, block, o, true, false, true);
     const int64_t blocks = (tiles + block - 1) / block;
     std::vector<float*> partial(omp_get_max_threads(), nullptr);
 #pragma omp parallel
@@ -358,6 +327,7 @@ void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g,
           }
         }
         RunMatmul(started ? *more : *first, v, z, acc);
+        Stream().wait();
         started = true;
       }
       if (!started) std::memset(acc, 0, kA * kA * c * o * sizeof(float));
@@ -379,7 +349,8 @@ void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g,
       TransformInput<M>(x, g, c, p0, std::min(chunk, tiles - p0), v + p0 * c, tiles);
       TransformOutputGradient<M>(dy, g, o, p0, std::min(chunk, tiles - p0), z + p0 * o, tiles);
     }
-    RunMatmul(*BatchedMatmul(kA * kA, c, tiles, o, true, false), v, z, dwhat);
+    RunMatmul(*BatchedMatmul(kA * kA, c, tiles, o, true, false, false), v, z, dwhat);
+    Stream().wait();
   }
   TransformKernelGradient<M>(dwhat, c, o, dw);
 }
