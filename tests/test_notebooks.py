@@ -34,7 +34,7 @@ def _kernel_manager(tmp: Path) -> KernelManager:
 
 
 def test_notebooks_found():
-    assert len(NOTEBOOKS) >= 5, NOTEBOOKS
+    assert len(NOTEBOOKS) >= 6, NOTEBOOKS
 
 
 @pytest.mark.slow
