@@ -154,8 +154,10 @@ def _usable(name: str, g: Geometry, backend: str) -> bool:
     return REGISTRY[name].refusal(g, backend) is None
 
 
-def choose(g: Geometry, backend: str, extension: bool = True) -> Passes:
+def choose(g: Geometry, backend: str, extension: bool = True, measured: bool = True) -> Passes:
     """The algorithms "auto" runs for this geometry on this backend, per pass ("jax": ``extension=False``).
+
+    With ``measured``, this machine's own measurements (``ops.tuning.tune``) win where they cover the shape.
 
     Rules read off the per-layer tables (BENCHMARKS.md, "Per-layer algorithms"), float32 on CPU:
     - 3x3 stride 1: the extension's Winograd F(4,3) wins all three passes (1.5-2.7x oneDNN's direct kernels).
@@ -171,6 +173,12 @@ def choose(g: Geometry, backend: str, extension: bool = True) -> Passes:
     """
     if backend != "cpu":
         return ("xla", "xla", "xla")
+    if measured:
+        from resnet_jax.ops.tuning import tuned_choice
+
+        tuned = tuned_choice(g, extension)
+        if tuned:
+            return tuned
     ok = lambda *names: all(_usable(n, g, backend) for n in names)  # noqa: E731
     pure_kernel_grad = "matmul_grad" if g.groups == 1 else "xla"
     if g.kernel == (1, 1) and g.groups == 1:

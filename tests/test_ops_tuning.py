@@ -1,0 +1,75 @@
+"""Measured choices: tune() times a model's convolutions, stores the fastest per pass, and "auto" then runs
+them, deterministically; a damaged or disabled file leaves the shipped rules in charge."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import create_model
+from resnet_jax.ops import Geometry, choose, tuning
+from resnet_jax.ops.algorithms import REGISTRY
+
+SHAPE = (2, 8, 8, 1)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv(tuning.ENV_VAR, str(path))
+    tuning._table.cache_clear()
+    yield path
+    tuning._table.cache_clear()
+
+
+def tiny():
+    return create_model("resnet20", num_classes=3, in_channels=1, stage_sizes=(1, 1, 1))
+
+
+def test_tuned_choices_are_stored_and_then_run_by_auto(cache):
+    messages = []
+    chosen = tuning.tune(tiny(), SHAPE, repeats=1, candidates=["matmul_grad", "im2col"], log=messages.append)
+    geometries = tuning.model_geometries(tiny(), SHAPE)
+    assert len(geometries) == len(chosen) == 6  # stem, and a 3x3 stride-1 and stride-2 shape per stage
+    stored = json.loads(cache.read_text())[tuning.machine_key()]
+    for g in geometries:
+        entry = stored[tuning.geometry_key(g)]
+        assert set(entry["seconds"]["kernel_grad"]) <= {"xla", "matmul_grad", "im2col"}
+        for pass_name, name in zip(tuning.PASSES, entry["auto"]):  # the fastest measured, per pass
+            assert entry["seconds"][pass_name][name] == min(entry["seconds"][pass_name].values())
+        assert choose(g, "cpu") == tuple(entry["auto"]) and choose(g, "cpu", extension=False) == tuple(entry["jax"])
+        assert choose(g, "gpu") == ("xla",) * 3  # measurements are this machine's CPU's only
+    assert messages[-1].startswith("tuned 6 convolution shapes in ") and str(cache) in messages[-1]
+    model, x = tiny(), jax.random.normal(jax.random.key(0), SHAPE)
+    variables = model.init(jax.random.key(1), x)
+    reference = tiny().clone(conv_impl="xla").apply(variables, x)
+    np.testing.assert_allclose(model.apply(variables, x), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_damaged_or_disabled_tuning_leaves_the_rules(cache, monkeypatch, caplog):
+    g = Geometry(2, 8, 8, 16, 16, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+    rules = choose(g, "cpu", measured=False)
+    cache.write_text("{not json")
+    with caplog.at_level("WARNING", logger="resnet_jax"):
+        assert choose(g, "cpu") == rules
+        assert choose(g, "cpu") == rules
+    assert [r.message for r in caplog.records if "tuning file" in r.message][0].startswith(
+        f"resnet_jax: ignoring the convolution tuning file {cache}")
+    assert len([r for r in caplog.records if "tuning file" in r.message]) == 1  # said once
+    # an entry naming an algorithm that cannot compute the shape (an edited file) is not used
+    cache.write_text(json.dumps({tuning.machine_key(): {tuning.geometry_key(g): {
+        "auto": ["gemm", "gemm", "gemm"], "jax": ["gemm", "gemm", "gemm"], "seconds": {}}}}))
+    tuning._table.cache_clear()
+    assert REGISTRY["gemm"].refusal(g, "cpu") and choose(g, "cpu") == rules
+    monkeypatch.setenv(tuning.ENV_VAR, "0")
+    tuning._table.cache_clear()
+    assert choose(g, "cpu") == rules
+    with pytest.raises(ValueError, match="RESNET_JAX_CONV_TUNING=0 turns tuning off"):
+        tuning.tune(tiny(), SHAPE, repeats=1)
+
+
+def test_unknown_candidate_is_a_clear_error(cache):
+    with pytest.raises(ValueError, match=r"unknown convolution algorithm\(s\) \['cudnn'\]"):
+        tuning.tune(tiny(), SHAPE, candidates=["cudnn"])
