@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_jax import pretrained as _pretrained
 from resnet_jax import resnet as _linen
 from resnet_jax import torchvision as _weights
+from resnet_jax.pretrained import pretrained as _linen_pretrained  # the package's `pretrained` is this function
 
 # linen collection <-> NNX Variable type; every collection a ResNet has
 _COLLECTIONS: dict[str, type[nnx.Variable]] = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
@@ -154,7 +154,7 @@ def load_timm(name: str, source: str | os.PathLike | Mapping[str, Any], **kwargs
 
 def pretrained(name: str, weights: str = "DEFAULT", **kwargs: Any) -> ResNet:
     """``resnet_jax.pretrained`` (same arguments: cached, sha256-checked download) as an NNX model."""
-    return from_linen(*_pretrained.pretrained(name, weights, **kwargs))
+    return from_linen(*_linen_pretrained(name, weights, **kwargs))
 
 
 __all__ = ["Layer", "ResNet", "create_model", "from_linen", "load_timm", "load_torchvision", "pretrained",
