@@ -17,6 +17,7 @@ import jax
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "learning_curves.png"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsLog:
@@ -56,7 +57,7 @@ class MetricsLog:
             else:
                 # purge_step: TensorBoard hides the interrupted run's events after the resumed step
                 purge = None if self.resume_step is None else self.resume_step + 1
-                self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
+                self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR), purge_step=purge)
         return self._tb or None
 
     def close(self) -> None:

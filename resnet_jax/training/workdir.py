@@ -27,15 +27,14 @@ import ml_collections
 from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch
 from resnet_jax.parallel import sync_processes
 from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, base_config
-from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE
+from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
-TENSORBOARD = "tensorboard"
 PREVIOUS_RUNS = "previous_runs"
 # Everything a run writes; what ``move_aside`` moves.
-RUN_FILES = (CHECKPOINTS, DAMAGED_DIR, METRICS_FILE, TENSORBOARD, CURVES_FILE, CONFIG_FILE)
-HISTORY_FILES = (METRICS_FILE, TENSORBOARD, CURVES_FILE)
+RUN_FILES = (CHECKPOINTS, DAMAGED_DIR, METRICS_FILE, TENSORBOARD_DIR, CURVES_FILE, CONFIG_FILE)
+HISTORY_FILES = (METRICS_FILE, TENSORBOARD_DIR, CURVES_FILE)
 
 
 def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str], None]) -> None:
