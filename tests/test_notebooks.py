@@ -46,7 +46,7 @@ def test_notebook_runs(path, tmp_path):
     client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), kernel_name=KERNEL,
                                      resources={"metadata": {"path": str(workdir)}}, allow_errors=False)
     deadline = time.monotonic() + DEADLINE_S
-    with client.setup_kernel():
+    with client.setup_kernel(cleanup_kc=True):  # nbclient leaves a kernel it did not create running
         for index, cell in enumerate(nb.cells):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
