@@ -80,6 +80,7 @@ def test_sigterm_exits_75_with_a_checkpoint_and_a_changed_seed_is_refused_with_e
     while not (workdir / "checkpoints" / "5").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert (workdir / "checkpoints" / "5").exists(), "the run did not get there within 10 minutes"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 75, err[-3000:]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import unflatten_dict
 
-from training_helpers import (direct_metrics, process_groups, run_worker, snapshot, spawn,  # noqa: F401
-                              tiny_config, worker_command, worker_env)
+from training_helpers import (direct_metrics, once_per_session, process_groups, run_worker, snapshot,  # noqa: F401
+                              spawn, tiny_config, worker_command, worker_env)
 
 STEPS = 6  # device layouts are compared over the first steps (see the 2 x 2 vs 1 x 4 test for why)
 PREEMPTED = 75
@@ -69,18 +69,23 @@ def load_variables_npz(path):
 
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("d4")
-    npz = workdir.parent / f"{workdir.name}.npz"
-    return workdir, run_worker(workdir, config(), devices=4, extra_args=[str(npz)]), npz
+    """1 process x 4 devices: (workdir, worker result, final variables .npz)."""
+    def compute(directory):
+        return run_worker(directory / "run", config(), devices=4, extra_args=[str(directory / "variables.npz")])
+
+    directory, result = once_per_session(tmp_path_factory, "four-devices", compute)
+    return directory / "run", result, directory / "variables.npz"
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("mp")
-    npz = workdir.parent / f"{workdir.name}.npz"
-    with process_groups() as start:
-        result = finish(start_processes(start, workdir, npz))[0]
-    return workdir, result, npz
+    """2 processes x 2 devices: (workdir, process 0's result, final variables .npz)."""
+    def compute(directory):
+        with process_groups() as start:
+            return finish(start_processes(start, directory / "run", directory / "variables.npz"))[0]
+
+    directory, result = once_per_session(tmp_path_factory, "two-processes", compute)
+    return directory / "run", result, directory / "variables.npz"
 
 
 @pytest.mark.multiprocess
@@ -143,6 +148,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_they_resume_exa
         assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
         time.sleep(0.02)
     assert all(p.poll() is None for p in procs), "the run ended before it could be interrupted"
+    assert (workdir / "checkpoints" / "4").exists(), "the run did not get there within 10 minutes"
     os.killpg(procs[1].pid, signal.SIGINT)
     stops = finish(procs, expected_code=PREEMPTED)
     assert stops[0]["preempted_at"] == stops[1]["preempted_at"]

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from training_helpers import run_worker, spawn, tiny_config, worker_command, worker_env  # noqa: F401
+from training_helpers import (once_per_session, run_worker, spawn, tiny_config,  # noqa: F401
+                              worker_command, worker_env)
 
 STEPS_PER_EPOCH = 1437 // 32  # 44
 TOTAL = 2 * STEPS_PER_EPOCH
@@ -30,8 +31,9 @@ def config(**kw):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("reference")
-    return workdir, run_worker(workdir, config())
+    directory, result = once_per_session(tmp_path_factory, "resume-reference",
+                                         lambda d: run_worker(d / "run", config()))
+    return directory / "run", result
 
 
 def metric_rows(workdir):
@@ -50,6 +52,7 @@ def wait_for(ready, proc):
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
+    assert ready(), "the run did not get there within 10 minutes"
 
 
 def logged_step(workdir, step):

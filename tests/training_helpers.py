@@ -1,6 +1,7 @@
 """Shared pieces of the training tests: a tiny but real config, and running training in a subprocess."""
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -78,6 +79,22 @@ def spawn():
     """``process_groups`` for one test."""
     with process_groups() as start:
         yield start
+
+
+def once_per_session(tmp_path_factory, name, compute):
+    """``compute(directory)`` (a JSON-able result) run once per test session, not once per pytest-xdist worker
+    (each builds its own module fixtures): the first worker to ask computes under a file lock in the folder the
+    workers share, the others wait for it and read the same result and files."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    directory, done = root / name, root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            directory.mkdir(exist_ok=True)
+            done.write_text(json.dumps(compute(directory)))
+    return directory, json.loads(done.read_text())
 
 
 def run_worker(workdir, config, devices: int | None = None, timeout: int = 600, extra_args=()) -> dict:
