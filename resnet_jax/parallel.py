@@ -71,8 +71,9 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size
     processes."""
     devices, processes = mesh.devices.size, jax.process_count()
     if global_batch_size % devices or global_batch_size % processes:
+        suggestion = max(devices, processes) * max(1, global_batch_size // devices)
         raise ValueError(f"{name} {global_batch_size} must be divisible by the number of devices ({devices}) "
-                         f"and processes ({processes}); try {max(devices, processes) * max(1, global_batch_size // devices)}")
+                         f"and processes ({processes}); try {suggestion}")
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

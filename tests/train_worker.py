@@ -4,8 +4,8 @@ simulated devices, to receive real signals, or to join a multi-process run).
     python tests/train_worker.py WORKDIR CONFIG_JSON [PARAMS_NPZ]   (XLA_FLAGS in the environment picks the devices)
 
 Prints one JSON line: {"step", "losses": [...train losses...], "params_digest", "resumed_from", "devices"}, and
-writes the final variables (params and batch_stats) to PARAMS_NPZ when given (process 0). A run stopped by SIGTERM/SIGINT prints
-{"preempted_at": step} instead and exits with the CLI's code for it.
+writes the final variables (params and batch_stats) to PARAMS_NPZ when given (process 0). A run stopped by
+SIGTERM/SIGINT prints {"preempted_at": step} instead and exits with the CLI's code for it.
 """
 
 import hashlib

@@ -9,5 +9,5 @@ from resnet_jax.training.state import TrainState, create_train_state
 from resnet_jax.training.steps import make_eval_step, make_train_step
 
 __all__ = ["Classifier", "Preempted", "TrainResult", "TrainState", "TrainingDiverged", "base_config",
-           "create_train_state", "evaluate_loader", "make_eval_step", "make_optimizer", "make_schedule", "make_train_step",
-           "model_from_config", "setup", "train", "validate"]
+           "create_train_state", "evaluate_loader", "make_eval_step", "make_optimizer", "make_schedule",
+           "make_train_step", "model_from_config", "setup", "train", "validate"]
