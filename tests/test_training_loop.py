@@ -222,3 +222,39 @@ def test_fine_tune_from_a_torchvision_file_with_another_head(tmp_path):
     params = jax.device_get(result.state.params)
     np.testing.assert_allclose(params["conv1"]["kernel"], variables["params"]["conv1"]["kernel"], atol=1e-6)
     assert params["fc"]["kernel"].shape == (64, 10)
+
+
+def test_evaluation_runs_the_folded_model_with_the_same_metrics(finished_run):
+    """Given the model, the eval step folds BatchNorm into the convolutions: no per-activation normalisation is
+    left in the step (no rank-4 subtraction of a mean), and the metrics equal the unfolded step's."""
+    from resnet_jax import data
+    from resnet_jax.parallel import make_mesh, shard_batch
+    from resnet_jax.training import evaluate_loader, make_eval_step
+    from resnet_jax.training.config import normalization_stats
+
+    _, result, _ = finished_run
+    source = data.get_source("digits", "validation", image_size=8)
+    mean, std = normalization_stats(result.config)
+    loader = data.eval_loader(source, batch_size=64, image_size=8, mean=mean, std=std, channels=1)
+    mesh = make_mesh()
+    folded, unfolded = make_eval_step(mesh, result.model), make_eval_step(mesh)
+    assert evaluate_loader(result.state, folded, loader, mesh) == pytest.approx(
+        evaluate_loader(result.state, unfolded, loader, mesh), rel=1e-5)
+
+    batch = shard_batch(next(iter(loader)), mesh)
+
+    def normalising_subtractions(step):
+        jaxpr = jax.make_jaxpr(step)(result.state, batch)
+        return sum(1 for eq in _equations(jaxpr.jaxpr) if eq.primitive.name == "sub" and eq.outvars[0].aval.ndim == 4)
+
+    assert normalising_subtractions(unfolded) > 0 and normalising_subtractions(folded) == 0
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, inside nested calls and custom derivatives too."""
+    for eq in jaxpr.eqns:
+        yield eq
+        for value in eq.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                yield from _equations(inner)

@@ -172,7 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
     epoch_sums = None if loop["epoch"] is None else replicate(_as_f32(loop["epoch"]), mesh)
 
     train_step = make_train_step(config, num_classes, mesh)
-    eval_step = make_eval_step(mesh)
+    eval_step = make_eval_step(mesh, model)
     schedule = make_schedule(config, spe)
     show_bar = config.progress_bar and jax.process_index() == 0
     bar, stop_reason, saved_step = None, "finished", step
