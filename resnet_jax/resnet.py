@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from resnet_jax.blocks import BLOCKS, SHORTCUTS
 from resnet_jax.ops import ALGORITHMS, Conv
 from resnet_jax.ops.algorithms import CHOICES
+from resnet_jax.ops.pool import max_pool_3x3_s2
 
 STEMS = ("imagenet", "cifar", "deep")
 CONV_IMPLS = (*ALGORITHMS, *CHOICES)
@@ -174,7 +175,9 @@ class ResNet(nn.Module):
                               norm_name=None if last else f"bn1_{k}")(x, relu=not last)
         else:
             x = conv_norm(self.stem_width, (7, 7), strides=2, conv_name="conv1", norm_name=bn)(x, relu=not self.preact)
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if self.conv_impl == "xla":  # the plain-XLA reference (and what exported artifacts carry)
+            return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return max_pool_3x3_s2(x)
 
     def _check_input(self, x) -> None:
         shape = tuple(getattr(x, "shape", ()))

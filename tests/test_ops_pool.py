@@ -1,0 +1,50 @@
+"""The stem's sliced max-pool equals flax's ``max_pool`` exactly: values and gradients, ties included."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import create_model
+from resnet_jax.ops.pool import _sliced_max_pool, max_pool_3x3_s2
+
+
+def reference(x):
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def inputs(shape, dtype, kind, seed=0):
+    x = np.random.default_rng(seed).standard_normal(shape)
+    if kind == "relu":  # after a ReLU most windows hold several zeros: the ties the gradient must break alike
+        x = np.maximum(x, 0)
+    elif kind == "coarse":  # few distinct values: ties between non-zero maxima too
+        x = np.round(x)
+    return jnp.asarray(x, dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (3, 5, 6, 4), (1, 1, 1, 1)])
+@pytest.mark.parametrize("kind", ["normal", "relu", "coarse"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_values_and_gradients_equal_max_pool(shape, kind, dtype):
+    x = inputs(shape, dtype, kind)
+    want, want_vjp = jax.vjp(reference, x)
+    got, got_vjp = jax.vjp(jax.jit(_sliced_max_pool), x)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    dy = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape), dtype)
+    np.testing.assert_array_equal(np.asarray(got_vjp(dy)[0], np.float32), np.asarray(want_vjp(dy)[0], np.float32))
+
+
+def test_model_stem_uses_it_on_cpu():
+    """ResNet-50's stem pools with the sliced form on CPU: no reduce_window in the gradient of the model."""
+    model = create_model("resnet18", num_classes=3)
+    x = jnp.ones((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return out.sum()
+
+    text = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    assert "reduce_window" not in text and "select_and_scatter" not in text
+    assert max_pool_3x3_s2(x).shape == reference(x).shape
