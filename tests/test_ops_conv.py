@@ -151,16 +151,19 @@ def test_auto_choice_per_backend_shape_and_pass():
     g3 = Geometry(128, 16, 16, 128, 128, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
     g1 = Geometry(128, 16, 16, 128, 256, (1, 1), (2, 2), ((0, 0), (0, 0)), 1, "float32")
     stem = Geometry(128, 32, 32, 3, 64, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
-    for g in (g3, g1, stem):
+    big_stem = Geometry(32, 224, 224, 3, 64, (7, 7), (2, 2), ((3, 3), (3, 3)), 1, "float32")
+    for g in (g3, g1, stem, big_stem):
         assert choose(g, "gpu") == choose(g, "tpu") == ("xla",) * 3  # cuDNN / the TPU compiler choose for themselves
         assert all(REGISTRY[name].refusal(g, "cpu") is None for name in choose(g, "cpu"))
         assert not any(REGISTRY[name].cpu_only for name in choose(g, "cpu", extension=False))
     assert choose(g3, "cpu", extension=False) == ("xla", "xla", "winograd_f4")
     assert choose(g1, "cpu", extension=False) == ("gemm", "gemm", "gemm")
+    assert choose(big_stem, "cpu", extension=False) == ("xla", "xla", "matmul_grad")
     if onednn.available():
         assert choose(g3, "cpu") == ("onednn_winograd_f4",) * 3
-        assert choose(g1, "cpu") == ("gemm", "gemm", "onednn_gemm")
+        assert choose(g1, "cpu") == ("onednn", "onednn_gemm", "onednn_gemm")
         assert choose(stem, "cpu") == ("xla", "xla", "matmul_grad")  # 3 channels starve oneDNN's kernels
+        assert choose(big_stem, "cpu") == ("onednn",) * 3  # unless the patch matrix would be huge
 
 
 def test_passes_from_different_algorithms_compose_into_one_exact_convolution():

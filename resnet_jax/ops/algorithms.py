@@ -159,14 +159,16 @@ def choose(g: Geometry, backend: str, extension: bool = True, measured: bool = T
 
     With ``measured``, this machine's own measurements (``ops.tuning.tune``) win where they cover the shape.
 
-    Rules read off the per-layer tables (BENCHMARKS.md, "Per-layer algorithms"), float32 on CPU:
+    Rules read off the quiet per-layer tables (BENCHMARKS.md, "Per-layer algorithms"), float32 on CPU:
     - 3x3 stride 1: the extension's Winograd F(4,3) wins all three passes (1.5-2.7x oneDNN's direct kernels).
       Without it: XLA's forward and input gradient, and the kernel gradient by jnp Winograd F(4,3) in float32
-      (1.4x the patch matmul over a whole ResNet-18-CIFAR step), by the patch matmul otherwise.
-    - 1x1: the passes are plain matrix products; XLA's dot beats oneDNN's 1x1 convolution kernels for the
-      forward and input gradient, oneDNN's GEMM wins the kernel gradient (a reduction over every pixel).
-    - Few input channels (the stem): oneDNN's kernels starve (29 against 90 GFLOP/s); XLA's forward, and the
-      kernel gradient as a patch matmul, or oneDNN's where the patch matrix would be huge (7x7 at 224 px).
+      (1.4-2.7x the patch matmul on ResNet-50's layers), by the patch matmul otherwise.
+    - 1x1: oneDNN's direct kernel forward (1.0-1.2x XLA's dot, and it applies the inference epilogue), oneDNN's
+      GEMM for both gradients (1.0-1.3x XLA's dot for the input gradient, 1.1-1.8x for the kernel gradient, a
+      reduction over every pixel). Without the extension: XLA's dot, which beats XLA's 1x1 convolution 2-10x.
+    - Few input channels (the stems): oneDNN's kernels starve where the layer is small (29 against 90 GFLOP/s
+      for CIFAR's 3x3 stem), so XLA's forward and the patch-matmul kernel gradient there; where the patch
+      matrix would be huge (7x7 at 224 px) oneDNN's kernels win both (1.8x and 3x).
     - Other strided or large kernels: oneDNN's direct kernels; without the extension XLA's with the patch matmul.
     bfloat16 takes oneDNN's direct kernels (AVX-512 BF16) where the float32-only algorithms do not apply. On
     GPU/TPU: XLA's own, whose libraries choose their algorithms themselves.
@@ -183,7 +185,7 @@ def choose(g: Geometry, backend: str, extension: bool = True, measured: bool = T
     pure_kernel_grad = "matmul_grad" if g.groups == 1 else "xla"
     if g.kernel == (1, 1) and g.groups == 1:
         pure = ("gemm", "gemm", "gemm")
-        return ("gemm", "gemm", "onednn_gemm") if extension and ok("onednn_gemm") else pure
+        return ("onednn", "onednn_gemm", "onednn_gemm") if extension and ok("onednn", "onednn_gemm") else pure
     winograd_grad = g.dtype == "float32" and _usable("winograd_f4", g, backend)
     pure = ("xla", "xla", "winograd_f4" if winograd_grad and g.in_channels >= 8 else pure_kernel_grad)
     if not extension:
@@ -191,7 +193,7 @@ def choose(g: Geometry, backend: str, extension: bool = True, measured: bool = T
     if g.in_channels < 8:
         patches_bytes = g.batch * g.height * g.width * g.kernel[0] * g.kernel[1] * g.in_channels * 4 / (
             g.strides[0] * g.strides[1])
-        return ("xla", "xla", "onednn" if patches_bytes > 64e6 and ok("onednn") else pure_kernel_grad)
+        return ("onednn",) * 3 if patches_bytes > 64e6 and ok("onednn") else pure
     for name in ("onednn_winograd_f4", "onednn"):
         if ok(name):
             return (name, name, name)
