@@ -1,4 +1,4 @@
-"""train.allocator: re-executing under a preloaded allocator keeps the command and loads the library once."""
+"""resnet_jax.allocator: re-executing under a preloaded allocator keeps the command and loads the library once."""
 
 import json
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PROBE = ("import json, os, sys; from train.allocator import preload_tcmalloc; a = preload_tcmalloc(); "
+PROBE = ("import json, os, sys; from resnet_jax.allocator import preload_tcmalloc; a = preload_tcmalloc(); "
          "print(json.dumps({'allocator': a, 'preload': os.environ.get('LD_PRELOAD', ''), 'argv': sys.argv[1:]}))")
 
 

@@ -8,7 +8,7 @@ same command again to resume. Multi-host: pass ``--config.coordinator_address=HO
 --config.num_processes=N --config.process_id=I`` to each process (or set RESNET_JAX_COORDINATOR,
 RESNET_JAX_NUM_PROCESSES, RESNET_JAX_PROCESS_ID); under SLURM, Open MPI or on a TPU pod,
 ``--config.coordinator_address=auto`` takes them from the cluster. Where Debian's libtcmalloc-minimal4 (or
-another tcmalloc) is installed the command runs under it (``train/allocator.py``; ``RESNET_JAX_TCMALLOC=0``
+another tcmalloc) is installed the command runs under it (``resnet_jax/allocator.py``; ``RESNET_JAX_TCMALLOC=0``
 turns that off).
 """
 
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from train.allocator import preload_tcmalloc
+    from resnet_jax.allocator import preload_tcmalloc
 
     preload_tcmalloc()  # re-execs under tcmalloc when installed (faster CPU steps); before jax is imported
     app.run(main)
