@@ -160,15 +160,15 @@ def choose(g: Geometry, backend: str, extension: bool = True, measured: bool = T
     With ``measured``, this machine's own measurements (``ops.tuning.tune``) win where they cover the shape.
 
     Rules read off the quiet per-layer tables (BENCHMARKS.md, "Per-layer algorithms"), float32 on CPU:
-    - 3x3 stride 1: the extension's Winograd F(4,3) wins all three passes (1.5-2.7x oneDNN's direct kernels).
+    - 3x3 stride 1: the extension's Winograd F(4,3) wins all three passes (1.5-2.7x oneDNN's direct kernels),
+      except on small layers (``WINOGRAD_MIN_FLOPS``), where oneDNN's direct kernels win inside the model.
       Without it: XLA's forward and input gradient, and the kernel gradient by jnp Winograd F(4,3) in float32
       (1.4-2.7x the patch matmul on ResNet-50's layers), by the patch matmul otherwise.
     - 1x1: oneDNN's direct kernel forward (1.0-1.2x XLA's dot, and it applies the inference epilogue), oneDNN's
       GEMM for both gradients (1.0-1.3x XLA's dot for the input gradient, 1.1-1.8x for the kernel gradient, a
       reduction over every pixel). Without the extension: XLA's dot, which beats XLA's 1x1 convolution 2-10x.
-    - Few input channels (the stems): oneDNN's kernels starve where the layer is small (29 against 90 GFLOP/s
-      for CIFAR's 3x3 stem), so XLA's forward and the patch-matmul kernel gradient there; where the patch
-      matrix would be huge (7x7 at 224 px) oneDNN's kernels win both (1.8x and 3x).
+    - The stems (3 or 1 input channels): oneDNN's direct kernels (1.7-7x XLA's forward, 1.8-3x the patch
+      matmul's kernel gradient). Without the extension: XLA's forward and the patch-matmul kernel gradient.
     - Other strided or large kernels: oneDNN's direct kernels; without the extension XLA's with the patch matmul.
     bfloat16 takes oneDNN's direct kernels (AVX-512 BF16) where the float32-only algorithms do not apply. On
     GPU/TPU: XLA's own, whose libraries choose their algorithms themselves.
@@ -190,11 +190,20 @@ def choose(g: Geometry, backend: str, extension: bool = True, measured: bool = T
     pure = ("xla", "xla", "winograd_f4" if winograd_grad and g.in_channels >= 8 else pure_kernel_grad)
     if not extension:
         return pure
-    if g.in_channels < 8:
-        patches_bytes = g.batch * g.height * g.width * g.kernel[0] * g.kernel[1] * g.in_channels * 4 / (
-            g.strides[0] * g.strides[1])
-        return ("onednn",) * 3 if patches_bytes > 64e6 and ok("onednn") else pure
-    for name in ("onednn_winograd_f4", "onednn"):
+    # Winograd's fixed costs outweigh the multiplies it saves on small layers and on the stems' few channels
+    small = _direct_flops(g) < WINOGRAD_MIN_FLOPS or g.in_channels < 8
+    for name in ("onednn",) if small else ("onednn_winograd_f4", "onednn"):
         if ok(name):
             return (name, name, name)
     return pure
+
+
+# Inside whole steps the extension's Winograd lost to oneDNN's direct kernels on layers of <= 0.6 GFLOP
+# (ResNet-18-CIFAR at batch 8, the digits ResNet-20) and won from 2.4 GFLOP up (batch 32 and more).
+WINOGRAD_MIN_FLOPS = 1e9
+
+
+def _direct_flops(g: Geometry) -> float:
+    """Multiply-adds x 2 of the direct convolution (output size taken as input size / stride)."""
+    outputs = g.batch * (g.height // g.strides[0]) * (g.width // g.strides[1]) * g.out_channels
+    return 2.0 * outputs * g.kernel[0] * g.kernel[1] * g.in_channels / g.groups
