@@ -51,6 +51,15 @@ def test_predict_preprocesses_exactly_as_evaluation_did(fitted):
     np.testing.assert_allclose(np.asarray(fitted.preprocess(images)), batch["image"], atol=1e-6)
 
 
+def test_predict_takes_a_greyscale_batch_and_refuses_other_shapes_in_one_sentence(fitted):
+    """(N, H, W) uint8 digits crashed inside PIL (issue 16): for a one-channel model they are N images."""
+    images, _ = validation_images(4)
+    got = fitted.predict(images[:, :, :, 0], top_k=2)
+    assert got == fitted.predict(images, top_k=2) == fitted.predict(list(images[:, :, :, 0]), top_k=2)
+    with pytest.raises(ValueError, match=r"cannot read images of shape \(1, 4, 8, 8, 1\)"):
+        fitted.predict(images[None])
+
+
 def test_predict_reads_image_files_and_rejects_floats(fitted, tmp_path):
     from PIL import Image
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from resnet_jax import data
 from resnet_jax.checkpoint import load_variables
+from resnet_jax.data.images import prepare_batch, top_classes
 from resnet_jax.parallel import make_mesh
 from resnet_jax.training.config import base_config, model_from_config, normalization_stats, validate
 from resnet_jax.training.loop import evaluate_loader, train
@@ -71,32 +72,23 @@ class Classifier:
         return evaluate_loader(state, make_eval_step(mesh), loader, mesh)
 
     def predict(self, images: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """Top-k ``(class name, probability)`` per image; ``images`` are uint8 HWC arrays (one or a batch)
-        or image file paths."""
+        """Top-k ``(class name, probability)`` per image. ``images``: one uint8 image ``(H, W)`` or
+        ``(H, W, C)``, a batch ``(N, H, W, C)``, a greyscale batch ``(N, H, W)`` for a one-channel model, or a
+        list of arrays or file paths (``resnet_jax.data.images``)."""
         batch = self.preprocess(images)
         logits = jax.jit(lambda v, x: self.model.apply(v, x, train=False))(self._require_variables(), batch)
-        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-        k = min(top_k, probs.shape[-1])
-        order = np.argsort(-probs, axis=-1)[:, :k]
-        return [[(self.class_names[i], float(p[i])) for i in row] for p, row in zip(probs, order)]
+        return top_classes(logits, self.class_names, top_k)
 
     def preprocess(self, images: Any) -> jnp.ndarray:
         """Images as the model saw them in evaluation: resized, centre-cropped, channels fixed, normalised."""
-        if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
-            images = [images]
-        size, mean, std = self.config.image_size, *self._stats()
-        crop = self.config.eval_crop_fraction or (0.875 if self.config.augment == "imagenet" else 1.0)
-        out = []
-        for image in images:
-            image = _read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
-            if image.ndim == 2:
-                image = image[:, :, None]
-            if image.dtype != np.uint8:
-                raise ValueError(f"predict expects uint8 images (0..255), got {image.dtype}; convert with "
-                                 "np.clip(x * 255, 0, 255).astype(np.uint8) if they are floats in [0, 1]")
-            image = data.to_channels(data.resize_center_crop(image, size, crop), self.model.in_channels)
-            out.append(data.normalize(image, mean, std))
-        return jnp.asarray(np.stack(out))
+        batch = prepare_batch(images, size=self.config.image_size, crop_fraction=self.crop_fraction,
+                              channels=self.model.in_channels)
+        return jnp.asarray(data.normalize(batch, *self._stats()))
+
+    @property
+    def crop_fraction(self) -> float:
+        """The centre crop evaluation and prediction take (the run's, else ImageNet-style 0.875 or whole)."""
+        return self.config.eval_crop_fraction or (0.875 if self.config.augment == "imagenet" else 1.0)
 
     # --- persistence -------------------------------------------------------------------------------------
     @classmethod
@@ -145,13 +137,3 @@ class _Evaluable:
 
 jax.tree_util.register_pytree_node(_Evaluable, lambda e: ((e.variables,), e.apply_fn),
                                    lambda fn, children: _Evaluable(fn, children[0]))
-
-
-def _read_image(path: str | Path) -> np.ndarray:
-    from PIL import Image
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image file {path} does not exist")
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)

@@ -1,0 +1,109 @@
+"""What a user hands to ``predict``, turned into the uint8 batch a model was evaluated on.
+
+``Classifier.predict``, ``python -m train.predict`` and exported artifacts (``resnet_jax.export.load_exported``)
+all call ``prepare_batch``, so the shapes they accept and the errors they give are the same everywhere:
+
+- one image: ``(H, W)``, or ``(H, W, C)`` with C in 1/3/4 (a trailing axis of 1, 3 or 4 is read as channels);
+- a batch: ``(N, H, W, C)``;
+- a batch of greyscale images ``(N, H, W)``, when the model takes one channel;
+- a list (or tuple) of single images: arrays as above, or image file paths.
+
+Every image is then resized and centre-cropped as evaluation did and converted to the model's channels (RGBA
+loses its alpha, RGB <-> greyscale by luma or repetition). Anything else is refused with one sentence saying
+what was given and what to pass instead. ``top_classes`` turns the logits back into the top-k class names with
+probabilities, also for all three.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resnet_jax.data.augment import resize_center_crop, to_channels
+
+CHANNELS = (1, 3, 4)  # what a trailing axis may hold: greyscale, RGB, RGBA (or whatever the model takes)
+
+
+def prepare_batch(images: Any, *, size: int, crop_fraction: float, channels: int) -> np.ndarray:
+    """A uint8 ``(N, size, size, channels)`` batch from any accepted form of ``images`` (see the module doc)."""
+    out = [_fit(image, size, crop_fraction, channels) for image in split_images(images, channels)]
+    return np.stack(out)
+
+
+def split_images(images: Any, channels: int) -> list[np.ndarray]:
+    """The individual images in ``images``, each a uint8 ``(H, W, C)`` array (files are read here)."""
+    allowed = {*CHANNELS, channels}
+    if isinstance(images, (str, Path)):
+        return [_one_image(read_image(images), str(images), allowed)]
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("predict got an empty list; pass at least one image (an array or a file path)")
+        return [_one_image(read_image(x) if isinstance(x, (str, Path)) else x, f"item {i} of the list", allowed)
+                for i, x in enumerate(images)]
+    array = np.asarray(images)
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in allowed):
+        return [_one_image(array, "the image", allowed)]
+    if (array.ndim == 3 and channels == 1) or (array.ndim == 4 and array.shape[-1] in allowed):
+        return [_one_image(image, f"image {i} of the batch", allowed) for i, image in enumerate(array)]
+    raise ValueError(_shape_error(array.shape, channels))
+
+
+def top_classes(logits: Any, class_names: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """The ``k`` most probable ``(class name, probability)`` per row of ``logits``: what every predict returns."""
+    logits = np.asarray(logits, np.float32)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :min(k, probs.shape[-1])]
+    return [[(class_names[i], float(p[i])) for i in row] for p, row in zip(probs, order)]
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as a uint8 array: greyscale ``(H, W)`` or RGB ``(H, W, 3)`` (other modes become RGB)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+
+
+def _one_image(image: Any, what: str, allowed: set[int]) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[-1] not in allowed:
+        raise ValueError(f"{what} has shape {image.shape}; a single image must be (H, W) or (H, W, C) with C in "
+                         "1/3/4 (channels last)")
+    if 0 in image.shape:
+        raise ValueError(f"{what} has shape {image.shape}, which holds no pixels; pass a non-empty image")
+    if image.dtype != np.uint8:
+        raise ValueError(f"predict expects uint8 images (0..255), got {image.dtype}; convert with "
+                         "np.clip(x * 255, 0, 255).astype(np.uint8) if they are floats in [0, 1]")
+    return image
+
+
+def _fit(image: np.ndarray, size: int, crop_fraction: float, channels: int) -> np.ndarray:
+    """Resize + centre-crop to ``size`` and convert to ``channels`` (alpha is dropped unless the model takes 4)."""
+    if image.shape[-1] == 4 and channels != 4:
+        image = image[:, :, :3]
+    if image.shape[-1] != channels and (image.shape[-1], channels) not in ((1, 3), (3, 1)):
+        raise ValueError(f"an image has {image.shape[-1]} channels but the model takes {channels}; only "
+                         "greyscale <-> RGB (and dropping alpha) are converted, so convert the images first")
+    image = resize_center_crop(np.ascontiguousarray(image), size, crop_fraction)
+    return to_channels(image, channels)
+
+
+def _shape_error(shape: tuple[int, ...], channels: int) -> str:
+    accepted = ("pass one image as (H, W) or (H, W, C), a batch as (N, H, W, C) with C in 1/3/4, "
+                + ("a greyscale batch as (N, H, W), " if channels == 1 else "")
+                + "or a list of images or file paths")
+    hint = ""
+    if len(shape) == 4 and shape[1] in CHANNELS:
+        hint = " (it looks channels-first: transpose with images.transpose(0, 2, 3, 1))"
+    elif len(shape) == 3:
+        hint = (f" (a greyscale batch (N, H, W) needs a one-channel model; this one takes {channels} channels, "
+                "so add a channel axis with images[..., None])")
+    return f"cannot read images of shape {shape} as one image or a batch{hint}; {accepted}"

@@ -1,0 +1,85 @@
+"""prepare_batch: every input form predict accepts (one image, a batch, a greyscale batch, a list of arrays or
+paths) becomes the same uint8 batch, and every other shape gets one sentence saying what to pass."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import data
+from resnet_jax.data.images import prepare_batch, split_images, top_classes
+
+
+def digits(n=3):
+    src = data.get_source("digits", "validation", image_size=8)
+    return np.stack([src[i]["image"][:, :, 0] for i in range(n)])  # (n, 8, 8) uint8, greyscale
+
+
+def prepare(images, channels=1, size=8):
+    return prepare_batch(images, size=size, crop_fraction=1.0, channels=channels)
+
+
+def test_greyscale_forms_give_the_same_batch(tmp_path):
+    images = digits()
+    want = images[:, :, :, None]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    for form in (images, want, list(images), tuple(want), [str(p) for p in paths], paths):
+        np.testing.assert_array_equal(prepare(form), want)
+    for one in (images[0], want[0], str(paths[0]), paths[0]):  # a single image, however given
+        np.testing.assert_array_equal(prepare(one), want[:1])
+
+
+def test_channels_are_converted_and_alpha_dropped():
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((8, 8, 1), 7, np.uint8)], axis=-1)
+    np.testing.assert_array_equal(prepare(rgba, channels=3), rgb[None])
+    np.testing.assert_array_equal(prepare(rgba, channels=1), prepare(rgb, channels=1))
+    assert prepare(rgb, channels=1).shape == (1, 8, 8, 1)
+    grey = digits(2)
+    np.testing.assert_array_equal(prepare(grey[:, :, :, None], channels=3), np.repeat(grey[:, :, :, None], 3, -1))
+    assert prepare(np.stack([rgb, rgb]), channels=3, size=4).shape == (2, 4, 4, 3)  # resized as evaluation does
+
+
+def test_a_greyscale_batch_is_only_read_as_one_for_one_channel_models():
+    images = digits(2)  # (2, 8, 8): the shape that crashed inside PIL (issue 16)
+    assert prepare(images, channels=1).shape == (2, 8, 8, 1)
+    with pytest.raises(ValueError, match=r"takes 3 channels, so add a channel axis with images\[\.\.\., None\]"):
+        prepare(images, channels=3)
+
+
+BAD = [
+    (np.zeros((2, 3, 8, 8), np.uint8), 3, "looks channels-first"),
+    (np.zeros((1, 2, 8, 8, 3), np.uint8), 3, r"shape \(1, 2, 8, 8, 3\)"),
+    (np.zeros((2, 8, 8, 2), np.uint8), 1, r"shape \(2, 8, 8, 2\)"),
+    (np.zeros((8,), np.uint8), 1, r"shape \(8,\)"),
+    (np.zeros((8, 8), np.float32), 1, "uint8"),
+    ([np.zeros((2, 8, 8, 1), np.uint8)], 1, "item 0 of the list has shape"),
+    ([np.zeros((8, 8, 2), np.uint8)], 1, "item 0 of the list has shape"),
+    (np.zeros((0, 8), np.uint8), 1, "holds no pixels"),
+    ([], 1, "empty list"),
+]
+
+
+@pytest.mark.parametrize("images,channels,message", BAD, ids=[b[2][:24] for b in BAD])
+def test_other_shapes_get_one_sentence(images, channels, message):
+    with pytest.raises(ValueError, match=message) as err:
+        prepare(images, channels=channels)
+    text = str(err.value)
+    assert "\n" not in text and text.count(". ") == 0, text  # one sentence
+    if "shape" in message:
+        assert "(N, H, W, C)" in text or "(H, W, C)" in text  # and what to pass instead
+
+
+def test_a_model_with_other_channel_counts_gets_a_sentence():
+    with pytest.raises(ValueError, match="model takes 2"):
+        prepare(np.zeros((8, 8, 3), np.uint8), channels=2)
+    assert split_images(np.zeros((2, 8, 8, 5), np.uint8), 5)[0].shape == (8, 8, 5)  # a model's own count passes
+
+
+def test_top_classes_orders_by_probability():
+    top = top_classes(np.array([[0.0, 2.0, 1.0], [5.0, 0.0, 0.0]]), ["a", "b", "c"], 2)
+    assert [[n for n, _ in row] for row in top] == [["b", "c"], ["a", "b"]]
+    assert top[0][0][1] == pytest.approx(np.exp(2) / (1 + np.exp(1) + np.exp(2)))
+    assert len(top_classes(np.zeros((1, 3)), ["a", "b", "c"], 5)[0]) == 3
