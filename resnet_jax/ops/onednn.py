@@ -111,6 +111,26 @@ def _build(tools: dict[str, str]) -> Path:
     return target
 
 
+def _open_with_passive_openmp(path: Path) -> ctypes.CDLL:
+    """Load the extension so that its OpenMP threads sleep between calls instead of spin-waiting.
+
+    libgomp's default keeps a finished parallel region's threads spinning for a while. Between two of our calls
+    XLA runs its own fusions on its own threads, and a spinning OpenMP thread holds one of the cores they need:
+    a tiny convolution call then took 15 ms instead of 0.2-0.4 ms, and whole steps ran 1.15-1.25x slower
+    (BENCHMARKS.md). libgomp reads ``OMP_WAIT_POLICY`` once, when it is loaded, so it is set only around the
+    load (a value the user set is kept) and restored at once: other OpenMP runtimes loaded later in the process,
+    e.g. torch's own copy, keep their defaults.
+    """
+    user_choice = os.environ.get("OMP_WAIT_POLICY")
+    if user_choice is None:
+        os.environ["OMP_WAIT_POLICY"] = "passive"
+    try:
+        return ctypes.CDLL(str(path))
+    finally:
+        if user_choice is None:
+            del os.environ["OMP_WAIT_POLICY"]
+
+
 @functools.cache
 def _load() -> ctypes.CDLL:
     if os.environ.get(ENV_VAR, "").strip().lower() in ("0", "false", "no", "off"):
@@ -118,7 +138,7 @@ def _load() -> ctypes.CDLL:
     if not sys.platform.startswith("linux"):
         raise OnednnUnavailable("it is built for Linux only")
     path = _build(_toolchain())
-    lib = ctypes.CDLL(str(path))
+    lib = _open_with_passive_openmp(path)
     for name in TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     return lib
