@@ -59,3 +59,13 @@ def test_conv_layers_smoke(tmp_path):
             assert all(v > 0 for v in rates.values())
         assert len(r["auto"]) == len(r["jax"]) == 3 and set(r["auto"]) <= set(ALGORITHMS)
     assert "summed over each model's convolutions" in stdout
+
+
+def test_conv_bf16_smoke(tmp_path):
+    stdout, results = run_script("benchmarks.conv_bf16", tmp_path)
+    variants = {r["variant"] for r in results}
+    assert {"float32 winograd_f2", "bfloat16 winograd_f2"} <= variants  # the pure-JAX ones run anywhere
+    for r in results:
+        assert r["forward_gflops"] > 0 and r["train_gflops"] > 0
+        assert 0 <= r["relative_error"] < (2e-2 if r["variant"].startswith("bfloat16") else 1e-4)
+    assert "forward + both gradients" in stdout
