@@ -1,15 +1,42 @@
-"""``python -m train.export --workdir=DIR --output=model.pth``: a torchvision state_dict (``.pth`` or
-``.safetensors``) of a run's checkpoint, loadable with ``torchvision.models.<model>(num_classes=N)``."""
+"""``python -m train.export --workdir=DIR --output=FILE [--format=...]``: a run's checkpoint as a file to deploy.
+
+- ``stablehlo`` (``.stablehlo``): a ``jax.export`` artifact of the inference function, BatchNorm folded, batch
+  size free; runs with ``jax`` alone (``jax.export.deserialize``) or ``resnet_jax.export.load_exported``.
+- ``onnx`` (``.onnx``): the same folded graph as ONNX, batch size free; runs in onnxruntime.
+- ``torchvision`` (``.pth``) / ``safetensors`` (``.safetensors``): the state_dict that
+  ``torchvision.models.<model>(num_classes=N)`` loads.
+
+The two inference formats get a JSON manifest beside them (``FILE.json``: class names, preprocessing). The
+format defaults to the one the output's suffix names.
+"""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 
+FORMATS = {"stablehlo": ".stablehlo", "onnx": ".onnx", "torchvision": ".pth", "safetensors": ".safetensors"}
+
 flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)", required=True)
-flags.DEFINE_string("output", None, "file to write (.pth or .safetensors)", required=True)
+flags.DEFINE_string("output", None, "file to write (.stablehlo, .onnx, .pth or .safetensors)", required=True)
 flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest)")
+flags.DEFINE_enum("format", None, list(FORMATS), "what to write (default: from the output's suffix)")
+flags.DEFINE_list("platforms", None, "stablehlo only: backends to lower for, e.g. cpu,cuda (default: this one's)")
+
+
+def output_format(output: Path, fmt: str | None) -> str:
+    """The format to write: the one asked for, else the one the suffix names. torchvision and safetensors files
+    are told apart by their suffix alone, so theirs must match."""
+    by_suffix = {suffix: name for name, suffix in FORMATS.items()}
+    fmt = fmt or by_suffix.get(output.suffix)
+    if fmt is None:
+        raise ValueError(f"cannot tell the format from {output.name}; pass --format={'|'.join(FORMATS)} or name "
+                         f"the file {', '.join(FORMATS.values())}")
+    if fmt in ("torchvision", "safetensors") and output.suffix != FORMATS[fmt]:
+        raise ValueError(f"a {fmt} file must end in {FORMATS[fmt]}, got {output.name}")
+    return fmt
 
 
 def main(argv: list[str]) -> int:
@@ -17,13 +44,21 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)
     from resnet_jax.training.classifier import Classifier
 
+    output, platforms = Path(flags.FLAGS.output), flags.FLAGS.platforms
     try:
+        fmt = output_format(output, flags.FLAGS.format)
+        if platforms and fmt != "stablehlo":
+            raise ValueError("--platforms applies to --format=stablehlo only")
         clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step)
-        path = clf.export_torchvision(flags.FLAGS.output)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if fmt in ("torchvision", "safetensors"):
+            path = clf.export_torchvision(output)
+        else:
+            path = clf.export(output, format=fmt, platforms=platforms)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {path} ({clf.config.model}, {clf.num_classes} classes)")
+    manifest = " and its manifest " + path.name + ".json" if fmt in ("stablehlo", "onnx") else ""
+    print(f"wrote {path}{manifest} ({fmt}, {clf.config.model}, {clf.num_classes} classes)")
     return 0
 
 

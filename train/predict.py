@@ -1,31 +1,80 @@
-"""``python -m train.predict --workdir=DIR IMAGE [IMAGE ...]``: top-5 classes with probabilities per image."""
+"""``python -m train.predict --workdir=DIR IMAGE [IMAGE ...]`` (or ``--artifact=FILE``): top-5 classes with
+probabilities per image.
+
+``--artifact`` takes a file written by ``python -m train.export --format=stablehlo|onnx``: it runs without the
+training run's checkpoints. An IMAGE is an image file, or a ``.npy`` array holding one image or a batch in any
+form ``Classifier.predict`` accepts (``(H, W)``, ``(H, W, C)``, ``(N, H, W, C)``, greyscale ``(N, H, W)``).
+"""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 
-flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)", required=True)
-flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest)")
+flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)")
+flags.DEFINE_string("artifact", None, "an exported model (.stablehlo or .onnx, its .json manifest beside it)")
+flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest); with --workdir only")
 flags.DEFINE_integer("top_k", 5, "how many classes to show per image")
 
 
-def main(argv: list[str]) -> int:
-    images = argv[1:]
-    if not images:
-        raise app.UsageError("give one or more image files after the flags")
-    logging.set_verbosity(logging.WARNING)
+def load_model(workdir: str | None, artifact: str | None, step: str | None):
+    """``(model, channels it takes)``: a ``Classifier`` or an ``ExportedModel``, both with ``predict``."""
+    if bool(workdir) == bool(artifact):
+        raise ValueError("give exactly one of --workdir (a training run) and --artifact (an exported model)")
+    if artifact:
+        if step:
+            raise ValueError("--step picks a checkpoint of a workdir; an exported artifact has only its own weights")
+        from resnet_jax.export import load_exported
+
+        exported = load_exported(artifact)
+        return exported, exported.channels
+    if Path(workdir).is_file():
+        raise ValueError(f"--workdir {workdir} is a file; pass an exported model with --artifact={workdir}")
     from resnet_jax.training.classifier import Classifier
 
+    clf = Classifier.load(workdir, step)
+    return clf, clf.model.in_channels
+
+
+def read_inputs(paths: list[str], channels: int) -> tuple[list[str], list]:
+    """(label, image) pairs: a file stays a path (read by predict); a ``.npy`` array is split into its images,
+    labelled ``file.npy[i]`` when it holds a batch."""
+    import numpy as np
+
+    from resnet_jax.data.images import split_images
+
+    labels, images = [], []
+    for path in paths:
+        if Path(path).suffix != ".npy":
+            labels.append(path)
+            images.append(path)
+            continue
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise ValueError(f"{path} is not a numeric .npy array ({err}); save images with np.save") from None
+        parts = split_images(array, channels)
+        labels += [path] if len(parts) == 1 else [f"{path}[{i}]" for i in range(len(parts))]
+        images += parts
+    return labels, images
+
+
+def main(argv: list[str]) -> int:
+    paths = argv[1:]
+    if not paths:
+        raise app.UsageError("give one or more image files (or .npy arrays) after the flags")
+    logging.set_verbosity(logging.WARNING)
     try:
-        clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step)
-        predictions = clf.predict(images, top_k=flags.FLAGS.top_k)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        model, channels = load_model(flags.FLAGS.workdir, flags.FLAGS.artifact, flags.FLAGS.step)
+        labels, images = read_inputs(paths, channels)
+        predictions = model.predict(images, top_k=flags.FLAGS.top_k)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    for path, top in zip(images, predictions):
-        print(path)
+    for label, top in zip(labels, predictions):
+        print(label)
         for name, prob in top:
             print(f"  {prob:7.2%}  {name}")
     return 0

@@ -1,10 +1,12 @@
 """``Classifier``: model name + number of classes -> ``fit``, ``evaluate``, ``predict``, ``save``/``load``,
-``export_torchvision``. A thin facade over ``train`` and the checkpoint module, for notebooks and scripts.
+``export_torchvision``, ``export`` (StableHLO / ONNX). A thin facade over ``train`` and the checkpoint module,
+for notebooks and scripts.
 
     clf = Classifier("resnet20", num_classes=10, in_channels=1, image_size=16)
     clf.fit("digits", workdir="runs/digits", num_epochs=30)
     clf.predict(images)          # [[("3", 0.98), ("8", 0.01), ...], ...]
     clf.export_torchvision("digits.pth")
+    clf.export("digits.onnx")    # or digits.stablehlo: resnet_jax.export.load_exported reads either
 """
 
 from __future__ import annotations
@@ -117,6 +119,17 @@ class Classifier:
 
         save_torchvision(self._require_variables(), path)
         return Path(path)
+
+    def export(self, path: str | Path, format: str | None = None, platforms: Sequence[str] | None = None
+               ) -> Path:
+        """An inference artifact with BatchNorm folded and this run's preprocessing: "stablehlo" (jax.export) or
+        "onnx" (default: from the suffix), plus its JSON manifest; ``resnet_jax.export.load_exported`` reads it."""
+        from resnet_jax.export import Preprocessing, export_model
+
+        mean, std = self._stats()
+        return export_model(self.model, self._require_variables(), path, format=format, platforms=platforms,
+                            preprocessing=Preprocessing(self.config.image_size, mean, std, self.crop_fraction),
+                            class_names=self.class_names, model_name=self.config.model)
 
     # --- helpers -----------------------------------------------------------------------------------------
     def _require_variables(self) -> dict[str, Any]:

@@ -1,0 +1,97 @@
+"""``load_exported(path)``: an exported artifact (StableHLO or ONNX) as a callable classifier.
+
+It needs neither the training code nor the model code: the StableHLO artifact runs through
+``jax.export.deserialize``, the ONNX one through onnxruntime, and the manifest says how to prepare images and
+what the classes are called. Images go through the same ``prepare_batch`` as ``Classifier.predict``, so both
+accept the same inputs and give the same top-5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from resnet_jax.data.images import prepare_batch, top_classes
+from resnet_jax.export.manifest import ArtifactError, read_manifest
+
+
+class ExportedModel:
+    """An exported classifier: ``model(images)`` -> logits ``(N, classes)``; ``predict`` -> top-k names.
+
+    ``images`` take every form ``Classifier.predict`` accepts and are resized and cropped as the manifest says;
+    ``run(batch)`` takes an already prepared uint8 ``(N, S, S, C)`` batch and checks it.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], runner: Callable[[np.ndarray], np.ndarray]):
+        self.path, self.manifest, self._runner = path, manifest, runner
+        prep = manifest["preprocessing"]
+        self.format: str = manifest["format"]
+        self.class_names: list[str] = list(manifest["class_names"])
+        self.image_size: int = int(prep["image_size"])
+        self.channels: int = int(prep["channels"])
+        self.crop_fraction: float = float(prep["crop_fraction"])
+
+    def __call__(self, images: Any) -> np.ndarray:
+        return self.run(self.prepare(images))
+
+    def prepare(self, images: Any) -> np.ndarray:
+        """Images as the artifact takes them: uint8 ``(N, S, S, C)``, resized, cropped, channels converted."""
+        return prepare_batch(images, size=self.image_size, crop_fraction=self.crop_fraction,
+                             channels=self.channels)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of a prepared batch; a batch of another size, channel count or dtype is refused."""
+        batch = np.asarray(batch)
+        want = (self.image_size, self.image_size, self.channels)
+        if batch.ndim != 4 or batch.shape[1:] != want:
+            raise ValueError(f"{self.path.name} takes uint8 batches of shape (N, {want[0]}, {want[1]}, {want[2]}), "
+                             f"got {batch.shape}; call the model on the images themselves (it resizes them and "
+                             "converts channels) or prepare them with .prepare(images)")
+        if batch.dtype != np.uint8:
+            raise ValueError(f"{self.path.name} takes uint8 images (0..255), got {batch.dtype}; convert with "
+                             "np.clip(x * 255, 0, 255).astype(np.uint8) if they are floats in [0, 1]")
+        return self._runner(np.ascontiguousarray(batch))
+
+    def predict(self, images: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k ``(class name, probability)`` per image, as ``Classifier.predict`` gives them."""
+        return top_classes(self(images), self.class_names, top_k)
+
+    def __repr__(self) -> str:
+        return (f"ExportedModel({self.path.name!r}, format={self.format}, model={self.manifest.get('model')}, "
+                f"{len(self.class_names)} classes, input (N, {self.image_size}, {self.image_size}, {self.channels}))")
+
+
+def load_exported(path: str | Path) -> ExportedModel:
+    """Load ``path`` (a ``.stablehlo`` or ``.onnx`` file written by export) with the manifest beside it."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    data = path.read_bytes()
+    if manifest["format"] == "stablehlo":
+        from resnet_jax.export.stablehlo import run_serialized
+
+        try:
+            runner = run_serialized(data)
+        except Exception as err:  # noqa: BLE001 - jax raises assorted types for a module it cannot read
+            raise ArtifactError(f"{path} could not be deserialized by this jax ({err}); it was exported with jax "
+                                f"{manifest.get('jax_version')}: use that version or newer, or export again") from None
+    elif manifest["format"] == "onnx":
+        runner = _onnx_runner(path, data)
+    else:
+        raise ArtifactError(f"{path}'s manifest names format {manifest['format']!r}; this resnet_jax reads "
+                            "'stablehlo' and 'onnx' artifacts")
+    return ExportedModel(path, manifest, runner)
+
+
+def _onnx_runner(path: Path, data: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(f"running {path.name} needs onnxruntime: pip install 'resnet-jax[export]' (or "
+                          "onnxruntime)") from None
+    try:
+        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime's own exception types
+        raise ArtifactError(f"onnxruntime cannot load {path} ({err}); export it again") from None
+    return lambda batch: session.run(None, {session.get_inputs()[0].name: batch})[0]

@@ -1,0 +1,131 @@
+"""The JSON manifest written beside every exported artifact (``model.stablehlo`` -> ``model.stablehlo.json``).
+
+The artifact holds the computation; the manifest holds what a runtime needs around it and cannot read from it:
+the class names, how images were prepared before the model saw them (the resize and crop happen outside, the
+mean/std normalisation inside the artifact), the input and output tensors, and the artifact's size and sha256,
+so a truncated or replaced file is reported as such instead of failing somewhere inside a deserializer. It is
+plain JSON on purpose: a serving process reads it without resnet_jax.
+
+``FORMAT_VERSION`` grows when a reader of the previous version would misread a new artifact; a reader refuses
+versions newer than its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+KIND = "resnet_jax exported classifier"
+FORMATS = ("stablehlo", "onnx")
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+class ArtifactError(ValueError):
+    """An exported artifact or its manifest that cannot be used as it is (the message says why and what to do)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input: resize the shorter side to ``image_size / crop_fraction``
+    (bilinear), take the central ``image_size`` square, convert to the model's channels, then
+    ``(x / 255 - mean) / std`` per channel (done inside the exported artifacts)."""
+
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    crop_fraction: float = 1.0
+
+    def per_channel(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """``mean`` and ``std`` as float32 arrays of one value per channel (one value is repeated)."""
+        out = []
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            values = np.asarray(values, np.float32).reshape(-1)
+            if values.size not in (1, channels):
+                raise ValueError(f"{name} has {values.size} values but the model takes {channels} channels; give "
+                                 "one value per channel (or one for all)")
+            out.append(np.broadcast_to(values, (channels,)).copy())
+        return out[0], out[1]
+
+
+def manifest_path(artifact: str | Path) -> Path:
+    """Where the manifest of ``artifact`` lives: the same name with ``.json`` appended."""
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + ".json")
+
+
+def write_manifest(artifact: Path, *, fmt: str, model_name: str, num_classes: int, channels: int,
+                   preprocessing: Preprocessing, class_names: Sequence[str], extra: dict[str, Any]) -> Path:
+    """Describe the already written ``artifact`` (size and sha256 are read from it) in its manifest."""
+    mean, std = preprocessing.per_channel(channels)
+    size = preprocessing.image_size
+    manifest = {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "format": fmt,
+        "artifact": {"file": artifact.name, "bytes": artifact.stat().st_size, "sha256": _sha256(artifact)},
+        "model": model_name,
+        "class_names": list(class_names),
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, channels]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", num_classes]},
+        "preprocessing": {
+            "resize": "bilinear, shorter side to image_size / crop_fraction", "image_size": size,
+            "crop_fraction": float(preprocessing.crop_fraction), "channels": channels,
+            "mean": mean.tolist(), "std": std.tolist(),
+            "normalization": "inside the artifact: (x / 255 - mean) / std on the uint8 input",
+        },
+        **extra,
+    }
+    path = manifest_path(artifact)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def read_manifest(artifact: str | Path) -> dict[str, Any]:
+    """The manifest of ``artifact``, after checking that this version can read it and that the artifact is the
+    very file it describes (same size, same sha256). Raises ``ArtifactError``/``FileNotFoundError`` saying why."""
+    artifact = Path(artifact)
+    if artifact.is_dir():
+        raise ArtifactError(f"{artifact} is a directory; give the exported file itself (e.g. model.stablehlo or "
+                            "model.onnx), with its .json manifest beside it")
+    if not artifact.exists():
+        raise FileNotFoundError(f"exported model {artifact} does not exist")
+    path = manifest_path(artifact)
+    if not path.exists():
+        raise ArtifactError(f"{artifact} has no manifest {path.name} beside it; export writes both files, so copy "
+                            "them together (or export again)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); it may be truncated: copy it again or export "
+                            "again") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+        raise ArtifactError(f"{path} is not a resnet_jax export manifest (no \"kind\": \"{KIND}\"); give the "
+                            "file written by resnet_jax export")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(f"{artifact} was written in export format version {version}, newer than the version "
+                            f"{FORMAT_VERSION} this resnet_jax reads; upgrade resnet-jax, or export the model again "
+                            "with this version")
+    expected, actual = manifest["artifact"]["bytes"], artifact.stat().st_size
+    if actual != expected:
+        raise ArtifactError(f"{artifact} is {actual} bytes but its manifest says {expected}: the file is "
+                            f"{'truncated' if actual < expected else 'not the one exported'}; copy it again "
+                            "or export again")
+    if _sha256(artifact) != manifest["artifact"]["sha256"]:
+        raise ArtifactError(f"{artifact} does not match the sha256 in its manifest: the file was changed or "
+                            "damaged after export; copy it again or export again")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

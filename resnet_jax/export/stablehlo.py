@@ -1,0 +1,72 @@
+"""StableHLO export: the folded inference function, serialized by ``jax.export`` with a symbolic batch axis.
+
+The function takes uint8 NHWC images at the model's size and returns float32 logits. Inside it: the mean/std
+normalisation, then the model with every BatchNorm that follows a convolution folded into it
+(``ops.fold_batchnorm``) and the weights as constants, so the file is the whole computation. The batch axis is
+symbolic: one artifact serves batch 1 and batch 512.
+
+Convolutions are exported as XLA's own (``conv_impl="xla"``): "auto" may call the oneDNN extension through
+``jax.ffi`` custom calls, which exist only in a process that loaded it; an artifact must run on any machine with
+``jax`` alone. ``export_stablehlo`` checks the serialized module for those targets and refuses to write one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.export.manifest import Preprocessing
+from resnet_jax.ops import fold_batchnorm
+
+
+def inference_function(model, variables: dict[str, Any], preprocessing: Preprocessing
+                       ) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """``images (N, S, S, C) uint8 -> logits (N, classes) float32``: normalisation + the folded model, with
+    the folded weights closed over (they become constants of the exported module)."""
+    check_exportable(model)
+    folded_model, folded = fold_batchnorm(model.clone(conv_impl="xla"), variables)
+    folded = jax.tree.map(jnp.asarray, folded)
+    mean, std = (jnp.asarray(v) for v in preprocessing.per_channel(model.in_channels))
+
+    def infer(images):
+        x = (images.astype(jnp.float32) / 255 - mean) / std
+        return folded_model.apply(folded, x, train=False)
+    return infer
+
+
+def check_exportable(model) -> None:
+    """Refuse models whose output is not one logits array (export serves classifiers)."""
+    if getattr(model, "features_only", False) or getattr(model, "num_classes", 1) == 0:
+        raise ValueError("export writes classifiers (logits out); this model returns features "
+                         "(features_only=True or num_classes=0): give it a head, or use jax.export directly")
+
+
+def export_stablehlo(model, variables: dict[str, Any], path: Path, preprocessing: Preprocessing,
+                     platforms: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write the serialized artifact to ``path``; returns the manifest entries specific to this format."""
+    from resnet_jax.ops.onednn import TARGETS
+
+    size, channels = preprocessing.image_size, model.in_channels
+    batch = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((*batch, size, size, channels), jnp.uint8)
+    exported = jax.export.export(jax.jit(inference_function(model, variables, preprocessing)),
+                                 platforms=tuple(platforms) if platforms else None)(spec)
+    text = exported.mlir_module()
+    leaked = [t for t in TARGETS if t in text]
+    if leaked:
+        raise RuntimeError(f"the exported module calls the oneDNN extension ({', '.join(leaked)}), which would not "
+                           "exist where it is loaded; this is a bug in resnet_jax.export, please report it")
+    path.write_bytes(exported.serialize())
+    return {"platforms": list(exported.platforms), "jax_version": jax.__version__,
+            "calling_convention_version": exported.calling_convention_version}
+
+
+def run_serialized(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    """A jitted runner of a serialized artifact (what ``load_exported`` uses)."""
+    exported = jax.export.deserialize(bytearray(data))
+    call = jax.jit(exported.call)
+    return lambda batch: np.asarray(call(batch))

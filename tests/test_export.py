@@ -1,0 +1,356 @@
+"""resnet_jax.export: StableHLO and ONNX artifacts of a trained digits model and of ResNet-50 (random weights,
+non-trivial BatchNorm statistics) equal ``model.apply``; the StableHLO one runs in a process that cannot import
+resnet_jax; ``train.predict`` gives the same top-5 on each artifact as on the workdir; bad artifacts and bad
+inputs get one sentence each."""
+
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import create_model, data
+from resnet_jax.export import ArtifactError, Preprocessing, export_model, load_exported
+from resnet_jax.training.classifier import Classifier
+from training_helpers import REPO, worker_env
+
+# Runs the StableHLO artifact with jax alone: any import of resnet_jax fails, as on a machine without it.
+BLOCKED_RUNNER = r"""
+import importlib.abc, json, sys
+import numpy as np
+
+class NoResnetJax(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "resnet_jax" or name.startswith("resnet_jax."):
+            raise ImportError("resnet_jax is blocked in this process")
+
+sys.meta_path.insert(0, NoResnetJax())
+artifact, inputs, outputs = sys.argv[1:4]
+import jax
+from jax import export
+
+manifest = json.load(open(artifact + ".json"))
+assert manifest["format_version"] == 1 and manifest["format"] == "stablehlo", manifest
+exported = export.deserialize(bytearray(open(artifact, "rb").read()))
+batches = np.load(inputs)
+np.savez(outputs, **{name: np.asarray(exported.call(batches[name])) for name in batches.files})
+try:
+    import resnet_jax
+except ImportError:
+    print("blocked:", sorted(m for m in sys.modules if m.startswith("resnet_jax")))
+"""
+
+
+def trained_like(variables, seed=0):
+    """Non-trivial BatchNorm statistics and affine parameters, as after training."""
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(jax.tree.leaves(variables))))
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape) if a.ndim == 1 else a,
+                          variables["params"])
+    stats = jax.tree.map(lambda a: jnp.abs(a + 0.5 * jax.random.normal(next(keys), a.shape)),
+                         variables["batch_stats"])
+    return {"params": params, "batch_stats": stats}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A real digits classifier (ResNet-8 at 8x8, 3 epochs) and its workdir."""
+    clf = Classifier("resnet20", num_classes=10, in_channels=1, image_size=8,
+                     model_overrides={"stage_sizes": (1, 1, 1)})
+    clf.fit("digits", workdir=tmp_path_factory.mktemp("digits"), num_epochs=3, batch_size=32, augment="none",
+            learning_rate=1.6, schedule="cosine", progress_bar=False, compilation_cache_dir="")
+    src = data.get_source("digits", "validation", image_size=8)
+    images = np.stack([src[i]["image"][:, :, 0] for i in range(7)])  # (7, 8, 8): a greyscale batch
+    return clf, images
+
+
+@pytest.fixture(scope="module")
+def resnet50_run(tmp_path_factory):
+    """ResNet-50 at 64x64 with 1000 classes, random weights and trained-like BatchNorm, saved as a workdir."""
+    clf = Classifier("resnet50", num_classes=1000, image_size=64, normalize="imagenet")
+    clf.variables = jax.device_get(trained_like(clf.model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))))
+    clf.workdir = clf.save(tmp_path_factory.mktemp("resnet50"))
+    images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    return clf, images
+
+
+@pytest.fixture(scope="module", params=["digits", "resnet50"])
+def run(request):
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+@pytest.fixture(scope="module")
+def artifacts(run, tmp_path_factory):
+    clf, _ = run
+    out = tmp_path_factory.mktemp("export")
+    return {fmt: clf.export(out / f"{clf.config.model}.{fmt}") for fmt in ("stablehlo", "onnx")}
+
+
+def reference_logits(clf, batch):
+    """``model.apply`` on the batch as evaluation normalises it (unfolded model, its own conv_impl)."""
+    x = data.normalize(batch, *clf._stats())
+    return np.asarray(clf.model.apply(clf.variables, x, train=False))
+
+
+def test_stablehlo_runs_without_resnet_jax_and_equals_model_apply(run, artifacts, tmp_path):
+    clf, images = run
+    batch = load_exported(artifacts["stablehlo"]).prepare(images)
+    batches = {"one": batch[:1], "many": batch}
+    np.savez(tmp_path / "in.npz", **batches)
+    command = [sys.executable, "-c", BLOCKED_RUNNER, artifacts["stablehlo"], tmp_path / "in.npz", tmp_path / "out.npz"]
+    proc = subprocess.run(list(map(str, command)), env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "blocked: []"  # resnet_jax could not be imported and never was
+    got = np.load(tmp_path / "out.npz")
+    for name, b in batches.items():
+        want = reference_logits(clf, b)
+        assert got[name].shape == want.shape == (len(b), clf.num_classes)
+        # float32 rounding (~1e-5 of the logits' scale for ResNet-50): folding reorders the arithmetic, and the
+        # model's own conv_impl may be Winograd's; the same bound as tests/test_ops_fold.py
+        np.testing.assert_allclose(got[name], want, atol=5e-5 * np.abs(want).max(), rtol=0)
+
+
+def test_onnx_in_onnxruntime_equals_model_apply(run, artifacts):
+    clf, images = run
+    model = load_exported(artifacts["onnx"])
+    batch = model.prepare(images)
+    for b in (batch[:1], batch[:3], batch):
+        want = reference_logits(clf, b)
+        np.testing.assert_allclose(model.run(b), want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def predict_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "train.predict", *map(str, args)], cwd=REPO, env=worker_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def top5(stdout):
+    """{label: [class names]} from train.predict's output (probabilities are printed rounded)."""
+    out, label = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("  "):
+            out[label].append(line.split()[-1])
+        else:
+            label = line.strip()
+            out[label] = []
+    return out
+
+
+def test_train_predict_gives_the_same_top5_on_each_artifact_as_on_the_workdir(run, artifacts, tmp_path):
+    clf, images = run
+    np.save(tmp_path / "batch.npy", images)  # the digits as (N, 8, 8), ResNet-50's as (N, 64, 64, 3)
+    from PIL import Image
+
+    Image.fromarray(images[0]).save(tmp_path / "one.png")
+    inputs = [tmp_path / "batch.npy", tmp_path / "one.png"]
+    want = top5(predict_cli(f"--workdir={clf.workdir}", *inputs))
+    assert len(want) == len(images) + 1 and all(len(v) == 5 for v in want.values())
+    assert want[f"{inputs[0]}[0]"] == want[str(inputs[1])]
+    for path in artifacts.values():
+        assert top5(predict_cli(f"--artifact={path}", *inputs)) == want
+    if clf.config.model == "resnet20":  # trained: the digits are mostly recognised
+        labels = [data.get_source("digits", "validation", image_size=8)[i]["label"] for i in range(len(images))]
+        assert sum(want[f"{inputs[0]}[{i}]"][0] == str(label) for i, label in enumerate(labels)) >= 5
+
+
+def test_artifacts_carry_class_names_and_predict_like_the_classifier(run, artifacts):
+    clf, images = run
+    want = clf.predict(images)
+    for path in artifacts.values():
+        model = load_exported(path)
+        assert model.class_names == clf.class_names
+        got = model.predict(list(images))  # a list of single images
+        assert [[n for n, _ in row] for row in got] == [[n for n, _ in row] for row in want]
+        np.testing.assert_allclose([[p for _, p in r] for r in got], [[p for _, p in r] for r in want], atol=1e-4)
+
+
+def test_stablehlo_artifact_holds_no_extension_call(run, artifacts):
+    """conv_impl "auto" may call the oneDNN extension (jax.ffi custom calls); the artifact must not."""
+    from resnet_jax.ops import onednn
+
+    clf, images = run
+    text = jax.export.deserialize(bytearray(artifacts["stablehlo"].read_bytes())).mlir_module()
+    assert not [t for t in onednn.TARGETS if t in text]
+    assert set(re.findall(r"custom_call @(\w+)", text)) <= {"shape_assertion"}  # jax's check of the batch size
+    if onednn.available():  # the model itself does use it here: the export is what keeps it out
+        lowered = jax.jit(lambda x: clf.model.apply(clf.variables, x)).lower(
+            jnp.zeros((2, *images.shape[1:3], clf.model.in_channels))).as_text()
+        assert any(t in lowered for t in onednn.TARGETS)
+
+
+def test_artifacts_hold_the_folded_model(run, artifacts):
+    """No BatchNorm is left: no rsqrt(var + eps) in the StableHLO module, no BatchNormalization in the ONNX
+    graph, and every convolution carries the folded BatchNorm's shift as its bias."""
+    import onnx
+
+    clf, _ = run
+    text = jax.export.deserialize(bytearray(artifacts["stablehlo"].read_bytes())).mlir_module()
+    assert "rsqrt" not in text
+    convs = jax.tree_util.tree_flatten_with_path(clf.variables["params"])[0]
+    n_convs = sum(1 for path, _ in convs if path[-1].key == "kernel" and "fc" not in str(path))
+    assert text.count("stablehlo.convolution") == n_convs
+    graph = onnx.load(str(artifacts["onnx"])).graph
+    ops = [node.op_type for node in graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Conv") == n_convs
+    assert all(len(node.input) == 3 for node in graph.node if node.op_type == "Conv")
+
+
+def test_export_command_writes_each_format(digits_run, tmp_path):
+    clf, images = digits_run
+    for fmt, name in (("stablehlo", "m.stablehlo"), ("onnx", "m.onnx"), (None, "m.pth"),
+                      ("safetensors", "m.safetensors")):
+        proc = subprocess.run([sys.executable, "-m", "train.export", f"--workdir={clf.workdir}",
+                               f"--output={tmp_path / name}", *([f"--format={fmt}"] if fmt else [])], cwd=REPO,
+                              env=worker_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (tmp_path / name).exists() and proc.stdout.startswith(f"wrote {tmp_path / name}")
+    want = [row[0][0] for row in clf.predict(images, top_k=1)]
+    for name in ("m.stablehlo", "m.onnx"):
+        assert [row[0][0] for row in load_exported(tmp_path / name).predict(images, top_k=1)] == want
+    proc = subprocess.run([sys.executable, "-m", "train.export", f"--workdir={clf.workdir}",
+                           f"--output={tmp_path / 'm.bin'}"], cwd=REPO, env=worker_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: cannot tell the format from m.bin; pass --format=stablehlo|onnx|torchvision|safetensors or name the "
+        "file .stablehlo, .onnx, .pth, .safetensors"]
+
+
+# --------------------------------------------------------------------------- bad artifacts and bad inputs
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory):
+    """A tiny greyscale ResNet exported to StableHLO (its manifest and checks are what is tested)."""
+    model = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=3)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    path = tmp_path_factory.mktemp("small") / "small.stablehlo"
+    return export_model(model, variables, path, preprocessing=Preprocessing(8, (0.5,), (0.25,)),
+                        class_names=["a", "b", "c"])
+
+
+def copy_artifact(src, dst_dir):
+    dst = dst_dir / src.name
+    dst.write_bytes(src.read_bytes())
+    (dst_dir / (src.name + ".json")).write_bytes((src.parent / (src.name + ".json")).read_bytes())
+    return dst
+
+
+def one_sentence(err):
+    text = str(err.value)
+    assert "\n" not in text and ". " not in text, text
+    return text
+
+
+def test_newer_format_version_is_refused(small_artifact, tmp_path):
+    path = copy_artifact(small_artifact, tmp_path)
+    manifest = json.loads((tmp_path / "small.stablehlo.json").read_text())
+    manifest["format_version"] += 1
+    (tmp_path / "small.stablehlo.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="export format version 2, newer than the version 1") as err:
+        load_exported(path)
+    assert "upgrade resnet-jax" in one_sentence(err)
+
+
+def test_truncated_or_changed_artifact_is_refused(small_artifact, tmp_path):
+    path = copy_artifact(small_artifact, tmp_path)
+    data_ = small_artifact.read_bytes()
+    path.write_bytes(data_[: len(data_) // 2])
+    with pytest.raises(ArtifactError, match="is truncated") as err:
+        load_exported(path)
+    one_sentence(err)
+    path.write_bytes(data_[:-1] + bytes([data_[-1] ^ 1]))
+    with pytest.raises(ArtifactError, match="does not match the sha256") as err:
+        load_exported(path)
+    one_sentence(err)
+    (tmp_path / "small.stablehlo.json").unlink()
+    with pytest.raises(ArtifactError, match="has no manifest small.stablehlo.json beside it") as err:
+        load_exported(path)
+    one_sentence(err)
+
+
+def test_wrong_image_size_or_channels_are_refused(small_artifact):
+    model = load_exported(small_artifact)
+    assert model(np.zeros((2, 8, 8), np.uint8)).shape == (2, 3)  # any accepted form, resized as needed
+    assert model(np.zeros((20, 12, 3), np.uint8)).shape == (1, 3)
+    with pytest.raises(ValueError, match=r"takes uint8 batches of shape \(N, 8, 8, 1\), got \(2, 16, 16, 1\)") as e:
+        model.run(np.zeros((2, 16, 16, 1), np.uint8))
+    one_sentence(e)
+    with pytest.raises(ValueError, match=r"got \(2, 8, 8, 3\)") as e:
+        model.run(np.zeros((2, 8, 8, 3), np.uint8))
+    one_sentence(e)
+    with pytest.raises(ValueError, match="takes uint8 images") as e:
+        model.run(np.zeros((2, 8, 8, 1), np.float32))
+    one_sentence(e)
+    with pytest.raises(ValueError, match=r"images of shape \(2, 8, 8, 2\)") as e:
+        model(np.zeros((2, 8, 8, 2), np.uint8))
+    one_sentence(e)
+
+
+def test_predict_command_reports_a_bad_artifact_in_one_line(small_artifact, tmp_path):
+    path = copy_artifact(small_artifact, tmp_path)
+    path.write_bytes(small_artifact.read_bytes()[:100])
+    np.save(tmp_path / "x.npy", np.zeros((8, 8), np.uint8))
+    proc = subprocess.run([sys.executable, "-m", "train.predict", f"--artifact={path}", str(tmp_path / "x.npy")],
+                          cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: {path} is {100} bytes but its manifest says "
+                                                f"{small_artifact.stat().st_size}: the file is truncated; copy it "
+                                                "again or export again"]
+
+
+def test_symbolic_batch_serves_any_batch_size(small_artifact):
+    model = load_exported(small_artifact)
+    for n in (1, 2, 33):
+        assert model.run(np.zeros((n, 8, 8, 1), np.uint8)).shape == (n, 3)
+    assert model.manifest["input"]["shape"] == ["batch", 8, 8, 1]
+
+
+# --------------------------------------------------------------------------- every architecture knob in ONNX
+
+VARIANTS = [  # (name, overrides, image size): one block per stage keeps them small; 40 px gives odd feature maps
+    ("resnet20", {"stage_sizes": (1, 1, 1), "in_channels": 1}, 16),        # CIFAR stem, zero-pad shortcut
+    ("resnet18", {"stage_sizes": (1, 1, 1, 1)}, 40),                        # ImageNet stem, projection
+    ("resnet50d", {"stage_sizes": (1, 1, 1, 1)}, 40),                       # deep stem, avg-pool shortcut (ceil)
+    ("resnext50_32x4d", {"stage_sizes": (1, 1, 1, 1)}, 32),                 # grouped 3x3
+    ("preact_resnet18", {"stage_sizes": (1, 1, 1, 1)}, 32),                 # pre-activation, unfolded BNs
+    ("preact_resnet50", {"stage_sizes": (1, 1, 1, 1), "stem": "deep"}, 32),  # pre-activation bottleneck, deep stem
+    ("resnet18_cifar", {"stage_sizes": (1, 1, 1, 1)}, 16),                  # CIFAR stem with projections
+]
+
+
+@pytest.mark.parametrize("name,overrides,size", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_onnx_covers_every_variant(name, overrides, size, tmp_path):
+    model = create_model(name, num_classes=11, **overrides)
+    channels = model.in_channels
+    variables = trained_like(model.init(jax.random.key(0), jnp.zeros((1, size, size, channels))))
+    prep = Preprocessing(size, (0.4,) * channels, (0.2,) * channels)
+    exported = load_exported(export_model(model, variables, tmp_path / "m.onnx", preprocessing=prep))
+    batch = np.random.default_rng(1).integers(0, 256, (2, size, size, channels), dtype=np.uint8)
+    want = np.asarray(model.apply(variables, data.normalize(batch, *prep.per_channel(channels))))
+    np.testing.assert_allclose(exported.run(batch), want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_models_without_logits_are_refused(tmp_path):
+    model = create_model("resnet18", features_only=True)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    for suffix in ("stablehlo", "onnx"):
+        with pytest.raises(ValueError, match="export writes classifiers") as err:
+            export_model(model, variables, tmp_path / f"m.{suffix}", preprocessing=Preprocessing(32, (0.5,), (0.5,)))
+        one_sentence(err)
+
+
+def test_one_stablehlo_file_can_serve_several_platforms(tmp_path):
+    """--platforms=cpu,cuda: lowered for both (only the CPU half can run here)."""
+    model = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=3)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    path = export_model(model, variables, tmp_path / "m.stablehlo", preprocessing=Preprocessing(8, (0.5,), (0.25,)),
+                        platforms=("cpu", "cuda"))
+    exported = load_exported(path)
+    assert exported.manifest["platforms"] == ["cpu", "cuda"]
+    want = model.apply(variables, (np.ones((2, 8, 8, 1), np.float32) / 255 - 0.5) / 0.25)
+    np.testing.assert_allclose(exported.run(np.ones((2, 8, 8, 1), np.uint8)), want, atol=1e-5 * np.abs(want).max())
