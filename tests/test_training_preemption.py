@@ -43,3 +43,30 @@ def test_a_signal_requests_a_stop_and_a_second_one_acts_at_once():
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
         "before_signal": False, "after_signal": True, "received": "SIGTERM", "handler_restored": True,
         "first_ctrl_c_requests_a_stop": True, "second_ctrl_c": "KeyboardInterrupt"}
+
+
+def test_ctrl_c_to_the_process_group_stops_cleanly_with_worker_processes(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the run saves and exits 75, and the Grain workers
+    leave the signal to it (no worker tracebacks)."""
+    import os
+    import signal
+
+    command = [sys.executable, "-m", "train", f"--workdir={tmp_path / 'run'}", "--config.num_workers=2",
+               "--config.progress_bar=False", "--config.num_epochs=50"]
+    proc = subprocess.Popen(command, env={**worker_env(), "RESNET_JAX_TCMALLOC": "0"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # signal once the workers have fed a whole epoch
+            seen.append(line)
+            if line.startswith("epoch 2/"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        output = "".join(seen) + proc.stdout.read()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, output[-3000:]
+    assert "stopped by SIGINT" in output and "checkpoint saved" in output
+    assert "KeyboardInterrupt" not in output, output[-3000:]

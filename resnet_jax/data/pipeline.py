@@ -15,8 +15,10 @@ process; padded rows carry mask=False so metrics count every example exactly onc
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import signal
 
 import grain
 import jax
@@ -47,6 +49,23 @@ def _local_batch(batch_size: int, count: int) -> int:
         raise ValueError(f"The global batch_size ({batch_size}) must be a positive multiple of the number of "
                          f"processes ({count}); each process loads batch_size // process_count examples.")
     return batch_size // count
+
+
+def _in_workers(ds: grain.IterDataset, options) -> grain.IterDataset:
+    """``ds`` produced by Grain worker processes that leave Ctrl-C to the training process.
+
+    Ctrl-C in a terminal sends SIGINT to the whole process group. The training process stops at the end of its
+    step and saves a checkpoint (``training/preemption.py``); workers that took the signal too died with a
+    traceback each. (Grain versions without ``worker_init_fn`` keep that behaviour.)
+    """
+    _absl_flags_parsed()
+    if "worker_init_fn" in inspect.signature(ds.mp_prefetch).parameters:
+        return ds.mp_prefetch(options, worker_init_fn=_ignore_interrupts)
+    return ds.mp_prefetch(options)
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _absl_flags_parsed() -> None:
@@ -188,9 +207,8 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
           .map(_Normalize(mean, std, channels))
           .to_iter_dataset(_read_options(read_threads)))
     if worker_count:
-        _absl_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                         per_worker_buffer_size=worker_buffer_size))
+        ds = _in_workers(ds, grain.MultiprocessingOptions(num_workers=worker_count,
+                                                          per_worker_buffer_size=worker_buffer_size))
     return ds
 
 
@@ -260,6 +278,5 @@ def eval_loader(src: Source, *, batch_size: int, image_size: int, mean=None, std
                .map(_Normalize(mean, std, channels))
                .to_iter_dataset(_read_options(read_threads)))
     if worker_count:
-        _absl_flags_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        dataset = _in_workers(dataset, grain.MultiprocessingOptions(num_workers=worker_count))
     return EvalLoader(dataset, num_batches, start, stop)

@@ -254,6 +254,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
             bar.close()
         checkpoints.close()  # waits for the last asynchronous save
         metrics_log.close()
+        if hasattr(iterator, "close"):  # Grain worker processes: stop them and release their shared memory
+            iterator.close()
     if stop_reason == "preempted":
         interrupted = stop.interrupted(step, f"checkpoint saved in {checkpoints.directory}")
         log(str(interrupted))
