@@ -6,8 +6,9 @@ normalisation, then the model with every BatchNorm that follows a convolution fo
 symbolic: one artifact serves batch 1 and batch 512.
 
 Convolutions are exported as XLA's own (``conv_impl="xla"``): "auto" may call the oneDNN extension through
-``jax.ffi`` custom calls, which exist only in a process that loaded it; an artifact must run on any machine with
-``jax`` alone. ``export_stablehlo`` checks the serialized module for those targets and refuses to write one.
+``jax.ffi`` custom calls, which exist only in a process that loaded it, while an artifact must run on any
+machine with ``jax`` alone (``jax.export`` itself refuses to serialize custom calls that lack a compatibility
+guarantee, so without this the export would fail, not the deployment).
 """
 
 from __future__ import annotations
@@ -48,18 +49,11 @@ def check_exportable(model) -> None:
 def export_stablehlo(model, variables: dict[str, Any], path: Path, preprocessing: Preprocessing,
                      platforms: Sequence[str] | None = None) -> dict[str, Any]:
     """Write the serialized artifact to ``path``; returns the manifest entries specific to this format."""
-    from resnet_jax.ops.onednn import TARGETS
-
     size, channels = preprocessing.image_size, model.in_channels
     batch = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((*batch, size, size, channels), jnp.uint8)
     exported = jax.export.export(jax.jit(inference_function(model, variables, preprocessing)),
                                  platforms=tuple(platforms) if platforms else None)(spec)
-    text = exported.mlir_module()
-    leaked = [t for t in TARGETS if t in text]
-    if leaked:
-        raise RuntimeError(f"the exported module calls the oneDNN extension ({', '.join(leaked)}), which would not "
-                           "exist where it is loaded; this is a bug in resnet_jax.export, please report it")
     path.write_bytes(exported.serialize())
     return {"platforms": list(exported.platforms), "jax_version": jax.__version__,
             "calling_convention_version": exported.calling_convention_version}
