@@ -61,6 +61,15 @@ def test_conv_layers_smoke(tmp_path):
     assert "summed over each model's convolutions" in stdout
 
 
+def test_export_inference_smoke(tmp_path):
+    stdout, results = run_script("benchmarks.export_inference", tmp_path)
+    assert {(r["case"], r["variant"]) for r in results} == {
+        (case, variant) for case in ("resnet50_cpu", "resnet18_cifar_cpu")
+        for variant in ("stablehlo artifact", "onnxruntime", "torch NCHW", "torch channels_last")}
+    assert all(r["images_per_s"] > 0 and r["ratio_to_torch_best"] > 0 for r in results)
+    assert "x torch best" in stdout
+
+
 def test_conv_bf16_smoke(tmp_path):
     stdout, results = run_script("benchmarks.conv_bf16", tmp_path)
     variants = {r["variant"] for r in results}
