@@ -16,7 +16,7 @@ import pytest
 from resnet_jax import create_model, data
 from resnet_jax.export import ArtifactError, Preprocessing, export_model, load_exported
 from resnet_jax.training.classifier import Classifier
-from training_helpers import REPO, worker_env
+from training_helpers import REPO, once_per_session, worker_env
 
 # Runs the StableHLO artifact with jax alone: any import of resnet_jax fails, as on a machine without it.
 BLOCKED_RUNNER = r"""
@@ -55,38 +55,61 @@ def trained_like(variables, seed=0):
     return {"params": params, "batch_stats": stats}
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """A real digits classifier (ResNet-8 at 8x8, 3 epochs) and its workdir."""
+FORMATS = ("stablehlo", "onnx")
+
+
+def train_digits(workdir):
+    """A real digits classifier: ResNet-8 at 8x8, 3 epochs."""
     clf = Classifier("resnet20", num_classes=10, in_channels=1, image_size=8,
                      model_overrides={"stage_sizes": (1, 1, 1)})
-    clf.fit("digits", workdir=tmp_path_factory.mktemp("digits"), num_epochs=3, batch_size=32, augment="none",
-            learning_rate=1.6, schedule="cosine", progress_bar=False, compilation_cache_dir="")
+    clf.fit("digits", workdir=workdir, num_epochs=3, batch_size=32, augment="none", learning_rate=1.6,
+            schedule="cosine", progress_bar=False, compilation_cache_dir="")
+
+
+def random_resnet50(workdir):
+    """ResNet-50 at 64x64 with 1000 classes, random weights and trained-like BatchNorm, saved as a workdir."""
+    clf = Classifier("resnet50", num_classes=1000, image_size=64, normalize="imagenet")
+    clf.variables = jax.device_get(trained_like(clf.model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))))
+    clf.save(workdir)
+
+
+def session_run(tmp_path_factory, name, make):
+    """``(classifier loaded from its workdir, {format: artifact})``, made and exported once per test session
+    (pytest-xdist workers share them), as a user would: train or save, then export the workdir."""
+    def compute(directory):
+        make(directory / "workdir")
+        clf = Classifier.load(directory / "workdir")
+        for fmt in FORMATS:
+            clf.export(directory / f"{name}.{fmt}")
+        return {}
+
+    directory, _ = once_per_session(tmp_path_factory, f"export_{name}", compute)
+    return Classifier.load(directory / "workdir"), {fmt: directory / f"{name}.{fmt}" for fmt in FORMATS}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    clf, artifacts = session_run(tmp_path_factory, "digits", train_digits)
     src = data.get_source("digits", "validation", image_size=8)
     images = np.stack([src[i]["image"][:, :, 0] for i in range(7)])  # (7, 8, 8): a greyscale batch
-    return clf, images
+    return clf, images, artifacts
 
 
 @pytest.fixture(scope="module")
 def resnet50_run(tmp_path_factory):
-    """ResNet-50 at 64x64 with 1000 classes, random weights and trained-like BatchNorm, saved as a workdir."""
-    clf = Classifier("resnet50", num_classes=1000, image_size=64, normalize="imagenet")
-    clf.variables = jax.device_get(trained_like(clf.model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))))
-    clf.workdir = clf.save(tmp_path_factory.mktemp("resnet50"))
-    images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
-    return clf, images
+    clf, artifacts = session_run(tmp_path_factory, "resnet50", random_resnet50)
+    return clf, np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8), artifacts
 
 
 @pytest.fixture(scope="module", params=["digits", "resnet50"])
 def run(request):
+    """(classifier, images in a form predict accepts, {format: artifact path})."""
     return request.getfixturevalue(f"{request.param}_run")
 
 
 @pytest.fixture(scope="module")
-def artifacts(run, tmp_path_factory):
-    clf, _ = run
-    out = tmp_path_factory.mktemp("export")
-    return {fmt: clf.export(out / f"{clf.config.model}.{fmt}") for fmt in ("stablehlo", "onnx")}
+def artifacts(run):
+    return run[2]
 
 
 def reference_logits(clf, batch):
@@ -96,7 +119,7 @@ def reference_logits(clf, batch):
 
 
 def test_stablehlo_runs_without_resnet_jax_and_equals_model_apply(run, artifacts, tmp_path):
-    clf, images = run
+    clf, images, _ = run
     batch = load_exported(artifacts["stablehlo"]).prepare(images)
     batches = {"one": batch[:1], "many": batch}
     np.savez(tmp_path / "in.npz", **batches)
@@ -114,7 +137,7 @@ def test_stablehlo_runs_without_resnet_jax_and_equals_model_apply(run, artifacts
 
 
 def test_onnx_in_onnxruntime_equals_model_apply(run, artifacts):
-    clf, images = run
+    clf, images, _ = run
     model = load_exported(artifacts["onnx"])
     batch = model.prepare(images)
     for b in (batch[:1], batch[:3], batch):
@@ -142,7 +165,7 @@ def top5(stdout):
 
 
 def test_train_predict_gives_the_same_top5_on_each_artifact_as_on_the_workdir(run, artifacts, tmp_path):
-    clf, images = run
+    clf, images, _ = run
     np.save(tmp_path / "batch.npy", images)  # the digits as (N, 8, 8), ResNet-50's as (N, 64, 64, 3)
     from PIL import Image
 
@@ -159,7 +182,7 @@ def test_train_predict_gives_the_same_top5_on_each_artifact_as_on_the_workdir(ru
 
 
 def test_artifacts_carry_class_names_and_predict_like_the_classifier(run, artifacts):
-    clf, images = run
+    clf, images, _ = run
     want = clf.predict(images)
     for path in artifacts.values():
         model = load_exported(path)
@@ -173,7 +196,7 @@ def test_stablehlo_artifact_holds_no_extension_call(run, artifacts):
     """conv_impl "auto" may call the oneDNN extension (jax.ffi custom calls); the artifact must not."""
     from resnet_jax.ops import onednn
 
-    clf, images = run
+    clf, images, _ = run
     text = jax.export.deserialize(bytearray(artifacts["stablehlo"].read_bytes())).mlir_module()
     assert not [t for t in onednn.TARGETS if t in text]
     assert set(re.findall(r"custom_call @(\w+)", text)) <= {"shape_assertion"}  # jax's check of the batch size
@@ -188,7 +211,7 @@ def test_artifacts_hold_the_folded_model(run, artifacts):
     graph, and every convolution carries the folded BatchNorm's shift as its bias."""
     import onnx
 
-    clf, _ = run
+    clf, _, _ = run
     text = jax.export.deserialize(bytearray(artifacts["stablehlo"].read_bytes())).mlir_module()
     assert "rsqrt" not in text
     convs = jax.tree_util.tree_flatten_with_path(clf.variables["params"])[0]
@@ -201,7 +224,7 @@ def test_artifacts_hold_the_folded_model(run, artifacts):
 
 
 def test_export_command_writes_each_format(digits_run, tmp_path):
-    clf, images = digits_run
+    clf, images, _ = digits_run
     for fmt, name in (("stablehlo", "m.stablehlo"), ("onnx", "m.onnx"), (None, "m.pth"),
                       ("safetensors", "m.safetensors")):
         proc = subprocess.run([sys.executable, "-m", "train.export", f"--workdir={clf.workdir}",
