@@ -170,7 +170,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "resnet_jax").expanduser()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MB blocks (weights and artifacts run to hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -192,7 +193,7 @@ def download(url: str, sha256: str, *, filename: str | None = None, cache_dir: s
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / (filename or url.rstrip("/").rsplit("/", 1)[-1])
     if target.is_file():
-        if _sha256(target).startswith(sha256):
+        if file_sha256(target).startswith(sha256):
             return target
         target.unlink()  # damaged or replaced: fetch a good copy
     cache.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import pytest
 from resnet_jax import create_model, data
 from resnet_jax.export import ArtifactError, Preprocessing, export_model, load_exported
 from resnet_jax.training.classifier import Classifier
-from training_helpers import REPO, once_per_session, worker_env
+from training_helpers import REPO, once_per_session, trained_like, worker_env
 
 # Runs the StableHLO artifact with jax alone: any import of resnet_jax fails, as on a machine without it.
 BLOCKED_RUNNER = r"""
@@ -43,16 +43,6 @@ try:
 except ImportError:
     print("blocked:", sorted(m for m in sys.modules if m.startswith("resnet_jax")))
 """
-
-
-def trained_like(variables, seed=0):
-    """Non-trivial BatchNorm statistics and affine parameters, as after training."""
-    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(jax.tree.leaves(variables))))
-    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape) if a.ndim == 1 else a,
-                          variables["params"])
-    stats = jax.tree.map(lambda a: jnp.abs(a + 0.5 * jax.random.normal(next(keys), a.shape)),
-                         variables["batch_stats"])
-    return {"params": params, "batch_stats": stats}
 
 
 FORMATS = ("stablehlo", "onnx")

@@ -182,10 +182,10 @@ def test_overrides_work_as_in_linen(overrides):
 def test_pretrained_from_the_cache(tmp_path, monkeypatch):
     """rnnx.pretrained is resnet_jax.pretrained as an NNX model: here a test entry whose verified file is already
     in the cache, so no network is needed."""
-    from resnet_jax.pretrained import WEIGHTS, Weights, _sha256
+    from resnet_jax.pretrained import WEIGHTS, Weights, file_sha256
 
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18-test.pth")
-    entry = Weights("resnet18", "TEST", "resnet18-test.pth", _sha256(tmp_path / "resnet18-test.pth"), 0.0)
+    entry = Weights("resnet18", "TEST", "resnet18-test.pth", file_sha256(tmp_path / "resnet18-test.pth"), 0.0)
     monkeypatch.setitem(WEIGHTS["resnet18"], "TEST", entry)
     model = rnnx.pretrained("resnet18", "TEST", cache_dir=tmp_path, mirror="http://127.0.0.1:9", progress=False)
     _, ref = resnet_jax.pretrained("resnet18", "TEST", cache_dir=tmp_path, mirror="http://127.0.0.1:9")

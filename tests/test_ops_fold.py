@@ -8,16 +8,7 @@ import pytest
 
 from resnet_jax import create_model
 from resnet_jax.ops import fold_batchnorm
-
-
-def trained_like(variables, seed=0):
-    """Non-trivial BatchNorm statistics and affine parameters, as after training."""
-    keys = iter(jax.random.split(jax.random.key(seed), 4 * len(jax.tree.leaves(variables))))
-    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape) if a.ndim == 1 else a,
-                          variables["params"])
-    stats = jax.tree.map(lambda a: jnp.abs(a + 0.5 * jax.random.normal(next(keys), a.shape)),
-                         variables["batch_stats"])
-    return {"params": params, "batch_stats": stats}
+from training_helpers import trained_like
 
 
 def count(tree, name):

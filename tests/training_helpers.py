@@ -145,3 +145,16 @@ def direct_metrics(model, variables, source, mean, std) -> dict[str, float]:
     rank = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(-1)
     return {"loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
             "accuracy": float((rank < 1).mean()), "top5": float((rank < 5).mean())}
+
+
+def trained_like(variables, seed=0):
+    """Non-trivial BatchNorm statistics and affine parameters, as after training."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(jax.tree.leaves(variables))))
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape) if a.ndim == 1 else a,
+                          variables["params"])
+    stats = jax.tree.map(lambda a: jnp.abs(a + 0.5 * jax.random.normal(next(keys), a.shape)),
+                         variables["batch_stats"])
+    return {"params": params, "batch_stats": stats}

@@ -13,12 +13,13 @@ versions newer than its own.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from resnet_jax.pretrained import file_sha256
 
 FORMAT_VERSION = 1
 KIND = "resnet_jax exported classifier"
@@ -68,7 +69,7 @@ def write_manifest(artifact: Path, *, fmt: str, model_name: str, num_classes: in
         "kind": KIND,
         "format_version": FORMAT_VERSION,
         "format": fmt,
-        "artifact": {"file": artifact.name, "bytes": artifact.stat().st_size, "sha256": _sha256(artifact)},
+        "artifact": {"file": artifact.name, "bytes": artifact.stat().st_size, "sha256": file_sha256(artifact)},
         "model": model_name,
         "class_names": list(class_names),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, channels]},
@@ -117,15 +118,8 @@ def read_manifest(artifact: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{artifact} is {actual} bytes but its manifest says {expected}: the file is "
                             f"{'truncated' if actual < expected else 'not the one exported'}; copy it again "
                             "or export again")
-    if _sha256(artifact) != manifest["artifact"]["sha256"]:
+    if file_sha256(artifact) != manifest["artifact"]["sha256"]:
         raise ArtifactError(f"{artifact} does not match the sha256 in its manifest: the file was changed or "
                             "damaged after export; copy it again or export again")
     return manifest
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
