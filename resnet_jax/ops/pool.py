@@ -1,8 +1,9 @@
 """The stem's 3x3 stride-2 max-pool as the maximum of nine strided views, for CPUs.
 
-XLA:CPU runs ``reduce_window`` (and its gradient, ``select_and_scatter``) far below memory speed: ~100 ms each
-way for ResNet-50's 112x112x64 pool at batch 32, 7% of a training step and 15% of inference (BENCHMARKS.md).
-The maximum of the nine shifted, strided slices of the padded input is one fused elementwise pass. The gradient
+XLA:CPU runs ``reduce_window`` (and its gradient, ``select_and_scatter``) far below memory speed: 37 ms forward
+and 206 ms forward + backward for ResNet-50's 112x112x64 pool at batch 32, ~7% of a training step and of
+inference. The maximum of the nine shifted, strided slices of the padded input is one fused elementwise pass
+(8 ms; 40 ms with the gradient below; BENCHMARKS.md, attempts). The gradient
 goes to the first maximum of each window in row-major order, as XLA's ``select_and_scatter`` (with ``ge``)
 does, so values and gradients equal ``flax.linen.max_pool``'s exactly, ties included (ties are common after a
 ReLU). Other backends keep ``reduce_window``.
