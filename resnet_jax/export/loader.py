@@ -66,8 +66,8 @@ class ExportedModel:
 def load_exported(path: str | Path) -> ExportedModel:
     """Load ``path`` (a ``.stablehlo`` or ``.onnx`` file written by export) with the manifest beside it."""
     path = Path(path)
-    manifest = read_manifest(path)
-    data = path.read_bytes()
+    data = path.read_bytes() if path.is_file() else None  # read_manifest says what is wrong with anything else
+    manifest = read_manifest(path, data)  # its size and sha256 checks run on the bytes that will be loaded
     if manifest["format"] == "stablehlo":
         from resnet_jax.export.stablehlo import run_serialized
 

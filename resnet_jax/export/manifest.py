@@ -13,6 +13,7 @@ versions newer than its own.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -87,9 +88,10 @@ def write_manifest(artifact: Path, *, fmt: str, model_name: str, num_classes: in
     return path
 
 
-def read_manifest(artifact: str | Path) -> dict[str, Any]:
+def read_manifest(artifact: str | Path, content: bytes | None = None) -> dict[str, Any]:
     """The manifest of ``artifact``, after checking that this version can read it and that the artifact is the
-    very file it describes (same size, same sha256). Raises ``ArtifactError``/``FileNotFoundError`` saying why."""
+    very file it describes (same size, same sha256). Raises ``ArtifactError``/``FileNotFoundError`` saying why.
+    ``content``: the artifact's bytes when the caller has read them already (hashed instead of read again)."""
     artifact = Path(artifact)
     if artifact.is_dir():
         raise ArtifactError(f"{artifact} is a directory; give the exported file itself (e.g. model.stablehlo or "
@@ -118,7 +120,8 @@ def read_manifest(artifact: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{artifact} is {actual} bytes but its manifest says {expected}: the file is "
                             f"{'truncated' if actual < expected else 'not the one exported'}; copy it again "
                             "or export again")
-    if file_sha256(artifact) != manifest["artifact"]["sha256"]:
+    digest = file_sha256(artifact) if content is None else hashlib.sha256(content).hexdigest()
+    if digest != manifest["artifact"]["sha256"]:
         raise ArtifactError(f"{artifact} does not match the sha256 in its manifest: the file was changed or "
                             "damaged after export; copy it again or export again")
     return manifest
