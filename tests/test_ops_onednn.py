@@ -140,3 +140,28 @@ def test_extension_openmp_threads_sleep_between_calls_unless_the_user_says_other
     assert f"environment after {user_choice}" in done.stdout
     want = "PASSIVE" if user_choice is None else user_choice.upper()
     assert f"OMP_WAIT_POLICY = '{want}'" in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name, conv_impl, blocks", [("resnet50", "auto", 16), ("resnet18", "onednn_winograd_f4", 8)])
+def test_folded_blocks_add_the_residual_in_place_without_copies(name, conv_impl, blocks):
+    """Each residual block's last convolution writes into its residual's buffer (one pass over the output less
+    than reading it and writing a second buffer); the residual is dead after the add, so XLA must alias it
+    without inserting a copy. Values are covered by the folding and convolution tests."""
+    reason = wheels_and_compiler()
+    if reason:
+        pytest.skip(reason)
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from resnet_jax import create_model, ops
+
+    model = create_model(name, num_classes=10, conv_impl=conv_impl)
+    x = jnp.zeros((2, 48, 48, 3))
+    folded, variables = ops.fold_batchnorm(model, model.init(jax.random.key(0), x, train=False))
+    hlo = jax.jit(lambda v, x: folded.apply(v, x, train=False)).lower(variables, x).compile().as_text()
+    assert len(re.findall(r"custom_call_target=\"ResnetJax\w+Forward\"[^\n]*output_to_operand_aliasing", hlo)) \
+        == blocks, hlo
+    assert not re.findall(r"= \S+ copy\(", hlo)
+    assert conv_impl == "auto" or "ResnetJaxWinogradForward" in hlo

@@ -178,16 +178,32 @@ def _output_shape(x_shape, kernel_shape, strides, padding):
     return (x_shape[0], ho, wo, cout)
 
 
-def _call(target: str, shape, dtype, *operands, **attrs):
+def _call(target: str, shape, dtype, *operands, in_place: int | None = None, **attrs):
+    """One FFI call; ``in_place`` names an operand whose buffer becomes the result (XLA copies it first only
+    where it is still needed elsewhere)."""
     _load()  # registers the targets (once); raises OnednnUnavailable where it cannot
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")(
-        *operands, **attrs)
+    aliases = {} if in_place is None else {in_place: 0}
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential",
+                            input_output_aliases=aliases)(*operands, **attrs)
+
+
+def _epilogue_operands(bias, residual, shape, dtype):
+    """The optional operands after (x, kernel), and the index of the residual, which is updated in place: the
+    kernel adds its result to the residual's buffer instead of reading it and writing a second buffer (one
+    pass over the output less; a residual is dead after the add, so XLA needs no copy)."""
+    extra = [] if bias is None else [bias]
+    if residual is None:
+        return extra, None
+    if residual.shape != tuple(shape):
+        raise ValueError(f"the residual's shape {residual.shape} is not the convolution's output shape {tuple(shape)}")
+    return [*extra, residual.astype(dtype)], 2 + len(extra)
 
 
 def forward(x, kernel, strides, padding, groups, bias=None, residual=None, relu=False):
     """``relu(conv(x, kernel) + bias + residual)`` in one oneDNN call (bias, residual, relu optional)."""
-    extra = [a for a in (bias, residual) if a is not None]
-    return _call(TARGETS[0], _output_shape(x.shape, kernel.shape, strides, padding), x.dtype, x, kernel, *extra,
+    shape = _output_shape(x.shape, kernel.shape, strides, padding)
+    extra, in_place = _epilogue_operands(bias, residual, shape, x.dtype)
+    return _call(TARGETS[0], shape, x.dtype, x, kernel, *extra, in_place=in_place,
                  has_bias=np.int64(bias is not None), has_residual=np.int64(residual is not None),
                  relu=np.int64(bool(relu)), **_geometry(strides, padding, groups))
 
@@ -202,8 +218,9 @@ def backward_weights(x, dy, kernel_shape, kernel_dtype, strides, padding, groups
 
 def winograd_forward(x, kernel, padding, m, bias=None, residual=None, relu=False):
     """A 3x3 stride-1 convolution by Winograd F(m x m, 3 x 3), with the same optional epilogue as ``forward``."""
-    extra = [a for a in (bias, residual) if a is not None]
-    return _call(TARGETS[3], _output_shape(x.shape, kernel.shape, (1, 1), padding), x.dtype, x, kernel, *extra,
+    shape = _output_shape(x.shape, kernel.shape, (1, 1), padding)
+    extra, in_place = _epilogue_operands(bias, residual, shape, x.dtype)
+    return _call(TARGETS[3], shape, x.dtype, x, kernel, *extra, in_place=in_place,
                  padding=_geometry((1, 1), padding, 1)["padding"], m=np.int64(m),
                  has_bias=np.int64(bias is not None), has_residual=np.int64(residual is not None),
                  relu=np.int64(bool(relu)))

@@ -6,13 +6,16 @@
 // (oneDNN "hwio", or "hwigo" when grouped) and are reordered into the kernel's preferred blocked layout on the
 // way in (out, for the kernel gradient). Everything XLA fuses well (BatchNorm, ReLU, adds, the optimizer) stays
 // in XLA; the forward handler can also apply a bias, a residual add and a ReLU as oneDNN post-ops, which saves
-// a pass over the output when BatchNorm is folded into the convolution for inference.
+// a pass over the output when BatchNorm is folded into the convolution for inference. The residual arrives in
+// the output buffer itself (the caller aliases it to the result) and is added by oneDNN's "sum" post-op, so the
+// convolution reads and writes one buffer instead of reading one and writing a second.
 //
 // Three handlers, one per pass: ResnetJaxConvForward (x, w[, bias][, residual]) -> y,
 // ResnetJaxConvBackwardData (dy, w) -> dx, ResnetJaxConvBackwardWeights (x, dy) -> dw.
 // Primitives are created once per shape and cached; buffers for reordered weights and oneDNN's scratchpad are
 // per calling thread, so concurrent calls from XLA's threads never share memory (common.h).
 
+#include <cstring>
 #include <optional>
 #include <sstream>
 
@@ -136,20 +139,20 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, 
   std::optional<ffi::AnyBuffer> bias, residual;
   if (has_bias) bias = *rest.get<ffi::AnyBuffer>(0);
   if (has_residual) residual = *rest.get<ffi::AnyBuffer>(has_bias);
-  std::optional<memory::data_type> bias_dt, residual_dt;
+  std::optional<memory::data_type> bias_dt;
   if (bias) bias_dt = DnnlType(bias->element_type());
-  if (residual) residual_dt = DnnlType(residual->element_type());
-  if ((bias && !bias_dt) || (residual && !residual_dt))
-    return ffi::Error::InvalidArgument("oneDNN conv: bias and residual must be float32 or bfloat16");
+  if (bias && !bias_dt) return ffi::Error::InvalidArgument("oneDNN conv: the bias must be float32 or bfloat16");
+  if (residual && (residual->element_type() != y->element_type() || residual->size_bytes() != y->size_bytes()))
+    return ffi::Error::InvalidArgument("oneDNN conv: the residual must have the output's shape and dtype");
 
   std::ostringstream key;
-  key << s.Key("fwd") << ":b" << (bias ? static_cast<int>(*bias_dt) : -1) << ":r"
-      << (residual ? static_cast<int>(*residual_dt) : -1) << ":relu" << relu;
+  key << s.Key("fwd") << ":b" << (bias ? static_cast<int>(*bias_dt) : -1) << ":r" << residual.has_value()
+      << ":relu" << relu;
   return Run([&] {
     Entry* e = resnet_jax::Cached<Entry>(key.str(), [&] {
       dnnl::primitive_attr attr = UserScratchpad();
       dnnl::post_ops ops;
-      if (residual) ops.append_binary(algorithm::binary_add, Nhwc(s.Dst(), *residual_dt));
+      if (residual) ops.append_sum(1.f);  // y = conv(x) + bias + y, y holding the residual
       if (relu) ops.append_eltwise(algorithm::eltwise_relu, 0.f, 0.f);
       attr.set_post_ops(ops);
       memory::desc bias_md;
@@ -169,9 +172,9 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, 
         {DNNL_ARG_DST, memory(Nhwc(s.Dst(), s.dtype), Engine(), y->untyped_data())},
         {DNNL_ARG_SCRATCHPAD, Scratchpad(*e)}};
     if (bias) args[DNNL_ARG_BIAS] = memory(memory::desc({s.o}, *bias_dt, tag::a), Engine(), bias->untyped_data());
-    if (residual)
-      args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
-          memory(Nhwc(s.Dst(), *residual_dt), Engine(), residual->untyped_data());
+    // XLA hands the residual's buffer over as the output when it can; otherwise (never seen) copy it there.
+    if (residual && residual->untyped_data() != y->untyped_data())
+      std::memcpy(y->untyped_data(), residual->untyped_data(), y->size_bytes());
     e->prim.execute(Stream(), args);
     Stream().wait();
   });
