@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from resnet_jax.blocks import BLOCKS, SHORTCUTS
 from resnet_jax.ops import ALGORITHMS, Conv
 from resnet_jax.ops.algorithms import CHOICES
+from resnet_jax.ops.batchnorm import BatchNorm
 from resnet_jax.ops.pool import max_pool_3x3_s2
 
 STEMS = ("imagenet", "cifar", "deep")
@@ -55,11 +56,7 @@ def _conv_norm(conv, norm, folded: bool):
             return lambda x, residual=None, relu=False: c(x, residual=residual, relu=relu)
         n = norm(name=norm_name, **({} if scale_init is None else {"scale_init": scale_init}))
 
-        def apply(x, residual=None, relu=False):
-            y = n(c(x))
-            y = y if residual is None else y + residual
-            return nn.relu(y) if relu else y
-        return apply
+        return lambda x, residual=None, relu=False: n(c(x), residual=residual, relu=relu)
     return make
 
 
@@ -137,7 +134,7 @@ class ResNet(nn.Module):
             raise ValueError("this model has its BatchNorm folded into the convolutions (ops.fold_batchnorm), "
                              "which is for inference only; train the unfolded model")
         conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv_impl)
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+        norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                                  epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
         conv_norm = _conv_norm(conv, norm, self.folded)
         x = self._stem(jnp.asarray(x, self.dtype), conv_norm)
