@@ -27,12 +27,14 @@ def default_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_default_config_reaches_97_percent_on_digits(default_run):
+def test_default_config_reaches_98_percent_on_digits(default_run):
+    """Measured: 99.2-100% over seeds 0-7 on both convolution paths (BENCHMARKS.md); the bound leaves room for
+    another CPU's rounding (one validation image is 0.28%) and still catches a real regression."""
     workdir, proc = default_run
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in rows if r["split"] == "val"][-1]
-    assert final["accuracy"] >= 0.97, final
-    assert "epoch 30/30: train loss" in proc.stdout + proc.stderr
+    assert final["accuracy"] >= 0.98, final
+    assert "epoch 50/50: train loss" in proc.stdout + proc.stderr
     assert "final val accuracy" in proc.stdout
 
 

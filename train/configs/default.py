@@ -1,5 +1,5 @@
-"""The default run: He et al.'s ResNet-20 on the bundled 8x8 digits, about a minute on a laptop CPU, >= 99%
-validation accuracy (360 images; 99.2-100% over seeds 0-4 with and without the oneDNN extension). Greyscale in, so the model takes one channel. The digits are upsampled to 16x16 (twice
+"""The default run: He et al.'s ResNet-20 on the bundled 8x8 digits, about a minute on a 2-core CPU, >= 99%
+validation accuracy (360 images; 99.2-100% over seeds 0-7, with and without the oneDNN extension). Greyscale in, so the model takes one channel. The digits are upsampled to 16x16 (twice
 their native size: larger only costs time, ResNet-20 at 32x32 is 4x the work for no accuracy)."""
 
 from resnet_jax.training import base_config
@@ -14,11 +14,11 @@ def get_config():
     c.augment = "crop"            # shifts only: a mirrored digit is another digit or none
     c.batch_size = 64
     c.eval_batch_size = 128
-    c.num_epochs = 30
+    c.num_epochs = 50              # 30 left single seeds at 98.6% (5 of 360 wrong); 50: 99.2-100% over seeds 0-7
     c.learning_rate = 0.4          # per 256 images: 0.1 at batch 64
     c.schedule = "cosine"
     c.warmup_epochs = 1
-    c.weight_decay = 1e-3          # 5e-4 overfit (train 100%): seeds 0-4 gave 98.9-99.7%, 1e-3 gave 99.2-100%
+    c.weight_decay = 1e-3          # 5e-4 reached 100% train accuracy and seed 0 ended at 98.6-98.9%
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
     return c
