@@ -1,5 +1,9 @@
 """The ``Classifier`` facade: fit, evaluate, predict, save/load, export to torchvision."""
 
+import logging
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -97,3 +101,20 @@ def test_export_torchvision_round_trips(fitted, tmp_path):
 def test_unfitted_classifier_says_what_to_do():
     with pytest.raises(RuntimeError, match="fit"):
         Classifier("resnet20").predict(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_predict_compiles_once_and_equals_the_plain_model(fitted, caplog):
+    """Repeated predictions reuse one compiled function (it was re-traced and re-compiled on every call), and it
+    is the BatchNorm-folded model that evaluation runs, equal to the plain one within float32 rounding."""
+    images, _ = validation_images(7)  # a batch size no other test predicts, so the first call compiles
+    batch = fitted.preprocess(images)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        first = fitted._logits(batch)
+        compiled = len([r for r in caplog.records if "Finished XLA compilation" in r.getMessage()])
+        caplog.clear()
+        again = fitted.predict(images, top_k=3)
+        assert not [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    assert compiled >= 1
+    plain = fitted.model.apply(fitted.variables, batch, train=False)
+    np.testing.assert_allclose(first, plain, rtol=0, atol=1e-4 * float(jnp.abs(plain).max()))
+    assert again == fitted.predict(images, top_k=3)

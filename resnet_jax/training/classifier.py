@@ -11,6 +11,7 @@ for notebooks and scripts.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,7 +27,7 @@ from resnet_jax.data.images import prepare_batch, top_classes
 from resnet_jax.parallel import make_mesh
 from resnet_jax.training.config import base_config, model_from_config, normalization_stats, validate
 from resnet_jax.training.loop import evaluate_loader, train
-from resnet_jax.training.steps import make_eval_step
+from resnet_jax.training.steps import folded_logits, make_eval_step
 
 
 class Classifier:
@@ -43,6 +44,7 @@ class Classifier:
         self.variables: dict[str, Any] | None = None
         self.workdir: Path | None = None
         self.history: list[dict[str, Any]] = []
+        self._compiled_logits, self._compiled_for = None, None
 
     # --- training and evaluation -------------------------------------------------------------------------
     def fit(self, dataset: str = "digits", *, workdir: str | Path | None = None, **config: Any) -> list[dict]:
@@ -78,8 +80,15 @@ class Classifier:
         ``(H, W, C)``, a batch ``(N, H, W, C)``, a greyscale batch ``(N, H, W)`` for a one-channel model, or a
         list of arrays or file paths (``resnet_jax.data.images``)."""
         batch = self.preprocess(images)
-        logits = jax.jit(lambda v, x: self.model.apply(v, x, train=False))(self._require_variables(), batch)
-        return top_classes(logits, self.class_names, top_k)
+        return top_classes(self._logits(batch), self.class_names, top_k)
+
+    def _logits(self, batch: jnp.ndarray) -> jnp.ndarray:
+        """The BatchNorm-folded model, as evaluation runs it, jitted once per model: every later call with a
+        batch of the same shape reuses the compiled function instead of tracing and compiling again."""
+        if self._compiled_for is not self.model:
+            self._compiled_logits = jax.jit(functools.partial(folded_logits, self.model))
+            self._compiled_for = self.model
+        return self._compiled_logits(self._require_variables(), batch)
 
     def preprocess(self, images: Any) -> jnp.ndarray:
         """Images as the model saw them in evaluation: resized, centre-cropped, channels fixed, normalised."""
