@@ -73,7 +73,7 @@ class Classifier:
                                   crop_fraction=self.config.eval_crop_fraction or None)
         mesh = make_mesh()
         state = _Evaluable(self.model.apply, variables)
-        return evaluate_loader(state, make_eval_step(mesh), loader, mesh)
+        return evaluate_loader(state, make_eval_step(mesh, self.model), loader, mesh)
 
     def predict(self, images: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """Top-k ``(class name, probability)`` per image. ``images``: one uint8 image ``(H, W)`` or
