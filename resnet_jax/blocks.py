@@ -13,6 +13,7 @@ from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 ModuleFactory = Callable[..., nn.Module]
 # conv_norm(features, kernel_size, *, strides, groups, conv_name, norm_name, scale_init, kernel_init) returns
@@ -33,7 +34,7 @@ def _avg_pool_ceil(x: jnp.ndarray) -> jnp.ndarray:
 
 
 class Shortcut(nn.Module):
-    """The residual path: identity when shapes match, otherwise the configured downsampling."""
+    """The residual path where the shape changes: the configured downsampling to ``features`` channels."""
 
     features: int
     strides: int
@@ -43,10 +44,8 @@ class Shortcut(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        if self.strides == 1 and x.shape[-1] == self.features:
-            return x
-        if self.kind == "zero_pad":
-            x = x[:, :: self.strides, :: self.strides, :]
+        if self.kind == "zero_pad":  # lax.slice, not x[:, ::s, ::s]: one strided slice, where numpy-style indexing
+            x = lax.slice(x, (0,) * 4, x.shape, (1, self.strides, self.strides, 1))  # traces to a gather
             missing = self.features - x.shape[-1]
             return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (missing // 2, missing - missing // 2)))
         strides = self.strides
@@ -71,9 +70,16 @@ class ResidualBlock(nn.Module):
 
     expansion = 1
 
-    def residual(self, x: jnp.ndarray, preact: bool) -> jnp.ndarray:
+    def residual(self, x: jnp.ndarray, pre: jnp.ndarray | None = None) -> jnp.ndarray:
+        """What the block adds to its last convolution: its input ``x`` itself when the shape is kept, else the
+        downsampling. Pre-activation blocks pass ``pre = relu(bn1(x))``, which only the downsampling reads: the
+        identity path stays clean, never normalised, which is the point of He et al. 2016's v2 design (and what
+        timm's ResNetV2 computes)."""
         out = self.width * self.expansion
-        return Shortcut(out, self.strides, self.shortcut, self.conv_norm, not preact, name="downsample")(x)
+        if self.strides == 1 and x.shape[-1] == out:
+            return x
+        return Shortcut(out, self.strides, self.shortcut, self.conv_norm, pre is None, name="downsample")(
+            x if pre is None else pre)
 
     def last_conv_norm(self, features: int, kernel_size, conv_name: str, norm_name: str):
         """The conv + BN closing a plain block; zero BN scale makes the block start as identity (Goyal et al.)."""
@@ -104,9 +110,9 @@ class BasicBlock(ResidualBlock):
             pre = self.pre_activation(x, "bn1")
             y = self.conv_norm(self.width, (3, 3), strides=self.strides, conv_name="conv1", norm_name="bn2")(
                 pre, relu=True)
-            return self.last_conv(self.width, "conv2")(y, residual=self.residual(pre, preact=True))
+            return self.last_conv(self.width, "conv2")(y, residual=self.residual(x, pre))
         y = self.conv_norm(self.width, (3, 3), strides=self.strides, conv_name="conv1", norm_name="bn1")(x, relu=True)
-        return self.last_conv_norm(self.width, (3, 3), "conv2", "bn2")(y, residual=self.residual(x, preact=False),
+        return self.last_conv_norm(self.width, (3, 3), "conv2", "bn2")(y, residual=self.residual(x),
                                                                        relu=True)
 
 
@@ -128,10 +134,10 @@ class Bottleneck(ResidualBlock):
             pre = self.pre_activation(x, "bn1")
             y = self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn2")(pre, relu=True)
             y = self.conv_norm(inner, (3, 3), norm_name="bn3", **conv2)(y, relu=True)
-            return self.last_conv(out, "conv3")(y, residual=self.residual(pre, preact=True))
+            return self.last_conv(out, "conv3")(y, residual=self.residual(x, pre))
         y = self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn1")(x, relu=True)
         y = self.conv_norm(inner, (3, 3), norm_name="bn2", **conv2)(y, relu=True)
-        return self.last_conv_norm(out, (1, 1), "conv3", "bn3")(y, residual=self.residual(x, preact=False), relu=True)
+        return self.last_conv_norm(out, (1, 1), "conv3", "bn3")(y, residual=self.residual(x), relu=True)
 
 
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}

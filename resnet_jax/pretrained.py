@@ -52,7 +52,7 @@ class Weights:
     tag: str
     filename: str  # the name in the cache and on a mirror
     sha256: str  # the full digest, or the 8-digit prefix in the filename where no full one is published
-    acc1: float  # ImageNet-1k top-1 (%) at crop_size, as reported by torchvision or timm
+    acc1: float | None  # ImageNet-1k top-1 (%) at crop_size, as reported by torchvision or timm; None: unpublished
     resize_size: int = 256
     crop_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -102,6 +102,7 @@ def _table() -> dict[str, dict[str, Weights]]:
 
 
 HF_BASE = "https://huggingface.co/timm"
+_HALF = (0.5, 0.5, 0.5)  # timm's ra4 recipe normalises to [-1, 1]
 
 
 def _timm_rows() -> list[Weights]:
@@ -113,7 +114,7 @@ def _timm_rows() -> list[Weights]:
     match the weights' ``test_input_size``/``test_crop_pct`` in timm's pretrained configs. Where the page shows
     the safetensors file's digest it is used, else the pickle's (read by the restricted unpickler).
     """
-    rows = [  # model, tag, file, revision, sha256, top-1, eval size, crop fraction
+    rows = [  # model, tag, file, revision, sha256, top-1, eval size, crop fraction[, mean = std when not ImageNet's]
         ("resnet18", "a1_in1k", "model.safetensors", "ebd61f9c7420e5b5b53262b8ce6bbe311e1e872a",
          "80c49dee3da4822c009c5a7fe591e9223c5a2cfcf95a4067ca4dfb5a7b89c612", 73.158, 288, 1.0),
         ("resnet18d", "ra2_in1k", "model.safetensors", "main",
@@ -132,12 +133,18 @@ def _timm_rows() -> list[Weights]:
          "b952952a7b3e856b16ebf82fb44d2aa8c502e73ec678976c9e3b970fcd530bd5", 82.014, 288, 1.0),
         ("wide_resnet50_2", "racm_in1k", "pytorch_model.bin", "main",
          "ffcad4ccf5c7181ca88301c2377dc6dd0b5ec1f39958d66adab829f218220f31", 82.280, 288, 0.95),
+        # pre-activation (ResNetV2): results-imagenet.csv as read here predates these, so no top-1 is pinned
+        ("resnetv2_18", "ra4_e3600_r224_in1k", "model.safetensors", "02ed8c49a18955e211656f6411af5474f99993b0",
+         "8cbd1843d961f937eed89815af452c0dcc63f0bb5c54b60a4cd8ed5fc66ffb3e", None, 288, 1.0, _HALF),
+        ("resnetv2_34", "ra4_e3600_r224_in1k", "model.safetensors", "0fd7b0a907df18c2347f5622a84dc839153bd156",
+         "248e47c20c4e9b995099b5e39d8fb3396efd01d8b4befa2567eebcfa55ab5601", None, 288, 1.0, _HALF),
     ]
     out = []
-    for model, tag, file, revision, digest, acc1, size, crop in rows:
+    for model, tag, file, revision, digest, acc1, size, crop, *normalisation in rows:
         suffix = ".safetensors" if file.endswith(".safetensors") else ".pth"
+        mean_std = dict(mean=normalisation[0], std=normalisation[0]) if normalisation else {}
         out.append(Weights(model, tag, f"{model}.{tag}{suffix}", digest, acc1, resize_size=math.floor(size / crop),
-                           crop_size=size, interpolation="bicubic", naming="timm",
+                           crop_size=size, interpolation="bicubic", naming="timm", **mean_std,
                            origin=f"{HF_BASE}/{model}.{tag}/resolve/{revision}/{file}"))
     return out
 

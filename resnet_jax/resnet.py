@@ -219,6 +219,9 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "wide_resnet101_2": _imagenet(*_DEPTHS[101], width_per_group=128),
     **{f"resnet{d}d": _imagenet(*_DEPTHS[d], stem="deep", shortcut="avg_pool") for d in _DEPTHS},
     **{f"preact_resnet{d}": _imagenet(*_DEPTHS[d], preact=True) for d in _DEPTHS},
+    # timm's names for the pre-activation family (ResNetV2 with BatchNorm), plain and with ResNet-D's changes
+    **{f"resnetv2_{d}": _imagenet(*_DEPTHS[d], preact=True) for d in _DEPTHS},
+    **{f"resnetv2_{d}d": _imagenet(*_DEPTHS[d], preact=True, stem="deep", shortcut="avg_pool") for d in _DEPTHS},
     **{f"resnet{d}_cifar": _imagenet(*_DEPTHS[d], stem="cifar", num_classes=10) for d in (18, 34, 50)},
     **{f"resnet{d}": _cifar_he(d) for d in (20, 32, 44, 56, 110)},
 }

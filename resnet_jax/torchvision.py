@@ -51,10 +51,31 @@ def _transpose(a: np.ndarray) -> np.ndarray:
     return a.T
 
 
-# Module paths: (namings, torch path, Flax path, model settings the row needs). {i}/{j} are stage and block
-# numbers, {name} one path component. The first row that applies and matches wins, in either direction.
+def _conv1x1_to_dense(a: np.ndarray) -> np.ndarray:
+    return a[:, :, 0, 0].T
+
+
+def _dense_to_conv1x1(a: np.ndarray) -> np.ndarray:
+    return a.T[:, :, None, None]
+
+
+# Module paths: (namings, torch path, Flax path, model settings the row needs[, torch kind]). {i}/{j}/{k} are
+# numbers ({i0} is {i} - 1: timm's ResNetV2 counts stages from 0), {name} one path component. The first row that
+# applies and matches wins, in either direction. The optional last entry is the kind of the torch module when it
+# differs from the Flax module's: timm's ResNetV2 head is a 1x1 convolution where ours is a Dense.
 _DEEP, _AVG = {"stem": "deep"}, {"shortcut": "avg_pool"}
-MODULES: tuple[tuple[tuple[str, ...], str, str, dict[str, Any]], ...] = (
+_V2, _V2_PLAIN, _V2_DEEP = {"preact": True}, {"preact": True, "stem": "imagenet"}, {"preact": True, "stem": "deep"}
+MODULES: tuple[tuple, ...] = (
+    # timm's ResNetV2 (pre-activation): a named-Sequential stem, stages.N.blocks.M, a final norm, a conv head
+    (("timm",), "stem.conv", "conv1", _V2_PLAIN),
+    *((("timm",), f"stem.{t}", f, _V2_DEEP) for t, f in (("conv1", "conv1_0"), ("norm1", "bn1_0"),
+                                                          ("conv2", "conv1_1"), ("norm2", "bn1_1"),
+                                                          ("conv3", "conv1_2"))),
+    (("timm",), "stages.{i0}.blocks.{j}.norm{k}", "layer{i}_{j}/bn{k}", _V2),
+    (("timm",), "stages.{i0}.blocks.{j}.downsample.conv", "layer{i}_{j}/downsample/conv", _V2),
+    (("timm",), "stages.{i0}.blocks.{j}.{name}", "layer{i}_{j}/{name}", _V2),
+    (("timm",), "norm", "bn_final", _V2),
+    (("timm",), "head.fc", "fc", _V2, "conv_head"),
     # timm's deep stem is one Sequential (2 and 5 are its ReLUs), closed by bn1 as the plain stem is
     (("timm",), "conv1.0", "conv1_0", _DEEP),
     (("timm",), "conv1.1", "bn1_0", _DEEP),
@@ -77,6 +98,8 @@ PARAMS: tuple[tuple[str, str, str, str | None, Layout, Layout], ...] = (
     ("conv", "bias", "params", "bias", _same, _same),  # only BatchNorm-folded models have one
     ("fc", "weight", "params", "kernel", _transpose, _transpose),
     ("fc", "bias", "params", "bias", _same, _same),
+    ("conv_head", "weight", "params", "kernel", _conv1x1_to_dense, _dense_to_conv1x1),
+    ("conv_head", "bias", "params", "bias", _same, _same),
     ("bn", "weight", "params", "scale", _same, _same),
     ("bn", "bias", "params", "bias", _same, _same),
     ("bn", "running_mean", "batch_stats", "mean", _same, _same),
@@ -84,11 +107,12 @@ PARAMS: tuple[tuple[str, str, str, str | None, Layout, Layout], ...] = (
     ("bn", "num_batches_tracked", "batch_stats", None, _same, _same),  # a training counter Flax has no use for
 )
 _KINDS = ("conv", "bn", "fc")
-_HEAD = "fc."
+_NUMBERS = ("i", "i0", "j", "k")
 # timm's models of the same name compute exactly what ours do (tests/test_timm.py checks each against timm)
 TIMM_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet18d", "resnet34d", "resnet50d",
                "resnet101d", "resnet152d", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-               "wide_resnet50_2", "wide_resnet101_2")
+               "wide_resnet50_2", "wide_resnet101_2",
+               *(f"resnetv2_{d}{s}" for d in (18, 34, 50, 101, 152) for s in ("", "d")))
 # the settings that decide what a model computes from given weights; the others (num_classes, in_channels,
 # dtype, remat, features_only, conv_impl...) are checked by the shapes or do not change the function
 _ARCHITECTURE = ("stage_sizes", "block", "stage_widths", "stem", "stem_width", "shortcut", "groups",
@@ -97,7 +121,7 @@ _ARCHITECTURE = ("stage_sizes", "block", "stage_widths", "stem", "stem_width", "
 
 def _template_regex(template: str, separator: str) -> re.Pattern:
     parts = re.split(r"(\{\w+\})", template)
-    body = "".join(rf"(?P<{p[1:-1]}>\d+)" if p in ("{i}", "{j}") else rf"(?P<name>[^{re.escape(separator)}]+)"
+    body = "".join(rf"(?P<{p[1:-1]}>\d+)" if p[1:-1] in _NUMBERS else rf"(?P<name>[^{re.escape(separator)}]+)"
                    if p == "{name}" else re.escape(p) for p in parts)
     return re.compile(body)
 
@@ -108,22 +132,28 @@ def _module_rows(naming: str, settings: tuple[tuple[str, Any], ...]):
     if naming not in NAMINGS:
         raise ValueError(f"unknown naming {naming!r}; choose one of {list(NAMINGS)}")
     given = dict(settings)
-    return tuple((_template_regex(torch, "."), torch, _template_regex(flax, "/"), flax)
-                 for namings, torch, flax, needs in MODULES
+    return tuple((_template_regex(torch, "."), torch, _template_regex(flax, "/"), flax, kind[0] if kind else None)
+                 for namings, torch, flax, needs, *kind in MODULES
                  if naming in namings and all(given.get(k) == v for k, v in needs.items()))
 
 
 def _settings(model: ResNet | None) -> tuple[tuple[str, Any], ...]:
     """What the conditional rows look at; without a model, none of them applies."""
-    return () if model is None else (("stem", model.stem), ("shortcut", model.shortcut))
+    return () if model is None else (("stem", model.stem), ("shortcut", model.shortcut), ("preact", model.preact))
 
 
-def _rename(path: str, rows, source: int) -> str | None:
-    """A module path in the other spelling (``source`` 0: torch -> Flax, 2: Flax -> torch); None if no row."""
+def _rename(path: str, rows, source: int) -> tuple[str, str | None] | None:
+    """A module path in the other spelling (``source`` 0: torch -> Flax, 2: Flax -> torch) and the torch
+    module's kind when the row names one; None if no row matches."""
     for row in rows:
         match = row[source].fullmatch(path)
         if match:
-            return row[3 - source].format(**match.groupdict())
+            fields = match.groupdict()
+            if "i" in fields:
+                fields["i0"] = int(fields["i"]) - 1
+            if "i0" in fields:
+                fields["i"] = int(fields["i0"]) + 1
+            return row[3 - source].format(**fields), row[4]
     return None
 
 
@@ -134,8 +164,8 @@ def _kind(flax_module: str) -> str | None:
 
 def _forward(name: str, rows):
     module, _, param = name.rpartition(".")
-    flax_module = _rename(module, rows, 0) if module else None
-    kind = flax_module and _kind(flax_module)
+    flax_module, torch_kind = (_rename(module, rows, 0) if module else None) or (None, None)
+    kind = torch_kind or (flax_module and _kind(flax_module))
     for rule in PARAMS:
         if rule[0] == kind and rule[1] == param:
             path = None if rule[3] is None else (rule[2], *flax_module.split("/"), rule[3])
@@ -145,8 +175,8 @@ def _forward(name: str, rows):
 
 def _backward(path: tuple[str, ...], rows):
     collection, flax_module, variable = path[0], "/".join(path[1:-1]), path[-1]
-    kind = _kind(flax_module)
-    module = _rename(flax_module, rows, 2)
+    module, torch_kind = _rename(flax_module, rows, 2) or (None, None)
+    kind = torch_kind or _kind(flax_module)
     for rule in PARAMS:
         if module is not None and rule[0] == kind and rule[2:4] == (collection, variable):
             return f"{module}.{rule[1]}", rule
@@ -201,20 +231,18 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
 
     Returns the (nested) variables and the Flax paths left unfilled because ``skip_head`` dropped the head.
     Every missing, unexpected, mis-shaped or unnamed entry is collected and raised as one ``ValueError``.
-    A model without a head (``features_only`` or ``num_classes=0``) ignores the file's ``fc.*`` entries.
+    A model without a head (``features_only`` or ``num_classes=0``) ignores the file's head entries.
     """
     expected = _expected_shapes(model)
     has_head = any(k[1] == "fc" for k in expected)
-    flat, problems, unexpected, misshaped, seen = {}, [], [], [], set()
+    flat, problems, unexpected, misshaped, seen, head_misshaped = {}, [], [], [], set(), False
     for name, value in state_dict.items():
-        if name.startswith(_HEAD) and (skip_head or not has_head):
-            continue
         try:
             path, layout = torch_to_flax_name(name, naming, model)
         except ValueError:
             unexpected.append(name)
             continue
-        if path is None:
+        if path is None or (path[1] == "fc" and (skip_head or not has_head)):
             continue
         if path not in expected:
             unexpected.append(name)
@@ -224,6 +252,7 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         needed = _torch_shape(path, shape, naming, model)  # compared before the layout change, which may not apply
         if tuple(np.shape(value)) != needed:
             misshaped.append(f"{name}: file has {tuple(np.shape(value))}, model needs {needed}")
+            head_misshaped |= path[1] == "fc"
             continue
         flat[path] = jnp.asarray(layout(to_numpy(value)), dtype)
     head = [p for p in expected if p[1] == "fc"] if skip_head else []
@@ -236,7 +265,7 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         problems.append(f"{len(misshaped)} mis-shaped:\n    " + "\n    ".join(misshaped))
     if problems:
         hint = ""
-        if any(m.startswith(_HEAD) for m in misshaped):
+        if head_misshaped:
             hint = ("\nThe classifier head differs: to fine-tune with another number of classes pass "
                     "num_classes=N and new_head=True (a fresh head is initialised from rng).")
         other = {"torchvision": "timm", "timm": "torchvision"}[naming]

@@ -367,3 +367,24 @@ def test_one_stablehlo_file_can_serve_several_platforms(tmp_path):
     assert exported.manifest["platforms"] == ["cpu", "cuda"]
     want = model.apply(variables, (np.ones((2, 8, 8, 1), np.float32) / 255 - 0.5) / 0.25)
     np.testing.assert_allclose(exported.run(np.ones((2, 8, 8, 1), np.uint8)), want, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", ["resnetv2_18d", "resnetv2_50"])
+def test_onnx_of_a_pre_activation_model_equals_timm(name, tmp_path):
+    """timm's ResNetV2 (random weights, random BatchNorm statistics) loaded with load_timm and exported: the
+    ONNX artifact in onnxruntime gives timm's logits, so the exporter computes what timm does, not only what
+    this project's model does."""
+    torch = pytest.importorskip("torch")
+    from test_timm import timm_model
+
+    from resnet_jax import load_timm
+
+    tm = timm_model(name)
+    model, variables = load_timm(name, tm.state_dict())
+    prep = Preprocessing(48, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    exported = load_exported(export_model(model, variables, tmp_path / "m.onnx", preprocessing=prep))
+    assert exported.manifest["format"] == "onnx"
+    batch = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+    with torch.no_grad():
+        want = tm(torch.from_numpy(data.normalize(batch, *prep.per_channel(3)).transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(exported.run(batch), want, atol=1e-4 * np.abs(want).max(), rtol=0)

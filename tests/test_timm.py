@@ -1,5 +1,6 @@
 """timm <-> Flax weights: output parity with real timm, strict round trips, refusals of other architectures."""
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,8 @@ from resnet_jax import create_model, list_models
 from resnet_jax.torchvision import (TIMM_MODELS, flax_to_torch_name, load_timm, load_torchvision, save_timm,
                                     to_timm, to_torchvision, torch_to_flax_name)
 
-PARITY = ["resnet18", "resnet50", "resnet50d", "resnext50_32x4d"]
+PARITY = ["resnet18", "resnet50", "resnet50d", "resnext50_32x4d",
+          "resnetv2_18", "resnetv2_18d", "resnetv2_34", "resnetv2_34d", "resnetv2_50", "resnetv2_50d"]
 PARITY_LARGE = ["resnet101d", "wide_resnet50_2"]
 # 72x104: non-square, and odd feature maps (9x13 into stage 3) exercise the ceil-mode average-pool shortcut
 IMAGE = (1, 3, 72, 104)
@@ -53,9 +55,29 @@ def assert_same_state_dict(ours, ref):
         np.testing.assert_array_equal(ours[k], v, err_msg=k)
 
 
+def check_input_gradient(name, tm, x):
+    """The gradient of weighted logits with respect to the image equals timm's, both in float64.
+
+    Why float64: the max-pool routes each window's gradient to its largest input, and float32 rounding (ours
+    or torch's, whose float32 and float64 kernels differ) flips near-ties, which moves whole gradient entries:
+    torch float32 against torch float64 differed by 1e-2 of the scale on resnet50d. In float64 no tie flips, so
+    what is compared is the architecture and the weight mapping alone."""
+    x64 = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    probe = np.random.default_rng(1).standard_normal((x.shape[0], 1000))  # a cotangent that weighs every logit
+    tm64 = copy.deepcopy(tm).double()
+    (tm64(x64) * torch.from_numpy(probe)).sum().backward()
+    with jax.enable_x64(True):
+        model, variables = load_timm(name, tm64.state_dict(), dtype=jnp.float64, param_dtype=jnp.float64,
+                                     conv_impl="xla")
+        grad = jax.grad(lambda image: jnp.sum(model.apply(variables, image) * probe))(
+            jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float64))
+        assert grad.dtype == jnp.float64
+        assert_close(np.asarray(grad), x64.grad.numpy().transpose(0, 2, 3, 1), f"{name} input gradient")
+
+
 def check_parity_and_round_trip(name, tmp_path):
-    """Logits and the four stage outputs match timm's on a non-square image; save_timm writes back the same
-    state_dict, which timm loads strictly."""
+    """Logits, the input gradient and the four stage outputs match timm's on a non-square image; save_timm
+    writes back the same state_dict, which timm loads strictly."""
     tm = timm_model(name)
     state = tm.state_dict()
     x = torch.from_numpy(np.random.default_rng(0).standard_normal(IMAGE, dtype=np.float32))
@@ -66,6 +88,7 @@ def check_parity_and_round_trip(name, tmp_path):
     model, variables = load_timm(name, state)
     x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
     assert_close(model.apply(variables, x_nhwc), ref_logits, f"{name} logits")
+    check_input_gradient(name, tm, x.numpy())
     features = create_model(name, features_only=True).apply(variables, x_nhwc)
     for i, (ours, ref) in enumerate(zip(features, ref_features, strict=True)):
         assert_close(np.asarray(ours).transpose(0, 3, 1, 2), ref.numpy(), f"{name} layer{i + 1}")
@@ -156,7 +179,7 @@ def test_architecture_overrides_are_refused(resnet18d):
 
 
 def test_to_timm_refuses_architectures_timm_lacks():
-    for model in (create_model("preact_resnet18"), create_model("resnet50", stem="deep")):
+    for model in (create_model("preact_resnet18", stem="cifar"), create_model("resnet50", stem="deep")):
         shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
         variables = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
         with pytest.raises(ValueError, match="timm has no model with this architecture"):
@@ -182,9 +205,10 @@ def test_naming_mismatch_is_named_in_the_error(resnet18d):
         load_timm("resnet18d", to_torchvision(variables))
 
 
-def test_loading_needs_no_torch(tmp_path, resnet18d):
+@pytest.mark.parametrize("name", ["resnet18d", "resnetv2_18d"])
+def test_loading_needs_no_torch(tmp_path, name):
     """With torch blocked from importing: timm .pth and .safetensors files load (linen and NNX), and save."""
-    _, state = resnet18d
+    state = timm_model(name).state_dict()
     torch.save(state, tmp_path / "r18d.pth")
     safetensors.torch.save_file(state, tmp_path / "r18d.safetensors")
     script = textwrap.dedent(f"""
@@ -200,10 +224,10 @@ def test_loading_needs_no_torch(tmp_path, resnet18d):
         x = np.ones((1, 32, 32, 3), np.float32)
         outs = []
         for suffix in ("pth", "safetensors"):
-            model, variables = load_timm("resnet18d", {str(tmp_path)!r} + "/r18d." + suffix)
+            model, variables = load_timm({name!r}, {str(tmp_path)!r} + "/r18d." + suffix)
             outs.append(np.asarray(model.apply(variables, x)))
             save_timm(model, variables, {str(tmp_path)!r} + "/out." + suffix)
-        nnx_model = nnx.load_timm("resnet18d", {str(tmp_path)!r} + "/r18d.safetensors")
+        nnx_model = nnx.load_timm({name!r}, {str(tmp_path)!r} + "/r18d.safetensors")
         nnx_model.eval()
         outs.append(np.asarray(nnx_model(x)))
         assert all(np.array_equal(o, outs[0]) for o in outs), "the files gave different models"
@@ -216,6 +240,6 @@ def test_loading_needs_no_torch(tmp_path, resnet18d):
     for suffix in ("pth", "safetensors"):
         written = (torch.load(tmp_path / f"out.{suffix}", weights_only=True) if suffix == "pth"
                    else safetensors.torch.load_file(tmp_path / f"out.{suffix}"))
-        timm.create_model("resnet18d").load_state_dict(written, strict=True)
+        timm.create_model(name).load_state_dict(written, strict=True)
         for k, v in state.items():
             assert torch.equal(written[k], v), k

@@ -77,7 +77,7 @@ def _extension_limits(float32_only: bool):
     def limits(g: Geometry) -> str | None:
         from resnet_jax.ops import onednn
 
-        allowed = ("float32",) if float32_only else ("float32", "bfloat16")
+        allowed = ("float32",) if float32_only or not onednn.native_bfloat16() else ("float32", "bfloat16")
         if g.dtype not in allowed:
             return f"computes {' and '.join(allowed)} only, not {g.dtype}"
         reason = onednn.unavailable_reason()

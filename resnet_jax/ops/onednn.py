@@ -85,6 +85,14 @@ def _cpu_flags() -> str:
         return ""
 
 
+def native_bfloat16() -> bool:
+    """Whether the CPU has bfloat16 instructions (AVX-512 BF16 or AMX). oneDNN 3.2 refuses to create bfloat16
+    convolutions on an AVX2-only CPU ("could not create a primitive descriptor"), so elsewhere bfloat16 layers
+    stay with XLA."""
+    flags = _cpu_flags().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _build(tools: dict[str, str]) -> Path:
     """Compile the extension into the cache (once per source/toolchain/jaxlib/oneDNN/CPU); returns the .so path."""
     import jaxlib
