@@ -314,8 +314,10 @@ def load_timm(name: str, source: str | os.PathLike | Mapping[str, Any], *, new_h
     """
     arch = name.split(".", 1)[0]  # timm's "architecture.tag" names one file of one architecture
     if arch not in TIMM_MODELS:
-        raise ValueError(f"{arch!r} is not one of the timm models whose architecture resnet_jax builds exactly; "
-                         f"choose one of {list(TIMM_MODELS)} (other timm ResNets, e.g. resnet26d or "
+        missing = ("; its normalisation (GroupNorm, EvoNorm, or BiT's weight-standardised convolutions) has no "
+                   "equal here, where ResNetV2 uses BatchNorm" if arch.startswith("resnetv2_") else "")
+        raise ValueError(f"{arch!r} is not one of the timm models whose architecture resnet_jax builds exactly"
+                         f"{missing}; choose one of {list(TIMM_MODELS)} (other timm ResNets, e.g. resnet26d or "
                          f"seresnet50, have no equal here)")
     config = model_config(arch)
     changed = sorted(k for k in _ARCHITECTURE if k in overrides and overrides[k] != config.get(k, _default(k)))

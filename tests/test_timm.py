@@ -172,6 +172,14 @@ def test_names_timm_does_not_share_are_refused(name, resnet18d):
         load_timm(name, resnet18d[1])
 
 
+@pytest.mark.parametrize("name", ["resnetv2_50x1_bit", "resnetv2_50d_gn", "resnetv2_50d_evos"])
+def test_resnetv2_without_batchnorm_is_refused_naming_the_normalisation(name):
+    assert name in timm.list_models()
+    state = {k: np.zeros(s, np.float32) for k, s in meta_state_dict(name).items()}
+    with pytest.raises(ValueError, match=rf"'{name}' is not one of .*GroupNorm, EvoNorm.*uses BatchNorm"):
+        load_timm(name, state)
+
+
 def test_architecture_overrides_are_refused(resnet18d):
     with pytest.raises(ValueError, match=r"\['bn_epsilon', 'shortcut'\] would change what the weights compute"):
         load_timm("resnet18d", resnet18d[1], shortcut="projection", bn_epsilon=1e-3)

@@ -1,48 +1,57 @@
 """The project's training step (``make_train_step`` with ``make_optimizer``) against PyTorch as an outside reference.
 
-One ResNet-18 (batch 8, 64x64, 10 classes) starts from the same weights on both sides (exported with
+ResNet-18 (batch 8, 64x64, 10 classes) starts from the same weights on both sides (exported with
 ``to_torchvision``, loaded strictly into torchvision's ``resnet18``) and takes two steps: the project's jitted
-step built from a config, and torchvision's model trained by ``torch.optim.SGD`` / ``torch.optim.AdamW``.
+step built from a config, and torchvision's model in train mode with ``torch.optim.SGD`` / ``torch.optim.AdamW``.
+Each step is compared in its three parts:
+
+* the forward pass: the loss the step reports (steps 1 and 2) and every BatchNorm running mean and variance
+  after step 1;
+* the optimizer: torch's optimizer is handed the *project's* gradient (as ``p.grad``) and must reproduce the
+  project's parameters after each step, every element. The project's optimizer is ``make_optimizer(config)``
+  unchanged, chained behind a pass-through transformation that keeps the gradient it receives in the optimizer
+  state, where the test reads it after the step;
+* the gradient (its own test): the project's (jax.grad through its own BatchNorm and convolution backward
+  passes) against torch autograd's, at the same parameters and batch.
+
+Why the optimizer gets the project's gradient rather than torch's own: two float32 gradients of ResNet-18
+disagree far beyond rounding now and then. The gradient is discontinuous at every ReLU and max-pool tie, a batch
+of 8 at 64x64 has some ten activations within 1e-5 (of their layer's spread) of such a kink, and rounding, which
+differs between the two sides, can put one on the other side: that changes one channel's gradient by ~10% and
+every layer before it by ~1% (torch float32 against torch float64 does the same). And AdamW's first step
+``g / (|g| + 1e-8)`` turns the float32 noise of a near-zero gradient into an arbitrary step of up to ``lr``, after
+which the two trajectories differ by ~1e-4. Given the same gradient, both optimizers are plain arithmetic and
+agree to rounding on every element, whatever the data, so the optimizer conventions are tested strictly and the
+gradient test is the only one a kink flip can fail (see ``DATA_SEED``).
 
 Conventions mirrored on the torch side, as the project defines them (``training/optim.py``, ``ops/batchnorm.py``):
 
 * the learning rate is ``config.learning_rate`` as given (``lr_scaling="none"``, constant schedule, no warm-up);
-* weight decay skips every 1-D parameter (``decay_mask``: BatchNorm scale/bias, the head's bias), so torch gets
-  two parameter groups, the 1-D tensors with ``weight_decay=0``;
+* weight decay skips every 1-D parameter (``decay_mask``: BatchNorm scale/bias, the head's bias): torch gets two
+  parameter groups, the 1-D tensors with ``weight_decay=0``;
 * SGD adds ``wd * w`` to the gradient before momentum, as torch's SGD does; AdamW decays by value
-  (``w -= lr * wd * w``, torch's decoupled AdamW) with optax's betas and eps, which torch is given explicitly;
+  (``w -= lr * wd * w``, torch's decoupled AdamW) with optax.adamw's defaults for betas and eps (read from its
+  signature, since ``make_optimizer`` passes none), which torch is given explicitly;
 * the reported loss is the mean cross-entropy, without a weight-decay term;
 * BatchNorm: momentum 0.9 (torch's 0.1) and epsilon 1e-5 on both sides, but the running variance averages in
   the *biased* batch variance here (as flax does) and the *unbiased* one in torch (times n / (n - 1), n =
-  batch * height * width at that layer: 32 / 31 in layer4). That is a convention, not a bug, so torch's
+  batch * height * width at that layer: 32 / 31 in layer4). That is a convention, not a bug: torch's
   running_var is converted back before comparing, with n recorded per layer by a forward hook.
 
-Choices that keep a float32 comparison at 1e-5 meaningful (measured, see the report in the test output):
-
-* weight decay 0.05: with lr 0.002 it moves a weight by 1e-4 of itself per step, so a wrong decay mask or
-  convention shows ten times above the tolerance (1e-4 would move it by 2e-7, invisible);
-* non-zero BatchNorm scale/bias/statistics (``trained_like``): zero-initialised biases would make "relative to
-  the tensor's largest value" a comparison of raw gradients, and decaying them would change nothing;
-* the data seed: ResNet-18's gradient is discontinuous at every ReLU and max-pool tie, and a batch of 8 at 64x64
-  has some ten activations within 1e-5 of such a kink. Float32 rounding (~1e-6 of an activation on either side)
-  can put one of them on the other side, which changes one channel's gradient by ~10% and every layer below by
-  ~1%, on torch against itself in float64 as much as here. The seed below has no such flip on either step
-  (half the seeds tried do). A failure confined to one channel of one layer and the layers before it, on a new
-  machine, is such a flip, not an optimizer bug: try another seed before looking further;
-* AdamW's first steps divide each gradient by its own magnitude (``g / (|g| + 1e-8)``), so an element whose
-  gradient is below float32 noise gets an arbitrary step of up to ``lr`` on either side. Parameters are compared
-  at 1e-5 only where Adam's denominator is at least ``ADAM_WELL_CONDITIONED`` of the tensor's largest (~94% of
-  the elements), and the rest only to within a few steps. Those few arbitrary steps then make the two
-  trajectories differ by ~1e-4, so AdamW's second step starts torch from the project's parameters after step 1
-  (each side keeps its own optimizer state, which depends smoothly on the gradients and agrees).
-
-Step 2 is what tests momentum, Adam's betas and bias correction: on step 1 SGD's momentum buffer is the gradient
-whatever the momentum, and Adam's bias-corrected moments are ``g`` and ``g**2`` whatever the betas. So parameters
-are compared after both steps. Later steps are not compared: they drift apart by chaos.
+Other choices: weight decay 0.05, so that with lr 0.002 it moves a weight by 1e-4 of itself per step and a wrong
+mask or convention shows ten times above the tolerance (1e-4 would move it by 2e-7, invisibly); non-zero
+BatchNorm scale/bias/statistics (``trained_like``), so that decaying BatchNorm parameters by mistake changes them.
+Step 2 is what tests momentum, Adam's betas and bias correction: after one step SGD's momentum buffer is the
+gradient whatever the momentum, and Adam's bias-corrected moments are ``g`` and ``g**2`` whatever the betas.
+Later steps are not compared: they drift apart by chaos.
 """
 
+import inspect
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,11 +64,23 @@ from resnet_jax.training import base_config, create_train_state, make_optimizer,
 from resnet_jax.training.config import validate
 
 NUM_CLASSES, BATCH, SIZE, LR, WEIGHT_DECAY = 10, 8, 64, 0.002, 0.05
-DATA_SEED = 1  # see the module docstring: a batch pair with no activation flipped across a kink by rounding
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # optax.adamw's defaults (make_optimizer passes none of them)
-ADAM_WELL_CONDITIONED = (1e-3, 0.1)  # step 1, step 2: see adam_well_conditioned
+# Batches where rounding flips no activation across a ReLU/max-pool kink in any of the four gradients compared
+# (steps 1 and 2 after SGD and after AdamW), on the machine this was written on: 4 and 11 of the 16 seeds tried.
+# On the others the gradients still agree to ~2e-5 of each tensor's largest except from one layer down, by 1e-3 to
+# 2e-1; losses, statistics and optimizers agree on all of them. So a gradient mismatch that starts in one layer and
+# covers the ones before it, with the other tests passing, is such a flip (another CPU, library version or
+# convolution algorithm from ops.tuning rounds differently), not a bug: try another seed before looking further.
+DATA_SEED = 4
 LOSS_RTOL = (1e-6, 1e-5)  # step 1, step 2
-STATE_RTOL = 1e-5  # max |project - torch| per tensor, relative to the tensor's largest |value|
+STATE_RTOL = 1e-5  # parameters, BatchNorm statistics: max |project - torch| / max |torch| per tensor
+GRAD_RTOL = 1e-4  # gradients, the same way: float32 noise through 20 layers reaches ~2e-5 of a tensor's largest
+
+
+def adamw_defaults():
+    """optax.adamw's betas and eps, which make_optimizer leaves at their defaults."""
+    defaults = {k: v.default for k, v in inspect.signature(optax.adamw).parameters.items()}
+    assert defaults["eps_root"] == 0.0 and defaults["nesterov"] is False  # torch.optim.AdamW has neither
+    return (defaults["b1"], defaults["b2"]), defaults["eps"]
 
 
 def config(optimizer):
@@ -84,29 +105,45 @@ def torch_optimizer(name, model, c):
               {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=c.learning_rate, momentum=c.momentum, dampening=0.0, nesterov=c.nesterov)
-    return torch.optim.AdamW(groups, lr=c.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS, amsgrad=False)
+    betas, eps = adamw_defaults()
+    return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(0.9, 0.99), eps=eps, amsgrad=False)
+
+
+def keeping_gradients(tx):
+    """``tx`` unchanged, with the gradient it was given kept in its state (the project's step returns only the
+    new state and the metric sums)."""
+
+    def init(params):
+        return jax.tree.map(jnp.zeros_like, params), tx.init(params)
+
+    def update(grads, state, params=None):
+        updates, inner = tx.update(grads, state[1], params)
+        return updates, (grads, inner)
+
+    return optax.GradientTransformation(init, update)
 
 
 def run_project(c, variables, data):
-    """Two steps of the project's own jitted step; losses, and the variables (torch names) after each step."""
+    """Two steps of the project's jitted step. Per step: the loss, the variables after it and the gradient it
+    used (torch names and layouts)."""
     model = model_from_config(c, NUM_CLASSES)
-    state = create_train_state(model, make_optimizer(c, steps_per_epoch=1), c.seed, (1, SIZE, SIZE, 3), variables)
+    tx = keeping_gradients(make_optimizer(c, steps_per_epoch=1))
+    state = create_train_state(model, tx, c.seed, (1, SIZE, SIZE, 3), variables)
     step = make_train_step(c, NUM_CLASSES, make_mesh(jax.devices()[:1]))
-    losses, after = [], []
+    losses, after, grads = [], [], []
     for batch in data:
         state, sums = step(state, batch)
         sums = jax.device_get(sums)
         assert float(sums["count"]) == BATCH
         losses.append(float(sums["loss"]) / float(sums["count"]))
         after.append(to_torchvision(state.variables))  # numpy copies: the next step donates the state
-    return losses, after
+        grads.append(to_torchvision({"params": state.opt_state[0], "batch_stats": state.batch_stats}))
+    return losses, after, grads
 
 
-def run_torch(name, c, initial, data, restart_from=None):
-    """Two torch steps. ``restart_from``: parameters to continue from after step 1 (the optimizer keeps its own
-    state). Returns the losses, state_dicts after each step, each BatchNorm's n, and per step the elements whose
-    update is well conditioned (None: all of them)."""
-    torch.manual_seed(0)
+def run_torch(name, c, initial, data, project_grads):
+    """Two steps in torch: forward and backward by torch, the update by torch's optimizer from the project's
+    gradient. Per step: the loss, the state_dict after the step and torch's own gradient; and each BatchNorm's n."""
     model = torchvision.models.resnet18(num_classes=NUM_CLASSES)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in initial.items()}, strict=True)
     model.train()
@@ -115,40 +152,23 @@ def run_torch(name, c, initial, data, restart_from=None):
     hooks = [m.register_forward_pre_hook(lambda m, args, n=n: elements.__setitem__(n, args[0].numel()
                                                                                    // args[0].shape[1]))
              for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    losses, after, well_conditioned = [], [], []
-    for i, batch in enumerate(data):
-        if i == 1 and restart_from is not None:
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.copy_(torch.from_numpy(np.array(restart_from[n])))
+    losses, after, grads = [], [], []
+    for batch, project_grad in zip(data, project_grads):
         images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
         labels = torch.from_numpy(batch["label"].astype(np.int64))
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(images), labels)
         loss.backward()
-        opt.step()
         losses.append(loss.item())
+        grads.append({n: p.grad.numpy().copy() for n, p in model.named_parameters()})
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.grad.copy_(torch.from_numpy(np.array(project_grad[n])))
+        opt.step()
         after.append({k: v.detach().numpy().copy() for k, v in model.state_dict().items()})
-        well_conditioned.append(None if name == "sgd" else adam_well_conditioned(model, opt, ADAM_WELL_CONDITIONED[i]))
-        for h in hooks:
-            h.remove()
-        hooks = []
-    return losses, after, elements, well_conditioned
-
-
-def adam_well_conditioned(model, opt, fraction):
-    """Per parameter, where Adam's denominator sqrt(v_hat) is at least ``fraction`` of the tensor's largest.
-
-    Step 1's update g / (|g| + eps) is +-1 wherever |g| is well above eps and float32 noise, so 1e-3 suffices.
-    Step 2's m_hat / sqrt(v_hat) is a ratio of two gradients: float32 noise in the gradients (~3e-5 of the
-    tensor's largest) changes it by noise / sqrt(v_hat), within 1e-5 of a weight only where sqrt(v_hat) is
-    within ~10x of the largest."""
-    out = {}
-    for n, p in model.named_parameters():
-        state = opt.state[p]
-        denom = np.sqrt(state["exp_avg_sq"].numpy() / (1 - ADAM_BETAS[1] ** float(state["step"])))
-        out[n] = denom >= fraction * denom.max()
-    return out
+    for h in hooks:
+        h.remove()
+    return losses, after, grads, elements
 
 
 def biased_running_var(torch_var, initial_var, n, momentum=0.1):
@@ -157,12 +177,19 @@ def biased_running_var(torch_var, initial_var, n, momentum=0.1):
     return decayed + (torch_var - decayed) * (n - 1) / n
 
 
-def relative_difference(a, b, keep=None):
-    """max |a - b| over the kept elements, relative to the largest |b| of the whole tensor."""
+def relative_difference(a, b):
+    """max |a - b| relative to the largest |b| of the tensor."""
     diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-    if keep is not None:
-        diff = diff[keep]
-    return float(diff.max(initial=0.0)) / max(float(np.abs(b).max()), 1e-30)
+    return float(diff.max()) / max(float(np.abs(b).max()), 1e-30)
+
+
+def over(diffs, tolerance):
+    return {n: f"{v:.1e}" for n, v in diffs.items() if v > tolerance}
+
+
+def worst(diffs):
+    name = max(diffs, key=diffs.get)
+    return f"{name} {diffs[name]:.1e}"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -173,63 +200,87 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
-def compare(name):
-    c = config(name)
-    model = model_from_config(c, NUM_CLASSES)
+@pytest.fixture(scope="module")
+def start():
+    """The shared starting point, as host numpy arrays (the step donates its state) and in torch names."""
+    model = model_from_config(config("sgd"), NUM_CLASSES)
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
-    variables = jax.tree.map(np.asarray, trained_like(variables))  # host copies: the step donates its state
-    initial = to_torchvision(variables)
+    variables = jax.tree.map(np.asarray, trained_like(variables))
+    return variables, to_torchvision(variables)
+
+
+@pytest.fixture(scope="module")
+def runs(start):
+    """``runs(name)``: both sides' two steps with that optimizer and their differences, computed once."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            done[name] = compare(name, *start)
+        return done[name]
+
+    return get
+
+
+def compare(name, variables, initial):
+    c = config(name)
     data = batches()
+    project_losses, project_after, project_grads = run_project(c, variables, data)
+    torch_losses, torch_after, torch_grads, elements = run_torch(name, c, initial, data, project_grads)
 
-    project_losses, project_after = run_project(c, variables, data)
-    torch_losses, torch_after, elements, well_conditioned = run_torch(
-        name, c, initial, data, restart_from=project_after[0] if name == "adamw" else None)
-
-    params = [n for n in torch_after[0] if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    params = list(torch_grads[0])
     stats = [n for n in torch_after[0] if n.endswith(("running_mean", "running_var"))]
     assert len(params) == 62 and len(stats) == 40 and set(project_after[0]) == set(torch_after[0])
-
-    loss_rel = [abs(p - t) / abs(t) for p, t in zip(project_losses, torch_losses)]
-    param_rel, loose = [], []
-    for step in (0, 1):
-        keep = well_conditioned[step]
-        param_rel.append({n: relative_difference(project_after[step][n], torch_after[step][n],
-                                                 None if keep is None else keep[n]) for n in params})
-        if keep is not None:  # the rest: arbitrary Adam steps of at most ~lr each, on either side
-            loose.append(max(float(np.abs(project_after[step][n] - torch_after[step][n])[~keep[n]].max(initial=0))
-                             for n in params))
-            compared = sum(int(keep[n].sum()) for n in params) / sum(keep[n].size for n in params)
-            assert compared > 0.1, f"only {compared:.1%} of the elements are well-conditioned enough to compare"
     stat_rel = {}
     for n in stats:
         reference = torch_after[0][n].astype(np.float64)
         if n.endswith("running_var"):
-            reference = biased_running_var(reference, initial[n].astype(np.float64), elements[n[: -len(".running_var")]])
+            reference = biased_running_var(reference, initial[n].astype(np.float64),
+                                           elements[n[: -len(".running_var")]])
         stat_rel[n] = relative_difference(project_after[0][n], reference)
-
-    worst = [max(r, key=r.get) for r in param_rel]
-    worst_stat = max(stat_rel, key=stat_rel.get)
-    report = (f"{name}: loss step 1 {project_losses[0]:.7f} vs torch {torch_losses[0]:.7f} (rel {loss_rel[0]:.1e}), "
-              f"step 2 rel {loss_rel[1]:.1e}; worst parameter after step 1 {worst[0]} {param_rel[0][worst[0]]:.1e}, "
-              f"after step 2 {worst[1]} {param_rel[1][worst[1]]:.1e}; worst BatchNorm statistic {worst_stat} "
-              f"{stat_rel[worst_stat]:.1e}" + (f"; ill-conditioned Adam elements differ by at most "
-                                               f"{max(loose) / LR:.2f} lr" if loose else ""))
-    print(report)
-    assert loss_rel[0] <= LOSS_RTOL[0], report
-    for step in (0, 1):
-        bad = {n: f"{v:.1e}" for n, v in param_rel[step].items() if v > STATE_RTOL}
-        assert not bad, f"{report}\nafter step {step + 1}, {len(bad)} parameters differ: {bad}"
-    bad = {n: f"{v:.1e}" for n, v in stat_rel.items() if v > STATE_RTOL}
-    assert not bad, f"{report}\n{len(bad)} BatchNorm statistics differ: {bad}"
-    assert loss_rel[1] <= LOSS_RTOL[1], report
-    assert all(d <= 3 * LR for d in loose), report
+    result = {
+        "loss": [abs(p - t) / abs(t) for p, t in zip(project_losses, torch_losses)],
+        "params": [{n: relative_difference(project_after[s][n], torch_after[s][n]) for n in params} for s in (0, 1)],
+        "grads": [{n: relative_difference(project_grads[s][n], torch_grads[s][n]) for n in params} for s in (0, 1)],
+        "stats": stat_rel,
+    }
+    result["report"] = (
+        f"{name}: loss {project_losses[0]:.7f} vs torch {torch_losses[0]:.7f} (rel {result['loss'][0]:.1e}), step 2 "
+        f"rel {result['loss'][1]:.1e}; worst parameter after step 1: {worst(result['params'][0])}, after step 2: "
+        f"{worst(result['params'][1])}; worst BatchNorm statistic: {worst(stat_rel)}; worst gradient step 1: "
+        f"{worst(result['grads'][0])}, step 2: {worst(result['grads'][1])}")
+    print(result["report"])
+    return result
 
 
-def test_sgd_momentum_steps_match_torch_sgd():
+def check_step(result):
+    report = result["report"]
+    assert result["loss"][0] <= LOSS_RTOL[0], report
+    bad = over(result["stats"], STATE_RTOL)
+    assert not bad, f"{report}\nBatchNorm statistics after step 1 differ: {bad}"
+    for s in (0, 1):
+        bad = over(result["params"][s], STATE_RTOL)
+        assert not bad, f"{report}\nthe same gradient, different parameters after step {s + 1}: {bad}"
+    assert result["loss"][1] <= LOSS_RTOL[1], report
+
+
+def test_sgd_momentum_steps_match_torch_sgd(runs):
     """SGD, momentum 0.9, weight decay 0.05 added to the gradient of kernels only, constant lr 0.002."""
-    compare("sgd")
+    check_step(runs("sgd"))
 
 
-def test_adamw_steps_match_torch_adamw():
-    """AdamW (optax's betas 0.9/0.999, eps 1e-8), decoupled weight decay 0.05 on kernels only, lr 0.002."""
-    compare("adamw")
+def test_adamw_steps_match_torch_adamw(runs):
+    """AdamW (optax's betas and eps), decoupled weight decay 0.05 on kernels only, constant lr 0.002."""
+    check_step(runs("adamw"))
+
+
+def test_gradients_match_torch_autograd(runs):
+    """The gradient of the project's step (through its own BatchNorm and convolution backward passes) against
+    torch autograd's, at the same parameters and batch: step 1, and step 2 after either optimizer. The one check
+    a ReLU/max-pool kink flip can fail (module docstring, ``DATA_SEED``)."""
+    for name in ("sgd", "adamw"):
+        result = runs(name)
+        for s in (0, 1):
+            bad = over(result["grads"][s], GRAD_RTOL)
+            assert not bad, (f"{result['report']}\ngradients of step {s + 1} differ (a kink flip if this starts in "
+                             f"one layer and covers the ones before it; see DATA_SEED): {bad}")
