@@ -74,6 +74,7 @@ DATA_SEED = 4
 LOSS_RTOL = (1e-6, 1e-5)  # step 1, step 2
 STATE_RTOL = 1e-5  # parameters, BatchNorm statistics: max |project - torch| / max |torch| per tensor
 GRAD_RTOL = 1e-4  # gradients, the same way: float32 noise through 20 layers reaches ~2e-5 of a tensor's largest
+CPU = jax.devices("cpu")[0]  # where the project's own kernels run; a GPU's TF32 convolutions would not be float32
 
 
 def adamw_defaults():
@@ -106,7 +107,7 @@ def torch_optimizer(name, model, c):
     if name == "sgd":
         return torch.optim.SGD(groups, lr=c.learning_rate, momentum=c.momentum, dampening=0.0, nesterov=c.nesterov)
     betas, eps = adamw_defaults()
-    return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(0.9, 0.99), eps=eps, amsgrad=False)
+    return torch.optim.AdamW(groups, lr=c.learning_rate, betas=betas, eps=eps, amsgrad=False)
 
 
 def keeping_gradients(tx):
@@ -128,8 +129,9 @@ def run_project(c, variables, data):
     used (torch names and layouts)."""
     model = model_from_config(c, NUM_CLASSES)
     tx = keeping_gradients(make_optimizer(c, steps_per_epoch=1))
-    state = create_train_state(model, tx, c.seed, (1, SIZE, SIZE, 3), variables)
-    step = make_train_step(c, NUM_CLASSES, make_mesh(jax.devices()[:1]))
+    with jax.default_device(CPU):
+        state = create_train_state(model, tx, c.seed, (1, SIZE, SIZE, 3), variables)
+    step = make_train_step(c, NUM_CLASSES, make_mesh([CPU]))
     losses, after, grads = [], [], []
     for batch in data:
         state, sums = step(state, batch)
@@ -204,8 +206,9 @@ def torch_threads():
 def start():
     """The shared starting point, as host numpy arrays (the step donates its state) and in torch names."""
     model = model_from_config(config("sgd"), NUM_CLASSES)
-    variables = model.init(jax.random.PRNGKey(0), np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
-    variables = jax.tree.map(np.asarray, trained_like(variables))
+    with jax.default_device(CPU):
+        variables = model.init(jax.random.PRNGKey(0), np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
+        variables = jax.tree.map(np.asarray, trained_like(variables))
     return variables, to_torchvision(variables)
 
 
