@@ -1,5 +1,5 @@
-"""Convolution algorithms (pure functions with their own VJPs), the per-shape choice, BatchNorm folding, and
-BatchNorm + residual + ReLU with a hand-written gradient for training.
+"""Convolution algorithms (each pass a linear primitive, so every JAX transformation works), the per-shape
+choice, BatchNorm folding, and BatchNorm + residual + ReLU with a hand-written derivative for training.
 
 ``conv2d(..., algorithm=NAME)`` forces one of ``ALGORITHMS``; "auto" picks per shape, dtype and backend.
 The models name an algorithm through their ``conv_impl`` field and know nothing else about them.

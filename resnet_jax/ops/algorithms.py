@@ -3,7 +3,7 @@
 Every algorithm computes exactly ``lax.conv_general_dilated`` (NHWC input, HWIO kernel, explicit padding,
 stride, groups) in three passes: the forward, the input gradient and the kernel gradient. They differ only in
 speed, which depends on the layer's shape, the pass, the dtype and the backend, so a choice is a triple: one
-algorithm per pass (``conv.py`` joins them in one custom VJP). ``choose`` is deterministic: rules from the
+algorithm per pass (``conv.py`` joins them through the linear primitives of ``linear.py``). ``choose`` is deterministic: rules from the
 per-layer measurements on CPUs (BENCHMARKS.md, "Per-layer algorithms"), XLA's own convolutions on GPU/TPU,
 whose libraries pick their own algorithms.
 """

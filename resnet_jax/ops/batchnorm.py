@@ -1,17 +1,18 @@
-"""Training-mode BatchNorm, the residual add and the ReLU as one function with a hand-written gradient.
+"""Training-mode BatchNorm, the residual add and the ReLU as one function with a hand-written derivative.
 
 Why: differentiated automatically, ``relu(batchnorm(x) + residual)`` makes XLA save ``x - mean`` for the backward
-pass (a full extra write and read of every activation) and reduce the gradient in three separate passes. On CPU
-these passes, not arithmetic, are what BatchNorm costs: a ResNet-50 training step spent ~0.9 s of thread time in
-them against ~1.7 s in all its convolutions (BENCHMARKS.md). Here the forward pass reduces ``x`` once (mean and
-mean of squares, as flax's ``use_fast_variance``) and writes the output once; the backward pass reduces once
-(two per-channel sums) and writes ``dx`` (and the residual's gradient) once, keeping only ``x`` and the output,
-both of which exist anyway.
+pass (a full extra write and read of every activation) and reduce the gradient in separate passes. On CPU these
+passes, not arithmetic, are what BatchNorm costs (BENCHMARKS.md). Here the forward pass reduces ``x`` once (mean
+and mean of squares, as flax's ``use_fast_variance``) and writes the output once.
+
+The derivative is a ``custom_jvp`` whose tangent map is linear and written in ``x`` and per-channel vectors
+only: forward mode (``jvp``, ``linearize``, Hessian-vector products) uses it directly, and reverse mode is its
+transpose, which keeps only ``x`` and the output, both of which exist anyway. (A ``custom_vjp`` would save the
+same memory but takes forward mode away on every backend.)
 
 The forward values are computed with the same operations in the same order as ``flax.linen.BatchNorm`` followed
-by the add and ReLU. The gradient is the exact derivative of that function (per-channel statistics included,
-so a loss on the returned mean/variance differentiates correctly too); it equals automatic differentiation
-within float32 rounding.
+by the add and ReLU. The derivative is exact (per-channel statistics included, so a loss on the returned
+mean/variance differentiates correctly too); it equals automatic differentiation within float32 rounding.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 
 def batch_norm_act(x, scale, bias, residual=None, *, relu: bool = False, epsilon: float = 1e-5, dtype=None):
@@ -53,38 +55,42 @@ def _forward(x, scale, bias, residual, relu, epsilon, out_dtype):
     return y, mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
 def _bn_act(x, scale, bias, residual, relu, epsilon, out_dtype):
     return _forward(x, scale, bias, residual, relu, epsilon, out_dtype)
 
 
-def _bn_act_fwd(x, scale, bias, residual, relu, epsilon, out_dtype):
-    y, mean, var = _forward(x, scale, bias, residual, relu, epsilon, out_dtype)
-    return (y, mean, var), (x, scale, bias, residual, y, mean, var)
-
-
-def _bn_act_bwd(relu, epsilon, out_dtype, saved, cotangents):
-    x, scale, bias, residual, y, mean, var = saved
-    dy, dmean, dvar = cotangents
+@functools.partial(_bn_act.defjvp, symbolic_zeros=True)
+def _bn_act_jvp(relu, epsilon, out_dtype, primals, tangents):
+    """The derivative as a tangent map that is linear in ``(dx, dscale, dbias, dresidual)``: forward mode uses
+    it as it is, and reverse mode is its transpose, which XLA derives. Written in ``x`` and per-channel vectors
+    only (``(x - mean) * s`` as ``x * s - mean * s``), so the transpose keeps ``x`` and the output, which exist
+    anyway, and never a saved ``x - mean``."""
+    x, scale, bias, residual = primals
+    dx, dscale, dbias, dresidual = (None if type(t) is SymbolicZero else t for t in tangents)
+    y, mean, var = _bn_act(x, scale, bias, residual, relu, epsilon, out_dtype)  # higher orders: this rule again
     axes = tuple(range(x.ndim - 1))
-    count = x.size // x.shape[-1]
-    g = jnp.where(y > 0, dy, jnp.zeros_like(dy)) if relu else dy
-    gf = g.astype(jnp.float32)
-    xc = x.astype(jnp.float32) - mean
+    xf, scale_f = x.astype(jnp.float32), scale.astype(jnp.float32)
     r = lax.rsqrt(var + epsilon)
-    mul = r * scale.astype(jnp.float32)
-    dbias = jnp.sum(gf, axes)
-    g_xc = jnp.sum(gf * xc, axes)
-    # var = E[x^2] - mean^2 and x - mean both depend on the mean; d(rsqrt(v + eps))/dv = -r^3 / 2
-    dvar_total = dvar - 0.5 * g_xc * scale.astype(jnp.float32) * r * r * r
-    b = 2.0 * dvar_total / count
-    c = (dmean - mul * dbias) / count
-    dx = (gf * mul + xc * b + c).astype(x.dtype)
-    dresidual = None if residual is None else g.astype(residual.dtype)
-    return dx, (g_xc * r).astype(scale.dtype), dbias.astype(bias.dtype), dresidual
-
-
-_bn_act.defvjp(_bn_act_fwd, _bn_act_bwd)
+    zero = jnp.zeros_like(mean)
+    dmean = dvar = per_channel = zero
+    t = None
+    if dx is not None:
+        dxf = dx.astype(jnp.float32)
+        dmean = jnp.mean(dxf, axes)
+        dvar = 2.0 * (jnp.mean(xf * dxf, axes) - mean * dmean)
+        t = dxf * (r * scale_f)
+        per_channel = -dmean * r * scale_f
+    # d[(x - mean) * r * scale] for the statistics and the scale: (x - mean) * s with one per-channel s
+    s = -0.5 * r * r * r * dvar * scale_f + (zero if dscale is None else r * dscale.astype(jnp.float32))
+    per_channel = per_channel - mean * s + (zero if dbias is None else dbias.astype(jnp.float32))
+    t = xf * s + per_channel if t is None else t + xf * s + per_channel
+    t = t.astype(out_dtype)
+    if dresidual is not None:
+        t = t + dresidual.astype(out_dtype)
+    if relu:
+        t = jnp.where(y > 0, t, jnp.zeros_like(t))
+    return (y, mean, var), (t, dmean, dvar)
 
 
 class BatchNorm(nn.BatchNorm):

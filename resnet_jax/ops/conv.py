@@ -1,5 +1,6 @@
 """``conv2d``: one NHWC convolution, each pass (forward, input gradient, kernel gradient) computed by a named
-algorithm or by the one ``choose`` picks for its shape, joined in one custom VJP.
+algorithm or by the one ``choose`` picks for its shape, joined through the linear primitives of ``linear.py``
+(so every JAX transformation works, forward mode included).
 
 The optional epilogue (``bias``, ``residual``, ``relu``) is what BatchNorm folding leaves after a convolution:
 ``relu(conv(x) + bias + residual)``. An algorithm that can fuse it (oneDNN's post-ops) does so and saves a pass
@@ -15,7 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
+from resnet_jax.ops import linear
 from resnet_jax.ops.algorithms import ALGORITHMS, CHOICES, REGISTRY, Geometry, Passes, choose
 from resnet_jax.ops.xla import xla_conv
 
@@ -79,29 +82,32 @@ def _forward(x, kernel, bias, residual, strides, padding, groups, relu, name):
     return _epilogue(algorithm.forward(x, kernel, strides, padding, groups), bias, residual, relu)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _composed(x, kernel, bias, residual, strides, padding, groups, relu, passes):
     """The convolution with its epilogue, each pass computed by the algorithm ``passes`` names for it."""
     return _forward(x, kernel, bias, residual, strides, padding, groups, relu, passes[0])
 
 
-def _composed_fwd(x, kernel, bias, residual, strides, padding, groups, relu, passes):
-    y = _forward(x, kernel, bias, residual, strides, padding, groups, relu, passes[0])
-    return y, (x, kernel, bias, residual, y if relu else None)
-
-
-def _composed_bwd(strides, padding, groups, relu, passes, saved, dy):
-    x, kernel, bias, residual, y = saved
+@functools.partial(_composed.defjvp, symbolic_zeros=True)
+def _composed_jvp(strides, padding, groups, relu, passes, primals, tangents):
+    """The primal is the fused forward; the tangent ``mask * (conv(dx, k) + conv(x, dk) + dbias + dresidual)``
+    is built from ``linear.conv_p``, whose transposes are the input- and kernel-gradient passes: reverse mode
+    (the transpose of this map) runs the algorithms ``passes`` names, and forward mode works as it is."""
+    x, kernel, bias, residual = primals
+    dx, dkernel, dbias, dresidual = (None if type(t) is SymbolicZero else t for t in tangents)
+    y = _composed(x, kernel, bias, residual, strides, padding, groups, relu, passes)  # higher orders: this rule
+    p = linear.params(passes, strides, padding, groups, x, kernel)
+    terms = [] if dx is None else [linear.conv_p.bind(dx.astype(x.dtype), kernel, **p)]
+    if dkernel is not None:
+        terms.append(linear.conv_p.bind(x, dkernel.astype(kernel.dtype), **p))
+    if dbias is not None:
+        terms.append(jnp.broadcast_to(dbias.astype(y.dtype), y.shape))
+    if dresidual is not None:
+        terms.append(dresidual.astype(y.dtype))
+    t = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
     if relu:
-        dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
-    dx = REGISTRY[passes[1]].input_grad(dy, kernel, x.shape, strides, padding, groups)
-    dk = REGISTRY[passes[2]].kernel_grad(x, dy, kernel.shape, kernel.dtype, strides, padding, groups)
-    dbias = None if bias is None else jnp.sum(dy, axis=(0, 1, 2), dtype=jnp.float32).astype(bias.dtype)
-    dresidual = None if residual is None else dy.astype(residual.dtype)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype), dbias, dresidual
-
-
-_composed.defvjp(_composed_fwd, _composed_bwd)
+        t = jnp.where(y > 0, t, jnp.zeros_like(t))
+    return y, t
 
 
 class Conv(nn.Module):

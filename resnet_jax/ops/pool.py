@@ -16,7 +16,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 
 def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
@@ -34,34 +33,28 @@ def _taps(x):
     return xp, taps
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _sliced_max_pool(x):
     return functools.reduce(jnp.maximum, _taps(x)[1])
 
 
-def _fwd(x):
+@_sliced_max_pool.defjvp
+def _sliced_max_pool_jvp(primals, tangents):
+    """Each window's tangent is its first maximum's (row-major), as ``select_and_scatter`` routes gradients.
+
+    The map is linear in the tangent (strided slices of the zero-padded tangent, selected by masks of the
+    primal), so forward mode uses it as it is and reverse mode is its transpose: the selected cotangent padded
+    back into place, which is the first-max gradient."""
+    (x,), (dx,) = primals, tangents
     y = _sliced_max_pool(x)
-    return y, (x, y)
-
-
-def _bwd(saved, dy):
-    x, y = saved
-    xp, taps = _taps(x)
+    _, taps = _taps(x)
     ho, wo = y.shape[1:3]
-    free = jnp.ones(y.shape, bool)  # windows whose gradient has not been given to an element yet
-    placed = []
+    dxp = jnp.pad(dx, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    free = jnp.ones(y.shape, bool)  # windows whose maximum has not been found yet
+    t = jnp.zeros_like(y)
     for k, tap in enumerate(taps):
         hit = free & (tap == y)
         free = free & ~hit
-        part = jnp.where(hit, dy, jnp.zeros_like(dy))
         i, j = divmod(k, 3)
-        # put the window's gradient back at its element: rows i, i + 2, ..., columns j, j + 2, ...
-        config = [(0, 0, 0), (i, xp.shape[1] - i - (2 * ho - 1), 1), (j, xp.shape[2] - j - (2 * wo - 1), 1), (0, 0, 0)]
-        placed.append(lax.pad(part, jnp.zeros((), dy.dtype), config))
-    # An element shared by overlapping windows sums their gradients in window order, as select_and_scatter does
-    # (so the rounding is the same too): a later tap (i, j) reaches an element from an earlier window.
-    dxp = functools.reduce(jnp.add, placed[::-1])
-    return (dxp[:, 1:-1, 1:-1, :],)
-
-
-_sliced_max_pool.defvjp(_fwd, _bwd)
+        t = t + jnp.where(hit, dxp[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :], jnp.zeros_like(t))
+    return y, t
