@@ -26,8 +26,8 @@ def layer_runners(h, c, batch):
     import numpy as np
     from jax import lax
 
-    from resnet_jax.ops import Geometry, conv2d
-    from resnet_jax.ops.algorithms import REGISTRY
+    from resnet_jax.ops import ConvSpec, conv2d
+    from resnet_jax.ops.registry import REGISTRY
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, h, h, c)), jnp.float32)
@@ -39,7 +39,7 @@ def layer_runners(h, c, batch):
     forward, train, error = {}, {}, {}
     for dtype, name in VARIANTS:
         args = (x.astype(dtype), w.astype(dtype), dy.astype(dtype))
-        if REGISTRY[name].refusal(Geometry.of(args[0], args[1], (1, 1), pad, 1), "cpu"):
+        if REGISTRY[name].refusal(ConvSpec.of(args[0], args[1], (1, 1), pad, 1), "cpu"):
             continue  # e.g. the extension is not built here
         conv = lambda a, b, name=name: conv2d(a, b, (1, 1), pad, algorithm=name)  # noqa: E731
         fwd = jax.jit(conv)

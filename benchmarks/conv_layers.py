@@ -46,15 +46,15 @@ def layer_runners(h, cin, cout, k, s, batch):
     import torch
     from jax import lax
 
-    from resnet_jax.ops import ALGORITHMS, Geometry, conv2d
-    from resnet_jax.ops.algorithms import REGISTRY
+    from resnet_jax.ops import ALGORITHMS, ConvSpec, conv2d
+    from resnet_jax.ops.registry import REGISTRY
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, h, h, cin), np.float32)
     w = (rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
     pad = ((k // 2, k // 2),) * 2
     xj, wj = jax.device_put(x), jax.device_put(w)
-    geometry = Geometry.of(xj, wj, (s, s), pad, 1)
+    geometry = ConvSpec.of(xj, wj, (s, s), pad, 1)
     names = [n for n in ALGORITHMS if REGISTRY[n].refusal(geometry, "cpu") is None]
     reference = functools.partial(lax.conv_general_dilated, window_strides=(s, s), padding=pad,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)

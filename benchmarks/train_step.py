@@ -43,7 +43,6 @@ def argparse_bool():
 
 def variants(case, mode, args):
     """name -> zero-argument step runner, ours first."""
-    from resnet_jax.resnet import CONV_IMPLS  # noqa: F401  (validates names via create_model)
     train = mode == "train"
     runners = {}
     for impl in args.conv_impl or ["auto", "jax"]:

@@ -13,19 +13,13 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from resnet_jax.blocks import BLOCKS, SHORTCUTS
-from resnet_jax.ops import ALGORITHMS, Conv
-from resnet_jax.ops.algorithms import CHOICES
-from resnet_jax.ops.batchnorm import BatchNorm
-from resnet_jax.ops.pool import max_pool_3x3_s2
+from resnet_jax.ops import BatchNorm, Conv, max_pool
+from resnet_jax.ops.rules import names as algorithm_names
 
 STEMS = ("imagenet", "cifar", "deep")
-CONV_IMPLS = (*ALGORITHMS, *CHOICES)
-
-
 def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1, *, dtype: Any, param_dtype: Any,
           impl: str = "auto", **kwargs: Any) -> nn.Module:
     """A conv padded by k//2 on both sides, as torchvision (not XLA "SAME", which pads (2, 3) at stride 2 and
@@ -83,7 +77,7 @@ class ResNet(nn.Module):
       bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (torchvision's momentum 0.1 = 0.9).
       conv_impl: how convolutions are computed; parameters and outputs are identical for every choice.
         "auto" (the default) picks per layer shape, dtype and backend (``ops.choose``): oneDNN kernels on CPU
-        when the optional extension is installed (``resnet-jax[cpu]``), the fastest pure-JAX algorithm
+        when the optional extension is installed (``pip install -e ".[cpu]"``), the fastest pure-JAX algorithm
         otherwise, XLA's own on GPU/TPU; "jax" picks among the pure-JAX algorithms only. Any name in
         ``ops.ALGORITHMS`` runs that algorithm on every layer it can compute (Winograd: the 3x3 stride-1
         ones) and "auto" on the rest; three names joined by "/" choose the forward, input-gradient and
@@ -117,11 +111,10 @@ class ResNet(nn.Module):
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
         _check_choice("shortcut", self.shortcut, SHORTCUTS)
-        if self.conv_impl.count("/") == 2:  # one algorithm per pass
-            for impl in self.conv_impl.split("/"):
-                _check_choice("conv_impl", impl, ALGORITHMS)
-        else:
-            _check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
+        try:
+            algorithm_names(self.conv_impl)
+        except ValueError as err:
+            raise ValueError(f"conv_impl: {err}") from None
         if len(self.stage_sizes) != len(self.stage_widths):
             raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and stage_widths {tuple(self.stage_widths)} "
                              "must have the same length (one entry per stage)")
@@ -172,9 +165,14 @@ class ResNet(nn.Module):
                               norm_name=None if last else f"bn1_{k}")(x, relu=not last)
         else:
             x = conv_norm(self.stem_width, (7, 7), strides=2, conv_name="conv1", norm_name=bn)(x, relu=not self.preact)
-        if self.conv_impl == "xla":  # the plain-XLA reference (and what exported artifacts carry)
-            return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        return max_pool_3x3_s2(x)
+        return max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), algorithm=self.conv_impl)
+
+    def probe_shape(self) -> tuple[int, int, int, int]:
+        """A small input every stage can downsample (the stem's factor, then x 2 per later stage, twice over):
+        what shape-only traces of this model (``ops.fold_batchnorm``) run on."""
+        stem = 1 if self.stem == "cifar" else 4
+        size = 2 * stem * 2 ** max(len(self.stage_sizes) - 1, 0)
+        return (1, size, size, self.in_channels)
 
     def _check_input(self, x) -> None:
         shape = tuple(getattr(x, "shape", ()))

@@ -8,8 +8,8 @@ import pytest
 from jax import lax
 
 from resnet_jax import create_model
-from resnet_jax.ops import ALGORITHMS, Conv, Geometry, choose, conv2d, onednn
-from resnet_jax.ops.algorithms import REGISTRY
+from resnet_jax.ops import ALGORITHMS, Conv, ConvSpec, choose, conv2d, cpu, onednn
+from resnet_jax.ops.registry import REGISTRY
 
 CASES = [  # (kernel, stride, groups, batch, height, width, cin, cout, padding)
     (1, 1, 1, 2, 7, 9, 8, 16, ((0, 0), (0, 0))),
@@ -43,7 +43,7 @@ def value_and_grads(fn, x, k, cotangent):
 
 def refusal(name, case, dtype=jnp.float32):
     ksize, stride, groups, n, h, w, cin, cout, padding = case
-    g = Geometry(n, h, w, cin, cout, (ksize, ksize), (stride, stride), padding, groups, jnp.dtype(dtype).name)
+    g = ConvSpec(n, h, w, cin, cout, (ksize, ksize), (stride, stride), padding, groups, jnp.dtype(dtype).name)
     return REGISTRY[name].refusal(g, "cpu")
 
 
@@ -91,10 +91,9 @@ def test_bfloat16_where_supported(name):
     case = next(c for c in CASES if refusal(name, c) is None)
     reason = refusal(name, case, jnp.bfloat16)
     if reason:
-        from resnet_jax.ops import onednn  # oneDNN's direct kernels take bfloat16 where the CPU has bf16 instructions
-
+        # oneDNN's direct kernels take bfloat16 where the CPU has bf16 instructions
         float32_only = ("onednn_winograd_f2", "onednn_winograd_f4", "onednn_gemm",
-                        *(() if onednn.native_bfloat16() else ("onednn",)))
+                        *(() if cpu.native_bfloat16() else ("onednn",)))
         assert "float32 only" in reason and name in float32_only
         return
     ksize, stride, groups, *_, padding = case
@@ -146,16 +145,16 @@ def test_forced_algorithm_that_cannot_compute_a_shape_says_why():
 
 
 def test_extension_algorithms_refuse_other_backends():
-    g = Geometry(1, 8, 8, 4, 4, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+    g = ConvSpec(1, 8, 8, 4, 4, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
     for name in EXTENSION:
         assert "runs on CPU only (this backend is gpu)" in REGISTRY[name].refusal(g, "gpu")
 
 
 def test_auto_choice_per_backend_shape_and_pass():
-    g3 = Geometry(128, 16, 16, 128, 128, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
-    g1 = Geometry(128, 16, 16, 128, 256, (1, 1), (2, 2), ((0, 0), (0, 0)), 1, "float32")
-    stem = Geometry(128, 32, 32, 3, 64, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
-    big_stem = Geometry(32, 224, 224, 3, 64, (7, 7), (2, 2), ((3, 3), (3, 3)), 1, "float32")
+    g3 = ConvSpec(128, 16, 16, 128, 128, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+    g1 = ConvSpec(128, 16, 16, 128, 256, (1, 1), (2, 2), ((0, 0), (0, 0)), 1, "float32")
+    stem = ConvSpec(128, 32, 32, 3, 64, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+    big_stem = ConvSpec(32, 224, 224, 3, 64, (7, 7), (2, 2), ((3, 3), (3, 3)), 1, "float32")
     for g in (g3, g1, stem, big_stem):
         assert choose(g, "gpu") == choose(g, "tpu") == ("xla",) * 3  # cuDNN / the TPU compiler choose for themselves
         assert all(REGISTRY[name].refusal(g, "cpu") is None for name in choose(g, "cpu"))
@@ -167,7 +166,7 @@ def test_auto_choice_per_backend_shape_and_pass():
         assert choose(g3, "cpu") == ("onednn_winograd_f4",) * 3
         assert choose(g1, "cpu") == ("onednn", "onednn_gemm", "onednn_gemm")
         assert choose(stem, "cpu") == choose(big_stem, "cpu") == ("onednn",) * 3
-        small = Geometry(8, 16, 16, 128, 128, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")  # 0.08 GFLOP
+        small = ConvSpec(8, 16, 16, 128, 128, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")  # 0.08 GFLOP
         assert choose(small, "cpu") == ("onednn",) * 3  # Winograd's fixed costs outweigh what it saves
 
 
@@ -178,7 +177,7 @@ def test_passes_from_different_algorithms_compose_into_one_exact_convolution():
     ksize, stride, groups, *_, padding = case
     x, k, dy = inputs(case, jnp.float32)
     passes = ("im2col", "winograd_f2", "winograd_f4")
-    ours = value_and_grads(jax.jit(lambda a, b: _composed(a, b, None, None, (1, 1), padding, 1, False, passes)),
+    ours = value_and_grads(jax.jit(lambda a, b: _composed(a, b, None, None, ConvSpec.of(a, b, (1, 1), padding, 1), False, passes)),
                            x, k, dy)
     want = value_and_grads(lambda a, b: reference(a, b, 1, padding, 1), x, k, dy)
     for part, got, exp in zip(("output", "d/dinput", "d/dkernel"), ours, want):

@@ -57,3 +57,35 @@ def test_folding_is_for_inference_and_for_unfolded_resnets():
     import flax.linen as nn
     with pytest.raises(ValueError, match="needs a resnet_jax model"):
         fold_batchnorm(nn.Dense(3), {"params": {}})
+
+
+def test_folding_learns_the_structure_of_any_model_from_its_module_tree():
+    """No ResNet field is read: a small network of its own shape folds, given an input shape to trace."""
+    import flax.linen as nn
+
+    from resnet_jax.ops import BatchNorm, Conv
+
+    class Small(nn.Module):
+        folded: bool = False
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            def conv_norm(features, name, residual=None):
+                conv = Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=self.folded, name=f"conv_{name}")
+                if self.folded:
+                    return conv(x, residual=residual, relu=True)
+                return BatchNorm(use_running_average=not train, name=f"bn_{name}")(conv(x), residual, relu=True)
+
+            x = conv_norm(6, "a")
+            x = conv_norm(6, "b", residual=x)
+            return jnp.mean(x, axis=(1, 2))
+
+    model = Small()
+    x = jax.random.normal(jax.random.key(1), (2, 10, 10, 4))
+    variables = trained_like(model.init(jax.random.key(0), x))
+    with pytest.raises(ValueError, match="does not say what input it takes; pass input_shape="):
+        fold_batchnorm(model, variables)
+    folded_model, folded = fold_batchnorm(model, variables, input_shape=(1, 8, 8, 4))
+    assert "batch_stats" not in folded or not folded["batch_stats"]
+    want = model.apply(variables, x)
+    np.testing.assert_allclose(folded_model.apply(folded, x), want, atol=5e-5 * float(jnp.abs(want).max()))

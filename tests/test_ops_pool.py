@@ -1,4 +1,4 @@
-"""The stem's sliced max-pool equals flax's ``max_pool`` exactly: values and gradients, ties included."""
+"""The sliced max-pool equals flax's ``max_pool`` exactly: values and gradients, ties included."""
 
 import flax.linen as nn
 import jax
@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 
 from resnet_jax import create_model
-from resnet_jax.ops.pool import _sliced_max_pool, max_pool_3x3_s2
+from resnet_jax.ops.pool import _sliced_max_pool, max_pool
 
 
-def reference(x):
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+STEM = ((3, 3), (2, 2), ((1, 1), (1, 1)))  # window, strides, padding
+
+
+def reference(x, pool=STEM):
+    window, strides, padding = pool
+    return nn.max_pool(x, window, strides=strides, padding=padding)
 
 
 def inputs(shape, dtype, kind, seed=0):
@@ -26,13 +30,19 @@ def inputs(shape, dtype, kind, seed=0):
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (3, 5, 6, 4), (1, 1, 1, 1)])
 @pytest.mark.parametrize("kind", ["normal", "relu", "coarse"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_values_and_gradients_equal_max_pool(shape, kind, dtype):
+def test_values_and_gradients_equal_max_pool(shape, kind, dtype, pool=STEM):
     x = inputs(shape, dtype, kind)
-    want, want_vjp = jax.vjp(reference, x)
-    got, got_vjp = jax.vjp(jax.jit(_sliced_max_pool), x)
+    want, want_vjp = jax.vjp(lambda a: reference(a, pool), x)
+    got, got_vjp = jax.vjp(jax.jit(lambda a: _sliced_max_pool(a, *pool)), x)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     dy = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape), dtype)
     np.testing.assert_array_equal(np.asarray(got_vjp(dy)[0], np.float32), np.asarray(want_vjp(dy)[0], np.float32))
+
+
+@pytest.mark.parametrize("pool", [((2, 2), (2, 2), ((0, 0), (0, 0))), ((3, 2), (1, 2), ((1, 1), (0, 1)))])
+@pytest.mark.parametrize("kind", ["relu", "coarse"])
+def test_other_windows_equal_max_pool(pool, kind):
+    test_values_and_gradients_equal_max_pool((2, 7, 9, 3), kind, jnp.float32, pool)
 
 
 def test_model_stem_uses_it_on_cpu():
@@ -47,4 +57,8 @@ def test_model_stem_uses_it_on_cpu():
 
     text = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
     assert "reduce_window" not in text and "select_and_scatter" not in text
-    assert max_pool_3x3_s2(x).shape == reference(x).shape
+    assert max_pool(x).shape == reference(x).shape
+    # the plain-XLA reference keeps XLA's window ops, and so does the jaxpr this test reads
+    xla_model = create_model("resnet18", num_classes=3, conv_impl="xla")
+    text = str(jax.make_jaxpr(lambda v: xla_model.apply(v, x))(variables))
+    assert "reduce_window" in text

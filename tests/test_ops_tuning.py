@@ -4,13 +4,12 @@ them, deterministically; a damaged or disabled file leaves the shipped rules in 
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from resnet_jax import create_model
-from resnet_jax.ops import Geometry, choose, tuning
-from resnet_jax.ops.algorithms import REGISTRY
+from resnet_jax.ops import ConvSpec, choose, rules, tuning, tuning_cache
+from resnet_jax.ops.registry import REGISTRY
 
 SHAPE = (2, 8, 8, 1)
 
@@ -18,10 +17,10 @@ SHAPE = (2, 8, 8, 1)
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     path = tmp_path / "tuning.json"
-    monkeypatch.setenv(tuning.ENV_VAR, str(path))
-    tuning._table.cache_clear()
+    monkeypatch.setenv(tuning_cache.ENV_VAR, str(path))
+    tuning_cache.entries.cache_clear()
     yield path
-    tuning._table.cache_clear()
+    tuning_cache.entries.cache_clear()
 
 
 def tiny():
@@ -31,11 +30,11 @@ def tiny():
 def test_tuned_choices_are_stored_and_then_run_by_auto(cache):
     messages = []
     chosen = tuning.tune(tiny(), SHAPE, repeats=1, candidates=["matmul_grad", "im2col"], log=messages.append)
-    geometries = tuning.model_geometries(tiny(), SHAPE)
+    geometries = tuning.model_specs(tiny(), SHAPE)
     assert len(geometries) == len(chosen) == 6  # stem, and a 3x3 stride-1 and stride-2 shape per stage
-    stored = json.loads(cache.read_text())[tuning.machine_key()]
+    stored = json.loads(cache.read_text())[rules.machine_key()]
     for g in geometries:
-        entry = stored[tuning.geometry_key(g)]
+        entry = stored[g.key()]
         assert set(entry["seconds"]["kernel_grad"]) <= {"xla", "matmul_grad", "im2col"}
         for pass_name, name in zip(tuning.PASSES, entry["auto"]):  # the fastest measured, per pass
             assert entry["seconds"][pass_name][name] == min(entry["seconds"][pass_name].values())
@@ -49,23 +48,23 @@ def test_tuned_choices_are_stored_and_then_run_by_auto(cache):
 
 
 def test_damaged_or_disabled_tuning_leaves_the_rules(cache, monkeypatch, caplog):
-    g = Geometry(2, 8, 8, 16, 16, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
-    rules = choose(g, "cpu", measured=False)
+    g = ConvSpec(2, 8, 8, 16, 16, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+    by_rules = choose(g, "cpu", measured=False)
     cache.write_text("{not json")
     with caplog.at_level("WARNING", logger="resnet_jax"):
-        assert choose(g, "cpu") == rules
-        assert choose(g, "cpu") == rules
+        assert choose(g, "cpu") == by_rules
+        assert choose(g, "cpu") == by_rules
     assert [r.message for r in caplog.records if "tuning file" in r.message][0].startswith(
         f"resnet_jax: ignoring the convolution tuning file {cache}")
     assert len([r for r in caplog.records if "tuning file" in r.message]) == 1  # said once
     # an entry naming an algorithm that cannot compute the shape (an edited file) is not used
-    cache.write_text(json.dumps({tuning.machine_key(): {tuning.geometry_key(g): {
+    cache.write_text(json.dumps({rules.machine_key(): {g.key(): {
         "auto": ["gemm", "gemm", "gemm"], "jax": ["gemm", "gemm", "gemm"], "seconds": {}}}}))
-    tuning._table.cache_clear()
-    assert REGISTRY["gemm"].refusal(g, "cpu") and choose(g, "cpu") == rules
-    monkeypatch.setenv(tuning.ENV_VAR, "0")
-    tuning._table.cache_clear()
-    assert choose(g, "cpu") == rules
+    tuning_cache.entries.cache_clear()
+    assert REGISTRY["gemm"].refusal(g, "cpu") and choose(g, "cpu") == by_rules
+    monkeypatch.setenv(tuning_cache.ENV_VAR, "0")
+    tuning_cache.entries.cache_clear()
+    assert choose(g, "cpu") == by_rules
     with pytest.raises(ValueError, match="RESNET_JAX_CONV_TUNING=0 turns tuning off"):
         tuning.tune(tiny(), SHAPE, repeats=1)
 

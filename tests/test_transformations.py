@@ -11,7 +11,7 @@ import pytest
 from resnet_jax import create_model
 from resnet_jax.ops import BatchNorm, Conv, fold_batchnorm
 from resnet_jax.ops.onednn import unavailable_reason
-from resnet_jax.ops.pool import max_pool_3x3_s2
+from resnet_jax.ops.pool import max_pool
 from training_helpers import trained_like
 
 EXTENSION = unavailable_reason() is None
@@ -53,7 +53,8 @@ def assert_forward_equals_reverse(loss, params, what):
     _, linear = jax.linearize(loss, params)
     scale = float(jnp.abs(reverse))
     assert abs(float(forward) - float(reverse)) <= 2e-4 * scale, (what, float(forward), float(reverse))
-    assert abs(float(linear(tangent)) - float(forward)) <= 1e-5 * scale, what
+    # both forward mode; evaluated apart, they differ by rounding (Winograd F(4,3): ~1e-5 of the scale per layer)
+    assert abs(float(linear(tangent)) - float(forward)) <= 5e-5 * scale, what
     return value
 
 
@@ -94,7 +95,7 @@ class Tiny(nn.Module):
             return BatchNorm(use_running_average=not train, name=name)(y, residual=residual, relu=True)
 
         y = norm(conv(8, name="c1")(x), name="b1")
-        y = nn.max_pool(y, (3, 3), (2, 2), ((1, 1), (1, 1))) if self.reference else max_pool_3x3_s2(y)
+        y = nn.max_pool(y, (3, 3), (2, 2), ((1, 1), (1, 1))) if self.reference else max_pool(y)
         y = norm(conv(8, name="c2")(y), residual=y, name="b2")
         y = conv(16, strides=2, name="c3")(y)
         return nn.Dense(3, name="fc")(jnp.mean(y, axis=(1, 2)))

@@ -7,47 +7,8 @@ TFDS would report late, verbosely or after minutes of download retries is turned
 
 from __future__ import annotations
 
-import difflib
-import os
-
 from resnet_jax.data.source import Source
-
-INSTALL_HINT = 'pip install "resnet-jax[data]"'
-
-
-def import_tfds():
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as err:
-        raise ValueError(f"Reading TFDS datasets needs tensorflow-datasets and array_record: {INSTALL_HINT}.") from err
-    return tfds
-
-
-def _unknown_name(name: str, tfds) -> ValueError:
-    known = ["digits", "synthetic", *tfds.list_builders()]
-    close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known, n=3)
-    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    return ValueError(f"Unknown dataset {name!r}: {hint}Use 'digits', 'synthetic' or a TFDS dataset name "
-                      f"(tfds.list_builders()).")
-
-
-def open_builder(name: str, data_dir=None):
-    """The TFDS builder for `name` (e.g. "cifar10", "imagenette/320px-v2"): the prepared one if on disk, else
-    one that will prepare ArrayRecord files, the format random access needs."""
-    tfds = import_tfds()
-    if data_dir is not None and not os.path.isdir(os.fspath(data_dir)):
-        raise ValueError(f"data_dir {os.fspath(data_dir)!r} does not exist; create it or point data_dir at your "
-                         f"TFDS data directory.")
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise _unknown_name(name, tfds) from None
-    if not builder.is_prepared():
-        return tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    if builder.info.file_format is not None and builder.info.file_format.value != "array_record":
-        raise ValueError(f"{name!r} in {builder.data_dir} was prepared as {builder.info.file_format.value}, but "
-                         f"random access needs ArrayRecord: delete that folder and prepare it again.")
-    return builder
+from resnet_jax.data.tfds_builder import open_builder, prepare_builder
 
 
 def _classification_keys(info, name: str) -> tuple[str, str]:
@@ -86,8 +47,6 @@ class TfdsSource(Source):
 
     @staticmethod
     def _retry_after_prepare(builder, name, split, download, manual_dir, err):
-        from resnet_jax.data.prepare import prepare_builder
-
         if builder.is_prepared():
             splits = ", ".join(sorted(builder.info.splits)) or "none"
             raise ValueError(f"Cannot read split {split!r} of {name!r} ({err}); its splits are: {splits}.") from None

@@ -1,13 +1,26 @@
-"""Convolution algorithms (each pass a linear primitive, so every JAX transformation works), the per-shape
-choice, BatchNorm folding, and BatchNorm + residual + ReLU with a hand-written derivative for training.
+"""How the layers compute: convolution algorithms, the per-shape choice between them, BatchNorm and its folding,
+and the max-pool. Read top to bottom (docs/ops.md draws the same map):
 
-``conv2d(..., algorithm=NAME)`` forces one of ``ALGORITHMS``; "auto" picks per shape, dtype and backend.
-The models name an algorithm through their ``conv_impl`` field and know nothing else about them.
+    conv.py        conv2d and the Conv layer: the epilogue (bias, residual, ReLU) and its derivative
+    linear.py      the three convolution passes as linear primitives, so every JAX transformation works
+    rules.py       which algorithm runs each pass: a forced name, or the per-shape choice ("auto", "jax")
+    tuning_cache.py, tuning.py    this machine's measured choices: the file, and the tuner that writes it
+    registry.py    every algorithm by name, as each algorithm module declares it
+    spec.py        ConvSpec (what a convolution is) and Algorithm (one way to compute it)
+    xla.py gemm.py matmul_grad.py polyphase.py winograd.py    the pure-JAX algorithms, one module each
+    onednn/        the optional C++ extension: build, load, calls, its algorithms
+    batchnorm.py fold.py pool.py cpu.py    BatchNorm (+ residual + ReLU), folding it away, max-pool, CPU flags
+
+The models pass their ``conv_impl`` through as ``algorithm`` and know nothing else about algorithms.
 """
 
-from resnet_jax.ops.algorithms import ALGORITHMS, Geometry, choose
 from resnet_jax.ops.batchnorm import BatchNorm, batch_norm_act
 from resnet_jax.ops.conv import Conv, conv2d
 from resnet_jax.ops.fold import fold_batchnorm
+from resnet_jax.ops.pool import max_pool
+from resnet_jax.ops.registry import ALGORITHMS
+from resnet_jax.ops.rules import CHOICES, choose
+from resnet_jax.ops.spec import ConvSpec
 
-__all__ = ["ALGORITHMS", "BatchNorm", "Conv", "Geometry", "batch_norm_act", "choose", "conv2d", "fold_batchnorm"]
+__all__ = ["ALGORITHMS", "BatchNorm", "CHOICES", "Conv", "ConvSpec", "batch_norm_act", "choose", "conv2d",
+           "fold_batchnorm", "max_pool"]

@@ -19,8 +19,10 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from resnet_jax.ops import linear
-from resnet_jax.ops.algorithms import ALGORITHMS, CHOICES, REGISTRY, Geometry, Passes, choose
-from resnet_jax.ops.xla import xla_conv
+from resnet_jax.ops.registry import REGISTRY
+from resnet_jax.ops.rules import resolve
+from resnet_jax.ops.spec import ConvSpec
+from resnet_jax.ops.xla import lax_conv
 
 
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int] = (1, 1),
@@ -37,33 +39,16 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int] = (1, 1),
     CPU extension). A forced algorithm that cannot compute this convolution raises ``ValueError`` saying why,
     unless ``fallback`` (what a model's ``conv_impl`` uses): then "auto" computes it instead.
     """
-    strides = tuple(int(s) for s in strides)
+    if x.dtype != kernel.dtype:
+        raise ValueError(f"conv2d computes in one dtype, but x is {x.dtype} and the kernel {kernel.dtype}; cast "
+                         "one of them (as lax.conv_general_dilated requires too)")
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    geometry = Geometry.of(x, kernel, strides, padding, groups)
-    passes = resolve(algorithm, geometry, jax.default_backend(), fallback)
-    if passes == ("xla", "xla", "xla"):  # plain lax: keeps forward-mode autodiff (jvp, hessians) working
-        return _epilogue(xla_conv(x, kernel, strides, padding, groups), bias, residual, relu)
-    return _composed(x, kernel, bias, residual, strides, padding, groups, relu, passes)
-
-
-def resolve(algorithm: str, g: Geometry, backend: str, fallback: bool = False) -> Passes:
-    """The (forward, input gradient, kernel gradient) algorithms that ``conv2d(algorithm=...)`` runs: a choice
-    ("auto", "jax"), one algorithm for all three passes, or three names joined by "/" (one per pass)."""
-    if algorithm in CHOICES:
-        return choose(g, backend, extension=algorithm == "auto")
-    names = algorithm.split("/") if "/" in algorithm else [algorithm] * 3
-    unknown = [n for n in names if n not in REGISTRY]
-    if unknown or len(names) != 3:
-        raise ValueError(f"unknown convolution algorithm {algorithm!r}; choose one of {[*ALGORITHMS, *CHOICES]}, "
-                         "or three of those joined by '/' (forward/input gradient/kernel gradient)")
-    refusal = next((r for r in (REGISTRY[n].refusal(g, backend) for n in dict.fromkeys(names)) if r), None)
-    if refusal and fallback:
-        return choose(g, backend)
-    if refusal:
-        raise ValueError(f"{refusal}; use algorithm='auto' to pick one that can")
-    return tuple(names)
+        padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], tuple(strides), padding)
+    spec = ConvSpec.of(x, kernel, strides, padding, groups)
+    passes = resolve(algorithm, spec, jax.default_backend(), fallback)
+    if passes == ("xla", "xla", "xla"):  # plain lax, which every transformation knows
+        return _epilogue(lax_conv(x, kernel, spec.strides, spec.padding, groups), bias, residual, relu)
+    return _composed(x, kernel, bias, residual, spec, relu, passes)
 
 
 def _epilogue(y, bias, residual, relu):
@@ -74,32 +59,31 @@ def _epilogue(y, bias, residual, relu):
     return jax.nn.relu(y) if relu else y
 
 
-def _forward(x, kernel, bias, residual, strides, padding, groups, relu, name):
+def _forward(x, kernel, bias, residual, spec, relu, name):
     algorithm = REGISTRY[name]
     if algorithm.fused_forward is not None:
         bias = None if bias is None else bias.astype(x.dtype)
-        return algorithm.fused_forward(x, kernel, bias, residual, relu, strides, padding, groups)
-    return _epilogue(algorithm.forward(x, kernel, strides, padding, groups), bias, residual, relu)
+        return algorithm.fused_forward(x, kernel, spec, bias, residual, relu)
+    return _epilogue(algorithm.forward(x, kernel, spec), bias, residual, relu)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _composed(x, kernel, bias, residual, strides, padding, groups, relu, passes):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _composed(x, kernel, bias, residual, spec, relu, passes):
     """The convolution with its epilogue, each pass computed by the algorithm ``passes`` names for it."""
-    return _forward(x, kernel, bias, residual, strides, padding, groups, relu, passes[0])
+    return _forward(x, kernel, bias, residual, spec, relu, passes[0])
 
 
 @functools.partial(_composed.defjvp, symbolic_zeros=True)
-def _composed_jvp(strides, padding, groups, relu, passes, primals, tangents):
+def _composed_jvp(spec, relu, passes, primals, tangents):
     """The primal is the fused forward; the tangent ``mask * (conv(dx, k) + conv(x, dk) + dbias + dresidual)``
     is built from ``linear.conv_p``, whose transposes are the input- and kernel-gradient passes: reverse mode
     (the transpose of this map) runs the algorithms ``passes`` names, and forward mode works as it is."""
     x, kernel, bias, residual = primals
     dx, dkernel, dbias, dresidual = (None if type(t) is SymbolicZero else t for t in tangents)
-    y = _composed(x, kernel, bias, residual, strides, padding, groups, relu, passes)  # higher orders: this rule
-    p = linear.params(passes, strides, padding, groups, x, kernel)
-    terms = [] if dx is None else [linear.conv_p.bind(dx.astype(x.dtype), kernel, **p)]
+    y = _composed(x, kernel, bias, residual, spec, relu, passes)  # higher orders: this rule again
+    terms = [] if dx is None else [linear.conv(dx.astype(x.dtype), kernel, passes, spec)]
     if dkernel is not None:
-        terms.append(linear.conv_p.bind(x, dkernel.astype(kernel.dtype), **p))
+        terms.append(linear.conv(x, dkernel.astype(kernel.dtype), passes, spec))
     if dbias is not None:
         terms.append(jnp.broadcast_to(dbias.astype(y.dtype), y.shape))
     if dresidual is not None:

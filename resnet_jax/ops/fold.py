@@ -63,26 +63,33 @@ def _copy(tree: Any) -> Any:
     return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
-def _probe_shape(model) -> tuple[int, int, int, int]:
-    """A small input every stage of ``model`` can downsample (stem factor x 2 per later stage, twice over)."""
-    stem = 1 if getattr(model, "stem", "imagenet") == "cifar" else 4
-    size = 2 * stem * 2 ** max(len(getattr(model, "stage_sizes", (0,))) - 1, 0)
-    return (1, size, size, getattr(model, "in_channels", 3))
+def _input_shape(model, input_shape) -> tuple[int, ...]:
+    """The input the pairing is traced on (shapes only): the caller's, else the one the model says it takes."""
+    if input_shape is not None:
+        return tuple(input_shape)
+    probe = getattr(model, "probe_shape", None)
+    if probe is None:
+        raise ValueError(f"{type(model).__name__} does not say what input it takes; pass input_shape= (any shape "
+                         "it accepts, e.g. (1, 224, 224, 3))")
+    return tuple(probe())
 
 
-def fold_batchnorm(model: nn.Module, variables: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+def fold_batchnorm(model: nn.Module, variables: dict[str, Any],
+                   input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """``(folded_model, folded_variables)`` for inference: outputs equal ``model.apply(variables, x,
     train=False)`` within float32 rounding. Works under ``jax.jit`` (the pairing is read from shapes only).
 
-    ``model`` needs a ``folded`` field (every ``ResNet`` has one); ``variables`` are its usual
-    ``{"params", "batch_stats"}``.
+    ``model`` needs a ``folded`` field, which builds the same network with biased convolutions and no BatchNorm
+    after them (every ``ResNet`` has one); ``variables`` are its usual ``{"params", "batch_stats"}``.
+    ``input_shape`` is any input the model accepts (default: ``model.probe_shape()``).
     """
     if getattr(model, "folded", None) is None:
         raise ValueError(f"{type(model).__name__} has no 'folded' option; fold_batchnorm needs a resnet_jax model")
     if model.folded:
         raise ValueError("this model is already folded; pass the unfolded model and its variables")
     params, stats = _copy(dict(variables["params"])), _copy(dict(variables.get("batch_stats", {})))
-    pairs = conv_batchnorm_pairs(model, _probe_shape(model))
+    shape = _input_shape(model, input_shape)
+    pairs = conv_batchnorm_pairs(model, shape)
     for conv_path, (bn_path, eps) in pairs.items():
         bn, moments = _get(params, bn_path), _get(stats, bn_path)
         scale = bn["scale"] * jax.lax.rsqrt(moments["var"] + eps)
@@ -93,7 +100,7 @@ def fold_batchnorm(model: nn.Module, variables: dict[str, Any]) -> tuple[nn.Modu
         _set(stats, bn_path, None)
     folded_model = model.clone(folded=True)
     result = {"params": _prune(params), "batch_stats": _prune(stats)}
-    _check_structure(folded_model, result)
+    _check_structure(folded_model, result, shape)
     return folded_model, result
 
 
@@ -105,12 +112,11 @@ def _prune(tree: Any) -> Any:
     return {k: v for k, v in kept.items() if not (isinstance(v, dict) and not v)}
 
 
-def _check_structure(folded_model, variables) -> None:
-    expected = jax.eval_shape(lambda: folded_model.init(jax.random.key(0), jnp.zeros(_probe_shape(folded_model)),
-                                                        train=False))
+def _check_structure(folded_model, variables, shape) -> None:
+    expected = jax.eval_shape(lambda: folded_model.init(jax.random.key(0), jnp.zeros(shape), train=False))
     expected = {k: v for k, v in expected.items() if k in ("params", "batch_stats")}
     got = {k: v for k, v in variables.items() if v or k in expected}
-    shape = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
-    if shape(jax.tree.map(jnp.asarray, got)) != shape({k: expected.get(k, {}) for k in got}):
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
+    if shapes(jax.tree.map(jnp.asarray, got)) != shapes({k: expected.get(k, {}) for k in got}):
         raise ValueError("folding BatchNorm into the convolutions gave variables that do not fit the folded model; "
                          "this model's BatchNorm placement is not supported by fold_batchnorm")

@@ -1,12 +1,10 @@
-"""The stem's 3x3 stride-2 max-pool as the maximum of nine strided views, for CPUs.
+"""``max_pool``: on CPU the maximum of the window's strided views, elsewhere (and for "xla") ``reduce_window``.
 
-XLA:CPU runs ``reduce_window`` (and its gradient, ``select_and_scatter``) far below memory speed: 37 ms forward
-and 206 ms forward + backward for ResNet-50's 112x112x64 pool at batch 32, ~7% of a training step and of
-inference. The maximum of the nine shifted, strided slices of the padded input is one fused elementwise pass
-(8 ms; 40 ms with the gradient below; BENCHMARKS.md, attempts). The gradient
-goes to the first maximum of each window in row-major order, as XLA's ``select_and_scatter`` (with ``ge``)
-does, so values and gradients equal ``flax.linen.max_pool``'s exactly, ties included (ties are common after a
-ReLU). Other backends keep ``reduce_window``.
+XLA:CPU runs ``reduce_window`` and its gradient, ``select_and_scatter``, far below memory speed (docs/
+cpu-convolution.md). The maximum of the window's shifted, strided slices of the padded input is one fused
+elementwise pass. The gradient goes to the first maximum of each window in row-major order, as XLA's
+``select_and_scatter`` (with ``ge``) does, so values and gradients equal ``flax.linen.max_pool``'s exactly,
+ties included (ties are common after a ReLU).
 """
 
 from __future__ import annotations
@@ -17,44 +15,50 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
-    """``nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))`` (NHWC)."""
-    if jax.default_backend() != "cpu":
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    return _sliced_max_pool(x)
+Pair = tuple[int, int]
 
 
-def _taps(x):
-    """The padded input and its nine strided views (row-major window order), each (N, Ho, Wo, C)."""
-    ho, wo = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    taps = [xp[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :] for i in range(3) for j in range(3)]
-    return xp, taps
+def max_pool(x: jnp.ndarray, window: Pair = (3, 3), strides: Pair = (2, 2),
+             padding: tuple[Pair, Pair] = ((1, 1), (1, 1)), algorithm: str = "auto") -> jnp.ndarray:
+    """``nn.max_pool(x, window, strides, padding)`` over NHWC ``x`` (default: the ResNet stem's 3x3/2 pool).
+
+    ``algorithm`` is the model's convolution choice: "xla" keeps XLA's own window ops everywhere, as the plain-XLA
+    reference (and the exported artifacts) do; anything else takes the strided views on CPU.
+    """
+    window, strides = tuple(window), tuple(strides)
+    padding = tuple(tuple(p) for p in padding)
+    if algorithm == "xla" or jax.default_backend() != "cpu":
+        return nn.max_pool(x, window, strides=strides, padding=padding)
+    return _sliced_max_pool(x, window, strides, padding)
 
 
-@jax.custom_jvp
-def _sliced_max_pool(x):
-    return functools.reduce(jnp.maximum, _taps(x)[1])
+def _taps(x, window, strides, padding, fill):
+    """The strided views of ``x`` padded with ``fill``, one per window position (row-major), each (N, Ho, Wo, C)."""
+    (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, padding
+    ho = (x.shape[1] + top + bottom - kh) // sh + 1
+    wo = (x.shape[2] + left + right - kw) // sw + 1
+    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
+    return [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _sliced_max_pool(x, window, strides, padding):
+    return functools.reduce(jnp.maximum, _taps(x, window, strides, padding, -jnp.inf))
 
 
 @_sliced_max_pool.defjvp
-def _sliced_max_pool_jvp(primals, tangents):
+def _sliced_max_pool_jvp(window, strides, padding, primals, tangents):
     """Each window's tangent is its first maximum's (row-major), as ``select_and_scatter`` routes gradients.
 
-    The map is linear in the tangent (strided slices of the zero-padded tangent, selected by masks of the
+    The map is linear in the tangent (strided views of the zero-padded tangent, selected by masks of the
     primal), so forward mode uses it as it is and reverse mode is its transpose: the selected cotangent padded
     back into place, which is the first-max gradient."""
     (x,), (dx,) = primals, tangents
-    y = _sliced_max_pool(x)
-    _, taps = _taps(x)
-    ho, wo = y.shape[1:3]
-    dxp = jnp.pad(dx, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = _sliced_max_pool(x, window, strides, padding)
     free = jnp.ones(y.shape, bool)  # windows whose maximum has not been found yet
     t = jnp.zeros_like(y)
-    for k, tap in enumerate(taps):
+    for tap, dtap in zip(_taps(x, window, strides, padding, -jnp.inf), _taps(dx, window, strides, padding, 0)):
         hit = free & (tap == y)
         free = free & ~hit
-        i, j = divmod(k, 3)
-        t = t + jnp.where(hit, dxp[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :], jnp.zeros_like(t))
+        t = t + jnp.where(hit, dtap, jnp.zeros_like(t))
     return y, t

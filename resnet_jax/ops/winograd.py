@@ -12,8 +12,8 @@ Error grows with the tile: about 1e-6 (F(2,3)) and 1e-5 (F(4,3)) of the output's
 bfloat16 inputs F(2,3) multiplies in bfloat16 (float32 sums), which keeps bfloat16's own accuracy; F(4,3)'s
 larger coefficients would not (7e-2 measured), so it multiplies in float32.
 
-This is the portable reference of the C++ version in ``_onednn/winograd.cc``; it is slower than XLA's own
-convolution inside a model on CPU (BENCHMARKS.md), so "auto" does not pick it there.
+This is the portable reference of the C++ version in ``onednn/csrc/winograd.cc``. Inside a model on CPU its
+forward lost to XLA's own convolution (BENCHMARKS.md), so the rules pick it for kernel gradients only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from resnet_jax.ops.spec import Algorithm
 
 # Transform matrices for F(m x m, 3 x 3): B^T (input, a x a), G (kernel, a x 3), A^T (output, m x a), a = m + 2.
 TABLES = {
@@ -122,16 +124,18 @@ def backward_weights(x, dy, padding, m, kernel_dtype):
     return dw.astype(kernel_dtype)
 
 
-def limits(g) -> str | None:
-    pads_ok = all(0 <= p <= 2 for side in g.padding for p in side)
-    if g.kernel != (3, 3) or g.strides != (1, 1) or g.groups != 1 or not pads_ok:
+def limits(spec) -> str | None:
+    pads_ok = all(0 <= p <= 2 for side in spec.padding for p in side)
+    if spec.kernel != (3, 3) or spec.strides != (1, 1) or spec.groups != 1 or not pads_ok:
         return "computes ungrouped 3x3 stride-1 convolutions (padding 0-2) only"
     return None
 
 
-def passes(m):
-    """(forward, input_grad, kernel_grad) in the registry's signatures."""
-    return (lambda x, kernel, strides, padding, groups: forward(x, kernel, padding, m),
-            lambda dy, kernel, x_shape, strides, padding, groups: backward_data(dy, kernel, padding, m),
-            lambda x, dy, kernel_shape, kernel_dtype, strides, padding, groups: backward_weights(
-                x, dy, padding, m, kernel_dtype))
+def algorithm(m: int) -> Algorithm:
+    return Algorithm(name=f"winograd_f{m}", limits=limits,
+                     forward=lambda x, kernel, spec: forward(x, kernel, spec.padding, m),
+                     input_grad=lambda dy, kernel, spec: backward_data(dy, kernel, spec.padding, m),
+                     kernel_grad=lambda x, dy, spec: backward_weights(x, dy, spec.padding, m, x.dtype))
+
+
+ALGORITHMS = (algorithm(2), algorithm(4))

@@ -96,8 +96,8 @@ inline void RunMatmul(const Matmul& mm, const float* lhs, const float* rhs, floa
 }
 
 // Runs one handler's work, one handler at a time: each already spreads over every core with OpenMP, and XLA
-// may start two independent convolutions at once on its own threads (7% of the convolution time of a
-// ResNet-18 step overlapped), where two OpenMP teams would oversubscribe the cores and spin against each other.
+// may start two independent convolutions at once on its own threads (it does, in a ResNet-18 step), where two
+// OpenMP teams would oversubscribe the cores and spin against each other.
 inline xla::ffi::Error Run(const std::function<void()>& body) {
   static std::mutex one_at_a_time;
   std::lock_guard<std::mutex> lock(one_at_a_time);

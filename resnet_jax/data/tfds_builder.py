@@ -1,0 +1,113 @@
+"""Opening a TFDS builder and preparing it as ArrayRecord: what reading (``tfds_source.py``) and the preparing
+command (``prepare.py``) share, with every slow or obscure TFDS failure turned into one sentence first.
+
+Before handing over to TFDS, preparing checks the three things that otherwise fail slowly: TensorFlow is
+installed, a manual-download dataset has its files, and the network answers (TFDS retries downloads for
+minutes offline).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import socket
+import threading
+from urllib.parse import urlparse
+
+INSTALL_HINT = 'pip install "resnet-jax[data]"'
+
+
+def import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise ValueError(f"Reading TFDS datasets needs tensorflow-datasets and array_record: {INSTALL_HINT}.") from err
+    return tfds
+
+
+def _unknown_name(name: str, tfds) -> ValueError:
+    known = ["digits", "synthetic", *tfds.list_builders()]
+    close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known, n=3)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return ValueError(f"Unknown dataset {name!r}: {hint}Use 'digits', 'synthetic' or a TFDS dataset name "
+                      f"(tfds.list_builders()).")
+
+
+def open_builder(name: str, data_dir=None):
+    """The TFDS builder for `name` (e.g. "cifar10", "imagenette/320px-v2"): the prepared one if on disk, else
+    one that will prepare ArrayRecord files, the format random access needs."""
+    tfds = import_tfds()
+    if data_dir is not None and not os.path.isdir(os.fspath(data_dir)):
+        raise ValueError(f"data_dir {os.fspath(data_dir)!r} does not exist; create it or point data_dir at your "
+                         f"TFDS data directory.")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise _unknown_name(name, tfds) from None
+    if not builder.is_prepared():
+        return tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    if builder.info.file_format is not None and builder.info.file_format.value != "array_record":
+        raise ValueError(f"{name!r} in {builder.data_dir} was prepared as {builder.info.file_format.value}, but "
+                         f"random access needs ArrayRecord: delete that folder and prepare it again.")
+    return builder
+
+
+
+# Where TFDS downloads most data from; override to probe another host (or, in tests, a closed port).
+PROBE_ENV = "RESNET_JAX_NETWORK_PROBE"
+DEFAULT_PROBE = "storage.googleapis.com:443"
+PROBE_TIMEOUT_S = 5.0
+
+
+def network_reachable(probe: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to `probe` ("host:port"), or to the HTTPS proxy if one is set, opens in time.
+
+    Runs in a thread because name resolution has no timeout of its own.
+    """
+    probe = probe or os.environ.get(PROBE_ENV) or DEFAULT_PROBE
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy and not os.environ.get(PROBE_ENV):
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        probe = f"{parsed.hostname}:{parsed.port or 80}"
+    host, _, port = probe.rpartition(":")
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
+
+
+def tensorflow_installed() -> bool:
+    """Found without importing it (which takes seconds); a finder that refuses it counts as not installed."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def prepare_builder(builder, *, manual_dir=None) -> None:
+    """download_and_prepare `builder` as ArrayRecord after the fast checks; raises ValueError if one fails."""
+    name = builder.name
+    if not tensorflow_installed():
+        raise ValueError(f"Preparing {name!r} needs TensorFlow, which is not installed: {INSTALL_HINT} "
+                         f"(reading prepared data does not need it).")
+    manual_dir = os.fspath(manual_dir) if manual_dir else os.path.join(builder._data_dir_root, "downloads", "manual")
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+            raise ValueError(f"{name!r} must be downloaded by hand: put its files in {manual_dir} (or pass "
+                             f"manual_dir=), see https://www.tensorflow.org/datasets/catalog/{name}.")
+    elif not network_reachable():
+        raise ValueError(f"{name!r} is not prepared in {builder._data_dir_root} and must be downloaded, but there "
+                         f"is no network; prepare it on a connected machine and copy the data_dir here.")
+    import tensorflow_datasets as tfds
+
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))

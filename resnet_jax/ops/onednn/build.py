@@ -1,0 +1,117 @@
+"""Compiling the extension: find the toolchain, key the binary by everything it depends on, build it once.
+
+The C++ sources (``csrc/``) are compiled with the machine's C++ compiler against the headers and library of the
+``onednn-devel-cpu-gomp`` / ``onednn-cpu-gomp`` wheels into a cache directory. The key covers the sources, the
+full command line, the compiler's own version, jaxlib's version (the FFI headers), both wheels' versions and the
+CPU's flags (``-march=native``), so any change rebuilds and nothing stale is ever loaded. A file lock makes
+concurrent first uses (``pytest -n 2``, one process per host of a multi-process run) build once: the first
+process builds while the others wait, then all load the same file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+
+from resnet_jax.ops import cpu
+
+SOURCE_DIR = Path(__file__).with_name("csrc")
+LIBRARY_DIST, HEADERS_DIST = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
+INSTALL_HINT = 'pip install -e ".[cpu]" (from a clone of resnet-jax)'
+logger = logging.getLogger("resnet_jax")
+
+
+class OnednnUnavailable(RuntimeError):
+    """The oneDNN extension cannot be used here; the message says why and how to get it."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "resnet_jax" / "onednn"
+
+
+def _dist_file(dist: str, suffix: str) -> Path | None:
+    """A file of an installed wheel whose path ends with ``suffix`` (wheels put these under the prefix)."""
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if str(f).replace("\\", "/").endswith(suffix):
+            path = Path(f.locate()).resolve()
+            if path.exists():
+                return path
+    return None
+
+
+def toolchain() -> dict[str, str]:
+    """Paths the build needs, or ``OnednnUnavailable`` naming the missing piece and the fix."""
+    header = _dist_file(HEADERS_DIST, "oneapi/dnnl/dnnl.hpp")
+    library = _dist_file(LIBRARY_DIST, "libdnnl.so.3") or _dist_file(LIBRARY_DIST, "libdnnl.so")
+    if header is None or library is None:
+        raise OnednnUnavailable(f"the {LIBRARY_DIST} and {HEADERS_DIST} wheels are not installed ({INSTALL_HINT})")
+    wanted = os.environ.get("CXX")  # an explicit choice is honoured, not second-guessed
+    compiler = shutil.which(wanted) if wanted else shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        missing = f"CXX={wanted!r} not found" if wanted else "install g++"
+        raise OnednnUnavailable(f"no C++ compiler to build it with ({missing})")
+    return {"compiler": compiler, "include": str(header.parents[2]), "library": str(library),
+            "jax_include": jax.ffi.include_dir()}
+
+
+@functools.cache
+def _compiler_version(compiler: str) -> str:
+    done = subprocess.run([compiler, "--version"], capture_output=True, text=True)
+    return done.stdout.strip() or done.stderr.strip()
+
+
+def command(tools: dict[str, str], output: Path) -> list[str]:
+    lib_dir = str(Path(tools["library"]).parent)
+    sources = sorted(map(str, SOURCE_DIR.glob("*.cc")))
+    return [tools["compiler"], "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
+            f"-I{tools['jax_include']}", f"-I{tools['include']}", *sources, "-o", str(output), tools["library"],
+            f"-Wl,-rpath,{lib_dir}"]
+
+
+def cache_key(tools: dict[str, str]) -> str:
+    import jaxlib
+
+    texts = [p.read_text() for p in sorted(SOURCE_DIR.iterdir()) if p.suffix in (".cc", ".h")]
+    parts = [*texts, *command(tools, Path("OUT")), _compiler_version(tools["compiler"]), jaxlib.__version__,
+             importlib.metadata.version(LIBRARY_DIST), importlib.metadata.version(HEADERS_DIST), cpu.flags()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def build(tools: dict[str, str] | None = None) -> Path:
+    """The extension's shared library for this toolchain and machine, compiled first if the cache lacks it."""
+    tools = tools or toolchain()
+    target = cache_dir() / cache_key(tools) / "libresnet_jax_onednn.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name("build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait here, then find the file
+        if target.exists():
+            return target
+        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        cmd = command(tools, partial)
+        logger.info("resnet_jax: building the oneDNN extension once for this machine (about a minute) into %s",
+                    target.parent)
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise OnednnUnavailable(f"building it failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")
+        os.replace(partial, target)
+        logger.info("resnet_jax: built the oneDNN extension in %.1f s: %s", time.perf_counter() - start, target)
+    return target

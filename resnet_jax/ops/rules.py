@@ -1,0 +1,117 @@
+"""Which algorithm computes each pass: a name the caller forces, or the per-shape choice behind "auto".
+
+A choice is a triple, one algorithm per pass (forward, input gradient, kernel gradient), because the fastest
+algorithm depends on the pass as much as on the shape. ``choose`` is deterministic: this machine's own
+measurements where ``python -m resnet_jax.ops.tuning`` stored some, else the rules below, read off the per-layer
+tables of BENCHMARKS.md ("Per-layer algorithms"); on GPU/TPU XLA's own convolutions, whose libraries pick
+their algorithms themselves.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+
+import jax
+
+from resnet_jax.ops import cpu, tuning_cache
+from resnet_jax.ops.onednn.library import available as extension_available
+from resnet_jax.ops.registry import ALGORITHMS, REGISTRY
+from resnet_jax.ops.spec import ConvSpec
+
+CHOICES = ("auto", "jax")  # chosen per shape and pass: among all algorithms, or among the pure-JAX ones
+Passes = tuple[str, str, str]  # the algorithm of the forward, of the input gradient, of the kernel gradient
+
+# Inside whole steps the extension's Winograd lost to oneDNN's direct kernels on layers of <= 0.6 GFLOP and won
+# from 2.4 GFLOP up (BENCHMARKS.md, Machine A2, 2026-11-25)
+WINOGRAD_MIN_FLOPS = 1e9
+
+
+def names(algorithm: str) -> Passes | None:
+    """The per-pass names that ``algorithm`` forces (None for a choice, "auto" or "jax"); ``ValueError`` with
+    the known names when it is neither. What a model checks its ``conv_impl`` with."""
+    if algorithm in CHOICES:
+        return None
+    parts = algorithm.split("/") if "/" in algorithm else [algorithm] * 3
+    unknown = [n for n in parts if n not in REGISTRY]
+    if unknown or len(parts) != 3:
+        close = difflib.get_close_matches(unknown[0] if unknown else algorithm, [*ALGORITHMS, *CHOICES], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown convolution algorithm {algorithm!r}; {hint}choose one of "
+                         f"{[*ALGORITHMS, *CHOICES]}, or three of those joined by '/' (forward/input gradient/"
+                         "kernel gradient)")
+    return tuple(parts)
+
+
+def resolve(algorithm: str, spec: ConvSpec, backend: str, fallback: bool = False) -> Passes:
+    """The (forward, input gradient, kernel gradient) algorithms that ``conv2d(algorithm=...)`` runs. A forced
+    name that cannot compute ``spec`` raises ``ValueError`` saying why, or with ``fallback`` gives "auto"'s."""
+    forced = names(algorithm)
+    if forced is None:
+        return choose(spec, backend, extension=algorithm == "auto")
+    refusal = next((r for r in (REGISTRY[n].refusal(spec, backend) for n in dict.fromkeys(forced)) if r), None)
+    if refusal and fallback:
+        return choose(spec, backend)
+    if refusal:
+        raise ValueError(f"{refusal}; use algorithm='auto' to pick one that can")
+    return forced
+
+
+def machine_key() -> str:
+    """What a measured ranking depends on: the CPU, jax's version, the backend and whether the extension is
+    there. Tuning files are keyed by it, so a different machine never reuses another's measurements."""
+    parts = [cpu.flags(), jax.__version__, jax.default_backend(), str(extension_available()), str(os.cpu_count())]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def measured_choice(spec: ConvSpec, extension: bool) -> Passes | None:
+    entry = tuning_cache.entries(machine_key()).get(spec.key())
+    if not entry:
+        return None
+    passes = tuple(entry["auto" if extension else "jax"])
+    usable = all(n in REGISTRY and REGISTRY[n].refusal(spec, "cpu") is None for n in passes)
+    return passes if usable else None
+
+
+def _usable(*algorithms: str, spec: ConvSpec, backend: str) -> bool:
+    return all(REGISTRY[n].refusal(spec, backend) is None for n in algorithms)
+
+
+def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool = True) -> Passes:
+    """The algorithms "auto" runs for ``spec`` on ``backend``, per pass ("jax": ``extension=False``).
+
+    With ``measured``, this machine's own measurements win where they cover the shape. The rules, float32 on CPU
+    (docs/cpu-convolution.md says what each was measured against):
+    - 3x3 stride 1: the extension's Winograd F(4,3) for all three passes, except on small layers
+      (``WINOGRAD_MIN_FLOPS``) and the stems' few channels, where oneDNN's direct kernels win. Without the
+      extension: XLA's forward and input gradient, and the kernel gradient by jnp Winograd F(4,3) in float32, by
+      the patch matmul otherwise.
+    - 1x1: oneDNN's direct kernel forward (it also applies the epilogue) and oneDNN's GEMM for both gradients.
+      Without the extension: XLA's dot for all three, which beats XLA's own 1x1 convolution.
+    - Stems and other strided or large kernels: oneDNN's direct kernels; without the extension XLA's forward and
+      input gradient with the patch matmul's kernel gradient.
+    bfloat16 takes oneDNN's direct kernels where the CPU has bfloat16 instructions and the float32-only
+    algorithms do not apply. On GPU/TPU: XLA's own.
+    """
+    if backend != "cpu":
+        return ("xla", "xla", "xla")
+    if measured:
+        tuned = measured_choice(spec, extension)
+        if tuned:
+            return tuned
+    ok = lambda *algorithms: _usable(*algorithms, spec=spec, backend=backend)  # noqa: E731
+    pure_kernel_grad = "matmul_grad" if spec.groups == 1 else "xla"
+    if spec.kernel == (1, 1) and spec.groups == 1:
+        return ("onednn", "onednn_gemm", "onednn_gemm") if extension and ok("onednn", "onednn_gemm") else \
+            ("gemm", "gemm", "gemm")
+    winograd_grad = spec.dtype == "float32" and spec.in_channels >= 8 and ok("winograd_f4")
+    pure = ("xla", "xla", "winograd_f4" if winograd_grad else pure_kernel_grad)
+    if not extension:
+        return pure
+    # Winograd's fixed costs outweigh the multiplies it saves on small layers and on the stems' few channels
+    small = spec.direct_flops() < WINOGRAD_MIN_FLOPS or spec.in_channels < 8
+    for name in ("onednn",) if small else ("onednn_winograd_f4", "onednn"):
+        if ok(name):
+            return (name, name, name)
+    return pure

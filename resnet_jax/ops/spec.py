@@ -1,0 +1,123 @@
+"""The two types every part of ops/ shares: ``ConvSpec``, what a convolution is, and ``Algorithm``, one way to
+compute it.
+
+Every algorithm computes exactly ``lax.conv_general_dilated`` (NHWC input, HWIO kernel, explicit padding,
+stride, groups) in three passes, the forward, the input gradient and the kernel gradient, and every pass has the
+same signature: two arrays and the ``ConvSpec`` of the forward convolution. Algorithms differ only in speed and
+in which convolutions they can compute (``limits``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """A convolution's static description: shapes, stride, padding, groups and the dtype it computes in.
+
+    Hashable, so it is the static parameter of the convolution primitives and the key of every choice.
+    """
+
+    batch: int
+    height: int
+    width: int
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    padding: Padding
+    groups: int
+    dtype: str
+
+    @classmethod
+    def of(cls, x, kernel, strides, padding, groups) -> ConvSpec:
+        """The spec of ``conv(x, kernel)``; ``padding`` explicit ``((top, bottom), (left, right))``."""
+        n, h, w, cin = x.shape
+        kh, kw, _, cout = kernel.shape
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+        return cls(n, h, w, cin, cout, (kh, kw), tuple(int(s) for s in strides), padding, int(groups),
+                   jnp.dtype(x.dtype).name)
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.height, self.width, self.in_channels)
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int, int]:
+        return (*self.kernel, self.in_channels // self.groups, self.out_channels)
+
+    @property
+    def y_shape(self) -> tuple[int, int, int, int]:
+        (kh, kw), (sh, sw), ((top, bottom), (left, right)) = self.kernel, self.strides, self.padding
+        return (self.batch, (self.height + top + bottom - kh) // sh + 1, (self.width + left + right - kw) // sw + 1,
+                self.out_channels)
+
+    def direct_flops(self) -> float:
+        """Multiply-adds x 2 of the direct convolution."""
+        _, ho, wo, cout = self.y_shape
+        return 2.0 * self.batch * ho * wo * cout * self.kernel[0] * self.kernel[1] * self.in_channels / self.groups
+
+    def key(self) -> str:
+        """A stable text form (the tuning cache's key)."""
+        return json.dumps([self.batch, self.height, self.width, self.in_channels, self.out_channels, self.kernel,
+                           self.strides, self.padding, self.groups, self.dtype])
+
+    def describe(self) -> str:
+        (kh, kw), (sh, sw) = self.kernel, self.strides
+        groups = f", groups {self.groups}" if self.groups != 1 else ""
+        return f"{kh}x{kw} stride {sh}x{sw}{groups} on {self.height}x{self.width}x{self.in_channels}"
+
+
+def any_spec(spec: ConvSpec) -> str | None:
+    """The ``limits`` of an algorithm that computes every convolution."""
+    return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Algorithm:
+    """One way to compute a convolution: its three passes and the convolutions it can compute.
+
+    forward(x, kernel, spec) -> y
+    input_grad(dy, kernel, spec) -> dx
+    kernel_grad(x, dy, spec) -> dkernel
+    fused_forward(x, kernel, spec, bias, residual, relu) -> relu(y + bias + residual), for algorithms that apply
+      that epilogue inside their kernel (saving a pass over y); None for the others.
+    limits(spec) -> None when it computes ``spec``, else what it cannot do, as the end of a sentence.
+    cpu_only: it runs on CPU only (the C++ extension).
+    """
+
+    name: str
+    forward: Callable
+    input_grad: Callable
+    kernel_grad: Callable
+    limits: Callable[[ConvSpec], str | None] = any_spec
+    cpu_only: bool = False
+    fused_forward: Callable | None = None
+
+    @classmethod
+    def from_forward(cls, name: str, forward: Callable, **fields) -> Algorithm:
+        """An algorithm written as a differentiable forward: both gradients are autodiff's. A convolution is
+        linear in each operand, so the point the derivative is taken at does not matter (zeros), and XLA drops
+        the unused forward."""
+        def input_grad(dy, kernel, spec):
+            return jax.vjp(lambda x: forward(x, kernel, spec), jnp.zeros(spec.x_shape, dy.dtype))[1](dy)[0]
+
+        def kernel_grad(x, dy, spec):
+            return jax.vjp(lambda k: forward(x, k, spec), jnp.zeros(spec.kernel_shape, x.dtype))[1](dy)[0]
+
+        return cls(name=name, forward=forward, input_grad=input_grad, kernel_grad=kernel_grad, **fields)
+
+    def refusal(self, spec: ConvSpec, backend: str) -> str | None:
+        """None when this algorithm computes ``spec`` on ``backend``, else a sentence saying why not."""
+        if self.cpu_only and backend != "cpu":
+            return f"algorithm {self.name!r} runs on CPU only (this backend is {backend})"
+        reason = self.limits(spec)
+        return None if reason is None else f"algorithm {self.name!r} {reason}; this convolution is {spec.describe()}"
