@@ -244,3 +244,32 @@ def test_model_conv_impl_applies_where_it_can_and_auto_elsewhere():
 def test_unknown_conv_impl_is_a_clear_error():
     with pytest.raises(ValueError, match="conv_impl"):
         create_model("resnet18", conv_impl="cudnn")
+
+
+def test_bfloat16_computes_in_float32_where_the_cpu_has_no_bfloat16_instructions():
+    """There oneDNN refuses bfloat16 and XLA emulates it (a ResNet-18-CIFAR step 2.8x slower than float32,
+    BENCHMARKS.md): "auto" and "jax" upcast the convolution, a forced algorithm computes as named."""
+    from resnet_jax.ops import rules
+
+    assert rules.compute_dtype("bfloat16", "auto", "cpu", native_bfloat16=False) == "float32"
+    assert rules.compute_dtype("bfloat16", "jax", "cpu", native_bfloat16=False) == "float32"
+    assert rules.compute_dtype("bfloat16", "auto", "cpu", native_bfloat16=True) == "bfloat16"
+    assert rules.compute_dtype("bfloat16", "xla", "cpu", native_bfloat16=False) == "bfloat16"
+    assert rules.compute_dtype("bfloat16", "auto", "gpu", native_bfloat16=False) == "bfloat16"
+    assert rules.compute_dtype("float32", "auto", "cpu", native_bfloat16=False) == "float32"
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(keys[0], (2, 8, 8, 16)).astype(jnp.bfloat16)
+    k = (jax.random.normal(keys[1], (3, 3, 16, 16)) / 12).astype(jnp.bfloat16)
+    f = lambda a, b: conv2d(a, b, (1, 1), ((1, 1), (1, 1)), algorithm="auto", relu=True)  # noqa: E731
+    y = jax.jit(f)(x, k)
+    assert y.dtype == jnp.bfloat16
+    dx = jax.grad(lambda a: jnp.sum(f(a, k).astype(jnp.float32)))(x)
+    assert dx.dtype == jnp.bfloat16
+    if cpu.native_bfloat16():
+        return  # this CPU computes bfloat16 natively; the rule above covers the other kind
+    text = str(jax.make_jaxpr(f)(x, k))
+    assert "new_dtype=float32" in text  # the convolution runs on upcast operands
+    want = jax.nn.relu(lax.conv_general_dilated(x.astype(jnp.float32), k.astype(jnp.float32), (1, 1),
+                                                ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32),
+                               rtol=2e-2, atol=2e-2)

@@ -20,7 +20,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from resnet_jax.ops import linear
 from resnet_jax.ops.registry import REGISTRY
-from resnet_jax.ops.rules import resolve
+from resnet_jax.ops.rules import compute_dtype, resolve
 from resnet_jax.ops.spec import ConvSpec
 from resnet_jax.ops.xla import lax_conv
 
@@ -37,13 +37,20 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int] = (1, 1),
     gradient/kernel gradient, e.g. "xla/xla/winograd_f4"), "auto" (per pass, the fastest measured for this
     shape, dtype and backend) or "jax" (the same among the pure-JAX algorithms: what "auto" does without the
     CPU extension). A forced algorithm that cannot compute this convolution raises ``ValueError`` saying why,
-    unless ``fallback`` (what a model's ``conv_impl`` uses): then "auto" computes it instead.
+    unless ``fallback`` (what a model's ``conv_impl`` uses): then "auto" computes it instead. "auto" and "jax"
+    compute bfloat16 in float32 on CPUs without bfloat16 instructions (``rules.compute_dtype``).
     """
     if x.dtype != kernel.dtype:
         raise ValueError(f"conv2d computes in one dtype, but x is {x.dtype} and the kernel {kernel.dtype}; cast "
                          "one of them (as lax.conv_general_dilated requires too)")
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], tuple(strides), padding)
+    dtype = compute_dtype(jnp.dtype(x.dtype).name, algorithm, jax.default_backend())
+    if dtype != jnp.dtype(x.dtype).name:
+        cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+        y = conv2d(cast(x), cast(kernel), strides, padding, groups, bias=cast(bias), residual=cast(residual),
+                   relu=relu, algorithm=algorithm, fallback=fallback)
+        return y.astype(x.dtype)
     spec = ConvSpec.of(x, kernel, strides, padding, groups)
     passes = resolve(algorithm, spec, jax.default_backend(), fallback)
     if passes == ("xla", "xla", "xla"):  # plain lax, which every transformation knows

@@ -26,6 +26,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax._src import dispatch
 from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -57,6 +58,10 @@ kernel_grad_p.def_abstract_eval(lambda x, dy, *, passes, spec: ShapedArray(spec.
 for _prim, _impl in ((conv_p, _conv), (input_grad_p, _input_grad), (kernel_grad_p, _kernel_grad)):
     _prim.def_impl(_impl)
     mlir.register_lowering(_prim, mlir.lower_fun(_impl, multiple_results=False))
+# The extension's calls inside these lowerings carry a sharding rule (custom_partitioning), which needs the
+# devices while lowering; jax lowers device-agnostically unless the jaxpr shows a primitive that needs them, and
+# the calls are hidden inside ours, so declare it (jax keeps this registry in a private module).
+dispatch.prim_requires_devices_during_lowering.update((conv_p, input_grad_p, kernel_grad_p))
 
 # ------------------------------------------------------------------------------------------- transposition
 ad.defbilinear(conv_p,

@@ -58,6 +58,20 @@ def resolve(algorithm: str, spec: ConvSpec, backend: str, fallback: bool = False
     return forced
 
 
+def compute_dtype(dtype: str, algorithm: str, backend: str, native_bfloat16: bool | None = None) -> str:
+    """The dtype a convolution chosen by ``algorithm`` computes in, for inputs of ``dtype``.
+
+    bfloat16 on a CPU without bfloat16 instructions (AVX2, or AVX-512 without BF16) computes in float32: there
+    oneDNN refuses bfloat16 convolutions, and XLA emulates them slower than its float32 ones, so a bfloat16
+    model would train slower than the same model in float32. Upcast, the float32 algorithms (Winograd, oneDNN)
+    run, and the activations between layers stay bfloat16. A forced algorithm computes as named.
+    """
+    if dtype != "bfloat16" or backend != "cpu" or algorithm not in CHOICES:
+        return dtype
+    native = cpu.native_bfloat16() if native_bfloat16 is None else native_bfloat16
+    return dtype if native else "float32"
+
+
 def machine_key() -> str:
     """What a measured ranking depends on: the CPU, jax's version, the backend and whether the extension is
     there. Tuning files are keyed by it, so a different machine never reuses another's measurements."""

@@ -5,7 +5,7 @@ kernels through ``jax.ffi`` closes that gap while XLA keeps fusing everything ar
 
     build.py       find the compiler and the oneDNN wheels, compile ``csrc/*.cc`` once per machine (locked, keyed)
     library.py     load the binary, register its FFI targets; ``available()`` and ``unavailable_reason()``
-    calls.py       each C++ entry point as a JAX function, called by name
+    calls.py       each C++ entry point as a JAX function, called by name, with its data-parallel sharding rule
     algorithms.py  the extension's ``Algorithm`` records, which ``ops/registry.py`` lists with the others
 
 ``python -m resnet_jax.ops.onednn --build`` builds it, checks it against XLA and says where it is.

@@ -1,71 +1,139 @@
-"""The extension's C++ entry points as JAX functions: one ``jax.ffi`` call each, named after its target."""
+"""The extension's C++ entry points as JAX functions: one ``jax.ffi`` call each, named after its target.
+
+Every call is data parallel over the batch, and XLA must know it. The C++ code sees one buffer; without a
+sharding rule, XLA would all-gather a sharded batch into every device's call, and every device would compute the
+whole batch. So each call is a ``custom_partitioning``: its rule says which operands are split with the batch
+(axis 0: images, or the pixel rows of a GEMM) and which are needed whole (kernels, bias), and whether the result
+is split the same way or is a sum over the batch (a kernel gradient), which the per-device results then
+``psum``. The shapes inside come from the operands each device holds, so one rule serves any mesh; on one
+device the rule is not used at all.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import sequential_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax.ops.onednn.library import load
 
+SPLIT, WHOLE = "split", "whole"  # an operand split along axis 0 with the batch, or one every device needs whole
 
-def _call(target: str, shape, dtype, *operands, in_place: int | None = None, **attrs):
-    """One FFI call; ``in_place`` names an operand whose buffer becomes the result (XLA copies it first only
-    where it is still needed elsewhere)."""
+
+def _call(target: str, result, dtype, operands, layout, attrs: dict, summed: bool = False,
+          in_place: int | None = None):
+    """Call ``target`` on ``operands`` (one ``layout`` entry each; ``operands[0]`` is split).
+
+    ``result`` is the result's shape without its leading batch axis (its whole shape when ``summed``);
+    ``in_place`` names an operand whose buffer becomes the result (XLA copies it first only where it is still
+    needed elsewhere); ``attrs`` are the call's integer attributes (tuples become int64 arrays)."""
+    static = (target, tuple(result), jnp.dtype(dtype).name, tuple(layout), bool(summed), in_place,
+              tuple(sorted((k, v) for k, v in attrs.items())), tuple(len(o.shape) for o in operands))
+    return _partitioned(*static)(*operands)
+
+
+def _ffi(target, result, dtype, summed, in_place, attrs, operands):
     load()  # registers the targets (once); raises OnednnUnavailable where it cannot
-    aliases = {} if in_place is None else {in_place: 0}
+    shape = tuple(result) if summed else (operands[0].shape[0], *result)
+    values = {k: np.asarray(v, np.int64) if isinstance(v, tuple) else np.int64(v) for k, v in attrs}
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential",
-                            input_output_aliases=aliases)(*operands, **attrs)
+                            input_output_aliases={} if in_place is None else {in_place: 0})(*operands, **values)
 
 
-def _padding(padding) -> np.ndarray:
+@functools.cache
+def _partitioned(target, result, dtype, layout, summed, in_place, attrs, ranks):
+    """The call of ``target`` with this static signature as a batch-parallel ``custom_partitioning``."""
+    def body(*operands):
+        return _ffi(target, result, dtype, summed, in_place, attrs, operands)
+
+    def shardings(mesh, arg_shapes):
+        spec = arg_shapes[0].sharding.spec
+        batch_axes = spec[0] if len(spec) else None
+        split = NamedSharding(mesh, PartitionSpec(batch_axes))
+        whole = NamedSharding(mesh, PartitionSpec())
+        return batch_axes, tuple(split if kind == SPLIT else whole for kind in layout), whole if summed else split
+
+    def partition(mesh, arg_shapes, result_shape):
+        batch_axes, args, out = shardings(mesh, arg_shapes)
+
+        def per_device(*operands):
+            y = body(*operands)
+            return jax.lax.psum(y, batch_axes) if summed and batch_axes is not None else y
+        return mesh, per_device, out, args
+
+    # Shardy's rule: factor "b" is the batch axis of every split operand (and of a split result); every other
+    # dimension is a factor of its own, which the partition above keeps whole
+    names = [[f"o{i}d{d}" for d in range(rank)] for i, rank in enumerate(ranks)]
+    for i, kind in enumerate(layout):
+        if kind == SPLIT:
+            names[i][0] = "b"
+    out = [f"rd{d}" for d in range(len(result) + (0 if summed else 1))]
+    if not summed:
+        out[0] = "b"
+    rule = ", ".join(" ".join(n) for n in names) + " -> " + " ".join(out)
+    call = custom_partitioning(body)
+    call.def_partition(partition=partition, infer_sharding_from_operands=lambda m, a, r: shardings(m, a)[2],
+                       sharding_rule=rule, **({"reduction_factors": ("b",)} if summed else {}))
+    return sequential_vmap(call)  # vmap: one call per mapped element, as the FFI call itself would
+
+
+def _padding(padding) -> tuple[int, ...]:
     (top, bottom), (left, right) = padding
-    return np.asarray([top, bottom, left, right], np.int64)
+    return (top, bottom, left, right)
 
 
 def _geometry(spec) -> dict:
-    return dict(strides=np.asarray(spec.strides, np.int64), padding=_padding(spec.padding),
-                groups=np.int64(spec.groups))
+    return dict(strides=tuple(spec.strides), padding=_padding(spec.padding), groups=spec.groups)
 
 
-def _epilogue(bias, residual, shape, dtype) -> tuple[list, int | None, dict]:
-    """The optional operands after (x, kernel), the index of the residual, which is updated in place, and the
-    attributes that say which are there. The kernel adds its result to the residual's buffer instead of reading
-    it and writing a second buffer (one pass over the output less; a residual is dead after the add, so XLA
-    needs no copy)."""
-    operands = [] if bias is None else [bias]
-    in_place = None
+def _epilogue(bias, residual, shape, dtype) -> tuple[list, list, int | None, dict]:
+    """The optional operands after (x, kernel), their layouts, the index of the residual, which is updated in
+    place, and the attributes that say which are there. The kernel adds its result to the residual's buffer
+    instead of reading it and writing a second buffer (one pass over the output less; a residual is dead after
+    the add, so XLA needs no copy)."""
+    operands, layout, in_place = [], [], None
+    if bias is not None:
+        operands.append(bias)
+        layout.append(WHOLE)
     if residual is not None:
         if residual.shape != tuple(shape):
             raise ValueError(f"the residual's shape {residual.shape} is not the convolution's output shape "
                              f"{tuple(shape)}")
         operands.append(residual.astype(dtype))
+        layout.append(SPLIT)
         in_place = 1 + len(operands)
-    return operands, in_place, dict(has_bias=np.int64(bias is not None), has_residual=np.int64(residual is not None))
+    return operands, layout, in_place, dict(has_bias=int(bias is not None), has_residual=int(residual is not None))
 
 
 def conv_forward(x, kernel, spec, bias=None, residual=None, relu=False):
     """``relu(conv(x, kernel) + bias + residual)`` in one oneDNN call (bias, residual, relu optional)."""
-    extra, in_place, flags = _epilogue(bias, residual, spec.y_shape, x.dtype)
-    return _call("ResnetJaxConvForward", spec.y_shape, x.dtype, x, kernel, *extra, in_place=in_place,
-                 relu=np.int64(bool(relu)), **flags, **_geometry(spec))
+    extra, layout, in_place, flags = _epilogue(bias, residual, spec.y_shape, x.dtype)
+    return _call("ResnetJaxConvForward", spec.y_shape[1:], x.dtype, (x, kernel, *extra), (SPLIT, WHOLE, *layout),
+                 dict(relu=int(bool(relu)), **flags, **_geometry(spec)), in_place=in_place)
 
 
 def conv_backward_data(dy, kernel, spec):
-    return _call("ResnetJaxConvBackwardData", spec.x_shape, dy.dtype, dy, kernel, **_geometry(spec))
+    return _call("ResnetJaxConvBackwardData", spec.x_shape[1:], dy.dtype, (dy, kernel), (SPLIT, WHOLE),
+                 _geometry(spec))
 
 
 def conv_backward_weights(x, dy, spec):
-    return _call("ResnetJaxConvBackwardWeights", spec.kernel_shape, x.dtype, x, dy, **_geometry(spec))
+    return _call("ResnetJaxConvBackwardWeights", spec.kernel_shape, x.dtype, (x, dy), (SPLIT, SPLIT),
+                 _geometry(spec), summed=True)
 
 
 def winograd_forward(x, kernel, padding, m, bias=None, residual=None, relu=False):
     """A 3x3 stride-1 convolution by Winograd F(m x m, 3 x 3), with the same optional epilogue."""
     (top, bottom), (left, right) = padding
     shape = (x.shape[0], x.shape[1] + top + bottom - 2, x.shape[2] + left + right - 2, kernel.shape[-1])
-    extra, in_place, flags = _epilogue(bias, residual, shape, x.dtype)
-    return _call("ResnetJaxWinogradForward", shape, x.dtype, x, kernel, *extra, in_place=in_place,
-                 padding=_padding(padding), m=np.int64(m), relu=np.int64(bool(relu)), **flags)
+    extra, layout, in_place, flags = _epilogue(bias, residual, shape, x.dtype)
+    return _call("ResnetJaxWinogradForward", shape[1:], x.dtype, (x, kernel, *extra), (SPLIT, WHOLE, *layout),
+                 dict(padding=_padding(padding), m=m, relu=int(bool(relu)), **flags), in_place=in_place)
 
 
 def winograd_backward_data(dy, kernel, padding, m):
@@ -77,13 +145,15 @@ def winograd_backward_data(dy, kernel, padding, m):
 
 
 def winograd_backward_weights(x, dy, padding, m):
-    return _call("ResnetJaxWinogradBackwardWeights", (3, 3, x.shape[-1], dy.shape[-1]), x.dtype, x, dy,
-                 padding=_padding(padding), m=np.int64(m))
+    return _call("ResnetJaxWinogradBackwardWeights", (3, 3, x.shape[-1], dy.shape[-1]), x.dtype, (x, dy),
+                 (SPLIT, SPLIT), dict(padding=_padding(padding), m=m), summed=True)
 
 
 def matmul(a, b, transpose_a=False, transpose_b=False):
-    """``a @ b`` (float32) by oneDNN's GEMM; ``transpose_a``/``transpose_b`` read an operand stored transposed."""
-    rows = a.shape[1] if transpose_a else a.shape[0]
+    """``a @ b`` (float32) by oneDNN's GEMM; ``transpose_a``/``transpose_b`` read an operand stored transposed.
+    The rows of ``a`` are pixels, split with the batch: with ``transpose_a`` they are summed over."""
     cols = b.shape[0] if transpose_b else b.shape[1]
-    return _call("ResnetJaxMatmul", (rows, cols), jnp.float32, a, b, transpose_lhs=np.int64(transpose_a),
-                 transpose_rhs=np.int64(transpose_b))
+    attrs = dict(transpose_lhs=int(transpose_a), transpose_rhs=int(transpose_b))
+    if transpose_a:
+        return _call("ResnetJaxMatmul", (a.shape[1], cols), jnp.float32, (a, b), (SPLIT, SPLIT), attrs, summed=True)
+    return _call("ResnetJaxMatmul", (cols,), jnp.float32, (a, b), (SPLIT, WHOLE), attrs)

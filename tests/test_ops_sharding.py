@@ -1,0 +1,84 @@
+"""The extension's calls follow the batch sharding: a data-parallel step computes each device's shard where it
+lies, with no all-gather of activations, and equals the one-device step.
+
+The project's own jitted train and eval steps (``make_train_step`` / ``make_eval_step``, ResNet-8 under
+``conv_impl="auto"``) on a 1-device and a 2-device CPU mesh, in a child process (the device count is fixed
+before jax starts)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from resnet_jax.ops import onednn
+
+PROBE = textwrap.dedent(r"""
+    import json, os, re, sys
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+    from resnet_jax.parallel import make_mesh, replicate, shard_batch
+    from resnet_jax.training import base_config
+    from resnet_jax.training.config import model_from_config
+    from resnet_jax.training.optim import make_optimizer
+    from resnet_jax.training.state import create_train_state
+    from resnet_jax.training.steps import make_eval_step, make_train_step
+
+    c = base_config()
+    c.model, c.batch_size, c.image_size, c.augment, c.learning_rate = "resnet20", 8, 16, "none", 0.1
+    c.model_overrides.update(in_channels=3, stage_sizes=(1, 1, 1), conv_impl=sys.argv[1])
+    model = model_from_config(c, 10)
+    tx = make_optimizer(c, steps_per_epoch=1)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.standard_normal((8, 16, 16, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, 8).astype(np.int32), "mask": np.ones(8, bool)}
+
+    def gathers(text):
+        return text.count("all-gather(") + text.count("all-gather-start(")
+
+    def image_batches(text):  # the batch axis of every image an extension call returns
+        return sorted({int(m) for m in re.findall(
+            r"= f32\[(\d+),\d+,\d+,\d+\][^\n]*custom_call_target=\"ResnetJax(?:ConvForward|ConvBackwardData|"
+            r"WinogradForward)\"", text)})
+
+    out = {}
+    for n in (1, 2):
+        mesh = make_mesh(jax.devices()[:n])
+        state = replicate(create_train_state(model, tx, 0, (1, 16, 16, 3)), mesh)
+        data = shard_batch(batch, mesh)
+        train, evaluate = make_train_step(c, 10, mesh), make_eval_step(mesh, model)
+        texts = [train.lower(state, data).compile().as_text(), evaluate.lower(state, data).compile().as_text()]
+        eval_loss = float(jax.device_get(evaluate(state, data))["loss"])
+        losses = []
+        for _ in range(2):
+            state, sums = train(state, data)
+            losses.append(float(jax.device_get(sums)["loss"]))
+        out[n] = {"all_gather": sum(map(gathers, texts)), "losses": [*losses, eval_loss],
+                  "calls": sum(t.count('custom_call_target="ResnetJax') for t in texts),
+                  "batches": sorted({b for t in texts for b in image_batches(t)})}
+    # a positive control for the count: a batch that must be whole on every device is gathered
+    whole = NamedSharding(mesh, PartitionSpec())
+    control = jax.jit(lambda x: jax.lax.with_sharding_constraint(x * 2, whole) + 1).lower(data["image"])
+    out["control_all_gather"] = gathers(control.compile().as_text())
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_data_parallel_steps_run_the_extension_per_shard_without_all_gathers():
+    if not onednn.available():
+        pytest.skip(f"the oneDNN extension is unavailable here: {onednn.unavailable_reason()}")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, "-c", PROBE, "auto"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")))
+    one, two = result["1"], result["2"]
+    assert result["control_all_gather"] > 0  # the count sees a gathered batch
+    assert one["calls"] > 0 and two["calls"] == one["calls"]  # both steps run the extension ...
+    assert two["all_gather"] == 0, two  # ... and never gather the batch for it
+    assert one["batches"] == [8] and two["batches"] == [4]  # each device computes its half of the batch
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
