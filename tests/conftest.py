@@ -7,12 +7,14 @@ puts tests/ on sys.path, as for ``training_helpers``).
   variables or a torch ``state_dict``.
 - ``run_python(snippet=None, *, module=None, args=(), env=None, timeout=300, check=True)``: a fresh Python
   process; a failure shows its output.
-- ``requires_onednn_toolchain``: skips a test where the oneDNN extension cannot be built (not Linux x86_64, its
-  wheels absent, no C++ compiler); ``onednn_toolchain_missing()`` gives the reason, or None.
+- ``requires_onednn_toolchain``: a mark that skips a test where the oneDNN extension cannot be built (not Linux
+  x86_64, its wheels absent, no C++ compiler), and fails it instead on CI on Linux x86_64;
+  ``onednn_toolchain_missing()`` gives the reason, or None.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -120,29 +122,47 @@ def _tails(stdout, stderr) -> str:
 
 
 def onednn_toolchain_missing() -> str | None:
-    """Why the oneDNN extension cannot be expected to build here, or None where it must build (read afresh on
-    each call: ``CXX`` in the environment picks the compiler)."""
-    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
+    """Why the oneDNN extension cannot be expected to build here (not Linux x86_64, its wheels absent, no C++
+    compiler), or None where it must build. Read afresh on each call: ``CXX`` in the environment picks the
+    compiler."""
+    if not on_linux_x86_64():
         return "the oneDNN wheels exist for Linux x86_64 only"
-    from resnet_jax.ops import onednn
+    from resnet_jax.ops.onednn.build import OnednnUnavailable, toolchain
 
     try:
-        onednn._toolchain()
-    except onednn.OnednnUnavailable as err:
+        toolchain()
+    except OnednnUnavailable as err:
         return str(err)
     return None
 
 
-# ``@requires_onednn_toolchain`` (or ``pytestmark = requires_onednn_toolchain``): skipped, with the reason, where
-# ``onednn_toolchain_missing()`` says why. The check runs when such a test is set up, not at collection.
+def on_linux_x86_64() -> bool:
+    return sys.platform.startswith("linux") and platform.machine() == "x86_64"
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+# ``@requires_onednn_toolchain`` (or ``pytestmark = requires_onednn_toolchain``): where the toolchain is missing
+# (``onednn_toolchain_missing()``) the test is skipped with the reason, except on CI on Linux x86_64, where the
+# extension must work and the reason fails the test instead.
 requires_onednn_toolchain = pytest.mark.requires_onednn_toolchain
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "requires_onednn_toolchain: skipped where the oneDNN extension cannot be "
-                                       "built (not Linux x86_64, its wheels absent, or no C++ compiler)")
+                                       "built (not Linux x86_64, its wheels absent, or no C++ compiler); fails "
+                                       "instead on CI on Linux x86_64")
 
 
 def pytest_runtest_setup(item):
-    if item.get_closest_marker("requires_onednn_toolchain") and (reason := onednn_toolchain_missing()):
-        pytest.skip(reason)
+    if item.get_closest_marker("requires_onednn_toolchain") and not (on_ci() and on_linux_x86_64()):
+        if reason := onednn_toolchain_missing():
+            pytest.skip(reason)
+
+
+def pytest_runtest_call(item):
+    if item.get_closest_marker("requires_onednn_toolchain") and on_ci() and on_linux_x86_64():
+        if reason := onednn_toolchain_missing():
+            pytest.fail(f"CI on Linux x86_64 must run the oneDNN extension, but it is unusable: {reason}")
