@@ -2,20 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_python
 
 
 def run_script(module, tmp_path, *extra):
     out = tmp_path / "result.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--json", str(out), *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_python(module=module, args=["--quick", "--json", out, *extra], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                      timeout=600)
     assert "|---" in proc.stdout, proc.stdout  # a markdown table was printed
     data = json.loads(out.read_text())
     assert data["environment"]["jax"] and data["environment"]["cpu"]

@@ -1,13 +1,10 @@
 """The input-pipeline benchmark runs end to end (smoke mode) and writes the JSON it reports."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_python
 
 
 @pytest.mark.slow
@@ -15,9 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_input_pipeline_benchmark_smoke(tmp_path):
     pytest.importorskip("tensorflow")
     out = tmp_path / "input_pipeline.json"
-    run = subprocess.run([sys.executable, "-m", "benchmarks.input_pipeline", "--quick", "--workers", "0",
-                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = run_python(module="benchmarks.input_pipeline", args=["--quick", "--workers", "0", "--json", out])
     report = json.loads(out.read_text())
     assert {"date", "cpu", "versions", "command"} <= set(report)
     rows = {(r["recipe"], r["pipeline"]): r for r in report["results"]}

@@ -43,7 +43,7 @@ def test_channels_are_converted_and_alpha_dropped():
 
 
 def test_a_greyscale_batch_is_only_read_as_one_for_one_channel_models():
-    images = digits(2)  # (2, 8, 8): the shape that crashed inside PIL (issue 16)
+    images = digits(2)  # (2, 8, 8): the shape that once crashed inside PIL
     assert prepare(images, channels=1).shape == (2, 8, 8, 1)
     with pytest.raises(ValueError, match=r"takes 3 channels, so add a channel axis with images\[\.\.\., None\]"):
         prepare(images, channels=3)

@@ -3,8 +3,6 @@ as ArrayRecord on disk and read back without TensorFlow, and each failure as one
 
 import json
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from conftest import run_python  # noqa: E402
 from resnet_jax import data  # noqa: E402
 from resnet_jax.data import prepare as prep  # noqa: E402
 
@@ -99,9 +98,7 @@ print(json.dumps({"shape": list(batch["image"].shape), "error": error, "tf": "te
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_reading_needs_no_tensorflow_and_preparing_says_so(tiny_dir, tmp_path):
-    out = subprocess.run([sys.executable, "-c", READ_WITHOUT_TF, str(tiny_dir), str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = run_python(READ_WITHOUT_TF, args=[tiny_dir, tmp_path], timeout=120)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"] == [6, 16, 16, 3] and not result["tf"]
     assert "needs TensorFlow" in result["error"] and "resnet-jax[data]" in result["error"]

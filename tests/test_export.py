@@ -5,18 +5,17 @@ inputs get one sentence each."""
 
 import json
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_batch_stats, run_python
 from resnet_jax import create_model, data
 from resnet_jax.export import ArtifactError, Preprocessing, export_model, load_exported
 from resnet_jax.training.classifier import Classifier
-from training_helpers import REPO, once_per_session, trained_like, worker_env
+from training_helpers import once_per_session, worker_env
 
 # Runs the StableHLO artifact with jax alone: any import of resnet_jax fails, as on a machine without it.
 BLOCKED_RUNNER = r"""
@@ -59,7 +58,7 @@ def train_digits(workdir):
 def random_resnet50(workdir):
     """ResNet-50 at 64x64 with 1000 classes, random weights and trained-like BatchNorm, saved as a workdir."""
     clf = Classifier("resnet50", num_classes=1000, image_size=64, normalize="imagenet")
-    clf.variables = jax.device_get(trained_like(clf.model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))))
+    clf.variables = jax.device_get(random_batch_stats(clf.model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))), 0))
     clf.save(workdir)
 
 
@@ -113,9 +112,8 @@ def test_stablehlo_runs_without_resnet_jax_and_equals_model_apply(run, artifacts
     batch = load_exported(artifacts["stablehlo"]).prepare(images)
     batches = {"one": batch[:1], "many": batch}
     np.savez(tmp_path / "in.npz", **batches)
-    command = [sys.executable, "-c", BLOCKED_RUNNER, artifacts["stablehlo"], tmp_path / "in.npz", tmp_path / "out.npz"]
-    proc = subprocess.run(list(map(str, command)), env=worker_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(BLOCKED_RUNNER, args=[artifacts["stablehlo"], tmp_path / "in.npz", tmp_path / "out.npz"],
+                      env=worker_env(), timeout=600)
     assert proc.stdout.strip() == "blocked: []"  # resnet_jax could not be imported and never was
     got = np.load(tmp_path / "out.npz")
     for name, b in batches.items():
@@ -136,10 +134,7 @@ def test_onnx_in_onnxruntime_equals_model_apply(run, artifacts):
 
 
 def predict_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "train.predict", *map(str, args)], cwd=REPO, env=worker_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_python(module="train.predict", args=args, env=worker_env(), timeout=600).stdout
 
 
 def top5(stdout):
@@ -217,17 +212,15 @@ def test_export_command_writes_each_format(digits_run, tmp_path):
     clf, images, _ = digits_run
     for fmt, name in (("stablehlo", "m.stablehlo"), ("onnx", "m.onnx"), (None, "m.pth"),
                       ("safetensors", "m.safetensors")):
-        proc = subprocess.run([sys.executable, "-m", "train.export", f"--workdir={clf.workdir}",
-                               f"--output={tmp_path / name}", *([f"--format={fmt}"] if fmt else [])], cwd=REPO,
-                              env=worker_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = run_python(module="train.export", args=[f"--workdir={clf.workdir}", f"--output={tmp_path / name}",
+                                                       *([f"--format={fmt}"] if fmt else [])],
+                          env=worker_env(), timeout=600)
         assert (tmp_path / name).exists() and proc.stdout.startswith(f"wrote {tmp_path / name}")
     want = [row[0][0] for row in clf.predict(images, top_k=1)]
     for name in ("m.stablehlo", "m.onnx"):
         assert [row[0][0] for row in load_exported(tmp_path / name).predict(images, top_k=1)] == want
-    proc = subprocess.run([sys.executable, "-m", "train.export", f"--workdir={clf.workdir}",
-                           f"--output={tmp_path / 'm.bin'}"], cwd=REPO, env=worker_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = run_python(module="train.export", args=[f"--workdir={clf.workdir}", f"--output={tmp_path / 'm.bin'}"],
+                      env=worker_env(), timeout=600, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: cannot tell the format from m.bin; pass --format=stablehlo|onnx|torchvision|safetensors or name the "
         "file .stablehlo, .onnx, .pth, .safetensors"]
@@ -308,8 +301,8 @@ def test_predict_command_reports_a_bad_artifact_in_one_line(small_artifact, tmp_
     path = copy_artifact(small_artifact, tmp_path)
     path.write_bytes(small_artifact.read_bytes()[:100])
     np.save(tmp_path / "x.npy", np.zeros((8, 8), np.uint8))
-    proc = subprocess.run([sys.executable, "-m", "train.predict", f"--artifact={path}", str(tmp_path / "x.npy")],
-                          cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
+    proc = run_python(module="train.predict", args=[f"--artifact={path}", tmp_path / "x.npy"], env=worker_env(),
+                      timeout=600, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {path} is {100} bytes but its manifest says "
                                                 f"{small_artifact.stat().st_size}: the file is truncated; copy it "
@@ -340,7 +333,7 @@ VARIANTS = [  # (name, overrides, image size): one block per stage keeps them sm
 def test_onnx_covers_every_variant(name, overrides, size, tmp_path):
     model = create_model(name, num_classes=11, **overrides)
     channels = model.in_channels
-    variables = trained_like(model.init(jax.random.key(0), jnp.zeros((1, size, size, channels))))
+    variables = random_batch_stats(model.init(jax.random.key(0), jnp.zeros((1, size, size, channels))), 0)
     prep = Preprocessing(size, (0.4,) * channels, (0.2,) * channels)
     exported = load_exported(export_model(model, variables, tmp_path / "m.onnx", preprocessing=prep))
     batch = np.random.default_rng(1).integers(0, 256, (2, size, size, channels), dtype=np.uint8)

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from conftest import REPO, assert_close, random_batch_stats
 from resnet_jax import create_model, list_models
 from resnet_jax.resnet import MODEL_CONFIGS
 from resnet_jax.torchvision import to_torchvision
-from training_helpers import REPO, trained_like
 
 # He et al. 2015, table 6: parameters of the CIFAR-10 networks (millions, as printed)
 PAPER_PARAMS = {"resnet20": "0.27", "resnet32": "0.46", "resnet44": "0.66", "resnet56": "0.85", "resnet110": "1.7"}
@@ -85,14 +85,9 @@ def torch_logits(net: nn.Module, variables, x_nhwc: np.ndarray) -> np.ndarray:
 
 def ours(name: str, size: tuple[int, int], seed: int = 0):
     model = create_model(name, num_classes=10)
-    variables = trained_like(model.init(jax.random.key(seed), jnp.zeros((1, *size, 3))))
+    variables = random_batch_stats(model.init(jax.random.key(seed), jnp.zeros((1, *size, 3))), seed)
     x = np.random.default_rng(seed).standard_normal((2, *size, 3)).astype(np.float32)
     return model, variables, x, np.asarray(model.apply(variables, x))
-
-
-def assert_close(got, want, what):
-    scale = float(np.abs(want).max())
-    assert float(np.abs(got - want).max()) <= 1e-4 * scale, what
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))

@@ -1,8 +1,6 @@
 """timm <-> Flax weights: output parity with real timm, strict round trips, refusals of other architectures."""
 
 import copy
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,6 +12,7 @@ import timm
 import torch
 from flax.traverse_util import flatten_dict
 
+from conftest import assert_close, random_batch_stats, run_python
 from resnet_jax import create_model, list_models
 from resnet_jax.torchvision import (TIMM_MODELS, flax_to_torch_name, load_timm, load_torchvision, save_timm,
                                     to_timm, to_torchvision, torch_to_flax_name)
@@ -29,22 +28,8 @@ def timm_model(name, seed=0):
     """A timm model in eval mode with random weights and random, non-trivial BatchNorm statistics."""
     torch.manual_seed(seed)
     model = timm.create_model(name).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    model.load_state_dict(random_batch_stats(model.state_dict(), seed))
     return model
-
-
-def assert_close(ours, ref, what):
-    scale = float(np.abs(ref).max())
-    err = float(np.abs(np.asarray(ours) - ref).max())
-    assert err <= 1e-4 * scale, f"{what}: max |diff| {err:.3g} vs scale {scale:.3g}"
 
 
 def assert_same_state_dict(ours, ref):
@@ -242,9 +227,7 @@ def test_loading_needs_no_torch(tmp_path, name):
         assert not any(m.split(".")[0] in ("torch", "torchvision", "timm") for m in sys.modules), "torch imported"
         print(outs[0].shape, "no torch")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "(1, 1000) no torch" in done.stdout
+    assert "(1, 1000) no torch" in run_python(script).stdout
     for suffix in ("pth", "safetensors"):
         written = (torch.load(tmp_path / f"out.{suffix}", weights_only=True) if suffix == "pth"
                    else safetensors.torch.load_file(tmp_path / f"out.{suffix}"))

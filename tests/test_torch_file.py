@@ -3,7 +3,6 @@
 import io
 import pickle
 import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from conftest import run_python
 from resnet_jax.torch_file import (UnsafeFileError, load_state_dict, read_safetensors, read_torch_file,
                                    save_state_dict, write_safetensors, write_torch_file)
 
@@ -149,9 +149,8 @@ def test_hostile_pickle_is_refused_and_nothing_runs(tmp_path, kind, protocol):
     assert "Nothing from it was run" in str(info.value)
     assert not marker.exists()
     # The payload is real: an ordinary unpickler does run it.
-    subprocess.run([sys.executable, "-c", f"import pickle, zipfile; "
-                    f"pickle.loads(zipfile.ZipFile({str(path)!r}).read('archive/data.pkl'))"], check=False,
-                   capture_output=True, timeout=60)
+    run_python(f"import pickle, zipfile; pickle.loads(zipfile.ZipFile({str(path)!r}).read('archive/data.pkl'))",
+               timeout=60, check=False)
     assert marker.exists()
 
 

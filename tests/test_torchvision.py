@@ -1,7 +1,5 @@
 """torchvision <-> Flax weights: output parity with real torchvision, exact round trips, strict clear errors."""
 
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -13,6 +11,7 @@ import torch
 import torchvision
 from flax.traverse_util import flatten_dict
 
+from conftest import assert_close, random_batch_stats, run_python
 from resnet_jax import create_model
 from resnet_jax.torchvision import load_torchvision, save_torchvision, to_torchvision
 
@@ -24,15 +23,7 @@ def torchvision_model(name, seed=0, **kwargs):
     """A torchvision model in eval mode with random weights and random, non-trivial BatchNorm statistics."""
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(**kwargs).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    model.load_state_dict(random_batch_stats(model.state_dict(), seed))
     return model
 
 
@@ -46,12 +37,6 @@ def torch_forward(model, x):
             features.append(y.numpy())
         logits = model.fc(torch.flatten(model.avgpool(y), 1)).numpy()
     return logits, features
-
-
-def assert_close(ours, ref, what):
-    scale = float(np.abs(ref).max())
-    err = float(np.abs(np.asarray(ours) - ref).max())
-    assert err <= 1e-4 * scale, f"{what}: max |diff| {err:.3g} vs scale {scale:.3g}"
 
 
 def assert_state_dicts_equal(ours, ref, ordered=True):
@@ -221,8 +206,6 @@ def test_loading_needs_no_torch(tmp_path, resnet18):
         assert not any(m.split(".")[0] in ("torch", "torchvision") for m in sys.modules), "torch was imported"
         print("no torch")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "(1, 1000)\nno torch" in done.stdout
+    assert "(1, 1000)\nno torch" in run_python(script).stdout
     loaded = torch.load(tmp_path / "out.pth", weights_only=True)
     assert_state_dicts_equal({k: v.numpy() for k, v in loaded.items()}, resnet18[1])

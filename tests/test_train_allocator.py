@@ -2,13 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_python
+
 PROBE = ("import json, os, sys; from resnet_jax.allocator import preload_tcmalloc; a = preload_tcmalloc(); "
          "print(json.dumps({'allocator': a, 'preload': os.environ.get('LD_PRELOAD', ''), 'argv': sys.argv[1:]}))")
 
@@ -25,8 +25,7 @@ def loaded_libc() -> str:
 def run_probe(choice: str, *args: str) -> tuple[list[dict], str]:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env["RESNET_JAX_TCMALLOC"] = choice
-    out = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=60, check=True)
+    out = run_python(PROBE, args=args, env=env, timeout=60)
     return [json.loads(line) for line in out.stdout.splitlines()], out.stderr
 
 

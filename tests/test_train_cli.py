@@ -3,26 +3,25 @@
 import json
 import re
 import signal
-import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from training_helpers import REPO, snapshot, spawn, worker_env  # noqa: F401
+from conftest import random_batch_stats, run_python
+from training_helpers import snapshot, spawn, tiny_config, worker_env  # noqa: F401
 
 
-def run(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=worker_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def run(module, *args, timeout=900, check=False):
+    return run_python(module=module, args=args, env=worker_env(), timeout=timeout, check=check)
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("default")
     proc = run("train", f"--workdir={workdir}", "--config.progress_bar=False",
-               f"--config.compilation_cache_dir={workdir / 'jit-cache'}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+               f"--config.compilation_cache_dir={workdir / 'jit-cache'}", check=True)
     return workdir, proc
 
 
@@ -41,8 +40,7 @@ def test_default_config_reaches_98_percent_on_digits(default_run):
 @pytest.mark.slow
 def test_evaluate_predict_export_commands(default_run, tmp_path):
     workdir, _ = default_run
-    proc = run("train.evaluate", f"--workdir={workdir}", "--step=best")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run("train.evaluate", f"--workdir={workdir}", "--step=best", check=True)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"] >= 0.97
 
     from PIL import Image
@@ -52,15 +50,43 @@ def test_evaluate_predict_export_commands(default_run, tmp_path):
     sample = data.get_source("digits", "validation", image_size=8)[0]
     image = tmp_path / "digit.png"
     Image.fromarray(sample["image"][:, :, 0]).save(image)
-    proc = run("train.predict", f"--workdir={workdir}", str(image))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run("train.predict", f"--workdir={workdir}", str(image), check=True)
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == str(image) and len(lines) == 6 and lines[1].strip().endswith(str(sample["label"]))
 
     out = tmp_path / "digits_resnet20.pth"
-    proc = run("train.export", f"--workdir={workdir}", f"--output={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run("train.export", f"--workdir={workdir}", f"--output={out}", check=True)
     assert out.stat().st_size > 100_000
+
+
+def test_step_best_takes_the_best_checkpoint_not_the_latest(tmp_path):
+    """Checkpoints at steps 1-3, saved with validation accuracies that make step 2 the best and step 3 the latest,
+    each with a classifier bias of its own value: the weights ``--step=best`` writes out are step 2's."""
+    import jax
+    import jax.numpy as jnp
+    import safetensors.numpy
+
+    from resnet_jax.checkpoint import Checkpointer
+    from resnet_jax.training import validate
+    from resnet_jax.training.config import model_from_config
+
+    config = validate(tiny_config())
+    model = model_from_config(config, 10)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((1, 8, 8, 1)))
+    rng = np.random.default_rng(0)
+    variables = random_batch_stats(jax.tree.map(lambda s: rng.standard_normal(s.shape, s.dtype), shapes), 0)
+    checkpoints = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    for step, val_accuracy in ((1, 0.3), (2, 0.9), (3, 0.5)):
+        fc = {**variables["params"]["fc"], "bias": np.full(10, step, np.float32)}
+        state = {"step": np.int32(step), "params": {**variables["params"], "fc": fc},
+                 "batch_stats": variables["batch_stats"]}
+        checkpoints.save(step, state, None, {"class_names": [str(i) for i in range(10)]}, config.to_dict(),
+                         val_accuracy)
+    checkpoints.close()
+
+    out = tmp_path / "best.safetensors"
+    run("train.export", f"--workdir={tmp_path}", "--step=best", f"--output={out}", timeout=300, check=True)
+    np.testing.assert_array_equal(safetensors.numpy.load_file(out)["fc.bias"], np.full(10, 2, np.float32))
 
 
 def test_bad_config_is_one_clear_sentence(tmp_path):

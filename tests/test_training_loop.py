@@ -4,6 +4,7 @@ The workdir contract (config changes, restart, history) has its own file, test_t
 """
 
 import json
+import re
 import shutil
 
 import jax
@@ -142,6 +143,46 @@ def test_a_checkpoint_of_another_structure_is_a_config_mismatch_not_damage(short
                                              r"\(batch_stats/layer1_1/bn1/mean: saved absent, now float32\[16\]"):
         train(other, workdir)
     assert snapshot(workdir) == before
+
+
+def test_a_checkpoint_that_differs_only_in_a_shape_is_a_config_mismatch_not_damage(short_run, tmp_path):
+    """The same tree, every key present, but conv1 takes three channels where the saved run had one: refused
+    before anything is restored, naming each array whose shape differs (the kernel and its momentum) and no
+    missing key; nothing is called damaged or moved."""
+    from resnet_jax.training import setup
+
+    workdir = copy_of(short_run, tmp_path)
+    other = tiny_config(max_steps=16)
+    other.model_overrides.in_channels = 3
+    (workdir / "config.json").write_text(setup(other).config.to_json_best_effort(indent=2))
+    before = snapshot(workdir)
+    with pytest.raises(ConfigMismatch) as refused:
+        train(other, workdir)
+    found = re.fullmatch(r"the checkpoint at step 16 in \S+ holds a state of another structure than this config "
+                         r"builds \((.*)\), so it belongs to another run; use a new --workdir, or pass "
+                         r"--config.restart=True to move the old run aside", str(refused.value))
+    assert found, str(refused.value)
+    problems = found.group(1).split("; ")
+    assert "params/conv1/kernel: saved float32[3, 3, 1, 16], now float32[3, 3, 3, 16]" in problems
+    assert all(p.endswith("conv1/kernel: saved float32[3, 3, 1, 16], now float32[3, 3, 3, 16]") for p in problems)
+    assert snapshot(workdir) == before
+
+
+def test_count_compiles_counts_a_compilation_and_only_inside_its_block():
+    """The positive control of the zero-compile assertions (here and in test_training_workdir.py): a function
+    compiled for the first time counts, calling it again compiles nothing, and the counter stops at the block's
+    end."""
+    import jax.numpy as jnp
+
+    x = jnp.ones((3, 7, 11))  # a shape no other test compiles for
+    with count_compiles() as compiles:
+        fresh = jax.jit(lambda a: a * 3.0 + 1.0)
+        fresh(x).block_until_ready()
+        first = compiles[0]
+        fresh(x).block_until_ready()
+    assert first >= 1 and compiles[0] == first
+    jax.jit(lambda a: a - 2.0)(x).block_until_ready()
+    assert compiles[0] == first
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -1,14 +1,31 @@
 """A workdir is the record of one run: a changed config is refused with nothing written, safe changes continue,
 starting over is explicit and moves the old run aside, and no history is ever truncated by a fresh start."""
 
+import copy
 import json
 import shutil
 
+import ml_collections
 import pytest
 
 from resnet_jax.checkpoint import ConfigMismatch
-from resnet_jax.training import train
+from resnet_jax.training import base_config, train
+from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION
+from resnet_jax.training.workdir import check, write_config
 from training_helpers import count_compiles, snapshot, tiny_config
+
+# The parametrisations below derive their keys from config.py, so a new key is covered the day it is added; these
+# names are fixed here as well, so that moving one of them to the other list fails a test. DEFINES_THE_RUN: keys
+# whose change would make the checkpoints describe another run (README: "Any other change is refused").
+# CONTINUES: README's list of safe changes.
+DEFINES_THE_RUN = ("model", "model_overrides", "dtype", "remat", "zero_init_residual", "init_from", "dataset",
+                   "train_split", "image_size", "augment", "normalize", "num_workers", "batch_size", "optimizer",
+                   "learning_rate", "lr_scaling", "momentum", "weight_decay", "schedule", "milestones",
+                   "warmup_epochs", "label_smoothing", "class_weights", "mixup_alpha", "cutmix_alpha", "seed")
+CONTINUES = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+             "eval_every_epochs", "eval_batch_size", "early_stopping_patience", "progress_bar",
+             "compilation_cache_dir", "data_dir")
+REFUSED = sorted((set(base_config()) - set(CONTINUABLE) - set(PER_INVOCATION)) | set(DEFINES_THE_RUN))
 
 
 def config(**kw):
@@ -100,3 +117,78 @@ def test_without_config_json_the_checkpoints_config_is_the_contract(run_copy):
     with pytest.raises(ConfigMismatch, match=r"holds files of a run \(metrics.jsonl, .*\) but no config.json"):
         train(config(), run_copy)
     assert snapshot(run_copy) == before
+
+
+# --------------------------------------------------------------------------- the contract, key by key
+
+
+def changed(config, key):
+    """A copy of ``config`` with ``key`` set to another value of its type (in a nested dict such as
+    model_overrides, its first entry), and the change as the workdir's messages write it."""
+    config = copy.deepcopy(config)
+    holder, name = config, key
+    if isinstance(config[key], ml_collections.ConfigDict):
+        assert config[key], f"give tiny_config a value in {key} to change"
+        holder, name = config[key], next(iter(config[key]))
+    old = holder[name]
+    if isinstance(old, bool):
+        new = not old
+    elif isinstance(old, (int, float)):
+        new = old + 1
+    elif isinstance(old, str):
+        new = old + "-changed"
+    elif isinstance(old, tuple):
+        new = (*old, old[-1] if old else 1.0)
+    else:
+        raise TypeError(f"teach this test to change {key}={old!r}")
+    holder[name] = new
+    dotted = key if holder is config else f"{key}.{name}"
+    return config, f"{dotted}: {shown(old)} -> {shown(new)}"
+
+
+def shown(value):
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A workdir whose config.json records the tiny run: what ``train`` compares a resumed run's config with."""
+    write_config(tmp_path, config())
+    return tmp_path
+
+
+def test_every_key_is_refused_continuable_or_per_invocation():
+    keys = set(base_config())
+    assert set(CONTINUABLE) <= keys and set(PER_INVOCATION) <= keys and not set(CONTINUABLE) & set(PER_INVOCATION)
+    assert set(DEFINES_THE_RUN) <= keys and not set(DEFINES_THE_RUN) & (set(CONTINUABLE) | set(PER_INVOCATION))
+    assert set(CONTINUES) <= set(CONTINUABLE)
+
+
+@pytest.mark.parametrize("key", REFUSED)
+def test_changing_a_key_that_defines_the_run_is_refused(saved, key):
+    """``workdir.check``, which ``train`` calls before writing anything (the tests above show that, end to end,
+    for a few keys): each such key alone is refused, named with its old and new value, and nothing is logged."""
+    new, described = changed(config(), key)
+    messages = []
+    with pytest.raises(ConfigMismatch) as refused:
+        check(saved, new, messages.append)
+    assert f"cannot change within a run ({described}); use a new --workdir" in str(refused.value)
+    assert not messages
+
+
+@pytest.mark.parametrize("key", sorted(set(CONTINUABLE) | set(CONTINUES)))
+def test_changing_a_continuable_key_continues_and_logs_the_change(saved, key):
+    """Accepted, and the change logged (train then records the new config.json, as the max_steps test shows)."""
+    new, described = changed(config(), key)
+    messages = []
+    check(saved, new, messages.append)
+    assert messages == [f"continuing the run in {saved} with changed settings: {described}"]
+
+
+@pytest.mark.parametrize("key", PER_INVOCATION)
+def test_a_per_invocation_key_is_not_compared(saved, key):
+    """This command's options (restart, the processes): neither refused nor logged as a change of the run."""
+    new, _ = changed(config(), key)
+    messages = []
+    check(saved, new, messages.append)
+    assert messages == []

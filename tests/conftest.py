@@ -1,0 +1,168 @@
+"""Helpers shared by the test files, one version of each; import them with ``from conftest import ...`` (pytest
+puts tests/ on sys.path, as for ``training_helpers``).
+
+- ``assert_close(actual, expected, what="", rtol_of_scale=1e-4, min_scale=0.0)``: same shape and dtype, and no
+  entry further from the reference than ``rtol_of_scale`` times the reference's largest magnitude.
+- ``random_batch_stats(variables, key)``: non-trivial BatchNorm statistics and affine parameters, for Flax
+  variables or a torch ``state_dict``.
+- ``run_python(snippet=None, *, module=None, args=(), env=None, timeout=300, check=True)``: a fresh Python
+  process; a failure shows its output.
+- ``requires_onednn_toolchain``: a mark that skips a test where the oneDNN extension cannot be built (not Linux
+  x86_64, its wheels absent, no C++ compiler), and fails it instead on CI on Linux x86_64;
+  ``onednn_toolchain_missing()`` gives the reason, or None.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_close(actual, expected, what: str = "", rtol_of_scale: float = 1e-4, min_scale: float = 0.0) -> None:
+    """``max |actual - expected| <= rtol_of_scale * max(min_scale, max |expected|)``, after checking that shape and
+    dtype agree. The bound is relative to the reference's scale, not to each entry, so float32 rounding in entries
+    near zero does not fail it, while any mapping error (a transposed kernel, a swapped statistic) does."""
+    __tracebackhide__ = True
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
+    if not expected.size:
+        return
+    a, b = actual.astype(np.float64), expected.astype(np.float64)
+    scale = max(min_scale, float(np.abs(b).max()))
+    err = float(np.abs(a - b).max())
+    assert err <= rtol_of_scale * scale, (f"{what}: max |diff| {err:.3g} is over {rtol_of_scale:g} x the scale "
+                                          f"{scale:.3g}")
+
+
+# BatchNorm leaves by name (Flax / torch): those drawn around 1 and those drawn around 0.
+_AROUND_ONE = ("scale", "var", "weight", "running_var")
+_AROUND_ZERO = ("bias", "mean", "running_mean")
+
+
+def random_batch_stats(variables, key):
+    """Non-trivial BatchNorm statistics and affine parameters, as after training: every one-dimensional scale
+    and variance is drawn from U(0.5, 1.5), every bias and mean from 0.2 N(0, 1). A fresh model's (1, 0, 0, 1)
+    would hide a statistic loaded into the wrong slot; these do not. Convolution and dense kernels are kept.
+
+    ``variables``: Flax variables (``{"params", "batch_stats"}``; new ones are returned), or a torch
+    ``state_dict`` (a new one is returned, for ``load_state_dict``). ``key``: an int seed or a JAX PRNG key; the
+    draws are numpy's (no JAX computation to compile), in the order of the leaves."""
+    import jax
+
+    if not isinstance(key, int):
+        key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        key = np.asarray(key).ravel().tolist()
+    rng = np.random.default_rng(key)
+
+    def draw(name, shape):
+        if name in _AROUND_ONE:
+            return rng.uniform(0.5, 1.5, shape)
+        return 0.2 * rng.standard_normal(shape)
+
+    def touched(name, ndim):
+        return ndim == 1 and name in _AROUND_ONE + _AROUND_ZERO
+
+    if "params" in variables:  # Flax
+        import jax.numpy as jnp
+
+        def leaf(path, x):
+            name = getattr(path[-1], "key", None)
+            return jnp.asarray(draw(name, x.shape), x.dtype) if touched(name, np.ndim(x)) else x
+        return jax.tree_util.tree_map_with_path(leaf, dict(variables))
+
+    import torch  # a torch state_dict
+
+    out = {}
+    for name, tensor in variables.items():
+        short = name.rsplit(".", 1)[-1]
+        if touched(short, tensor.ndim) and tensor.is_floating_point():
+            tensor = torch.from_numpy(draw(short, tuple(tensor.shape))).to(tensor.dtype)
+        out[name] = tensor
+    return out
+
+
+def run_python(snippet: str | None = None, *, module: str | None = None, args: Sequence = (),
+               env: Mapping[str, str] | None = None, timeout: float = 300, check: bool = True,
+               cwd: str | Path = REPO) -> subprocess.CompletedProcess:
+    """``python -c SNIPPET ARGS...`` (the snippet dedented), or ``python -m MODULE ARGS...``, in a fresh process
+    from the repository root; returns the ``CompletedProcess`` (text). ``env``: the child's whole environment
+    (default: this process's). With ``check`` a non-zero exit fails the test, and a timeout always does, showing
+    the command and the ends of its stdout and stderr."""
+    __tracebackhide__ = True
+    if (snippet is None) == (module is None):
+        raise TypeError("run_python takes a snippet or a module=, not both or neither")
+    command = [sys.executable, *(["-c", textwrap.dedent(snippet)] if module is None else ["-m", module]),
+               *map(str, args)]
+    shown = " ".join(command[:2] + (["<snippet>"] if module is None else [module]) + command[3:])
+    try:
+        proc = subprocess.run(command, cwd=cwd, env=None if env is None else dict(env), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{shown} ran over {timeout} s\n{_tails(err.stdout, err.stderr)}")
+    if check and proc.returncode != 0:
+        pytest.fail(f"{shown} exited with {proc.returncode}\n{_tails(proc.stdout, proc.stderr)}")
+    return proc
+
+
+def _tails(stdout, stderr) -> str:
+    def text(out):
+        return (out.decode(errors="replace") if isinstance(out, bytes) else out or "")[-4000:]
+    return f"--- stdout (end) ---\n{text(stdout)}\n--- stderr (end) ---\n{text(stderr)}"
+
+
+def onednn_toolchain_missing() -> str | None:
+    """Why the oneDNN extension cannot be expected to build here (not Linux x86_64, its wheels absent, no C++
+    compiler), or None where it must build. Read afresh on each call: ``CXX`` in the environment picks the
+    compiler."""
+    if not on_linux_x86_64():
+        return "the oneDNN wheels exist for Linux x86_64 only"
+    from resnet_jax.ops.onednn.build import OnednnUnavailable, toolchain
+
+    try:
+        toolchain()
+    except OnednnUnavailable as err:
+        return str(err)
+    return None
+
+
+def on_linux_x86_64() -> bool:
+    return sys.platform.startswith("linux") and platform.machine() == "x86_64"
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+# ``@requires_onednn_toolchain`` (or ``pytestmark = requires_onednn_toolchain``): where the toolchain is missing
+# (``onednn_toolchain_missing()``) the test is skipped with the reason, except on CI on Linux x86_64, where the
+# extension must work and the reason fails the test instead.
+requires_onednn_toolchain = pytest.mark.requires_onednn_toolchain
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_onednn_toolchain: skipped where the oneDNN extension cannot be "
+                                       "built (not Linux x86_64, its wheels absent, or no C++ compiler); fails "
+                                       "instead on CI on Linux x86_64")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("requires_onednn_toolchain") and not (on_ci() and on_linux_x86_64()):
+        if reason := onednn_toolchain_missing():
+            pytest.skip(reason)
+
+
+def pytest_runtest_call(item):
+    if item.get_closest_marker("requires_onednn_toolchain") and on_ci() and on_linux_x86_64():
+        if reason := onednn_toolchain_missing():
+            pytest.fail(f"CI on Linux x86_64 must run the oneDNN extension, but it is unusable: {reason}")
