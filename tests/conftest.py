@@ -7,8 +7,8 @@ puts tests/ on sys.path, as for ``training_helpers``).
   variables or a torch ``state_dict``.
 - ``run_python(snippet=None, *, module=None, args=(), env=None, timeout=300, check=True)``: a fresh Python
   process; a failure shows its output.
-- ``requires_onednn_toolchain``: a mark that skips a test where the oneDNN extension cannot be built (not Linux
-  x86_64, its wheels absent, no C++ compiler), and fails it instead on CI on Linux x86_64;
+- ``require_onednn_toolchain()`` / ``require_onednn()``: skip a test where the oneDNN extension cannot be built /
+  cannot be used here, and fail it instead on CI on Linux x86_64, where it must work;
   ``onednn_toolchain_missing()`` gives the reason, or None.
 """
 
@@ -121,12 +121,18 @@ def _tails(stdout, stderr) -> str:
     return f"--- stdout (end) ---\n{text(stdout)}\n--- stderr (end) ---\n{text(stderr)}"
 
 
+def on_linux_x86_64() -> bool:
+    return sys.platform.startswith("linux") and platform.machine() == "x86_64"
+
+
+def on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
 def onednn_toolchain_missing() -> str | None:
     """Why the oneDNN extension cannot be expected to build here (not Linux x86_64, its wheels absent, no C++
     compiler), or None where it must build. Read afresh on each call: ``CXX`` in the environment picks the
     compiler."""
-    if not on_linux_x86_64():
-        return "the oneDNN wheels exist for Linux x86_64 only"
     from resnet_jax.ops.onednn.build import OnednnUnavailable, toolchain
 
     try:
@@ -136,33 +142,26 @@ def onednn_toolchain_missing() -> str | None:
     return None
 
 
-def on_linux_x86_64() -> bool:
-    return sys.platform.startswith("linux") and platform.machine() == "x86_64"
+def _skip_or_fail(reason: str) -> None:
+    """Skip with the reason; but CI on Linux x86_64 installs the wheels and a compiler, so there an unusable
+    extension is a broken build, and skipping would leave CI green with every fast algorithm untested."""
+    __tracebackhide__ = True
+    if on_ci() and on_linux_x86_64():
+        pytest.fail(f"CI on Linux x86_64 must run the oneDNN extension, but it is unusable: {reason}")
+    pytest.skip(reason)
 
 
-def on_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("true", "1")
+def require_onednn_toolchain() -> None:
+    """For tests that build the extension themselves: skip where it cannot be built (fail on CI, see above)."""
+    __tracebackhide__ = True
+    if reason := onednn_toolchain_missing():
+        _skip_or_fail(reason)
 
 
-# ``@requires_onednn_toolchain`` (or ``pytestmark = requires_onednn_toolchain``): where the toolchain is missing
-# (``onednn_toolchain_missing()``) the test is skipped with the reason, except on CI on Linux x86_64, where the
-# extension must work and the reason fails the test instead.
-requires_onednn_toolchain = pytest.mark.requires_onednn_toolchain
+def require_onednn() -> None:
+    """For tests that run the extension: skip where this process cannot use it (fail on CI, see above)."""
+    __tracebackhide__ = True
+    from resnet_jax.ops import onednn
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "requires_onednn_toolchain: skipped where the oneDNN extension cannot be "
-                                       "built (not Linux x86_64, its wheels absent, or no C++ compiler); fails "
-                                       "instead on CI on Linux x86_64")
-
-
-def pytest_runtest_setup(item):
-    if item.get_closest_marker("requires_onednn_toolchain") and not (on_ci() and on_linux_x86_64()):
-        if reason := onednn_toolchain_missing():
-            pytest.skip(reason)
-
-
-def pytest_runtest_call(item):
-    if item.get_closest_marker("requires_onednn_toolchain") and on_ci() and on_linux_x86_64():
-        if reason := onednn_toolchain_missing():
-            pytest.fail(f"CI on Linux x86_64 must run the oneDNN extension, but it is unusable: {reason}")
+    if reason := onednn.unavailable_reason():
+        _skip_or_fail(f"the oneDNN extension is unavailable here: {reason}")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from conftest import require_onednn
 from resnet_jax import create_model
 from resnet_jax.ops import ALGORITHMS, Conv, ConvSpec, choose, conv2d, cpu, onednn
 from resnet_jax.ops.registry import REGISTRY
@@ -64,8 +65,8 @@ def assert_close(got, want, tol, name):
 
 
 def requires_extension(name):
-    if REGISTRY[name].cpu_only and not onednn.available():
-        pytest.skip(f"the oneDNN extension is unavailable here: {onednn.unavailable_reason()}")
+    if REGISTRY[name].cpu_only:
+        require_onednn()
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)

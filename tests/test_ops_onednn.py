@@ -9,27 +9,9 @@ import textwrap
 
 import pytest
 
+from conftest import on_linux_x86_64, require_onednn_toolchain
 from resnet_jax.ops import onednn
-from resnet_jax.ops.onednn import build
 
-
-def linux_x86_64() -> bool:
-    return sys.platform.startswith("linux") and os.uname().machine == "x86_64"
-
-
-def require_onednn_toolchain() -> None:
-    """Skip where the extension cannot be expected (no wheels for this platform, no compiler), except on CI on
-    Linux x86_64, where the extension must work: there the reason fails the test."""
-    reason = None if linux_x86_64() else "the oneDNN wheels exist for Linux x86_64 only"
-    if reason is None:
-        try:
-            build.toolchain()
-        except onednn.OnednnUnavailable as err:
-            reason = str(err)
-    if reason and os.environ.get("CI", "").lower() in ("true", "1") and linux_x86_64():
-        pytest.fail(f"CI on Linux x86_64 must run the oneDNN extension, but it is unusable: {reason}")
-    if reason:
-        pytest.skip(reason)
 
 PROBE = textwrap.dedent("""
     import jax.numpy as jnp
@@ -67,16 +49,17 @@ def test_extension_is_available_wherever_its_wheels_and_a_compiler_are():
 def test_ci_fails_instead_of_skipping_when_the_extension_is_unusable(tmp_path):
     """On Linux x86_64 CI must run the extension's tests: an unusable extension fails them, it does not skip
     them (a broken build would otherwise leave CI green with every fast algorithm untested)."""
-    if not linux_x86_64():
+    if not on_linux_x86_64():
         pytest.skip("the oneDNN wheels exist for Linux x86_64 only")
-    test = f"{__file__}::test_extension_is_available_wherever_its_wheels_and_a_compiler_are"
+    tests = [f"{__file__}::test_extension_is_available_wherever_its_wheels_and_a_compiler_are",  # builds
+             f"{os.path.dirname(__file__)}/test_ops_conv.py::test_bfloat16_where_supported[onednn]"]  # runs it
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "CXX": str(tmp_path / "no-such-compiler")}
-    outside = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+    outside = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                              capture_output=True, text=True, env={**env, "CI": ""}, timeout=600)
-    assert outside.returncode == 0 and "1 skipped" in outside.stdout, outside.stdout[-3000:]
-    inside = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+    assert outside.returncode == 0 and "2 skipped" in outside.stdout, outside.stdout[-3000:]
+    inside = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                             capture_output=True, text=True, env={**env, "CI": "true"}, timeout=600)
-    assert inside.returncode == 1 and "1 failed" in inside.stdout, inside.stdout[-3000:]
+    assert inside.returncode == 1 and "2 failed" in inside.stdout, inside.stdout[-3000:]
     assert "no C++ compiler to build it with" in inside.stdout
 
 

@@ -12,9 +12,8 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
-from resnet_jax.ops import onednn
+from conftest import require_onednn
 
 PROBE = textwrap.dedent(r"""
     import json, os, re, sys
@@ -69,8 +68,7 @@ PROBE = textwrap.dedent(r"""
 
 
 def test_data_parallel_steps_run_the_extension_per_shard_without_all_gathers():
-    if not onednn.available():
-        pytest.skip(f"the oneDNN extension is unavailable here: {onednn.unavailable_reason()}")
+    require_onednn()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     done = subprocess.run([sys.executable, "-c", PROBE, "auto"], capture_output=True, text=True, env=env,
                           timeout=900)
