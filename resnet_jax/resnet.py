@@ -77,8 +77,8 @@ class ResNet(nn.Module):
       bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (torchvision's momentum 0.1 = 0.9).
       conv_impl: how convolutions are computed; parameters and outputs are identical for every choice.
         "auto" (the default) picks per layer shape, dtype and backend (``ops.choose``): oneDNN kernels on CPU
-        when the optional extension is installed (``pip install -e ".[cpu]"``), the fastest pure-JAX algorithm
-        otherwise, XLA's own on GPU/TPU; "jax" picks among the pure-JAX algorithms only. Any name in
+        where the extension is usable (Linux x86_64 with a C++ compiler; its wheels are default
+        dependencies there), the fastest pure-JAX algorithm otherwise, XLA's own on GPU/TPU; "jax" picks among the pure-JAX algorithms only. Any name in
         ``ops.ALGORITHMS`` runs that algorithm on every layer it can compute (Winograd: the 3x3 stride-1
         ones) and "auto" on the rest; three names joined by "/" choose the forward, input-gradient and
         kernel-gradient algorithms apart.

@@ -101,7 +101,7 @@ def test_reading_needs_no_tensorflow_and_preparing_says_so(tiny_dir, tmp_path):
     out = run_python(READ_WITHOUT_TF, args=[tiny_dir, tmp_path], timeout=120)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"] == [6, 16, 16, 3] and not result["tf"]
-    assert "needs TensorFlow" in result["error"] and "resnet-jax[data]" in result["error"]
+    assert "needs TensorFlow" in result["error"] and 'pip install -e ".[data]"' in result["error"]
 
 
 def test_mocked_cifar10_through_the_cifar_recipe():

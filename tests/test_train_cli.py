@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import random_batch_stats, run_python
+from conftest import on_linux_x86_64, random_batch_stats, require_onednn, run_python
 from training_helpers import snapshot, spawn, tiny_config, worker_env  # noqa: F401
 
 
@@ -35,6 +35,28 @@ def test_default_config_reaches_98_percent_on_digits(default_run):
     assert final["accuracy"] >= 0.98, final
     assert "epoch 50/50: train loss" in proc.stdout + proc.stderr
     assert "final val accuracy" in proc.stdout
+
+
+def test_the_first_line_says_what_computes_the_convolutions(default_run):
+    """README: on Linux x86_64 with a C++ compiler the first command trains with the oneDNN extension (its wheels
+    are default dependencies) and the log shows it."""
+    _, proc = default_run
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("resnet20 on 1 cpu device(s); convolutions: "), proc.stdout[:500]
+    require_onednn()
+    assert "convolutions: the oneDNN 3." in first and "extension" in first, first
+
+
+def test_without_a_compiler_the_run_says_why_and_what_to_run(tmp_path):
+    if not on_linux_x86_64():
+        pytest.skip("elsewhere the reason is the platform, not the compiler")
+    env = {**worker_env(), "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = run_python(module="train", args=[f"--workdir={tmp_path / 'run'}", "--config.max_steps=1",
+                                            "--config.progress_bar=False"], env=env, timeout=600)
+    first = proc.stdout.splitlines()[0]
+    assert "convolutions: pure JAX, chosen per layer: the oneDNN extension is off (no C++ compiler" in first, first
+    info = [line for line in proc.stderr.splitlines() if "oneDNN" in line]
+    assert len(info) == 1 and "python -m resnet_jax.ops.onednn --build" in info[0], proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -25,12 +25,27 @@ flags.DEFINE_string("workdir", "runs/default", "directory for checkpoints, metri
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "training config file", lock_config=True)
 
 
+def show_library_info() -> None:
+    """resnet_jax's own INFO lines on stderr: that the oneDNN extension is being built (a minute, once), or why
+    it is off and what to run. Other libraries' INFO stays hidden."""
+    import logging
+
+    library = logging.getLogger("resnet_jax")
+    if not library.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        library.addHandler(handler)
+    library.setLevel(logging.INFO)
+    library.propagate = False  # not again through absl's handler on the root logger
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --workdir and --config[.key=value]")
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO
+    show_library_info()
     from resnet_jax.checkpoint import CheckpointError
     from resnet_jax.training import Preempted, TrainingDiverged, train
 

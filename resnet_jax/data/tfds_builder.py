@@ -15,7 +15,7 @@ import socket
 import threading
 from urllib.parse import urlparse
 
-INSTALL_HINT = 'pip install "resnet-jax[data]"'
+INSTALL_HINT = 'pip install -e ".[data]" in the clone of resnet-jax'
 
 
 def import_tfds():

@@ -88,8 +88,8 @@ def _onnx_runner(path: Path, data: bytes) -> Callable[[np.ndarray], np.ndarray]:
     try:
         import onnxruntime
     except ImportError:
-        raise ImportError(f"running {path.name} needs onnxruntime: pip install 'resnet-jax[export]' (or "
-                          "onnxruntime)") from None
+        raise ImportError(f"running {path.name} needs onnxruntime: pip install -e '.[export]' in the clone (or "
+                          "pip install onnxruntime)") from None
     try:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - onnxruntime's own exception types

@@ -270,7 +270,7 @@ def build_onnx(model, variables: dict[str, Any], preprocessing: Preprocessing):
         import onnx
         from onnx import TensorProto, helper
     except ImportError:
-        raise ImportError("ONNX export needs the onnx package: pip install 'resnet-jax[export]' (or onnx)") from None
+        raise ImportError("ONNX export needs the onnx package: pip install -e '.[export]' in the clone (or pip install onnx)") from None
 
     check_exportable(model)
     size, channels = preprocessing.image_size, model.in_channels

@@ -19,8 +19,8 @@ from resnet_jax.ops.conv import Conv, conv2d
 from resnet_jax.ops.fold import fold_batchnorm
 from resnet_jax.ops.pool import max_pool
 from resnet_jax.ops.registry import ALGORITHMS
-from resnet_jax.ops.rules import CHOICES, choose
+from resnet_jax.ops.rules import CHOICES, choose, describe
 from resnet_jax.ops.spec import ConvSpec
 
-__all__ = ["ALGORITHMS", "BatchNorm", "CHOICES", "Conv", "ConvSpec", "batch_norm_act", "choose", "conv2d",
+__all__ = ["ALGORITHMS", "BatchNorm", "CHOICES", "Conv", "ConvSpec", "batch_norm_act", "choose", "conv2d", "describe",
            "fold_batchnorm", "max_pool"]

@@ -16,6 +16,7 @@ import os
 import jax
 
 from resnet_jax.ops import cpu, tuning_cache
+from resnet_jax.ops.onednn import library as onednn_library
 from resnet_jax.ops.onednn.library import available as extension_available
 from resnet_jax.ops.registry import ALGORITHMS, REGISTRY
 from resnet_jax.ops.spec import ConvSpec
@@ -56,6 +57,24 @@ def resolve(algorithm: str, spec: ConvSpec, backend: str, fallback: bool = False
     if refusal:
         raise ValueError(f"{refusal}; use algorithm='auto' to pick one that can")
     return forced
+
+
+def describe(algorithm: str, backend: str | None = None) -> str:
+    """What computes the convolutions of a model built with ``conv_impl=algorithm`` on ``backend`` (default:
+    jax's), in one line for a run's log: above all whether the oneDNN extension runs and, where it does not, why
+    (a user who gets the slow path without knowing it cannot fix it)."""
+    backend = backend or jax.default_backend()
+    forced = names(algorithm)
+    if forced is not None:
+        return f"{algorithm!r} on every layer it can compute, 'auto' elsewhere"
+    if backend != "cpu":
+        return f"XLA's own on {backend} (conv_impl={algorithm!r})"
+    if algorithm == "jax":
+        return "pure JAX, chosen per layer (conv_impl='jax')"
+    reason = onednn_library.unavailable_reason()
+    if reason is None:
+        return f"the oneDNN {onednn_library.version()} extension, chosen per layer (conv_impl='auto')"
+    return f"pure JAX, chosen per layer: the oneDNN extension is off ({reason})"
 
 
 def compute_dtype(dtype: str, algorithm: str, backend: str, native_bfloat16: bool | None = None) -> str:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from resnet_jax import data
+from resnet_jax import data, ops
 from resnet_jax.checkpoint import Checkpointer, NonFiniteState
 from resnet_jax.parallel import (check_batch_size, initialize_distributed, make_mesh, replicate, replicated,
                                  shard_batch, sync_processes)
@@ -125,6 +125,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
     config, mesh, model = run.config, run.mesh, run.model
     workdir = Path(workdir)
     run_dir.check(workdir, config, log)
+    log(f"{config.model} on {mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
+        f"{ops.describe(getattr(model, 'conv_impl', 'auto'))}")
     enable_compilation_cache(config.compilation_cache_dir)
     num_classes = run.train_source.num_classes
     class_names = list(run.train_source.class_names) or [str(i) for i in range(num_classes)]

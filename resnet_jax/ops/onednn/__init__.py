@@ -11,7 +11,7 @@ kernels through ``jax.ffi`` closes that gap while XLA keeps fusing everything ar
 ``python -m resnet_jax.ops.onednn --build`` builds it, checks it against XLA and says where it is.
 """
 
-from resnet_jax.ops.onednn.build import OnednnUnavailable
+from resnet_jax.ops.onednn.build import OnednnBuildFailed, OnednnUnavailable
 from resnet_jax.ops.onednn.library import TARGETS, available, unavailable_reason, version
 
-__all__ = ["OnednnUnavailable", "TARGETS", "available", "unavailable_reason", "version"]
+__all__ = ["OnednnBuildFailed", "OnednnUnavailable", "TARGETS", "available", "unavailable_reason", "version"]

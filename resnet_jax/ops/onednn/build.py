@@ -16,8 +16,10 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,12 +29,23 @@ from resnet_jax.ops import cpu
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 LIBRARY_DIST, HEADERS_DIST = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
-INSTALL_HINT = 'pip install -e ".[cpu]" (from a clone of resnet-jax)'
+# The wheels are default dependencies on Linux x86_64 (pyproject.toml); this puts them back where they went missing
+INSTALL_HINT = (f"pip install {LIBRARY_DIST} {HEADERS_DIST}, or `pip install -e .` again in the clone, then "
+                "python -m resnet_jax.ops.onednn --build")
 logger = logging.getLogger("resnet_jax")
 
 
 class OnednnUnavailable(RuntimeError):
     """The oneDNN extension cannot be used here; the message says why and how to get it."""
+
+
+class OnednnBuildFailed(OnednnUnavailable):
+    """Everything the build needs is there, yet compiling failed: something is broken, not merely absent."""
+
+
+def supported_platform() -> bool:
+    """Where the oneDNN wheels exist (pip skips them elsewhere, by their environment markers)."""
+    return sys.platform.startswith("linux") and platform.machine() == "x86_64"
 
 
 def cache_dir() -> Path:
@@ -56,6 +69,8 @@ def _dist_file(dist: str, suffix: str) -> Path | None:
 
 def toolchain() -> dict[str, str]:
     """Paths the build needs, or ``OnednnUnavailable`` naming the missing piece and the fix."""
+    if not supported_platform():
+        raise OnednnUnavailable(f"its {LIBRARY_DIST} wheels exist for Linux x86_64 only")
     header = _dist_file(HEADERS_DIST, "oneapi/dnnl/dnnl.hpp")
     library = _dist_file(LIBRARY_DIST, "libdnnl.so.3") or _dist_file(LIBRARY_DIST, "libdnnl.so")
     if header is None or library is None:
@@ -63,8 +78,9 @@ def toolchain() -> dict[str, str]:
     wanted = os.environ.get("CXX")  # an explicit choice is honoured, not second-guessed
     compiler = shutil.which(wanted) if wanted else shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        missing = f"CXX={wanted!r} not found" if wanted else "install g++"
-        raise OnednnUnavailable(f"no C++ compiler to build it with ({missing})")
+        missing = f"CXX={wanted!r} not found" if wanted else "install g++, e.g. apt install g++"
+        raise OnednnUnavailable(f"no C++ compiler to build it with ({missing}; then "
+                                "python -m resnet_jax.ops.onednn --build)")
     return {"compiler": compiler, "include": str(header.parents[2]), "library": str(library),
             "jax_include": jax.ffi.include_dir()}
 
@@ -111,7 +127,7 @@ def build(tools: dict[str, str] | None = None) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
-            raise OnednnUnavailable(f"building it failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")
+            raise OnednnBuildFailed(f"building it failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")
         os.replace(partial, target)
         logger.info("resnet_jax: built the oneDNN extension in %.1f s: %s", time.perf_counter() - start, target)
     return target

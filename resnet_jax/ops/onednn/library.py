@@ -11,12 +11,11 @@ import ctypes
 import functools
 import logging
 import os
-import sys
 from pathlib import Path
 
 import jax
 
-from resnet_jax.ops.onednn.build import OnednnUnavailable, build
+from resnet_jax.ops.onednn.build import OnednnBuildFailed, OnednnUnavailable, build
 
 ENV_VAR = "RESNET_JAX_ONEDNN"
 # The C++ entry points, registered as FFI targets of the same names (csrc/*.cc)
@@ -50,8 +49,6 @@ def load() -> ctypes.CDLL:
     """The loaded extension with its targets registered (built first if needed); raises ``OnednnUnavailable``."""
     if os.environ.get(ENV_VAR, "").strip().lower() in ("0", "false", "no", "off"):
         raise OnednnUnavailable(f"{ENV_VAR}=0 turns it off")
-    if not sys.platform.startswith("linux"):
-        raise OnednnUnavailable("it is built for Linux only")
     lib = _open_with_passive_openmp(build())
     for name in TARGETS:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
@@ -60,11 +57,15 @@ def load() -> ctypes.CDLL:
 
 @functools.cache
 def unavailable_reason() -> str | None:
-    """None when the extension is ready, else why not (logged once, the first time anyone asks)."""
+    """None when the extension is ready, else why not, logged once, the first time anyone asks: at INFO where a
+    piece is merely absent (another platform, no compiler, switched off; the line says what to run), at WARNING
+    where it is broken (the compiler failed, the binary does not load)."""
     try:
         load()
     except (OnednnUnavailable, OSError) as err:
-        logger.warning("resnet_jax: oneDNN convolutions are off (%s); using the pure-JAX convolutions", err)
+        broken = isinstance(err, (OnednnBuildFailed, OSError))
+        logger.log(logging.WARNING if broken else logging.INFO,
+                   "resnet_jax: oneDNN convolutions are off (%s); using the pure-JAX convolutions", err)
         return str(err)
     return None
 
