@@ -1,12 +1,17 @@
 // Pieces shared by the oneDNN handlers: one CPU engine, a stream and scratch buffers per calling thread, a
-// cache of primitives keyed by shape, and the translation of oneDNN errors into XLA FFI errors.
+// cache of primitives keyed by shape, operand checks, and the translation of C++ failures (oneDNN errors, a
+// failed allocation) into XLA FFI errors, raised in Python, instead of a crash.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <unordered_map>
 
@@ -25,15 +30,20 @@ inline dnnl::stream& Stream() {
   return stream;
 }
 
-// A growable 64-byte-aligned buffer owned by one thread.
+// A growable 64-byte-aligned buffer owned by one thread. Throws std::bad_alloc when the memory is not there
+// (Run turns that into an error; inside an OpenMP region, RegionErrors carries it out).
 class ThreadBuffer {
  public:
   ~ThreadBuffer() { std::free(data_); }
   void* Get(size_t bytes) {
     if (bytes > size_) {
       std::free(data_);
-      size_ = (bytes + 63) / 64 * 64;
-      data_ = std::aligned_alloc(64, size_);
+      data_ = nullptr;
+      size_ = 0;
+      const size_t rounded = (bytes + 63) / 64 * 64;
+      data_ = std::aligned_alloc(64, rounded);
+      if (data_ == nullptr) throw std::bad_alloc();
+      size_ = rounded;
     }
     return data_;
   }
@@ -95,9 +105,57 @@ inline void RunMatmul(const Matmul& mm, const float* lhs, const float* rhs, floa
                               memory(mm.scratchpad, Engine(), scratch.Get(mm.scratchpad.get_size()))}});
 }
 
+// A C++ exception must not leave an OpenMP region (the process would terminate), and a thread that skips a
+// worksharing loop or a barrier deadlocks the rest of its team. So inside a region every piece of work goes
+// through Do: the first exception is kept, every later piece on every thread becomes a no-op, and each thread
+// still reaches every loop and barrier; Rethrow after the region hands the exception to Run.
+class RegionErrors {
+ public:
+  template <typename Work>
+  void Do(Work&& work) {
+    if (Failed()) return;
+    try {
+      work();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!first_) first_ = std::current_exception();
+      failed_.store(true, std::memory_order_release);
+    }
+  }
+  bool Failed() const { return failed_.load(std::memory_order_acquire); }
+  void Rethrow() const {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::atomic<bool> failed_{false};
+  std::mutex mutex_;
+  std::exception_ptr first_;
+};
+
+// Whether an XLA buffer has exactly these dimensions.
+template <typename Dims>
+bool HasDims(const Dims& dims, std::initializer_list<int64_t> want) {
+  if (dims.size() != want.size()) return false;
+  size_t i = 0;
+  for (int64_t d : want)
+    if (dims[i++] != d) return false;
+  return true;
+}
+
+// Whether two XLA buffers have the same dimensions.
+template <typename Dims>
+bool SameDims(const Dims& a, const Dims& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
 // Runs one handler's work, one handler at a time: each already spreads over every core with OpenMP, and XLA
 // may start two independent convolutions at once on its own threads (it does, in a ResNet-18 step), where two
-// OpenMP teams would oversubscribe the cores and spin against each other.
+// OpenMP teams would oversubscribe the cores and spin against each other. A failure becomes an FFI error,
+// which jax raises in Python with the message: the process lives on.
 inline xla::ffi::Error Run(const std::function<void()>& body) {
   static std::mutex one_at_a_time;
   std::lock_guard<std::mutex> lock(one_at_a_time);
@@ -105,6 +163,12 @@ inline xla::ffi::Error Run(const std::function<void()>& body) {
     body();
   } catch (const dnnl::error& e) {
     return xla::ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return xla::ffi::Error(xla::ffi::ErrorCode::kResourceExhausted,
+                           "resnet_jax oneDNN extension: out of memory for its work buffers (a smaller batch, or "
+                           "conv_impl='jax', needs less)");
+  } catch (const std::exception& e) {
+    return xla::ffi::Error::Internal(std::string("resnet_jax oneDNN extension: ") + e.what());
   }
   return xla::ffi::Error::Success();
 }

@@ -16,6 +16,7 @@
 // per calling thread, so concurrent calls from XLA's threads never share memory (common.h).
 
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <sstream>
 
@@ -70,6 +71,14 @@ std::optional<memory::data_type> DnnlType(ffi::DataType t) {
   }
 }
 
+// Every buffer of one call in the convolution's dtype (a kernel gradient may be float32 for bfloat16 inputs).
+ffi::Error SameType(std::initializer_list<ffi::DataType> types) {
+  for (ffi::DataType t : types)
+    if (t != *types.begin())
+      return ffi::Error::InvalidArgument("oneDNN conv: the input, kernel and output must share one dtype");
+  return ffi::Error::Success();
+}
+
 // x: NHWC input, w: HWIO kernel, y: NHWC output; all three come from XLA's buffers.
 ffi::ErrorOr<Shape> MakeShape(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w,
                               ffi::AnyBuffer::Dimensions y, ffi::DataType dtype,
@@ -83,6 +92,13 @@ ffi::ErrorOr<Shape> MakeShape(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dime
           {strides[0], strides[1]}, {padding[0], padding[2]}, {padding[1], padding[3]}, *dt};
   if (groups < 1 || s.c != w[2] * groups || s.o % groups != 0 || y[0] != s.n || y[3] != s.o)
     return ffi::Unexpected(ffi::Error::InvalidArgument("oneDNN conv: inconsistent channel counts or groups"));
+  for (int i = 0; i < 2; ++i) {
+    const int64_t in = x[1 + i], k = w[i], padded = in + s.pad_lo[i] + s.pad_hi[i];
+    if (s.strides[i] < 1 || s.pad_lo[i] < 0 || s.pad_hi[i] < 0 || padded < k ||
+        y[1 + i] != (padded - k) / s.strides[i] + 1)
+      return ffi::Unexpected(ffi::Error::InvalidArgument(
+          "oneDNN conv: the output's height and width do not follow from the input, kernel, strides and padding"));
+  }
   return s;
 }
 
@@ -134,6 +150,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, 
                          groups);
   if (shape.has_error()) return shape.error();
   const Shape& s = *shape;
+  if (auto error = SameType({x.element_type(), w.element_type(), y->element_type()}); error.failure()) return error;
   if (static_cast<int64_t>(rest.size()) != has_bias + has_residual)
     return ffi::Error::InvalidArgument("oneDNN conv: optional operands do not match has_bias/has_residual");
   std::optional<ffi::AnyBuffer> bias, residual;
@@ -141,8 +158,11 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, 
   if (has_residual) residual = *rest.get<ffi::AnyBuffer>(has_bias);
   std::optional<memory::data_type> bias_dt;
   if (bias) bias_dt = DnnlType(bias->element_type());
-  if (bias && !bias_dt) return ffi::Error::InvalidArgument("oneDNN conv: the bias must be float32 or bfloat16");
-  if (residual && (residual->element_type() != y->element_type() || residual->size_bytes() != y->size_bytes()))
+  if (bias && (!bias_dt || !resnet_jax::HasDims(bias->dimensions(), {s.o})))
+    return ffi::Error::InvalidArgument("oneDNN conv: the bias must be float32 or bfloat16 of shape (O,), O the "
+                                       "output channels");
+  if (residual && (residual->element_type() != y->element_type() ||
+                   !resnet_jax::SameDims(residual->dimensions(), y->dimensions())))
     return ffi::Error::InvalidArgument("oneDNN conv: the residual must have the output's shape and dtype");
 
   std::ostringstream key;
@@ -186,6 +206,7 @@ ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::An
                          groups);
   if (shape.has_error()) return shape.error();
   const Shape& s = *shape;
+  if (auto error = SameType({dy.element_type(), w.element_type(), dx->element_type()}); error.failure()) return error;
   return Run([&] {
     Entry* e = resnet_jax::Cached<Entry>(s.Key("bwd_data"), [&] {
       auto hint = ForwardDesc(s, prop_kind::forward_training, nullptr, dnnl::primitive_attr());
@@ -215,6 +236,7 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
                          groups);
   if (shape.has_error()) return shape.error();
   const Shape& s = *shape;
+  if (auto error = SameType({x.element_type(), dy.element_type()}); error.failure()) return error;
   auto dw_dt = DnnlType(dw->element_type());
   if (!dw_dt) return ffi::Error::InvalidArgument("oneDNN conv: the kernel gradient must be float32 or bfloat16");
   std::ostringstream key;

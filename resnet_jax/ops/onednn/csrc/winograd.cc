@@ -35,6 +35,7 @@ using dnnl::memory;
 using resnet_jax::BatchedMatmul;
 using resnet_jax::Engine;
 using resnet_jax::Matmul;
+using resnet_jax::RegionErrors;
 using resnet_jax::Run;
 using resnet_jax::RunMatmul;
 using resnet_jax::Stream;
@@ -263,6 +264,7 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
   float* u = static_cast<float*>(u_buffer.Get(kA * kA * c * o * sizeof(float)));
   TransformKernel<M>(w, c, o, u);
   const int64_t tiles = g.Count();
+  RegionErrors errors;  // every OpenMP region below: see common.h
   if (Blocked(kA, c, o)) {
     const int64_t block = BlockTiles(std::max(c, o));
     Matmul* mm = BatchedMatmul(kA * kA, block, c, o, false, false, false);
@@ -270,17 +272,22 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
 #pragma omp parallel
     {
       thread_local ThreadBuffer vb, mb;
-      float* v = static_cast<float*>(vb.Get(kA * kA * block * c * sizeof(float)));
-      float* mh = static_cast<float*>(mb.Get(kA * kA * block * o * sizeof(float)));
+      float *v = nullptr, *mh = nullptr;
+      errors.Do([&] {
+        v = static_cast<float*>(vb.Get(kA * kA * block * c * sizeof(float)));
+        mh = static_cast<float*>(mb.Get(kA * kA * block * o * sizeof(float)));
+      });
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t p0 = b * block, count = std::min(block, tiles - p0);
-        TransformInput<M>(x, g, c, p0, count, v, block);
-        RunMatmul(*mm, v, u, mh);
-        Stream().wait();
-        TransformOutputDispatch<M>(flags, mh, block, g, o, p0, count, y, bias, residual);
-      }
+      for (int64_t b = 0; b < blocks; ++b)
+        errors.Do([&] {
+          const int64_t p0 = b * block, count = std::min(block, tiles - p0);
+          TransformInput<M>(x, g, c, p0, count, v, block);
+          RunMatmul(*mm, v, u, mh);
+          Stream().wait();
+          TransformOutputDispatch<M>(flags, mh, block, g, o, p0, count, y, bias, residual);
+        });
     }
+    errors.Rethrow();
     return;
   }
   float* v = static_cast<float*>(v_buffer.Get(kA * kA * tiles * c * sizeof(float)));
@@ -288,12 +295,17 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
   const int64_t chunk = 8;
 #pragma omp parallel for schedule(static)
   for (int64_t p0 = 0; p0 < tiles; p0 += chunk)
-    TransformInput<M>(x, g, c, p0, std::min(chunk, tiles - p0), v + p0 * c, tiles);
+    errors.Do([&] { TransformInput<M>(x, g, c, p0, std::min(chunk, tiles - p0), v + p0 * c, tiles); });
+  errors.Rethrow();
   RunMatmul(*BatchedMatmul(kA * kA, tiles, c, o, false, false, false), v, u, mh);
   Stream().wait();
 #pragma omp parallel for schedule(static)
   for (int64_t p0 = 0; p0 < tiles; p0 += chunk)
-    TransformOutputDispatch<M>(flags, mh + p0 * o, tiles, g, o, p0, std::min(chunk, tiles - p0), y, bias, residual);
+    errors.Do([&] {
+      TransformOutputDispatch<M>(flags, mh + p0 * o, tiles, g, o, p0, std::min(chunk, tiles - p0), y, bias,
+                                 residual);
+    });
+  errors.Rethrow();
 }
 
 template <int M>
@@ -307,48 +319,61 @@ void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g,
     Matmul* more = BatchedMatmul(kA * kA, c, block, o, true, false, true);
     const int64_t blocks = (tiles + block - 1) / block;
     std::vector<float*> partial(omp_get_max_threads(), nullptr);
+    RegionErrors errors;  // see common.h
 #pragma omp parallel
     {
       thread_local ThreadBuffer vb, zb, db;
       const int me = omp_get_thread_num(), team = omp_get_num_threads();
-      float* v = static_cast<float*>(vb.Get(kA * kA * block * c * sizeof(float)));
-      float* z = static_cast<float*>(zb.Get(kA * kA * block * o * sizeof(float)));
-      float* acc = static_cast<float*>(db.Get(kA * kA * c * o * sizeof(float)));
+      float *v = nullptr, *z = nullptr, *acc = nullptr;
+      errors.Do([&] {
+        v = static_cast<float*>(vb.Get(kA * kA * block * c * sizeof(float)));
+        z = static_cast<float*>(zb.Get(kA * kA * block * o * sizeof(float)));
+        acc = static_cast<float*>(db.Get(kA * kA * c * o * sizeof(float)));
+      });
       bool started = false;
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t p0 = b * block, count = std::min(block, tiles - p0);
-        TransformInput<M>(x, g, c, p0, count, v, block);
-        TransformOutputGradient<M>(dy, g, o, p0, count, z, block);
-        if (count < block) {  // rows past the last tile must add nothing
-          for (int k = 0; k < kA * kA; ++k) {
-            std::memset(v + (k * block + count) * c, 0, (block - count) * c * sizeof(float));
-            std::memset(z + (k * block + count) * o, 0, (block - count) * o * sizeof(float));
+      for (int64_t b = 0; b < blocks; ++b)
+        errors.Do([&] {
+          const int64_t p0 = b * block, count = std::min(block, tiles - p0);
+          TransformInput<M>(x, g, c, p0, count, v, block);
+          TransformOutputGradient<M>(dy, g, o, p0, count, z, block);
+          if (count < block) {  // rows past the last tile must add nothing
+            for (int k = 0; k < kA * kA; ++k) {
+              std::memset(v + (k * block + count) * c, 0, (block - count) * c * sizeof(float));
+              std::memset(z + (k * block + count) * o, 0, (block - count) * o * sizeof(float));
+            }
           }
-        }
-        RunMatmul(started ? *more : *first, v, z, acc);
-        Stream().wait();
-        started = true;
-      }
-      if (!started) std::memset(acc, 0, kA * kA * c * o * sizeof(float));
+          RunMatmul(started ? *more : *first, v, z, acc);
+          Stream().wait();
+          started = true;
+        });
+      errors.Do([&] {
+        if (!started) std::memset(acc, 0, kA * kA * c * o * sizeof(float));
+      });
       partial[me] = acc;
 #pragma omp barrier
+      const bool sum = !errors.Failed();  // the same on every thread: nothing can fail after the barrier
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < kA * kA * c * o; ++i) {
+        if (!sum) continue;
         float s = 0.f;
         for (int t = 0; t < team; ++t) s += partial[t][i];
         dwhat[i] = s;
       }
     }
+    errors.Rethrow();
   } else {
     float* v = static_cast<float*>(v_buffer.Get(kA * kA * tiles * c * sizeof(float)));
     float* z = static_cast<float*>(m_buffer.Get(kA * kA * tiles * o * sizeof(float)));
     const int64_t chunk = 8;
+    RegionErrors errors;  // see common.h
 #pragma omp parallel for schedule(static)
-    for (int64_t p0 = 0; p0 < tiles; p0 += chunk) {
-      TransformInput<M>(x, g, c, p0, std::min(chunk, tiles - p0), v + p0 * c, tiles);
-      TransformOutputGradient<M>(dy, g, o, p0, std::min(chunk, tiles - p0), z + p0 * o, tiles);
-    }
+    for (int64_t p0 = 0; p0 < tiles; p0 += chunk)
+      errors.Do([&] {
+        TransformInput<M>(x, g, c, p0, std::min(chunk, tiles - p0), v + p0 * c, tiles);
+        TransformOutputGradient<M>(dy, g, o, p0, std::min(chunk, tiles - p0), z + p0 * o, tiles);
+      });
+    errors.Rethrow();
     RunMatmul(*BatchedMatmul(kA * kA, c, tiles, o, true, false, false), v, z, dwhat);
     Stream().wait();
   }
@@ -359,9 +384,22 @@ ffi::ErrorOr<Tiling> MakeTiling(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Di
                                 ffi::Span<const int64_t> padding, int64_t m) {
   if (x.size() != 4 || y.size() != 4 || padding.size() != 4 || (m != 2 && m != 4))
     return ffi::Unexpected(ffi::Error::InvalidArgument("Winograd: expected NHWC buffers, 4 pads and m of 2 or 4"));
+  if (*std::min_element(padding.begin(), padding.end()) < 0)
+    return ffi::Unexpected(ffi::Error::InvalidArgument("Winograd: negative padding"));
   if (y[1] != x[1] + padding[0] + padding[1] - 2 || y[2] != x[2] + padding[2] + padding[3] - 2 || y[0] != x[0])
     return ffi::Unexpected(ffi::Error::InvalidArgument("Winograd: output shape does not match a 3x3 stride-1 conv"));
   return Tiling{x[0], x[1], x[2], y[1], y[2], padding[0], padding[2], m, (y[1] + m - 1) / m, (y[2] + m - 1) / m};
+}
+
+// x (N, H, W, C), the kernel or its gradient (3, 3, C, O) and y or dy (N, OH, OW, O): all float32.
+ffi::Error CheckKernel(const ffi::AnyBuffer& x, const ffi::AnyBuffer& kernel, const ffi::AnyBuffer& y, int64_t c,
+                       int64_t o) {
+  for (const ffi::AnyBuffer* b : {&x, &kernel, &y})
+    if (b->element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("Winograd: float32 only");
+  if (!resnet_jax::HasDims(kernel.dimensions(), {3, 3, c, o}))
+    return ffi::Error::InvalidArgument("Winograd: the kernel must be HWIO (3, 3, C, O), C the input's channels and "
+                                       "O the output's");
+  return ffi::Error::Success();
 }
 
 ffi::Error WinogradForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> y,
@@ -369,13 +407,24 @@ ffi::Error WinogradForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArg
                            int64_t relu) {
   auto tiling = MakeTiling(x.dimensions(), y->dimensions(), padding, m);
   if (tiling.has_error()) return tiling.error();
-  if (x.element_type() != ffi::DataType::F32 || w.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("Winograd: float32 only");
+  const int64_t c = x.dimensions()[3], o = y->dimensions()[3];
+  if (auto error = CheckKernel(x, w, *y, c, o); error.failure()) return error;
   if (static_cast<int64_t>(rest.size()) != has_bias + has_residual)
     return ffi::Error::InvalidArgument("Winograd: optional operands do not match has_bias/has_residual");
-  const float* bias = has_bias ? rest.get<ffi::AnyBuffer>(0)->typed_data<float>() : nullptr;
-  const float* residual = has_residual ? rest.get<ffi::AnyBuffer>(has_bias)->typed_data<float>() : nullptr;
-  const int64_t c = x.dimensions()[3], o = y->dimensions()[3];
+  const float* bias = nullptr;
+  const float* residual = nullptr;
+  if (has_bias) {
+    ffi::AnyBuffer b = *rest.get<ffi::AnyBuffer>(0);
+    if (b.element_type() != ffi::DataType::F32 || !resnet_jax::HasDims(b.dimensions(), {o}))
+      return ffi::Error::InvalidArgument("Winograd: the bias must be float32 of shape (O,), O the output channels");
+    bias = b.typed_data<float>();
+  }
+  if (has_residual) {
+    ffi::AnyBuffer r = *rest.get<ffi::AnyBuffer>(has_bias);
+    if (r.element_type() != ffi::DataType::F32 || !resnet_jax::SameDims(r.dimensions(), y->dimensions()))
+      return ffi::Error::InvalidArgument("Winograd: the residual must be float32 of the output's shape");
+    residual = r.typed_data<float>();
+  }
   const int flags = (has_bias ? kBias : 0) | (has_residual ? kResidual : 0) | (relu ? kRelu : 0);
   return Run([&] {
     if (m == 4)
@@ -391,9 +440,8 @@ ffi::Error WinogradBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Res
                                    ffi::Span<const int64_t> padding, int64_t m) {
   auto tiling = MakeTiling(x.dimensions(), dy.dimensions(), padding, m);
   if (tiling.has_error()) return tiling.error();
-  if (x.element_type() != ffi::DataType::F32 || dy.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("Winograd: float32 only");
   const int64_t c = x.dimensions()[3], o = dy.dimensions()[3];
+  if (auto error = CheckKernel(x, *dw, dy, c, o); error.failure()) return error;
   return Run([&] {
     if (m == 4)
       KernelGradient<4>(x.typed_data<float>(), dy.typed_data<float>(), dw->typed_data<float>(), *tiling, c, o);

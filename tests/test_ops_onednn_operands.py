@@ -1,0 +1,125 @@
+"""The extension's C++ handlers check every operand they are handed, against the others, before touching memory:
+a wrong shape or dtype is an error in Python that names the operand, not a read past a buffer's end. A failed
+allocation is an error too, and the process goes on. The handlers are called here directly through
+``jax.ffi.ffi_call``, as ``onednn/calls.py`` calls them, but with the operands a caller could get wrong."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import require_onednn, run_python
+
+PAD = (1, 1, 1, 1)  # top, bottom, left, right
+X = np.ones((2, 8, 8, 4), np.float32)
+W = np.ones((3, 3, 4, 6), np.float32)
+Y = (2, 8, 8, 6)
+NO_EPILOGUE = dict(has_bias=0, has_residual=0, relu=0)
+CONV = dict(strides=(1, 1), padding=PAD, groups=1)
+WINOGRAD = dict(padding=PAD, m=4)
+
+
+def call(target, result_shape, *operands, result_dtype=np.float32, **attrs):
+    require_onednn()  # registers the targets
+    values = {k: np.asarray(v, np.int64) if isinstance(v, tuple) else np.int64(v) for k, v in attrs.items()}
+    f = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(result_shape, result_dtype), vmap_method="sequential")
+    return np.asarray(jax.block_until_ready(f(*operands, **values)))
+
+
+def bf16(a):
+    return jnp.asarray(a, jnp.bfloat16)
+
+
+def test_well_formed_calls_run():
+    """The baseline the refusals below differ from in one operand each."""
+    want = jax.lax.conv_general_dilated(X, W, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    bias, residual = np.arange(6, dtype=np.float32), np.full(Y, 0.5, np.float32)
+    for target, attrs in (("ResnetJaxConvForward", CONV), ("ResnetJaxWinogradForward", WINOGRAD)):
+        np.testing.assert_allclose(call(target, Y, X, W, **attrs, **NO_EPILOGUE), want, rtol=1e-5, atol=1e-4)
+        got = call(target, Y, X, W, bias, residual, **attrs, has_bias=1, has_residual=1, relu=0)
+        np.testing.assert_allclose(got, want + bias + 0.5, rtol=1e-5, atol=1e-4)
+    dy = np.ones(Y, np.float32)
+    assert call("ResnetJaxConvBackwardData", X.shape, dy, W, **CONV).shape == X.shape
+    for target, attrs in (("ResnetJaxConvBackwardWeights", CONV), ("ResnetJaxWinogradBackwardWeights", WINOGRAD)):
+        assert call(target, W.shape, X, dy, **attrs).shape == W.shape
+
+
+REFUSED = {
+    "winograd kernel of other channels": (
+        "ResnetJaxWinogradForward", Y, [X, np.ones((3, 3, 4, 5), np.float32)], dict(**WINOGRAD, **NO_EPILOGUE),
+        "the kernel must be HWIO (3, 3, C, O)"),
+    "winograd 5x5 kernel": (
+        "ResnetJaxWinogradForward", Y, [X, np.ones((5, 5, 4, 6), np.float32)], dict(**WINOGRAD, **NO_EPILOGUE),
+        "the kernel must be HWIO (3, 3, C, O)"),
+    "winograd bfloat16 kernel": (
+        "ResnetJaxWinogradForward", Y, [X, bf16(W)], dict(**WINOGRAD, **NO_EPILOGUE), "float32 only"),
+    "winograd bias one short": (
+        "ResnetJaxWinogradForward", Y, [X, W, np.ones(5, np.float32)],
+        dict(**WINOGRAD, has_bias=1, has_residual=0, relu=0), "the bias must be float32 of shape (O,)"),
+    "winograd bfloat16 bias": (
+        "ResnetJaxWinogradForward", Y, [X, W, bf16(np.ones(6))],
+        dict(**WINOGRAD, has_bias=1, has_residual=0, relu=0), "the bias must be float32 of shape (O,)"),
+    "winograd residual of other channels": (
+        "ResnetJaxWinogradForward", Y, [X, W, np.ones((2, 8, 8, 5), np.float32)],
+        dict(**WINOGRAD, has_bias=0, has_residual=1, relu=0), "the residual must be float32 of the output's shape"),
+    "winograd kernel gradient of other channels": (
+        "ResnetJaxWinogradBackwardWeights", (3, 3, 4, 5), [X, np.ones(Y, np.float32)], WINOGRAD,
+        "the kernel must be HWIO (3, 3, C, O)"),
+    "winograd negative padding": (
+        "ResnetJaxWinogradForward", (2, 4, 4, 6), [X, W], dict(padding=(-1, -1, -1, -1), m=4, **NO_EPILOGUE),
+        "negative padding"),
+    "conv bias one short": (
+        "ResnetJaxConvForward", Y, [X, W, np.ones(5, np.float32)], dict(**CONV, has_bias=1, has_residual=0, relu=0),
+        "the bias must be float32 or bfloat16 of shape (O,)"),
+    # as many bytes as the output, but not its shape (a check of the byte count alone lets this through)
+    "conv residual of the output's size but not its shape": (
+        "ResnetJaxConvForward", Y, [X, W, np.ones((2, 8, 6, 8), np.float32)],
+        dict(**CONV, has_bias=0, has_residual=1, relu=0), "the residual must have the output's shape and dtype"),
+    "conv bfloat16 kernel for float32 input": (
+        "ResnetJaxConvForward", Y, [X, bf16(W)], dict(**CONV, **NO_EPILOGUE), "must share one dtype"),
+    "conv output taller than the geometry gives": (
+        "ResnetJaxConvForward", (2, 9, 8, 6), [X, W], dict(**CONV, **NO_EPILOGUE), "do not follow from the input"),
+    "conv zero stride": (
+        "ResnetJaxConvForward", Y, [X, W], dict(strides=(0, 1), padding=PAD, groups=1, **NO_EPILOGUE),
+        "do not follow from the input"),
+    "conv input gradient with a bfloat16 kernel": (
+        "ResnetJaxConvBackwardData", X.shape, [np.ones(Y, np.float32), bf16(W)], CONV, "must share one dtype"),
+    "conv kernel gradient with a bfloat16 output gradient": (
+        "ResnetJaxConvBackwardWeights", W.shape, [X, bf16(np.ones(Y))], CONV, "must share one dtype"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=list(REFUSED))
+def test_a_wrong_operand_is_refused_with_what_was_wrong(case):
+    target, shape, operands, attrs, message = REFUSED[case]
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT") as caught:
+        call(target, shape, *operands, **attrs)
+    assert message in str(caught.value), str(caught.value)
+
+
+def test_a_failed_allocation_is_an_error_and_the_process_goes_on():
+    """A Winograd layer whose work buffers (2 x 36 x tiles x 512 floats, 604 MB) do not fit under an address-space
+    limit set just above what the process holds plus its output: the call raises RESOURCE_EXHAUSTED, and once
+    the limit is lifted the same call computes."""
+    require_onednn()
+    done = run_python("""
+        import resource
+        import jax, jax.numpy as jnp, numpy as np
+        from resnet_jax.ops.onednn import calls
+
+        x = jnp.asarray(np.ones((1, 256, 256, 512), np.float32))  # 128 MB
+        k = jnp.asarray(np.full((3, 3, 512, 512), 1e-3, np.float32))
+        layer = jax.jit(lambda x, k: calls.winograd_forward(x, k, ((1, 1), (1, 1)), 4)).lower(x, k).compile()
+        held = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (held + 2 * x.nbytes + (256 << 20), resource.RLIM_INFINITY))
+        try:
+            layer(x, k).block_until_ready()
+            print("computed under the limit")
+        except jax.errors.JaxRuntimeError as err:
+            print("refused:", err)
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        print("then:", float(layer(x, k)[0, 128, 128, 0]))
+    """, timeout=600)
+    assert "refused: RESOURCE_EXHAUSTED: resnet_jax oneDNN extension: out of memory" in done.stdout, done.stdout
+    then = float(done.stdout.split("then:")[1])
+    assert abs(then - 9 * 512 * 1e-3) < 1e-3, done.stdout  # 9 taps x 512 channels x 1e-3
