@@ -4,7 +4,11 @@
                                                          # the digits ResNet-20 b64 16 px)
     python -m benchmarks.train_step --device gpu         # ResNet-50 224px batch 256 bf16 (torch: AMP + channels_last)
     python -m benchmarks.train_step --quick              # smoke test: batch 2, 32px, 1 step
-    python -m benchmarks.train_step --dtype bfloat16     # the CPU cases in bf16 (CPUs with AVX-512 BF16 / AMX)
+    python -m benchmarks.train_step --dtype bfloat16     # the CPU cases in bf16 only
+    python -m benchmarks.train_step --dtype float32 --dtype bfloat16   # both, their ratios side by side
+
+On a CPU with bfloat16 instructions (AVX-512 BF16 or AMX) the CPU cases run in float32 and in bfloat16 (ours
+``dtype=bfloat16``, torch ``autocast(bfloat16)``) by default, and a last table puts the two ratios side by side.
 
 Ours runs with each ``conv_impl`` (default: "auto", and "jax": the pure-JAX algorithms, i.e. without the
 optional CPU extension); torch runs NCHW, channels_last and (unless --no-compile) torch.compile of the faster
@@ -26,8 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--mode", action="append", choices=["train", "inference"], help="default: both")
     p.add_argument("--conv-impl", action="append", help="ours' conv_impl values (default: auto, jax)")
     p.add_argument("--batch", type=int), p.add_argument("--image-size", type=int)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the case's compute precision "
-                   "(bfloat16: ours dtype=bfloat16, torch autocast bf16; parameters stay float32 on both sides)")
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16"],
+                   help="compute precision, repeatable (bfloat16: ours dtype=bfloat16, torch autocast bf16; "
+                   "parameters stay float32 on both sides). Default: the case's, and on a CPU with bfloat16 "
+                   "instructions both")
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--warmup", type=int, default=1)
@@ -60,6 +66,16 @@ def variants(case, mode, args):
     return runners
 
 
+def default_dtypes(device: str) -> list[str | None]:
+    """None: the case's own precision. A CPU with bfloat16 instructions also runs bfloat16: there it is a real
+    choice for a user, and its ratio to torch's autocast belongs next to float32's."""
+    from resnet_jax.ops import cpu
+
+    if device == "cpu" and cpu.native_bfloat16():
+        return ["float32", "bfloat16"]
+    return [None]
+
+
 def main(argv=None):
     args = parse_args(argv)
     allocator = preload_tcmalloc(args.tcmalloc and args.device == "cpu")
@@ -70,31 +86,39 @@ def main(argv=None):
         args.steps, args.rounds, args.warmup = 1, 1, 1
     results = []
     for name in names:
-        case = common.CASES[name]
-        case = common.quick(case) if args.quick else case
-        case = dataclasses.replace(case, device=args.device, batch=args.batch or case.batch,
-                                   image=args.image_size or case.image, dtype=args.dtype or case.dtype)
-        for mode in args.mode or ["train", "inference"]:
-            print(f"\n== {name} {mode}: {case.model} batch {case.batch} {case.image}px {case.dtype} {case.device}",
-                  flush=True)
-            times = common.time_interleaved(variants(case, mode, args), args.warmup, args.steps, args.rounds)
-            for variant, t in times.items():
-                results.append(dict(case=name, mode=mode, variant=variant, **dataclasses.asdict(case),
-                                    images_per_s=case.batch / t["median_s"], **t))
-    rows = []
-    for name in names:
-        for mode in args.mode or ["train", "inference"]:
-            rs = [r for r in results if r["case"] == name and r["mode"] == mode]
-            theirs = max((r["images_per_s"] for r in rs if r["variant"].startswith("torch")), default=None)
-            ours = max(r["images_per_s"] for r in rs if r["variant"].startswith("jax"))
-            for r in rs:
-                r["ratio_to_torch_best"] = r["images_per_s"] / theirs if theirs else None
-                rows.append([name, mode, r["variant"], r["images_per_s"],
-                             f"{r['ratio_to_torch_best']:.2f}" if theirs else "-"])
-            if theirs:
-                rows.append([name, mode, "=> ours best / torch best", "", f"{ours / theirs:.2f}"])
+        for dtype in args.dtype or default_dtypes(args.device):
+            case = common.CASES[name]
+            case = common.quick(case) if args.quick else case
+            case = dataclasses.replace(case, device=args.device, batch=args.batch or case.batch,
+                                       image=args.image_size or case.image, dtype=dtype or case.dtype)
+            for mode in args.mode or ["train", "inference"]:
+                print(f"\n== {name} {mode}: {case.model} batch {case.batch} {case.image}px {case.dtype} "
+                      f"{case.device}", flush=True)
+                times = common.time_interleaved(variants(case, mode, args), args.warmup, args.steps, args.rounds)
+                for variant, t in times.items():
+                    results.append(dict(case=name, mode=mode, variant=variant, **dataclasses.asdict(case),
+                                        images_per_s=case.batch / t["median_s"], **t))
+    rows, ratios = [], {}
+    groups = dict.fromkeys((r["case"], r["mode"], r["dtype"]) for r in results)
+    for name, mode, dtype in groups:
+        rs = [r for r in results if (r["case"], r["mode"], r["dtype"]) == (name, mode, dtype)]
+        theirs = max((r["images_per_s"] for r in rs if r["variant"].startswith("torch")), default=None)
+        ours = max(r["images_per_s"] for r in rs if r["variant"].startswith("jax"))
+        for r in rs:
+            r["ratio_to_torch_best"] = r["images_per_s"] / theirs if theirs else None
+            rows.append([name, mode, dtype, r["variant"], r["images_per_s"],
+                         f"{r['ratio_to_torch_best']:.2f}" if theirs else "-"])
+        if theirs:
+            rows.append([name, mode, dtype, "=> ours best / torch best", "", f"{ours / theirs:.2f}"])
+            ratios.setdefault((name, mode), {})[dtype] = f"{ours / theirs:.2f}"
     common.print_table(f"images/s (median of {args.rounds} interleaved rounds x {args.steps} steps; "
-                       f"allocator {allocator})", ["case", "mode", "variant", "images/s", "x torch best"], rows)
+                       f"allocator {allocator})", ["case", "mode", "dtype", "variant", "images/s", "x torch best"],
+                       rows)
+    dtypes = list(dict.fromkeys(r["dtype"] for r in results))
+    if len(dtypes) > 1 and ratios:
+        common.print_table("ours best / torch best, by precision (torch: autocast for bfloat16)",
+                           ["case", "mode", *dtypes],
+                           [[name, mode, *(by.get(d, "-") for d in dtypes)] for (name, mode), by in ratios.items()])
     common.write_json(args.json, f"train_step_{args.device}{'_quick' if args.quick else ''}.json",
                       {"environment": common.environment(allocator), "results": results})
 

@@ -30,6 +30,17 @@ def test_train_step_smoke(tmp_path, case):
     assert "ours best / torch best" in stdout
 
 
+def test_train_step_puts_bfloat16_ratios_next_to_float32(tmp_path):
+    pytest.importorskip("torch")
+    stdout, results = run_script("benchmarks.train_step", tmp_path, "--case", "resnet20_digits_cpu", "--no-compile",
+                                 "--mode", "train", "--conv-impl", "auto", "--dtype", "float32", "--dtype", "bfloat16")
+    assert {(r["dtype"], r["variant"]) for r in results} == {
+        (d, v) for d in ("float32", "bfloat16") for v in ("jax conv_impl=auto", "torch NCHW", "torch channels_last")}
+    side_by_side = stdout.split("by precision")[1].splitlines()
+    assert side_by_side[1].split("|")[3:5] == [" float32 ", " bfloat16 "], side_by_side
+    assert side_by_side[3].startswith("| resnet20_digits_cpu | train |"), side_by_side
+
+
 def test_compile_time_smoke(tmp_path):
     _, results = run_script("benchmarks.compile_time", tmp_path, "--case", "resnet18_cifar_cpu")
     assert [r["run"] for r in results] == ["cold", "warm (persistent cache)"]
