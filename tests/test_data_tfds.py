@@ -1,9 +1,8 @@
 """TFDS for real, offline: mocked cifar10/imagenet2012 records through the pipeline, a small dataset prepared
-as ArrayRecord on disk and read back without TensorFlow, and each failure as one sentence within seconds."""
+as ArrayRecord on disk and read back without TensorFlow, and each failure as one sentence, before any download."""
 
 import json
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -128,45 +127,44 @@ def test_mocked_imagenet2012_through_the_imagenet_recipe():
         assert len(batches) == 3 and sum(int(b["mask"].sum()) for b in batches) == 10
 
 
-def quick(call):
-    """Run `call`, expecting one ValueError sentence; return its message and assert it came within seconds."""
-    start = time.perf_counter()
+def refusal(call):
+    """Run `call`, expecting one ValueError sentence, and return its message. That it comes before any download or
+    retry is shown by the message itself (each names the check that refused), not by a clock."""
     with pytest.raises(ValueError) as info:
         call()
-    assert time.perf_counter() - start < 15
     message = str(info.value)
     assert "\n" not in message and message.endswith(".")
     return message
 
 
 def test_unknown_name_suggests_close_matches():
-    assert "did you mean 'cifar10'" in quick(lambda: data.get_source("cifar1O", "train"))
+    assert "did you mean 'cifar10'" in refusal(lambda: data.get_source("cifar1O", "train"))
 
 
 def test_missing_data_dir(tmp_path):
-    assert "does not exist" in quick(lambda: data.get_source("cifar10", "train", data_dir=tmp_path / "nope"))
+    assert "does not exist" in refusal(lambda: data.get_source("cifar10", "train", data_dir=tmp_path / "nope"))
 
 
 def test_unprepared_without_download_names_the_command(tmp_path):
-    message = quick(lambda: data.get_source("cifar10", "train", data_dir=tmp_path, download=False))
+    message = refusal(lambda: data.get_source("cifar10", "train", data_dir=tmp_path, download=False))
     assert "python -m resnet_jax.data.prepare cifar10" in message
 
 
-def test_no_network_fails_in_seconds_not_minutes(tmp_path, monkeypatch):
+def test_no_network_is_refused_by_the_probe_before_any_download(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow")
     with socket.socket() as closed:  # bind a port, then leave it closed: connections are refused
         closed.bind(("127.0.0.1", 0))
         monkeypatch.setenv(prep.PROBE_ENV, f"127.0.0.1:{closed.getsockname()[1]}")
-    assert "no network" in quick(lambda: data.get_source("mnist", "train", data_dir=tmp_path))
+    assert "no network" in refusal(lambda: data.get_source("mnist", "train", data_dir=tmp_path))
 
 
 def test_manual_download_dataset_says_where_files_go(tmp_path):
     pytest.importorskip("tensorflow")
-    message = quick(lambda: data.get_source("imagenet2012", "train", data_dir=tmp_path))
+    message = refusal(lambda: data.get_source("imagenet2012", "train", data_dir=tmp_path))
     assert "downloaded by hand" in message and str(tmp_path / "downloads" / "manual") in message
 
 
 @pytest.mark.slow
 def test_unknown_split_lists_the_splits(tiny_dir):
-    message = quick(lambda: data.get_source("tiny_shapes", "trian", data_dir=tiny_dir))
+    message = refusal(lambda: data.get_source("tiny_shapes", "trian", data_dir=tiny_dir))
     assert "its splits are: test, train" in message
