@@ -10,14 +10,20 @@ puts tests/ on sys.path, as for ``training_helpers``).
 - ``require_onednn_toolchain()`` / ``require_onednn()``: skip a test where the oneDNN extension cannot be built /
   cannot be used here, and fail it instead on CI on Linux x86_64, where it must work;
   ``onednn_toolchain_missing()`` gives the reason, or None.
+
+Importing this file also gives the whole test session one persistent JAX compilation cache (see
+``share_one_compilation_cache``).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +32,34 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Computations cheaper to compile than this are not written to the cache: writing costs more than it saves.
+CACHE_MIN_COMPILE_SECONDS = 0.2
+
+
+def share_one_compilation_cache() -> None:
+    """One persistent JAX compilation cache, in a temporary directory, for every process of the test session.
+
+    Why: many tests compile the same computations (the same small models under different tests, the pytest-xdist
+    workers, the training and export subprocesses), and compiling is most of the suite's time on a 2-core
+    machine. JAX reads these variables when it is imported, so they are set here, before any test module imports
+    it; xdist workers and subprocesses inherit them and share the directory. The process that made the directory
+    removes it at exit, so every session starts cold and leaves nothing behind. A cache directory already in the
+    environment (the user's own) is left alone."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    directory = tempfile.mkdtemp(prefix="resnet-jax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(CACHE_MIN_COMPILE_SECONDS)
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    if "jax" in sys.modules:  # imported before this file (a plugin): too late for the variables, not for the config
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+
+
+share_one_compilation_cache()
 
 
 def assert_close(actual, expected, what: str = "", rtol_of_scale: float = 1e-4, min_scale: float = 0.0) -> None:
