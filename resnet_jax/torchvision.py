@@ -11,8 +11,9 @@ and a name is accepted only in the spelling the export would write, so the two d
 one naming's file never loads under the other's.
 
 Because the rules are about *kinds* of layers, not a list of keys, they cover every model ``create_model`` builds:
-torchvision's ten models match torchvision exactly, timm's fifteen shared names (``TIMM_MODELS``) match timm, and
-the variants no one else has (CIFAR stems, pre-activation) round-trip through torchvision-style names
+torchvision's models of the same names match torchvision exactly, every name timm shares with this library
+(``TIMM_MODELS``: the torchvision-style ResNets, ResNet-D and pre-activation ResNetV2) matches timm, and the
+names no one else has (the CIFAR models, ``preact_resnetN``) round-trip through torchvision-style names
 (``conv1_0``, ``bn_final``...).
 """
 
