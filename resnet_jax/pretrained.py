@@ -44,8 +44,9 @@ class DownloadError(ConnectionError):
 class Weights:
     """One published weights file and the preprocessing its accuracy was measured with.
 
-    Images: resize the short side to ``resize_size`` (bilinear, antialiased), centre-crop ``crop_size``,
+    Images: resize the short side to ``resize_size`` (``interpolation``, antialiased), centre-crop ``crop_size``,
     scale to [0, 1], subtract ``mean`` and divide by ``std`` per RGB channel; the model takes NHWC.
+    ``transforms()`` is that preprocessing as code, equal per pixel to the publisher's own.
     """
 
     model: str
@@ -60,6 +61,7 @@ class Weights:
     interpolation: str = "bilinear"
     naming: str = "torchvision"  # whose parameter names the file uses: "torchvision" or "timm"
     origin: str | None = None  # where it is published; None: torchvision's download.pytorch.org/models/<filename>
+    crop_mode: str = "center"  # timm's: "center", "squash" or "border" (resnet_jax.data.transforms.CROP_MODES)
 
     @property
     def url(self) -> str:
@@ -68,6 +70,15 @@ class Weights:
     @property
     def categories(self) -> list[str]:
         return imagenet_classes()
+
+    def transforms(self):
+        """The evaluation preprocessing these weights were measured with, as a callable ``EvalTransform``: a PIL
+        image or uint8 HWC array in, the normalised float32 HWC array out; equal per pixel to torchvision's
+        ``weights.transforms()`` or timm's ``create_transform(**resolve_data_config(..., use_test_size=True))``."""
+        from resnet_jax.data.transforms import EvalTransform
+
+        return EvalTransform(self.resize_size, self.crop_size, self.mean, self.std, self.interpolation,
+                             self.crop_mode)
 
 
 def _table() -> dict[str, dict[str, Weights]]:
