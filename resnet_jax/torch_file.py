@@ -6,6 +6,10 @@ admits only the handful of globals that rebuilding tensors needs and refuses eve
 ``UnsafeFileError`` *before* it is called: a hostile file is rejected, never run. Writing emits the same
 opcodes ``torch.save`` does, by hand, so ``torch.load(path, weights_only=True)`` accepts the result and torch is
 not needed to produce it.
+
+Reading a file that is not what its name says (truncated, damaged anywhere in the zip, the pickle or a
+storage, or another format) raises ``WeightsFileError``: one sentence naming the file and what to do, never
+the parser's own exception, whichever byte was damaged (tests/test_torch_file.py mutates files byte by byte).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import collections
 import io
 import os
 import pickle
+import lzma
 import struct
 import zipfile
+import zlib
 from typing import Any, Mapping
 
 import ml_dtypes
@@ -32,8 +38,27 @@ _DTYPE_STORAGES = {np.dtype(dtype): name for name, dtype in _STORAGE_DTYPES.item
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "model_state")
 
 
-class UnsafeFileError(ValueError):
+# What ``zipfile`` raises on a damaged archive, besides its own BadZipFile: a damaged header field reaches
+# struct (a short record), the codecs (a file name that is not UTF-8: UnicodeDecodeError, a ValueError), zlib or
+# lzma (a flipped compression method), EOFError/OSError (sizes or offsets past the end), NotImplementedError (an
+# unknown compression method or zip version) and RuntimeError (a set "encrypted" flag).
+_DAMAGED_ZIP = (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, ValueError, zlib.error, lzma.LZMAError,
+                EOFError, OSError, NotImplementedError, RuntimeError, KeyError, IndexError, OverflowError)
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read as a state_dict: truncated, damaged, or in another format. The message
+    names the file and says what to do; a ``ValueError``, so ``except ValueError`` keeps working."""
+
+
+class UnsafeFileError(WeightsFileError):
     """A weights file asked to import something that is not needed to rebuild tensors (possibly malicious)."""
+
+
+def _one_line(error: BaseException) -> str:
+    """An underlying error as a short clause for our message: its type and its text on one line."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
 class _StorageType:
@@ -47,11 +72,11 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_ignored) -
     """Replacement for ``torch._utils._rebuild_tensor_v2``: a copy of the strided view into the flat storage."""
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or any(s < 0 for s in size + stride) or offset < 0:
-        raise ValueError(f"corrupt tensor record: size {size}, stride {stride}, offset {offset}")
+        raise WeightsFileError(f"corrupt tensor record: size {size}, stride {stride}, offset {offset}")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
     if last >= storage.size:
-        raise ValueError(f"corrupt tensor record: a {size} view at offset {offset} with stride {stride} reads "
-                         f"past its storage of {storage.size} elements; the file is damaged, re-save it")
+        raise WeightsFileError(f"corrupt tensor record: a {size} view at offset {offset} with stride {stride} reads "
+                         f"past its storage of {storage.size} elements")
     itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:] if storage.size else storage, size,
                                            [s * itemsize for s in stride], writeable=False)
@@ -80,9 +105,9 @@ _ALLOWED = {
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only the globals in ``_ALLOWED``; tensor storages come from the zip via ``persistent_load``."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str, path):
         super().__init__(io.BytesIO(data))
-        self.archive, self.prefix, self.byteorder = archive, prefix, byteorder
+        self.archive, self.prefix, self.byteorder, self.path = archive, prefix, byteorder, path
         self.storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -93,48 +118,58 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         except KeyError:
             raise UnsafeFileError(
-                f"refusing to load: the file asks for the global '{module}.{name}', which rebuilding tensors never "
-                "needs. The file may be malicious, or holds objects other than tensors (optimizer state, custom "
-                "classes). Nothing from it was run. If you trust it, re-save just the state_dict with "
-                "torch.save(model.state_dict(), path).") from None
+                f"refusing to load {self.path}: the file asks for the global '{module}.{name}', which rebuilding "
+                "tensors never needs. The file may be malicious, or holds objects other than tensors (optimizer "
+                "state, custom classes). Nothing from it was run. If you trust it, re-save just the state_dict "
+                "with torch.save(model.state_dict(), path).") from None
 
     def persistent_load(self, pid: Any) -> np.ndarray:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType)):
-            raise UnsafeFileError(f"refusing to load: unexpected persistent record {pid!r} (only tensor storages "
-                                  "are allowed)")
+            raise UnsafeFileError(f"refusing to load {self.path}: unexpected persistent record {repr(pid)[:200]} "
+                                  "(only tensor storages are allowed)")
         _, storage_type, key, _location, numel = pid
         if key not in self.storages:
             try:
                 raw = self.archive.read(f"{self.prefix}data/{key}")
             except KeyError:
-                raise ValueError(f"corrupt .pth file: storage {key!r} is missing from the archive") from None
+                raise WeightsFileError(f"storage {str(key)[:100]!r} is missing from the archive") from None
             dtype = storage_type.dtype.newbyteorder("<" if self.byteorder == "little" else ">")
             if len(raw) % dtype.itemsize:
-                raise ValueError(f"corrupt .pth file: storage {key!r} has {len(raw)} bytes, not a whole number "
-                                 f"of {storage_type.name} elements")
+                raise WeightsFileError(f"storage {key!r} has {len(raw)} bytes, not a whole number of "
+                                       f"{storage_type.name} elements")
             self.storages[key] = np.frombuffer(raw, dtype).astype(storage_type.dtype, copy=False)
         return self.storages[key]
 
 
+def _damaged(path, what: str) -> WeightsFileError:
+    return WeightsFileError(f"{path} is corrupt or truncated ({what}); delete it and download or save it again.")
+
+
 def _open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
+    """The archive, after its header and every entry's checksum were checked."""
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:1] == b"\x80":  # a bare pickle: the legacy format, or a plain pickle of something
-        raise ValueError(f"{path} is in the legacy (pre-1.6) torch.save format, which cannot be read safely. "
-                         "Re-save it with a recent torch: torch.save(torch.load(path), path) (only if you trust "
-                         "the file).")
+        raise WeightsFileError(f"{path} is in the legacy (pre-1.6) torch.save format, which cannot be read safely: "
+                               "re-save it with a recent torch, torch.save(torch.load(path), path) (only if you "
+                               "trust the file).")
     if not head.startswith(b"PK"):
-        raise ValueError(f"{path} is not a PyTorch .pth file (not a zip archive; it starts with {head[:8]!r}). "
-                         "It may be corrupt or truncated, or another format: download or export it again.")
+        raise WeightsFileError(f"{path} is not a PyTorch .pth file (not a zip archive; it starts with "
+                               f"{head[:8]!r}): it may be corrupt or truncated, or another format; download or "
+                               "export it again.")
+    archive = None
     try:
         archive = zipfile.ZipFile(path)
         bad = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
-        raise ValueError(f"{path} is corrupt or truncated ({e}); delete it and download or save it again.") from e
+    except _DAMAGED_ZIP as e:
+        if archive is not None:
+            archive.close()
+        raise _damaged(path, _one_line(e)) from e
     if bad is not None:
-        raise ValueError(f"{path} is corrupt: the entry {bad!r} fails its checksum; delete it and download or save "
-                         "it again.")
+        archive.close()
+        raise WeightsFileError(f"{path} is corrupt: the entry {bad!r} fails its checksum; delete it and download "
+                               "or save it again.")
     return archive
 
 
@@ -142,26 +177,37 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The state_dict in a ``torch.save`` file, as ``{name: numpy array}``; torch is never imported.
 
     Accepts a plain state_dict or a checkpoint dict holding one under ``state_dict`` / ``model``. Raises
-    ``UnsafeFileError`` for a pickle that names anything but tensor-rebuild globals, ``ValueError`` for a
-    truncated, corrupt or legacy-format file.
+    ``UnsafeFileError`` for a pickle that names anything but tensor-rebuild globals, ``WeightsFileError`` (a
+    ``ValueError``) for a truncated, corrupt or legacy-format file, whatever part of it is damaged.
     """
     with _open_zip(path) as archive:
-        names = archive.namelist()
-        pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise ValueError(f"{path} is a zip but not a torch.save archive (no unique <name>/data.pkl among "
-                             f"{names[:5]}...)")
-        prefix = pickles[0][: -len("data.pkl")]
-        byteorder = "little"
-        if f"{prefix}byteorder" in names:
-            byteorder = archive.read(f"{prefix}byteorder").decode().strip()
-        unpickler = _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, byteorder)
         try:
-            obj = unpickler.load()
-        except (UnsafeFileError, ValueError):
+            names = archive.namelist()
+            pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise WeightsFileError(f"{path} is a zip but not a torch.save archive (no unique <name>/data.pkl "
+                                       f"among {names[:5]}...); it may be corrupt, or another format.")
+            prefix = pickles[0][: -len("data.pkl")]
+            byteorder = "little"
+            if f"{prefix}byteorder" in names:
+                byteorder = archive.read(f"{prefix}byteorder").decode().strip()
+            if byteorder not in ("little", "big"):
+                raise _damaged(path, f"its byte order reads {byteorder[:20]!r}")
+            data = archive.read(pickles[0])
+        except WeightsFileError:
             raise
-        except Exception as e:  # malformed opcodes, truncated pickle...
-            raise ValueError(f"{path}: the pickle inside is corrupt ({type(e).__name__}: {e}); save it again") from e
+        except _DAMAGED_ZIP as e:
+            raise _damaged(path, _one_line(e)) from e
+        try:
+            obj = _RestrictedUnpickler(data, archive, prefix, byteorder, path).load()
+        except UnsafeFileError:
+            raise
+        except WeightsFileError as e:  # a storage or tensor record that does not fit: no path of its own
+            raise _damaged(path, str(e)) from e
+        except _DAMAGED_ZIP as e:  # reading a storage from the archive
+            raise _damaged(path, _one_line(e)) from e
+        except Exception as e:  # malformed opcodes, truncated pickle, a call with the wrong arguments...
+            raise _damaged(path, f"the pickle inside is corrupt: {_one_line(e)}") from e
     return _state_dict_of(obj, path)
 
 
@@ -173,8 +219,8 @@ def _state_dict_of(obj: Any, path) -> dict[str, np.ndarray]:
                 break
     if isinstance(obj, np.ndarray) or not isinstance(obj, Mapping) or not _is_state_dict(obj):
         keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(f"{path} holds no state_dict (a mapping of names to tensors, alone or under one of "
-                         f"{_CONTAINER_KEYS}); found {keys}")
+        raise WeightsFileError(f"{path} holds no state_dict (a mapping of names to tensors, alone or under one of "
+                               f"{_CONTAINER_KEYS}); found {repr(keys)[:300]}")
     return {str(k): v for k, v in obj.items() if isinstance(v, np.ndarray)}
 
 
@@ -262,8 +308,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for bad headers / short files
-        raise ValueError(f"{path} is not a valid .safetensors file ({e}); it may be truncated: save or download "
-                         "it again.") from e
+        raise WeightsFileError(f"{path} is not a valid .safetensors file ({_one_line(e)}); it may be truncated: "
+                               "save or download it again.") from e
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:

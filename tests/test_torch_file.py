@@ -11,8 +11,8 @@ import safetensors.torch
 import torch
 
 from conftest import run_python
-from resnet_jax.torch_file import (UnsafeFileError, load_state_dict, read_safetensors, read_torch_file,
-                                   save_state_dict, write_safetensors, write_torch_file)
+from resnet_jax.torch_file import (UnsafeFileError, WeightsFileError, load_state_dict, read_safetensors,
+                                   read_torch_file, save_state_dict, write_safetensors, write_torch_file)
 
 
 def tensors():
@@ -211,7 +211,7 @@ def test_non_zip_file_is_a_clear_error(tmp_path, content):
 
 def test_legacy_format_says_to_resave(tmp_path):
     torch.save(torch.nn.Linear(2, 3).state_dict(), tmp_path / "old.pth", _use_new_zipfile_serialization=False)
-    with pytest.raises(ValueError, match="legacy.*Re-save it with a recent torch"):
+    with pytest.raises(ValueError, match="legacy.*re-save it with a recent torch"):
         read_torch_file(tmp_path / "old.pth")
 
 
@@ -244,3 +244,55 @@ def test_storage_shorter_than_its_tensor_is_a_clear_error(tmp_path):
             dst.writestr(name, src.read(name)[:8] if name.endswith("data/0") else src.read(name))
     with pytest.raises(ValueError, match="reads past its storage of 2 elements"):
         read_torch_file(tmp_path / "short.pth")
+
+
+@pytest.mark.parametrize("where", ["local header", "central directory"])
+def test_damaged_file_name_in_the_zip_is_a_clear_error(tmp_path, saved, where):
+    """torch's zip marks its file names UTF-8; one byte of a name made invalid UTF-8 makes zipfile raise a bare
+    UnicodeDecodeError (from testzip for the local header, from ZipFile for the central directory), which must
+    come out as the same one-sentence error as any other damage."""
+    data = bytearray(saved)
+    name = b"good/data/0"
+    at = data.find(name) if where == "local header" else data.rfind(name)
+    assert data.find(name) != data.rfind(name)  # the name is in both places
+    data[at + len(b"good/data/")] = 0xFF  # never valid in UTF-8
+    path = tmp_path / "bad.pth"
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnicodeDecodeError):  # what zipfile itself does with this file
+        zipfile.ZipFile(path).testzip()
+    with pytest.raises(WeightsFileError, match=r"bad\.pth is corrupt or truncated \(UnicodeDecodeError: .*\); "
+                                               r"delete it and download or save it again\.$") as info:
+        read_torch_file(path)
+    assert "\n" not in str(info.value)
+
+
+def single_byte_damages(data: bytes, count: int, seed: int):
+    """``count`` copies of ``data``, each with the byte at another (seeded) position replaced by another value."""
+    rng = np.random.default_rng(seed)
+    for at in sorted(rng.choice(len(data), min(count, len(data)), replace=False)):
+        damaged = bytearray(data)
+        damaged[at] ^= int(rng.integers(1, 256))
+        yield int(at), bytes(damaged)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_single_byte_damage_loads_or_gives_one_sentence(tmp_path, suffix):
+    """A small torch.save / safetensors file damaged at 300 seeded positions, one at a time (zip header fields,
+    file names, checksums, the pickle, storage bytes; the safetensors header): each copy either loads or raises
+    WeightsFileError, in one line that names the file; never another exception (a bare UnicodeDecodeError or
+    struct.error from a parser) and never a hang."""
+    state = torch.nn.Conv2d(3, 4, 3).state_dict()
+    good = tmp_path / f"good{suffix}"
+    torch.save(state, good) if suffix == ".pth" else safetensors.torch.save_file(state, good)
+    path, loaded, refused = tmp_path / f"damaged{suffix}", 0, 0
+    for at, damaged in single_byte_damages(good.read_bytes(), 300, seed=0):
+        path.write_bytes(damaged)
+        try:
+            load_state_dict(path)
+            loaded += 1
+        except WeightsFileError as e:
+            assert str(path) in str(e) and "\n" not in str(e), (at, str(e))
+            refused += 1
+        except Exception as e:  # noqa: BLE001 - what is under test is that no other exception escapes
+            pytest.fail(f"byte {at} damaged: {type(e).__name__}: {e}")
+    assert refused > 0 and loaded + refused == 300
