@@ -20,8 +20,7 @@ def run(module, *args, timeout=900, check=False):
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("default")
-    proc = run("train", f"--workdir={workdir}", "--config.progress_bar=False",
-               f"--config.compilation_cache_dir={workdir / 'jit-cache'}", check=True)
+    proc = run("train", f"--workdir={workdir}", "--config.progress_bar=False", check=True)
     return workdir, proc
 
 
@@ -123,8 +122,7 @@ def test_bad_config_is_one_clear_sentence(tmp_path):
 def test_sigterm_exits_75_with_a_checkpoint_and_a_changed_seed_is_refused_with_exit_1(tmp_path, spawn):
     workdir = tmp_path / "run"
     args = ["train", f"--workdir={workdir}", "--config.progress_bar=False", "--config.max_steps=300",
-            "--config.checkpoint_every_steps=5", "--config.log_every_steps=5",
-            f"--config.compilation_cache_dir={tmp_path / 'jit-cache'}"]
+            "--config.checkpoint_every_steps=5", "--config.log_every_steps=5"]
     proc = spawn([sys.executable, "-m", *args], worker_env())  # PYTHONPATH finds the repository
     deadline = time.monotonic() + 600
     while not (workdir / "checkpoints" / "5").exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -6,6 +6,7 @@ The workdir contract (config changes, restart, history) has its own file, test_t
 import json
 import re
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,7 +14,10 @@ import pytest
 
 from resnet_jax.checkpoint import CheckpointError, ConfigMismatch, load_variables
 from resnet_jax.training import TrainingDiverged, train
-from training_helpers import count_compiles, direct_metrics, snapshot, tiny_config
+from conftest import run_python
+from training_helpers import count_compiles, direct_metrics, snapshot, tiny_config, worker_env
+
+TESTS = str(Path(__file__).parent)
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +84,27 @@ def test_evaluation_counts_every_validation_example_once(finished_run):
 
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-    """16 steps with checkpoints at 8 and 16; tests damage copies of it."""
-    workdir = tmp_path_factory.mktemp("short") / "run"
-    train(tiny_config(max_steps=16), workdir)
-    return workdir
+def short_run_and_cache(tmp_path_factory):
+    """16 steps with checkpoints at 8 and 16, compiled into a cache directory of its own: (workdir, that
+    directory, JAX's cache setting before the run, after it)."""
+    root = tmp_path_factory.mktemp("short")
+    before = jax.config.jax_compilation_cache_dir
+    train(tiny_config(max_steps=16, compilation_cache_dir=str(root / "jit")), root / "run")
+    return root / "run", root / "jit", before, jax.config.jax_compilation_cache_dir
+
+
+@pytest.fixture(scope="module")
+def short_run(short_run_and_cache):
+    """The 16-step run; tests damage copies of it."""
+    return short_run_and_cache[0]
+
+
+def test_a_run_with_its_own_cache_dir_leaves_jax_config_as_it_was(short_run_and_cache):
+    """config.compilation_cache_dir named a directory: JAX opened its cache there for the run, and once the run
+    returned the process compiles as before (the test session's own cache, from conftest.py)."""
+    _, cache, before, after = short_run_and_cache
+    assert cache.is_dir()
+    assert after == before
 
 
 def copy_of(run, tmp_path):
@@ -168,28 +188,45 @@ def test_a_checkpoint_that_differs_only_in_a_shape_is_a_config_mismatch_not_dama
     assert snapshot(workdir) == before
 
 
-def test_count_compiles_counts_a_compilation_and_only_inside_its_block():
-    """The positive control of the zero-compile assertions (here and in test_training_workdir.py): a function
-    compiled for the first time counts, calling it again compiles nothing, and the counter stops at the block's
-    end."""
-    import jax.numpy as jnp
+COUNT_CHILD = """
+import json, sys
+import jax, jax.numpy as jnp
+sys.path.insert(0, sys.argv[1])
+from training_helpers import count_compiles
 
-    x = jnp.ones((3, 7, 11))  # a shape no other test compiles for
-    with count_compiles() as compiles:
-        fresh = jax.jit(lambda a: a * 3.0 + 1.0)
-        fresh(x).block_until_ready()
-        first = compiles[0]
-        fresh(x).block_until_ready()
-    assert first >= 1 and compiles[0] == first
-    jax.jit(lambda a: a - 2.0)(x).block_until_ready()
-    assert compiles[0] == first
+x = jnp.ones((3, 7, 11))
+with count_compiles() as compiles:
+    fresh = jax.jit(lambda a: a * 3.0 + 1.0)
+    fresh(x).block_until_ready()
+    first = list(compiles)
+    fresh(x).block_until_ready()  # this process has it now: nothing to build
+    again = list(compiles)
+jax.jit(lambda a: a - 2.0)(x).block_until_ready()  # after the block
+print(json.dumps({"first": first, "again": again, "after_the_block": list(compiles)}))
+"""
+
+
+def test_count_compiles_counts_compilations_and_cache_hits(tmp_path):
+    """The positive control of the zero-compile assertions (here and in test_training_workdir.py), in two
+    processes sharing a fresh persistent compilation cache: in the first the function is compiled, in the second
+    it comes from the cache, and both count one. Calling it again builds nothing, and the counter stops at the
+    block's end."""
+    env = worker_env()
+    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    counts = [json.loads(run_python(COUNT_CHILD, args=[TESTS], env=env).stdout.splitlines()[-1]) for _ in range(2)]
+    assert counts[0] == {"first": [1, 0], "again": [1, 0], "after_the_block": [1, 0]}  # compiled
+    assert counts[1] == {"first": [1, 1], "again": [1, 1], "after_the_block": [1, 1]}  # read from the cache
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     """The learning rate jumps 1e30-fold after the first epoch: the epoch-end checkpoint is the last good one."""
     workdir = tmp_path / "run"
+    before = jax.config.jax_compilation_cache_dir
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*last good checkpoint is step 44"):
-        train(tiny_config(schedule="step", step_epochs=1, lr_decay=1e30), workdir)
+        train(tiny_config(schedule="step", step_epochs=1, lr_decay=1e30,
+                          compilation_cache_dir=str(tmp_path / "jit")), workdir)
+    assert jax.config.jax_compilation_cache_dir == before  # a failed run sets it back too
     _, variables, _ = load_variables(workdir)
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
 

@@ -89,8 +89,7 @@ def config(optimizer):
     c.update(model="resnet18", optimizer=optimizer, batch_size=BATCH, image_size=SIZE, learning_rate=LR,
              lr_scaling="none", schedule="constant", warmup_epochs=0.0, momentum=0.9, nesterov=False,
              weight_decay=WEIGHT_DECAY, decay_norm_and_bias=False, label_smoothing=0.0, mixup_alpha=0.0,
-             cutmix_alpha=0.0, class_weights=(), augment="none", dtype="float32", compilation_cache_dir="",
-             progress_bar=False)
+             cutmix_alpha=0.0, class_weights=(), augment="none", dtype="float32", progress_bar=False)
     return validate(c)
 
 

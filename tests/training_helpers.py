@@ -35,7 +35,6 @@ def tiny_config(**overrides):
     c.log_every_steps = 4
     c.checkpoint_every_steps = 8
     c.progress_bar = False
-    c.compilation_cache_dir = ""
     c.update(overrides)
     return c
 
@@ -112,23 +111,42 @@ def snapshot(directory) -> dict[str, str]:
             for p in sorted(directory.rglob("*"))}
 
 
+# JAX's monitoring events (jax 0.10.2). BACKEND_COMPILE times ``compiler.compile_or_get_cached``: it fires once
+# for every executable JAX needs, compiled or read from the persistent compilation cache. CACHE_HIT fires, in
+# addition, for those read from the cache.
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+
 @contextlib.contextmanager
 def count_compiles():
-    """Counts XLA compilations inside the block (JAX's own monitoring events): ``with count_compiles() as n:``
-    then ``n[0]``."""
+    """Counts the executables JAX builds inside the block, whether XLA compiles them or the persistent
+    compilation cache (conftest.py gives the session one) supplies them: ``with count_compiles() as n:`` then
+    ``n[0]`` (all of them) and ``n[1]`` (how many of those were cache hits).
+
+    Why hits count: "nothing compiles" must mean that no program was built, also when an earlier test or process
+    left the same program in the cache. Both events are counted, each under its name, because in jax 0.10.2 a hit
+    fires both (counting them into one number would count a hit twice);
+    ``test_count_compiles_counts_compilations_and_cache_hits`` fails if a jax version stops timing hits."""
     import jax.monitoring
 
-    count = [0]
+    count = [0, 0]
 
-    def listener(name, *_, **__):
-        if name == "/jax/core/compile/backend_compile_duration":
+    def durations(name, *_, **__):
+        if name == BACKEND_COMPILE:
             count[0] += 1
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def events(name, *_, **__):
+        if name == CACHE_HIT:
+            count[1] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(durations)
+    jax.monitoring.register_event_listener(events)
     try:
         yield count
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_duration_listener(durations)
+        jax.monitoring.unregister_event_listener(events)
 
 
 def direct_metrics(model, variables, source, mean, std) -> dict[str, float]:

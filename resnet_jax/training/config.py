@@ -69,7 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_epochs = 1
     c.early_stopping_patience = 0       # epochs without val-accuracy improvement before stopping (0 = off)
     c.progress_bar = True
-    c.compilation_cache_dir = "~/.cache/resnet_jax/jit"  # JAX persistent compilation cache ("" = off)
+    c.compilation_cache_dir = "auto"    # JAX's persistent compilation cache during the run: "auto" = the directory
+                                        # JAX already has (JAX_COMPILATION_CACHE_DIR), else ~/.cache/resnet_jax/jit;
+                                        # a path; "" = none of ours (training/compile_cache.py)
     c.restart = False                   # True: move an existing run in the workdir aside and start over
     # multi-host: flags or RESNET_JAX_* environment variables; empty = one process, "auto" = from the cluster
     # environment (SLURM, Open MPI, TPU pods)

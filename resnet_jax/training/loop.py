@@ -1,9 +1,11 @@
 """``train(config, workdir)``: the whole training run, as one plain function the CLI and notebooks share.
 
-Read top to bottom: validate the config (every error before anything compiles or is written), check it against
-the run already in the workdir (``workdir.py``), restore the newest good checkpoint or initialise (optionally from
-pretrained weights), then loop: sharded step, metrics, checkpoint, epoch-end evaluation, early stopping, and a
-clean stop on SIGTERM/SIGINT (``preemption.py``). Everything that decides a number (data order, the step, the
+Read top to bottom, one function per phase: ``setup`` validates the config (every error before anything compiles
+or is written) and ``train`` checks it against the run already in the workdir (``workdir.py``); ``_start``
+restores the newest good checkpoint or initialises (optionally from pretrained weights); ``_Loop.run`` steps
+through the epochs: sharded step, metrics (``_write_train_row``), epoch-end evaluation (``_evaluate``),
+checkpoints (``_save``), early stopping, and a clean stop on SIGTERM/SIGINT (``preemption.py``); ``close`` and
+``result`` finish. Everything that decides a number (data order, the step, the
 metric sums) is either seeded or saved, so a run stopped at any point and restarted ends bitwise identical to
 one that never stopped.
 """
@@ -11,7 +13,6 @@ one that never stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from resnet_jax.checkpoint import Checkpointer, NonFiniteState
 from resnet_jax.parallel import (check_batch_size, initialize_distributed, make_mesh, replicate, replicated,
                                  shard_batch, sync_processes)
 from resnet_jax.training import workdir as run_dir
+from resnet_jax.training.compile_cache import compilation_cache
 from resnet_jax.training.config import (check_against_data, min_image_size, model_from_config, normalization_stats,
                                         validate)
 from resnet_jax.training.metrics_log import MetricsLog, read_metrics
@@ -104,33 +106,39 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
     return RunSetup(config, mesh, model, train_source, val_source, mean, std, steps_per_epoch, total)
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache: a restarted or repeated run skips recompiling the train step."""
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[str], None] | None = None
           ) -> TrainResult:
     """Train (or resume training) in ``workdir``; returns the final state and the metrics history.
 
     Raises ``ValueError`` for a bad config and ``ConfigMismatch`` for a config that changes the run already in
     ``workdir`` (nothing written in either case), ``CheckpointError`` when no checkpoint there restores, and
-    ``Preempted`` after saving a checkpoint on SIGTERM/SIGINT.
+    ``Preempted`` after saving a checkpoint on SIGTERM/SIGINT. JAX's compilation-cache setting is changed only
+    for the length of the call (``compile_cache.py``).
     """
     log = log or _print_on_main
     run = setup(config)
-    config, mesh, model = run.config, run.mesh, run.model
     workdir = Path(workdir)
-    run_dir.check(workdir, config, log)
-    log(f"{config.model} on {mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
-        f"{ops.describe(getattr(model, 'conv_impl', 'auto'))}")
-    enable_compilation_cache(config.compilation_cache_dir)
+    run_dir.check(workdir, run.config, log)
+    log(f"{run.config.model} on {run.mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
+        f"{ops.describe(getattr(run.model, 'conv_impl', 'auto'))}")
+    with compilation_cache(run.config.compilation_cache_dir):
+        loop = _start(run, workdir, log)
+        try:
+            stop_reason = loop.run()
+        finally:
+            loop.close()
+        return loop.result(stop_reason)
+
+
+def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
+    """The setup/restore phase: the loaders and the state's structure, then the state restored (``_restore``)
+    or initialised, and the loop's pieces. Separate from the loop because it alone decides where a run starts,
+    and it is the first phase that writes: nothing before ``_restore``'s ``sync_processes`` changes the workdir,
+    so every process has read it as it was."""
+    config, mesh, model = run.config, run.mesh, run.model
     num_classes = run.train_source.num_classes
     class_names = list(run.train_source.class_names) or [str(i) for i in range(num_classes)]
     spe = run.steps_per_epoch
-
     loader_args = dict(image_size=config.image_size, mean=run.mean, std=run.std, channels=model.in_channels)
     train_loader = data.train_loader(run.train_source, batch_size=config.batch_size, augment=config.augment,
                                      seed=config.seed, worker_count=config.num_workers, **loader_args)
@@ -144,7 +152,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
                             shapes.arrays())
 
-    # Nothing above writes; from here on the workdir changes, once every process has read it as it was.
+    checkpoints, iterator, restored = _restore(config, workdir, train_loader, abstract, log)
+    progress = {"window": None, "epoch": None, "best": -1.0, "bad_epochs": 0}
+    if restored is None:
+        step, resumed_from = 0, None
+        state = create(initial_variables(config, model, input_shape, log))
+    else:
+        step, arrays, meta = restored
+        resumed_from = step
+        state = shapes.with_arrays(arrays)
+        progress = meta["loop"]
+        log(f"resumed from the checkpoint at step {step} (epoch {step / spe:.2f}) in {checkpoints.directory}")
+    run_dir.write_config(workdir, config)
+    return _Loop(setup=run, workdir=workdir, log=log, class_names=class_names, checkpoints=checkpoints,
+                 iterator=iterator, val_loader=val_loader,
+                 metrics_log=MetricsLog(workdir, resume_step=resumed_from),
+                 train_step=make_train_step(config, num_classes, mesh), eval_step=make_eval_step(mesh, model),
+                 schedule=make_schedule(config, spe), state=state, step=step, resumed_from=resumed_from,
+                 window=None if progress["window"] is None else replicate(_as_f32(progress["window"]), mesh),
+                 epoch_sums=None if progress["epoch"] is None else replicate(_as_f32(progress["epoch"]), mesh),
+                 best=progress["best"], bad_epochs=progress["bad_epochs"], saved_step=step)
+
+
+def _restore(config: ml_collections.ConfigDict, workdir: Path, train_loader, abstract, log: Callable[[str], None]):
+    """The workdir made ready and the newest checkpoint that restores read into ``abstract``'s structure, with
+    the data iterator's position: ``(checkpoints, iterator, (step, arrays, meta) or None)``. Earlier files are
+    moved aside, never deleted: on ``config.restart``, or when a history has no checkpoint to continue it."""
     sync_processes("workdir_checked")
     if config.restart:
         run_dir.move_aside(workdir, log, "config.restart=True")
@@ -154,115 +187,166 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
                            names=(*run_dir.HISTORY_FILES, run_dir.CONFIG_FILE))
     iterator = iter(train_loader)
     try:
-        restored = checkpoints.restore_latest(abstract, iterator, log)
+        return checkpoints, iterator, checkpoints.restore_latest(abstract, iterator, log)
     except Exception:
         checkpoints.close()
         raise
-    loop = {"window": None, "epoch": None, "best": -1.0, "bad_epochs": 0}
-    if restored is None:
-        step = 0
-        state = create(initial_variables(config, model, input_shape, log))
-    else:
-        step, arrays, meta = restored
-        state = shapes.with_arrays(arrays)
-        loop = meta["loop"]
-        log(f"resumed from the checkpoint at step {step} (epoch {step / spe:.2f}) in {checkpoints.directory}")
-    run_dir.write_config(workdir, config)
-    metrics_log = MetricsLog(workdir, resume_step=None if restored is None else step)
-    window = None if loop["window"] is None else replicate(_as_f32(loop["window"]), mesh)
-    epoch_sums = None if loop["epoch"] is None else replicate(_as_f32(loop["epoch"]), mesh)
 
-    train_step = make_train_step(config, num_classes, mesh)
-    eval_step = make_eval_step(mesh, model)
-    schedule = make_schedule(config, spe)
-    show_bar = config.progress_bar and jax.process_index() == 0
-    bar, stop_reason, saved_step = None, "finished", step
-    timer = _Throughput()
 
-    def save(at_step: int, val_accuracy: float | None = None) -> None:
-        nonlocal saved_step
-        host = {"window": _to_host(window), "epoch": _to_host(epoch_sums), "best": loop["best"],
-                "bad_epochs": loop["bad_epochs"]}
+@dataclasses.dataclass
+class _Loop:
+    """A run between its steps: the state, where it is, and the metric sums not yet written. Everything here
+    that decides a number goes into each checkpoint (``_save``), which is what makes a resumed run bitwise equal
+    to one that never stopped."""
+
+    setup: RunSetup
+    workdir: Path
+    log: Callable[[str], None]
+    class_names: list[str]
+    checkpoints: Checkpointer
+    iterator: Any
+    val_loader: Any
+    metrics_log: MetricsLog
+    train_step: Callable
+    eval_step: Callable
+    schedule: Callable
+    state: TrainState
+    step: int
+    resumed_from: int | None
+    window: Any                     # the metric sums since the last train row
+    epoch_sums: Any                 # the metric sums since the epoch began
+    best: float                     # the best validation accuracy so far, for early stopping
+    bad_epochs: int                 # evaluations since it last improved
+    saved_step: int
+    bar: Any = None
+    stop: StopOnSignal | None = None
+    timer: _Throughput = dataclasses.field(default_factory=lambda: _Throughput())
+
+    def run(self) -> str:
+        """The epoch loop: steps until the last one, early stopping or a stop signal; returns why it stopped.
+        A stop signal is acted on only between steps, and on every process at the same step (see
+        preemption.py), so the checkpoint it leaves is one that every process agrees on."""
+        config, spe, total = self.setup.config, self.setup.steps_per_epoch, self.setup.total_steps
+        self.stop = StopOnSignal(self.setup.mesh)
+        with self.stop:
+            while self.step < total:
+                self._one_step()
+                end_of_epoch = self.step % spe == 0 or self.step == total
+                if self.step % config.log_every_steps == 0 or end_of_epoch:
+                    self._write_train_row()
+                if end_of_epoch and self._end_epoch():
+                    return self._early_stop_reason()
+                if not end_of_epoch and self.step % config.checkpoint_every_steps == 0:
+                    _checked_means(self.epoch_sums, self.step, self.checkpoints)
+                    self._save()
+                if self.stop.requested():
+                    self._save_before_stopping()
+                    return "preempted"
+        return "finished"
+
+    def _one_step(self) -> None:
+        """One training step on the next batch, its metric sums added to the window's and the epoch's."""
+        config, spe = self.setup.config, self.setup.steps_per_epoch
+        if self.bar is None:
+            self.bar = tqdm(total=spe, initial=self.step % spe,
+                            desc=f"epoch {self.step // spe + 1}/{config.num_epochs}",
+                            disable=not (config.progress_bar and jax.process_index() == 0), leave=False,
+                            dynamic_ncols=True)
+        batch = next(self.iterator)
+        self.state, sums = self.train_step(self.state, shard_batch(batch, self.setup.mesh))
+        self.step += 1
+        self.timer.add(config.batch_size, sums)
+        self.window, self.epoch_sums = add_sums(self.window, sums), add_sums(self.epoch_sums, sums)
+        self.bar.update(1)
+
+    def _write_train_row(self) -> None:
+        """A train row of metrics.jsonl from the window's sums; reading them is also where a NaN loss stops the
+        run (the sums stay on the devices between rows, so a step never waits for the host)."""
+        m = _checked_means(self.window, self.step, self.checkpoints)
+        self.metrics_log.write({"step": self.step, "epoch": self.step / self.setup.steps_per_epoch,
+                                "split": "train", **m, "learning_rate": float(self.schedule(self.step - 1)),
+                                "images_per_second": self.timer.rate()})
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}")
+        self.window = None
+
+    def _end_epoch(self) -> bool:
+        """The epoch's summary line, its evaluation when due, and its checkpoint (every epoch ends with one, so
+        the best-checkpoint record and early stopping see every evaluation); True when early stopping is due."""
+        config = self.setup.config
+        epoch = (self.step - 1) // self.setup.steps_per_epoch  # the epoch this step belonged to, from 0
+        self.bar.close()
+        self.bar = None
+        train_m = _checked_means(self.epoch_sums, self.step, self.checkpoints)
+        self.epoch_sums = None
+        summary = f"epoch {epoch + 1}/{config.num_epochs}: train loss {train_m['loss']:.4f} " \
+                  f"acc {train_m['accuracy']:.4f}"
+        val_accuracy = None
+        if (epoch + 1) % config.eval_every_epochs == 0 or self.step == self.setup.total_steps:
+            val_accuracy, shown = self._evaluate(epoch)
+            summary += shown
+        self.log(summary)
+        self._save(val_accuracy)
+        return bool(config.early_stopping_patience) and self.bad_epochs >= config.early_stopping_patience
+
+    def _evaluate(self, epoch: int) -> tuple[float, str]:
+        """The validation pass: a val row in metrics.jsonl and the early-stopping count updated; returns the
+        accuracy (which the checkpoint records, to keep the best) and the summary's text for it."""
+        val_m = evaluate_loader(self.state, self.eval_step, self.val_loader, self.setup.mesh)
+        self.metrics_log.write({"step": self.step, "epoch": epoch + 1, "split": "val", **val_m})
+        if val_m["accuracy"] > self.best:
+            self.best, self.bad_epochs = val_m["accuracy"], 0
+        else:
+            self.bad_epochs += 1
+        shown = f" | val loss {val_m['loss']:.4f} acc {val_m['accuracy']:.4f} top5 {val_m['top5']:.4f}"
+        return val_m["accuracy"], shown
+
+    def _early_stop_reason(self) -> str:
+        reason = (f"early stopping: no val-accuracy improvement for {self.bad_epochs} evaluations "
+                  f"(best {self.best:.4f})")
+        self.log(reason)
+        return reason
+
+    def _save_before_stopping(self) -> None:
+        """On a stop signal: a checkpoint at this step unless one was just written, its sums checked first so a
+        diverged state is not the one a restart resumes from."""
+        if self.saved_step != self.step:
+            if self.epoch_sums is not None:
+                _checked_means(self.epoch_sums, self.step, self.checkpoints)
+            self._save()
+
+    def _save(self, val_accuracy: float | None = None) -> None:
+        """A checkpoint at this step: the state, the data iterator's position and the unwritten metric sums, so
+        a run resumed from it continues the same batches and writes the same rows."""
+        progress = {"window": _to_host(self.window), "epoch": _to_host(self.epoch_sums), "best": self.best,
+                    "bad_epochs": self.bad_epochs}
         try:
-            checkpoints.save(at_step, state.arrays(), iterator, {"loop": host, "class_names": class_names},
-                             config.to_dict(), val_accuracy)
+            self.checkpoints.save(self.step, self.state.arrays(), self.iterator,
+                                  {"loop": progress, "class_names": self.class_names},
+                                  self.setup.config.to_dict(), val_accuracy)
         except NonFiniteState as err:  # the last update diverged; its loss is only seen at the next step
-            raise TrainingDiverged(f"{err}; {_last_good(checkpoints)}. {_DIVERGED_HINT}") from None
-        saved_step = at_step
+            raise TrainingDiverged(f"{err}; {_last_good(self.checkpoints)}. {_DIVERGED_HINT}") from None
+        self.saved_step = self.step
 
-    stop = StopOnSignal(mesh)
-    try:
-        with stop:
-            while step < run.total_steps:
-                epoch = step // spe
-                if bar is None:
-                    bar = tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-                               disable=not show_bar, leave=False, dynamic_ncols=True)
-                batch = next(iterator)
-                state, sums = train_step(state, shard_batch(batch, mesh))
-                step += 1
-                timer.add(config.batch_size, sums)
-                window, epoch_sums = add_sums(window, sums), add_sums(epoch_sums, sums)
-                bar.update(1)
-                end_of_epoch = step % spe == 0 or step == run.total_steps
+    def close(self) -> None:
+        """Passed or failed: the last asynchronous save finished first (it may still be writing this run's
+        state), then the metrics' files and plot, then the Grain worker processes stopped and their shared
+        memory released."""
+        if self.bar is not None:
+            self.bar.close()
+        self.checkpoints.close()
+        self.metrics_log.close()
+        if hasattr(self.iterator, "close"):
+            self.iterator.close()
 
-                if step % config.log_every_steps == 0 or end_of_epoch:
-                    m = _checked_means(window, step, checkpoints)
-                    metrics_log.write({"step": step, "epoch": step / spe, "split": "train", **m,
-                                       "learning_rate": float(schedule(step - 1)),
-                                       "images_per_second": timer.rate()})
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}")
-                    window = None
-
-                if end_of_epoch:
-                    bar.close()
-                    bar = None
-                    train_m = _checked_means(epoch_sums, step, checkpoints)
-                    epoch_sums = None
-                    summary = f"epoch {epoch + 1}/{config.num_epochs}: train loss {train_m['loss']:.4f} " \
-                              f"acc {train_m['accuracy']:.4f}"
-                    val_accuracy = None
-                    if (epoch + 1) % config.eval_every_epochs == 0 or step == run.total_steps:
-                        val_m = evaluate_loader(state, eval_step, val_loader, mesh)
-                        val_accuracy = val_m["accuracy"]
-                        metrics_log.write({"step": step, "epoch": epoch + 1, "split": "val", **val_m})
-                        summary += f" | val loss {val_m['loss']:.4f} acc {val_accuracy:.4f} " \
-                                   f"top5 {val_m['top5']:.4f}"
-                        if val_accuracy > loop["best"]:
-                            loop["best"], loop["bad_epochs"] = val_accuracy, 0
-                        else:
-                            loop["bad_epochs"] += 1
-                    log(summary)
-                    save(step, val_accuracy)
-                    if config.early_stopping_patience and loop["bad_epochs"] >= config.early_stopping_patience:
-                        stop_reason = (f"early stopping: no val-accuracy improvement for {loop['bad_epochs']} "
-                                       f"evaluations (best {loop['best']:.4f})")
-                        log(stop_reason)
-                        break
-                elif step % config.checkpoint_every_steps == 0:
-                    _checked_means(epoch_sums, step, checkpoints)
-                    save(step)
-
-                if stop.requested():  # on every process at the same step (see preemption.py)
-                    if saved_step != step:
-                        if epoch_sums is not None:
-                            _checked_means(epoch_sums, step, checkpoints)
-                        save(step)
-                    stop_reason = "preempted"
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-        checkpoints.close()  # waits for the last asynchronous save
-        metrics_log.close()
-        if hasattr(iterator, "close"):  # Grain worker processes: stop them and release their shared memory
-            iterator.close()
-    if stop_reason == "preempted":
-        interrupted = stop.interrupted(step, f"checkpoint saved in {checkpoints.directory}")
-        log(str(interrupted))
-        raise interrupted
-    return TrainResult(state, read_metrics(workdir), model, config, class_names, stop_reason,
-                       None if restored is None else restored[0])
+    def result(self, stop_reason: str) -> TrainResult:
+        """The finish: ``Preempted`` once everything is closed (its message says where the checkpoint is and
+        how to resume), else the final state with the whole history as metrics.jsonl has it."""
+        if stop_reason == "preempted":
+            interrupted = self.stop.interrupted(self.step, f"checkpoint saved in {self.checkpoints.directory}")
+            self.log(str(interrupted))
+            raise interrupted
+        return TrainResult(self.state, read_metrics(self.workdir), self.setup.model, self.setup.config,
+                           self.class_names, stop_reason, self.resumed_from)
 
 
 def evaluate_loader(state: TrainState, eval_step, loader, mesh) -> dict[str, float]:
@@ -327,9 +411,3 @@ def _as_f32(sums: dict[str, float]) -> dict[str, jax.Array]:
 def _print_on_main(message: str) -> None:
     if jax.process_index() == 0:
         tqdm.write(message)
-
-
-def config_from_json(text: str) -> ml_collections.ConfigDict:
-    """A config saved by a run (``config.json`` or the checkpoint's copy), as a ConfigDict again."""
-    values = json.loads(text) if isinstance(text, str) else dict(text)
-    return validate(ml_collections.ConfigDict(values))
