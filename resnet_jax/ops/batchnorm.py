@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
+
+from resnet_jax.ops.jax_compat import SymbolicZero
 
 
 def batch_norm_act(x, scale, bias, residual=None, *, relu: bool = False, epsilon: float = 1e-5, dtype=None):

@@ -16,9 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from resnet_jax.ops import linear
+from resnet_jax.ops.jax_compat import SymbolicZero
 from resnet_jax.ops.registry import REGISTRY
 from resnet_jax.ops.rules import compute_dtype, resolve
 from resnet_jax.ops.spec import ConvSpec

@@ -26,11 +26,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax._src import dispatch
-from jax.core import ShapedArray
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
 
+from resnet_jax.ops.jax_compat import (Primitive, ShapedArray, defbilinear, lower_fun, primitive_batchers,
+                                      prims_requiring_devices, register_lowering)
 from resnet_jax.ops.registry import REGISTRY
 from resnet_jax.ops.xla import XLA
 
@@ -57,20 +55,20 @@ input_grad_p.def_abstract_eval(lambda dy, k, *, passes, spec: ShapedArray(spec.x
 kernel_grad_p.def_abstract_eval(lambda x, dy, *, passes, spec: ShapedArray(spec.kernel_shape, spec.dtype))
 for _prim, _impl in ((conv_p, _conv), (input_grad_p, _input_grad), (kernel_grad_p, _kernel_grad)):
     _prim.def_impl(_impl)
-    mlir.register_lowering(_prim, mlir.lower_fun(_impl, multiple_results=False))
+    register_lowering(_prim, lower_fun(_impl, multiple_results=False))
 # The extension's calls inside these lowerings carry a sharding rule (custom_partitioning), which needs the
 # devices while lowering; jax lowers device-agnostically unless the jaxpr shows a primitive that needs them, and
-# the calls are hidden inside ours, so declare it (jax keeps this registry in a private module).
-dispatch.prim_requires_devices_during_lowering.update((conv_p, input_grad_p, kernel_grad_p))
+# the calls are hidden inside ours, so declare it (jax keeps this registry in a private module: jax_compat.py).
+prims_requiring_devices.update((conv_p, input_grad_p, kernel_grad_p))
 
 # ------------------------------------------------------------------------------------------- transposition
-ad.defbilinear(conv_p,
+defbilinear(conv_p,
                lambda ct, x, k, **p: input_grad_p.bind(ct, k, **p),
                lambda ct, x, k, **p: kernel_grad_p.bind(x, ct, **p))
-ad.defbilinear(input_grad_p,
+defbilinear(input_grad_p,
                lambda ct, dy, k, **p: conv_p.bind(ct, k, **p),
                lambda ct, dy, k, **p: kernel_grad_p.bind(ct, dy, **p))
-ad.defbilinear(kernel_grad_p,
+defbilinear(kernel_grad_p,
                lambda ct, x, dy, **p: input_grad_p.bind(dy, ct, **p),
                lambda ct, x, dy, **p: conv_p.bind(x, ct, **p))
 
@@ -99,9 +97,9 @@ def _batch_rule(prim, pass_name):
     return rule
 
 
-batching.primitive_batchers[conv_p] = _batch_rule(conv_p, "conv")
-batching.primitive_batchers[input_grad_p] = _batch_rule(input_grad_p, "input_grad")
-batching.primitive_batchers[kernel_grad_p] = _batch_rule(kernel_grad_p, "kernel_grad")
+primitive_batchers[conv_p] = _batch_rule(conv_p, "conv")
+primitive_batchers[input_grad_p] = _batch_rule(input_grad_p, "input_grad")
+primitive_batchers[kernel_grad_p] = _batch_rule(kernel_grad_p, "kernel_grad")
 
 
 def conv(x, kernel, passes, spec):

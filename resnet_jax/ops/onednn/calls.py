@@ -16,10 +16,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_batching import sequential_vmap
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from resnet_jax.ops.jax_compat import custom_partitioning, sequential_vmap
 from resnet_jax.ops.onednn.library import load
 
 SPLIT, WHOLE = "split", "whole"  # an operand split along axis 0 with the batch, or one every device needs whole
