@@ -90,7 +90,10 @@ class Algorithm:
     kernel_grad(x, dy, spec) -> dkernel
     fused_forward(x, kernel, spec, bias, residual, relu) -> relu(y + bias + residual), for algorithms that apply
       that epilogue inside their kernel (saving a pass over y); None for the others.
-    limits(spec) -> None when it computes ``spec``, else what it cannot do, as the end of a sentence.
+    limits(spec) -> None when it computes ``spec``, else what it cannot do, as the end of a sentence. Shapes and
+      dtypes only: asking it never loads or builds anything.
+    unavailable() -> None when it can run in this process, else why not (the extension: loaded, and built the
+      first time, when asked). ``refusal`` asks it only for a convolution ``limits`` accepts.
     cpu_only: it runs on CPU only (the C++ extension).
     """
 
@@ -101,6 +104,7 @@ class Algorithm:
     limits: Callable[[ConvSpec], str | None] = any_spec
     cpu_only: bool = False
     fused_forward: Callable | None = None
+    unavailable: Callable[[], str | None] | None = None
 
     @classmethod
     def from_forward(cls, name: str, forward: Callable, **fields) -> Algorithm:
@@ -120,4 +124,7 @@ class Algorithm:
         if self.cpu_only and backend != "cpu":
             return f"algorithm {self.name!r} runs on CPU only (this backend is {backend})"
         reason = self.limits(spec)
+        if reason is None and self.unavailable is not None:
+            missing = self.unavailable()
+            reason = None if missing is None else f"is unavailable ({missing})"
         return None if reason is None else f"algorithm {self.name!r} {reason}; this convolution is {spec.describe()}"

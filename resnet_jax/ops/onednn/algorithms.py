@@ -14,6 +14,8 @@ from resnet_jax.ops.spec import Algorithm
 
 
 def _extension_limits(float32_only: bool, shape_limits=None):
+    """Shapes and dtypes only (the CPU's flags, never the extension itself): whether the library is there is
+    ``unavailable``'s question, asked after these (``Algorithm.refusal``)."""
     def limits(spec) -> str | None:
         reason = None if shape_limits is None else shape_limits(spec)
         if reason is not None:
@@ -21,14 +23,13 @@ def _extension_limits(float32_only: bool, shape_limits=None):
         allowed = ("float32",) if float32_only or not cpu.native_bfloat16() else ("float32", "bfloat16")
         if spec.dtype not in allowed:
             return f"computes {' and '.join(allowed)} only, not {spec.dtype}"
-        unavailable = unavailable_reason()
-        return None if unavailable is None else f"is unavailable ({unavailable})"
+        return None
     return limits
 
 
 def _direct() -> Algorithm:
     return Algorithm(
-        name="onednn", cpu_only=True, limits=_extension_limits(False),
+        name="onednn", cpu_only=True, unavailable=unavailable_reason, limits=_extension_limits(False),
         forward=lambda x, kernel, spec: calls.conv_forward(x, kernel, spec),
         fused_forward=calls.conv_forward,
         input_grad=calls.conv_backward_data,
@@ -60,7 +61,8 @@ def _gemm() -> Algorithm:
         dk = calls.matmul(xs.reshape(-1, xs.shape[-1]), dy.reshape(-1, dy.shape[-1]), transpose_a=True)
         return dk.reshape(spec.kernel_shape)
 
-    return Algorithm(name="onednn_gemm", cpu_only=True, limits=_extension_limits(True, gemm.limits),
+    return Algorithm(name="onednn_gemm", cpu_only=True, unavailable=unavailable_reason,
+                     limits=_extension_limits(True, gemm.limits),
                      forward=forward, input_grad=input_grad, kernel_grad=kernel_grad)
 
 
@@ -69,7 +71,8 @@ def _winograd(m: int) -> Algorithm:
         return calls.winograd_forward(x, kernel, spec.padding, m, bias, residual, relu)
 
     return Algorithm(
-        name=f"onednn_winograd_f{m}", cpu_only=True, limits=_extension_limits(True, winograd.limits),
+        name=f"onednn_winograd_f{m}", cpu_only=True, unavailable=unavailable_reason,
+        limits=_extension_limits(True, winograd.limits),
         forward=lambda x, kernel, spec: fused_forward(x, kernel, spec), fused_forward=fused_forward,
         input_grad=lambda dy, kernel, spec: calls.winograd_backward_data(dy, kernel, spec.padding, m),
         kernel_grad=lambda x, dy, spec: calls.winograd_backward_weights(x, dy, spec.padding, m))
