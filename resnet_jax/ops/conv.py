@@ -15,17 +15,16 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from resnet_jax.ops import linear
 from resnet_jax.ops.jax_compat import SymbolicZero
 from resnet_jax.ops.registry import REGISTRY
 from resnet_jax.ops.rules import compute_dtype, resolve
-from resnet_jax.ops.spec import ConvSpec
+from resnet_jax.ops.spec import ConvSpec, geometry
 from resnet_jax.ops.xla import lax_conv
 
 
-def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int] = (1, 1),
+def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (1, 1),
            padding: str | Sequence[tuple[int, int]] = "SAME", groups: int = 1, *, bias: jnp.ndarray | None = None,
            residual: jnp.ndarray | None = None, relu: bool = False, algorithm: str = "auto",
            fallback: bool = False) -> jnp.ndarray:
@@ -43,8 +42,7 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int] = (1, 1),
     if x.dtype != kernel.dtype:
         raise ValueError(f"conv2d computes in one dtype, but x is {x.dtype} and the kernel {kernel.dtype}; cast "
                          "one of them (as lax.conv_general_dilated requires too)")
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], tuple(strides), padding)
+    strides, padding = geometry(x.shape[1:3], kernel.shape[:2], strides, padding)
     dtype = compute_dtype(jnp.dtype(x.dtype).name, algorithm, jax.default_backend())
     if dtype != jnp.dtype(x.dtype).name:
         cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
@@ -123,10 +121,9 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, residual: jnp.ndarray | None = None, relu: bool = False) -> jnp.ndarray:
-        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
         shape = (*self.kernel_size, x.shape[-1] // self.feature_group_count, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return conv2d(x, kernel, strides, self.padding, self.feature_group_count, bias=bias, residual=residual,
+        return conv2d(x, kernel, self.strides, self.padding, self.feature_group_count, bias=bias, residual=residual,
                       relu=relu, algorithm=self.algorithm, fallback=True)

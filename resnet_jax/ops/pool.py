@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.ops.spec import output_size
+
 Pair = tuple[int, int]
 
 
@@ -35,8 +37,7 @@ def max_pool(x: jnp.ndarray, window: Pair = (3, 3), strides: Pair = (2, 2),
 def _taps(x, window, strides, padding, fill):
     """The strided views of ``x`` padded with ``fill``, one per window position (row-major), each (N, Ho, Wo, C)."""
     (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, padding
-    ho = (x.shape[1] + top + bottom - kh) // sh + 1
-    wo = (x.shape[2] + left + right - kw) // sw + 1
+    ho, wo = output_size(x.shape[1], kh, sh, top, bottom), output_size(x.shape[2], kw, sw, left, right)
     xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
     return [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
 

@@ -11,12 +11,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def output_size(size: int, window: int, stride: int, low: int, high: int) -> int:
+    """Outputs along one axis of a window (convolution kernel, pool window) sliding at ``stride`` over ``size``
+    inputs padded by ``low`` and ``high``: the one copy of this arithmetic in ops/."""
+    return (size + low + high - window) // stride + 1
+
+
+def geometry(in_hw: Sequence[int], window_hw: Sequence[int], strides: int | Sequence[int],
+             padding: str | Sequence[Sequence[int]]) -> tuple[tuple[int, int], Padding]:
+    """``(strides, padding)`` as int pairs: one stride for both axes or two, "SAME"/"VALID" (as lax pads them)
+    or explicit ``((top, bottom), (left, right))``. The one place a layer's or a caller's geometry is read."""
+    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(tuple(in_hw), tuple(window_hw), strides, padding)
+    return (int(strides[0]), int(strides[1])), tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +56,12 @@ class ConvSpec:
 
     @classmethod
     def of(cls, x, kernel, strides, padding, groups) -> ConvSpec:
-        """The spec of ``conv(x, kernel)``; ``padding`` explicit ``((top, bottom), (left, right))``."""
+        """The spec of ``conv(x, kernel)`` (arrays or shape-dtype structs); ``strides`` and ``padding`` in any
+        form ``geometry`` reads."""
         n, h, w, cin = x.shape
         kh, kw, _, cout = kernel.shape
-        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-        return cls(n, h, w, cin, cout, (kh, kw), tuple(int(s) for s in strides), padding, int(groups),
-                   jnp.dtype(x.dtype).name)
+        strides, padding = geometry((h, w), (kh, kw), strides, padding)
+        return cls(n, h, w, cin, cout, (kh, kw), strides, padding, int(groups), jnp.dtype(x.dtype).name)
 
     @property
     def x_shape(self) -> tuple[int, int, int, int]:
@@ -57,8 +74,8 @@ class ConvSpec:
     @property
     def y_shape(self) -> tuple[int, int, int, int]:
         (kh, kw), (sh, sw), ((top, bottom), (left, right)) = self.kernel, self.strides, self.padding
-        return (self.batch, (self.height + top + bottom - kh) // sh + 1, (self.width + left + right - kw) // sw + 1,
-                self.out_channels)
+        ho, wo = output_size(self.height, kh, sh, top, bottom), output_size(self.width, kw, sw, left, right)
+        return (self.batch, ho, wo, self.out_channels)
 
     def direct_flops(self) -> float:
         """Multiply-adds x 2 of the direct convolution."""

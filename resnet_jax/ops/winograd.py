@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from resnet_jax.ops.spec import Algorithm
+from resnet_jax.ops.spec import Algorithm, output_size
 
 # Transform matrices for F(m x m, 3 x 3): B^T (input, a x a), G (kernel, a x 3), A^T (output, m x a), a = m + 2.
 TABLES = {
@@ -68,7 +68,7 @@ def _tile_transform(x, T, size, m, tiles_h, tiles_w):
 
 def _tiling(h, w, padding, m):
     (top, bottom), (left, right) = padding
-    oh, ow = h + top + bottom - 2, w + left + right - 2
+    oh, ow = output_size(h, 3, 1, top, bottom), output_size(w, 3, 1, left, right)
     return oh, ow, -(-oh // m), -(-ow // m)
 
 
@@ -104,10 +104,17 @@ def forward(x, kernel, padding, m):
     return y[:, :oh, :ow].astype(x.dtype)
 
 
-def backward_data(dy, kernel, padding, m):
+def input_grad_as_forward(kernel, padding):
+    """The input gradient of a 3x3 stride-1 convolution is a 3x3 stride-1 convolution of ``dy`` too: with the
+    kernel flipped in space and its input and output channels exchanged, padded by 2 - p on each side. Returns
+    that ``(kernel, padding)``; both Winograd implementations (here and the extension's) compute it so."""
     (top, bottom), (left, right) = padding
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    return forward(dy, flipped, ((2 - top, 2 - bottom), (2 - left, 2 - right)), m)
+    return flipped, ((2 - top, 2 - bottom), (2 - left, 2 - right))
+
+
+def backward_data(dy, kernel, padding, m):
+    return forward(dy, *input_grad_as_forward(kernel, padding), m)
 
 
 def backward_weights(x, dy, padding, m, kernel_dtype):

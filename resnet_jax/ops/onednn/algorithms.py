@@ -74,7 +74,8 @@ def _winograd(m: int) -> Algorithm:
         name=f"onednn_winograd_f{m}", cpu_only=True, unavailable=unavailable_reason,
         limits=_extension_limits(True, winograd.limits),
         forward=lambda x, kernel, spec: fused_forward(x, kernel, spec), fused_forward=fused_forward,
-        input_grad=lambda dy, kernel, spec: calls.winograd_backward_data(dy, kernel, spec.padding, m),
+        input_grad=lambda dy, kernel, spec: calls.winograd_forward(
+            dy, *winograd.input_grad_as_forward(kernel, spec.padding), m),
         kernel_grad=lambda x, dy, spec: calls.winograd_backward_weights(x, dy, spec.padding, m))
 
 

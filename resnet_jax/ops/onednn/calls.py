@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax.ops.jax_compat import custom_partitioning, sequential_vmap
 from resnet_jax.ops.onednn.library import load
+from resnet_jax.ops.spec import output_size
 
 SPLIT, WHOLE = "split", "whole"  # an operand split along axis 0 with the batch, or one every device needs whole
 
@@ -129,18 +130,11 @@ def conv_backward_weights(x, dy, spec):
 def winograd_forward(x, kernel, padding, m, bias=None, residual=None, relu=False):
     """A 3x3 stride-1 convolution by Winograd F(m x m, 3 x 3), with the same optional epilogue."""
     (top, bottom), (left, right) = padding
-    shape = (x.shape[0], x.shape[1] + top + bottom - 2, x.shape[2] + left + right - 2, kernel.shape[-1])
+    shape = (x.shape[0], output_size(x.shape[1], 3, 1, top, bottom), output_size(x.shape[2], 3, 1, left, right),
+             kernel.shape[-1])
     extra, layout, in_place, flags = _epilogue(bias, residual, shape, x.dtype)
     return _call("ResnetJaxWinogradForward", shape[1:], x.dtype, (x, kernel, *extra), (SPLIT, WHOLE, *layout),
                  dict(padding=_padding(padding), m=m, relu=int(bool(relu)), **flags), in_place=in_place)
-
-
-def winograd_backward_data(dy, kernel, padding, m):
-    """The input gradient of a 3x3 stride-1 convolution is one too: the flipped kernel with in/out exchanged,
-    padded by 2 - p on each side."""
-    (top, bottom), (left, right) = padding
-    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    return winograd_forward(dy, flipped, ((2 - top, 2 - bottom), (2 - left, 2 - right)), m)
 
 
 def winograd_backward_weights(x, dy, padding, m):
