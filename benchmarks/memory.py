@@ -24,7 +24,6 @@ MB = 2 ** 20
 
 
 def child(args) -> dict:
-    import jax
     case = json.loads(args.case_json)
     case = common.Case(**{**case, "stage_sizes": tuple(case["stage_sizes"]) if case["stage_sizes"] else None})
     step, init = common.jax_train_step(common.jax_model(case, remat=args.remat, conv_impl=args.conv_impl))

@@ -167,6 +167,13 @@ class ResNet(nn.Module):
             x = conv_norm(self.stem_width, (7, 7), strides=2, conv_name="conv1", norm_name=bn)(x, relu=not self.preact)
         return max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), algorithm=self.conv_impl)
 
+    def with_batchnorm_folded(self) -> ResNet:
+        """This network with every BatchNorm that follows a convolution folded into it (a bias there instead):
+        ``ops.fold_batchnorm``'s protocol, which makes the variables."""
+        if self.folded:
+            raise ValueError("this model is already folded; pass the unfolded model and its variables")
+        return self.clone(folded=True)
+
     def probe_shape(self) -> tuple[int, int, int, int]:
         """A small input every stage can downsample (the stem's factor, then x 2 per later stage, twice over):
         what shape-only traces of this model (``ops.fold_batchnorm``) run on."""

@@ -72,3 +72,14 @@ def test_damaged_or_disabled_tuning_leaves_the_rules(cache, monkeypatch, caplog)
 def test_unknown_candidate_is_a_clear_error(cache):
     with pytest.raises(ValueError, match=r"unknown convolution algorithm\(s\) \['cudnn'\]"):
         tuning.tune(tiny(), SHAPE, candidates=["cudnn"])
+
+
+def test_the_command_line_builds_the_model_by_the_factory_it_is_given(capsys):
+    """ops/ knows no model: the tuner's command line imports the factory the caller names."""
+    import resnet_jax
+
+    assert tuning.factory("resnet_jax:create_model") is resnet_jax.create_model
+    with pytest.raises(SystemExit):
+        tuning.main(["resnet_jax:no_such_factory", "resnet50"])
+    assert "cannot import the model factory 'resnet_jax:no_such_factory'; name it as module:function" in \
+        capsys.readouterr().err

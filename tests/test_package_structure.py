@@ -94,12 +94,26 @@ def test_the_detector_sees_function_level_and_relative_imports():
         tree.unlink()
 
 
+def test_ops_knows_no_model():
+    """ops/ is how a layer computes: it imports nothing of resnet_jax outside ops/ (no model, no weights, no
+    training), so no model module is ever imported from ops/ and no circle through a model can form. Positive
+    control: the graph does see the models importing ops/."""
+    edges = graph()
+    ops = {m for m in edges if m == "resnet_jax.ops" or m.startswith("resnet_jax.ops.")}
+    outside = {m: sorted(edges[m] - ops) for m in sorted(ops) if edges[m] - ops}
+    assert not outside, f"ops/ imports outside ops/: {outside}"
+    assert "resnet_jax.ops" in edges["resnet_jax.resnet"] and "resnet_jax.blocks" in edges["resnet_jax.resnet"]
+    assert len(ops) > 20
+
+
 def test_ops_arrows_point_one_way():
-    """The leaves stay leaves: what a convolution is (spec), the tuning file and the CPU's flags import nothing
-    of ops/; the algorithm modules never import the choice or the layer; the models never import an algorithm."""
+    """The leaves stay leaves: what a convolution is (spec), the tuning file, the CPU's flags, the JAX compat
+    table and the tracer import nothing of ops/; the algorithm modules never import the choice or the layer; the
+    models never import an algorithm."""
     edges = graph()
     ops = {m for m in edges if m.startswith("resnet_jax.ops")}
-    for leaf in ("resnet_jax.ops.spec", "resnet_jax.ops.tuning_cache", "resnet_jax.ops.cpu"):
+    for leaf in ("resnet_jax.ops.spec", "resnet_jax.ops.tuning_cache", "resnet_jax.ops.cpu",
+                 "resnet_jax.ops.jax_compat", "resnet_jax.ops.trace"):
         assert not edges[leaf] & ops, (leaf, edges[leaf])
     upper = {"resnet_jax.ops.conv", "resnet_jax.ops.rules", "resnet_jax.ops.linear", "resnet_jax.ops.tuning",
              "resnet_jax.ops.registry", "resnet_jax.ops"}

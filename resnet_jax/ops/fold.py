@@ -4,10 +4,16 @@ In inference a BatchNorm is an affine map per channel, so ``BN(conv(x, w)) == co
 with ``s = gamma / sqrt(var + eps)``. The folded model skips one pass over every activation, and the residual
 add and ReLU that follow become the convolution's epilogue, which the oneDNN algorithms fuse into the kernel.
 
-Which BatchNorm belongs to which convolution is read off the model itself: the unfolded model is traced once
-(shapes only) and a BatchNorm whose input is exactly a convolution's output is that convolution's partner. The
-folded model (``folded=True``) must then have a bias on exactly those convolutions and no such BatchNorm; the
-two are checked against each other, so a model the rule does not fit is refused, never folded wrongly.
+Which BatchNorm belongs to which convolution is read off the model's calls (``trace.py``, shapes only): a
+BatchNorm whose input is exactly a ``Conv``'s output is that convolution's partner. A model takes part by
+saying how it is built without those BatchNorms, a small protocol (every resnet_jax model implements it):
+
+    with_batchnorm_folded() -> the same network with a bias on every convolution whose output feeds a BatchNorm
+                               directly and no such BatchNorm, called the same way; ValueError if already folded
+    probe_shape()           -> optional: an input shape it accepts (else the caller passes ``input_shape``)
+
+Both models are traced by their default call, which must be inference. The folded variables are checked against
+the folded model's own, so a model the rule does not fit is refused, never folded wrongly.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.ops.conv import Conv
+from resnet_jax.ops.trace import module_calls
 
 Path = tuple[str, ...]
 
@@ -26,24 +33,16 @@ Path = tuple[str, ...]
 def conv_batchnorm_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[Path, tuple[Path, float]]:
     """``{conv path: (batchnorm path, epsilon)}`` for every BatchNorm applied directly to a ``Conv``'s output
     (one computed without a residual or ReLU epilogue)."""
-    produced: dict[int, tuple[Path, Any]] = {}  # id(output) -> (conv path, output); outputs kept alive
+    produced: dict[int, tuple[Path, Any]] = {}  # id(output) -> (conv path, output)
     pairs: dict[Path, tuple[Path, float]] = {}
-
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__":
-            module = context.module
-            plain = len(args) == 1 and kwargs.get("residual") is None and not kwargs.get("relu")
-            if isinstance(module, Conv) and plain:  # an output with an epilogue is no longer the conv's alone
-                produced[id(out)] = (tuple(module.scope.path), out)
-            elif isinstance(module, nn.BatchNorm) and args and id(args[0]) in produced:
-                conv_path, source = produced[id(args[0])]
-                if source is args[0]:
-                    pairs[conv_path] = (tuple(module.scope.path), float(module.epsilon))
-        return out
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32), train=False))
+    for call in module_calls(model, input_shape):
+        plain = len(call.args) == 1 and call.kwargs.get("residual") is None and not call.kwargs.get("relu")
+        if isinstance(call.module, Conv) and plain:  # an output with an epilogue is no longer the conv's alone
+            produced[id(call.output)] = (call.path, call.output)
+        elif isinstance(call.module, nn.BatchNorm) and call.args and id(call.args[0]) in produced:
+            conv_path, source = produced[id(call.args[0])]
+            if source is call.args[0]:
+                pairs[conv_path] = (call.path, float(call.module.epsilon))
     return pairs
 
 
@@ -76,17 +75,18 @@ def _input_shape(model, input_shape) -> tuple[int, ...]:
 
 def fold_batchnorm(model: nn.Module, variables: dict[str, Any],
                    input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """``(folded_model, folded_variables)`` for inference: outputs equal ``model.apply(variables, x,
-    train=False)`` within float32 rounding. Works under ``jax.jit`` (the pairing is read from shapes only).
+    """``(folded_model, folded_variables)`` for inference: outputs equal ``model.apply(variables, x)`` (its
+    default, inference call) within float32 rounding. Works under ``jax.jit`` (the pairing is read from shapes).
 
-    ``model`` needs a ``folded`` field, which builds the same network with biased convolutions and no BatchNorm
-    after them (every ``ResNet`` has one); ``variables`` are its usual ``{"params", "batch_stats"}``.
-    ``input_shape`` is any input the model accepts (default: ``model.probe_shape()``).
+    ``model`` implements the protocol above (``with_batchnorm_folded``, and ``probe_shape`` unless
+    ``input_shape``, any input the model accepts, is given); ``variables`` are its ``{"params", "batch_stats"}``.
     """
-    if getattr(model, "folded", None) is None:
-        raise ValueError(f"{type(model).__name__} has no 'folded' option; fold_batchnorm needs a resnet_jax model")
-    if model.folded:
-        raise ValueError("this model is already folded; pass the unfolded model and its variables")
+    make_folded = getattr(model, "with_batchnorm_folded", None)
+    if make_folded is None:
+        raise ValueError(f"{type(model).__name__} does not say how it is built with its BatchNorm folded; "
+                         "fold_batchnorm needs a model with a with_batchnorm_folded() method (ops/fold.py), as "
+                         "every resnet_jax model has")
+    folded_model = make_folded()
     params, stats = _copy(dict(variables["params"])), _copy(dict(variables.get("batch_stats", {})))
     shape = _input_shape(model, input_shape)
     pairs = conv_batchnorm_pairs(model, shape)
@@ -98,7 +98,6 @@ def fold_batchnorm(model: nn.Module, variables: dict[str, Any],
                                  "bias": (bn["bias"] - moments["mean"] * scale).astype(kernel.dtype)})
         _set(params, bn_path, None)
         _set(stats, bn_path, None)
-    folded_model = model.clone(folded=True)
     result = {"params": _prune(params), "batch_stats": _prune(stats)}
     _check_structure(folded_model, result, shape)
     return folded_model, result
@@ -113,7 +112,7 @@ def _prune(tree: Any) -> Any:
 
 
 def _check_structure(folded_model, variables, shape) -> None:
-    expected = jax.eval_shape(lambda: folded_model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+    expected = jax.eval_shape(lambda: folded_model.init(jax.random.key(0), jnp.zeros(shape)))
     expected = {k: v for k, v in expected.items() if k in ("params", "batch_stats")}
     got = {k: v for k, v in variables.items() if v or k in expected}
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731

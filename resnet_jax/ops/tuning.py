@@ -6,17 +6,20 @@ convolution shape of a model and each of its three passes, every algorithm that 
 benchmark mode, but explicit: never inside a jitted step), and writes the winners to a cache file that
 "auto" and "jax" consult before the rules (``tuning_cache.py``). Given the file, the choice is deterministic.
 
-    python -m resnet_jax.ops.tuning resnet50 --batch 32 --image-size 224
+Any flax model built of ``ops.Conv`` layers can be tuned; the command line builds it by a factory the caller
+names (ops/ knows no model), e.g. this package's ``create_model``:
+
+    python -m resnet_jax.ops.tuning resnet_jax:create_model resnet50 --batch 32 --image-size 224
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -24,7 +27,7 @@ from resnet_jax.ops import rules, tuning_cache
 from resnet_jax.ops.conv import Conv
 from resnet_jax.ops.registry import REGISTRY
 from resnet_jax.ops.spec import ConvSpec
-from resnet_jax.resnet import create_model
+from resnet_jax.ops.trace import module_calls
 
 PASSES = ("forward", "input_grad", "kernel_grad")
 
@@ -32,22 +35,13 @@ PASSES = ("forward", "input_grad", "kernel_grad")
 def model_specs(model, input_shape: tuple[int, ...], dtype=jnp.float32) -> list[ConvSpec]:
     """Every distinct convolution ``model`` computes on inputs of ``input_shape`` (traced for shapes only)."""
     found: dict[str, ConvSpec] = {}
-
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, Conv):
-            m, x = context.module, args[0]
+    for call in module_calls(model, input_shape, dtype):
+        if isinstance(call.module, Conv):
+            m, x = call.module, call.args[0]
             x = jax.ShapeDtypeStruct(x.shape, m.dtype or x.dtype)  # the dtype the convolution computes in
-            strides = (m.strides,) * 2 if isinstance(m.strides, int) else tuple(m.strides)
             kernel = jax.ShapeDtypeStruct((*m.kernel_size, x.shape[-1] // m.feature_group_count, m.features), x.dtype)
-            padding = m.padding
-            if isinstance(padding, str):
-                padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-            spec = ConvSpec.of(x, kernel, strides, padding, m.feature_group_count)
+            spec = ConvSpec.of(x, kernel, m.strides, m.padding, m.feature_group_count)
             found.setdefault(spec.key(), spec)
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, dtype), train=False))
     return list(found.values())
 
 
@@ -107,9 +101,21 @@ def tune(model, input_shape: tuple[int, ...], dtype=jnp.float32, repeats: int = 
     return chosen
 
 
+def factory(path: str) -> Callable[..., Any]:
+    """The function ``"module:name"`` names, or ``ValueError`` saying what was wrong."""
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"cannot import the model factory {path!r}; name it as module:function, e.g. "
+                         "resnet_jax:create_model") from None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model", help="a create_model name, e.g. resnet50")
+    p.add_argument("factory", help="module:function that builds a flax model from its name, e.g. "
+                                   "resnet_jax:create_model")
+    p.add_argument("model", help="the model's name for that factory, e.g. resnet50")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--in-channels", type=int, default=None)
@@ -117,9 +123,12 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     overrides = {} if args.in_channels is None else {"in_channels": args.in_channels}
-    model = create_model(args.model, dtype=jnp.dtype(args.dtype), **overrides)
-    shape = (args.batch, args.image_size, args.image_size, model.in_channels)
-    tune(model, shape, jnp.dtype(args.dtype), args.repeats)
+    try:
+        model = factory(args.factory)(args.model, dtype=jnp.dtype(args.dtype), **overrides)
+    except ValueError as err:
+        p.error(str(err))
+    channels = args.in_channels or getattr(model, "in_channels", 3)
+    tune(model, (args.batch, args.image_size, args.image_size, channels), jnp.dtype(args.dtype), args.repeats)
 
 
 if __name__ == "__main__":
