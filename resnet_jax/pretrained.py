@@ -62,6 +62,8 @@ class Weights:
     naming: str = "torchvision"  # whose parameter names the file uses: "torchvision" or "timm"
     origin: str | None = None  # where it is published; None: torchvision's download.pytorch.org/models/<filename>
     crop_mode: str = "center"  # timm's: "center", "squash" or "border" (resnet_jax.data.transforms.CROP_MODES)
+    num_classes: int = 1000  # the head's size: ImageNet-1k, unless a hub config says otherwise
+    label_names: tuple[str, ...] | None = None  # the classes in logit order, where not ImageNet-1k's
 
     @property
     def url(self) -> str:
@@ -69,7 +71,11 @@ class Weights:
 
     @property
     def categories(self) -> list[str]:
-        return imagenet_classes()
+        if self.label_names:
+            return list(self.label_names)
+        if self.num_classes == 1000:
+            return imagenet_classes()
+        return [f"class {i}" for i in range(self.num_classes)]  # the publisher named none
 
     def transforms(self):
         """The evaluation preprocessing these weights were measured with, as a callable ``EvalTransform``: a PIL
@@ -171,17 +177,54 @@ def imagenet_classes() -> list[str]:
 
 def weights_info(name: str, weights: str = "DEFAULT") -> Weights:
     """The ``Weights`` record for a model and tag: torchvision's ``"IMAGENET1K_V1"``/``"IMAGENET1K_V2"``, timm's
-    (``"a1_in1k"``...), or ``"DEFAULT"`` (torchvision's best where it has weights for the model, else timm's)."""
-    if name not in WEIGHTS:
-        close = difflib.get_close_matches(name, WEIGHTS, n=3, cutoff=0.5)
+    (``"a1_in1k"``...), or ``"DEFAULT"`` (torchvision's best where it has weights for the model, else timm's).
+    timm's ``"resnet50.a1_in1k"`` names both at once. A timm tag not pinned here, of an architecture timm shares
+    with us, is read from its hub repository's ``config.json`` (``resnet_jax.hub``; needs huggingface_hub)."""
+    from resnet_jax.torchvision import TIMM_MODELS
+
+    model, tag = _model_and_tag(name, weights)
+    if tag in WEIGHTS.get(model, {}):
+        return WEIGHTS[model][tag]
+    if _on_the_hub(model, tag):
+        return _hub_weights(model, tag)
+    if model not in WEIGHTS and model in TIMM_MODELS:
+        raise ValueError(f"{model} has no weights {tag!r}: only timm publishes weights for it; give one of timm's "
+                         f"tags, e.g. {model}.<tag> for the hub repository timm/{model}.<tag>")
+    if model not in WEIGHTS:
+        close = difflib.get_close_matches(model, sorted({*WEIGHTS, *TIMM_MODELS}), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"no published weights for {name!r}.{hint} Models with weights: {sorted(WEIGHTS)}; any "
-                         f"other model can load a file with load_torchvision or load_timm.")
-    tags = WEIGHTS[name]
-    key = weights.split(".")[-1]  # also accept "ResNet50_Weights.IMAGENET1K_V2" and timm's "resnet50.a1_in1k"
-    if key not in tags:
-        raise ValueError(f"{name} has no weights {weights!r}; choose one of {sorted(tags)}")
-    return tags[key]
+        raise ValueError(f"no published weights for {model!r}.{hint} Models with weights: {sorted(WEIGHTS)}, and "
+                         f"any timm tag of {sorted(set(TIMM_MODELS) - set(WEIGHTS))}; any other model can load a "
+                         f"file with load_torchvision or load_timm.")
+    more = " or any of timm's tags (hub repositories timm/<model>.<tag>)" if model in TIMM_MODELS else ""
+    raise ValueError(f"{model} has no weights {tag!r}; choose one of {sorted(WEIGHTS[model])}{more}")
+
+
+def _model_and_tag(name: str, weights: str) -> tuple[str, str]:
+    """``("resnet50", "a1_in1k")`` from timm's ``"resnet50.a1_in1k"``, or from the name and torchvision's
+    ``"ResNet50_Weights.IMAGENET1K_V2"`` / a plain tag."""
+    if "." in name:
+        model, tag = name.split(".", 1)
+        if weights not in ("DEFAULT", tag):
+            raise ValueError(f"{name!r} already names the weights {tag!r}; drop weights={weights!r}, or give the "
+                             f"model name alone")
+        return model, tag
+    return name, weights.split(".")[-1]
+
+
+def _on_the_hub(model: str, tag: str) -> bool:
+    """A timm tag not pinned here, of an architecture timm shares with us: its repository is timm/<model>.<tag>."""
+    from resnet_jax.torchvision import TIMM_MODELS
+
+    pinned = tag in WEIGHTS.get(model, {})
+    return model in TIMM_MODELS and not pinned and tag != "DEFAULT" and not tag.startswith("IMAGENET1K_")
+
+
+@functools.cache
+def _hub_weights(model: str, tag: str) -> Weights:
+    from resnet_jax.hub import hub_weights
+
+    return hub_weights(model, tag)
 
 
 def default_cache_dir() -> Path:
@@ -260,23 +303,46 @@ def _offline_message(url: str, target: Path, error: Exception) -> str:
             f"mirror= or ${MIRROR_ENV} at a server holding a copy, or ${CACHE_ENV} at a directory that has it.")
 
 
-def pretrained(name: str, weights: str = "DEFAULT", *, cache_dir: str | os.PathLike | None = None,
-               mirror: str | None = None, progress: bool = True, **overrides: Any):
-    """``(model, variables)`` with published ImageNet weights, e.g. ``pretrained("resnet50")`` or
-    ``pretrained("resnet50d", "a1_in1k")``.
+def pretrained(name: str, weights: str = "DEFAULT", *, file: str | os.PathLike | None = None,
+               cache_dir: str | os.PathLike | None = None, mirror: str | None = None, progress: bool = True,
+               **overrides: Any):
+    """``(model, variables)`` with published ImageNet weights, e.g. ``pretrained("resnet50")``,
+    ``pretrained("resnet50d", "a1_in1k")`` or ``pretrained("resnet50.fb_swsl_ig1b_ft_in1k")``.
 
     ``weights``: ``"DEFAULT"``, a torchvision tag (``"IMAGENET1K_V2"``) or a timm tag (``"a1_in1k"``); see
     ``weights_info`` for the preprocessing and class names. The file is cached in ``cache_dir`` (default
     ``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``) and fetched from ``mirror`` (a base URL holding the files
-    under ``Weights.filename``; default ``$RESNET_JAX_WEIGHTS_MIRROR``, else the publisher's URL). ``overrides`` go
-    to ``load_torchvision``/``load_timm``, e.g. ``num_classes=10, new_head=True`` for fine-tuning or
+    under ``Weights.filename``; default ``$RESNET_JAX_WEIGHTS_MIRROR``, else the publisher's URL); timm tags not
+    pinned here come through huggingface_hub and its cache. ``file``: a local copy of the weights to use instead
+    (no download and no digest check: the file is the user's). ``overrides`` go to
+    ``load_torchvision``/``load_timm``, e.g. ``num_classes=10, new_head=True`` for fine-tuning or
     ``features_only=True`` for a backbone.
     """
     from resnet_jax.torchvision import load_timm, load_torchvision
 
+    if file is not None and _on_the_hub(*_model_and_tag(name, weights)):
+        # the user's copy of a hub tag's weights: timm's names and the file's own head size; the repository's
+        # config.json (the preprocessing) is not needed to load it, so this works offline
+        return load_timm(_model_and_tag(name, weights)[0], _existing(file, name), **overrides)
     info = weights_info(name, weights)
-    base = mirror or os.environ.get(MIRROR_ENV)
-    url = f"{base.rstrip('/')}/{info.filename}" if base else info.url
-    path = download(url, info.sha256, filename=info.filename, cache_dir=cache_dir, progress=progress)
+    if file is not None:
+        path = _existing(file, info.url)
+    elif not info.sha256:  # a hub tag: huggingface_hub fetches, resnet_jax.hub verifies
+        from resnet_jax.hub import hub_file
+
+        path = hub_file(info.model, info.tag)
+    else:
+        base = mirror or os.environ.get(MIRROR_ENV)
+        url = f"{base.rstrip('/')}/{info.filename}" if base else info.url
+        path = download(url, info.sha256, filename=info.filename, cache_dir=cache_dir, progress=progress)
+    if info.num_classes != 1000 and not overrides.get("new_head"):
+        overrides.setdefault("num_classes", info.num_classes)
     load = load_timm if info.naming == "timm" else load_torchvision
-    return load(name, path, **overrides)
+    return load(info.model, path, **overrides)
+
+
+def _existing(file: str | os.PathLike, what: str) -> Path:
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"file={str(file)!r} is not a file; give the path of a local copy of {what}")
+    return path

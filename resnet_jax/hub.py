@@ -1,0 +1,128 @@
+"""Any timm tag of an architecture we build, from the Hugging Face hub: ``pretrained("resnet50.fb_swsl_ig1b_ft_in1k")``.
+
+timm publishes each weights file in a hub repository ``timm/<model>.<tag>`` beside a ``config.json`` whose
+``pretrained_cfg`` says how the weights were evaluated (test size, crop, interpolation, mean and std) and how many
+classes the head has. ``hub_weights`` reads that config, as timm does, into a ``Weights`` record, and
+``hub_file`` fetches the weights through ``huggingface_hub`` (the optional ``hub`` extra), so its cache, its
+``HF_HUB_OFFLINE``/``HF_ENDPOINT`` settings and its tokens apply.
+
+Integrity: the hub stores each weights file under its Git LFS sha256, and ``huggingface_hub`` names the cached
+blob by that digest (the file's ETag) without hashing what it received. ``hub_file`` hashes the file and
+compares, so a truncated or altered download is refused. The tags pinned in ``pretrained.py`` keep their own
+digests and need no ``huggingface_hub``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HUB_ORGANISATION = "timm"
+HUB_ENDPOINT = "https://huggingface.co"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's preference order
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class HubUnavailable(RuntimeError):
+    """``huggingface_hub`` is not installed, or the hub (or its cache, offline) does not have the file."""
+
+
+def repo_id(model: str, tag: str) -> str:
+    return f"{HUB_ORGANISATION}/{model}.{tag}"
+
+
+def file_url(model: str, tag: str, filename: str) -> str:
+    import os
+
+    endpoint = os.environ.get("HF_ENDPOINT", HUB_ENDPOINT).rstrip("/")
+    return f"{endpoint}/{repo_id(model, tag)}/resolve/main/{filename}"
+
+
+def hub_weights(model: str, tag: str):
+    """The ``Weights`` record of timm's ``<model>.<tag>``, its preprocessing read from the repository's
+    ``config.json`` as timm's ``resolve_data_config(..., use_test_size=True)`` reads it."""
+    from resnet_jax.data.transforms import EvalTransform
+    from resnet_jax.pretrained import Weights
+
+    config = json.loads(Path(_download(model, tag, "config.json")).read_text(encoding="utf-8"))
+    pretrained_cfg = config.get("pretrained_cfg", config)
+    transform = EvalTransform.from_timm_config(pretrained_cfg)
+    num_classes = int(config.get("num_classes", pretrained_cfg.get("num_classes", 1000)))
+    label_names = None if num_classes == 1000 else _label_names(config, num_classes)  # 1000: ImageNet's names
+    return Weights(model, tag, f"{model}.{tag}", sha256="", acc1=None, resize_size=transform.resize_size,
+                   crop_size=transform.crop_size, mean=transform.mean, std=transform.std,
+                   interpolation=transform.interpolation, crop_mode=transform.crop_mode, naming="timm",
+                   origin=f"{HUB_ENDPOINT}/{repo_id(model, tag)}", num_classes=num_classes,
+                   label_names=label_names)
+
+
+def _label_names(config: dict, num_classes: int) -> tuple[str, ...] | None:
+    """The classes in logit order from timm's ``label_names`` (a list, or a dict from index to name where there
+    are gaps), each replaced by its ``label_descriptions`` entry (a readable name) where there is one."""
+    names = config.get("label_names")
+    if not names:
+        return None
+    if isinstance(names, dict):
+        names = [names.get(str(i), names.get(i, f"class {i}")) for i in range(num_classes)]
+    descriptions = config.get("label_descriptions") or {}
+    return tuple(descriptions.get(name, name) for name in names)
+
+
+def hub_file(model: str, tag: str) -> Path:
+    """The verified local copy of the weights file of ``timm/<model>.<tag>`` (safetensors where published)."""
+    missing = None
+    for filename in WEIGHT_FILES:
+        try:
+            path = Path(_download(model, tag, filename))
+        except FileNotFoundError as err:  # this repository publishes the other format
+            missing = err
+            continue
+        _verify(path, file_url(model, tag, filename))
+        return path
+    raise HubUnavailable(f"{repo_id(model, tag)} publishes none of {list(WEIGHT_FILES)}") from missing
+
+
+def _verify(path: Path, url: str) -> None:
+    from resnet_jax.pretrained import file_sha256
+
+    blob = path.resolve()
+    if _SHA256.fullmatch(blob.name) and file_sha256(blob) != blob.name:
+        raise ValueError(f"the cached copy of {url} at {blob} does not have the sha256 the hub published "
+                         f"({blob.name}); delete that file and download it again.")
+
+
+def _download(model: str, tag: str, filename: str) -> str:
+    """``huggingface_hub.hf_hub_download``, with its failures turned into one sentence each."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors
+    except ImportError as err:
+        raise HubUnavailable(f"timm's {model}.{tag} is not pinned in resnet_jax; fetching it from the hub needs "
+                             f"huggingface_hub: pip install huggingface_hub (or the hub extra of resnet-jax), or "
+                             f"download {file_url(model, tag, WEIGHT_FILES[0])} by hand and pass file=PATH.") from err
+    try:
+        return huggingface_hub.hf_hub_download(repo_id(model, tag), filename)
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as err:  # before EntryNotFound: a subclass
+        raise HubUnavailable(_offline_message(model, tag, filename, err)) from err
+    except errors.RepositoryNotFoundError as err:
+        raise ValueError(f"the hub has no repository {repo_id(model, tag)}: timm publishes no weights "
+                         f"{tag!r} for {model} (see its tags at {HUB_ENDPOINT}/{HUB_ORGANISATION}).") from err
+    except errors.EntryNotFoundError as err:
+        raise FileNotFoundError(f"{repo_id(model, tag)} has no {filename}") from err
+    except OSError as err:  # the network, a proxy, a full disk
+        raise HubUnavailable(_offline_message(model, tag, filename, err)) from err
+
+
+def _offline_message(model: str, tag: str, filename: str, error: Exception) -> str:
+    url = file_url(model, tag, filename)
+    why = "HF_HUB_OFFLINE is set" if _offline_mode() else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return (f"could not fetch {url} ({why}) and huggingface_hub's cache has no copy; run once with network "
+            f"access so that huggingface_hub caches {repo_id(model, tag)}, or download the weights file by other "
+            f"means and pass file=PATH (to pretrained or Classifier.from_pretrained).")
+
+
+def _offline_mode() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)

@@ -1,0 +1,180 @@
+"""Any timm tag from the Hugging Face hub, through the real huggingface_hub against a loopback stand-in for the hub
+whose repository timm itself wrote (``save_for_hf``): the weights equal timm's model loaded from that repository,
+the preprocessing equals timm's reading of its config.json; offline, tampered and missing pieces are one sentence."""
+
+import hashlib
+import http.server
+import os
+import re
+import shutil
+import threading
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import timm
+import timm.data
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from conftest import assert_close, random_batch_stats, run_python
+
+MODEL, TAG = "resnet18", "fb_ssl_yfcc100m_ft_in1k"  # a real timm tag that pretrained.py does not pin
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LFS_SUFFIXES = (".safetensors", ".bin")
+
+
+class HubStandIn(http.server.BaseHTTPRequestHandler):
+    """The two hub requests huggingface_hub makes for a file: HEAD and GET of
+    ``/<org>/<repo>/resolve/<revision>/<file>``, with the headers it reads (commit, ETag: the LFS sha256 for
+    weights, the git blob id for small files) and the error codes it maps to its exceptions."""
+
+    root = None  # the directory holding <org>/<repo>/<file>
+
+    def do_HEAD(self):
+        self._serve(send_body=False)
+
+    def do_GET(self):
+        self._serve(send_body=True)
+
+    def log_message(self, *args):
+        pass
+
+    def _serve(self, send_body):
+        match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", urlparse(self.path).path)
+        repo = self.root / match[1] if match else None
+        if repo is None or not repo.is_dir():
+            return self._error("RepoNotFound")
+        path = repo / match[2]
+        if not path.is_file():
+            return self._error("EntryNotFound")
+        data = path.read_bytes()
+        lfs = path.suffix in LFS_SUFFIXES
+        etag = (hashlib.sha256(data) if lfs else hashlib.sha1(b"blob %d\0" % len(data) + data)).hexdigest()
+        self.send_response(200)
+        for key, value in {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"', "Content-Length": str(len(data)),
+                           **({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))} if lfs else {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if send_body:
+            self.wfile.write(data)
+
+    def _error(self, code):
+        self.send_response(404)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A served repository timm/resnet18.<TAG> written by timm (random weights and BatchNorm statistics), and the
+    base environment of a child that uses it."""
+    root = tmp_path_factory.mktemp("hub")
+    repo = root / "timm" / f"{MODEL}.{TAG}"
+    torch.manual_seed(0)
+    model = timm.create_model(f"{MODEL}.{TAG}", pretrained=False).eval()
+    model.load_state_dict(random_batch_stats(model.state_dict(), 0))
+    timm.models.save_for_hf(model, repo, safe_serialization=True)
+    handler = type("Handler", (HubStandIn,), {"root": root})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+    yield repo, env
+    server.shutdown()
+
+
+def photo():
+    return load_sample_image("china.jpg")[30:330, 50:480]
+
+
+LOAD = f"""
+    import sys
+    import jax
+    import numpy as np
+    from sklearn.datasets import load_sample_image
+    from resnet_jax import pretrained, weights_info
+    model, variables = pretrained("{MODEL}.{TAG}", conv_impl="xla")
+    x = weights_info("{MODEL}.{TAG}").transforms()(load_sample_image("china.jpg")[30:330, 50:480])
+    np.savez(sys.argv[1], x=x, logits=np.asarray(jax.jit(model.apply)(variables, x[None])))
+"""
+
+
+@pytest.fixture(scope="module")
+def online(hub, tmp_path_factory):
+    """One child that fetched the tag from the stand-in: its huggingface_hub home and what it computed."""
+    _, env = hub
+    directory = tmp_path_factory.mktemp("online")
+    run_python(LOAD, args=[directory / "out.npz"], env={**env, "HF_HOME": str(directory / "hf")})
+    return directory / "hf", dict(np.load(directory / "out.npz"))
+
+
+def test_any_timm_tag_loads_from_the_hub_as_timm_reads_it(hub, online):
+    repo, _ = hub
+    _, out = online
+
+    reference = timm.create_model(f"local-dir:{repo}", pretrained=True).eval()  # timm reads the repository
+    config = timm.data.resolve_data_config(model=reference, use_test_size=True)
+    expected_x = timm.data.create_transform(**config)(Image.fromarray(photo()))
+    np.testing.assert_array_equal(out["x"], expected_x.permute(1, 2, 0).numpy())
+    with torch.no_grad():
+        expected = reference(expected_x[None]).numpy()
+    assert_close(out["logits"], expected, "logits")
+
+
+def test_offline_uses_the_cache_and_refuses_a_tampered_or_missing_file(hub, online, tmp_path):
+    _, env = hub
+    home = tmp_path / "hf"
+    shutil.copytree(online[0], home, symlinks=True)  # this test damages its copy
+    offline = {**env, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    run_python(LOAD, args=[tmp_path / "offline.npz"], env=offline)  # from huggingface_hub's cache alone
+    np.testing.assert_array_equal(np.load(tmp_path / "offline.npz")["logits"], online[1]["logits"])
+
+    blob = next(p for p in home.rglob("blobs/*") if re.fullmatch(r"[0-9a-f]{64}", p.name))
+    blob.write_bytes(blob.read_bytes()[:-8] + b"tampered")
+    proc = run_python(LOAD, args=[tmp_path / "x.npz"], env=offline, check=False)
+    assert proc.returncode != 0
+    assert "does not have the sha256 the hub published" in proc.stderr.splitlines()[-1]
+
+    proc = run_python(LOAD, args=[tmp_path / "x.npz"], env={**offline, "HF_HOME": str(tmp_path / "empty")},
+                      check=False)
+    last = proc.stderr.splitlines()[-1]
+    assert proc.returncode != 0 and "HF_HUB_OFFLINE is set" in last
+    assert f"/timm/{MODEL}.{TAG}/resolve/main/config.json" in last and "file=PATH" in last
+
+
+def test_a_tag_the_hub_lacks_is_named(hub, tmp_path):
+    _, env = hub
+    proc = run_python("""
+        from resnet_jax import weights_info
+        weights_info("resnet18.no_such_tag")
+    """, env={**env, "HF_HOME": str(tmp_path / "hf")}, check=False)
+    assert "the hub has no repository timm/resnet18.no_such_tag" in proc.stderr.splitlines()[-1]
+
+
+def test_pinned_tags_and_user_files_need_no_huggingface_hub(hub, tmp_path):
+    """Without huggingface_hub: pinned tags keep their records, a hub tag's own file loads with file=, and a hub
+    tag that would need the hub says what to install."""
+    repo, _ = hub
+    proc = run_python(f"""
+        import sys
+        sys.modules["huggingface_hub"] = None  # as if it were not installed
+        from resnet_jax import pretrained, weights_info
+        assert weights_info("resnet50.a1_in1k").crop_size == 288
+        pretrained("{MODEL}.{TAG}", file="{repo / 'model.safetensors'}")
+        try:
+            weights_info("{MODEL}.{TAG}")
+        except Exception as err:
+            print(type(err).__name__, err)
+    """)
+    assert proc.stdout.startswith("HubUnavailable") and "pip install huggingface_hub" in proc.stdout
+
+
+def test_a_missing_user_file_is_named(tmp_path):
+    from resnet_jax import pretrained
+
+    for name in ("resnet50", f"{MODEL}.{TAG}"):
+        with pytest.raises(FileNotFoundError, match="is not a file; give the path of a local copy"):
+            pretrained(name, file=tmp_path / "nothing.pth")
