@@ -8,6 +8,7 @@ import pytest
 
 from resnet_jax import create_model
 from resnet_jax.ops.pool import _sliced_max_pool, max_pool
+from resnet_jax.ops.rules import max_pool_method
 
 
 STEM = ((3, 3), (2, 2), ((1, 1), (1, 1)))  # window, strides, padding
@@ -62,3 +63,13 @@ def test_model_stem_uses_it_on_cpu():
     xla_model = create_model("resnet18", num_classes=3, conv_impl="xla")
     text = str(jax.make_jaxpr(lambda v: xla_model.apply(v, x))(variables))
     assert "reduce_window" in text
+
+
+def test_the_pool_follows_its_own_rule_not_the_algorithm_name():
+    """XLA's window op where the model's convolutions are XLA's own (however the name is written) or off CPU;
+    the strided views for every other choice on CPU."""
+    for algorithm in ("xla", "xla/xla/xla"):
+        assert max_pool_method(algorithm, "cpu") == "reduce_window"
+    for algorithm in ("auto", "jax", "winograd_f4", "xla/xla/winograd_f4", "matmul_grad"):
+        assert max_pool_method(algorithm, "cpu") == "sliced"
+        assert max_pool_method(algorithm, "gpu") == max_pool_method(algorithm, "tpu") == "reduce_window"

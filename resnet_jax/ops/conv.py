@@ -51,7 +51,7 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (
         return y.astype(x.dtype)
     spec = ConvSpec.of(x, kernel, strides, padding, groups)
     passes = resolve(algorithm, spec, jax.default_backend(), fallback)
-    if passes == ("xla", "xla", "xla"):  # plain lax, which every transformation knows
+    if all(REGISTRY[name].xla_ops_only for name in passes):  # plain lax, which every transformation knows
         return _epilogue(lax_conv(x, kernel, spec.strides, spec.padding, groups), bias, residual, relu)
     return _composed(x, kernel, bias, residual, spec, relu, passes)
 

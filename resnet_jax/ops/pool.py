@@ -1,4 +1,5 @@
-"""``max_pool``: on CPU the maximum of the window's strided views, elsewhere (and for "xla") ``reduce_window``.
+"""``max_pool``: on CPU the maximum of the window's strided views, elsewhere ``reduce_window`` (and in a model
+whose convolutions are XLA's own: ``rules.max_pool_method`` decides).
 
 XLA:CPU runs ``reduce_window`` and its gradient, ``select_and_scatter``, far below memory speed (docs/
 cpu-convolution.md). The maximum of the window's shifted, strided slices of the padded input is one fused
@@ -15,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.ops.rules import max_pool_method
 from resnet_jax.ops.spec import output_size
 
 Pair = tuple[int, int]
@@ -24,12 +26,13 @@ def max_pool(x: jnp.ndarray, window: Pair = (3, 3), strides: Pair = (2, 2),
              padding: tuple[Pair, Pair] = ((1, 1), (1, 1)), algorithm: str = "auto") -> jnp.ndarray:
     """``nn.max_pool(x, window, strides, padding)`` over NHWC ``x`` (default: the ResNet stem's 3x3/2 pool).
 
-    ``algorithm`` is the model's convolution choice: "xla" keeps XLA's own window ops everywhere, as the plain-XLA
-    reference (and the exported artifacts) do; anything else takes the strided views on CPU.
+    ``algorithm`` is the model's convolution choice (its ``conv_impl``); the pool follows it as
+    ``rules.max_pool_method`` says: a model of XLA's own convolutions keeps XLA's own window op, as the plain-XLA
+    reference and the exported artifacts do; otherwise the strided views run on CPU.
     """
     window, strides = tuple(window), tuple(strides)
     padding = tuple(tuple(p) for p in padding)
-    if algorithm == "xla" or jax.default_backend() != "cpu":
+    if max_pool_method(algorithm, jax.default_backend()) == "reduce_window":
         return nn.max_pool(x, window, strides=strides, padding=padding)
     return _sliced_max_pool(x, window, strides, padding)
 

@@ -77,6 +77,17 @@ def describe(algorithm: str, backend: str | None = None) -> str:
     return f"pure JAX, chosen per layer: the oneDNN extension is off ({reason})"
 
 
+def max_pool_method(algorithm: str, backend: str) -> str:
+    """How ``ops.max_pool`` computes in a model built with ``conv_impl=algorithm``: "reduce_window" (XLA's own
+    window op) off CPU, and where every algorithm forced is ``xla_ops_only`` (so the plain-XLA reference and the
+    exported artifacts hold XLA's own operations only); "sliced" (the strided views of ``pool.py``, several times
+    faster on XLA:CPU) otherwise."""
+    forced = names(algorithm)
+    if backend != "cpu" or (forced is not None and all(REGISTRY[n].xla_ops_only for n in forced)):
+        return "reduce_window"
+    return "sliced"
+
+
 def compute_dtype(dtype: str, algorithm: str, backend: str, native_bfloat16: bool | None = None) -> str:
     """The dtype a convolution chosen by ``algorithm`` computes in, for inputs of ``dtype``.
 

@@ -112,6 +112,8 @@ class Algorithm:
     unavailable() -> None when it can run in this process, else why not (the extension: loaded, and built the
       first time, when asked). ``refusal`` asks it only for a convolution ``limits`` accepts.
     cpu_only: it runs on CPU only (the C++ extension).
+    xla_ops_only: it computes with XLA's own convolution only, so a model built with it holds XLA's own
+      operations only (the plain reference, the exported artifacts): its max-pool keeps ``reduce_window`` too.
     """
 
     name: str
@@ -120,6 +122,7 @@ class Algorithm:
     kernel_grad: Callable
     limits: Callable[[ConvSpec], str | None] = any_spec
     cpu_only: bool = False
+    xla_ops_only: bool = False
     fused_forward: Callable | None = None
     unavailable: Callable[[], str | None] | None = None
 

@@ -21,5 +21,5 @@ def forward(x, kernel, spec):
     return lax_conv(x, kernel, spec.strides, spec.padding, spec.groups)
 
 
-XLA = Algorithm.from_forward("xla", forward)
+XLA = Algorithm.from_forward("xla", forward, xla_ops_only=True)
 ALGORITHMS = (XLA,)
