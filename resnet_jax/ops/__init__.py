@@ -10,8 +10,11 @@ and the max-pool. Read top to bottom (docs/ops.md draws the same map):
     xla.py gemm.py matmul_grad.py polyphase.py winograd.py    the pure-JAX algorithms, one module each
     onednn/        the optional C++ extension: build, load, calls, its algorithms
     batchnorm.py fold.py pool.py cpu.py    BatchNorm (+ residual + ReLU), folding it away, max-pool, CPU flags
+    trace.py       a model's layers as it calls them (what folding and tuning read a model's structure from)
+    jax_compat.py  every private or experimental JAX interface ops/ uses, resolved in one place
 
-The models pass their ``conv_impl`` through as ``algorithm`` and know nothing else about algorithms.
+The models pass their ``conv_impl`` through as ``algorithm`` and know nothing else about algorithms; ops/
+imports nothing outside itself and knows no model (folding asks the model through a small protocol, fold.py).
 """
 
 from resnet_jax.ops.batchnorm import BatchNorm, batch_norm_act

@@ -24,8 +24,8 @@ from resnet_jax.ops.spec import ConvSpec
 CHOICES = ("auto", "jax")  # chosen per shape and pass: among all algorithms, or among the pure-JAX ones
 Passes = tuple[str, str, str]  # the algorithm of the forward, of the input gradient, of the kernel gradient
 
-# Inside whole steps the extension's Winograd lost to oneDNN's direct kernels on layers of <= 0.6 GFLOP and won
-# from 2.4 GFLOP up (BENCHMARKS.md, Machine A2, 2026-11-25)
+# Below this, the extension's Winograd lost to oneDNN's direct kernels inside whole steps (docs/ops.md has the
+# measured figures, dated)
 WINOGRAD_MIN_FLOPS = 1e9
 
 

@@ -29,7 +29,7 @@ def _open_with_passive_openmp(path: Path) -> ctypes.CDLL:
 
     libgomp's default keeps a finished parallel region's threads spinning for a while. Between two of our calls
     XLA runs its own fusions on its own threads, and a spinning OpenMP thread holds a core they need: tiny
-    convolution calls then took tens of times longer and whole steps ran slower (BENCHMARKS.md, Machine A2, 2026-11-25).
+    convolution calls then took tens of times longer and whole steps ran slower (docs/ops.md has the figures).
     libgomp reads ``OMP_WAIT_POLICY`` once, when it is loaded, so it is set only around the load (a value the
     user set is kept) and restored at once: other OpenMP runtimes loaded later in the process, e.g. torch's own
     copy, keep their defaults.
