@@ -266,13 +266,17 @@ def _with(config, overrides):
     return ml_collections.ConfigDict(values)
 
 
+def fine_tune_config(init_from):
+    """Two steps at a learning rate of ~0, which keeps the weights it starts from. Both fine-tuning tests use it,
+    so they compile the same programs (the second finds them in the session's compilation cache)."""
+    return tiny_config(init_from=init_from, max_steps=2, learning_rate=1e-9, num_epochs=1)
+
+
 def test_fine_tune_from_another_run(finished_run, tmp_path):
     source_dir, source, _ = finished_run
     messages = []
-    result = train(tiny_config(init_from=str(source_dir), max_steps=4, learning_rate=1e-9, num_epochs=1),
-                   tmp_path / "ft", log=messages.append)
+    result = train(fine_tune_config(init_from=str(source_dir)), tmp_path / "ft", log=messages.append)
     assert any(m.startswith(f"initialised from {source_dir}") for m in messages)
-    # a learning rate of ~0 keeps the source's weights
     np.testing.assert_allclose(jax.device_get(result.state.params["conv1"]["kernel"]),
                                jax.device_get(source.state.params["conv1"]["kernel"]), atol=1e-6)
 
@@ -294,8 +298,7 @@ def test_fine_tune_from_a_torchvision_file_with_another_head(tmp_path):
     variables = jax.device_get(model.init(jax.random.PRNGKey(7), jnp.zeros((1, 8, 8, 1))))
     save_torchvision(variables, tmp_path / "five.pth")
     messages = []
-    result = train(tiny_config(init_from=str(tmp_path / "five.pth"), max_steps=2, learning_rate=1e-9),
-                   tmp_path / "ft", log=messages.append)
+    result = train(fine_tune_config(init_from=str(tmp_path / "five.pth")), tmp_path / "ft", log=messages.append)
     assert any(m.startswith("initialised from") for m in messages)
     params = jax.device_get(result.state.params)
     np.testing.assert_allclose(params["conv1"]["kernel"], variables["params"]["conv1"]["kernel"], atol=1e-6)
