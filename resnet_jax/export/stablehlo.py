@@ -29,8 +29,15 @@ def inference_function(model, variables: dict[str, Any], preprocessing: Preproce
     """``images (N, S, S, C) uint8 -> logits (N, classes) float32``: normalisation + the folded model, with
     the folded weights closed over (they become constants of the exported module)."""
     check_exportable(model)
-    folded_model, folded = fold_batchnorm(model.clone(conv_impl="xla"), variables)
-    folded = jax.tree.map(jnp.asarray, folded)
+    built = []
+
+    def fold(v):  # compiled as one program: op by op, each of its few hundred operations would compile alone
+        folded_model, folded = fold_batchnorm(model.clone(conv_impl="xla"), v)
+        built.append(folded_model)
+        return folded
+
+    folded = jax.jit(fold)(variables)
+    folded_model = built[0]
     mean, std = (jnp.asarray(v) for v in preprocessing.per_channel(model.in_channels))
 
     def infer(images):

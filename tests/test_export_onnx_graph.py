@@ -1,0 +1,150 @@
+"""The ONNX translator (resnet_jax/export/onnx_graph.py) translates what it knows and refuses the rest.
+
+Control flow (``scan``, ``while``, ``cond``) used to be inlined as if it were a call, so a scan exported as one
+iteration; now only the call-like primitives are inlined (jit, custom_jvp_call, custom_vjp_call, remat2), and
+every other primitive, a primitive with several outputs and a value of another dtype get one sentence naming
+it, before any file is written. bfloat16 models export, checked in onnxruntime against ``model.apply``.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+
+from conftest import random_batch_stats
+from resnet_jax import create_model, data
+from resnet_jax.export import Preprocessing, export_model, load_exported
+from resnet_jax.resnet import ResNet
+
+
+@jax.custom_vjp
+def _doubled(x):
+    return 2 * x
+
+
+_doubled.defvjp(lambda x: (2 * x, None), lambda _, g: (2 * g,))
+
+
+def _while(z):
+    return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 0.5 + 1), (0, z))[1]
+
+
+# What the logits go through after the head: a construct the translator must refuse, or (custom_vjp) inline.
+AFTER = {
+    "scan": lambda z: jax.lax.scan(lambda c, _: (c * 0.5 + 1, None), z, None, length=3)[0],
+    "while": _while,
+    "cond": lambda z: jax.lax.cond(True, lambda v: v, lambda v: -v, z),
+    "tanh": jnp.tanh,
+    "top_k": lambda z: jax.lax.top_k(z, z.shape[-1])[0],
+    "int32": lambda z: z.astype(jnp.int32).astype(z.dtype),  # an int32 value computed from the images
+    "custom_vjp": _doubled,
+}
+
+
+class Wrapped(ResNet):
+    """A ResNet whose logits go through ``AFTER[after]``: a real model (folded and exported as any other)
+    holding the construct under test."""
+
+    after: str = "scan"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return AFTER[self.after](super().__call__(x, train))
+
+
+SIZE = 16
+PREP = Preprocessing(SIZE, (0.5,), (0.25,))
+
+
+def random_variables(model, shape, seed=0):
+    """Random variables for ``model`` at input ``shape`` without running its initializers (compiling
+    ``model.init`` costs more than the rest of an export test): He-scaled normal kernels drawn by numpy on
+    ``jax.eval_shape``'s shapes, and trained-like BatchNorm statistics (``conftest.random_batch_stats``)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        if x.ndim < 2:  # BatchNorm's and the head's vectors: drawn by random_batch_stats
+            return np.zeros(x.shape, x.dtype)
+        return (rng.standard_normal(x.shape) * np.sqrt(2 / np.prod(x.shape[:-1]))).astype(x.dtype)
+
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
+    return random_batch_stats(jax.tree.map(draw, abstract), seed)
+
+
+def wrapped(after):
+    model = Wrapped(stage_sizes=(1, 1, 1), stage_widths=(8, 16, 32), stem="cifar", stem_width=8, in_channels=1,
+                    num_classes=5, conv_impl="xla", after=after)
+    return model, random_variables(model, (1, SIZE, SIZE, 1))
+
+
+def batch(channels=1, size=SIZE, n=3):
+    return np.random.default_rng(1).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+
+
+REFUSED = [  # (after, what the sentence names)
+    ("scan", "uses 'scan', control flow whose body this translator does not unroll"),
+    ("while", "uses 'while', control flow"),
+    ("cond", "uses 'cond', control flow"),
+    ("tanh", "uses 'tanh', which has no ONNX translation here"),
+    ("top_k", "'top_k' returns 2 values and the translation handles one"),
+    ("int32", "'convert_element_type' computes int32 values and the translation handles float32"),
+]
+
+
+@pytest.mark.parametrize("after,named", REFUSED, ids=[r[0] for r in REFUSED])
+def test_what_cannot_be_translated_is_refused_in_one_sentence_before_writing(after, named, tmp_path):
+    """A scan model used to export as one iteration of its loop (and a while or cond as one pass of its body)."""
+    model, variables = wrapped(after)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match="cannot export to ONNX: ") as err:
+        export_model(model, variables, path, preprocessing=PREP)
+    text = str(err.value)
+    assert named in text and text.endswith("; export --format=stablehlo instead"), text
+    assert "\n" not in text and ". " not in text, text
+    assert list(tmp_path.iterdir()) == []  # neither the artifact nor its manifest
+
+
+def exported_equals_apply(model, variables, tmp_path, prep=PREP, channels=1, bound=1e-4):
+    """Export to ONNX, run in onnxruntime, compare with ``model.apply`` (jitted) within ``bound`` x the logits'
+    scale; returns the ONNX graph."""
+    path = export_model(model, variables, tmp_path / "m.onnx", preprocessing=prep)
+    images = batch(channels, prep.image_size)
+    want = np.asarray(jax.jit(model.apply)(variables, data.normalize(images, *prep.per_channel(channels))))
+    np.testing.assert_allclose(load_exported(path).run(images), want, atol=bound * np.abs(want).max(), rtol=0)
+    return onnx.load(str(path)).graph
+
+
+def test_a_custom_vjp_function_is_inlined_as_its_forward_computation(tmp_path):
+    exported_equals_apply(*wrapped("custom_vjp"), tmp_path)
+
+
+def test_a_remat_model_exports(tmp_path):
+    """remat=True wraps each block in jax.checkpoint ('remat2', an open jaxpr): it once failed with an
+    AttributeError."""
+    model = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=5, remat=True,
+                         conv_impl="xla")
+    variables = random_variables(model, (1, SIZE, SIZE, 1))
+    exported_equals_apply(model, variables, tmp_path)
+
+
+BF16 = [  # (name, overrides, size): the ops of both stems and of each kind of shortcut, in bfloat16
+    ("resnet20", {"stage_sizes": (1, 1, 1), "in_channels": 1}, 16),   # zero-pad shortcut: a pad of bf16 values
+    ("resnet50d", {"stage_sizes": (1, 1, 1, 1)}, 40),                 # deep stem, max-pool, avg-pool shortcut
+]
+
+
+@pytest.mark.parametrize("name,overrides,size", BF16, ids=[b[0] for b in BF16])
+def test_a_bfloat16_model_exports_and_equals_model_apply(name, overrides, size, tmp_path):
+    """onnxruntime has no bfloat16 convolution on CPU: the graph computes in float32 and rounds each bfloat16
+    result (a Cast to bfloat16 and back). The bound is bfloat16's: a few units of its 2^-8 relative precision,
+    as XLA rounds at fewer places than the jaxpr names (measured: at most 0.8% of the logits' scale)."""
+    model = create_model(name, num_classes=11, dtype=jnp.bfloat16, conv_impl="xla", **overrides)
+    channels = model.in_channels
+    variables = random_variables(model, (1, size, size, channels))
+    prep = Preprocessing(size, (0.4,) * channels, (0.2,) * channels)
+    graph = exported_equals_apply(model, variables, tmp_path, prep, channels, bound=2e-2)
+    rounded = [n for n in graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.BFLOAT16]
+    assert len(rounded) > sum(n.op_type == "Conv" for n in graph.node)
+    assert {t.data_type for t in graph.initializer} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
