@@ -9,11 +9,15 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flax.traverse_util import unflatten_dict
 
+from conftest import run_python
+from resnet_jax.checkpoint import ConfigMismatch
+from resnet_jax.training import train
 from training_helpers import (direct_metrics, once_per_session, process_groups, run_worker, snapshot,  # noqa: F401
                               spawn, tiny_config, worker_command, worker_env)
 
@@ -156,10 +160,9 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_they_resume_exa
     assert 4 <= stopped < 16
     assert max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == stopped
 
-    before = snapshot(workdir)  # one process cannot take over: each process saved its own data position
-    alone = subprocess.run(worker_command(workdir, config(**long)), env=worker_env(4), capture_output=True,
-                           text=True, timeout=300)
-    assert alone.returncode != 0 and "was written by 2 process(es) and this run has 1" in alone.stderr
+    before = snapshot(workdir)  # one process (this one) cannot take over: each process saved its own data position
+    with pytest.raises(ConfigMismatch, match=r"was written by 2 process\(es\) and this run has 1"):
+        train(config(**long), workdir)
     assert snapshot(workdir) == before
 
     resumed = finish(start_processes(spawn, workdir, **long))[0]
@@ -167,14 +170,38 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_they_resume_exa
     assert resumed["params_digest"] == uninterrupted["params_digest"]
 
 
+NOT_DIVISIBLE_CHILD = """
+import json, sys
+import ml_collections
+sys.path.insert(0, sys.argv[3])
+from resnet_jax.training import train
+from training_helpers import count_compiles
+
+report = {}
+for key, values in json.loads(sys.argv[1]).items():
+    with count_compiles() as compiles:
+        try:
+            train(ml_collections.ConfigDict(values), sys.argv[2] + "/" + key)
+            report[key] = "trained"
+        except ValueError as err:
+            report[key] = str(err)
+    report[key + " compiles"] = compiles[0]
+print(json.dumps(report))
+"""
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("key", ["batch_size", "eval_batch_size"])
-def test_a_batch_not_divisible_by_devices_fails_before_compiling_with_nothing_written(tmp_path, key):
-    proc = subprocess.run(worker_command(tmp_path / "bad", config(**{key: 30})), env=worker_env(4),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert f"ValueError: {key} 30 must be divisible by the number of devices (4)" in proc.stderr
-    assert not (tmp_path / "bad").exists()
+def test_a_batch_not_divisible_by_devices_fails_before_compiling_with_nothing_written(tmp_path):
+    """batch_size, then eval_batch_size, 30 on 4 devices: one 4-device process tries both."""
+    keys = ("batch_size", "eval_batch_size")
+    configs = {key: config(**{key: 30}).to_dict() for key in keys}
+    proc = run_python(NOT_DIVISIBLE_CHILD, args=[json.dumps(configs), tmp_path, Path(__file__).parent],
+                      env=worker_env(4))
+    report = json.loads(proc.stdout.splitlines()[-1])
+    for key in keys:
+        assert f"{key} 30 must be divisible by the number of devices (4)" in report[key], report
+        assert report[f"{key} compiles"] == 0
+    assert not any(tmp_path.iterdir())
 
 
 AUTO_CHILD = """
