@@ -1,0 +1,59 @@
+"""An exponential moving average (EMA) of the weights and BatchNorm statistics, kept as torchvision's
+classification recipe keeps one (``--model-ema``, its V2 weights): the average starts as a copy, then moves
+``ema = decay * ema + (1 - decay) * current`` every ``update_every`` steps, BatchNorm statistics included; the
+count restarts during the learning-rate warm-up, so each update there copies the weights again.
+
+Why a separate average: late in a long recipe the raw weights still jump with each noisy step, while the
+average sits near the middle of where they wander and usually evaluates better; torchvision reports its V2
+ResNet-50 accuracy with it.
+
+    decay = adjusted_decay(0.99998, global_batch=1024, update_every=32, epochs=600)   # torchvision's train.py
+    ema = Ema.create(state.variables)
+    ema = ema.update(state.variables, decay)        # jit-able; ema.reset() during warm-up
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+def adjusted_decay(decay: float, *, global_batch: int, update_every: int, epochs: int) -> float:
+    """torchvision's adjustment of ``--model-ema-decay``: the per-update weight of the new value,
+    ``1 - decay``, is scaled by ``global_batch * update_every / epochs`` (capped at 1), so one setting gives a
+    similar averaging horizon, in epochs, across batch sizes, update intervals and schedule lengths."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"the EMA decay must be in [0, 1], got {decay}")
+    if min(global_batch, update_every, epochs) < 1:
+        raise ValueError(f"global_batch, update_every and epochs must be positive, got {global_batch}, "
+                         f"{update_every}, {epochs}")
+    return 1.0 - min(1.0, (1.0 - decay) * global_batch * update_every / epochs)
+
+
+@flax.struct.dataclass
+class Ema:
+    """The averaged ``{"params", "batch_stats"}`` and how many updates they hold (0: the next one copies)."""
+
+    variables: Any
+    count: jax.Array
+
+    @classmethod
+    def create(cls, variables: Any) -> Ema:
+        return cls(jax.tree.map(jnp.array, variables), jnp.zeros((), jnp.int32))
+
+    def update(self, variables: Any, decay: float | jax.Array) -> Ema:
+        """One averaging step towards ``variables`` (a copy of them if the count is 0)."""
+        first = self.count == 0
+
+        def average(avg, new):
+            new = new.astype(avg.dtype)
+            return jnp.where(first, new, decay * avg + (1 - decay) * new)
+
+        return Ema(jax.tree.map(average, self.variables, variables), self.count + 1)
+
+    def reset(self) -> Ema:
+        """The next update copies the weights (torchvision zeroes its count in each warm-up epoch)."""
+        return self.replace(count=jnp.zeros_like(self.count))
