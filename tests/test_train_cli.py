@@ -120,9 +120,11 @@ def test_bad_config_is_one_clear_sentence(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_exits_75_with_a_checkpoint_and_a_changed_seed_is_refused_with_exit_1(tmp_path, spawn):
+    """The default config, as the README runs it (so the train step is the one default_run compiled, found in
+    the session's compilation cache), with a checkpoint every 5 steps; the signal comes after the first."""
     workdir = tmp_path / "run"
-    args = ["train", f"--workdir={workdir}", "--config.progress_bar=False", "--config.max_steps=300",
-            "--config.checkpoint_every_steps=5", "--config.log_every_steps=5"]
+    args = ["train", f"--workdir={workdir}", "--config.progress_bar=False", "--config.checkpoint_every_steps=5",
+            "--config.log_every_steps=5"]
     proc = spawn([sys.executable, "-m", *args], worker_env())  # PYTHONPATH finds the repository
     deadline = time.monotonic() + 600
     while not (workdir / "checkpoints" / "5").exists() and proc.poll() is None and time.monotonic() < deadline:
