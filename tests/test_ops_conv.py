@@ -1,5 +1,9 @@
 """Every convolution algorithm equals lax.conv_general_dilated in value and both gradients, on the shapes the
-models use and on awkward ones; the epilogue, the module, the per-shape choice and the errors behave."""
+models use and on awkward ones, and refuses in one sentence the shapes outside its family; the epilogue, the
+module, the per-shape choice and the errors behave."""
+
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +34,48 @@ CASES = [  # (kernel, stride, groups, batch, height, width, cin, cout, padding)
 TOLERANCE = {"winograd_f4": 1e-4, "onednn_winograd_f4": 1e-4}
 DEFAULT_TOLERANCE = 2e-5
 EXTENSION = [name for name in ALGORITHMS if REGISTRY[name].cpu_only]
+PARTS = ("output", "d/dinput", "d/dkernel")
+
+
+def case_id(case):
+    return f"k{case[0]}s{case[1]}g{case[2]}_b{case[3]}_{case[4]}x{case[5]}"
+
+
+def spec_of(case, dtype="float32"):
+    ksize, stride, groups, n, h, w, cin, cout, padding = case
+    return ConvSpec(n, h, w, cin, cout, (ksize, ksize), (stride, stride), padding, groups, jnp.dtype(dtype).name)
+
+
+def shape_limit(name, case):
+    """None when the algorithm's record says it computes this shape, else what it cannot do. The record's
+    ``limits`` looks at shapes and dtypes only (it never builds or loads the extension), so this runs at
+    collection time: the cases below are only the (algorithm, shape) pairs it computes."""
+    return REGISTRY[name].limits(spec_of(case))
+
+
+# What each algorithm's docstring says it computes, written here independently of its ``limits``, so that a
+# record refusing shapes it should compute (and so dropping them from the cases below unseen) fails a test
+def winograd(k, s, g, pad):
+    return k == 3 and s == 1 and g == 1 and all(0 <= p <= 2 for side in pad for p in side)
+
+
+def gemm(k, s, g, pad):
+    return k == 1 and g == 1
+
+
+def every(k, s, g, pad):
+    return True
+
+
+FAMILIES = {"xla": every, "matmul_grad": every, "im2col": lambda k, s, g, pad: g == 1, "gemm": gemm,
+            "polyphase": lambda k, s, g, pad: s == 2 and k >= 2, "winograd_f2": winograd, "winograd_f4": winograd,
+            "onednn": every, "onednn_gemm": gemm, "onednn_winograd_f2": winograd, "onednn_winograd_f4": winograd}
+COMPUTED = [(name, case) for name in ALGORITHMS for case in CASES if shape_limit(name, case) is None]
+REFUSED = [(name, case) for name in ALGORITHMS for case in CASES if shape_limit(name, case) is not None]
+
+
+def first_computed(name):
+    return next(case for n, case in COMPUTED if n == name)
 
 
 def reference(x, k, stride, padding, groups):
@@ -38,14 +84,31 @@ def reference(x, k, stride, padding, groups):
 
 
 def value_and_grads(fn, x, k, cotangent):
-    y, vjp = jax.vjp(fn, x, k)
-    return (y, *vjp(cotangent))
+    """Output and both gradients of ``fn`` in one compiled function (one compilation per algorithm and shape)."""
+    def passes(a, b, c):
+        y, vjp = jax.vjp(fn, a, b)
+        return (y, *vjp(c))
+    return jax.jit(passes)(x, k, cotangent)
+
+
+def conv_of(name, case):
+    ksize, stride, groups, *_, padding = case
+    return lambda a, b: conv2d(a, b, (stride, stride), padding, groups, algorithm=name)
+
+
+def lax_of(case):
+    ksize, stride, groups, *_, padding = case
+    return lambda a, b: reference(a, b, stride, padding, groups)
+
+
+@functools.cache
+def lax_passes(case):
+    """lax's output and gradients on ``inputs(case, float32)``, computed once per shape for all algorithms."""
+    return value_and_grads(lax_of(case), *inputs(case, jnp.float32))
 
 
 def refusal(name, case, dtype=jnp.float32):
-    ksize, stride, groups, n, h, w, cin, cout, padding = case
-    g = ConvSpec(n, h, w, cin, cout, (ksize, ksize), (stride, stride), padding, groups, jnp.dtype(dtype).name)
-    return REGISTRY[name].refusal(g, "cpu")
+    return REGISTRY[name].refusal(spec_of(case, dtype), "cpu")
 
 
 def inputs(case, dtype, seed=0):
@@ -53,8 +116,7 @@ def inputs(case, dtype, seed=0):
     kx, kk, ky = jax.random.split(jax.random.key(seed + 10 * ksize + stride), 3)
     x = jax.random.normal(kx, (n, h, w, cin)).astype(dtype)
     k = jax.random.normal(kk, (ksize, ksize, cin // groups, cout)).astype(dtype)
-    y_shape = jax.eval_shape(lambda: reference(x, k, stride, padding, groups)).shape
-    return x, k, jax.random.normal(ky, y_shape).astype(dtype)
+    return x, k, jax.random.normal(ky, spec_of(case).y_shape).astype(dtype)
 
 
 def assert_close(got, want, tol, name):
@@ -69,27 +131,33 @@ def requires_extension(name):
         require_onednn()
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"k{c[0]}s{c[1]}g{c[2]}_b{c[3]}_{c[4]}x{c[5]}")
+@pytest.mark.parametrize("name, case", [pytest.param(n, c, id=f"{n}-{case_id(c)}") for n, c in COMPUTED])
 def test_algorithm_matches_lax_in_value_and_both_gradients(name, case):
     requires_extension(name)
-    reason = refusal(name, case)
-    if reason:  # each algorithm computes a family of shapes; that it refuses the others is tested below
-        assert "only" in reason
-        return
-    ksize, stride, groups, *_, padding = case
-    x, k, dy = inputs(case, jnp.float32)
-    ours = value_and_grads(jax.jit(lambda a, b: conv2d(a, b, (stride, stride), padding, groups, algorithm=name)),
-                           x, k, dy)
-    want = value_and_grads(lambda a, b: reference(a, b, stride, padding, groups), x, k, dy)
-    for part, got, exp in zip(("output", "d/dinput", "d/dkernel"), ours, want):
+    ours = value_and_grads(conv_of(name, case), *inputs(case, jnp.float32))  # forced: a refusal would raise
+    for part, got, exp in zip(PARTS, ours, lax_passes(case)):
         assert_close(got, exp, TOLERANCE.get(name, DEFAULT_TOLERANCE), f"{name} {part}")
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_each_algorithm_computes_its_family_and_refuses_the_rest_in_one_sentence(name):
+    """The cases above are the pairs the records accept; this pins that split to each algorithm's documented
+    family, and checks that a forced algorithm refuses every other shape (at trace time, naming the shape)."""
+    family = FAMILIES[name]
+    assert {case_id(c) for n, c in COMPUTED if n == name} == {case_id(c) for c in CASES if family(*c[:3], c[8])}
+    for case in (c for n, c in REFUSED if n == name):
+        reason = refusal(name, case)
+        assert reason.startswith(f"algorithm {name!r} computes ") and " only; this convolution is " in reason
+        assert reason.endswith(spec_of(case).describe()), reason
+        x, k, _ = inputs(case, jnp.float32)
+        with pytest.raises(ValueError, match=f"^{re.escape(reason)}; use algorithm='auto'"):
+            jax.eval_shape(conv_of(name, case), x, k)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_bfloat16_where_supported(name):
     requires_extension(name)
-    case = next(c for c in CASES if refusal(name, c) is None)
+    case = first_computed(name)
     reason = refusal(name, case, jnp.bfloat16)
     if reason:
         # oneDNN's direct kernels take bfloat16 where the CPU has bf16 instructions
@@ -97,13 +165,11 @@ def test_bfloat16_where_supported(name):
                         *(() if cpu.native_bfloat16() else ("onednn",)))
         assert "float32 only" in reason and name in float32_only
         return
-    ksize, stride, groups, *_, padding = case
     x, k, dy = inputs(case, jnp.bfloat16)
-    ours = value_and_grads(jax.jit(lambda a, b: conv2d(a, b, (stride, stride), padding, groups, algorithm=name)),
-                           x, k, dy)
-    up = lambda a: a.astype(jnp.float32)
-    want = value_and_grads(lambda a, b: reference(a, b, stride, padding, groups), up(x), up(k), up(dy))
-    for part, got, exp in zip(("output", "d/dinput", "d/dkernel"), ours, want):
+    ours = value_and_grads(conv_of(name, case), x, k, dy)
+    up = lambda a: a.astype(jnp.float32)  # noqa: E731
+    want = value_and_grads(lax_of(case), up(x), up(k), up(dy))
+    for part, got, exp in zip(PARTS, ours, want):
         assert_close(up(got), exp, 3e-2, f"{name} {part}")  # bf16 keeps 8 bits of mantissa
         assert got.dtype == jnp.bfloat16
 
@@ -111,7 +177,7 @@ def test_bfloat16_where_supported(name):
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_fused_epilogue_equals_the_unfused_ops_in_value_and_gradients(name):
     requires_extension(name)
-    case = next(c for c in CASES if refusal(name, c) is None)
+    case = first_computed(name)
     ksize, stride, groups, *_, padding = case
     x, k, dy = inputs(case, jnp.float32, seed=1)
     bias = jax.random.normal(jax.random.key(5), (k.shape[-1],))
@@ -123,10 +189,15 @@ def test_fused_epilogue_equals_the_unfused_ops_in_value_and_gradients(name):
     def want(a, b, c, r):
         return jax.nn.relu(reference(a, b, stride, padding, groups) + c + r)
 
-    got = jax.vjp(jax.jit(ours), x, k, bias, residual)
-    exp = jax.vjp(want, x, k, bias, residual)
-    assert_close(got[0], exp[0], TOLERANCE.get(name, DEFAULT_TOLERANCE), "output")
-    for part, g, e in zip(("input", "kernel", "bias", "residual"), got[1](dy), exp[1](dy)):
+    def passes(fn):
+        def value_and_all_grads(*args):
+            y, vjp = jax.vjp(fn, *args)
+            return y, vjp(dy)
+        return jax.jit(value_and_all_grads)(x, k, bias, residual)
+
+    (y, grads), (y_want, grads_want) = passes(ours), passes(want)
+    assert_close(y, y_want, TOLERANCE.get(name, DEFAULT_TOLERANCE), "output")
+    for part, g, e in zip(("input", "kernel", "bias", "residual"), grads, grads_want):
         assert_close(g, e, TOLERANCE.get(name, DEFAULT_TOLERANCE), f"d/d{part}")
 
 
@@ -175,13 +246,11 @@ def test_passes_from_different_algorithms_compose_into_one_exact_convolution():
     from resnet_jax.ops.conv import _composed
 
     case = CASES[3]
-    ksize, stride, groups, *_, padding = case
-    x, k, dy = inputs(case, jnp.float32)
+    *_, padding = case
     passes = ("im2col", "winograd_f2", "winograd_f4")
-    ours = value_and_grads(jax.jit(lambda a, b: _composed(a, b, None, None, ConvSpec.of(a, b, (1, 1), padding, 1), False, passes)),
-                           x, k, dy)
-    want = value_and_grads(lambda a, b: reference(a, b, 1, padding, 1), x, k, dy)
-    for part, got, exp in zip(("output", "d/dinput", "d/dkernel"), ours, want):
+    ours = value_and_grads(lambda a, b: _composed(a, b, None, None, ConvSpec.of(a, b, (1, 1), padding, 1), False,
+                                                  passes), *inputs(case, jnp.float32))
+    for part, got, exp in zip(PARTS, ours, lax_passes(case)):
         assert_close(got, exp, 1e-4, part)
 
 
@@ -200,32 +269,34 @@ def test_module_is_a_drop_in_for_nn_conv():
 MODEL_IMPLS = ["xla", "matmul_grad", "auto", "onednn", "winograd_f4"]
 
 
-@pytest.mark.parametrize("name", ["resnet18_cifar", "resnext50_32x4d"])
-def test_model_params_outputs_and_grads_agree_across_conv_impls(name):
-    """Gradients are compared in inference mode: through train-mode BatchNorm over 2 images, a 1e-6 change in
+@pytest.mark.parametrize("name, shape", [("resnet18_cifar", (2, 32, 24, 3)), ("resnext50_32x4d", (2, 40, 56, 3))],
+                         ids=["basic_cifar_stem", "grouped_bottleneck_imagenet_stem"])
+def test_model_params_outputs_and_grads_agree_across_conv_impls(name, shape):
+    """One block per stage: every layer kind (the stem, 3x3 and grouped convolutions, strided 1x1 projections,
+    the fused residual) is there, and an algorithm's error would show in any block of any depth.
+
+    Gradients are compared in inference mode: through train-mode BatchNorm over 2 images, a 1e-6 change in
     a convolution's output moves some kernel gradients of this loss by 5% (measured with float64 as the
     truth, even for XLA's own convolution with 1e-6 noise added), so train mode is checked on its outputs and
     statistics, at a tolerance that allows for that amplification."""
-    size = 32 if name.endswith("cifar") else 64
-    x = jax.random.normal(jax.random.key(0), (2, size, size - 8, 3))
+    x = jax.random.normal(jax.random.key(0), shape)
     impls = [i for i in MODEL_IMPLS if not REGISTRY.get(i) or not REGISTRY[i].cpu_only or onednn.available()]
-    models = [create_model(name, num_classes=5, conv_impl=impl) for impl in impls]
-    variables = [m.init(jax.random.key(0), x) for m in models]
-    for other in variables[1:]:  # parameters never depend on the algorithm
-        assert jax.tree.map(jnp.shape, other) == jax.tree.map(jnp.shape, variables[0])
-        jax.tree.map(np.testing.assert_array_equal, other, variables[0])
-    v = variables[0]
 
-    def grads(model):
-        loss = lambda params: jnp.sum(model.apply({**v, "params": params}, x) ** 2)
-        return jax.jit(jax.value_and_grad(loss))(v["params"])
+    def everything(model):
+        """Initial variables, inference loss and gradient, and a train-mode step, in one compiled function."""
+        def run(key):
+            v = model.init(key, x)
+            loss = lambda params: jnp.sum(model.apply({**v, "params": params}, x) ** 2)  # noqa: E731
+            return v, jax.value_and_grad(loss)(v["params"]), model.apply(v, x, train=True, mutable=["batch_stats"])
+        return jax.jit(run)(jax.random.key(0))
 
-    def train_mode(model):
-        return jax.jit(lambda v_: model.apply(v_, x, train=True, mutable=["batch_stats"]))(v)
-
-    (l0, g0), t0 = grads(models[0]), train_mode(models[0])
+    models = [create_model(name, stage_sizes=(1, 1, 1, 1), num_classes=5, conv_impl=impl) for impl in impls]
+    v0, (l0, g0), t0 = everything(models[0])
     for impl, model in zip(impls[1:], models[1:]):
-        (l1, g1), t1 = grads(model), train_mode(model)
+        v1, (l1, g1), t1 = everything(model)
+        # parameters never depend on the algorithm, so the gradients below are taken at the same point
+        assert jax.tree.map(jnp.shape, v1) == jax.tree.map(jnp.shape, v0)
+        jax.tree.map(np.testing.assert_array_equal, v1, v0)
         np.testing.assert_allclose(l1, l0, rtol=1e-4, err_msg=impl)
         for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
             np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()), err_msg=impl)
@@ -236,9 +307,9 @@ def test_model_params_outputs_and_grads_agree_across_conv_impls(name):
 def test_model_conv_impl_applies_where_it_can_and_auto_elsewhere():
     """A model-wide algorithm that computes only some layers (Winograd: 3x3 stride 1) runs those, "auto" the
     rest, so conv_impl="winograd_f4" is usable on a whole ResNet; conv2d itself refuses (tested above)."""
-    model = create_model("resnet18_cifar", num_classes=3, conv_impl="winograd_f4")
+    model = create_model("resnet18_cifar", stage_sizes=(1, 1, 1, 1), num_classes=3, conv_impl="winograd_f4")
     x = jnp.ones((1, 16, 16, 3))
-    y = model.apply(model.init(jax.random.key(0), x), x)
+    y = jax.jit(lambda x: model.apply(model.init(jax.random.key(0), x), x))(x)
     assert y.shape == (1, 3)
 
 
@@ -264,7 +335,7 @@ def test_bfloat16_computes_in_float32_where_the_cpu_has_no_bfloat16_instructions
     f = lambda a, b: conv2d(a, b, (1, 1), ((1, 1), (1, 1)), algorithm="auto", relu=True)  # noqa: E731
     y = jax.jit(f)(x, k)
     assert y.dtype == jnp.bfloat16
-    dx = jax.grad(lambda a: jnp.sum(f(a, k).astype(jnp.float32)))(x)
+    dx = jax.jit(jax.grad(lambda a: jnp.sum(f(a, k).astype(jnp.float32))))(x)
     assert dx.dtype == jnp.bfloat16
     if cpu.native_bfloat16():
         return  # this CPU computes bfloat16 natively; the rule above covers the other kind
