@@ -1,5 +1,10 @@
-"""The ``Classifier`` facade: fit, evaluate, predict, save/load, export to torchvision."""
+"""The ``Classifier`` facade: fit, evaluate, predict, save/load, export to torchvision.
 
+The digits classifier is trained once per test session (``trained_digits``, shared with tests/test_export.py
+and across pytest-xdist workers); what the freshly fitted, in-memory classifier gave (its history and its
+predictions) is recorded then, and the tests use it loaded from the run's workdir, as a user would."""
+
+import json
 import logging
 
 import jax
@@ -9,20 +14,40 @@ import pytest
 
 from resnet_jax import data
 from resnet_jax.training.classifier import Classifier
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    clf = Classifier("resnet20", num_classes=10, in_channels=1, image_size=8,
-                     model_overrides={"stage_sizes": (1, 1, 1)})
-    clf.fit("digits", workdir=tmp_path_factory.mktemp("fit"), num_epochs=3, batch_size=32, augment="none",
-            learning_rate=1.6, schedule="cosine", progress_bar=False, compilation_cache_dir="")
-    return clf
+from training_helpers import once_per_session
 
 
 def validation_images(n=12):
     src = data.get_source("digits", "validation", image_size=8)
     return np.stack([src[i]["image"] for i in range(n)]), [src[i]["label"] for i in range(n)]
+
+
+def trained_digits(tmp_path_factory):
+    """``(workdir, record)`` of a real digits classifier (ResNet-8 at 8x8, 3 epochs), trained once per session;
+    ``record``: the fitted classifier's ``history`` and its ``predict`` of ``validation_images()``, taken in
+    memory right after ``fit``."""
+    def compute(directory):
+        clf = Classifier("resnet20", num_classes=10, in_channels=1, image_size=8,
+                         model_overrides={"stage_sizes": (1, 1, 1)})
+        clf.fit("digits", workdir=directory / "workdir", num_epochs=3, batch_size=32, augment="none",
+                learning_rate=1.6, schedule="cosine", progress_bar=False, compilation_cache_dir="")
+        record = {"history": clf.history, "predictions": clf.predict(validation_images()[0])}
+        return json.loads(json.dumps(record, default=lambda v: v.item()))  # numpy scalars as numbers
+
+    directory, record = once_per_session(tmp_path_factory, "digits_classifier", compute)
+    return directory / "workdir", record
+
+
+@pytest.fixture(scope="module")
+def fitted_record(tmp_path_factory):
+    return trained_digits(tmp_path_factory)[1]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, fitted_record):
+    clf = Classifier.load(trained_digits(tmp_path_factory)[0])
+    clf.history = fitted_record["history"]
+    return clf
 
 
 def test_fit_learns_and_evaluate_agrees_with_history(fitted):
@@ -77,9 +102,10 @@ def test_predict_reads_image_files_and_rejects_floats(fitted, tmp_path):
         fitted.predict([str(tmp_path / "missing.png")])
 
 
-def test_save_load_round_trip_and_load_from_run(fitted, tmp_path):
+def test_save_load_round_trip_and_load_from_run(fitted, fitted_record, tmp_path):
+    """The run's checkpoint predicts what the fitted classifier did in memory, and so does a save of it."""
     images, _ = validation_images()
-    expected = fitted.predict(images)
+    expected = fitted_record["predictions"]
     fitted.save(tmp_path / "saved")
     for source in (tmp_path / "saved", fitted.workdir):
         loaded = Classifier.load(source)

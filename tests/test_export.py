@@ -1,5 +1,6 @@
-"""resnet_jax.export: StableHLO and ONNX artifacts of a trained digits model and of ResNet-50 (random weights,
-non-trivial BatchNorm statistics) equal ``model.apply``; the StableHLO one runs in a process that cannot import
+"""resnet_jax.export: StableHLO and ONNX artifacts of a trained digits model (the session's one, shared with
+tests/test_classifier.py) and of a ResNet-50 at a fraction of its depth (random weights, non-trivial BatchNorm
+statistics, 1000 classes) equal ``model.apply``; the StableHLO one runs in a process that cannot import
 resnet_jax; ``train.predict`` gives the same top-5 on each artifact as on the workdir; bad artifacts and bad
 inputs get one sentence each."""
 
@@ -15,6 +16,8 @@ from conftest import random_batch_stats, run_python
 from resnet_jax import create_model, data
 from resnet_jax.export import ArtifactError, Preprocessing, export_model, load_exported
 from resnet_jax.training.classifier import Classifier
+from test_classifier import trained_digits
+from test_export_onnx_graph import random_variables
 from training_helpers import once_per_session, worker_env
 
 # Runs the StableHLO artifact with jax alone: any import of resnet_jax fails, as on a machine without it.
@@ -45,52 +48,74 @@ except ImportError:
 
 
 FORMATS = ("stablehlo", "onnx")
+# One block per stage and a second, identity-shortcut block after layer2's stride-2 one: each layer and shortcut
+# kind a model has, at a fraction of its depth (as in tests/test_timm.py).
+SMALL = (1, 2, 1, 1)
+
+# Runs a command-line module's main() once per argument list in one process (absl's flags parsed afresh for each,
+# as `python -m MODULE ARGS...` parses them) and prints one JSON line per run: its return code, stdout, stderr.
+CLI_RUNNER = r"""
+import contextlib, io, json, sys
+from absl import flags
+
+name, runs = sys.argv[1], json.loads(sys.argv[2])
+module = __import__(name, fromlist=["main"])
+for args in runs:
+    flags.FLAGS.unparse_flags()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = module.main(flags.FLAGS([name, *args]))
+    print(json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}))
+"""
 
 
-def train_digits(workdir):
-    """A real digits classifier: ResNet-8 at 8x8, 3 epochs."""
-    clf = Classifier("resnet20", num_classes=10, in_channels=1, image_size=8,
-                     model_overrides={"stage_sizes": (1, 1, 1)})
-    clf.fit("digits", workdir=workdir, num_epochs=3, batch_size=32, augment="none", learning_rate=1.6,
-            schedule="cosine", progress_bar=False, compilation_cache_dir="")
+def cli_runs(module, *runs):
+    """``[{"code", "stdout", "stderr"}, ...]``: ``module``'s main run with each argument list, in one child."""
+    proc = run_python(CLI_RUNNER, args=[module, json.dumps([[str(a) for a in args] for args in runs])],
+                      env=worker_env(), timeout=600)
+    return [json.loads(line) for line in proc.stdout.strip().splitlines()[-len(runs):]]
 
 
-def random_resnet50(workdir):
-    """ResNet-50 at 64x64 with 1000 classes, random weights and trained-like BatchNorm, saved as a workdir."""
-    clf = Classifier("resnet50", num_classes=1000, image_size=64, normalize="imagenet")
-    clf.variables = jax.device_get(random_batch_stats(clf.model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))), 0))
-    clf.save(workdir)
+def random_bottleneck(directory):
+    """A ResNet-50 with one bottleneck block per stage and a second (identity-shortcut) one after layer2's
+    stride-2 one: every layer and shortcut kind ResNet-50 has, at 64x64 with 1000 classes, random weights and
+    trained-like BatchNorm, saved as ``directory / "workdir"``."""
+    clf = Classifier("resnet50", num_classes=1000, image_size=64, normalize="imagenet",
+                     model_overrides={"stage_sizes": SMALL})
+    clf.variables = random_variables(clf.model, (1, 64, 64, 3))
+    clf.save(directory / "workdir")
+    return {}
 
 
-def session_run(tmp_path_factory, name, make):
-    """``(classifier loaded from its workdir, {format: artifact})``, made and exported once per test session
-    (pytest-xdist workers share them), as a user would: train or save, then export the workdir."""
+def session_run(tmp_path_factory, name, workdir):
+    """``(classifier loaded from workdir, {format: artifact})``, exported once per test session (pytest-xdist
+    workers share them), as a user would: load the workdir, then export it."""
     def compute(directory):
-        make(directory / "workdir")
-        clf = Classifier.load(directory / "workdir")
+        clf = Classifier.load(workdir)
         for fmt in FORMATS:
             clf.export(directory / f"{name}.{fmt}")
         return {}
 
     directory, _ = once_per_session(tmp_path_factory, f"export_{name}", compute)
-    return Classifier.load(directory / "workdir"), {fmt: directory / f"{name}.{fmt}" for fmt in FORMATS}
+    return Classifier.load(workdir), {fmt: directory / f"{name}.{fmt}" for fmt in FORMATS}
 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    clf, artifacts = session_run(tmp_path_factory, "digits", train_digits)
+    clf, artifacts = session_run(tmp_path_factory, "digits", trained_digits(tmp_path_factory)[0])
     src = data.get_source("digits", "validation", image_size=8)
     images = np.stack([src[i]["image"][:, :, 0] for i in range(7)])  # (7, 8, 8): a greyscale batch
     return clf, images, artifacts
 
 
 @pytest.fixture(scope="module")
-def resnet50_run(tmp_path_factory):
-    clf, artifacts = session_run(tmp_path_factory, "resnet50", random_resnet50)
+def bottleneck_run(tmp_path_factory):
+    directory, _ = once_per_session(tmp_path_factory, "random_bottleneck", random_bottleneck)
+    clf, artifacts = session_run(tmp_path_factory, "bottleneck", directory / "workdir")
     return clf, np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8), artifacts
 
 
-@pytest.fixture(scope="module", params=["digits", "resnet50"])
+@pytest.fixture(scope="module", params=["digits", "bottleneck"])
 def run(request):
     """(classifier, images in a form predict accepts, {format: artifact path})."""
     return request.getfixturevalue(f"{request.param}_run")
@@ -101,10 +126,19 @@ def artifacts(run):
     return run[2]
 
 
+_compiled = {}  # id(model) -> (model, its jitted apply); the model is kept so that its id is not reused
+
+
+def apply(model, variables, x):
+    """``model.apply(variables, x)``, compiled once per model and batch shape (not run op by op)."""
+    if id(model) not in _compiled:
+        _compiled[id(model)] = (model, jax.jit(model.apply))
+    return _compiled[id(model)][1](variables, x)
+
+
 def reference_logits(clf, batch):
     """``model.apply`` on the batch as evaluation normalises it (unfolded model, its own conv_impl)."""
-    x = data.normalize(batch, *clf._stats())
-    return np.asarray(clf.model.apply(clf.variables, x, train=False))
+    return np.asarray(apply(clf.model, clf.variables, data.normalize(batch, *clf._stats())))
 
 
 def test_stablehlo_runs_without_resnet_jax_and_equals_model_apply(run, artifacts, tmp_path):
@@ -119,7 +153,7 @@ def test_stablehlo_runs_without_resnet_jax_and_equals_model_apply(run, artifacts
     for name, b in batches.items():
         want = reference_logits(clf, b)
         assert got[name].shape == want.shape == (len(b), clf.num_classes)
-        # float32 rounding (~1e-5 of the logits' scale for ResNet-50): folding reorders the arithmetic, and the
+        # float32 rounding (~1e-5 of the logits' scale for the bottleneck model): folding reorders the arithmetic, and the
         # model's own conv_impl may be Winograd's; the same bound as tests/test_ops_fold.py
         np.testing.assert_allclose(got[name], want, atol=5e-5 * np.abs(want).max(), rtol=0)
 
@@ -131,10 +165,6 @@ def test_onnx_in_onnxruntime_equals_model_apply(run, artifacts):
     for b in (batch[:1], batch[:3], batch):
         want = reference_logits(clf, b)
         np.testing.assert_allclose(model.run(b), want, atol=1e-4 * np.abs(want).max(), rtol=0)
-
-
-def predict_cli(*args):
-    return run_python(module="train.predict", args=args, env=worker_env(), timeout=600).stdout
 
 
 def top5(stdout):
@@ -151,16 +181,18 @@ def top5(stdout):
 
 def test_train_predict_gives_the_same_top5_on_each_artifact_as_on_the_workdir(run, artifacts, tmp_path):
     clf, images, _ = run
-    np.save(tmp_path / "batch.npy", images)  # the digits as (N, 8, 8), ResNet-50's as (N, 64, 64, 3)
+    np.save(tmp_path / "batch.npy", images)  # the digits as (N, 8, 8), the bottleneck's as (N, 64, 64, 3)
     from PIL import Image
 
     Image.fromarray(images[0]).save(tmp_path / "one.png")
     inputs = [tmp_path / "batch.npy", tmp_path / "one.png"]
-    want = top5(predict_cli(f"--workdir={clf.workdir}", *inputs))
+    sources = [f"--workdir={clf.workdir}", *(f"--artifact={path}" for path in artifacts.values())]
+    results = cli_runs("train.predict", *([source, *inputs] for source in sources))
+    assert [r["code"] for r in results] == [0] * len(sources), results
+    want, *got = [top5(r["stdout"]) for r in results]
     assert len(want) == len(images) + 1 and all(len(v) == 5 for v in want.values())
     assert want[f"{inputs[0]}[0]"] == want[str(inputs[1])]
-    for path in artifacts.values():
-        assert top5(predict_cli(f"--artifact={path}", *inputs)) == want
+    assert got == [want] * len(artifacts)
     if clf.config.model == "resnet20":  # trained: the digits are mostly recognised
         labels = [data.get_source("digits", "validation", image_size=8)[i]["label"] for i in range(len(images))]
         assert sum(want[f"{inputs[0]}[{i}]"][0] == str(label) for i, label in enumerate(labels)) >= 5
@@ -210,18 +242,17 @@ def test_artifacts_hold_the_folded_model(run, artifacts):
 
 def test_export_command_writes_each_format(digits_run, tmp_path):
     clf, images, _ = digits_run
-    for fmt, name in (("stablehlo", "m.stablehlo"), ("onnx", "m.onnx"), (None, "m.pth"),
-                      ("safetensors", "m.safetensors")):
-        proc = run_python(module="train.export", args=[f"--workdir={clf.workdir}", f"--output={tmp_path / name}",
-                                                       *([f"--format={fmt}"] if fmt else [])],
-                          env=worker_env(), timeout=600)
-        assert (tmp_path / name).exists() and proc.stdout.startswith(f"wrote {tmp_path / name}")
+    written = [("stablehlo", "m.stablehlo"), ("onnx", "m.onnx"), (None, "m.pth"), ("safetensors", "m.safetensors")]
+    runs = [[f"--workdir={clf.workdir}", f"--output={tmp_path / name}", *([f"--format={fmt}"] if fmt else [])]
+            for fmt, name in written]
+    *results, refused = cli_runs("train.export", *runs, [f"--workdir={clf.workdir}", f"--output={tmp_path / 'm.bin'}"])
+    for (_, name), result in zip(written, results, strict=True):
+        assert result["code"] == 0 and result["stdout"].startswith(f"wrote {tmp_path / name}"), result
+        assert (tmp_path / name).exists()
     want = [row[0][0] for row in clf.predict(images, top_k=1)]
     for name in ("m.stablehlo", "m.onnx"):
         assert [row[0][0] for row in load_exported(tmp_path / name).predict(images, top_k=1)] == want
-    proc = run_python(module="train.export", args=[f"--workdir={clf.workdir}", f"--output={tmp_path / 'm.bin'}"],
-                      env=worker_env(), timeout=600, check=False)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+    assert refused["code"] == 1 and refused["stderr"].strip().splitlines() == [
         "error: cannot tell the format from m.bin; pass --format=stablehlo|onnx|torchvision|safetensors or name the "
         "file .stablehlo, .onnx, .pth, .safetensors"]
 
@@ -233,7 +264,7 @@ def test_export_command_writes_each_format(digits_run, tmp_path):
 def small_artifact(tmp_path_factory):
     """A tiny greyscale ResNet exported to StableHLO (its manifest and checks are what is tested)."""
     model = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=3)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    variables = random_variables(model, (1, 8, 8, 1))
     path = tmp_path_factory.mktemp("small") / "small.stablehlo"
     return export_model(model, variables, path, preprocessing=Preprocessing(8, (0.5,), (0.25,)),
                         class_names=["a", "b", "c"])
@@ -333,17 +364,17 @@ VARIANTS = [  # (name, overrides, image size): one block per stage keeps them sm
 def test_onnx_covers_every_variant(name, overrides, size, tmp_path):
     model = create_model(name, num_classes=11, **overrides)
     channels = model.in_channels
-    variables = random_batch_stats(model.init(jax.random.key(0), jnp.zeros((1, size, size, channels))), 0)
+    variables = random_variables(model, (1, size, size, channels))
     prep = Preprocessing(size, (0.4,) * channels, (0.2,) * channels)
     exported = load_exported(export_model(model, variables, tmp_path / "m.onnx", preprocessing=prep))
     batch = np.random.default_rng(1).integers(0, 256, (2, size, size, channels), dtype=np.uint8)
-    want = np.asarray(model.apply(variables, data.normalize(batch, *prep.per_channel(channels))))
+    want = np.asarray(apply(model, variables, data.normalize(batch, *prep.per_channel(channels))))
     np.testing.assert_allclose(exported.run(batch), want, atol=1e-4 * np.abs(want).max(), rtol=0)
 
 
 def test_models_without_logits_are_refused(tmp_path):
     model = create_model("resnet18", features_only=True)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))  # refused before use
     for suffix in ("stablehlo", "onnx"):
         with pytest.raises(ValueError, match="export writes classifiers") as err:
             export_model(model, variables, tmp_path / f"m.{suffix}", preprocessing=Preprocessing(32, (0.5,), (0.5,)))
@@ -353,7 +384,7 @@ def test_models_without_logits_are_refused(tmp_path):
 def test_one_stablehlo_file_can_serve_several_platforms(tmp_path):
     """--platforms=cpu,cuda: lowered for both (only the CPU half can run here)."""
     model = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=3)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    variables = random_variables(model, (1, 8, 8, 1))
     path = export_model(model, variables, tmp_path / "m.stablehlo", preprocessing=Preprocessing(8, (0.5,), (0.25,)),
                         platforms=("cpu", "cuda"))
     exported = load_exported(path)
@@ -364,16 +395,20 @@ def test_one_stablehlo_file_can_serve_several_platforms(tmp_path):
 
 @pytest.mark.parametrize("name", ["resnetv2_18d", "resnetv2_50"])
 def test_onnx_of_a_pre_activation_model_equals_timm(name, tmp_path):
-    """timm's ResNetV2 (random weights, random BatchNorm statistics) loaded with load_timm and exported: the
-    ONNX artifact in onnxruntime gives timm's logits, so the exporter computes what timm does, not only what
-    this project's model does."""
+    """timm's ResNetV2 at ``SMALL`` depth (random weights, random BatchNorm statistics; a basic one with the
+    deep stem and a bottleneck one: each layer and shortcut kind), its weights mapped by the timm rules
+    ``load_timm`` applies, exported: the ONNX artifact in onnxruntime gives timm's logits, so the exporter
+    computes what timm does, not only what this project's model does."""
     torch = pytest.importorskip("torch")
-    from test_timm import timm_model
+    import timm
 
-    from resnet_jax import load_timm
+    from resnet_jax.torchvision import convert_state_dict
 
-    tm = timm_model(name)
-    model, variables = load_timm(name, tm.state_dict())
+    torch.manual_seed(0)
+    tm = timm.create_model(name, layers=list(SMALL)).eval()
+    tm.load_state_dict(random_batch_stats(tm.state_dict(), 0))
+    model = create_model(name, stage_sizes=SMALL)
+    variables, _ = convert_state_dict(model, tm.state_dict(), naming="timm", model_name=name)
     prep = Preprocessing(48, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     exported = load_exported(export_model(model, variables, tmp_path / "m.onnx", preprocessing=prep))
     assert exported.manifest["format"] == "onnx"
