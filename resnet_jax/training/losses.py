@@ -1,4 +1,5 @@
-"""Softmax cross-entropy with label smoothing and class weights; mixup/cutmix; top-k correctness."""
+"""Softmax cross-entropy with label smoothing and class weights; binary cross-entropy (timm's, for ResNet Strikes
+Back); mixup/cutmix; top-k correctness."""
 
 from __future__ import annotations
 
@@ -15,6 +16,20 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
     """Per-example loss against soft ``targets``; ``weights`` (per example) scale each example's loss."""
     loss = -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
     return loss if weights is None else loss * weights
+
+
+def binary_cross_entropy(logits: jax.Array, targets: jax.Array, target_threshold: float | None = None,
+                         sum_classes: bool = False) -> jax.Array:
+    """Per-example binary cross-entropy of each logit against its soft target, as timm's ``BinaryCrossEntropy``
+    (the loss of the ResNet Strikes Back recipes): each class is an independent sigmoid, so a mixed image may be
+    confidently both of its classes. ``targets`` come from ``soft_targets`` (and ``mix_batch``), smoothed as timm
+    smooths them; ``target_threshold`` binarises them (1 above it, else 0); the loss is the mean over classes
+    (timm's mean over all entries, once averaged over the batch) or, with ``sum_classes``, the sum."""
+    logits = logits.astype(jnp.float32)
+    if target_threshold is not None:
+        targets = (targets > target_threshold).astype(jnp.float32)
+    per_class = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))  # stable form
+    return per_class.sum(-1) if sum_classes else per_class.mean(-1)
 
 
 def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, mixup_alpha: float, cutmix_alpha: float):
