@@ -1,4 +1,13 @@
-"""timm <-> Flax weights: output parity with real timm, strict round trips, refusals of other architectures."""
+"""timm <-> Flax weights: output parity with real timm, strict round trips, refusals of other architectures.
+
+What a model computes from its weights is decided by its *kind* (every ``model_config`` field but
+``stage_sizes``: block, stem, shortcut, groups, widths, pre-activation) and by its depth. Outputs are compared
+with timm on one name of each kind, built by both libraries with the same few blocks per stage (timm's
+``layers=``, our ``stage_sizes=``), which runs every layer, shortcut and weight-mapping rule that kind has; the
+full depth of every shared name is checked where depth shows, on the names and shapes of all its weights, in
+test_resnet.py (timm's meta device, ``jax.eval_shape``: no memory, no compute); and ``save_timm`` writes back
+timm's own state_dict at full depth for a basic, a ResNet-D and a pre-activation model.
+"""
 
 import copy
 import textwrap
@@ -10,26 +19,51 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from flax.traverse_util import flatten_dict
 
 from conftest import assert_close, random_batch_stats, run_python
 from resnet_jax import create_model, list_models
-from resnet_jax.torchvision import (TIMM_MODELS, flax_to_torch_name, load_timm, load_torchvision, save_timm,
-                                    to_timm, to_torchvision, torch_to_flax_name)
+from resnet_jax.resnet import model_config
+from resnet_jax.torchvision import (TIMM_MODELS, convert_state_dict, load_timm, load_torchvision, save_timm, to_timm,
+                                    to_torchvision)
 
-PARITY = ["resnet18", "resnet50", "resnet50d", "resnext50_32x4d",
-          "resnetv2_18", "resnetv2_18d", "resnetv2_34", "resnetv2_34d", "resnetv2_50", "resnetv2_50d"]
-PARITY_LARGE = ["resnet101d", "wide_resnet50_2"]
+# One block in each stage, and a second (identity-shortcut) block after layer2's stride-2 one: every kind of
+# block and shortcut a model of the kind has, at a small fraction of its depth.
+SMALL = (1, 2, 1, 1)
 # 72x104: non-square, and odd feature maps (9x13 into stage 3) exercise the ceil-mode average-pool shortcut
 IMAGE = (1, 3, 72, 104)
 
 
-def timm_model(name, seed=0):
+def kind(name):
+    """What, besides depth, decides what ``name`` computes from its weights."""
+    return tuple(sorted((k, repr(v)) for k, v in model_config(name).items() if k != "stage_sizes"))
+
+
+def representative(name):
+    """The shallowest shared name of ``name``'s kind (resnet34d -> resnet18d)."""
+    return min((n for n in TIMM_MODELS if kind(n) == kind(name)), key=lambda n: sum(model_config(n)["stage_sizes"]))
+
+
+PARITY = sorted({representative(n) for n in TIMM_MODELS})  # 12 kinds, from resnet18 to resnetv2_50d
+# the float64 input gradient: a basic block with the plain stem; a bottleneck with ResNet-D's deep stem and
+# average-pool shortcut; a pre-activation (ResNetV2) model
+GRADIENT = ["resnet18", "resnet50d", "resnetv2_18"]
+
+
+def timm_model(name, seed=0, **kwargs):
     """A timm model in eval mode with random weights and random, non-trivial BatchNorm statistics."""
     torch.manual_seed(seed)
-    model = timm.create_model(name).eval()
+    model = timm.create_model(name, **kwargs).eval()
     model.load_state_dict(random_batch_stats(model.state_dict(), seed))
     return model
+
+
+def small_pair(name):
+    """timm's ``name`` and ours with ``SMALL`` blocks per stage, ours holding timm's random weights (mapped by
+    the timm rules ``load_timm`` uses, which refuses a depth timm's ``name`` does not have)."""
+    tm = timm_model(name, layers=list(SMALL))
+    model = create_model(name, stage_sizes=SMALL)
+    variables, _ = convert_state_dict(model, tm.state_dict(), naming="timm", model_name=name)
+    return tm, model, variables
 
 
 def assert_same_state_dict(ours, ref):
@@ -40,82 +74,80 @@ def assert_same_state_dict(ours, ref):
         np.testing.assert_array_equal(ours[k], v, err_msg=k)
 
 
-def check_input_gradient(name, tm, x):
+@pytest.mark.parametrize("name", PARITY)
+def test_outputs_match_timm(name):
+    """Logits and the four stage outputs on a non-square image equal timm's, for one name of each kind."""
+    tm, model, variables = small_pair(name)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(IMAGE, dtype=np.float32))
+    with torch.no_grad():
+        ref_logits = tm(x).numpy()
+        ref_features = tm.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+    backbone = create_model(name, stage_sizes=SMALL, features_only=True)
+    logits, features = jax.jit(lambda v, x: (model.apply(v, x), backbone.apply(v, x)))(
+        variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+    assert_close(logits, ref_logits, f"{name} logits")
+    for i, (ours, ref) in enumerate(zip(features, ref_features, strict=True)):
+        assert_close(np.asarray(ours).transpose(0, 3, 1, 2), ref.numpy(), f"{name} layer{i + 1}")
+
+
+@pytest.mark.parametrize("name", GRADIENT)
+def test_input_gradient_matches_timm_in_float64(name):
     """The gradient of weighted logits with respect to the image equals timm's, both in float64.
 
     Why float64: the max-pool routes each window's gradient to its largest input, and float32 rounding (ours
     or torch's, whose float32 and float64 kernels differ) flips near-ties, which moves whole gradient entries:
     torch float32 against torch float64 differed by 1e-2 of the scale on resnet50d. In float64 no tie flips, so
-    what is compared is the architecture and the weight mapping alone."""
-    x64 = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    what is compared is the architecture (the backward of every layer) and the weight mapping alone."""
+    tm = timm_model(name, layers=list(SMALL))
+    x = np.random.default_rng(0).standard_normal(IMAGE)
+    x64 = torch.from_numpy(x).requires_grad_()
     probe = np.random.default_rng(1).standard_normal((x.shape[0], 1000))  # a cotangent that weighs every logit
     tm64 = copy.deepcopy(tm).double()
     (tm64(x64) * torch.from_numpy(probe)).sum().backward()
     with jax.enable_x64(True):
-        model, variables = load_timm(name, tm64.state_dict(), dtype=jnp.float64, param_dtype=jnp.float64,
-                                     conv_impl="xla")
-        grad = jax.grad(lambda image: jnp.sum(model.apply(variables, image) * probe))(
-            jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float64))
+        model = create_model(name, stage_sizes=SMALL, dtype=jnp.float64, param_dtype=jnp.float64, conv_impl="xla")
+        variables, _ = convert_state_dict(model, tm64.state_dict(), naming="timm", model_name=name)
+        grad = jax.jit(jax.grad(lambda v, image: jnp.sum(model.apply(v, image) * probe), argnums=1))(
+            variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
         assert grad.dtype == jnp.float64
         assert_close(np.asarray(grad), x64.grad.numpy().transpose(0, 2, 3, 1), f"{name} input gradient")
 
 
-def check_parity_and_round_trip(name, tmp_path):
-    """Logits, the input gradient and the four stage outputs match timm's on a non-square image; save_timm
-    writes back the same state_dict, which timm loads strictly."""
+@pytest.mark.parametrize("name", ["resnet18", "resnet50d", "resnetv2_50d"])
+def test_save_timm_writes_timms_state_dict(name, tmp_path):
+    """At full depth, load_timm then save_timm gives back timm's state_dict (names in timm's order, dtypes,
+    values), which timm loads strictly: a plain basic model, ResNet-D's bottleneck, and ResNetV2 (whose head is
+    a 1x1 convolution)."""
     tm = timm_model(name)
     state = tm.state_dict()
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal(IMAGE, dtype=np.float32))
-    with torch.no_grad():
-        ref_logits = tm(x).numpy()
-        ref_features = tm.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
-
     model, variables = load_timm(name, state)
-    x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    assert_close(model.apply(variables, x_nhwc), ref_logits, f"{name} logits")
-    check_input_gradient(name, tm, x.numpy())
-    features = create_model(name, features_only=True).apply(variables, x_nhwc)
-    for i, (ours, ref) in enumerate(zip(features, ref_features, strict=True)):
-        assert_close(np.asarray(ours).transpose(0, 3, 1, 2), ref.numpy(), f"{name} layer{i + 1}")
-
     save_timm(model, variables, tmp_path / f"{name}.pth")
     written = torch.load(tmp_path / f"{name}.pth", weights_only=True)
     assert_same_state_dict({k: v.numpy() for k, v in written.items()}, state)
-    timm.create_model(name).load_state_dict(written, strict=True)
+    tm.load_state_dict(written, strict=True)
 
 
-@pytest.mark.parametrize("name", PARITY)
-def test_parity_and_round_trip(name, tmp_path):
-    check_parity_and_round_trip(name, tmp_path)
+def load_into_timm(name, state):
+    """timm's own strict ``load_state_dict`` (every name, every shape) into its model on the meta device, which
+    costs no memory and no initialisation."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    model.load_state_dict(state, strict=True, assign=True)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", PARITY_LARGE)
-def test_parity_and_round_trip_large(name, tmp_path):
-    check_parity_and_round_trip(name, tmp_path)
-
-
-def meta_state_dict(name):
+def meta_state_dict(name, **kwargs):
     """timm's names and shapes for ``name`` without allocating or initialising its weights."""
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in timm.create_model(name).state_dict().items()}
+        return {k: tuple(v.shape) for k, v in timm.create_model(name, **kwargs).state_dict().items()}
 
 
-@pytest.mark.parametrize("name", sorted(set(TIMM_MODELS) - set(PARITY) - set(PARITY_LARGE)))
-def test_every_shared_name_has_timm_names_and_shapes(name):
-    """The shared names not run above: every timm entry has a place of the same shape here, and every variable
-    here a timm name that maps back to it (depth is the only difference from a model whose outputs are checked).
-    Shapes only, so the 100M-parameter models cost no memory."""
-    timm_shapes = meta_state_dict(name)
-    model = create_model(name)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-    ours = {k: v.shape for k, v in flatten_dict(shapes).items()}
-    for key, shape in timm_shapes.items():
-        path, layout = torch_to_flax_name(key, "timm", model)
-        if path is not None:  # num_batches_tracked is dropped
-            assert layout(np.empty(shape, np.uint8)).shape == ours[path], key
-    assert sorted(flax_to_torch_name(p, "timm", model)[0] for p in ours) == sorted(
-        k for k in timm_shapes if not k.endswith("num_batches_tracked"))
+def test_timm_builds_each_name_as_its_kind():
+    """At the small depth, timm builds every shared name exactly as the name of its kind whose outputs are
+    compared above (the same entries, the same shapes): depth is all that sets them apart, and each name's full
+    depth is checked against timm's in test_resnet.py."""
+    for name in TIMM_MODELS:
+        small = list(SMALL)
+        assert meta_state_dict(name, layers=small) == meta_state_dict(representative(name), layers=small), name
 
 
 def test_timm_models_are_exactly_the_shared_names():
@@ -130,25 +162,25 @@ def resnet18d():
 
 
 def test_tagged_name_and_safetensors(tmp_path, resnet18d):
-    """timm's hub format (.safetensors) under timm's tagged name loads, and goes back out as .safetensors."""
-    tm, state = resnet18d
+    """timm's hub format (.safetensors) under timm's tagged name loads, and goes back out as .safetensors holding
+    exactly timm's tensors, which timm loads strictly (what the mapping computes is compared above)."""
+    _, state = resnet18d
     safetensors.torch.save_file(state, tmp_path / "model.safetensors")
     model, variables = load_timm("resnet18d.ra2_in1k", tmp_path / "model.safetensors")
     save_timm("resnet18d", variables, tmp_path / "ours.safetensors")
     loaded = safetensors.torch.load_file(tmp_path / "ours.safetensors")
-    timm.create_model("resnet18d").load_state_dict(loaded, strict=True)
-    x = torch.randn(2, 3, 40, 56)
-    with torch.no_grad():
-        ref = tm(x).numpy()
-    assert_close(model.apply(variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))), ref, "resnet18d")
+    load_into_timm("resnet18d", loaded)
+    for k, v in state.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
 
 
 def test_new_head_and_backbone(resnet18d):
     _, state = resnet18d
-    model, variables = load_timm("resnet18d", state, num_classes=7, new_head=True, rng=1)
-    assert model.apply(variables, jnp.ones((1, 32, 32, 3))).shape == (1, 7)
+    _, variables = load_timm("resnet18d", state, num_classes=7, new_head=True, rng=1)
+    assert variables["params"]["fc"]["kernel"].shape == (512, 7)
     backbone, variables = load_timm("resnet18d", state, features_only=True)
-    assert "fc" not in variables["params"] and len(backbone.apply(variables, jnp.ones((1, 32, 32, 3)))) == 4
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)  # shapes are the point: traced, not run
+    assert "fc" not in variables["params"] and len(jax.eval_shape(backbone.apply, variables, x)) == 4
 
 
 @pytest.mark.parametrize("name", ["preact_resnet50", "resnet20", "resnet18_cifar", "resnet26d", "seresnet50"])
@@ -198,12 +230,15 @@ def test_naming_mismatch_is_named_in_the_error(resnet18d):
         load_timm("resnet18d", to_torchvision(variables))
 
 
-@pytest.mark.parametrize("name", ["resnet18d", "resnetv2_18d"])
-def test_loading_needs_no_torch(tmp_path, name):
-    """With torch blocked from importing: timm .pth and .safetensors files load (linen and NNX), and save."""
-    state = timm_model(name).state_dict()
-    torch.save(state, tmp_path / "r18d.pth")
-    safetensors.torch.save_file(state, tmp_path / "r18d.safetensors")
+def test_loading_needs_no_torch(tmp_path):
+    """With torch blocked from importing: timm .pth and .safetensors files load (linen and NNX) into the same
+    variables, and save, for ResNet-D's names and ResNetV2's (one process for both: starting one costs seconds);
+    what the saved files hold is compared with timm's here."""
+    names = ["resnet18d", "resnetv2_18d"]
+    states = {name: timm_model(name).state_dict() for name in names}
+    for name, state in states.items():
+        torch.save(state, tmp_path / f"{name}.pth")
+        safetensors.torch.save_file(state, tmp_path / f"{name}.safetensors")
     script = textwrap.dedent(f"""
         import sys
         class BlockTorch:
@@ -211,26 +246,31 @@ def test_loading_needs_no_torch(tmp_path, name):
                 if name.split(".")[0] in ("torch", "torchvision", "timm"):
                     raise ImportError(f"torch is blocked in this test: {{name}}")
         sys.meta_path.insert(0, BlockTorch())
+        import jax
         import numpy as np
         from resnet_jax import load_timm, save_timm
         from resnet_jax import nnx
-        x = np.ones((1, 32, 32, 3), np.float32)
-        outs = []
-        for suffix in ("pth", "safetensors"):
-            model, variables = load_timm({name!r}, {str(tmp_path)!r} + "/r18d." + suffix)
-            outs.append(np.asarray(model.apply(variables, x)))
-            save_timm(model, variables, {str(tmp_path)!r} + "/out." + suffix)
-        nnx_model = nnx.load_timm({name!r}, {str(tmp_path)!r} + "/r18d.safetensors")
-        nnx_model.eval()
-        outs.append(np.asarray(nnx_model(x)))
-        assert all(np.array_equal(o, outs[0]) for o in outs), "the files gave different models"
+        x = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+        for name in {names!r}:
+            base = {str(tmp_path)!r} + "/" + name
+            loaded = []
+            for suffix in ("pth", "safetensors"):
+                model, variables = load_timm(name, base + "." + suffix)
+                loaded.append(variables)
+                save_timm(model, variables, base + ".out." + suffix)
+            nnx_model = nnx.load_timm(name, base + ".safetensors")
+            loaded.append(nnx.to_linen(nnx_model)[1])
+            for other in loaded[1:]:
+                assert all(jax.tree.leaves(jax.tree.map(np.array_equal, loaded[0], other))), name + ": not the same"
+            print(name, jax.eval_shape(model.apply, variables, x).shape)
         assert not any(m.split(".")[0] in ("torch", "torchvision", "timm") for m in sys.modules), "torch imported"
-        print(outs[0].shape, "no torch")
+        print("no torch")
     """)
-    assert "(1, 1000) no torch" in run_python(script).stdout
-    for suffix in ("pth", "safetensors"):
-        written = (torch.load(tmp_path / f"out.{suffix}", weights_only=True) if suffix == "pth"
-                   else safetensors.torch.load_file(tmp_path / f"out.{suffix}"))
-        timm.create_model(name).load_state_dict(written, strict=True)
-        for k, v in state.items():
-            assert torch.equal(written[k], v), k
+    assert "".join(f"{n} (1, 1000)\n" for n in names) + "no torch" in run_python(script).stdout
+    for name, state in states.items():
+        for suffix in ("pth", "safetensors"):
+            out = tmp_path / f"{name}.out.{suffix}"
+            written = torch.load(out, weights_only=True) if suffix == "pth" else safetensors.torch.load_file(out)
+            load_into_timm(name, written)
+            for k, v in state.items():
+                assert torch.equal(written[k], v), (name, suffix, k)
