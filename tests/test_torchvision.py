@@ -1,4 +1,10 @@
-"""torchvision <-> Flax weights: output parity with real torchvision, exact round trips, strict clear errors."""
+"""torchvision <-> Flax weights: output parity with real torchvision, exact round trips, strict clear errors.
+
+As in test_timm.py: outputs and the round trip are compared with torchvision on one name of each kind (every
+``model_config`` field but ``stage_sizes``), both sides built with the same few blocks per stage (torchvision's
+``ResNet(block, layers, groups=, width_per_group=)``, our ``stage_sizes=``); every name's full depth is checked
+on the names and shapes of its weights in test_resnet.py (torchvision's meta device, ``jax.eval_shape``).
+"""
 
 import textwrap
 
@@ -12,17 +18,48 @@ import torchvision
 from flax.traverse_util import flatten_dict
 
 from conftest import assert_close, random_batch_stats, run_python
-from resnet_jax import create_model
+from resnet_jax import create_model, list_models
+from resnet_jax.resnet import model_config
 from resnet_jax.torchvision import load_torchvision, save_torchvision, to_torchvision
 
-FAST = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d"]
-SLOW = ["resnet101", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+NAMES = sorted(n for n in list_models() if hasattr(torchvision.models, n))
+SMALL = (1, 2, 1, 1)  # every kind of block and shortcut (layer2.1: identity after stride 2), few of them
+
+
+def kind(name):
+    """What, besides depth, decides what ``name`` computes from its weights."""
+    return tuple(sorted((k, repr(v)) for k, v in model_config(name).items() if k != "stage_sizes"))
+
+
+def representative(name):
+    """The shallowest torchvision name of ``name``'s kind (resnet152 -> resnet50)."""
+    return min((n for n in NAMES if kind(n) == kind(name)), key=lambda n: sum(model_config(n)["stage_sizes"]))
+
+
+PARITY = sorted({representative(n) for n in NAMES})  # basic, bottleneck, three ResNeXt and a wide one
 
 
 def torchvision_model(name, seed=0, **kwargs):
     """A torchvision model in eval mode with random weights and random, non-trivial BatchNorm statistics."""
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(**kwargs).eval()
+    model.load_state_dict(random_batch_stats(model.state_dict(), seed))
+    return model
+
+
+def meta_model(name):
+    """torchvision's ``name`` on the meta device: its structure, with no memory and no initialisation."""
+    with torch.device("meta"):
+        return getattr(torchvision.models, name)()
+
+
+def small_torchvision(name, layers=SMALL, seed=0):
+    """torchvision's ResNet class with ``name``'s block, groups and width (read from torchvision's own
+    ``name``), ``layers`` blocks per stage, random weights and statistics, in eval mode."""
+    full = meta_model(name)
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet.ResNet(type(full.layer1[0]), list(layers), groups=full.groups,
+                                             width_per_group=full.base_width).eval()
     model.load_state_dict(random_batch_stats(model.state_dict(), seed))
     return model
 
@@ -47,43 +84,41 @@ def assert_state_dicts_equal(ours, ref, ordered=True):
         np.testing.assert_array_equal(ours[k], v, err_msg=k)
 
 
-def check_parity_and_round_trip(name):
-    """Logits and stage outputs match torchvision on a non-square image; export gives back the same
-    state_dict, which torchvision loads strictly."""
-    tm = torchvision_model(name)
+@pytest.mark.parametrize("name", PARITY)
+def test_parity_and_round_trip(name):
+    """Logits and stage outputs match torchvision on a non-square image, for one name of each kind; export
+    gives back the same state_dict, which torchvision loads strictly."""
+    tm = small_torchvision(name)
     state = tm.state_dict()
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 72, 104), dtype=np.float32))
     ref_logits, ref_features = torch_forward(tm, x)
 
-    model, variables = load_torchvision(name, state)
-    x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    assert_close(model.apply(variables, x_nhwc), ref_logits, f"{name} logits")
-    features = create_model(name, features_only=True).apply(variables, x_nhwc)
+    model, variables = load_torchvision(name, state, stage_sizes=SMALL)
+    backbone = create_model(name, stage_sizes=SMALL, features_only=True)
+    logits, features = jax.jit(lambda v, x: (model.apply(v, x), backbone.apply(v, x)))(
+        variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+    assert_close(logits, ref_logits, f"{name} logits")
     for i, (ours, ref) in enumerate(zip(features, ref_features, strict=True)):
         assert_close(np.asarray(ours).transpose(0, 3, 1, 2), ref, f"{name} layer{i + 1}")
 
     exported = to_torchvision(variables)
     assert_state_dicts_equal(exported, state)
-    fresh = getattr(torchvision.models, name)()
-    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
+    small_torchvision(name).load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
 
 
-@pytest.mark.parametrize("name", FAST)
-def test_parity_and_round_trip(name):
-    check_parity_and_round_trip(name)
+def test_torchvision_builds_each_name_as_its_kind():
+    """torchvision builds every name from the block, groups and width of the name of its kind whose outputs are
+    compared above: depth is all that sets them apart, and each name's full depth is checked against
+    torchvision's in test_resnet.py."""
+    for name in NAMES:
+        full, rep = meta_model(name), meta_model(representative(name))
+        assert (type(full.layer1[0]), full.groups, full.base_width) == (
+            type(rep.layer1[0]), rep.groups, rep.base_width), name
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", SLOW)
-def test_parity_and_round_trip_large(name):
-    check_parity_and_round_trip(name)
-
-
-def test_every_torchvision_model_is_covered():
-    from resnet_jax import list_models
-
-    tv = {n for n in list_models() if hasattr(torchvision.models, n)}
-    assert tv == set(FAST + SLOW)
+def test_every_torchvision_resnet_is_a_name_here():
+    builders = {n for n in torchvision.models.resnet.__all__ if n[0].islower()}  # resnet18 ... wide_resnet101_2
+    assert len(builders) == 10 and set(NAMES) == builders
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +202,13 @@ def test_other_class_count_needs_new_head(resnet18):
     jax.tree.map(np.testing.assert_array_equal, same, variables)  # the rng decides the head
     np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"],
                                   state["conv1.weight"].numpy().transpose(2, 3, 1, 0))
-    assert model.apply(variables, jnp.ones((1, 32, 32, 3))).shape == (1, 10)
+    assert jax.eval_shape(model.apply, variables, jnp.ones((1, 32, 32, 3))).shape == (1, 10)  # traced, not run
 
 
 def test_backbone_takes_a_classifier_file(resnet18):
     model, variables = load_torchvision("resnet18", resnet18[1], features_only=True)
     assert "fc" not in variables["params"]
-    assert len(model.apply(variables, jnp.ones((1, 64, 64, 3)))) == 4
+    assert len(jax.eval_shape(model.apply, variables, jnp.ones((1, 64, 64, 3)))) == 4  # traced, not run
 
 
 def test_data_parallel_prefix_is_stripped(resnet18):
@@ -197,12 +232,13 @@ def test_loading_needs_no_torch(tmp_path, resnet18):
                 if name.split(".")[0] in ("torch", "torchvision"):
                     raise ImportError(f"torch is blocked in this test: {{name}}")
         sys.meta_path.insert(0, BlockTorch())
+        import jax
         import numpy as np
         from resnet_jax.torchvision import load_torchvision, save_torchvision
         model, variables = load_torchvision("resnet18", {str(tmp_path / "r18.pth")!r})
         save_torchvision(variables, {str(tmp_path / "out.pth")!r})
         save_torchvision(variables, {str(tmp_path / "out.safetensors")!r})
-        print(model.apply(variables, np.ones((1, 32, 32, 3), np.float32)).shape)
+        print(jax.eval_shape(model.apply, variables, np.ones((1, 32, 32, 3), np.float32)).shape)
         assert not any(m.split(".")[0] in ("torch", "torchvision") for m in sys.modules), "torch was imported"
         print("no torch")
     """)
