@@ -43,8 +43,9 @@ def assert_trees_equal(a, b, **tol):
 
 @pytest.fixture(scope="module")
 def resnet18d():
-    """A model with every kind of layer a ResNet-D has (deep stem, average-pool shortcut) and its variables."""
-    module = resnet_jax.create_model("resnet18d", num_classes=5)
+    """A model with every kind of layer a ResNet-D has (deep stem, an identity block in stage 1, average-pool
+    shortcuts after it) and its variables; one block per stage, since the NNX face maps layers by kind."""
+    module = resnet_jax.create_model("resnet18d", num_classes=5, stage_sizes=(1, 1, 1, 1))
     return module, random_variables(module)
 
 
