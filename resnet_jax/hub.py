@@ -2,14 +2,14 @@
 
 timm publishes each weights file in a hub repository ``timm/<model>.<tag>`` beside a ``config.json`` whose
 ``pretrained_cfg`` says how the weights were evaluated (test size, crop, interpolation, mean and std) and how many
-classes the head has. ``hub_weights`` reads that config, as timm does, into a ``Weights`` record, and
-``hub_file`` fetches the weights through ``huggingface_hub`` (the optional ``hub`` extra), so its cache, its
-``HF_HUB_OFFLINE``/``HF_ENDPOINT`` settings and its tokens apply.
+classes the head has. This module is the transport: ``hub_config`` and ``hub_file`` fetch through
+``huggingface_hub`` (the optional ``hub`` extra), so its cache, its ``HF_HUB_OFFLINE``/``HF_ENDPOINT`` settings and
+its tokens apply; ``pretrained.py`` turns the config into a ``Weights`` record and checks the file.
 
 Integrity: the hub stores each weights file under its Git LFS sha256, and ``huggingface_hub`` names the cached
-blob by that digest (the file's ETag) without hashing what it received. ``hub_file`` hashes the file and
-compares, so a truncated or altered download is refused. The tags pinned in ``pretrained.py`` keep their own
-digests and need no ``huggingface_hub``.
+blob by that digest (the file's ETag) without hashing what it received. ``hub_file`` returns that name, and
+``pretrained`` hashes the file and compares, so a truncated or altered download is refused. The tags pinned in
+``pretrained.py`` keep their own digests and need no ``huggingface_hub``.
 """
 
 from __future__ import annotations
@@ -39,25 +39,13 @@ def file_url(model: str, tag: str, filename: str) -> str:
     return f"{endpoint}/{repo_id(model, tag)}/resolve/main/{filename}"
 
 
-def hub_weights(model: str, tag: str):
-    """The ``Weights`` record of timm's ``<model>.<tag>``, its preprocessing read from the repository's
-    ``config.json`` as timm's ``resolve_data_config(..., use_test_size=True)`` reads it."""
-    from resnet_jax.data.transforms import EvalTransform
-    from resnet_jax.pretrained import Weights
-
-    config = json.loads(Path(_download(model, tag, "config.json")).read_text(encoding="utf-8"))
-    pretrained_cfg = config.get("pretrained_cfg", config)
-    transform = EvalTransform.from_timm_config(pretrained_cfg)
-    num_classes = int(config.get("num_classes", pretrained_cfg.get("num_classes", 1000)))
-    label_names = None if num_classes == 1000 else _label_names(config, num_classes)  # 1000: ImageNet's names
-    return Weights(model, tag, f"{model}.{tag}", sha256="", acc1=None, resize_size=transform.resize_size,
-                   crop_size=transform.crop_size, mean=transform.mean, std=transform.std,
-                   interpolation=transform.interpolation, crop_mode=transform.crop_mode, naming="timm",
-                   origin=f"{HUB_ENDPOINT}/{repo_id(model, tag)}", num_classes=num_classes,
-                   label_names=label_names)
+def hub_config(model: str, tag: str) -> dict:
+    """The repository's ``config.json``: ``pretrained_cfg`` (how the weights were evaluated), ``num_classes``,
+    and for heads other than ImageNet-1k's, ``label_names`` / ``label_descriptions``."""
+    return json.loads(Path(_download(model, tag, "config.json")).read_text(encoding="utf-8"))
 
 
-def _label_names(config: dict, num_classes: int) -> tuple[str, ...] | None:
+def label_names(config: dict, num_classes: int) -> tuple[str, ...] | None:
     """The classes in logit order from timm's ``label_names`` (a list, or a dict from index to name where there
     are gaps), each replaced by its ``label_descriptions`` entry (a readable name) where there is one."""
     names = config.get("label_names")
@@ -69,8 +57,9 @@ def _label_names(config: dict, num_classes: int) -> tuple[str, ...] | None:
     return tuple(descriptions.get(name, name) for name in names)
 
 
-def hub_file(model: str, tag: str) -> Path:
-    """The verified local copy of the weights file of ``timm/<model>.<tag>`` (safetensors where published)."""
+def hub_file(model: str, tag: str) -> tuple[Path, str | None]:
+    """The local copy of the weights file of ``timm/<model>.<tag>`` (safetensors where published) and the sha256
+    the hub published for it (the name huggingface_hub gave the blob), or None where it gave none."""
     missing = None
     for filename in WEIGHT_FILES:
         try:
@@ -78,18 +67,9 @@ def hub_file(model: str, tag: str) -> Path:
         except FileNotFoundError as err:  # this repository publishes the other format
             missing = err
             continue
-        _verify(path, file_url(model, tag, filename))
-        return path
+        blob = path.resolve().name  # the snapshot's file links to blobs/<sha256>; keep the name (its suffix)
+        return path, blob if _SHA256.fullmatch(blob) else None
     raise HubUnavailable(f"{repo_id(model, tag)} publishes none of {list(WEIGHT_FILES)}") from missing
-
-
-def _verify(path: Path, url: str) -> None:
-    from resnet_jax.pretrained import file_sha256
-
-    blob = path.resolve()
-    if _SHA256.fullmatch(blob.name) and file_sha256(blob) != blob.name:
-        raise ValueError(f"the cached copy of {url} at {blob} does not have the sha256 the hub published "
-                         f"({blob.name}); delete that file and download it again.")
 
 
 def _download(model: str, tag: str, filename: str) -> str:

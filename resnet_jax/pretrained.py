@@ -222,9 +222,31 @@ def _on_the_hub(model: str, tag: str) -> bool:
 
 @functools.cache
 def _hub_weights(model: str, tag: str) -> Weights:
-    from resnet_jax.hub import hub_weights
+    """timm's ``<model>.<tag>`` from its hub repository's ``config.json``, read as timm's
+    ``resolve_data_config(..., use_test_size=True)`` reads it."""
+    from resnet_jax import hub
+    from resnet_jax.data.transforms import EvalTransform
 
-    return hub_weights(model, tag)
+    config = hub.hub_config(model, tag)
+    pretrained_cfg = config.get("pretrained_cfg", config)
+    t = EvalTransform.from_timm_config(pretrained_cfg)
+    num_classes = int(config.get("num_classes", pretrained_cfg.get("num_classes", 1000)))
+    names = None if num_classes == 1000 else hub.label_names(config, num_classes)  # 1000: ImageNet's own names
+    return Weights(model, tag, f"{model}.{tag}", sha256="", acc1=None, resize_size=t.resize_size,
+                   crop_size=t.crop_size, mean=t.mean, std=t.std, interpolation=t.interpolation,
+                   crop_mode=t.crop_mode, naming="timm", origin=f"{hub.HUB_ENDPOINT}/{hub.repo_id(model, tag)}",
+                   num_classes=num_classes, label_names=names)
+
+
+def _verified_hub_file(model: str, tag: str) -> Path:
+    """The weights of a hub tag, refused if they are not what the hub published."""
+    from resnet_jax.hub import hub_file
+
+    path, sha256 = hub_file(model, tag)
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ValueError(f"the cached copy of timm/{model}.{tag}'s weights at {path} does not have the sha256 "
+                         f"the hub published ({sha256}); delete that file and download it again.")
+    return path
 
 
 def default_cache_dir() -> Path:
@@ -327,10 +349,8 @@ def pretrained(name: str, weights: str = "DEFAULT", *, file: str | os.PathLike |
     info = weights_info(name, weights)
     if file is not None:
         path = _existing(file, info.url)
-    elif not info.sha256:  # a hub tag: huggingface_hub fetches, resnet_jax.hub verifies
-        from resnet_jax.hub import hub_file
-
-        path = hub_file(info.model, info.tag)
+    elif not info.sha256:  # a hub tag: huggingface_hub fetches, the hub's own digest checks
+        path = _verified_hub_file(info.model, info.tag)
     else:
         base = mirror or os.environ.get(MIRROR_ENV)
         url = f"{base.rstrip('/')}/{info.filename}" if base else info.url
