@@ -2,8 +2,6 @@
 reverse mode, Hessian-vector products equal those of a network built from flax's and lax's own layers, and vmap
 and checkpoint compose with them."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,17 +34,11 @@ def random_like(tree, seed):
     return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
-@functools.cache
-def small_resnet_variables():
-    """ResNet-18's layers with one block per stage, trained-like BatchNorm statistics; the parameters do not
-    depend on the convolution algorithm (test_ops_conv), so every path below starts from these."""
-    model = create_model("resnet18", stage_sizes=(1, 1, 1, 1), num_classes=5)
-    return trained_like(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 40, 32, 3))))
-
-
 def small_resnet(conv_impl, **kw):
     model = create_model("resnet18", stage_sizes=(1, 1, 1, 1), num_classes=5, conv_impl=conv_impl, **kw)
-    return model, small_resnet_variables(), jax.random.normal(jax.random.key(1), (2, 40, 32, 3))
+    variables = trained_like(model.init(jax.random.key(0), jnp.zeros((1, 40, 32, 3))))
+    x = jax.random.normal(jax.random.key(1), (2, 40, 32, 3))
+    return model, variables, x
 
 
 def loss_fn(model, variables, x, train):
@@ -60,19 +52,15 @@ def loss_fn(model, variables, x, train):
 
 
 def assert_forward_equals_reverse(loss, params, what):
-    """jvp and linearize (forward mode) against grad (reverse mode) along one random tangent, all three in one
-    compiled function."""
-    def modes(params):
-        tangent = random_like(params, 3)
-        forward = jax.jvp(loss, (params,), (tangent,))[1]
-        reverse = tree_vdot(jax.grad(loss)(params), tangent)
-        return forward, reverse, jax.linearize(loss, params)[1](tangent)
-
-    forward, reverse, linear = map(float, jax.jit(modes)(params))
-    scale = abs(reverse)
-    assert abs(forward - reverse) <= 2e-4 * scale, (what, forward, reverse)
+    tangent = random_like(params, 3)
+    value, forward = jax.jvp(loss, (params,), (tangent,))
+    reverse = tree_vdot(jax.grad(loss)(params), tangent)
+    _, linear = jax.linearize(loss, params)
+    scale = float(jnp.abs(reverse))
+    assert abs(float(forward) - float(reverse)) <= 2e-4 * scale, (what, float(forward), float(reverse))
     # both forward mode; evaluated apart, they differ by rounding (Winograd F(4,3): ~1e-5 of the scale per layer)
-    assert abs(linear - forward) <= 5e-5 * scale, what
+    assert abs(float(linear(tangent)) - float(forward)) <= 5e-5 * scale, what
+    return value
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -127,59 +115,36 @@ def tiny_loss(model, variables, x, train):
     return loss
 
 
-TINY_INPUT = jax.ShapeDtypeStruct((2, 12, 10, 4), jnp.float32)
-
-
-@functools.cache
-def tiny_variables():
-    x = jnp.zeros(TINY_INPUT.shape)
-    return trained_like(jax.jit(lambda key: Tiny(reference=True).init(key, x, train=False))(jax.random.key(5)))
-
-
-def second_order(model, train):
-    """Hessian-vector product of all parameters, and the full Hessian of the second BatchNorm's scale, in one
-    compiled function."""
-    x = jax.random.normal(jax.random.key(4), TINY_INPUT.shape)
-    variables = tiny_variables()
-    params = variables["params"]
-    loss = tiny_loss(model, variables, x, train)
-
-    def both(params):
-        hvp = jax.jvp(jax.grad(loss), (params,), (random_like(params, 6),))[1]
-        scale_loss = lambda s: loss({**params, "b2": {**params["b2"], "scale": s}})  # noqa: E731
-        return hvp, jax.hessian(scale_loss)(params["b2"]["scale"])
-    return jax.jit(both)(params)
-
-
-@functools.cache
-def reference_second_order(train):
-    return second_order(Tiny(reference=True), train)
-
-
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("conv_impl", ["xla", "auto", "onednn"])
 def test_hessian_vector_products_equal_flax_and_lax_layers(conv_impl, train):
     require_path(conv_impl)
-    (hvp, hessian), (hvp_ref, hessian_ref) = second_order(Tiny(conv_impl), train), reference_second_order(train)
-    for got, want in zip(jax.tree.leaves(hvp), jax.tree.leaves(hvp_ref)):
+    x = jax.random.normal(jax.random.key(4), (2, 12, 10, 4))
+    ref_model = Tiny(reference=True)
+    variables = trained_like(ref_model.init(jax.random.key(5), x, train=False))
+    ours, ref = (tiny_loss(m, variables, x, train) for m in (Tiny(conv_impl), ref_model))
+    params = variables["params"]
+    v = random_like(params, 6)
+    hvp = lambda f: jax.jvp(jax.grad(f), (params,), (v,))[1]  # noqa: E731
+    for got, want in zip(jax.tree.leaves(hvp(ours)), jax.tree.leaves(hvp(ref))):
         scale = float(jnp.abs(want).max())
         assert float(jnp.abs(got - want).max()) <= 1e-3 * scale + 1e-6, conv_impl
-    np.testing.assert_allclose(hessian, hessian_ref, atol=1e-3 * float(jnp.abs(hessian_ref).max()) + 1e-6)
+    # the full Hessian of a few parameters (the second BatchNorm's scale) too
+    scale_loss = lambda f: lambda s: f({**params, "b2": {**params["b2"], "scale": s}})  # noqa: E731
+    h_ours, h_ref = (jax.hessian(scale_loss(f))(params["b2"]["scale"]) for f in (ours, ref))
+    np.testing.assert_allclose(h_ours, h_ref, atol=1e-3 * float(jnp.abs(h_ref).max()) + 1e-6)
 
 
 def test_vmap_of_gradients_gives_per_example_gradients():
     """Per-example gradients (vmap over grad) through the fast path equal one gradient per example."""
     x = jax.random.normal(jax.random.key(7), (3, 12, 10, 4))
     model = Tiny("auto")
-    variables = jax.jit(lambda key: model.init(key, x, train=False))(jax.random.key(8))
+    variables = model.init(jax.random.key(8), x, train=False)
 
     def per_example(params, image):
         return jnp.sum(jnp.sin(model.apply({**variables, "params": params}, image[None], train=False)))
-
-    def both(params):
-        batched = jax.vmap(jax.grad(per_example), in_axes=(None, 0))(params, x)
-        return batched, [jax.grad(per_example)(params, x[i]) for i in range(x.shape[0])]
-    batched, singles = jax.jit(both)(variables["params"])
-    for i, single in enumerate(singles):
+    batched = jax.vmap(jax.grad(per_example), in_axes=(None, 0))(variables["params"], x)
+    for i in range(x.shape[0]):
+        single = jax.grad(per_example)(variables["params"], x[i])
         for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
             np.testing.assert_allclose(got[i], want, atol=1e-5 * float(jnp.abs(want).max()) + 1e-7)
