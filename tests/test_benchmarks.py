@@ -7,6 +7,8 @@ import pytest
 
 from conftest import run_python
 
+pytestmark = pytest.mark.long  # each benchmark script runs end to end against torch
+
 
 def run_script(module, tmp_path, *extra):
     out = tmp_path / "result.json"

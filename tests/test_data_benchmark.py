@@ -6,6 +6,8 @@ import pytest
 
 from conftest import run_python
 
+pytestmark = pytest.mark.long  # the input-pipeline benchmark runs end to end with worker processes
+
 
 @pytest.mark.slow
 @pytest.mark.multiprocess

@@ -18,6 +18,8 @@ pytest.importorskip("ipykernel")
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
 
+pytestmark = pytest.mark.long  # each notebook runs top to bottom, training included
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 DEADLINE_S = 240  # per notebook; each takes about a minute on a busy 2-core CPU
 KERNEL = "resnet-jax-tests"

@@ -269,6 +269,7 @@ def test_module_is_a_drop_in_for_nn_conv():
 MODEL_IMPLS = ["xla", "matmul_grad", "auto", "onednn", "winograd_f4"]
 
 
+@pytest.mark.long  # a whole model compiled under every conv_impl
 @pytest.mark.parametrize("name, shape", [("resnet18_cifar", (2, 32, 24, 3)), ("resnext50_32x4d", (2, 40, 56, 3))],
                          ids=["basic_cifar_stem", "grouped_bottleneck_imagenet_stem"])
 def test_model_params_outputs_and_grads_agree_across_conv_impls(name, shape):

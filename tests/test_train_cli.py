@@ -24,7 +24,7 @@ def default_run(tmp_path_factory):
     return workdir, proc
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_default_config_reaches_98_percent_on_digits(default_run):
     """Measured: 99.2-100% over seeds 0-7 on both convolution paths (BENCHMARKS.md); the bound leaves room for
     another CPU's rounding (one validation image is 0.28%) and still catches a real regression."""
@@ -36,6 +36,7 @@ def test_default_config_reaches_98_percent_on_digits(default_run):
     assert "final val accuracy" in proc.stdout
 
 
+@pytest.mark.long
 def test_the_first_line_says_what_computes_the_convolutions(default_run):
     """README: on Linux x86_64 with a C++ compiler the first command trains with the oneDNN extension (its wheels
     are default dependencies) and the log shows it."""
@@ -46,6 +47,7 @@ def test_the_first_line_says_what_computes_the_convolutions(default_run):
     assert "convolutions: the oneDNN 3." in first and "extension" in first, first
 
 
+@pytest.mark.long
 def test_without_a_compiler_the_run_says_why_and_what_to_run(tmp_path):
     if not on_linux_x86_64():
         pytest.skip("elsewhere the reason is the platform, not the compiler")
@@ -58,7 +60,7 @@ def test_without_a_compiler_the_run_says_why_and_what_to_run(tmp_path):
     assert len(info) == 1 and "python -m resnet_jax.ops.onednn --build" in info[0], proc.stderr[-2000:]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_evaluate_predict_export_commands(default_run, tmp_path):
     workdir, _ = default_run
     proc = run("train.evaluate", f"--workdir={workdir}", "--step=best", check=True)
@@ -118,7 +120,7 @@ def test_bad_config_is_one_clear_sentence(tmp_path):
     assert proc.returncode == 1 and "does not exist" in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sigterm_exits_75_with_a_checkpoint_and_a_changed_seed_is_refused_with_exit_1(tmp_path, spawn):
     """The default config, as the README runs it (so the train step is the one default_run compiled, found in
     the session's compilation cache), with a checkpoint every 5 steps; the signal comes after the first."""

@@ -21,6 +21,8 @@ from resnet_jax.training import train
 from training_helpers import (direct_metrics, once_per_session, process_groups, run_worker, snapshot,  # noqa: F401
                               spawn, tiny_config, worker_command, worker_env)
 
+pytestmark = pytest.mark.long  # multi-process training runs on 127.0.0.1
+
 STEPS = 6  # device layouts are compared over the first steps (see the 2 x 2 vs 1 x 4 test for why)
 PREEMPTED = 75
 

@@ -6,8 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import run_python
 from training_helpers import worker_env
+
+pytestmark = pytest.mark.long  # training runs interrupted by signals, in process groups
 
 CHILD = """
 import json, os, signal, time

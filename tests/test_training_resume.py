@@ -18,6 +18,8 @@ import pytest
 from training_helpers import (once_per_session, run_worker, spawn, tiny_config,  # noqa: F401
                               worker_command, worker_env)
 
+pytestmark = pytest.mark.long  # training runs interrupted by signals and resumed, in subprocesses
+
 STEPS_PER_EPOCH = 1437 // 32  # 44
 TOTAL = 2 * STEPS_PER_EPOCH
 LOG_EVERY, CHECKPOINT_EVERY = 20, 11

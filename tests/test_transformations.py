@@ -63,6 +63,7 @@ def assert_forward_equals_reverse(loss, params, what):
     return value
 
 
+@pytest.mark.long  # forward and reverse mode of a whole model, on every path
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("conv_impl", PATHS)
 def test_jvp_and_linearize_equal_reverse_mode(conv_impl, train):
@@ -115,6 +116,7 @@ def tiny_loss(model, variables, x, train):
     return loss
 
 
+@pytest.mark.long  # forward and reverse mode of a whole model, on every path
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("conv_impl", ["xla", "auto", "onednn"])
 def test_hessian_vector_products_equal_flax_and_lax_layers(conv_impl, train):
