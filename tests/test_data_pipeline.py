@@ -151,6 +151,7 @@ def test_unknown_stats_ask_for_mean_and_std():
         data.eval_loader(IndexSource(), batch_size=4, image_size=8)
 
 
+@pytest.mark.long  # worker processes
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_worker_processes_give_the_same_batches_and_resume_exactly():

@@ -141,6 +141,7 @@ def reference_logits(clf, batch):
     return np.asarray(apply(clf.model, clf.variables, data.normalize(batch, *clf._stats())))
 
 
+@pytest.mark.long  # a fresh Python process per check
 def test_stablehlo_runs_without_resnet_jax_and_equals_model_apply(run, artifacts, tmp_path):
     clf, images, _ = run
     batch = load_exported(artifacts["stablehlo"]).prepare(images)
@@ -179,6 +180,7 @@ def top5(stdout):
     return out
 
 
+@pytest.mark.long  # a fresh Python process per check
 def test_train_predict_gives_the_same_top5_on_each_artifact_as_on_the_workdir(run, artifacts, tmp_path):
     clf, images, _ = run
     np.save(tmp_path / "batch.npy", images)  # the digits as (N, 8, 8), the bottleneck's as (N, 64, 64, 3)
@@ -240,6 +242,7 @@ def test_artifacts_hold_the_folded_model(run, artifacts):
     assert all(len(node.input) == 3 for node in graph.node if node.op_type == "Conv")
 
 
+@pytest.mark.long  # a fresh Python process per check
 def test_export_command_writes_each_format(digits_run, tmp_path):
     clf, images, _ = digits_run
     written = [("stablehlo", "m.stablehlo"), ("onnx", "m.onnx"), (None, "m.pth"), ("safetensors", "m.safetensors")]
@@ -328,6 +331,7 @@ def test_wrong_image_size_or_channels_are_refused(small_artifact):
     one_sentence(e)
 
 
+@pytest.mark.long  # a fresh Python process per check
 def test_predict_command_reports_a_bad_artifact_in_one_line(small_artifact, tmp_path):
     path = copy_artifact(small_artifact, tmp_path)
     path.write_bytes(small_artifact.read_bytes()[:100])

@@ -20,6 +20,8 @@ from sklearn.datasets import load_sample_image
 
 from conftest import assert_close, random_batch_stats, run_python
 
+pytestmark = pytest.mark.long  # the real huggingface_hub in fresh processes against a loopback hub
+
 MODEL, TAG = "resnet18", "fb_ssl_yfcc100m_ft_in1k"  # a real timm tag that pretrained.py does not pin
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".safetensors", ".bin")

@@ -219,6 +219,7 @@ def test_count_compiles_counts_compilations_and_cache_hits(tmp_path):
     assert counts[1] == {"first": [1, 1], "again": [1, 1], "after_the_block": [1, 1]}  # read from the cache
 
 
+@pytest.mark.long  # whole training runs
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     """The learning rate jumps 1e30-fold after the first epoch: the epoch-end checkpoint is the last good one."""
     workdir = tmp_path / "run"
@@ -272,6 +273,7 @@ def fine_tune_config(init_from):
     return tiny_config(init_from=init_from, max_steps=2, learning_rate=1e-9, num_epochs=1)
 
 
+@pytest.mark.long  # whole training runs
 def test_fine_tune_from_another_run(finished_run, tmp_path):
     source_dir, source, _ = finished_run
     messages = []
@@ -287,6 +289,7 @@ def test_init_from_missing_file_is_a_clear_error_with_nothing_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.long  # whole training runs
 def test_fine_tune_from_a_torchvision_file_with_another_head(tmp_path):
     """A .pth for 5 classes starts a 10-class digits run: backbone taken, head initialised afresh."""
     import jax.numpy as jnp
