@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from resnet_jax.data.augment import normalize
+
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 # timm's crop modes: "center" resizes the short side and crops (torchvision's only mode), "squash" resizes both
 # sides to the scale size (aspect ratio lost, nothing cut), "border" fits the long side and pads with the mean.
@@ -67,7 +69,7 @@ class EvalTransform:
                    config["interpolation"], config["crop_mode"])
 
     def __call__(self, image: Any) -> np.ndarray:
-        return _normalize(self.crop(image), self.mean, self.std)
+        return normalize(self.crop(image), self.mean, self.std)  # float32 steps, as torch takes them
 
     def batch(self, images) -> np.ndarray:
         """float32 ``(N, crop_size, crop_size, 3)`` from a list of images, or a uint8 ``(N, H, W, C)`` array."""
@@ -128,9 +130,3 @@ def _center_crop_or_pad(image: np.ndarray, size: int, fill: np.ndarray) -> np.nd
         image, (height, width) = padded, padded.shape[:2]
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     return np.ascontiguousarray(image[top:top + size, left:left + size])
-
-
-def _normalize(image: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 -> float32 ``(x / 255 - mean) / std``, each step in float32 as torch computes it."""
-    x = image.astype(np.float32) / np.float32(255)
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
