@@ -5,6 +5,8 @@ puts tests/ on sys.path, as for ``training_helpers``).
   entry further from the reference than ``rtol_of_scale`` times the reference's largest magnitude.
 - ``random_batch_stats(variables, key)``: non-trivial BatchNorm statistics and affine parameters, for Flax
   variables or a torch ``state_dict``.
+- ``random_variables(model, shape, seed=0)``: random variables for a Flax model without running ``init``;
+  ``random_tree_like(tree, seed)``: normal values in a tree's shapes, drawn by numpy.
 - ``run_python(snippet=None, *, module=None, args=(), env=None, timeout=300, check=True)``: a fresh Python
   process; a failure shows its output.
 - ``require_onednn_toolchain()`` / ``require_onednn()``: skip a test where the oneDNN extension cannot be built /
@@ -82,6 +84,35 @@ def assert_close(actual, expected, what: str = "", rtol_of_scale: float = 1e-4, 
 # BatchNorm leaves by name (Flax / torch): those drawn around 1 and those drawn around 0.
 _AROUND_ONE = ("scale", "var", "weight", "running_var")
 _AROUND_ZERO = ("bias", "mean", "running_mean")
+
+
+def random_variables(model, shape, seed: int = 0, **init_kwargs):
+    """Variables of ``model`` for an input of ``shape``, made without running its initializers: He-scaled normal
+    kernels drawn by numpy on ``jax.eval_shape``'s shapes, and trained-like BatchNorm statistics and affine
+    parameters (``random_batch_stats``). Why: ``model.init`` run op by op computes a whole forward pass and
+    compiles each operation (seconds per model), and compiled it costs a compilation; the tests need only
+    weights. ``init_kwargs`` go to ``init`` (``train=False`` for a module that takes it)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        if x.ndim < 2:  # BatchNorm's and the head's vectors: drawn by random_batch_stats
+            return np.zeros(x.shape, x.dtype)
+        return (rng.standard_normal(x.shape) * np.sqrt(2 / np.prod(x.shape[:-1]))).astype(x.dtype)
+
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), **init_kwargs))
+    return random_batch_stats(jax.tree.map(draw, abstract), seed)
+
+
+def random_tree_like(tree, seed: int):
+    """Standard normal values in the shapes and dtypes of ``tree`` (tangents, probes), drawn by numpy: drawn by
+    ``jax.random``, each new shape would compile its own program."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: np.asarray(rng.standard_normal(np.shape(x)), x.dtype), tree)
 
 
 def random_batch_stats(variables, key):

@@ -12,12 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_batch_stats, run_python
+from conftest import random_batch_stats, random_variables, run_python
 from resnet_jax import create_model, data
 from resnet_jax.export import ArtifactError, Preprocessing, export_model, load_exported
 from resnet_jax.training.classifier import Classifier
 from test_classifier import trained_digits
-from test_export_onnx_graph import random_variables
 from training_helpers import once_per_session, worker_env
 
 # Runs the StableHLO artifact with jax alone: any import of resnet_jax fails, as on a machine without it.

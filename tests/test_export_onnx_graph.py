@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import random_batch_stats
+from conftest import random_variables
 from resnet_jax import create_model, data
 from resnet_jax.export import Preprocessing, export_model, load_exported
 from resnet_jax.resnet import ResNet
@@ -56,21 +56,6 @@ class Wrapped(ResNet):
 
 SIZE = 16
 PREP = Preprocessing(SIZE, (0.5,), (0.25,))
-
-
-def random_variables(model, shape, seed=0):
-    """Random variables for ``model`` at input ``shape`` without running its initializers (compiling
-    ``model.init`` costs more than the rest of an export test): He-scaled normal kernels drawn by numpy on
-    ``jax.eval_shape``'s shapes, and trained-like BatchNorm statistics (``conftest.random_batch_stats``)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(x):
-        if x.ndim < 2:  # BatchNorm's and the head's vectors: drawn by random_batch_stats
-            return np.zeros(x.shape, x.dtype)
-        return (rng.standard_normal(x.shape) * np.sqrt(2 / np.prod(x.shape[:-1]))).astype(x.dtype)
-
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
-    return random_batch_stats(jax.tree.map(draw, abstract), seed)
 
 
 def wrapped(after):

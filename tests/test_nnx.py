@@ -13,18 +13,27 @@ from flax.traverse_util import flatten_dict
 
 import resnet_jax
 from conftest import assert_close, random_batch_stats
+from conftest import random_variables as conftest_random_variables
 from resnet_jax import nnx as rnnx
 
 
 def random_variables(module, seed=0, size=32):
-    """Linen variables with random (He-scaled) kernels and non-trivial BatchNorm statistics, without running
-    ``init``."""
-    x = jnp.zeros((1, size, size, module.in_channels))
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
-    rng = np.random.default_rng(seed)
-    kernels = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * np.sqrt(2 / np.prod(s.shape[:-1])),
-                                                 s.dtype), shapes)
-    return random_batch_stats(kernels, seed)  # the one-dimensional ones replaced
+    return conftest_random_variables(module, (1, size, size, module.in_channels), seed)
+
+
+@nnx.jit
+def call(model, x):
+    """``model(x)``, compiled (train mode updates the model's statistics, as outside ``jit``). Every model here is
+    compiled rather than run op by op: eagerly, each operation compiles on its own, seconds per model."""
+    return model(x)
+
+
+def linen_apply(module, variables, x, train=False):
+    """``module.apply`` as the linen user runs it, compiled: eval mode gives the output, train mode the output and
+    the updated statistics."""
+    if train:
+        return jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+    return jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
 
 
 def images(shape, seed=1):
@@ -61,20 +70,20 @@ def test_outputs_stats_and_gradients_equal_linen(resnet18d):
     model = rnnx.from_linen(module, variables)
 
     model.eval()
-    np.testing.assert_array_equal(model(x), module.apply(variables, x, train=False))
+    np.testing.assert_array_equal(call(model, x), linen_apply(module, variables, x))
 
     model.train()
-    ref, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
-    np.testing.assert_array_equal(model(x), ref)
+    ref, updates = linen_apply(module, variables, x, train=True)
+    np.testing.assert_array_equal(call(model, x), ref)
     assert_trees_equal(rnnx.to_linen(model)[1]["batch_stats"], updates["batch_stats"])
 
     model = rnnx.from_linen(module, variables)  # back to the original statistics
-    grads = nnx.grad(lambda m: cross_entropy(m(x), labels))(model)
+    grads = nnx.jit(nnx.grad(lambda m: cross_entropy(m(x), labels)))(model)
 
     def linen_loss(params):
         logits, _ = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
         return cross_entropy(logits, labels)
-    ref_grads = jax.grad(linen_loss)(variables["params"])
+    ref_grads = jax.jit(jax.grad(linen_loss))(variables["params"])
     assert_trees_equal(nnx.to_pure_dict(grads), ref_grads, rtol=1e-6, atol=1e-7)
 
 
@@ -103,10 +112,10 @@ def test_optimizer_step_in_train_mode_and_eval_mode(resnet18d):
         optimizer.update(model, grads)
         return loss
 
-    _, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, updates = linen_apply(module, variables, x, train=True)
     step(model, optimizer, x, labels)
     after = rnnx.to_linen(model)[1]
-    assert_trees_equal(after["batch_stats"], updates["batch_stats"], rtol=1e-4, atol=1e-6)  # jit vs eager
+    assert_trees_equal(after["batch_stats"], updates["batch_stats"], rtol=1e-4, atol=1e-6)  # two programs
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), after["params"], variables["params"])
     assert all(jax.tree.leaves(changed))  # every parameter took a step
     assert int(optimizer.step[...]) == 1
@@ -128,11 +137,11 @@ def test_split_merge_and_view(resnet18d):
     assert len(jax.tree.leaves(params)) == len(jax.tree.leaves(variables["params"]))
     assert len(jax.tree.leaves(stats)) == len(jax.tree.leaves(variables["batch_stats"]))
     merged = nnx.merge(graphdef, state)
-    np.testing.assert_array_equal(merged(x), model(x))
+    np.testing.assert_array_equal(call(merged, x), call(model, x))
     assert_trees_equal(rnnx.to_linen(merged)[1], variables)
     train_view = nnx.view(model, use_running_average=False)
     assert not train_view.use_running_average and model.use_running_average
-    np.testing.assert_array_equal(train_view(x), module.apply(variables, x, train=True, mutable=["batch_stats"])[0])
+    np.testing.assert_array_equal(call(train_view, x), linen_apply(module, variables, x, train=True)[0])
 
 
 def test_linen_round_trip_and_torchvision_weights(tmp_path):
@@ -167,13 +176,13 @@ def test_overrides_work_as_in_linen(overrides):
     model = rnnx.from_linen(module, variables)
     model.eval()
     x = images((2, 16, 24, module.in_channels))
-    out, ref = model(x), module.apply(variables, x, train=False)
+    out, ref = call(model, x), linen_apply(module, variables, x)
     jax.tree.map(np.testing.assert_array_equal, out, ref)
     if overrides.get("features_only"):
         assert [f.shape for f in out] == [(2, 16, 24, 16), (2, 8, 12, 32), (2, 4, 6, 64)]
     else:
         assert out.dtype == jnp.float32  # logits in float32 whatever the compute dtype
-    grads = nnx.grad(lambda m: sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in jax.tree.leaves(m(x))))(model)
+    grads = nnx.jit(nnx.grad(lambda m: sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in jax.tree.leaves(m(x)))))(model)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 

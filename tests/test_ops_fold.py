@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from resnet_jax import create_model
 from resnet_jax.ops import fold_batchnorm
-from training_helpers import trained_like
 
 
 def count(tree, name):
@@ -28,7 +28,7 @@ MODELS = [("resnet18", (1, 1, 1, 1), (2, 40, 56, 3), 0), ("resnet20", (1, 1, 1),
 def test_folded_model_equals_unfolded(name, stages, shape, kept):
     model = create_model(name, num_classes=7, in_channels=shape[-1], stage_sizes=stages)
     x = jax.random.normal(jax.random.key(1), shape)
-    variables = trained_like(model.init(jax.random.key(0), x))
+    variables = random_variables(model, shape)
     want = model.apply(variables, x)  # eager: one block per stage runs faster than it compiles
     folded = jax.jit(lambda v: fold_batchnorm(model, v)[1])(variables)  # folding runs under jit too
     folded_model = fold_batchnorm(model, variables)[0]
@@ -43,7 +43,7 @@ def test_folded_model_equals_unfolded(name, stages, shape, kept):
 def test_folded_features_equal_unfolded():
     model = create_model("resnet18", features_only=True, stage_sizes=(1, 1, 1, 1))
     x = jax.random.normal(jax.random.key(1), (1, 40, 56, 3))
-    variables = trained_like(model.init(jax.random.key(0), x))
+    variables = random_variables(model, x.shape)
     folded_model, folded = fold_batchnorm(model, variables)
     for got, want in zip(folded_model.apply(folded, x), model.apply(variables, x)):
         np.testing.assert_allclose(got, want, atol=5e-5 * float(jnp.abs(want).max()))
@@ -90,7 +90,7 @@ def test_folding_learns_the_structure_of_any_model_from_its_module_tree():
 
     model = Small()
     x = jax.random.normal(jax.random.key(1), (2, 10, 10, 4))
-    variables = trained_like(model.init(jax.random.key(0), x))
+    variables = random_variables(model, x.shape)
     with pytest.raises(ValueError, match="does not say what input it takes; pass input_shape="):
         fold_batchnorm(model, variables)
     folded_model, folded = fold_batchnorm(model, variables, input_shape=(1, 8, 8, 4))

@@ -12,8 +12,7 @@ from resnet_jax import create_model
 from resnet_jax.ops import BatchNorm, Conv, fold_batchnorm
 from resnet_jax.ops.pool import max_pool
 from resnet_jax.ops.registry import REGISTRY
-from conftest import require_onednn
-from training_helpers import trained_like
+from conftest import random_tree_like, random_variables, require_onednn
 
 PATHS = ["xla", "jax", "auto", "onednn_winograd_f4"]
 
@@ -28,21 +27,15 @@ def tree_vdot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def random_like(tree, seed):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
 def small_resnet(conv_impl, **kw):
     model = create_model("resnet18", stage_sizes=(1, 1, 1, 1), num_classes=5, conv_impl=conv_impl, **kw)
-    variables = trained_like(model.init(jax.random.key(0), jnp.zeros((1, 40, 32, 3))))
+    variables = random_variables(model, (1, 40, 32, 3))
     x = jax.random.normal(jax.random.key(1), (2, 40, 32, 3))
     return model, variables, x
 
 
 def loss_fn(model, variables, x, train):
-    probe = jax.random.normal(jax.random.key(2), (x.shape[0], model.num_classes))
+    probe = random_tree_like(jnp.zeros((x.shape[0], model.num_classes)), 2)
 
     def loss(params):
         v = {**variables, "params": params}
@@ -52,7 +45,7 @@ def loss_fn(model, variables, x, train):
 
 
 def assert_forward_equals_reverse(loss, params, what):
-    tangent = random_like(params, 3)
+    tangent = random_tree_like(params, 3)
     value, forward = jax.jvp(loss, (params,), (tangent,))
     reverse = tree_vdot(jax.grad(loss)(params), tangent)
     _, linear = jax.linearize(loss, params)
@@ -123,10 +116,10 @@ def test_hessian_vector_products_equal_flax_and_lax_layers(conv_impl, train):
     require_path(conv_impl)
     x = jax.random.normal(jax.random.key(4), (2, 12, 10, 4))
     ref_model = Tiny(reference=True)
-    variables = trained_like(ref_model.init(jax.random.key(5), x, train=False))
+    variables = random_variables(ref_model, x.shape, seed=5, train=False)
     ours, ref = (tiny_loss(m, variables, x, train) for m in (Tiny(conv_impl), ref_model))
     params = variables["params"]
-    v = random_like(params, 6)
+    v = random_tree_like(params, 6)
     hvp = lambda f: jax.jvp(jax.grad(f), (params,), (v,))[1]  # noqa: E731
     for got, want in zip(jax.tree.leaves(hvp(ours)), jax.tree.leaves(hvp(ref))):
         scale = float(jnp.abs(want).max())
@@ -141,12 +134,14 @@ def test_vmap_of_gradients_gives_per_example_gradients():
     """Per-example gradients (vmap over grad) through the fast path equal one gradient per example."""
     x = jax.random.normal(jax.random.key(7), (3, 12, 10, 4))
     model = Tiny("auto")
-    variables = model.init(jax.random.key(8), x, train=False)
+    variables = random_variables(model, x.shape, seed=8, train=False)
 
     def per_example(params, image):
         return jnp.sum(jnp.sin(model.apply({**variables, "params": params}, image[None], train=False)))
-    batched = jax.vmap(jax.grad(per_example), in_axes=(None, 0))(variables["params"], x)
+    # compiled (each once), so the per-example loop reuses one function instead of running op by op
+    batched = jax.jit(jax.vmap(jax.grad(per_example), in_axes=(None, 0)))(variables["params"], x)
+    single_grad = jax.jit(jax.grad(per_example))
     for i in range(x.shape[0]):
-        single = jax.grad(per_example)(variables["params"], x[i])
+        single = single_grad(variables["params"], x[i])
         for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
             np.testing.assert_allclose(got[i], want, atol=1e-5 * float(jnp.abs(want).max()) + 1e-7)
