@@ -149,8 +149,8 @@ class _TrainCrop(grain.transforms.RandomMap):
     """Per example, in torchvision's order: the crop/flip, the auto-augmentation policy, and the rectangle random
     erasing will blank once the batch is normalised (``"erase"``: top, left, height, width; zeros for none)."""
 
-    def __init__(self, crop: _Crop, auto_augment: str = "", erasing: float = 0.0):
-        self.crop, self.policy, self.erasing = crop, policy(auto_augment), float(erasing)
+    def __init__(self, crop: _Crop, auto_augment: str = "", erasing: float = 0.0, mean=(0.5,)):
+        self.crop, self.policy, self.erasing = crop, policy(auto_augment, mean), float(erasing)
 
     def random_map(self, element, rng: np.random.Generator):
         record = self.crop(element, rng)
@@ -228,9 +228,9 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
     `set_state()`; save it with `grain.checkpoint.CheckpointHandler`. Batches are the same for any
     worker_count (workers build alternate batches, read back in order).
 
-    auto_augment ("ta_wide", "ra", ``autoaugment.policy``) and random_erasing (a probability) add torchvision's
-    TrivialAugmentWide/RandAugment after the crop and its RandomErasing after normalisation; ra_reps > 1 is
-    repeated augmentation (``_RepeatedAugmentation``, torchvision's RASampler).
+    auto_augment (``autoaugment.policy``: torchvision's "ta_wide" or "ra", timm's "rand-m7-mstd0.5-inc1") runs
+    after the crop, random_erasing (a probability, torchvision's RandomErasing) after normalisation; ra_reps > 1
+    is repeated augmentation (``_RepeatedAugmentation``, torchvision's RASampler).
     """
     index, count = _processes(process_index, process_count)
     local = _local_batch(batch_size, count)
@@ -250,7 +250,7 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
     if ra_reps > 1:
         ds = _RepeatedAugmentation(ds, ra_reps)
     ds = (ds.repeat(num_epochs)
-          .random_map(_TrainCrop(crop, auto_augment, random_erasing), seed=int(seed))
+          .random_map(_TrainCrop(crop, auto_augment, random_erasing, mean), seed=int(seed))
           .batch(local, drop_remainder=True))
     if num_epochs is not None:
         ds = ds[:len(ds) // count * count]
