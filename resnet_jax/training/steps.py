@@ -83,8 +83,9 @@ def _loss(config: ml_collections.ConfigDict) -> Callable:
 def _accumulated(grad_fn: Callable, k: int, state: TrainState, batch: tuple):
     """``grad_fn`` over k micro-batches in sequence (a ``lax.scan``), BatchNorm statistics carried from one to
     the next; the gradients summed (each micro-batch's loss is already divided by the whole batch's weight, so
-    the sum is the mean of the micro-batch means). Micro-batch j holds examples j, j + k, j + 2k, ...: every
-    device contributes to each one without moving data. Logits and losses come back in the batch's order."""
+    the sum is the mean of the micro-batch means, and with class weights the whole batch's weighted mean).
+    Micro-batch j holds examples j, j + k, j + 2k, ...: every device contributes to each one without moving
+    data. Logits and losses come back in the batch's order."""
     def split(x):  # (B, ...) -> (k, B / k, ...), strided
         return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
