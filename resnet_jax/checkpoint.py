@@ -248,13 +248,18 @@ def save_variables(directory: str | Path, variables: dict, config: dict, class_n
     return directory
 
 
-def load_variables(workdir: str | Path, step: int | str | None = None) -> tuple[dict, dict, list[str]]:
+def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: bool = False
+                   ) -> tuple[dict, dict, list[str]]:
     """``(config, {"params", "batch_stats"}, class_names)`` from ``save_variables`` output or from a training
-    run's checkpoints (latest, a ``step``, or ``"best"``), as host numpy arrays."""
+    run's checkpoints (latest, a ``step``, or ``"best"``), as host numpy arrays; with ``use_ema`` the moving
+    average of the weights a run kept (``config.model_ema``) instead of the weights themselves."""
     workdir = Path(workdir).absolute()
     if not workdir.exists():
         raise FileNotFoundError(f"{workdir} does not exist; give the workdir of a training run or a saved model")
     if (workdir / MODEL_DIR).exists() and not (workdir / "checkpoints").exists():
+        if use_ema:
+            raise ValueError(f"{workdir} is a saved model, which holds one set of weights and no moving average; "
+                             "load it without use_ema")
         info = json.loads((workdir / MODEL_INFO).read_text())
         with ocp.StandardCheckpointer() as loader:
             variables = loader.restore(workdir / MODEL_DIR)
@@ -271,7 +276,11 @@ def load_variables(workdir: str | Path, step: int | str | None = None) -> tuple[
         restored = ckpt._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
         state = jax.device_get(restored["state"])
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        if use_ema and "ema" not in state:
+            raise ValueError(f"the run in {workdir} kept no moving average of its weights (config.model_ema was "
+                             "False); load it without use_ema")
+        variables = state["ema"]["variables"] if use_ema else state
+        variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         return restored["config"], variables, restored["meta"].get("class_names", [])
     finally:
         ckpt.close()

@@ -242,7 +242,7 @@ def test_a_diverged_update_is_never_saved(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"modle": "resnet20"}, "unknown config key.*'modle'.*did you mean 'model'"),
     ({"model": "resnet5O"}, "unknown model 'resnet5O'"),
-    ({"optimizer": "lamb"}, "config.optimizer='lamb' is not one of"),
+    ({"optimizer": "lion"}, "config.optimizer='lion' is not one of"),
     ({"schedule": "cosin"}, "did you mean 'cosine'"),
     ({"image_size": 2}, "image_size=2 is too small for resnet20.*at least 4"),
     ({"dataset": "no_such_dataset_xyz"}, "no_such_dataset_xyz"),

@@ -5,7 +5,10 @@ and pad-crop-flip augmentation (random per example), so a resume that replayed t
 stream shows in the parameters. Checkpoints every 11 steps and log rows every 20 never coincide within the run
 (88 steps), so any checkpoint restored is mid logging window (the restored metric sums are exercised), and the
 row at step 60 comes 5 steps after the checkpoint at 55 and 6 before the next one: a kill right after that row
-leaves a row the resumed run must drop.
+leaves a row the resumed run must drop. The runs also keep an EMA of the weights (updated every 3 steps of each
+epoch from the first, no warm-up, so that every stop falls where the average holds several updates; evaluated as
+"val_ema" rows), repeat each image twice with independent augmentations and erase rectangles at random: a resumed
+run must end with the same average too.
 """
 
 import json
@@ -28,7 +31,8 @@ PREEMPTED = 75
 
 def config(**kw):
     return tiny_config(**{"num_epochs": 2, "checkpoint_every_steps": CHECKPOINT_EVERY, "log_every_steps": LOG_EVERY,
-                          "augment": "cifar", "mixup_alpha": 0.2, "cutmix_alpha": 1.0, **kw})
+                          "augment": "cifar", "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "model_ema": True,
+                          "model_ema_steps": 3, "ra_reps": 2, "random_erasing": 0.25, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,7 @@ def test_sigkill_mid_logging_window_with_data_workers_resumes_bitwise(reference,
     assert last_checkpoint % LOG_EVERY and last_checkpoint % STEPS_PER_EPOCH  # mid window, mid epoch
     assert not (workdir / "checkpoints_damaged").exists() and not (workdir / "previous_runs").exists()
     assert resumed["step"] == ref["step"] == TOTAL
-    assert resumed["params_digest"] == ref["params_digest"]
+    assert resumed["params_digest"] == ref["params_digest"] and resumed["ema_digest"] == ref["ema_digest"]
     assert metric_rows(workdir) == metric_rows(ref_dir)
 
 
@@ -104,5 +108,6 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_and_resumes_bitwise(reference, tmp
 
     resumed = run_worker(workdir, cfg)
     assert resumed["resumed_from"] == stopped
-    assert resumed["params_digest"] == ref["params_digest"]
+    assert ref["ema_digest"] and any(r["split"] == "val_ema" for r in metric_rows(ref_dir))
+    assert resumed["params_digest"] == ref["params_digest"] and resumed["ema_digest"] == ref["ema_digest"]
     assert metric_rows(workdir) == metric_rows(ref_dir)

@@ -3,7 +3,8 @@ simulated devices, to receive real signals, or to join a multi-process run).
 
     python tests/train_worker.py WORKDIR CONFIG_JSON [PARAMS_NPZ]   (XLA_FLAGS in the environment picks the devices)
 
-Prints one JSON line: {"step", "losses": [...train losses...], "params_digest", "resumed_from", "devices"}, and
+Prints one JSON line: {"step", "losses": [...train losses...], "params_digest", "ema_digest" (of the weights'
+moving average and its count, None without config.model_ema), "resumed_from", "devices"}, and
 writes the final variables (params and batch_stats) to PARAMS_NPZ when given (process 0). A run stopped by
 SIGTERM/SIGINT prints {"preempted_at": step} instead and exits with the CLI's code for it.
 """
@@ -40,7 +41,9 @@ def main() -> int:
             np.savez(sys.argv[3], **flatten_dict(jax.device_get(result.state.variables), sep="/"))
         print(json.dumps({"step": int(result.state.step), "losses": losses, "devices": jax.device_count(),
                           "resumed_from": result.resumed_from,
-                          "params_digest": params_digest(result.state.params)}), flush=True)
+                          "params_digest": params_digest(result.state.params),
+                          "ema_digest": None if result.state.ema is None else params_digest(result.state.ema)}),
+              flush=True)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``python -m train.evaluate --workdir=DIR [--step=N|best] [--split=NAME]``: loss / top-1 / top-5 of a run's
+"""``python -m train.evaluate --workdir=DIR [--step=N|best] [--split=NAME] [--use_ema]``: loss / top-1 / top-5 of a run's
 checkpoint on its validation split (or another split of its dataset)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)", required=True)
 flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest)")
+flags.DEFINE_bool("use_ema", False, "the run's moving average of the weights (config.model_ema) instead")
 flags.DEFINE_string("split", None, "split to evaluate (default: the run's config.val_split)")
 flags.DEFINE_integer("batch_size", 256, "evaluation batch size")
 
@@ -20,7 +21,7 @@ def main(argv: list[str]) -> int:
     from resnet_jax.training.classifier import Classifier
 
     try:
-        clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step)
+        clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step, use_ema=flags.FLAGS.use_ema)
         metrics = clf.evaluate(split=flags.FLAGS.split, batch_size=flags.FLAGS.batch_size)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""``python -m train.export --workdir=DIR --output=FILE [--format=...]``: a run's checkpoint as a file to deploy.
+"""``python -m train.export --workdir=DIR --output=FILE [--format=...] [--use_ema]``: a run's checkpoint as a file to deploy.
 
 - ``stablehlo`` (``.stablehlo``): a ``jax.export`` artifact of the inference function, BatchNorm folded, batch
   size free; runs with ``jax`` alone (``jax.export.deserialize``) or ``resnet_jax.export.load_exported``.
@@ -22,6 +22,7 @@ FORMATS = {"stablehlo": ".stablehlo", "onnx": ".onnx", "torchvision": ".pth", "s
 flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)", required=True)
 flags.DEFINE_string("output", None, "file to write (.stablehlo, .onnx, .pth or .safetensors)", required=True)
 flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest)")
+flags.DEFINE_bool("use_ema", False, "the run's moving average of the weights (config.model_ema) instead")
 flags.DEFINE_enum("format", None, list(FORMATS), "what to write (default: from the output's suffix)")
 flags.DEFINE_list("platforms", None, "stablehlo only: backends to lower for, e.g. cpu,cuda (default: this one's)")
 
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> int:
         fmt = output_format(output, flags.FLAGS.format)
         if platforms and fmt != "stablehlo":
             raise ValueError("--platforms applies to --format=stablehlo only")
-        clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step)
+        clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step, use_ema=flags.FLAGS.use_ema)
         if fmt in ("torchvision", "safetensors"):
             path = clf.export_torchvision(output)
         else:

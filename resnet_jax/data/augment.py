@@ -13,6 +13,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from resnet_jax.data.autoaugment import apply_op  # noqa: F401  (here too: the name the augmentations go by)
+
 # ITU-R BT.601 luma, what Pillow's "L" conversion and torchvision's Grayscale use.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 

@@ -13,6 +13,7 @@ exactly, and the host-side Grain pipeline stays free of torch. The geometric ope
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -145,3 +146,26 @@ def rand_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int = 2, 
     for _ in range(num_ops):
         image = apply_op(image, *_draw(space, rng, magnitude), **op_kwargs)
     return image
+
+
+# torchvision's references/classification (presets.py) builds both policies with interpolation=BILINEAR, the
+# interpolation of its training crops, and fills moved-in pixels with 0.
+POLICIES = ("ta_wide", "ra", "rand-m<M>-mstd<S>-inc1")
+
+
+def policy(name: str, mean=(0.485, 0.456, 0.406)) -> Callable[[np.ndarray, np.random.Generator], np.ndarray] | None:
+    """The augmentation policy a config names (``config.auto_augment``): torchvision's ``--auto-augment`` names
+    "ta_wide" and "ra", or timm's ``rand-...`` strings (``timm_randaugment``, which fills with the dataset's
+    ``mean`` colour as timm does); ``image, rng -> image`` on uint8 HWC, or None for ``""``."""
+    if name == "":
+        return None
+    if name == "ta_wide":  # partials, not lambdas: Grain's worker processes receive them pickled
+        return functools.partial(trivial_augment_wide, interpolation="bilinear")
+    if name == "ra":
+        return functools.partial(rand_augment, interpolation="bilinear")
+    if name.startswith("rand-"):
+        from resnet_jax.data.timm_randaugment import TimmRandAugment
+
+        mean = np.broadcast_to(np.ravel(mean), (3,))
+        return TimmRandAugment.parse(name, fill=tuple(min(255, round(255 * float(m))) for m in mean))
+    raise ValueError(f"auto_augment {name!r} is not one of {['', *POLICIES]}")

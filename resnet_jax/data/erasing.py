@@ -27,6 +27,15 @@ def erasing_box(height: int, width: int, rng: np.random.Generator, scale=(0.02, 
     return None
 
 
+def draw_erasing(height: int, width: int, rng: np.random.Generator, p: float, scale=(0.02, 0.33),
+                 ratio=(0.3, 3.3)) -> tuple[int, int, int, int] | None:
+    """The random draws of ``random_erasing`` alone: whether to erase (probability ``p``), then the rectangle;
+    the training pipeline draws per example and erases after it normalises the whole batch."""
+    if rng.uniform() >= p:
+        return None
+    return erasing_box(height, width, rng, scale, ratio)
+
+
 def random_erasing(image: np.ndarray, rng: np.random.Generator, p: float = 0.5, scale=(0.02, 0.33),
                    ratio=(0.3, 3.3), value: float | str = 0.0) -> np.ndarray:
     """``image`` (float HWC, normalised) with one rectangle erased with probability ``p``: set to ``value``, or
@@ -38,9 +47,7 @@ def random_erasing(image: np.ndarray, rng: np.random.Generator, p: float = 0.5, 
     if isinstance(value, str) and value != "random":
         raise ValueError(f"value must be a number or 'random', got {value!r}")
     image = np.array(image, copy=True)
-    if rng.uniform() >= p:
-        return image
-    box = erasing_box(image.shape[0], image.shape[1], rng, scale, ratio)
+    box = draw_erasing(image.shape[0], image.shape[1], rng, p, scale, ratio)
     if box is None:
         return image
     top, left, h, w = box

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 
 from resnet_jax.data import augment as aug
+from resnet_jax.data.autoaugment import policy
+from resnet_jax.data.erasing import draw_erasing
 from resnet_jax.data.source import Source
 from resnet_jax.data.stats import DATASET_STATS
 
@@ -144,11 +146,44 @@ class _Crop:
 
 
 class _TrainCrop(grain.transforms.RandomMap):
-    def __init__(self, crop: _Crop):
-        self.crop = crop
+    """Per example, in torchvision's order: the crop/flip, the auto-augmentation policy, and the rectangle random
+    erasing will blank once the batch is normalised (``"erase"``: top, left, height, width; zeros for none)."""
+
+    def __init__(self, crop: _Crop, auto_augment: str = "", erasing: float = 0.0, mean=(0.5,)):
+        self.crop, self.policy, self.erasing = crop, policy(auto_augment, mean), float(erasing)
 
     def random_map(self, element, rng: np.random.Generator):
-        return self.crop(element, rng)
+        record = self.crop(element, rng)
+        if self.policy is not None:
+            record["image"] = self.policy(record["image"], rng)
+        if self.erasing:
+            box = draw_erasing(*record["image"].shape[:2], rng, self.erasing)
+            record["erase"] = np.array(box or (0, 0, 0, 0), np.int32)
+        return record
+
+
+class _RepeatedAugmentation(grain.MapDataset):
+    """torchvision's ``RASampler`` order on one global stream: in each epoch, each position ``i`` takes the
+    shuffled record ``i // reps`` of that epoch, so the epoch keeps its length and its first ``len / reps``
+    records come ``reps`` times in a row, each copy at its own position and so with its own augmentation. A
+    global batch holds the same records as torchvision's, whose ranks take every ``world_size``-th of this list.
+    Positions alone decide everything, so resuming and any number of processes work as without repeats."""
+
+    def __init__(self, parent: grain.MapDataset, reps: int):
+        super().__init__(parent)
+        self.reps = int(reps)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"_RepeatedAugmentation(reps={self.reps})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, len(self._parent))  # the shuffle below re-draws its order per epoch
+        return self._parent[epoch * len(self._parent) + position // self.reps]
 
 
 class _Normalize(grain.transforms.Map):
@@ -159,7 +194,11 @@ class _Normalize(grain.transforms.Map):
         self.channels = channels
 
     def map(self, batch):
-        return {**batch, "image": aug.normalize(aug.to_channels(batch["image"], self.channels), self.mean, self.std)}
+        batch = dict(batch)
+        image = aug.normalize(aug.to_channels(batch["image"], self.channels), self.mean, self.std)
+        for example, (top, left, height, width) in zip(image, batch.pop("erase", ())):
+            example[top:top + height, left:left + width] = 0.0  # torchvision's RandomErasing value: the mean
+        return {**batch, "image": image}
 
 
 def _read_options(read_threads: int | None) -> grain.ReadOptions:
@@ -174,7 +213,8 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
                  seed: int = 0, channels: int | None = None, num_epochs: int | None = None, worker_count: int = 0,
                  process_index: int | None = None, process_count: int | None = None,
                  num_classes: int | None = None, crop_fraction: float | None = None,
-                 worker_buffer_size: int = 2, read_threads: int | None = None) -> grain.IterDataset:
+                 worker_buffer_size: int = 2, read_threads: int | None = None, auto_augment: str = "",
+                 random_erasing: float = 0.0, ra_reps: int = 1) -> grain.IterDataset:
     """A Grain IterDataset of {"image": float32 (local_batch, S, S, C), "label": int32 (local_batch,)}.
 
     batch_size is global. All processes agree on one stream: the whole split shuffled with `seed` anew each
@@ -187,6 +227,10 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
     batches so every process yields the same number of batches. `iter(loader)` has `get_state()` /
     `set_state()`; save it with `grain.checkpoint.CheckpointHandler`. Batches are the same for any
     worker_count (workers build alternate batches, read back in order).
+
+    auto_augment (``autoaugment.policy``: torchvision's "ta_wide" or "ra", timm's "rand-m7-mstd0.5-inc1") runs
+    after the crop, random_erasing (a probability, torchvision's RandomErasing) after normalisation; ra_reps > 1
+    is repeated augmentation (``_RepeatedAugmentation``, torchvision's RASampler).
     """
     index, count = _processes(process_index, process_count)
     local = _local_batch(batch_size, count)
@@ -198,8 +242,15 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
         raise ValueError(f"seed must be an integer in [0, 2**32), not {seed!r}.")
     mean, std = _stats(src, mean, std, channels)
     crop = _Crop(augment, image_size, crop_fraction or default_crop_fraction(src))
-    ds = (grain.MapDataset.source(src).shuffle(seed=int(seed)).repeat(num_epochs)
-          .random_map(_TrainCrop(crop), seed=int(seed))
+    if not 0.0 <= random_erasing <= 1.0:
+        raise ValueError(f"random_erasing is a probability in [0, 1], not {random_erasing!r}.")
+    if int(ra_reps) < 1:
+        raise ValueError(f"ra_reps must be at least 1 (1: no repeated augmentation), not {ra_reps!r}.")
+    ds = grain.MapDataset.source(src).shuffle(seed=int(seed))
+    if ra_reps > 1:
+        ds = _RepeatedAugmentation(ds, ra_reps)
+    ds = (ds.repeat(num_epochs)
+          .random_map(_TrainCrop(crop, auto_augment, random_erasing, mean), seed=int(seed))
           .batch(local, drop_remainder=True))
     if num_epochs is not None:
         ds = ds[:len(ds) // count * count]

@@ -103,9 +103,10 @@ class Classifier:
 
     # --- persistence -------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, workdir: str | Path, step: int | str | None = None) -> "Classifier":
-        """A classifier from a training run's workdir (latest checkpoint, a step, or ``"best"``)."""
-        config, variables, class_names = load_variables(workdir, step)
+    def load(cls, workdir: str | Path, step: int | str | None = None, use_ema: bool = False) -> "Classifier":
+        """A classifier from a training run's workdir (latest checkpoint, a step, or ``"best"``); ``use_ema``:
+        with the run's moving average of the weights (``config.model_ema``) rather than the weights."""
+        config, variables, class_names = load_variables(workdir, step, use_ema)
         config = validate(ml_collections.ConfigDict(config))
         num_classes = int(np.shape(variables["params"]["fc"]["bias"])[0])
         clf = cls(config.model, num_classes, in_channels=config.model_overrides.get("in_channels", 3),

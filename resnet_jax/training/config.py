@@ -15,7 +15,7 @@ import ml_collections
 from resnet_jax.data import AUGMENTS
 from resnet_jax.resnet import MODEL_CONFIGS, create_model
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
 SCHEDULES = ("constant", "step", "multistep", "cosine")
 DTYPES = ("float32", "bfloat16")
 
@@ -62,6 +62,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.mixup_alpha = 0.0
     c.cutmix_alpha = 0.0
     c.seed = 0
+    # the parts of torchvision's V2 and timm's ResNet Strikes Back recipes (train/configs/imagenet_resnet50_*.py)
+    c.auto_augment = ""                 # after the crop/flip: "ta_wide" (TrivialAugmentWide), "ra" (RandAugment,
+                                        # 2 ops at magnitude 9), both torchvision's, or timm's "rand-m7-mstd0.5-inc1"
+    c.random_erasing = 0.0              # probability of torchvision's RandomErasing, after normalisation
+    c.ra_reps = 1                       # repeated augmentation (torchvision's RASampler --ra-reps): each image of the
+                                        # epoch's first len/ra_reps is seen ra_reps times, augmented independently
+    c.loss = "ce"                       # "ce": softmax cross-entropy; "bce": timm's BinaryCrossEntropy
+    c.bce_target_threshold = 0.0        # "bce": targets above it become 1, the others 0 (0 = off)
+    c.lars_trust_coefficient = 0.001    # "lars" (timm's trust_coeff)
+    c.model_ema = False                 # keep an EMA of the weights, evaluated as "val_ema" (torchvision's --model-ema)
+    c.model_ema_steps = 32              # update it every this many steps of each epoch
+    c.model_ema_decay = 0.99998         # torchvision's decay, adjusted for batch, steps and epochs (training/ema.py)
+    c.grad_accum_steps = 1              # micro-batches per step: batch_size is still the batch of one update
     # run
     c.log_every_steps = 50
     c.checkpoint_every_steps = 500      # also at each epoch end
@@ -130,7 +143,25 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not 0.0 <= full.label_smoothing < 1.0:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {full.label_smoothing}")
     _check_model_overrides(full.model_overrides)
+    _check_recipe_keys(full)
     return full
+
+
+def _check_recipe_keys(full: ml_collections.ConfigDict) -> None:
+    """The keys of the V2/RSB recipe parts (auto-augmentation, erasing, repeats, BCE, EMA, accumulation)."""
+    from resnet_jax.data.autoaugment import policy
+
+    _choice("loss", full.loss, ("ce", "bce"))
+    policy(full.auto_augment)  # raises with the accepted forms
+    for key in ("ra_reps", "model_ema_steps", "grad_accum_steps"):
+        if int(full[key]) < 1:
+            raise ValueError(f"config.{key} must be at least 1, got {full[key]}")
+    for key in ("random_erasing", "bce_target_threshold", "model_ema_decay"):
+        if not 0.0 <= full[key] <= 1.0:
+            raise ValueError(f"config.{key} must be in [0, 1], got {full[key]}")
+    if full.batch_size % full.grad_accum_steps:
+        raise ValueError(f"config.batch_size={full.batch_size} does not split into config.grad_accum_steps="
+                         f"{full.grad_accum_steps} equal micro-batches; make it a multiple")
 
 
 # Set by model_from_config from the top-level keys of the same name; an override would be silently replaced.

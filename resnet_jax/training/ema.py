@@ -14,7 +14,8 @@ ResNet-50 accuracy with it.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -57,3 +58,29 @@ class Ema:
     def reset(self) -> Ema:
         """The next update copies the weights (torchvision zeroes its count in each warm-up epoch)."""
         return self.replace(count=jnp.zeros_like(self.count))
+
+
+def make_ema_update(config, steps_per_epoch: int, sharding) -> Callable[[Any, int], Any]:
+    """``update(state, step_index) -> state``: the loop's EMA step after the training step ``step_index``
+    (counted from 0), as torchvision's train.py runs it: an update after every ``model_ema_steps``-th batch of
+    each epoch (its ``i % model_ema_steps == 0``), with the count reset after it in the warm-up epochs (its
+    ``epoch < lr_warmup_epochs``), so that until warm-up ends the average is a copy of the weights. The decay is
+    ``adjusted_decay`` of ``model_ema_decay``. Whether and how to update depends on the step alone, so a resumed
+    run updates exactly where an uninterrupted one does."""
+    decay = adjusted_decay(config.model_ema_decay, global_batch=config.batch_size,
+                           update_every=config.model_ema_steps, epochs=config.num_epochs)
+
+    def averaged(state, reset: bool):
+        ema = state.ema.update(state.variables, decay)
+        return state.replace(ema=ema.reset() if reset else ema)
+
+    jitted = {reset: jax.jit(functools.partial(averaged, reset=reset), in_shardings=(sharding,),
+                             out_shardings=sharding, donate_argnums=0) for reset in (False, True)}
+
+    def update(state, step_index: int):
+        epoch, batch = divmod(step_index, steps_per_epoch)
+        if batch % config.model_ema_steps:
+            return state
+        return jitted[epoch < config.warmup_epochs](state)
+
+    return update

@@ -29,6 +29,7 @@ from resnet_jax.parallel import (check_batch_size, initialize_distributed, make_
                                  shard_batch, sync_processes)
 from resnet_jax.training import workdir as run_dir
 from resnet_jax.training.compile_cache import compilation_cache
+from resnet_jax.training.ema import make_ema_update
 from resnet_jax.training.config import (check_against_data, min_image_size, model_from_config, normalization_stats,
                                         validate)
 from resnet_jax.training.metrics_log import MetricsLog, read_metrics
@@ -82,6 +83,8 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
     mesh = make_mesh()
     check_batch_size(config.batch_size, mesh)
     check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    if config.grad_accum_steps > 1:
+        check_batch_size(config.batch_size // config.grad_accum_steps, mesh, "batch_size / grad_accum_steps")
     data_dir = config.data_dir or None
     train_source = data.get_source(config.dataset, config.train_split, data_dir=data_dir,
                                    image_size=config.image_size, seed=config.seed)
@@ -141,12 +144,14 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
     spe = run.steps_per_epoch
     loader_args = dict(image_size=config.image_size, mean=run.mean, std=run.std, channels=model.in_channels)
     train_loader = data.train_loader(run.train_source, batch_size=config.batch_size, augment=config.augment,
-                                     seed=config.seed, worker_count=config.num_workers, **loader_args)
+                                     seed=config.seed, worker_count=config.num_workers,
+                                     auto_augment=config.auto_augment, random_erasing=config.random_erasing,
+                                     ra_reps=config.ra_reps, **loader_args)
     val_loader = data.eval_loader(run.val_source, batch_size=config.eval_batch_size,
                                   crop_fraction=config.eval_crop_fraction, **loader_args)
     tx = make_optimizer(config, spe)
     input_shape = (1, config.image_size, config.image_size, model.in_channels)
-    create = jax.jit(lambda v: create_train_state(model, tx, config.seed, input_shape, v),
+    create = jax.jit(lambda v: create_train_state(model, tx, config.seed, input_shape, v, ema=config.model_ema),
                      out_shardings=replicated(mesh))
     shapes = jax.eval_shape(create, None)  # the state's structure, without computing it
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
@@ -168,6 +173,7 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
                  iterator=iterator, val_loader=val_loader,
                  metrics_log=MetricsLog(workdir, resume_step=resumed_from),
                  train_step=make_train_step(config, num_classes, mesh), eval_step=make_eval_step(mesh, model),
+                 ema_update=make_ema_update(config, spe, replicated(mesh)) if config.model_ema else None,
                  schedule=make_schedule(config, spe), state=state, step=step, resumed_from=resumed_from,
                  window=None if progress["window"] is None else replicate(_as_f32(progress["window"]), mesh),
                  epoch_sums=None if progress["epoch"] is None else replicate(_as_f32(progress["epoch"]), mesh),
@@ -209,6 +215,7 @@ class _Loop:
     metrics_log: MetricsLog
     train_step: Callable
     eval_step: Callable
+    ema_update: Callable | None     # the weights' moving average, after each step (config.model_ema)
     schedule: Callable
     state: TrainState
     step: int
@@ -254,6 +261,8 @@ class _Loop:
                             dynamic_ncols=True)
         batch = next(self.iterator)
         self.state, sums = self.train_step(self.state, shard_batch(batch, self.setup.mesh))
+        if self.ema_update is not None:
+            self.state = self.ema_update(self.state, self.step)
         self.step += 1
         self.timer.add(config.batch_size, sums)
         self.window, self.epoch_sums = add_sums(self.window, sums), add_sums(self.epoch_sums, sums)
@@ -298,6 +307,10 @@ class _Loop:
         else:
             self.bad_epochs += 1
         shown = f" | val loss {val_m['loss']:.4f} acc {val_m['accuracy']:.4f} top5 {val_m['top5']:.4f}"
+        if self.state.ema is not None:  # beside the raw weights; early stopping and "best" follow the raw ones
+            ema_m = evaluate_loader(self.state.ema_view(), self.eval_step, self.val_loader, self.setup.mesh)
+            self.metrics_log.write({"step": self.step, "epoch": epoch + 1, "split": "val_ema", **ema_m})
+            shown += f" | ema acc {ema_m['accuracy']:.4f}"
         return val_m["accuracy"], shown
 
     def _early_stop_reason(self) -> str:

@@ -9,6 +9,8 @@ import jax
 import ml_collections
 import optax
 
+from resnet_jax.training.layerwise import lamb, lars
+
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
     """Linear scaling rule (Goyal et al. 2017): ``learning_rate`` is per 256 images."""
@@ -47,6 +49,11 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     mask = None if config.decay_norm_and_bias else decay_mask
     if config.optimizer == "adamw":
         return optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask)
+    if config.optimizer == "lamb":  # timm's Lamb at its defaults (betas, eps, clipping to norm 1), the RSB recipes'
+        return lamb(schedule, weight_decay=config.weight_decay, decay_mask=mask)
+    if config.optimizer == "lars":  # timm's Lars; the MLPerf ResNet submissions' large-batch optimizer
+        return lars(schedule, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov,
+                    trust_coefficient=config.lars_trust_coefficient, decay_mask=mask)
     # SGD as in PyTorch: L2 term added to the gradient, then (Nesterov) momentum, then the learning rate.
     return optax.chain(optax.add_decayed_weights(config.weight_decay, mask),
                        optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))

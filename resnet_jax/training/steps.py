@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 from resnet_jax.ops import fold_batchnorm
 from resnet_jax.parallel import batch_sharding, replicated
 from resnet_jax.training.config import check_against_data
-from resnet_jax.training.losses import cross_entropy, mix_batch, soft_targets, topk_correct
+from resnet_jax.training.losses import (binary_cross_entropy, cross_entropy, mix_batch, soft_targets,
+                                        topk_correct)
 from resnet_jax.training.state import TrainState
 
 METRIC_KEYS = ("loss", "correct", "top5", "count")
@@ -28,9 +29,16 @@ def _sums(per_example_loss, logits, labels, weight):
 
 
 def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh) -> Callable:
-    """``step(state, batch) -> (state, metric sums)``; the state's buffers are donated (updated in place)."""
+    """``step(state, batch) -> (state, metric sums)``; the state's buffers are donated (updated in place).
+
+    With ``config.grad_accum_steps`` = k > 1 the batch is split into k micro-batches run one after another
+    (``_accumulated``): the update is the one step on the mean of their gradients, which is the gradient of the
+    whole batch's loss, but each forward pass normalises with its own micro-batch's BatchNorm statistics and the
+    running statistics take k updates, as k smaller steps would, so the result is close to, not equal to, one
+    pass over the whole batch."""
     check_against_data(config, num_classes)
     class_weights = jnp.asarray(config.class_weights, jnp.float32) if len(config.class_weights) else None
+    loss_of = _loss(config)
 
     def step(state: TrainState, batch):
         images, labels = batch["image"], batch["label"]
@@ -38,14 +46,21 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: M
         targets = soft_targets(labels, num_classes, config.label_smoothing)
         images, targets = mix_batch(rng, images, targets, config.mixup_alpha, config.cutmix_alpha)
         weights = jnp.ones(labels.shape, jnp.float32) if class_weights is None else class_weights[labels]
+        total_weight = jnp.sum(weights)
 
-        def loss_fn(params):
-            logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
+        def loss_fn(params, batch_stats, images, targets, weights):
+            logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats}, images,
                                              train=True, mutable=["batch_stats"])
-            per_example = cross_entropy(logits, targets, weights)
-            return jnp.sum(per_example) / jnp.sum(weights), (logits, per_example, updates["batch_stats"])
+            per_example = loss_of(logits, targets) * weights
+            return jnp.sum(per_example) / total_weight, (logits, per_example, updates["batch_stats"])
 
-        grads, (logits, per_example, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        if config.grad_accum_steps == 1:
+            grads, (logits, per_example, batch_stats) = grad_fn(state.params, state.batch_stats, images, targets,
+                                                                weights)
+        else:
+            grads, (logits, per_example, batch_stats) = _accumulated(grad_fn, config.grad_accum_steps, state,
+                                                                     (images, targets, weights))
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
@@ -54,6 +69,38 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: M
 
     return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+
+
+def _loss(config: ml_collections.ConfigDict) -> Callable:
+    """Per-example training loss against soft targets: softmax cross-entropy, or timm's binary cross-entropy
+    (targets smoothed by ``label_smoothing`` and mixed as timm's Mixup does, then thresholded if asked)."""
+    if config.loss == "bce":
+        threshold = config.bce_target_threshold or None
+        return lambda logits, targets: binary_cross_entropy(logits, targets, threshold)
+    return cross_entropy
+
+
+def _accumulated(grad_fn: Callable, k: int, state: TrainState, batch: tuple):
+    """``grad_fn`` over k micro-batches in sequence (a ``lax.scan``), BatchNorm statistics carried from one to
+    the next; the gradients summed (each micro-batch's loss is already divided by the whole batch's weight, so
+    the sum is the mean of the micro-batch means, and with class weights the whole batch's weighted mean).
+    Micro-batch j holds examples j, j + k, j + 2k, ...: every device contributes to each one without moving
+    data. Logits and losses come back in the batch's order."""
+    def split(x):  # (B, ...) -> (k, B / k, ...), strided
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    def merge(x):  # the inverse of split
+        return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+    def micro(carry, micro_batch):
+        grads, batch_stats = carry
+        g, (logits, per_example, batch_stats) = grad_fn(state.params, batch_stats, *micro_batch)
+        return (jax.tree.map(jnp.add, grads, g), batch_stats), (logits, per_example)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, batch_stats), (logits, per_example) = jax.lax.scan(micro, (zeros, state.batch_stats),
+                                                               jax.tree.map(split, batch))
+    return grads, (merge(logits), merge(per_example), batch_stats)
 
 
 def folded_logits(model, variables, images):
