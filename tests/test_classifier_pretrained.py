@@ -14,8 +14,9 @@ import torchvision
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from conftest import random_batch_stats
+from conftest import random_batch_stats, run_python
 from resnet_jax.training.classifier import Classifier
+from training_helpers import worker_env
 
 TAG = "resnet18.IMAGENET1K_V1"
 
@@ -52,8 +53,10 @@ def torchvision_top5(model, image):
     return [names[i] for i in order], probs[order]
 
 
-def test_predict_equals_torchvision_with_its_own_transforms(clf, torch_resnet18):
-    ours = clf.predict(photos())
+def test_predict_equals_torchvision_with_its_own_transforms(clf, torch_resnet18, tmp_path):
+    """On an array and on an image file (lossless, so both hold the same pixels)."""
+    Image.fromarray(photos()[1]).save(tmp_path / "photo.png")
+    ours = clf.predict([photos()[0], str(tmp_path / "photo.png")])
     for image, top in zip(photos(), ours):
         names, probs = torchvision_top5(torch_resnet18[0], image)
         assert np.min(-np.diff(probs)) > 2e-3, "the reference's top-5 must be well separated to compare"
@@ -70,14 +73,6 @@ def test_it_carries_the_tags_preprocessing_and_imagenets_names(clf):
     assert (list(clf.config.mean), list(clf.config.std)) == (t.mean, t.std)
     np.testing.assert_array_equal(clf.preprocess([photos()[1]])[0],
                                   t(Image.fromarray(photos()[1])).permute(1, 2, 0).numpy())
-
-
-def test_a_photo_file_is_read_and_predicted(clf, tmp_path):
-    path = tmp_path / "photo.jpg"
-    Image.fromarray(photos()[0]).save(path, quality=95)
-    on_file = clf.predict(str(path))[0]
-    on_pixels = clf.predict(np.asarray(Image.open(path)))[0]
-    assert on_file == on_pixels and len(on_file) == 5
 
 
 def test_export_carries_the_preprocessing_and_the_artifact_predicts_the_same(clf, tmp_path):
@@ -98,3 +93,87 @@ def test_export_carries_the_preprocessing_and_the_artifact_predicts_the_same(clf
     assert [[n for n, _ in row] for row in got] == [[n for n, _ in row] for row in want]
     np.testing.assert_allclose([[p for _, p in row] for row in got], [[p for _, p in row] for row in want],
                                atol=1e-4)
+
+
+def test_predict_command_prints_torchvisions_top5(torch_resnet18, tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(photos()[1]).save(path)
+    proc = run_python(module="train.predict", args=[f"--pretrained={TAG}", f"--weights_file={torch_resnet18[1]}",
+                                                     str(path)], env=worker_env())
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == str(path)
+    printed = [line.split("%", 1)[1].strip() for line in lines[1:]]
+    assert printed == torchvision_top5(torch_resnet18[0], photos()[1])[0]
+
+
+def test_init_from_takes_a_published_name_and_its_preprocessing(torch_resnet18):
+    """``init_from="resnet18.IMAGENET1K_V1"`` (with ``weights_file``, a local copy): every layer from the
+    file, a new head for the run's 10 classes, and evaluation's preprocessing and mean/std the tag's."""
+    import ml_collections
+
+    from resnet_jax.training.config import base_config, model_from_config, normalization_stats, validate
+    from resnet_jax.training.pretrained_init import initial_variables
+
+    config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "model": "resnet18", "init_from": TAG,
+                                                 "weights_file": str(torch_resnet18[1]), "image_size": 32}))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    assert (config.eval_resize, config.eval_crop, config.eval_interpolation, config.eval_crop_mode) == (
+        weights.resize_size[0], weights.crop_size[0], weights.interpolation.value, "center")
+    assert normalization_stats(config) == (tuple(weights.mean), tuple(weights.std))
+    logs = []
+    variables = initial_variables(config, model_from_config(config, 10), (1, 32, 32, 3), logs.append)
+    state = torch_resnet18[0].state_dict()
+    np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"],
+                                  state["conv1.weight"].permute(2, 3, 1, 0).numpy())
+    np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"], state["bn1.running_var"].numpy())
+    assert variables["params"]["fc"]["kernel"].shape == (512, 10)
+    assert logs == [f"initialised from {TAG} (new head: params/fc/bias, params/fc/kernel)"]
+
+
+def test_init_from_a_published_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    import ml_collections
+
+    from resnet_jax.pretrained import CACHE_ENV, MIRROR_ENV, DownloadError
+    from resnet_jax.training.config import base_config, model_from_config, validate
+    from resnet_jax.training.pretrained_init import initial_variables
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(MIRROR_ENV, "http://127.0.0.1:9")  # the discard port: nothing listens, no network used
+    config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "model": "resnet18",
+                                                 "init_from": TAG, "image_size": 32}))
+    with pytest.raises(DownloadError, match=f"put it at {tmp_path}/resnet18-f37072fd.pth"):
+        initial_variables(config, model_from_config(config, 10), (1, 32, 32, 3), print)
+
+
+def test_init_from_that_is_neither_a_path_nor_published_weights_is_one_sentence():
+    import ml_collections
+
+    from resnet_jax.training.config import base_config, validate
+
+    for init_from, message in (("resnet18.IMAGENET1K_V9", "neither an existing file or workdir nor published"),
+                               ("resnt50", "Did you mean 'resnet50'")):
+        with pytest.raises(ValueError, match=message):
+            validate(ml_collections.ConfigDict({**base_config().to_dict(), "init_from": init_from}))
+    with pytest.raises(ValueError, match="weights_file is a local copy"):
+        validate(ml_collections.ConfigDict({**base_config().to_dict(), "weights_file": "x.pth"}))
+
+
+@pytest.mark.long
+def test_fit_fine_tunes_with_a_new_head_and_keeps_the_tags_preprocessing(torch_resnet18, tmp_path):
+    clf = Classifier.from_pretrained(TAG, file=torch_resnet18[1], image_size=32)
+    clf.fit("digits", workdir=tmp_path / "run", max_steps=3, batch_size=16, eval_batch_size=64,
+            eval_resize=40, eval_crop=32, progress_bar=False, compilation_cache_dir="")
+    assert clf.model.num_classes == 10 and clf.variables["params"]["fc"]["kernel"].shape == (512, 10)
+    assert clf.class_names == [str(i) for i in range(10)]
+    loaded = Classifier.load(tmp_path / "run")
+    assert (loaded.config.init_from, loaded.config.eval_resize, list(loaded.config.mean)) == (
+        TAG, 40, [0.485, 0.456, 0.406])
+    digits = [np.repeat(d[..., None], 3, -1) for d in load_digits_images(2)]
+    assert loaded.predict(digits) == clf.predict(digits)
+
+
+def load_digits_images(n):
+    from resnet_jax import data
+
+    src = data.get_source("digits", "validation", image_size=8)
+    return [np.asarray(src[i]["image"])[..., 0] for i in range(n)]

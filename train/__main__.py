@@ -47,6 +47,8 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO
     show_library_info()
     from resnet_jax.checkpoint import CheckpointError
+    from resnet_jax.hub import HubUnavailable
+    from resnet_jax.pretrained import DownloadError
     from resnet_jax.training import Preempted, TrainingDiverged, train
 
     try:
@@ -54,7 +56,7 @@ def main(argv: list[str]) -> int:
     except Preempted as stopped:
         print(f"preempted: {stopped}", file=sys.stderr)
         return stopped.exit_code
-    except (ValueError, FileNotFoundError, TrainingDiverged, CheckpointError) as err:
+    except (ValueError, FileNotFoundError, TrainingDiverged, CheckpointError, DownloadError, HubUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     val = [r for r in result.history if r["split"] == "val"]

@@ -60,14 +60,13 @@ def initial_variables(config, model, input_shape, log: Callable[[str], None]) ->
 
 
 def _published_variables(config, model, name: str) -> dict[str, Any]:
-    """Published weights (downloaded once and cached, or ``config.weights_file``), converted for this model; a
-    head for another number of classes is dropped and initialised afresh."""
-    from resnet_jax.pretrained import pretrained, weights_info
+    """Published weights (downloaded once and cached, or ``config.weights_file``), converted with their own
+    head: ``merge_pretrained`` keeps the fresh one instead where the run has another number of classes (no second
+    initialisation of the whole model inside the converter)."""
+    from resnet_jax.pretrained import pretrained
 
-    new_head = weights_info(name).num_classes != model.num_classes
-    overrides = {**dict(config.model_overrides), "num_classes": model.num_classes}
-    _, variables = pretrained(name, file=config.get("weights_file") or None, new_head=new_head, rng=config.seed,
-                              progress=False, **overrides)
+    overrides = {k: v for k, v in dict(config.model_overrides).items() if k != "num_classes"}
+    _, variables = pretrained(name, file=config.get("weights_file") or None, progress=False, **overrides)
     return variables
 
 
