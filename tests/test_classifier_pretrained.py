@@ -177,3 +177,27 @@ def load_digits_images(n):
 
     src = data.get_source("digits", "validation", image_size=8)
     return [np.asarray(src[i]["image"])[..., 0] for i in range(n)]
+
+
+@pytest.mark.long  # a second whole model at 288; the quick torchvision check above covers the shared path
+def test_a_timm_tag_equals_timms_model_with_its_own_transform(tmp_path):
+    """timm's ``resnet18.a1_in1k`` (its names, bicubic, evaluated at 288 uncropped) from a local safetensors file,
+    against timm's model with ``create_transform(**resolve_data_config(model=m, use_test_size=True))``."""
+    import safetensors.torch
+    import timm
+    import timm.data
+
+    torch.manual_seed(1)
+    model = timm.create_model("resnet18.a1_in1k", pretrained=False)
+    model.load_state_dict(random_batch_stats(model.state_dict(), 1))
+    model.eval()
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "model.safetensors")
+    clf = Classifier.from_pretrained("resnet18.a1_in1k", file=tmp_path / "model.safetensors")
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model, use_test_size=True))
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.stack([transform(Image.fromarray(p)) for p in photos()])), -1).numpy()
+    for row, top in zip(probs, clf.predict(photos())):
+        order = np.argsort(-row)[:5]
+        assert np.min(-np.diff(row[order])) > 2e-3, "the reference's top-5 must be well separated to compare"
+        assert [name for name, _ in top] == [clf.class_names[i] for i in order]
+        np.testing.assert_allclose([p for _, p in top], row[order], atol=1e-3)
