@@ -106,23 +106,28 @@ def test_predict_command_prints_torchvisions_top5(torch_resnet18, tmp_path):
     assert printed == torchvision_top5(torch_resnet18[0], photos()[1])[0]
 
 
-def test_init_from_takes_a_published_name_and_its_preprocessing(torch_resnet18):
-    """``init_from="resnet18.IMAGENET1K_V1"`` (with ``weights_file``, a local copy): every layer from the
-    file, a new head for the run's 10 classes, and evaluation's preprocessing and mean/std the tag's."""
+def test_init_from_takes_a_published_name_and_its_preprocessing(tmp_path):
+    """``init_from="resnet18.IMAGENET1K_V1"`` (with ``weights_file``, a local copy; one block per stage, so the
+    run's initialisation compiles quickly): every layer from the file, a new head for the run's 10 classes, and
+    evaluation's preprocessing and mean/std the tag's."""
     import ml_collections
 
     from resnet_jax.training.config import base_config, model_from_config, normalization_stats, validate
     from resnet_jax.training.pretrained_init import initial_variables
 
-    config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "model": "resnet18", "init_from": TAG,
-                                                 "weights_file": str(torch_resnet18[1]), "image_size": 32}))
+    torch.manual_seed(2)
+    source = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    state = random_batch_stats(source.state_dict(), 2)
+    torch.save(state, tmp_path / "small.pth")
+    config = validate(ml_collections.ConfigDict({
+        **base_config().to_dict(), "model": "resnet18", "model_overrides": {"stage_sizes": (1, 1, 1, 1)},
+        "init_from": TAG, "weights_file": str(tmp_path / "small.pth"), "image_size": 32}))
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
     assert (config.eval_resize, config.eval_crop, config.eval_interpolation, config.eval_crop_mode) == (
         weights.resize_size[0], weights.crop_size[0], weights.interpolation.value, "center")
     assert normalization_stats(config) == (tuple(weights.mean), tuple(weights.std))
     logs = []
     variables = initial_variables(config, model_from_config(config, 10), (1, 32, 32, 3), logs.append)
-    state = torch_resnet18[0].state_dict()
     np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"],
                                   state["conv1.weight"].permute(2, 3, 1, 0).numpy())
     np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"], state["bn1.running_var"].numpy())
