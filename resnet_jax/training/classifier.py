@@ -10,7 +10,7 @@ for notebooks and scripts.
 
     clf = Classifier.from_pretrained("resnet50")     # published ImageNet weights, with their preprocessing
     clf.predict("photo.jpg")     # [[("tabby", 0.61), ...]]
-    clf.fit("imagenette/160px", workdir="runs/pets")  # fine-tunes it with a new head
+    clf.fit("imagenette/160px", workdir="runs/imagenette")  # fine-tunes it with a new head
 """
 
 from __future__ import annotations
