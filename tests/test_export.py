@@ -14,7 +14,7 @@ import pytest
 
 from conftest import random_batch_stats, random_variables, run_python
 from resnet_jax import create_model, data
-from resnet_jax.export import ArtifactError, Preprocessing, export_model, load_exported
+from resnet_jax.export import FORMAT_VERSION, ArtifactError, Preprocessing, export_model, load_exported
 from resnet_jax.training.classifier import Classifier
 from test_classifier import trained_digits
 from training_helpers import once_per_session, worker_env
@@ -288,9 +288,10 @@ def one_sentence(err):
 def test_newer_format_version_is_refused(small_artifact, tmp_path):
     path = copy_artifact(small_artifact, tmp_path)
     manifest = json.loads((tmp_path / "small.stablehlo.json").read_text())
-    manifest["format_version"] += 1
+    manifest["format_version"] = FORMAT_VERSION + 1
     (tmp_path / "small.stablehlo.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="export format version 2, newer than the version 1") as err:
+    with pytest.raises(ArtifactError, match=f"export format version {FORMAT_VERSION + 1}, newer than the version "
+                                            f"{FORMAT_VERSION}") as err:
         load_exported(path)
     assert "upgrade resnet-jax" in one_sentence(err)
 

@@ -10,10 +10,17 @@ RESNET_JAX_NUM_PROCESSES, RESNET_JAX_PROCESS_ID); under SLURM, Open MPI or on a 
 ``--config.coordinator_address=auto`` takes them from the cluster. Where Debian's libtcmalloc-minimal4 (or
 another tcmalloc) is installed the command runs under it (``resnet_jax/allocator.py``; ``RESNET_JAX_TCMALLOC=0``
 turns that off).
+
+Any ResNet field is settable as ``--config.model_overrides.FIELD=VALUE`` (``conv_impl=xla``,
+``stage_sizes=1,1,1``); a misspelt key (``--config.modle=resnet18``) is one line naming the nearest valid keys,
+exit code 2, like every other usage error.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import difflib
 import sys
 from pathlib import Path
 
@@ -22,7 +29,117 @@ from ml_collections import config_flags
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "default.py")
 flags.DEFINE_string("workdir", "runs/default", "directory for checkpoints, metrics and plots (resumes if present)")
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "training config file", lock_config=True)
+# --config is defined by parse_flags, from the command line it is given: ml_collections reads the
+# --config.* overrides while defining it, so a misspelt key fails there, where parse_flags can report it.
+
+
+OVERRIDES = "--config.model_overrides."
+
+
+class UsageError(ValueError):
+    """A command line that names an unknown config key or gives a value of the wrong type."""
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with the config's mistakes as one sentence and exit code 2 instead of a traceback, and
+    ``--config.model_overrides.FIELD=VALUE`` for every ResNet field: ``model_overrides`` starts empty, so
+    ml_collections has no key (and no type) to override; these are taken out, checked against ``ResNet``'s
+    fields and converted here, then set on the parsed config."""
+    try:
+        rest, overrides = _take_model_overrides(argv)
+        try:
+            _define_config_flag(rest)
+            remaining = flags.FLAGS(rest)
+        except flags.Error as err:
+            raise UsageError(str(err).splitlines()[0]) from None
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise UsageError(_unknown_key_message(rest) or f"cannot apply the --config flags: {err}") from None
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    config = flags.FLAGS.config
+    with config.unlocked():
+        for key, value in overrides.items():
+            config.model_overrides[key] = value
+    return remaining
+
+
+def _define_config_flag(argv: list[str]) -> None:
+    """(Re)define --config and its --config.* override flags for ``argv`` (again on a second parse, in tests)."""
+    for name in [n for n in list(flags.FLAGS) if n == "config" or n.startswith("config.")]:
+        delattr(flags.FLAGS, name)
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "training config file", lock_config=True,
+                                    sys_argv=argv)
+
+
+def _take_model_overrides(argv: list[str]) -> tuple[list[str], dict]:
+    """``argv`` without its ``--config.model_overrides.*`` flags, and those flags' values by ResNet field."""
+    rest, overrides, args = [], {}, iter(argv)
+    for arg in args:
+        if not arg.startswith(OVERRIDES):
+            rest.append(arg)
+            continue
+        key, has_value, text = arg[len(OVERRIDES):].partition("=")
+        if not has_value:
+            text = next(args, None)
+            if text is None:
+                raise UsageError(f"{arg} needs a value, e.g. {arg}=VALUE")
+        overrides[key] = _resnet_field_value(key, text, arg)
+    return rest, overrides
+
+
+def _resnet_field_value(key: str, text: str, arg: str):
+    """``text`` as the type of ResNet's field ``key``: int, float, bool, a sequence of ints, or a string."""
+    fields = _field_types()
+    if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"the fields are {', '.join(fields)}"
+        raise UsageError(f"{arg} names no ResNet field {key!r}; {hint}")
+    kind = fields[key]
+    try:
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if kind in ("int", "float"):
+            return {"int": int, "float": float}[kind](text)
+        if kind.startswith("Sequence"):
+            value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
+            return tuple(int(v) for v in value)
+    except (ValueError, SyntaxError, TypeError):
+        example = {"bool": "True", "int": "2", "float": "0.1"}.get(kind, "1,1,1")
+        raise UsageError(f"{arg}: {key} takes a value of type {kind}, e.g. {OVERRIDES}{key}={example}") from None
+    return text
+
+
+def _field_types() -> dict[str, str]:
+    """ResNet's fields and their annotated types, as strings ("int", "Sequence[int]", ...)."""
+    from resnet_jax.resnet import ResNet
+
+    return {f.name: str(f.type) for f in dataclasses.fields(ResNet) if f.name not in ("parent", "name")}
+
+
+def _unknown_key_message(argv: list[str]) -> str | None:
+    """The first ``--config.a.b=...`` whose key the configs do not have (every recipe starts from
+    ``base_config``), with the nearest valid names; ``None`` when every key exists."""
+    from resnet_jax.training.config import base_config
+
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        node = base_config()
+        for depth, key in enumerate(path):
+            where = ".".join(["config", *path[:depth]])
+            if not hasattr(node, "keys"):
+                return f"{arg} treats {where} as a group of keys, but it is one value; set it as --{where}=VALUE"
+            if key not in node.keys():
+                close = difflib.get_close_matches(key, list(node.keys()), n=3, cutoff=0.6)
+                hint = f"did you mean {' or '.join(map(repr, close))}?" if close else (
+                    "see resnet_jax/training/config.py for every key")
+                return f"{arg} sets {where}.{key}, which is not a config key; {hint}"
+            node = node[key]
+    return None
 
 
 def show_library_info() -> None:
@@ -47,6 +164,8 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO
     show_library_info()
     from resnet_jax.checkpoint import CheckpointError
+    from resnet_jax.hub import HubUnavailable
+    from resnet_jax.pretrained import DownloadError
     from resnet_jax.training import Preempted, TrainingDiverged, train
 
     try:
@@ -54,7 +173,7 @@ def main(argv: list[str]) -> int:
     except Preempted as stopped:
         print(f"preempted: {stopped}", file=sys.stderr)
         return stopped.exit_code
-    except (ValueError, FileNotFoundError, TrainingDiverged, CheckpointError) as err:
+    except (ValueError, FileNotFoundError, TrainingDiverged, CheckpointError, DownloadError, HubUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     val = [r for r in result.history if r["split"] == "val"]
@@ -67,4 +186,4 @@ if __name__ == "__main__":
     from resnet_jax.allocator import preload_tcmalloc
 
     preload_tcmalloc()  # re-execs under tcmalloc when installed (faster CPU steps); before jax is imported
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

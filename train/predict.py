@@ -1,5 +1,9 @@
-"""``python -m train.predict --workdir=DIR IMAGE [IMAGE ...]`` (or ``--artifact=FILE``): top-5 classes with
-probabilities per image.
+"""``python -m train.predict --workdir=DIR IMAGE [IMAGE ...]`` (or ``--artifact=FILE``, or
+``--pretrained=resnet50``): top-5 classes with probabilities per image.
+
+``--pretrained`` takes published ImageNet weights by name (``resnet50``, ``resnet50.IMAGENET1K_V1``,
+``resnet50.a1_in1k``), downloaded once (or ``--weights_file``, a local copy), and prepares each photo exactly as
+the weights' accuracy was measured (``Classifier.from_pretrained``).
 
 ``--artifact`` takes a file written by ``python -m train.export --format=stablehlo|onnx``: it runs without the
 training run's checkpoints. An IMAGE is an image file, or a ``.npy`` array holding one image or a batch in any
@@ -15,14 +19,27 @@ from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)")
 flags.DEFINE_string("artifact", None, "an exported model (.stablehlo or .onnx, its .json manifest beside it)")
+flags.DEFINE_string("pretrained", None, "published weights, e.g. resnet50, resnet50.IMAGENET1K_V1, resnet50.a1_in1k")
+flags.DEFINE_string("weights_file", None, "with --pretrained: a local copy of those weights (no download)")
 flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest); with --workdir only")
 flags.DEFINE_integer("top_k", 5, "how many classes to show per image")
 
 
-def load_model(workdir: str | None, artifact: str | None, step: str | None):
+def load_model(workdir: str | None, artifact: str | None, step: str | None, pretrained: str | None = None,
+               weights_file: str | None = None):
     """``(model, channels it takes)``: a ``Classifier`` or an ``ExportedModel``, both with ``predict``."""
-    if bool(workdir) == bool(artifact):
-        raise ValueError("give exactly one of --workdir (a training run) and --artifact (an exported model)")
+    if sum(map(bool, (workdir, artifact, pretrained))) != 1:
+        raise ValueError("give exactly one of --workdir (a training run), --artifact (an exported model) and "
+                         "--pretrained (published weights, e.g. resnet50)")
+    if weights_file and not pretrained:
+        raise ValueError("--weights_file is a local copy of the weights --pretrained names; give --pretrained too")
+    if pretrained:
+        if step:
+            raise ValueError("--step picks a checkpoint of a workdir; published weights have no steps")
+        from resnet_jax.training.classifier import Classifier
+
+        clf = Classifier.from_pretrained(pretrained, file=weights_file or None)
+        return clf, clf.model.in_channels
     if artifact:
         if step:
             raise ValueError("--step picks a checkpoint of a workdir; an exported artifact has only its own weights")
@@ -67,7 +84,8 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("give one or more image files (or .npy arrays) after the flags")
     logging.set_verbosity(logging.WARNING)
     try:
-        model, channels = load_model(flags.FLAGS.workdir, flags.FLAGS.artifact, flags.FLAGS.step)
+        model, channels = load_model(flags.FLAGS.workdir, flags.FLAGS.artifact, flags.FLAGS.step,
+                                     flags.FLAGS.pretrained, flags.FLAGS.weights_file)
         labels, images = read_inputs(paths, channels)
         predictions = model.predict(images, top_k=flags.FLAGS.top_k)
     except (ValueError, FileNotFoundError, RuntimeError, OSError, ImportError) as err:

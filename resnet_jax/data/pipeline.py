@@ -281,6 +281,17 @@ class _PaddedShard:
         return f"_PaddedShard({self.src!r}, start={self.start}, stop={self.stop}, length={self.length})"
 
 
+class _TransformCrop:
+    """Per example, uint8 in and out: a published preprocessing (``EvalTransform.crop``: Pillow resize of the
+    short side, truncated as torchvision does, then the centre crop), RGB out; channels are fixed per batch."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, record: dict, rng=None) -> dict:
+        return {"image": self.transform.crop(np.asarray(record["image"])), "label": np.int32(record["label"])}
+
+
 class _EvalCrop(grain.transforms.Map):
     def __init__(self, crop: _Crop, pad_shape: tuple[int, int, int]):
         self.crop, self.pad_shape = crop, pad_shape
@@ -307,8 +318,12 @@ class EvalLoader:
 def eval_loader(src: Source, *, batch_size: int, image_size: int, mean=None, std=None,
                 channels: int | None = None, process_index: int | None = None, process_count: int | None = None,
                 num_classes: int | None = None, crop_fraction: float | None = None,
-                worker_count: int = 0, read_threads: int | None = None) -> EvalLoader:
+                worker_count: int = 0, read_threads: int | None = None, transform=None) -> EvalLoader:
     """Every example exactly once across processes, in order, resized and centre-cropped (no randomness).
+
+    ``transform``: an ``EvalTransform`` (``resnet_jax.data.transforms``; ``config.eval_transform``) to resize
+    and crop with instead of ``image_size``/``crop_fraction``: the batched form of published weights'
+    preprocessing, equal per pixel to torchvision's/timm's, normalised with ``mean``/``std``.
 
     Process p reads the contiguous slice p of ceil(len / process_count) examples; the last batch is padded with
     blank images, label 0 and mask False, and shorter slices get extra padded batches, so all processes run the
@@ -318,11 +333,14 @@ def eval_loader(src: Source, *, batch_size: int, image_size: int, mean=None, std
     local = _local_batch(batch_size, count)
     check_compatible(src, num_classes=num_classes, channels=channels)
     mean, std = _stats(src, mean, std, channels)
-    crop = _Crop("none", image_size, crop_fraction or default_crop_fraction(src))
+    if transform is None:
+        crop = _Crop("none", image_size, crop_fraction or default_crop_fraction(src))
+        pad_shape = (int(image_size), int(image_size), src.image_shape[2])
+    else:
+        crop, pad_shape = _TransformCrop(transform), (transform.crop_size, transform.crop_size, 3)
     per_process = math.ceil(len(src) / count)
     start, stop = min(index * per_process, len(src)), min((index + 1) * per_process, len(src))
     num_batches = math.ceil(per_process / local)
-    pad_shape = (int(image_size), int(image_size), src.image_shape[2])
     dataset = (grain.MapDataset.source(_PaddedShard(src, start, stop, num_batches * local))
                .map(_EvalCrop(crop, pad_shape))
                .batch(local)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from resnet_jax.data.images import prepare_batch, top_classes
-from resnet_jax.export.manifest import ArtifactError, read_manifest
+from resnet_jax.export.manifest import ArtifactError, Preprocessing, read_manifest
 
 
 class ExportedModel:
@@ -32,12 +32,16 @@ class ExportedModel:
         self.image_size: int = int(prep["image_size"])
         self.channels: int = int(prep["channels"])
         self.crop_fraction: float = float(prep["crop_fraction"])
+        self.transform = Preprocessing.from_manifest(prep).transform()  # published weights' resize, or None
 
     def __call__(self, images: Any) -> np.ndarray:
         return self.run(self.prepare(images))
 
     def prepare(self, images: Any) -> np.ndarray:
-        """Images as the artifact takes them: uint8 ``(N, S, S, C)``, resized, cropped, channels converted."""
+        """Images as the artifact takes them: uint8 ``(N, S, S, C)``, resized, cropped, channels converted (with
+        the published weights' own resize when the manifest names one)."""
+        if self.transform is not None:
+            return self.transform.prepare(images, self.channels)
         return prepare_batch(images, size=self.image_size, crop_fraction=self.crop_fraction,
                              channels=self.channels)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from resnet_jax.pretrained import file_sha256
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: published weights' preprocessing (resize_size, interpolation, crop_mode); 1 without it
 KIND = "resnet_jax exported classifier"
 FORMATS = ("stablehlo", "onnx")
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -36,12 +36,34 @@ class ArtifactError(ValueError):
 class Preprocessing:
     """How an image becomes the model's input: resize the shorter side to ``image_size / crop_fraction``
     (bilinear), take the central ``image_size`` square, convert to the model's channels, then
-    ``(x / 255 - mean) / std`` per channel (done inside the exported artifacts)."""
+    ``(x / 255 - mean) / std`` per channel (done inside the exported artifacts).
+
+    With ``resize_size`` set, the resize and crop are instead published weights' own (``EvalTransform``,
+    equal per pixel to torchvision's/timm's): Pillow's ``interpolation`` to ``resize_size`` as ``crop_mode``
+    reads it, then the central ``image_size`` square."""
 
     image_size: int
     mean: Sequence[float]
     std: Sequence[float]
     crop_fraction: float = 1.0
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
+    crop_mode: str = "center"
+
+    def transform(self):
+        """The ``EvalTransform`` this preprocessing names, or ``None`` for the crop-fraction resize."""
+        from resnet_jax.data.transforms import EvalTransform
+
+        if self.resize_size is None:
+            return None
+        return EvalTransform(int(self.resize_size), int(self.image_size), tuple(self.mean), tuple(self.std),
+                             self.interpolation, self.crop_mode)
+
+    @classmethod
+    def from_manifest(cls, prep: dict[str, Any]) -> "Preprocessing":
+        """Read back from a manifest's ``"preprocessing"`` (version 1 ones have no ``resize_size``)."""
+        return cls(int(prep["image_size"]), tuple(prep["mean"]), tuple(prep["std"]), float(prep["crop_fraction"]),
+                   prep.get("resize_size"), prep.get("interpolation", "bilinear"), prep.get("crop_mode", "center"))
 
     def per_channel(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
         """``mean`` and ``std`` as float32 arrays of one value per channel (one value is repeated)."""
@@ -83,6 +105,15 @@ def write_manifest(artifact: Path, *, fmt: str, model_name: str, num_classes: in
         },
         **extra,
     }
+    if preprocessing.resize_size is not None:  # a version 1 reader would crop these wrongly: it must refuse them
+        manifest["format_version"] = 2
+        manifest["preprocessing"].update(
+            resize=(f"{preprocessing.interpolation} (Pillow, antialiased), {preprocessing.crop_mode} mode: shorter "
+                    f"side to resize_size (the longer one truncated, as torchvision does), centre crop image_size"),
+            resize_size=int(preprocessing.resize_size), interpolation=preprocessing.interpolation,
+            crop_mode=preprocessing.crop_mode)
+    else:
+        manifest["format_version"] = 1  # unchanged from version 1: older readers keep reading it
     path = manifest_path(artifact)
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path

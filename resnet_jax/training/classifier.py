@@ -7,6 +7,10 @@ for notebooks and scripts.
     clf.predict(images)          # [[("3", 0.98), ("8", 0.01), ...], ...]
     clf.export_torchvision("digits.pth")
     clf.export("digits.onnx")    # or digits.stablehlo: resnet_jax.export.load_exported reads either
+
+    clf = Classifier.from_pretrained("resnet50")     # published ImageNet weights, with their preprocessing
+    clf.predict("photo.jpg")     # [[("tabby", 0.61), ...]]
+    clf.fit("imagenette/160px", workdir="runs/imagenette")  # fine-tunes it with a new head
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from resnet_jax import data
 from resnet_jax.checkpoint import load_variables
 from resnet_jax.data.images import prepare_batch, top_classes
 from resnet_jax.parallel import make_mesh
-from resnet_jax.training.config import base_config, model_from_config, normalization_stats, validate
+from resnet_jax.training.config import (base_config, eval_transform, model_from_config, normalization_stats,
+                                        validate)
 from resnet_jax.training.loop import evaluate_loader, train
 from resnet_jax.training.steps import folded_logits, make_eval_step
 
@@ -45,6 +50,28 @@ class Classifier:
         self.workdir: Path | None = None
         self.history: list[dict[str, Any]] = []
         self._compiled_logits, self._compiled_for = None, None
+
+    @classmethod
+    def from_pretrained(cls, name: str, weights: str = "DEFAULT", *, file: str | Path | None = None,
+                        **config: Any) -> "Classifier":
+        """A classifier with published ImageNet weights (``resnet_jax.pretrained``): ``"resnet50"``,
+        ``"resnet50.IMAGENET1K_V1"``, ``"resnet50.a1_in1k"``, or ``name`` plus ``weights``. It predicts,
+        evaluates and exports with the preprocessing the weights' accuracy was measured with
+        (``weights_info(...).transforms()``: resize, crop, interpolation, mean/std), and ``fit`` fine-tunes it
+        with a new head for the dataset's classes (``config.init_from`` names the weights).
+
+        ``file``: a local copy of the weights instead of the download (no digest check, the file is the user's;
+        the preprocessing is still the tag's). ``config``: config keys, e.g. ``image_size`` to fine-tune at."""
+        from resnet_jax.pretrained import pretrained, weights_info
+
+        info = weights_info(name, weights)
+        tagged = f"{info.model}.{info.tag}"
+        model, variables = pretrained(tagged, file=file)
+        settings = {"image_size": info.crop_size, "augment": "imagenet", "init_from": tagged,
+                    "weights_file": str(file) if file is not None else "", **config}
+        clf = cls(info.model, info.num_classes, class_names=info.categories, **settings)
+        clf.model, clf.variables = model, variables
+        return clf
 
     # --- training and evaluation -------------------------------------------------------------------------
     def fit(self, dataset: str = "digits", *, workdir: str | Path | None = None, **config: Any) -> list[dict]:
@@ -70,7 +97,8 @@ class Classifier:
         mean, std = self._stats()
         loader = data.eval_loader(source, batch_size=batch_size, image_size=self.config.image_size, mean=mean,
                                   std=std, channels=self.model.in_channels,
-                                  crop_fraction=self.config.eval_crop_fraction or None)
+                                  crop_fraction=self.config.eval_crop_fraction or None,
+                                  transform=eval_transform(self.config))
         mesh = make_mesh()
         state = _Evaluable(self.model.apply, variables)
         return evaluate_loader(state, make_eval_step(mesh, self.model), loader, mesh)
@@ -91,9 +119,14 @@ class Classifier:
         return self._compiled_logits(self._require_variables(), batch)
 
     def preprocess(self, images: Any) -> jnp.ndarray:
-        """Images as the model saw them in evaluation: resized, centre-cropped, channels fixed, normalised."""
-        batch = prepare_batch(images, size=self.config.image_size, crop_fraction=self.crop_fraction,
-                              channels=self.model.in_channels)
+        """Images as the model saw them in evaluation: resized, centre-cropped, channels fixed, normalised; with
+        the published weights' preprocessing (``config.eval_resize``...) when it has one."""
+        transform = eval_transform(self.config)
+        if transform is not None:
+            batch = transform.prepare(images, self.model.in_channels)
+        else:
+            batch = prepare_batch(images, size=self.config.image_size, crop_fraction=self.crop_fraction,
+                                  channels=self.model.in_channels)
         return jnp.asarray(data.normalize(batch, *self._stats()))
 
     @property
@@ -137,9 +170,15 @@ class Classifier:
         from resnet_jax.export import Preprocessing, export_model
 
         mean, std = self._stats()
+        transform = eval_transform(self.config)
+        if transform is None:
+            prep = Preprocessing(self.config.image_size, mean, std, self.crop_fraction)
+        else:
+            prep = Preprocessing(transform.crop_size, mean, std, transform.crop_size / transform.resize_size,
+                                 resize_size=transform.resize_size, interpolation=transform.interpolation,
+                                 crop_mode=transform.crop_mode)
         return export_model(self.model, self._require_variables(), path, format=format, platforms=platforms,
-                            preprocessing=Preprocessing(self.config.image_size, mean, std, self.crop_fraction),
-                            class_names=self.class_names, model_name=self.config.model)
+                            preprocessing=prep, class_names=self.class_names, model_name=self.config.model)
 
     # --- helpers -----------------------------------------------------------------------------------------
     def _require_variables(self) -> dict[str, Any]:

@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"                 # compute dtype; parameters and logits stay float32
     c.remat = False
     c.zero_init_residual = False
-    c.init_from = ""                    # torchvision .pth/.safetensors file, or a run's workdir, to start from
+    c.init_from = ""                    # torchvision .pth/.safetensors file, a run's workdir, or published weights
+                                        # ("resnet50", "resnet50.IMAGENET1K_V2", "resnet50.a1_in1k") to start from
+    c.weights_file = ""                 # a local copy of the published weights init_from names (no download)
     # data
     c.dataset = "digits"                # "digits", "synthetic", or any TFDS name ("cifar10", "imagenet2012", ...)
     c.data_dir = ""                     # TFDS data_dir ("" = TFDS default)
@@ -39,6 +41,17 @@ def base_config() -> ml_collections.ConfigDict:
                                         # "imagenet" (random-resized crop + flip), "none"
     c.eval_crop_fraction = 0.0          # centre crop at evaluation/predict (0: 1.0 for fixed-size data, else 0.875)
     c.normalize = "dataset"             # "dataset" (per-dataset mean/std) or "imagenet" (for torchvision weights)
+    c.mean = ()                         # per-channel mean/std in 0..1 units, replacing normalize's (published
+    c.std = ()                          # weights in init_from set their own)
+    # evaluation/predict/export resolution, apart from training's image_size: resize (short side, truncated as
+    # torchvision does) to eval_resize, centre-crop eval_crop, with Pillow's eval_interpolation and timm's
+    # eval_crop_mode (resnet_jax.data.transforms.EvalTransform). 0 = image_size / eval_crop_fraction, cropped to
+    # image_size as before. Published weights in init_from fill all four with the preprocessing they were
+    # measured with, unless set.
+    c.eval_resize = 0
+    c.eval_crop = 0
+    c.eval_interpolation = "bilinear"
+    c.eval_crop_mode = "center"
     c.num_workers = 0                   # Grain worker processes (0 = in-process)
     # optimisation
     c.batch_size = 128                  # global, across all devices and processes
@@ -144,6 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {full.label_smoothing}")
     _check_model_overrides(full.model_overrides)
     _check_recipe_keys(full)
+    _check_eval_preprocessing(full)
     return full
 
 
@@ -162,6 +176,66 @@ def _check_recipe_keys(full: ml_collections.ConfigDict) -> None:
     if full.batch_size % full.grad_accum_steps:
         raise ValueError(f"config.batch_size={full.batch_size} does not split into config.grad_accum_steps="
                          f"{full.grad_accum_steps} equal micro-batches; make it a multiple")
+
+
+_PATH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".npz")
+
+
+def published_weights(init_from: str):
+    """The ``Weights`` record ``init_from`` names (``"resnet50"``, ``"resnet50.IMAGENET1K_V2"``,
+    ``"resnet50.a1_in1k"``), or ``None`` when it is empty, an existing path, or looks like one (a file suffix or a
+    directory separator: ``check_init_from`` then says it is missing)."""
+    from pathlib import Path
+
+    from resnet_jax.pretrained import weights_info
+
+    if not init_from or Path(init_from).expanduser().exists() or "/" in init_from or "\\" in init_from:
+        return None
+    if Path(init_from).suffix.lower() in _PATH_SUFFIXES:
+        return None
+    try:
+        return weights_info(init_from)
+    except ValueError as err:
+        raise ValueError(f"config.init_from={init_from!r} is neither an existing file or workdir nor published "
+                         f"weights: {err}") from None
+
+
+def _check_eval_preprocessing(full: ml_collections.ConfigDict) -> None:
+    """Published weights in ``init_from`` fill in the evaluation preprocessing they were measured with (unless
+    ``eval_resize`` is set) and their mean/std (unless ``mean`` is set); then every such key is checked."""
+    from resnet_jax.data.transforms import CROP_MODES, INTERPOLATIONS
+
+    filled = full.eval_resize and full.mean and not full.weights_file  # a saved run's: no look-up needed
+    info = None if filled else published_weights(full.init_from)
+    if full.weights_file and info is None:
+        raise ValueError(f"config.weights_file is a local copy of the published weights init_from names, but "
+                         f"init_from={full.init_from!r} names none; set init_from to e.g. 'resnet50.IMAGENET1K_V2', "
+                         "or give the file itself as init_from")
+    if info is not None and not full.eval_resize:
+        full.eval_resize, full.eval_crop = info.resize_size, info.crop_size
+        full.eval_interpolation, full.eval_crop_mode = info.interpolation, info.crop_mode
+    if info is not None and not full.mean and not full.std:
+        full.mean, full.std = tuple(info.mean), tuple(info.std)
+    if full.eval_resize < 0 or full.eval_crop < 0:
+        raise ValueError(f"config.eval_resize and config.eval_crop must be positive (or 0 for the defaults), got "
+                         f"{full.eval_resize} and {full.eval_crop}")
+    _choice("eval_interpolation", full.eval_interpolation, tuple(INTERPOLATIONS))
+    _choice("eval_crop_mode", full.eval_crop_mode, CROP_MODES)
+    if len(full.mean) != len(full.std) or len(full.mean) not in (0, 1, 3):
+        raise ValueError(f"config.mean and config.std need the same number of values, one per channel (or one for "
+                         f"all), got {len(full.mean)} and {len(full.std)}")
+
+
+def eval_transform(config: ml_collections.ConfigDict):
+    """The ``EvalTransform`` evaluation, prediction and export use when ``eval_resize`` is set, else ``None`` (the
+    run's own resize to ``image_size / eval_crop_fraction``)."""
+    from resnet_jax.data.transforms import EvalTransform
+
+    if not config.get("eval_resize"):
+        return None
+    mean, std = normalization_stats(config)
+    return EvalTransform(int(config.eval_resize), int(config.eval_crop or config.image_size), tuple(mean),
+                         tuple(std), config.eval_interpolation, config.eval_crop_mode)
 
 
 # Set by model_from_config from the top-level keys of the same name; an override would be silently replaced.
@@ -214,6 +288,8 @@ def normalization_stats(config: ml_collections.ConfigDict):
     from resnet_jax import data
 
     imagenet = (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    if config.get("mean"):
+        return tuple(config.mean), tuple(config.std)
     if config.normalize == "imagenet":
         return imagenet
     return data.DATASET_STATS.get(config.dataset.removeprefix("tfds:"), imagenet)

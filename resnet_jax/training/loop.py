@@ -30,8 +30,8 @@ from resnet_jax.parallel import (check_batch_size, initialize_distributed, make_
 from resnet_jax.training import workdir as run_dir
 from resnet_jax.training.compile_cache import compilation_cache
 from resnet_jax.training.ema import make_ema_update
-from resnet_jax.training.config import (check_against_data, min_image_size, model_from_config, normalization_stats,
-                                        validate)
+from resnet_jax.training.config import (check_against_data, eval_transform, min_image_size, model_from_config,
+                                        normalization_stats, validate)
 from resnet_jax.training.metrics_log import MetricsLog, read_metrics
 from resnet_jax.training.optim import make_optimizer, make_schedule
 from resnet_jax.training.preemption import StopOnSignal
@@ -148,7 +148,8 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
                                      auto_augment=config.auto_augment, random_erasing=config.random_erasing,
                                      ra_reps=config.ra_reps, **loader_args)
     val_loader = data.eval_loader(run.val_source, batch_size=config.eval_batch_size,
-                                  crop_fraction=config.eval_crop_fraction, **loader_args)
+                                  crop_fraction=config.eval_crop_fraction, transform=eval_transform(config),
+                                  **loader_args)
     tx = make_optimizer(config, spe)
     input_shape = (1, config.image_size, config.image_size, model.in_channels)
     create = jax.jit(lambda v: create_train_state(model, tx, config.seed, input_shape, v, ema=config.model_ema),

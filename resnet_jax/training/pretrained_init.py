@@ -1,4 +1,6 @@
-"""Starting weights for fine-tuning (``config.init_from``): a torchvision file or another run's workdir.
+"""Starting weights for fine-tuning (``config.init_from``): a torchvision file, another run's workdir, or
+published weights by name (``"resnet50.IMAGENET1K_V2"``, ``"resnet50.a1_in1k"``: ``resnet_jax.pretrained``, which
+downloads them once, or reads ``config.weights_file``, a local copy).
 
 Every parameter and BatchNorm statistic is taken from the source except the classifier head when the class
 count differs, which keeps its fresh initialisation (the usual fine-tuning recipe). Anything else that does not
@@ -18,10 +20,18 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 HEAD = "fc"
 
 
-def check_init_from(config) -> Path | None:
-    """The starting-weights file or workdir, checked to exist (before a run writes or compiles anything)."""
+def check_init_from(config) -> Path | str | None:
+    """The starting-weights file or workdir, checked to exist (before a run writes or compiles anything), or
+    the published weights' name (``validate`` has checked that it names some)."""
+    from resnet_jax.training.config import published_weights
+
     if not config.init_from:
         return None
+    if published_weights(config.init_from) is not None:
+        if config.get("weights_file") and not Path(config.weights_file).expanduser().is_file():
+            raise FileNotFoundError(f"config.weights_file={config.weights_file!r} is not a file; give the path of "
+                                    f"a local copy of {config.init_from}'s weights")
+        return config.init_from
     source = Path(config.init_from).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"config.init_from={config.init_from!r} does not exist; give a torchvision "
@@ -35,7 +45,9 @@ def initial_variables(config, model, input_shape, log: Callable[[str], None]) ->
     source = check_init_from(config)
     if source is None:
         return None
-    if source.is_dir():
+    if isinstance(source, str):
+        loaded = _published_variables(config, model, source)
+    elif source.is_dir():
         from resnet_jax.checkpoint import load_variables
 
         _, loaded, _ = load_variables(source)
@@ -45,6 +57,17 @@ def initial_variables(config, model, input_shape, log: Callable[[str], None]) ->
     merged, replaced = merge_pretrained(jax.device_get(fresh), loaded)
     log(f"initialised from {source}" + (f" (new head: {', '.join(replaced)})" if replaced else ""))
     return merged
+
+
+def _published_variables(config, model, name: str) -> dict[str, Any]:
+    """Published weights (downloaded once and cached, or ``config.weights_file``), converted with their own
+    head: ``merge_pretrained`` keeps the fresh one instead where the run has another number of classes (no second
+    initialisation of the whole model inside the converter)."""
+    from resnet_jax.pretrained import pretrained
+
+    overrides = {k: v for k, v in dict(config.model_overrides).items() if k != "num_classes"}
+    _, variables = pretrained(name, file=config.get("weights_file") or None, progress=False, **overrides)
+    return variables
 
 
 def _torchvision_variables(config, model, source: Path) -> dict[str, Any]:

@@ -26,10 +26,8 @@ def get_config():
     c.dataset = "imagenet2012"
     c.normalize = "imagenet"                # train.py: Normalize(IMAGENET mean/std)
     c.image_size = 176                      # --train-crop-size 176
-    if "eval_resize" in c:                  # --val-resize-size 232, --val-crop-size 224 (train.py default)
-        c.eval_resize, c.eval_crop = 232, 224
-    else:
-        c.eval_crop_fraction = 224 / 232
+    c.eval_resize, c.eval_crop = 232, 224   # --val-resize-size 232, --val-crop-size 224 (train.py default)
+    c.eval_interpolation = "bilinear"       # --interpolation bilinear (train.py default)
     c.augment = "imagenet"                  # RandomResizedCrop(176) + RandomHorizontalFlip (presets.py)
     c.auto_augment = "ta_wide"              # --auto-augment ta_wide
     c.random_erasing = 0.1                  # --random-erase 0.1

@@ -1,0 +1,208 @@
+"""``Classifier.from_pretrained``: published weights plus the preprocessing they were measured with.
+
+The reference is torchvision itself: its ResNet-18 with its own ``weights.transforms()``, fed the same weights
+(a local file, as ``file=`` takes it: torchvision's ``resnet18()`` with a fixed seed and random BatchNorm
+statistics, so no download), must give the same top-5 ImageNet names with probabilities within 1e-3 on
+scikit-learn's sample photographs. The fine-tuned, exported and reloaded forms keep that preprocessing."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from conftest import random_batch_stats, run_python
+from resnet_jax.training.classifier import Classifier
+from training_helpers import worker_env
+
+TAG = "resnet18.IMAGENET1K_V1"
+
+
+def photos():
+    """Two photographs of different shapes (landscape, and a portrait cut with odd sizes)."""
+    china, flower = load_sample_image("china.jpg"), load_sample_image("flower.jpg")
+    return [china, np.ascontiguousarray(flower[40:401, 100:333])]
+
+
+@pytest.fixture(scope="module")
+def torch_resnet18(tmp_path_factory):
+    """``(model, file)``: torchvision's ResNet-18 with seeded random weights and BatchNorm statistics, and the
+    file it was saved to with ``torch.save`` (its top-5 probabilities on the photos are 0.5 to 0.02, well apart)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    model.load_state_dict(random_batch_stats(model.state_dict(), 0))
+    path = tmp_path_factory.mktemp("weights") / "resnet18-local.pth"
+    torch.save(model.state_dict(), path)
+    return model.eval(), path
+
+
+@pytest.fixture(scope="module")
+def clf(torch_resnet18):
+    return Classifier.from_pretrained(TAG, file=torch_resnet18[1])
+
+
+def torchvision_top5(model, image):
+    transform = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    names = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    with torch.no_grad():
+        probs = torch.softmax(model(transform(Image.fromarray(image))[None]), -1)[0].numpy()
+    order = np.argsort(-probs)[:5]
+    return [names[i] for i in order], probs[order]
+
+
+def test_predict_equals_torchvision_with_its_own_transforms(clf, torch_resnet18, tmp_path):
+    """On an array and on an image file (lossless, so both hold the same pixels)."""
+    Image.fromarray(photos()[1]).save(tmp_path / "photo.png")
+    ours = clf.predict([photos()[0], str(tmp_path / "photo.png")])
+    for image, top in zip(photos(), ours):
+        names, probs = torchvision_top5(torch_resnet18[0], image)
+        assert np.min(-np.diff(probs)) > 2e-3, "the reference's top-5 must be well separated to compare"
+        assert [name for name, _ in top] == names
+        np.testing.assert_allclose([p for _, p in top], probs, atol=1e-3)
+
+
+def test_it_carries_the_tags_preprocessing_and_imagenets_names(clf):
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    assert clf.class_names == weights.meta["categories"]
+    t = weights.transforms()
+    assert (clf.config.eval_resize, clf.config.eval_crop, clf.config.eval_interpolation) == (
+        t.resize_size[0], t.crop_size[0], t.interpolation.value)
+    assert (list(clf.config.mean), list(clf.config.std)) == (t.mean, t.std)
+    np.testing.assert_array_equal(clf.preprocess([photos()[1]])[0],
+                                  t(Image.fromarray(photos()[1])).permute(1, 2, 0).numpy())
+
+
+def test_export_carries_the_preprocessing_and_the_artifact_predicts_the_same(clf, tmp_path):
+    from resnet_jax.export import load_exported
+
+    path = clf.export(tmp_path / "resnet18.onnx")
+    manifest = json.loads(path.with_name(path.name + ".json").read_text())
+    prep = manifest["preprocessing"]
+    assert manifest["format_version"] == 2
+    assert (prep["resize_size"], prep["image_size"], prep["interpolation"], prep["crop_mode"]) == (
+        256, 224, "bilinear", "center")
+    exported = load_exported(path)
+    resize_crop = torchvision.transforms.Compose([torchvision.transforms.Resize(256),
+                                                  torchvision.transforms.CenterCrop(224)])
+    np.testing.assert_array_equal(exported.prepare(photos()),
+                                  [np.asarray(resize_crop(Image.fromarray(p))) for p in photos()])
+    got, want = exported.predict(photos()), clf.predict(photos())
+    assert [[n for n, _ in row] for row in got] == [[n for n, _ in row] for row in want]
+    np.testing.assert_allclose([[p for _, p in row] for row in got], [[p for _, p in row] for row in want],
+                               atol=1e-4)
+
+
+def test_predict_command_prints_torchvisions_top5(torch_resnet18, tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(photos()[1]).save(path)
+    proc = run_python(module="train.predict", args=[f"--pretrained={TAG}", f"--weights_file={torch_resnet18[1]}",
+                                                     str(path)], env=worker_env())
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == str(path)
+    printed = [line.split("%", 1)[1].strip() for line in lines[1:]]
+    assert printed == torchvision_top5(torch_resnet18[0], photos()[1])[0]
+
+
+def test_init_from_takes_a_published_name_and_its_preprocessing(tmp_path):
+    """``init_from="resnet18.IMAGENET1K_V1"`` (with ``weights_file``, a local copy; one block per stage, so the
+    run's initialisation compiles quickly): every layer from the file, a new head for the run's 10 classes, and
+    evaluation's preprocessing and mean/std the tag's."""
+    import ml_collections
+
+    from resnet_jax.training.config import base_config, model_from_config, normalization_stats, validate
+    from resnet_jax.training.pretrained_init import initial_variables
+
+    torch.manual_seed(2)
+    source = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    state = random_batch_stats(source.state_dict(), 2)
+    torch.save(state, tmp_path / "small.pth")
+    config = validate(ml_collections.ConfigDict({
+        **base_config().to_dict(), "model": "resnet18", "model_overrides": {"stage_sizes": (1, 1, 1, 1)},
+        "init_from": TAG, "weights_file": str(tmp_path / "small.pth"), "image_size": 32}))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    assert (config.eval_resize, config.eval_crop, config.eval_interpolation, config.eval_crop_mode) == (
+        weights.resize_size[0], weights.crop_size[0], weights.interpolation.value, "center")
+    assert normalization_stats(config) == (tuple(weights.mean), tuple(weights.std))
+    logs = []
+    variables = initial_variables(config, model_from_config(config, 10), (1, 32, 32, 3), logs.append)
+    np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"],
+                                  state["conv1.weight"].permute(2, 3, 1, 0).numpy())
+    np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"], state["bn1.running_var"].numpy())
+    assert variables["params"]["fc"]["kernel"].shape == (512, 10)
+    assert logs == [f"initialised from {TAG} (new head: params/fc/bias, params/fc/kernel)"]
+
+
+def test_init_from_a_published_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    import ml_collections
+
+    from resnet_jax.pretrained import CACHE_ENV, MIRROR_ENV, DownloadError
+    from resnet_jax.training.config import base_config, model_from_config, validate
+    from resnet_jax.training.pretrained_init import initial_variables
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(MIRROR_ENV, "http://127.0.0.1:9")  # the discard port: nothing listens, no network used
+    config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "model": "resnet18",
+                                                 "init_from": TAG, "image_size": 32}))
+    with pytest.raises(DownloadError, match=f"put it at {tmp_path}/resnet18-f37072fd.pth"):
+        initial_variables(config, model_from_config(config, 10), (1, 32, 32, 3), print)
+
+
+def test_init_from_that_is_neither_a_path_nor_published_weights_is_one_sentence():
+    import ml_collections
+
+    from resnet_jax.training.config import base_config, validate
+
+    for init_from, message in (("resnet18.IMAGENET1K_V9", "neither an existing file or workdir nor published"),
+                               ("resnt50", "Did you mean 'resnet50'")):
+        with pytest.raises(ValueError, match=message):
+            validate(ml_collections.ConfigDict({**base_config().to_dict(), "init_from": init_from}))
+    with pytest.raises(ValueError, match="weights_file is a local copy"):
+        validate(ml_collections.ConfigDict({**base_config().to_dict(), "weights_file": "x.pth"}))
+
+
+@pytest.mark.long
+def test_fit_fine_tunes_with_a_new_head_and_keeps_the_tags_preprocessing(torch_resnet18, tmp_path):
+    clf = Classifier.from_pretrained(TAG, file=torch_resnet18[1], image_size=32)
+    clf.fit("digits", workdir=tmp_path / "run", max_steps=3, batch_size=16, eval_batch_size=64,
+            eval_resize=40, eval_crop=32, progress_bar=False, compilation_cache_dir="")
+    assert clf.model.num_classes == 10 and clf.variables["params"]["fc"]["kernel"].shape == (512, 10)
+    assert clf.class_names == [str(i) for i in range(10)]
+    loaded = Classifier.load(tmp_path / "run")
+    assert (loaded.config.init_from, loaded.config.eval_resize, list(loaded.config.mean)) == (
+        TAG, 40, [0.485, 0.456, 0.406])
+    digits = [np.repeat(d[..., None], 3, -1) for d in load_digits_images(2)]
+    assert loaded.predict(digits) == clf.predict(digits)
+
+
+def load_digits_images(n):
+    from resnet_jax import data
+
+    src = data.get_source("digits", "validation", image_size=8)
+    return [np.asarray(src[i]["image"])[..., 0] for i in range(n)]
+
+
+@pytest.mark.long  # a second whole model at 288; the quick torchvision check above covers the shared path
+def test_a_timm_tag_equals_timms_model_with_its_own_transform(tmp_path):
+    """timm's ``resnet18.a1_in1k`` (its names, bicubic, evaluated at 288 uncropped) from a local safetensors file,
+    against timm's model with ``create_transform(**resolve_data_config(model=m, use_test_size=True))``."""
+    import safetensors.torch
+    import timm
+    import timm.data
+
+    torch.manual_seed(1)
+    model = timm.create_model("resnet18.a1_in1k", pretrained=False)
+    model.load_state_dict(random_batch_stats(model.state_dict(), 1))
+    model.eval()
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "model.safetensors")
+    clf = Classifier.from_pretrained("resnet18.a1_in1k", file=tmp_path / "model.safetensors")
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model, use_test_size=True))
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.stack([transform(Image.fromarray(p)) for p in photos()])), -1).numpy()
+    for row, top in zip(probs, clf.predict(photos())):
+        order = np.argsort(-row)[:5]
+        assert np.min(-np.diff(row[order])) > 2e-3, "the reference's top-5 must be well separated to compare"
+        assert [name for name, _ in top] == [clf.class_names[i] for i in order]
+        np.testing.assert_allclose([p for _, p in top], row[order], atol=1e-3)

@@ -1,0 +1,69 @@
+"""The evaluation pipeline with published weights' preprocessing (``eval_loader(transform=...)``, the config's
+``eval_resize``/``eval_crop``): its batches equal, per pixel, torchvision's ``ImageClassification`` (the
+transform behind every ``weights.transforms()``) on photographs of different shapes."""
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_sample_image
+from torchvision.transforms._presets import ImageClassification
+
+from resnet_jax import data
+from resnet_jax.pretrained import weights_info
+from resnet_jax.training.config import base_config, eval_transform, validate
+
+
+class PhotoSource(data.Source):
+    """scikit-learn's photographs cut to three shapes: landscape, portrait with odd sizes, smaller than the crop."""
+
+    name, split, num_classes = "photos", "validation", 3
+
+    def __init__(self):
+        china, flower = load_sample_image("china.jpg"), load_sample_image("flower.jpg")
+        self.images = [china, np.ascontiguousarray(flower[40:401, 100:333]), china[100:251, 200:403]]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": i}
+
+
+def config(**keys):
+    return validate(ml_collections.ConfigDict({**base_config().to_dict(), **keys}))
+
+
+def test_batches_equal_torchvisions_image_classification_per_pixel():
+    src = PhotoSource()
+    cfg = config(image_size=176, eval_resize=232, eval_crop=224, normalize="imagenet")  # 176: training's own size
+    transform = eval_transform(cfg)
+    loader = data.eval_loader(src, batch_size=2, image_size=cfg.image_size, mean=transform.mean, std=transform.std,
+                              channels=3, transform=transform)
+    batches = list(loader)
+    images = np.concatenate([b["image"] for b in batches])
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert images.shape == (4, 224, 224, 3) and mask.tolist() == [True, True, True, False]
+    reference = ImageClassification(crop_size=224, resize_size=232)
+    for i, photo in enumerate(src.images):
+        expected = reference(Image.fromarray(photo)).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(images[i], expected)
+
+
+def test_published_weights_in_init_from_set_evaluations_preprocessing_unless_told_otherwise():
+    assert eval_transform(config(init_from="resnet50.IMAGENET1K_V2")) == weights_info("resnet50.IMAGENET1K_V2"
+                                                                                      ).transforms()
+    timm = config(init_from="resnet50.a1_in1k", image_size=224)
+    assert eval_transform(timm) == weights_info("resnet50.a1_in1k").transforms()  # bicubic, 288 evaluation
+    own = config(init_from="resnet50.IMAGENET1K_V2", eval_resize=160, eval_crop=128, eval_interpolation="bicubic")
+    assert (own.eval_resize, own.eval_crop, own.eval_interpolation) == (160, 128, "bicubic")
+    assert eval_transform(config()) is None  # no published weights: the run's own resize, as before
+
+
+@pytest.mark.parametrize("keys,message", [({"eval_interpolation": "bilinar"}, "did you mean 'bilinear'"),
+                                          ({"eval_crop_mode": "centre"}, "did you mean 'center'"),
+                                          ({"eval_resize": -1}, "must be positive"),
+                                          ({"mean": (0.5, 0.5), "std": (0.5, 0.5)}, "one per channel")])
+def test_bad_evaluation_settings_are_one_sentence(keys, message):
+    with pytest.raises(ValueError, match=message):
+        config(**keys)
