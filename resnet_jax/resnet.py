@@ -162,14 +162,14 @@ class ResNet(nn.Module):
         if self.remat:
             block_cls = nn.remat(block_cls)
         features = []
-        layout, total = self.block_layout(), sum(self.stage_sizes)
+        layout, rates = self.block_layout(), self.drop_path_rates()
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             for j in range(size):
                 index, strides, dilation, first_dilation = layout[i][j]
                 x = block_cls(width, strides, conv_norm, norm, shortcut=self.shortcut,
                               preact=self.preact, zero_init_residual=self.zero_init_residual, groups=self.groups,
                               width_per_group=self.width_per_group, dilation=dilation, first_dilation=first_dilation,
-                              attn_layer=self.attn_layer, drop_path=self.drop_path_rate * index / max(total - 1, 1),
+                              attn_layer=self.attn_layer, drop_path=rates[index],
                               deterministic=not train, dtype=self.dtype, param_dtype=self.param_dtype,
                               name=f"layer{i + 1}_{j}")(x)
             features.append(x)
@@ -213,6 +213,12 @@ class ResNet(nn.Module):
                            for j in range(size)])
             index += size
         return layout
+
+    def drop_path_rates(self) -> tuple[float, ...]:
+        """Each block's stochastic-depth rate, by global block index: ``drop_path_rate * index / (blocks - 1)``,
+        0 for the first block and the full rate for the last (timm's ResNet; Huang et al.'s linear decay)."""
+        total = sum(self.stage_sizes)
+        return tuple(self.drop_path_rate * index / max(total - 1, 1) for index in range(total))
 
     def feature_strides(self) -> tuple[int, ...]:
         """The stride of each stage output ``features_only`` returns (4, 8, 16, 32; 4, 8, 16, 16 at

@@ -41,7 +41,8 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: M
 
         def loss_fn(params):
             logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images,
-                                             train=True, mutable=["batch_stats"])
+                                             train=True, mutable=["batch_stats"],
+                                             rngs={"dropout": jax.random.fold_in(rng, 1)})  # drop_path_rate
             per_example = cross_entropy(logits, targets, weights)
             return jnp.sum(per_example) / jnp.sum(weights), (logits, per_example, updates["batch_stats"])
 
