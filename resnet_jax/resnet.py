@@ -291,6 +291,22 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     **{f"resnetv2_{d}d": _imagenet(*_DEPTHS[d], preact=True, stem="deep", shortcut="avg_pool") for d in _DEPTHS},
     **{f"resnet{d}_cifar": _imagenet(*_DEPTHS[d], stem="cifar", num_classes=10) for d in (18, 34, 50)},
     **{f"resnet{d}": _cifar_he(d) for d in (20, 32, 44, 56, 110)},
+    # timm's channel-attention ResNets (its ResNet class with block_args attn_layer "se"/"eca"); "d": ResNet-D's
+    # deep stem and average-pool shortcuts, "t": the same with the tiered stem
+    **{f"seresnet{d}": _imagenet(*_DEPTHS[d], attn_layer="se") for d in _DEPTHS},
+    "seresnet152d": _imagenet(*_DEPTHS[152], stem="deep", shortcut="avg_pool", attn_layer="se"),
+    "seresnext26d_32x4d": _imagenet((2, 2, 2, 2), "bottleneck", groups=32, width_per_group=4, stem="deep",
+                                    shortcut="avg_pool", attn_layer="se"),
+    "seresnext50_32x4d": _imagenet(*_DEPTHS[50], groups=32, width_per_group=4, attn_layer="se"),
+    "seresnext101_32x4d": _imagenet(*_DEPTHS[101], groups=32, width_per_group=4, attn_layer="se"),
+    "seresnext101_32x8d": _imagenet(*_DEPTHS[101], groups=32, width_per_group=8, attn_layer="se"),
+    "seresnext101d_32x8d": _imagenet(*_DEPTHS[101], groups=32, width_per_group=8, stem="deep",
+                                     shortcut="avg_pool", attn_layer="se"),
+    "seresnext101_64x4d": _imagenet(*_DEPTHS[101], groups=64, width_per_group=4, attn_layer="se"),
+    "ecaresnet26t": _imagenet((2, 2, 2, 2), "bottleneck", stem="deep_tiered", shortcut="avg_pool", attn_layer="eca"),
+    "ecaresnet50d": _imagenet(*_DEPTHS[50], stem="deep", shortcut="avg_pool", attn_layer="eca"),
+    "ecaresnet50t": _imagenet(*_DEPTHS[50], stem="deep_tiered", shortcut="avg_pool", attn_layer="eca"),
+    "ecaresnet101d": _imagenet(*_DEPTHS[101], stem="deep", shortcut="avg_pool", attn_layer="eca"),
 }
 
 _FIELDS = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}
