@@ -10,6 +10,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 
 def se_channels(channels: int, ratio: float = 1 / 16, divisor: int = 8) -> int:
@@ -35,9 +36,9 @@ class SqueezeExcite(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         channels = x.shape[-1]
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = jnp.mean(x, axis=(1, 2))  # (N, C): a plain matrix product for the dense layers (and the ONNX export)
         s = dense(channels, "fc2")(nn.relu(dense(se_channels(channels), "fc1")(s)))
-        return x * nn.sigmoid(s).astype(x.dtype)
+        return x * nn.sigmoid(s)[:, None, None, :].astype(x.dtype)
 
 
 class EfficientChannelAttention(nn.Module):
@@ -54,8 +55,11 @@ class EfficientChannelAttention(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, 1, 1), self.param_dtype)
         s = jnp.mean(x, axis=(1, 2))  # (N, C)
         padded = jnp.pad(s, ((0, 0), ((k - 1) // 2, (k - 1) // 2)))
-        taps = kernel[:, 0, 0].astype(s.dtype)
-        s = sum(taps[j] * padded[:, j:j + channels] for j in range(k))  # a cross-correlation, as torch's Conv1d
+        taps = kernel.reshape(k).astype(s.dtype)
+        # a cross-correlation, as torch's Conv1d; lax slices, which numpy-style indexing is not under a symbolic
+        # batch (a gather there, which the ONNX export does not translate)
+        s = sum(lax.slice_in_dim(taps, j, j + 1) * lax.slice_in_dim(padded, j, j + channels, axis=1)
+                for j in range(k))
         return x * nn.sigmoid(s)[:, None, None, :].astype(x.dtype)
 
 

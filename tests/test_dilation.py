@@ -79,9 +79,10 @@ def test_equals_torchvision_replace_stride_with_dilation(output_stride, image):
     check_against(tv, model, variables, image)
 
 
-@pytest.mark.parametrize("name,output_stride", [("resnet50", 16), ("resnet50d", 8)])
+@pytest.mark.parametrize("name,output_stride", [("resnet50", 16), ("resnet50d", 8), ("seresnet18", 8)])
 def test_equals_timm_output_stride(name, output_stride, image):
-    """resnet50d at 8: the average-pool shortcut of a dilated stage is timm's 2x2 stride-1 "same" pool."""
+    """resnet50d at 8: the average-pool shortcut of a dilated stage is timm's 2x2 stride-1 "same" pool; seresnet18:
+    basic blocks (which torchvision refuses to dilate) with SE."""
     torch.manual_seed(1)
     tm = timm.create_model(name, layers=LAYERS, num_classes=10, output_stride=output_stride).eval()
     tm.load_state_dict(random_batch_stats(tm.state_dict(), 1))
