@@ -90,12 +90,24 @@ def test_equals_timm_output_stride(name, output_stride, image):
     check_against(tm, model, variables, image)
 
 
+def random_variables(model, shape):
+    """Variables without compiling ``model.init`` (seconds on the loaded test machine): random BatchNorm
+    statistics (conftest) on the abstract tree, and He-scaled normal draws for the kernels it leaves abstract."""
+    variables = random_batch_stats(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape)), 2)
+
+    def kernel(a):
+        if isinstance(a, jax.Array):
+            return a
+        return jax.random.normal(jax.random.key(a.size), a.shape) * (2 / np.prod(a.shape[:-1])) ** 0.5
+    return jax.tree.map(kernel, variables)
+
+
 @pytest.fixture(scope="module")
 def dilated():
     """resnet50 at output stride 8 with random BatchNorm statistics, and its jitted logits at 40x56."""
     model = create_model("resnet50", stage_sizes=(1, 1, 1, 1), num_classes=10, output_stride=8)
     x = jax.random.normal(jax.random.key(1), (2, 40, 56, 3))
-    variables = jax.jit(lambda: random_batch_stats(model.init(jax.random.key(0), x[:1]), 2))()
+    variables = random_variables(model, x[:1].shape)
     return model, variables, x, jax.jit(model.apply)(variables, x)
 
 

@@ -63,7 +63,7 @@ def test_train_mode_drops_whole_samples_and_scales_the_kept():
     "dropout" key and nothing else."""
     model = create_model("resnet50", stage_sizes=(0, 0, 1, 1), stage_widths=(8, 8, 8, 16), num_classes=10,
                          drop_path_rate=0.5)
-    x = jax.random.normal(jax.random.key(0), (64, 16, 16, 3))
+    x = jax.random.normal(jax.random.key(0), (64, 8, 8, 3))
     variables = model.init(jax.random.key(1), x[:2])
 
     @jax.jit
