@@ -9,11 +9,14 @@ torchvision's so the weight converter is a rename, not a translation.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
+
+from resnet_jax.attention import ATTENTION, attention
 
 ModuleFactory = Callable[..., nn.Module]
 # conv_norm(features, kernel_size, *, strides, groups, conv_name, norm_name, scale_init, kernel_init) returns
@@ -33,6 +36,25 @@ def _avg_pool_ceil(x: jnp.ndarray) -> jnp.ndarray:
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding=pad, count_include_pad=False)
 
 
+def _avg_pool_same(x: jnp.ndarray) -> jnp.ndarray:
+    """2x2/1 average pool over the input zero-padded by one row and column at the end (every window divides by
+    4): what timm's ResNet-D shortcut does where a dilated stage replaced its stride (``AvgPool2dSame``)."""
+    return nn.avg_pool(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))), (2, 2), strides=(1, 1))
+
+
+def drop_path(module: nn.Module, x: jnp.ndarray, rate: float) -> jnp.ndarray:
+    """Stochastic depth (Huang et al. 2016): each sample's residual branch is zeroed with probability ``rate``
+    and the kept ones scaled by ``1 / (1 - rate)``, so the expected branch is unchanged. Draws from the
+    ``"dropout"`` rng."""
+    if not module.has_rng("dropout"):
+        raise ValueError(f"drop_path_rate > 0 drops residual branches at random in train mode: pass an rng for "
+                         f"them, model.apply(variables, x, train=True, rngs={{'dropout': key}}, ...), or build the "
+                         f"model with drop_path_rate=0")
+    keep = 1.0 - rate
+    kept = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
 class Shortcut(nn.Module):
     """The residual path where the shape changes: the configured downsampling to ``features`` channels."""
 
@@ -41,6 +63,7 @@ class Shortcut(nn.Module):
     kind: str
     conv_norm: ConvNormFactory
     normalized: bool  # False for pre-activation blocks: the projection sees already-normalised input
+    dilation: int = 1  # the block's: >1 in a stage whose stride became dilation (output_stride)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -51,12 +74,20 @@ class Shortcut(nn.Module):
         strides = self.strides
         if self.kind == "avg_pool" and strides > 1:
             x, strides = _avg_pool_ceil(x), 1
+        elif self.kind == "avg_pool" and self.dilation > 1:
+            x = _avg_pool_same(x)
         return self.conv_norm(self.features, (1, 1), strides=strides, conv_name="conv",
                               norm_name="bn" if self.normalized else None)(x)
 
 
 class ResidualBlock(nn.Module):
-    """Fields and helpers shared by both block kinds; ``width`` is the stage's base width (64, 128, ...)."""
+    """Fields and helpers shared by both block kinds; ``width`` is the stage's base width (64, 128, ...).
+
+    ``first_dilation`` is the dilation of the block's first 3x3 and ``dilation`` of the others: in a stage whose
+    stride became dilation (``output_stride``), the first block keeps the previous stage's dilation on its 3x3
+    (DeepLab's rule, as torchvision and timm). ``attn_layer`` ("se", "eca") gates the branch's channels before
+    the residual add; ``drop_path`` is this block's stochastic-depth rate, applied unless ``deterministic``.
+    """
 
     width: int
     strides: int
@@ -67,6 +98,13 @@ class ResidualBlock(nn.Module):
     zero_init_residual: bool = False
     groups: int = 1
     width_per_group: int = 64
+    dilation: int = 1
+    first_dilation: int = 1
+    attn_layer: str | None = None
+    drop_path: float = 0.0
+    deterministic: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     expansion = 1
 
@@ -78,19 +116,35 @@ class ResidualBlock(nn.Module):
         out = self.width * self.expansion
         if self.strides == 1 and x.shape[-1] == out:
             return x
-        return Shortcut(out, self.strides, self.shortcut, self.conv_norm, pre is None, name="downsample")(
-            x if pre is None else pre)
+        return Shortcut(out, self.strides, self.shortcut, self.conv_norm, pre is None, self.dilation,
+                        name="downsample")(x if pre is None else pre)
+
+    def close(self, last: Callable[..., jnp.ndarray], y: jnp.ndarray, residual: jnp.ndarray,
+              relu: bool) -> jnp.ndarray:
+        """``relu(drop_path(attention(last(y))) + residual)``: with neither, ``last`` fuses the add and ReLU
+        into its epilogue, as before these knobs (and as folding needs); with either, they go in between."""
+        stochastic = self.drop_path > 0 and not self.deterministic
+        if self.attn_layer is None and not stochastic:
+            return last(y, residual=residual, relu=relu)
+        z = last(y)
+        if self.attn_layer is not None:
+            z = attention(self.attn_layer, self.dtype, self.param_dtype, name="se")(z)
+        if stochastic:
+            z = drop_path(self, z, self.drop_path)
+        z = z + residual.astype(z.dtype)
+        return nn.relu(z) if relu else z
 
     def last_conv_norm(self, features: int, kernel_size, conv_name: str, norm_name: str):
         """The conv + BN closing a plain block; zero BN scale makes the block start as identity (Goyal et al.)."""
         init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        return self.conv_norm(features, kernel_size, conv_name=conv_name, norm_name=norm_name, scale_init=init)
+        return self.conv_norm(features, kernel_size, conv_name=conv_name, norm_name=norm_name, scale_init=init,
+                              dilation=self.dilation)
 
     def last_conv(self, features: int, name: str):
         """Pre-activation blocks end in a conv, not a BN: zero-init that conv for the same identity start."""
         extra = {"kernel_init": nn.initializers.zeros} if self.zero_init_residual else {}
         return self.conv_norm(features, (1, 1) if self.expansion > 1 else (3, 3), conv_name=name, norm_name=None,
-                              **extra)
+                              dilation=self.dilation, **extra)
 
     def pre_activation(self, x: jnp.ndarray, norm_name: str) -> jnp.ndarray:
         return nn.relu(self.norm(name=norm_name)(x))
@@ -106,14 +160,13 @@ class BasicBlock(ResidualBlock):
         if self.groups != 1 or self.width_per_group != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64 (as torchvision); use a "
                              "Bottleneck model such as resnext50_32x4d or wide_resnet50_2 for grouped or wide blocks")
+        conv1 = dict(strides=self.strides, dilation=self.first_dilation, conv_name="conv1")
         if self.preact:
             pre = self.pre_activation(x, "bn1")
-            y = self.conv_norm(self.width, (3, 3), strides=self.strides, conv_name="conv1", norm_name="bn2")(
-                pre, relu=True)
-            return self.last_conv(self.width, "conv2")(y, residual=self.residual(x, pre))
-        y = self.conv_norm(self.width, (3, 3), strides=self.strides, conv_name="conv1", norm_name="bn1")(x, relu=True)
-        return self.last_conv_norm(self.width, (3, 3), "conv2", "bn2")(y, residual=self.residual(x),
-                                                                       relu=True)
+            y = self.conv_norm(self.width, (3, 3), norm_name="bn2", **conv1)(pre, relu=True)
+            return self.close(self.last_conv(self.width, "conv2"), y, self.residual(x, pre), relu=False)
+        y = self.conv_norm(self.width, (3, 3), norm_name="bn1", **conv1)(x, relu=True)
+        return self.close(self.last_conv_norm(self.width, (3, 3), "conv2", "bn2"), y, self.residual(x), relu=True)
 
 
 class Bottleneck(ResidualBlock):
@@ -129,15 +182,16 @@ class Bottleneck(ResidualBlock):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         inner = int(self.width * (self.width_per_group / 64.0)) * self.groups
         out = self.width * self.expansion
-        conv2 = dict(strides=self.strides, groups=self.groups, conv_name="conv2")
+        conv2 = dict(strides=self.strides, groups=self.groups, dilation=self.first_dilation, conv_name="conv2")
         if self.preact:
             pre = self.pre_activation(x, "bn1")
             y = self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn2")(pre, relu=True)
             y = self.conv_norm(inner, (3, 3), norm_name="bn3", **conv2)(y, relu=True)
-            return self.last_conv(out, "conv3")(y, residual=self.residual(x, pre))
+            return self.close(self.last_conv(out, "conv3"), y, self.residual(x, pre), relu=False)
         y = self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn1")(x, relu=True)
         y = self.conv_norm(inner, (3, 3), norm_name="bn2", **conv2)(y, relu=True)
-        return self.last_conv_norm(out, (1, 1), "conv3", "bn3")(y, residual=self.residual(x), relu=True)
+        return self.close(self.last_conv_norm(out, (1, 1), "conv3", "bn3"), y, self.residual(x), relu=True)
 
 
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+ATTENTION_LAYERS = tuple(ATTENTION)

@@ -15,23 +15,26 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resnet_jax.blocks import BLOCKS, SHORTCUTS
+from resnet_jax.blocks import ATTENTION_LAYERS, BLOCKS, SHORTCUTS
 from resnet_jax.ops import BatchNorm, Conv, max_pool
 from resnet_jax.ops.rules import names as algorithm_names
 
-STEMS = ("imagenet", "cifar", "deep")
+STEMS = ("imagenet", "cifar", "deep", "deep_tiered")
+OUTPUT_STRIDES = (8, 16, 32)
 def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1, *, dtype: Any, param_dtype: Any,
-          impl: str = "auto", **kwargs: Any) -> nn.Module:
+          impl: str = "auto", dilation: int = 1, **kwargs: Any) -> nn.Module:
     """A conv padded by k//2 on both sides, as torchvision (not XLA "SAME", which pads (2, 3) at stride 2 and
     would shift every feature map by a pixel against torchvision weights); He-normal fan-out init.
 
     ``impl`` names the convolution algorithm (``ops.ALGORITHMS``, "auto" or "jax"); parameters do not depend on
-    it.
+    it. ``dilation`` spaces a kernel's taps (padded by ``dilation * (k // 2)``, which keeps the size, as
+    torchvision and timm pad their dilated 3x3s); a 1x1 kernel ignores it.
     """
-    pad = [(k // 2, k // 2) for k in kernel_size]
+    dilation = dilation if max(kernel_size) > 1 else 1
+    pad = [(dilation * (k // 2), dilation * (k // 2)) for k in kernel_size]
     kwargs.setdefault("kernel_init", nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
     return Conv(features, kernel_size, strides=strides, padding=pad, dtype=dtype, param_dtype=param_dtype,
-                algorithm=impl, **kwargs)
+                algorithm=impl, kernel_dilation=dilation, **kwargs)
 
 
 def _conv_norm(conv, norm, folded: bool):
@@ -63,8 +66,9 @@ class ResNet(nn.Module):
       num_classes: classifier outputs; 0 returns the pooled features instead of logits.
       in_channels: image channels the model accepts (1 for greyscale/medical images).
       stage_widths: base width of each stage (Bottleneck stages output 4x this).
-      stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool), "cifar" (3x3/1 conv, no pool) or "deep" (three 3x3
-        convs + max-pool, ResNet-C/D).
+      stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool), "cifar" (3x3/1 conv, no pool), "deep" (three 3x3
+        convs + max-pool, ResNet-C/D) or "deep_tiered" (the same at widths 3/8, 1/2 and 1 of ``stem_width``:
+        timm's "t" models).
       stem_width: channels out of the stem.
       shortcut: how blocks downsample their residual path: "projection" (1x1 conv + BN), "avg_pool" (ResNet-D)
         or "zero_pad" (parameter-free, He et al. CIFAR "option A").
@@ -72,7 +76,16 @@ class ResNet(nn.Module):
       preact: pre-activation (BN-ReLU-conv) blocks of He et al. 2016, with a final BN-ReLU before the head.
       zero_init_residual: start every block as the identity (last BN scale, or last conv when preact, at 0).
       remat: recompute each block's activations in the backward pass instead of storing them.
-      features_only: return the list of stage outputs (strides 4/8/16/32 for the ImageNet stem), no head.
+      features_only: return the list of stage outputs (strides 4/8/16/32 for the ImageNet stem, see
+        ``feature_strides``), no head.
+      output_stride: 32, 16 or 8: the stride of the last stage output. Below 32, the last stages replace their
+        stride by dilation (DeepLab; torchvision's ``replace_stride_with_dilation``, timm's ``output_stride``):
+        the same parameters, denser features (ImageNet stem only).
+      drop_path_rate: stochastic depth (Huang et al. 2016): in train mode each block's residual branch is
+        dropped per sample with a rate rising linearly from 0 (first block) to this (last block), as timm's
+        ResNet; needs a ``"dropout"`` rng in ``apply``. Eval is unchanged.
+      attn_layer: channel attention in every block before the residual add: None, "se" (Squeeze-and-Excitation,
+        Hu et al. 2018) or "eca" (Efficient Channel Attention, Wang et al. 2020), with timm's names.
       dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: storage dtype of parameters (keep float32).
       bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (torchvision's momentum 0.1 = 0.9).
       conv_impl: how convolutions are computed; parameters and outputs are identical for every choice.
@@ -106,11 +119,24 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     conv_impl: str = "auto"
     folded: bool = False
+    output_stride: int = 32
+    drop_path_rate: float = 0.0
+    attn_layer: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("block", self.block, BLOCKS)
         _check_choice("stem", self.stem, STEMS)
         _check_choice("shortcut", self.shortcut, SHORTCUTS)
+        if self.attn_layer is not None:
+            _check_choice("attn_layer", self.attn_layer, ATTENTION_LAYERS)
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {list(OUTPUT_STRIDES)} (the stride of the last feature "
+                             f"map), got {self.output_stride!r}")
+        if self.output_stride != 32 and self.stem == "cifar":
+            raise ValueError("output_stride applies to the ImageNet-size stems (stride 4 before the stages); the "
+                             "CIFAR stem keeps full resolution already: leave output_stride=32")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
         try:
             algorithm_names(self.conv_impl)
         except ValueError as err:
@@ -136,11 +162,16 @@ class ResNet(nn.Module):
         if self.remat:
             block_cls = nn.remat(block_cls)
         features = []
+        layout, rates = self.block_layout(), self.drop_path_rates()
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             for j in range(size):
-                x = block_cls(width, 2 if i > 0 and j == 0 else 1, conv_norm, norm, shortcut=self.shortcut,
+                index, strides, dilation, first_dilation = layout[i][j]
+                x = block_cls(width, strides, conv_norm, norm, shortcut=self.shortcut,
                               preact=self.preact, zero_init_residual=self.zero_init_residual, groups=self.groups,
-                              width_per_group=self.width_per_group, name=f"layer{i + 1}_{j}")(x)
+                              width_per_group=self.width_per_group, dilation=dilation, first_dilation=first_dilation,
+                              attn_layer=self.attn_layer, drop_path=rates[index],
+                              deterministic=not train, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name=f"layer{i + 1}_{j}")(x)
             features.append(x)
         if self.features_only:
             return features
@@ -157,15 +188,46 @@ class ResNet(nn.Module):
         bn = None if self.preact else "bn1"  # the first pre-activation block normalises the stem output itself
         if self.stem == "cifar":
             return conv_norm(self.stem_width, (3, 3), conv_name="conv1", norm_name=bn)(x, relu=not self.preact)
-        if self.stem == "deep":
+        if self.stem in ("deep", "deep_tiered"):
             half = self.stem_width // 2
-            for k, (width, strides) in enumerate([(half, 2), (half, 1), (self.stem_width, 1)]):
+            first = 3 * (half // 4) if self.stem == "deep_tiered" else half
+            for k, (width, strides) in enumerate([(first, 2), (half, 1), (self.stem_width, 1)]):
                 last = k == 2 and self.preact
                 x = conv_norm(width, (3, 3), strides=strides, conv_name=f"conv1_{k}",
                               norm_name=None if last else f"bn1_{k}")(x, relu=not last)
         else:
             x = conv_norm(self.stem_width, (7, 7), strides=2, conv_name="conv1", norm_name=bn)(x, relu=not self.preact)
         return max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), algorithm=self.conv_impl)
+
+    def block_layout(self) -> list[list[tuple[int, int, int, int]]]:
+        """``(global index, stride, dilation, first_dilation)`` of every block, stage by stage: where the stride
+        so far reaches ``output_stride``, a stage's stride 2 becomes dilation x 2, and its first block keeps the
+        previous dilation on its first 3x3 (torchvision's ``_make_layer``, timm's ``make_blocks``)."""
+        stride, dilation, index, layout = (1 if self.stem == "cifar" else 4), 1, 0, []
+        for i, size in enumerate(self.stage_sizes):
+            step, previous = (1 if i == 0 else 2), dilation
+            if step > 1 and stride >= self.output_stride:
+                dilation, step = dilation * step, 1
+            stride *= step
+            layout.append([(index + j, step if j == 0 else 1, dilation, previous if j == 0 else dilation)
+                           for j in range(size)])
+            index += size
+        return layout
+
+    def drop_path_rates(self) -> tuple[float, ...]:
+        """Each block's stochastic-depth rate, by global block index: ``drop_path_rate * index / (blocks - 1)``,
+        0 for the first block and the full rate for the last (timm's ResNet; Huang et al.'s linear decay)."""
+        total = sum(self.stage_sizes)
+        return tuple(self.drop_path_rate * index / max(total - 1, 1) for index in range(total))
+
+    def feature_strides(self) -> tuple[int, ...]:
+        """The stride of each stage output ``features_only`` returns (4, 8, 16, 32; 4, 8, 16, 16 at
+        ``output_stride=16``; 4, 8, 8, 8 at 8)."""
+        stride, out = (1 if self.stem == "cifar" else 4), []
+        for stage in self.block_layout():
+            stride *= stage[0][1] if stage else 1
+            out.append(stride)
+        return tuple(out)
 
     def with_batchnorm_folded(self) -> ResNet:
         """This network with every BatchNorm that follows a convolution folded into it (a bias there instead):
@@ -229,6 +291,22 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     **{f"resnetv2_{d}d": _imagenet(*_DEPTHS[d], preact=True, stem="deep", shortcut="avg_pool") for d in _DEPTHS},
     **{f"resnet{d}_cifar": _imagenet(*_DEPTHS[d], stem="cifar", num_classes=10) for d in (18, 34, 50)},
     **{f"resnet{d}": _cifar_he(d) for d in (20, 32, 44, 56, 110)},
+    # timm's channel-attention ResNets (its ResNet class with block_args attn_layer "se"/"eca"); "d": ResNet-D's
+    # deep stem and average-pool shortcuts, "t": the same with the tiered stem
+    **{f"seresnet{d}": _imagenet(*_DEPTHS[d], attn_layer="se") for d in _DEPTHS},
+    "seresnet152d": _imagenet(*_DEPTHS[152], stem="deep", shortcut="avg_pool", attn_layer="se"),
+    "seresnext26d_32x4d": _imagenet((2, 2, 2, 2), "bottleneck", groups=32, width_per_group=4, stem="deep",
+                                    shortcut="avg_pool", attn_layer="se"),
+    "seresnext50_32x4d": _imagenet(*_DEPTHS[50], groups=32, width_per_group=4, attn_layer="se"),
+    "seresnext101_32x4d": _imagenet(*_DEPTHS[101], groups=32, width_per_group=4, attn_layer="se"),
+    "seresnext101_32x8d": _imagenet(*_DEPTHS[101], groups=32, width_per_group=8, attn_layer="se"),
+    "seresnext101d_32x8d": _imagenet(*_DEPTHS[101], groups=32, width_per_group=8, stem="deep",
+                                     shortcut="avg_pool", attn_layer="se"),
+    "seresnext101_64x4d": _imagenet(*_DEPTHS[101], groups=64, width_per_group=4, attn_layer="se"),
+    "ecaresnet26t": _imagenet((2, 2, 2, 2), "bottleneck", stem="deep_tiered", shortcut="avg_pool", attn_layer="eca"),
+    "ecaresnet50d": _imagenet(*_DEPTHS[50], stem="deep", shortcut="avg_pool", attn_layer="eca"),
+    "ecaresnet50t": _imagenet(*_DEPTHS[50], stem="deep_tiered", shortcut="avg_pool", attn_layer="eca"),
+    "ecaresnet101d": _imagenet(*_DEPTHS[101], stem="deep", shortcut="avg_pool", attn_layer="eca"),
 }
 
 _FIELDS = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}

@@ -12,8 +12,8 @@ one naming's file never loads under the other's.
 
 Because the rules are about *kinds* of layers, not a list of keys, they cover every model ``create_model`` builds:
 torchvision's models of the same names match torchvision exactly, every name timm shares with this library
-(``TIMM_MODELS``: the torchvision-style ResNets, ResNet-D and pre-activation ResNetV2) matches timm, and the
-names no one else has (the CIFAR models, ``preact_resnetN``) round-trip through torchvision-style names
+(``TIMM_MODELS``: the torchvision-style ResNets, ResNet-D, pre-activation ResNetV2, the SE and ECA ResNets)
+matches timm, and the names no one else has (the CIFAR models, ``preact_resnetN``) round-trip through torchvision-style names
 (``conv1_0``, ``bn_final``...).
 """
 
@@ -52,6 +52,10 @@ def _transpose(a: np.ndarray) -> np.ndarray:
     return a.T
 
 
+def _conv1d_to_hio(a: np.ndarray) -> np.ndarray:
+    return a.transpose(2, 1, 0)
+
+
 def _conv1x1_to_dense(a: np.ndarray) -> np.ndarray:
     return a[:, :, 0, 0].T
 
@@ -87,6 +91,10 @@ MODULES: tuple[tuple, ...] = (
     # timm's average-pool shortcut: downsample.0 is the pool (an Identity at stride 1), which has no parameters
     (("timm",), "layer{i}.{j}.downsample.1", "layer{i}_{j}/downsample/conv", _AVG),
     (("timm",), "layer{i}.{j}.downsample.2", "layer{i}_{j}/downsample/bn", _AVG),
+    # channel attention (timm's "se" module path for both kinds): SE's 1x1 convs are Dense layers here, ECA's
+    # Conv1d across channels a (k, 1, 1) kernel
+    (NAMINGS, "layer{i}.{j}.se.fc{k}", "layer{i}_{j}/se/fc{k}", {}, "conv_head"),
+    (NAMINGS, "layer{i}.{j}.se.conv", "layer{i}_{j}/se/conv", {}, "conv1d"),
     (NAMINGS, "layer{i}.{j}.downsample.0", "layer{i}_{j}/downsample/conv", {}),
     (NAMINGS, "layer{i}.{j}.downsample.1", "layer{i}_{j}/downsample/bn", {}),
     (NAMINGS, "layer{i}.{j}.{name}", "layer{i}_{j}/{name}", {}),
@@ -101,6 +109,7 @@ PARAMS: tuple[tuple[str, str, str, str | None, Layout, Layout], ...] = (
     ("fc", "bias", "params", "bias", _same, _same),
     ("conv_head", "weight", "params", "kernel", _conv1x1_to_dense, _dense_to_conv1x1),
     ("conv_head", "bias", "params", "bias", _same, _same),
+    ("conv1d", "weight", "params", "kernel", _conv1d_to_hio, _conv1d_to_hio),
     ("bn", "weight", "params", "scale", _same, _same),
     ("bn", "bias", "params", "bias", _same, _same),
     ("bn", "running_mean", "batch_stats", "mean", _same, _same),
@@ -113,11 +122,15 @@ _NUMBERS = ("i", "i0", "j", "k")
 TIMM_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet18d", "resnet34d", "resnet50d",
                "resnet101d", "resnet152d", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
                "wide_resnet50_2", "wide_resnet101_2",
-               *(f"resnetv2_{d}{s}" for d in (18, 34, 50, 101, 152) for s in ("", "d")))
+               *(f"resnetv2_{d}{s}" for d in (18, 34, 50, 101, 152) for s in ("", "d")),
+               "seresnet18", "seresnet34", "seresnet50", "seresnet101", "seresnet152", "seresnet152d",
+               "seresnext26d_32x4d", "seresnext50_32x4d", "seresnext101_32x4d", "seresnext101_32x8d",
+               "seresnext101d_32x8d", "seresnext101_64x4d", "ecaresnet26t", "ecaresnet50d", "ecaresnet50t",
+               "ecaresnet101d")
 # the settings that decide what a model computes from given weights; the others (num_classes, in_channels,
 # dtype, remat, features_only, conv_impl...) are checked by the shapes or do not change the function
 _ARCHITECTURE = ("stage_sizes", "block", "stage_widths", "stem", "stem_width", "shortcut", "groups",
-                 "width_per_group", "preact", "bn_epsilon", "folded")
+                 "width_per_group", "preact", "bn_epsilon", "folded", "attn_layer")
 
 
 def _template_regex(template: str, separator: str) -> re.Pattern:
@@ -140,7 +153,10 @@ def _module_rows(naming: str, settings: tuple[tuple[str, Any], ...]):
 
 def _settings(model: ResNet | None) -> tuple[tuple[str, Any], ...]:
     """What the conditional rows look at; without a model, none of them applies."""
-    return () if model is None else (("stem", model.stem), ("shortcut", model.shortcut), ("preact", model.preact))
+    if model is None:
+        return ()
+    stem = "deep" if model.stem == "deep_tiered" else model.stem  # the same layers, spelled alike, other widths
+    return (("stem", stem), ("shortcut", model.shortcut), ("preact", model.preact))
 
 
 def _rename(path: str, rows, source: int) -> tuple[str, str | None] | None:
@@ -319,7 +335,7 @@ def load_timm(name: str, source: str | os.PathLike | Mapping[str, Any], *, new_h
                    "equal here, where ResNetV2 uses BatchNorm" if arch.startswith("resnetv2_") else "")
         raise ValueError(f"{arch!r} is not one of the timm models whose architecture resnet_jax builds exactly"
                          f"{missing}; choose one of {list(TIMM_MODELS)} (other timm ResNets, e.g. resnet26d or "
-                         f"seresnet50, have no equal here)")
+                         f"seresnetaa50d, have no equal here)")
     config = model_config(arch)
     changed = sorted(k for k in _ARCHITECTURE if k in overrides and overrides[k] != config.get(k, _default(k)))
     if changed:

@@ -183,7 +183,7 @@ def test_new_head_and_backbone(resnet18d):
     assert "fc" not in variables["params"] and len(jax.eval_shape(backbone.apply, variables, x)) == 4
 
 
-@pytest.mark.parametrize("name", ["preact_resnet50", "resnet20", "resnet18_cifar", "resnet26d", "seresnet50"])
+@pytest.mark.parametrize("name", ["preact_resnet50", "resnet20", "resnet18_cifar", "resnet26d", "seresnetaa50d"])
 def test_names_timm_does_not_share_are_refused(name, resnet18d):
     with pytest.raises(ValueError, match=rf"'{name}' is not one of the timm models.*choose one of"):
         load_timm(name, resnet18d[1])
@@ -232,9 +232,9 @@ def test_naming_mismatch_is_named_in_the_error(resnet18d):
 
 def test_loading_needs_no_torch(tmp_path):
     """With torch blocked from importing: timm .pth and .safetensors files load (linen and NNX) into the same
-    variables, and save, for ResNet-D's names and ResNetV2's (one process for both: starting one costs seconds);
-    what the saved files hold is compared with timm's here."""
-    names = ["resnet18d", "resnetv2_18d"]
+    variables, and save, for ResNet-D's names, ResNetV2's and the SE and ECA blocks' (one process for all:
+    starting one costs seconds); what the saved files hold is compared with timm's here."""
+    names = ["resnet18d", "resnetv2_18d", "seresnet18", "ecaresnet26t"]  # + SE and ECA (se.fc1, se.conv)
     states = {name: timm_model(name).state_dict() for name in names}
     for name, state in states.items():
         torch.save(state, tmp_path / f"{name}.pth")

@@ -20,7 +20,8 @@ NCHW = (0, 3, 1, 2)  # physical axis k of an image tensor holds logical (NHWC) a
 ELEMENTWISE = {"add": ("Add", np.add), "sub": ("Sub", np.subtract), "mul": ("Mul", np.multiply),
                "div": ("Div", np.divide), "max": ("Max", np.maximum), "min": ("Min", np.minimum)}
 UNARY = {"rsqrt": (("Sqrt", "Reciprocal"), lambda a: 1 / np.sqrt(a)), "sqrt": (("Sqrt",), np.sqrt),
-         "neg": (("Neg",), np.negative), "exp": (("Exp",), np.exp), "log": (("Log",), np.log)}
+         "neg": (("Neg",), np.negative), "exp": (("Exp",), np.exp), "log": (("Log",), np.log),
+         "logistic": (("Sigmoid",), lambda a: 1 / (1 + np.exp(-a)))}  # the SE and ECA gates
 
 
 class Tensor:

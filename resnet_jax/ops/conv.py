@@ -27,11 +27,13 @@ from resnet_jax.ops.xla import lax_conv
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (1, 1),
            padding: str | Sequence[tuple[int, int]] = "SAME", groups: int = 1, *, bias: jnp.ndarray | None = None,
            residual: jnp.ndarray | None = None, relu: bool = False, algorithm: str = "auto",
-           fallback: bool = False) -> jnp.ndarray:
+           fallback: bool = False, dilation: int | Sequence[int] = 1) -> jnp.ndarray:
     """``relu(conv(x, kernel) + bias + residual)``, NHWC x HWIO -> NHWC; equal to ``lax.conv_general_dilated``
     (values and both gradients) for every algorithm within float32 rounding.
 
-    ``padding`` is "SAME", "VALID" or explicit ``((top, bottom), (left, right))``. ``algorithm`` is one of
+    ``padding`` is "SAME", "VALID" or explicit ``((top, bottom), (left, right))``; ``dilation`` spaces the
+    kernel's taps (``rhs_dilation``, the atrous convolution of dilated backbones), which only the algorithms
+    marked ``dilated`` compute ("auto" picks one). ``algorithm`` is one of
     ``ALGORITHMS`` (all three passes by that algorithm), three of them joined by "/" (forward/input
     gradient/kernel gradient, e.g. "xla/xla/winograd_f4"), "auto" (per pass, the fastest measured for this
     shape, dtype and backend) or "jax" (the same among the pure-JAX algorithms: what "auto" does without the
@@ -42,17 +44,18 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (
     if x.dtype != kernel.dtype:
         raise ValueError(f"conv2d computes in one dtype, but x is {x.dtype} and the kernel {kernel.dtype}; cast "
                          "one of them (as lax.conv_general_dilated requires too)")
-    strides, padding = geometry(x.shape[1:3], kernel.shape[:2], strides, padding)
+    strides, padding = geometry(x.shape[1:3], kernel.shape[:2], strides, padding, dilation)
     dtype = compute_dtype(jnp.dtype(x.dtype).name, algorithm, jax.default_backend())
     if dtype != jnp.dtype(x.dtype).name:
         cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
         y = conv2d(cast(x), cast(kernel), strides, padding, groups, bias=cast(bias), residual=cast(residual),
-                   relu=relu, algorithm=algorithm, fallback=fallback)
+                   relu=relu, algorithm=algorithm, fallback=fallback, dilation=dilation)
         return y.astype(x.dtype)
-    spec = ConvSpec.of(x, kernel, strides, padding, groups)
+    spec = ConvSpec.of(x, kernel, strides, padding, groups, dilation)
     passes = resolve(algorithm, spec, jax.default_backend(), fallback)
     if all(REGISTRY[name].xla_ops_only for name in passes):  # plain lax, which every transformation knows
-        return _epilogue(lax_conv(x, kernel, spec.strides, spec.padding, groups), bias, residual, relu)
+        return _epilogue(lax_conv(x, kernel, spec.strides, spec.padding, groups, spec.dilation), bias, residual,
+                         relu)
     return _composed(x, kernel, bias, residual, spec, relu, passes)
 
 
@@ -112,6 +115,7 @@ class Conv(nn.Module):
     strides: int | Sequence[int] = 1
     padding: str | Sequence[tuple[int, int]] = "SAME"
     feature_group_count: int = 1
+    kernel_dilation: int | Sequence[int] = 1
     use_bias: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -126,4 +130,4 @@ class Conv(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return conv2d(x, kernel, self.strides, self.padding, self.feature_group_count, bias=bias, residual=residual,
-                      relu=relu, algorithm=self.algorithm, fallback=True)
+                      relu=relu, algorithm=self.algorithm, fallback=True, dilation=self.kernel_dilation)

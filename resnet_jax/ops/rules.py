@@ -135,6 +135,8 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
       Without the extension: XLA's dot for all three, which beats XLA's own 1x1 convolution.
     - Stems and other strided or large kernels: oneDNN's direct kernels; without the extension XLA's forward and
       input gradient with the patch matmul's kernel gradient.
+    - Dilated kernels (``output_stride`` < 32): XLA's own, the one algorithm here that computes them (oneDNN's
+      primitives could, but the extension's calls do not pass a dilation yet; Winograd's tiles cannot).
     bfloat16 takes oneDNN's direct kernels where the CPU has bfloat16 instructions and the float32-only
     algorithms do not apply. On GPU/TPU: XLA's own.
     """
@@ -144,6 +146,8 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
         tuned = measured_choice(spec, extension)
         if tuned:
             return tuned
+    if spec.dilated:
+        return ("xla", "xla", "xla")
     ok = lambda *algorithms: _usable(*algorithms, spec=spec, backend=backend)  # noqa: E731
     pure_kernel_grad = "matmul_grad" if spec.groups == 1 else "xla"
     if spec.kernel == (1, 1) and spec.groups == 1:

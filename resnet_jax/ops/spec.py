@@ -26,14 +26,27 @@ def output_size(size: int, window: int, stride: int, low: int, high: int) -> int
     return (size + low + high - window) // stride + 1
 
 
+def pair(value: int | Sequence[int]) -> tuple[int, int]:
+    """One int for both axes, or two."""
+    value = (value,) * 2 if isinstance(value, int) else tuple(value)
+    return int(value[0]), int(value[1])
+
+
+def dilated_window(window_hw: Sequence[int], dilation: int | Sequence[int] = 1) -> tuple[int, int]:
+    """The extent a window covers with ``dilation - 1`` gaps between its taps: ``(k - 1) * d + 1``."""
+    return tuple((int(k) - 1) * d + 1 for k, d in zip(window_hw, pair(dilation)))
+
+
 def geometry(in_hw: Sequence[int], window_hw: Sequence[int], strides: int | Sequence[int],
-             padding: str | Sequence[Sequence[int]]) -> tuple[tuple[int, int], Padding]:
-    """``(strides, padding)`` as int pairs: one stride for both axes or two, "SAME"/"VALID" (as lax pads them)
-    or explicit ``((top, bottom), (left, right))``. The one place a layer's or a caller's geometry is read."""
-    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+             padding: str | Sequence[Sequence[int]], dilation: int | Sequence[int] = 1
+             ) -> tuple[tuple[int, int], Padding]:
+    """``(strides, padding)`` as int pairs: one stride for both axes or two, "SAME"/"VALID" (as lax pads them,
+    for the dilated window) or explicit ``((top, bottom), (left, right))``. The one place a layer's or a
+    caller's geometry is read."""
+    strides = pair(strides)
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads(tuple(in_hw), tuple(window_hw), strides, padding)
-    return (int(strides[0]), int(strides[1])), tuple((int(lo), int(hi)) for lo, hi in padding)
+        padding = lax.padtype_to_pads(tuple(in_hw), dilated_window(window_hw, dilation), strides, padding)
+    return strides, tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +66,21 @@ class ConvSpec:
     padding: Padding
     groups: int
     dtype: str
+    dilation: tuple[int, int] = (1, 1)  # the kernel's (atrous convolution: DeepLab's dilated stages)
 
     @classmethod
-    def of(cls, x, kernel, strides, padding, groups) -> ConvSpec:
+    def of(cls, x, kernel, strides, padding, groups, dilation: int | Sequence[int] = 1) -> ConvSpec:
         """The spec of ``conv(x, kernel)`` (arrays or shape-dtype structs); ``strides`` and ``padding`` in any
-        form ``geometry`` reads."""
+        form ``geometry`` reads. A 1x1 kernel's dilation changes nothing and is recorded as 1."""
         n, h, w, cin = x.shape
         kh, kw, _, cout = kernel.shape
-        strides, padding = geometry((h, w), (kh, kw), strides, padding)
-        return cls(n, h, w, cin, cout, (kh, kw), strides, padding, int(groups), jnp.dtype(x.dtype).name)
+        strides, padding = geometry((h, w), (kh, kw), strides, padding, dilation)
+        dilation = tuple(d if k > 1 else 1 for k, d in zip((kh, kw), pair(dilation)))
+        return cls(n, h, w, cin, cout, (kh, kw), strides, padding, int(groups), jnp.dtype(x.dtype).name, dilation)
+
+    @property
+    def dilated(self) -> bool:
+        return self.dilation != (1, 1)
 
     @property
     def x_shape(self) -> tuple[int, int, int, int]:
@@ -73,7 +92,8 @@ class ConvSpec:
 
     @property
     def y_shape(self) -> tuple[int, int, int, int]:
-        (kh, kw), (sh, sw), ((top, bottom), (left, right)) = self.kernel, self.strides, self.padding
+        (kh, kw), (sh, sw), ((top, bottom), (left, right)) = dilated_window(self.kernel, self.dilation), \
+            self.strides, self.padding
         ho, wo = output_size(self.height, kh, sh, top, bottom), output_size(self.width, kw, sw, left, right)
         return (self.batch, ho, wo, self.out_channels)
 
@@ -83,13 +103,15 @@ class ConvSpec:
         return 2.0 * self.batch * ho * wo * cout * self.kernel[0] * self.kernel[1] * self.in_channels / self.groups
 
     def key(self) -> str:
-        """A stable text form (the tuning cache's key)."""
+        """A stable text form (the tuning cache's key; undilated specs keep the key they had before dilation)."""
+        dilation = [self.dilation] if self.dilated else []
         return json.dumps([self.batch, self.height, self.width, self.in_channels, self.out_channels, self.kernel,
-                           self.strides, self.padding, self.groups, self.dtype])
+                           self.strides, self.padding, self.groups, self.dtype, *dilation])
 
     def describe(self) -> str:
         (kh, kw), (sh, sw) = self.kernel, self.strides
         groups = f", groups {self.groups}" if self.groups != 1 else ""
+        groups += f", dilation {self.dilation[0]}x{self.dilation[1]}" if self.dilated else ""
         return f"{kh}x{kw} stride {sh}x{sw}{groups} on {self.height}x{self.width}x{self.in_channels}"
 
 
@@ -111,6 +133,7 @@ class Algorithm:
       dtypes only: asking it never loads or builds anything.
     unavailable() -> None when it can run in this process, else why not (the extension: loaded, and built the
       first time, when asked). ``refusal`` asks it only for a convolution ``limits`` accepts.
+    dilated: it computes dilated (atrous) kernels too; the others are refused any convolution with dilation > 1.
     cpu_only: it runs on CPU only (the C++ extension).
     xla_ops_only: it computes with XLA's own convolution only, so a model built with it holds XLA's own
       operations only (the plain reference, the exported artifacts): its max-pool keeps ``reduce_window`` too.
@@ -121,6 +144,7 @@ class Algorithm:
     input_grad: Callable
     kernel_grad: Callable
     limits: Callable[[ConvSpec], str | None] = any_spec
+    dilated: bool = False
     cpu_only: bool = False
     xla_ops_only: bool = False
     fused_forward: Callable | None = None
@@ -144,6 +168,8 @@ class Algorithm:
         if self.cpu_only and backend != "cpu":
             return f"algorithm {self.name!r} runs on CPU only (this backend is {backend})"
         reason = self.limits(spec)
+        if reason is None and spec.dilated and not self.dilated:
+            reason = "computes undilated convolutions only"
         if reason is None and self.unavailable is not None:
             missing = self.unavailable()
             reason = None if missing is None else f"is unavailable ({missing})"

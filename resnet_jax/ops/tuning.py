@@ -40,7 +40,7 @@ def model_specs(model, input_shape: tuple[int, ...], dtype=jnp.float32) -> list[
             m, x = call.module, call.args[0]
             x = jax.ShapeDtypeStruct(x.shape, m.dtype or x.dtype)  # the dtype the convolution computes in
             kernel = jax.ShapeDtypeStruct((*m.kernel_size, x.shape[-1] // m.feature_group_count, m.features), x.dtype)
-            spec = ConvSpec.of(x, kernel, m.strides, m.padding, m.feature_group_count)
+            spec = ConvSpec.of(x, kernel, m.strides, m.padding, m.feature_group_count, m.kernel_dilation)
             found.setdefault(spec.key(), spec)
     return list(found.values())
 

@@ -12,14 +12,14 @@ from resnet_jax.ops.spec import Algorithm
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
-def lax_conv(x, kernel, strides, padding, groups=1):
-    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=DIMENSIONS,
-                                    feature_group_count=groups)
+def lax_conv(x, kernel, strides, padding, groups=1, dilation=(1, 1)):
+    return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                    dimension_numbers=DIMENSIONS, feature_group_count=groups)
 
 
 def forward(x, kernel, spec):
-    return lax_conv(x, kernel, spec.strides, spec.padding, spec.groups)
+    return lax_conv(x, kernel, spec.strides, spec.padding, spec.groups, spec.dilation)
 
 
-XLA = Algorithm.from_forward("xla", forward, xla_ops_only=True)
+XLA = Algorithm.from_forward("xla", forward, xla_ops_only=True, dilated=True)
 ALGORITHMS = (XLA,)

@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"                 # compute dtype; parameters and logits stay float32
     c.remat = False
     c.zero_init_residual = False
+    c.drop_path_rate = 0.0              # stochastic depth: the last block's rate (ResNet.drop_path_rate)
     c.init_from = ""                    # torchvision .pth/.safetensors file, a run's workdir, or published weights
                                         # ("resnet50", "resnet50.IMAGENET1K_V2", "resnet50.a1_in1k") to start from
     c.weights_file = ""                 # a local copy of the published weights init_from names (no download)
@@ -239,7 +240,7 @@ def eval_transform(config: ml_collections.ConfigDict):
 
 
 # Set by model_from_config from the top-level keys of the same name; an override would be silently replaced.
-_TOP_LEVEL_MODEL_KEYS = ("dtype", "remat", "zero_init_residual")
+_TOP_LEVEL_MODEL_KEYS = ("dtype", "remat", "zero_init_residual", "drop_path_rate")
 
 
 def _check_model_overrides(overrides) -> None:
@@ -272,7 +273,8 @@ def model_from_config(config: ml_collections.ConfigDict, num_classes: int, in_ch
     overrides.setdefault("num_classes", num_classes)
     if in_channels is not None:
         overrides.setdefault("in_channels", in_channels)
-    overrides.update(dtype=jnp.dtype(config.dtype), remat=config.remat, zero_init_residual=config.zero_init_residual)
+    overrides.update(dtype=jnp.dtype(config.dtype), remat=config.remat, zero_init_residual=config.zero_init_residual,
+                     drop_path_rate=config.drop_path_rate)
     return create_model(config.model, **overrides)
 
 

@@ -47,20 +47,22 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: M
         images, targets = mix_batch(rng, images, targets, config.mixup_alpha, config.cutmix_alpha)
         weights = jnp.ones(labels.shape, jnp.float32) if class_weights is None else class_weights[labels]
         total_weight = jnp.sum(weights)
+        dropout_key = jax.random.fold_in(rng, 1)  # stochastic depth's draws: deterministic under the run's seed
 
-        def loss_fn(params, batch_stats, images, targets, weights):
+        def loss_fn(params, batch_stats, dropout_key, images, targets, weights):
             logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats}, images,
-                                             train=True, mutable=["batch_stats"])
+                                             train=True, mutable=["batch_stats"],
+                                             rngs={"dropout": dropout_key})  # drop_path_rate
             per_example = loss_of(logits, targets) * weights
             return jnp.sum(per_example) / total_weight, (logits, per_example, updates["batch_stats"])
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
         if config.grad_accum_steps == 1:
-            grads, (logits, per_example, batch_stats) = grad_fn(state.params, state.batch_stats, images, targets,
-                                                                weights)
+            grads, (logits, per_example, batch_stats) = grad_fn(state.params, state.batch_stats, dropout_key,
+                                                                images, targets, weights)
         else:
             grads, (logits, per_example, batch_stats) = _accumulated(grad_fn, config.grad_accum_steps, state,
-                                                                     (images, targets, weights))
+                                                                     dropout_key, (images, targets, weights))
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
@@ -80,26 +82,29 @@ def _loss(config: ml_collections.ConfigDict) -> Callable:
     return cross_entropy
 
 
-def _accumulated(grad_fn: Callable, k: int, state: TrainState, batch: tuple):
+def _accumulated(grad_fn: Callable, k: int, state: TrainState, dropout_key: jax.Array, batch: tuple):
     """``grad_fn`` over k micro-batches in sequence (a ``lax.scan``), BatchNorm statistics carried from one to
     the next; the gradients summed (each micro-batch's loss is already divided by the whole batch's weight, so
     the sum is the mean of the micro-batch means, and with class weights the whole batch's weighted mean).
     Micro-batch j holds examples j, j + k, j + 2k, ...: every device contributes to each one without moving
-    data. Logits and losses come back in the batch's order."""
+    data. Each micro-batch draws its own stochastic-depth masks (``dropout_key`` folded with its index). Logits
+    and losses come back in the batch's order."""
     def split(x):  # (B, ...) -> (k, B / k, ...), strided
         return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
     def merge(x):  # the inverse of split
         return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
-    def micro(carry, micro_batch):
+    def micro(carry, indexed):
         grads, batch_stats = carry
-        g, (logits, per_example, batch_stats) = grad_fn(state.params, batch_stats, *micro_batch)
+        index, micro_batch = indexed
+        g, (logits, per_example, batch_stats) = grad_fn(state.params, batch_stats,
+                                                        jax.random.fold_in(dropout_key, index), *micro_batch)
         return (jax.tree.map(jnp.add, grads, g), batch_stats), (logits, per_example)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, batch_stats), (logits, per_example) = jax.lax.scan(micro, (zeros, state.batch_stats),
-                                                               jax.tree.map(split, batch))
+                                                               (jnp.arange(k), jax.tree.map(split, batch)))
     return grads, (merge(logits), merge(per_example), batch_stats)
 
 

@@ -1,0 +1,175 @@
+"""``output_stride``: dilated last stages equal to torchvision's ``replace_stride_with_dilation`` and timm's
+``output_stride`` with the same weights, on every convolution path (the algorithms, "auto"'s choice, BatchNorm
+folding, the StableHLO and ONNX exports).
+
+Small bottleneck models (torchvision refuses dilation in its BasicBlock) with two blocks in the dilated stages:
+the first keeps the previous dilation on its 3x3 and has a stride-1 shortcut, the second has the new one.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+
+from conftest import assert_close, random_batch_stats
+from resnet_jax import create_model
+from resnet_jax.export import Preprocessing, export_model, load_exported
+from resnet_jax.ops import ConvSpec, choose, conv2d, fold_batchnorm
+from resnet_jax.ops.registry import ALGORITHMS, REGISTRY
+from resnet_jax.torchvision import convert_state_dict
+
+LAYERS = [1, 1, 2, 2]
+IMAGE = (2, 3, 40, 56)  # non-square
+# torchvision's flags for layer2..layer4 -> our output_stride
+TORCHVISION_FLAGS = {8: [False, True, True], 16: [False, False, True]}
+
+
+def nchw_to_nhwc(t):
+    return jnp.asarray(t.detach().numpy().transpose(0, 2, 3, 1))
+
+
+def torch_features(tm, x):
+    """The four stage outputs and the logits of a torchvision-layout model (timm's ResNet has the same layers)."""
+    with torch.no_grad():
+        y = tm.maxpool(tm.act1(tm.bn1(tm.conv1(x)))) if hasattr(tm, "act1") else \
+            tm.maxpool(tm.relu(tm.bn1(tm.conv1(x))))
+        feats = []
+        for layer in (tm.layer1, tm.layer2, tm.layer3, tm.layer4):
+            y = layer(y)
+            feats.append(y)
+        return feats, tm(x)
+
+
+@pytest.fixture(scope="module")
+def image():
+    torch.manual_seed(0)
+    return torch.randn(IMAGE)
+
+
+def ours_and_reference(reference, name, naming, output_stride, conv_impl="auto", **kw):
+    model = create_model(name, stage_sizes=tuple(LAYERS), num_classes=10, output_stride=output_stride,
+                         conv_impl=conv_impl, **kw)
+    variables, _ = convert_state_dict(model, reference.state_dict(), naming=naming)
+    return model, variables
+
+
+def check_against(reference, model, variables, image):
+    feats, logits = torch_features(reference, image)
+    backbone = model.clone(features_only=True)
+    ours_feats, ours_logits = jax.jit(lambda v, x: (backbone.apply(v, x), model.apply(v, x)))(
+        variables, nchw_to_nhwc(image))
+    strides = model.feature_strides()
+    for k, (a, b) in enumerate(zip(ours_feats, feats)):
+        assert a.shape[1:3] == (-(-IMAGE[2] // strides[k]), -(-IMAGE[3] // strides[k]))  # ceil
+        assert_close(a, nchw_to_nhwc(b), f"stage {k + 1}")
+    assert_close(ours_logits, jnp.asarray(logits.numpy()), "logits")
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_equals_torchvision_replace_stride_with_dilation(output_stride, image):
+    torch.manual_seed(output_stride)
+    tv = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, LAYERS, num_classes=10,
+                                          replace_stride_with_dilation=TORCHVISION_FLAGS[output_stride])
+    tv.load_state_dict(random_batch_stats(tv.state_dict(), output_stride))
+    model, variables = ours_and_reference(tv.eval(), "resnet50", "torchvision", output_stride)
+    assert model.feature_strides() == {8: (4, 8, 8, 8), 16: (4, 8, 16, 16)}[output_stride]
+    check_against(tv, model, variables, image)
+
+
+@pytest.mark.parametrize("name,output_stride", [("resnet50", 16), ("resnet50d", 8), ("seresnet18", 8)])
+def test_equals_timm_output_stride(name, output_stride, image):
+    """resnet50d at 8: the average-pool shortcut of a dilated stage is timm's 2x2 stride-1 "same" pool; seresnet18:
+    basic blocks (which torchvision refuses to dilate) with SE."""
+    torch.manual_seed(1)
+    tm = timm.create_model(name, layers=LAYERS, num_classes=10, output_stride=output_stride).eval()
+    tm.load_state_dict(random_batch_stats(tm.state_dict(), 1))
+    model, variables = ours_and_reference(tm, name, "timm", output_stride)
+    check_against(tm, model, variables, image)
+
+
+def random_variables(model, shape):
+    """Variables without compiling ``model.init`` (seconds on the loaded test machine): random BatchNorm
+    statistics (conftest) on the abstract tree, and He-scaled normal draws for the kernels it leaves abstract."""
+    variables = random_batch_stats(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape)), 2)
+
+    def kernel(a):
+        if isinstance(a, jax.Array):
+            return a
+        return jax.random.normal(jax.random.key(a.size), a.shape) * (2 / np.prod(a.shape[:-1])) ** 0.5
+    return jax.tree.map(kernel, variables)
+
+
+@pytest.fixture(scope="module")
+def dilated():
+    """resnet50 at output stride 8 with random BatchNorm statistics, and its jitted logits at 40x56."""
+    model = create_model("resnet50", stage_sizes=(1, 1, 1, 1), num_classes=10, output_stride=8)
+    x = jax.random.normal(jax.random.key(1), (2, 40, 56, 3))
+    variables = random_variables(model, x[:1].shape)
+    return model, variables, x, jax.jit(model.apply)(variables, x)
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "onednn_winograd_f4"])
+def test_every_conv_impl_computes_the_dilated_model(dilated, conv_impl):
+    """A forced algorithm that cannot dilate (Winograd, the patch matmul) leaves those layers to "auto"."""
+    model, variables, x, want = dilated
+    assert_close(jax.jit(model.clone(conv_impl=conv_impl).apply)(variables, x), want, conv_impl)
+
+
+def test_batchnorm_folding_and_both_exports(dilated, tmp_path):
+    model, variables, x, want = dilated
+    folded_model = model.with_batchnorm_folded()
+    folded = jax.jit(lambda v: fold_batchnorm(model, v)[1])(variables)
+    assert_close(jax.jit(folded_model.apply)(folded, x), want, "folded")
+    prep = Preprocessing(40, (0.5,) * 3, (0.25,) * 3)
+    batch = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    expected = np.asarray(jax.jit(model.apply)(variables, (batch / 255.0 - 0.5) / 0.25))
+    for suffix in ("stablehlo", "onnx"):  # the ONNX file runs in onnxruntime, with Conv's dilations attribute
+        exported = load_exported(export_model(model, variables, tmp_path / f"m.{suffix}", preprocessing=prep))
+        assert_close(exported.run(batch).astype(np.float32), expected.astype(np.float32), suffix)
+
+
+def test_dilated_convolution_each_algorithm_and_auto():
+    """conv2d with dilation 2: every algorithm that takes it equals lax; every other one refuses it in one
+    sentence (or leaves it to "auto" with ``fallback``); "auto" picks one that computes it."""
+    x = jax.random.normal(jax.random.key(0), (2, 13, 17, 16))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 16, 8))
+    want = jax.lax.conv_general_dilated(x, k, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    spec = ConvSpec.of(x, k, 1, ((2, 2), (2, 2)), 1, dilation=2)
+    assert spec.y_shape == want.shape and spec.dilated
+    assert all(REGISTRY[n].refusal(spec, "cpu") is None for n in choose(spec, "cpu"))
+    for name in ALGORITHMS:
+        if REGISTRY[name].dilated:
+            assert_close(conv2d(x, k, 1, ((2, 2), (2, 2)), algorithm=name, dilation=2), want, name)
+        else:
+            assert "undilated convolutions only" in REGISTRY[name].refusal(spec, "cpu") or \
+                REGISTRY[name].limits(spec) is not None, name
+    with pytest.raises(ValueError, match="undilated convolutions only"):
+        conv2d(x, k, 1, ((2, 2), (2, 2)), algorithm="winograd_f4", dilation=2)
+    assert_close(conv2d(x, k, 1, ((2, 2), (2, 2)), algorithm="auto", dilation=2), want, "auto")
+    assert_close(conv2d(x, k, 1, ((2, 2), (2, 2)), algorithm="winograd_f4", dilation=2, fallback=True), want,
+                 "fallback")
+
+
+def test_bad_output_stride_is_refused():
+    with pytest.raises(ValueError, match="output_stride must be one of"):
+        create_model("resnet50", output_stride=4)
+    with pytest.raises(ValueError, match="CIFAR stem"):
+        create_model("resnet20", output_stride=16)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_full_resnet50_equals_torchvision(output_stride):
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet50(replace_stride_with_dilation=TORCHVISION_FLAGS[output_stride]).eval()
+    tv.load_state_dict(random_batch_stats(tv.state_dict(), 0))
+    model = create_model("resnet50", output_stride=output_stride)
+    variables, _ = convert_state_dict(model, tv.state_dict())
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        want = tv(x).numpy()
+    assert_close(jax.jit(model.apply)(variables, nchw_to_nhwc(x)), jnp.asarray(want), "logits")
