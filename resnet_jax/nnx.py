@@ -45,11 +45,13 @@ class ResNet(nnx.Module):
     returns float32 logits (or the stage outputs with ``features_only``).
 
     Build it with ``create_model``, ``from_linen``, ``load_torchvision``, ``load_timm`` or ``pretrained``.
-    ``linen_module`` is the linen definition (static); ``use_running_average`` is the BatchNorm mode.
+    ``linen_module`` is the linen definition (static); ``use_running_average`` is the BatchNorm mode. ``rngs``
+    (an ``nnx.Rngs`` with a ``dropout`` stream, as ``nnx.Dropout`` takes it) draws stochastic depth's masks in
+    train mode; a model with ``drop_path_rate > 0`` needs it to train.
     """
 
     def __init__(self, linen_module: _linen.ResNet, variables: Mapping[str, Any], *,
-                 use_running_average: bool = False):
+                 use_running_average: bool = False, rngs: nnx.Rngs | None = None):
         unknown = sorted(set(variables) - set(_COLLECTIONS))
         if unknown:
             raise ValueError(f"expected linen variables with the collections {sorted(_COLLECTIONS)}, got the "
@@ -61,14 +63,26 @@ class ResNet(nnx.Module):
             setattr(self, name, Layer(value))
         self.linen_module = linen_module
         self.use_running_average = use_running_average
+        self.rngs = rngs
 
     def __call__(self, x: jax.Array) -> jax.Array | list[jax.Array]:
         variables = self.linen_variables()
         if self.use_running_average:
             return self.linen_module.apply(variables, x, train=False)
-        out, updates = self.linen_module.apply(variables, x, train=True, mutable=["batch_stats"])
+        out, updates = self.linen_module.apply(variables, x, train=True, mutable=["batch_stats"],
+                                               rngs=self._dropout_rngs())
         _assign(self, updates.get("batch_stats", {}))  # the running averages, updated in place
         return out
+
+    def _dropout_rngs(self) -> dict[str, jax.Array]:
+        """A fresh key from the ``dropout`` stream for stochastic depth (none needed without it)."""
+        if not self.linen_module.drop_path_rate:
+            return {}
+        if self.rngs is None:
+            raise ValueError(f"this model has drop_path_rate={self.linen_module.drop_path_rate} and trains with "
+                             "random masks: build it with rngs=nnx.Rngs(dropout=seed) (create_model, from_linen), "
+                             "or call model.eval() for inference")
+        return {"dropout": self.rngs.dropout()}
 
     def linen_variables(self) -> dict[str, Any]:
         """The variables as linen holds them: ``{"params": ..., "batch_stats": ...}`` of arrays."""
@@ -115,12 +129,13 @@ def _assign(node: nnx.Module, tree: Mapping) -> None:
 
 
 def from_linen(linen_module: _linen.ResNet, variables: Mapping[str, Any], *,
-               use_running_average: bool = False) -> ResNet:
-    """An NNX model computing exactly what ``linen_module.apply(variables, ...)`` does (it shares the arrays)."""
+               use_running_average: bool = False, rngs: nnx.Rngs | None = None) -> ResNet:
+    """An NNX model computing exactly what ``linen_module.apply(variables, ...)`` does (it shares the arrays);
+    ``rngs``: the ``dropout`` stream for stochastic depth in train mode."""
     if not isinstance(linen_module, _linen.ResNet):
         raise TypeError(f"from_linen takes a resnet_jax.ResNet (from resnet_jax.create_model), got "
                         f"{type(linen_module).__name__}")
-    return ResNet(linen_module, variables, use_running_average=use_running_average)
+    return ResNet(linen_module, variables, use_running_average=use_running_average, rngs=rngs)
 
 
 def to_linen(model: ResNet) -> tuple[_linen.ResNet, dict[str, Any]]:
@@ -135,11 +150,12 @@ def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> ResNet:
     """A freshly initialised named model, e.g. ``create_model("resnet50", rngs=nnx.Rngs(0), num_classes=10)``.
 
     ``overrides`` are ``resnet_jax.create_model``'s (``num_classes``, ``in_channels``, ``features_only``,
-    ``dtype``, ``remat``, ``conv_impl``...). The initial values are linen's ``init`` with ``rngs.params()``.
+    ``dtype``, ``remat``, ``conv_impl``, ``drop_path_rate``...). The initial values are linen's ``init`` with
+    ``rngs.params()``; the model keeps ``rngs`` for stochastic depth's ``dropout`` stream.
     """
     module = _linen.create_model(name, **overrides)
     x = jnp.zeros((1, 32, 32, module.in_channels), jnp.float32)  # parameters do not depend on the image size
-    return ResNet(module, module.init(rngs.params(), x, train=False))
+    return ResNet(module, module.init(rngs.params(), x, train=False), rngs=rngs)
 
 
 def load_torchvision(name: str, source: str | os.PathLike | Mapping[str, Any], **kwargs: Any) -> ResNet:

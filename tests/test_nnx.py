@@ -223,3 +223,26 @@ def test_bad_input_is_a_clear_error(resnet18d):
         rnnx.from_linen(module, {**variables, "intermediates": {}})
     with pytest.raises(ValueError, match="unknown model 'resnet5'"):
         rnnx.create_model("resnet5", rngs=nnx.Rngs(0))
+
+
+def test_stochastic_depth_draws_from_the_dropout_stream():
+    """drop_path_rate > 0 trains with masks drawn from the model's ``dropout`` stream (each call a new key, as
+    ``nnx.Dropout`` draws them): the output is linen's with that key; eval mode needs no key; without ``rngs`` train
+    mode is a clear error."""
+    module = resnet_jax.create_model("resnet20", stage_sizes=(1, 1, 1), drop_path_rate=0.5)
+    variables = random_variables(module, size=16)
+    x = images((16, 16, 16, 3))
+    model = rnnx.from_linen(module, variables, rngs=nnx.Rngs(dropout=7))
+    first, second = call(model, x), call(model, x)
+    stream = nnx.Rngs(dropout=7)
+    keys = [stream.dropout(), stream.dropout()]
+    for got, key in zip((first, second), keys):
+        want = jax.jit(lambda v, x, k: module.apply(v, x, train=True, mutable=["batch_stats"],
+                                                    rngs={"dropout": k})[0])(variables, x, key)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(first, second)  # a new mask each call
+    model.eval()
+    np.testing.assert_array_equal(call(model, x), linen_apply(module, rnnx.to_linen(model)[1], x))
+    untrained = rnnx.from_linen(module, variables)
+    with pytest.raises(ValueError, match=r"drop_path_rate=0.5 .* rngs=nnx.Rngs\(dropout=seed\)"):
+        untrained(x)
