@@ -88,3 +88,10 @@ def test_conv_bf16_smoke(tmp_path):
         assert r["forward_gflops"] > 0 and r["train_gflops"] > 0
         assert 0 <= r["relative_error"] < (2e-2 if r["variant"].startswith("bfloat16") else 1e-4)
     assert "forward + both gradients" in stdout
+
+
+def test_dilated_inference_smoke(tmp_path):
+    stdout, results = run_script("benchmarks.dilated_inference", tmp_path)
+    assert {r["variant"] for r in results} == {"ours auto", "ours xla", "torch NCHW", "torch channels_last"}
+    assert all(r["images_per_s"] > 0 and r["ratio_to_torch_best"] > 0 for r in results)
+    assert "output stride 8" in stdout
