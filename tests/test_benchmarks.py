@@ -88,3 +88,19 @@ def test_conv_bf16_smoke(tmp_path):
         assert r["forward_gflops"] > 0 and r["train_gflops"] > 0
         assert 0 <= r["relative_error"] < (2e-2 if r["variant"].startswith("bfloat16") else 1e-4)
     assert "forward + both gradients" in stdout
+
+
+def test_input_pipeline_v2_smoke(tmp_path):
+    """The V2 training transform, ours through `data.train_loader` with the V2 config's keys and torchvision's
+    DataLoader with the same transforms, at 1 worker process each (the 2-worker case is the same code)."""
+    pytest.importorskip("torchvision")
+    out = tmp_path / "result.json"
+    proc = run_python(module="benchmarks.input_pipeline", args=["--quick", "--recipes", "v2", "--v2-workers", "1",
+                                                                 "--json", out],
+                      env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    assert "vs torchvision" in proc.stdout, proc.stdout
+    report = json.loads(out.read_text())
+    assert report["versions"]["torchvision"] and report["cpu"]
+    assert [r["pipeline"] for r in report["results"]] == ["grain workers=1", "torchvision workers=1"]
+    assert all(r["images_per_s"] > 0 and r["cores_for_5000"] > 0 for r in report["results"])
+    assert report["results"][1]["ratio_to_torchvision"] == 1.0
