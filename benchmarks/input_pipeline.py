@@ -1,6 +1,7 @@
-"""Input-pipeline throughput: our Grain pipeline vs the same work in tf.data, images/s on this machine.
+"""Input-pipeline throughput: our Grain pipeline vs the same work in tf.data or torchvision, images/s here.
 
-    python -m benchmarks.input_pipeline                 # CIFAR recipe + ImageNet recipe on JPEGs
+    python -m benchmarks.input_pipeline                 # CIFAR, ImageNet and V2 recipes
+    python -m benchmarks.input_pipeline --recipes v2    # the V2 training transform vs torchvision's DataLoader
     python -m benchmarks.input_pipeline --quick         # smoke test, a few batches
 
 CIFAR recipe: 32x32 uint8 images in memory -> shuffle -> zero-pad 4 + random 32 crop + flip -> normalise -> batch.
@@ -10,6 +11,14 @@ does; tf.data is timed twice: its idiomatic `decode_and_crop_jpeg` (decodes only
 for the ratios) and "full decode" (decode_jpeg, then crop: the same work as ours). Each pipeline is rebuilt every round,
 warmed up, then timed; rounds alternate between pipelines so a busy shared machine slows all alike, and the
 median round is reported. Writes benchmarks/results/input_pipeline.json.
+
+V2 recipe (torchvision's ResNet-50 V2 training transform, train/configs/imagenet_resnet50_tv2.py): the same JPEGs
+-> decode -> random-resized crop 176 + flip -> TrivialAugmentWide -> normalise -> RandomErasing(0.1) -> batch
+(mixup/cutmix run on the device, outside the host pipeline). Ours is `data.train_loader` called with the V2
+config's keys, as the training loop calls it; torchvision's is `torch.utils.data.DataLoader` over a Dataset of the
+same JPEG bytes with torchvision's `presets.py` transforms (Pillow backend), at the same number of worker
+processes. Per core = images/s / worker processes; "cores for 5,000 img/s" = 5000 / that. torch and torchvision
+are imported here only, never by the library.
 """
 
 from __future__ import annotations
@@ -85,6 +94,65 @@ def grain_pipeline(src, recipe, batch, workers):
                                           std=std, seed=0, worker_count=workers))
 
 
+def v2_config():
+    """The V2 recipe's config (train/configs/imagenet_resnet50_tv2.py), loaded from its file like `python -m train`."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "train" / "configs" / "imagenet_resnet50_tv2.py"
+    spec = importlib.util.spec_from_file_location("imagenet_resnet50_tv2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def grain_v2_pipeline(src, batch, workers):
+    """The training loop's call (resnet_jax/training/loop.py) with the V2 config's keys; batch and workers ours."""
+    from resnet_jax.training.config import normalization_stats
+
+    c = v2_config()
+    mean, std = normalization_stats(c)
+    return lambda: iter(data.train_loader(src, batch_size=batch, augment=c.augment, seed=c.seed, worker_count=workers,
+                                          auto_augment=c.auto_augment, random_erasing=c.random_erasing,
+                                          ra_reps=c.ra_reps, image_size=c.image_size, mean=mean, std=std,
+                                          channels=3))
+
+
+class TorchJpegDataset:
+    """The same JPEG bytes as a map-style torch Dataset: decode with Pillow, then torchvision's transform."""
+
+    def __init__(self, jpegs, labels, transform):
+        self.jpegs, self.labels, self.transform = jpegs, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        with Image.open(io.BytesIO(self.jpegs[i])) as image:
+            return self.transform(image.convert("RGB")), int(self.labels[i])
+
+
+def torchvision_v2_pipeline(jpegs, labels, batch, workers):
+    """torchvision's references/classification/presets.py ClassificationPresetTrain for the V2 command (crop 176,
+    ta_wide, random_erase 0.1, bilinear, Pillow backend, transforms.v2), in a DataLoader with `workers` processes."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+    from torchvision.transforms import InterpolationMode, v2
+
+    c = v2_config()
+    bilinear = InterpolationMode.BILINEAR
+    transform = v2.Compose([
+        v2.RandomResizedCrop(c.image_size, interpolation=bilinear, antialias=True), v2.RandomHorizontalFlip(0.5),
+        v2.TrivialAugmentWide(interpolation=bilinear), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD)),
+        v2.RandomErasing(p=c.random_erasing), v2.ToPureTensor()])
+    dataset = TorchJpegDataset(jpegs, labels, transform)
+
+    def build():
+        sampler = RandomSampler(dataset, num_samples=1 << 30)  # an endless shuffled stream, epoch after epoch
+        return iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True))
+    return build
+
+
 def tf_pipeline(recipe, batch, inputs, labels, crop_while_decoding=True):
     import tensorflow as tf
 
@@ -131,7 +199,7 @@ def time_round(build, batch, warmup, steps):
     return rate
 
 
-def environment(argv):
+def environment(argv, recipes=()):
     import grain
     import jax
     import PIL
@@ -144,7 +212,10 @@ def environment(argv):
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "versions": {"jax": jax.__version__, "grain": getattr(grain, "__version__", _version("grain")),
-                         "tensorflow": tf.__version__, "numpy": np.__version__, "pillow": PIL.__version__},
+                         "tensorflow": tf.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+                         **({"torch": _version("torch"), "torchvision": _version("torchvision")}
+                            if "v2" in recipes else {})},
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "command": "python -m benchmarks.input_pipeline " + " ".join(argv)}
 
 
@@ -153,11 +224,45 @@ def _version(dist):
     return version(dist)
 
 
+def v2_pipelines(jpegs, labels, batch, worker_counts):
+    """Ours and torchvision's V2 transform at each worker count, alternating in the timing order."""
+    src = JpegSource(jpegs, labels)
+    pipelines = {}
+    for w in worker_counts:
+        pipelines[f"grain workers={w}"] = grain_v2_pipeline(src, batch, w)
+        pipelines[f"torchvision workers={w}"] = torchvision_v2_pipeline(jpegs, labels, batch, w)
+    return pipelines
+
+
+def measure(pipelines, batch, warmup, steps, rounds):
+    """Median images/s of each pipeline; each round builds every pipeline anew, in alternating order."""
+    rates = {name: [] for name in pipelines}
+    for r in range(rounds):
+        for name in (list(pipelines) if r % 2 == 0 else list(reversed(pipelines))):
+            rates[name].append(time_round(pipelines[name], batch, warmup, steps))
+    return {name: (statistics.median(values), values) for name, values in rates.items()}
+
+
+def v2_rows(measured, batch, worker_counts):
+    rows = []
+    for w in worker_counts:
+        ours, theirs = measured[f"grain workers={w}"][0], measured[f"torchvision workers={w}"][0]
+        for side, rate in (("grain", ours), ("torchvision", theirs)):
+            per_core = rate / w
+            rows.append({"recipe": "v2", "pipeline": f"{side} workers={w}", "workers": w, "batch": batch,
+                         "images_per_s": round(rate, 1), "rounds": [round(v, 1) for v in measured[f"{side} workers={w}"][1]],
+                         "images_per_s_per_core": round(per_core, 1), "cores_for_5000": round(5000 / per_core, 1),
+                         "ratio_to_torchvision": round(rate / theirs, 2)})
+    return rows
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipes", nargs="+", default=["cifar", "imagenet"], choices=["cifar", "imagenet"])
+    p.add_argument("--recipes", nargs="+", default=["cifar", "imagenet", "v2"], choices=["cifar", "imagenet", "v2"])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="Grain worker_count values to time")
+    p.add_argument("--v2-workers", type=int, nargs="+", default=[1, 2],
+                   help="worker processes for the V2 recipe, the same on both sides")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 2 small batches")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "input_pipeline.json"))
@@ -166,6 +271,12 @@ def main(argv=None):
     rounds = 1 if args.quick else args.rounds
     results = []
     for recipe in args.recipes:
+        if recipe == "v2":
+            batch, warmup, steps = (4, 1, 1) if args.quick else (32, 3, 12)
+            jpegs, labels = make_jpegs(8 if args.quick else 256, rng)
+            measured = measure(v2_pipelines(jpegs, labels, batch, args.v2_workers), batch, warmup, steps, rounds)
+            results.extend(v2_rows(measured, batch, args.v2_workers))
+            continue
         if recipe == "cifar":
             batch, warmup, steps = (16, 1, 1) if args.quick else (256, 3, 30)
             images, labels = make_cifar(512 if args.quick else 10_000, rng)
@@ -179,21 +290,26 @@ def main(argv=None):
             pipelines["tf.data full decode"] = tf_pipeline(recipe, batch, tf_inputs, labels, False)
         reference = "tf.data" if recipe == "cifar" else "tf.data crop-decode"
         pipelines[reference] = tf_pipeline(recipe, batch, tf_inputs, labels)
-        rates = {name: [] for name in pipelines}
-        for r in range(rounds):
-            order = list(pipelines) if r % 2 == 0 else list(reversed(pipelines))
-            for name in order:
-                rates[name].append(time_round(pipelines[name], batch, warmup, steps))
-        reference_rate = statistics.median(rates[reference])
-        for name, values in rates.items():
-            median = statistics.median(values)
+        measured = measure(pipelines, batch, warmup, steps, rounds)
+        reference_rate = measured[reference][0]
+        for name, (median, values) in measured.items():
             results.append({"recipe": recipe, "pipeline": name, "batch": batch, "images_per_s": round(median, 1),
                             "rounds": [round(v, 1) for v in values], "ratio_to_tf_data": round(median / reference_rate, 2)})
-    report = {**environment(argv), "results": results}
-    print(f"{'recipe':10} {'pipeline':22} {'batch':>5} {'images/s':>10} {'vs tf.data':>10}")
-    for row in results:
-        print(f"{row['recipe']:10} {row['pipeline']:22} {row['batch']:5d} {row['images_per_s']:10.1f} "
-              f"{row['ratio_to_tf_data']:9.2f}x")
+    report = {**environment(argv, args.recipes), "results": results}
+    tf_rows = [row for row in results if row["recipe"] != "v2"]
+    if tf_rows:
+        print(f"{'recipe':10} {'pipeline':22} {'batch':>5} {'images/s':>10} {'vs tf.data':>10}")
+        for row in tf_rows:
+            print(f"{row['recipe']:10} {row['pipeline']:22} {row['batch']:5d} {row['images_per_s']:10.1f} "
+                  f"{row['ratio_to_tf_data']:9.2f}x")
+    v2 = [row for row in results if row["recipe"] == "v2"]
+    if v2:
+        print("\nV2 training transform (crop 176, flip, TrivialAugmentWide, normalise, RandomErasing 0.1):")
+        print(f"{'pipeline':24} {'batch':>5} {'images/s':>10} {'per core':>9} {'cores/5k':>9} {'vs torchvision':>15}")
+        for row in v2:
+            print(f"{row['pipeline']:24} {row['batch']:5d} {row['images_per_s']:10.1f} "
+                  f"{row['images_per_s_per_core']:9.1f} {row['cores_for_5000']:9.1f} {row['ratio_to_torchvision']:14.2f}x")
+    print(f"load average at the end: {report['load_average']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")

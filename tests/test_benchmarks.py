@@ -95,3 +95,19 @@ def test_dilated_inference_smoke(tmp_path):
     assert {r["variant"] for r in results} == {"ours auto", "ours xla", "torch NCHW", "torch channels_last"}
     assert all(r["images_per_s"] > 0 and r["ratio_to_torch_best"] > 0 for r in results)
     assert "output stride 8" in stdout
+
+
+def test_input_pipeline_v2_smoke(tmp_path):
+    """The V2 training transform, ours through `data.train_loader` with the V2 config's keys and torchvision's
+    DataLoader with the same transforms, at 1 worker process each (the 2-worker case is the same code)."""
+    pytest.importorskip("torchvision")
+    out = tmp_path / "result.json"
+    proc = run_python(module="benchmarks.input_pipeline", args=["--quick", "--recipes", "v2", "--v2-workers", "1",
+                                                                 "--json", out],
+                      env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    assert "vs torchvision" in proc.stdout, proc.stdout
+    report = json.loads(out.read_text())
+    assert report["versions"]["torchvision"] and report["cpu"]
+    assert [r["pipeline"] for r in report["results"]] == ["grain workers=1", "torchvision workers=1"]
+    assert all(r["images_per_s"] > 0 and r["cores_for_5000"] > 0 for r in report["results"])
+    assert report["results"][1]["ratio_to_torchvision"] == 1.0

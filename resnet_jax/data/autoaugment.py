@@ -133,9 +133,16 @@ def _draw(space, rng: np.random.Generator, magnitude_bin: int | None):
     return name, -magnitude if signed and rng.integers(2) else magnitude
 
 
+@functools.lru_cache(maxsize=8)
+def _wide_space_once(num_bins: int) -> dict[str, tuple[np.ndarray, bool]]:
+    """``wide_space`` built once per ``num_bins``: rebuilding its eleven ``linspace`` tables for every image cost
+    ~5% of the V2 training transform's host time (benchmarks/input_pipeline.py). Read-only by its one caller."""
+    return wide_space(num_bins)
+
+
 def trivial_augment_wide(image: np.ndarray, rng: np.random.Generator, num_bins: int = 31, **op_kwargs):
     """TrivialAugmentWide (Mueller & Hutter 2021, torchvision's): one operation, one uniform magnitude bin."""
-    name, magnitude = _draw(wide_space(num_bins), rng, None)
+    name, magnitude = _draw(_wide_space_once(int(num_bins)), rng, None)
     return apply_op(image, name, magnitude, **op_kwargs)
 
 
