@@ -136,8 +136,8 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     - Stems and other strided or large kernels: oneDNN's direct kernels; without the extension XLA's forward and
       input gradient with the patch matmul's kernel gradient.
     bfloat16 takes oneDNN's direct kernels where the CPU has bfloat16 instructions and the float32-only
-    algorithms do not apply, 1x1 layers included: XLA's bfloat16 dot ran their input gradient at ~10 GFLOP/s
-    against oneDNN's ~150 (BENCHMARKS.md, Machine A2, 2026-12-03). On GPU/TPU: XLA's own.
+    algorithms do not apply, 1x1 layers included: XLA's bfloat16 dot ran ResNet-50's 1x1 input gradients
+    at 9-198 GFLOP/s against oneDNN's 34-388 (BENCHMARKS.md, Machine A2, 2026-12-03). On GPU/TPU: XLA's own.
     """
     if backend != "cpu":
         return ("xla", "xla", "xla")
