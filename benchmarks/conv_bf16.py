@@ -7,6 +7,12 @@ HIGHEST precision, relative to the output's largest value. Rates count direct-co
 the forward plus both gradients. Timed interleaved in one process.
 
     python -m benchmarks.conv_bf16 [--batch 128] [--rounds 3]
+    python -m benchmarks.conv_bf16 --model resnet50 [--rounds 2]
+
+``--model`` instead times every convolution shape of that model (``conv_layers.MODELS``), each pass on its own,
+in float32 "auto", bfloat16 "auto", bfloat16 forced to each algorithm that computes it, and torch's bfloat16
+channels_last kernels (what ``torch.autocast`` calls), and sums seconds per batch (time x uses) per layer group:
+where a bfloat16 model loses against autocast, convolution by convolution.
 """
 
 from __future__ import annotations
@@ -53,12 +59,85 @@ def layer_runners(h, c, batch):
     return forward, train, error, 2 * batch * h * h * c * c * 9
 
 
+def model_runners(h, cin, cout, k, s, batch):
+    """{pass: {variant: run}} for one layer of a model, ours in both dtypes and torch in bfloat16."""
+    import functools
+
+    import jax
+    import numpy as np
+    import torch
+
+    from resnet_jax.ops import conv2d
+
+    rng = np.random.default_rng(0)
+    pad, out = ((k // 2, k // 2),) * 2, (h + 2 * (k // 2) - k) // s + 1
+    x = rng.standard_normal((batch, h, h, cin), np.float32)
+    w = (rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
+    dy = rng.standard_normal((batch, out, out, cout), np.float32)
+    variants = {"float32 auto": ("float32", "auto"), "bfloat16 auto": ("bfloat16", "auto"),
+                "bfloat16 onednn": ("bfloat16", "onednn"),
+                **({"bfloat16 gemm": ("bfloat16", "gemm")} if k == 1 else {})}
+    runners = {"forward": {}, "input_grad": {}, "kernel_grad": {}}
+    for label, (dtype, name) in variants.items():
+        xj, wj, dyj = (jax.device_put(a).astype(dtype) for a in (x, w, dy))
+        conv = functools.partial(conv2d, strides=(s, s), padding=pad, algorithm=name)
+        fwd = jax.jit(conv)
+        dx = jax.jit(lambda a, b, d, f=conv: jax.vjp(lambda a_: f(a_, b), a)[1](d)[0])
+        dw = jax.jit(lambda a, b, d, f=conv: jax.vjp(lambda b_: f(a, b_), b)[1](d)[0])
+        runners["forward"][label] = lambda f=fwd, a=(xj, wj): f(*a).block_until_ready()
+        runners["input_grad"][label] = lambda f=dx, a=(xj, wj, dyj): f(*a).block_until_ready()
+        runners["kernel_grad"][label] = lambda f=dw, a=(xj, wj, dyj): f(*a).block_until_ready()
+    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous(  # noqa: E731
+        memory_format=torch.channels_last).bfloat16()
+    xt, dyt, wt = nchw(x), nchw(dy), nchw(np.ascontiguousarray(w.transpose(3, 0, 1, 2)))
+
+    def torch_pass(mask):
+        with torch.no_grad():
+            if mask is None:
+                return torch.nn.functional.conv2d(xt, wt, stride=s, padding=k // 2)
+            return torch.ops.aten.convolution_backward(dyt, xt, wt, None, [s, s], [k // 2] * 2, [1, 1], False,
+                                                      [0, 0], 1, mask)
+    for pass_name, mask in zip(runners, (None, [True, False, False], [False, True, False])):
+        runners[pass_name]["torch bfloat16"] = functools.partial(torch_pass, mask)
+    return runners, 2 * batch * out * out * cout * k * k * cin
+
+
+def model_main(model, rounds, quick, allocator, json_path) -> None:
+    from benchmarks.conv_layers import MODELS
+
+    batch, layers = MODELS[model]
+    if quick:
+        batch, rounds, layers = 2, 1, layers[1:2]
+    rows, sums = [], {}
+    for (h, cin, cout, k, s), uses in layers:
+        group = "1x1" if k == 1 else "3x3 stride 1" if (k, s) == (3, 1) else "stem and strided"
+        runners, flops = model_runners(h, cin, cout, k, s, batch)
+        for pass_name, variants in runners.items():
+            timed = common.time_interleaved(variants, warmup=1, steps=2, rounds=rounds)
+            rows.append([f"{h} {cin}->{cout} k{k} s{s} x{uses}", pass_name,
+                         " | ".join(f"{n} {flops / t['median_s'] / 1e9:.0f}" for n, t in timed.items())])
+            for n, t in timed.items():
+                sums.setdefault((group, pass_name), {}).setdefault(n, 0.0)
+                sums[(group, pass_name)][n] += uses * t["median_s"]
+    common.print_table(f"{model}: convolution GFLOP/s per pass, batch {batch}, allocator {allocator}",
+                       ["layer", "pass", "variants"], rows)
+    common.print_table("seconds per batch (time x uses), per layer group and pass", ["group", "pass", "variants"],
+                       [[g, p, " | ".join(f"{n} {v:.3f}" for n, v in by.items())] for (g, p), by in sums.items()])
+    common.write_json(json_path, f"conv_bf16_{model}.json", {
+        "environment": common.environment(allocator),
+        "seconds": [{"group": g, "pass": p, **by} for (g, p), by in sums.items()]})
+
+
 def main(argv=None) -> None:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--model", choices=["resnet50", "resnet18_cifar", "resnet20_digits"],
+                   help="every convolution of this model, per pass, bfloat16 against float32 and torch's bfloat16")
     args = p.parse_args(argv)
     allocator = preload_tcmalloc(args.tcmalloc)
+    if args.model:
+        return model_main(args.model, args.rounds, args.quick, allocator, args.json)
     batch, rounds, layers = (2, 1, LAYERS[:1]) if args.quick else (args.batch, args.rounds, LAYERS)
     rows, results = [], []
     for h, c in layers:

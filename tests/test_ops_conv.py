@@ -2,6 +2,7 @@
 models use and on awkward ones, and refuses in one sentence the shapes outside its family; the epilogue, the
 module, the per-shape choice and the errors behave."""
 
+import dataclasses
 import functools
 import re
 
@@ -240,6 +241,27 @@ def test_auto_choice_per_backend_shape_and_pass():
         assert choose(stem, "cpu") == choose(big_stem, "cpu") == ("onednn",) * 3
         small = ConvSpec(8, 16, 16, 128, 128, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")  # 0.08 GFLOP
         assert choose(small, "cpu") == ("onednn",) * 3  # Winograd's fixed costs outweigh what it saves
+
+
+def test_auto_runs_bfloat16_1x1_layers_on_onednn_where_the_cpu_has_bfloat16():
+    """oneDNN's GEMM is float32 only, and "auto" used to send bfloat16 1x1 layers to XLA's bfloat16 dot, whose
+    input gradient ran ResNet-50's 1x1 layers at 9-198 GFLOP/s against oneDNN's direct kernels' 34-388
+    (BENCHMARKS.md, Machine A2, 2026-12-03). The direct kernels must compute them, within bf16's rounding."""
+    g1 = ConvSpec(32, 14, 14, 256, 1024, (1, 1), (1, 1), ((0, 0), (0, 0)), 1, "bfloat16")
+    native = onednn.available() and cpu.native_bfloat16()
+    assert choose(g1, "cpu") == (("onednn",) * 3 if native else ("gemm",) * 3)
+    assert choose(g1, "cpu", extension=False) == ("gemm",) * 3
+    assert choose(dataclasses.replace(g1, dtype="float32"), "cpu")[1:] == (
+        ("onednn_gemm",) * 2 if onednn.available() else ("gemm",) * 2)  # float32 keeps the GEMM
+    for stride in (1, 2):
+        case = (1, stride, 1, 4, 10, 14, 32, 48, ((0, 0), (0, 0)))  # non-square, strided and not
+        x, k, dy = inputs(case, jnp.bfloat16)
+        ours = value_and_grads(lambda a, b, s=stride: conv2d(a, b, s, "VALID"), x, k, dy)
+        up = lambda a: a.astype(jnp.float32)  # noqa: E731
+        want = value_and_grads(lax_of(case), up(x), up(k), up(dy))
+        for part, got, exp in zip(PARTS, ours, want):
+            assert got.dtype == jnp.bfloat16
+            assert_close(up(got), exp, 3e-2, f"bfloat16 1x1 stride {stride} {part}")
 
 
 def test_passes_from_different_algorithms_compose_into_one_exact_convolution():

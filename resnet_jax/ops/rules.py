@@ -138,7 +138,8 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     - Dilated kernels (``output_stride`` < 32): XLA's own, the one algorithm here that computes them (oneDNN's
       primitives could, but the extension's calls do not pass a dilation yet; Winograd's tiles cannot).
     bfloat16 takes oneDNN's direct kernels where the CPU has bfloat16 instructions and the float32-only
-    algorithms do not apply. On GPU/TPU: XLA's own.
+    algorithms do not apply, 1x1 layers included: XLA's bfloat16 dot ran ResNet-50's 1x1 input gradients
+    at 9-198 GFLOP/s against oneDNN's 34-388 (BENCHMARKS.md, Machine A2, 2026-12-03). On GPU/TPU: XLA's own.
     """
     if backend != "cpu":
         return ("xla", "xla", "xla")
@@ -151,8 +152,11 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     ok = lambda *algorithms: _usable(*algorithms, spec=spec, backend=backend)  # noqa: E731
     pure_kernel_grad = "matmul_grad" if spec.groups == 1 else "xla"
     if spec.kernel == (1, 1) and spec.groups == 1:
-        return ("onednn", "onednn_gemm", "onednn_gemm") if extension and ok("onednn", "onednn_gemm") else \
-            ("gemm", "gemm", "gemm")
+        if extension and ok("onednn", "onednn_gemm"):
+            return ("onednn", "onednn_gemm", "onednn_gemm")
+        if extension and ok("onednn"):  # bfloat16 (the GEMM is float32 only): XLA's bf16 dot is far slower
+            return ("onednn", "onednn", "onednn")
+        return ("gemm", "gemm", "gemm")
     winograd_grad = spec.dtype == "float32" and spec.in_channels >= 8 and ok("winograd_f4")
     pure = ("xla", "xla", "winograd_f4" if winograd_grad else pure_kernel_grad)
     if not extension:
