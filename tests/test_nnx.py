@@ -88,9 +88,9 @@ def test_outputs_stats_and_gradients_equal_linen(resnet18d):
 
 
 def test_create_model_is_linen_init():
-    model = rnnx.create_model("resnet20", rngs=nnx.Rngs(3), in_channels=1)
+    model = rnnx.create_model("resnet20", rngs=nnx.Rngs(3), in_channels=1, stage_sizes=(1, 1, 1))
     module, variables = rnnx.to_linen(model)
-    assert module == resnet_jax.create_model("resnet20", in_channels=1)
+    assert module == resnet_jax.create_model("resnet20", in_channels=1, stage_sizes=(1, 1, 1))
     ref = module.init(nnx.Rngs(3).params(), jnp.zeros((1, 16, 16, 1)), train=False)
     assert_trees_equal(variables, ref)
     assert isinstance(model.layer1_0.conv1.kernel, nnx.Param) and isinstance(model.bn1.mean, nnx.BatchStat)
