@@ -1,6 +1,6 @@
 """Input-pipeline throughput: our Grain pipeline vs the same work in tf.data or torchvision, images/s here.
 
-    python -m benchmarks.input_pipeline                 # CIFAR, ImageNet and V2 recipes
+    python -m benchmarks.input_pipeline                 # CIFAR and ImageNet recipes vs tf.data
     python -m benchmarks.input_pipeline --recipes v2    # the V2 training transform vs torchvision's DataLoader
     python -m benchmarks.input_pipeline --quick         # smoke test, a few batches
 
@@ -250,16 +250,19 @@ def v2_rows(measured, batch, worker_counts):
         for side, rate in (("grain", ours), ("torchvision", theirs)):
             per_core = rate / w
             rows.append({"recipe": "v2", "pipeline": f"{side} workers={w}", "workers": w, "batch": batch,
-                         "images_per_s": round(rate, 1), "rounds": [round(v, 1) for v in measured[f"{side} workers={w}"][1]],
-                         "images_per_s_per_core": round(per_core, 1), "cores_for_5000": round(5000 / per_core, 1),
-                         "ratio_to_torchvision": round(rate / theirs, 2)})
+                         # unrounded: a smoke run's single batch can come prefetched, at 1e5 img/s and more
+                         "images_per_s": rate, "rounds": measured[f"{side} workers={w}"][1],
+                         "images_per_s_per_core": per_core, "cores_for_5000": 5000 / per_core,
+                         "ratio_to_torchvision": rate / theirs})
     return rows
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipes", nargs="+", default=["cifar", "imagenet", "v2"], choices=["cifar", "imagenet", "v2"])
+    # v2 only when asked: torch's DataLoader forks in a process that has loaded TensorFlow (the tf.data recipes),
+    # which crashed (SIGSEGV) in CI; each side in a run of its own is how it is timed
+    p.add_argument("--recipes", nargs="+", default=["cifar", "imagenet"], choices=["cifar", "imagenet", "v2"])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="Grain worker_count values to time")
     p.add_argument("--v2-workers", type=int, nargs="+", default=[1, 2],
                    help="worker processes for the V2 recipe, the same on both sides")

@@ -99,8 +99,8 @@ def test_dilated_inference_smoke(tmp_path):
 
 def test_input_pipeline_v2_smoke(tmp_path):
     """The V2 training transform, ours through `data.train_loader` with the V2 config's keys and torchvision's
-    DataLoader with the same transforms, at 1 worker process each (the 2-worker case is the same code)."""
-    pytest.importorskip("torchvision")
+    DataLoader with the same transforms, at 1 worker process each (the 2-worker case is the same code). torch is
+    not imported here: in a process that has loaded TensorFlow (test_data_benchmark's) its import crashes."""
     out = tmp_path / "result.json"
     proc = run_python(module="benchmarks.input_pipeline", args=["--quick", "--recipes", "v2", "--v2-workers", "1",
                                                                  "--json", out],
