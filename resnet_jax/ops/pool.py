@@ -5,7 +5,8 @@ XLA:CPU runs ``reduce_window`` and its gradient, ``select_and_scatter``, far bel
 cpu-convolution.md). The maximum of the window's shifted, strided slices of the padded input is one fused
 elementwise pass. The gradient goes to the first maximum of each window in row-major order, as XLA's
 ``select_and_scatter`` (with ``ge``) does, so values and gradients equal ``flax.linen.max_pool``'s exactly,
-ties included (ties are common after a ReLU).
+ties included (ties are common after a ReLU). In bfloat16 the routing is the same and each input's gradient is
+the float32 sum of the cotangents routed to it, rounded once (``select_and_scatter`` rounds after every add).
 """
 
 from __future__ import annotations
@@ -45,9 +46,18 @@ def _taps(x, window, strides, padding, fill):
     return [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
 
 
+def _wide(dtype):
+    """The dtype the pool computes in: float32 for narrower floats. A maximum is exact in any float dtype, so
+    values and routing are unchanged; but in bfloat16 XLA:CPU rounds every intermediate of the fused window
+    chain back to bfloat16 and ran the pool's forward + backward 25x slower than in float32 (2.0 s against 82 ms
+    at ResNet-50's 32x112x112x64; BENCHMARKS.md, Machine A2, 2026-12-03, issue 33)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _sliced_max_pool(x, window, strides, padding):
-    return functools.reduce(jnp.maximum, _taps(x, window, strides, padding, -jnp.inf))
+    taps = _taps(x.astype(_wide(x.dtype)), window, strides, padding, -jnp.inf)
+    return functools.reduce(jnp.maximum, taps).astype(x.dtype)
 
 
 @_sliced_max_pool.defjvp
@@ -56,13 +66,16 @@ def _sliced_max_pool_jvp(window, strides, padding, primals, tangents):
 
     The map is linear in the tangent (strided views of the zero-padded tangent, selected by masks of the
     primal), so forward mode uses it as it is and reverse mode is its transpose: the selected cotangent padded
-    back into place, which is the first-max gradient."""
+    back into place, which is the first-max gradient. Both are computed in ``_wide``'s dtype; the tangent is
+    rounded once at the end."""
     (x,), (dx,) = primals, tangents
-    y = _sliced_max_pool(x, window, strides, padding)
+    wide = _wide(x.dtype)
+    taps = _taps(x.astype(wide), window, strides, padding, -jnp.inf)
+    y = functools.reduce(jnp.maximum, taps)
     free = jnp.ones(y.shape, bool)  # windows whose maximum has not been found yet
-    t = jnp.zeros_like(y)
-    for tap, dtap in zip(_taps(x, window, strides, padding, -jnp.inf), _taps(dx, window, strides, padding, 0)):
+    t = jnp.zeros(y.shape, wide)
+    for tap, dtap in zip(taps, _taps(dx.astype(wide), window, strides, padding, 0)):
         hit = free & (tap == y)
         free = free & ~hit
         t = t + jnp.where(hit, dtap, jnp.zeros_like(t))
-    return y, t
+    return y.astype(x.dtype), t.astype(dx.dtype)
