@@ -237,6 +237,24 @@ def torch_runner(case: Case, train: bool, channels_last: bool, compile: bool) ->
     return run
 
 
+def openvino_runner(case: Case, precision: str) -> Callable[[], None]:
+    """Inference of torchvision's same model compiled by OpenVINO for the CPU: the issue's reported anchor for
+    what a dedicated inference engine reaches on this machine. ``precision`` "f32" pins float32
+    (``INFERENCE_PRECISION_HINT``); "default" leaves OpenVINO its own choice (bf16 where the CPU has bf16
+    instructions). Raises ImportError where openvino is not installed (``pip install openvino``)."""
+    import numpy as np
+    import openvino
+    import torch
+    model = torch_model(case).eval()
+    x = torch.randn(case.batch, case.channels, case.image, case.image)
+    with torch.no_grad():
+        converted = openvino.convert_model(model, example_input=x)
+    config = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
+    request = openvino.Core().compile_model(converted, "CPU", config).create_infer_request()
+    data = np.ascontiguousarray(x.numpy())
+    return lambda: request.infer({0: data})
+
+
 # ---------------------------------------------------------------- timing and reporting
 
 

@@ -12,7 +12,9 @@ On a CPU with bfloat16 instructions (AVX-512 BF16 or AMX) the CPU cases run in f
 
 Ours runs with each ``conv_impl`` (default: "auto", and "jax": the pure-JAX algorithms, i.e. without the
 optional CPU extension); torch runs NCHW, channels_last and (unless --no-compile) torch.compile of the faster
-layout. Ratios compare each of ours with torch's best variant.
+layout. Ratios compare each of ours with torch's best variant. Where ``openvino`` is installed, CPU inference
+also times OpenVINO on torchvision's same model (float32 pinned for float32 cases, its default precision for
+bfloat16 ones) as an anchor for what an inference engine reaches; it is not part of the ratios.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action=argparse_bool(), default=True, help="also time torch.compile")
     p.add_argument("--torch", action=argparse_bool(), default=True, help="time the torch side")
+    p.add_argument("--openvino", action=argparse_bool(), default=True,
+                   help="also time OpenVINO's inference of the same torchvision model on CPU where openvino is "
+                   "installed (float32 cases: pinned to f32; bfloat16: its default precision): an anchor, not in "
+                   "the ratios")
     return p.parse_args(argv)
 
 
@@ -63,6 +69,12 @@ def variants(case, mode, args):
                 runners["torch channels_last+compile"] = run
             except Exception as e:  # inductor needs a C++ toolchain; report and go on without it
                 print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if args.openvino and args.torch and not train and case.device == "cpu":
+        precision = "f32" if case.dtype == "float32" else "default"  # default: bf16 where the CPU has it
+        try:
+            runners[f"openvino {precision}"] = common.openvino_runner(case, precision)
+        except ImportError:
+            print("openvino not installed: no OpenVINO anchor (pip install openvino)")
     return runners
 
 

@@ -10,6 +10,7 @@ import pytest
 from resnet_jax import create_model
 from resnet_jax.ops.pool import _sliced_max_pool, max_pool
 from resnet_jax.ops.rules import max_pool_method
+from conftest import require_onednn
 
 
 STEM = ((3, 3), (2, 2), ((1, 1), (1, 1)))  # window, strides, padding
@@ -32,10 +33,13 @@ def inputs(shape, dtype, kind, seed=0):
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (3, 5, 6, 4), (1, 1, 1, 1)])
 @pytest.mark.parametrize("kind", ["normal", "relu", "coarse"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_values_and_gradients_equal_max_pool(shape, kind, dtype, pool=STEM):
+@pytest.mark.parametrize("keep", [False, True], ids=["fused", "kept"])  # kept: the extension holds the indices
+def test_values_and_gradients_equal_max_pool(shape, kind, dtype, keep, pool=STEM):
+    if keep:
+        require_onednn()
     x = inputs(shape, dtype, kind)
     want, want_vjp = jax.vjp(lambda a: reference(a, pool), x)
-    got, got_vjp = jax.vjp(jax.jit(lambda a: _sliced_max_pool(a, *pool)), x)
+    got, got_vjp = jax.vjp(jax.jit(lambda a: _sliced_max_pool(a, *pool, keep)), x)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     dy = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape), dtype)
     if dtype != jnp.float32:  # a maximum is exact, so the float32 pool routes alike; it sums in float32
@@ -47,7 +51,7 @@ def test_values_and_gradients_equal_max_pool(shape, kind, dtype, pool=STEM):
 @pytest.mark.parametrize("pool", [((2, 2), (2, 2), ((0, 0), (0, 0))), ((3, 2), (1, 2), ((1, 1), (0, 1)))])
 @pytest.mark.parametrize("kind", ["relu", "coarse"])
 def test_other_windows_equal_max_pool(pool, kind):
-    test_values_and_gradients_equal_max_pool((2, 7, 9, 3), kind, jnp.float32, pool)
+    test_values_and_gradients_equal_max_pool((2, 7, 9, 3), kind, jnp.float32, True, pool)
 
 
 def test_model_stem_uses_it_on_cpu():

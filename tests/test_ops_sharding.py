@@ -2,8 +2,9 @@
 lies, with no all-gather of activations, and equals the one-device step.
 
 The project's own jitted train and eval steps (``make_train_step`` / ``make_eval_step``, ResNet-8 under
-``conv_impl="auto"``) on a 1-device and a 2-device CPU mesh, in a child process (the device count is fixed
-before jax starts)."""
+``conv_impl="auto"``, and in CI's long step a one-block ResNet-18, whose stem max-pool keeps its indices through
+the extension too) on a 1-device and a 2-device CPU mesh, in a child process (the device count is fixed before
+jax starts)."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from conftest import require_onednn
 
@@ -28,8 +30,8 @@ PROBE = textwrap.dedent(r"""
     from resnet_jax.training.steps import make_eval_step, make_train_step
 
     c = base_config()
-    c.model, c.batch_size, c.image_size, c.augment, c.learning_rate = "resnet20", 8, 16, "none", 0.1
-    c.model_overrides.update(in_channels=3, stage_sizes=(1, 1, 1), conv_impl=sys.argv[1])
+    c.model, c.batch_size, c.image_size, c.augment, c.learning_rate = sys.argv[2], 8, 16, "none", 0.1
+    c.model_overrides.update(in_channels=3, stage_sizes=tuple(json.loads(sys.argv[3])), conv_impl=sys.argv[1])
     model = model_from_config(c, 10)
     tx = make_optimizer(c, steps_per_epoch=1)
     rng = np.random.default_rng(0)
@@ -67,11 +69,13 @@ PROBE = textwrap.dedent(r"""
 """)
 
 
-def test_data_parallel_steps_run_the_extension_per_shard_without_all_gathers():
+@pytest.mark.parametrize("model, stages", [("resnet20", [1, 1, 1]),
+                                          pytest.param("resnet18", [1, 1, 1, 1], marks=pytest.mark.long)])
+def test_data_parallel_steps_run_the_extension_per_shard_without_all_gathers(model, stages):
     require_onednn()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    done = subprocess.run([sys.executable, "-c", PROBE, "auto"], capture_output=True, text=True, env=env,
-                          timeout=900)
+    done = subprocess.run([sys.executable, "-c", PROBE, "auto", model, json.dumps(stages)], capture_output=True,
+                          text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")))
     one, two = result["1"], result["2"]

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.ops.rules import max_pool_method
+from resnet_jax.ops.rules import max_pool_method, may_use_extension
 from resnet_jax.ops.spec import output_size
 
 Pair = tuple[int, int]
@@ -35,7 +35,7 @@ def max_pool(x: jnp.ndarray, window: Pair = (3, 3), strides: Pair = (2, 2),
     padding = tuple(tuple(p) for p in padding)
     if max_pool_method(algorithm, jax.default_backend()) == "reduce_window":
         return nn.max_pool(x, window, strides=strides, padding=padding)
-    return _sliced_max_pool(x, window, strides, padding)
+    return _sliced_max_pool(x, window, strides, padding, may_use_extension(algorithm, jax.default_backend()))
 
 
 def _taps(x, window, strides, padding, fill):
@@ -54,14 +54,14 @@ def _wide(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _sliced_max_pool(x, window, strides, padding):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _sliced_max_pool(x, window, strides, padding, keep=False):
     taps = _taps(x.astype(_wide(x.dtype)), window, strides, padding, -jnp.inf)
     return functools.reduce(jnp.maximum, taps).astype(x.dtype)
 
 
 @_sliced_max_pool.defjvp
-def _sliced_max_pool_jvp(window, strides, padding, primals, tangents):
+def _sliced_max_pool_jvp(window, strides, padding, keep, primals, tangents):
     """Each window's tangent is its first maximum's (row-major), as ``select_and_scatter`` routes gradients.
 
     The map is linear in the tangent (strided views of the zero-padded tangent, selected by masks of the
@@ -72,10 +72,16 @@ def _sliced_max_pool_jvp(window, strides, padding, primals, tangents):
     wide = _wide(x.dtype)
     taps = _taps(x.astype(wide), window, strides, padding, -jnp.inf)
     y = functools.reduce(jnp.maximum, taps)
-    free = jnp.ones(y.shape, bool)  # windows whose maximum has not been found yet
+    # which tap holds each window's first maximum: one small integer array. With ``keep`` the extension holds it
+    # in memory; otherwise XLA fuses its whole comparison chain into each of the gradient's padded terms and
+    # recomputes it there (231-289 ms of a bfloat16 ResNet-50 step for the stem's pool; BENCHMARKS.md)
+    first = jnp.full(y.shape, len(taps) - 1, jnp.int8)
+    for k in reversed(range(len(taps) - 1)):
+        first = jnp.where(taps[k] == y, jnp.int8(k), first)
+    if keep:
+        from resnet_jax.ops.onednn import calls  # only where the extension is usable (rules.may_use_extension)
+        first = calls.keep(first)
     t = jnp.zeros(y.shape, wide)
-    for tap, dtap in zip(taps, _taps(dx.astype(wide), window, strides, padding, 0)):
-        hit = free & (tap == y)
-        free = free & ~hit
-        t = t + jnp.where(hit, dtap, jnp.zeros_like(t))
+    for k, dtap in enumerate(_taps(dx.astype(wide), window, strides, padding, 0)):
+        t = t + jnp.where(first == k, dtap, jnp.zeros_like(t))
     return y.astype(x.dtype), t.astype(dx.dtype)

@@ -150,3 +150,9 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
     if transpose_a:
         return _call("ResnetJaxMatmul", (a.shape[1], cols), jnp.float32, (a, b), (SPLIT, SPLIT), attrs, summed=True)
     return _call("ResnetJaxMatmul", (cols,), jnp.float32, (a, b), (SPLIT, WHOLE), attrs)
+
+
+def keep(a):
+    """A copy of ``a`` that XLA holds in memory instead of recomputing ``a`` inside each consumer (csrc/moments.cc
+    says where that matters)."""
+    return _call("ResnetJaxKeep", a.shape[1:], a.dtype, (a,), (SPLIT,), {})

@@ -20,7 +20,8 @@ from resnet_jax.ops.onednn.build import OnednnBuildFailed, OnednnUnavailable, bu
 ENV_VAR = "RESNET_JAX_ONEDNN"
 # The C++ entry points, registered as FFI targets of the same names (csrc/*.cc)
 TARGETS = ("ResnetJaxConvForward", "ResnetJaxConvBackwardData", "ResnetJaxConvBackwardWeights",
-           "ResnetJaxWinogradForward", "ResnetJaxWinogradBackwardWeights", "ResnetJaxMatmul")
+           "ResnetJaxWinogradForward", "ResnetJaxWinogradBackwardWeights", "ResnetJaxMatmul",
+           "ResnetJaxKeep")
 logger = logging.getLogger("resnet_jax")
 
 
