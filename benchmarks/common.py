@@ -238,8 +238,7 @@ def torch_runner(case: Case, train: bool, channels_last: bool, compile: bool) ->
 
 
 def openvino_runner(case: Case, precision: str) -> Callable[[], None]:
-    """Inference of torchvision's same model compiled by OpenVINO for the CPU: the issue's reported anchor for
-    what a dedicated inference engine reaches on this machine. ``precision`` "f32" pins float32
+    """Inference of torchvision's same model compiled by OpenVINO for the CPU. ``precision`` "f32" pins float32
     (``INFERENCE_PRECISION_HINT``); "default" leaves OpenVINO its own choice (bf16 where the CPU has bf16
     instructions). Raises ImportError where openvino is not installed (``pip install openvino``)."""
     import numpy as np
@@ -253,6 +252,31 @@ def openvino_runner(case: Case, precision: str) -> Callable[[], None]:
     request = openvino.Core().compile_model(converted, "CPU", config).create_infer_request()
     data = np.ascontiguousarray(x.numpy())
     return lambda: request.infer({0: data})
+
+
+def openvino_images_per_s(case: Case, precision: str, steps: int) -> float | None:
+    """OpenVINO's inference rate for ``case``, timed in a child process under glibc's malloc (OpenVINO's
+    libraries abort with "munmap_chunk(): invalid pointer" under a preloaded tcmalloc): the anchor of
+    ``benchmarks.train_step``. None where openvino is not installed."""
+    import importlib.util
+    import subprocess
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["RESNET_JAX_TCMALLOC"] = "0"
+    code = ("import json, statistics, sys, time; from benchmarks import common; "
+            "case = common.Case(**json.loads(sys.argv[1])); run = common.openvino_runner(case, sys.argv[2]); run()\n"
+            "ts = []\nfor _ in range(int(sys.argv[3])):\n"
+            "    t = time.perf_counter(); run(); ts.append(time.perf_counter() - t)\n"
+            "print('RATE', case.batch / statistics.median(ts))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(case.__dict__), precision, str(int(steps))],
+                          capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rates = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("RATE ")]
+    if not rates:
+        print(f"OpenVINO anchor failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+        return None
+    return rates[0]
 
 
 # ---------------------------------------------------------------- timing and reporting

@@ -14,7 +14,8 @@ Ours runs with each ``conv_impl`` (default: "auto", and "jax": the pure-JAX algo
 optional CPU extension); torch runs NCHW, channels_last and (unless --no-compile) torch.compile of the faster
 layout. Ratios compare each of ours with torch's best variant. Where ``openvino`` is installed, CPU inference
 also times OpenVINO on torchvision's same model (float32 pinned for float32 cases, its default precision for
-bfloat16 ones) as an anchor for what an inference engine reaches; it is not part of the ratios.
+bfloat16 ones) in a child process under glibc's malloc, as an anchor for what an inference engine reaches; it
+is not interleaved and not part of the ratios.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--torch", action=argparse_bool(), default=True, help="time the torch side")
     p.add_argument("--openvino", action=argparse_bool(), default=True,
                    help="also time OpenVINO's inference of the same torchvision model on CPU where openvino is "
-                   "installed (float32 cases: pinned to f32; bfloat16: its default precision): an anchor, not in "
-                   "the ratios")
+                   "installed (float32 cases: pinned to f32; bfloat16: its default precision), in a process of its "
+                   "own: an anchor, not in the ratios")
     return p.parse_args(argv)
 
 
@@ -69,12 +70,6 @@ def variants(case, mode, args):
                 runners["torch channels_last+compile"] = run
             except Exception as e:  # inductor needs a C++ toolchain; report and go on without it
                 print(f"torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if args.openvino and args.torch and not train and case.device == "cpu":
-        precision = "f32" if case.dtype == "float32" else "default"  # default: bf16 where the CPU has it
-        try:
-            runners[f"openvino {precision}"] = common.openvino_runner(case, precision)
-        except ImportError:
-            print("openvino not installed: no OpenVINO anchor (pip install openvino)")
     return runners
 
 
@@ -110,6 +105,14 @@ def main(argv=None):
                 for variant, t in times.items():
                     results.append(dict(case=name, mode=mode, variant=variant, **dataclasses.asdict(case),
                                         images_per_s=case.batch / t["median_s"], **t))
+                if args.openvino and mode == "inference" and case.device == "cpu":
+                    precision = "f32" if case.dtype == "float32" else "default"  # default: bf16 where it can
+                    rate = common.openvino_images_per_s(case, precision, args.steps * args.rounds)
+                    if rate is None:
+                        print("no OpenVINO anchor (pip install openvino to add one)")
+                    else:
+                        results.append(dict(case=name, mode=mode, variant=f"openvino {precision} (own process, "
+                                            "glibc)", **dataclasses.asdict(case), images_per_s=rate))
     rows, ratios = [], {}
     groups = dict.fromkeys((r["case"], r["mode"], r["dtype"]) for r in results)
     for name, mode, dtype in groups:
