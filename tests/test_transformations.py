@@ -45,14 +45,15 @@ def loss_fn(model, variables, x, train):
 
 
 def assert_forward_equals_reverse(loss, params, what):
+    """Jitted, as a user's step would be (op by op, the extension's calls each compile a program of their own)."""
     tangent = random_tree_like(params, 3)
-    value, forward = jax.jvp(loss, (params,), (tangent,))
-    reverse = tree_vdot(jax.grad(loss)(params), tangent)
-    _, linear = jax.linearize(loss, params)
+    value, forward = jax.jit(lambda p, t: jax.jvp(loss, (p,), (t,)))(params, tangent)
+    reverse = tree_vdot(jax.jit(jax.grad(loss))(params), tangent)
+    linear = jax.jit(lambda p, t: jax.linearize(loss, p)[1](t))
     scale = float(jnp.abs(reverse))
     assert abs(float(forward) - float(reverse)) <= 2e-4 * scale, (what, float(forward), float(reverse))
     # both forward mode; evaluated apart, they differ by rounding (Winograd F(4,3): ~1e-5 of the scale per layer)
-    assert abs(float(linear(tangent)) - float(forward)) <= 5e-5 * scale, what
+    assert abs(float(linear(params, tangent)) - float(forward)) <= 5e-5 * scale, what
     return value
 
 
