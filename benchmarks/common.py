@@ -263,7 +263,6 @@ def openvino_images_per_s(case: Case, precision: str, steps: int) -> float | Non
     if importlib.util.find_spec("openvino") is None:
         return None
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    env["RESNET_JAX_TCMALLOC"] = "0"
     code = ("import json, statistics, sys, time; from benchmarks import common; "
             "case = common.Case(**json.loads(sys.argv[1])); run = common.openvino_runner(case, sys.argv[2]); run()\n"
             "ts = []\nfor _ in range(int(sys.argv[3])):\n"

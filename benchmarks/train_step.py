@@ -105,7 +105,8 @@ def main(argv=None):
                 for variant, t in times.items():
                     results.append(dict(case=name, mode=mode, variant=variant, **dataclasses.asdict(case),
                                         images_per_s=case.batch / t["median_s"], **t))
-                if args.openvino and mode == "inference" and case.device == "cpu":
+                # OpenVINO converts torch's model, so it needs the torch side
+                if args.openvino and args.torch and mode == "inference" and case.device == "cpu":
                     precision = "f32" if case.dtype == "float32" else "default"  # default: bf16 where it can
                     rate = common.openvino_images_per_s(case, precision, args.steps * args.rounds)
                     if rate is None:

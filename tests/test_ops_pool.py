@@ -50,8 +50,9 @@ def test_values_and_gradients_equal_max_pool(shape, kind, dtype, keep, pool=STEM
 
 @pytest.mark.parametrize("pool", [((2, 2), (2, 2), ((0, 0), (0, 0))), ((3, 2), (1, 2), ((1, 1), (0, 1)))])
 @pytest.mark.parametrize("kind", ["relu", "coarse"])
-def test_other_windows_equal_max_pool(pool, kind):
-    test_values_and_gradients_equal_max_pool((2, 7, 9, 3), kind, jnp.float32, True, pool)
+@pytest.mark.parametrize("keep", [False, True], ids=["fused", "kept"])
+def test_other_windows_equal_max_pool(pool, kind, keep):
+    test_values_and_gradients_equal_max_pool((2, 7, 9, 3), kind, jnp.float32, keep, pool)
 
 
 def test_model_stem_uses_it_on_cpu():
@@ -81,3 +82,19 @@ def test_the_pool_follows_its_own_rule_not_the_algorithm_name():
     for algorithm in ("auto", "jax", "winograd_f4", "xla/xla/winograd_f4", "matmul_grad"):
         assert max_pool_method(algorithm, "cpu") == "sliced"
         assert max_pool_method(algorithm, "gpu") == max_pool_method(algorithm, "tpu") == "reduce_window"
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["fused", "kept"])
+def test_nested_forward_mode_routes_ties_like_flax(keep):
+    """jvp of jvp: the outer derivative of the pooled values is the first-maximum rule again, as flax's pool's,
+    not ``maximum``'s, which splits ties (the "coarse" inputs tie non-zero maxima)."""
+    if keep:
+        require_onednn()
+    x = inputs((2, 8, 8, 3), jnp.float32, "coarse")
+    v = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape), jnp.float32)
+
+    def outer_tangent(pool):
+        return jax.jit(lambda x: jax.jvp(lambda a: jax.jvp(pool, (a,), (v,))[0], (x,), (v,))[1])(x)
+
+    got = outer_tangent(lambda a: _sliced_max_pool(a, *STEM, keep))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(outer_tangent(reference)))

@@ -66,7 +66,7 @@ def test_jvp_and_linearize_equal_reverse_mode(conv_impl, train):
     assert_forward_equals_reverse(loss_fn(model, variables, x, train), variables["params"], (conv_impl, train))
 
 
-# "xla" is the slowest path op by op (27 s): CI's long step runs it, README's command the "auto" path
+# "xla" is the slowest path (15 s jitted): CI's long step runs it, README's command the "auto" path
 @pytest.mark.parametrize("conv_impl", [pytest.param("xla", marks=pytest.mark.long), "auto"])
 def test_folded_model_and_remat_keep_forward_mode(conv_impl):
     model, variables, x = small_resnet(conv_impl)

@@ -70,18 +70,18 @@ def _sliced_max_pool_jvp(window, strides, padding, keep, primals, tangents):
     rounded once at the end."""
     (x,), (dx,) = primals, tangents
     wide = _wide(x.dtype)
-    taps = _taps(x.astype(wide), window, strides, padding, -jnp.inf)
-    y = functools.reduce(jnp.maximum, taps)
+    y = _sliced_max_pool(x, window, strides, padding, keep)  # higher orders: this rule again
+    taps, y_wide = _taps(x.astype(wide), window, strides, padding, -jnp.inf), y.astype(wide)  # exact: a max
     # which tap holds each window's first maximum: one small integer array. With ``keep`` the extension holds it
     # in memory; otherwise XLA fuses its whole comparison chain into each of the gradient's padded terms and
     # recomputes it there (231-289 ms of a bfloat16 ResNet-50 step for the stem's pool; BENCHMARKS.md)
     first = jnp.full(y.shape, len(taps) - 1, jnp.int8)
     for k in reversed(range(len(taps) - 1)):
-        first = jnp.where(taps[k] == y, jnp.int8(k), first)
+        first = jnp.where(taps[k] == y_wide, jnp.int8(k), first)
     if keep:
         from resnet_jax.ops.onednn import calls  # only where the extension is usable (rules.may_use_extension)
         first = calls.keep(first)
     t = jnp.zeros(y.shape, wide)
     for k, dtap in enumerate(_taps(dx.astype(wide), window, strides, padding, 0)):
         t = t + jnp.where(first == k, dtap, jnp.zeros_like(t))
-    return y.astype(x.dtype), t.astype(dx.dtype)
+    return y, t.astype(dx.dtype)

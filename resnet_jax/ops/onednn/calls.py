@@ -153,6 +153,6 @@ def matmul(a, b, transpose_a=False, transpose_b=False):
 
 
 def keep(a):
-    """A copy of ``a`` that XLA holds in memory instead of recomputing ``a`` inside each consumer (csrc/moments.cc
+    """A copy of ``a`` that XLA holds in memory instead of recomputing ``a`` inside each consumer (csrc/keep.cc
     says where that matters)."""
     return _call("ResnetJaxKeep", a.shape[1:], a.dtype, (a,), (SPLIT,), {})
