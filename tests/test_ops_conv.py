@@ -32,7 +32,7 @@ CASES = [  # (kernel, stride, groups, batch, height, width, cin, cout, padding)
 # Relative to the output's (or gradient's) largest value. Direct algorithms differ from lax only in summation
 # order (~1e-6). Winograd's transforms add rounding that grows with the tile: F(2,3) stays near 1e-6, F(4,3)
 # reaches 1e-5 on wide layers (its coefficients go up to 8 and 1/24).
-TOLERANCE = {"winograd_f4": 1e-4, "onednn_winograd_f4": 1e-4}
+TOLERANCE = {"winograd_f4": 1e-4, "onednn_winograd_f4": 1e-4, "onednn_winograd_f4@float32": 1e-4}
 DEFAULT_TOLERANCE = 2e-5
 EXTENSION = [name for name in ALGORITHMS if REGISTRY[name].cpu_only]
 PARTS = ("output", "d/dinput", "d/dkernel")
@@ -71,6 +71,8 @@ def every(k, s, g, pad):
 FAMILIES = {"xla": every, "matmul_grad": every, "im2col": lambda k, s, g, pad: g == 1, "gemm": gemm,
             "polyphase": lambda k, s, g, pad: s == 2 and k >= 2, "winograd_f2": winograd, "winograd_f4": winograd,
             "onednn": every, "onednn_gemm": gemm, "onednn_winograd_f2": winograd, "onednn_winograd_f4": winograd}
+FAMILIES.update({name + "@float32": FAMILIES[name] for name in ("onednn_gemm", "onednn_winograd_f2",
+                                                                "onednn_winograd_f4")})  # same shapes, any dtype
 COMPUTED = [(name, case) for name in ALGORITHMS for case in CASES if shape_limit(name, case) is None]
 REFUSED = [(name, case) for name in ALGORITHMS for case in CASES if shape_limit(name, case) is not None]
 
@@ -132,7 +134,9 @@ def requires_extension(name):
         require_onednn()
 
 
-@pytest.mark.parametrize("name, case", [pytest.param(n, c, id=f"{n}-{case_id(c)}") for n, c in COMPUTED])
+# "NAME@float32" on float32 inputs is NAME itself, bit for bit (test_ops_widened.py): not timed twice here
+@pytest.mark.parametrize("name, case", [pytest.param(n, c, id=f"{n}-{case_id(c)}") for n, c in COMPUTED
+                                        if not n.endswith("@float32")])
 def test_algorithm_matches_lax_in_value_and_both_gradients(name, case):
     requires_extension(name)
     ours = value_and_grads(conv_of(name, case), *inputs(case, jnp.float32))  # forced: a refusal would raise
