@@ -94,3 +94,39 @@ def test_auto_takes_the_float32_kernel_gradient_for_bfloat16_layers_on_small_ima
     strided = dataclasses.replace(spec(128, 8, 256), strides=(2, 2))
     assert choose(strided, "cpu") == ("onednn",) * 3  # Winograd computes stride 1 only
     assert choose(spec(128, 4, 512), "cpu", extension=False) == ("xla", "xla", "matmul_grad")
+
+
+def test_a_widened_kernel_gradient_composes_under_every_transformation():
+    """The choice "auto" makes for small bfloat16 layers, forced on a small shape: reverse mode, forward over
+    reverse (a Hessian-vector product) and vmap run through the widened pass and agree with lax's float32
+    convolution within bfloat16 rounding."""
+    require_onednn()
+    case = CASES["onednn_winograd_f4"]
+    _, stride, *_, padding = case
+    x, k, dy = (a.astype(jnp.bfloat16) for a in _inputs(case, seed=2))
+
+    def loss(algorithm):
+        def f(a, b):
+            if algorithm is None:
+                y = lax.conv_general_dilated(a.astype(jnp.float32), b.astype(jnp.float32), (stride, stride), padding,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             precision=lax.Precision.HIGHEST)
+            else:
+                y = conv2d(a, b, stride, padding, algorithm=algorithm).astype(jnp.float32)
+            return jnp.sum(jnp.tanh(y) * dy.astype(jnp.float32))
+        return f
+
+    ours, ref = loss("onednn/onednn/onednn_winograd_f4@float32"), loss(None)
+    def gradient(f):
+        return jax.grad(f, argnums=1)(x, k)
+
+    def hvp(f):
+        return jax.jvp(jax.grad(f, argnums=1), (x, k), (x, k))[1]
+
+    def per_image(f):
+        return jax.vmap(lambda a: jax.grad(f, argnums=1)(a[None], k))(x)
+
+    for transform in (gradient, hvp, per_image):
+        got, want = (np.asarray(jax.jit(lambda: transform(f))(), np.float32) for f in (ours, ref))
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got / scale, want / scale, atol=3e-2)
