@@ -75,10 +75,11 @@ def test_float32_inputs_run_the_base_algorithm_itself(base):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_auto_takes_the_float32_kernel_gradient_for_bfloat16_layers_on_small_images():
+def test_auto_takes_float32_winograd_passes_for_bfloat16_layers_on_small_images():
     """Measured (BENCHMARKS.md, issue 33): oneDNN's bfloat16 kernel gradient of a 3x3 layer ran 1.2-1.9x slower
     than float32 Winograd on the upcast operands on images of 8x8 pixels or fewer, tied at 14x14, and won on
-    layers of a few GFLOP. The other passes, larger images and float32 keep their algorithms."""
+    layers of a few GFLOP; its forward lost only on 4x4 images. The input gradient, larger images and float32
+    keep their algorithms."""
     if not (onednn.available() and cpu.native_bfloat16()):
         pytest.skip("needs the oneDNN extension on a CPU with bfloat16 instructions (avx512_bf16 or amx_bf16): "
                     "elsewhere a bfloat16 model computes its convolutions in float32")
@@ -86,7 +87,8 @@ def test_auto_takes_the_float32_kernel_gradient_for_bfloat16_layers_on_small_ima
         return ConvSpec(batch, size, size, channels, channels, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, dtype)
 
     widened = ("onednn", "onednn", "onednn_winograd_f4@float32")
-    assert choose(spec(128, 4, 512), "cpu") == choose(spec(128, 8, 256), "cpu") == widened  # ResNet-18-CIFAR
+    assert choose(spec(128, 8, 256), "cpu") == widened  # ResNet-18-CIFAR's third stage
+    assert choose(spec(128, 4, 512), "cpu") == ("onednn_winograd_f4@float32", *widened[1:])  # and its fourth
     assert choose(spec(32, 7, 512), "cpu") == widened  # ResNet-50's last stage
     assert choose(spec(128, 16, 128), "cpu") == ("onednn",) * 3  # 256 pixels: bfloat16 throughout
     assert choose(spec(8, 7, 512), "cpu") == ("onednn",) * 3  # 1.9 GFLOP: the upcast's cost is not repaid
@@ -130,3 +132,21 @@ def test_a_widened_kernel_gradient_composes_under_every_transformation():
         got, want = (np.asarray(jax.jit(lambda: transform(f))(), np.float32) for f in (ours, ref))
         scale = np.abs(want).max()
         np.testing.assert_allclose(got / scale, want / scale, atol=3e-2)
+
+
+def test_the_widened_forward_applies_the_epilogue_in_bfloat16():
+    """The forward "auto" takes on the smallest images runs with the epilogue a block gives it (folded bias,
+    residual, ReLU): equal to lax's float32 convolution plus the same epilogue, within bfloat16 rounding."""
+    require_onednn()
+    case = CASES["onednn_winograd_f4"]
+    _, stride, *_, padding = case
+    x, k, residual = (a.astype(jnp.bfloat16) for a in _inputs(case, seed=3))
+    bias = jax.random.normal(jax.random.key(4), (k.shape[-1],)).astype(jnp.bfloat16)
+    got = conv2d(x, k, stride, padding, bias=bias, residual=residual, relu=True,
+                 algorithm="onednn_winograd_f4@float32/onednn/onednn")
+    up = lambda a: a.astype(jnp.float32)  # noqa: E731
+    y = lax.conv_general_dilated(up(x), up(k), (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 precision=lax.Precision.HIGHEST)
+    want = np.asarray(jax.nn.relu(y + up(bias) + up(residual)))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2.0 ** -7 * np.abs(want).max())

@@ -27,10 +27,11 @@ Passes = tuple[str, str, str]  # the algorithm of the forward, of the input grad
 # Below this, the extension's Winograd lost to oneDNN's direct kernels inside whole steps (docs/ops.md has the
 # measured figures, dated)
 WINOGRAD_MIN_FLOPS = 1e9
-# A bfloat16 3x3 stride-1 layer's kernel gradient by float32 Winograd on upcast operands ("@float32", widened.py)
-# beat oneDNN's bfloat16 one on images of at most 8x8 pixels (1.2-1.9x: 4x4x512 and 8x8x256 at batch 128, 7x7x512
-# at batch 32), tied at 14x14 and lost below a few GFLOP (7x7x512 at batch 8): BENCHMARKS.md, issue 33
-WIDENED_MAX_PIXELS = 64
+# A bfloat16 3x3 stride-1 layer's passes by float32 Winograd on upcast operands ("@float32", widened.py) against
+# oneDNN's bfloat16 kernels (BENCHMARKS.md, issue 33): the kernel gradient won on images of at most 8x8 pixels
+# (1.2-1.9x: 4x4x512 and 8x8x256 at batch 128, 7x7x512 at batch 32) and tied at 14x14; the forward won on 4x4x512
+# only (15.7 vs 12.8 ms; 7x7x512 8.6 vs 11.1); both lost below a few GFLOP (7x7x512 at batch 8)
+WIDENED_MAX_PIXELS = {"forward": 16, "kernel_grad": 64}
 WIDENED_MIN_FLOPS = 4e9
 
 
@@ -154,8 +155,8 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     bfloat16 takes oneDNN's direct kernels where the CPU has bfloat16 instructions and the float32-only
     algorithms do not apply, 1x1 layers included: XLA's bfloat16 dot ran ResNet-50's 1x1 input gradients
     at 9-198 GFLOP/s against oneDNN's 34-388 (BENCHMARKS.md, Machine A2, 2026-12-03). One exception: a 3x3
-    stride-1 layer on a small image (``WIDENED_MAX_PIXELS``) takes its kernel gradient in float32 Winograd
-    (``widened_kernel_grad``). On GPU/TPU: XLA's own.
+    stride-1 layer on a small image (``WIDENED_MAX_PIXELS``) takes its kernel gradient, and on the smallest
+    images its forward, in float32 Winograd (``widened_passes``). On GPU/TPU: XLA's own.
     """
     if backend != "cpu":
         return ("xla", "xla", "xla")
@@ -181,14 +182,16 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     small = spec.direct_flops() < WINOGRAD_MIN_FLOPS or spec.in_channels < 8
     for name in ("onednn",) if small else ("onednn_winograd_f4", "onednn"):
         if ok(name):
-            return (name, name, widened_kernel_grad(spec, name, ok))
+            return widened_passes(spec, name, ok)
     return pure
 
 
-def widened_kernel_grad(spec: ConvSpec, name: str, ok) -> str:
-    """The kernel gradient's algorithm where ``name`` computes the other two passes: float32 Winograd on the
-    upcast operands for a bfloat16 3x3 stride-1 layer on a small image, ``name`` otherwise."""
-    small_image = spec.height * spec.width <= WIDENED_MAX_PIXELS and spec.direct_flops() >= WIDENED_MIN_FLOPS
-    if name == "onednn" and spec.dtype == "bfloat16" and small_image and ok("onednn_winograd_f4@float32"):
-        return "onednn_winograd_f4@float32"
-    return name
+def widened_passes(spec: ConvSpec, name: str, ok) -> Passes:
+    """``name`` for all three passes, except that a bfloat16 3x3 stride-1 layer on a small image
+    (``WIDENED_MAX_PIXELS``, per pass) takes float32 Winograd on the upcast operands for that pass."""
+    widened = "onednn_winograd_f4@float32"
+    usable = name == "onednn" and spec.dtype == "bfloat16" and spec.direct_flops() >= WIDENED_MIN_FLOPS
+    usable = usable and ok(widened)
+    pixels = spec.height * spec.width
+    return tuple(widened if usable and pixels <= WIDENED_MAX_PIXELS.get(p, 0) else name
+                 for p in ("forward", "input_grad", "kernel_grad"))
