@@ -154,7 +154,8 @@ class ResNet(nn.Module):
                              "which is for inference only; train the unfolded model")
         conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv_impl)
         norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                                 epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+                                 epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 conv_impl=self.conv_impl)
         conv_norm = _conv_norm(conv, norm, self.folded)
         x = self._stem(jnp.asarray(x, self.dtype), conv_norm)
 

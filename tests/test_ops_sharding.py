@@ -44,7 +44,7 @@ PROBE = textwrap.dedent(r"""
     def image_batches(text):  # the batch axis of every image an extension call returns
         return sorted({int(m) for m in re.findall(
             r"= f32\[(\d+),\d+,\d+,\d+\][^\n]*custom_call_target=\"ResnetJax(?:ConvForward|ConvBackwardData|"
-            r"WinogradForward)\"", text)})
+            r"WinogradForward|BatchNormApply|BatchNormGradApply)\"", text)})
 
     out = {}
     for n in (1, 2):
@@ -60,6 +60,7 @@ PROBE = textwrap.dedent(r"""
             losses.append(float(jax.device_get(sums)["loss"]))
         out[n] = {"all_gather": sum(map(gathers, texts)), "losses": [*losses, eval_loss],
                   "calls": sum(t.count('custom_call_target="ResnetJax') for t in texts),
+                  "batch_norm_calls": sum(t.count('custom_call_target="ResnetJaxBatchNorm') for t in texts),
                   "batches": sorted({b for t in texts for b in image_batches(t)})}
     # a positive control for the count: a batch that must be whole on every device is gathered
     whole = NamedSharding(mesh, PartitionSpec())
@@ -81,6 +82,7 @@ def test_data_parallel_steps_run_the_extension_per_shard_without_all_gathers(mod
     one, two = result["1"], result["2"]
     assert result["control_all_gather"] > 0  # the count sees a gathered batch
     assert one["calls"] > 0 and two["calls"] == one["calls"]  # both steps run the extension ...
+    assert one["batch_norm_calls"] > 0 and two["batch_norm_calls"] == one["batch_norm_calls"]  # BatchNorm too
     assert two["all_gather"] == 0, two  # ... and never gather the batch for it
     assert one["batches"] == [8] and two["batches"] == [4]  # each device computes its half of the batch
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)

@@ -10,7 +10,8 @@ and the max-pool. Read top to bottom (docs/ops.md draws the same map):
     xla.py gemm.py matmul_grad.py polyphase.py winograd.py    the pure-JAX algorithms, one module each
     onednn/        the optional C++ extension: build, load, calls, its algorithms
     widened.py     "NAME@float32": an extension algorithm's pass in float32 inside a bfloat16 model
-    batchnorm.py fold.py pool.py cpu.py    BatchNorm (+ residual + ReLU), folding it away, max-pool, CPU flags
+    batchnorm.py batchnorm_grad.py     BatchNorm (+ residual + ReLU) and its derivative (C++ passes on CPU)
+    fold.py pool.py cpu.py             folding BatchNorm away, max-pool, CPU flags
     trace.py       a model's layers as it calls them (what folding and tuning read a model's structure from)
     jax_compat.py  every private or experimental JAX interface ops/ uses, resolved in one place
 

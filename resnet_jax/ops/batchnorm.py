@@ -5,10 +5,13 @@ pass (a full extra write and read of every activation) and reduce the gradient i
 passes, not arithmetic, are what BatchNorm costs (BENCHMARKS.md). Here the forward pass reduces ``x`` once (mean
 and mean of squares, as flax's ``use_fast_variance``) and writes the output once.
 
-The derivative is a ``custom_jvp`` whose tangent map is linear and written in ``x`` and per-channel vectors
-only: forward mode (``jvp``, ``linearize``, Hessian-vector products) uses it directly, and reverse mode is its
-transpose, which keeps only ``x`` and the output, both of which exist anyway. (A ``custom_vjp`` would save the
-same memory but takes forward mode away on every backend.)
+The derivative is a ``custom_jvp`` whose tangent map is a primitive, linear and written in ``x`` and
+per-channel vectors only (``batchnorm_grad.py``): forward mode (``jvp``, ``linearize``, Hessian-vector products)
+evaluates it, and reverse mode is its declared transpose, which keeps only ``x`` and the output, both of which
+exist anyway. (A ``custom_vjp`` would save the same memory but takes forward mode away on every backend.) On
+CPU, where the model's convolutions may use the oneDNN extension, the passes over the tensors (the statistics
+and the normalisation forward, the gradient's sums and the input gradient backward) run as its C++ loops:
+XLA:CPU ran them 1.2-1.4x slower (BENCHMARKS.md, issue 33).
 
 The forward values are computed with the same operations in the same order as ``flax.linen.BatchNorm`` followed
 by the add and ReLU. The derivative is exact (per-channel statistics included, so a loss on the returned
@@ -24,31 +27,47 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_jax.ops import batchnorm_grad
 from resnet_jax.ops.jax_compat import SymbolicZero
+from resnet_jax.ops.rules import may_use_extension
 
 
-def batch_norm_act(x, scale, bias, residual=None, *, relu: bool = False, epsilon: float = 1e-5, dtype=None):
+def batch_norm_act(x, scale, bias, residual=None, *, relu: bool = False, epsilon: float = 1e-5, dtype=None,
+                   extension: bool = False):
     """``(relu(bn(x) + residual), mean, var)`` with batch statistics over every axis but the last (NHWC).
 
     ``mean``/``var`` are float32 per-channel statistics (for the running averages); ``dtype`` is the output's
-    dtype (default ``x.dtype``).
+    dtype (default ``x.dtype``). ``extension``: run the passes over the tensors (forward and backward) as the
+    oneDNN extension's C++ loops (CPU only; ``rules.may_use_extension`` says when), where the dtypes allow
+    (float32 or bfloat16, input, residual and output alike); the values are the same either way.
     """
     out_dtype = jnp.dtype(dtype or x.dtype)
-    return _bn_act(x, scale, bias, residual, relu, float(epsilon), out_dtype)
+    fits = (x.dtype == out_dtype and out_dtype in (jnp.float32, jnp.bfloat16)
+            and (residual is None or residual.dtype == out_dtype) and x.ndim >= 2)
+    return _bn_act(x, scale, bias, residual, relu, float(epsilon), out_dtype, bool(extension and fits))
 
 
-def _stats(x):
+def _stats(x, extension):
     axes = tuple(range(x.ndim - 1))
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axes)
-    var = jnp.maximum(0.0, jnp.mean(lax.square(xf), axes) - lax.square(mean))
-    return xf, mean, var
+    if extension:
+        from resnet_jax.ops.onednn import calls
+        sums = calls.batch_norm_sums(x)
+        n = x.size // x.shape[-1]
+        mean, mean_of_squares = sums[0] / n, sums[1] / n
+    else:
+        xf = x.astype(jnp.float32)
+        mean, mean_of_squares = jnp.mean(xf, axes), jnp.mean(lax.square(xf), axes)
+    return mean, jnp.maximum(0.0, mean_of_squares - lax.square(mean))
 
 
-def _forward(x, scale, bias, residual, relu, epsilon, out_dtype):
-    xf, mean, var = _stats(x)
+def _forward(x, scale, bias, residual, relu, epsilon, out_dtype, extension):
+    mean, var = _stats(x, extension)
     mul = lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
-    y = ((xf - mean) * mul + bias.astype(jnp.float32)).astype(out_dtype)
+    if extension:
+        from resnet_jax.ops.onednn import calls
+        coef = jnp.stack([mean, mul, bias.astype(jnp.float32)])
+        return calls.batch_norm_apply(x, coef, residual, relu), mean, var
+    y = ((x.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32)).astype(out_dtype)
     if residual is not None:
         y = y + residual
     if relu:
@@ -56,41 +75,24 @@ def _forward(x, scale, bias, residual, relu, epsilon, out_dtype):
     return y, mean, var
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
-def _bn_act(x, scale, bias, residual, relu, epsilon, out_dtype):
-    return _forward(x, scale, bias, residual, relu, epsilon, out_dtype)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+def _bn_act(x, scale, bias, residual, relu, epsilon, out_dtype, extension):
+    return _forward(x, scale, bias, residual, relu, epsilon, out_dtype, extension)
 
 
 @functools.partial(_bn_act.defjvp, symbolic_zeros=True)
-def _bn_act_jvp(relu, epsilon, out_dtype, primals, tangents):
-    """The derivative as a tangent map that is linear in ``(dx, dscale, dbias, dresidual)``: forward mode uses
-    it as it is, and reverse mode is its transpose, which XLA derives. Written in ``x`` and per-channel vectors
-    only (``(x - mean) * s`` as ``x * s - mean * s``), so the transpose keeps ``x`` and the output, which exist
-    anyway, and never a saved ``x - mean``."""
+def _bn_act_jvp(relu, epsilon, out_dtype, extension, primals, tangents):
+    """The derivative is ``batchnorm_grad.tangent``, a primitive linear in ``(dx, dscale, dbias, dresidual)``:
+    forward mode evaluates it, and reverse mode is its declared transpose, the backward pass (in C++ with
+    ``extension``). It reads ``x`` and the output, which exist anyway, and never a saved ``x - mean``."""
     x, scale, bias, residual = primals
     dx, dscale, dbias, dresidual = (None if type(t) is SymbolicZero else t for t in tangents)
-    y, mean, var = _bn_act(x, scale, bias, residual, relu, epsilon, out_dtype)  # higher orders: this rule again
-    axes = tuple(range(x.ndim - 1))
-    xf, scale_f = x.astype(jnp.float32), scale.astype(jnp.float32)
-    r = lax.rsqrt(var + epsilon)
-    zero = jnp.zeros_like(mean)
-    dmean = dvar = per_channel = zero
-    t = None
-    if dx is not None:
-        dxf = dx.astype(jnp.float32)
-        dmean = jnp.mean(dxf, axes)
-        dvar = 2.0 * (jnp.mean(xf * dxf, axes) - mean * dmean)
-        t = dxf * (r * scale_f)
-        per_channel = -dmean * r * scale_f
-    # d[(x - mean) * r * scale] for the statistics and the scale: (x - mean) * s with one per-channel s
-    s = -0.5 * r * r * r * dvar * scale_f + (zero if dscale is None else r * dscale.astype(jnp.float32))
-    per_channel = per_channel - mean * s + (zero if dbias is None else dbias.astype(jnp.float32))
-    t = xf * s + per_channel if t is None else t + xf * s + per_channel
-    t = t.astype(out_dtype)
-    if dresidual is not None:
-        t = t + dresidual.astype(out_dtype)
-    if relu:
-        t = jnp.where(y > 0, t, jnp.zeros_like(t))
+    y, mean, var = _bn_act(x, scale, bias, residual, relu, epsilon, out_dtype, extension)  # higher orders: again
+    dx = jnp.zeros_like(x) if dx is None else dx
+    dscale = jnp.zeros_like(scale) if dscale is None else dscale
+    dbias = jnp.zeros_like(bias) if dbias is None else dbias
+    t, dmean, dvar = batchnorm_grad.tangent(dx, dscale, dbias, dresidual, x, y, mean, var, scale, relu=relu,
+                                            epsilon=epsilon, extension=extension)
     return (y, mean, var), (t, dmean, dvar)
 
 
@@ -99,9 +101,12 @@ class BatchNorm(nn.BatchNorm):
     block's epilogue: ``__call__(x, residual=None, relu=False)`` is ``relu(bn(x) + residual)``.
 
     In training mode over NHWC features the three run as ``batch_norm_act`` (one reduction and one write each
-    way). Anything else (evaluation, initialisation, ``axis_name``/``mask`` statistics, a non-last feature axis,
+    way), in C++ where ``rules.may_use_extension(conv_impl, backend)`` allows (the model passes its own
+    ``conv_impl``, as it does to the max-pool). Anything else (evaluation, initialisation, ``axis_name``/``mask`` statistics, a non-last feature axis,
     no scale or bias) runs flax's own BatchNorm, then the add and ReLU.
     """
+
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, residual=None, relu: bool = False, use_running_average: bool | None = None, *,
@@ -122,7 +127,9 @@ class BatchNorm(nn.BatchNorm):
         scale = self.param("scale", self.scale_init, features, self.param_dtype)
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
         dtype = self.dtype or jnp.result_type(x, scale, bias)
-        y, mean, var = batch_norm_act(x, scale, bias, residual, relu=relu, epsilon=self.epsilon, dtype=dtype)
+        extension = may_use_extension(self.conv_impl, jax.default_backend())
+        y, mean, var = batch_norm_act(x, scale, bias, residual, relu=relu, epsilon=self.epsilon, dtype=dtype,
+                                      extension=extension)
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y

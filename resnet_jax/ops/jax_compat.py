@@ -31,6 +31,11 @@ NAMES = {
                             "the extension's batch-parallel sharding rule (onednn/calls.py)"),
     "sequential_vmap": ("jax.custom_batching", "sequential_vmap", "vmap of a partitioned extension call"),
     "SymbolicZero": ("jax.custom_derivatives", "SymbolicZero", "the custom_jvp rules skip absent tangents"),
+    "primitive_jvps": ("jax.interpreters.ad", "primitive_jvps", "BatchNorm's gradient primitives' forward mode"),
+    "primitive_transposes": ("jax.interpreters.ad", "primitive_transposes",
+                             "BatchNorm's tangent map transposes to its C++ backward (batchnorm_grad.py)"),
+    "is_undefined_primal": ("jax.interpreters.ad", "is_undefined_primal", "which operands a transpose gets"),
+    "instantiate_zeros": ("jax.interpreters.ad", "instantiate_zeros", "absent tangents and cotangents"),
 }
 # keyword arguments of a resolved callable that ops/ passes: (our name, attribute path inside it, keywords)
 KEYWORDS = (("custom_partitioning", "def_partition", ("sharding_rule", "reduction_factors")),)
@@ -78,3 +83,7 @@ prims_requiring_devices = _resolved["prims_requiring_devices"]
 custom_partitioning = _resolved["custom_partitioning"]
 sequential_vmap = _resolved["sequential_vmap"]
 SymbolicZero = _resolved["SymbolicZero"]
+primitive_jvps = _resolved["primitive_jvps"]
+primitive_transposes = _resolved["primitive_transposes"]
+is_undefined_primal = _resolved["is_undefined_primal"]
+instantiate_zeros = _resolved["instantiate_zeros"]

@@ -96,8 +96,8 @@ def max_pool_method(algorithm: str, backend: str) -> str:
 
 def may_use_extension(algorithm: str, backend: str) -> bool:
     """Whether a model built with ``conv_impl=algorithm`` may call the extension outside its convolutions (the
-    max-pool's kept indices): on CPU where it is usable, for "auto" or a forced algorithm
-    of the extension's; never for "jax" or XLA's own, whose models hold no extension call."""
+    max-pool's kept indices, BatchNorm's passes in training): on CPU where it is usable, for "auto" or a forced
+    algorithm of the extension's; never for "jax" or XLA's own, whose models hold no extension call."""
     forced = names(algorithm)
     allowed = algorithm == "auto" or (forced is not None and any(REGISTRY[n].cpu_only for n in forced))
     return backend == "cpu" and allowed and extension_available()

@@ -156,3 +156,32 @@ def keep(a):
     """A copy of ``a`` that XLA holds in memory instead of recomputing ``a`` inside each consumer (csrc/keep.cc
     says where that matters)."""
     return _call("ResnetJaxKeep", a.shape[1:], a.dtype, (a,), (SPLIT,), {})
+
+
+# BatchNorm's passes over (N, H, W, C) tensors (csrc/batchnorm.cc); the per-channel work between them is jnp.
+# The sums are over the batch, so on a mesh each device sums its shard and the rule adds the shards: the
+# statistics are the global batch's, as XLA's own reduction of a sharded batch gives.
+def batch_norm_sums(x):
+    """``(2, C)`` float32: the per-channel sum of ``x`` and of ``x**2``."""
+    return _call("ResnetJaxBatchNormSums", (2, x.shape[-1]), jnp.float32, (x,), (SPLIT,), {}, summed=True)
+
+
+def batch_norm_apply(x, coef, residual=None, relu=False):
+    """``relu(round((x - mean) * mul + bias) + residual)`` in ``x``'s dtype, ``coef = (mean, mul, bias)``
+    float32 ``(3, C)``."""
+    operand = residual if residual is not None else jnp.zeros((1,), x.dtype)  # a placeholder the call ignores
+    return _call("ResnetJaxBatchNormApply", x.shape[1:], x.dtype, (x, coef, operand),
+                 (SPLIT, WHOLE, SPLIT if residual is not None else WHOLE),
+                 dict(relu=int(bool(relu)), has_residual=int(residual is not None)))
+
+
+def batch_norm_grad_sums(ct, y, x, relu):
+    """``(2, C)`` float32: the per-channel sums of ``g`` and ``g * x``, ``g = ct`` where ``y > 0`` (with ``relu``)."""
+    return _call("ResnetJaxBatchNormGradSums", (2, x.shape[-1]), jnp.float32, (ct, y, x), (SPLIT, SPLIT, SPLIT),
+                 dict(relu=int(bool(relu))), summed=True)
+
+
+def batch_norm_grad_apply(ct, y, x, coef, relu):
+    """``g * coef[0] + x * coef[1] + coef[2]`` in ``x``'s dtype, ``g`` as in ``batch_norm_grad_sums``."""
+    return _call("ResnetJaxBatchNormGradApply", x.shape[1:], x.dtype, (ct, y, x, coef), (SPLIT, SPLIT, SPLIT, WHOLE),
+                 dict(relu=int(bool(relu))))

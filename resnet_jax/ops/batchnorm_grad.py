@@ -1,0 +1,169 @@
+"""BatchNorm's derivative as two primitives: the tangent map and its transpose, the backward pass.
+
+Why primitives: ``batchnorm.py``'s ``custom_jvp`` keeps forward mode, and reverse mode is the transpose of its
+tangent map. Written in jnp, XLA derives that transpose and runs it as its own reductions and elementwise
+passes, 1.2-1.4x slower on CPU than two plain loops (BENCHMARKS.md, issue 33). As a primitive, the tangent map
+declares its transpose (``cotangent_p``), and on CPU with the extension the transpose lowers to two C++ passes:
+one for the two per-channel sums, one for the input gradient.
+
+    tangent_p(dx, dscale, dbias, [dresidual], x, y, mean, var, scale) -> (dy, dmean, dvar)
+    cotangent_p(ct_y, ct_mean, ct_var, x, y, mean, var, scale)      -> (dx, dscale, dbias, [dresidual])
+
+The first three or four operands are the linear ones; ``x, y, mean, var, scale`` are the primal input, output,
+batch statistics and scale. Both primitives evaluate, differentiate (to any order) and ``vmap`` through their
+jnp reference (``_tangent``, ``_cotangent``), so every transformation stays exact; only the lowering of
+``cotangent_p`` with ``extension=True`` runs the C++ passes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from resnet_jax.ops.jax_compat import (Primitive, ShapedArray, instantiate_zeros, is_undefined_primal, lower_fun,
+                                      primitive_batchers, primitive_jvps, primitive_transposes,
+                                      prims_requiring_devices, register_lowering)
+
+tangent_p = Primitive("resnet_jax_batch_norm_tangent")
+cotangent_p = Primitive("resnet_jax_batch_norm_cotangent")
+tangent_p.multiple_results = cotangent_p.multiple_results = True
+
+
+def _linear_count(has_residual):
+    return 4 if has_residual else 3
+
+
+def _axes(x):
+    return tuple(range(x.ndim - 1))
+
+
+# --------------------------------------------------------------------------------------- jnp references
+def _tangent(*args, relu, epsilon, has_residual, extension, dtypes):
+    """The derivative of ``relu(bn(x) + residual), mean, var``, linear in the tangents. Written in ``x`` and
+    per-channel vectors only (``(x - mean) * s`` as ``x * s - mean * s``), so its transpose reads ``x`` and ``y``,
+    which exist anyway, and never a saved ``x - mean``."""
+    del extension, dtypes
+    n = _linear_count(has_residual)
+    (dx, dscale, dbias), dres = args[:3], (args[3] if has_residual else None)
+    x, y, mean, var, scale = args[n:]
+    xf, scale_f = x.astype(jnp.float32), scale.astype(jnp.float32)
+    r = lax.rsqrt(var + epsilon)
+    dxf = dx.astype(jnp.float32)
+    dmean = jnp.mean(dxf, _axes(x))
+    dvar = 2.0 * (jnp.mean(xf * dxf, _axes(x)) - mean * dmean)
+    s = -0.5 * r * r * r * dvar * scale_f + r * dscale.astype(jnp.float32)
+    per_channel = -dmean * r * scale_f - mean * s + dbias.astype(jnp.float32)
+    t = (dxf * (r * scale_f) + xf * s + per_channel).astype(y.dtype)
+    if dres is not None:
+        t = t + dres.astype(y.dtype)
+    if relu:
+        t = jnp.where(y > 0, t, jnp.zeros_like(t))
+    return [t, dmean, dvar]
+
+
+def _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon):
+    """From the sums ``(sum g, sum g * x)``: the scale's gradient and ``dx = g * a + x * b + c`` per channel."""
+    n = x.size // x.shape[-1]
+    sum_g, sum_gx = sums[0], sums[1]
+    r, scale_f = lax.rsqrt(var + epsilon), scale.astype(jnp.float32)
+    dscale = r * (sum_gx - mean * sum_g)
+    b = 2.0 * ct_var / n - r * r * scale_f * dscale / n
+    c = (ct_mean - r * scale_f * sum_g) / n - b * mean
+    return dscale, sum_g, jnp.stack([r * scale_f, b, c])
+
+
+def _masked(ct, y, relu):
+    return jnp.where(y > 0, ct, jnp.zeros_like(ct)) if relu else ct
+
+
+def _cotangent(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, epsilon, has_residual, extension, dtypes):
+    """The transpose of ``_tangent``: the backward pass of BatchNorm + residual + ReLU (jnp)."""
+    del extension
+    g = _masked(ct, y, relu)
+    gf, xf = g.astype(jnp.float32), x.astype(jnp.float32)
+    sums = jnp.stack([jnp.sum(gf, _axes(x)), jnp.sum(gf * xf, _axes(x))])
+    dscale, dbias, coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
+    dx = gf * coef[0] + xf * coef[1] + coef[2]
+    return _cast([dx, dscale, dbias] + ([g] if has_residual else []), dtypes)
+
+
+def _cotangent_extension(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, epsilon, has_residual, extension,
+                         dtypes):
+    """``_cotangent`` with its two passes over the tensors in C++ (onednn/csrc/batchnorm.cc)."""
+    from resnet_jax.ops.onednn import calls
+    ct, y = ct.astype(x.dtype), y.astype(x.dtype)
+    sums = calls.batch_norm_grad_sums(ct, y, x, relu)
+    dscale, dbias, coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
+    dx = calls.batch_norm_grad_apply(ct, y, x, coef, relu)
+    # the residual's gradient is the masked cotangent: XLA fuses it into whatever reads it
+    return _cast([dx, dscale, dbias] + ([_masked(ct, y, relu)] if has_residual else []), dtypes)
+
+
+def _cast(values, dtypes):
+    return [v.astype(d) for v, d in zip(values, dtypes)]
+
+
+# ------------------------------------------------------------------------------------------- the rules
+def _abstract_tangent(*args, has_residual, **_):
+    x, y, mean, var = args[_linear_count(has_residual):][:4]
+    return [ShapedArray(y.shape, y.dtype), ShapedArray(mean.shape, mean.dtype), ShapedArray(var.shape, var.dtype)]
+
+
+def _abstract_cotangent(ct, ct_mean, ct_var, x, y, mean, var, scale, *, has_residual, dtypes, **_):
+    shapes = [x.shape, scale.shape, scale.shape] + ([y.shape] if has_residual else [])
+    return [ShapedArray(s, d) for s, d in zip(shapes, dtypes)]
+
+
+def _tangent_transpose(cts, *args, relu, epsilon, has_residual, extension, dtypes):
+    n = _linear_count(has_residual)
+    linear, primals = args[:n], args[n:]
+    ct, ct_mean, ct_var = (instantiate_zeros(c) for c in cts)
+    grads = cotangent_p.bind(ct, ct_mean, ct_var, *primals, relu=relu, epsilon=epsilon,
+                             has_residual=has_residual, extension=extension, dtypes=dtypes)
+    return [g if is_undefined_primal(a) else None for g, a in zip(grads, linear)] + [None] * len(primals)
+
+
+def _jvp_by_reference(reference):
+    """Forward mode of a primitive: that of its jnp reference (both primitives are linear in some operands and
+    smooth in the rest; the reference carries every higher order)."""
+    def rule(primals, tangents, **params):
+        tangents = [instantiate_zeros(t) for t in tangents]
+        return jax.jvp(functools.partial(reference, **params), tuple(primals), tuple(tangents))
+    return rule
+
+
+def _batch_by_reference(reference):
+    def rule(args, dims, **params):
+        out = jax.vmap(functools.partial(reference, **params), in_axes=dims)(*args)
+        return out, [0] * len(out)
+    return rule
+
+
+def _lower_cotangent(*args, extension, **params):
+    impl = _cotangent_extension if extension else _cotangent
+    return impl(*args, extension=extension, **params)
+
+
+for _prim, _reference, _abstract in ((tangent_p, _tangent, _abstract_tangent),
+                                     (cotangent_p, _cotangent, _abstract_cotangent)):
+    _prim.def_impl(_reference)
+    _prim.def_abstract_eval(_abstract)
+    primitive_jvps[_prim] = _jvp_by_reference(_reference)
+    primitive_batchers[_prim] = _batch_by_reference(_reference)
+register_lowering(tangent_p, lower_fun(_tangent, multiple_results=True))
+register_lowering(cotangent_p, lower_fun(_lower_cotangent, multiple_results=True))
+primitive_transposes[tangent_p] = _tangent_transpose
+prims_requiring_devices.add(cotangent_p)  # its C++ calls carry a sharding rule (see linear.py)
+
+
+def tangent(dx, dscale, dbias, dres, x, y, mean, var, scale, *, relu, epsilon, extension):
+    """``(dy, dmean, dvar)``; ``dres`` None when there is no residual. Reverse mode transposes this to
+    ``cotangent_p``, which runs in C++ when ``extension``."""
+    has_residual = dres is not None
+    linear = [dx, dscale, dbias] + ([dres] if has_residual else [])
+    dtypes = tuple(jnp.dtype(a.dtype) for a in linear)
+    return tangent_p.bind(*linear, x, y, mean, var, scale, relu=bool(relu), epsilon=float(epsilon),
+                          has_residual=has_residual, extension=bool(extension), dtypes=dtypes)

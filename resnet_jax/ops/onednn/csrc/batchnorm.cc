@@ -1,0 +1,244 @@
+// Training-mode BatchNorm + residual + ReLU as four passes over (rows, channels) tensors, channels last:
+//   forward:  Stats (sum x, sum x^2)            then Apply     (y = relu((x - mean) * mul + bias + residual))
+//   backward: GradSums (sum g, sum g * x, with g = ct masked by y > 0)  then GradApply (dx = g * a + x * b + c)
+// The per-channel arithmetic between the passes (statistics, coefficients) stays in JAX (batchnorm.py,
+// batchnorm_grad.py): these are only the passes over every element, which is where BatchNorm's time goes on
+// CPU. XLA:CPU ran the same passes 1.2-1.4x slower than these loops (BENCHMARKS.md, issue 33).
+//
+// Tensors are float32 or bfloat16 (every tensor of one call the same); sums and per-channel vectors are
+// float32. Each sum is accumulated in float32 over blocks of 64 rows, and the blocks in double, so a sum over
+// millions of rows keeps float32 precision. bfloat16 results round once, to nearest even, as XLA does.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+namespace ffi = xla::ffi;
+
+inline float Load(const float* p, int64_t i) { return p[i]; }
+inline float Load(const uint16_t* p, int64_t i) {
+  uint32_t bits = uint32_t(p[i]) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+inline void Store(float* p, int64_t i, float v) { p[i] = v; }
+inline void Store(uint16_t* p, int64_t i, float v) {  // branch-free, so the loops around it vectorise
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  // to nearest, ties to even
+  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;                   // NaN stays NaN (quiet)
+  p[i] = uint16_t(nan ? ((bits >> 16) | 0x40u) : rounded);
+}
+inline float RoundTo(float, float v) { return v; }
+inline float RoundTo(uint16_t, float v) {
+  uint16_t h;
+  Store(&h, 0, v);
+  return Load(&h, 0);
+}
+
+constexpr int64_t kBlock = 64;
+
+// out[0:C] = sum over rows of first(r, c), out[C:2C] = sum of second(r, c); `row` adds one row into (a, b).
+template <typename Row>
+void ChannelSums(int64_t rows, int64_t channels, float* out, Row row) {
+  const int threads = omp_get_max_threads();
+  std::vector<double> totals(size_t(threads) * 2 * channels, 0.0);
+  std::vector<float> scratch(size_t(threads) * 2 * channels);
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    float* a = scratch.data() + size_t(t) * 2 * channels;
+    float* b = a + channels;
+    double* total = totals.data() + size_t(t) * 2 * channels;
+    for (int64_t block = blocks * t / n; block < blocks * (t + 1) / n; ++block) {
+      std::fill(a, a + 2 * channels, 0.f);
+      for (int64_t r = block * kBlock, end = std::min(rows, r + kBlock); r < end; ++r) row(r, a, b);
+      for (int64_t c = 0; c < 2 * channels; ++c) total[c] += a[c];
+    }
+  }
+  for (int64_t c = 0; c < 2 * channels; ++c) {
+    double sum = 0.0;
+    for (int t = 0; t < threads; ++t) sum += totals[size_t(t) * 2 * channels + c];
+    out[c] = float(sum);
+  }
+}
+
+int64_t Channels(const ffi::AnyBuffer& x) {
+  auto dims = x.dimensions();
+  return dims.size() == 0 ? 1 : dims[dims.size() - 1];
+}
+
+// Calls body(std::true_type{}) or body(std::false_type{}): a flag tested inside an element loop as a compile-time
+// constant, so each variant of the loop vectorises (a run-time test there made GradSums 10x slower: no vectorised loop).
+template <typename Body>
+void WithFlag(bool flag, Body body) {
+  if (flag)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
+}
+
+bool Supported(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
+
+// Calls body<T>() with T the storage type of `x` (float or uint16_t for bfloat16).
+template <typename Body>
+ffi::Error Dispatch(const char* name, ffi::DataType type, std::initializer_list<const ffi::AnyBuffer*> same,
+                    Body body) {
+  if (!Supported(type))
+    return ffi::Error::InvalidArgument(std::string(name) + ": only float32 and bfloat16 tensors are supported");
+  for (auto* b : same)
+    if (b->element_type() != type)
+      return ffi::Error::InvalidArgument(std::string(name) + ": every tensor must have the input's dtype");
+  return resnet_jax::Run([&] {
+    if (type == ffi::DataType::F32)
+      body(float{});
+    else
+      body(uint16_t{});
+  });
+}
+
+ffi::Error Stats(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
+  if (!resnet_jax::HasDims(out->dimensions(), {2, channels}))
+    return ffi::Error::InvalidArgument("BatchNorm sums: the result must be (2, channels)");
+  return Dispatch("BatchNorm sums", x.element_type(), {}, [&](auto tag) {
+    using T = decltype(tag);
+    const T* px = static_cast<const T*>(x.untyped_data());
+    ChannelSums(rows, channels, out->typed_data(), [&](int64_t r, float* a, float* b) {
+      const T* row = px + r * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const float v = Load(row, c);
+        a[c] += v;
+        b[c] += v * v;
+      }
+    });
+  });
+}
+
+// y = relu(round((x - mean) * mul + bias) + residual), coef = (mean, mul, bias) per channel: the BatchNorm is
+// rounded to the tensor dtype before the residual is added, as the model computes it (BatchNorm, then the add).
+ffi::Error Apply(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef, ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y,
+                 int64_t relu, int64_t has_residual) {
+  const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
+  if (!resnet_jax::HasDims(coef.dimensions(), {3, channels}) || y->element_count() != x.element_count() ||
+      (has_residual && residual.element_count() != x.element_count()))
+    return ffi::Error::InvalidArgument("BatchNorm apply: inconsistent shapes");
+  if (y->element_type() != x.element_type() || (has_residual && residual.element_type() != x.element_type()))
+    return ffi::Error::InvalidArgument("BatchNorm apply: the output and residual must have the input's dtype");
+  return Dispatch("BatchNorm apply", x.element_type(), {}, [&](auto tag) {
+    using T = decltype(tag);
+    const T* px = static_cast<const T*>(x.untyped_data());
+    const T* pr = static_cast<const T*>(residual.untyped_data());
+    T* py = static_cast<T*>(y->untyped_data());
+    const float *mean = coef.typed_data(), *mul = mean + channels, *bias = mul + channels;
+    WithFlag(relu, [&](auto with_relu) {
+      WithFlag(has_residual, [&](auto with_residual) {
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t o = r * channels;
+#pragma omp simd
+          for (int64_t c = 0; c < channels; ++c) {
+            float v = RoundTo(T{}, (Load(px, o + c) - mean[c]) * mul[c] + bias[c]);
+            if constexpr (with_residual) v += Load(pr, o + c);
+            if constexpr (with_relu) v = std::max(v, 0.f);
+            Store(py, o + c, v);
+          }
+        }
+      });
+    });
+  });
+}
+
+// The masked cotangent g = ct where y > 0 (every element without the ReLU): out = (sum g, sum g * x).
+ffi::Error GradSums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                    int64_t relu) {
+  const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
+  if (ct.element_count() != x.element_count() || y.element_count() != x.element_count() ||
+      !resnet_jax::HasDims(out->dimensions(), {2, channels}))
+    return ffi::Error::InvalidArgument("BatchNorm gradient sums: inconsistent shapes");
+  return Dispatch("BatchNorm gradient sums", x.element_type(), {&ct, &y}, [&](auto tag) {
+    using T = decltype(tag);
+    const T *pg = static_cast<const T*>(ct.untyped_data()), *py = static_cast<const T*>(y.untyped_data()),
+            *px = static_cast<const T*>(x.untyped_data());
+    WithFlag(relu, [&](auto with_relu) {
+      ChannelSums(rows, channels, out->typed_data(), [&](int64_t r, float* a, float* b) {
+        const int64_t o = r * channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) {
+          float g = Load(pg, o + c);
+          if constexpr (with_relu) g = Load(py, o + c) > 0.f ? g : 0.f;
+          a[c] += g;
+          b[c] += g * Load(px, o + c);
+        }
+      });
+    });
+  });
+}
+
+// dx = g * coef[0] + x * coef[1] + coef[2], per channel, g as in GradSums.
+ffi::Error GradApply(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef,
+                     ffi::Result<ffi::AnyBuffer> dx, int64_t relu) {
+  const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
+  if (ct.element_count() != x.element_count() || y.element_count() != x.element_count() ||
+      dx->element_count() != x.element_count() || !resnet_jax::HasDims(coef.dimensions(), {3, channels}))
+    return ffi::Error::InvalidArgument("BatchNorm input gradient: inconsistent shapes");
+  if (dx->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("BatchNorm input gradient: the result must have the input's dtype");
+  return Dispatch("BatchNorm input gradient", x.element_type(), {&ct, &y}, [&](auto tag) {
+    using T = decltype(tag);
+    const T *pg = static_cast<const T*>(ct.untyped_data()), *py = static_cast<const T*>(y.untyped_data()),
+            *px = static_cast<const T*>(x.untyped_data());
+    T* out = static_cast<T*>(dx->untyped_data());
+    const float *a = coef.typed_data(), *b = a + channels, *k = b + channels;
+    WithFlag(relu, [&](auto with_relu) {
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) {
+          float g = Load(pg, o + c);
+          if constexpr (with_relu) g = Load(py, o + c) > 0.f ? g : 0.f;
+          Store(out, o + c, g * a[c] + Load(px, o + c) * b[c] + k[c]);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormSums, Stats,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormApply, Apply,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("has_residual"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormGradSums, GradSums,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormGradApply, GradApply,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("relu"));
