@@ -13,10 +13,12 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from resnet_jax.blocks import ATTENTION_LAYERS, BLOCKS, SHORTCUTS
 from resnet_jax.ops import BatchNorm, Conv, max_pool
+from resnet_jax.ops.rules import compute_dtype
 from resnet_jax.ops.rules import names as algorithm_names
 
 STEMS = ("imagenet", "cifar", "deep", "deep_tiered")
@@ -87,6 +89,10 @@ class ResNet(nn.Module):
       attn_layer: channel attention in every block before the residual add: None, "se" (Squeeze-and-Excitation,
         Hu et al. 2018) or "eca" (Efficient Channel Attention, Wang et al. 2020), with timm's names.
       dtype: compute dtype (e.g. jnp.bfloat16); param_dtype: storage dtype of parameters (keep float32).
+        Under "auto" and "jax" a bfloat16 model on a CPU without bfloat16 instructions (AVX2, AVX-512 without
+        BF16) computes in float32 throughout and returns its features in bfloat16 (``rules.compute_dtype``):
+        there bfloat16 has no instructions to run on, and converting around every float32 convolution made
+        it slower than float32 (BENCHMARKS.md, 2026-12-04).
       bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (torchvision's momentum 0.1 = 0.9).
       conv_impl: how convolutions are computed; parameters and outputs are identical for every choice.
         "auto" (the default) picks per layer shape, dtype and backend (``ops.choose``): oneDNN kernels on CPU
@@ -152,12 +158,13 @@ class ResNet(nn.Module):
         if self.folded and train:
             raise ValueError("this model has its BatchNorm folded into the convolutions (ops.fold_batchnorm), "
                              "which is for inference only; train the unfolded model")
-        conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv_impl)
+        dtype = self.layer_dtype()
+        conv = functools.partial(_conv, dtype=dtype, param_dtype=self.param_dtype, impl=self.conv_impl)
         norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                                 epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 epsilon=self.bn_epsilon, dtype=dtype, param_dtype=self.param_dtype,
                                  conv_impl=self.conv_impl)
         conv_norm = _conv_norm(conv, norm, self.folded)
-        x = self._stem(jnp.asarray(x, self.dtype), conv_norm)
+        x = self._stem(jnp.asarray(x, dtype), conv_norm)
 
         block_cls = BLOCKS[self.block]
         if self.remat:
@@ -171,11 +178,11 @@ class ResNet(nn.Module):
                               preact=self.preact, zero_init_residual=self.zero_init_residual, groups=self.groups,
                               width_per_group=self.width_per_group, dilation=dilation, first_dilation=first_dilation,
                               attn_layer=self.attn_layer, drop_path=rates[index],
-                              deterministic=not train, dtype=self.dtype, param_dtype=self.param_dtype,
+                              deterministic=not train, dtype=dtype, param_dtype=self.param_dtype,
                               name=f"layer{i + 1}_{j}")(x)
             features.append(x)
         if self.features_only:
-            return features
+            return [f.astype(self.dtype) for f in features] if self.dtype is not None else features
 
         if self.preact:  # pre-activation blocks leave the sum un-normalised: close the stack with BN-ReLU
             x = nn.relu(norm(name="bn_final")(x))
@@ -184,6 +191,13 @@ class ResNet(nn.Module):
             return x
         return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
                         kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), name="fc")(x)
+
+    def layer_dtype(self):
+        """The dtype the layers compute in: ``dtype``, except bfloat16 where ``rules.compute_dtype`` says this
+        backend computes it in float32 (a CPU without bfloat16 instructions, under "auto" or "jax")."""
+        if self.dtype is None:
+            return None
+        return jnp.dtype(compute_dtype(jnp.dtype(self.dtype).name, self.conv_impl, jax.default_backend()))
 
     def _stem(self, x, conv_norm):
         bn = None if self.preact else "bn1"  # the first pre-activation block normalises the stem output itself

@@ -101,7 +101,8 @@ def test_auto_takes_float32_winograd_passes_for_bfloat16_layers_on_small_images(
 def test_a_widened_kernel_gradient_composes_under_every_transformation():
     """The choice "auto" makes for small bfloat16 layers, forced on a small shape: reverse mode, forward over
     reverse (a Hessian-vector product) and vmap run through the widened pass and agree with lax's float32
-    convolution within bfloat16 rounding."""
+    convolution within bfloat16 rounding. The other two passes are XLA's, which compute bfloat16 on any CPU
+    (oneDNN's need bfloat16 instructions), so this runs on AVX2 machines too."""
     require_onednn()
     case = CASES["onednn_winograd_f4"]
     _, stride, *_, padding = case
@@ -118,7 +119,7 @@ def test_a_widened_kernel_gradient_composes_under_every_transformation():
             return jnp.sum(jnp.tanh(y) * dy.astype(jnp.float32))
         return f
 
-    ours, ref = loss("onednn/onednn/onednn_winograd_f4@float32"), loss(None)
+    ours, ref = loss("xla/xla/onednn_winograd_f4@float32"), loss(None)
     def gradient(f):
         return jax.grad(f, argnums=1)(x, k)
 
@@ -136,14 +137,15 @@ def test_a_widened_kernel_gradient_composes_under_every_transformation():
 
 def test_the_widened_forward_applies_the_epilogue_in_bfloat16():
     """The forward "auto" takes on the smallest images runs with the epilogue a block gives it (folded bias,
-    residual, ReLU): equal to lax's float32 convolution plus the same epilogue, within bfloat16 rounding."""
+    residual, ReLU): equal to lax's float32 convolution plus the same epilogue, within bfloat16 rounding (the
+    gradients by XLA, as above)."""
     require_onednn()
     case = CASES["onednn_winograd_f4"]
     _, stride, *_, padding = case
     x, k, residual = (a.astype(jnp.bfloat16) for a in _inputs(case, seed=3))
     bias = jax.random.normal(jax.random.key(4), (k.shape[-1],)).astype(jnp.bfloat16)
     got = conv2d(x, k, stride, padding, bias=bias, residual=residual, relu=True,
-                 algorithm="onednn_winograd_f4@float32/onednn/onednn")
+                 algorithm="onednn_winograd_f4@float32/xla/xla")
     up = lambda a: a.astype(jnp.float32)  # noqa: E731
     y = lax.conv_general_dilated(up(x), up(k), (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                  precision=lax.Precision.HIGHEST)

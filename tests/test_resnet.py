@@ -130,6 +130,28 @@ def test_bf16_compute_gives_float32_logits_close_to_float32():
     assert float(jnp.abs(ref - low).max()) < 0.05 * scale
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "avx2-cpu"])
+def test_bf16_model_computes_in_float32_throughout_where_the_cpu_has_no_bfloat16(native, monkeypatch):
+    """On a CPU without bfloat16 instructions (the flags decide: ``cpu.native_bfloat16``) a bfloat16 model under
+    "auto" runs no bfloat16 operation at all, training step included, and still returns bfloat16 features; on
+    one with them it computes in bfloat16. A forced XLA algorithm computes as named everywhere."""
+    from resnet_jax.ops import cpu
+    monkeypatch.setattr(cpu, "native_bfloat16", lambda: native)
+    x = jnp.ones((2, 32, 32, 3))
+    model = create_model("resnet18", num_classes=10, stage_sizes=(1, 1, 1, 1), dtype=jnp.bfloat16)
+    variables = abstract_init(model, x.shape)
+
+    def step(v):
+        loss = lambda p: model.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])[0].sum()  # noqa
+        return jax.grad(loss)(v["params"])
+
+    assert ("bf16" in str(jax.make_jaxpr(step)(variables))) == native
+    features = model.clone(features_only=True).apply
+    assert all(f.dtype == jnp.bfloat16 for f in jax.eval_shape(lambda v: features(v, x), variables))
+    forced = model.clone(conv_impl="xla")
+    assert "bf16" in str(jax.make_jaxpr(lambda v: forced.apply(v, x))(variables))
+
+
 @pytest.mark.parametrize("name", ["resnet20", "resnet50"])
 def test_remat_gives_same_outputs_and_gradients(name):
     """Remat wraps each block: a basic-block net, and bottlenecks with a projection and an identity shortcut

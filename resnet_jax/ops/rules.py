@@ -109,7 +109,10 @@ def compute_dtype(dtype: str, algorithm: str, backend: str, native_bfloat16: boo
     bfloat16 on a CPU without bfloat16 instructions (AVX2, or AVX-512 without BF16) computes in float32: there
     oneDNN refuses bfloat16 convolutions, and XLA emulates them slower than its float32 ones, so a bfloat16
     model would train slower than the same model in float32. Upcast, the float32 algorithms (Winograd, oneDNN)
-    run, and the activations between layers stay bfloat16. A forced algorithm computes as named.
+    run. A ResNet asks the same question for all its layers (``ResNet.layer_dtype``) and computes in float32
+    throughout: converting the activations around every convolution cost more than bfloat16 saved (a
+    ResNet-18-CIFAR step 1.93 s against float32's 1.59 s on an AVX2 EPYC, BENCHMARKS.md 2026-12-04). A forced
+    algorithm computes as named.
     """
     if dtype != "bfloat16" or backend != "cpu" or algorithm not in CHOICES:
         return dtype
