@@ -11,7 +11,7 @@ evaluates it, and reverse mode is its declared transpose, which keeps only ``x``
 exist anyway. (A ``custom_vjp`` would save the same memory but takes forward mode away on every backend.) On
 CPU, where the model's convolutions may use the oneDNN extension, the passes over the tensors (the statistics
 and the normalisation forward, the gradient's sums and the input gradient backward) run as its C++ loops:
-XLA:CPU ran them 1.2-1.4x slower (BENCHMARKS.md, issue 33).
+XLA:CPU ran them 1.3-1.7x slower (BENCHMARKS.md, 2026-12-04).
 
 The forward values are computed with the same operations in the same order as ``flax.linen.BatchNorm`` followed
 by the add and ReLU. The derivative is exact (per-channel statistics included, so a loss on the returned
@@ -29,6 +29,7 @@ from jax import lax
 
 from resnet_jax.ops import batchnorm_grad
 from resnet_jax.ops.jax_compat import SymbolicZero
+from resnet_jax.ops.onednn import calls
 from resnet_jax.ops.rules import may_use_extension
 
 
@@ -50,7 +51,6 @@ def batch_norm_act(x, scale, bias, residual=None, *, relu: bool = False, epsilon
 def _stats(x, extension):
     axes = tuple(range(x.ndim - 1))
     if extension:
-        from resnet_jax.ops.onednn import calls
         sums = calls.batch_norm_sums(x)
         n = x.size // x.shape[-1]
         mean, mean_of_squares = sums[0] / n, sums[1] / n
@@ -64,7 +64,6 @@ def _forward(x, scale, bias, residual, relu, epsilon, out_dtype, extension):
     mean, var = _stats(x, extension)
     mul = lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
     if extension:
-        from resnet_jax.ops.onednn import calls
         coef = jnp.stack([mean, mul, bias.astype(jnp.float32)])
         return calls.batch_norm_apply(x, coef, residual, relu), mean, var
     y = ((x.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32)).astype(out_dtype)
@@ -102,8 +101,8 @@ class BatchNorm(nn.BatchNorm):
 
     In training mode over NHWC features the three run as ``batch_norm_act`` (one reduction and one write each
     way), in C++ where ``rules.may_use_extension(conv_impl, backend)`` allows (the model passes its own
-    ``conv_impl``, as it does to the max-pool). Anything else (evaluation, initialisation, ``axis_name``/``mask`` statistics, a non-last feature axis,
-    no scale or bias) runs flax's own BatchNorm, then the add and ReLU.
+    ``conv_impl``, as it does to the max-pool). Anything else (evaluation, initialisation, ``axis_name``/``mask``
+    statistics, a non-last feature axis, no scale or bias) runs flax's own BatchNorm, then the add and ReLU.
     """
 
     conv_impl: str = "auto"

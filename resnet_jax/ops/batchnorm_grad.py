@@ -2,7 +2,7 @@
 
 Why primitives: ``batchnorm.py``'s ``custom_jvp`` keeps forward mode, and reverse mode is the transpose of its
 tangent map. Written in jnp, XLA derives that transpose and runs it as its own reductions and elementwise
-passes, 1.2-1.4x slower on CPU than two plain loops (BENCHMARKS.md, issue 33). As a primitive, the tangent map
+passes, 1.3-1.7x slower on CPU than plain loops (BENCHMARKS.md, 2026-12-04). As a primitive, the tangent map
 declares its transpose (``cotangent_p``), and on CPU with the extension the transpose lowers to two C++ passes:
 one for the two per-channel sums, one for the input gradient.
 
@@ -26,6 +26,7 @@ from jax import lax
 from resnet_jax.ops.jax_compat import (Primitive, ShapedArray, instantiate_zeros, is_undefined_primal, lower_fun,
                                       primitive_batchers, primitive_jvps, primitive_transposes,
                                       prims_requiring_devices, register_lowering)
+from resnet_jax.ops.onednn import calls
 
 tangent_p = Primitive("resnet_jax_batch_norm_tangent")
 cotangent_p = Primitive("resnet_jax_batch_norm_cotangent")
@@ -93,7 +94,6 @@ def _cotangent(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, epsilon, ha
 def _cotangent_extension(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, epsilon, has_residual, extension,
                          dtypes):
     """``_cotangent`` with its two passes over the tensors in C++ (onednn/csrc/batchnorm.cc)."""
-    from resnet_jax.ops.onednn import calls
     ct, y = ct.astype(x.dtype), y.astype(x.dtype)
     sums = calls.batch_norm_grad_sums(ct, y, x, relu)
     dscale, dbias, coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)

@@ -3,7 +3,7 @@
 //   backward: GradSums (sum g, sum g * x, with g = ct masked by y > 0)  then GradApply (dx = g * a + x * b + c)
 // The per-channel arithmetic between the passes (statistics, coefficients) stays in JAX (batchnorm.py,
 // batchnorm_grad.py): these are only the passes over every element, which is where BatchNorm's time goes on
-// CPU. XLA:CPU ran the same passes 1.2-1.4x slower than these loops (BENCHMARKS.md, issue 33).
+// CPU. XLA:CPU ran the same passes 1.3-1.7x slower than these loops (BENCHMARKS.md, 2026-12-04).
 //
 // Tensors are float32 or bfloat16 (every tensor of one call the same); sums and per-channel vectors are
 // float32. Each sum is accumulated in float32 over blocks of 64 rows, and the blocks in double, so a sum over
