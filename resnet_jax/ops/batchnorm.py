@@ -49,13 +49,12 @@ def batch_norm_act(x, scale, bias, residual=None, *, relu: bool = False, epsilon
 
 
 def _stats(x, extension):
-    axes = tuple(range(x.ndim - 1))
     if extension:
         sums = calls.batch_norm_sums(x)
         n = x.size // x.shape[-1]
         mean, mean_of_squares = sums[0] / n, sums[1] / n
     else:
-        xf = x.astype(jnp.float32)
+        xf, axes = x.astype(jnp.float32), tuple(range(x.ndim - 1))
         mean, mean_of_squares = jnp.mean(xf, axes), jnp.mean(lax.square(xf), axes)
     return mean, jnp.maximum(0.0, mean_of_squares - lax.square(mean))
 

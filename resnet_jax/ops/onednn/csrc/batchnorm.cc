@@ -89,9 +89,18 @@ void WithFlag(bool flag, Body body) {
     body(std::false_type{});
 }
 
+// The masked cotangent g of both gradient passes: ct where y > 0 with the ReLU, ct without it.
+template <typename WithRelu, typename T>
+inline float Masked(WithRelu, const T* ct, const T* y, int64_t i) {
+  const float g = Load(ct, i);
+  if constexpr (WithRelu::value) return Load(y, i) > 0.f ? g : 0.f;
+  return g;
+}
+
 bool Supported(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
 
-// Calls body<T>() with T the storage type of `x` (float or uint16_t for bfloat16).
+// Calls body(T{}) with T the storage type of `x` (float, or uint16_t for bfloat16), once every tensor in `same`
+// has that dtype too.
 template <typename Body>
 ffi::Error Dispatch(const char* name, ffi::DataType type, std::initializer_list<const ffi::AnyBuffer*> same,
                     Body body) {
@@ -135,9 +144,8 @@ ffi::Error Apply(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef, ffi::AnyBuffer re
   if (!resnet_jax::HasDims(coef.dimensions(), {3, channels}) || y->element_count() != x.element_count() ||
       (has_residual && residual.element_count() != x.element_count()))
     return ffi::Error::InvalidArgument("BatchNorm apply: inconsistent shapes");
-  if (y->element_type() != x.element_type() || (has_residual && residual.element_type() != x.element_type()))
-    return ffi::Error::InvalidArgument("BatchNorm apply: the output and residual must have the input's dtype");
-  return Dispatch("BatchNorm apply", x.element_type(), {}, [&](auto tag) {
+  // without a residual, calls.batch_norm_apply passes a one-element placeholder of x's dtype
+  return Dispatch("BatchNorm apply", x.element_type(), {&residual, &*y}, [&](auto tag) {
     using T = decltype(tag);
     const T* px = static_cast<const T*>(x.untyped_data());
     const T* pr = static_cast<const T*>(residual.untyped_data());
@@ -177,8 +185,7 @@ ffi::Error GradSums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::
         const int64_t o = r * channels;
 #pragma omp simd
         for (int64_t c = 0; c < channels; ++c) {
-          float g = Load(pg, o + c);
-          if constexpr (with_relu) g = Load(py, o + c) > 0.f ? g : 0.f;
+          const float g = Masked(with_relu, pg, py, o + c);
           a[c] += g;
           b[c] += g * Load(px, o + c);
         }
@@ -194,9 +201,7 @@ ffi::Error GradApply(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi:
   if (ct.element_count() != x.element_count() || y.element_count() != x.element_count() ||
       dx->element_count() != x.element_count() || !resnet_jax::HasDims(coef.dimensions(), {3, channels}))
     return ffi::Error::InvalidArgument("BatchNorm input gradient: inconsistent shapes");
-  if (dx->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("BatchNorm input gradient: the result must have the input's dtype");
-  return Dispatch("BatchNorm input gradient", x.element_type(), {&ct, &y}, [&](auto tag) {
+  return Dispatch("BatchNorm input gradient", x.element_type(), {&ct, &y, &*dx}, [&](auto tag) {
     using T = decltype(tag);
     const T *pg = static_cast<const T*>(ct.untyped_data()), *py = static_cast<const T*>(y.untyped_data()),
             *px = static_cast<const T*>(x.untyped_data());
@@ -208,9 +213,7 @@ ffi::Error GradApply(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi:
         const int64_t o = r * channels;
 #pragma omp simd
         for (int64_t c = 0; c < channels; ++c) {
-          float g = Load(pg, o + c);
-          if constexpr (with_relu) g = Load(py, o + c) > 0.f ? g : 0.f;
-          Store(out, o + c, g * a[c] + Load(px, o + c) * b[c] + k[c]);
+          Store(out, o + c, Masked(with_relu, pg, py, o + c) * a[c] + Load(px, o + c) * b[c] + k[c]);
         }
       }
     });
