@@ -6,8 +6,9 @@ torchvision's ``resnet50(replace_stride_with_dilation=...)``, side by side, imag
     python -m benchmarks.dilated_inference --quick              # smoke test: one block per stage, 64 px
 
 Why: at output stride 8 the last two stages run at 1/8 of the image instead of 1/32, so they hold most of the
-work, all of it in dilated 3x3 convolutions that only XLA's kernels compute here ("auto" gives them to XLA and
-keeps its own choices for the undilated layers). Both sides run the feature backbone and the classifier head
+work, half of it in dilated 3x3 convolutions: "auto" computes the large ones by Winograd F(4,3) on the input's
+sub-grids ("onednn_winograd_f4@atrous", ``resnet_jax/ops/atrous.py``), the small ones by oneDNN's direct kernels,
+"xla" all of them by XLA's. Both sides run the feature backbone and the classifier head
 (float32, BatchNorm folded on ours as evaluation runs it; torch in inference mode, its best of NCHW and
 channels_last). Runners alternate within each round; the median is reported. Writes
 benchmarks/results/dilated_inference_cpu.json.

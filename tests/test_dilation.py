@@ -14,7 +14,7 @@ import timm
 import torch
 import torchvision
 
-from conftest import assert_close, random_batch_stats
+from conftest import assert_close, random_batch_stats, require_onednn
 from resnet_jax import create_model
 from resnet_jax.export import Preprocessing, export_model, load_exported
 from resnet_jax.ops import ConvSpec, choose, conv2d, fold_batchnorm
@@ -68,13 +68,14 @@ def check_against(reference, model, variables, image):
     assert_close(ours_logits, jnp.asarray(logits.numpy()), "logits")
 
 
-@pytest.mark.parametrize("output_stride", [8, 16])
-def test_equals_torchvision_replace_stride_with_dilation(output_stride, image):
+@pytest.mark.parametrize("output_stride,conv_impl", [(8, "auto"), (16, "auto"), (8, "onednn_winograd_f4@atrous")])
+def test_equals_torchvision_replace_stride_with_dilation(output_stride, conv_impl, image):
+    """The last case computes every dilated 3x3 by Winograd on its sub-grids, "auto" only the large ones."""
     torch.manual_seed(output_stride)
     tv = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, LAYERS, num_classes=10,
                                           replace_stride_with_dilation=TORCHVISION_FLAGS[output_stride])
     tv.load_state_dict(random_batch_stats(tv.state_dict(), output_stride))
-    model, variables = ours_and_reference(tv.eval(), "resnet50", "torchvision", output_stride)
+    model, variables = ours_and_reference(tv.eval(), "resnet50", "torchvision", output_stride, conv_impl)
     assert model.feature_strides() == {8: (4, 8, 8, 8), 16: (4, 8, 16, 16)}[output_stride]
     check_against(tv, model, variables, image)
 
@@ -152,6 +153,81 @@ def test_dilated_convolution_each_algorithm_and_auto():
     assert_close(conv2d(x, k, 1, ((2, 2), (2, 2)), algorithm="auto", dilation=2), want, "auto")
     assert_close(conv2d(x, k, 1, ((2, 2), (2, 2)), algorithm="winograd_f4", dilation=2, fallback=True), want,
                  "fallback")
+
+
+@pytest.mark.parametrize("groups,stride,dilation,padding", [
+    (1, 1, 2, ((2, 2), (2, 2))),        # a dilated stage's 3x3 (15x18: sub-grids of unequal size)
+    (4, 1, 4, ((4, 4), (4, 4))),        # grouped (ResNeXt) at output stride 8's second dilation
+    (1, 2, 2, ((1, 3), (2, 2))),        # strided, uneven padding: geometry beyond ResNet's own
+    (1, 1, (3, 2), ((1, 0), (0, 3))),   # a dilation and a padding per axis
+])
+def test_dilated_gradients_of_each_algorithm(groups, stride, dilation, padding):
+    """Value and both gradients of every algorithm that computes a dilated convolution (oneDNN's direct kernels,
+    Winograd on the sub-grids) equal lax's."""
+    require_onednn()
+    x = jax.random.normal(jax.random.key(0), (2, 15, 18, 16))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 16 // groups, 8))
+
+    def reference(a, b):
+        spacing = dilation if isinstance(dilation, tuple) else (dilation, dilation)
+        return jax.lax.conv_general_dilated(a, b, (stride, stride), padding, rhs_dilation=spacing,
+                                            feature_group_count=groups, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision=jax.lax.Precision.HIGHEST)
+    y, pullback = jax.vjp(reference, x, k)
+    dy = jax.random.normal(jax.random.key(2), y.shape)
+    want = (y, *pullback(dy))
+    spec = ConvSpec.of(x, k, stride, padding, groups, dilation)
+    names = [n for n in ALGORITHMS if REGISTRY[n].dilated and REGISTRY[n].refusal(spec, "cpu") is None]
+    assert ("onednn_winograd_f4@atrous" in names) == (groups == 1 and stride == 1) and "onednn" in names
+    for name in names:
+        def ours(a, b, name=name):
+            return conv2d(a, b, stride, padding, groups=groups, algorithm=name, dilation=dilation)
+        got_y, got_pullback = jax.vjp(jax.jit(ours), x, k)
+        for got, expected, what in zip((got_y, *got_pullback(dy)), want, ("value", "input grad", "kernel grad")):
+            assert_close(got, expected, f"{name} {what}")
+
+
+def test_sub_grid_winograd_with_the_epilogue_and_its_dtypes():
+    """Winograd on the sub-grids with bias, residual and ReLU equals lax's ops in value and all four gradients;
+    it computes float32 (bfloat16 layers take oneDNN's direct kernels, which take the dilation themselves)."""
+    require_onednn()
+    x = jax.random.normal(jax.random.key(0), (2, 10, 13, 8))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
+    bias, residual = jax.random.normal(jax.random.key(2), (8,)), jax.random.normal(jax.random.key(3), (2, 10, 13, 8))
+
+    def ours(a, b, c, r):
+        return conv2d(a, b, 1, "SAME", bias=c, residual=r, relu=True, algorithm="onednn_winograd_f4@atrous",
+                      dilation=2)
+
+    def want(a, b, c, r):
+        y = jax.lax.conv_general_dilated(a, b, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+        return jax.nn.relu(y + c + r)
+    dy = jax.random.normal(jax.random.key(4), residual.shape)
+
+    def value_and_grads(fn):
+        y, pullback = jax.vjp(jax.jit(fn), x, k, bias, residual)
+        return (y, *pullback(dy))
+    for g, e, what in zip(value_and_grads(ours), value_and_grads(want),
+                          ("value", "d/dinput", "d/dkernel", "d/dbias", "d/dresidual")):
+        assert_close(g, e, what)
+    spec = ConvSpec.of(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), 1, "SAME", 1, 2)
+    assert "float32 only" in REGISTRY["onednn_winograd_f4@atrous"].refusal(spec, "cpu")
+
+
+def test_auto_takes_winograd_on_sub_grids_for_large_dilated_layers():
+    """A dilated ResNet-50's stage-3/4 3x3 at 512 px computes by Winograd on its sub-grids; a grouped or small one
+    by oneDNN's direct kernels; without the extension by XLA's."""
+    require_onednn()
+
+    def spec(groups=1, size=64, channels=256):
+        x = jax.ShapeDtypeStruct((4, size, size, channels), jnp.float32)
+        kernel = jax.ShapeDtypeStruct((3, 3, channels // groups, channels), jnp.float32)
+        return ConvSpec.of(x, kernel, 1, "SAME", groups, 2)
+    assert choose(spec(), "cpu", measured=False) == ("onednn_winograd_f4@atrous",) * 3
+    assert choose(spec(groups=32), "cpu", measured=False) == ("onednn",) * 3
+    assert choose(spec(size=8, channels=32), "cpu", measured=False) == ("onednn",) * 3
+    assert choose(spec(), "cpu", extension=False, measured=False) == ("xla",) * 3
 
 
 def test_bad_output_stride_is_refused():

@@ -15,7 +15,7 @@ X = np.ones((2, 8, 8, 4), np.float32)
 W = np.ones((3, 3, 4, 6), np.float32)
 Y = (2, 8, 8, 6)
 NO_EPILOGUE = dict(has_bias=0, has_residual=0, relu=0)
-CONV = dict(strides=(1, 1), padding=PAD, groups=1)
+CONV = dict(strides=(1, 1), padding=PAD, groups=1, dilation=(1, 1))
 WINOGRAD = dict(padding=PAD, m=4)
 
 
@@ -80,7 +80,12 @@ REFUSED = {
     "conv output taller than the geometry gives": (
         "ResnetJaxConvForward", (2, 9, 8, 6), [X, W], dict(**CONV, **NO_EPILOGUE), "do not follow from the input"),
     "conv zero stride": (
-        "ResnetJaxConvForward", Y, [X, W], dict(strides=(0, 1), padding=PAD, groups=1, **NO_EPILOGUE),
+        "ResnetJaxConvForward", Y, [X, W], dict(CONV, strides=(0, 1), **NO_EPILOGUE), "do not follow from the input"),
+    "conv zero dilation": (
+        "ResnetJaxConvForward", Y, [X, W], dict(CONV, dilation=(1, 0), **NO_EPILOGUE), "do not follow from the input"),
+    # the output of an undilated kernel, but the call says dilation 2 (whose window is 5x5)
+    "conv dilation the output does not have": (
+        "ResnetJaxConvBackwardData", X.shape, [np.ones(Y, np.float32), W], dict(CONV, dilation=(2, 2)),
         "do not follow from the input"),
     "conv input gradient with a bfloat16 kernel": (
         "ResnetJaxConvBackwardData", X.shape, [np.ones(Y, np.float32), bf16(W)], CONV, "must share one dtype"),

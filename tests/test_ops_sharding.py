@@ -31,7 +31,8 @@ PROBE = textwrap.dedent(r"""
 
     c = base_config()
     c.model, c.batch_size, c.image_size, c.augment, c.learning_rate = sys.argv[2], 8, 16, "none", 0.1
-    c.model_overrides.update(in_channels=3, stage_sizes=tuple(json.loads(sys.argv[3])), conv_impl=sys.argv[1])
+    c.model_overrides.update(in_channels=3, stage_sizes=tuple(json.loads(sys.argv[3])), conv_impl=sys.argv[1],
+                             **json.loads(sys.argv[4]))
     model = model_from_config(c, 10)
     tx = make_optimizer(c, steps_per_epoch=1)
     rng = np.random.default_rng(0)
@@ -70,13 +71,17 @@ PROBE = textwrap.dedent(r"""
 """)
 
 
-@pytest.mark.parametrize("model, stages", [("resnet20", [1, 1, 1]),
-                                          pytest.param("resnet18", [1, 1, 1, 1], marks=pytest.mark.long)])
-def test_data_parallel_steps_run_the_extension_per_shard_without_all_gathers(model, stages):
+@pytest.mark.parametrize("model, stages, conv_impl, overrides", [
+    ("resnet20", [1, 1, 1], "auto", {}),
+    pytest.param("resnet18", [1, 1, 1, 1], "auto", {}, marks=pytest.mark.long),
+    # dilated stages through sub-grids: the batch of sub-grids (8 images x 2 x 2 per device) stays split too
+    pytest.param("resnet18", [1, 1, 1, 1], "onednn_winograd_f4@atrous", {"output_stride": 8},
+                 marks=pytest.mark.long)])
+def test_data_parallel_steps_run_the_extension_per_shard_without_all_gathers(model, stages, conv_impl, overrides):
     require_onednn()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    done = subprocess.run([sys.executable, "-c", PROBE, "auto", model, json.dumps(stages)], capture_output=True,
-                          text=True, env=env, timeout=900)
+    done = subprocess.run([sys.executable, "-c", PROBE, conv_impl, model, json.dumps(stages), json.dumps(overrides)],
+                          capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")))
     one, two = result["1"], result["2"]
@@ -84,5 +89,7 @@ def test_data_parallel_steps_run_the_extension_per_shard_without_all_gathers(mod
     assert one["calls"] > 0 and two["calls"] == one["calls"]  # both steps run the extension ...
     assert one["batch_norm_calls"] > 0 and two["batch_norm_calls"] == one["batch_norm_calls"]  # BatchNorm too
     assert two["all_gather"] == 0, two  # ... and never gather the batch for it
-    assert one["batches"] == [8] and two["batches"] == [4]  # each device computes its half of the batch
+    assert 8 in one["batches"] and two["batches"] == [b // 2 for b in one["batches"]]  # each device: its half
+    if overrides:
+        assert 8 * 2 * 2 in one["batches"]  # the dilation-2 layers ran on their sub-grids
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)

@@ -153,8 +153,10 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
       Without the extension: XLA's dot for all three, which beats XLA's own 1x1 convolution.
     - Stems and other strided or large kernels: oneDNN's direct kernels; without the extension XLA's forward and
       input gradient with the patch matmul's kernel gradient.
-    - Dilated kernels (``output_stride`` < 32): XLA's own, the one algorithm here that computes them (oneDNN's
-      primitives could, but the extension's calls do not pass a dilation yet; Winograd's tiles cannot).
+    - Dilated kernels (``output_stride`` < 32): stride 1 the extension's Winograd F(4,3) on the input's
+      sub-grids ("onednn_winograd_f4@atrous", ``atrous.py``) where Winograd pays as above, else oneDNN's direct
+      kernels, which take the dilation; without the extension XLA's own, the one pure-JAX algorithm that
+      computes them (Winograd's tiles and the patch matmul cannot).
     bfloat16 takes oneDNN's direct kernels where the CPU has bfloat16 instructions and the float32-only
     algorithms do not apply, 1x1 layers included: XLA's bfloat16 dot ran ResNet-50's 1x1 input gradients
     at 9-198 GFLOP/s against oneDNN's 34-388 (BENCHMARKS.md, Machine A2, 2026-12-03). One exception: a 3x3
@@ -167,9 +169,14 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
         tuned = measured_choice(spec, extension)
         if tuned:
             return tuned
-    if spec.dilated:
-        return ("xla", "xla", "xla")
     ok = lambda *algorithms: _usable(*algorithms, spec=spec, backend=backend)  # noqa: E731
+    # Winograd's fixed costs outweigh the multiplies it saves on small layers and on the stems' few channels
+    small = spec.direct_flops() < WINOGRAD_MIN_FLOPS or spec.in_channels < 8
+    if spec.dilated:
+        for name in ("onednn",) if small else ("onednn_winograd_f4@atrous", "onednn"):
+            if extension and ok(name):
+                return (name,) * 3
+        return ("xla", "xla", "xla")
     pure_kernel_grad = "matmul_grad" if spec.groups == 1 else "xla"
     if spec.kernel == (1, 1) and spec.groups == 1:
         if extension and ok("onednn", "onednn_gemm"):
@@ -181,8 +188,6 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     pure = ("xla", "xla", "winograd_f4" if winograd_grad else pure_kernel_grad)
     if not extension:
         return pure
-    # Winograd's fixed costs outweigh the multiplies it saves on small layers and on the stems' few channels
-    small = spec.direct_flops() < WINOGRAD_MIN_FLOPS or spec.in_channels < 8
     for name in ("onednn",) if small else ("onednn_winograd_f4", "onednn"):
         if ok(name):
             return widened_passes(spec, name, ok)

@@ -29,7 +29,8 @@ def _extension_limits(float32_only: bool, shape_limits=None):
 
 def _direct() -> Algorithm:
     return Algorithm(
-        name="onednn", cpu_only=True, unavailable=unavailable_reason, limits=_extension_limits(False),
+        name="onednn", cpu_only=True, dilated=True, unavailable=unavailable_reason,
+        limits=_extension_limits(False),
         forward=lambda x, kernel, spec: calls.conv_forward(x, kernel, spec),
         fused_forward=calls.conv_forward,
         input_grad=calls.conv_backward_data,

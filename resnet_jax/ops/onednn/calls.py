@@ -88,7 +88,8 @@ def _padding(padding) -> tuple[int, ...]:
 
 
 def _geometry(spec) -> dict:
-    return dict(strides=tuple(spec.strides), padding=_padding(spec.padding), groups=spec.groups)
+    return dict(strides=tuple(spec.strides), padding=_padding(spec.padding), groups=spec.groups,
+                dilation=tuple(spec.dilation))
 
 
 def _epilogue(bias, residual, shape, dtype) -> tuple[list, list, int | None, dict]:

@@ -10,6 +10,8 @@
 // the output buffer itself (the caller aliases it to the result) and is added by oneDNN's "sum" post-op, so the
 // convolution reads and writes one buffer instead of reading one and writing a second.
 //
+// Dilated (atrous) kernels are oneDNN's own: the "dilation" attribute is XLA's tap spacing (1: none).
+//
 // Three handlers, one per pass: ResnetJaxConvForward (x, w[, bias][, residual]) -> y,
 // ResnetJaxConvBackwardData (dy, w) -> dx, ResnetJaxConvBackwardWeights (x, dy) -> dw.
 // Primitives are created once per shape and cached; buffers for reordered weights and oneDNN's scratchpad are
@@ -40,7 +42,7 @@ thread_local resnet_jax::ThreadBuffer scratch_buffer;
 // Geometry of one convolution, from the XLA buffers and the attributes.
 struct Shape {
   int64_t n, h, w, c, kh, kw, o, oh, ow, groups;
-  int64_t strides[2], pad_lo[2], pad_hi[2];
+  int64_t strides[2], pad_lo[2], pad_hi[2], dilation[2];
   memory::data_type dtype;
 
   memory::dims Src() const { return {n, c, h, w}; }
@@ -51,6 +53,8 @@ struct Shape {
   }
   tag WeightsTag() const { return groups == 1 ? tag::hwio : tag::hwigo; }
   memory::dims StridesDims() const { return {strides[0], strides[1]}; }
+  // oneDNN counts the gaps between a kernel's taps (0: none), XLA and JAX the tap spacing (1: none).
+  memory::dims Dilates() const { return {dilation[0] - 1, dilation[1] - 1}; }
   memory::dims PadLo() const { return {pad_lo[0], pad_lo[1]}; }
   memory::dims PadHi() const { return {pad_hi[0], pad_hi[1]}; }
 
@@ -58,7 +62,7 @@ struct Shape {
     std::ostringstream k;
     k << op << ':' << static_cast<int>(dtype) << ':' << n << 'x' << h << 'x' << w << 'x' << c << ':' << kh
       << 'x' << kw << 'x' << o << ':' << groups << ':' << strides[0] << ',' << strides[1] << ':' << pad_lo[0]
-      << ',' << pad_lo[1] << ',' << pad_hi[0] << ',' << pad_hi[1];
+      << ',' << pad_lo[1] << ',' << pad_hi[0] << ',' << pad_hi[1] << ':' << dilation[0] << ',' << dilation[1];
     return k.str();
   }
 };
@@ -83,18 +87,22 @@ ffi::Error SameType(std::initializer_list<ffi::DataType> types) {
 ffi::ErrorOr<Shape> MakeShape(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w,
                               ffi::AnyBuffer::Dimensions y, ffi::DataType dtype,
                               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
-                              int64_t groups) {
-  if (x.size() != 4 || w.size() != 4 || y.size() != 4 || strides.size() != 2 || padding.size() != 4)
-    return ffi::Unexpected(ffi::Error::InvalidArgument("oneDNN conv: expected NHWC/HWIO rank-4 buffers, 2 strides, 4 pads"));
+                              int64_t groups, ffi::Span<const int64_t> dilation) {
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4 || strides.size() != 2 || padding.size() != 4 ||
+      dilation.size() != 2)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "oneDNN conv: expected NHWC/HWIO rank-4 buffers, 2 strides, 4 pads, 2 dilations"));
   auto dt = DnnlType(dtype);
   if (!dt) return ffi::Unexpected(ffi::Error::InvalidArgument("oneDNN conv: only float32 and bfloat16 are supported"));
   Shape s{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], groups,
-          {strides[0], strides[1]}, {padding[0], padding[2]}, {padding[1], padding[3]}, *dt};
+          {strides[0], strides[1]}, {padding[0], padding[2]}, {padding[1], padding[3]},
+          {dilation[0], dilation[1]}, *dt};
   if (groups < 1 || s.c != w[2] * groups || s.o % groups != 0 || y[0] != s.n || y[3] != s.o)
     return ffi::Unexpected(ffi::Error::InvalidArgument("oneDNN conv: inconsistent channel counts or groups"));
   for (int i = 0; i < 2; ++i) {
-    const int64_t in = x[1 + i], k = w[i], padded = in + s.pad_lo[i] + s.pad_hi[i];
-    if (s.strides[i] < 1 || s.pad_lo[i] < 0 || s.pad_hi[i] < 0 || padded < k ||
+    const int64_t in = x[1 + i], padded = in + s.pad_lo[i] + s.pad_hi[i];
+    const int64_t k = (w[i] - 1) * s.dilation[i] + 1;  // the window a dilated kernel spans
+    if (s.strides[i] < 1 || s.dilation[i] < 1 || s.pad_lo[i] < 0 || s.pad_hi[i] < 0 || padded < k ||
         y[1 + i] != (padded - k) / s.strides[i] + 1)
       return ffi::Unexpected(ffi::Error::InvalidArgument(
           "oneDNN conv: the output's height and width do not follow from the input, kernel, strides and padding"));
@@ -117,9 +125,9 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Shape& s, prop_kind 
   memory::desc src = Nhwc(s.Src(), s.dtype), dst = Nhwc(s.Dst(), s.dtype);
   if (bias)
     return {Engine(), kind, algorithm::convolution_direct, src, weights, *bias, dst, s.StridesDims(),
-            s.PadLo(), s.PadHi(), attr};
-  return {Engine(), kind, algorithm::convolution_direct, src, weights, dst, s.StridesDims(), s.PadLo(),
-          s.PadHi(), attr};
+            s.Dilates(), s.PadLo(), s.PadHi(), attr};
+  return {Engine(), kind, algorithm::convolution_direct, src, weights, dst, s.StridesDims(), s.Dilates(),
+          s.PadLo(), s.PadHi(), attr};
 }
 
 // A cached primitive plus what its callers need: the user-side layouts and the reorder between them.
@@ -145,9 +153,9 @@ memory Scratchpad(const Entry& e) {
 
 ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> y,
                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t groups,
-                   int64_t has_bias, int64_t has_residual, int64_t relu) {
+                   ffi::Span<const int64_t> dilation, int64_t has_bias, int64_t has_residual, int64_t relu) {
   auto shape = MakeShape(x.dimensions(), w.dimensions(), y->dimensions(), x.element_type(), strides, padding,
-                         groups);
+                         groups, dilation);
   if (shape.has_error()) return shape.error();
   const Shape& s = *shape;
   if (auto error = SameType({x.element_type(), w.element_type(), y->element_type()}); error.failure()) return error;
@@ -201,9 +209,10 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, 
 }
 
 ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
-                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t groups) {
+                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t groups,
+                        ffi::Span<const int64_t> dilation) {
   auto shape = MakeShape(dx->dimensions(), w.dimensions(), dy.dimensions(), dy.element_type(), strides, padding,
-                         groups);
+                         groups, dilation);
   if (shape.has_error()) return shape.error();
   const Shape& s = *shape;
   if (auto error = SameType({dy.element_type(), w.element_type(), dx->element_type()}); error.failure()) return error;
@@ -213,7 +222,7 @@ ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::An
       memory::desc weights(s.Weights(), s.dtype, tag::any);
       dnnl::convolution_backward_data::primitive_desc pd(
           Engine(), algorithm::convolution_direct, Nhwc(s.Src(), s.dtype), weights, Nhwc(s.Dst(), s.dtype),
-          s.StridesDims(), s.PadLo(), s.PadHi(), hint, UserScratchpad());
+          s.StridesDims(), s.Dilates(), s.PadLo(), s.PadHi(), hint, UserScratchpad());
       Entry entry{dnnl::convolution_backward_data(pd), memory::desc(s.Weights(), s.dtype, s.WeightsTag()),
                   pd.weights_desc(), pd.scratchpad_desc()};
       entry.reorder_weights = entry.user_weights != entry.prim_weights;
@@ -231,9 +240,10 @@ ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::An
 }
 
 ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
-                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t groups) {
+                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding, int64_t groups,
+                           ffi::Span<const int64_t> dilation) {
   auto shape = MakeShape(x.dimensions(), dw->dimensions(), dy.dimensions(), x.element_type(), strides, padding,
-                         groups);
+                         groups, dilation);
   if (shape.has_error()) return shape.error();
   const Shape& s = *shape;
   if (auto error = SameType({x.element_type(), dy.element_type()}); error.failure()) return error;
@@ -247,7 +257,7 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
       memory::desc weights(s.Weights(), *dw_dt, tag::any);
       dnnl::convolution_backward_weights::primitive_desc pd(
           Engine(), algorithm::convolution_direct, Nhwc(s.Src(), s.dtype), weights, Nhwc(s.Dst(), s.dtype),
-          s.StridesDims(), s.PadLo(), s.PadHi(), hint, UserScratchpad());
+          s.StridesDims(), s.Dilates(), s.PadLo(), s.PadHi(), hint, UserScratchpad());
       Entry entry{dnnl::convolution_backward_weights(pd), memory::desc(s.Weights(), *dw_dt, s.WeightsTag()),
                   pd.diff_weights_desc(), pd.scratchpad_desc()};
       entry.reorder_weights = entry.user_weights != entry.prim_weights;
@@ -280,6 +290,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvForward, Forward,
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("padding")
                                   .Attr<int64_t>("groups")
+                                  .Attr<ffi::Span<const int64_t>>("dilation")
                                   .Attr<int64_t>("has_bias")
                                   .Attr<int64_t>("has_residual")
                                   .Attr<int64_t>("relu"));
@@ -291,7 +302,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvBackwardData, BackwardData,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("padding")
-                                  .Attr<int64_t>("groups"));
+                                  .Attr<int64_t>("groups")
+                                  .Attr<ffi::Span<const int64_t>>("dilation"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvBackwardWeights, BackwardWeights,
                               ffi::Ffi::Bind()
@@ -300,7 +312,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxConvBackwardWeights, BackwardWeights,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("padding")
-                                  .Attr<int64_t>("groups"));
+                                  .Attr<int64_t>("groups")
+                                  .Attr<ffi::Span<const int64_t>>("dilation"));
 
 extern "C" int ResnetJaxOnednnVersion() {
   const dnnl_version_t* v = dnnl_version();
