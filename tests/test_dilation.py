@@ -19,6 +19,7 @@ from resnet_jax import create_model
 from resnet_jax.export import Preprocessing, export_model, load_exported
 from resnet_jax.ops import ConvSpec, choose, conv2d, fold_batchnorm
 from resnet_jax.ops.registry import ALGORITHMS, REGISTRY
+from resnet_jax.ops.spec import pair
 from resnet_jax.torchvision import convert_state_dict
 
 LAYERS = [1, 1, 2, 2]
@@ -169,8 +170,7 @@ def test_dilated_gradients_of_each_algorithm(groups, stride, dilation, padding):
     k = jax.random.normal(jax.random.key(1), (3, 3, 16 // groups, 8))
 
     def reference(a, b):
-        spacing = dilation if isinstance(dilation, tuple) else (dilation, dilation)
-        return jax.lax.conv_general_dilated(a, b, (stride, stride), padding, rhs_dilation=spacing,
+        return jax.lax.conv_general_dilated(a, b, (stride, stride), padding, rhs_dilation=pair(dilation),
                                             feature_group_count=groups, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             precision=jax.lax.Precision.HIGHEST)
     y, pullback = jax.vjp(reference, x, k)

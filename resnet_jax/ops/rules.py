@@ -170,25 +170,23 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
         if tuned:
             return tuned
     ok = lambda *algorithms: _usable(*algorithms, spec=spec, backend=backend)  # noqa: E731
-    # Winograd's fixed costs outweigh the multiplies it saves on small layers and on the stems' few channels
-    small = spec.direct_flops() < WINOGRAD_MIN_FLOPS or spec.in_channels < 8
-    if spec.dilated:
-        for name in ("onednn",) if small else ("onednn_winograd_f4@atrous", "onednn"):
-            if extension and ok(name):
-                return (name,) * 3
-        return ("xla", "xla", "xla")
     pure_kernel_grad = "matmul_grad" if spec.groups == 1 else "xla"
-    if spec.kernel == (1, 1) and spec.groups == 1:
+    if spec.kernel == (1, 1) and spec.groups == 1:  # never dilated (ConvSpec records a 1x1's dilation as 1)
         if extension and ok("onednn", "onednn_gemm"):
             return ("onednn", "onednn_gemm", "onednn_gemm")
         if extension and ok("onednn"):  # bfloat16 (the GEMM is float32 only): XLA's bf16 dot is far slower
             return ("onednn", "onednn", "onednn")
         return ("gemm", "gemm", "gemm")
-    winograd_grad = spec.dtype == "float32" and spec.in_channels >= 8 and ok("winograd_f4")
-    pure = ("xla", "xla", "winograd_f4" if winograd_grad else pure_kernel_grad)
+    if spec.dilated:  # Winograd on the sub-grids; XLA's is the one pure-JAX algorithm that dilates
+        winograd, pure = "onednn_winograd_f4@atrous", ("xla", "xla", "xla")
+    else:
+        winograd_grad = spec.dtype == "float32" and spec.in_channels >= 8 and ok("winograd_f4")
+        winograd, pure = "onednn_winograd_f4", ("xla", "xla", "winograd_f4" if winograd_grad else pure_kernel_grad)
     if not extension:
         return pure
-    for name in ("onednn",) if small else ("onednn_winograd_f4", "onednn"):
+    # Winograd's fixed costs outweigh the multiplies it saves on small layers and on the stems' few channels
+    small = spec.direct_flops() < WINOGRAD_MIN_FLOPS or spec.in_channels < 8
+    for name in ("onednn",) if small else (winograd, "onednn"):
         if ok(name):
             return widened_passes(spec, name, ok)
     return pure
