@@ -89,6 +89,15 @@ REFUSED = {
         "do not follow from the input"),
     "conv input gradient with a bfloat16 kernel": (
         "ResnetJaxConvBackwardData", X.shape, [np.ones(Y, np.float32), bf16(W)], CONV, "must share one dtype"),
+    "matmul pixel blocks without the transposed read": (
+        "ResnetJaxMatmul", (4, 6), [np.ones((4, 5), np.float32), np.ones((5, 6), np.float32)],
+        dict(transpose_lhs=0, transpose_rhs=0, pixel_block=8), "pixel blocks are for lhs^T x rhs only"),
+    "matmul negative pixel block": (
+        "ResnetJaxMatmul", (4, 6), [np.ones((5, 4), np.float32), np.ones((5, 6), np.float32)],
+        dict(transpose_lhs=1, transpose_rhs=0, pixel_block=-1), "and positive"),
+    "matmul inner sizes that differ": (
+        "ResnetJaxMatmul", (4, 6), [np.ones((5, 4), np.float32), np.ones((6, 6), np.float32)],
+        dict(transpose_lhs=1, transpose_rhs=0, pixel_block=8), "inconsistent shapes"),
     "conv kernel gradient with a bfloat16 output gradient": (
         "ResnetJaxConvBackwardWeights", W.shape, [X, bf16(np.ones(Y))], CONV, "must share one dtype"),
 }

@@ -37,6 +37,25 @@ def _direct() -> Algorithm:
         kernel_grad=calls.conv_backward_weights)
 
 
+PIXEL_BLOCK = 4096  # 512-4096 measured; 4096 was fastest on 6272-25088 pixels (BENCHMARKS.md, 2026-12-04)
+
+
+def kernel_grad_pixel_block(rows: int, cols: int) -> int:
+    """The ``pixel_block`` of the 1x1 kernel gradient ``x^T @ dy`` (``rows`` input, ``cols`` output channels):
+    0 where oneDNN's GEMM reads ``x`` transposed as fast as the blocked form, else ``PIXEL_BLOCK``.
+
+    Measured on AVX2 (no AVX-512) for every pair of 64-2048 channels at 6272 pixels, and spot-checked at 1568,
+    25088 and 100352 (BENCHMARKS.md, 2026-12-04): the transposed read ran at ~80 GFLOP/s where one side is at
+    most 256 and the other at least 1024 (the blocks: 93-145), and 113-130 on mid-sized products (blocks:
+    125-150); it stayed ahead on small products and where both sides are large (>= 384 and one >= 1024,
+    152-184 against 136-171). CPUs with AVX-512 run other GEMM kernels, not measured: they keep oneDNN's own."""
+    if "avx512f" in cpu.flags().split():
+        return 0
+    small, large = sorted((rows, cols))
+    onednn_ahead = large <= 384 or (large <= 512 and small <= 128) or (small >= 384 and large >= 1024)
+    return 0 if onednn_ahead else PIXEL_BLOCK
+
+
 def _gemm() -> Algorithm:
     """Forward ``x @ W``, input gradient ``dy @ W^T`` put back on the kept pixels, kernel gradient ``x^T @ dy``,
     each reading its operands where they lie."""
@@ -59,7 +78,9 @@ def _gemm() -> Algorithm:
 
     def kernel_grad(x, dy, spec):
         xs = gemm.kept_pixels(x, spec)
-        dk = calls.matmul(xs.reshape(-1, xs.shape[-1]), dy.reshape(-1, dy.shape[-1]), transpose_a=True)
+        block = kernel_grad_pixel_block(xs.shape[-1], dy.shape[-1])
+        dk = calls.matmul(xs.reshape(-1, xs.shape[-1]), dy.reshape(-1, dy.shape[-1]), transpose_a=True,
+                          pixel_block=block)
         return dk.reshape(spec.kernel_shape)
 
     return Algorithm(name="onednn_gemm", cpu_only=True, unavailable=unavailable_reason,
