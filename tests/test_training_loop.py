@@ -342,3 +342,36 @@ def _equations(jaxpr):
             inner = getattr(value, "jaxpr", value)
             if hasattr(inner, "eqns"):
                 yield from _equations(inner)
+
+
+def test_with_an_ema_its_accuracy_ranks_checkpoints_and_stops_early(tmp_path, monkeypatch):
+    """timm's train.py ranks by its EMA's metrics when it keeps one. Decay 1 freezes the average at its first
+    copy, so the EMA's accuracy never improves while the raw weights' does: patience 1 stops after the second
+    evaluation, and each checkpoint is ranked by the EMA's accuracy."""
+    from matplotlib.figure import Figure
+
+    from resnet_jax.checkpoint import BEST_METRIC, Checkpointer
+    from resnet_jax.training.metrics_log import plot_learning_curves
+
+    messages = []
+    config = tiny_config(num_epochs=4, warmup_epochs=0, early_stopping_patience=1, model_ema=True,
+                         model_ema_decay=1.0, model_ema_steps=1, checkpoint_every_steps=1000)
+    result = train(config, tmp_path, log=messages.append)
+    val = [r["accuracy"] for r in result.history if r["split"] == "val"]
+    ema = [r["accuracy"] for r in result.history if r["split"] == "val_ema"]
+    assert len(val) == len(ema) == 2 and val[1] > val[0]  # the raw weights improved: they alone would go on
+    assert ema[0] == ema[1] != val[1]
+    assert int(result.state.step) == 2 * 44
+    assert any("no improvement of the EMA's val accuracy for 1 evaluations" in m for m in messages)
+    checkpoints = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    try:
+        assert checkpoints.steps() == [44, 88]  # the epochs' ends only
+        ranked = [checkpoints._manager.metrics(step)[BEST_METRIC] for step in (44, 88)]
+        assert ranked == pytest.approx(ema)
+        assert checkpoints.best_step() == 88  # the latest of equals
+    finally:
+        checkpoints.close()
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
+    plot_learning_curves(tmp_path)
+    assert [ax.get_legend_handles_labels()[1] for ax in drawn[0].axes] == [["train", "val", "val_ema"]] * 2

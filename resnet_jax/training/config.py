@@ -85,7 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = "ce"                       # "ce": softmax cross-entropy; "bce": timm's BinaryCrossEntropy
     c.bce_target_threshold = 0.0        # "bce": targets above it become 1, the others 0 (0 = off)
     c.lars_trust_coefficient = 0.001    # "lars" (timm's trust_coeff)
-    c.model_ema = False                 # keep an EMA of the weights, evaluated as "val_ema" (torchvision's --model-ema)
+    c.model_ema = False                 # keep an EMA of the weights, evaluated as "val_ema" (torchvision's --model-ema);
+    #                                     its accuracy then ranks the checkpoints ("best") and drives early stopping (timm)
     c.model_ema_steps = 32              # update it every this many steps of each epoch
     c.model_ema_decay = 0.99998         # torchvision's decay, adjusted for batch, steps and epochs (training/ema.py)
     c.grad_accum_steps = 1              # micro-batches per step: batch_size is still the batch of one update
@@ -94,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 500      # also at each epoch end
     c.keep_checkpoints = 3
     c.eval_every_epochs = 1
-    c.early_stopping_patience = 0       # epochs without val-accuracy improvement before stopping (0 = off)
+    c.early_stopping_patience = 0       # evaluations without val-accuracy improvement before stopping (0 = off)
     c.progress_bar = True
     c.compilation_cache_dir = "auto"    # JAX's persistent compilation cache during the run: "auto" = the directory
                                         # JAX already has (JAX_COMPILATION_CACHE_DIR), else ~/.cache/resnet_jax/jit;

@@ -223,7 +223,7 @@ class _Loop:
     resumed_from: int | None
     window: Any                     # the metric sums since the last train row
     epoch_sums: Any                 # the metric sums since the epoch began
-    best: float                     # the best validation accuracy so far, for early stopping
+    best: float                     # the best ranking accuracy (the EMA's with one), for early stopping
     bad_epochs: int                 # evaluations since it last improved
     saved_step: int
     bar: Any = None
@@ -299,23 +299,28 @@ class _Loop:
         return bool(config.early_stopping_patience) and self.bad_epochs >= config.early_stopping_patience
 
     def _evaluate(self, epoch: int) -> tuple[float, str]:
-        """The validation pass: a val row in metrics.jsonl and the early-stopping count updated; returns the
-        accuracy (which the checkpoint records, to keep the best) and the summary's text for it."""
+        """The validation pass: a val row in metrics.jsonl (and a val_ema row with ``model_ema``) and the
+        early-stopping count updated; returns the accuracy that ranks this checkpoint and the summary's text.
+
+        With an EMA, the averaged weights are the ones a run delivers, so their accuracy ranks the checkpoints
+        and drives early stopping, as timm's train.py ranks by its EMA's metrics when it keeps one."""
         val_m = evaluate_loader(self.state, self.eval_step, self.val_loader, self.setup.mesh)
         self.metrics_log.write({"step": self.step, "epoch": epoch + 1, "split": "val", **val_m})
-        if val_m["accuracy"] > self.best:
-            self.best, self.bad_epochs = val_m["accuracy"], 0
+        shown = f" | val loss {val_m['loss']:.4f} acc {val_m['accuracy']:.4f} top5 {val_m['top5']:.4f}"
+        ranked = val_m
+        if self.state.ema is not None:
+            ranked = evaluate_loader(self.state.ema_view(), self.eval_step, self.val_loader, self.setup.mesh)
+            self.metrics_log.write({"step": self.step, "epoch": epoch + 1, "split": "val_ema", **ranked})
+            shown += f" | ema acc {ranked['accuracy']:.4f}"
+        if ranked["accuracy"] > self.best:
+            self.best, self.bad_epochs = ranked["accuracy"], 0
         else:
             self.bad_epochs += 1
-        shown = f" | val loss {val_m['loss']:.4f} acc {val_m['accuracy']:.4f} top5 {val_m['top5']:.4f}"
-        if self.state.ema is not None:  # beside the raw weights; early stopping and "best" follow the raw ones
-            ema_m = evaluate_loader(self.state.ema_view(), self.eval_step, self.val_loader, self.setup.mesh)
-            self.metrics_log.write({"step": self.step, "epoch": epoch + 1, "split": "val_ema", **ema_m})
-            shown += f" | ema acc {ema_m['accuracy']:.4f}"
-        return val_m["accuracy"], shown
+        return ranked["accuracy"], shown
 
     def _early_stop_reason(self) -> str:
-        reason = (f"early stopping: no val-accuracy improvement for {self.bad_epochs} evaluations "
+        which = "the EMA's val accuracy" if self.state.ema is not None else "val accuracy"
+        reason = (f"early stopping: no improvement of {which} for {self.bad_epochs} evaluations "
                   f"(best {self.best:.4f})")
         self.log(reason)
         return reason

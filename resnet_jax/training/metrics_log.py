@@ -75,7 +75,8 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_learning_curves(workdir: str | Path) -> Path | None:
-    """Loss and accuracy against epoch for train and validation rows; returns the PNG path."""
+    """Loss and accuracy against epoch for train, validation and (with ``model_ema``) the EMA's validation
+    rows; returns the PNG path."""
     rows = read_metrics(workdir)
     if not rows:
         return None
@@ -85,7 +86,7 @@ def plot_learning_curves(workdir: str | Path) -> Path | None:
 
     fig = Figure(figsize=(10, 3.8))
     axes = fig.subplots(1, 2)
-    for split, style in (("train", "-"), ("val", "o-")):
+    for split, style in (("train", "-"), ("val", "o-"), ("val_ema", "s--")):
         part = [r for r in rows if r["split"] == split]
         if not part:
             continue
