@@ -8,8 +8,6 @@
 // block of both operands is transposed into a per-thread buffer and multiplied in the fast form, the blocks'
 // products summed into the output (algorithms.py chooses where; BENCHMARKS.md has the measurements).
 
-#include <omp.h>
-
 #include <algorithm>
 
 #if defined(__AVX__)
