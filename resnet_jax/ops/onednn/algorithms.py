@@ -37,7 +37,7 @@ def _direct() -> Algorithm:
         kernel_grad=calls.conv_backward_weights)
 
 
-PIXEL_BLOCK = 4096  # 512-4096 measured; 4096 was fastest on 6272-25088 pixels (BENCHMARKS.md, 2026-12-04)
+PIXEL_BLOCK = 4096  # the fastest of 512, 1024, 2048 and 4096 at 6272 pixels (BENCHMARKS.md, 2026-12-04 night)
 
 
 def kernel_grad_pixel_block(rows: int, cols: int) -> int:
