@@ -36,7 +36,7 @@ def test_tuned_choices_are_stored_and_then_run_by_auto(cache):
     for g in geometries:
         entry = stored[g.key()]
         assert set(entry["seconds"]["kernel_grad"]) <= {"xla", "matmul_grad", "im2col"}
-        for pass_name, name in zip(tuning.PASSES, entry["auto"]):  # the fastest measured, per pass
+        for pass_name, name in zip(rules.PASSES, entry["auto"]):  # the fastest measured, per pass
             assert entry["seconds"][pass_name][name] == min(entry["seconds"][pass_name].values())
         assert choose(g, "cpu") == tuple(entry["auto"]) and choose(g, "cpu", extension=False) == tuple(entry["jax"])
         assert choose(g, "gpu") == ("xla",) * 3  # measurements are this machine's CPU's only

@@ -23,6 +23,7 @@ from resnet_jax.ops.spec import ConvSpec
 
 CHOICES = ("auto", "jax")  # chosen per shape and pass: among all algorithms, or among the pure-JAX ones
 Passes = tuple[str, str, str]  # the algorithm of the forward, of the input gradient, of the kernel gradient
+PASSES = ("forward", "input_grad", "kernel_grad")  # their names, in that order (tuning files, WIDENED_MAX_PIXELS)
 
 # Below this, the extension's Winograd lost to oneDNN's direct kernels inside whole steps (docs/ops.md has the
 # measured figures, dated)
@@ -200,4 +201,4 @@ def widened_passes(spec: ConvSpec, name: str, ok) -> Passes:
     usable = usable and ok(widened)
     pixels = spec.height * spec.width
     return tuple(widened if usable and pixels <= WIDENED_MAX_PIXELS.get(p, 0) else name
-                 for p in ("forward", "input_grad", "kernel_grad"))
+                 for p in PASSES)

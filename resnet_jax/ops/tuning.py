@@ -29,8 +29,6 @@ from resnet_jax.ops.registry import REGISTRY
 from resnet_jax.ops.spec import ConvSpec
 from resnet_jax.ops.trace import module_calls
 
-PASSES = ("forward", "input_grad", "kernel_grad")
-
 
 def model_specs(model, input_shape: tuple[int, ...], dtype=jnp.float32) -> list[ConvSpec]:
     """Every distinct convolution ``model`` computes on inputs of ``input_shape`` (traced for shapes only)."""
@@ -59,8 +57,8 @@ def measure(spec: ConvSpec, repeats: int = 3, candidates=None) -> dict[str, dict
     """Median seconds of each pass of each algorithm (of ``candidates``, default all) that computes ``spec``
     here: {pass: {algorithm: seconds}}."""
     names = [n for n in candidates or REGISTRY if REGISTRY[n].refusal(spec, jax.default_backend()) is None]
-    seconds: dict[str, dict[str, float]] = {p: {} for p in PASSES}
-    for pass_name in PASSES:
+    seconds: dict[str, dict[str, float]] = {p: {} for p in rules.PASSES}
+    for pass_name in rules.PASSES:
         for name in names:
             run = _pass_runner(name, pass_name, spec)
             run()  # compile and warm up
@@ -90,8 +88,8 @@ def tune(model, input_shape: tuple[int, ...], dtype=jnp.float32, repeats: int = 
     for spec in model_specs(model, input_shape, dtype):
         seconds = measure(spec, repeats, candidates)
         pure = {p: {n: t for n, t in by.items() if not REGISTRY[n].cpu_only} for p, by in seconds.items()}
-        entry = {"auto": [min(seconds[p], key=seconds[p].get) for p in PASSES],
-                 "jax": [min(pure[p], key=pure[p].get) for p in PASSES], "seconds": seconds}
+        entry = {"auto": [min(seconds[p], key=seconds[p].get) for p in rules.PASSES],
+                 "jax": [min(pure[p], key=pure[p].get) for p in rules.PASSES], "seconds": seconds}
         chosen[spec.key()] = entry
         by_rules = rules.choose(spec, jax.default_backend(), measured=False)
         log(f"{spec.describe()} batch {spec.batch}: auto {'/'.join(entry['auto'])} (rules: {'/'.join(by_rules)}), "
