@@ -28,6 +28,7 @@ def main(argv=None) -> None:
     pixels, channels, rounds = args.pixels, [int(c) for c in args.channels.split(",")], args.rounds
     if args.quick:
         pixels, channels, rounds = 100, [8, 24], 1
+
     def operands(cin, cout):
         rng = np.random.default_rng((cin, cout))
         return rng.standard_normal((pixels, cin), np.float32), rng.standard_normal((pixels, cout), np.float32)
