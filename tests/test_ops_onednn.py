@@ -41,6 +41,16 @@ def test_extension_is_available_wherever_its_wheels_and_a_compiler_are():
     assert onednn.version().startswith("3.")
 
 
+def test_build_command_checks_every_extension_algorithm_against_xla():
+    """README's ``python -m resnet_jax.ops.onednn --build``: each extension algorithm on its own kind of layer
+    (the dilated ones on a dilated 3x3), all three passes against XLA's; exit 0 and the binary's path."""
+    require_onednn_toolchain()
+    done = subprocess.run([sys.executable, "-m", "resnet_jax.ops.onednn", "--build"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "extension ready and checked against XLA: " in done.stdout and "libresnet_jax_onednn.so" in done.stdout
+
+
 def test_ci_fails_instead_of_skipping_when_the_extension_is_unusable(tmp_path):
     """On Linux x86_64 CI must run the extension's tests: an unusable extension fails them, it does not skip
     them (a broken build would otherwise leave CI green with every fast algorithm untested)."""

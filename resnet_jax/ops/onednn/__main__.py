@@ -23,11 +23,12 @@ def check() -> list[str]:
     for name, algorithm in REGISTRY.items():
         if not algorithm.cpu_only:
             continue
-        # the algorithm's own kind of layer: a 3x3, else a 1x1 (what its limits accept)
+        # the algorithm's own kind of layer: a 3x3, a 1x1 or a dilated 3x3 (the first its limits accept)
         kernel = lambda size: jax.ShapeDtypeStruct((*size, 16, 8), x.dtype)  # noqa: E731
-        size = next(s for s in ((3, 3), (1, 1)) if algorithm.limits(ConvSpec.of(x, kernel(s), 1, "SAME", 1)) is None)
+        size, dilation = next((s, d) for s, d in (((3, 3), 1), ((1, 1), 1), ((3, 3), 2))
+                              if algorithm.limits(ConvSpec.of(x, kernel(s), 1, "SAME", 1, d)) is None)
         k = jax.random.normal(keys[1], (*size, 16, 8))
-        f = lambda a, b, impl: conv2d(a, b, (1, 1), "SAME", algorithm=impl)  # noqa: E731
+        f = lambda a, b, impl: conv2d(a, b, (1, 1), "SAME", algorithm=impl, dilation=dilation)  # noqa: E731
         got = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(f(a, b, name) ** 2), (0, 1)))(x, k)
         want = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(f(a, b, "xla") ** 2), (0, 1)))(x, k)
         error = max(float(np.max(np.abs(g - w)) / (np.max(np.abs(w)) + 1e-30))
