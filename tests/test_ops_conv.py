@@ -70,7 +70,7 @@ def every(k, s, g, pad):
 
 FAMILIES = {"xla": every, "matmul_grad": every, "im2col": lambda k, s, g, pad: g == 1, "gemm": gemm,
             "polyphase": lambda k, s, g, pad: s == 2 and k >= 2, "winograd_f2": winograd, "winograd_f4": winograd,
-            "onednn": every, "onednn_gemm": gemm, "onednn_winograd_f2": winograd, "onednn_winograd_f4": winograd}
+            "onednn": every, "onednn_matmul_grad": lambda k, s, g, pad: g == 1, "onednn_gemm": gemm, "onednn_winograd_f2": winograd, "onednn_winograd_f4": winograd}
 FAMILIES.update({name + "@float32": FAMILIES[name] for name in ("onednn_gemm", "onednn_winograd_f2",
                                                                 "onednn_winograd_f4")})  # same shapes, any dtype
 FAMILIES["onednn_winograd_f4@atrous"] = lambda k, s, g, pad: False  # dilated kernels only: test_dilation.py
@@ -168,7 +168,7 @@ def test_bfloat16_where_supported(name):
     reason = refusal(name, case, jnp.bfloat16)
     if reason:
         # oneDNN's direct kernels take bfloat16 where the CPU has bf16 instructions
-        float32_only = ("onednn_winograd_f2", "onednn_winograd_f4", "onednn_gemm",
+        float32_only = ("onednn_winograd_f2", "onednn_winograd_f4", "onednn_gemm", "onednn_matmul_grad",
                         *(() if cpu.native_bfloat16() else ("onednn",)))
         assert "float32 only" in reason and name in float32_only
         return

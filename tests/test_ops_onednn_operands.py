@@ -17,6 +17,7 @@ Y = (2, 8, 8, 6)
 NO_EPILOGUE = dict(has_bias=0, has_residual=0, relu=0)
 CONV = dict(strides=(1, 1), padding=PAD, groups=1, dilation=(1, 1))
 WINOGRAD = dict(padding=PAD, m=4)
+PATCHES = dict(strides=(1, 1), padding=PAD, pixel_block=16)
 
 
 def call(target, result_shape, *operands, result_dtype=np.float32, **attrs):
@@ -40,7 +41,8 @@ def test_well_formed_calls_run():
         np.testing.assert_allclose(got, want + bias + 0.5, rtol=1e-5, atol=1e-4)
     dy = np.ones(Y, np.float32)
     assert call("ResnetJaxConvBackwardData", X.shape, dy, W, **CONV).shape == X.shape
-    for target, attrs in (("ResnetJaxConvBackwardWeights", CONV), ("ResnetJaxWinogradBackwardWeights", WINOGRAD)):
+    for target, attrs in (("ResnetJaxConvBackwardWeights", CONV), ("ResnetJaxWinogradBackwardWeights", WINOGRAD),
+                          ("ResnetJaxPatchKernelGrad", PATCHES)):
         assert call(target, W.shape, X, dy, **attrs).shape == W.shape
 
 
@@ -89,6 +91,18 @@ REFUSED = {
         "do not follow from the input"),
     "conv input gradient with a bfloat16 kernel": (
         "ResnetJaxConvBackwardData", X.shape, [np.ones(Y, np.float32), bf16(W)], CONV, "must share one dtype"),
+    "patch kernel gradient of an output gradient the geometry does not give": (
+        "ResnetJaxPatchKernelGrad", W.shape, [X, np.ones((2, 4, 4, 6), np.float32)], PATCHES, "inconsistent shapes"),
+    "patch kernel gradient of other output channels": (
+        "ResnetJaxPatchKernelGrad", W.shape, [X, np.ones((2, 8, 8, 5), np.float32)], PATCHES, "inconsistent shapes"),
+    "patch kernel gradient with zero stride": (
+        "ResnetJaxPatchKernelGrad", W.shape, [X, np.ones(Y, np.float32)], dict(PATCHES, strides=(1, 0)),
+        "inconsistent shapes"),
+    "patch kernel gradient without a pixel block": (
+        "ResnetJaxPatchKernelGrad", W.shape, [X, np.ones(Y, np.float32)], dict(PATCHES, pixel_block=0),
+        "pixel_block must be positive"),
+    "patch kernel gradient of bfloat16 operands": (
+        "ResnetJaxPatchKernelGrad", W.shape, [bf16(X), bf16(np.ones(Y))], PATCHES, "expected F32 but got BF16"),
     "matmul pixel blocks without the transposed read": (
         "ResnetJaxMatmul", (4, 6), [np.ones((4, 5), np.float32), np.ones((5, 6), np.float32)],
         dict(transpose_lhs=0, transpose_rhs=0, pixel_block=8), "pixel blocks are for lhs^T x rhs only"),

@@ -152,8 +152,10 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
       the patch matmul otherwise.
     - 1x1: oneDNN's direct kernel forward (it also applies the epilogue) and oneDNN's GEMM for both gradients.
       Without the extension: XLA's dot for all three, which beats XLA's own 1x1 convolution.
-    - Stems and other strided or large kernels: oneDNN's direct kernels; without the extension XLA's forward and
-      input gradient with the patch matmul's kernel gradient.
+    - Stems and other strided or large kernels: oneDNN's direct kernels, on AVX2 CPUs the kernel gradient of
+      strided ones with at least 8 input channels by GEMMs over blocks of patches ("onednn_matmul_grad",
+      ``patch_kernel_grad``); without the extension XLA's forward and input gradient with the patch matmul's
+      kernel gradient.
     - Dilated kernels (``output_stride`` < 32): stride 1 the extension's Winograd F(4,3) on the input's
       sub-grids ("onednn_winograd_f4@atrous", ``atrous.py``) where Winograd pays as above, else oneDNN's direct
       kernels, which take the dilation; without the extension XLA's own, the one pure-JAX algorithm that
@@ -189,8 +191,22 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     small = spec.direct_flops() < WINOGRAD_MIN_FLOPS or spec.in_channels < 8
     for name in ("onednn",) if small else (winograd, "onednn"):
         if ok(name):
-            return widened_passes(spec, name, ok)
+            return patch_kernel_grad(spec, widened_passes(spec, name, ok), ok)
     return pure
+
+
+def patch_kernel_grad(spec: ConvSpec, passes: Passes, ok) -> Passes:
+    """``passes`` with the kernel gradient of oneDNN's direct kernels replaced by "onednn_matmul_grad" on a
+    strided layer with at least 8 input channels, on CPUs without AVX-512.
+
+    Measured on AVX2 (BENCHMARKS.md, 2026-12-05): oneDNN's direct kernel gradient ran the stride-2 3x3 layers of
+    ResNet-18/50 and ResNet-18-CIFAR at 81-124 GFLOP/s, the patch GEMMs at 104-176 (each of nine layers ahead);
+    ResNet-50's 7x7 stem (3 channels) went the other way, 122 against 75. AVX-512 CPUs run other direct
+    kernels, not measured there: they keep them."""
+    strided = spec.strides != (1, 1) and spec.in_channels >= 8
+    if passes != ("onednn",) * 3 or not strided or "avx512f" in cpu.flags().split() or not ok("onednn_matmul_grad"):
+        return passes
+    return ("onednn", "onednn", "onednn_matmul_grad")
 
 
 def widened_passes(spec: ConvSpec, name: str, ok) -> Passes:

@@ -1,6 +1,7 @@
-"""The extension's algorithms: oneDNN's direct convolutions ("onednn"), oneDNN's GEMM for 1x1 convolutions
-("onednn_gemm"), and Winograd F(2,3)/F(4,3) tiles around oneDNN's matmul ("onednn_winograd_f2"/"_f4"). The
-forward of "onednn" and of the Winograd ones applies the epilogue (bias, residual, ReLU) inside the kernel.
+"""The extension's algorithms: oneDNN's direct convolutions ("onednn"), the same with the kernel gradient as GEMMs
+over blocks of input patches ("onednn_matmul_grad"), oneDNN's GEMM for 1x1 convolutions ("onednn_gemm"), and
+Winograd F(2,3)/F(4,3) tiles around oneDNN's matmul ("onednn_winograd_f2"/"_f4"). The forward of "onednn" (and
+"onednn_matmul_grad") and of the Winograd ones applies the epilogue (bias, residual, ReLU) inside the kernel.
 """
 
 from __future__ import annotations
@@ -35,6 +36,23 @@ def _direct() -> Algorithm:
         fused_forward=calls.conv_forward,
         input_grad=calls.conv_backward_data,
         kernel_grad=calls.conv_backward_weights)
+
+
+PATCH_BLOCK = 4096  # pixels per block: ahead of 256-1024 on most layers, within noise of 8192-16384 (2026-12-05)
+
+
+def _ungrouped(spec) -> str | None:
+    return "computes ungrouped convolutions only" if spec.groups != 1 else None
+
+
+def _matmul_grad() -> Algorithm:
+    """oneDNN's direct forward and input gradient; the kernel gradient as ``patches(x)^T @ dy`` by oneDNN's GEMM,
+    gathered a block of pixels at a time (csrc/patches.cc), the extension's counterpart of "matmul_grad"."""
+    direct = _direct()
+    return Algorithm(name="onednn_matmul_grad", cpu_only=True, unavailable=unavailable_reason,
+                     limits=_extension_limits(True, _ungrouped), forward=direct.forward,
+                     fused_forward=direct.fused_forward, input_grad=direct.input_grad,
+                     kernel_grad=lambda x, dy, spec: calls.patch_kernel_grad(x, dy, spec, PATCH_BLOCK))
 
 
 PIXEL_BLOCK = 4096  # the fastest of 512, 1024, 2048 and 4096 at 6272 pixels (BENCHMARKS.md, 2026-12-04 night)
@@ -101,4 +119,4 @@ def _winograd(m: int) -> Algorithm:
         kernel_grad=lambda x, dy, spec: calls.winograd_backward_weights(x, dy, spec.padding, m))
 
 
-ALGORITHMS = (_direct(), _gemm(), _winograd(2), _winograd(4))
+ALGORITHMS = (_direct(), _matmul_grad(), _gemm(), _winograd(2), _winograd(4))

@@ -143,6 +143,15 @@ def winograd_backward_weights(x, dy, padding, m):
                  (SPLIT, SPLIT), dict(padding=_padding(padding), m=m), summed=True)
 
 
+def patch_kernel_grad(x, dy, spec, pixel_block):
+    """The kernel gradient as ``patches(x)^T @ dy`` by oneDNN's GEMM, ``pixel_block`` output pixels at a time,
+    each block's patches gathered into a buffer of the block's size (csrc/patches.cc); float32, ungrouped,
+    undilated."""
+    attrs = dict(strides=tuple(spec.strides), padding=_padding(spec.padding), pixel_block=int(pixel_block))
+    return _call("ResnetJaxPatchKernelGrad", spec.kernel_shape, jnp.float32, (x, dy), (SPLIT, SPLIT), attrs,
+                 summed=True)
+
+
 def matmul(a, b, transpose_a=False, transpose_b=False, pixel_block=0):
     """``a @ b`` (float32) by oneDNN's GEMM; ``transpose_a``/``transpose_b`` read an operand stored transposed.
     The rows of ``a`` are pixels, split with the batch: with ``transpose_a`` they are summed over, and a positive
