@@ -18,6 +18,8 @@ NO_EPILOGUE = dict(has_bias=0, has_residual=0, relu=0)
 CONV = dict(strides=(1, 1), padding=PAD, groups=1, dilation=(1, 1))
 WINOGRAD = dict(padding=PAD, m=4)
 PATCHES = dict(strides=(1, 1), padding=PAD, pixel_block=16)
+POOL = dict(window=(3, 3), strides=(2, 2), padding=PAD)  # X's 8x8 pooled to 4x4
+POOLED, FIRST = np.ones((2, 4, 4, 4), np.float32), np.zeros((2, 4, 4, 4), np.int8)
 
 
 def call(target, result_shape, *operands, result_dtype=np.float32, **attrs):
@@ -41,6 +43,7 @@ def test_well_formed_calls_run():
         np.testing.assert_allclose(got, want + bias + 0.5, rtol=1e-5, atol=1e-4)
     dy = np.ones(Y, np.float32)
     assert call("ResnetJaxConvBackwardData", X.shape, dy, W, **CONV).shape == X.shape
+    assert call("ResnetJaxMaxPoolGrad", X.shape, POOLED, FIRST, **POOL).shape == X.shape
     for target, attrs in (("ResnetJaxConvBackwardWeights", CONV), ("ResnetJaxWinogradBackwardWeights", WINOGRAD),
                           ("ResnetJaxPatchKernelGrad", PATCHES)):
         assert call(target, W.shape, X, dy, **attrs).shape == W.shape
@@ -103,6 +106,15 @@ REFUSED = {
         "pixel_block must be positive"),
     "patch kernel gradient of bfloat16 operands": (
         "ResnetJaxPatchKernelGrad", W.shape, [bf16(X), bf16(np.ones(Y))], PATCHES, "expected F32 but got BF16"),
+    "max-pool gradient with indices of another shape": (
+        "ResnetJaxMaxPoolGrad", X.shape, [POOLED, np.zeros((2, 4, 4, 3), np.int8)], POOL, "inconsistent shapes"),
+    "max-pool gradient onto an input the geometry does not give": (
+        "ResnetJaxMaxPoolGrad", (2, 12, 8, 4), [POOLED, FIRST], POOL, "inconsistent shapes"),
+    "max-pool gradient of a window with more taps than int8 indices name": (
+        "ResnetJaxMaxPoolGrad", (2, 16, 16, 4), [np.ones((2, 1, 1, 4), np.float32), np.zeros((2, 1, 1, 4), np.int8)],
+        dict(window=(16, 16), strides=(1, 1), padding=(0, 0, 0, 0)), "inconsistent shapes"),
+    "max-pool gradient with float32 indices": (
+        "ResnetJaxMaxPoolGrad", X.shape, [POOLED, FIRST.astype(np.float32)], POOL, "expected S8 but got F32"),
     "matmul pixel blocks without the transposed read": (
         "ResnetJaxMatmul", (4, 6), [np.ones((4, 5), np.float32), np.ones((5, 6), np.float32)],
         dict(transpose_lhs=0, transpose_rhs=0, pixel_block=8), "pixel blocks are for lhs^T x rhs only"),

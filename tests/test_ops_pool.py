@@ -33,13 +33,13 @@ def inputs(shape, dtype, kind, seed=0):
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (3, 5, 6, 4), (1, 1, 1, 1)])
 @pytest.mark.parametrize("kind", ["normal", "relu", "coarse"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("keep", [False, True], ids=["fused", "kept"])  # kept: the extension holds the indices
-def test_values_and_gradients_equal_max_pool(shape, kind, dtype, keep, pool=STEM):
-    if keep:
+@pytest.mark.parametrize("extension", [False, True], ids=["xla", "extension"])  # the gradient in C++
+def test_values_and_gradients_equal_max_pool(shape, kind, dtype, extension, pool=STEM):
+    if extension:
         require_onednn()
     x = inputs(shape, dtype, kind)
     want, want_vjp = jax.vjp(lambda a: reference(a, pool), x)
-    got, got_vjp = jax.vjp(jax.jit(lambda a: _sliced_max_pool(a, *pool, keep)), x)
+    got, got_vjp = jax.vjp(jax.jit(lambda a: _sliced_max_pool(a, *pool, extension)), x)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     dy = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape), dtype)
     if dtype != jnp.float32:  # a maximum is exact, so the float32 pool routes alike; it sums in float32
@@ -50,9 +50,9 @@ def test_values_and_gradients_equal_max_pool(shape, kind, dtype, keep, pool=STEM
 
 @pytest.mark.parametrize("pool", [((2, 2), (2, 2), ((0, 0), (0, 0))), ((3, 2), (1, 2), ((1, 1), (0, 1)))])
 @pytest.mark.parametrize("kind", ["relu", "coarse"])
-@pytest.mark.parametrize("keep", [False, True], ids=["fused", "kept"])
-def test_other_windows_equal_max_pool(pool, kind, keep):
-    test_values_and_gradients_equal_max_pool((2, 7, 9, 3), kind, jnp.float32, keep, pool)
+@pytest.mark.parametrize("extension", [False, True], ids=["xla", "extension"])
+def test_other_windows_equal_max_pool(pool, kind, extension):
+    test_values_and_gradients_equal_max_pool((2, 7, 9, 3), kind, jnp.float32, extension, pool)
 
 
 def test_model_stem_uses_it_on_cpu():
@@ -84,11 +84,11 @@ def test_the_pool_follows_its_own_rule_not_the_algorithm_name():
         assert max_pool_method(algorithm, "gpu") == max_pool_method(algorithm, "tpu") == "reduce_window"
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["fused", "kept"])
-def test_nested_forward_mode_routes_ties_like_flax(keep):
+@pytest.mark.parametrize("extension", [False, True], ids=["xla", "extension"])
+def test_nested_forward_mode_routes_ties_like_flax(extension):
     """jvp of jvp: the outer derivative of the pooled values is the first-maximum rule again, as flax's pool's,
     not ``maximum``'s, which splits ties (the "coarse" inputs tie non-zero maxima)."""
-    if keep:
+    if extension:
         require_onednn()
     x = inputs((2, 8, 8, 3), jnp.float32, "coarse")
     v = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape), jnp.float32)
@@ -96,5 +96,28 @@ def test_nested_forward_mode_routes_ties_like_flax(keep):
     def outer_tangent(pool):
         return jax.jit(lambda x: jax.jvp(lambda a: jax.jvp(pool, (a,), (v,))[0], (x,), (v,))[1])(x)
 
-    got = outer_tangent(lambda a: _sliced_max_pool(a, *STEM, keep))
+    got = outer_tangent(lambda a: _sliced_max_pool(a, *STEM, extension))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(outer_tangent(reference)))
+
+
+@pytest.mark.parametrize("extension", [False, True], ids=["xla", "extension"])
+def test_gradient_runs_in_cpp_with_the_extension_and_transforms_like_flax(extension):
+    """With the extension the pool's backward is one C++ call (csrc/maxpool.cc), without it XLA's own; either
+    way per-example gradients (vmap of grad), forward-over-reverse and the gradient itself equal flax's."""
+    if extension:
+        require_onednn()
+    x = inputs((3, 9, 8, 4), jnp.float32, "relu")
+    w = jnp.asarray(np.random.default_rng(3).standard_normal((5, 4, 4)), jnp.float32)
+
+    def loss(pool):
+        return lambda a: jnp.sum(jnp.sin(pool(a[None])[0]) * w)
+
+    ours = loss(lambda a: _sliced_max_pool(a, *STEM, extension))
+    flax = loss(lambda a: reference(a, STEM))
+    text = jax.jit(jax.grad(ours)).lower(x[0]).as_text()
+    assert text.count("ResnetJaxMaxPoolGrad") == (1 if extension else 0)
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(jax.grad(ours)))(x)),
+                                  np.asarray(jax.vmap(jax.grad(flax))(x)))
+    v = jnp.ones_like(x[0])
+    hvp = lambda f: jax.jvp(jax.grad(f), (x[0],), (v,))[1]  # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda: hvp(ours))()), np.asarray(hvp(flax)), rtol=1e-6, atol=1e-6)

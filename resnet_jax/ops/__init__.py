@@ -11,7 +11,8 @@ and the max-pool. Read top to bottom (docs/ops.md draws the same map):
     onednn/        the optional C++ extension: build, load, calls, its algorithms
     widened.py     "NAME@float32": an extension algorithm's pass in float32 inside a bfloat16 model
     batchnorm.py batchnorm_grad.py     BatchNorm (+ residual + ReLU) and its derivative (C++ passes on CPU)
-    fold.py pool.py cpu.py             folding BatchNorm away, max-pool, CPU flags
+    pool.py pool_grad.py               max-pool and its derivative (the backward in C++ on CPU)
+    fold.py cpu.py                     folding BatchNorm away, CPU flags
     trace.py       a model's layers as it calls them (what folding and tuning read a model's structure from)
     jax_compat.py  every private or experimental JAX interface ops/ uses, resolved in one place
 

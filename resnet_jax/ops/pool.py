@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.ops.pool_grad import route, taps
 from resnet_jax.ops.rules import max_pool_method, may_use_extension
-from resnet_jax.ops.spec import output_size
 
 Pair = tuple[int, int]
 
@@ -38,14 +38,6 @@ def max_pool(x: jnp.ndarray, window: Pair = (3, 3), strides: Pair = (2, 2),
     return _sliced_max_pool(x, window, strides, padding, may_use_extension(algorithm, jax.default_backend()))
 
 
-def _taps(x, window, strides, padding, fill):
-    """The strided views of ``x`` padded with ``fill``, one per window position (row-major), each (N, Ho, Wo, C)."""
-    (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, padding
-    ho, wo = output_size(x.shape[1], kh, sh, top, bottom), output_size(x.shape[2], kw, sw, left, right)
-    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
-    return [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
-
-
 def _wide(dtype):
     """The dtype the pool computes in: float32 for narrower floats. A maximum is exact in any float dtype, so
     values and routing are unchanged; but in bfloat16 XLA:CPU rounds every intermediate of the fused window
@@ -55,33 +47,26 @@ def _wide(dtype):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
-def _sliced_max_pool(x, window, strides, padding, keep=False):
-    taps = _taps(x.astype(_wide(x.dtype)), window, strides, padding, -jnp.inf)
-    return functools.reduce(jnp.maximum, taps).astype(x.dtype)
+def _sliced_max_pool(x, window, strides, padding, extension=False):
+    views = taps(x.astype(_wide(x.dtype)), window, strides, padding, -jnp.inf)
+    return functools.reduce(jnp.maximum, views).astype(x.dtype)
 
 
 @_sliced_max_pool.defjvp
-def _sliced_max_pool_jvp(window, strides, padding, keep, primals, tangents):
+def _sliced_max_pool_jvp(window, strides, padding, extension, primals, tangents):
     """Each window's tangent is its first maximum's (row-major), as ``select_and_scatter`` routes gradients.
 
-    The map is linear in the tangent (strided views of the zero-padded tangent, selected by masks of the
-    primal), so forward mode uses it as it is and reverse mode is its transpose: the selected cotangent padded
-    back into place, which is the first-max gradient. Both are computed in ``_wide``'s dtype; the tangent is
-    rounded once at the end."""
+    The map is linear in the tangent (strided views of the zero-padded tangent, selected by which tap holds each
+    window's first maximum), so forward mode uses it as it is and reverse mode is its transpose: the selected
+    cotangent padded back into place, which is the first-max gradient. Both are ``pool_grad``'s primitives, so
+    with the extension (``extension``) that transpose runs as one C++ pass. Both are computed in ``_wide``'s dtype;
+    the tangent is rounded once at the end."""
     (x,), (dx,) = primals, tangents
     wide = _wide(x.dtype)
-    y = _sliced_max_pool(x, window, strides, padding, keep)  # higher orders: this rule again
-    taps, y_wide = _taps(x.astype(wide), window, strides, padding, -jnp.inf), y.astype(wide)  # exact: a max
-    # which tap holds each window's first maximum: one small integer array. With ``keep`` the extension holds it
-    # in memory; otherwise XLA fuses its whole comparison chain into each of the gradient's padded terms and
-    # recomputes it there (231-289 ms of a bfloat16 ResNet-50 step for the stem's pool; BENCHMARKS.md)
-    first = jnp.full(y.shape, len(taps) - 1, jnp.int8)
-    for k in reversed(range(len(taps) - 1)):
-        first = jnp.where(taps[k] == y_wide, jnp.int8(k), first)
-    if keep:
-        from resnet_jax.ops.onednn import calls  # only where the extension is usable (rules.may_use_extension)
-        first = calls.keep(first)
-    t = jnp.zeros(y.shape, wide)
-    for k, dtap in enumerate(_taps(dx.astype(wide), window, strides, padding, 0)):
-        t = t + jnp.where(first == k, dtap, jnp.zeros_like(t))
+    y = _sliced_max_pool(x, window, strides, padding, extension)  # higher orders: this rule again
+    views, y_wide = taps(x.astype(wide), window, strides, padding, -jnp.inf), y.astype(wide)  # exact: a max
+    first = jnp.full(y.shape, len(views) - 1, jnp.int8)  # which tap holds each window's first maximum
+    for k in reversed(range(len(views) - 1)):
+        first = jnp.where(views[k] == y_wide, jnp.int8(k), first)
+    t = route(dx.astype(wide), first, window, strides, padding, extension=extension)
     return y, t.astype(dx.dtype)

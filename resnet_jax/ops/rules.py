@@ -97,7 +97,7 @@ def max_pool_method(algorithm: str, backend: str) -> str:
 
 def may_use_extension(algorithm: str, backend: str) -> bool:
     """Whether a model built with ``conv_impl=algorithm`` may call the extension outside its convolutions (the
-    max-pool's kept indices, BatchNorm's passes in training): on CPU where it is usable, for "auto" or a forced
+    max-pool's gradient, BatchNorm's passes in training): on CPU where it is usable, for "auto" or a forced
     algorithm of the extension's; never for "jax" or XLA's own, whose models hold no extension call."""
     forced = names(algorithm)
     allowed = algorithm == "auto" or (forced is not None and any(REGISTRY[n].cpu_only for n in forced))

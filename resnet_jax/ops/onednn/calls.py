@@ -163,10 +163,11 @@ def matmul(a, b, transpose_a=False, transpose_b=False, pixel_block=0):
     return _call("ResnetJaxMatmul", (cols,), jnp.float32, (a, b), (SPLIT, WHOLE), attrs)
 
 
-def keep(a):
-    """A copy of ``a`` that XLA holds in memory instead of recomputing ``a`` inside each consumer (csrc/keep.cc
-    says where that matters)."""
-    return _call("ResnetJaxKeep", a.shape[1:], a.dtype, (a,), (SPLIT,), {})
+def max_pool_grad(ct, first, x_shape, window, strides, padding):
+    """The max-pool's input gradient (float32): each window's cotangent ``ct`` added onto the input pixel of its
+    first maximum, ``first`` (int8) the tap's index in the window, row-major (csrc/maxpool.cc)."""
+    attrs = dict(window=tuple(window), strides=tuple(strides), padding=_padding(padding))
+    return _call("ResnetJaxMaxPoolGrad", x_shape[1:], jnp.float32, (ct, first), (SPLIT, SPLIT), attrs)
 
 
 # BatchNorm's passes over (N, H, W, C) tensors (csrc/batchnorm.cc); the per-channel work between them is jnp.

@@ -1,0 +1,78 @@
+// The max-pool's gradient: each window's cotangent added onto the input pixel that held the window's first
+// maximum. `first` (int8, one per window and channel) says which of the window's taps, row-major, that was.
+//
+// Why: XLA derives this as the transpose of the pool's tangent map, one padded, strided term per tap summed
+// into the input's shape, and ran it at ResNet-50's stem pool (32x112x112x64) in 69 ms of a training step
+// (BENCHMARKS.md, 2026-12-04 night), several passes over a 103 MB gradient; here it is one.
+
+#include <algorithm>
+
+#include "common.h"
+
+namespace {
+
+namespace ffi = xla::ffi;
+
+// dst += g where tap == k, over c channels. The restrict qualifiers let the compiler vectorise: an int8 pointer
+// may alias anything, so without them it must assume the stores change tap.
+inline void AddRouted(float* __restrict__ dst, const float* __restrict__ g, const int8_t* __restrict__ tap,
+                      int8_t k, int64_t c) {
+  for (int64_t ch = 0; ch < c; ++ch) dst[ch] += tap[ch] == k ? g[ch] : 0.f;
+}
+
+int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+int64_t CeilDiv(int64_t a, int64_t b) { return -FloorDiv(-a, b); }
+
+// ct (N, Ho, Wo, C) float32, first (N, Ho, Wo, C) int8 -> dx (N, H, W, C) float32; window (kh, kw), strides,
+// padding (top, bottom, left, right). Each input pixel sums the windows that hold it, in row-major order as
+// XLA's select_and_scatter adds them (the same float32 sums, bit for bit), and is written by one thread only.
+ffi::Error MaxPoolGrad(ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::S8> first, ffi::Result<ffi::Buffer<ffi::F32>> dx,
+                       ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
+                       ffi::Span<const int64_t> padding) {
+  auto cd = ct.dimensions(), xd = dx->dimensions();
+  if (cd.size() != 4 || xd.size() != 4 || window.size() != 2 || strides.size() != 2 || padding.size() != 4)
+    return ffi::Error::InvalidArgument("max-pool gradient: expected NHWC buffers, a 2-d window, 2 strides and 4 "
+                                       "paddings");
+  const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], oh = cd[1], ow = cd[2], kh = window[0], kw = window[1];
+  const int64_t sh = strides[0], sw = strides[1], top = padding[0], left = padding[2];
+  const bool consistent = resnet_jax::SameDims(cd, first.dimensions()) && cd[0] == n && cd[3] == c && kh > 0 &&
+                          kw > 0 && kh * kw <= 127 && sh > 0 && sw > 0 &&
+                          oh == (h + padding[0] + padding[1] - kh) / sh + 1 &&
+                          ow == (w + padding[2] + padding[3] - kw) / sw + 1;
+  if (!consistent) return ffi::Error::InvalidArgument("max-pool gradient: inconsistent shapes");
+  const float* g = ct.typed_data();
+  const int8_t* tap = first.typed_data();
+  float* out = dx->typed_data();
+  return resnet_jax::Run([&] {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t iy = 0; iy < h; ++iy) {
+        // the windows that hold row iy: oy * sh <= iy + top <= oy * sh + kh - 1
+        const int64_t oy0 = std::max<int64_t>(0, CeilDiv(iy + top - kh + 1, sh));
+        const int64_t oy1 = std::min(oh - 1, FloorDiv(iy + top, sh));
+        for (int64_t ix = 0; ix < w; ++ix) {
+          const int64_t ox0 = std::max<int64_t>(0, CeilDiv(ix + left - kw + 1, sw));
+          const int64_t ox1 = std::min(ow - 1, FloorDiv(ix + left, sw));
+          float* dst = out + ((b * h + iy) * w + ix) * c;
+          std::fill(dst, dst + c, 0.f);
+          for (int64_t oy = oy0; oy <= oy1; ++oy)
+            for (int64_t ox = ox0; ox <= ox1; ++ox) {
+              const int8_t k = static_cast<int8_t>((iy + top - oy * sh) * kw + ix + left - ox * sw);
+              const int64_t at = ((b * oh + oy) * ow + ox) * c;
+              AddRouted(dst, g + at, tap + at, k, c);
+            }
+        }
+      }
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxMaxPoolGrad, MaxPoolGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("window")
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
