@@ -193,11 +193,16 @@ class Checkpointer:
                                   "--workdir=...) or point at the workdir of a finished run")
         return steps[-1]
 
+    def val_accuracy(self, step: int) -> float | None:
+        """The validation accuracy the checkpoint at ``step`` is ranked by (the EMA weights' where the run kept
+        an EMA); None where it was saved without an evaluation."""
+        metrics = self._manager.metrics(step)
+        return metrics.get(BEST_METRIC) if metrics else None
+
     def best_step(self) -> int | None:
         """The kept step with the highest validation accuracy (the latest of equals, which is the one the
         preservation policy keeps); None when no checkpoint was saved with an evaluation."""
-        scored = [(metrics[BEST_METRIC], step) for step in self.steps()
-                  if (metrics := self._manager.metrics(step)) and BEST_METRIC in metrics]
+        scored = [(accuracy, step) for step in self.steps() if (accuracy := self.val_accuracy(step)) is not None]
         return max(scored)[1] if scored else None
 
     def config(self, step: int) -> dict:

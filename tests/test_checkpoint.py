@@ -33,6 +33,7 @@ def test_keep_last_n_also_keeps_the_best_across_sessions(workdir):
     try:
         assert checkpoints.steps() == [2, 5, 6]
         assert checkpoints.best_step() == 2
+        assert [checkpoints.val_accuracy(s) for s in (2, 5, 6)] == [0.90, 0.60, None]  # 6: not evaluated
     finally:
         checkpoints.close()
 

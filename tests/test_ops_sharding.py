@@ -2,8 +2,8 @@
 lies, with no all-gather of activations, and equals the one-device step.
 
 The project's own jitted train and eval steps (``make_train_step`` / ``make_eval_step``, ResNet-8 under
-``conv_impl="auto"``, and in CI's long step a one-block ResNet-18, whose stem max-pool keeps its indices through
-the extension too) on a 1-device and a 2-device CPU mesh, in a child process (the device count is fixed before
+``conv_impl="auto"``, and in CI's long step a one-block ResNet-18, whose stem max-pool's gradient runs in the
+extension too) on a 1-device and a 2-device CPU mesh, in a child process (the device count is fixed before
 jax starts)."""
 
 import json
@@ -45,7 +45,7 @@ PROBE = textwrap.dedent(r"""
     def image_batches(text):  # the batch axis of every image an extension call returns
         return sorted({int(m) for m in re.findall(
             r"= f32\[(\d+),\d+,\d+,\d+\][^\n]*custom_call_target=\"ResnetJax(?:ConvForward|ConvBackwardData|"
-            r"WinogradForward|BatchNormApply|BatchNormGradApply)\"", text)})
+            r"WinogradForward|BatchNormApply|BatchNormGradApply|MaxPoolGrad)\"", text)})
 
     out = {}
     for n in (1, 2):

@@ -350,7 +350,7 @@ def test_with_an_ema_its_accuracy_ranks_checkpoints_and_stops_early(tmp_path, mo
     evaluation, and each checkpoint is ranked by the EMA's accuracy."""
     from matplotlib.figure import Figure
 
-    from resnet_jax.checkpoint import BEST_METRIC, Checkpointer
+    from resnet_jax.checkpoint import Checkpointer
     from resnet_jax.training.metrics_log import plot_learning_curves
 
     messages = []
@@ -366,7 +366,7 @@ def test_with_an_ema_its_accuracy_ranks_checkpoints_and_stops_early(tmp_path, mo
     checkpoints = Checkpointer(tmp_path / "checkpoints", async_save=False)
     try:
         assert checkpoints.steps() == [44, 88]  # the epochs' ends only
-        ranked = [checkpoints._manager.metrics(step)[BEST_METRIC] for step in (44, 88)]
+        ranked = [checkpoints.val_accuracy(step) for step in (44, 88)]
         assert ranked == pytest.approx(ema)
         assert checkpoints.best_step() == 88  # the latest of equals
     finally:
