@@ -31,9 +31,11 @@ NAMES = {
                             "the extension's batch-parallel sharding rule (onednn/calls.py)"),
     "sequential_vmap": ("jax.custom_batching", "sequential_vmap", "vmap of a partitioned extension call"),
     "SymbolicZero": ("jax.custom_derivatives", "SymbolicZero", "the custom_jvp rules skip absent tangents"),
-    "primitive_jvps": ("jax.interpreters.ad", "primitive_jvps", "BatchNorm's gradient primitives' forward mode"),
+    "primitive_jvps": ("jax.interpreters.ad", "primitive_jvps",
+                       "the forward mode of BatchNorm's and the max-pool's gradient primitives"),
     "primitive_transposes": ("jax.interpreters.ad", "primitive_transposes",
-                             "BatchNorm's tangent map transposes to its C++ backward (batchnorm_grad.py)"),
+                             "BatchNorm's and the max-pool's tangent maps transpose to their C++ backward "
+                             "(batchnorm_grad.py, pool_grad.py)"),
     "is_undefined_primal": ("jax.interpreters.ad", "is_undefined_primal", "which operands a transpose gets"),
     "instantiate_zeros": ("jax.interpreters.ad", "instantiate_zeros", "absent tangents and cotangents"),
 }
