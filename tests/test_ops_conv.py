@@ -70,7 +70,8 @@ def every(k, s, g, pad):
 
 FAMILIES = {"xla": every, "matmul_grad": every, "im2col": lambda k, s, g, pad: g == 1, "gemm": gemm,
             "polyphase": lambda k, s, g, pad: s == 2 and k >= 2, "winograd_f2": winograd, "winograd_f4": winograd,
-            "onednn": every, "onednn_matmul_grad": lambda k, s, g, pad: g == 1, "onednn_gemm": gemm, "onednn_winograd_f2": winograd, "onednn_winograd_f4": winograd}
+            "onednn": every, "onednn_matmul_grad": lambda k, s, g, pad: g == 1, "onednn_gemm": gemm,
+            "onednn_winograd_f2": winograd, "onednn_winograd_f4": winograd}
 FAMILIES.update({name + "@float32": FAMILIES[name] for name in ("onednn_gemm", "onednn_winograd_f2",
                                                                 "onednn_winograd_f4")})  # same shapes, any dtype
 FAMILIES["onednn_winograd_f4@atrous"] = lambda k, s, g, pad: False  # dilated kernels only: test_dilation.py
