@@ -16,9 +16,14 @@ def flags() -> str:
         return ""
 
 
+def has(*names: str) -> bool:
+    """Whether the CPU has any of these feature flags (as /proc/cpuinfo spells them, e.g. "avx512f")."""
+    present = flags().split()
+    return any(name in present for name in names)
+
+
 def native_bfloat16() -> bool:
     """Whether the CPU has bfloat16 instructions (AVX-512 BF16 or AMX). oneDNN 3.2 refuses to create bfloat16
     convolutions on an AVX2-only CPU ("could not create a primitive descriptor"), so elsewhere bfloat16 layers
     stay with XLA."""
-    names = flags().split()
-    return "avx512_bf16" in names or "amx_bf16" in names
+    return has("avx512_bf16", "amx_bf16")

@@ -204,7 +204,7 @@ def patch_kernel_grad(spec: ConvSpec, passes: Passes, ok) -> Passes:
     ResNet-50's 7x7 stem (3 channels) went the other way, 122 against 75. AVX-512 CPUs run other direct
     kernels, not measured there: they keep them."""
     strided = spec.strides != (1, 1) and spec.in_channels >= 8
-    if passes != ("onednn",) * 3 or not strided or "avx512f" in cpu.flags().split() or not ok("onednn_matmul_grad"):
+    if passes != ("onednn",) * 3 or not strided or cpu.has("avx512f") or not ok("onednn_matmul_grad"):
         return passes
     return ("onednn", "onednn", "onednn_matmul_grad")
 

@@ -67,7 +67,7 @@ def kernel_grad_pixel_block(rows: int, cols: int) -> int:
     most 256 and the other at least 1024 (the blocks: 93-145), and 113-130 on mid-sized products (blocks:
     125-150); it stayed ahead on small products and where both sides are large (>= 384 and one >= 1024,
     152-184 against 136-171). CPUs with AVX-512 run other GEMM kernels, not measured: they keep oneDNN's own."""
-    if "avx512f" in cpu.flags().split():
+    if cpu.has("avx512f"):
         return 0
     small, large = sorted((rows, cols))
     onednn_ahead = large <= 384 or (large <= 512 and small <= 128) or (small >= 384 and large >= 1024)
