@@ -133,6 +133,13 @@ class RegionErrors {
   std::exception_ptr first_;
 };
 
+// Whether `out` is the number of positions of a window spanning `span` pixels, moved by `stride` over `in` pixels
+// padded by `lo` and `hi` (both non-negative): the check every handler makes before it reads a buffer by it.
+inline bool OutputFollows(int64_t in, int64_t lo, int64_t hi, int64_t span, int64_t stride, int64_t out) {
+  const int64_t padded = in + lo + hi;
+  return stride >= 1 && lo >= 0 && hi >= 0 && span >= 1 && padded >= span && out == (padded - span) / stride + 1;
+}
+
 // Whether an XLA buffer has exactly these dimensions.
 template <typename Dims>
 bool HasDims(const Dims& dims, std::initializer_list<int64_t> want) {

@@ -100,10 +100,8 @@ ffi::ErrorOr<Shape> MakeShape(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dime
   if (groups < 1 || s.c != w[2] * groups || s.o % groups != 0 || y[0] != s.n || y[3] != s.o)
     return ffi::Unexpected(ffi::Error::InvalidArgument("oneDNN conv: inconsistent channel counts or groups"));
   for (int i = 0; i < 2; ++i) {
-    const int64_t in = x[1 + i], padded = in + s.pad_lo[i] + s.pad_hi[i];
     const int64_t k = (w[i] - 1) * s.dilation[i] + 1;  // the window a dilated kernel spans
-    if (s.strides[i] < 1 || s.dilation[i] < 1 || s.pad_lo[i] < 0 || s.pad_hi[i] < 0 || padded < k ||
-        y[1 + i] != (padded - k) / s.strides[i] + 1)
+    if (s.dilation[i] < 1 || !resnet_jax::OutputFollows(x[1 + i], s.pad_lo[i], s.pad_hi[i], k, s.strides[i], y[1 + i]))
       return ffi::Unexpected(ffi::Error::InvalidArgument(
           "oneDNN conv: the output's height and width do not follow from the input, kernel, strides and padding"));
   }

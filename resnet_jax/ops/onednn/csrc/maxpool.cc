@@ -35,10 +35,9 @@ ffi::Error MaxPoolGrad(ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::S8> first, ffi
                                        "paddings");
   const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], oh = cd[1], ow = cd[2], kh = window[0], kw = window[1];
   const int64_t sh = strides[0], sw = strides[1], top = padding[0], left = padding[2];
-  const bool consistent = resnet_jax::SameDims(cd, first.dimensions()) && cd[0] == n && cd[3] == c && kh > 0 &&
-                          kw > 0 && kh * kw <= 127 && sh > 0 && sw > 0 &&
-                          oh == (h + padding[0] + padding[1] - kh) / sh + 1 &&
-                          ow == (w + padding[2] + padding[3] - kw) / sw + 1;
+  const bool consistent = resnet_jax::SameDims(cd, first.dimensions()) && cd[0] == n && cd[3] == c &&
+                          kh * kw <= 127 && resnet_jax::OutputFollows(h, padding[0], padding[1], kh, sh, oh) &&
+                          resnet_jax::OutputFollows(w, padding[2], padding[3], kw, sw, ow);
   if (!consistent) return ffi::Error::InvalidArgument("max-pool gradient: inconsistent shapes");
   const float* g = ct.typed_data();
   const int8_t* tap = first.typed_data();

@@ -70,9 +70,9 @@ ffi::Error PatchKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ff
                                        "and 4 paddings");
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2], strides[0], strides[1], padding[0],
              padding[2]};
-  const bool consistent = yd[0] == g.n && wd[2] == g.c && yd[3] == g.o && g.sh > 0 && g.sw > 0 &&
-                          g.oh == (g.h + padding[0] + padding[1] - g.kh) / g.sh + 1 &&
-                          g.ow == (g.w + padding[2] + padding[3] - g.kw) / g.sw + 1;
+  const bool consistent = yd[0] == g.n && wd[2] == g.c && yd[3] == g.o &&
+                          resnet_jax::OutputFollows(g.h, padding[0], padding[1], g.kh, g.sh, g.oh) &&
+                          resnet_jax::OutputFollows(g.w, padding[2], padding[3], g.kw, g.sw, g.ow);
   if (!consistent) return ffi::Error::InvalidArgument("patch kernel gradient: inconsistent shapes");
   if (pixel_block <= 0) return ffi::Error::InvalidArgument("patch kernel gradient: pixel_block must be positive");
   return resnet_jax::Run(
