@@ -76,12 +76,12 @@ def test_conv_layers_smoke(tmp_path):
     assert "summed over each model's convolutions" in stdout
 
 
-def test_pixel_blocks_smoke(tmp_path):
+def test_kernel_grad_1x1_smoke(tmp_path):
     """The 1x1 kernel-gradient forms side by side, values checked against numpy inside the script."""
-    stdout, results = run_script("benchmarks.pixel_blocks", tmp_path)
+    stdout, results = run_script("benchmarks.kernel_grad_1x1", tmp_path)
     assert [(r["in"], r["out"]) for r in results] == [(8, 8), (8, 24), (24, 8), (24, 24)]
-    assert all(set(r["gflops"]) == {"transposed read", "pixel blocks", "numpy"} for r in results)
-    assert "transposed read / pixel blocks (numpy)" in stdout
+    assert all(set(r["gflops"]) == {"oneDNN", "own kernel", "numpy"} for r in results)
+    assert "oneDNN / own kernel (numpy)" in stdout
 
 
 def test_export_inference_smoke(tmp_path):

@@ -115,15 +115,15 @@ REFUSED = {
         dict(window=(16, 16), strides=(1, 1), padding=(0, 0, 0, 0)), "inconsistent shapes"),
     "max-pool gradient with float32 indices": (
         "ResnetJaxMaxPoolGrad", X.shape, [POOLED, FIRST.astype(np.float32)], POOL, "expected S8 but got F32"),
-    "matmul pixel blocks without the transposed read": (
+    "matmul by the own kernel without the transposed read": (
         "ResnetJaxMatmul", (4, 6), [np.ones((4, 5), np.float32), np.ones((5, 6), np.float32)],
-        dict(transpose_lhs=0, transpose_rhs=0, pixel_block=8), "pixel blocks are for lhs^T x rhs only"),
-    "matmul negative pixel block": (
-        "ResnetJaxMatmul", (4, 6), [np.ones((5, 4), np.float32), np.ones((5, 6), np.float32)],
-        dict(transpose_lhs=1, transpose_rhs=0, pixel_block=-1), "and positive"),
+        dict(transpose_lhs=0, transpose_rhs=0, own_kernel=1), "the own kernel computes lhs^T x rhs only"),
+    "matmul by the own kernel with rhs transposed": (
+        "ResnetJaxMatmul", (4, 6), [np.ones((5, 4), np.float32), np.ones((6, 5), np.float32)],
+        dict(transpose_lhs=1, transpose_rhs=1, own_kernel=1), "the own kernel computes lhs^T x rhs only"),
     "matmul inner sizes that differ": (
         "ResnetJaxMatmul", (4, 6), [np.ones((5, 4), np.float32), np.ones((6, 6), np.float32)],
-        dict(transpose_lhs=1, transpose_rhs=0, pixel_block=8), "inconsistent shapes"),
+        dict(transpose_lhs=1, transpose_rhs=0, own_kernel=1), "inconsistent shapes"),
     "conv kernel gradient with a bfloat16 output gradient": (
         "ResnetJaxConvBackwardWeights", W.shape, [X, bf16(np.ones(Y))], CONV, "must share one dtype"),
 }

@@ -55,23 +55,21 @@ def _matmul_grad() -> Algorithm:
                      kernel_grad=lambda x, dy, spec: calls.patch_kernel_grad(x, dy, spec, PATCH_BLOCK))
 
 
-PIXEL_BLOCK = 4096  # the fastest of 512, 1024, 2048 and 4096 at 6272 pixels (BENCHMARKS.md, 2026-12-04 night)
+def kernel_grad_own_kernel(rows: int, cols: int) -> bool:
+    """Whether the 1x1 kernel gradient ``x^T @ dy`` (``rows`` input, ``cols`` output channels) is summed by the
+    extension's own outer-product kernel (csrc/outer_products.h) rather than oneDNN's GEMM reading ``x``
+    transposed.
 
-
-def kernel_grad_pixel_block(rows: int, cols: int) -> int:
-    """The ``pixel_block`` of the 1x1 kernel gradient ``x^T @ dy`` (``rows`` input, ``cols`` output channels):
-    0 where oneDNN's GEMM reads ``x`` transposed as fast as the blocked form, else ``PIXEL_BLOCK``.
-
-    Measured on AVX2 (no AVX-512) for every pair of 64-2048 channels at 6272 pixels, and spot-checked at 1568,
-    25088 and 100352 (BENCHMARKS.md, 2026-12-04): the transposed read ran at ~80 GFLOP/s where one side is at
-    most 256 and the other at least 1024 (the blocks: 93-145), and 113-130 on mid-sized products (blocks:
-    125-150); it stayed ahead on small products and where both sides are large (>= 384 and one >= 1024,
-    152-184 against 136-171). CPUs with AVX-512 run other GEMM kernels, not measured: they keep oneDNN's own."""
-    if cpu.has("avx512f"):
-        return 0
+    Measured on AVX2 (no AVX-512), every pair of 64-2048 channels at 6272 pixels and ResNet-50's fifteen 1x1
+    shapes at batch 32 (BENCHMARKS.md, 2026-12-05): oneDNN's transposed read ran most mid-sized and lopsided pairs
+    at 67-140 GFLOP/s where the own kernel ran 76-170 (ResNet-50's 28x28 128 -> 512: 111 against 145, 14x14
+    1024 -> 256: 74 against 156). oneDNN stayed ahead where one side is 64 and the other at most 384 (56x56
+    256 -> 64: 137-166 against 130-139), and tied or led where both are large (>= 384 and >= 1024). CPUs with
+    AVX-512 run other GEMM kernels, not measured: they keep oneDNN's."""
+    if cpu.has("avx512f") or not (cpu.has("avx2") and cpu.has("fma")):
+        return False
     small, large = sorted((rows, cols))
-    onednn_ahead = large <= 384 or (large <= 512 and small <= 128) or (small >= 384 and large >= 1024)
-    return 0 if onednn_ahead else PIXEL_BLOCK
+    return not (small <= 64 and large <= 384) and not (small >= 384 and large >= 1024)
 
 
 def _gemm() -> Algorithm:
@@ -96,9 +94,9 @@ def _gemm() -> Algorithm:
 
     def kernel_grad(x, dy, spec):
         xs = gemm.kept_pixels(x, spec)
-        block = kernel_grad_pixel_block(xs.shape[-1], dy.shape[-1])
+        own = kernel_grad_own_kernel(xs.shape[-1], dy.shape[-1])
         dk = calls.matmul(xs.reshape(-1, xs.shape[-1]), dy.reshape(-1, dy.shape[-1]), transpose_a=True,
-                          pixel_block=block)
+                          own_kernel=own)
         return dk.reshape(spec.kernel_shape)
 
     return Algorithm(name="onednn_gemm", cpu_only=True, unavailable=unavailable_reason,

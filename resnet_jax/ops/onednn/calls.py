@@ -152,12 +152,13 @@ def patch_kernel_grad(x, dy, spec, pixel_block):
                  summed=True)
 
 
-def matmul(a, b, transpose_a=False, transpose_b=False, pixel_block=0):
+def matmul(a, b, transpose_a=False, transpose_b=False, own_kernel=False):
     """``a @ b`` (float32) by oneDNN's GEMM; ``transpose_a``/``transpose_b`` read an operand stored transposed.
-    The rows of ``a`` are pixels, split with the batch: with ``transpose_a`` they are summed over, and a positive
-    ``pixel_block`` takes them that many at a time, both operands transposed first (csrc/matmul.cc says why)."""
+    The rows of ``a`` are pixels, split with the batch: with ``transpose_a`` they are summed over, and
+    ``own_kernel`` sums them as outer products by the extension's own AVX2 kernel instead of oneDNN's GEMM
+    (csrc/outer_products.h says why)."""
     cols = b.shape[0] if transpose_b else b.shape[1]
-    attrs = dict(transpose_lhs=int(transpose_a), transpose_rhs=int(transpose_b), pixel_block=int(pixel_block))
+    attrs = dict(transpose_lhs=int(transpose_a), transpose_rhs=int(transpose_b), own_kernel=int(own_kernel))
     if transpose_a:
         return _call("ResnetJaxMatmul", (a.shape[1], cols), jnp.float32, (a, b), (SPLIT, SPLIT), attrs, summed=True)
     return _call("ResnetJaxMatmul", (cols,), jnp.float32, (a, b), (SPLIT, WHOLE), attrs)

@@ -1,10 +1,10 @@
-"""The 1x1 kernel gradient ``x^T @ dy`` by oneDNN's GEMM: its left operand read transposed, as XLA hands it, against
-the same product in pixel blocks (both operands transposed first, ``calls.matmul(pixel_block=...)``), for every
-pair of channel counts (median GFLOP/s), with numpy's (OpenBLAS) product as the outside reference and the
-rule's choice (``onednn.algorithms.kernel_grad_pixel_block``) marked. What the rule was read off (BENCHMARKS.md,
-2026-12-04 night); run it on a new kind of CPU before trusting the rule there.
+"""The 1x1 kernel gradient ``x^T @ dy``: oneDNN's GEMM reading its left operand transposed, as XLA hands it,
+against the extension's own outer-product kernel (``calls.matmul(own_kernel=True)``, csrc/outer_products.h),
+for every pair of channel counts (median GFLOP/s), with numpy's (OpenBLAS) product as the outside reference and
+the rule's choice (``onednn.algorithms.kernel_grad_own_kernel``) marked. What the rule was read off
+(BENCHMARKS.md, 2026-12-05); run it on a new kind of CPU before trusting the rule there.
 
-    python -m benchmarks.pixel_blocks [--pixels 6272] [--channels 64,128,256,384,512,1024,2048] [--rounds 4]
+    python -m benchmarks.kernel_grad_1x1 [--pixels 6272] [--channels 64,128,256,384,512,1024,2048] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ def main(argv=None) -> None:
             xj, dyj = jax.device_put(x), jax.device_put(dy)
             want = x.T @ dy
             runners = {}
-            for name, block in (("transposed read", 0), ("pixel blocks", algorithms.PIXEL_BLOCK)):
-                product = jax.jit(lambda a, b, block=block: calls.matmul(a, b, transpose_a=True, pixel_block=block))
+            for name, own in (("oneDNN", False), ("own kernel", True)):
+                product = jax.jit(lambda a, b, own=own: calls.matmul(a, b, transpose_a=True, own_kernel=own))
                 np.testing.assert_allclose(np.asarray(product(xj, dyj)), want, rtol=1e-4,
                                            atol=1e-4 * float(np.abs(want).max()))
                 runners[name] = lambda f=product: f(xj, dyj).block_until_ready()
             timed = common.time_interleaved(runners, warmup=1, steps=2, rounds=rounds)
             results.append({"pixels": pixels, "in": cin, "out": cout, "seconds": timed,
-                            "rule_takes_blocks": algorithms.kernel_grad_pixel_block(cin, cout) > 0})
+                            "rule_takes_own": algorithms.kernel_grad_own_kernel(cin, cout)})
     # numpy last: OpenBLAS's threads spin after each call and slowed oneDNN calls timed after them 1.5x
     for r in results:
         x, dy = operands(r["in"], r["out"])
@@ -58,13 +58,13 @@ def main(argv=None) -> None:
         row = [str(cin)]
         for r in results[i * len(channels):(i + 1) * len(channels)]:
             g = r["gflops"]
-            cell = f"{g['transposed read']:.0f}/{g['pixel blocks']:.0f} ({g['numpy']:.0f})"
-            row.append(f"**{cell}**" if r["rule_takes_blocks"] else cell)
+            cell = f"{g['oneDNN']:.0f}/{g['own kernel']:.0f} ({g['numpy']:.0f})"
+            row.append(f"**{cell}**" if r["rule_takes_own"] else cell)
         rows.append(row)
-    common.print_table(f"x^T @ dy GFLOP/s at {pixels} pixels: transposed read / pixel blocks (numpy); bold: the rule "
-                       f"takes blocks; rows: input channels; allocator {allocator}",
+    common.print_table(f"x^T @ dy GFLOP/s at {pixels} pixels: oneDNN / own kernel (numpy); bold: the rule takes the "
+                       f"own kernel; rows: input channels; allocator {allocator}",
                        ["in \\ out", *map(str, channels)], rows)
-    common.write_json(args.json, "pixel_blocks.json", {"environment": common.environment(allocator),
+    common.write_json(args.json, "kernel_grad_1x1.json", {"environment": common.environment(allocator),
                                                         "results": results})
 
 

@@ -1,0 +1,140 @@
+// out = lhs^T rhs where both operands are stored pixel-major (k x rows, k x cols) and the sum runs over the k
+// pixels: the kernel gradient of a 1x1 convolution, x^T dy. oneDNN's GEMM reads such an lhs transposed at ~80-130
+// GFLOP/s on AVX2 for most of ResNet-50's channel pairs; this kernel takes it as a sum of outer products instead.
+//
+// Pixels go in blocks. Each block's columns of both operands are packed into panels, 6 columns of lhs and 16 of
+// rhs per panel, so that a 6 x 16 tile of out keeps its 12 accumulators in registers while it runs over the
+// block: per pixel two loads of rhs, six broadcasts of lhs and twelve FMAs, from panels that stay in the core's
+// cache. The team splits the pixels and adds its partial sums at the end, so every pixel is read once.
+// BENCHMARKS.md (2026-12-05, issue 33) has the measurements behind the block size and the rule that uses it.
+#pragma once
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define RESNET_JAX_OUTER_PRODUCTS 1
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace resnet_jax {
+namespace outer {
+
+constexpr int kMR = 6, kNR = 16;  // a tile of out: 6 rows x 16 columns
+constexpr int64_t kPanelFloats = 98304;  // both panels of a block: 384 KB, within a core's L2 next to out's tiles
+
+// out[MR x 16, row stride ldo] (+)= sum over n pixels of a[p][0:MR]^T b[p][0:16], a and b packed (rows of kMR and
+// kNR floats).
+template <int MR>
+inline void Tile(const float* a, const float* b, int64_t n, float* out, int64_t ldo, bool accumulate) {
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < n; ++p, a += kMR, b += kNR) {
+    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 x = _mm256_broadcast_ss(a + i);
+      acc[i][0] = _mm256_fmadd_ps(x, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(x, b1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* o = out + i * ldo;
+    if (accumulate) {
+      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(o));
+      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(o + 8));
+    }
+    _mm256_storeu_ps(o, acc[i][0]);
+    _mm256_storeu_ps(o + 8, acc[i][1]);
+  }
+}
+
+// The n rows of src (row stride ld) into panels of kPanel columns, panel q holding row p at
+// dst[(q * n + p) * kPanel]; the columns past `width` are zero.
+template <int kPanel>
+void Pack(const float* src, int64_t ld, int64_t n, int64_t width, float* dst) {
+  for (int64_t q = 0; q * kPanel < width; ++q) {
+    const int64_t w = std::min<int64_t>(kPanel, width - q * kPanel);
+    float* d = dst + q * n * kPanel;
+    const float* s = src + q * kPanel;
+    if (w == kPanel) {
+      for (int64_t p = 0; p < n; ++p, d += kPanel, s += ld)
+#pragma GCC unroll 16
+        for (int c = 0; c < kPanel; ++c) d[c] = s[c];
+    } else {
+      for (int64_t p = 0; p < n; ++p, d += kPanel, s += ld)
+        for (int c = 0; c < kPanel; ++c) d[c] = c < w ? s[c] : 0.f;  // never read past the operand
+    }
+  }
+}
+
+inline int64_t RoundUp(int64_t n, int64_t unit) { return (n + unit - 1) / unit * unit; }
+
+// out (rows x cols, row stride cols) = the sum over pixels [p0, p1) of lhs^T rhs (row strides ld_l, ld_r), on
+// the calling thread; zeros for no pixels. Throws std::bad_alloc when the panels cannot be allocated.
+inline void SumOverPixels(const float* lhs, int64_t ld_l, const float* rhs, int64_t ld_r, int64_t p0, int64_t p1,
+                          int64_t rows, int64_t cols, float* out) {
+  thread_local ThreadBuffer a_buffer, b_buffer;
+  const int64_t block = std::clamp<int64_t>(kPanelFloats / (rows + cols), 16, 1024);
+  float* a = static_cast<float*>(a_buffer.Get(sizeof(float) * RoundUp(rows, kMR) * block));
+  float* b = static_cast<float*>(b_buffer.Get(sizeof(float) * RoundUp(cols, kNR) * block));
+  if (p1 <= p0) std::fill(out, out + rows * cols, 0.f);
+  for (int64_t q0 = p0; q0 < p1; q0 += block) {
+    const int64_t n = std::min(block, p1 - q0);
+    const bool accumulate = q0 > p0;
+    Pack<kMR>(lhs + q0 * ld_l, ld_l, n, rows, a);
+    Pack<kNR>(rhs + q0 * ld_r, ld_r, n, cols, b);
+    for (int64_t i = 0; i < rows; i += kMR) {
+      const int64_t height = std::min<int64_t>(kMR, rows - i);
+      for (int64_t j = 0; j < cols; j += kNR) {
+        const int64_t width = std::min<int64_t>(kNR, cols - j);
+        const float* pa = a + i * n;
+        const float* pb = b + j * n;
+        if (height == kMR && width == kNR) {
+          Tile<kMR>(pa, pb, n, out + i * cols + j, cols, accumulate);
+          continue;
+        }
+        alignas(32) float edge[kMR * kNR];  // a tile past out's edge: summed here, its part inside out kept
+        for (int64_t r = 0; r < height; ++r)
+          for (int64_t c = 0; c < width; ++c) edge[r * kNR + c] = accumulate ? out[(i + r) * cols + j + c] : 0.f;
+        Tile<kMR>(pa, pb, n, edge, kNR, true);
+        for (int64_t r = 0; r < height; ++r)
+          for (int64_t c = 0; c < width; ++c) out[(i + r) * cols + j + c] = edge[r * kNR + c];
+      }
+    }
+  }
+}
+
+// out (rows x cols) = lhs^T rhs for lhs (k x rows) and rhs (k x cols), over the OpenMP team: each thread sums
+// its share of the pixels, then the shares are added into out.
+inline void OverTeam(const float* lhs, const float* rhs, float* out, int64_t k, int64_t rows, int64_t cols) {
+  std::vector<float*> partial(omp_get_max_threads(), nullptr);
+  RegionErrors errors;  // see common.h
+#pragma omp parallel
+  {
+    const int team = omp_get_num_threads(), me = omp_get_thread_num();
+    thread_local ThreadBuffer partial_buffer;
+    float* dst = out;
+    errors.Do([&] {
+      if (me > 0) dst = static_cast<float*>(partial_buffer.Get(sizeof(float) * rows * cols));
+      SumOverPixels(lhs, rows, rhs, cols, k * me / team, k * (me + 1) / team, rows, cols, dst);
+    });
+    partial[me] = dst;
+#pragma omp barrier
+    const bool sum = !errors.Failed();  // the same on every thread: nothing can fail after the barrier
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      if (!sum) continue;
+      float s = out[i];
+      for (int t = 1; t < team; ++t) s += partial[t][i];
+      out[i] = s;
+    }
+  }
+  errors.Rethrow();
+}
+
+}  // namespace outer
+}  // namespace resnet_jax
+#endif
