@@ -1,6 +1,7 @@
-"""The kernel gradient as GEMMs over blocks of input patches ("onednn_matmul_grad", csrc/patches.cc): the blocks
-must sum to lax's kernel gradient for any geometry (padding on either side, strides, pixels that do not fill the
-last block), and "auto" must take it exactly where it was measured to win."""
+"""The kernel gradient as outer products over blocks of input patches ("onednn_matmul_grad", csrc/patches.cc):
+the blocks must sum to lax's kernel gradient for any geometry (padding on either side, strides, pixels that do
+not fill the last block, patch rows longer than the kernel's row chunk), and "auto" must take it exactly where it
+was measured to win."""
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ AVX512 = AVX2 + " avx512f avx512bw"
     (10, 3, 3, ((2, 0), (0, 2)), 1),  # stride 3, lopsided padding, one pixel per block
     (6, 3, 1, ((1, 1), (1, 1)), 16),  # stride 1
     (7, 1, 2, ((0, 0), (0, 0)), 3),  # a 1x1 kernel
+    (9, 3, 2, ((1, 1), (1, 1)), 128),  # patch rows of 9 x 12 = 108: two row chunks of the packed panels
 ])
 def test_blocks_sum_to_laxs_kernel_gradient(image, kernel, stride, padding, block):
     require_onednn()
@@ -75,3 +77,12 @@ def test_auto_computes_a_strided_layers_kernel_gradient_by_patch_blocks(monkeypa
                                                               dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                                               precision=lax.Precision.HIGHEST)))(k)
     np.testing.assert_allclose(np.asarray(ours(k)), np.asarray(ref), rtol=0, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+def test_it_refuses_cpus_without_avx2(monkeypatch):
+    """The outer-product kernel is AVX2 code: elsewhere the algorithm says so, and "auto" keeps oneDNN's direct
+    kernel gradient."""
+    require_onednn()
+    monkeypatch.setattr(algorithms.cpu, "flags", lambda: "flags\t\t: fpu sse2 avx")
+    assert "AVX2 and FMA" in next(a for a in algorithms.ALGORITHMS if a.name == "onednn_matmul_grad").limits(spec(64))
+    assert choose(spec(64), "cpu", measured=False) == ("onednn",) * 3

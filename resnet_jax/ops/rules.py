@@ -153,7 +153,7 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     - 1x1: oneDNN's direct kernel forward (it also applies the epilogue) and oneDNN's GEMM for both gradients.
       Without the extension: XLA's dot for all three, which beats XLA's own 1x1 convolution.
     - Stems and other strided or large kernels: oneDNN's direct kernels, on AVX2 CPUs the kernel gradient of
-      strided ones with at least 8 input channels by GEMMs over blocks of patches ("onednn_matmul_grad",
+      strided ones with at least 8 input channels by outer products over blocks of patches ("onednn_matmul_grad",
       ``patch_kernel_grad``); without the extension XLA's forward and input gradient with the patch matmul's
       kernel gradient.
     - Dilated kernels (``output_stride`` < 32): stride 1 the extension's Winograd F(4,3) on the input's
@@ -200,9 +200,10 @@ def patch_kernel_grad(spec: ConvSpec, passes: Passes, ok) -> Passes:
     strided layer with at least 8 input channels, on CPUs without AVX-512.
 
     Measured on AVX2 (BENCHMARKS.md, 2026-12-05): oneDNN's direct kernel gradient ran the stride-2 3x3 layers of
-    ResNet-18/50 and ResNet-18-CIFAR at 81-124 GFLOP/s, the patch GEMMs at 104-176 (each of nine layers ahead);
-    ResNet-50's 7x7 stem (3 channels) went the other way, 122 against 75. AVX-512 CPUs run other direct
-    kernels, not measured there: they keep them."""
+    ResNet-18/50 and ResNet-18-CIFAR at 81-124 GFLOP/s, oneDNN's GEMM over blocks of their patches at 104-176
+    (each of nine layers ahead), and the outer-product kernel that now sums them at 155-170; ResNet-50's 7x7
+    stem (3 channels) went the other way, 122 against 75. AVX-512 CPUs run other direct kernels, not measured
+    there: they keep them."""
     strided = spec.strides != (1, 1) and spec.in_channels >= 8
     if passes != ("onednn",) * 3 or not strided or cpu.has("avx512f") or not ok("onednn_matmul_grad"):
         return passes

@@ -1,5 +1,5 @@
-"""The extension's algorithms: oneDNN's direct convolutions ("onednn"), the same with the kernel gradient as GEMMs
-over blocks of input patches ("onednn_matmul_grad"), oneDNN's GEMM for 1x1 convolutions ("onednn_gemm"), and
+"""The extension's algorithms: oneDNN's direct convolutions ("onednn"), the same with the kernel gradient as outer
+products over blocks of input patches ("onednn_matmul_grad"), oneDNN's GEMM for 1x1 convolutions ("onednn_gemm"), and
 Winograd F(2,3)/F(4,3) tiles around oneDNN's matmul ("onednn_winograd_f2"/"_f4"). The forward of "onednn" (and
 "onednn_matmul_grad") and of the Winograd ones applies the epilogue (bias, residual, ReLU) inside the kernel.
 """
@@ -38,19 +38,26 @@ def _direct() -> Algorithm:
         kernel_grad=calls.conv_backward_weights)
 
 
-PATCH_BLOCK = 4096  # pixels per block: ahead of 256-1024 on most layers, within noise of 8192-16384 (2026-12-05)
+PATCH_BLOCK = 128  # pixels gathered at a time per thread: 64-256 within 3% of each other (BENCHMARKS.md, 2026-12-05)
 
 
-def _ungrouped(spec) -> str | None:
-    return "computes ungrouped convolutions only" if spec.groups != 1 else None
+def _outer_products_limits(spec) -> str | None:
+    """The extension's own outer-product kernel (csrc/outer_products.h) is AVX2 code: ungrouped layers, on CPUs
+    with AVX2 and FMA."""
+    if spec.groups != 1:
+        return "computes ungrouped convolutions only"
+    if not (cpu.has("avx2") and cpu.has("fma")):
+        return "needs a CPU with AVX2 and FMA"
+    return None
 
 
 def _matmul_grad() -> Algorithm:
-    """oneDNN's direct forward and input gradient; the kernel gradient as ``patches(x)^T @ dy`` by oneDNN's GEMM,
-    gathered a block of pixels at a time (csrc/patches.cc), the extension's counterpart of "matmul_grad"."""
+    """oneDNN's direct forward and input gradient; the kernel gradient as ``patches(x)^T @ dy``, each thread
+    gathering a block of pixels' patches at a time and summing them by the extension's outer-product kernel
+    (csrc/patches.cc), the extension's counterpart of "matmul_grad"."""
     direct = _direct()
     return Algorithm(name="onednn_matmul_grad", cpu_only=True, unavailable=unavailable_reason,
-                     limits=_extension_limits(True, _ungrouped), forward=direct.forward,
+                     limits=_extension_limits(True, _outer_products_limits), forward=direct.forward,
                      fused_forward=direct.fused_forward, input_grad=direct.input_grad,
                      kernel_grad=lambda x, dy, spec: calls.patch_kernel_grad(x, dy, spec, PATCH_BLOCK))
 

@@ -25,6 +25,7 @@ namespace outer {
 
 constexpr int kMR = 6, kNR = 16;  // a tile of out: 6 rows x 16 columns
 constexpr int64_t kPanelFloats = 98304;  // both panels of a block: 384 KB, within a core's L2 next to out's tiles
+constexpr int64_t kRowChunk = 96;  // rows of lhs packed at a time (a patch-matrix row is 9 x Cin long)
 
 // out[MR x 16, row stride ldo] (+)= sum over n pixels of a[p][0:MR]^T b[p][0:16], a and b packed (rows of kMR and
 // kNR floats).
@@ -73,19 +74,21 @@ void Pack(const float* src, int64_t ld, int64_t n, int64_t width, float* dst) {
 inline int64_t RoundUp(int64_t n, int64_t unit) { return (n + unit - 1) / unit * unit; }
 
 // out (rows x cols, row stride cols) = the sum over pixels [p0, p1) of lhs^T rhs (row strides ld_l, ld_r), on
-// the calling thread; zeros for no pixels. Throws std::bad_alloc when the panels cannot be allocated.
+// the calling thread (zeros for no pixels); with `add`, out += that sum. The rows go kRowChunk at a time, so a
+// block's panels stay in cache however many rows there are (9 x Cin of a 3x3 layer's patches). Throws
+// std::bad_alloc when the panels cannot be allocated.
 inline void SumOverPixels(const float* lhs, int64_t ld_l, const float* rhs, int64_t ld_r, int64_t p0, int64_t p1,
-                          int64_t rows, int64_t cols, float* out) {
+                          int64_t rows, int64_t cols, float* out, bool add = false) {
   thread_local ThreadBuffer a_buffer, b_buffer;
-  const int64_t block = std::clamp<int64_t>(kPanelFloats / (rows + cols), 16, 1024);
-  float* a = static_cast<float*>(a_buffer.Get(sizeof(float) * RoundUp(rows, kMR) * block));
+  const int64_t chunk = std::min(rows, kRowChunk);
+  const int64_t block = std::clamp<int64_t>(kPanelFloats / (chunk + cols), 16, 1024);
+  float* a = static_cast<float*>(a_buffer.Get(sizeof(float) * RoundUp(chunk, kMR) * block));
   float* b = static_cast<float*>(b_buffer.Get(sizeof(float) * RoundUp(cols, kNR) * block));
-  if (p1 <= p0) std::fill(out, out + rows * cols, 0.f);
+  if (p1 <= p0 && !add) std::fill(out, out + rows * cols, 0.f);
   const int64_t tiles = RoundUp(rows, kMR) / kMR * (RoundUp(cols, kNR) / kNR);
   for (int64_t q0 = p0; q0 < p1; q0 += block) {
     const int64_t n = std::min(block, p1 - q0);
-    const bool accumulate = q0 > p0;
-    Pack<kMR>(lhs + q0 * ld_l, ld_l, n, rows, a);
+    const bool accumulate = add || q0 > p0;
     Pack<kNR>(rhs + q0 * ld_r, ld_r, n, cols, b);
     // the next block's rows are fetched while this one computes, a share per tile, so that packing it does not
     // wait for memory (5% of ResNet-50's 1x1 kernel gradients in one run, 2% in another)
@@ -95,34 +98,40 @@ inline void SumOverPixels(const float* lhs, int64_t ld_l, const float* rhs, int6
     const int64_t lines_l = next > 0 ? next * ld_l * 4 / 64 : 0, lines_r = next > 0 ? next * ld_r * 4 / 64 : 0;
     const int64_t share_l = (lines_l + tiles - 1) / tiles, share_r = (lines_r + tiles - 1) / tiles;
     int64_t tile = 0;
-    for (int64_t i = 0; i < rows; i += kMR) {
-      const int64_t height = std::min<int64_t>(kMR, rows - i);
-      for (int64_t j = 0; j < cols; j += kNR, ++tile) {
-        for (int64_t l = tile * share_l; l < std::min(lines_l, (tile + 1) * share_l); ++l)
-          _mm_prefetch(next_l + l * 64, _MM_HINT_T0);
-        for (int64_t l = tile * share_r; l < std::min(lines_r, (tile + 1) * share_r); ++l)
-          _mm_prefetch(next_r + l * 64, _MM_HINT_T0);
-        const int64_t width = std::min<int64_t>(kNR, cols - j);
-        const float* pa = a + i * n;
-        const float* pb = b + j * n;
-        if (height == kMR && width == kNR) {
-          Tile<kMR>(pa, pb, n, out + i * cols + j, cols, accumulate);
-          continue;
+    for (int64_t i0 = 0; i0 < rows; i0 += chunk) {
+      const int64_t chunk_rows = std::min(chunk, rows - i0);
+      Pack<kMR>(lhs + q0 * ld_l + i0, ld_l, n, chunk_rows, a);
+      for (int64_t i = i0; i < i0 + chunk_rows; i += kMR) {
+        const int64_t height = std::min<int64_t>(kMR, i0 + chunk_rows - i);
+        for (int64_t j = 0; j < cols; j += kNR, ++tile) {
+          for (int64_t l = tile * share_l; l < std::min(lines_l, (tile + 1) * share_l); ++l)
+            _mm_prefetch(next_l + l * 64, _MM_HINT_T0);
+          for (int64_t l = tile * share_r; l < std::min(lines_r, (tile + 1) * share_r); ++l)
+            _mm_prefetch(next_r + l * 64, _MM_HINT_T0);
+          const int64_t width = std::min<int64_t>(kNR, cols - j);
+          const float* pa = a + (i - i0) * n;
+          const float* pb = b + j * n;
+          if (height == kMR && width == kNR) {
+            Tile<kMR>(pa, pb, n, out + i * cols + j, cols, accumulate);
+            continue;
+          }
+          alignas(32) float edge[kMR * kNR];  // a tile past out's edge: summed here, its part inside out kept
+          for (int64_t r = 0; r < height; ++r)
+            for (int64_t c = 0; c < width; ++c) edge[r * kNR + c] = accumulate ? out[(i + r) * cols + j + c] : 0.f;
+          Tile<kMR>(pa, pb, n, edge, kNR, true);
+          for (int64_t r = 0; r < height; ++r)
+            for (int64_t c = 0; c < width; ++c) out[(i + r) * cols + j + c] = edge[r * kNR + c];
         }
-        alignas(32) float edge[kMR * kNR];  // a tile past out's edge: summed here, its part inside out kept
-        for (int64_t r = 0; r < height; ++r)
-          for (int64_t c = 0; c < width; ++c) edge[r * kNR + c] = accumulate ? out[(i + r) * cols + j + c] : 0.f;
-        Tile<kMR>(pa, pb, n, edge, kNR, true);
-        for (int64_t r = 0; r < height; ++r)
-          for (int64_t c = 0; c < width; ++c) out[(i + r) * cols + j + c] = edge[r * kNR + c];
       }
     }
   }
 }
 
-// out (rows x cols) = lhs^T rhs for lhs (k x rows) and rhs (k x cols), over the OpenMP team: each thread sums
-// its share of the pixels, then the shares are added into out.
-inline void OverTeam(const float* lhs, const float* rhs, float* out, int64_t k, int64_t rows, int64_t cols) {
+// out (rows x cols) = the sum over k pixels, split over the OpenMP team: each thread calls sum(p0, p1, dst) for
+// its share [p0, p1) of the pixels, dst out itself on the first thread and a partial buffer on the others (sum
+// must write dst whole, zeros for no pixels), and the partials are then added into out.
+template <typename Sum>
+void OverTeam(int64_t k, int64_t rows, int64_t cols, float* out, Sum sum) {
   std::vector<float*> partial(omp_get_max_threads(), nullptr);
   RegionErrors errors;  // see common.h
 #pragma omp parallel
@@ -132,20 +141,28 @@ inline void OverTeam(const float* lhs, const float* rhs, float* out, int64_t k, 
     float* dst = out;
     errors.Do([&] {
       if (me > 0) dst = static_cast<float*>(partial_buffer.Get(sizeof(float) * rows * cols));
-      SumOverPixels(lhs, rows, rhs, cols, k * me / team, k * (me + 1) / team, rows, cols, dst);
+      sum(k * me / team, k * (me + 1) / team, dst);
     });
     partial[me] = dst;
 #pragma omp barrier
-    const bool sum = !errors.Failed();  // the same on every thread: nothing can fail after the barrier
+    const bool ok = !errors.Failed();  // the same on every thread: nothing can fail after the barrier
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows * cols; ++i) {
-      if (!sum) continue;
+      if (!ok) continue;
       float s = out[i];
       for (int t = 1; t < team; ++t) s += partial[t][i];
       out[i] = s;
     }
   }
   errors.Rethrow();
+}
+
+// out (rows x cols) = lhs^T rhs for lhs (k x rows) and rhs (k x cols), over the OpenMP team.
+inline void LhsTransposedTimesRhs(const float* lhs, const float* rhs, float* out, int64_t k, int64_t rows,
+                                  int64_t cols) {
+  OverTeam(k, rows, cols, out, [&](int64_t p0, int64_t p1, float* dst) {
+    SumOverPixels(lhs, rows, rhs, cols, p0, p1, rows, cols, dst);
+  });
 }
 
 }  // namespace outer

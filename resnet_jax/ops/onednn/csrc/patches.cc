@@ -1,16 +1,19 @@
 // A strided or large convolution's kernel gradient as matrix products over input patches, a block of pixels at
-// a time: dw (kh*kw*Cin x Cout) = the sum over blocks of patches(x)^T dy, each block's patches gathered (im2col)
-// into a per-thread buffer, never the whole (N*Ho*Wo x kh*kw*Cin) matrix XLA would write to memory.
+// a time: dw (kh*kw*Cin x Cout) = the sum over blocks of patches(x)^T dy. Each thread gathers (im2col) the
+// patches of its own share of the pixels, `pixel_block` at a time, into a buffer of its own, and sums the block's
+// outer products by outer_products.h; the threads' sums are added at the end. Never the whole
+// (N*Ho*Wo x kh*kw*Cin) matrix XLA would write to memory.
 //
-// Why: oneDNN's direct AVX2 kernel gradient ran ResNet-50's stride-2 3x3 layers at 85-100 GFLOP/s, and its GEMM
-// runs these products at 120-175; XLA's patches fed to the same GEMM cost more in memory traffic than the GEMM
-// saved (BENCHMARKS.md, 2026-12-04 night and 2026-12-05). Transposing each block (pixels innermost, as
-// matmul.cc does for 1x1 layers) was measured too and lost on all but one of nine layers.
+// Why: oneDNN's direct AVX2 kernel gradient ran the stride-2 3x3 layers of ResNet-18/50 and ResNet-18-CIFAR at
+// 81-124 GFLOP/s; oneDNN's GEMM over 4096-pixel blocks of gathered patches at 102-171, and this kernel over
+// blocks of 128 at 155-170 (BENCHMARKS.md, 2026-12-05). XLA's patches fed to a GEMM cost more in memory traffic
+// than the GEMM saved (2026-12-04 night). AVX2 and FMA only, as outer_products.h.
 
 #include <algorithm>
 #include <cstring>
 
 #include "common.h"
+#include "outer_products.h"
 
 namespace {
 
@@ -22,44 +25,37 @@ struct Geometry {
   int64_t Pixels() const { return n * oh * ow; }
 };
 
-// rows [p0, p0 + count) of patches(x): each row is the kh*kw taps' Cin channels of one output pixel, in HWIO
-// order, zeros where a tap falls on the padding.
-void Gather(const float* x, const Geometry& g, int64_t p0, int64_t count, float* patches) {
-  const int64_t k = g.K(), row_bytes = sizeof(float) * g.c;
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < count; ++r) {
-    const int64_t p = p0 + r, n = p / (g.oh * g.ow), oy = p / g.ow % g.oh, ox = p % g.ow;
-    float* dst = patches + r * k;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t iy = oy * g.sh + i - g.top;
-      for (int64_t j = 0; j < g.kw; ++j, dst += g.c) {
-        const int64_t ix = ox * g.sw + j - g.left;
-        if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w)
-          std::memset(dst, 0, row_bytes);
-        else
-          std::memcpy(dst, x + ((n * g.h + iy) * g.w + ix) * g.c, row_bytes);
-      }
+// Row p of patches(x): the kh*kw taps' Cin channels of output pixel p, in HWIO order, zeros where a tap falls
+// on the padding.
+inline void GatherRow(const float* x, const Geometry& g, int64_t p, float* dst) {
+  const int64_t n = p / (g.oh * g.ow), oy = p / g.ow % g.oh, ox = p % g.ow, row_bytes = sizeof(float) * g.c;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t iy = oy * g.sh + i - g.top;
+    for (int64_t j = 0; j < g.kw; ++j, dst += g.c) {
+      const int64_t ix = ox * g.sw + j - g.left;
+      if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w)
+        std::memset(dst, 0, row_bytes);
+      else
+        std::memcpy(dst, x + ((n * g.h + iy) * g.w + ix) * g.c, row_bytes);
     }
   }
 }
 
+#if defined(RESNET_JAX_OUTER_PRODUCTS)
 void KernelGrad(const float* x, const float* dy, float* dw, const Geometry& g, int64_t block) {
-  thread_local resnet_jax::ThreadBuffer patches_buffer;
-  const int64_t k = g.K(), pixels = g.Pixels();
-  if (pixels == 0) {
-    std::memset(dw, 0, sizeof(float) * k * g.o);
-    return;
-  }
-  block = std::min(block, pixels);
-  float* patches = static_cast<float*>(patches_buffer.Get(sizeof(float) * block * k));
-  for (int64_t p0 = 0; p0 < pixels; p0 += block) {
-    const int64_t count = std::min(block, pixels - p0);
-    Gather(x, g, p0, count, patches);
-    auto* mm = resnet_jax::BatchedMatmul(1, k, count, g.o, /*transpose_lhs=*/true, false, /*accumulate=*/p0 > 0);
-    resnet_jax::RunMatmul(*mm, patches, dy + p0 * g.o, dw);
-    resnet_jax::Stream().wait();
-  }
+  const int64_t k = g.K();
+  resnet_jax::outer::OverTeam(g.Pixels(), k, g.o, dw, [&](int64_t p0, int64_t p1, float* dst) {
+    thread_local resnet_jax::ThreadBuffer patches_buffer;
+    float* patches = static_cast<float*>(patches_buffer.Get(sizeof(float) * std::min(block, p1 - p0) * k));
+    if (p1 <= p0) std::fill(dst, dst + k * g.o, 0.f);
+    for (int64_t q0 = p0; q0 < p1; q0 += block) {
+      const int64_t count = std::min(block, p1 - q0);
+      for (int64_t r = 0; r < count; ++r) GatherRow(x, g, q0 + r, patches + r * k);
+      resnet_jax::outer::SumOverPixels(patches, k, dy + q0 * g.o, g.o, 0, count, k, g.o, dst, q0 > p0);
+    }
+  });
 }
+#endif
 
 // x (N, H, W, Cin), dy (N, Ho, Wo, Cout) -> dw (kh, kw, Cin, Cout), float32; padding (top, bottom, left, right).
 ffi::Error PatchKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Result<ffi::Buffer<ffi::F32>> dw,
@@ -75,8 +71,12 @@ ffi::Error PatchKernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ff
                           resnet_jax::OutputFollows(g.w, padding[2], padding[3], g.kw, g.sw, g.ow);
   if (!consistent) return ffi::Error::InvalidArgument("patch kernel gradient: inconsistent shapes");
   if (pixel_block <= 0) return ffi::Error::InvalidArgument("patch kernel gradient: pixel_block must be positive");
+#if defined(RESNET_JAX_OUTER_PRODUCTS)
   return resnet_jax::Run(
       [&] { KernelGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), g, pixel_block); });
+#else
+  return ffi::Error::InvalidArgument("patch kernel gradient: needs a CPU with AVX2 and FMA");
+#endif
 }
 
 }  // namespace
