@@ -41,12 +41,18 @@ def _direct() -> Algorithm:
 PATCH_BLOCK = 128  # pixels gathered at a time per thread: 64-256 within 3% of each other (BENCHMARKS.md, 2026-12-05)
 
 
+def own_kernel_built() -> bool:
+    """Whether the extension holds its own outer-product kernel (csrc/outer_products.h): AVX2 code, compiled
+    where the CPU it is built for (``-march=native``) has AVX2 and FMA."""
+    return cpu.has("avx2") and cpu.has("fma")
+
+
 def _outer_products_limits(spec) -> str | None:
     """The extension's own outer-product kernel (csrc/outer_products.h) is AVX2 code: ungrouped layers, on CPUs
     with AVX2 and FMA."""
     if spec.groups != 1:
         return "computes ungrouped convolutions only"
-    if not (cpu.has("avx2") and cpu.has("fma")):
+    if not own_kernel_built():
         return "needs a CPU with AVX2 and FMA"
     return None
 
@@ -73,7 +79,7 @@ def kernel_grad_own_kernel(rows: int, cols: int) -> bool:
     1024 -> 256: 74 against 156). oneDNN stayed ahead where one side is 64 and the other at most 384 (56x56
     256 -> 64: 137-166 against 130-139), and tied or led where both are large (>= 384 and >= 1024). CPUs with
     AVX-512 run other GEMM kernels, not measured: they keep oneDNN's."""
-    if cpu.has("avx512f") or not (cpu.has("avx2") and cpu.has("fma")):
+    if cpu.has("avx512f") or not own_kernel_built():
         return False
     small, large = sorted((rows, cols))
     return not (small <= 64 and large <= 384) and not (small >= 384 and large >= 1024)

@@ -31,7 +31,8 @@ ffi::Error Product(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::Re
   return resnet_jax::Run([&] {
 #if defined(RESNET_JAX_OUTER_PRODUCTS)
     if (own_kernel) {
-      resnet_jax::outer::LhsTransposedTimesRhs(lhs.typed_data(), rhs.typed_data(), out->typed_data(), k, rows, cols);
+      using resnet_jax::outer::LhsTransposedTimesRhs;
+      LhsTransposedTimesRhs(lhs.typed_data(), rhs.typed_data(), out->typed_data(), k, rows, cols);
       return;
     }
 #endif

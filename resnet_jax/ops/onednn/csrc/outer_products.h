@@ -27,21 +27,20 @@ constexpr int kMR = 6, kNR = 16;  // a tile of out: 6 rows x 16 columns
 constexpr int64_t kPanelFloats = 98304;  // both panels of a block: 384 KB, within a core's L2 next to out's tiles
 constexpr int64_t kRowChunk = 96;  // rows of lhs packed at a time (a patch-matrix row is 9 x Cin long)
 
-// out[MR x 16, row stride ldo] (+)= sum over n pixels of a[p][0:MR]^T b[p][0:16], a and b packed (rows of kMR and
-// kNR floats).
-template <int MR>
+// out[6 x 16, row stride ldo] (+)= sum over n pixels of a[p][0:6]^T b[p][0:16], a and b packed (rows of kMR and
+// kNR floats). Edge tiles run it on a buffer (SumOverPixels), so it has one shape.
 inline void Tile(const float* a, const float* b, int64_t n, float* out, int64_t ldo, bool accumulate) {
-  __m256 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  __m256 acc[kMR][2];
+  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t p = 0; p < n; ++p, a += kMR, b += kNR) {
     const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-    for (int i = 0; i < MR; ++i) {
+    for (int i = 0; i < kMR; ++i) {
       const __m256 x = _mm256_broadcast_ss(a + i);
       acc[i][0] = _mm256_fmadd_ps(x, b0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(x, b1, acc[i][1]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
+  for (int i = 0; i < kMR; ++i) {
     float* o = out + i * ldo;
     if (accumulate) {
       acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(o));
@@ -112,13 +111,13 @@ inline void SumOverPixels(const float* lhs, int64_t ld_l, const float* rhs, int6
           const float* pa = a + (i - i0) * n;
           const float* pb = b + j * n;
           if (height == kMR && width == kNR) {
-            Tile<kMR>(pa, pb, n, out + i * cols + j, cols, accumulate);
+            Tile(pa, pb, n, out + i * cols + j, cols, accumulate);
             continue;
           }
           alignas(32) float edge[kMR * kNR];  // a tile past out's edge: summed here, its part inside out kept
           for (int64_t r = 0; r < height; ++r)
             for (int64_t c = 0; c < width; ++c) edge[r * kNR + c] = accumulate ? out[(i + r) * cols + j + c] : 0.f;
-          Tile<kMR>(pa, pb, n, edge, kNR, true);
+          Tile(pa, pb, n, edge, kNR, true);
           for (int64_t r = 0; r < height; ++r)
             for (int64_t c = 0; c < width; ++c) out[(i + r) * cols + j + c] = edge[r * kNR + c];
         }
