@@ -65,24 +65,36 @@ T* Cached(const std::string& key, Build build) {
 }
 
 // A batched matrix product [batch][rows][k] x [batch][k][cols] -> [batch][rows][cols] (row-major), either
-// operand optionally stored transposed ([batch][k][rows], [batch][cols][k]); `accumulate` adds to dst.
+// operand optionally stored transposed ([batch][k][rows], [batch][cols][k]); `accumulate` adds to dst. An
+// operand's batch stride may exceed its matrix (BatchStrides, in floats; 0: dense): Winograd skews its tile
+// matrices that way (winograd.cc says why).
 struct Matmul {
   dnnl::matmul prim;
   dnnl::memory::desc lhs, rhs, dst, scratchpad;
 };
 
+struct BatchStrides {
+  int64_t lhs = 0, rhs = 0, dst = 0;
+};
+
 inline Matmul* BatchedMatmul(int64_t batch, int64_t rows, int64_t k, int64_t cols, bool transpose_lhs,
-                             bool transpose_rhs, bool accumulate) {
+                             bool transpose_rhs, bool accumulate, BatchStrides strides = {}) {
   using dnnl::memory;
-  using tag = memory::format_tag;
   std::string key = "matmul:" + std::to_string(batch) + ':' + std::to_string(rows) + ':' + std::to_string(k) +
                     ':' + std::to_string(cols) + ':' + std::to_string(transpose_lhs) +
-                    std::to_string(transpose_rhs) + std::to_string(accumulate);
+                    std::to_string(transpose_rhs) + std::to_string(accumulate) + ':' +
+                    std::to_string(strides.lhs) + ':' + std::to_string(strides.rhs) + ':' +
+                    std::to_string(strides.dst);
   return Cached<Matmul>(key, [&] {
     const auto f32 = memory::data_type::f32;
-    memory::desc lhs({batch, rows, k}, f32, transpose_lhs ? tag::acb : tag::abc);
-    memory::desc rhs({batch, k, cols}, f32, transpose_rhs ? tag::acb : tag::abc);
-    memory::desc dst({batch, rows, cols}, f32, tag::abc);
+    // dims {batch, r, c} of a matrix stored row-major, or transposed ([batch][c][r])
+    auto desc = [&](int64_t r, int64_t c, bool transposed, int64_t batch_stride) {
+      const int64_t step = batch_stride ? batch_stride : r * c;
+      return memory::desc({batch, r, c}, f32, transposed ? memory::dims{step, 1, r} : memory::dims{step, c, 1});
+    };
+    memory::desc lhs = desc(rows, k, transpose_lhs, strides.lhs);
+    memory::desc rhs = desc(k, cols, transpose_rhs, strides.rhs);
+    memory::desc dst = desc(rows, cols, false, strides.dst);
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     if (accumulate) {

@@ -33,6 +33,7 @@ namespace {
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using resnet_jax::BatchedMatmul;
+using resnet_jax::BatchStrides;
 using resnet_jax::Engine;
 using resnet_jax::Matmul;
 using resnet_jax::RegionErrors;
@@ -138,10 +139,18 @@ inline void Window(Ptr base, int64_t rows, int64_t cols, int64_t channels, int64
     }
 }
 
-// Rows [row0, row0 + count) of a transformed-tile matrix laid out [A*A][rows][channels], for tile t.
+// A transformed-tile matrix is laid out [A*A][rows][channels], its A*A slices kSkew floats further apart than
+// their size. A transform touches one row of every slice per tile; slices a multiple of 4 KB apart (64 tiles x
+// 64 channels is 16 KB) put all 36 rows in one set of the L1 cache, which holds 8 lines, so each write evicted
+// the last. The skew spreads them over 36 sets: the input transform of ResNet's 64- and 128-channel layers ran
+// 1.6-1.7x faster (BENCHMARKS.md, 2026-12-05, issue 33).
+constexpr int64_t kSkew = 16;
+inline int64_t SliceStride(int64_t rows, int64_t channels) { return rows * channels + kSkew; }
+
+// Row t of every slice of a transformed-tile matrix of `rows` rows.
 template <int S>
 inline void Rows(float* matrix, int64_t rows, int64_t channels, int64_t t, float** out) {
-  for (int k = 0; k < S * S; ++k) out[k] = matrix + (k * rows + t) * channels;
+  for (int k = 0; k < S * S; ++k) out[k] = matrix + k * SliceStride(rows, channels) + t * channels;
 }
 
 const float* Zeros(int64_t count) {
@@ -267,15 +276,16 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
   RegionErrors errors;  // every OpenMP region below: see common.h
   if (Blocked(kA, c, o)) {
     const int64_t block = BlockTiles(std::max(c, o));
-    Matmul* mm = BatchedMatmul(kA * kA, block, c, o, false, false, false);
+    Matmul* mm = BatchedMatmul(kA * kA, block, c, o, false, false, false,
+                               {SliceStride(block, c), 0, SliceStride(block, o)});
     const int64_t blocks = (tiles + block - 1) / block;
 #pragma omp parallel
     {
       thread_local ThreadBuffer vb, mb;
       float *v = nullptr, *mh = nullptr;
       errors.Do([&] {
-        v = static_cast<float*>(vb.Get(kA * kA * block * c * sizeof(float)));
-        mh = static_cast<float*>(mb.Get(kA * kA * block * o * sizeof(float)));
+        v = static_cast<float*>(vb.Get(kA * kA * SliceStride(block, c) * sizeof(float)));
+        mh = static_cast<float*>(mb.Get(kA * kA * SliceStride(block, o) * sizeof(float)));
       });
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < blocks; ++b)
@@ -290,14 +300,16 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
     errors.Rethrow();
     return;
   }
-  float* v = static_cast<float*>(v_buffer.Get(kA * kA * tiles * c * sizeof(float)));
-  float* mh = static_cast<float*>(m_buffer.Get(kA * kA * tiles * o * sizeof(float)));
+  float* v = static_cast<float*>(v_buffer.Get(kA * kA * SliceStride(tiles, c) * sizeof(float)));
+  float* mh = static_cast<float*>(m_buffer.Get(kA * kA * SliceStride(tiles, o) * sizeof(float)));
   const int64_t chunk = 8;
 #pragma omp parallel for schedule(static)
   for (int64_t p0 = 0; p0 < tiles; p0 += chunk)
     errors.Do([&] { TransformInput<M>(x, g, c, p0, std::min(chunk, tiles - p0), v + p0 * c, tiles); });
   errors.Rethrow();
-  RunMatmul(*BatchedMatmul(kA * kA, tiles, c, o, false, false, false), v, u, mh);
+  RunMatmul(*BatchedMatmul(kA * kA, tiles, c, o, false, false, false,
+                           {SliceStride(tiles, c), 0, SliceStride(tiles, o)}),
+            v, u, mh);
   Stream().wait();
 #pragma omp parallel for schedule(static)
   for (int64_t p0 = 0; p0 < tiles; p0 += chunk)
@@ -315,8 +327,9 @@ void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g,
   float* dwhat = static_cast<float*>(u_buffer.Get(kA * kA * c * o * sizeof(float)));
   if (Blocked(kA, c, o)) {
     const int64_t block = BlockTiles(std::max(c, o));
-    Matmul* first = BatchedMatmul(kA * kA, c, block, o, true, false, false);
-    Matmul* more = BatchedMatmul(kA * kA, c, block, o, true, false, true);
+    const BatchStrides skewed{SliceStride(block, c), SliceStride(block, o), 0};
+    Matmul* first = BatchedMatmul(kA * kA, c, block, o, true, false, false, skewed);
+    Matmul* more = BatchedMatmul(kA * kA, c, block, o, true, false, true, skewed);
     const int64_t blocks = (tiles + block - 1) / block;
     std::vector<float*> partial(omp_get_max_threads(), nullptr);
     RegionErrors errors;  // see common.h
@@ -326,8 +339,8 @@ void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g,
       const int me = omp_get_thread_num(), team = omp_get_num_threads();
       float *v = nullptr, *z = nullptr, *acc = nullptr;
       errors.Do([&] {
-        v = static_cast<float*>(vb.Get(kA * kA * block * c * sizeof(float)));
-        z = static_cast<float*>(zb.Get(kA * kA * block * o * sizeof(float)));
+        v = static_cast<float*>(vb.Get(kA * kA * SliceStride(block, c) * sizeof(float)));
+        z = static_cast<float*>(zb.Get(kA * kA * SliceStride(block, o) * sizeof(float)));
         acc = static_cast<float*>(db.Get(kA * kA * c * o * sizeof(float)));
       });
       bool started = false;
@@ -339,8 +352,8 @@ void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g,
           TransformOutputGradient<M>(dy, g, o, p0, count, z, block);
           if (count < block) {  // rows past the last tile must add nothing
             for (int k = 0; k < kA * kA; ++k) {
-              std::memset(v + (k * block + count) * c, 0, (block - count) * c * sizeof(float));
-              std::memset(z + (k * block + count) * o, 0, (block - count) * o * sizeof(float));
+              std::memset(v + k * SliceStride(block, c) + count * c, 0, (block - count) * c * sizeof(float));
+              std::memset(z + k * SliceStride(block, o) + count * o, 0, (block - count) * o * sizeof(float));
             }
           }
           RunMatmul(started ? *more : *first, v, z, acc);
@@ -363,8 +376,8 @@ void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g,
     }
     errors.Rethrow();
   } else {
-    float* v = static_cast<float*>(v_buffer.Get(kA * kA * tiles * c * sizeof(float)));
-    float* z = static_cast<float*>(m_buffer.Get(kA * kA * tiles * o * sizeof(float)));
+    float* v = static_cast<float*>(v_buffer.Get(kA * kA * SliceStride(tiles, c) * sizeof(float)));
+    float* z = static_cast<float*>(m_buffer.Get(kA * kA * SliceStride(tiles, o) * sizeof(float)));
     const int64_t chunk = 8;
     RegionErrors errors;  // see common.h
 #pragma omp parallel for schedule(static)
@@ -374,7 +387,9 @@ void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g,
         TransformOutputGradient<M>(dy, g, o, p0, std::min(chunk, tiles - p0), z + p0 * o, tiles);
       });
     errors.Rethrow();
-    RunMatmul(*BatchedMatmul(kA * kA, c, tiles, o, true, false, false), v, z, dwhat);
+    RunMatmul(*BatchedMatmul(kA * kA, c, tiles, o, true, false, false,
+                             {SliceStride(tiles, c), SliceStride(tiles, o), 0}),
+              v, z, dwhat);
     Stream().wait();
   }
   TransformKernelGradient<M>(dwhat, c, o, dw);
