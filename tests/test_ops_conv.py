@@ -20,6 +20,7 @@ from resnet_jax.ops.registry import REGISTRY
 CASES = [  # (kernel, stride, groups, batch, height, width, cin, cout, padding)
     (1, 1, 1, 2, 7, 9, 8, 16, ((0, 0), (0, 0))),
     (1, 2, 1, 2, 9, 7, 8, 16, ((0, 0), (0, 0))),  # strided projection shortcut
+    (1, 2, 1, 1, 8, 7, 4, 6, ((1, 0), (0, 1))),  # strided and padded: its input gradient drops the padding
     (3, 1, 1, 2, 13, 11, 5, 6, ((1, 1), (1, 1))),  # odd, non-square, channels not a multiple of 8
     (3, 1, 1, 1, 8, 8, 16, 24, ((1, 1), (1, 1))),  # batch 1, tiles that fit exactly
     (3, 1, 1, 2, 7, 9, 3, 5, ((0, 2), (2, 1))),  # asymmetric padding

@@ -7,6 +7,7 @@ Winograd F(2,3)/F(4,3) tiles around oneDNN's matmul ("onednn_winograd_f2"/"_f4")
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from resnet_jax.ops import cpu, gemm, winograd
 from resnet_jax.ops.onednn import calls
@@ -98,12 +99,15 @@ def _gemm() -> Algorithm:
         dxs = dxs.reshape(*dy.shape[:3], -1)
         if spec.strides == (1, 1) and not any(spec.padding[0] + spec.padding[1]):
             return dxs
-        # the forward kept pixels (pad, then every stride-th): put the gradient back there, zeros elsewhere
-        (top, bottom), (left, right) = spec.padding
-        n, h, w, c = spec.x_shape
-        full = jnp.zeros((n, h + top + bottom, w + left + right, c), dy.dtype)
-        full = full.at[:, ::spec.strides[0], ::spec.strides[1], :].set(dxs)
-        return full[:, top:top + h, left:left + w, :]
+        # the forward kept pixels (pad, then every stride-th): put the gradient back there, zeros elsewhere, and
+        # drop the padding, all as one lax.pad (interior zeros, negative edges crop), which XLA fuses into the
+        # add that sums this gradient with the block's other branch; zeros + a strided scatter were two passes
+        # over the whole input gradient of their own
+        edges = [(0, 0, 0)]
+        for size, (low, high), stride, kept in zip(spec.x_shape[1:3], spec.padding, spec.strides, dxs.shape[1:3]):
+            spread = (kept - 1) * stride + 1  # from the first kept pixel to the last, zeros between
+            edges.append((-low, size + low - spread, stride - 1))
+        return lax.pad(dxs, jnp.zeros((), dxs.dtype), edges + [(0, 0, 0)])
 
     def kernel_grad(x, dy, spec):
         xs = gemm.kept_pixels(x, spec)
