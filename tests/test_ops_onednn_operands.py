@@ -17,6 +17,7 @@ Y = (2, 8, 8, 6)
 NO_EPILOGUE = dict(has_bias=0, has_residual=0, relu=0)
 CONV = dict(strides=(1, 1), padding=PAD, groups=1, dilation=(1, 1))
 WINOGRAD = dict(padding=PAD, m=4)
+WINOGRAD_FORWARD = dict(WINOGRAD, transposed_kernel=0)
 PATCHES = dict(strides=(1, 1), padding=PAD, pixel_block=16)
 POOL = dict(window=(3, 3), strides=(2, 2), padding=PAD)  # X's 8x8 pooled to 4x4
 POOLED, FIRST = np.ones((2, 4, 4, 4), np.float32), np.zeros((2, 4, 4, 4), np.int8)
@@ -37,10 +38,16 @@ def test_well_formed_calls_run():
     """The baseline the refusals below differ from in one operand each."""
     want = jax.lax.conv_general_dilated(X, W, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     bias, residual = np.arange(6, dtype=np.float32), np.full(Y, 0.5, np.float32)
-    for target, attrs in (("ResnetJaxConvForward", CONV), ("ResnetJaxWinogradForward", WINOGRAD)):
+    for target, attrs in (("ResnetJaxConvForward", CONV), ("ResnetJaxWinogradForward", WINOGRAD_FORWARD)):
         np.testing.assert_allclose(call(target, Y, X, W, **attrs, **NO_EPILOGUE), want, rtol=1e-5, atol=1e-4)
         got = call(target, Y, X, W, bias, residual, **attrs, has_bias=1, has_residual=1, relu=0)
         np.testing.assert_allclose(got, want + bias + 0.5, rtol=1e-5, atol=1e-4)
+    # an input gradient's kernel: the extension reads a (3, 3, O, C) kernel flipped, its channels exchanged
+    k = np.random.default_rng(0).standard_normal((3, 3, 6, 4)).astype(np.float32)
+    flipped = jax.lax.conv_general_dilated(X, np.flip(k, (0, 1)).transpose(0, 1, 3, 2), (1, 1), ((1, 1), (1, 1)),
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = call("ResnetJaxWinogradForward", Y, X, k, **dict(WINOGRAD_FORWARD, transposed_kernel=1), **NO_EPILOGUE)
+    np.testing.assert_allclose(got, flipped, rtol=1e-5, atol=1e-4)
     dy = np.ones(Y, np.float32)
     assert call("ResnetJaxConvBackwardData", X.shape, dy, W, **CONV).shape == X.shape
     assert call("ResnetJaxMaxPoolGrad", X.shape, POOLED, FIRST, **POOL).shape == X.shape
@@ -51,27 +58,31 @@ def test_well_formed_calls_run():
 
 REFUSED = {
     "winograd kernel of other channels": (
-        "ResnetJaxWinogradForward", Y, [X, np.ones((3, 3, 4, 5), np.float32)], dict(**WINOGRAD, **NO_EPILOGUE),
+        "ResnetJaxWinogradForward", Y, [X, np.ones((3, 3, 4, 5), np.float32)], dict(**WINOGRAD_FORWARD, **NO_EPILOGUE),
         "the kernel must be HWIO (3, 3, C, O)"),
+    "winograd transposed kernel not (3, 3, O, C)": (
+        "ResnetJaxWinogradForward", Y, [X, W], dict(WINOGRAD_FORWARD, transposed_kernel=1, **NO_EPILOGUE),
+        "a transposed kernel must be (3, 3, O, C)"),
     "winograd 5x5 kernel": (
-        "ResnetJaxWinogradForward", Y, [X, np.ones((5, 5, 4, 6), np.float32)], dict(**WINOGRAD, **NO_EPILOGUE),
+        "ResnetJaxWinogradForward", Y, [X, np.ones((5, 5, 4, 6), np.float32)], dict(**WINOGRAD_FORWARD, **NO_EPILOGUE),
         "the kernel must be HWIO (3, 3, C, O)"),
     "winograd bfloat16 kernel": (
-        "ResnetJaxWinogradForward", Y, [X, bf16(W)], dict(**WINOGRAD, **NO_EPILOGUE), "float32 only"),
+        "ResnetJaxWinogradForward", Y, [X, bf16(W)], dict(**WINOGRAD_FORWARD, **NO_EPILOGUE), "float32 only"),
     "winograd bias one short": (
         "ResnetJaxWinogradForward", Y, [X, W, np.ones(5, np.float32)],
-        dict(**WINOGRAD, has_bias=1, has_residual=0, relu=0), "the bias must be float32 of shape (O,)"),
+        dict(**WINOGRAD_FORWARD, has_bias=1, has_residual=0, relu=0), "the bias must be float32 of shape (O,)"),
     "winograd bfloat16 bias": (
         "ResnetJaxWinogradForward", Y, [X, W, bf16(np.ones(6))],
-        dict(**WINOGRAD, has_bias=1, has_residual=0, relu=0), "the bias must be float32 of shape (O,)"),
+        dict(**WINOGRAD_FORWARD, has_bias=1, has_residual=0, relu=0), "the bias must be float32 of shape (O,)"),
     "winograd residual of other channels": (
         "ResnetJaxWinogradForward", Y, [X, W, np.ones((2, 8, 8, 5), np.float32)],
-        dict(**WINOGRAD, has_bias=0, has_residual=1, relu=0), "the residual must be float32 of the output's shape"),
+        dict(**WINOGRAD_FORWARD, has_bias=0, has_residual=1, relu=0), "the residual must be float32 of the output's shape"),
     "winograd kernel gradient of other channels": (
         "ResnetJaxWinogradBackwardWeights", (3, 3, 4, 5), [X, np.ones(Y, np.float32)], WINOGRAD,
         "the kernel must be HWIO (3, 3, C, O)"),
     "winograd negative padding": (
-        "ResnetJaxWinogradForward", (2, 4, 4, 6), [X, W], dict(padding=(-1, -1, -1, -1), m=4, **NO_EPILOGUE),
+        "ResnetJaxWinogradForward", (2, 4, 4, 6), [X, W],
+        dict(padding=(-1, -1, -1, -1), m=4, transposed_kernel=0, **NO_EPILOGUE),
         "negative padding"),
     "conv bias one short": (
         "ResnetJaxConvForward", Y, [X, W, np.ones(5, np.float32)], dict(**CONV, has_bias=1, has_residual=0, relu=0),

@@ -107,10 +107,16 @@ def forward(x, kernel, padding, m):
 def input_grad_as_forward(kernel, padding):
     """The input gradient of a 3x3 stride-1 convolution is a 3x3 stride-1 convolution of ``dy`` too: with the
     kernel flipped in space and its input and output channels exchanged, padded by 2 - p on each side. Returns
-    that ``(kernel, padding)``; both Winograd implementations (here and the extension's) compute it so."""
-    (top, bottom), (left, right) = padding
+    that ``(kernel, padding)``; both Winograd implementations (here and the extension's) compute it so, the
+    extension reading the forward's kernel that way (``transposed_kernel``) rather than taking a copy."""
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    return flipped, ((2 - top, 2 - bottom), (2 - left, 2 - right))
+    return flipped, input_grad_padding(padding)
+
+
+def input_grad_padding(padding):
+    """The padding of the convolution of ``dy`` that gives a 3x3 stride-1 layer's input gradient: 2 - p."""
+    (top, bottom), (left, right) = padding
+    return (2 - top, 2 - bottom), (2 - left, 2 - right)
 
 
 def backward_data(dy, kernel, padding, m):

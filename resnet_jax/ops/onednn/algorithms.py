@@ -130,7 +130,7 @@ def _winograd(m: int) -> Algorithm:
         limits=_extension_limits(True, winograd.limits),
         forward=lambda x, kernel, spec: fused_forward(x, kernel, spec), fused_forward=fused_forward,
         input_grad=lambda dy, kernel, spec: calls.winograd_forward(
-            dy, *winograd.input_grad_as_forward(kernel, spec.padding), m),
+            dy, kernel, winograd.input_grad_padding(spec.padding), m, transposed_kernel=True),
         kernel_grad=lambda x, dy, spec: calls.winograd_backward_weights(x, dy, spec.padding, m))
 
 

@@ -128,14 +128,18 @@ def conv_backward_weights(x, dy, spec):
                  _geometry(spec), summed=True)
 
 
-def winograd_forward(x, kernel, padding, m, bias=None, residual=None, relu=False):
-    """A 3x3 stride-1 convolution by Winograd F(m x m, 3 x 3), with the same optional epilogue."""
+def winograd_forward(x, kernel, padding, m, bias=None, residual=None, relu=False, transposed_kernel=False):
+    """A 3x3 stride-1 convolution by Winograd F(m x m, 3 x 3), with the same optional epilogue.
+
+    ``transposed_kernel``: convolve with ``kernel`` flipped in space and its channels exchanged, the kernel of an
+    input gradient (``winograd.input_grad_as_forward``), read so by the extension instead of copied."""
     (top, bottom), (left, right) = padding
     shape = (x.shape[0], output_size(x.shape[1], 3, 1, top, bottom), output_size(x.shape[2], 3, 1, left, right),
-             kernel.shape[-1])
+             kernel.shape[-2] if transposed_kernel else kernel.shape[-1])
     extra, layout, in_place, flags = _epilogue(bias, residual, shape, x.dtype)
     return _call("ResnetJaxWinogradForward", shape[1:], x.dtype, (x, kernel, *extra), (SPLIT, WHOLE, *layout),
-                 dict(padding=_padding(padding), m=m, relu=int(bool(relu)), **flags), in_place=in_place)
+                 dict(padding=_padding(padding), m=m, relu=int(bool(relu)), transposed_kernel=int(transposed_kernel),
+                      **flags), in_place=in_place)
 
 
 def winograd_backward_weights(x, dy, padding, m):

@@ -8,7 +8,7 @@
 //
 // All three passes of training use it:
 //   forward           Y = A^T [ (G w G^T) . (B^T X B) ] A     (+ bias, + residual, ReLU as an epilogue)
-//   input gradient    the forward of dY with the flipped, transposed kernel (arranged in JAX)
+//   input gradient    the forward of dY with the flipped, transposed kernel (read so from the forward's)
 //   kernel gradient   dW = G^T [ sum over tiles (B^T X B) . (A dY A^T) ] G
 // The kernel-gradient form follows from the forward identity by the transposition principle: the same B and
 // the roles of A and G exchanged. Tiles hang over the borders; reads there see zeros and writes are dropped.
@@ -142,8 +142,9 @@ inline void Window(Ptr base, int64_t rows, int64_t cols, int64_t channels, int64
 // A transformed-tile matrix is laid out [A*A][rows][channels], its A*A slices kSkew floats further apart than
 // their size. A transform touches one row of every slice per tile; slices a multiple of 4 KB apart (64 tiles x
 // 64 channels is 16 KB) put all 36 rows in one set of the L1 cache, which holds 8 lines, so each write evicted
-// the last. The skew spreads them over 36 sets: the input transform of ResNet's 64- and 128-channel layers ran
-// 1.6-1.7x faster (BENCHMARKS.md, 2026-12-05, issue 33).
+// the last. The skew spreads them over 36 sets: the input transform ran 1.6-1.7x faster on three of the four
+// 64- and 128-channel layers of ResNet-50 and ResNet-18-CIFAR, whole passes 1.15-1.7x (BENCHMARKS.md, 2026-12-05,
+// issue 33).
 constexpr int64_t kSkew = 16;
 inline int64_t SliceStride(int64_t rows, int64_t channels) { return rows * channels + kSkew; }
 
@@ -212,17 +213,19 @@ void TransformOutputDispatch(int flags, float* mhat, int64_t rows, const Tiling&
   }
 }
 
-// U = G w G^T for every (c, o): w is HWIO, u is [A*A][C][O].
+// U = G w G^T for every channel pair: w is (3, 3, rows, cols), u is [A*A][rows][cols]. `flipped` reads w's taps
+// in reverse (w[2 - i][2 - j]): an input gradient's kernel is the forward's flipped in space with its channels
+// exchanged, and the exchange can be left to the product, reading u transposed (Forward says where).
 template <int M>
-void TransformKernel(const float* w, int64_t c, int64_t o, float* u) {
+void TransformKernel(const float* w, int64_t rows, int64_t cols, float* u, bool flipped) {
   constexpr int kA = Tables<M>::kA;
 #pragma omp parallel for schedule(static)
-  for (int64_t ci = 0; ci < c; ++ci) {
+  for (int64_t r = 0; r < rows; ++r) {
     const float* in[9];
     float* out[kA * kA];
-    for (int k = 0; k < 9; ++k) in[k] = w + (k * c + ci) * o;
-    for (int k = 0; k < kA * kA; ++k) out[k] = u + (k * c + ci) * o;
-    Sandwich<kA, 3, Tables<M>::G>(in, out, o);
+    for (int k = 0; k < 9; ++k) in[k] = w + ((flipped ? 8 - k : k) * rows + r) * cols;
+    for (int k = 0; k < kA * kA; ++k) out[k] = u + (k * rows + r) * cols;
+    Sandwich<kA, 3, Tables<M>::G>(in, out, cols);
   }
 }
 
@@ -264,14 +267,29 @@ int64_t BlockTiles(int64_t channels) { return std::clamp<int64_t>((96 * 1024) / 
 // The blocked schedule pays off while the transformed kernel fits in cache next to a block.
 bool Blocked(int kA, int64_t c, int64_t o) { return kA * kA * c * o * 4 <= 4 * 1024 * 1024; }
 
-thread_local ThreadBuffer u_buffer, v_buffer, m_buffer;
+thread_local ThreadBuffer u_buffer, v_buffer, m_buffer, w_buffer;
 
 template <int M>
 void Forward(const float* x, const float* w, const float* bias, const float* residual, float* y, const Tiling& g,
-             int64_t c, int64_t o, int flags) {
+             int64_t c, int64_t o, int flags, bool transposed_kernel) {
   constexpr int kA = Tables<M>::kA;
   float* u = static_cast<float*>(u_buffer.Get(kA * kA * c * o * sizeof(float)));
-  TransformKernel<M>(w, c, o, u);
+  // A transposed kernel w is (3, 3, O, C). On the whole schedule, u is made [A*A][O][C] and each slice read
+  // transposed: oneDNN ran ResNet's 512-channel products that way in 18 ms against 27 for XLA's copy and the
+  // plain layout (BENCHMARKS.md, 2026-12-05). The blocked schedule's small products ran 5-8% slower so, and its
+  // kernel is small: it is flipped and transposed here first.
+  const bool read_transposed = transposed_kernel && !Blocked(kA, c, o);
+  if (read_transposed) {
+    TransformKernel<M>(w, o, c, u, true);
+  } else if (transposed_kernel) {
+    float* plain = static_cast<float*>(w_buffer.Get(9 * c * o * sizeof(float)));
+    for (int k = 0; k < 9; ++k)
+      for (int64_t j = 0; j < o; ++j)
+        for (int64_t i = 0; i < c; ++i) plain[(k * c + i) * o + j] = w[((8 - k) * o + j) * c + i];
+    TransformKernel<M>(plain, c, o, u, false);
+  } else {
+    TransformKernel<M>(w, c, o, u, false);
+  }
   const int64_t tiles = g.Count();
   RegionErrors errors;  // every OpenMP region below: see common.h
   if (Blocked(kA, c, o)) {
@@ -307,7 +325,7 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
   for (int64_t p0 = 0; p0 < tiles; p0 += chunk)
     errors.Do([&] { TransformInput<M>(x, g, c, p0, std::min(chunk, tiles - p0), v + p0 * c, tiles); });
   errors.Rethrow();
-  RunMatmul(*BatchedMatmul(kA * kA, tiles, c, o, false, false, false,
+  RunMatmul(*BatchedMatmul(kA * kA, tiles, c, o, false, read_transposed, false,
                            {SliceStride(tiles, c), 0, SliceStride(tiles, o)}),
             v, u, mh);
   Stream().wait();
@@ -406,12 +424,16 @@ ffi::ErrorOr<Tiling> MakeTiling(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Di
   return Tiling{x[0], x[1], x[2], y[1], y[2], padding[0], padding[2], m, (y[1] + m - 1) / m, (y[2] + m - 1) / m};
 }
 
-// x (N, H, W, C), the kernel or its gradient (3, 3, C, O) and y or dy (N, OH, OW, O): all float32.
+// x (N, H, W, C), the kernel or its gradient (3, 3, C, O) (transposed: (3, 3, O, C)) and y or dy (N, OH, OW, O):
+// all float32.
 ffi::Error CheckKernel(const ffi::AnyBuffer& x, const ffi::AnyBuffer& kernel, const ffi::AnyBuffer& y, int64_t c,
-                       int64_t o) {
+                       int64_t o, bool transposed = false) {
   for (const ffi::AnyBuffer* b : {&x, &kernel, &y})
     if (b->element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("Winograd: float32 only");
-  if (!resnet_jax::HasDims(kernel.dimensions(), {3, 3, c, o}))
+  if (transposed && !resnet_jax::HasDims(kernel.dimensions(), {3, 3, o, c}))
+    return ffi::Error::InvalidArgument("Winograd: a transposed kernel must be (3, 3, O, C), C the input's channels "
+                                       "and O the output's");
+  if (!transposed && !resnet_jax::HasDims(kernel.dimensions(), {3, 3, c, o}))
     return ffi::Error::InvalidArgument("Winograd: the kernel must be HWIO (3, 3, C, O), C the input's channels and "
                                        "O the output's");
   return ffi::Error::Success();
@@ -419,11 +441,11 @@ ffi::Error CheckKernel(const ffi::AnyBuffer& x, const ffi::AnyBuffer& kernel, co
 
 ffi::Error WinogradForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, ffi::Result<ffi::AnyBuffer> y,
                            ffi::Span<const int64_t> padding, int64_t m, int64_t has_bias, int64_t has_residual,
-                           int64_t relu) {
+                           int64_t relu, int64_t transposed_kernel) {
   auto tiling = MakeTiling(x.dimensions(), y->dimensions(), padding, m);
   if (tiling.has_error()) return tiling.error();
   const int64_t c = x.dimensions()[3], o = y->dimensions()[3];
-  if (auto error = CheckKernel(x, w, *y, c, o); error.failure()) return error;
+  if (auto error = CheckKernel(x, w, *y, c, o, transposed_kernel); error.failure()) return error;
   if (static_cast<int64_t>(rest.size()) != has_bias + has_residual)
     return ffi::Error::InvalidArgument("Winograd: optional operands do not match has_bias/has_residual");
   const float* bias = nullptr;
@@ -444,10 +466,10 @@ ffi::Error WinogradForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArg
   return Run([&] {
     if (m == 4)
       Forward<4>(x.typed_data<float>(), w.typed_data<float>(), bias, residual, y->typed_data<float>(), *tiling, c, o,
-                 flags);
+                 flags, transposed_kernel);
     else
       Forward<2>(x.typed_data<float>(), w.typed_data<float>(), bias, residual, y->typed_data<float>(), *tiling, c, o,
-                 flags);
+                 flags, transposed_kernel);
   });
 }
 
@@ -477,7 +499,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxWinogradForward, WinogradForward,
                                   .Attr<int64_t>("m")
                                   .Attr<int64_t>("has_bias")
                                   .Attr<int64_t>("has_residual")
-                                  .Attr<int64_t>("relu"));
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("transposed_kernel"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxWinogradBackwardWeights, WinogradBackwardWeights,
                               ffi::Ffi::Bind()
