@@ -104,7 +104,7 @@ def _gemm() -> Algorithm:
         # add that sums this gradient with the block's other branch; zeros + a strided scatter were two passes
         # over the whole input gradient of their own
         edges = [(0, 0, 0)]
-        for size, (low, high), stride, kept in zip(spec.x_shape[1:3], spec.padding, spec.strides, dxs.shape[1:3]):
+        for size, (low, _), stride, kept in zip(spec.x_shape[1:3], spec.padding, spec.strides, dxs.shape[1:3]):
             spread = (kept - 1) * stride + 1  # from the first kept pixel to the last, zeros between
             edges.append((-low, size + low - spread, stride - 1))
         return lax.pad(dxs, jnp.zeros((), dxs.dtype), edges + [(0, 0, 0)])
