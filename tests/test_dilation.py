@@ -216,17 +216,21 @@ def test_sub_grid_winograd_with_the_epilogue_and_its_dtypes():
 
 
 def test_auto_takes_winograd_on_sub_grids_for_large_dilated_layers():
-    """A dilated ResNet-50's stage-3/4 3x3 at 512 px computes by Winograd on its sub-grids; a grouped or small one
-    by oneDNN's direct kernels; without the extension by XLA's."""
+    """A dilated ResNet-50's stage-3/4 3x3 at 512 px computes by Winograd on its sub-grids, and so does a small one
+    down to 16 tiles of 4x4 over its sub-grids (8x8 at dilation 2: four 4x4 sub-grids of one tile each, per
+    image); a grouped one or one of fewer tiles by oneDNN's direct kernels; without the extension by XLA's."""
     require_onednn()
 
-    def spec(groups=1, size=64, channels=256):
-        x = jax.ShapeDtypeStruct((4, size, size, channels), jnp.float32)
+    def spec(groups=1, size=64, channels=256, batch=4):
+        x = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32)
         kernel = jax.ShapeDtypeStruct((3, 3, channels // groups, channels), jnp.float32)
         return ConvSpec.of(x, kernel, 1, "SAME", groups, 2)
     assert choose(spec(), "cpu", measured=False) == ("onednn_winograd_f4@atrous",) * 3
     assert choose(spec(groups=32), "cpu", measured=False) == ("onednn",) * 3
-    assert choose(spec(size=8, channels=32), "cpu", measured=False) == ("onednn",) * 3
+    assert choose(spec(size=8, channels=32), "cpu", measured=False) == ("onednn_winograd_f4@atrous",) * 3
+    assert choose(spec(size=8, channels=32, batch=3), "cpu", measured=False) == ("onednn",) * 3  # 12 tiles
+    # 12x12 at dilation 2: four 6x6 sub-grids of 2x2 tiles each (not the 3x3 tiles of an undilated 12x12)
+    assert choose(spec(size=12, channels=32, batch=1), "cpu", measured=False) == ("onednn_winograd_f4@atrous",) * 3
     assert choose(spec(), "cpu", extension=False, measured=False) == ("xla",) * 3
 
 

@@ -267,8 +267,10 @@ def test_auto_choice_per_backend_shape_and_pass():
         assert choose(g3, "cpu") == ("onednn_winograd_f4",) * 3
         assert choose(g1, "cpu") == ("onednn", "onednn_gemm", "onednn_gemm")
         assert choose(stem, "cpu") == choose(big_stem, "cpu") == ("onednn",) * 3
-        small = ConvSpec(8, 16, 16, 128, 128, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")  # 0.08 GFLOP
-        assert choose(small, "cpu") == ("onednn",) * 3  # Winograd's fixed costs outweigh what it saves
+        small = ConvSpec(8, 16, 16, 128, 128, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")  # 0.6 GFLOP
+        assert choose(small, "cpu") == ("onednn_winograd_f4",) * 3  # 128 tiles of 4x4
+        few = ConvSpec(2, 7, 7, 512, 512, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")  # 8 tiles
+        assert choose(few, "cpu") == ("onednn",) * 3  # transforming the kernel costs more than Winograd saves
 
 
 def test_auto_runs_bfloat16_1x1_layers_on_onednn_where_the_cpu_has_bfloat16():

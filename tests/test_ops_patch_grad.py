@@ -56,7 +56,7 @@ def test_auto_takes_it_for_strided_layers_on_avx2_only(monkeypatch):
         assert choose(spec(channels), "cpu", measured=False) == ("onednn", "onednn", "onednn_matmul_grad")
     stem = ConvSpec(32, 224, 224, 3, 64, (7, 7), (2, 2), ((3, 3), (3, 3)), 1, "float32")
     assert choose(stem, "cpu", measured=False) == ("onednn",) * 3
-    assert choose(spec(64, stride=1, image=8), "cpu", measured=False) == ("onednn",) * 3  # small, stride 1
+    assert choose(spec(64, stride=1, image=8), "cpu", measured=False) == ("onednn_winograd_f4",) * 3  # stride 1
     grouped = ConvSpec(32, 56, 56, 128, 128, (3, 3), (2, 2), ((1, 1), (1, 1)), 32, "float32")
     assert choose(grouped, "cpu", measured=False) == ("onednn",) * 3
     monkeypatch.setattr(algorithms.cpu, "flags", lambda: AVX512)

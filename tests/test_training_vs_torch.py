@@ -58,6 +58,7 @@ import torch.nn.functional as F
 import torchvision
 from training_helpers import trained_like
 
+from resnet_jax.ops.onednn.library import available as onednn_available
 from resnet_jax.parallel import make_mesh
 from resnet_jax.torchvision import to_torchvision
 from resnet_jax.training import base_config, create_train_state, make_optimizer, make_train_step, model_from_config
@@ -71,6 +72,11 @@ NUM_CLASSES, BATCH, SIZE, LR, WEIGHT_DECAY = 10, 8, 64, 0.002, 0.05
 # covers the ones before it, with the other tests passing, is such a flip (another CPU, library version or
 # convolution algorithm from ops.tuning rounds differently), not a bug: try another seed before looking further.
 DATA_SEED = 4
+# The project's side runs direct convolutions (oneDNN's, torch's own kernels; XLA's without the extension), not the
+# Winograd F(4,3) that "auto" gives layers of 16 or more 4x4 tiles: its float32 rounding (~1e-5 of a layer's
+# scale, against lax at HIGHEST in tests/test_ops_conv.py) is ~100x a direct kernel's, and put a kink flip in
+# every one of the 5 seeds tried here. What this file checks is the step around the convolutions.
+CONV_IMPL = "onednn" if onednn_available() else "xla"
 LOSS_RTOL = (1e-6, 1e-5)  # step 1, step 2
 STATE_RTOL = 1e-5  # parameters, BatchNorm statistics: max |project - torch| / max |torch| per tensor
 GRAD_RTOL = 1e-4  # gradients, the same way: float32 noise through 20 layers reaches ~2e-5 of a tensor's largest
@@ -89,7 +95,8 @@ def config(optimizer):
     c.update(model="resnet18", optimizer=optimizer, batch_size=BATCH, image_size=SIZE, learning_rate=LR,
              lr_scaling="none", schedule="constant", warmup_epochs=0.0, momentum=0.9, nesterov=False,
              weight_decay=WEIGHT_DECAY, decay_norm_and_bias=False, label_smoothing=0.0, mixup_alpha=0.0,
-             cutmix_alpha=0.0, class_weights=(), augment="none", dtype="float32", progress_bar=False)
+             cutmix_alpha=0.0, class_weights=(), augment="none", dtype="float32", progress_bar=False,
+             model_overrides={"conv_impl": CONV_IMPL})
     return validate(c)
 
 

@@ -25,9 +25,11 @@ CHOICES = ("auto", "jax")  # chosen per shape and pass: among all algorithms, or
 Passes = tuple[str, str, str]  # the algorithm of the forward, of the input gradient, of the kernel gradient
 PASSES = ("forward", "input_grad", "kernel_grad")  # their names, in that order (tuning files, WIDENED_MAX_PIXELS)
 
-# Below this, the extension's Winograd lost to oneDNN's direct kernels inside whole steps (docs/ops.md has the
-# measured figures, dated)
-WINOGRAD_MIN_FLOPS = 1e9
+# Below this many 4x4 output tiles per call (``winograd_tiles``), transforming the kernel on every call costs the
+# extension's Winograd more than it saves: per layer, all three passes, ResNet-50's 7x7x512 lost at 4 and 8 tiles
+# (batch 1 and 2: 0.49-0.89x oneDNN's direct kernels) and won at 16 (batch 4: 0.97-1.47x), every layer of 16 tiles
+# or more tied or won, down to 0.04 GFLOP (BENCHMARKS.md, 2026-12-05, fourth session)
+WINOGRAD_MIN_TILES = 16
 # A bfloat16 3x3 stride-1 layer's passes by float32 Winograd on upcast operands ("@float32", widened.py) against
 # oneDNN's bfloat16 kernels (BENCHMARKS.md, issue 33): the kernel gradient won on images of at most 8x8 pixels
 # (1.2-1.9x: 4x4x512 and 8x8x256 at batch 128, 7x7x512 at batch 32) and tied at 14x14; the forward won on 4x4x512
@@ -146,8 +148,8 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
 
     With ``measured``, this machine's own measurements win where they cover the shape. The rules, float32 on CPU
     (docs/cpu-convolution.md says what each was measured against):
-    - 3x3 stride 1: the extension's Winograd F(4,3) for all three passes, except on small layers
-      (``WINOGRAD_MIN_FLOPS``) and the stems' few channels, where oneDNN's direct kernels win. Without the
+    - 3x3 stride 1: the extension's Winograd F(4,3) for all three passes, except on layers of few output tiles
+      (``WINOGRAD_MIN_TILES``) and the stems' few channels, where oneDNN's direct kernels win. Without the
       extension: XLA's forward and input gradient, and the kernel gradient by jnp Winograd F(4,3) in float32, by
       the patch matmul otherwise.
     - 1x1: oneDNN's direct kernel forward (it also applies the epilogue) and oneDNN's GEMM for both gradients.
@@ -187,12 +189,24 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
         winograd, pure = "onednn_winograd_f4", ("xla", "xla", "winograd_f4" if winograd_grad else pure_kernel_grad)
     if not extension:
         return pure
-    # Winograd's fixed costs outweigh the multiplies it saves on small layers and on the stems' few channels
-    small = spec.direct_flops() < WINOGRAD_MIN_FLOPS or spec.in_channels < 8
+    # Winograd's fixed costs outweigh the multiplies it saves on few tiles and on the stems' few channels
+    small = winograd_tiles(spec) < WINOGRAD_MIN_TILES or spec.in_channels < 8
     for name in ("onednn",) if small else (winograd, "onednn"):
         if ok(name):
             return patch_kernel_grad(spec, widened_passes(spec, name, ok), ok)
     return pure
+
+
+def winograd_tiles(spec: ConvSpec) -> int:
+    """How many 4x4 output tiles Winograd F(4,3) computes for ``spec`` (a dilated layer: on each of its sub-grids),
+    what its per-call cost of transforming the kernel is spread over."""
+    _, ho, wo, _ = spec.y_shape
+    (dh, dw) = spec.dilation
+    return spec.batch * dh * dw * _ceil_div(_ceil_div(ho, dh), 4) * _ceil_div(_ceil_div(wo, dw), 4)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def patch_kernel_grad(spec: ConvSpec, passes: Passes, ok) -> Passes:
