@@ -27,8 +27,9 @@ PASSES = ("forward", "input_grad", "kernel_grad")  # their names, in that order 
 
 # Below this many 4x4 output tiles per call (``winograd_tiles``), transforming the kernel on every call costs the
 # extension's Winograd more than it saves: per layer, all three passes, ResNet-50's 7x7x512 lost at 4 and 8 tiles
-# (batch 1 and 2: 0.49-0.89x oneDNN's direct kernels) and won at 16 (batch 4: 0.97-1.47x), every layer of 16 tiles
-# or more tied or won, down to 0.04 GFLOP (BENCHMARKS.md, 2026-12-05, fourth session)
+# (batch 1 and 2: 0.49-0.89x oneDNN's direct kernels) and won at 16 (batch 4: 0.97-1.47x); every layer of 16 tiles
+# or more won or tied over its three passes together (one pass lost by up to 12%), down to 0.04 GFLOP
+# (BENCHMARKS.md, 2026-12-05, fourth session)
 WINOGRAD_MIN_TILES = 16
 # A bfloat16 3x3 stride-1 layer's passes by float32 Winograd on upcast operands ("@float32", widened.py) against
 # oneDNN's bfloat16 kernels (BENCHMARKS.md, issue 33): the kernel gradient won on images of at most 8x8 pixels
@@ -201,7 +202,7 @@ def winograd_tiles(spec: ConvSpec) -> int:
     """How many 4x4 output tiles Winograd F(4,3) computes for ``spec`` (a dilated layer: on each of its sub-grids),
     what its per-call cost of transforming the kernel is spread over."""
     _, ho, wo, _ = spec.y_shape
-    (dh, dw) = spec.dilation
+    dh, dw = spec.dilation
     return spec.batch * dh * dw * _ceil_div(_ceil_div(ho, dh), 4) * _ceil_div(_ceil_div(wo, dw), 4)
 
 
