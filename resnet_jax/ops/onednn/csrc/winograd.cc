@@ -277,19 +277,17 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
   // A transposed kernel w is (3, 3, O, C). On the whole schedule, u is made [A*A][O][C] and each slice read
   // transposed: oneDNN ran ResNet's 512-channel products that way in 18 ms against 27 for XLA's copy and the
   // plain layout (BENCHMARKS.md, 2026-12-05). The blocked schedule's small products ran 5-8% slower so, and its
-  // kernel is small: it is flipped and transposed here first.
+  // kernel is small: its channels are exchanged here first (TransformKernel still flips it).
   const bool read_transposed = transposed_kernel && !Blocked(kA, c, o);
-  if (read_transposed) {
-    TransformKernel<M>(w, o, c, u, true);
-  } else if (transposed_kernel) {
-    float* plain = static_cast<float*>(w_buffer.Get(9 * c * o * sizeof(float)));
+  const float* kernel = w;
+  if (transposed_kernel && !read_transposed) {
+    float* exchanged = static_cast<float*>(w_buffer.Get(9 * c * o * sizeof(float)));
     for (int k = 0; k < 9; ++k)
       for (int64_t j = 0; j < o; ++j)
-        for (int64_t i = 0; i < c; ++i) plain[(k * c + i) * o + j] = w[((8 - k) * o + j) * c + i];
-    TransformKernel<M>(plain, c, o, u, false);
-  } else {
-    TransformKernel<M>(w, c, o, u, false);
+        for (int64_t i = 0; i < c; ++i) exchanged[(k * c + i) * o + j] = w[(k * o + j) * c + i];
+    kernel = exchanged;
   }
+  TransformKernel<M>(kernel, read_transposed ? o : c, read_transposed ? c : o, u, transposed_kernel);
   const int64_t tiles = g.Count();
   RegionErrors errors;  // every OpenMP region below: see common.h
   if (Blocked(kA, c, o)) {
