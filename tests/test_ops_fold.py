@@ -40,6 +40,29 @@ def test_folded_model_equals_unfolded(name, stages, shape, kept):
     assert folded_model.folded and not model.folded
 
 
+@pytest.mark.parametrize("conv_impl", ["auto", "xla"])
+def test_folded_weights_come_in_the_compute_dtype(conv_impl):
+    """A bfloat16 model's convolutions cast their parameters to bfloat16 on every call; the fold stores them so
+    (float32 where "auto" computes the model in float32, on a CPU without bfloat16 instructions), with the same
+    outputs as the float32 fold cast per call, and the unfolded model's within bfloat16 rounding."""
+    model = create_model("resnet18", num_classes=7, stage_sizes=(1, 1, 1, 1), dtype=jnp.bfloat16,
+                         conv_impl=conv_impl)
+    shape = (2, 40, 56, 3)
+    x = jax.random.normal(jax.random.key(1), shape)
+    variables = random_variables(model, shape)
+    folded_model, folded = fold_batchnorm(model, variables)
+    compute = model.layer_dtype()
+    conv_leaves = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(folded["params"])[0]
+                   if path[-1].key in ("kernel", "bias") and "fc" not in str(path[0])]
+    assert conv_leaves and {leaf.dtype for leaf in conv_leaves} == {compute}
+    apply = jax.jit(folded_model.apply)
+    cast_per_call = jax.tree.map(lambda a: a.astype(jnp.float32), folded)
+    got = apply(folded, x)
+    np.testing.assert_array_equal(got, apply(cast_per_call, x))
+    want = model.apply(variables, x)
+    np.testing.assert_allclose(got, want, atol=3e-2 * float(jnp.abs(want).max()))
+
+
 def test_folded_features_equal_unfolded():
     model = create_model("resnet18", features_only=True, stage_sizes=(1, 1, 1, 1))
     x = jax.random.normal(jax.random.key(1), (1, 40, 56, 3))
