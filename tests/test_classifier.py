@@ -154,3 +154,24 @@ def test_predict_compiles_once_and_equals_the_plain_model(fitted, caplog):
         assert len(picked) == 3
         np.testing.assert_allclose([p for _, p in row], probs[picked], rtol=0, atol=tolerance)
         assert np.delete(probs, picked).max() <= probs[picked].min() + tolerance  # no likelier class left out
+
+
+def test_predict_follows_new_weights(fitted):
+    """predict folds the BatchNorm into the convolutions once per set of weights, not on every call; new weights
+    (new arrays, as training and loading make) are folded again, and the old ones give their old logits back."""
+    images, _ = validation_images(4)
+    batch = fitted.preprocess(images)
+    before = fitted._logits(batch)
+    old = fitted.variables
+    params = dict(old["params"])
+    favoured = int(jnp.argmin(before[0]))  # the first image's least likely class becomes every image's likeliest
+    params["fc"] = {**params["fc"], "bias": params["fc"]["bias"].at[favoured].add(1e3)}
+    try:
+        fitted.variables = {**old, "params": params}
+        after = fitted._logits(batch)
+        plain = fitted.model.apply(fitted.variables, batch, train=False)
+        np.testing.assert_allclose(after, plain, rtol=0, atol=1e-4 * float(jnp.abs(plain).max()))
+        assert [top[0][0] for top in fitted.predict(images, top_k=1)] == [fitted.class_names[favoured]] * 4
+    finally:
+        fitted.variables = old
+    np.testing.assert_array_equal(fitted._logits(batch), before)

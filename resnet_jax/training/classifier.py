@@ -28,11 +28,12 @@ import numpy as np
 from resnet_jax import data
 from resnet_jax.checkpoint import load_variables
 from resnet_jax.data.images import prepare_batch, top_classes
+from resnet_jax.ops import fold_batchnorm
 from resnet_jax.parallel import make_mesh
 from resnet_jax.training.config import (base_config, eval_transform, model_from_config, normalization_stats,
                                         validate)
 from resnet_jax.training.loop import evaluate_loader, train
-from resnet_jax.training.steps import folded_logits, make_eval_step
+from resnet_jax.training.steps import make_eval_step
 
 
 class Classifier:
@@ -49,7 +50,7 @@ class Classifier:
         self.variables: dict[str, Any] | None = None
         self.workdir: Path | None = None
         self.history: list[dict[str, Any]] = []
-        self._compiled_logits, self._compiled_for = None, None
+        self._compiled_logits, self._compiled_for, self._folded_for = None, None, None
 
     @classmethod
     def from_pretrained(cls, name: str, weights: str = "DEFAULT", *, file: str | Path | None = None,
@@ -111,12 +112,26 @@ class Classifier:
         return top_classes(self._logits(batch), self.class_names, top_k)
 
     def _logits(self, batch: jnp.ndarray) -> jnp.ndarray:
-        """The BatchNorm-folded model, as evaluation runs it, jitted once per model: every later call with a
-        batch of the same shape reuses the compiled function instead of tracing and compiling again."""
+        """The BatchNorm-folded model, as evaluation runs it, jitted once per model (every later call with a
+        batch of the same shape reuses the compiled function), its variables folded once per set of weights:
+        folding on every call cost 8 of ~35 ms of a bfloat16 ResNet-50's single image (BENCHMARKS.md). The
+        weights are recognised by their arrays' identities (jax arrays never change in place, so new weights are
+        new arrays), which the cache holds so that no identity is reused while it stands. Weights held as numpy
+        arrays (as loading makes them), which could change in place, are put on the device once first, so
+        ``variables`` holds jax arrays after a prediction."""
         if self._compiled_for is not self.model:
-            self._compiled_logits = jax.jit(functools.partial(folded_logits, self.model))
-            self._compiled_for = self.model
-        return self._compiled_logits(self._require_variables(), batch)
+            self._compiled_for, self._folded_for = self.model, None
+        variables = self._require_variables()
+        if not all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(variables)):
+            self.variables = variables = jax.tree.map(jnp.asarray, variables)
+        leaves = jax.tree.leaves(variables)
+        if self._folded_for is None or len(leaves) != len(self._folded_for[0]) or any(
+                a is not b for a, b in zip(leaves, self._folded_for[0])):
+            folded_model, folded = fold_batchnorm(self.model, variables)
+            if self._folded_for is None:  # once per model: a later fold changes only the weights
+                self._compiled_logits = jax.jit(functools.partial(folded_model.apply, train=False))
+            self._folded_for = (leaves, folded)
+        return self._compiled_logits(self._folded_for[1], batch)
 
     def preprocess(self, images: Any) -> jnp.ndarray:
         """Images as the model saw them in evaluation: resized, centre-cropped, channels fixed, normalised; with
