@@ -19,6 +19,7 @@
 
 #include <cstring>
 #include <initializer_list>
+#include <map>
 #include <optional>
 #include <sstream>
 
@@ -145,6 +146,62 @@ memory PrimitiveWeights(const Entry& e, void* user_data) {
   return prim;
 }
 
+// A forward's weights in the primitive's layout, kept between calls: a folded inference model passes the same
+// kernels every call, and reordering them every time took 14.6 of ~25 ms of a bfloat16 ResNet-50's batch-1
+// inference on AMX (BENCHMARKS.md). A kept layout is used only while the caller's buffer holds, byte for byte,
+// the weights it was made from (compared with a copy of them, about a quarter of a reorder's time), so new weights
+// at a reused address, a training step's among them, are reordered again. Entries are per (primitive, address);
+// beyond kKeptBytes the least recently used go. Calls are serialised (Run), so one table serves every thread.
+class KeptWeights {
+ public:
+  memory Get(const Entry& e, const std::string& key, void* user_data) {
+    memory user(e.user_weights, Engine(), user_data);
+    if (!e.reorder_weights) return user;
+    const size_t user_size = e.user_weights.get_size(), prim_size = e.prim_weights.get_size();
+    auto [it, inserted] = kept_.try_emplace({key, user_data});
+    Kept& k = it->second;
+    k.used = ++clock_;
+    memory prim(e.prim_weights, Engine(), k.packed.Get(prim_size));
+    if (inserted || std::memcmp(k.user.data(), user_data, user_size) != 0) {
+      e.weights_reorder.execute(Stream(), user, prim);
+      const char* bytes = static_cast<const char*>(user_data);
+      k.user.assign(bytes, bytes + user_size);
+      if (inserted) {
+        k.bytes = user_size + prim_size;
+        total_ += k.bytes;
+        Evict(it->first);
+      }
+    }
+    return prim;
+  }
+
+ private:
+  static constexpr size_t kKeptBytes = size_t(1) << 30;  // ResNet-50's float32 kernels: 2 x 102 MB
+  using Key = std::pair<std::string, const void*>;
+  struct Kept {
+    std::vector<char> user;  // the caller's weights the packed layout was made from
+    resnet_jax::ThreadBuffer packed;
+    uint64_t used = 0;
+    size_t bytes = 0;
+  };
+
+  void Evict(const Key& keep) {
+    while (total_ > kKeptBytes && kept_.size() > 1) {
+      auto oldest = kept_.end();
+      for (auto it = kept_.begin(); it != kept_.end(); ++it)
+        if (it->first != keep && (oldest == kept_.end() || it->second.used < oldest->second.used)) oldest = it;
+      total_ -= oldest->second.bytes;
+      kept_.erase(oldest);
+    }
+  }
+
+  std::map<Key, Kept> kept_;
+  uint64_t clock_ = 0;
+  size_t total_ = 0;
+};
+
+KeptWeights kept_weights;
+
 memory Scratchpad(const Entry& e) {
   return memory(e.scratchpad, Engine(), scratch_buffer.Get(e.scratchpad.get_size()));
 }
@@ -194,7 +251,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, 
     });
     std::unordered_map<int, memory> args{
         {DNNL_ARG_SRC, memory(Nhwc(s.Src(), s.dtype), Engine(), x.untyped_data())},
-        {DNNL_ARG_WEIGHTS, PrimitiveWeights(*e, w.untyped_data())},
+        {DNNL_ARG_WEIGHTS, kept_weights.Get(*e, key.str(), w.untyped_data())},
         {DNNL_ARG_DST, memory(Nhwc(s.Dst(), s.dtype), Engine(), y->untyped_data())},
         {DNNL_ARG_SCRATCHPAD, Scratchpad(*e)}};
     if (bias) args[DNNL_ARG_BIAS] = memory(memory::desc({s.o}, *bias_dt, tag::a), Engine(), bias->untyped_data());
