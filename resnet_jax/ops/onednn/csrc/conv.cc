@@ -158,15 +158,16 @@ class KeptWeights {
     memory user(e.user_weights, Engine(), user_data);
     if (!e.reorder_weights) return user;
     const size_t user_size = e.user_weights.get_size(), prim_size = e.prim_weights.get_size();
-    auto [it, inserted] = kept_.try_emplace({key, user_data});
+    auto it = kept_.try_emplace({key, user_data}).first;
     Kept& k = it->second;
     k.used = ++clock_;
     memory prim(e.prim_weights, Engine(), k.packed.Get(prim_size));
-    if (inserted || std::memcmp(k.user.data(), user_data, user_size) != 0) {
+    if (k.user.size() != user_size || std::memcmp(k.user.data(), user_data, user_size) != 0) {
+      k.user.clear();  // no match until the reorder has run: an exception on the way leaves nothing to reuse
       e.weights_reorder.execute(Stream(), user, prim);
       const char* bytes = static_cast<const char*>(user_data);
       k.user.assign(bytes, bytes + user_size);
-      if (inserted) {
+      if (k.bytes == 0) {
         k.bytes = user_size + prim_size;
         total_ += k.bytes;
         Evict(it->first);
