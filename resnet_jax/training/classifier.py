@@ -122,9 +122,10 @@ class Classifier:
         if self._compiled_for is not self.model:
             self._compiled_for, self._folded_for = self.model, None
         variables = self._require_variables()
-        if not all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(variables)):
-            self.variables = variables = jax.tree.map(jnp.asarray, variables)
         leaves = jax.tree.leaves(variables)
+        if not all(isinstance(leaf, jax.Array) for leaf in leaves):
+            self.variables = variables = jax.tree.map(jnp.asarray, variables)
+            leaves = jax.tree.leaves(variables)
         if self._folded_for is None or len(leaves) != len(self._folded_for[0]) or any(
                 a is not b for a, b in zip(leaves, self._folded_for[0])):
             folded_model, folded = fold_batchnorm(self.model, variables)

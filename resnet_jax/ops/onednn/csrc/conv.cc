@@ -150,15 +150,16 @@ memory PrimitiveWeights(const Entry& e, void* user_data) {
 // kernels every call, and reordering them every time took 14.6 of ~25 ms of a bfloat16 ResNet-50's batch-1
 // inference on AMX (BENCHMARKS.md). A kept layout is used only while the caller's buffer holds, byte for byte,
 // the weights it was made from (compared with a copy of them, about a quarter of a reorder's time), so new weights
-// at a reused address, a training step's among them, are reordered again. Entries are per (primitive, address);
-// beyond kKeptBytes the least recently used go. Calls are serialised (Run), so one table serves every thread.
+// at a reused address, a training step's among them, are reordered again. Entries are per (primitive, address),
+// the primitive named by its cached Entry, which lives as long as the process; beyond kKeptBytes the least
+// recently used go. Calls are serialised (Run), so one table serves every thread.
 class KeptWeights {
  public:
-  memory Get(const Entry& e, const std::string& key, void* user_data) {
+  memory Get(const Entry& e, void* user_data) {
     memory user(e.user_weights, Engine(), user_data);
     if (!e.reorder_weights) return user;
     const size_t user_size = e.user_weights.get_size(), prim_size = e.prim_weights.get_size();
-    auto it = kept_.try_emplace({key, user_data}).first;
+    auto it = kept_.try_emplace({&e, user_data}).first;
     Kept& k = it->second;
     k.used = ++clock_;
     memory prim(e.prim_weights, Engine(), k.packed.Get(prim_size));
@@ -178,7 +179,7 @@ class KeptWeights {
 
  private:
   static constexpr size_t kKeptBytes = size_t(1) << 30;  // ResNet-50's float32 kernels: 2 x 102 MB
-  using Key = std::pair<std::string, const void*>;
+  using Key = std::pair<const Entry*, const void*>;
   struct Kept {
     std::vector<char> user;  // the caller's weights the packed layout was made from
     resnet_jax::ThreadBuffer packed;
@@ -252,7 +253,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, 
     });
     std::unordered_map<int, memory> args{
         {DNNL_ARG_SRC, memory(Nhwc(s.Src(), s.dtype), Engine(), x.untyped_data())},
-        {DNNL_ARG_WEIGHTS, kept_weights.Get(*e, key.str(), w.untyped_data())},
+        {DNNL_ARG_WEIGHTS, kept_weights.Get(*e, w.untyped_data())},
         {DNNL_ARG_DST, memory(Nhwc(s.Dst(), s.dtype), Engine(), y->untyped_data())},
         {DNNL_ARG_SCRATCHPAD, Scratchpad(*e)}};
     if (bias) args[DNNL_ARG_BIAS] = memory(memory::desc({s.o}, *bias_dt, tag::a), Engine(), bias->untyped_data());
