@@ -1,6 +1,6 @@
-"""The oneDNN forward keeps each kernel in the layout its primitive wants between calls (csrc/conv.cc,
-``KeptWeights``), and uses a kept layout only while the caller's weights are byte for byte those it was made
-from: weights changed in place at the same address, and the same weights at another address, give the outputs
+"""The oneDNN forward of a convolution with a bias (a folded BatchNorm's) keeps its kernel in the layout its
+primitive wants between calls (csrc/conv.cc, ``KeptWeights``), and uses a kept layout only while the caller's
+weights are byte for byte those it was made from: weights changed in place at the same address, and the same weights at another address, give the outputs
 XLA's own convolution gives for them."""
 
 import jax
@@ -22,9 +22,12 @@ def aligned(shape, seed):
     return array
 
 
+BIAS = jnp.linspace(-1, 1, 64)
+
+
 def xla_conv(x, w):
-    return lax.conv_general_dilated(x, jnp.asarray(np.array(w)), (1, 1), "SAME",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+    return lax.conv_general_dilated(x, jnp.asarray(np.array(w)), (1, 1), "SAME", dimension_numbers=(
+        "NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST) + BIAS
 
 
 def test_weights_changed_in_place_are_reordered_again():
@@ -33,7 +36,7 @@ def test_weights_changed_in_place_are_reordered_again():
     w = aligned((3, 3, 32, 64), seed=1)
     on_device = jax.device_put(w)
     assert on_device.unsafe_buffer_pointer() == w.ctypes.data  # the same bytes: a change of w is a change here
-    forward = jax.jit(lambda x, w: conv2d(x, w, padding="SAME", algorithm="onednn"))
+    forward = jax.jit(lambda x, w: conv2d(x, w, padding="SAME", algorithm="onednn", bias=BIAS))
     first = forward(x, on_device)
     np.testing.assert_allclose(first, xla_conv(x, w), rtol=0, atol=1e-4)
     forward(x, on_device)  # kept

@@ -148,7 +148,9 @@ memory PrimitiveWeights(const Entry& e, void* user_data) {
 
 // A forward's weights in the primitive's layout, kept between calls: a folded inference model passes the same
 // kernels every call, and reordering them every time took 14.6 of ~25 ms of a bfloat16 ResNet-50's batch-1
-// inference on AMX (BENCHMARKS.md). A kept layout is used only while the caller's buffer holds, byte for byte,
+// inference on AMX (BENCHMARKS.md). Only forwards with a bias keep theirs, the folded BatchNorm's convolutions
+// (training's convolutions have none: their weights change every step, and keeping them cost a ResNet-50
+// training process up to 300 MB of memory for nothing). A kept layout is used only while the caller's buffer holds, byte for byte,
 // the weights it was made from (compared with a copy of them, about a quarter of a reorder's time), so new weights
 // at a reused address, a training step's among them, are reordered again. Entries are per (primitive, address),
 // the primitive named by its cached Entry, which lives as long as the process; beyond kKeptBytes the least
@@ -253,7 +255,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs rest, 
     });
     std::unordered_map<int, memory> args{
         {DNNL_ARG_SRC, memory(Nhwc(s.Src(), s.dtype), Engine(), x.untyped_data())},
-        {DNNL_ARG_WEIGHTS, kept_weights.Get(*e, w.untyped_data())},
+        {DNNL_ARG_WEIGHTS, bias ? kept_weights.Get(*e, w.untyped_data()) : PrimitiveWeights(*e, w.untyped_data())},
         {DNNL_ARG_DST, memory(Nhwc(s.Dst(), s.dtype), Engine(), y->untyped_data())},
         {DNNL_ARG_SCRATCHPAD, Scratchpad(*e)}};
     if (bias) args[DNNL_ARG_BIAS] = memory(memory::desc({s.o}, *bias_dt, tag::a), Engine(), bias->untyped_data());
