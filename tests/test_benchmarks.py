@@ -124,3 +124,20 @@ def test_input_pipeline_v2_smoke(tmp_path):
     assert [r["pipeline"] for r in report["results"]] == ["grain workers=1", "torchvision workers=1"]
     assert all(r["images_per_s"] > 0 and r["cores_for_5000"] > 0 for r in report["results"])
     assert report["results"][1]["ratio_to_torchvision"] == 1.0
+
+
+def test_cpu_peak_smoke(tmp_path):
+    """The peak is measured by a compiled loop; numpy's GEMM (OpenBLAS) is the outside check that it is not
+    measured low (no GEMM runs above the true peak), and torchvision's own count of ResNet-50's work checks the
+    layer list every convolution benchmark uses."""
+    torchvision = pytest.importorskip("torchvision")
+    stdout, results = run_script("benchmarks.cpu_peak", tmp_path)
+    assert results["fma_all"] >= 0.8 * results["fma_one"] > 0 and results["threads"] >= 1
+    assert results["numpy_gemm"] <= 1.25 * results["fma_all"], results
+    assert results["read_gbs"] > 0 and results["copy_gbs"] > 0
+    resnet50 = results["models"]["resnet50"]
+    classifier_macs = 2048 * 1000  # torchvision's count includes the fully connected layer
+    want = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["_ops"] * 1e9  # 4.089 GFLOPS, as multiply-adds
+    assert resnet50["macs_per_image"] + classifier_macs == pytest.approx(want, rel=1e-3)
+    assert resnet50["gflop"]["1x1"]["forward"] == pytest.approx(135.64, rel=1e-3)  # half of the 261.6 at batch 32
+    assert "ms at peak" in stdout
