@@ -53,7 +53,13 @@ int main(int argc, char** argv) {
   long iters = atol(argv[1]);
   size_t floats = (size_t)atol(argv[2]) << 18;  /* MiB */
   int all = omp_get_max_threads();
-  printf("fma_one %f\nfma_all %f\nthreads %d\n", fma_gflops(iters, 1), fma_gflops(iters, all), all);
+  double one = 0, both = 0;
+  for (int r = 0; r < 3; ++r) {  /* the best of three: another process may hold a core for a while */
+    double a = fma_gflops(iters, 1), b = fma_gflops(iters, all);
+    one = a > one ? a : one;
+    both = b > both ? b : both;
+  }
+  printf("fma_one %f\nfma_all %f\nthreads %d\n", one, both, all);
   float *x = aligned_alloc(64, floats * 4), *y = aligned_alloc(64, floats * 4);
 #pragma omp parallel for
   for (size_t i = 0; i < floats; ++i) x[i] = y[i] = (float)(i & 7);
@@ -144,7 +150,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", choices=sorted(MODELS), action="append", help="default: resnet50")
     p.add_argument("--batch", type=int, help="default: the model's benchmark batch")
     args = p.parse_args(argv)
-    peak = measure(iters=20_000_000 if args.quick else 100_000_000, mebibytes=16 if args.quick else 512)
+    peak = measure(iters=20_000_000 if args.quick else 50_000_000, mebibytes=16 if args.quick else 512)
     peak["numpy_gemm"] = numpy_gemm_gflops(1024 if args.quick else 2048)
     print(f"float32 multiply-add peak: {peak['fma_one']:.0f} GFLOP/s on one core, {peak['fma_all']:.0f} on "
           f"{peak['threads']} threads; memory: read {peak['read_gbs']:.1f} GB/s, copy {peak['copy_gbs']:.1f} GB/s "

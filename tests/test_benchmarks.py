@@ -133,7 +133,7 @@ def test_cpu_peak_smoke(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     stdout, results = run_script("benchmarks.cpu_peak", tmp_path)
     assert results["fma_all"] >= 0.8 * results["fma_one"] > 0 and results["threads"] >= 1
-    assert results["numpy_gemm"] <= 1.25 * results["fma_all"], results
+    assert results["numpy_gemm"] <= 1.5 * results["fma_all"], results  # margin: other tests may share the cores
     assert results["read_gbs"] > 0 and results["copy_gbs"] > 0
     resnet50 = results["models"]["resnet50"]
     classifier_macs = 2048 * 1000  # torchvision's count includes the fully connected layer
