@@ -18,6 +18,7 @@ where a bfloat16 model loses against autocast, convolution by convolution.
 from __future__ import annotations
 
 from benchmarks import common
+from benchmarks.conv_layers import MODELS, layer_group, output_size
 from resnet_jax.allocator import preload_tcmalloc
 
 LAYERS = [(32, 64), (16, 128), (8, 256), (4, 512)]  # (H=W, channels): ResNet-18-CIFAR's 3x3 stride-1 layers
@@ -70,7 +71,7 @@ def model_runners(h, cin, cout, k, s, batch):
     from resnet_jax.ops import conv2d
 
     rng = np.random.default_rng(0)
-    pad, out = ((k // 2, k // 2),) * 2, (h + 2 * (k // 2) - k) // s + 1
+    pad, out = ((k // 2, k // 2),) * 2, output_size(h, k, s)
     x = rng.standard_normal((batch, h, h, cin), np.float32)
     w = (rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
     dy = rng.standard_normal((batch, out, out, cout), np.float32)
@@ -103,14 +104,12 @@ def model_runners(h, cin, cout, k, s, batch):
 
 
 def model_main(model, rounds, quick, allocator, json_path) -> None:
-    from benchmarks.conv_layers import MODELS
-
     batch, layers = MODELS[model]
     if quick:
         batch, rounds, layers = 2, 1, layers[1:2]
     rows, sums = [], {}
     for (h, cin, cout, k, s), uses in layers:
-        group = "1x1" if k == 1 else "3x3 stride 1" if (k, s) == (3, 1) else "stem and strided"
+        group = layer_group(k, s)
         runners, flops = model_runners(h, cin, cout, k, s, batch)
         for pass_name, variants in runners.items():
             timed = common.time_interleaved(variants, warmup=1, steps=2, rounds=rounds)

@@ -39,6 +39,16 @@ MODELS = {
 PASSES = ("forward", "input_grad", "kernel_grad")
 
 
+def output_size(h: int, k: int, s: int) -> int:
+    """The output's height (= width) of a layer in MODELS: "same" padding of k // 2 on each side."""
+    return (h + 2 * (k // 2) - k) // s + 1
+
+
+def layer_group(k: int, s: int) -> str:
+    """The group a layer's time is summed in: the 1x1 layers, the 3x3 stride-1 ones, and the rest."""
+    return "1x1" if k == 1 else "3x3 stride 1" if (k, s) == (3, 1) else "stem and strided"
+
+
 def layer_runners(h, cin, cout, k, s, batch):
     """{pass: {side: run}} for one layer (every algorithm that computes it, and torch), values cross-checked."""
     import jax

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 
 from benchmarks import common
-from benchmarks.conv_layers import MODELS
+from benchmarks.conv_layers import MODELS, layer_group, output_size
 
 SOURCE = r"""
 #include <omp.h>
@@ -133,10 +133,10 @@ def convolution_work(model: str, batch: int | None) -> dict:
     groups: dict[str, dict[str, float]] = {}
     macs = 0
     for i, ((h, cin, cout, k, s), uses) in enumerate(layers):
-        out = (h + 2 * (k // 2) - k) // s + 1
+        out = output_size(h, k, s)
         layer_macs = out * out * cout * k * k * cin * uses
         macs += layer_macs
-        group = "1x1" if k == 1 else "3x3 stride 1" if (k, s) == (3, 1) else "stem and strided"
+        group = layer_group(k, s)
         by_pass = groups.setdefault(group, {"forward": 0.0, "input_grad": 0.0, "kernel_grad": 0.0})
         gflop = 2 * batch * layer_macs / 1e9
         for pass_name in by_pass:

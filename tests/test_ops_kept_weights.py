@@ -1,7 +1,7 @@
 """The oneDNN forward of a convolution with a bias (a folded BatchNorm's) keeps its kernel in the layout its
 primitive wants between calls (csrc/conv.cc, ``KeptWeights``), and uses a kept layout only while the caller's
-weights are byte for byte those it was made from: weights changed in place at the same address, and the same weights at another address, give the outputs
-XLA's own convolution gives for them."""
+weights are byte for byte those it was made from: weights changed in place at the same address, and the same
+weights at another address, give the outputs XLA's own convolution gives for them."""
 
 import jax
 import jax.numpy as jnp

@@ -150,11 +150,12 @@ memory PrimitiveWeights(const Entry& e, void* user_data) {
 // kernels every call, and reordering them every time took 14.6 of ~25 ms of a bfloat16 ResNet-50's batch-1
 // inference on AMX (BENCHMARKS.md). Only forwards with a bias keep theirs, the folded BatchNorm's convolutions
 // (training's convolutions have none: their weights change every step, and keeping them cost a ResNet-50
-// training process up to 300 MB of memory for nothing). A kept layout is used only while the caller's buffer holds, byte for byte,
-// the weights it was made from (compared with a copy of them, about a quarter of a reorder's time), so new weights
-// at a reused address, a training step's among them, are reordered again. Entries are per (primitive, address),
-// the primitive named by its cached Entry, which lives as long as the process; beyond kKeptBytes the least
-// recently used go. Calls are serialised (Run), so one table serves every thread.
+// training process up to 300 MB of memory for nothing). A kept layout is used only while the caller's buffer
+// holds, byte for byte, the weights it was made from (compared with a copy of them, about a quarter of a
+// reorder's time), so new weights at a reused address, a training step's among them, are reordered again.
+// Entries are per (primitive, address), the primitive named by its cached Entry, which lives as long as the
+// process; beyond kKeptBytes the least recently used go. Calls are serialised (Run), so one table serves every
+// thread.
 class KeptWeights {
  public:
   memory Get(const Entry& e, void* user_data) {
