@@ -20,7 +20,8 @@ from resnet_jax.attention import ATTENTION, attention
 
 ModuleFactory = Callable[..., nn.Module]
 # conv_norm(features, kernel_size, *, strides, groups, conv_name, norm_name, scale_init, kernel_init) returns
-# apply(x, residual=None, relu=False) = relu(BN(conv(x)) + residual): conv then BN, or one conv with the BN folded
+# apply(x, residual=None, relu=False, fan_out=False) = relu(BN(conv(x)) + residual): conv then BN, or one conv with
+# the BN folded; with fan_out also x, for the identity shortcut (the gradient's sum then runs in the conv's pass)
 ConvNormFactory = Callable[..., Callable[..., jnp.ndarray]]
 
 # How a block's input reaches its output when the shape changes (stride > 1 or a new width):
@@ -108,16 +109,27 @@ class ResidualBlock(nn.Module):
 
     expansion = 1
 
+    def keeps_shape(self, x: jnp.ndarray) -> bool:
+        """Whether the shortcut is the identity (no downsampling)."""
+        return self.strides == 1 and x.shape[-1] == self.width * self.expansion
+
+    def first_conv(self, conv_norm: Callable[..., Any], x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """``(relu(bn(conv(x))), x)``; where ``x`` is also the identity shortcut, the returned ``x`` is the
+        convolution's pass-through (``fan_out``), so its two gradients are summed inside the input gradient's
+        pass instead of by one of their own (``ops/fanout.py``)."""
+        if self.keeps_shape(x):
+            return conv_norm(x, relu=True, fan_out=True)
+        return conv_norm(x, relu=True), x
+
     def residual(self, x: jnp.ndarray, pre: jnp.ndarray | None = None) -> jnp.ndarray:
         """What the block adds to its last convolution: its input ``x`` itself when the shape is kept, else the
         downsampling. Pre-activation blocks pass ``pre = relu(bn1(x))``, which only the downsampling reads: the
         identity path stays clean, never normalised, which is the point of He et al. 2016's v2 design (and what
         timm's ResNetV2 computes)."""
-        out = self.width * self.expansion
-        if self.strides == 1 and x.shape[-1] == out:
+        if self.keeps_shape(x):
             return x
-        return Shortcut(out, self.strides, self.shortcut, self.conv_norm, pre is None, self.dilation,
-                        name="downsample")(x if pre is None else pre)
+        return Shortcut(self.width * self.expansion, self.strides, self.shortcut, self.conv_norm, pre is None,
+                        self.dilation, name="downsample")(x if pre is None else pre)
 
     def close(self, last: Callable[..., jnp.ndarray], y: jnp.ndarray, residual: jnp.ndarray,
               relu: bool) -> jnp.ndarray:
@@ -165,7 +177,7 @@ class BasicBlock(ResidualBlock):
             pre = self.pre_activation(x, "bn1")
             y = self.conv_norm(self.width, (3, 3), norm_name="bn2", **conv1)(pre, relu=True)
             return self.close(self.last_conv(self.width, "conv2"), y, self.residual(x, pre), relu=False)
-        y = self.conv_norm(self.width, (3, 3), norm_name="bn1", **conv1)(x, relu=True)
+        y, x = self.first_conv(self.conv_norm(self.width, (3, 3), norm_name="bn1", **conv1), x)
         return self.close(self.last_conv_norm(self.width, (3, 3), "conv2", "bn2"), y, self.residual(x), relu=True)
 
 
@@ -188,7 +200,7 @@ class Bottleneck(ResidualBlock):
             y = self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn2")(pre, relu=True)
             y = self.conv_norm(inner, (3, 3), norm_name="bn3", **conv2)(y, relu=True)
             return self.close(self.last_conv(out, "conv3"), y, self.residual(x, pre), relu=False)
-        y = self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn1")(x, relu=True)
+        y, x = self.first_conv(self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn1"), x)
         y = self.conv_norm(inner, (3, 3), norm_name="bn2", **conv2)(y, relu=True)
         return self.close(self.last_conv_norm(out, (1, 1), "conv3", "bn3"), y, self.residual(x), relu=True)
 

@@ -44,7 +44,8 @@ def _conv_norm(conv, norm, folded: bool):
 
     With ``folded`` the BatchNorm is already inside the convolution (scaled kernel, BN shift as bias, see
     ``ops.fold_batchnorm``), and the residual add and ReLU become that convolution's epilogue, which the oneDNN
-    algorithm fuses. ``norm_name=None`` is a bare convolution (pre-activation blocks end in one).
+    algorithm fuses. ``norm_name=None`` is a bare convolution (pre-activation blocks end in one). ``fan_out``
+    also returns the input, for the block's identity shortcut (``ops.conv2d`` says why).
     """
 
     def make(features, kernel_size, *, conv_name, norm_name, strides=1, groups=1, scale_init=None, **conv_kwargs):
@@ -52,10 +53,16 @@ def _conv_norm(conv, norm, folded: bool):
         c = conv(features, kernel_size, strides=strides, feature_group_count=groups, use_bias=fold, name=conv_name,
                  **conv_kwargs)
         if fold or norm_name is None:
-            return lambda x, residual=None, relu=False: c(x, residual=residual, relu=relu)
+            return lambda x, residual=None, relu=False, fan_out=False: c(x, residual=residual, relu=relu,
+                                                                         fan_out=fan_out)
         n = norm(name=norm_name, **({} if scale_init is None else {"scale_init": scale_init}))
 
-        return lambda x, residual=None, relu=False: n(c(x), residual=residual, relu=relu)
+        def apply(x, residual=None, relu=False, fan_out=False):
+            if fan_out:
+                y, x = c(x, fan_out=True)
+                return n(y, residual=residual, relu=relu), x
+            return n(c(x), residual=residual, relu=relu)
+        return apply
     return make
 
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.ops import linear
+from resnet_jax.ops import fanout, linear
 from resnet_jax.ops.jax_compat import SymbolicZero
 from resnet_jax.ops.registry import REGISTRY
 from resnet_jax.ops.rules import compute_dtype, resolve
@@ -27,7 +27,7 @@ from resnet_jax.ops.xla import lax_conv
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (1, 1),
            padding: str | Sequence[tuple[int, int]] = "SAME", groups: int = 1, *, bias: jnp.ndarray | None = None,
            residual: jnp.ndarray | None = None, relu: bool = False, algorithm: str = "auto",
-           fallback: bool = False, dilation: int | Sequence[int] = 1) -> jnp.ndarray:
+           fallback: bool = False, dilation: int | Sequence[int] = 1, fan_out: bool = False):
     """``relu(conv(x, kernel) + bias + residual)``, NHWC x HWIO -> NHWC; equal to ``lax.conv_general_dilated``
     (values and both gradients) for every algorithm within float32 rounding.
 
@@ -40,6 +40,10 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (
     CPU extension). A forced algorithm that cannot compute this convolution raises ``ValueError`` saying why,
     unless ``fallback`` (what a model's ``conv_impl`` uses): then "auto" computes it instead. "auto" and "jax"
     compute bfloat16 in float32 on CPUs without bfloat16 instructions (``rules.compute_dtype``).
+
+    ``fan_out``: return ``(y, x)``, ``x`` passed through for the caller's other use of it (a block's identity
+    shortcut): the gradient reaching ``x`` by both outputs is then summed inside the input gradient's pass
+    where the algorithm can (``fanout.py``), not by a pass of its own.
     """
     if x.dtype != kernel.dtype:
         raise ValueError(f"conv2d computes in one dtype, but x is {x.dtype} and the kernel {kernel.dtype}; cast "
@@ -48,15 +52,15 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (
     dtype = compute_dtype(jnp.dtype(x.dtype).name, algorithm, jax.default_backend())
     if dtype != jnp.dtype(x.dtype).name:
         cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
-        y = conv2d(cast(x), cast(kernel), strides, padding, groups, bias=cast(bias), residual=cast(residual),
-                   relu=relu, algorithm=algorithm, fallback=fallback, dilation=dilation)
-        return y.astype(x.dtype)
+        out = conv2d(cast(x), cast(kernel), strides, padding, groups, bias=cast(bias), residual=cast(residual),
+                     relu=relu, algorithm=algorithm, fallback=fallback, dilation=dilation, fan_out=fan_out)
+        return tuple(o.astype(x.dtype) for o in out) if fan_out else out.astype(x.dtype)
     spec = ConvSpec.of(x, kernel, strides, padding, groups, dilation)
     passes = resolve(algorithm, spec, jax.default_backend(), fallback)
     if all(REGISTRY[name].xla_ops_only for name in passes):  # plain lax, which every transformation knows
-        return _epilogue(lax_conv(x, kernel, spec.strides, spec.padding, groups, spec.dilation), bias, residual,
-                         relu)
-    return _composed(x, kernel, bias, residual, spec, relu, passes)
+        y = _epilogue(lax_conv(x, kernel, spec.strides, spec.padding, groups, spec.dilation), bias, residual, relu)
+        return (y, x) if fan_out else y
+    return _composed(x, kernel, bias, residual, spec, relu, passes, bool(fan_out))
 
 
 def _epilogue(y, bias, residual, relu):
@@ -75,21 +79,30 @@ def _forward(x, kernel, bias, residual, spec, relu, name):
     return _epilogue(algorithm.forward(x, kernel, spec), bias, residual, relu)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
-def _composed(x, kernel, bias, residual, spec, relu, passes):
-    """The convolution with its epilogue, each pass computed by the algorithm ``passes`` names for it."""
-    return _forward(x, kernel, bias, residual, spec, relu, passes[0])
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+def _composed(x, kernel, bias, residual, spec, relu, passes, fan_out=False):
+    """The convolution with its epilogue, each pass computed by the algorithm ``passes`` names for it (and with
+    ``fan_out``, ``x`` itself as a second output)."""
+    y = _forward(x, kernel, bias, residual, spec, relu, passes[0])
+    return (y, x) if fan_out else y
 
 
 @functools.partial(_composed.defjvp, symbolic_zeros=True)
-def _composed_jvp(spec, relu, passes, primals, tangents):
+def _composed_jvp(spec, relu, passes, fan_out, primals, tangents):
     """The primal is the fused forward; the tangent ``mask * (conv(dx, k) + conv(x, dk) + dbias + dresidual)``
     is built from ``linear.conv_p``, whose transposes are the input- and kernel-gradient passes: reverse mode
-    (the transpose of this map) runs the algorithms ``passes`` names, and forward mode works as it is."""
+    (the transpose of this map) runs the algorithms ``passes`` names, and forward mode works as it is. With
+    ``fan_out`` the ``dx`` term and ``dx`` itself come from ``fanout.fanout_p``, whose transpose sums both
+    outputs' cotangents in the input gradient's pass."""
     x, kernel, bias, residual = primals
     dx, dkernel, dbias, dresidual = (None if type(t) is SymbolicZero else t for t in tangents)
-    y = _composed(x, kernel, bias, residual, spec, relu, passes)  # higher orders: this rule again
-    terms = [] if dx is None else [linear.conv(dx.astype(x.dtype), kernel, passes, spec)]
+    y = _composed(x, kernel, bias, residual, spec, relu, passes, False)  # higher orders: this rule again
+    terms, tx = [], jnp.zeros_like(x)
+    if dx is not None and fan_out:
+        ty, tx = fanout.conv_fanout(dx.astype(x.dtype), kernel, passes, spec)
+        terms.append(ty)
+    elif dx is not None:
+        terms.append(linear.conv(dx.astype(x.dtype), kernel, passes, spec))
     if dkernel is not None:
         terms.append(linear.conv(x, dkernel.astype(kernel.dtype), passes, spec))
     if dbias is not None:
@@ -99,14 +112,15 @@ def _composed_jvp(spec, relu, passes, primals, tangents):
     t = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
     if relu:
         t = jnp.where(y > 0, t, jnp.zeros_like(t))
-    return y, t
+    return ((y, x), (t, tx)) if fan_out else (y, t)
 
 
 class Conv(nn.Module):
     """A bias-optional ``nn.Conv`` replacement whose convolution is ``conv2d`` with a chosen ``algorithm``.
 
     Same ``kernel`` parameter (HWIO) and output as ``nn.Conv``, so weights and checkpoints do not depend on the
-    algorithm. ``__call__(x, residual=None, relu=False)`` applies the fused epilogue. Where ``algorithm`` cannot
+    algorithm. ``__call__(x, residual=None, relu=False, fan_out=False)`` applies the fused epilogue (and with
+    ``fan_out`` returns ``(y, x)``, see ``conv2d``). Where ``algorithm`` cannot
     compute this layer (Winograd on a strided layer, say) "auto" does, so one name can serve a whole model.
     """
 
@@ -124,10 +138,12 @@ class Conv(nn.Module):
     algorithm: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, residual: jnp.ndarray | None = None, relu: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, residual: jnp.ndarray | None = None, relu: bool = False,
+                 fan_out: bool = False):
         shape = (*self.kernel_size, x.shape[-1] // self.feature_group_count, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return conv2d(x, kernel, self.strides, self.padding, self.feature_group_count, bias=bias, residual=residual,
-                      relu=relu, algorithm=self.algorithm, fallback=True, dilation=self.kernel_dilation)
+                      relu=relu, algorithm=self.algorithm, fallback=True, dilation=self.kernel_dilation,
+                      fan_out=fan_out)

@@ -38,7 +38,8 @@ def conv_batchnorm_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> dict
     for call in module_calls(model, input_shape):
         plain = len(call.args) == 1 and call.kwargs.get("residual") is None and not call.kwargs.get("relu")
         if isinstance(call.module, Conv) and plain:  # an output with an epilogue is no longer the conv's alone
-            produced[id(call.output)] = (call.path, call.output, call.module.dtype)
+            output = call.output[0] if call.kwargs.get("fan_out") else call.output  # (y, x) passed through
+            produced[id(output)] = (call.path, output, call.module.dtype)
         elif isinstance(call.module, nn.BatchNorm) and call.args and id(call.args[0]) in produced:
             conv_path, source, dtype = produced[id(call.args[0])]
             if source is call.args[0]:

@@ -38,6 +38,7 @@ NAMES = {
                              "(batchnorm_grad.py, pool_grad.py)"),
     "is_undefined_primal": ("jax.interpreters.ad", "is_undefined_primal", "which operands a transpose gets"),
     "instantiate_zeros": ("jax.interpreters.ad", "instantiate_zeros", "absent tangents and cotangents"),
+    "Zero": ("jax.interpreters.ad", "Zero", "the fan-out primitives' absent tangents and cotangents (fanout.py)"),
 }
 # keyword arguments of a resolved callable that ops/ passes: (our name, attribute path inside it, keywords)
 KEYWORDS = (("custom_partitioning", "def_partition", ("sharding_rule", "reduction_factors")),)
@@ -89,3 +90,4 @@ primitive_jvps = _resolved["primitive_jvps"]
 primitive_transposes = _resolved["primitive_transposes"]
 is_undefined_primal = _resolved["is_undefined_primal"]
 instantiate_zeros = _resolved["instantiate_zeros"]
+Zero = _resolved["Zero"]

@@ -129,6 +129,9 @@ class Algorithm:
     kernel_grad(x, dy, spec) -> dkernel
     fused_forward(x, kernel, spec, bias, residual, relu) -> relu(y + bias + residual), for algorithms that apply
       that epilogue inside their kernel (saving a pass over y); None for the others.
+    summed_input_grad(dy, kernel, spec, acc) -> acc + input_grad(dy, kernel, spec) with ``acc``'s buffer as the
+      result, for algorithms that add it inside their kernel (saving a pass over dx where the convolution's input
+      also went elsewhere, ``fanout.py``); None for the others (``input_grad_plus`` adds it after).
     limits(spec) -> None when it computes ``spec``, else what it cannot do, as the end of a sentence. Shapes and
       dtypes only: asking it never loads or builds anything.
     unavailable() -> None when it can run in this process, else why not (the extension: loaded, and built the
@@ -148,6 +151,7 @@ class Algorithm:
     cpu_only: bool = False
     xla_ops_only: bool = False
     fused_forward: Callable | None = None
+    summed_input_grad: Callable | None = None
     unavailable: Callable[[], str | None] | None = None
 
     @classmethod
@@ -162,6 +166,12 @@ class Algorithm:
             return jax.vjp(lambda k: forward(x, k, spec), jnp.zeros(spec.kernel_shape, x.dtype))[1](dy)[0]
 
         return cls(name=name, forward=forward, input_grad=input_grad, kernel_grad=kernel_grad, **fields)
+
+    def input_grad_plus(self, dy, kernel, spec: ConvSpec, acc):
+        """``acc + input_grad(dy, kernel, spec)``: inside the kernel where the algorithm can, else added after."""
+        if self.summed_input_grad is not None:
+            return self.summed_input_grad(dy, kernel, spec, acc)
+        return acc + self.input_grad(dy, kernel, spec).astype(acc.dtype)
 
     def refusal(self, spec: ConvSpec, backend: str) -> str | None:
         """None when this algorithm computes ``spec`` on ``backend``, else a sentence saying why not."""

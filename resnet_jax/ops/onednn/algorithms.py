@@ -94,10 +94,13 @@ def _gemm() -> Algorithm:
         y = calls.matmul(xs.reshape(-1, xs.shape[-1]).astype(jnp.float32), kernel.reshape(kernel.shape[2:]))
         return y.reshape(*xs.shape[:3], -1).astype(x.dtype)
 
+    def every_pixel(spec):
+        return spec.strides == (1, 1) and not any(spec.padding[0] + spec.padding[1])
+
     def input_grad(dy, kernel, spec):
         dxs = calls.matmul(dy.reshape(-1, dy.shape[-1]), kernel.reshape(kernel.shape[2:]), transpose_b=True)
         dxs = dxs.reshape(*dy.shape[:3], -1)
-        if spec.strides == (1, 1) and not any(spec.padding[0] + spec.padding[1]):
+        if every_pixel(spec):
             return dxs
         # the forward kept pixels (pad, then every stride-th): put the gradient back there, zeros elsewhere, and
         # drop the padding, all as one lax.pad (interior zeros, negative edges crop), which XLA fuses into the
@@ -109,6 +112,13 @@ def _gemm() -> Algorithm:
             edges.append((-low, size + low - spread, stride - 1))
         return lax.pad(dxs, jnp.zeros((), dxs.dtype), edges + [(0, 0, 0)])
 
+    def summed_input_grad(dy, kernel, spec, acc):
+        if not every_pixel(spec):  # the gradient is spread over the kept pixels: XLA fuses the add into that
+            return acc + input_grad(dy, kernel, spec)
+        dx = calls.matmul(dy.reshape(-1, dy.shape[-1]), kernel.reshape(kernel.shape[2:]), transpose_b=True,
+                          accumulate=acc.reshape(-1, acc.shape[-1]))
+        return dx.reshape(acc.shape)
+
     def kernel_grad(x, dy, spec):
         xs = gemm.kept_pixels(x, spec)
         own = kernel_grad_own_kernel(xs.shape[-1], dy.shape[-1])
@@ -118,17 +128,23 @@ def _gemm() -> Algorithm:
 
     return Algorithm(name="onednn_gemm", cpu_only=True, unavailable=unavailable_reason,
                      limits=_extension_limits(True, gemm.limits),
-                     forward=forward, input_grad=input_grad, kernel_grad=kernel_grad)
+                     forward=forward, input_grad=input_grad, kernel_grad=kernel_grad,
+                     summed_input_grad=summed_input_grad)
 
 
 def _winograd(m: int) -> Algorithm:
     def fused_forward(x, kernel, spec, bias=None, residual=None, relu=False):
         return calls.winograd_forward(x, kernel, spec.padding, m, bias, residual, relu)
 
+    def summed_input_grad(dy, kernel, spec, acc):  # acc as the residual of the input gradient's convolution
+        return calls.winograd_forward(dy, kernel, winograd.input_grad_padding(spec.padding), m, residual=acc,
+                                      transposed_kernel=True)
+
     return Algorithm(
         name=f"onednn_winograd_f{m}", cpu_only=True, unavailable=unavailable_reason,
         limits=_extension_limits(True, winograd.limits),
         forward=lambda x, kernel, spec: fused_forward(x, kernel, spec), fused_forward=fused_forward,
+        summed_input_grad=summed_input_grad,
         input_grad=lambda dy, kernel, spec: calls.winograd_forward(
             dy, kernel, winograd.input_grad_padding(spec.padding), m, transposed_kernel=True),
         kernel_grad=lambda x, dy, spec: calls.winograd_backward_weights(x, dy, spec.padding, m))

@@ -21,8 +21,8 @@ ENV_VAR = "RESNET_JAX_ONEDNN"
 # The C++ entry points, registered as FFI targets of the same names (csrc/*.cc)
 TARGETS = ("ResnetJaxConvForward", "ResnetJaxConvBackwardData", "ResnetJaxConvBackwardWeights",
            "ResnetJaxWinogradForward", "ResnetJaxWinogradBackwardWeights", "ResnetJaxMatmul",
-           "ResnetJaxPatchKernelGrad", "ResnetJaxMaxPoolGrad", "ResnetJaxBatchNormSums", "ResnetJaxBatchNormApply",
-           "ResnetJaxBatchNormGradSums", "ResnetJaxBatchNormGradApply")
+           "ResnetJaxMatmulAccumulate", "ResnetJaxPatchKernelGrad", "ResnetJaxMaxPoolGrad", "ResnetJaxBatchNormSums",
+           "ResnetJaxBatchNormApply", "ResnetJaxBatchNormGradSums", "ResnetJaxBatchNormGradApply")
 logger = logging.getLogger("resnet_jax")
 
 

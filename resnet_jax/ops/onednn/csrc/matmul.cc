@@ -5,6 +5,12 @@
 // That product, x^T dy, reads its left operand transposed (pixels outermost), a form oneDNN's AVX2 GEMM runs at
 // ~80-130 GFLOP/s on most of ResNet-50's channel pairs. With `own_kernel` it is summed as outer products by
 // outer_products.h instead (algorithms.py chooses where; BENCHMARKS.md has the measurements).
+//
+// ResnetJaxMatmulAccumulate computes out = acc + lhs x rhs with `acc`'s buffer as the output (a oneDNN `sum`
+// post-op): a block's input gradient where the same input also went to the residual, the two cotangents summed
+// by the product as it writes its tiles instead of by a separate pass over them (linear.py, fan-out).
+
+#include <cstring>
 
 #include "common.h"
 #include "outer_products.h"
@@ -14,8 +20,9 @@ namespace {
 namespace ffi = xla::ffi;
 
 // out = lhs x rhs with lhs (rows x k) or, transposed, stored (k x rows); rhs (k x cols) or stored (cols x k).
-ffi::Error Product(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                   int64_t transpose_lhs, int64_t transpose_rhs, int64_t own_kernel) {
+ffi::Error Multiply(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, const float* acc,
+                    ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t transpose_lhs, int64_t transpose_rhs,
+                    int64_t own_kernel) {
   auto a = lhs.dimensions(), b = rhs.dimensions(), c = out->dimensions();
   if (a.size() != 2 || b.size() != 2 || c.size() != 2)
     return ffi::Error::InvalidArgument("oneDNN matmul: expected matrices");
@@ -23,7 +30,7 @@ ffi::Error Product(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::Re
   const int64_t k2 = transpose_rhs ? b[1] : b[0], cols = transpose_rhs ? b[0] : b[1];
   if (k != k2 || c[0] != rows || c[1] != cols)
     return ffi::Error::InvalidArgument("oneDNN matmul: inconsistent shapes");
-  if (own_kernel && (!transpose_lhs || transpose_rhs))
+  if (own_kernel && (!transpose_lhs || transpose_rhs || acc))
     return ffi::Error::InvalidArgument("oneDNN matmul: the own kernel computes lhs^T x rhs only");
 #if !defined(RESNET_JAX_OUTER_PRODUCTS)
   if (own_kernel) return ffi::Error::InvalidArgument("oneDNN matmul: the own kernel needs AVX2 and FMA");
@@ -36,13 +43,36 @@ ffi::Error Product(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::Re
       return;
     }
 #endif
-    auto* mm = resnet_jax::BatchedMatmul(1, rows, k, cols, transpose_lhs, transpose_rhs, false);
+    // XLA hands the accumulator's buffer over as the output when it can; otherwise (never seen) copy it there
+    if (acc && acc != out->typed_data()) std::memcpy(out->typed_data(), acc, out->size_bytes());
+    auto* mm = resnet_jax::BatchedMatmul(1, rows, k, cols, transpose_lhs, transpose_rhs, acc != nullptr);
     resnet_jax::RunMatmul(*mm, lhs.typed_data(), rhs.typed_data(), out->typed_data());
     resnet_jax::Stream().wait();
   });
 }
 
+ffi::Error Product(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                   int64_t transpose_lhs, int64_t transpose_rhs, int64_t own_kernel) {
+  return Multiply(lhs, rhs, nullptr, out, transpose_lhs, transpose_rhs, own_kernel);
+}
+
+ffi::Error ProductAccumulated(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::Buffer<ffi::F32> acc,
+                              ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t transpose_lhs, int64_t transpose_rhs) {
+  if (!resnet_jax::SameDims(acc.dimensions(), out->dimensions()))
+    return ffi::Error::InvalidArgument("oneDNN matmul: the accumulator must have the product's shape");
+  return Multiply(lhs, rhs, acc.typed_data(), out, transpose_lhs, transpose_rhs, 0);
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxMatmulAccumulate, ProductAccumulated,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("transpose_lhs")
+                                  .Attr<int64_t>("transpose_rhs"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxMatmul, Product,
                               ffi::Ffi::Bind()

@@ -1,0 +1,158 @@
+"""A convolution whose input also feeds the identity shortcut (``conv2d(..., fan_out=True)``): the gradient at the
+input is ``lax``'s (both uses summed), in reverse and forward mode, under ``vmap`` and to second order; the sum runs
+inside the input gradient's call where the algorithm can (oneDNN's GEMM, the extension's Winograd), and a ResNet's
+identity blocks, and only those, take this path."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from conftest import require_onednn
+from resnet_jax import create_model
+from resnet_jax.ops import conv2d
+from resnet_jax.ops.onednn import calls
+from resnet_jax.ops.registry import REGISTRY
+
+# (algorithm, kernel, stride, padding, the call that sums in the backward, or None where it is added after)
+CASES = [
+    ("onednn_gemm", 1, 1, ((0, 0), (0, 0)), "ResnetJaxMatmulAccumulate"),
+    ("onednn_winograd_f4", 3, 1, ((1, 1), (1, 1)), "ResnetJaxWinogradForward"),
+    ("onednn_gemm", 1, 2, ((0, 0), (0, 0)), None),  # strided: the gradient is spread over the kept pixels
+    ("onednn", 3, 1, ((1, 1), (1, 1)), None),  # oneDNN's backward-data primitive takes no post-ops
+    ("gemm", 1, 1, ((0, 0), (0, 0)), None),
+    ("xla", 3, 1, ((1, 1), (1, 1)), None),
+]
+
+
+def operands(ksize, channels=16):
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (2, 9, 10, channels))
+    k = jax.random.normal(keys[1], (ksize, ksize, channels, channels)) / (ksize * channels ** 0.5)
+    return x, k, keys[2], keys[3]
+
+
+def block_loss(conv):
+    """A block's fan-out: ``x`` into the convolution and, by the second output, into the shortcut, each followed
+    by something nonlinear so the second derivative sees both."""
+    def loss(x, k, py, px):
+        y, kept = conv(x, k)
+        return jnp.sum(py * jnp.tanh(y)) + jnp.sum(px * jnp.sin(kept)) + jnp.sum(jnp.tanh(y + kept) ** 2)
+    return loss
+
+
+def ours(algorithm, stride, padding):
+    return lambda x, k: conv2d(x, k, stride, padding, algorithm=algorithm, fan_out=True)
+
+
+def reference(stride, padding):
+    def conv(x, k):
+        return lax.conv_general_dilated(x, k, (stride, stride), padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")), x
+    return conv
+
+
+def require(algorithm):
+    if REGISTRY[algorithm].cpu_only:
+        require_onednn()
+
+
+@pytest.mark.parametrize("algorithm, ksize, stride, padding, summing_call", CASES,
+                         ids=[f"{c[0]}_k{c[1]}s{c[2]}" for c in CASES])
+def test_gradients_equal_lax_and_the_sum_runs_in_the_input_gradient(algorithm, ksize, stride, padding, summing_call):
+    require(algorithm)
+    x, k, ky, kx = operands(ksize)
+    y_shape = jax.eval_shape(reference(stride, padding), x, k)[0].shape
+    py, px = jax.random.normal(ky, y_shape), jax.random.normal(kx, x.shape)
+    if stride != 1:  # the shortcut then needs a shape of its own: y + kept is only for equal shapes
+        def loss_of(conv):
+            def loss(x, k, py, px):
+                y, kept = conv(x, k)
+                return jnp.sum(py * jnp.tanh(y)) + jnp.sum(px * jnp.sin(kept))
+            return loss
+    else:
+        loss_of = block_loss
+    grad = jax.jit(jax.grad(loss_of(ours(algorithm, stride, padding)), argnums=(0, 1)))
+    want = jax.grad(loss_of(reference(stride, padding)), argnums=(0, 1))(x, k, py, px)
+    for got, expected, what in zip(grad(x, k, py, px), want, ("d/dx", "d/dkernel")):
+        scale = float(jnp.max(jnp.abs(expected)))
+        np.testing.assert_allclose(got, expected, atol=1e-4 * scale, err_msg=f"{algorithm} {what}")
+    hlo = grad.lower(x, k, py, px).as_text()
+    if summing_call == "ResnetJaxMatmulAccumulate":
+        assert hlo.count("ResnetJaxMatmulAccumulate") == 1, "the sum did not run inside the GEMM"
+    elif summing_call == "ResnetJaxWinogradForward":  # the input gradient's Winograd with the shortcut's as residual
+        summing = [line for line in hlo.splitlines() if summing_call in line and "has_residual = 1" in line]
+        assert len(summing) == 1, "the sum did not run inside the Winograd input gradient"
+    else:
+        assert "ResnetJaxMatmulAccumulate" not in hlo and "has_residual = 1" not in hlo
+
+
+@pytest.mark.parametrize("algorithm", ["onednn_gemm", "onednn_winograd_f4", "xla"])
+def test_forward_mode_second_order_and_vmap_equal_lax(algorithm):
+    require(algorithm)
+    ksize = 1 if algorithm == "onednn_gemm" else 3
+    padding = ((ksize // 2,) * 2,) * 2
+    x, k, ky, kx = operands(ksize)
+    py, px = jax.random.normal(ky, x.shape), jax.random.normal(kx, x.shape)
+    mine, ref = block_loss(ours(algorithm, 1, padding)), block_loss(reference(1, padding))
+    tx, tk = jax.random.normal(ky, x.shape), jax.random.normal(kx, k.shape) / 10
+
+    def hvp(loss):  # forward over reverse: the derivative of the gradient (the fan-out's transpose) along (tx, tk)
+        return jax.jvp(lambda a, b: jax.grad(loss, argnums=(0, 1))(a, b, py, px), (x, k), (tx, tk))
+
+    got, want = jax.jit(lambda: hvp(mine))(), hvp(ref)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, atol=2e-4 * float(jnp.max(jnp.abs(w))))
+    # reverse over reverse: the Hessian's product along the input (a derivative of input_grad_sum_p itself)
+    hx = jax.jit(jax.grad(lambda a: jnp.vdot(jax.grad(mine)(a, k, py, px), tx)))(x)
+    want_hx = jax.grad(lambda a: jnp.vdot(jax.grad(ref)(a, k, py, px), tx))(x)
+    np.testing.assert_allclose(hx, want_hx, atol=2e-4 * float(jnp.max(jnp.abs(want_hx))))
+    # per-example gradients: vmap over the images, the kernel shared
+    per_example = jax.jit(jax.vmap(jax.grad(mine, argnums=(0, 1)), in_axes=(0, None, 0, 0)))
+    expected = jax.vmap(jax.grad(ref, argnums=(0, 1)), in_axes=(0, None, 0, 0))
+    for g, w in zip(per_example(x[:, None], k, py[:, None], px[:, None]),
+                    expected(x[:, None], k, py[:, None], px[:, None])):
+        np.testing.assert_allclose(g, w, atol=2e-4 * float(jnp.max(jnp.abs(w))))
+
+
+def test_the_accumulating_gemm_leaves_a_still_needed_accumulator_intact():
+    """XLA hands the accumulator's buffer to the call; where the accumulator is read again afterwards, it must
+    copy it first, and the caller's value must be unchanged."""
+    require_onednn()
+    keys = jax.random.split(jax.random.key(3), 3)
+    a, b = jax.random.normal(keys[0], (40, 24)), jax.random.normal(keys[1], (16, 24))
+    acc = jax.random.normal(keys[2], (40, 16))
+    total, again = jax.jit(lambda a, b, acc: (calls.matmul(a, b, transpose_b=True, accumulate=acc), acc * 1))(
+        a, b, acc)
+    np.testing.assert_allclose(total, acc + a @ b.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(again, acc)
+    with pytest.raises(ValueError, match="accumulates into a product over the batch"):
+        calls.matmul(a, b[:, :40].T, transpose_a=True, accumulate=acc)
+
+
+@pytest.mark.parametrize("name, identity_blocks", [("resnet50", 12), ("resnet18", 5)])
+def test_every_identity_block_and_no_other_sums_in_its_first_convolution(name, identity_blocks):
+    """ResNet-50 has 16 blocks, 4 of them changing the shape: 12 sums, one per identity block; ResNet-18 has 5 of
+    8 (its first stage keeps 64 channels; its identity blocks' first 3x3 layers run Winograd at this size,
+    ResNet-50's 1x1 oneDNN's GEMM). Pre-activation
+    blocks keep their plain path (their first convolution reads the normalised input, not the shortcut's)."""
+    require_onednn()
+    x = jax.ShapeDtypeStruct((8, 160, 160, 3), jnp.float32)  # ResNet-18's last stage: 5x5, Winograd's 32 tiles
+
+    def summing_calls(model):
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+        def loss(params, batch_stats, x):
+            out, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                 mutable=["batch_stats"])
+            return jnp.sum(out)
+        hlo = jax.jit(jax.grad(loss)).lower(variables["params"], variables["batch_stats"], x).as_text()
+        return (hlo.count("ResnetJaxMatmulAccumulate")
+                + sum(1 for line in hlo.splitlines() if "ResnetJaxWinogradForward" in line
+                      and "has_residual = 1" in line and re.search(r"transposed_kernel = 1", line)))
+
+    assert summing_calls(create_model(name)) == identity_blocks
+    assert summing_calls(create_model(name, preact=True)) == 0
