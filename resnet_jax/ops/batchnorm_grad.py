@@ -95,11 +95,17 @@ def _cotangent_extension(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, e
                          dtypes):
     """``_cotangent`` with its two passes over the tensors in C++ (onednn/csrc/batchnorm.cc)."""
     ct, y = ct.astype(x.dtype), y.astype(x.dtype)
+    if has_residual and relu:
+        # the residual's gradient is the masked cotangent g: the sums' pass writes it (over ct, dead after), so no
+        # pass of its own reads ct and y again to mask them, and the input gradient reads g unmasked
+        sums, g = calls.batch_norm_grad_sums_masked(ct, y, x)
+        dscale, dbias, coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
+        dx = calls.batch_norm_grad_apply(g, y, x, coef, False)
+        return _cast([dx, dscale, dbias, g], dtypes)
     sums = calls.batch_norm_grad_sums(ct, y, x, relu)
     dscale, dbias, coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
     dx = calls.batch_norm_grad_apply(ct, y, x, coef, relu)
-    # the residual's gradient is the masked cotangent: XLA fuses it into whatever reads it
-    return _cast([dx, dscale, dbias] + ([_masked(ct, y, relu)] if has_residual else []), dtypes)
+    return _cast([dx, dscale, dbias] + ([ct] if has_residual else []), dtypes)
 
 
 def _cast(values, dtypes):

@@ -32,39 +32,50 @@ def _call(target: str, result, dtype, operands, layout, attrs: dict, summed: boo
     ``result`` is the result's shape without its leading batch axis (its whole shape when ``summed``);
     ``in_place`` names an operand whose buffer becomes the result (XLA copies it first only where it is still
     needed elsewhere); ``attrs`` are the call's integer attributes (tuples become int64 arrays)."""
-    static = (target, tuple(result), jnp.dtype(dtype).name, tuple(layout), bool(summed), in_place,
-              tuple(sorted((k, v) for k, v in attrs.items())), tuple(len(o.shape) for o in operands))
+    return _call_results(target, [(result, dtype, summed, in_place)], operands, layout, attrs)[0]
+
+
+def _call_results(target: str, results, operands, layout, attrs: dict):
+    """``_call`` of a target with several results, each ``(result, dtype, summed, in_place)`` as there."""
+    results = tuple((tuple(shape), jnp.dtype(dtype).name, bool(summed), in_place)
+                    for shape, dtype, summed, in_place in results)
+    static = (target, results, tuple(layout), tuple(sorted((k, v) for k, v in attrs.items())),
+              tuple(len(o.shape) for o in operands))
     return _partitioned(*static)(*operands)
 
 
-def _ffi(target, result, dtype, summed, in_place, attrs, operands):
+def _ffi(target, results, attrs, operands):
     load()  # registers the targets (once); raises OnednnUnavailable where it cannot
-    shape = tuple(result) if summed else (operands[0].shape[0], *result)
+    shapes = [jax.ShapeDtypeStruct(shape if summed else (operands[0].shape[0], *shape), dtype)
+              for shape, dtype, summed, _ in results]
+    aliases = {in_place: i for i, (_, _, _, in_place) in enumerate(results) if in_place is not None}
     values = {k: np.asarray(v, np.int64) if isinstance(v, tuple) else np.int64(v) for k, v in attrs}
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential",
-                            input_output_aliases={} if in_place is None else {in_place: 0})(*operands, **values)
+    return jax.ffi.ffi_call(target, shapes, vmap_method="sequential", input_output_aliases=aliases)(
+        *operands, **values)
 
 
 @functools.cache
-def _partitioned(target, result, dtype, layout, summed, in_place, attrs, ranks):
+def _partitioned(target, results, layout, attrs, ranks):
     """The call of ``target`` with this static signature as a batch-parallel ``custom_partitioning``."""
     def body(*operands):
-        return _ffi(target, result, dtype, summed, in_place, attrs, operands)
+        return tuple(_ffi(target, results, attrs, operands))
 
     def shardings(mesh, arg_shapes):
         spec = arg_shapes[0].sharding.spec
         batch_axes = spec[0] if len(spec) else None
         split = NamedSharding(mesh, PartitionSpec(batch_axes))
         whole = NamedSharding(mesh, PartitionSpec())
-        return batch_axes, tuple(split if kind == SPLIT else whole for kind in layout), whole if summed else split
+        outs = tuple(whole if summed else split for _, _, summed, _ in results)
+        return batch_axes, tuple(split if kind == SPLIT else whole for kind in layout), outs
 
     def partition(mesh, arg_shapes, result_shape):
-        batch_axes, args, out = shardings(mesh, arg_shapes)
+        batch_axes, args, outs = shardings(mesh, arg_shapes)
 
         def per_device(*operands):
-            y = body(*operands)
-            return jax.lax.psum(y, batch_axes) if summed and batch_axes is not None else y
-        return mesh, per_device, out, args
+            ys = body(*operands)
+            return tuple(jax.lax.psum(y, batch_axes) if summed and batch_axes is not None else y
+                         for y, (_, _, summed, _) in zip(ys, results))
+        return mesh, per_device, outs, args
 
     # Shardy's rule: factor "b" is the batch axis of every split operand (and of a split result); every other
     # dimension is a factor of its own, which the partition above keeps whole
@@ -72,13 +83,19 @@ def _partitioned(target, result, dtype, layout, summed, in_place, attrs, ranks):
     for i, kind in enumerate(layout):
         if kind == SPLIT:
             names[i][0] = "b"
-    out = [f"rd{d}" for d in range(len(result) + (0 if summed else 1))]
-    if not summed:
-        out[0] = "b"
-    rule = ", ".join(" ".join(n) for n in names) + " -> " + " ".join(out)
+    outs = []
+    for r, (shape, _, summed, _) in enumerate(results):
+        out = [f"r{r}d{d}" for d in range(len(shape) + (0 if summed else 1))]
+        if not summed:
+            out[0] = "b"
+        outs.append(" ".join(out))
+    rule = ", ".join(" ".join(n) for n in names) + " -> " + ", ".join(outs)
     call = custom_partitioning(body)
+    # "b" is summed over where no result keeps it (Shardy refuses a reduction factor that a result maps; where one
+    # result is summed and another split, the partition above still adds the shards of the summed one)
+    reduced = all(summed for _, _, summed, _ in results)
     call.def_partition(partition=partition, infer_sharding_from_operands=lambda m, a, r: shardings(m, a)[2],
-                       sharding_rule=rule, **({"reduction_factors": ("b",)} if summed else {}))
+                       sharding_rule=rule, **({"reduction_factors": ("b",)} if reduced else {}))
     return sequential_vmap(call)  # vmap: one call per mapped element, as the FFI call itself would
 
 
@@ -203,6 +220,14 @@ def batch_norm_grad_sums(ct, y, x, relu):
     """``(2, C)`` float32: the per-channel sums of ``g`` and ``g * x``, ``g = ct`` where ``y > 0`` (with ``relu``)."""
     return _call("ResnetJaxBatchNormGradSums", (2, x.shape[-1]), jnp.float32, (ct, y, x), (SPLIT, SPLIT, SPLIT),
                  dict(relu=int(bool(relu))), summed=True)
+
+
+def batch_norm_grad_sums_masked(ct, y, x):
+    """``(sums, g)``: ``batch_norm_grad_sums`` with the ReLU, and the masked cotangent ``g`` itself, written over
+    ``ct``'s buffer (XLA copies ``ct`` first only where it is still needed)."""
+    return _call_results("ResnetJaxBatchNormGradSumsMasked", [((2, x.shape[-1]), jnp.float32, True, None),
+                                                              (x.shape[1:], x.dtype, False, 0)],
+                         (ct, y, x), (SPLIT, SPLIT, SPLIT), {})
 
 
 def batch_norm_grad_apply(ct, y, x, coef, relu):

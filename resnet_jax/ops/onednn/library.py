@@ -22,7 +22,8 @@ ENV_VAR = "RESNET_JAX_ONEDNN"
 TARGETS = ("ResnetJaxConvForward", "ResnetJaxConvBackwardData", "ResnetJaxConvBackwardWeights",
            "ResnetJaxWinogradForward", "ResnetJaxWinogradBackwardWeights", "ResnetJaxMatmul",
            "ResnetJaxMatmulAccumulate", "ResnetJaxPatchKernelGrad", "ResnetJaxMaxPoolGrad", "ResnetJaxBatchNormSums",
-           "ResnetJaxBatchNormApply", "ResnetJaxBatchNormGradSums", "ResnetJaxBatchNormGradApply")
+           "ResnetJaxBatchNormApply", "ResnetJaxBatchNormGradSums", "ResnetJaxBatchNormGradSumsMasked",
+           "ResnetJaxBatchNormGradApply")
 logger = logging.getLogger("resnet_jax")
 
 

@@ -1,6 +1,7 @@
 // Training-mode BatchNorm + residual + ReLU as four passes over (rows, channels) tensors, channels last:
 //   forward:  Stats (sum x, sum x^2)            then Apply     (y = relu((x - mean) * mul + bias + residual))
-//   backward: GradSums (sum g, sum g * x, with g = ct masked by y > 0)  then GradApply (dx = g * a + x * b + c)
+//   backward: GradSums (sum g, sum g * x, with g = ct masked by y > 0)  then GradApply (dx = g * a + x * b + c);
+//             GradSumsMasked also writes g (a residual's gradient), and GradApply reads it unmasked
 // The per-channel arithmetic between the passes (statistics, coefficients) stays in JAX (batchnorm.py,
 // batchnorm_grad.py): these are only the passes over every element, which is where BatchNorm's time goes on
 // CPU. XLA:CPU ran the same passes 1.3-1.7x slower than these loops (BENCHMARKS.md, 2026-12-04).
@@ -169,29 +170,49 @@ ffi::Error Apply(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef, ffi::AnyBuffer re
   });
 }
 
-// The masked cotangent g = ct where y > 0 (every element without the ReLU): out = (sum g, sum g * x).
-ffi::Error GradSums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                    int64_t relu) {
+// The masked cotangent g = ct where y > 0 (every element without the ReLU): out = (sum g, sum g * x); with
+// `masked`, g itself is written there too (GradSumsMasked).
+ffi::Error Sums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                ffi::AnyBuffer* masked, int64_t relu) {
   const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
   if (ct.element_count() != x.element_count() || y.element_count() != x.element_count() ||
+      (masked && masked->element_count() != x.element_count()) ||
       !resnet_jax::HasDims(out->dimensions(), {2, channels}))
     return ffi::Error::InvalidArgument("BatchNorm gradient sums: inconsistent shapes");
-  return Dispatch("BatchNorm gradient sums", x.element_type(), {&ct, &y}, [&](auto tag) {
+  ffi::AnyBuffer* same = masked ? masked : &ct;
+  return Dispatch("BatchNorm gradient sums", x.element_type(), {&ct, &y, same}, [&](auto tag) {
     using T = decltype(tag);
     const T *pg = static_cast<const T*>(ct.untyped_data()), *py = static_cast<const T*>(y.untyped_data()),
             *px = static_cast<const T*>(x.untyped_data());
+    T* pm = masked ? static_cast<T*>(masked->untyped_data()) : nullptr;
     WithFlag(relu, [&](auto with_relu) {
-      ChannelSums(rows, channels, out->typed_data(), [&](int64_t r, float* a, float* b) {
-        const int64_t o = r * channels;
+      WithFlag(masked != nullptr, [&](auto with_store) {
+        ChannelSums(rows, channels, out->typed_data(), [&](int64_t r, float* a, float* b) {
+          const int64_t o = r * channels;
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-          const float g = Masked(with_relu, pg, py, o + c);
-          a[c] += g;
-          b[c] += g * Load(px, o + c);
-        }
+          for (int64_t c = 0; c < channels; ++c) {
+            const float g = Masked(with_relu, pg, py, o + c);
+            if constexpr (with_store) Store(pm, o + c, g);  // each element read before it is overwritten
+            a[c] += g;
+            b[c] += g * Load(px, o + c);
+          }
+        });
       });
     });
   });
+}
+
+ffi::Error GradSums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                    int64_t relu) {
+  return Sums(ct, y, x, out, nullptr, relu);
+}
+
+// GradSums that also writes g, in ct's buffer where XLA hands it over: a block's last BatchNorm, whose g is also
+// the shortcut's gradient. It saves the separate masking pass (read ct and y, write g), and GradApply then reads
+// g without y.
+ffi::Error GradSumsMasked(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x,
+                          ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::AnyBuffer> g) {
+  return Sums(ct, y, x, out, &*g, 1);
 }
 
 // dx = g * coef[0] + x * coef[1] + coef[2], per channel, g as in GradSums.
@@ -239,6 +260,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormGradSums, GradSums,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormGradSumsMasked, GradSumsMasked,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormGradApply, GradApply,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
