@@ -115,9 +115,7 @@ def _gemm() -> Algorithm:
     def summed_input_grad(dy, kernel, spec, acc):
         if not every_pixel(spec):  # the gradient is spread over the kept pixels: XLA fuses the add into that
             return acc + input_grad(dy, kernel, spec)
-        dx = calls.matmul(dy.reshape(-1, dy.shape[-1]), kernel.reshape(kernel.shape[2:]), transpose_b=True,
-                          accumulate=acc.reshape(-1, acc.shape[-1]))
-        return dx.reshape(acc.shape)
+        return calls.matmul(dy, kernel.reshape(kernel.shape[2:]), transpose_b=True, accumulate=acc)
 
     def kernel_grad(x, dy, spec):
         xs = gemm.kept_pixels(x, spec)

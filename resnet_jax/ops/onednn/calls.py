@@ -180,12 +180,12 @@ def matmul(a, b, transpose_a=False, transpose_b=False, own_kernel=False, accumul
     (csrc/outer_products.h says why). ``accumulate`` (the product's shape, float32) is added to the product in
     its own buffer, which becomes the result: ``accumulate + a @ b`` without a pass of its own."""
     cols = b.shape[0] if transpose_b else b.shape[1]
-    if accumulate is not None:
+    if accumulate is not None:  # a and accumulate may be images (N, H, W, C): one row per pixel, as they lie
         if transpose_a or own_kernel:
             raise ValueError("matmul accumulates into a product over the batch's rows only, not a sum over them")
         attrs = dict(transpose_lhs=0, transpose_rhs=int(transpose_b))
-        return _call("ResnetJaxMatmulAccumulate", (cols,), jnp.float32, (a, b, accumulate.astype(jnp.float32)),
-                     (SPLIT, WHOLE, SPLIT), attrs, in_place=2)
+        return _call("ResnetJaxMatmulAccumulate", accumulate.shape[1:], jnp.float32,
+                     (a, b, accumulate.astype(jnp.float32)), (SPLIT, WHOLE, SPLIT), attrs, in_place=2)
     attrs = dict(transpose_lhs=int(transpose_a), transpose_rhs=int(transpose_b), own_kernel=int(own_kernel))
     if transpose_a:
         return _call("ResnetJaxMatmul", (a.shape[1], cols), jnp.float32, (a, b), (SPLIT, SPLIT), attrs, summed=True)

@@ -11,6 +11,7 @@
 // by the product as it writes its tiles instead of by a separate pass over them (linear.py, fan-out).
 
 #include <cstring>
+#include <utility>
 
 #include "common.h"
 #include "outer_products.h"
@@ -19,16 +20,26 @@ namespace {
 
 namespace ffi = xla::ffi;
 
+// A buffer read as a matrix: every dimension but the last is a row (an NHWC image: one row per pixel), so XLA
+// passes images as they are, with no reshape between the calls (a reshaped operand that a call updates in place
+// made XLA copy it first).
+std::pair<int64_t, int64_t> AsMatrix(ffi::Span<const int64_t> dims) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
+  return {rows, dims.size() == 0 ? 1 : dims[dims.size() - 1]};
+}
+
 // out = lhs x rhs with lhs (rows x k) or, transposed, stored (k x rows); rhs (k x cols) or stored (cols x k).
 ffi::Error Multiply(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, const float* acc,
                     ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t transpose_lhs, int64_t transpose_rhs,
                     int64_t own_kernel) {
-  auto a = lhs.dimensions(), b = rhs.dimensions(), c = out->dimensions();
-  if (a.size() != 2 || b.size() != 2 || c.size() != 2)
-    return ffi::Error::InvalidArgument("oneDNN matmul: expected matrices");
-  const int64_t rows = transpose_lhs ? a[1] : a[0], k = transpose_lhs ? a[0] : a[1];
-  const int64_t k2 = transpose_rhs ? b[1] : b[0], cols = transpose_rhs ? b[0] : b[1];
-  if (k != k2 || c[0] != rows || c[1] != cols)
+  auto a = AsMatrix(lhs.dimensions()), b = AsMatrix(rhs.dimensions()), c = AsMatrix(out->dimensions());
+  if (lhs.dimensions().size() < 2 || rhs.dimensions().size() != 2 || out->dimensions().size() < 2 ||
+      (transpose_lhs && lhs.dimensions().size() != 2))
+    return ffi::Error::InvalidArgument("oneDNN matmul: expected matrices (or images, one row per pixel)");
+  const int64_t rows = transpose_lhs ? a.second : a.first, k = transpose_lhs ? a.first : a.second;
+  const int64_t k2 = transpose_rhs ? b.second : b.first, cols = transpose_rhs ? b.first : b.second;
+  if (k != k2 || c.first != rows || c.second != cols)
     return ffi::Error::InvalidArgument("oneDNN matmul: inconsistent shapes");
   if (own_kernel && (!transpose_lhs || transpose_rhs || acc))
     return ffi::Error::InvalidArgument("oneDNN matmul: the own kernel computes lhs^T x rhs only");
