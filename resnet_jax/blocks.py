@@ -21,7 +21,7 @@ from resnet_jax.attention import ATTENTION, attention
 ModuleFactory = Callable[..., nn.Module]
 # conv_norm(features, kernel_size, *, strides, groups, conv_name, norm_name, scale_init, kernel_init) returns
 # apply(x, residual=None, relu=False, fan_out=False) = relu(BN(conv(x)) + residual): conv then BN, or one conv with
-# the BN folded; with fan_out also x, for the identity shortcut (the gradient's sum then runs in the conv's pass)
+# the BN folded; with fan_out also x, for the shortcut (the gradient's sum then runs in the conv's pass)
 ConvNormFactory = Callable[..., Callable[..., jnp.ndarray]]
 
 # How a block's input reaches its output when the shape changes (stride > 1 or a new width):
@@ -109,27 +109,24 @@ class ResidualBlock(nn.Module):
 
     expansion = 1
 
-    def keeps_shape(self, x: jnp.ndarray) -> bool:
-        """Whether the shortcut is the identity (no downsampling)."""
-        return self.strides == 1 and x.shape[-1] == self.width * self.expansion
-
     def first_conv(self, conv_norm: Callable[..., Any], x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """``(relu(bn(conv(x))), x)``; where ``x`` is also the identity shortcut, the returned ``x`` is the
-        convolution's pass-through (``fan_out``), so its two gradients are summed inside the input gradient's
-        pass instead of by one of their own (``ops/fanout.py``)."""
-        if self.keeps_shape(x):
-            return conv_norm(x, relu=True, fan_out=True)
-        return conv_norm(x, relu=True), x
+        """``(relu(bn(conv(x))), x)`` with the returned ``x`` the convolution's pass-through (``fan_out``), for
+        the shortcut (itself or its downsampling; a pre-activation block's downsampling reads the normalised
+        input its first convolution reads): the gradients reaching ``x`` by both paths are then summed inside the
+        convolution's input-gradient pass where its algorithm can, not by a pass of their own
+        (``ops/fanout.py``)."""
+        return conv_norm(x, relu=True, fan_out=True)
 
     def residual(self, x: jnp.ndarray, pre: jnp.ndarray | None = None) -> jnp.ndarray:
         """What the block adds to its last convolution: its input ``x`` itself when the shape is kept, else the
         downsampling. Pre-activation blocks pass ``pre = relu(bn1(x))``, which only the downsampling reads: the
         identity path stays clean, never normalised, which is the point of He et al. 2016's v2 design (and what
         timm's ResNetV2 computes)."""
-        if self.keeps_shape(x):
+        out = self.width * self.expansion
+        if self.strides == 1 and x.shape[-1] == out:
             return x
-        return Shortcut(self.width * self.expansion, self.strides, self.shortcut, self.conv_norm, pre is None,
-                        self.dilation, name="downsample")(x if pre is None else pre)
+        return Shortcut(out, self.strides, self.shortcut, self.conv_norm, pre is None, self.dilation,
+                        name="downsample")(x if pre is None else pre)
 
     def close(self, last: Callable[..., jnp.ndarray], y: jnp.ndarray, residual: jnp.ndarray,
               relu: bool) -> jnp.ndarray:
@@ -174,8 +171,8 @@ class BasicBlock(ResidualBlock):
                              "Bottleneck model such as resnext50_32x4d or wide_resnet50_2 for grouped or wide blocks")
         conv1 = dict(strides=self.strides, dilation=self.first_dilation, conv_name="conv1")
         if self.preact:
-            pre = self.pre_activation(x, "bn1")
-            y = self.conv_norm(self.width, (3, 3), norm_name="bn2", **conv1)(pre, relu=True)
+            y, pre = self.first_conv(self.conv_norm(self.width, (3, 3), norm_name="bn2", **conv1),
+                                     self.pre_activation(x, "bn1"))
             return self.close(self.last_conv(self.width, "conv2"), y, self.residual(x, pre), relu=False)
         y, x = self.first_conv(self.conv_norm(self.width, (3, 3), norm_name="bn1", **conv1), x)
         return self.close(self.last_conv_norm(self.width, (3, 3), "conv2", "bn2"), y, self.residual(x), relu=True)
@@ -196,8 +193,8 @@ class Bottleneck(ResidualBlock):
         out = self.width * self.expansion
         conv2 = dict(strides=self.strides, groups=self.groups, dilation=self.first_dilation, conv_name="conv2")
         if self.preact:
-            pre = self.pre_activation(x, "bn1")
-            y = self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn2")(pre, relu=True)
+            y, pre = self.first_conv(self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn2"),
+                                     self.pre_activation(x, "bn1"))
             y = self.conv_norm(inner, (3, 3), norm_name="bn3", **conv2)(y, relu=True)
             return self.close(self.last_conv(out, "conv3"), y, self.residual(x, pre), relu=False)
         y, x = self.first_conv(self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn1"), x)

@@ -45,7 +45,7 @@ def _conv_norm(conv, norm, folded: bool):
     With ``folded`` the BatchNorm is already inside the convolution (scaled kernel, BN shift as bias, see
     ``ops.fold_batchnorm``), and the residual add and ReLU become that convolution's epilogue, which the oneDNN
     algorithm fuses. ``norm_name=None`` is a bare convolution (pre-activation blocks end in one). ``fan_out``
-    also returns the input, for the block's identity shortcut (``ops.conv2d`` says why).
+    also returns the input, for the block's shortcut (``ops.conv2d`` says why).
     """
 
     def make(features, kernel_size, *, conv_name, norm_name, strides=1, groups=1, scale_init=None, **conv_kwargs):

@@ -1,7 +1,7 @@
 """A convolution whose input also feeds the identity shortcut (``conv2d(..., fan_out=True)``): the gradient at the
 input is ``lax``'s (both uses summed), in reverse and forward mode, under ``vmap`` and to second order; the sum runs
-inside the input gradient's call where the algorithm can (oneDNN's GEMM, the extension's Winograd), and a ResNet's
-identity blocks, and only those, take this path."""
+inside the input gradient's call where the algorithm can (oneDNN's GEMM, the extension's Winograd), and every
+ResNet block whose first convolution can takes this path."""
 
 import re
 
@@ -13,7 +13,7 @@ from jax import lax
 
 from conftest import require_onednn
 from resnet_jax import create_model
-from resnet_jax.ops import conv2d
+from resnet_jax.ops import ConvSpec, conv2d
 from resnet_jax.ops.onednn import calls
 from resnet_jax.ops.registry import REGISTRY
 
@@ -90,6 +90,35 @@ def test_gradients_equal_lax_and_the_sum_runs_in_the_input_gradient(algorithm, k
         assert "ResnetJaxMatmulAccumulate" not in hlo and "has_residual = 1" not in hlo
 
 
+@pytest.mark.parametrize("algorithm, dilation, dtype", [("onednn_winograd_f4@atrous", 2, jnp.float32),
+                                                       ("onednn_winograd_f4@float32", 1, jnp.bfloat16)])
+def test_wrapped_algorithms_add_after_their_own_input_gradient(algorithm, dilation, dtype):
+    """Algorithms made from another one (Winograd on dilated sub-grids, float32 Winograd for bfloat16 layers)
+    change its operands, so its in-kernel sum does not apply to theirs: they add after, and stay exact."""
+    require(algorithm)
+    if REGISTRY[algorithm].refusal(conv_spec(dilation, dtype), "cpu"):
+        pytest.skip(REGISTRY[algorithm].refusal(conv_spec(dilation, dtype), "cpu"))
+    x, k, ky, kx = operands(3)
+    x, k = x.astype(dtype), k.astype(dtype)
+    padding = ((dilation, dilation),) * 2
+    py, px = jax.random.normal(ky, x.shape, dtype), jax.random.normal(kx, x.shape, dtype)
+
+    def conv(algorithm):
+        return lambda a, b: conv2d(a, b, 1, padding, algorithm=algorithm, dilation=dilation, fan_out=True)
+    grad = jax.jit(jax.grad(block_loss(conv(algorithm)), argnums=(0, 1)))
+    want = jax.jit(jax.grad(block_loss(conv("xla")), argnums=(0, 1)))(x, k, py, px)
+    for got, expected in zip(grad(x, k, py, px), want):
+        scale = float(jnp.max(jnp.abs(expected.astype(jnp.float32))))
+        tolerance = 5e-2 if dtype == jnp.bfloat16 else 1e-4
+        np.testing.assert_allclose(got.astype(jnp.float32), expected.astype(jnp.float32), atol=tolerance * scale)
+    assert "has_residual = 1" not in grad.lower(x, k, py, px).as_text()
+
+
+def conv_spec(dilation, dtype):
+    x, k, _, _ = operands(3)
+    return ConvSpec.of(x.astype(dtype), k.astype(dtype), 1, ((dilation, dilation),) * 2, 1, dilation)
+
+
 @pytest.mark.parametrize("algorithm", ["onednn_gemm", "onednn_winograd_f4", "xla"])
 def test_forward_mode_second_order_and_vmap_equal_lax(algorithm):
     require(algorithm)
@@ -133,12 +162,19 @@ def test_the_accumulating_gemm_leaves_a_still_needed_accumulator_intact():
         calls.matmul(a, b[:, :40].T, transpose_a=True, accumulate=acc)
 
 
-@pytest.mark.parametrize("name, identity_blocks", [("resnet50", 12), ("resnet18", 5)])
-def test_every_identity_block_and_no_other_sums_in_its_first_convolution(name, identity_blocks):
-    """ResNet-50 has 16 blocks, 4 of them changing the shape: 12 sums, one per identity block; ResNet-18 has 5 of
-    8 (its first stage keeps 64 channels; its identity blocks' first 3x3 layers run Winograd at this size,
-    ResNet-50's 1x1 oneDNN's GEMM). Pre-activation
-    blocks keep their plain path (their first convolution reads the normalised input, not the shortcut's)."""
+# (model, sums in its plain blocks, in its pre-activation blocks): every block's input feeds its first convolution
+# and its shortcut (the input itself, or the downsampling); a pre-activation block's shortcut reads the input
+# un-normalised, so only its downsampling shares the first convolution's (normalised) input
+SUMMING = [("resnet50", 16, 4), ("resnet18", 5, 0)]
+
+
+@pytest.mark.parametrize("name, plain, preact", SUMMING, ids=[s[0] for s in SUMMING])
+def test_every_block_sums_its_shortcuts_gradient_in_its_first_convolution(name, plain, preact):
+    """ResNet-50: all 16 blocks' first 1x1 convolutions run oneDNN's GEMM, each accumulating the shortcut's
+    gradient (12 identity blocks and 4 downsampling ones); pre-activation, the 4 whose downsampling reads the
+    normalised input. ResNet-18: the 5 identity blocks' first 3x3 layers run Winograd at this size, taking it as
+    their residual; its downsampling blocks' first layers are strided (oneDNN's direct kernels, which take no
+    post-op: added after), and a pre-activation identity block's first layer shares nothing with its shortcut."""
     require_onednn()
     x = jax.ShapeDtypeStruct((8, 160, 160, 3), jnp.float32)  # ResNet-18's last stage: 5x5, Winograd's 32 tiles
 
@@ -154,8 +190,8 @@ def test_every_identity_block_and_no_other_sums_in_its_first_convolution(name, i
                 + sum(1 for line in hlo.splitlines() if "ResnetJaxWinogradForward" in line
                       and "has_residual = 1" in line and re.search(r"transposed_kernel = 1", line)))
 
-    assert summing_calls(create_model(name)) == identity_blocks
-    assert summing_calls(create_model(name, preact=True)) == 0
+    assert summing_calls(create_model(name)) == plain
+    assert summing_calls(create_model(name, preact=True)) == preact
 
 
 def test_the_shortcuts_gradient_is_summed_in_place_without_copies():

@@ -41,7 +41,7 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (
     unless ``fallback`` (what a model's ``conv_impl`` uses): then "auto" computes it instead. "auto" and "jax"
     compute bfloat16 in float32 on CPUs without bfloat16 instructions (``rules.compute_dtype``).
 
-    ``fan_out``: return ``(y, x)``, ``x`` passed through for the caller's other use of it (a block's identity
+    ``fan_out``: return ``(y, x)``, ``x`` passed through for the caller's other use of it (a block's
     shortcut): the gradient reaching ``x`` by both outputs is then summed inside the input gradient's pass
     where the algorithm can (``fanout.py``), not by a pass of its own.
     """

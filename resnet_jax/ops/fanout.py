@@ -1,9 +1,9 @@
 """A convolution whose input also goes elsewhere, as primitives whose backward sums the two gradients in one pass.
 
-Why: in a residual block the input ``x`` feeds the first convolution and the identity shortcut. Autodiff sums the
-two cotangents at ``x`` (``dx = input_grad(ct_y, k) + ct_shortcut``) as a separate elementwise pass, which reads
-both and writes the sum: on CPU, where these passes cost bandwidth and not arithmetic, that pass over every
-identity block's input was ~2% of a float32 ResNet-50 step (BENCHMARKS.md, issue 33). An algorithm that can add
+Why: in a residual block the input ``x`` feeds the first convolution and the shortcut (``x`` itself, or its
+downsampling). Autodiff sums the two cotangents at ``x`` (``dx = input_grad(ct_y, k) + ct_shortcut``) as a
+separate elementwise pass, which reads both and writes the sum: on CPU, where these passes cost bandwidth and not
+arithmetic, that pass over every block's input was ~2% of a float32 ResNet-50 step (BENCHMARKS.md, issue 33). An algorithm that can add
 into its input gradient's output as it writes it (oneDNN's GEMM with a ``sum`` post-op, the extension's Winograd
 with its residual) makes the sum free, but only a primitive that sees both cotangents can ask for it, so:
 

@@ -52,7 +52,8 @@ def widened(base: Algorithm) -> Algorithm:
 
     return dataclasses.replace(
         base, name=base.name + SUFFIX, forward=pass_of(base.forward), input_grad=pass_of(base.input_grad),
-        kernel_grad=pass_of(base.kernel_grad), limits=limits, fused_forward=fused)
+        kernel_grad=pass_of(base.kernel_grad), limits=limits, fused_forward=fused,
+        summed_input_grad=None)  # the base's would sum in float32 what this pass rounds to bfloat16 first
 
 
 ALGORITHMS = tuple(widened(a) for a in onednn_algorithms.ALGORITHMS if a.name in WIDENED)

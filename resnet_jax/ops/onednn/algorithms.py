@@ -90,16 +90,14 @@ def _gemm() -> Algorithm:
     """Forward ``x @ W``, input gradient ``dy @ W^T`` put back on the kept pixels, kernel gradient ``x^T @ dy``,
     each reading its operands where they lie."""
     def forward(x, kernel, spec):
-        xs = gemm.kept_pixels(x, spec)
-        y = calls.matmul(xs.reshape(-1, xs.shape[-1]).astype(jnp.float32), kernel.reshape(kernel.shape[2:]))
-        return y.reshape(*xs.shape[:3], -1).astype(x.dtype)
+        y = calls.matmul(gemm.kept_pixels(x, spec).astype(jnp.float32), kernel.reshape(kernel.shape[2:]))
+        return y.astype(x.dtype)
 
     def every_pixel(spec):
         return spec.strides == (1, 1) and not any(spec.padding[0] + spec.padding[1])
 
     def input_grad(dy, kernel, spec):
-        dxs = calls.matmul(dy.reshape(-1, dy.shape[-1]), kernel.reshape(kernel.shape[2:]), transpose_b=True)
-        dxs = dxs.reshape(*dy.shape[:3], -1)
+        dxs = calls.matmul(dy, kernel.reshape(kernel.shape[2:]), transpose_b=True)
         if every_pixel(spec):
             return dxs
         # the forward kept pixels (pad, then every stride-th): put the gradient back there, zeros elsewhere, and

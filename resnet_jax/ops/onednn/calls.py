@@ -178,9 +178,11 @@ def matmul(a, b, transpose_a=False, transpose_b=False, own_kernel=False, accumul
     The rows of ``a`` are pixels, split with the batch: with ``transpose_a`` they are summed over, and
     ``own_kernel`` sums them as outer products by the extension's own AVX2 kernel instead of oneDNN's GEMM
     (csrc/outer_products.h says why). ``accumulate`` (the product's shape, float32) is added to the product in
-    its own buffer, which becomes the result: ``accumulate + a @ b`` without a pass of its own."""
+    its own buffer, which becomes the result: ``accumulate + a @ b`` without a pass of its own. Unless summed
+    over, ``a`` may be an image (N, H, W, C), one row per pixel, and the product is one too (N, H, W, cols): no
+    reshape between calls, which would make XLA copy a buffer that a later call updates in place."""
     cols = b.shape[0] if transpose_b else b.shape[1]
-    if accumulate is not None:  # a and accumulate may be images (N, H, W, C): one row per pixel, as they lie
+    if accumulate is not None:
         if transpose_a or own_kernel:
             raise ValueError("matmul accumulates into a product over the batch's rows only, not a sum over them")
         attrs = dict(transpose_lhs=0, transpose_rhs=int(transpose_b))
@@ -189,7 +191,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, own_kernel=False, accumul
     attrs = dict(transpose_lhs=int(transpose_a), transpose_rhs=int(transpose_b), own_kernel=int(own_kernel))
     if transpose_a:
         return _call("ResnetJaxMatmul", (a.shape[1], cols), jnp.float32, (a, b), (SPLIT, SPLIT), attrs, summed=True)
-    return _call("ResnetJaxMatmul", (cols,), jnp.float32, (a, b), (SPLIT, WHOLE), attrs)
+    return _call("ResnetJaxMatmul", (*a.shape[1:-1], cols), jnp.float32, (a, b), (SPLIT, WHOLE), attrs)
 
 
 def max_pool_grad(ct, first, x_shape, window, strides, padding):
