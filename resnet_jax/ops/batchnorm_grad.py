@@ -95,9 +95,12 @@ def _cotangent_extension(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, e
                          dtypes):
     """``_cotangent`` with its two passes over the tensors in C++ (onednn/csrc/batchnorm.cc)."""
     ct, y = ct.astype(x.dtype), y.astype(x.dtype)
-    if has_residual and relu:
+    if has_residual and relu and x.dtype == jnp.float32:
         # the residual's gradient is the masked cotangent g: the sums' pass writes it (over ct, dead after), so no
-        # pass of its own reads ct and y again to mask them, and the input gradient reads g unmasked
+        # pass of its own reads ct and y again to mask them, and the input gradient reads g unmasked. Float32 only:
+        # there the block's first convolution adds g inside its own kernel (fanout.py; the extension's GEMM and
+        # Winograd are float32 algorithms); in bfloat16 XLA's add of the two gradients masks ct as it reads it,
+        # and writing g first made a ResNet-18-CIFAR step 1% slower (BENCHMARKS.md, 2026-12-06)
         sums, g = calls.batch_norm_grad_sums_masked(ct, y, x)
         dscale, dbias, coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
         dx = calls.batch_norm_grad_apply(g, y, x, coef, False)
@@ -105,7 +108,8 @@ def _cotangent_extension(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, e
     sums = calls.batch_norm_grad_sums(ct, y, x, relu)
     dscale, dbias, coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
     dx = calls.batch_norm_grad_apply(ct, y, x, coef, relu)
-    return _cast([dx, dscale, dbias] + ([ct] if has_residual else []), dtypes)
+    # the residual's gradient is the masked cotangent: XLA fuses it into whatever reads it
+    return _cast([dx, dscale, dbias] + ([_masked(ct, y, relu)] if has_residual else []), dtypes)
 
 
 def _cast(values, dtypes):
