@@ -123,8 +123,8 @@ class Conv(nn.Module):
 
     Same ``kernel`` parameter (HWIO) and output as ``nn.Conv``, so weights and checkpoints do not depend on the
     algorithm. ``__call__(x, residual=None, relu=False, fan_out=False)`` applies the fused epilogue (and with
-    ``fan_out`` returns ``(y, x)``, see ``conv2d``). Where ``algorithm`` cannot
-    compute this layer (Winograd on a strided layer, say) "auto" does, so one name can serve a whole model.
+    ``fan_out`` returns ``(y, x)``, see ``conv2d``). Where ``algorithm`` cannot compute this layer (Winograd on a
+    strided layer, say) "auto" does, so one name can serve a whole model.
     """
 
     features: int
