@@ -100,7 +100,7 @@ def _composed_jvp(spec, relu, passes, fan_out, primals, tangents):
     x, kernel, bias, residual = primals
     dx, dkernel, dbias, dresidual = (None if type(t) is SymbolicZero else t for t in tangents)
     y = _composed(x, kernel, bias, residual, spec, relu, passes, False)  # higher orders: this rule again
-    terms, tx = [], jnp.zeros_like(x)
+    terms, tx = [], None
     if dx is not None and fan_out:
         ty, tx = fanout.conv_fanout(dx.astype(x.dtype), kernel, passes, spec)
         terms.append(ty)
@@ -115,7 +115,9 @@ def _composed_jvp(spec, relu, passes, fan_out, primals, tangents):
     t = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
     if relu:
         t = jnp.where(y > 0, t, jnp.zeros_like(t))
-    return ((y, x), (t, tx)) if fan_out else (y, t)
+    if not fan_out:
+        return y, t
+    return (y, x), (t, jnp.zeros_like(x) if tx is None else tx)
 
 
 class Conv(nn.Module):

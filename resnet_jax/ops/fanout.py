@@ -3,21 +3,25 @@
 Why: in a residual block the input ``x`` feeds the first convolution and the shortcut (``x`` itself, or its
 downsampling). Autodiff sums the two cotangents at ``x`` (``dx = input_grad(ct_y, k) + ct_shortcut``) as a
 separate elementwise pass, which reads both and writes the sum: on CPU, where these passes cost bandwidth and not
-arithmetic, that pass over every block's input was ~2% of a float32 ResNet-50 step (BENCHMARKS.md, issue 33). An algorithm that can add
-into its input gradient's output as it writes it (oneDNN's GEMM with a ``sum`` post-op, the extension's Winograd
-with its residual) makes the sum free, but only a primitive that sees both cotangents can ask for it, so:
+arithmetic, that pass over every block's input was ~2% of a float32 ResNet-50 step (BENCHMARKS.md, issue 33).
+An algorithm that can add into its input gradient's output as it writes it (oneDNN's GEMM with a ``sum``
+post-op, the extension's Winograd with its residual) makes the sum free, but only a primitive that sees both
+cotangents can ask for it, so:
 
     fanout_p(x, k)                    -> (conv(x, k), x)           the convolution, and x passed through
     input_grad_sum_p(dy, k, acc)      -> input_grad(dy, k) + acc   its transpose in x, both cotangents at once
 
-``conv.conv2d(..., fan_out=True)`` puts ``fanout_p`` in the tangent map (so it is in every derivative) and the block
-takes its shortcut from the pass-through output. Both primitives are linear in their image operands (``x``;
+``conv.conv2d(..., fan_out=True)`` puts ``fanout_p`` in the tangent map (so it is in every derivative) and the
+block takes its shortcut from the pass-through output. Both primitives are linear in their image operands (``x``;
 ``dy`` and ``acc``) for a fixed kernel; the kernel's own derivative terms are ``linear.py``'s primitives, so
 forward mode, every higher order and the kernel gradient stay exactly what they were. ``vmap`` runs them through
 their definition by ``linear.py``'s primitives (no sum fused, the same values).
 """
 
 from __future__ import annotations
+
+import functools
+import operator
 
 import jax
 
@@ -87,10 +91,7 @@ def _input_grad_sum_jvp(primals, tangents, *, passes, spec):
         terms.append(linear.input_grad_p.bind(dy, dk, passes=passes, spec=spec).astype(out.dtype))
     if not terms:
         return out, Zero(jax.core.get_aval(out).to_tangent_aval())
-    t = terms[0]
-    for term in terms[1:]:
-        t = t + term
-    return out, t
+    return out, functools.reduce(operator.add, terms)
 
 
 primitive_jvps[fanout_p] = _fanout_jvp
@@ -150,5 +151,4 @@ primitive_batchers[input_grad_sum_p] = _batch_by_reference(_input_grad_sum_refer
 
 def conv_fanout(x, kernel, passes, spec):
     """``(conv(x, kernel), x)``; the gradient at ``x`` of both outputs is summed inside the input gradient."""
-    y, kept = fanout_p.bind(x, kernel, passes=tuple(passes), spec=spec)
-    return y, kept
+    return tuple(fanout_p.bind(x, kernel, passes=tuple(passes), spec=spec))

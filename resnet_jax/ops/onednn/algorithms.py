@@ -97,7 +97,13 @@ def _gemm() -> Algorithm:
         return spec.strides == (1, 1) and not any(spec.padding[0] + spec.padding[1])
 
     def input_grad(dy, kernel, spec):
-        dxs = calls.matmul(dy, kernel.reshape(kernel.shape[2:]), transpose_b=True)
+        return summed_input_grad(dy, kernel, spec, None)
+
+    def summed_input_grad(dy, kernel, spec, acc):
+        """``acc + dx`` (``dx`` alone without ``acc``): in the GEMM where the gradient covers every pixel, else
+        added to the spread gradient, which XLA fuses with the spreading."""
+        dxs = calls.matmul(dy, kernel.reshape(kernel.shape[2:]), transpose_b=True,
+                           accumulate=acc if every_pixel(spec) else None)
         if every_pixel(spec):
             return dxs
         # the forward kept pixels (pad, then every stride-th): put the gradient back there, zeros elsewhere, and
@@ -108,12 +114,8 @@ def _gemm() -> Algorithm:
         for size, (low, _), stride, kept in zip(spec.x_shape[1:3], spec.padding, spec.strides, dxs.shape[1:3]):
             spread = (kept - 1) * stride + 1  # from the first kept pixel to the last, zeros between
             edges.append((-low, size + low - spread, stride - 1))
-        return lax.pad(dxs, jnp.zeros((), dxs.dtype), edges + [(0, 0, 0)])
-
-    def summed_input_grad(dy, kernel, spec, acc):
-        if not every_pixel(spec):  # the gradient is spread over the kept pixels: XLA fuses the add into that
-            return acc + input_grad(dy, kernel, spec)
-        return calls.matmul(dy, kernel.reshape(kernel.shape[2:]), transpose_b=True, accumulate=acc)
+        dx = lax.pad(dxs, jnp.zeros((), dxs.dtype), edges + [(0, 0, 0)])
+        return dx if acc is None else acc + dx
 
     def kernel_grad(x, dy, spec):
         xs = gemm.kept_pixels(x, spec)
@@ -132,7 +134,7 @@ def _winograd(m: int) -> Algorithm:
     def fused_forward(x, kernel, spec, bias=None, residual=None, relu=False):
         return calls.winograd_forward(x, kernel, spec.padding, m, bias, residual, relu)
 
-    def summed_input_grad(dy, kernel, spec, acc):  # acc as the residual of the input gradient's convolution
+    def input_grad(dy, kernel, spec, acc=None):  # acc, if any, as the residual of the gradient's convolution
         return calls.winograd_forward(dy, kernel, winograd.input_grad_padding(spec.padding), m, residual=acc,
                                       transposed_kernel=True)
 
@@ -140,9 +142,7 @@ def _winograd(m: int) -> Algorithm:
         name=f"onednn_winograd_f{m}", cpu_only=True, unavailable=unavailable_reason,
         limits=_extension_limits(True, winograd.limits),
         forward=lambda x, kernel, spec: fused_forward(x, kernel, spec), fused_forward=fused_forward,
-        summed_input_grad=summed_input_grad,
-        input_grad=lambda dy, kernel, spec: calls.winograd_forward(
-            dy, kernel, winograd.input_grad_padding(spec.padding), m, transposed_kernel=True),
+        input_grad=input_grad, summed_input_grad=input_grad,
         kernel_grad=lambda x, dy, spec: calls.winograd_backward_weights(x, dy, spec.padding, m))
 
 

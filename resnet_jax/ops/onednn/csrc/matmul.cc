@@ -8,7 +8,7 @@
 //
 // ResnetJaxMatmulAccumulate computes out = acc + lhs x rhs with `acc`'s buffer as the output (a oneDNN `sum`
 // post-op): a block's input gradient where the same input also went to the residual, the two cotangents summed
-// by the product as it writes its tiles instead of by a separate pass over them (linear.py, fan-out).
+// by the product as it writes its tiles instead of by a separate pass over them (ops/fanout.py).
 
 #include <cstring>
 #include <utility>
