@@ -47,11 +47,12 @@ def spec(channels, kernel=3, stride=2, image=56, dtype="float32"):
                     ((pad, pad), (pad, pad)), 1, dtype)
 
 
-def test_auto_takes_it_for_strided_layers_on_avx2_only(monkeypatch):
-    """Measured on AVX2 (BENCHMARKS.md, 2026-12-05): ahead on every stride-2 3x3 layer of ResNet-18/50 and
-    ResNet-18-CIFAR, behind on ResNet-50's 3-channel 7x7 stem; AVX-512's direct kernels were not measured."""
+@pytest.mark.parametrize("flags", [AVX2, AVX512], ids=["avx2", "avx512"])
+def test_auto_takes_it_for_strided_layers(monkeypatch, flags):
+    """Measured on AVX2 (BENCHMARKS.md, 2026-12-05) and AVX-512 (2026-12-06, eighth session): ahead on every
+    stride-2 3x3 layer of ResNet-18/50 and ResNet-18-CIFAR, behind on ResNet-50's 3-channel 7x7 stem."""
     require_onednn()
-    monkeypatch.setattr(algorithms.cpu, "flags", lambda: AVX2)
+    monkeypatch.setattr(algorithms.cpu, "flags", lambda: flags)
     for channels in (64, 128, 256, 512):
         assert choose(spec(channels), "cpu", measured=False) == ("onednn", "onednn", "onednn_matmul_grad")
     stem = ConvSpec(32, 224, 224, 3, 64, (7, 7), (2, 2), ((3, 3), (3, 3)), 1, "float32")
@@ -59,7 +60,7 @@ def test_auto_takes_it_for_strided_layers_on_avx2_only(monkeypatch):
     assert choose(spec(64, stride=1, image=8), "cpu", measured=False) == ("onednn_winograd_f4",) * 3  # stride 1
     grouped = ConvSpec(32, 56, 56, 128, 128, (3, 3), (2, 2), ((1, 1), (1, 1)), 32, "float32")
     assert choose(grouped, "cpu", measured=False) == ("onednn",) * 3
-    monkeypatch.setattr(algorithms.cpu, "flags", lambda: AVX512)
+    monkeypatch.setattr(algorithms.cpu, "flags", lambda: "flags\t\t: fpu sse2 avx")  # the kernel needs AVX2 + FMA
     assert choose(spec(128), "cpu", measured=False) == ("onednn",) * 3
 
 

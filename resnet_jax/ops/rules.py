@@ -155,7 +155,7 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
       the patch matmul otherwise.
     - 1x1: oneDNN's direct kernel forward (it also applies the epilogue) and oneDNN's GEMM for both gradients.
       Without the extension: XLA's dot for all three, which beats XLA's own 1x1 convolution.
-    - Stems and other strided or large kernels: oneDNN's direct kernels, on AVX2 CPUs the kernel gradient of
+    - Stems and other strided or large kernels: oneDNN's direct kernels, the kernel gradient of
       strided ones with at least 8 input channels by outer products over blocks of patches ("onednn_matmul_grad",
       ``patch_kernel_grad``); without the extension XLA's forward and input gradient with the patch matmul's
       kernel gradient.
@@ -212,15 +212,16 @@ def _ceil_div(a: int, b: int) -> int:
 
 def patch_kernel_grad(spec: ConvSpec, passes: Passes, ok) -> Passes:
     """``passes`` with the kernel gradient of oneDNN's direct kernels replaced by "onednn_matmul_grad" on a
-    strided layer with at least 8 input channels, on CPUs without AVX-512.
+    strided layer with at least 8 input channels.
 
     Measured on AVX2 (BENCHMARKS.md, 2026-12-05): oneDNN's direct kernel gradient ran the stride-2 3x3 layers of
     ResNet-18/50 and ResNet-18-CIFAR at 81-124 GFLOP/s, oneDNN's GEMM over blocks of their patches at 104-176
     (each of nine layers ahead), and the outer-product kernel that now sums them at 155-170; ResNet-50's 7x7
-    stem (3 channels) went the other way, 122 against 75. AVX-512 CPUs run other direct kernels, not measured
-    there: they keep them."""
+    stem (3 channels) went the other way, 122 against 75. On AVX-512 (2026-12-06, eighth session) the kernel's
+    512-bit tile ran ResNet-50's and ResNet-18-CIFAR's six stride-2 3x3 layers at 278-322 GFLOP/s against oneDNN's
+    direct 225-290 (each ahead, by 3-26%), the stem again 124 against 238."""
     strided = spec.strides != (1, 1) and spec.in_channels >= 8
-    if passes != ("onednn",) * 3 or not strided or cpu.has("avx512f") or not ok("onednn_matmul_grad"):
+    if passes != ("onednn",) * 3 or not strided or not ok("onednn_matmul_grad"):
         return passes
     return ("onednn", "onednn", "onednn_matmul_grad")
 

@@ -43,14 +43,14 @@ PATCH_BLOCK = 128  # pixels gathered at a time per thread: 64-256 within 3% of e
 
 
 def own_kernel_built() -> bool:
-    """Whether the extension holds its own outer-product kernel (csrc/outer_products.h): AVX2 code, compiled
-    where the CPU it is built for (``-march=native``) has AVX2 and FMA."""
+    """Whether the extension holds its own outer-product kernel (csrc/outer_products.h): AVX2 code (AVX-512 where
+    the CPU has it), compiled where the CPU it is built for (``-march=native``) has AVX2 and FMA."""
     return cpu.has("avx2") and cpu.has("fma")
 
 
 def _outer_products_limits(spec) -> str | None:
-    """The extension's own outer-product kernel (csrc/outer_products.h) is AVX2 code: ungrouped layers, on CPUs
-    with AVX2 and FMA."""
+    """The extension's own outer-product kernel (csrc/outer_products.h) is AVX2 (or AVX-512) code: ungrouped
+    layers, on CPUs with AVX2 and FMA."""
     if spec.groups != 1:
         return "computes ungrouped convolutions only"
     if not own_kernel_built():
@@ -78,11 +78,17 @@ def kernel_grad_own_kernel(rows: int, cols: int) -> bool:
     shapes at batch 32 (BENCHMARKS.md, 2026-12-05): oneDNN's transposed read ran most mid-sized and lopsided pairs
     at 67-140 GFLOP/s where the own kernel ran 76-170 (ResNet-50's 28x28 128 -> 512: 111 against 145, 14x14
     1024 -> 256: 74 against 156). oneDNN stayed ahead where one side is 64 and the other at most 384 (56x56
-    256 -> 64: 137-166 against 130-139), and tied or led where both are large (>= 384 and >= 1024). CPUs with
-    AVX-512 run other GEMM kernels, not measured: they keep oneDNN's."""
-    if cpu.has("avx512f") or not own_kernel_built():
+    256 -> 64: 137-166 against 130-139), and tied or led where both are large (>= 384 and >= 1024).
+
+    On AVX-512 (its 8 x 32 tile; BENCHMARKS.md, 2026-12-06, eighth session) oneDNN runs the large pairs at
+    320-350 GFLOP/s, 3-10% ahead of the own kernel, but the products with one side of at most 128 channels or
+    both of at most 512 at 180-280 where the own kernel runs 240-335 (ResNet-50's 56x56 64 -> 256: 182 against
+    252, 28x28 128 -> 512: 276 against 311)."""
+    if not own_kernel_built():
         return False
     small, large = sorted((rows, cols))
+    if cpu.has("avx512f"):
+        return small <= 128 or large <= 512
     return not (small <= 64 and large <= 384) and not (small >= 384 and large >= 1024)
 
 

@@ -1,12 +1,14 @@
 // out = lhs^T rhs where both operands are stored pixel-major (k x rows, k x cols) and the sum runs over the k
 // pixels: the kernel gradient of a 1x1 convolution, x^T dy. oneDNN's GEMM reads such an lhs transposed at ~80-130
-// GFLOP/s on AVX2 for most of ResNet-50's channel pairs; this kernel takes it as a sum of outer products instead.
+// GFLOP/s on AVX2 for most of ResNet-50's channel pairs (and at 180-250 on AVX-512 where one side is 64-256
+// channels); this kernel takes it as a sum of outer products instead.
 //
-// Pixels go in blocks. Each block's columns of both operands are packed into panels, 6 columns of lhs and 16 of
-// rhs per panel, so that a 6 x 16 tile of out keeps its 12 accumulators in registers while it runs over the
-// block: per pixel two loads of rhs, six broadcasts of lhs and twelve FMAs, from panels that stay in the core's
-// cache. The team splits the pixels and adds its partial sums at the end, so every pixel is read once.
-// BENCHMARKS.md (2026-12-05, issue 33) has the measurements behind the block size and the rule that uses it.
+// Pixels go in blocks. Each block's columns of both operands are packed into panels, kMR columns of lhs and kNR
+// of rhs per panel, so that a kMR x kNR tile of out keeps its accumulators in registers while it runs over the
+// block: per pixel two vector loads of rhs, kMR broadcasts of lhs and 2 kMR FMAs, from panels that stay in the
+// core's cache. The team splits the pixels and adds its partial sums at the end, so every pixel is read once.
+// BENCHMARKS.md (2026-12-05 for AVX2, 2026-12-06 eighth session for AVX-512, issue 33) has the measurements
+// behind the tile and block sizes and the rule that uses them.
 #pragma once
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -23,31 +25,62 @@
 namespace resnet_jax {
 namespace outer {
 
-constexpr int kMR = 6, kNR = 16;  // a tile of out: 6 rows x 16 columns
+#if defined(__AVX512F__)
+// 512-bit vectors: an 8 x 32 tile, 16 accumulators, per pixel two loads, eight broadcasts and 16 FMAs. Blocks of
+// at most 96 pixels keep a tile's panels in the core's L1 (12 KB of rhs); 12 x 32 tiles (24 accumulators) and
+// blocks up to 1024 ran ResNet-50's products 1-8% slower (BENCHMARKS.md, 2026-12-06, eighth session)
+constexpr int kMR = 8, kNR = 32;
+constexpr int64_t kMaxBlock = 96;
+using Vec = __m512;
+constexpr int kLanes = 16;
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm512_load_ps(p); }
+inline Vec LoadU(const float* p) { return _mm512_loadu_ps(p); }
+inline void StoreU(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec Broadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+#else
+// 256-bit vectors: a 6 x 16 tile, 12 accumulators (of 16 registers), per pixel two loads, six broadcasts and
+// twelve FMAs
+constexpr int kMR = 6, kNR = 16;
+constexpr int64_t kMaxBlock = 1024;
+using Vec = __m256;
+constexpr int kLanes = 8;
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm256_load_ps(p); }
+inline Vec LoadU(const float* p) { return _mm256_loadu_ps(p); }
+inline void StoreU(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+#endif
+static_assert(kNR == 2 * kLanes, "a tile row is two vectors");
 constexpr int64_t kPanelFloats = 98304;  // both panels of a block: 384 KB, within a core's L2 next to out's tiles
 constexpr int64_t kRowChunk = 96;  // rows of lhs packed at a time (a patch-matrix row is 9 x Cin long)
 
-// out[6 x 16, row stride ldo] (+)= sum over n pixels of a[p][0:6]^T b[p][0:16], a and b packed (rows of kMR and
-// kNR floats). Edge tiles run it on a buffer (SumOverPixels), so it has one shape.
+// out[kMR x kNR, row stride ldo] (+)= sum over n pixels of a[p][0:kMR]^T b[p][0:kNR], a and b packed (rows of kMR
+// and kNR floats, b aligned to a vector). Edge tiles run it on a buffer (SumOverPixels), so it has one shape.
 inline void Tile(const float* a, const float* b, int64_t n, float* out, int64_t ldo, bool accumulate) {
-  __m256 acc[kMR][2];
-  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  Vec acc[kMR][2];
+  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = Zero();
   for (int64_t p = 0; p < n; ++p, a += kMR, b += kNR) {
-    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    const Vec b0 = Load(b), b1 = Load(b + kLanes);
+#pragma GCC unroll 12
     for (int i = 0; i < kMR; ++i) {
-      const __m256 x = _mm256_broadcast_ss(a + i);
-      acc[i][0] = _mm256_fmadd_ps(x, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(x, b1, acc[i][1]);
+      const Vec x = Broadcast(a + i);
+      acc[i][0] = Fma(x, b0, acc[i][0]);
+      acc[i][1] = Fma(x, b1, acc[i][1]);
     }
   }
   for (int i = 0; i < kMR; ++i) {
     float* o = out + i * ldo;
     if (accumulate) {
-      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(o));
-      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(o + 8));
+      acc[i][0] = Add(acc[i][0], LoadU(o));
+      acc[i][1] = Add(acc[i][1], LoadU(o + kLanes));
     }
-    _mm256_storeu_ps(o, acc[i][0]);
-    _mm256_storeu_ps(o + 8, acc[i][1]);
+    StoreU(o, acc[i][0]);
+    StoreU(o + kLanes, acc[i][1]);
   }
 }
 
@@ -61,7 +94,7 @@ void Pack(const float* src, int64_t ld, int64_t n, int64_t width, float* dst) {
     const float* s = src + q * kPanel;
     if (w == kPanel) {
       for (int64_t p = 0; p < n; ++p, d += kPanel, s += ld)
-#pragma GCC unroll 16
+#pragma GCC unroll 32
         for (int c = 0; c < kPanel; ++c) d[c] = s[c];
     } else {
       for (int64_t p = 0; p < n; ++p, d += kPanel, s += ld)
@@ -80,7 +113,7 @@ inline void SumOverPixels(const float* lhs, int64_t ld_l, const float* rhs, int6
                           int64_t rows, int64_t cols, float* out, bool add = false) {
   thread_local ThreadBuffer a_buffer, b_buffer;
   const int64_t chunk = std::min(rows, kRowChunk);
-  const int64_t block = std::clamp<int64_t>(kPanelFloats / (chunk + cols), 16, 1024);
+  const int64_t block = std::clamp<int64_t>(kPanelFloats / (chunk + cols), 16, kMaxBlock);
   float* a = static_cast<float*>(a_buffer.Get(sizeof(float) * RoundUp(chunk, kMR) * block));
   float* b = static_cast<float*>(b_buffer.Get(sizeof(float) * RoundUp(cols, kNR) * block));
   if (p1 <= p0 && !add) std::fill(out, out + rows * cols, 0.f);
@@ -114,7 +147,7 @@ inline void SumOverPixels(const float* lhs, int64_t ld_l, const float* rhs, int6
             Tile(pa, pb, n, out + i * cols + j, cols, accumulate);
             continue;
           }
-          alignas(32) float edge[kMR * kNR];  // a tile past out's edge: summed here, its part inside out kept
+          alignas(64) float edge[kMR * kNR];  // a tile past out's edge: summed here, its part inside out kept
           for (int64_t r = 0; r < height; ++r)
             for (int64_t c = 0; c < width; ++c) edge[r * kNR + c] = accumulate ? out[(i + r) * cols + j + c] : 0.f;
           Tile(pa, pb, n, edge, kNR, true);
