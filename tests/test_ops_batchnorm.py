@@ -186,3 +186,59 @@ def test_the_extensions_bfloat16_passes_round_as_the_jnp_path():
         assert differ.mean() < 1e-2, (name, differ.mean())
         ulp = np.abs(w[differ]) * 2.0 ** -7
         assert np.all(np.abs(g - w)[differ] <= ulp + 1e-30), name
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_mask_recomputed_from_x_is_the_mask_the_forward_wrote(dtype):
+    """Without a residual the gradient passes take the ReLU's mask from ``x`` and the forward's coefficients
+    instead of reading ``y``. On elements whose BatchNorm is within rounding of zero the two agree only if both
+    round alike: ``x`` takes few values here, and each channel's bias puts one of them right at zero, so many
+    elements sit on that edge; one channel is constant with no bias, so its BatchNorm is exactly zero (the ReLU
+    then passes nothing). Both passes must give exactly what the mask read from ``y`` gives."""
+    require_onednn()
+    from resnet_jax.ops import batchnorm
+    from resnet_jax.ops.onednn import calls
+
+    rng = np.random.default_rng(3)
+    shape = (8, 9, 9, 40)
+    x = rng.integers(-6, 7, shape) * 0.37 + 1.3
+    x[..., 0] = 1.5  # its mean exactly, in either dtype
+    x = jnp.asarray(x, dtype)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, shape[-1]), jnp.float32)
+    forward = jax.jit(lambda x, bias: batchnorm._bn_act(x, scale, bias, None, True, 1e-5, jnp.dtype(dtype), True))
+    coef = np.asarray(forward(x, jnp.zeros_like(scale))[3])  # mean and mul do not depend on the bias
+    edge = np.asarray(x, np.float32)[0, 0, 0]
+    bias = jnp.asarray(-(edge - coef[0]) * coef[1], jnp.float32).at[0].set(0.0)  # a grid value of x normalised
+    y, _, _, coef = forward(x, bias)
+    normalised = (np.asarray(x, np.float32) - np.asarray(coef[0])) * np.asarray(coef[1]) + np.asarray(coef[2])
+    assert np.mean(np.abs(normalised) < 1e-5) > 0.05 and np.all(np.asarray(y)[..., 0] == 0)  # on the edge
+    ct = jnp.asarray(rng.normal(size=shape), dtype)
+    grad_coef = jnp.asarray(rng.normal(size=(3, shape[-1])), jnp.float32)
+    sums = jax.jit(calls.batch_norm_grad_sums, static_argnums=3)
+    apply = jax.jit(calls.batch_norm_grad_apply, static_argnums=4)
+    np.testing.assert_array_equal(sums(ct, y, x, True, coef), sums(ct, y, x, True))
+    np.testing.assert_array_equal(np.asarray(apply(ct, y, x, grad_coef, True, coef), np.float32),
+                                  np.asarray(apply(ct, y, x, grad_coef, True), np.float32))
+    assert not np.array_equal(sums(ct, y, x, True), sums(ct, y, x, False))  # the mask matters here
+
+
+def test_only_the_batchnorms_without_a_residual_take_the_mask_from_x():
+    """In a compiled training step: every BatchNorm + ReLU without a residual (the stem's and the first of each
+    basic block) computes its gradient without reading its output; the blocks' last BatchNorms (residual) and
+    the shortcuts' (no ReLU) keep their own passes."""
+    require_onednn()
+    import re
+
+    from resnet_jax import create_model
+
+    model = create_model("resnet18", num_classes=10, stage_sizes=(1, 1, 1, 1))
+    x = jnp.ones((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def loss(params):
+        return jnp.sum(model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])[0])
+
+    text = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+    flags = re.findall(r'custom_call_target="ResnetJaxBatchNormGrad(Sums|Apply)".*?mask_from_x = (\d)', text)
+    from_x = [kind for kind, flag in flags if flag == "1"]
+    assert sorted(from_x) == ["Apply"] * 5 + ["Sums"] * 5  # the stem's and 4 blocks' first BatchNorms

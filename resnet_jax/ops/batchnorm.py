@@ -45,7 +45,7 @@ def batch_norm_act(x, scale, bias, residual=None, *, relu: bool = False, epsilon
     out_dtype = jnp.dtype(dtype or x.dtype)
     fits = (x.dtype == out_dtype and out_dtype in (jnp.float32, jnp.bfloat16)
             and (residual is None or residual.dtype == out_dtype) and x.ndim >= 2)
-    return _bn_act(x, scale, bias, residual, relu, float(epsilon), out_dtype, bool(extension and fits))
+    return _bn_act(x, scale, bias, residual, relu, float(epsilon), out_dtype, bool(extension and fits))[:3]
 
 
 def _stats(x, extension):
@@ -60,17 +60,19 @@ def _stats(x, extension):
 
 
 def _forward(x, scale, bias, residual, relu, epsilon, out_dtype, extension):
+    """``(y, mean, var, coef)``: ``coef = (mean, mul, bias)`` per channel is what the normalisation applied, so the
+    backward pass can recompute the ReLU's mask from ``x`` with the very same values instead of reading ``y``."""
     mean, var = _stats(x, extension)
     mul = lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
+    coef = jnp.stack([mean, mul, bias.astype(jnp.float32)])
     if extension:
-        coef = jnp.stack([mean, mul, bias.astype(jnp.float32)])
-        return calls.batch_norm_apply(x, coef, residual, relu), mean, var
+        return calls.batch_norm_apply(x, coef, residual, relu), mean, var, coef
     y = ((x.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32)).astype(out_dtype)
     if residual is not None:
         y = y + residual
     if relu:
         y = jax.nn.relu(y)
-    return y, mean, var
+    return y, mean, var, coef
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
@@ -82,16 +84,20 @@ def _bn_act(x, scale, bias, residual, relu, epsilon, out_dtype, extension):
 def _bn_act_jvp(relu, epsilon, out_dtype, extension, primals, tangents):
     """The derivative is ``batchnorm_grad.tangent``, a primitive linear in ``(dx, dscale, dbias, dresidual)``:
     forward mode evaluates it, and reverse mode is its declared transpose, the backward pass (in C++ with
-    ``extension``). It reads ``x`` and the output, which exist anyway, and never a saved ``x - mean``."""
+    ``extension``). It reads ``x``, the output and the forward's per-channel coefficients, which exist anyway,
+    and never a saved ``x - mean``. (The coefficients are an output of ``_bn_act`` only so that the backward
+    pass gets the forward's own; ``batch_norm_act`` drops them, and their tangent is exact all the same.)"""
     x, scale, bias, residual = primals
     dx, dscale, dbias, dresidual = (None if type(t) is SymbolicZero else t for t in tangents)
-    y, mean, var = _bn_act(x, scale, bias, residual, relu, epsilon, out_dtype, extension)  # higher orders: again
+    y, mean, var, coef = _bn_act(x, scale, bias, residual, relu, epsilon, out_dtype, extension)  # higher orders
     dx = jnp.zeros_like(x) if dx is None else dx
     dscale = jnp.zeros_like(scale) if dscale is None else dscale
     dbias = jnp.zeros_like(bias) if dbias is None else dbias
-    t, dmean, dvar = batchnorm_grad.tangent(dx, dscale, dbias, dresidual, x, y, mean, var, scale, relu=relu,
+    t, dmean, dvar = batchnorm_grad.tangent(dx, dscale, dbias, dresidual, x, y, mean, var, scale, coef, relu=relu,
                                             epsilon=epsilon, extension=extension)
-    return (y, mean, var), (t, dmean, dvar)
+    r = lax.rsqrt(var + epsilon)
+    dmul = r * dscale.astype(jnp.float32) - 0.5 * r * r * r * dvar * scale.astype(jnp.float32)
+    return (y, mean, var, coef), (t, dmean, dvar, jnp.stack([dmean, dmul, dbias.astype(jnp.float32)]))
 
 
 class BatchNorm(nn.BatchNorm):

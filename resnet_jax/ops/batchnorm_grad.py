@@ -6,11 +6,12 @@ passes, 1.3-1.7x slower on CPU than plain loops (BENCHMARKS.md, 2026-12-04). As 
 declares its transpose (``cotangent_p``), and on CPU with the extension the transpose lowers to two C++ passes:
 one for the two per-channel sums, one for the input gradient.
 
-    tangent_p(dx, dscale, dbias, [dresidual], x, y, mean, var, scale) -> (dy, dmean, dvar)
-    cotangent_p(ct_y, ct_mean, ct_var, x, y, mean, var, scale)      -> (dx, dscale, dbias, [dresidual])
+    tangent_p(dx, dscale, dbias, [dresidual], x, y, mean, var, scale, coef) -> (dy, dmean, dvar)
+    cotangent_p(ct_y, ct_mean, ct_var, x, y, mean, var, scale, coef)      -> (dx, dscale, dbias, [dresidual])
 
 The first three or four operands are the linear ones; ``x, y, mean, var, scale`` are the primal input, output,
-batch statistics and scale. Both primitives evaluate, differentiate (to any order) and ``vmap`` through their
+batch statistics and scale, ``coef`` the forward's ``(mean, mul, bias)`` (the C++ passes recompute the ReLU's mask
+from ``x`` with them where there is no residual, instead of reading ``y``). Both primitives evaluate, differentiate (to any order) and ``vmap`` through their
 jnp reference (``_tangent``, ``_cotangent``), so every transformation stays exact; only the lowering of
 ``cotangent_p`` with ``extension=True`` runs the C++ passes.
 """
@@ -49,7 +50,7 @@ def _tangent(*args, relu, epsilon, has_residual, extension, dtypes):
     del extension, dtypes
     n = _linear_count(has_residual)
     (dx, dscale, dbias), dres = args[:3], (args[3] if has_residual else None)
-    x, y, mean, var, scale = args[n:]
+    x, y, mean, var, scale, _ = args[n:]
     xf, scale_f = x.astype(jnp.float32), scale.astype(jnp.float32)
     r = lax.rsqrt(var + epsilon)
     dxf = dx.astype(jnp.float32)
@@ -80,9 +81,10 @@ def _masked(ct, y, relu):
     return jnp.where(y > 0, ct, jnp.zeros_like(ct)) if relu else ct
 
 
-def _cotangent(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, epsilon, has_residual, extension, dtypes):
+def _cotangent(ct, ct_mean, ct_var, x, y, mean, var, scale, coef, *, relu, epsilon, has_residual, extension,
+               dtypes):
     """The transpose of ``_tangent``: the backward pass of BatchNorm + residual + ReLU (jnp)."""
-    del extension
+    del extension, coef
     g = _masked(ct, y, relu)
     gf, xf = g.astype(jnp.float32), x.astype(jnp.float32)
     sums = jnp.stack([jnp.sum(gf, _axes(x)), jnp.sum(gf * xf, _axes(x))])
@@ -91,8 +93,8 @@ def _cotangent(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, epsilon, ha
     return _cast([dx, dscale, dbias] + ([g] if has_residual else []), dtypes)
 
 
-def _cotangent_extension(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, epsilon, has_residual, extension,
-                         dtypes):
+def _cotangent_extension(ct, ct_mean, ct_var, x, y, mean, var, scale, coef, *, relu, epsilon, has_residual,
+                         extension, dtypes):
     """``_cotangent`` with its two passes over the tensors in C++ (onednn/csrc/batchnorm.cc)."""
     ct, y = ct.astype(x.dtype), y.astype(x.dtype)
     if has_residual and relu and x.dtype == jnp.float32:
@@ -102,12 +104,15 @@ def _cotangent_extension(ct, ct_mean, ct_var, x, y, mean, var, scale, *, relu, e
         # Winograd are float32 algorithms); in bfloat16 XLA's add of the two gradients masks ct as it reads it,
         # and writing g first made a ResNet-18-CIFAR step 1% slower (BENCHMARKS.md, 2026-12-06)
         sums, g = calls.batch_norm_grad_sums_masked(ct, y, x)
-        dscale, dbias, coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
-        dx = calls.batch_norm_grad_apply(g, y, x, coef, False)
+        dscale, dbias, grad_coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
+        dx = calls.batch_norm_grad_apply(g, y, x, grad_coef, False)
         return _cast([dx, dscale, dbias, g], dtypes)
-    sums = calls.batch_norm_grad_sums(ct, y, x, relu)
-    dscale, dbias, coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
-    dx = calls.batch_norm_grad_apply(ct, y, x, coef, relu)
+    # without a residual the ReLU's mask is the sign of the forward's BatchNorm, recomputed from x (read anyway) by
+    # the forward's own coefficients: y need not be read (BENCHMARKS.md, 2026-12-06, eighth session)
+    forward = coef if relu and not has_residual else None
+    sums = calls.batch_norm_grad_sums(ct, y, x, relu, forward)
+    dscale, dbias, grad_coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
+    dx = calls.batch_norm_grad_apply(ct, y, x, grad_coef, relu, forward)
     # the residual's gradient is the masked cotangent: XLA fuses it into whatever reads it
     return _cast([dx, dscale, dbias] + ([_masked(ct, y, relu)] if has_residual else []), dtypes)
 
@@ -122,7 +127,7 @@ def _abstract_tangent(*args, has_residual, **_):
     return [ShapedArray(y.shape, y.dtype), ShapedArray(mean.shape, mean.dtype), ShapedArray(var.shape, var.dtype)]
 
 
-def _abstract_cotangent(ct, ct_mean, ct_var, x, y, mean, var, scale, *, has_residual, dtypes, **_):
+def _abstract_cotangent(ct, ct_mean, ct_var, x, y, mean, var, scale, coef, *, has_residual, dtypes, **_):
     shapes = [x.shape, scale.shape, scale.shape] + ([y.shape] if has_residual else [])
     return [ShapedArray(s, d) for s, d in zip(shapes, dtypes)]
 
@@ -169,11 +174,11 @@ primitive_transposes[tangent_p] = _tangent_transpose
 prims_requiring_devices.add(cotangent_p)  # its C++ calls carry a sharding rule (see linear.py)
 
 
-def tangent(dx, dscale, dbias, dres, x, y, mean, var, scale, *, relu, epsilon, extension):
-    """``(dy, dmean, dvar)``; ``dres`` None when there is no residual. Reverse mode transposes this to
-    ``cotangent_p``, which runs in C++ when ``extension``."""
+def tangent(dx, dscale, dbias, dres, x, y, mean, var, scale, coef, *, relu, epsilon, extension):
+    """``(dy, dmean, dvar)``; ``dres`` None when there is no residual; ``coef`` the forward's ``(mean, mul,
+    bias)``. Reverse mode transposes this to ``cotangent_p``, which runs in C++ when ``extension``."""
     has_residual = dres is not None
     linear = [dx, dscale, dbias] + ([dres] if has_residual else [])
     dtypes = tuple(jnp.dtype(a.dtype) for a in linear)
-    return tangent_p.bind(*linear, x, y, mean, var, scale, relu=bool(relu), epsilon=float(epsilon),
+    return tangent_p.bind(*linear, x, y, mean, var, scale, coef, relu=bool(relu), epsilon=float(epsilon),
                           has_residual=has_residual, extension=bool(extension), dtypes=dtypes)

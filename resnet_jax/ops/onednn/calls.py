@@ -218,10 +218,21 @@ def batch_norm_apply(x, coef, residual=None, relu=False):
                  dict(relu=int(bool(relu)), has_residual=int(residual is not None)))
 
 
-def batch_norm_grad_sums(ct, y, x, relu):
-    """``(2, C)`` float32: the per-channel sums of ``g`` and ``g * x``, ``g = ct`` where ``y > 0`` (with ``relu``)."""
-    return _call("ResnetJaxBatchNormGradSums", (2, x.shape[-1]), jnp.float32, (ct, y, x), (SPLIT, SPLIT, SPLIT),
-                 dict(relu=int(bool(relu))), summed=True)
+def _mask_operands(y, x, forward):
+    """The gradient passes' ReLU mask: ``y`` (``y > 0``), or with ``forward`` (the forward's ``(mean, mul, bias)``,
+    no residual) the sign of the BatchNorm recomputed from ``x``, ``y`` then a placeholder the call ignores."""
+    if forward is None:
+        return (y, jnp.zeros((1,), jnp.float32)), (SPLIT, WHOLE), 0
+    return (jnp.zeros((1,), x.dtype), forward), (WHOLE, WHOLE), 1
+
+
+def batch_norm_grad_sums(ct, y, x, relu, forward=None):
+    """``(2, C)`` float32: the per-channel sums of ``g`` and ``g * x``, ``g = ct`` where ``y > 0`` (with ``relu``;
+    with ``forward``, where ``x``'s BatchNorm by those coefficients is positive, as ``batch_norm_apply`` wrote
+    it)."""
+    mask, layout, from_x = _mask_operands(y, x, forward)
+    return _call("ResnetJaxBatchNormGradSums", (2, x.shape[-1]), jnp.float32, (ct, mask[0], x, mask[1]),
+                 (SPLIT, layout[0], SPLIT, layout[1]), dict(relu=int(bool(relu)), mask_from_x=from_x), summed=True)
 
 
 def batch_norm_grad_sums_masked(ct, y, x):
@@ -232,7 +243,8 @@ def batch_norm_grad_sums_masked(ct, y, x):
                          (ct, y, x), (SPLIT, SPLIT, SPLIT), {})
 
 
-def batch_norm_grad_apply(ct, y, x, coef, relu):
+def batch_norm_grad_apply(ct, y, x, coef, relu, forward=None):
     """``g * coef[0] + x * coef[1] + coef[2]`` in ``x``'s dtype, ``g`` as in ``batch_norm_grad_sums``."""
-    return _call("ResnetJaxBatchNormGradApply", x.shape[1:], x.dtype, (ct, y, x, coef), (SPLIT, SPLIT, SPLIT, WHOLE),
-                 dict(relu=int(bool(relu))))
+    mask, layout, from_x = _mask_operands(y, x, forward)
+    return _call("ResnetJaxBatchNormGradApply", x.shape[1:], x.dtype, (ct, mask[0], x, coef, mask[1]),
+                 (SPLIT, layout[0], SPLIT, WHOLE, layout[1]), dict(relu=int(bool(relu)), mask_from_x=from_x))

@@ -1,7 +1,8 @@
 // Training-mode BatchNorm + residual + ReLU as four passes over (rows, channels) tensors, channels last:
 //   forward:  Stats (sum x, sum x^2)            then Apply     (y = relu((x - mean) * mul + bias + residual))
 //   backward: GradSums (sum g, sum g * x, with g = ct masked by y > 0)  then GradApply (dx = g * a + x * b + c);
-//             GradSumsMasked also writes g (a residual's gradient), and GradApply reads it unmasked
+//             GradSumsMasked also writes g (a residual's gradient), and GradApply reads it unmasked; without a
+//             residual both passes may take the mask from x and the forward's coefficients instead of reading y
 // The per-channel arithmetic between the passes (statistics, coefficients) stays in JAX (batchnorm.py,
 // batchnorm_grad.py): these are only the passes over every element, which is where BatchNorm's time goes on
 // CPU. XLA:CPU ran the same passes 1.3-1.7x slower than these loops (BENCHMARKS.md, 2026-12-04).
@@ -13,6 +14,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -46,6 +48,13 @@ inline void Store(uint16_t* p, int64_t i, float v) { p[i] = uint16_t(RoundedHigh
 // v rounded to the storage type and back: the BatchNorm's output before the residual is added to it.
 inline float RoundTo(float, float v) { return v; }
 inline float RoundTo(uint16_t, float v) { return FromBits(RoundedHigh(Bits(v)) << 16); }
+
+// The BatchNorm of x[i] in T, (x - mean) * mul + bias as one explicit fused multiply-add: Apply writes it and the
+// gradient passes recompute its sign from x, so both must round alike whatever the compiler contracts.
+template <typename T>
+inline float Normalized(const T* x, int64_t i, float mean, float mul, float bias) {
+  return RoundTo(T{}, std::fma(Load(x, i) - mean, mul, bias));
+}
 
 constexpr int64_t kBlock = 64;
 
@@ -90,12 +99,37 @@ void WithFlag(bool flag, Body body) {
     body(std::false_type{});
 }
 
-// The masked cotangent g of both gradient passes: ct where y > 0 with the ReLU, ct without it.
-template <typename WithRelu, typename T>
-inline float Masked(WithRelu, const T* ct, const T* y, int64_t i) {
+// The ReLU's mask in the gradient passes: y > 0 read from the output, or (`from_x`, no residual) the sign of the
+// forward's BatchNorm recomputed from x and the coefficients Apply used, which saves reading y: x is read anyway.
+template <typename T>
+struct Mask {
+  const T* y;
+  const float *mean, *mul, *bias;  // the forward's coefficients (from_x only)
+};
+
+// The masked cotangent g of both gradient passes: ct where the ReLU passed, ct without it.
+template <typename WithRelu, typename FromX, typename T>
+inline float Masked(WithRelu, FromX, const T* ct, const Mask<T>& mask, const T* x, int64_t i, int64_t c) {
   const float g = Load(ct, i);
-  if constexpr (WithRelu::value) return Load(y, i) > 0.f ? g : 0.f;
+  if constexpr (WithRelu::value && FromX::value)
+    return Normalized(x, i, mask.mean[c], mask.mul[c], mask.bias[c]) > 0.f ? g : 0.f;
+  if constexpr (WithRelu::value) return Load(mask.y, i) > 0.f ? g : 0.f;
   return g;
+}
+
+// Whether the mask's source fits: y with x's element count or, with from_x, the forward's (3, channels)
+// coefficients (y then a placeholder).
+bool MaskFits(const ffi::AnyBuffer& y, const ffi::Buffer<ffi::F32>* forward, bool from_x, int64_t count,
+              int64_t channels) {
+  return from_x ? forward != nullptr && resnet_jax::HasDims(forward->dimensions(), {3, channels})
+                : y.element_count() == count;
+}
+
+template <typename T>
+Mask<T> MakeMask(const ffi::AnyBuffer& y, const ffi::Buffer<ffi::F32>* forward, int64_t channels) {
+  const float* mean = forward ? forward->typed_data() : nullptr;
+  return {static_cast<const T*>(y.untyped_data()), mean, mean ? mean + channels : nullptr,
+          mean ? mean + 2 * channels : nullptr};
 }
 
 bool Supported(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
@@ -159,7 +193,7 @@ ffi::Error Apply(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef, ffi::AnyBuffer re
           const int64_t o = r * channels;
 #pragma omp simd
           for (int64_t c = 0; c < channels; ++c) {
-            float v = RoundTo(T{}, (Load(px, o + c) - mean[c]) * mul[c] + bias[c]);
+            float v = Normalized(px, o + c, mean[c], mul[c], bias[c]);
             if constexpr (with_residual) v += Load(pr, o + c);
             if constexpr (with_relu) v = std::max(v, 0.f);
             Store(py, o + c, v);
@@ -170,41 +204,43 @@ ffi::Error Apply(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef, ffi::AnyBuffer re
   });
 }
 
-// The masked cotangent g = ct where y > 0 (every element without the ReLU): out = (sum g, sum g * x); with
+// The masked cotangent g = ct where the ReLU passed (every element without it): out = (sum g, sum g * x); with
 // `masked`, g itself is written there too (GradSumsMasked).
-ffi::Error Sums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                ffi::AnyBuffer* masked, int64_t relu) {
+ffi::Error Sums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, const ffi::Buffer<ffi::F32>* forward,
+                ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::AnyBuffer* masked, int64_t relu, int64_t from_x) {
   const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
-  if (ct.element_count() != x.element_count() || y.element_count() != x.element_count() ||
-      (masked && masked->element_count() != x.element_count()) ||
+  if (ct.element_count() != x.element_count() || (masked && masked->element_count() != x.element_count()) ||
+      !MaskFits(y, forward, from_x, x.element_count(), channels) ||
       !resnet_jax::HasDims(out->dimensions(), {2, channels}))
     return ffi::Error::InvalidArgument("BatchNorm gradient sums: inconsistent shapes");
   ffi::AnyBuffer* same = masked ? masked : &ct;
   return Dispatch("BatchNorm gradient sums", x.element_type(), {&ct, &y, same}, [&](auto tag) {
     using T = decltype(tag);
-    const T *pg = static_cast<const T*>(ct.untyped_data()), *py = static_cast<const T*>(y.untyped_data()),
-            *px = static_cast<const T*>(x.untyped_data());
+    const Mask<T> mask = MakeMask<T>(y, forward, channels);
+    const T *pg = static_cast<const T*>(ct.untyped_data()), *px = static_cast<const T*>(x.untyped_data());
     T* pm = masked ? static_cast<T*>(masked->untyped_data()) : nullptr;
     WithFlag(relu, [&](auto with_relu) {
-      WithFlag(masked != nullptr, [&](auto with_store) {
-        ChannelSums(rows, channels, out->typed_data(), [&](int64_t r, float* a, float* b) {
-          const int64_t o = r * channels;
+      WithFlag(from_x, [&](auto mask_from_x) {
+        WithFlag(masked != nullptr, [&](auto with_store) {
+          ChannelSums(rows, channels, out->typed_data(), [&](int64_t r, float* a, float* b) {
+            const int64_t o = r * channels;
 #pragma omp simd
-          for (int64_t c = 0; c < channels; ++c) {
-            const float g = Masked(with_relu, pg, py, o + c);
-            if constexpr (with_store) Store(pm, o + c, g);  // each element read before it is overwritten
-            a[c] += g;
-            b[c] += g * Load(px, o + c);
-          }
+            for (int64_t c = 0; c < channels; ++c) {
+              const float g = Masked(with_relu, mask_from_x, pg, mask, px, o + c, c);
+              if constexpr (with_store) Store(pm, o + c, g);  // each element read before it is overwritten
+              a[c] += g;
+              b[c] += g * Load(px, o + c);
+            }
+          });
         });
       });
     });
   });
 }
 
-ffi::Error GradSums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                    int64_t relu) {
-  return Sums(ct, y, x, out, nullptr, relu);
+ffi::Error GradSums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> forward,
+                    ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t relu, int64_t mask_from_x) {
+  return Sums(ct, y, x, &forward, out, nullptr, relu, mask_from_x);
 }
 
 // GradSums that also writes g, in ct's buffer where XLA hands it over: a block's last BatchNorm, whose g is also
@@ -212,31 +248,36 @@ ffi::Error GradSums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::
 // g without y.
 ffi::Error GradSumsMasked(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x,
                           ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::AnyBuffer> g) {
-  return Sums(ct, y, x, out, &*g, 1);
+  return Sums(ct, y, x, nullptr, out, &*g, 1, 0);
 }
 
 // dx = g * coef[0] + x * coef[1] + coef[2], per channel, g as in GradSums.
 ffi::Error GradApply(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef,
-                     ffi::Result<ffi::AnyBuffer> dx, int64_t relu) {
+                     ffi::Buffer<ffi::F32> forward, ffi::Result<ffi::AnyBuffer> dx, int64_t relu,
+                     int64_t mask_from_x) {
   const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
-  if (ct.element_count() != x.element_count() || y.element_count() != x.element_count() ||
-      dx->element_count() != x.element_count() || !resnet_jax::HasDims(coef.dimensions(), {3, channels}))
+  if (ct.element_count() != x.element_count() || dx->element_count() != x.element_count() ||
+      !MaskFits(y, &forward, mask_from_x, x.element_count(), channels) ||
+      !resnet_jax::HasDims(coef.dimensions(), {3, channels}))
     return ffi::Error::InvalidArgument("BatchNorm input gradient: inconsistent shapes");
   return Dispatch("BatchNorm input gradient", x.element_type(), {&ct, &y, &*dx}, [&](auto tag) {
     using T = decltype(tag);
-    const T *pg = static_cast<const T*>(ct.untyped_data()), *py = static_cast<const T*>(y.untyped_data()),
-            *px = static_cast<const T*>(x.untyped_data());
+    const Mask<T> mask = MakeMask<T>(y, &forward, channels);
+    const T *pg = static_cast<const T*>(ct.untyped_data()), *px = static_cast<const T*>(x.untyped_data());
     T* out = static_cast<T*>(dx->untyped_data());
     const float *a = coef.typed_data(), *b = a + channels, *k = b + channels;
     WithFlag(relu, [&](auto with_relu) {
+      WithFlag(mask_from_x, [&](auto from_x) {
 #pragma omp parallel for schedule(static)
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t o = r * channels;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t o = r * channels;
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-          Store(out, o + c, Masked(with_relu, pg, py, o + c) * a[c] + Load(px, o + c) * b[c] + k[c]);
+          for (int64_t c = 0; c < channels; ++c) {
+            const float g = Masked(with_relu, from_x, pg, mask, px, o + c, c);
+            Store(out, o + c, g * a[c] + Load(px, o + c) * b[c] + k[c]);
+          }
         }
-      }
+      });
     });
   });
 }
@@ -258,8 +299,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormGradSums, GradSums,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("relu"));
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("mask_from_x"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormGradSumsMasked, GradSumsMasked,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -273,5 +316,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormGradApply, GradApply,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("relu"));
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("mask_from_x"));
