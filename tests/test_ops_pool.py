@@ -121,3 +121,27 @@ def test_gradient_runs_in_cpp_with_the_extension_and_transforms_like_flax(extens
     v = jnp.ones_like(x[0])
     hvp = lambda f: jax.jvp(jax.grad(f), (x[0],), (v,))[1]  # noqa: E731
     np.testing.assert_allclose(np.asarray(jax.jit(lambda: hvp(ours))()), np.asarray(hvp(flax)), rtol=1e-6, atol=1e-6)
+
+
+def test_the_forward_runs_in_one_cpp_pass_and_keeps_nan_and_inf_as_the_jnp_pool():
+    """With the extension (float32) the pool and each window's first maximum are one C++ call (csrc/maxpool.cc):
+    the maxima equal flax's, NaN and -inf windows included, and its routing of the gradient equals the jnp
+    pool's (where a NaN is the maximum no tap equals it, and the last tap takes the gradient)."""
+    require_onednn()
+    x = np.array(inputs((2, 9, 8, 5), jnp.float32, "coarse"))
+    x[0, 3, 4, 1] = np.nan
+    x[1, :3, :3, 2] = -np.inf  # the top-left window and its neighbours' parts: -inf everywhere
+    x[1, 5, 5, 3] = np.inf
+    x = jnp.asarray(x)
+    dy = jnp.asarray(np.random.default_rng(2).standard_normal(reference(x).shape), jnp.float32)
+    results = {}
+    for extension in (False, True):
+        pool = jax.jit(lambda a, e=extension: _sliced_max_pool(a, *STEM, e))
+        text = pool.lower(x).as_text()
+        assert ("@ResnetJaxMaxPool(" in text) == extension, extension
+        y, vjp = jax.vjp(pool, x)
+        results[extension] = (np.asarray(y), np.asarray(vjp(dy)[0]))
+    np.testing.assert_array_equal(results[True][0], np.asarray(reference(x)))
+    assert np.isnan(results[True][0]).sum() == 2  # the windows holding it: two rows of windows, one column
+    for got, want in zip(results[True], results[False]):
+        np.testing.assert_array_equal(got, want)

@@ -3,7 +3,7 @@ whose convolutions are XLA's own: ``rules.max_pool_method`` decides).
 
 XLA:CPU runs ``reduce_window`` and its gradient, ``select_and_scatter``, far below memory speed (docs/
 cpu-convolution.md). The maximum of the window's shifted, strided slices of the padded input is one fused
-elementwise pass. The gradient goes to the first maximum of each window in row-major order, as XLA's
+elementwise pass (with the extension, float32: one C++ pass that also records each window's first maximum). The gradient goes to the first maximum of each window in row-major order, as XLA's
 ``select_and_scatter`` (with ``ge``) does, so values and gradients equal ``flax.linen.max_pool``'s exactly,
 ties included (ties are common after a ReLU). In bfloat16 the routing is the same and each input's gradient is
 the float32 sum of the cotangents routed to it, rounded once (``select_and_scatter`` rounds after every add).
@@ -16,9 +16,12 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from resnet_jax.ops.onednn import calls
 from resnet_jax.ops.pool_grad import route, taps
 from resnet_jax.ops.rules import max_pool_method, may_use_extension
+from resnet_jax.ops.spec import output_size
 
 Pair = tuple[int, int]
 
@@ -46,15 +49,31 @@ def _wide(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
 def _sliced_max_pool(x, window, strides, padding, extension=False):
-    views = taps(x.astype(_wide(x.dtype)), window, strides, padding, -jnp.inf)
-    return functools.reduce(jnp.maximum, views).astype(x.dtype)
+    return _pool_and_first(x, window, strides, padding, extension)[0]
 
 
-@_sliced_max_pool.defjvp
-def _sliced_max_pool_jvp(window, strides, padding, extension, primals, tangents):
-    """Each window's tangent is its first maximum's (row-major), as ``select_and_scatter`` routes gradients.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _pool_and_first(x, window, strides, padding, extension):
+    """``(y, first)``: the pool and, per window, which tap (row-major) holds its first maximum (int8), the
+    routing of its derivative. With the extension, float32, both in one C++ pass over ``x``; else jnp, where
+    XLA drops ``first`` when only ``y`` is used."""
+    if extension and x.dtype == jnp.float32:
+        shape = _abstract_output(x, window, strides, padding)
+        return tuple(calls.max_pool(x, shape, window, strides, padding))
+    wide = _wide(x.dtype)
+    views = taps(x.astype(wide), window, strides, padding, -jnp.inf)
+    y = functools.reduce(jnp.maximum, views)
+    first = jnp.full(y.shape, len(views) - 1, jnp.int8)  # where no tap equals y (a NaN): the last
+    for k in reversed(range(len(views) - 1)):
+        first = jnp.where(views[k] == y, jnp.int8(k), first)
+    return y.astype(x.dtype), first
+
+
+@_pool_and_first.defjvp
+def _pool_and_first_jvp(window, strides, padding, extension, primals, tangents):
+    """Each window's tangent is its first maximum's (row-major), as ``select_and_scatter`` routes gradients;
+    ``first`` is an integer, with no tangent.
 
     The map is linear in the tangent (strided views of the zero-padded tangent, selected by which tap holds each
     window's first maximum), so forward mode uses it as it is and reverse mode is its transpose: the selected
@@ -62,11 +81,12 @@ def _sliced_max_pool_jvp(window, strides, padding, extension, primals, tangents)
     with the extension (``extension``) that transpose runs as one C++ pass. Both are computed in ``_wide``'s dtype;
     the tangent is rounded once at the end."""
     (x,), (dx,) = primals, tangents
-    wide = _wide(x.dtype)
-    y = _sliced_max_pool(x, window, strides, padding, extension)  # higher orders: this rule again
-    views, y_wide = taps(x.astype(wide), window, strides, padding, -jnp.inf), y.astype(wide)  # exact: a max
-    first = jnp.full(y.shape, len(views) - 1, jnp.int8)  # which tap holds each window's first maximum
-    for k in reversed(range(len(views) - 1)):
-        first = jnp.where(views[k] == y_wide, jnp.int8(k), first)
-    t = route(dx.astype(wide), first, window, strides, padding, extension=extension)
-    return y, t.astype(dx.dtype)
+    y, first = _pool_and_first(x, window, strides, padding, extension)  # higher orders: this rule again
+    t = route(dx.astype(_wide(x.dtype)), first, window, strides, padding, extension=extension)
+    return (y, first), (t.astype(dx.dtype), np.zeros(first.shape, jax.dtypes.float0))
+
+
+def _abstract_output(x, window, strides, padding):
+    (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, padding
+    n, h, w, c = x.shape
+    return (n, output_size(h, kh, sh, top, bottom), output_size(w, kw, sw, left, right), c)

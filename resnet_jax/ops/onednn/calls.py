@@ -194,6 +194,14 @@ def matmul(a, b, transpose_a=False, transpose_b=False, own_kernel=False, accumul
     return _call("ResnetJaxMatmul", (*a.shape[1:-1], cols), jnp.float32, (a, b), (SPLIT, WHOLE), attrs)
 
 
+def max_pool(x, y_shape, window, strides, padding):
+    """``(y, first)`` of the max-pool over float32 NHWC ``x`` (padding -inf): each window's maximum and which of
+    its taps, row-major, held it first (int8), in one pass (csrc/maxpool.cc)."""
+    attrs = dict(window=tuple(window), strides=tuple(strides), padding=_padding(padding))
+    return _call_results("ResnetJaxMaxPool", [(y_shape[1:], jnp.float32, False, None),
+                                              (y_shape[1:], jnp.int8, False, None)], (x,), (SPLIT,), attrs)
+
+
 def max_pool_grad(ct, first, x_shape, window, strides, padding):
     """The max-pool's input gradient (float32): each window's cotangent ``ct`` added onto the input pixel of its
     first maximum, ``first`` (int8) the tap's index in the window, row-major (csrc/maxpool.cc)."""

@@ -21,7 +21,7 @@ ENV_VAR = "RESNET_JAX_ONEDNN"
 # The C++ entry points, registered as FFI targets of the same names (csrc/*.cc)
 TARGETS = ("ResnetJaxConvForward", "ResnetJaxConvBackwardData", "ResnetJaxConvBackwardWeights",
            "ResnetJaxWinogradForward", "ResnetJaxWinogradBackwardWeights", "ResnetJaxMatmul",
-           "ResnetJaxMatmulAccumulate", "ResnetJaxPatchKernelGrad", "ResnetJaxMaxPoolGrad", "ResnetJaxBatchNormSums",
+           "ResnetJaxMatmulAccumulate", "ResnetJaxPatchKernelGrad", "ResnetJaxMaxPool", "ResnetJaxMaxPoolGrad", "ResnetJaxBatchNormSums",
            "ResnetJaxBatchNormApply", "ResnetJaxBatchNormGradSums", "ResnetJaxBatchNormGradSumsMasked",
            "ResnetJaxBatchNormGradApply")
 logger = logging.getLogger("resnet_jax")

@@ -1,11 +1,15 @@
-// The max-pool's gradient: each window's cotangent added onto the input pixel that held the window's first
-// maximum. `first` (int8, one per window and channel) says which of the window's taps, row-major, that was.
+// The max-pool and its gradient. The forward writes each window's maximum and `first` (int8, one per window and
+// channel): which of the window's taps, row-major, held it first. The gradient adds each window's cotangent onto
+// the input pixel of that tap.
 //
-// Why: XLA derives this as the transpose of the pool's tangent map, one padded, strided term per tap summed
-// into the input's shape, and ran it at ResNet-50's stem pool (32x112x112x64) in 69 ms of a training step
-// (BENCHMARKS.md, 2026-12-04 night), several passes over a 103 MB gradient; here it is one.
+// Why: XLA derives the gradient as the transpose of the pool's tangent map, one padded, strided term per tap
+// summed into the input's shape, and ran it at ResNet-50's stem pool (32x112x112x64) in 69 ms of a training step
+// (BENCHMARKS.md, 2026-12-04 night), several passes over a 103 MB gradient; here it is one. The forward in XLA
+// copied the input padded, took the maximum of its strided views, then compared every view with it for `first`:
+// three passes (18 ms of a float32 ResNet-50 step, 2026-12-06, eighth session) where this is one.
 
 #include <algorithm>
+#include <limits>
 
 #include "common.h"
 
@@ -18,6 +22,17 @@ namespace ffi = xla::ffi;
 inline void AddRouted(float* __restrict__ dst, const float* __restrict__ g, const int8_t* __restrict__ tap,
                       int8_t k, int64_t c) {
   for (int64_t ch = 0; ch < c; ++ch) dst[ch] += tap[ch] == k ? g[ch] : 0.f;
+}
+
+// y = max(y, v) and first = k where v is larger, over c channels; a NaN is kept once seen (XLA's maximum
+// propagates it), and the ties keep the earlier tap.
+inline void TakeLarger(float* __restrict__ y, int8_t* __restrict__ first, const float* __restrict__ v, int8_t k,
+                       int64_t c) {
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const bool larger = v[ch] > y[ch] || (v[ch] != v[ch] && y[ch] == y[ch]);
+    y[ch] = larger ? v[ch] : y[ch];
+    first[ch] = larger ? k : first[ch];
+  }
 }
 
 int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
@@ -65,7 +80,60 @@ ffi::Error MaxPoolGrad(ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::S8> first, ffi
   });
 }
 
+// x (N, H, W, C) float32 -> y (N, Ho, Wo, C) float32, first (N, Ho, Wo, C) int8; window, strides, padding as
+// MaxPoolGrad's. As pool.py's jnp pool: the padding is -inf, first is the first tap (row-major) equal to the
+// maximum, and where the maximum is NaN (a NaN in the window) first is the last tap, as no tap equals it there.
+ffi::Error MaxPool(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                   ffi::Result<ffi::Buffer<ffi::S8>> first, ffi::Span<const int64_t> window,
+                   ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || yd.size() != 4 || window.size() != 2 || strides.size() != 2 || padding.size() != 4)
+    return ffi::Error::InvalidArgument("max-pool: expected NHWC buffers, a 2-d window, 2 strides and 4 paddings");
+  const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], oh = yd[1], ow = yd[2], kh = window[0], kw = window[1];
+  const int64_t sh = strides[0], sw = strides[1], top = padding[0], left = padding[2];
+  const bool consistent = resnet_jax::SameDims(yd, first->dimensions()) && yd[0] == n && yd[3] == c &&
+                          kh * kw <= 127 && resnet_jax::OutputFollows(h, padding[0], padding[1], kh, sh, oh) &&
+                          resnet_jax::OutputFollows(w, padding[2], padding[3], kw, sw, ow);
+  if (!consistent) return ffi::Error::InvalidArgument("max-pool: inconsistent shapes");
+  const float* in = x.typed_data();
+  float* out = y->typed_data();
+  int8_t* tap = first->typed_data();
+  const int8_t last = static_cast<int8_t>(kh * kw - 1);
+  return resnet_jax::Run([&] {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t oy = 0; oy < oh; ++oy)
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          const int64_t at = ((b * oh + oy) * ow + ox) * c;
+          float* best = out + at;
+          int8_t* k = tap + at;
+          // a window of padding only (or of -inf) has the maximum -inf, equal to its first tap
+          std::fill(best, best + c, -std::numeric_limits<float>::infinity());
+          std::fill(k, k + c, int8_t{0});
+          for (int64_t i = 0; i < kh; ++i) {
+            const int64_t iy = oy * sh - top + i;
+            if (iy < 0 || iy >= h) continue;
+            for (int64_t j = 0; j < kw; ++j) {
+              const int64_t ix = ox * sw - left + j;
+              if (ix < 0 || ix >= w) continue;
+              TakeLarger(best, k, in + ((b * h + iy) * w + ix) * c, static_cast<int8_t>(i * kw + j), c);
+            }
+          }
+          for (int64_t ch = 0; ch < c; ++ch) k[ch] = best[ch] != best[ch] ? last : k[ch];
+        }
+  });
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxMaxPool, MaxPool,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<ffi::Span<const int64_t>>("window")
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxMaxPoolGrad, MaxPoolGrad,
                               ffi::Ffi::Bind()
