@@ -114,6 +114,26 @@ def test_wrapped_algorithms_add_after_their_own_input_gradient(algorithm, dilati
     assert "has_residual = 1" not in grad.lower(x, k, py, px).as_text()
 
 
+def test_a_wrapper_keeps_where_its_base_runs_and_nothing_tied_to_the_base_operands():
+    """``Algorithm.wrapping`` (what ``@atrous`` and ``@float32`` are built with) keeps only where the base can run;
+    an in-kernel sum or a fused epilogue of the base never reaches the wrapper unless it passes its own."""
+    from resnet_jax.ops.spec import Algorithm
+
+    def never(*args):
+        raise AssertionError("the base's own operands only")
+
+    base = Algorithm(name="base", forward=never, input_grad=never, kernel_grad=never, cpu_only=True,
+                     xla_ops_only=True, unavailable=lambda: "missing", fused_forward=never, summed_input_grad=never,
+                     dilated=True)
+    wrapper = Algorithm.wrapping(base, "@w", forward=None, input_grad=None, kernel_grad=None)
+    assert (wrapper.name, wrapper.cpu_only, wrapper.xla_ops_only, wrapper.unavailable()) == ("base@w", True, True,
+                                                                                          "missing")
+    assert (wrapper.fused_forward, wrapper.summed_input_grad, wrapper.dilated) == (None, None, False)
+    for name in ("onednn_winograd_f4@atrous", "onednn_winograd_f4@float32"):
+        if name in REGISTRY:
+            assert REGISTRY[name].summed_input_grad is None, name
+
+
 def conv_spec(dilation, dtype):
     x, k, _, _ = operands(3)
     return ConvSpec.of(x.astype(dtype), k.astype(dtype), 1, ((dilation, dilation),) * 2, 1, dilation)

@@ -102,9 +102,8 @@ def atrous(base: Algorithm) -> Algorithm:
     def kernel_grad(x, dy, spec):
         return base.kernel_grad(grids_of_x(x, spec), _to_grids(dy, spec, (0, 0), _outputs(spec)), inner_spec(spec))
 
-    return dataclasses.replace(base, name=base.name + SUFFIX, limits=limits, dilated=True, forward=forward,
-                               input_grad=input_grad, kernel_grad=kernel_grad, fused_forward=None,
-                               summed_input_grad=None)  # the base's kernels see the sub-grids, not these operands
+    return Algorithm.wrapping(base, SUFFIX, limits=limits, dilated=True, forward=forward, input_grad=input_grad,
+                              kernel_grad=kernel_grad)
 
 
 ALGORITHMS = tuple(atrous(a) for a in onednn_algorithms.ALGORITHMS if a.name in ATROUS)

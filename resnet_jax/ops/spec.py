@@ -167,6 +167,17 @@ class Algorithm:
 
         return cls(name=name, forward=forward, input_grad=input_grad, kernel_grad=kernel_grad, **fields)
 
+    @classmethod
+    def wrapping(cls, base: Algorithm, suffix: str, **fields) -> Algorithm:
+        """An algorithm that computes through ``base`` on operands of its own (``@atrous``: sub-grids,
+        ``@float32``: upcast ones), named ``base.name + suffix``. It keeps what says where ``base`` runs
+        (``cpu_only``, ``xla_ops_only``, ``unavailable``) and takes every other field from ``fields`` or the
+        defaults, never from ``base``: a field that ties an algorithm to its own operands (a fused epilogue, a sum
+        inside its kernel) must not reach a wrapper that hands the base other operands (``dataclasses.replace``
+        had inherited them, and each new field had to be cleared by hand in every wrapper)."""
+        return cls(name=base.name + suffix, cpu_only=base.cpu_only, xla_ops_only=base.xla_ops_only,
+                   unavailable=base.unavailable, **fields)
+
     def input_grad_plus(self, dy, kernel, spec: ConvSpec, acc):
         """``acc + input_grad(dy, kernel, spec)``: inside the kernel where the algorithm can, else added after."""
         if self.summed_input_grad is not None:

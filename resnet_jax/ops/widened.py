@@ -50,10 +50,10 @@ def widened(base: Algorithm) -> Algorithm:
             y = base.fused_forward(up(x), up(kernel), _float32(spec), up(bias), up(residual), relu)
             return y.astype(spec.dtype)
 
-    return dataclasses.replace(
-        base, name=base.name + SUFFIX, forward=pass_of(base.forward), input_grad=pass_of(base.input_grad),
-        kernel_grad=pass_of(base.kernel_grad), limits=limits, fused_forward=fused,
-        summed_input_grad=None)  # the base's would sum in float32 what this pass rounds to bfloat16 first
+    # no in-kernel sum: the base's would sum in float32 what this pass rounds to bfloat16 first
+    return Algorithm.wrapping(base, SUFFIX, forward=pass_of(base.forward), input_grad=pass_of(base.input_grad),
+                              kernel_grad=pass_of(base.kernel_grad), limits=limits, dilated=base.dilated,
+                              fused_forward=fused)
 
 
 ALGORITHMS = tuple(widened(a) for a in onednn_algorithms.ALGORITHMS if a.name in WIDENED)
