@@ -11,9 +11,9 @@ one for the two per-channel sums, one for the input gradient.
 
 The first three or four operands are the linear ones; ``x, y, mean, var, scale`` are the primal input, output,
 batch statistics and scale, ``coef`` the forward's ``(mean, mul, bias)`` (the C++ passes recompute the ReLU's mask
-from ``x`` with them where there is no residual, instead of reading ``y``). Both primitives evaluate, differentiate (to any order) and ``vmap`` through their
-jnp reference (``_tangent``, ``_cotangent``), so every transformation stays exact; only the lowering of
-``cotangent_p`` with ``extension=True`` runs the C++ passes.
+from ``x`` with them where there is no residual, instead of reading ``y``). Both primitives evaluate,
+differentiate (to any order) and ``vmap`` through their jnp reference (``_tangent``, ``_cotangent``), so every
+transformation stays exact; only the lowering of ``cotangent_p`` with ``extension=True`` runs the C++ passes.
 """
 
 from __future__ import annotations

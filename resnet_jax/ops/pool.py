@@ -3,7 +3,8 @@ whose convolutions are XLA's own: ``rules.max_pool_method`` decides).
 
 XLA:CPU runs ``reduce_window`` and its gradient, ``select_and_scatter``, far below memory speed (docs/
 cpu-convolution.md). The maximum of the window's shifted, strided slices of the padded input is one fused
-elementwise pass (with the extension, float32: one C++ pass that also records each window's first maximum). The gradient goes to the first maximum of each window in row-major order, as XLA's
+elementwise pass (with the extension, float32: one C++ pass that also records each window's first maximum).
+The gradient goes to the first maximum of each window in row-major order, as XLA's
 ``select_and_scatter`` (with ``ge``) does, so values and gradients equal ``flax.linen.max_pool``'s exactly,
 ties included (ties are common after a ReLU). In bfloat16 the routing is the same and each input's gradient is
 the float32 sum of the cotangents routed to it, rounded once (``select_and_scatter`` rounds after every add).
@@ -19,9 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.ops.onednn import calls
-from resnet_jax.ops.pool_grad import route, taps
+from resnet_jax.ops.pool_grad import pooled_shape, route, taps
 from resnet_jax.ops.rules import max_pool_method, may_use_extension
-from resnet_jax.ops.spec import output_size
 
 Pair = tuple[int, int]
 
@@ -59,8 +59,7 @@ def _pool_and_first(x, window, strides, padding, extension):
     routing of its derivative. With the extension, float32, both in one C++ pass over ``x``; else jnp, where
     XLA drops ``first`` when only ``y`` is used."""
     if extension and x.dtype == jnp.float32:
-        shape = _abstract_output(x, window, strides, padding)
-        return tuple(calls.max_pool(x, shape, window, strides, padding))
+        return tuple(calls.max_pool(x, pooled_shape(x.shape, window, strides, padding), window, strides, padding))
     wide = _wide(x.dtype)
     views = taps(x.astype(wide), window, strides, padding, -jnp.inf)
     y = functools.reduce(jnp.maximum, views)
@@ -85,8 +84,3 @@ def _pool_and_first_jvp(window, strides, padding, extension, primals, tangents):
     t = route(dx.astype(_wide(x.dtype)), first, window, strides, padding, extension=extension)
     return (y, first), (t.astype(dx.dtype), np.zeros(first.shape, jax.dtypes.float0))
 
-
-def _abstract_output(x, window, strides, padding):
-    (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, padding
-    n, h, w, c = x.shape
-    return (n, output_size(h, kh, sh, top, bottom), output_size(w, kw, sw, left, right), c)

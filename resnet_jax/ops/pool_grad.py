@@ -63,10 +63,15 @@ def _lower_unroute(ct, first, *, extension, **params):
 
 
 # ------------------------------------------------------------------------------------------- the rules
-def _abstract_route(dx, first, *, window, strides, padding, **_):
+def pooled_shape(shape, window, strides, padding):
+    """The pool's output shape for an NHWC input of ``shape``."""
     (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, padding
-    n, h, w, c = dx.shape
-    return ShapedArray((n, output_size(h, kh, sh, top, bottom), output_size(w, kw, sw, left, right), c), dx.dtype)
+    n, h, w, c = shape
+    return (n, output_size(h, kh, sh, top, bottom), output_size(w, kw, sw, left, right), c)
+
+
+def _abstract_route(dx, first, *, window, strides, padding, **_):
+    return ShapedArray(pooled_shape(dx.shape, window, strides, padding), dx.dtype)
 
 
 def _abstract_unroute(ct, first, *, x_shape, **_):
