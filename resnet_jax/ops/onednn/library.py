@@ -21,9 +21,9 @@ ENV_VAR = "RESNET_JAX_ONEDNN"
 # The C++ entry points, registered as FFI targets of the same names (csrc/*.cc)
 TARGETS = ("ResnetJaxConvForward", "ResnetJaxConvBackwardData", "ResnetJaxConvBackwardWeights",
            "ResnetJaxWinogradForward", "ResnetJaxWinogradBackwardWeights", "ResnetJaxMatmul",
-           "ResnetJaxMatmulAccumulate", "ResnetJaxPatchKernelGrad", "ResnetJaxMaxPool", "ResnetJaxMaxPoolGrad", "ResnetJaxBatchNormSums",
-           "ResnetJaxBatchNormApply", "ResnetJaxBatchNormGradSums", "ResnetJaxBatchNormGradSumsMasked",
-           "ResnetJaxBatchNormGradApply")
+           "ResnetJaxMatmulAccumulate", "ResnetJaxPatchKernelGrad", "ResnetJaxMaxPool", "ResnetJaxMaxPoolGrad",
+           "ResnetJaxBatchNormSums", "ResnetJaxBatchNormApply", "ResnetJaxBatchNormGradSums",
+           "ResnetJaxBatchNormGradSumsMasked", "ResnetJaxBatchNormGradApply")
 logger = logging.getLogger("resnet_jax")
 
 
