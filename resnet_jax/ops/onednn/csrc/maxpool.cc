@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <string>
 
 #include "common.h"
 
@@ -38,22 +39,41 @@ inline void TakeLarger(float* __restrict__ y, int8_t* __restrict__ first, const 
 int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 int64_t CeilDiv(int64_t a, int64_t b) { return -FloorDiv(-a, b); }
 
+// A pool's sizes: input (n, h, w, c), output (oh, ow), window, strides, and the top and left padding.
+struct PoolGeometry {
+  int64_t n, h, w, c, oh, ow, kh, kw, sh, sw, top, left;
+};
+
+// Reads both passes' geometry from the input image `xd` and the output `yd` (NHWC, `first` shaped as the output)
+// and the attributes (padding: top, bottom, left, right): nullptr when they fit together, else what is wrong.
+const char* ReadGeometry(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> yd, ffi::Span<const int64_t> first,
+                         ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
+                         ffi::Span<const int64_t> padding, PoolGeometry* g) {
+  if (xd.size() != 4 || yd.size() != 4 || window.size() != 2 || strides.size() != 2 || padding.size() != 4)
+    return "expected NHWC buffers, a 2-d window, 2 strides and 4 paddings";
+  *g = {xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], window[0], window[1], strides[0], strides[1], padding[0],
+        padding[2]};
+  const bool consistent = resnet_jax::SameDims(yd, first) && yd[0] == g->n && yd[3] == g->c &&
+                          g->kh * g->kw <= 127 &&
+                          resnet_jax::OutputFollows(g->h, padding[0], padding[1], g->kh, g->sh, g->oh) &&
+                          resnet_jax::OutputFollows(g->w, padding[2], padding[3], g->kw, g->sw, g->ow);
+  return consistent ? nullptr : "inconsistent shapes";
+}
+
 // ct (N, Ho, Wo, C) float32, first (N, Ho, Wo, C) int8 -> dx (N, H, W, C) float32; window (kh, kw), strides,
 // padding (top, bottom, left, right). Each input pixel sums the windows that hold it, in row-major order as
 // XLA's select_and_scatter adds them (the same float32 sums, bit for bit), and is written by one thread only.
 ffi::Error MaxPoolGrad(ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::S8> first, ffi::Result<ffi::Buffer<ffi::F32>> dx,
                        ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
                        ffi::Span<const int64_t> padding) {
-  auto cd = ct.dimensions(), xd = dx->dimensions();
-  if (cd.size() != 4 || xd.size() != 4 || window.size() != 2 || strides.size() != 2 || padding.size() != 4)
-    return ffi::Error::InvalidArgument("max-pool gradient: expected NHWC buffers, a 2-d window, 2 strides and 4 "
-                                       "paddings");
-  const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], oh = cd[1], ow = cd[2], kh = window[0], kw = window[1];
-  const int64_t sh = strides[0], sw = strides[1], top = padding[0], left = padding[2];
-  const bool consistent = resnet_jax::SameDims(cd, first.dimensions()) && cd[0] == n && cd[3] == c &&
-                          kh * kw <= 127 && resnet_jax::OutputFollows(h, padding[0], padding[1], kh, sh, oh) &&
-                          resnet_jax::OutputFollows(w, padding[2], padding[3], kw, sw, ow);
-  if (!consistent) return ffi::Error::InvalidArgument("max-pool gradient: inconsistent shapes");
+  PoolGeometry geometry;
+  if (const char* wrong = ReadGeometry(dx->dimensions(), ct.dimensions(), first.dimensions(), window, strides,
+                                       padding, &geometry))
+    return ffi::Error::InvalidArgument(std::string("max-pool gradient: ") + wrong);
+  // named locals, not a structured binding: the OpenMP loops' lambdas capture them (C++17)
+  const int64_t n = geometry.n, h = geometry.h, w = geometry.w, c = geometry.c, oh = geometry.oh, ow = geometry.ow;
+  const int64_t kh = geometry.kh, kw = geometry.kw, sh = geometry.sh, sw = geometry.sw, top = geometry.top,
+                left = geometry.left;
   const float* g = ct.typed_data();
   const int8_t* tap = first.typed_data();
   float* out = dx->typed_data();
@@ -86,15 +106,14 @@ ffi::Error MaxPoolGrad(ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::S8> first, ffi
 ffi::Error MaxPool(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y,
                    ffi::Result<ffi::Buffer<ffi::S8>> first, ffi::Span<const int64_t> window,
                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
-  auto xd = x.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || window.size() != 2 || strides.size() != 2 || padding.size() != 4)
-    return ffi::Error::InvalidArgument("max-pool: expected NHWC buffers, a 2-d window, 2 strides and 4 paddings");
-  const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], oh = yd[1], ow = yd[2], kh = window[0], kw = window[1];
-  const int64_t sh = strides[0], sw = strides[1], top = padding[0], left = padding[2];
-  const bool consistent = resnet_jax::SameDims(yd, first->dimensions()) && yd[0] == n && yd[3] == c &&
-                          kh * kw <= 127 && resnet_jax::OutputFollows(h, padding[0], padding[1], kh, sh, oh) &&
-                          resnet_jax::OutputFollows(w, padding[2], padding[3], kw, sw, ow);
-  if (!consistent) return ffi::Error::InvalidArgument("max-pool: inconsistent shapes");
+  PoolGeometry geometry;
+  if (const char* wrong = ReadGeometry(x.dimensions(), y->dimensions(), first->dimensions(), window, strides,
+                                       padding, &geometry))
+    return ffi::Error::InvalidArgument(std::string("max-pool: ") + wrong);
+  // named locals, not a structured binding: the OpenMP loops' lambdas capture them (C++17)
+  const int64_t n = geometry.n, h = geometry.h, w = geometry.w, c = geometry.c, oh = geometry.oh, ow = geometry.ow;
+  const int64_t kh = geometry.kh, kw = geometry.kw, sh = geometry.sh, sw = geometry.sw, top = geometry.top,
+                left = geometry.left;
   const float* in = x.typed_data();
   float* out = y->typed_data();
   int8_t* tap = first->typed_data();
