@@ -176,7 +176,7 @@ def patch_kernel_grad(x, dy, spec, pixel_block):
 def matmul(a, b, transpose_a=False, transpose_b=False, own_kernel=False, accumulate=None):
     """``a @ b`` (float32) by oneDNN's GEMM; ``transpose_a``/``transpose_b`` read an operand stored transposed.
     The rows of ``a`` are pixels, split with the batch: with ``transpose_a`` they are summed over, and
-    ``own_kernel`` sums them as outer products by the extension's own AVX2 kernel instead of oneDNN's GEMM
+    ``own_kernel`` sums them as outer products by the extension's own kernel (AVX2 or AVX-512) instead of oneDNN's GEMM
     (csrc/outer_products.h says why). ``accumulate`` (the product's shape, float32) is added to the product in
     its own buffer, which becomes the result: ``accumulate + a @ b`` without a pass of its own. Unless summed
     over, ``a`` may be an image (N, H, W, C), one row per pixel, and the product is one too (N, H, W, cols): no
@@ -185,7 +185,7 @@ def matmul(a, b, transpose_a=False, transpose_b=False, own_kernel=False, accumul
     if accumulate is not None:
         if transpose_a or own_kernel:
             raise ValueError("matmul accumulates into a product over the batch's rows only, not a sum over them")
-        attrs = dict(transpose_lhs=0, transpose_rhs=int(transpose_b))
+        attrs = dict(transpose_rhs=int(transpose_b))
         return _call("ResnetJaxMatmulAccumulate", accumulate.shape[1:], jnp.float32,
                      (a, b, accumulate.astype(jnp.float32)), (SPLIT, WHOLE, SPLIT), attrs, in_place=2)
     attrs = dict(transpose_lhs=int(transpose_a), transpose_rhs=int(transpose_b), own_kernel=int(own_kernel))

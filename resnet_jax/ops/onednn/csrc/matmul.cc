@@ -67,11 +67,12 @@ ffi::Error Product(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::Re
   return Multiply(lhs, rhs, nullptr, out, transpose_lhs, transpose_rhs, own_kernel);
 }
 
+// acc + lhs x rhs, lhs never transposed: the rows it adds to are pixels, as the accumulator's.
 ffi::Error ProductAccumulated(ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, ffi::Buffer<ffi::F32> acc,
-                              ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t transpose_lhs, int64_t transpose_rhs) {
+                              ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t transpose_rhs) {
   if (!resnet_jax::SameDims(acc.dimensions(), out->dimensions()))
     return ffi::Error::InvalidArgument("oneDNN matmul: the accumulator must have the product's shape");
-  return Multiply(lhs, rhs, acc.typed_data(), out, transpose_lhs, transpose_rhs, 0);
+  return Multiply(lhs, rhs, acc.typed_data(), out, 0, transpose_rhs, 0);
 }
 
 }  // namespace
@@ -82,7 +83,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxMatmulAccumulate, ProductAccumulated,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("transpose_lhs")
                                   .Attr<int64_t>("transpose_rhs"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxMatmul, Product,
