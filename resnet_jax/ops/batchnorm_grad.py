@@ -18,9 +18,6 @@ transformation stays exact; only the lowering of ``cotangent_p`` with ``extensio
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -28,6 +25,7 @@ from resnet_jax.ops.jax_compat import (Primitive, ShapedArray, instantiate_zeros
                                       primitive_batchers, primitive_jvps, primitive_transposes,
                                       prims_requiring_devices, register_lowering)
 from resnet_jax.ops.onednn import calls
+from resnet_jax.ops.reference_rules import batch_by_reference, jvp_by_reference
 
 tangent_p = Primitive("resnet_jax_batch_norm_tangent")
 cotangent_p = Primitive("resnet_jax_batch_norm_cotangent")
@@ -141,22 +139,6 @@ def _tangent_transpose(cts, *args, relu, epsilon, has_residual, extension, dtype
     return [g if is_undefined_primal(a) else None for g, a in zip(grads, linear)] + [None] * len(primals)
 
 
-def _jvp_by_reference(reference):
-    """Forward mode of a primitive: that of its jnp reference (both primitives are linear in some operands and
-    smooth in the rest; the reference carries every higher order)."""
-    def rule(primals, tangents, **params):
-        tangents = [instantiate_zeros(t) for t in tangents]
-        return jax.jvp(functools.partial(reference, **params), tuple(primals), tuple(tangents))
-    return rule
-
-
-def _batch_by_reference(reference):
-    def rule(args, dims, **params):
-        out = jax.vmap(functools.partial(reference, **params), in_axes=dims)(*args)
-        return out, [0] * len(out)
-    return rule
-
-
 def _lower_cotangent(*args, extension, **params):
     impl = _cotangent_extension if extension else _cotangent
     return impl(*args, extension=extension, **params)
@@ -166,8 +148,8 @@ for _prim, _reference, _abstract in ((tangent_p, _tangent, _abstract_tangent),
                                      (cotangent_p, _cotangent, _abstract_cotangent)):
     _prim.def_impl(_reference)
     _prim.def_abstract_eval(_abstract)
-    primitive_jvps[_prim] = _jvp_by_reference(_reference)
-    primitive_batchers[_prim] = _batch_by_reference(_reference)
+    primitive_jvps[_prim] = jvp_by_reference(_reference)  # linear in some operands, smooth in the rest
+    primitive_batchers[_prim] = batch_by_reference(_reference, multiple_results=True)
 register_lowering(tangent_p, lower_fun(_tangent, multiple_results=True))
 register_lowering(cotangent_p, lower_fun(_lower_cotangent, multiple_results=True))
 primitive_transposes[tangent_p] = _tangent_transpose

@@ -29,6 +29,7 @@ from resnet_jax.ops import linear
 from resnet_jax.ops.jax_compat import (Primitive, ShapedArray, Zero, is_undefined_primal, lower_fun,
                                       primitive_batchers, primitive_jvps, primitive_transposes,
                                       prims_requiring_devices, register_lowering)
+from resnet_jax.ops.reference_rules import batch_by_reference
 from resnet_jax.ops.registry import REGISTRY
 
 fanout_p = Primitive("resnet_jax_conv_fanout")
@@ -138,15 +139,8 @@ def _input_grad_sum_reference(dy, k, acc, passes, spec):
     return linear.input_grad_p.bind(dy, k, passes=passes, spec=spec).astype(acc.dtype) + acc
 
 
-def _batch_by_reference(reference, multiple):
-    def rule(args, dims, *, passes, spec):
-        out = jax.vmap(lambda *a: reference(*a, passes, spec), in_axes=dims)(*args)
-        return (out, [0] * len(out)) if multiple else (out, 0)
-    return rule
-
-
-primitive_batchers[fanout_p] = _batch_by_reference(_fanout_reference, True)
-primitive_batchers[input_grad_sum_p] = _batch_by_reference(_input_grad_sum_reference, False)
+primitive_batchers[fanout_p] = batch_by_reference(_fanout_reference, multiple_results=True)
+primitive_batchers[input_grad_sum_p] = batch_by_reference(_input_grad_sum_reference, multiple_results=False)
 
 
 def conv_fanout(x, kernel, passes, spec):

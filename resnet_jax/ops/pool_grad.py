@@ -25,6 +25,7 @@ from resnet_jax.ops.jax_compat import (Primitive, ShapedArray, instantiate_zeros
                                       primitive_jvps, primitive_transposes, prims_requiring_devices,
                                       register_lowering)
 from resnet_jax.ops.onednn import calls
+from resnet_jax.ops.reference_rules import batch_by_reference
 from resnet_jax.ops.spec import output_size
 
 route_p = Primitive("resnet_jax_max_pool_route")
@@ -93,18 +94,12 @@ def _jvp(prim):
     return rule
 
 
-def _batch_by_reference(reference):
-    def rule(args, dims, **params):
-        return jax.vmap(functools.partial(reference, **params), in_axes=dims)(*args), 0
-    return rule
-
-
 for _prim, _reference, _abstract, _other in ((route_p, _route, _abstract_route, unroute_p),
                                              (unroute_p, _unroute, _abstract_unroute, route_p)):
     _prim.def_impl(_reference)
     _prim.def_abstract_eval(_abstract)
     primitive_jvps[_prim] = _jvp(_prim)
-    primitive_batchers[_prim] = _batch_by_reference(_reference)
+    primitive_batchers[_prim] = batch_by_reference(_reference, multiple_results=False)
     primitive_transposes[_prim] = _transpose_to(_other)
 register_lowering(route_p, lower_fun(_route, multiple_results=False))
 register_lowering(unroute_p, lower_fun(_lower_unroute, multiple_results=False))
