@@ -241,6 +241,11 @@ def _expected_shapes(model: ResNet) -> dict[tuple[str, ...], tuple[tuple[int, ..
     return {k: (tuple(v.shape), v.dtype) for k, v in flatten_dict(shapes).items()}
 
 
+# What follows the last stage: the pre-activation stack's closing BatchNorm and the head. A model that does not build
+# them (``features_only`` drops both, ``num_classes=0`` the head) ignores the file's entries for them.
+_AFTER_STAGES = ("bn_final", "fc")
+
+
 def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_head: bool = False,
                        source: str = "the state_dict", model_name: str = "the model", naming: str = "torchvision"
                        ) -> tuple[dict, list[tuple[str, ...]]]:
@@ -248,10 +253,11 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
 
     Returns the (nested) variables and the Flax paths left unfilled because ``skip_head`` dropped the head.
     Every missing, unexpected, mis-shaped or unnamed entry is collected and raised as one ``ValueError``.
-    A model without a head (``features_only`` or ``num_classes=0``) ignores the file's head entries.
+    A model without a head (``features_only`` or ``num_classes=0``) ignores the file's head entries, and a
+    ``features_only`` pre-activation model its closing BatchNorm's too (``_AFTER_STAGES``).
     """
     expected = _expected_shapes(model)
-    has_head = any(k[1] == "fc" for k in expected)
+    built = {k[1] for k in expected}
     flat, problems, unexpected, misshaped, seen, head_misshaped = {}, [], [], [], set(), False
     for name, value in state_dict.items():
         try:
@@ -259,7 +265,7 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         except ValueError:
             unexpected.append(name)
             continue
-        if path is None or (path[1] == "fc" and (skip_head or not has_head)):
+        if path is None or (path[1] == "fc" and skip_head) or (path[1] in _AFTER_STAGES and path[1] not in built):
             continue
         if path not in expected:
             unexpected.append(name)

@@ -169,6 +169,22 @@ def test_every_variant_round_trips(tmp_path, name, kwargs):
     jax.tree.map(np.testing.assert_array_equal, back, variables)
 
 
+@pytest.mark.parametrize("name", ["preact_resnet18", "resnet18"])
+def test_a_backbone_loads_from_a_whole_models_file(tmp_path, name):
+    """``features_only`` builds neither the head nor the pre-activation stack's closing BatchNorm: the file's
+    entries for them are ignored and everything else loads unchanged."""
+    model = create_model(name)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+    save_torchvision(variables, tmp_path / "v.pth")
+    _, back = load_torchvision(name, tmp_path / "v.pth", features_only=True)
+    kept = {k: v for k, v in flatten_dict(variables).items() if k[1] not in ("fc", "bn_final")}
+    assert flatten_dict(back).keys() == kept.keys()
+    for k, v in kept.items():
+        np.testing.assert_array_equal(flatten_dict(back)[k], v)
+
+
 def test_strict_error_lists_every_problem_at_once(resnet18):
     _, state = resnet18
     state = dict(state)
