@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from resnet_jax import create_model, list_models
 from resnet_jax.training import validate
 from resnet_jax.training.config import min_image_size, model_from_config
 
@@ -44,3 +45,14 @@ def test_an_unknown_variant_is_a_clear_error():
     module = importlib.import_module("train.configs.imagenet_resnet50")
     with pytest.raises(ValueError, match="unknown variant 'cosin'.*'step' or 'cosine'"):
         module.get_config("cosin")
+
+
+@pytest.mark.parametrize("name,overrides", [(n, {}) for n in list_models()] + [("resnet50", {"output_stride": 8})])
+def test_min_image_size_is_what_the_model_downsamples_by(name, overrides):
+    """The smallest input the training loop accepts leaves exactly one pixel after the last stage, for every
+    stem (the tiered one of ecaresnet26t/50t had none) and output stride."""
+    model = create_model(name, features_only=True, **overrides)
+    size = min_image_size(model)
+    x = jax.ShapeDtypeStruct((1, 2 * size, 2 * size, model.in_channels), jnp.float32)
+    features = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=False)[0], x)
+    assert features[-1].shape[1:3] == (2, 2)

@@ -280,9 +280,9 @@ def model_from_config(config: ml_collections.ConfigDict, num_classes: int, in_ch
 
 
 def min_image_size(model) -> int:
-    """Total downsampling of the feature stack: smaller inputs leave the last stage with less than one pixel."""
-    stem = {"imagenet": 4, "deep": 4, "cifar": 1}[model.stem]
-    return stem * 2 ** (len(model.stage_sizes) - 1)
+    """Total downsampling of the feature stack, as the model itself lays it out (every stem, ``output_stride``):
+    smaller inputs leave the last stage with less than one pixel."""
+    return max(model.feature_strides(), default=1)
 
 
 def normalization_stats(config: ml_collections.ConfigDict):
