@@ -75,6 +75,16 @@ def test_it_carries_the_tags_preprocessing_and_imagenets_names(clf):
                                   t(Image.fromarray(photos()[1])).permute(1, 2, 0).numpy())
 
 
+def test_fine_tuning_at_another_size_evaluates_at_that_size(clf):
+    """``from_pretrained`` derived the tag's 256/224 for its 224 crop; ``fit`` at 64 px derives them again around
+    64 (kept at 224, a fine-tune at 64 px scored chance), keeping any evaluation key given to ``fit``."""
+    assert (clf._fit_config("digits", {}).eval_resize, clf._fit_config("digits", {}).eval_crop) == (256, 224)
+    small = clf._fit_config("digits", {"image_size": 64})
+    assert (small.eval_resize, small.eval_crop, small.eval_interpolation) == (round(64 * 256 / 224), 64, "bilinear")
+    given = clf._fit_config("digits", {"image_size": 64, "eval_resize": 80})
+    assert (given.eval_resize, given.eval_crop, given.eval_interpolation) == (80, 0, "bilinear")
+
+
 def test_export_carries_the_preprocessing_and_the_artifact_predicts_the_same(clf, tmp_path):
     from resnet_jax.export import load_exported
 
@@ -109,7 +119,7 @@ def test_predict_command_prints_torchvisions_top5(torch_resnet18, tmp_path):
 def test_init_from_takes_a_published_name_and_its_preprocessing(tmp_path):
     """``init_from="resnet18.IMAGENET1K_V1"`` (with ``weights_file``, a local copy; one block per stage, so the
     run's initialisation compiles quickly): every layer from the file, a new head for the run's 10 classes, and
-    evaluation's preprocessing and mean/std the tag's."""
+    evaluation's preprocessing the tag's around the run's 32 px crop, and mean/std the tag's."""
     import ml_collections
 
     from resnet_jax.training.config import base_config, model_from_config, normalization_stats, validate
@@ -123,8 +133,9 @@ def test_init_from_takes_a_published_name_and_its_preprocessing(tmp_path):
         **base_config().to_dict(), "model": "resnet18", "model_overrides": {"stage_sizes": (1, 1, 1, 1)},
         "init_from": TAG, "weights_file": str(tmp_path / "small.pth"), "image_size": 32}))
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    resize = round(32 * weights.resize_size[0] / weights.crop_size[0])  # the tag's ratio around the run's 32 px
     assert (config.eval_resize, config.eval_crop, config.eval_interpolation, config.eval_crop_mode) == (
-        weights.resize_size[0], weights.crop_size[0], weights.interpolation.value, "center")
+        resize, 32, weights.interpolation.value, "center")
     assert normalization_stats(config) == (tuple(weights.mean), tuple(weights.std))
     logs = []
     variables = initial_variables(config, model_from_config(config, 10), (1, 32, 32, 3), logs.append)

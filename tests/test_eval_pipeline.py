@@ -50,13 +50,26 @@ def test_batches_equal_torchvisions_image_classification_per_pixel():
         np.testing.assert_array_equal(images[i], expected)
 
 
-def test_published_weights_in_init_from_set_evaluations_preprocessing_unless_told_otherwise():
-    assert eval_transform(config(init_from="resnet50.IMAGENET1K_V2")) == weights_info("resnet50.IMAGENET1K_V2"
-                                                                                      ).transforms()
-    timm = config(init_from="resnet50.a1_in1k", image_size=224)
+def test_published_weights_in_init_from_set_evaluations_preprocessing_at_the_runs_resolution():
+    """At their own crop size exactly the weights' preprocessing; at another ``image_size`` (a fine-tune at 64 px)
+    their resize : crop ratio, interpolation and crop mode around the run's crop (evaluating at their 224 a model
+    trained at 64 scored chance); every key set by hand kept."""
+    v2 = config(init_from="resnet50.IMAGENET1K_V2", image_size=224)
+    assert eval_transform(v2) == weights_info("resnet50.IMAGENET1K_V2").transforms()
+    timm = config(init_from="resnet50.a1_in1k", image_size=288)
     assert eval_transform(timm) == weights_info("resnet50.a1_in1k").transforms()  # bicubic, 288 evaluation
-    own = config(init_from="resnet50.IMAGENET1K_V2", eval_resize=160, eval_crop=128, eval_interpolation="bicubic")
-    assert (own.eval_resize, own.eval_crop, own.eval_interpolation) == (160, 128, "bicubic")
+    small = config(init_from="resnet18.IMAGENET1K_V1", image_size=64)  # 256 : 224 around 64 -> 73
+    assert (small.eval_resize, small.eval_crop, small.eval_interpolation) == (73, 64, "bilinear")
+    src = PhotoSource()
+    transform = eval_transform(small)
+    reference = ImageClassification(crop_size=64, resize_size=73)
+    for photo in src.images:
+        np.testing.assert_array_equal(transform(photo), reference(Image.fromarray(photo)).permute(1, 2, 0).numpy())
+    crop = config(init_from="resnet50.IMAGENET1K_V2", eval_crop=256, eval_interpolation="bicubic")
+    assert (crop.eval_resize, crop.eval_crop, crop.eval_interpolation) == (265, 256, "bicubic")
+    own = config(init_from="resnet50.IMAGENET1K_V2", eval_resize=160, eval_crop=128, eval_crop_mode="squash")
+    assert (own.eval_resize, own.eval_crop, own.eval_interpolation, own.eval_crop_mode) == (
+        160, 128, "bilinear", "squash")
     assert eval_transform(config()) is None  # no published weights: the run's own resize, as before
 
 

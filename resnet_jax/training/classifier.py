@@ -77,16 +77,27 @@ class Classifier:
     # --- training and evaluation -------------------------------------------------------------------------
     def fit(self, dataset: str = "digits", *, workdir: str | Path | None = None, **config: Any) -> list[dict]:
         """Train on ``dataset`` (any ``get_source`` name); config keys as keyword arguments. Resumes if
-        ``workdir`` holds checkpoints of the same run. Returns the metrics history."""
+        ``workdir`` holds checkpoints of the same run. Returns the metrics history. A new ``image_size`` derives
+        evaluation's preprocessing again for it (``config.eval_resize`` etc., those not given here)."""
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="resnet_jax_"))
-        cfg = ml_collections.ConfigDict(self.config.to_dict())
-        cfg.update({"dataset": dataset, **config})
-        result = train(cfg, self.workdir)
+        result = train(self._fit_config(dataset, config), self.workdir)
         if result.model.num_classes != self.num_classes:
             self.num_classes = result.model.num_classes
         self.config, self.model, self.class_names = result.config, result.model, result.class_names
         self.variables, self.history = result.variables, result.history
         return self.history
+
+    def _fit_config(self, dataset: str, config: dict[str, Any]) -> ml_collections.ConfigDict:
+        """This classifier's config with ``config``'s keys. Evaluation's preprocessing was derived for the old
+        ``image_size`` (published weights': 256/224 for a 224 crop): kept at a new one, a run fine-tuning at 64 px
+        would evaluate at 224 and score chance, so those not given here go back to unset and ``validate`` derives
+        them."""
+        cfg = ml_collections.ConfigDict(self.config.to_dict())
+        if config.get("image_size", cfg.image_size) != cfg.image_size:
+            unset = dict(eval_resize=0, eval_crop=0, eval_interpolation="", eval_crop_mode="")
+            cfg.update({k: v for k, v in unset.items() if k not in config})
+        cfg.update({"dataset": dataset, **config})
+        return validate(cfg)
 
     def evaluate(self, dataset: str | None = None, split: str | None = None, batch_size: int = 256
                  ) -> dict[str, float]:
