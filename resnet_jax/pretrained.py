@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import functools
 import hashlib
 import http.client
@@ -175,7 +176,7 @@ def imagenet_classes() -> list[str]:
     return (Path(__file__).with_name("imagenet_classes.txt")).read_text(encoding="utf-8").splitlines()
 
 
-def weights_info(name: str, weights: str = "DEFAULT") -> Weights:
+def weights_info(name: str, weights: Any = "DEFAULT") -> Weights:
     """The ``Weights`` record for a model and tag: torchvision's ``"IMAGENET1K_V1"``/``"IMAGENET1K_V2"``, timm's
     (``"a1_in1k"``...), or ``"DEFAULT"`` (torchvision's best where it has weights for the model, else timm's).
     timm's ``"resnet50.a1_in1k"`` names both at once. A timm tag not pinned here, of an architecture timm shares
@@ -200,16 +201,34 @@ def weights_info(name: str, weights: str = "DEFAULT") -> Weights:
     raise ValueError(f"{model} has no weights {tag!r}; choose one of {sorted(WEIGHTS[model])}{more}")
 
 
-def _model_and_tag(name: str, weights: str) -> tuple[str, str]:
+def _model_and_tag(name: str, weights: Any) -> tuple[str, str]:
     """``("resnet50", "a1_in1k")`` from timm's ``"resnet50.a1_in1k"``, or from the name and torchvision's
-    ``"ResNet50_Weights.IMAGENET1K_V2"`` / a plain tag."""
+    ``ResNet50_Weights.IMAGENET1K_V2`` (the enum member or its string) / a plain tag. A qualified tag must be
+    the model's own: ``resnet18`` with ``ResNet50_Weights.IMAGENET1K_V1`` would else load resnet18's V1."""
+    weights = _tag_of(weights)
+    owner, _, tag = weights.rpartition(".")
+    model = name
     if "." in name:
-        model, tag = name.split(".", 1)
-        if weights not in ("DEFAULT", tag):
-            raise ValueError(f"{name!r} already names the weights {tag!r}; drop weights={weights!r}, or give the "
-                             f"model name alone")
-        return model, tag
-    return name, weights.split(".")[-1]
+        model, named = name.split(".", 1)
+        if tag not in ("DEFAULT", named):
+            raise ValueError(f"{name!r} already names the weights {named!r}; drop weights={weights!r}, or give "
+                             f"the model name alone")
+        tag = named
+    if owner and owner.lower() not in (model, f"{model}_weights"):
+        raise ValueError(f"weights={weights!r} are not {model}'s; give {model}'s own, e.g. the tag {tag!r} alone")
+    return model, tag
+
+
+def _tag_of(weights: Any) -> str:
+    """The tag string of ``weights``. torchvision's weights enum members (``ResNet18_Weights.IMAGENET1K_V1``) are
+    read by duck typing, an Enum whose class is named ``*_Weights``, so that torch is never imported here."""
+    if isinstance(weights, enum.Enum) and type(weights).__name__.endswith("_Weights"):
+        return f"{type(weights).__name__}.{weights.name}"  # as the string spelling, checked the same way
+    if not isinstance(weights, str):
+        raise TypeError(f"weights must be a tag string (\"DEFAULT\", \"IMAGENET1K_V2\", \"a1_in1k\") or a "
+                        f"torchvision weights enum member such as ResNet50_Weights.IMAGENET1K_V2, got "
+                        f"{type(weights).__name__} {weights!r}")
+    return weights
 
 
 def _on_the_hub(model: str, tag: str) -> bool:
@@ -325,13 +344,14 @@ def _offline_message(url: str, target: Path, error: Exception) -> str:
             f"mirror= or ${MIRROR_ENV} at a server holding a copy, or ${CACHE_ENV} at a directory that has it.")
 
 
-def pretrained(name: str, weights: str = "DEFAULT", *, file: str | os.PathLike | None = None,
+def pretrained(name: str, weights: Any = "DEFAULT", *, file: str | os.PathLike | None = None,
                cache_dir: str | os.PathLike | None = None, mirror: str | None = None, progress: bool = True,
                **overrides: Any):
     """``(model, variables)`` with published ImageNet weights, e.g. ``pretrained("resnet50")``,
     ``pretrained("resnet50d", "a1_in1k")`` or ``pretrained("resnet50.fb_swsl_ig1b_ft_in1k")``.
 
-    ``weights``: ``"DEFAULT"``, a torchvision tag (``"IMAGENET1K_V2"``) or a timm tag (``"a1_in1k"``); see
+    ``weights``: ``"DEFAULT"``, a torchvision tag (``"IMAGENET1K_V2"``, or torchvision's own
+    ``ResNet50_Weights.IMAGENET1K_V2``) or a timm tag (``"a1_in1k"``); see
     ``weights_info`` for the preprocessing and class names. The file is cached in ``cache_dir`` (default
     ``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``) and fetched from ``mirror`` (a base URL holding the files
     under ``Weights.filename``; default ``$RESNET_JAX_WEIGHTS_MIRROR``, else the publisher's URL); timm tags not

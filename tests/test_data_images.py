@@ -1,6 +1,8 @@
 """prepare_batch: every input form predict accepts (one image, a batch, a greyscale batch, a list of arrays or
 paths) becomes the same uint8 batch, and every other shape gets one sentence saying what to pass."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -83,3 +85,50 @@ def test_top_classes_orders_by_probability():
     assert [[n for n, _ in row] for row in top] == [["b", "c"], ["a", "b"]]
     assert top[0][0][1] == pytest.approx(np.exp(2) / (1 + np.exp(1) + np.exp(2)))
     assert len(top_classes(np.zeros((1, 3)), ["a", "b", "c"], 5)[0]) == 3
+
+
+@pytest.mark.parametrize("k", [0, -1, -5, 2.0, True, "3", None])
+def test_top_k_must_be_a_positive_integer(k):
+    """-1 once sliced [:-1], 999 of 1000 classes; torch's topk(-1) raises, and so does every predict here."""
+    with pytest.raises(ValueError, match=rf"top_k must be a positive integer.*got {re.escape(repr(k))}"):
+        top_classes(np.zeros((1, 3)), ["a", "b", "c"], k)
+    assert len(top_classes(np.zeros((1, 3)), ["a", "b", "c"], np.int64(2))[0]) == 2  # numpy ints are ints
+
+
+MODES = {"P": "png", "CMYK": "tiff", "LA": "png", "RGBA": "png", "I;16": "png"}
+
+
+def pil_image(mode):
+    """A 300x260 photograph-like image in ``mode``: values vary per pixel, so a misread (palette indices as grey,
+    CMYK as RGBA, 16-bit values refused) changes the pixels."""
+    if mode == "I;16":
+        return Image.fromarray((np.arange(300 * 260, dtype=np.uint16) % 400).reshape(260, 300))  # some above 255
+    y, x = np.mgrid[:260, :300]
+    rgb = np.stack([x * 255 // 299, y * 255 // 259, (x + y) % 256], -1).astype(np.uint8)
+    return Image.fromarray(rgb).convert(mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pil_images_read_as_their_files(mode, tmp_path):
+    """A PIL image in a list (or alone) gives the pixels its saved file gives, in prepare_batch (Classifier and
+    exported predict) and EvalTransform.prepare (published weights), equal to torchvision on .convert("RGB")."""
+    torchvision = pytest.importorskip("torchvision")
+    from resnet_jax.data.augment import normalize
+    from resnet_jax.pretrained import WEIGHTS
+
+    img = pil_image(mode)
+    path = tmp_path / f"image.{MODES[mode]}"
+    img.save(path)
+    with Image.open(path) as saved:
+        assert saved.mode == mode  # the file really holds this mode
+    for channels in (1, 3):
+        want = prepare([path], channels=channels, size=64)
+        np.testing.assert_array_equal(prepare([img], channels=channels, size=64), want)
+        np.testing.assert_array_equal(prepare(img, channels=channels, size=64), want)
+        np.testing.assert_array_equal(prepare([img.convert("RGB")], channels=channels, size=64), want)
+    transform = WEIGHTS["resnet18"]["IMAGENET1K_V1"].transforms()
+    want = transform.prepare([path])
+    np.testing.assert_array_equal(transform.prepare([img]), want)
+    np.testing.assert_array_equal(transform.prepare(img), want)
+    theirs = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()(img.convert("RGB"))
+    np.testing.assert_array_equal(normalize(want[0], transform.mean, transform.std), theirs.permute(1, 2, 0).numpy())

@@ -237,3 +237,31 @@ def test_pretrained_timm_entry_end_to_end(tmp_path, monkeypatch):
         np.testing.assert_array_equal(to_timm(model, variables)[k], v.numpy(), err_msg=k)
     with pytest.raises(DownloadError, match=r"could not download http://127\.0\.0\.1:9/timm/resnet18d"):
         pretrained("resnet18d", "test_in1k", cache_dir=tmp_path / "elsewhere", progress=False)
+
+
+def test_torchvision_weights_enum_members_name_their_tag(tmp_path):
+    """torchvision's own ``ResNet18_Weights.IMAGENET1K_V1`` (an Enum member, read without importing torch) works
+    wherever its string does; another model's member, or anything not a tag, is refused."""
+    from resnet_jax.training.classifier import Classifier
+
+    members = torchvision.models
+    v1 = members.ResNet18_Weights.IMAGENET1K_V1
+    assert weights_info("resnet18", v1) == weights_info("resnet18", "IMAGENET1K_V1")
+    assert weights_info("resnet18.IMAGENET1K_V1", v1) == weights_info("resnet18", "IMAGENET1K_V1")
+    assert weights_info("resnet50", members.ResNet50_Weights.DEFAULT) == weights_info("resnet50")
+    assert weights_info("resnext50_32x4d", members.ResNeXt50_32X4D_Weights.IMAGENET1K_V2).tag == "IMAGENET1K_V2"
+    assert weights_info("wide_resnet50_2", members.Wide_ResNet50_2_Weights.IMAGENET1K_V1).tag == "IMAGENET1K_V1"
+    for other in (members.ResNet50_Weights.IMAGENET1K_V1, "ResNet50_Weights.IMAGENET1K_V1"):
+        with pytest.raises(ValueError, match="'ResNet50_Weights.IMAGENET1K_V1' are not resnet18's"):
+            weights_info("resnet18", other)  # once silently resnet18's own V1
+    for bad in (None, 1, ["IMAGENET1K_V1"]):
+        with pytest.raises(TypeError, match=r"weights must be a tag string .* or a torchvision weights enum member"):
+            weights_info("resnet18", bad)
+
+    tm = torchvision.models.resnet18().eval()
+    torch.save(tm.state_dict(), tmp_path / "resnet18.pth")
+    _, variables = pretrained("resnet18", v1, file=tmp_path / "resnet18.pth")
+    for k, v in to_torchvision(variables).items():
+        np.testing.assert_array_equal(v, tm.state_dict()[k].numpy(), err_msg=k)
+    clf = Classifier.from_pretrained("resnet18", v1, file=tmp_path / "resnet18.pth")
+    assert clf.config.init_from == "resnet18.IMAGENET1K_V1"

@@ -6,7 +6,9 @@ all call ``prepare_batch``, so the shapes they accept and the errors they give a
 - one image: ``(H, W)``, or ``(H, W, C)`` with C in 1/3/4 (a trailing axis of 1, 3 or 4 is read as channels);
 - a batch: ``(N, H, W, C)``;
 - a batch of greyscale images ``(N, H, W)``, when the model takes one channel;
-- a list (or tuple) of single images: arrays as above, or image file paths.
+- one PIL image or image file path;
+- a list (or tuple) of single images: arrays as above, PIL images or image file paths (a PIL image
+  is read as its file would be: ``pil_to_array``).
 
 Every image is then resized and centre-cropped as evaluation did and converted to the model's channels (RGBA
 loses its alpha, RGB <-> greyscale by luma or repetition). Anything else is refused with one sentence saying
@@ -16,6 +18,7 @@ probabilities, also for all three.
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +38,13 @@ def prepare_batch(images: Any, *, size: int, crop_fraction: float, channels: int
 def split_images(images: Any, channels: int) -> list[np.ndarray]:
     """The individual images in ``images``, each a uint8 ``(H, W, C)`` array (files are read here)."""
     allowed = {*CHANNELS, channels}
-    if isinstance(images, (str, Path)):
-        return [_one_image(read_image(images), str(images), allowed)]
+    if isinstance(images, (str, Path)) or _is_pil(images):
+        what = str(images) if isinstance(images, (str, Path)) else "the image"
+        return [_one_image(_decoded(images), what, allowed)]
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("predict got an empty list; pass at least one image (an array or a file path)")
-        return [_one_image(read_image(x) if isinstance(x, (str, Path)) else x, f"item {i} of the list", allowed)
-                for i, x in enumerate(images)]
+        return [_one_image(_decoded(x), f"item {i} of the list", allowed) for i, x in enumerate(images)]
     array = np.asarray(images)
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in allowed):
         return [_one_image(array, "the image", allowed)]
@@ -52,6 +55,10 @@ def split_images(images: Any, channels: int) -> list[np.ndarray]:
 
 def top_classes(logits: Any, class_names: list[str], k: int) -> list[list[tuple[str, float]]]:
     """The ``k`` most probable ``(class name, probability)`` per row of ``logits``: what every predict returns."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        # checked here, where every predict ends: a negative k would slice ``[:k]`` into "all but the last -k"
+        raise ValueError(f"top_k must be a positive integer (1 or more; above the number of classes gives them "
+                         f"all), got {k!r}")
     logits = np.asarray(logits, np.float32)
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -67,7 +74,27 @@ def read_image(path: str | Path) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"image file {path} does not exist")
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+        return pil_to_array(img)
+
+
+def pil_to_array(img: Any) -> np.ndarray:
+    """A PIL image as ``read_image`` reads a file: ``L`` and ``RGB`` as they are, every other mode converted to
+    RGB by PIL. Why: ``np.asarray`` of the raw bands would be palette indices (``P``), ink (``CMYK``, 4 bands
+    that look like RGBA) or 16-bit values (``I;16``), not pixels; files and PIL objects must read alike."""
+    return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
+
+
+def _is_pil(image: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(image, Image.Image)
+
+
+def _decoded(image: Any) -> Any:
+    """A file path or PIL image as a uint8 array (the one way both are read); anything else as it is."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    return pil_to_array(image) if _is_pil(image) else image
 
 
 def _one_image(image: Any, what: str, allowed: set[int]) -> np.ndarray:
