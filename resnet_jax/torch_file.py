@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import functools
 import io
 import os
 import pickle
@@ -68,8 +69,18 @@ class _StorageType:
         self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_ignored) -> np.ndarray:
-    """Replacement for ``torch._utils._rebuild_tensor_v2``: a copy of the strided view into the flat storage."""
+def _rebuild_tensor(copy_budget: dict[int, int], storage: np.ndarray, offset: int, size, stride, *_ignored
+                    ) -> np.ndarray:
+    """Replacement for ``torch._utils._rebuild_tensor_v2`` (bound to its unpickler's ``copy_budget``): the strided
+    view into the flat storage, copied (writeable, contiguous, owning its memory) while the copies taken from that
+    storage add up to no more than the storage itself, else the read-only view.
+
+    A few bytes of file must not buy gigabytes of memory: a one-element storage expanded (stride 0) to a
+    25000x20000 tensor, or one storage named by thousands of tensor records, is returned as views that keep the
+    storage alive (``.base``) and allocate nothing until a caller converts one, e.g. after checking its shape.
+    """
+    if id(storage) not in copy_budget:  # not a storage from persistent_load (as_strided below relies on that)
+        raise WeightsFileError(f"corrupt tensor record: its storage is a {type(storage).__name__}")
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or any(s < 0 for s in size + stride) or offset < 0:
         raise WeightsFileError(f"corrupt tensor record: size {size}, stride {stride}, offset {offset}")
@@ -80,6 +91,9 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_ignored) -
     itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:] if storage.size else storage, size,
                                            [s * itemsize for s in stride], writeable=False)
+    if view.size > copy_budget[id(storage)]:
+        return view
+    copy_budget[id(storage)] -= view.size
     return np.array(view)
 
 
@@ -109,19 +123,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self.archive, self.prefix, self.byteorder, self.path = archive, prefix, byteorder, path
         self.storages: dict[str, np.ndarray] = {}
+        self.copy_budget: dict[int, int] = {}  # id(storage) -> how many more of its elements may be copied out
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol 2 spells some names the Python 2 way (__builtin__.eval); judge and report them as Python 3's.
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         try:
-            return _ALLOWED[(module, name)]
+            found = _ALLOWED[(module, name)]
         except KeyError:
             raise UnsafeFileError(
                 f"refusing to load {self.path}: the file asks for the global '{module}.{name}', which rebuilding "
                 "tensors never needs. The file may be malicious, or holds objects other than tensors (optimizer "
                 "state, custom classes). Nothing from it was run. If you trust it, re-save just the state_dict "
                 "with torch.save(model.state_dict(), path).") from None
+        return functools.partial(_rebuild_tensor, self.copy_budget) if found is _rebuild_tensor else found
 
     def persistent_load(self, pid: Any) -> np.ndarray:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
@@ -139,6 +155,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 raise WeightsFileError(f"storage {key!r} has {len(raw)} bytes, not a whole number of "
                                        f"{storage_type.name} elements")
             self.storages[key] = np.frombuffer(raw, dtype).astype(storage_type.dtype, copy=False)
+            self.copy_budget[id(self.storages[key])] = self.storages[key].size
         return self.storages[key]
 
 
@@ -200,7 +217,7 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise _damaged(path, _one_line(e)) from e
         try:
             obj = _RestrictedUnpickler(data, archive, prefix, byteorder, path).load()
-        except UnsafeFileError:
+        except (UnsafeFileError, MemoryError):  # out of memory is no sign of damage
             raise
         except WeightsFileError as e:  # a storage or tensor record that does not fit: no path of its own
             raise _damaged(path, str(e)) from e

@@ -1,8 +1,10 @@
 """Reading and writing .pth without torch: exact tensors, torch accepts what we write, hostile files refused."""
 
+import collections
 import io
 import pickle
 import subprocess
+import textwrap
 import zipfile
 
 import numpy as np
@@ -11,6 +13,7 @@ import safetensors.torch
 import torch
 
 from conftest import run_python
+from resnet_jax import torch_file
 from resnet_jax.torch_file import (UnsafeFileError, WeightsFileError, load_state_dict, read_safetensors,
                                    read_torch_file, save_state_dict, write_safetensors, write_torch_file)
 
@@ -244,6 +247,113 @@ def test_storage_shorter_than_its_tensor_is_a_clear_error(tmp_path):
             dst.writestr(name, src.read(name)[:8] if name.endswith("data/0") else src.read(name))
     with pytest.raises(ValueError, match="reads past its storage of 2 elements"):
         read_torch_file(tmp_path / "short.pth")
+
+
+def test_views_larger_than_their_storage_are_read_as_views(tmp_path):
+    """Expanded (stride 0) tensors, and one storage named by many tensors, come back equal to torch's but as
+    read-only views: the arrays own no more memory than the file's storages hold (a copy each would not)."""
+    base = torch.arange(24.0).view(4, 6)
+    state = {
+        "expanded": torch.tensor([1.5, -2.0, 3.0]).expand(5, 3),
+        "expanded_offset": torch.arange(10)[2:5][:, None].expand(3, 4),  # storage offset, strides (1, 0)
+        "expanded_middle": base.t()[1:, None, ::2].expand(5, 8, 2),
+        **{f"alias{i}": base.view(4, 6) for i in range(50)},  # one storage, fifty tensor records
+        "transposed": base.t(), "sliced": base[1:3, 2:],
+    }
+    torch.save(state, tmp_path / "views.pth")
+    ours = read_torch_file(tmp_path / "views.pth")
+    assert_same(ours, torch.load(tmp_path / "views.pth", weights_only=True))
+    for name in ["expanded", "expanded_offset", "expanded_middle", "alias49"]:
+        assert not ours[name].flags.owndata and not ours[name].flags.writeable, name
+    owned = sum(a.nbytes for a in ours.values() if a.flags.owndata)
+    assert owned <= 3 * 4 + 10 * 8 + 24 * 4  # the three storages
+    np.asarray(ours["alias0"])[0, 0] = 7  # a copy, while the budget of its storage lasts: writeable and its own
+    assert ours["alias49"][0, 0] == 0
+
+
+# A 1.5 KB file holding a 2 GB (25000 x 20000 float32) tensor: one element, expanded with stride 0.
+BOMB_SHAPE = (25000, 20000)
+
+
+def peak_rss_growth_kb(snippet: str, *args) -> tuple[int, str]:
+    """Run ``snippet`` (which defines ``result``) in a fresh process; the growth of its peak RSS in KiB across
+    the snippet, and ``repr(result)``."""
+    proc = run_python("\n".join([
+        "import resource, sys, resnet_jax",
+        "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss",
+        "before = peak()",
+        textwrap.dedent(snippet),
+        "print(peak() - before)",
+        "print(repr(result))"]), args=args)
+    growth, result = proc.stdout.strip().splitlines()[-2:]
+    return int(growth), result
+
+
+def test_expanded_tensor_reads_without_allocating_it(tmp_path):
+    torch.save({"big": torch.tensor([2.5]).expand(*BOMB_SHAPE)}, tmp_path / "bomb.pth")
+    assert (tmp_path / "bomb.pth").stat().st_size < 4096
+    growth, result = peak_rss_growth_kb("""
+        a = resnet_jax.read_torch_file(sys.argv[1])["big"]
+        result = (a.shape, a.strides, str(a.dtype), a.flags.writeable, float(a[0, 0]), float(a[-1, -1]))
+        """, tmp_path / "bomb.pth")
+    assert result == repr((BOMB_SHAPE, (0, 0), "float32", False, 2.5, 2.5))
+    assert growth < 200_000, f"reading a 1.5 KB file grew the peak RSS by {growth} KiB"
+
+
+def test_misshaped_expanded_head_is_refused_without_allocating_it(tmp_path):
+    """The converter compares shapes before it converts, so a mis-shaped view is never materialised."""
+    torchvision = pytest.importorskip("torchvision")
+    state = torchvision.models.resnet18().state_dict()
+    state["fc.weight"] = torch.zeros(1).expand(*BOMB_SHAPE)
+    torch.save(state, tmp_path / "r18.pth")
+    growth, result = peak_rss_growth_kb("""
+        try:
+            resnet_jax.load_torchvision("resnet18", sys.argv[1])
+            result = "loaded"
+        except ValueError as e:
+            result = str(e)
+        """, tmp_path / "r18.pth")
+    assert "1 mis-shaped:\\n    fc.weight: file has (25000, 20000), model needs (1000, 512)" in result, result
+    assert growth < 500_000, f"refusing the file grew the peak RSS by {growth} KiB"
+
+
+def test_tensor_rebuilt_over_another_tensor_is_refused(tmp_path):
+    """A tensor record's storage must be a storage from the archive: a view (expanded, stride 0) passed as the
+    storage of another record would make as_strided read past the view's 4-byte buffer."""
+    class Storage:
+        pass
+
+    class Rebuild:
+        def __init__(self, *args):
+            self.args = args
+
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, self.args
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", 1) if isinstance(obj, Storage) else None
+
+    expanded = Rebuild(Storage(), 0, (1000,), (0,), False, collections.OrderedDict())
+    data = io.BytesIO()
+    Pickler(data, protocol=2).dump({"w": Rebuild(expanded, 0, (1000,), (1,), False, collections.OrderedDict())})
+    with zipfile.ZipFile(tmp_path / "nested.pth", "w") as z:
+        for name, content in [("data.pkl", data.getvalue()), ("byteorder", "little"),
+                              ("data/0", np.ones(1, np.float32).tobytes())]:
+            z.writestr(f"archive/{name}", content)
+    with pytest.raises(WeightsFileError, match=r"nested\.pth is corrupt.*its storage is a ndarray"):
+        read_torch_file(tmp_path / "nested.pth")
+
+
+def test_out_of_memory_is_not_reported_as_a_corrupt_file(tmp_path, monkeypatch):
+    torch.save({"w": torch.zeros(3)}, tmp_path / "ok.pth")
+
+    def out_of_memory(*_args):
+        raise MemoryError("Unable to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch_file._RestrictedUnpickler, "persistent_load", out_of_memory)
+    with pytest.raises(MemoryError, match="Unable to allocate"):
+        read_torch_file(tmp_path / "ok.pth")
 
 
 @pytest.mark.parametrize("where", ["local header", "central directory"])
