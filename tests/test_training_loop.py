@@ -251,6 +251,16 @@ def test_a_diverged_update_is_never_saved(tmp_path):
     ({"model_overrides": {"in_channels": 1, "stage_size": (1, 1, 1)}},
      "model_overrides has unknown key 'stage_size' \\(did you mean 'stage_sizes'"),
     ({"model_overrides": {"in_channels": 1, "dtype": "bfloat16"}}, "model_overrides.dtype is set by config.dtype"),
+    ({"model_overrides": {"in_channels": 1, "num_classes": 12}},
+     "model_overrides.num_classes=12 but digits has 10 classes"),
+    ({"eval_every_epochs": 0}, "eval_every_epochs must be at least 1"),
+    ({"schedule": "step", "step_epochs": 0}, "step_epochs must be at least 1"),
+    ({"max_steps": 0}, "max_steps must be positive, or -1"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be 0 or more"),
+    ({"weight_decay": -1e-4}, "weight_decay must be 0 or more"),
+    ({"mixup_alpha": -0.2}, "mixup_alpha must be 0 or more"),
+    ({"momentum": 1.5}, "momentum must be in \\[0, 1\\)"),
+    ({"schedule": "multistep", "milestones": (60, 30)}, "milestones must be increasing"),
 ])
 def test_bad_configs_fail_before_compiling_with_nothing_written(tmp_path, overrides, message):
     with count_compiles() as compiles, pytest.raises(ValueError, match=message):

@@ -153,6 +153,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(f"config.{key} must be positive, got {full[key]}")
     if full.learning_rate <= 0:
         raise ValueError(f"config.learning_rate must be positive, got {full.learning_rate}")
+    _check_schedule_numbers(full)
     if not 0.0 <= full.eval_crop_fraction <= 1.0:
         raise ValueError(f"config.eval_crop_fraction must be in (0, 1] (or 0 for the dataset's default), "
                          f"got {full.eval_crop_fraction}")
@@ -162,6 +163,27 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_recipe_keys(full)
     _check_eval_preprocessing(full)
     return full
+
+
+def _check_schedule_numbers(full: ml_collections.ConfigDict) -> None:
+    """The optimisation and run numbers outside their ranges, refused here rather than met as a division by zero
+    after an epoch of training (``eval_every_epochs=0``), a silently shifted schedule (a negative warm-up) or a
+    limit read as none (``max_steps=0``)."""
+    if int(full.max_steps) == 0 or int(full.max_steps) < -1:
+        raise ValueError(f"config.max_steps must be positive, or -1 for num_epochs to decide, got {full.max_steps}")
+    for key in ("eval_every_epochs", "step_epochs"):
+        if int(full[key]) < 1:
+            raise ValueError(f"config.{key} must be at least 1, got {full[key]}")
+    for key in ("warmup_epochs", "weight_decay", "mixup_alpha", "cutmix_alpha", "early_stopping_patience"):
+        if full[key] < 0:
+            raise ValueError(f"config.{key} must be 0 or more, got {full[key]}")
+    if not 0.0 <= full.momentum < 1.0:
+        raise ValueError(f"config.momentum must be in [0, 1), got {full.momentum}")
+    if full.lr_decay <= 0:
+        raise ValueError(f"config.lr_decay must be positive, got {full.lr_decay}")
+    if full.schedule == "multistep" and (list(full.milestones) != sorted(set(full.milestones))
+                                         or any(int(m) < 1 for m in full.milestones)):
+        raise ValueError(f"config.milestones must be increasing epochs from 1 on, got {tuple(full.milestones)}")
 
 
 def _check_recipe_keys(full: ml_collections.ConfigDict) -> None:
@@ -234,9 +256,12 @@ def _check_eval_preprocessing(full: ml_collections.ConfigDict) -> None:
                          f"{full.eval_resize} and {full.eval_crop}")
     _choice("eval_interpolation", full.eval_interpolation, tuple(INTERPOLATIONS))
     _choice("eval_crop_mode", full.eval_crop_mode, CROP_MODES)
-    if len(full.mean) != len(full.std) or len(full.mean) not in (0, 1, 3):
-        raise ValueError(f"config.mean and config.std need the same number of values, one per channel (or one for "
-                         f"all), got {len(full.mean)} and {len(full.std)}")
+    if len(full.mean) != len(full.std):
+        raise ValueError(f"config.mean and config.std need the same number of values, got {len(full.mean)} and "
+                         f"{len(full.std)}")
+    if len(full.mean) not in (0, 1, 3):
+        raise ValueError(f"config.mean and config.std need one value per channel (3) or one for all, got "
+                         f"{len(full.mean)}")
 
 
 def eval_transform(config: ml_collections.ConfigDict):
@@ -272,6 +297,10 @@ def _check_model_overrides(overrides) -> None:
 
 def check_against_data(config: ml_collections.ConfigDict, num_classes: int) -> None:
     """Settings that can only be checked once the dataset is known; called before anything compiles."""
+    head = config.model_overrides.get("num_classes", num_classes)
+    if head != num_classes:
+        raise ValueError(f"config.model_overrides.num_classes={head} but {config.dataset} has {num_classes} classes, "
+                         f"which the labels and the loss use; drop the override (the head follows the dataset)")
     if len(config.class_weights) and len(config.class_weights) != num_classes:
         raise ValueError(f"config.class_weights has {len(config.class_weights)} entries but {config.dataset} has "
                          f"{num_classes} classes; give one weight per class (or none)")
