@@ -10,7 +10,7 @@ def get_config():
     c.model = "resnet18"
     c.dataset = "digits"
     c.image_size = 64
-    c.augment = "cifar"
+    c.augment = "crop"              # shifts only: a mirrored digit is another digit or none (default.py)
     c.normalize = "imagenet"
     c.batch_size = 64
     c.num_epochs = 5
