@@ -373,6 +373,9 @@ def test_with_an_ema_its_accuracy_ranks_checkpoints_and_stops_early(tmp_path, mo
     assert ema[0] == ema[1] != val[1]
     assert int(result.state.step) == 2 * 44
     assert any("no improvement of the EMA's val accuracy for 1 evaluations" in m for m in messages)
+    again = train(config, tmp_path)  # started again (a requeued job): it stopped, so it stays stopped
+    assert int(again.state.step) == 2 * 44 and again.stop_reason.startswith("early stopping")
+    assert again.history == result.history
     checkpoints = Checkpointer(tmp_path / "checkpoints", async_save=False)
     try:
         assert checkpoints.steps() == [44, 88]  # the epochs' ends only

@@ -236,6 +236,8 @@ class _Loop:
         preemption.py), so the checkpoint it leaves is one that every process agrees on."""
         config, spe, total = self.setup.config, self.setup.steps_per_epoch, self.setup.total_steps
         self.stop = StopOnSignal(self.setup.mesh)
+        if self._early_stop_due():  # it stopped early before: run again (a requeued job), it stays stopped
+            return self._early_stop_reason()
         with self.stop:
             while self.step < total:
                 self._one_step()
@@ -296,7 +298,13 @@ class _Loop:
             summary += shown
         self.log(summary)
         self._save(val_accuracy)
-        return bool(config.early_stopping_patience) and self.bad_epochs >= config.early_stopping_patience
+        return self._early_stop_due()
+
+    def _early_stop_due(self) -> bool:
+        """Whether the evaluations since the last improvement reach the patience (the saved count, so a run that
+        stopped early and is started again stops at once, unless the patience was raised since)."""
+        patience = self.setup.config.early_stopping_patience
+        return bool(patience) and self.bad_epochs >= patience
 
     def _evaluate(self, epoch: int) -> tuple[float, str]:
         """The validation pass: a val row in metrics.jsonl (and a val_ema row with ``model_ema``) and the
