@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from resnet_jax.training import base_config, make_optimizer, make_schedule
-from resnet_jax.training.losses import cross_entropy, mix_batch, soft_targets, topk_correct
+from resnet_jax.training.losses import cross_entropy, loss_normaliser, mix_batch, soft_targets, topk_correct
 from resnet_jax.training.optim import decay_mask, peak_learning_rate
 
 
@@ -91,7 +91,27 @@ def test_label_smoothing_and_class_weights():
     np.testing.assert_allclose(t, [[0.05, 0.85, 0.05, 0.05]], rtol=1e-6)
     logits = jnp.array([[0.0, 0.0, 0.0, 0.0]])
     np.testing.assert_allclose(cross_entropy(logits, t), [np.log(4)], rtol=1e-6)
-    np.testing.assert_allclose(cross_entropy(logits, t, jnp.array([3.0])), [3 * np.log(4)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_class_weights_are_torchs_with_and_without_smoothing(smoothing):
+    """torch's CrossEntropyLoss(weight=, label_smoothing=): each class's term weighted inside the smoothed sum, the
+    mean over the labels' weights; with probability targets (mixup) per example the same weighted sum."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.standard_normal((8, 5)).astype(np.float32) * 3, rng.integers(0, 5, 8)
+    w = np.array([0.5, 2.0, 1.0, 3.0, 0.25], np.float32)
+    expected = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), weight=torch.from_numpy(w),
+                               label_smoothing=smoothing)
+    per_example = cross_entropy(jnp.asarray(logits), soft_targets(jnp.asarray(labels), 5, smoothing), jnp.asarray(w))
+    mean = jnp.sum(per_example) / jnp.sum(loss_normaliser(jnp.asarray(labels), jnp.asarray(w)))
+    np.testing.assert_allclose(float(mean), float(expected), rtol=1e-6)
+    mixed = rng.dirichlet(np.ones(5), 8).astype(np.float32)
+    np.testing.assert_allclose(cross_entropy(jnp.asarray(logits), jnp.asarray(mixed), jnp.asarray(w)),
+                               F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(mixed),
+                                               weight=torch.from_numpy(w), reduction="none").numpy(), rtol=1e-6)
 
 
 def test_topk_correct():

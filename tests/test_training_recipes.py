@@ -91,6 +91,26 @@ def test_bce_loss_of_the_train_step_is_timms_with_its_smoothing_and_threshold(th
     np.testing.assert_allclose(float(sums["loss"]) / 8, expected, rtol=1e-5)
 
 
+WEIGHTS = (0.5, 2.0, 1.0, 3.0, 0.25)
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_class_weights_in_the_train_step_are_the_references(loss):
+    """The step's logged loss, the one it minimises, with class weights and label smoothing: torch's
+    CrossEntropyLoss(weight=, label_smoothing=), or timm's BinaryCrossEntropy(weight=), on the same logits."""
+    c = config(loss=loss, label_smoothing=0.1, class_weights=WEIGHTS)
+    state, b = initial_state(c), batch()
+    logits = jax.jit(lambda s, x: s.apply_fn(s.variables, x, train=True, mutable=["batch_stats"])[0])(state,
+                                                                                                      b["image"])
+    _, sums = make_train_step(c, 5, make_mesh())(state, b)
+    logits, labels, w = torch.from_numpy(np.array(logits)), torch.from_numpy(b["label"]).long(), torch.tensor(WEIGHTS)
+    if loss == "ce":
+        expected = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)(logits, labels)
+    else:
+        expected = BinaryCrossEntropy(smoothing=0.1, weight=w)(logits, labels)
+    np.testing.assert_allclose(float(sums["loss"]) / float(sums["count"]), float(expected), rtol=1e-5)
+
+
 def test_gradient_accumulation_is_one_step_on_the_mean_of_the_micro_batch_gradients():
     """k = 2 micro-batches (examples 0, 2, 4, ... and 1, 3, 5, ...): the update is the optimizer's step on the
     mean of their gradients, each computed with that micro-batch's BatchNorm statistics, and the running

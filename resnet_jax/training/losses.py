@@ -12,23 +12,39 @@ def soft_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0
     return onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """Per-example loss against soft ``targets``; ``weights`` (per example) scale each example's loss."""
-    loss = -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
-    return loss if weights is None else loss * weights
+def cross_entropy(logits: jax.Array, targets: jax.Array, class_weights: jax.Array | None = None) -> jax.Array:
+    """Per-example loss against soft ``targets``. ``class_weights`` (one per class) weigh each class's term of the
+    sum, as torch's ``CrossEntropyLoss(weight=)`` does: with label smoothing the smoothed mass is weighted class by
+    class, not by the example's label (``loss_normaliser`` gives the mean's denominator)."""
+    if class_weights is not None:
+        targets = targets * class_weights
+    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def loss_normaliser(labels: jax.Array, class_weights: jax.Array | None, loss: str = "ce") -> jax.Array:
+    """Each example's share of the batch mean's denominator: its class's weight for cross-entropy (torch's
+    ``CrossEntropyLoss(weight=)`` divides by the summed weights of the labels), 1 for binary cross-entropy and
+    without weights (timm's ``BinaryCrossEntropy(weight=)`` averages over every entry)."""
+    if class_weights is None or loss == "bce":
+        return jnp.ones(labels.shape, jnp.float32)
+    return class_weights[labels]
 
 
 def binary_cross_entropy(logits: jax.Array, targets: jax.Array, target_threshold: float | None = None,
-                         sum_classes: bool = False) -> jax.Array:
+                         sum_classes: bool = False, class_weights: jax.Array | None = None) -> jax.Array:
     """Per-example binary cross-entropy of each logit against its soft target, as timm's ``BinaryCrossEntropy``
     (the loss of the ResNet Strikes Back recipes): each class is an independent sigmoid, so a mixed image may be
     confidently both of its classes. ``targets`` come from ``soft_targets`` (and ``mix_batch``), smoothed as timm
     smooths them; ``target_threshold`` binarises them (1 above it, else 0); the loss is the mean over classes
-    (timm's mean over all entries, once averaged over the batch) or, with ``sum_classes``, the sum."""
+    (timm's mean over all entries, once averaged over the batch) or, with ``sum_classes``, the sum.
+    ``class_weights`` scale each class's term, as timm's ``weight`` (passed to torch's
+    ``binary_cross_entropy_with_logits``) does."""
     logits = logits.astype(jnp.float32)
     if target_threshold is not None:
         targets = (targets > target_threshold).astype(jnp.float32)
     per_class = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))  # stable form
+    if class_weights is not None:
+        per_class = per_class * class_weights
     return per_class.sum(-1) if sum_classes else per_class.mean(-1)
 
 

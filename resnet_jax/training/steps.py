@@ -16,8 +16,8 @@ from jax.sharding import Mesh
 from resnet_jax.ops import fold_batchnorm
 from resnet_jax.parallel import batch_sharding, replicated
 from resnet_jax.training.config import check_against_data
-from resnet_jax.training.losses import (binary_cross_entropy, cross_entropy, mix_batch, soft_targets,
-                                        topk_correct)
+from resnet_jax.training.losses import (binary_cross_entropy, cross_entropy, loss_normaliser, mix_batch,
+                                        soft_targets, topk_correct)
 from resnet_jax.training.state import TrainState
 
 METRIC_KEYS = ("loss", "correct", "top5", "count")
@@ -38,48 +38,49 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: M
     pass over the whole batch."""
     check_against_data(config, num_classes)
     class_weights = jnp.asarray(config.class_weights, jnp.float32) if len(config.class_weights) else None
-    loss_of = _loss(config)
+    loss_of = _loss(config, class_weights)
 
     def step(state: TrainState, batch):
         images, labels = batch["image"], batch["label"]
         rng = jax.random.fold_in(state.rng, state.step)
         targets = soft_targets(labels, num_classes, config.label_smoothing)
         images, targets = mix_batch(rng, images, targets, config.mixup_alpha, config.cutmix_alpha)
-        weights = jnp.ones(labels.shape, jnp.float32) if class_weights is None else class_weights[labels]
-        total_weight = jnp.sum(weights)
+        total_weight = jnp.sum(loss_normaliser(labels, class_weights, config.loss))
         dropout_key = jax.random.fold_in(rng, 1)  # stochastic depth's draws: deterministic under the run's seed
 
-        def loss_fn(params, batch_stats, dropout_key, images, targets, weights):
+        def loss_fn(params, batch_stats, dropout_key, images, targets):
             logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats}, images,
                                              train=True, mutable=["batch_stats"],
                                              rngs={"dropout": dropout_key})  # drop_path_rate
-            per_example = loss_of(logits, targets) * weights
+            per_example = loss_of(logits, targets)
             return jnp.sum(per_example) / total_weight, (logits, per_example, updates["batch_stats"])
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
         if config.grad_accum_steps == 1:
             grads, (logits, per_example, batch_stats) = grad_fn(state.params, state.batch_stats, dropout_key,
-                                                                images, targets, weights)
+                                                                images, targets)
         else:
             grads, (logits, per_example, batch_stats) = _accumulated(grad_fn, config.grad_accum_steps, state,
-                                                                     dropout_key, (images, targets, weights))
+                                                                     dropout_key, (images, targets))
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-        ones = jnp.ones(labels.shape, jnp.float32)  # weights are already inside per_example
-        return new_state, _sums(per_example, logits, labels, ones)
+        # the logged loss is the one minimised: the sum over the batch's normaliser, counted per example
+        ones = jnp.ones(labels.shape, jnp.float32)
+        return new_state, _sums(per_example * (labels.shape[0] / total_weight), logits, labels, ones)
 
     return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
 
 
-def _loss(config: ml_collections.ConfigDict) -> Callable:
-    """Per-example training loss against soft targets: softmax cross-entropy, or timm's binary cross-entropy
-    (targets smoothed by ``label_smoothing`` and mixed as timm's Mixup does, then thresholded if asked)."""
+def _loss(config: ml_collections.ConfigDict, class_weights: jax.Array | None) -> Callable:
+    """Per-example training loss against soft targets, with ``class_weights`` inside: softmax cross-entropy, or
+    timm's binary cross-entropy (targets smoothed by ``label_smoothing`` and mixed as timm's Mixup does, then
+    thresholded if asked)."""
     if config.loss == "bce":
         threshold = config.bce_target_threshold or None
-        return lambda logits, targets: binary_cross_entropy(logits, targets, threshold)
-    return cross_entropy
+        return lambda logits, targets: binary_cross_entropy(logits, targets, threshold, class_weights=class_weights)
+    return lambda logits, targets: cross_entropy(logits, targets, class_weights)
 
 
 def _accumulated(grad_fn: Callable, k: int, state: TrainState, dropout_key: jax.Array, batch: tuple):
