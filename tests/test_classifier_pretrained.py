@@ -75,6 +75,20 @@ def test_it_carries_the_tags_preprocessing_and_imagenets_names(clf):
                                   t(Image.fromarray(photos()[1])).permute(1, 2, 0).numpy())
 
 
+def test_config_keys_of_the_model_build_the_model_the_weights_load_into(torch_resnet18):
+    """dtype, drop_path_rate and model_overrides were kept in the config but not in the model it predicted with;
+    ``load`` rebuilt it from the config, so a saved classifier computed something else."""
+    import jax.numpy as jnp
+
+    from resnet_jax.training.config import model_from_config
+
+    clf = Classifier.from_pretrained(TAG, file=torch_resnet18[1], dtype="bfloat16", drop_path_rate=0.1,
+                                     model_overrides={"output_stride": 16})
+    assert (clf.model.dtype, clf.model.drop_path_rate, clf.model.output_stride) == (jnp.bfloat16, 0.1, 16)
+    assert clf.model == model_from_config(clf.config, 1000)
+    assert clf.variables["params"]["conv1"]["kernel"].dtype == jnp.float32  # float32 master weights
+
+
 def test_fine_tuning_at_another_size_evaluates_at_that_size(clf):
     """``from_pretrained`` derived the tag's 256/224 for its 224 crop; ``fit`` at 64 px derives them again around
     64 (kept at 224, a fine-tune at 64 px scored chance), keeping any evaluation key given to ``fit``."""

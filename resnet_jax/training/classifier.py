@@ -30,8 +30,8 @@ from resnet_jax.checkpoint import load_variables
 from resnet_jax.data.images import prepare_batch, top_classes
 from resnet_jax.ops import fold_batchnorm
 from resnet_jax.parallel import make_mesh
-from resnet_jax.training.config import (base_config, eval_transform, model_from_config, normalization_stats,
-                                        validate)
+from resnet_jax.training.config import (base_config, eval_transform, model_arguments, model_from_config,
+                                        normalization_stats, validate)
 from resnet_jax.training.loop import evaluate_loader, train
 from resnet_jax.training.steps import make_eval_step
 
@@ -53,7 +53,7 @@ class Classifier:
         self._compiled_logits, self._compiled_for, self._folded_for = None, None, None
 
     @classmethod
-    def from_pretrained(cls, name: str, weights: str = "DEFAULT", *, file: str | Path | None = None,
+    def from_pretrained(cls, name: str, weights: Any = "DEFAULT", *, file: str | Path | None = None,
                         **config: Any) -> "Classifier":
         """A classifier with published ImageNet weights (``resnet_jax.pretrained``): ``"resnet50"``,
         ``"resnet50.IMAGENET1K_V1"``, ``"resnet50.a1_in1k"``, or ``name`` plus ``weights``. It predicts,
@@ -62,16 +62,17 @@ class Classifier:
         with a new head for the dataset's classes (``config.init_from`` names the weights).
 
         ``file``: a local copy of the weights instead of the download (no digest check, the file is the user's;
-        the preprocessing is still the tag's). ``config``: config keys, e.g. ``image_size`` to fine-tune at."""
+        the preprocessing is still the tag's). ``config``: config keys, e.g. ``image_size`` to fine-tune at; those
+        of the model (``dtype``, ``drop_path_rate``, ``model_overrides``...) build the model the weights load into,
+        as ``fit`` and ``load`` build it."""
         from resnet_jax.pretrained import pretrained, weights_info
 
         info = weights_info(name, weights)
         tagged = f"{info.model}.{info.tag}"
-        model, variables = pretrained(tagged, file=file)
         settings = {"image_size": info.crop_size, "augment": "imagenet", "init_from": tagged,
                     "weights_file": str(file) if file is not None else "", **config}
         clf = cls(info.model, info.num_classes, class_names=info.categories, **settings)
-        clf.model, clf.variables = model, variables
+        _, clf.variables = pretrained(tagged, file=file, **model_arguments(clf.config, info.num_classes))
         return clf
 
     # --- training and evaluation -------------------------------------------------------------------------

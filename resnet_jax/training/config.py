@@ -308,6 +308,12 @@ def check_against_data(config: ml_collections.ConfigDict, num_classes: int) -> N
 
 def model_from_config(config: ml_collections.ConfigDict, num_classes: int, in_channels: int | None = None):
     """The ``ResNet`` a config describes, for ``num_classes`` outputs."""
+    return create_model(config.model, **model_arguments(config, num_classes, in_channels))
+
+
+def model_arguments(config: ml_collections.ConfigDict, num_classes: int, in_channels: int | None = None) -> dict:
+    """The ``create_model`` keyword arguments of ``model_from_config`` (also what ``Classifier.from_pretrained``
+    loads published weights into, so its model is the config's: compute dtype, stochastic depth, overrides)."""
     import jax.numpy as jnp
 
     overrides = dict(config.model_overrides)
@@ -316,7 +322,7 @@ def model_from_config(config: ml_collections.ConfigDict, num_classes: int, in_ch
         overrides.setdefault("in_channels", in_channels)
     overrides.update(dtype=jnp.dtype(config.dtype), remat=config.remat, zero_init_residual=config.zero_init_residual,
                      drop_path_rate=config.drop_path_rate)
-    return create_model(config.model, **overrides)
+    return overrides
 
 
 def min_image_size(model) -> int:
