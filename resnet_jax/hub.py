@@ -97,9 +97,14 @@ def _download(model: str, tag: str, filename: str) -> str:
 def _offline_message(model: str, tag: str, filename: str, error: Exception) -> str:
     url = file_url(model, tag, filename)
     why = "HF_HUB_OFFLINE is set" if _offline_mode() else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    fix = ("download the weights file by other means and pass file=PATH (to pretrained or "
+           "Classifier.from_pretrained).")
+    if filename == "config.json":  # with file= the weights are local; the tag's preprocessing and names are not
+        fix = ("download the weights file by other means and pass file=PATH to pretrained, which loads the model "
+               "without it; Classifier.from_pretrained, even with file=, needs this config.json for the weights' "
+               "preprocessing and class names.")
     return (f"could not fetch {url} ({why}) and huggingface_hub's cache has no copy; run once with network "
-            f"access so that huggingface_hub caches {repo_id(model, tag)}, or download the weights file by other "
-            f"means and pass file=PATH (to pretrained or Classifier.from_pretrained).")
+            f"access so that huggingface_hub caches {repo_id(model, tag)}, or {fix}")
 
 
 def _offline_mode() -> bool:

@@ -144,7 +144,8 @@ def test_offline_uses_the_cache_and_refuses_a_tampered_or_missing_file(hub, onli
                       check=False)
     last = proc.stderr.splitlines()[-1]
     assert proc.returncode != 0 and "HF_HUB_OFFLINE is set" in last
-    assert f"/timm/{MODEL}.{TAG}/resolve/main/config.json" in last and "file=PATH" in last
+    assert f"/timm/{MODEL}.{TAG}/resolve/main/config.json" in last and "file=PATH to pretrained" in last
+    assert "Classifier.from_pretrained, even with file=, needs this config.json" in last  # no advice it ignores
 
 
 def test_a_tag_the_hub_lacks_is_named(hub, tmp_path):
