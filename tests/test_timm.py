@@ -11,6 +11,7 @@ timm's own state_dict at full depth for a basic, a ResNet-D and a pre-activation
 
 import copy
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,8 @@ def test_timm_builds_each_name_as_its_kind():
 def test_timm_models_are_exactly_the_shared_names():
     """Every name both libraries have is either checked against timm here or deliberately absent."""
     assert set(TIMM_MODELS) == {n for n in list_models() if n in timm.list_models()}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"for the {len(TIMM_MODELS)} names timm shares with us" in readme  # the README counts them too
 
 
 @pytest.fixture(scope="module")
