@@ -386,10 +386,17 @@ def _describe(name: str, overrides: Mapping[str, Any]) -> str:
     return f"create_model({name!r}{', ' + options if options else ''})"
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # nn.DataParallel / DDP, torch.compile
+
+
 def _strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Drop the ``module.`` prefix that ``nn.DataParallel`` / DDP put on every name."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
+    """Drop the prefixes that wrappers put on every name: ``module.`` (``nn.DataParallel``, DDP) and
+    ``_orig_mod.`` (``torch.compile``), in any nesting (a compiled DDP model saves both)."""
+    while state_dict:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
 
 

@@ -233,6 +233,16 @@ def test_data_parallel_prefix_is_stripped(resnet18):
     assert_state_dicts_equal(to_torchvision(variables), resnet18[1])
 
 
+def test_a_compiled_models_state_dict_loads():
+    """torch.compile's wrapper saves every name under ``_orig_mod.`` (and inside DDP under ``module._orig_mod.``)."""
+    model = torchvision.models.resnet18()
+    compiled = torch.compile(model).state_dict()  # compiles nothing until called
+    assert all(k.startswith("_orig_mod.") for k in compiled)
+    for state in (compiled, {f"module.{k}": v for k, v in compiled.items()}):
+        _, variables = load_torchvision("resnet18", state)
+        assert_state_dicts_equal(to_torchvision(variables), model.state_dict())
+
+
 def test_bad_source_type_is_a_clear_error():
     with pytest.raises(TypeError, match="file path or a mapping"):
         load_torchvision("resnet18", 42)
