@@ -63,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = "sgd"
     c.learning_rate = 0.1               # per 256 images when lr_scaling == "linear"
     c.lr_scaling = "linear"             # "linear": lr * batch_size / 256 (Goyal et al.); "none": as given
-    c.momentum = 0.9
+    c.momentum = 0.9                    # "sgd" and "lars"; "adamw"/"lamb" use their betas (0.9, 0.999), as
+                                        # torchvision's and timm's train.py do
     c.nesterov = False
     c.weight_decay = 1e-4
     c.decay_norm_and_bias = False       # False exempts BatchNorm scale/bias and biases from weight decay
