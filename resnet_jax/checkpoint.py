@@ -74,6 +74,28 @@ def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     return registry
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, except that a checkpoint whose metrics file (its validation accuracy, which ranks the
+    checkpoints) cannot be read is recorded in ``unreadable_metrics`` and ranked as saved without one.
+
+    Why: Orbax reads every checkpoint's metrics while it opens the directory and lets a JSON error through (only a
+    missing file is expected), so one truncated ``metrics`` file stopped every resume and evaluation of the
+    workdir, older intact checkpoints included, with a bare JSON message. Recorded here, ``restore_latest`` treats
+    that checkpoint as damaged like any other. ``_get_metrics`` is Orbax's private reader (checked with
+    orbax-checkpoint 0.12.8; tests/test_training_loop.py damages a metrics file)."""
+
+    def __init__(self, *args, **kwargs):
+        self.unreadable_metrics: dict[int, str] = {}
+        super().__init__(*args, **kwargs)
+
+    def _get_metrics(self, step: int):
+        try:
+            return super()._get_metrics(step)
+        except Exception as err:  # noqa: BLE001 - any unreadable metrics file is damage to that checkpoint
+            self.unreadable_metrics[step] = f"its metrics file is unreadable ({type(err).__name__}: {err})"[:300]
+            return None
+
+
 class Checkpointer:
     """Save and restore a run's checkpoints under ``directory`` (usually ``workdir/checkpoints``).
 
@@ -94,8 +116,8 @@ class Checkpointer:
                                                      enable_async_checkpointing=async_save)
         self._manager = self._open()
 
-    def _open(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(self.directory, options=self._options, handler_registry=_registry())
+    def _open(self) -> _Manager:
+        return _Manager(self.directory, options=self._options, handler_registry=_registry())
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -121,6 +143,11 @@ class Checkpointer:
         checkpoint is damaged (see the module docstring)."""
         failures = []
         for step in reversed(self.steps()):
+            if step in self._manager.unreadable_metrics:
+                reason = self._manager.unreadable_metrics[step]
+                log(f"checkpoint at step {step} is damaged ({reason}); trying the previous one")
+                failures.append((step, reason))
+                continue
             self._check_fits(step, abstract_arrays)
             try:
                 arrays, meta = self._restore(step, abstract_arrays, iterator)

@@ -113,7 +113,10 @@ def copy_of(run, tmp_path):
 
 
 def damage(checkpoint, how):
-    """Truncate, or flip bytes inside, the largest array file of a checkpoint."""
+    """Truncate, or flip bytes inside, the largest array file of a checkpoint; or cut its metrics file short."""
+    if how == "metrics":  # Orbax reads every checkpoint's metrics when it opens the directory
+        (checkpoint / "metrics" / "metrics").write_text('{"val_acc')
+        return
     biggest = max((p for p in checkpoint.rglob("*") if p.is_file() and "state" in p.parts),
                   key=lambda p: p.stat().st_size)
     raw = bytearray(biggest.read_bytes())
@@ -125,7 +128,7 @@ def damage(checkpoint, how):
         biggest.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("how", ["truncate", "flip"])
+@pytest.mark.parametrize("how", ["truncate", "flip", "metrics"])
 def test_damaged_latest_checkpoint_is_reported_skipped_and_kept(short_run, tmp_path, how):
     workdir = copy_of(short_run, tmp_path)
     damage(workdir / "checkpoints" / "16", how)
