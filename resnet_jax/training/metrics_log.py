@@ -68,10 +68,26 @@ class MetricsLog:
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``. An unreadable last line without its newline is a write cut short (a crash,
+    a full disk): it is left out, and a resumed run rewrites the file without it. Any other unreadable line is an error
+    naming the file and line, since it is not what this library writes."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ValueError(f"{path}, line {number}, is not a JSON row ({err}); fix or delete that line (the "
+                             f"checkpoints do not depend on it)") from None
+    return rows
 
 
 def plot_learning_curves(workdir: str | Path) -> Path | None:
