@@ -6,6 +6,7 @@ predictions) is recorded then, and the tests use it loaded from the run's workdi
 
 import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,18 @@ def test_fit_learns_and_evaluate_agrees_with_history(fitted):
     assert metrics["accuracy"] > 0.8
     last_val = [r for r in fitted.history if r["split"] == "val"][-1]
     assert metrics["accuracy"] == pytest.approx(last_val["accuracy"])
+
+
+def test_evaluate_takes_any_batch_size_on_any_device_count(tmp_path_factory, fitted):
+    """``train.evaluate``'s default batch of 256 on 3 devices (which do not divide it) gives the metrics of one
+    device: a raw sharding error before."""
+    from conftest import run_python
+
+    workdir = trained_digits(tmp_path_factory)[0]
+    done = run_python(module="train.evaluate", args=[f"--workdir={workdir}", "--batch_size=256"],
+                      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
+    metrics = json.loads(done.stdout.strip().splitlines()[-1])
+    assert metrics["accuracy"] == pytest.approx(fitted.evaluate()["accuracy"])
 
 
 def test_predict_returns_topk_names_and_probabilities(fitted):

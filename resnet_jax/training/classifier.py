@@ -16,6 +16,7 @@ for notebooks and scripts.
 from __future__ import annotations
 
 import functools
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -102,8 +103,13 @@ class Classifier:
 
     def evaluate(self, dataset: str | None = None, split: str | None = None, batch_size: int = 256
                  ) -> dict[str, float]:
-        """Loss, top-1 and top-5 accuracy on a split (default: the validation split it was trained with)."""
+        """Loss, top-1 and top-5 accuracy on a split (default: the validation split it was trained with).
+        ``batch_size`` is rounded down to a multiple of the devices (and processes), at least one each: the
+        metrics do not depend on it (the last batch's padding is masked), so any machine takes the default."""
         variables = self._require_variables()
+        mesh = make_mesh()
+        split_over = math.lcm(mesh.devices.size, jax.process_count())
+        batch_size = max(split_over, batch_size // split_over * split_over)
         source = data.get_source(dataset or self.config.dataset, split or self.config.val_split,
                                  image_size=self.config.image_size, seed=self.config.seed,
                                  data_dir=self.config.data_dir or None)
@@ -112,7 +118,6 @@ class Classifier:
                                   std=std, channels=self.model.in_channels,
                                   crop_fraction=self.config.eval_crop_fraction or None,
                                   transform=eval_transform(self.config))
-        mesh = make_mesh()
         state = _Evaluable(self.model.apply, variables)
         return evaluate_loader(state, make_eval_step(mesh, self.model), loader, mesh)
 
