@@ -72,6 +72,24 @@ def test_random_resized_crop_flip_shape_and_determinism():
     assert a.shape == (64, 64, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
 
 
+def test_random_resized_crop_equals_torchvisions_resized_crop_of_the_same_box():
+    """Per pixel, on a photograph: torchvision's ``F.resized_crop`` (bilinear, PIL) of the box drawn, mirrored
+    where the same draw mirrors."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    photo = load_sample_image("china.jpg")
+    for seed in range(20):
+        ours = aug.random_resized_crop_flip(photo, np.random.default_rng(seed), 64)
+        rng = np.random.default_rng(seed)
+        left, top, right, bottom = aug.random_resized_crop_box(*photo.shape[:2], rng)
+        theirs = np.asarray(F.resized_crop(Image.fromarray(photo), top, left, bottom - top, right - left, [64, 64],
+                                           InterpolationMode.BILINEAR))
+        np.testing.assert_array_equal(ours, theirs[:, ::-1] if rng.random() < 0.5 else theirs, err_msg=seed)
+
+
 def test_resize_center_crop_takes_the_middle():
     image = ramp(100, 200)
     out = aug.resize_center_crop(image, 50, crop_fraction=1.0)

@@ -77,9 +77,12 @@ def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
 
 def random_resized_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int,
                              scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    """ImageNet recipe: a random-resized crop to size x size, flipped left-right half the time."""
-    box = random_resized_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
-    crop = resize(image, size, size, box=box)
+    """ImageNet recipe: a random-resized crop to size x size, flipped left-right half the time.
+
+    Cut out, then resized, as torchvision's ``resized_crop`` does: resizing the box within the whole image
+    (Pillow's ``box=``) let the filter reach pixels outside it, which changed ~2% of the pixels, on the border."""
+    left, top, right, bottom = random_resized_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
+    crop = resize(np.ascontiguousarray(image[top:bottom, left:right]), size, size)
     return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
