@@ -288,7 +288,9 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
     workdir = Path(workdir).absolute()
     if not workdir.exists():
         raise FileNotFoundError(f"{workdir} does not exist; give the workdir of a training run or a saved model")
-    if (workdir / MODEL_DIR).exists() and not (workdir / "checkpoints").exists():
+    checkpoints = workdir / "checkpoints"
+    has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
+    if (workdir / MODEL_DIR).exists() and not has_checkpoints:
         if use_ema:
             raise ValueError(f"{workdir} is a saved model, which holds one set of weights and no moving average; "
                              "load it without use_ema")
@@ -296,7 +298,11 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
         with ocp.StandardCheckpointer() as loader:
             variables = loader.restore(workdir / MODEL_DIR)
         return info["config"], jax.device_get(variables), info["class_names"]
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    if not has_checkpoints:  # said before opening Orbax's manager, which would create the directory: a read
+        # changes nothing, and an empty checkpoints/ left behind had hidden a saved model from the next load
+        raise CheckpointError(f"no checkpoint in {checkpoints}: train first (python -m train --workdir=...) or "
+                              "point at the workdir of a finished run or a saved model")
+    ckpt = Checkpointer(checkpoints, async_save=False)
     try:
         if step == "best":
             step = ckpt.best_step() or ckpt.latest_step()  # no evaluation saved: the latest

@@ -52,3 +52,18 @@ def test_step_best_loads_the_best_checkpoint_and_a_number_that_one(workdir):
 def test_a_step_that_was_not_kept_is_a_clear_error(workdir):
     with pytest.raises(CheckpointError, match=r"no checkpoint at step 3 .* it has steps \[2, 5, 6\]"):
         load_variables(workdir, 3)
+
+
+def test_reading_a_directory_without_checkpoints_changes_nothing(tmp_path):
+    """Orbax's manager creates the directory it opens: a failed read (train.predict/evaluate/export pointed at the
+    wrong place) left an empty checkpoints/ behind, which then hid a saved model there from the next load."""
+    from resnet_jax.checkpoint import save_variables
+
+    with pytest.raises(CheckpointError, match="no checkpoint in .*checkpoints: train first"):
+        load_variables(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    save_variables(tmp_path, {k: v for k, v in arrays(7).items() if k != "step"}, {"model": "m"}, ["a", "b", "c"])
+    (tmp_path / "checkpoints").mkdir()  # as the failed read used to leave it
+    _, variables, names = load_variables(tmp_path)
+    np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], 7.0)
+    assert names == ["a", "b", "c"]
