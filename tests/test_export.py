@@ -397,6 +397,19 @@ def test_one_stablehlo_file_can_serve_several_platforms(tmp_path):
     np.testing.assert_allclose(exported.run(np.ones((2, 8, 8, 1), np.uint8)), want, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("platforms,message", [(("CPU",), r"unknown platform\(s\) \['CPU'\]; choose from"),
+                                               (("cpu", "gpu"), "NVIDIA GPUs are 'cuda'")])
+def test_an_unknown_platform_is_refused_before_anything_is_written(tmp_path, platforms, message):
+    """jax.export lowers for any name; the artifact then ran nowhere ("exported for ('CPU',), used on ('cpu',)")."""
+    model = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=3)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))  # refused before use
+    with pytest.raises(ValueError, match=message) as err:
+        export_model(model, variables, tmp_path / "m.stablehlo", preprocessing=Preprocessing(8, (0.5,), (0.25,)),
+                     platforms=platforms)
+    one_sentence(err)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name", ["resnetv2_18d", "resnetv2_50"])
 def test_onnx_of_a_pre_activation_model_equals_timm(name, tmp_path):
     """timm's ResNetV2 at ``SMALL`` depth (random weights, random BatchNorm statistics; a basic one with the

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 from resnet_jax.export.loader import ExportedModel, load_exported
 from resnet_jax.export.manifest import FORMAT_VERSION, FORMATS, ArtifactError, Preprocessing, write_manifest
 
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's names for the backends a StableHLO artifact can serve
+
 SUFFIXES = {".stablehlo": "stablehlo", ".onnx": "onnx"}
 
 
@@ -45,6 +47,10 @@ def export_model(model, variables: dict[str, Any], path: str | Path, *, preproce
     if platforms and fmt != "stablehlo":
         raise ValueError("platforms applies to StableHLO artifacts only; an ONNX model runs wherever onnxruntime "
                          "does")
+    unknown = [p for p in platforms or () if p not in PLATFORMS]
+    if unknown:  # jax.export lowers for any name, and the artifact then runs nowhere
+        hint = " (NVIDIA GPUs are 'cuda', AMD's 'rocm')" if {"gpu", "GPU"} & set(unknown) else ""
+        raise ValueError(f"unknown platform(s) {unknown}{hint}; choose from {list(PLATFORMS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "stablehlo":
         from resnet_jax.export.stablehlo import export_stablehlo
