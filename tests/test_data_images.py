@@ -53,6 +53,7 @@ def test_a_greyscale_batch_is_only_read_as_one_for_one_channel_models():
 
 BAD = [
     (np.zeros((2, 3, 8, 8), np.uint8), 3, "looks channels-first"),
+    (np.zeros((3, 64, 48), np.uint8), 3, r"one channels-first image: transpose with image\.transpose\(1, 2, 0\)"),
     (np.zeros((1, 2, 8, 8, 3), np.uint8), 3, r"shape \(1, 2, 8, 8, 3\)"),
     (np.zeros((2, 8, 8, 2), np.uint8), 1, r"shape \(2, 8, 8, 2\)"),
     (np.zeros((8,), np.uint8), 1, r"shape \(8,\)"),

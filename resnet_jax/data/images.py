@@ -130,6 +130,9 @@ def _shape_error(shape: tuple[int, ...], channels: int) -> str:
     hint = ""
     if len(shape) == 4 and shape[1] in CHANNELS:
         hint = " (it looks channels-first: transpose with images.transpose(0, 2, 3, 1))"
+    elif len(shape) == 3 and shape[0] in CHANNELS:  # not a greyscale batch: adding an axis would split the colours
+        hint = (" (it looks like one channels-first image: transpose with image.transpose(1, 2, 0); only if it is "
+                f"{shape[0]} greyscale images, add a channel axis with images[..., None])")
     elif len(shape) == 3:
         hint = (f" (a greyscale batch (N, H, W) needs a one-channel model; this one takes {channels} channels, "
                 "so add a channel axis with images[..., None])")
