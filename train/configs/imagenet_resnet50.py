@@ -3,7 +3,7 @@ momentum 0.9, wd 1e-4, 90 epochs, x0.1 at epochs 30 and 60; random-resized crop 
 
 ``--config=train/configs/imagenet_resnet50.py:cosine`` selects the modern variant: 5 warm-up epochs, cosine
 decay, label smoothing 0.1, zero-init residuals, bf16 compute (about 77% top-1 in 90 epochs).
-ImageNet needs a manual download; see README, "Training on ImageNet"."""
+ImageNet needs a manual download; see README, "CIFAR-10 and ImageNet"."""
 
 from resnet_jax.training import base_config
 
