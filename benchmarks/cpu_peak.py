@@ -155,6 +155,10 @@ def main(argv=None) -> None:
     print(f"float32 multiply-add peak: {peak['fma_one']:.0f} GFLOP/s on one core, {peak['fma_all']:.0f} on "
           f"{peak['threads']} threads; memory: read {peak['read_gbs']:.1f} GB/s, copy {peak['copy_gbs']:.1f} GB/s "
           f"(read + write); numpy's float32 GEMM {peak['numpy_gemm']:.0f} GFLOP/s")
+    if peak["numpy_gemm"] > peak["fma_all"] or peak["fma_all"] < 0.8 * peak["fma_one"]:
+        # no GEMM runs above the true peak, and two cores do not multiply-add slower than one: the cores were busy
+        print("warning: the peak looks measured low (numpy's GEMM beat it, or all cores lost to one); rerun on a "
+              "quiet machine before comparing against it")
     models = {}
     for model in args.model or ["resnet50"]:
         work = models[model] = convolution_work(model, args.batch)
