@@ -6,7 +6,9 @@ cpu-convolution.md). The maximum of the window's shifted, strided slices of the 
 elementwise pass (with the extension, float32: one C++ pass that also records each window's first maximum).
 The gradient goes to the first maximum of each window in row-major order, as XLA's
 ``select_and_scatter`` (with ``ge``) does, so values and gradients equal ``flax.linen.max_pool``'s exactly,
-ties included (ties are common after a ReLU). In bfloat16 the routing is the same and each input's gradient is
+ties included (ties are common after a ReLU), in every window without a NaN. In a window holding a NaN (whose
+output, and so the loss, is NaN) the gradient goes to the last tap, where ``select_and_scatter``'s sequential
+``ge`` lands elsewhere (``[nan, 2, 1]``: on the 2). In bfloat16 the routing is the same and each input's gradient is
 the float32 sum of the cotangents routed to it, rounded once (``select_and_scatter`` rounds after every add).
 """
 
