@@ -9,6 +9,7 @@ is what ``pmap`` with ``axis_name`` gave, without ``pmap``. The same code runs o
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
@@ -66,14 +67,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_multiple(mesh: Mesh) -> int:
+    """What every global batch must be a multiple of to split evenly over the devices and the processes."""
+    return math.lcm(mesh.devices.size, jax.process_count())
+
+
 def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
     """Fail before compiling when a batch (``name`` says which) cannot be split evenly over devices and
     processes."""
-    devices, processes = mesh.devices.size, jax.process_count()
-    if global_batch_size % devices or global_batch_size % processes:
-        suggestion = max(devices, processes) * max(1, global_batch_size // devices)
-        raise ValueError(f"{name} {global_batch_size} must be divisible by the number of devices ({devices}) "
-                         f"and processes ({processes}); try {suggestion}")
+    multiple = batch_multiple(mesh)
+    if global_batch_size % multiple:
+        suggestion = max(multiple, global_batch_size // multiple * multiple)
+        raise ValueError(f"{name} {global_batch_size} must be divisible by the number of devices "
+                         f"({mesh.devices.size}) and processes ({jax.process_count()}); try {suggestion}")
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -16,7 +16,6 @@ for notebooks and scripts.
 from __future__ import annotations
 
 import functools
-import math
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +29,7 @@ from resnet_jax import data
 from resnet_jax.checkpoint import load_variables
 from resnet_jax.data.images import prepare_batch, top_classes
 from resnet_jax.ops import fold_batchnorm
-from resnet_jax.parallel import make_mesh
+from resnet_jax.parallel import batch_multiple, make_mesh
 from resnet_jax.training.config import (base_config, eval_transform, model_arguments, model_from_config,
                                         normalization_stats, validate)
 from resnet_jax.training.loop import evaluate_loader, train
@@ -108,8 +107,8 @@ class Classifier:
         metrics do not depend on it (the last batch's padding is masked), so any machine takes the default."""
         variables = self._require_variables()
         mesh = make_mesh()
-        split_over = math.lcm(mesh.devices.size, jax.process_count())
-        batch_size = max(split_over, batch_size // split_over * split_over)
+        multiple = batch_multiple(mesh)
+        batch_size = max(multiple, batch_size // multiple * multiple)
         source = data.get_source(dataset or self.config.dataset, split or self.config.val_split,
                                  image_size=self.config.image_size, seed=self.config.seed,
                                  data_dir=self.config.data_dir or None)
