@@ -143,22 +143,19 @@ class Checkpointer:
         checkpoint is damaged (see the module docstring)."""
         failures = []
         for step in reversed(self.steps()):
-            if step in self._manager.unreadable_metrics:
-                reason = self._manager.unreadable_metrics[step]
-                log(f"checkpoint at step {step} is damaged ({reason}); trying the previous one")
-                failures.append((step, reason))
-                continue
-            self._check_fits(step, abstract_arrays)
-            try:
-                arrays, meta = self._restore(step, abstract_arrays, iterator)
-            except Exception as err:  # noqa: BLE001 - any failure means this checkpoint cannot be trusted
-                reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-                log(f"checkpoint at step {step} is damaged ({reason}); trying the previous one")
-                failures.append((step, reason))
-                continue
-            for bad, _ in failures:
-                log(f"moved the damaged checkpoint at step {bad} to {self._quarantine(bad)}")
-            return step, arrays, meta
+            reason = self._manager.unreadable_metrics.get(step)
+            if reason is None:
+                self._check_fits(step, abstract_arrays)
+                try:
+                    arrays, meta = self._restore(step, abstract_arrays, iterator)
+                except Exception as err:  # noqa: BLE001 - any failure means this checkpoint cannot be trusted
+                    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                else:
+                    for bad, _ in failures:
+                        log(f"moved the damaged checkpoint at step {bad} to {self._quarantine(bad)}")
+                    return step, arrays, meta
+            log(f"checkpoint at step {step} is damaged ({reason}); trying the previous one")
+            failures.append((step, reason))
         if failures:
             listing = "; ".join(f"step {s}: {r}" for s, r in failures)
             raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({listing}); nothing was "
