@@ -76,8 +76,10 @@ def test_published_weights_in_init_from_set_evaluations_preprocessing_at_the_run
 @pytest.mark.parametrize("keys,message", [({"eval_interpolation": "bilinar"}, "did you mean 'bilinear'"),
                                           ({"eval_crop_mode": "centre"}, "did you mean 'center'"),
                                           ({"eval_resize": -1}, "must be positive"),
-                                          ({"mean": (0.5, 0.5), "std": (0.5, 0.5)}, "one value per channel \\(3\\) or one for all, got 2"),
-                                          ({"mean": (0.5,), "std": (0.5, 0.5)}, "the same number of values, got 1 and 2")])
+                                          ({"mean": (0.5, 0.5), "std": (0.5, 0.5)},
+                                           "one value per channel \\(3\\) or one for all, got 2"),
+                                          ({"mean": (0.5,), "std": (0.5, 0.5)},
+                                           "the same number of values, got 1 and 2")])
 def test_bad_evaluation_settings_are_one_sentence(keys, message):
     with pytest.raises(ValueError, match=message):
         config(**keys)
