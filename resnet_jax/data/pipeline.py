@@ -90,8 +90,11 @@ def _stats(src: Source, mean, std, channels: int | None):
         mean, std = DATASET_STATS[base]
     out = channels or src.image_shape[2]
     if np.size(mean) not in (1, out) or np.size(std) not in (1, out):
+        model = (f"the model takes {out} (its in_channels; config.model_overrides.in_channels in a config), "
+                 if channels and channels != src.image_shape[2] else "")
         raise ValueError(f"mean/std have {np.size(mean)}/{np.size(std)} values but the batches have {out} "
-                         f"channels; give one value per channel (or one for all).")
+                         f"channels: {src.name!r} has {src.image_shape[2]}, {model}so give one mean/std value per "
+                         f"channel (or one for all){' or set in_channels to match the data' if model else ''}.")
     return mean, std
 
 
@@ -119,6 +122,18 @@ def check_compatible(src: Source, *, num_classes: int | None = None, channels: i
                          f"expected uint8 (H, W, {have}).")
     if np.ndim(label) != 0 or not 0 <= int(label) < max(src.num_classes, num_classes or 0):
         raise ValueError(f"{src!r} yields label {label!r}; expected one integer in [0, {src.num_classes}).")
+
+
+def check_same_classes(train: Source, other: Source) -> None:
+    """A label is an index into the class list, so a split whose class list differs (a class folder missing
+    from ``val/``) would score every later class as another one; refused rather than shifted silently."""
+    if list(train.class_names) != list(other.class_names):
+        missing = sorted(set(train.class_names) - set(other.class_names))
+        extra = sorted(set(other.class_names) - set(train.class_names))
+        diff = "; ".join(f"{what}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+                         for what, names in (("missing", missing), ("extra", extra)) if names) or "another order"
+        raise ValueError(f"{other!r} has other classes than {train!r} ({diff}), so the same label would mean "
+                         f"another class in each; give both splits the same class folders.")
 
 
 class _Crop:

@@ -1,0 +1,104 @@
+"""A directory of class folders (torchvision's ``ImageFolder`` layout) as a source, so a user's own photos train
+without a preparing step and get the class indices torchvision would give the same folders.
+
+    photos/train/cat/001.jpg          get_source("folder:photos", "train")
+    photos/val/dog/x.png              get_source("folder:photos", "val")  (a split is a subfolder of the root)
+
+As torchvision's ``ImageFolder``: the classes are the sorted subfolder names, images are found recursively
+under each class (links followed), by file extension (case-insensitive), in sorted order, and read with Pillow
+and converted to RGB. One difference: names starting with "." are skipped, so ``.ipynb_checkpoints`` is not a
+class and macOS's ``._photo.jpg`` resource forks are not images. A split can take a percentage slice of every
+class (``"train[:90%]"``, ``"train[90%:]"``): one folder then gives a training and a validation split with the
+classes in the same proportions and no image in both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from resnet_jax.data.source import Source
+
+PREFIX = "folder:"
+# torchvision.datasets.folder.IMG_EXTENSIONS
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_SPLIT = re.compile(r"(?P<folder>[^\[\]]+?)(?:\[(?P<start>\d+%)?:(?P<stop>\d+%)?\])?")
+
+
+class FolderSource(Source):
+    """``root/<split>/<class>/**/<image>``: every image file under each class folder, labelled by the class's
+    index among the sorted class folders."""
+
+    def __init__(self, root, split: str):
+        root = os.fspath(root)
+        folder, start, stop = _parse_split(split)
+        if not os.path.isdir(root):
+            raise ValueError(f"image folder {root!r} does not exist; point 'folder:PATH' at the directory holding "
+                             f"one subfolder per split (e.g. train/, val/), each with one subfolder per class.")
+        split_dir = os.path.join(root, folder)
+        if not os.path.isdir(split_dir):
+            present = ", ".join(_visible_dirs(root)) or "none"
+            raise ValueError(f"image folder {root!r} has no split folder {folder!r} (its folders: {present}); name "
+                             f"one of them as the split (config.train_split / config.val_split) or slice one, "
+                             f"e.g. 'train[:90%]' and 'train[90%:]'.")
+        classes = _visible_dirs(split_dir)
+        if not classes:
+            raise ValueError(f"{split_dir!r} holds no class folders; put each class's images in a subfolder named "
+                             f"after it ({split_dir}/<class>/<image>).")
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            files = _images_under(os.path.join(split_dir, name))
+            if not files:
+                raise ValueError(f"class folder {os.path.join(split_dir, name)!r} holds no images (extensions "
+                                 f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder.")
+            files = files[len(files) * start // 100:len(files) * stop // 100]
+            paths += files
+            labels += [label] * len(files)
+        self._root, self._paths, self._labels = split_dir, paths, np.asarray(labels, np.int64)
+        self.name, self.split = PREFIX + os.path.basename(os.path.normpath(root)), split
+        self.num_classes, self.class_names = len(classes), classes
+        self.image_shape = (None, None, 3)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        path = os.path.join(self._root, self._paths[index])
+        try:
+            with Image.open(path) as img:
+                image = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(f"cannot read image {path!r} ({err}); replace or remove the file.") from None
+        return {"image": image, "label": int(self._labels[index])}
+
+
+def _parse_split(split: str) -> tuple[str, int, int]:
+    """("train", 0, 90) from "train[:90%]"; only whole-percent slices, as they keep every class's share."""
+    match = _SPLIT.fullmatch(split) if isinstance(split, str) else None
+    start = int(match["start"][:-1]) if match and match["start"] else 0
+    stop = int(match["stop"][:-1]) if match and match["stop"] else 100
+    if not match or not 0 <= start <= stop <= 100:
+        raise ValueError(f"split {split!r} is not a folder name with an optional percentage slice of each class "
+                         f"('train', 'train[:90%]', 'train[90%:]', 'train[10%:20%]').")
+    return match["folder"], start, stop
+
+
+def _visible_dirs(path: str) -> list[str]:
+    with os.scandir(path) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _images_under(class_dir: str) -> list[str]:
+    """Image files below ``class_dir`` as paths relative to its parent, in torchvision's order (the walk sorted
+    by directory, each directory's files sorted)."""
+    parent = os.path.dirname(class_dir)
+    walked = []
+    for directory, subdirs, files in os.walk(class_dir, followlinks=True):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        walked.append((directory, files))
+    return [os.path.relpath(os.path.join(directory, f), parent) for directory, files in sorted(walked)
+            for f in sorted(files) if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]

@@ -1,0 +1,140 @@
+"""Class folders (``folder:PATH``) against torchvision's ``ImageFolder`` on the same files: class indices, file
+order and pixels, then the slices, the refusals and a training run that reads them."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import data
+from resnet_jax.data.folder import FolderSource
+from training_helpers import tiny_config
+
+MODES = ("RGB", "L", "RGBA", "P", "CMYK", "I;16")  # what a user's photo folder holds besides plain RGB
+
+
+def write_image(path, mode: str, seed: int, size=(13, 11)):
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (size[1], size[0]), np.uint16))
+    elif mode == "RGBA":
+        img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), np.uint8), "RGBA")
+    else:
+        img = rgb.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """root/train/<class>/... with every mode, nested folders, an upper-case extension, a non-image file, hidden
+    entries; root/val with the same classes."""
+    root = tmp_path / "photos"
+    for i, mode in enumerate(MODES):
+        suffix = ".jpg" if mode in ("RGB", "L", "CMYK") else ".png"
+        write_image(root / "train" / ("zebra" if i % 2 else "ant") / f"{i}_{mode.replace(';', '')}{suffix}", mode, i)
+    write_image(root / "train" / "ant" / "sub" / "deep.JPEG", "RGB", 10)
+    write_image(root / "train" / "bee" / "b.bmp", "RGB", 11)
+    (root / "train" / "bee" / "notes.txt").write_text("not an image")
+    for split_class in ("ant", "bee", "zebra"):
+        write_image(root / "val" / split_class / "v.png", "RGB", 20 + len(split_class))
+    return root
+
+
+def test_classes_files_and_pixels_equal_torchvision_imagefolder(photos):
+    datasets = pytest.importorskip("torchvision.datasets")
+    reference = datasets.ImageFolder(photos / "train")
+    src = data.get_source(f"folder:{photos}", "train")
+    assert src.class_names == reference.classes == ["ant", "bee", "zebra"] and src.num_classes == 3
+    assert len(src) == len(reference) == 8
+    for i, (path, label) in enumerate(reference.samples):
+        record, (image, ref_label) = src[i], reference[i]
+        assert record["label"] == label == ref_label, path
+        assert record["image"].dtype == np.uint8 and record["image"].shape == (11, 13, 3)
+        np.testing.assert_array_equal(record["image"], np.asarray(image), err_msg=path)
+    assert src.image_shape == (None, None, 3)
+
+
+def test_hidden_entries_are_skipped(photos):
+    """Where this departs from torchvision on purpose: a notebook's checkpoint folder is not a class, and a macOS
+    resource fork named like a photo is not an image."""
+    write_image(photos / "train" / ".ipynb_checkpoints" / "x.png", "RGB", 30)
+    (photos / "train" / "ant" / "._0_RGB.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_image(photos / "train" / "bee" / ".cache" / "y.png", "RGB", 31)
+    src = data.get_source(f"folder:{photos}", "train")
+    assert src.class_names == ["ant", "bee", "zebra"] and len(src) == 8
+    assert all(src[i]["image"].shape == (11, 13, 3) for i in range(len(src)))
+
+
+def test_percentage_slices_split_every_class_without_overlap(tmp_path):
+    root = tmp_path / "one_folder"
+    for c, n in (("a", 10), ("b", 4)):
+        for k in range(n):
+            write_image(root / "all" / c / f"{k:02d}.png", "L", 100 * len(c) + k)
+    whole = data.get_source(f"folder:{root}", "all")
+    head, tail = (data.get_source(f"folder:{root}", s) for s in ("all[:75%]", "all[75%:]"))
+    labels = [[src[i]["label"] for i in range(len(src))] for src in (head, tail)]
+    assert labels == [[0] * 7 + [1] * 3, [0] * 3 + [1]]  # 75% of 10 and of 4, rounded down, per class
+    pixels = [src[i]["image"].tobytes() for src in (head, tail) for i in range(len(src))]
+    assert sorted(pixels) == sorted(whole[i]["image"].tobytes() for i in range(len(whole)))
+    assert len(data.get_source(f"folder:{root}", "all[10%:20%]")) == 1  # a: [1:2], b: [0:0]
+
+
+def refusal(call) -> str:
+    with pytest.raises(ValueError) as info:
+        call()
+    return str(info.value)
+
+
+def test_bad_folders_are_refused_with_what_to_do(photos, tmp_path):
+    assert "does not exist" in refusal(lambda: FolderSource(tmp_path / "nowhere", "train"))
+    assert "no split folder 'validation' (its folders: train, val)" in refusal(
+        lambda: data.get_source(f"folder:{photos}", "validation"))
+    (photos / "train" / "empty_class").mkdir()
+    message = refusal(lambda: data.get_source(f"folder:{photos}", "train"))
+    assert "empty_class" in message and "holds no images" in message
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    assert "holds no class folders" in refusal(lambda: data.get_source(f"folder:{tmp_path / 'flat'}", "train"))
+    for split in ("train[:90]", "train[50%:10%]", "train[:101%]", ""):
+        assert "percentage slice" in refusal(lambda: data.get_source(f"folder:{photos}", split)), split
+    assert "extra kwargs" not in refusal(lambda: data.get_source(f"folder:{photos}", "val", num_examples=3))
+
+
+def test_a_corrupt_image_names_its_file(photos):
+    bad = photos / "val" / "bee" / "v.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    src = data.get_source(f"folder:{photos}", "val")
+    message = refusal(lambda: src[1])
+    assert str(bad) in message and "replace or remove" in message
+
+
+def test_a_directory_named_without_the_prefix_gets_the_hint(photos):
+    pytest.importorskip("tensorflow_datasets")
+    assert f"'folder:{photos}'" in refusal(lambda: data.get_source(str(photos), "train"))
+
+
+def folder_config(photos):
+    config = tiny_config(dataset=f"folder:{photos}", val_split="val", batch_size=4, eval_batch_size=4,
+                         num_epochs=1, augment="imagenet")
+    config.model_overrides.in_channels = 3  # photos are read as RGB, as torchvision's loader reads them
+    return config
+
+
+def test_splits_with_other_classes_are_refused_before_training(photos):
+    from resnet_jax.training import setup
+
+    (photos / "val" / "bee" / "v.png").unlink()
+    (photos / "val" / "bee").rmdir()
+    message = refusal(lambda: setup(folder_config(photos)))
+    assert "missing: bee" in message and "same class folders" in message
+
+
+@pytest.mark.slow
+def test_training_reads_the_folders(photos, tmp_path):
+    from resnet_jax.training import train
+
+    result = train(folder_config(photos), tmp_path / "run", log=lambda _: None)
+    assert result.class_names == ["ant", "bee", "zebra"] and int(result.state.step) == 2
+    val = [r for r in result.history if r["split"] == "val"]
+    assert val and np.isfinite(val[-1]["loss"])
