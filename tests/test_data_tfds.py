@@ -1,8 +1,10 @@
 """TFDS for real, offline: mocked cifar10/imagenet2012 records through the pipeline, a small dataset prepared
 as ArrayRecord on disk and read back without TensorFlow, and each failure as one sentence, before any download."""
 
+import importlib
 import json
 import socket
+import textwrap
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from conftest import run_python  # noqa: E402
+from test_data_folder import MODES, write_image  # noqa: E402
 from resnet_jax import data  # noqa: E402
 from resnet_jax.data import prepare as prep  # noqa: E402
 
@@ -167,4 +170,80 @@ def test_manual_download_dataset_says_where_files_go(tmp_path):
 @pytest.mark.slow
 def test_unknown_split_lists_the_splits(tiny_dir):
     message = refusal(lambda: data.get_source("tiny_shapes", "trian", data_dir=tiny_dir))
-    assert "its splits are: test, train" in message
+    assert "its splits are: test, train" in message and "delete" in message and "prepare it again" in message
+
+
+OWN_BUILDER = """
+import os
+import tensorflow_datasets as tfds
+
+ROOT = {root!r}
+
+
+class OwnPhotos(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"), features=tfds.features.FeaturesDict(
+            {{"image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=["a", "b"]),
+              "file": tfds.features.Text()}}))
+
+    def _split_generators(self, dl_manager):
+        return {{"train": self._generate_examples()}}
+
+    def _generate_examples(self):
+        for name in sorted(os.listdir(ROOT)):  # the files as they are: TFDS keeps an image file's own bytes
+            yield name, {{"image": os.path.join(ROOT, name), "label": int(name[0]) % 2, "file": name}}
+"""
+
+
+@pytest.mark.slow
+def test_a_users_builder_in_a_package_prepares_offline_and_reads_every_mode_as_torchvision(tmp_path, monkeypatch):
+    """A builder in a package is the path TFDS's own datasets take (it needs importlib_resources, which TFDS does
+    not declare); one that reads local files must not be refused for want of a network; and images in palette,
+    CMYK, RGBA or 16-bit form must come out as torchvision's loader reads them, not as TFDS's raw bands."""
+    pytest.importorskip("tensorflow")
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    for i, mode in enumerate(MODES):
+        write_image(photos / f"{i}_{mode.replace(';', '')}.{'jpg' if mode in ('RGB', 'L', 'CMYK') else 'png'}",
+                    mode, i)
+    package = tmp_path / "ownpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "own_photos.py").write_text(OWN_BUILDER.format(root=str(photos)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("ownpkg.own_photos")
+    with socket.socket() as closed:  # no network: the probe's port refuses connections
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv(prep.PROBE_ENV, f"127.0.0.1:{closed.getsockname()[1]}")
+    (tmp_path / "tfds").mkdir()
+    prep.prepare("own_photos", data_dir=tmp_path / "tfds")
+    src = data.get_source("own_photos", "train", data_dir=tmp_path / "tfds")
+    assert len(src) == len(MODES) and src.image_shape == (None, None, 3)
+    for i in range(len(src)):
+        name = src._ds[i]["file"]
+        # torchvision's loader (datasets.folder.pil_loader) is Image.open(file).convert("RGB"); torch itself is
+        # not imported here, as it crashes a process that has TensorFlow loaded
+        with Image.open(photos / (name.decode() if isinstance(name, bytes) else name)) as image:
+            expected = np.asarray(image.convert("RGB"))
+        np.testing.assert_array_equal(src[i]["image"], expected, err_msg=str(name))
+
+
+def test_an_incomplete_dataset_folder_is_refused_not_taken_as_prepared(tmp_path):
+    pytest.importorskip("tensorflow")
+    version = tmp_path / "tiny_shapes" / "1.0.0"
+    version.mkdir(parents=True)
+    (version / "tiny_shapes-train.array_record-00000-of-00001").write_bytes(b"")  # an interrupted copy
+    expected = f"{version} holds an incomplete 'tiny_shapes' (no dataset_info.json); delete that folder"
+    assert expected in refusal(lambda: prep.prepare("tiny_shapes", data_dir=tmp_path))
+    assert expected in refusal(lambda: data.get_source("tiny_shapes", "train", data_dir=tmp_path))
+
+
+def test_imagenet_manual_dir_names_its_tar_files_and_spots_extracted_folders(tmp_path):
+    pytest.importorskip("tensorflow")
+    manual = tmp_path / "manual"
+    (manual / "train" / "n01440764").mkdir(parents=True)
+    message = refusal(lambda: prep.prepare("imagenet2012", data_dir=tmp_path, manual_dir=manual))
+    assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in message and f"'folder:{manual}'" in message

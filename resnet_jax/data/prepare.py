@@ -3,8 +3,10 @@
     python -m resnet_jax.data.prepare cifar10 [--data_dir DIR]
     python -m resnet_jax.data.prepare imagenet2012 --data_dir DIR --manual_dir DIR_WITH_THE_TAR_FILES
 
-Preparing needs TensorFlow (TFDS serialises examples with it); reading the result does not. The checks that make
-it fail fast live in ``tfds_builder.py``.
+ImageNet prepares the splits whose tar files are there: ``ILSVRC2012_img_val.tar`` alone is enough to evaluate
+published weights. The command prints the prepared directory and its splits. Preparing needs TensorFlow (TFDS
+serialises examples with it); reading the result does not. The checks that make it fail fast live in
+``tfds_builder.py``.
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ def main(argv=None) -> None:
     parser.add_argument("--manual_dir", default=None, help="where manually downloaded files are (ImageNet)")
     args = parser.parse_args(argv)
     try:
-        print(prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir))
+        prepared = prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir)
     except ValueError as err:
         parser.exit(1, f"error: {err}\n")
+    print(prepared)
+    print("splits: " + ", ".join(f"{name} ({split.num_examples} examples)" for name, split in
+                                 sorted(open_builder(args.name, args.data_dir).info.splits.items())))
 
 
 if __name__ == "__main__":

@@ -27,11 +27,14 @@ def import_tfds():
 
 
 def _unknown_name(name: str, tfds) -> ValueError:
+    if os.path.isdir(name):
+        return ValueError(f"Unknown dataset {name!r}: it is a directory; for class folders (torchvision's "
+                          f"ImageFolder layout) name it 'folder:{name}'.")
     known = ["digits", "synthetic", *tfds.list_builders()]
     close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known, n=3)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    return ValueError(f"Unknown dataset {name!r}: {hint}Use 'digits', 'synthetic' or a TFDS dataset name "
-                      f"(tfds.list_builders()).")
+    return ValueError(f"Unknown dataset {name!r}: {hint}Use 'digits', 'synthetic', 'folder:PATH' (class folders) "
+                      f"or a TFDS dataset name (tfds.list_builders()).")
 
 
 def open_builder(name: str, data_dir=None):
@@ -43,7 +46,7 @@ def open_builder(name: str, data_dir=None):
                          f"TFDS data directory.")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
+    except (tfds.core.registered.DatasetNotFoundError, ValueError):  # ValueError: not a name TFDS can parse
         raise _unknown_name(name, tfds) from None
     if not builder.is_prepared():
         return tfds.builder(name, data_dir=data_dir, file_format="array_record")
@@ -94,20 +97,49 @@ def tensorflow_installed() -> bool:
         return False
 
 
+# The files a manual-download builder reads, where TFDS documents them; any one makes a split (ImageNet can be
+# prepared with only its validation tar, to evaluate published weights).
+MANUAL_FILES = {name: ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+                for name in ("imagenet2012", "imagenet2012_subset")}
+
+
 def prepare_builder(builder, *, manual_dir=None) -> None:
     """download_and_prepare `builder` as ArrayRecord after the fast checks; raises ValueError if one fails."""
     name = builder.name
     if not tensorflow_installed():
         raise ValueError(f"Preparing {name!r} needs TensorFlow, which is not installed: {INSTALL_HINT} "
                          f"(reading prepared data does not need it).")
+    if os.path.isdir(builder.data_dir) and os.listdir(builder.data_dir):
+        # TFDS writes into a temporary folder and renames it when done, so this is an interrupted copy or a
+        # deleted dataset_info.json; TFDS would skip it as prepared, and reading it would fail later.
+        raise ValueError(f"{builder.data_dir} holds an incomplete {name!r} (no dataset_info.json); delete that "
+                         f"folder and prepare it again.")
     manual_dir = os.fspath(manual_dir) if manual_dir else os.path.join(builder._data_dir_root, "downloads", "manual")
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-        if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
-            raise ValueError(f"{name!r} must be downloaded by hand: put its files in {manual_dir} (or pass "
-                             f"manual_dir=), see https://www.tensorflow.org/datasets/catalog/{name}.")
-    elif not network_reachable():
+        _check_manual_dir(name, manual_dir)
+    elif type(builder).__module__.startswith("tensorflow_datasets.") and not network_reachable():
+        # only TFDS's own builders download; a user's builder reading local files needs no network
         raise ValueError(f"{name!r} is not prepared in {builder._data_dir_root} and must be downloaded, but there "
                          f"is no network; prepare it on a connected machine and copy the data_dir here.")
     import tensorflow_datasets as tfds
 
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    if not builder.is_prepared():
+        raise ValueError(f"preparing {name!r} left no complete dataset in {builder.data_dir}; delete that folder "
+                         f"and prepare it again.")
+
+
+def _check_manual_dir(name: str, manual_dir: str) -> None:
+    """The manual files are there (at least one of those TFDS documents); extracted folders get the hint that
+    they are an image folder already."""
+    present = os.listdir(manual_dir) if os.path.isdir(manual_dir) else []
+    expected = MANUAL_FILES.get(name)
+    if present and (not expected or set(expected) & set(present)):
+        return
+    wanted = f"{' and '.join(expected)} (either alone prepares its split)" if expected else "its files"
+    hint = ""
+    if any(os.path.isdir(os.path.join(manual_dir, d)) for d in ("train", "val", "validation")):
+        hint = (f" {manual_dir} holds extracted folders: to read class folders as they are, use the dataset "
+                f"'folder:{manual_dir}' instead.")
+    raise ValueError(f"{name!r} must be downloaded by hand: put {wanted} in {manual_dir} (or pass manual_dir=), "
+                     f"see https://www.tensorflow.org/datasets/catalog/{name}.{hint}")

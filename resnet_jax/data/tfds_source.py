@@ -7,8 +7,24 @@ TFDS would report late, verbosely or after minutes of download retries is turned
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
+
 from resnet_jax.data.source import Source
 from resnet_jax.data.tfds_builder import open_builder, prepare_builder
+
+
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # declared channels -> the Pillow mode an image is converted to
+
+
+def _decode(encoded: bytes, mode: str) -> np.ndarray:
+    """An encoded image as uint8 (H, W, C) in ``mode``; Pillow converts any other mode (P, CMYK, I;16, LA, ...)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(encoded)) as img:
+        array = np.asarray(img if img.mode == mode else img.convert(mode))
+    return array[:, :, None] if array.ndim == 2 else array
 
 
 def _classification_keys(info, name: str) -> tuple[str, str]:
@@ -30,39 +46,57 @@ def _classification_keys(info, name: str) -> tuple[str, str]:
 
 
 class TfdsSource(Source):
-    """`split` of a TFDS dataset: any split string TFDS accepts ("train", "train[:90%]", "validation")."""
+    """`split` of a TFDS dataset: any split string TFDS accepts ("train", "train[:90%]", "validation").
+
+    8-bit images are decoded here rather than by TFDS, whose numpy decoding keeps a file's own bands: a palette
+    PNG would come out as palette indices, a CMYK JPEG or an RGBA PNG with four channels, 16-bit greyscale
+    wrapped around. Each image is converted by Pillow to the channels the dataset declares, as torchvision's
+    loader converts every file to RGB.
+    """
 
     def __init__(self, name: str, split: str, *, data_dir=None, download: bool = True, manual_dir=None):
         builder = open_builder(name, data_dir)
         info = builder.info
         self.image_key, self.label_key = _classification_keys(info, name)
+        image = info.features[self.image_key]
+        self._mode = _PIL_MODES.get(image.shape[-1]) if image.np_dtype == np.uint8 else None
         try:
-            self._ds = builder.as_data_source(split=split)
+            self._ds = self._data_source(builder, split)
         except Exception as err:  # TFDS raises KeyError, AssertionError or ValueError here
             self._ds = self._retry_after_prepare(builder, name, split, download, manual_dir, err)
         label = info.features[self.label_key]
         self.name, self.split = name, split
         self.num_classes, self.class_names = int(label.num_classes), list(label.names)
-        self.image_shape = tuple(info.features[self.image_key].shape)
+        self.image_shape = tuple(image.shape)
 
-    @staticmethod
-    def _retry_after_prepare(builder, name, split, download, manual_dir, err):
+    def _data_source(self, builder, split):
+        import tensorflow_datasets as tfds
+
+        decoders = {self.image_key: tfds.decode.SkipDecoding()} if self._mode else None
+        return builder.as_data_source(split=split, decoders=decoders)
+
+    def _retry_after_prepare(self, builder, name, split, download, manual_dir, err):
         if builder.is_prepared():
             splits = ", ".join(sorted(builder.info.splits)) or "none"
-            raise ValueError(f"Cannot read split {split!r} of {name!r} ({err}); its splits are: {splits}.") from None
+            raise ValueError(f"Cannot read split {split!r} of {name!r} ({err}); its splits are: {splits}. If it "
+                             f"was prepared without that split's files, add them, delete {builder.data_dir} and "
+                             f"prepare it again.") from None
         if not download:
             root = builder._data_dir_root
             raise ValueError(f"{name!r} is not prepared in {root}; run `python -m resnet_jax.data.prepare {name} "
                              f"--data_dir {root}` (or pass download=True).") from None
         prepare_builder(builder, manual_dir=manual_dir)
-        return builder.as_data_source(split=split)
+        return self._data_source(builder, split)
 
     def __len__(self) -> int:
         return len(self._ds)
 
     def __getitem__(self, index: int) -> dict:
         record = self._ds[index]
-        return {"image": record[self.image_key], "label": int(record[self.label_key])}
+        image = record[self.image_key]
+        if self._mode:
+            image = _decode(image, self._mode)
+        return {"image": image, "label": int(record[self.label_key])}
 
     def __repr__(self) -> str:
         # No data_dir: moving the data must not invalidate a saved iterator state.
