@@ -3,9 +3,14 @@
 A ``.pth`` file is a zip holding a pickle (``data.pkl``) and one raw byte file per tensor storage. Unpickling
 is code execution in disguise: any global the pickle names gets imported and called. So the unpickler here
 admits only the handful of globals that rebuilding tensors needs and refuses every other one with
-``UnsafeFileError`` *before* it is called: a hostile file is rejected, never run. Writing emits the same
-opcodes ``torch.save`` does, by hand, so ``torch.load(path, weights_only=True)`` accepts the result and torch is
-not needed to produce it.
+``UnsafeFileError`` *before* it is called: a hostile file is rejected, never run. Nor may a file change objects
+it did not make: every object the pickle is handed is new for that load, and the opcodes that modify an object
+(BUILD, SETITEM...) are allowed only on the containers a state_dict uses, so one file cannot alter what a later
+load returns. A few bytes of file must not buy gigabytes of memory either: compressed zip entries (which
+torch.save never writes) are refused, and tensors that expand a small storage come back as views.
+
+Writing emits the same opcodes ``torch.save`` does, by hand, so ``torch.load(path, weights_only=True)`` accepts
+the result and torch is not needed to produce it.
 
 Reading a file that is not what its name says (truncated, damaged anywhere in the zip, the pickle or a
 storage, or another format) raises ``WeightsFileError``: one sentence naming the file and what to do, never
@@ -62,11 +67,21 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
+class UnsupportedDtypeError(WeightsFileError):
+    """A weights file holding tensors of a dtype this reader does not read (uint16, float8, complex...): a plain
+    torch file, not a hostile one, so the message says how to convert it rather than warning of malice."""
+
+
 class _StorageType:
-    """Stands in for ``torch.FloatStorage`` etc. inside the pickle: it only remembers the dtype."""
+    """Stands in for ``torch.FloatStorage`` etc. inside the pickle: the numpy dtype of the storages it names
+    (``None`` for ``torch.UntypedStorage``, whose dtype comes with the tensor record). ``find_class`` makes a new one
+    for every lookup, so nothing a pickle could do to it reaches another load."""
+
+    __slots__ = ("name", "dtype")
 
     def __init__(self, name: str):
-        self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
+        self.name = name
+        self.dtype = np.dtype(_STORAGE_DTYPES[name]) if name in _STORAGE_DTYPES else None
 
 
 def _rebuild_tensor(copy_budget: dict[int, int], storage: np.ndarray, offset: int, size, stride, *_ignored
@@ -97,54 +112,116 @@ def _rebuild_tensor(copy_budget: dict[int, int], storage: np.ndarray, offset: in
     return np.array(view)
 
 
+def _rebuild_tensor_v3(*args):
+    """``torch._utils._rebuild_tensor_v3`` is what torch.save writes for the dtypes without a legacy storage class
+    (uint16, float8...). Its dtype argument is a global that ``find_class`` refuses as unsupported before this can
+    run, so reaching here means a record that torch never writes."""
+    raise WeightsFileError(f"corrupt tensor record: a _rebuild_tensor_v3 record with dtype {str(args[6:7])[:100]}")
+
+
 def _rebuild_parameter(data, *_ignored):
     """``nn.Parameter`` wraps a tensor: keep the tensor."""
     return data
 
 
 class _OrderedDict(collections.OrderedDict):
-    """``collections.OrderedDict`` that may carry torch's ``_metadata`` attribute (set by the pickle's BUILD)."""
+    """The ``collections.OrderedDict`` of a pickle: the one kind of object whose state (torch's ``_metadata``
+    attribute) the pickle may set with BUILD, so a type of our own that nothing else is."""
 
 
-_ALLOWED = {
+# The globals a state_dict pickle needs, as what they stand for here. find_class hands the pickle a new object for
+# each lookup (a functools.partial of the callable, a _StorageType), never one of these module-level objects.
+_CALLABLES = {
     ("collections", "OrderedDict"): _OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
 }
+_STORAGE_TYPES = {("torch", name) for name in _STORAGE_DTYPES} | {("torch", "UntypedStorage"),
+                                                                  ("torch.storage", "UntypedStorage")}
+
+# Globals that torch.save writes for tensors of dtypes this reader does not read: the dtype of a
+# _rebuild_tensor_v3 record (torch.storage._new_dtypes()) and the legacy storages of complex tensors.
+_UNSUPPORTED_DTYPES = {
+    **{("torch", name): f"torch.{name}" for name in (
+        "uint16", "uint32", "uint64", "complex32", "bcomplex32", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+        "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2", "bits1x8", "bits2x4", "bits4x2", "bits8",
+        "bits16")},
+    ("torch", "ComplexFloatStorage"): "torch.complex64",
+    ("torch", "ComplexDoubleStorage"): "torch.complex128",
+}
+_SUPPORTED_DTYPES = ", ".join(np.dtype(dtype).name for dtype in _STORAGE_DTYPES.values())
+
+_DICTS, _LISTS, _SETS = (dict, _OrderedDict), (list,), (set,)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals in ``_ALLOWED``; tensor storages come from the zip via ``persistent_load``."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Resolves only the globals a state_dict needs; tensor storages come from the zip via ``persistent_load``.
+
+    Refusing globals is not enough: the opcodes that change an object already on the stack (BUILD, SETITEM(S),
+    APPEND(S), ADDITEMS) would otherwise let a file rewrite what ``find_class`` handed it. With a class or function
+    shared between loads, that poisons every later load in the process (a file that BUILDs slot state onto the
+    OrderedDict class, replacing its ``items``, makes later honest files return the attacker's tensors). So:
+
+    - ``find_class`` returns a new object for every lookup: nothing the pickle sees outlives its load;
+    - each of those opcodes is narrowed to the objects a torch state_dict pickle applies it to, and refused with
+      ``UnsafeFileError`` on anything else (BUILD: only the state_dict's OrderedDict, see ``load_build``).
+
+    This is the pure-Python unpickler (``pickle._Unpickler``), not the C one, because only its ``dispatch`` table
+    lets an opcode be replaced. A pickle holds only the metadata (ResNet-152's is 115 KB), so its speed is no
+    concern: reading ResNet-152 takes as long as with the C unpickler, copying the storages dominates.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # a copy: pickle's own table stays untouched
 
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str, path):
         super().__init__(io.BytesIO(data))
         self.archive, self.prefix, self.byteorder, self.path = archive, prefix, byteorder, path
         self.storages: dict[str, np.ndarray] = {}
         self.copy_budget: dict[int, int] = {}  # id(storage) -> how many more of its elements may be copied out
+        self.globals: dict[int, tuple[Any, str]] = {}  # id -> (object, its global's name), for messages
+
+    def _unsafe(self, what: str) -> UnsafeFileError:
+        return UnsafeFileError(
+            f"refusing to load {self.path}: {what}. The file may be malicious, or holds objects other than tensors "
+            "(optimizer state, custom classes). Nothing from it was run. If you trust it, re-save just the "
+            "state_dict with torch.save(model.state_dict(), path).")
+
+    def _described(self, obj: Any) -> str:
+        if id(obj) in self.globals:
+            return f"the global '{self.globals[id(obj)][1]}'"
+        return f"a {type(obj).__name__}"
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol 2 spells some names the Python 2 way (__builtin__.eval); judge and report them as Python 3's.
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        try:
-            found = _ALLOWED[(module, name)]
-        except KeyError:
-            raise UnsafeFileError(
-                f"refusing to load {self.path}: the file asks for the global '{module}.{name}', which rebuilding "
-                "tensors never needs. The file may be malicious, or holds objects other than tensors (optimizer "
-                "state, custom classes). Nothing from it was run. If you trust it, re-save just the state_dict "
-                "with torch.save(model.state_dict(), path).") from None
-        return functools.partial(_rebuild_tensor, self.copy_budget) if found is _rebuild_tensor else found
+        if (module, name) in _UNSUPPORTED_DTYPES:
+            raise UnsupportedDtypeError(
+                f"cannot read {self.path}: it holds tensors of dtype {_UNSUPPORTED_DTYPES[module, name]}, which this "
+                f"reader does not support (it reads {_SUPPORTED_DTYPES}). Cast those tensors to one of these, e.g. "
+                "to float32 (t.float()) or bfloat16 (t.bfloat16()), and re-save the state_dict with torch.save.")
+        if (module, name) in _STORAGE_TYPES:
+            found = _StorageType(name)
+        elif (module, name) in _CALLABLES:
+            func = _CALLABLES[module, name]
+            found = (functools.partial(func, self.copy_budget) if func is _rebuild_tensor
+                     else functools.partial(func))
+        else:
+            raise self._unsafe(f"the file asks for the global '{module}.{name}', which rebuilding tensors never "
+                               "needs")
+        self.globals[id(found)] = (found, f"{module}.{name}")  # keeps it alive, so its id stays its own
+        return found
 
-    def persistent_load(self, pid: Any) -> np.ndarray:
+    def persistent_load(self, pid: Any) -> np.ndarray | None:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType)):
-            raise UnsafeFileError(f"refusing to load {self.path}: unexpected persistent record {repr(pid)[:200]} "
-                                  "(only tensor storages are allowed)")
+            raise self._unsafe(f"unexpected persistent record {repr(pid)[:200]} (only tensor storages are allowed)")
         _, storage_type, key, _location, numel = pid
+        if storage_type.dtype is None:  # untyped: a _rebuild_tensor_v3 record, refused at its dtype next
+            return None
         if key not in self.storages:
             try:
                 raw = self.archive.read(f"{self.prefix}data/{key}")
@@ -158,13 +235,94 @@ class _RestrictedUnpickler(pickle.Unpickler):
             self.copy_budget[id(self.storages[key])] = self.storages[key].size
         return self.storages[key]
 
+    def load_build(self):
+        """BUILD sets the state of the object under it. Python's own unpicklers call its ``__setstate__``, or
+        update its ``__dict__`` and ``setattr`` "slot state" onto it: any object, a class or function included.
+        torch.save emits BUILD for one thing, the ``_metadata`` attribute of a state_dict's OrderedDict; torch's
+        weights-only unpickler allows it only on tensors and OrderedDicts, with a dict state. Allowed here: an
+        OrderedDict this load made, a plain dict of string attribute names that shadow nothing of the class
+        (``items``, ``get``...), put straight into its ``__dict__`` (never ``__setstate__``, never ``setattr``)."""
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if type(inst) is not _OrderedDict:
+            raise self._unsafe(f"its pickle sets the state of {self._described(inst)} (opcode BUILD), which a "
+                               "state_dict never does (only its OrderedDict gets a _metadata attribute)")
+        if type(state) is not dict:
+            raise self._unsafe(f"its pickle sets the state of an OrderedDict from {self._described(state)} (opcode "
+                               "BUILD), where a state_dict gives a dict of attributes")
+        shadowing = [k for k in state if type(k) is not str or hasattr(_OrderedDict, k)]
+        if shadowing:
+            raise self._unsafe(f"its pickle sets the attributes {repr(shadowing)[:100]} of an OrderedDict (opcode "
+                               "BUILD), which would replace what it has; a state_dict only adds new ones (_metadata)")
+        inst.__dict__.update(state)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _only_into(self, target: Any, types: tuple[type, ...], opcode: str) -> None:
+        """Refuses an opcode that adds items to ``target`` unless it is a container of ``types`` this load made."""
+        if type(target) not in types:
+            raise self._unsafe(f"its pickle adds items to {self._described(target)} (opcode {opcode}), which a "
+                               "state_dict never does")
+
+    # The target is under the value (SETITEM: and the key); for the MARK-delimited opcodes, on the stack that
+    # MARK put aside (pop_mark restores it). An IndexError on a malformed pickle reads as corruption.
+    def load_setitem(self):
+        self._only_into(self.stack[-3], _DICTS, "SETITEM")
+        super().load_setitem()
+
+    def load_setitems(self):
+        self._only_into(self.metastack[-1][-1], _DICTS, "SETITEMS")
+        super().load_setitems()
+
+    def load_append(self):
+        self._only_into(self.stack[-2], _LISTS, "APPEND")
+        super().load_append()
+
+    def load_appends(self):
+        self._only_into(self.metastack[-1][-1], _LISTS, "APPENDS")
+        super().load_appends()
+
+    def load_additems(self):
+        self._only_into(self.metastack[-1][-1], _SETS, "ADDITEMS")
+        super().load_additems()
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.APPEND[0]] = load_append
+    dispatch[pickle.APPENDS[0]] = load_appends
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+    # The other opcodes that touch an existing object cannot reach one the load did not make: REDUCE, OBJ and INST
+    # call it (only our new partials are callable), NEWOBJ(_EX) calls cls.__new__ (no class is ever handed out, so
+    # it fails), and the memo belongs to this unpickler.
+
 
 def _damaged(path, what: str) -> WeightsFileError:
     return WeightsFileError(f"{path} is corrupt or truncated ({what}); delete it and download or save it again.")
 
 
+_COMPRESSION_NAMES = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
+
+
+def _refuse_compressed(archive: zipfile.ZipFile, path) -> None:
+    """Refuses any entry that is not stored as is (before anything is read or inflated).
+
+    torch.save never compresses an entry. A compressed one would be inflated whole into memory: a 522 KB file
+    whose one storage deflates to 512 MiB took 1.6 GB to read, where a few bytes of file must not buy gigabytes.
+    (The central directory's method is the one zipfile decompresses with, so checking it covers the entries.)
+    """
+    for info in archive.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            method = _COMPRESSION_NAMES.get(info.compress_type, f"compression method {info.compress_type}")
+            raise WeightsFileError(
+                f"refusing to load {path}: its entry {info.filename[:100]!r} is compressed ({method}), which "
+                "torch.save never writes (it stores every entry as is) and which could inflate to far more memory "
+                "than the file's size. The file was made or changed by another tool, or is damaged: re-save it "
+                "with torch.save (torch.save(torch.load(path, weights_only=True), path), if you trust it), or "
+                "download it again.")
+
+
 def _open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
-    """The archive, after its header and every entry's checksum were checked."""
+    """The archive, after its header, the storing of every entry and every entry's checksum were checked."""
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:1] == b"\x80":  # a bare pickle: the legacy format, or a plain pickle of something
@@ -178,7 +336,11 @@ def _open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
     archive = None
     try:
         archive = zipfile.ZipFile(path)
+        _refuse_compressed(archive, path)
         bad = archive.testzip()
+    except WeightsFileError:  # a compressed entry (a ValueError, so before the clause below)
+        archive.close()
+        raise
     except _DAMAGED_ZIP as e:
         if archive is not None:
             archive.close()
@@ -194,8 +356,10 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The state_dict in a ``torch.save`` file, as ``{name: numpy array}``; torch is never imported.
 
     Accepts a plain state_dict or a checkpoint dict holding one under ``state_dict`` / ``model``. Raises
-    ``UnsafeFileError`` for a pickle that names anything but tensor-rebuild globals, ``WeightsFileError`` (a
-    ``ValueError``) for a truncated, corrupt or legacy-format file, whatever part of it is damaged.
+    ``UnsafeFileError`` for a pickle that names anything but tensor-rebuild globals or modifies objects it did not
+    make, ``UnsupportedDtypeError`` for tensors of a dtype it does not read (uint16, float8...), and
+    ``WeightsFileError`` (a ``ValueError``, the base of both) for a truncated, corrupt, compressed or legacy-format
+    file, whatever part of it is damaged.
     """
     with _open_zip(path) as archive:
         try:
@@ -217,7 +381,7 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise _damaged(path, _one_line(e)) from e
         try:
             obj = _RestrictedUnpickler(data, archive, prefix, byteorder, path).load()
-        except (UnsafeFileError, MemoryError):  # out of memory is no sign of damage
+        except (UnsafeFileError, UnsupportedDtypeError, MemoryError):  # out of memory is no sign of damage
             raise
         except WeightsFileError as e:  # a storage or tensor record that does not fit: no path of its own
             raise _damaged(path, str(e)) from e

@@ -178,6 +178,123 @@ def test_hostile_storage_type_is_refused(tmp_path):
     assert not marker.exists()
 
 
+# A pickle is assembled opcode by opcode below, for files that no pickler writes but an attacker can.
+def op_text(s: str) -> bytes:
+    data = s.encode()
+    return pickle.BINUNICODE + len(data).to_bytes(4, "little") + data
+
+
+def op_global(module: str, name: str) -> bytes:
+    return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+# A float32 tensor of 4 elements from storage "0": what torch.save writes for one tensor.
+OP_TENSOR = (op_global("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + pickle.MARK + op_text("storage")
+             + op_global("torch", "FloatStorage") + op_text("0") + op_text("cpu") + pickle.BININT1 + b"\x04"
+             + pickle.TUPLE + pickle.BINPERSID + pickle.BININT1 + b"\x00" + pickle.BININT1 + b"\x04" + pickle.TUPLE1
+             + pickle.BININT1 + b"\x01" + pickle.TUPLE1 + pickle.NEWFALSE + pickle.EMPTY_TUPLE + pickle.TUPLE
+             + pickle.REDUCE)
+
+# Pickle fragments that modify an object the file did not make, each leaving the stack as it found it.
+TAMPERING = {
+    # The reviewer's repro: partial.__setstate__ turns the _rebuild_tensor_v2 partial into one returning the
+    # attacker's items, then BUILD's slot state setattr()s it as the OrderedDict class's `items`: every later
+    # load of an honest file returned {"fc.bias": [666, 666, 666, 666]}.
+    "items of the OrderedDict class, via a partial's __setstate__": (
+        op_global("torch._utils", "_rebuild_tensor_v2") + pickle.BINPUT + b"\x00"
+        + pickle.EMPTY_LIST + pickle.MARK + pickle.MARK + op_text("fc.bias") + OP_TENSOR + pickle.TUPLE
+        + pickle.APPENDS + pickle.BINPUT + b"\x01" + pickle.POP
+        + pickle.BINGET + b"\x00" + pickle.MARK + op_global("torch._utils", "_rebuild_parameter")
+        + pickle.MARK + pickle.BINGET + b"\x01" + pickle.TUPLE + pickle.EMPTY_DICT + pickle.NONE + pickle.TUPLE
+        + pickle.BUILD + pickle.POP
+        + op_global("collections", "OrderedDict") + pickle.MARK + pickle.NONE + pickle.EMPTY_DICT
+        + op_text("items") + pickle.BINGET + b"\x00" + pickle.SETITEM + pickle.TUPLE + pickle.BUILD + pickle.POP),
+    "slot state on the OrderedDict class": (
+        op_global("collections", "OrderedDict") + pickle.NONE + pickle.EMPTY_DICT + op_text("items")
+        + op_global("torch._utils", "_rebuild_parameter") + pickle.SETITEM + pickle.TUPLE2 + pickle.BUILD
+        + pickle.POP),
+    "dict state on a storage type": (
+        op_global("torch", "FloatStorage") + pickle.EMPTY_DICT + op_text("dtype") + pickle.NONE + pickle.SETITEM
+        + pickle.BUILD + pickle.POP),
+    "dict state shadowing an OrderedDict's items": (
+        op_global("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.EMPTY_DICT
+        + op_text("items") + op_global("torch._utils", "_rebuild_parameter") + pickle.SETITEM + pickle.BUILD
+        + pickle.POP),
+    "SETITEMS into a storage type": (
+        op_global("torch", "FloatStorage") + pickle.MARK + op_text("dtype") + pickle.NONE + pickle.SETITEMS
+        + pickle.POP),
+    "APPEND onto a rebuild function": (
+        op_global("torch._utils", "_rebuild_parameter") + pickle.NONE + pickle.APPEND + pickle.POP),
+}
+
+
+@pytest.mark.parametrize("tampering", list(TAMPERING))
+def test_file_that_modifies_objects_it_did_not_make_is_refused(tmp_path, tampering):
+    """BUILD, SETITEM(S), APPEND(S) on an object a state_dict pickle never applies them to are refused as unsafe,
+    and an honest file read after the hostile one in the same process still gives its own tensors (the reader
+    once handed every load the same OrderedDict class and storage types, which a file could rewrite for the
+    next loads)."""
+    pickled = pickle.PROTO + b"\x02" + TAMPERING[tampering] + pickle.EMPTY_DICT + op_text("x") + OP_TENSOR
+    with zipfile.ZipFile(tmp_path / "evil.pth", "w") as z:
+        for name, content in [("data.pkl", pickled + pickle.SETITEM + pickle.STOP), ("byteorder", "little"),
+                              ("data/0", np.full(4, 666, np.float32).tobytes()), ("version", "3\n")]:
+            z.writestr(f"archive/{name}", content)
+    honest = torch.nn.Linear(4, 2).state_dict()
+    torch.save(honest, tmp_path / "honest.pth")
+
+    with pytest.raises(UnsafeFileError, match=r"refusing to load .*evil\.pth: its pickle .*\(opcode [A-Z]+\)") as e:
+        read_torch_file(tmp_path / "evil.pth")
+    assert "Nothing from it was run" in str(e.value) and "torch.save(model.state_dict(), path)" in str(e.value)
+    assert_same(read_torch_file(tmp_path / "honest.pth"), honest)
+
+
+def test_real_state_dict_with_metadata_reads_identically(tmp_path):
+    """torch.save's only BUILD, the `_metadata` attribute of a module's state_dict, is still allowed."""
+    torchvision = pytest.importorskip("torchvision")
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / "r18.pth")
+    assert "layer1.0" in torch.load(tmp_path / "r18.pth", weights_only=True)._metadata  # the file has it
+    ours = read_torch_file(tmp_path / "r18.pth")
+    assert list(ours) == list(state)
+    assert_same(ours, state)
+
+
+@pytest.mark.parametrize("entry, method, name", [("data/0", zipfile.ZIP_DEFLATED, "deflate"),
+                                                 ("data.pkl", zipfile.ZIP_LZMA, "lzma")])
+def test_compressed_entry_is_refused(tmp_path, entry, method, name):
+    """torch.save stores every entry as is; a compressed one (a 522 KB file inflating to 512 MiB took 1.6 GB to
+    read) is refused before anything is inflated."""
+    write_torch_file(tmp_path / "ok.pth", {"w": np.zeros(1000, np.float32)})
+    with zipfile.ZipFile(tmp_path / "ok.pth") as src, zipfile.ZipFile(tmp_path / "packed.pth", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info),
+                         method if info.filename == f"archive/{entry}" else zipfile.ZIP_STORED)
+    with pytest.raises(WeightsFileError, match=rf"refusing to load .*packed\.pth: its entry 'archive/{entry}' is "
+                                               rf"compressed \({name}\), which torch\.save never writes.*re-save it "
+                                               r"with torch\.save") as info:
+        read_torch_file(tmp_path / "packed.pth")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float8_e4m3fn", "complex64"])
+def test_unsupported_dtype_says_to_cast_not_that_the_file_is_unsafe(tmp_path, dtype):
+    """uint16 and float8 (torch._utils._rebuild_tensor_v3) and complex tensors are plain torch.save output: the
+    message names the dtype and the ones to cast to; re-saving as is would not help, and the file is no threat."""
+    torch.save({"w": torch.zeros(2, dtype=getattr(torch, dtype))}, tmp_path / "t.pth")
+    with pytest.raises(torch_file.UnsupportedDtypeError,
+                       match=rf"t\.pth: it holds tensors of dtype torch\.{dtype}, which this reader does not support "
+                             r"\(it reads float64, float32, .*bfloat16.*\)\. Cast those tensors .* re-save") as info:
+        read_torch_file(tmp_path / "t.pth")
+    assert not isinstance(info.value, UnsafeFileError) and "malicious" not in str(info.value)
+    assert isinstance(info.value, WeightsFileError)
+
+
+def test_unknown_tensor_kind_is_still_refused_as_unsafe(tmp_path):
+    torch.save({"w": torch.zeros(2, 2).to_sparse()}, tmp_path / "sparse.pth")
+    with pytest.raises(UnsafeFileError, match=r"torch\._utils\._rebuild_sparse_tensor.*Nothing from it was run"):
+        read_torch_file(tmp_path / "sparse.pth")
+
+
 # --- damaged and foreign files ---------------------------------------------------------------------------------
 
 @pytest.fixture
