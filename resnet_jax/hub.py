@@ -84,12 +84,19 @@ def _download(model: str, tag: str, filename: str) -> str:
     try:
         return huggingface_hub.hf_hub_download(repo_id(model, tag), filename)
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as err:  # before EntryNotFound: a subclass
+        answered = _http_error(err)  # huggingface_hub reports a server's 403 or 500 as "no local copy" too
+        if answered is not None:
+            raise HubUnavailable(_http_message(model, tag, filename, answered)) from err
         raise HubUnavailable(_offline_message(model, tag, filename, err)) from err
     except errors.RepositoryNotFoundError as err:
         raise ValueError(f"the hub has no repository {repo_id(model, tag)}: timm publishes no weights "
                          f"{tag!r} for {model} (see its tags at {HUB_ENDPOINT}/{HUB_ORGANISATION}).") from err
     except errors.EntryNotFoundError as err:
         raise FileNotFoundError(f"{repo_id(model, tag)} has no {filename}") from err
+    except errors.HfHubHTTPError as err:  # the server answered (401 and others): not a missing network
+        if getattr(err, "response", None) is None:
+            raise HubUnavailable(_offline_message(model, tag, filename, err)) from err
+        raise HubUnavailable(_http_message(model, tag, filename, err)) from err
     except OSError as err:  # the network, a proxy, a full disk
         raise HubUnavailable(_offline_message(model, tag, filename, err)) from err
 
@@ -97,14 +104,50 @@ def _download(model: str, tag: str, filename: str) -> str:
 def _offline_message(model: str, tag: str, filename: str, error: Exception) -> str:
     url = file_url(model, tag, filename)
     why = "HF_HUB_OFFLINE is set" if _offline_mode() else f"{type(error).__name__}: {str(error).splitlines()[0]}"
-    fix = ("download the weights file by other means and pass file=PATH (to pretrained or "
-           "Classifier.from_pretrained).")
-    if filename == "config.json":  # with file= the weights are local; the tag's preprocessing and names are not
-        fix = ("download the weights file by other means and pass file=PATH to pretrained, which loads the model "
-               "without it; Classifier.from_pretrained, even with file=, needs this config.json for the weights' "
-               "preprocessing and class names.")
     return (f"could not fetch {url} ({why}) and huggingface_hub's cache has no copy; run once with network "
-            f"access so that huggingface_hub caches {repo_id(model, tag)}, or {fix}")
+            f"access so that huggingface_hub caches {repo_id(model, tag)}, or {_by_hand(filename)}")
+
+
+def _by_hand(filename: str) -> str:
+    """What to do without the hub's copy of ``filename``."""
+    if filename == "config.json":  # with file= the weights are local; the tag's preprocessing and names are not
+        return ("download the weights file by other means and pass file=PATH to pretrained, which loads the model "
+                "without it; Classifier.from_pretrained, even with file=, needs this config.json for the weights' "
+                "preprocessing and class names.")
+    return "download the weights file by other means and pass file=PATH (to pretrained or Classifier.from_pretrained)."
+
+
+def _http_error(error: BaseException):
+    """The ``HfHubHTTPError`` (with the server's response) behind ``error``, if a server answered at all."""
+    from huggingface_hub import errors
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, errors.HfHubHTTPError) and getattr(error, "response", None) is not None:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _http_message(model: str, tag: str, filename: str, error) -> str:
+    """A server was reached and answered with an HTTP error: say which, and what to check."""
+    import os
+    from urllib.parse import urlsplit
+
+    url, code = file_url(model, tag, filename), error.response.status_code
+    host = urlsplit(str(error.response.url)).netloc or urlsplit(url).netloc
+    if code in (401, 403):
+        what = "access is refused: check your token (HF_TOKEN, or `hf auth login`) and its permissions"
+    elif code >= 500 or code in (408, 429):
+        what = "the server is failing or busy: try again later"
+    else:
+        what = "it does not serve that file as the hub does"
+    endpoint = os.environ.get("HF_ENDPOINT")
+    check = (f"check that HF_ENDPOINT (now {endpoint!r}) is a Hugging Face hub or a mirror of one" if endpoint else
+             "if you use a mirror, point HF_ENDPOINT at it")
+    return (f"the server at {host} answered HTTP {code} for {url}: {what}. It is reachable, so this is not a "
+            f"missing network; {check}, or {_by_hand(filename)}")
 
 
 def _offline_mode() -> bool:

@@ -5,7 +5,8 @@ cached download.
 with ``load_torchvision`` or ``load_timm`` (``Weights.naming``). The download goes to a temporary file beside
 the target and is renamed only once complete and verified, so an interrupted or tampered transfer never leaves
 a file that looks valid. Without network the error names the file, where to get it and where to put it, so it
-can be copied in by hand.
+can be copied in by hand; a file in the cache with the wrong digest is moved aside (``<name>.sha256-mismatch``),
+never deleted. A server that answers with an HTTP error is reported as such, not as a missing network.
 
 Digests: torchvision puts the first 8 hex digits of each file's sha256 in its name (``resnet50-0676ba61.pth``)
 and publishes nothing longer. Where independent public copies agree on the full 64-digit sha256 it is pinned
@@ -24,9 +25,13 @@ import hashlib
 import http.client
 import math
 import os
+import re
 import tempfile
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -287,46 +292,122 @@ def download(url: str, sha256: str, *, filename: str | None = None, cache_dir: s
 
     ``sha256`` is the full hex digest or a prefix of it (at least 8 digits). Raises ``DownloadError`` when the
     file cannot be fetched (the message says where to put a copy fetched by hand) and ``ValueError`` when the
-    downloaded bytes have the wrong digest; in both cases nothing is left in the cache.
+    downloaded bytes have the wrong digest; in both cases nothing downloaded is left in the cache. A file already
+    in the cache under that name with another digest (a copy put there by hand, say) is never deleted: it is
+    moved aside to ``<name>.sha256-mismatch`` (replacing an older one), and the error or warning says so.
     """
     sha256 = sha256.lower()
     if len(sha256) < 8:
         raise ValueError(f"a sha256 of at least 8 hex digits is needed to verify {url}, got {sha256!r}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / (filename or url.rstrip("/").rsplit("/", 1)[-1])
+    moved = ""  # what became of a mismatching file found at target, for the messages
     if target.is_file():
-        if file_sha256(target).startswith(sha256):
+        found = file_sha256(target)
+        if found.startswith(sha256):
             return target
-        target.unlink()  # damaged or replaced: fetch a good copy
-    cache.mkdir(parents=True, exist_ok=True)
+        moved = _move_aside(target, found, sha256)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        blocker = next((p for p in (cache, *cache.parents) if p.exists() and not p.is_dir()), cache)
+        where = "is a file" if blocker == cache else f"cannot be a directory: {blocker} is a file"
+        raise NotADirectoryError(f"the weights cache {cache} {where}; give cache_dir= or ${CACHE_ENV} a directory, "
+                                 f"or move that file away.") from e
+    _remove_stale_parts(cache, target.name)
     fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            digest = _fetch(url, out, target, progress)
+            try:
+                digest = _fetch(url, out, target, progress)
+            except DownloadError as e:
+                raise DownloadError(f"{e}{moved}") from e.__cause__
         if not digest.startswith(sha256):
             raise ValueError(f"the file downloaded from {url} has sha256 {digest}, expected {sha256}; it was "
                              f"discarded. The download was corrupted or the server (or mirror) serves a different "
-                             f"file: try again, or fetch {url} by hand and put it at {target}.")
+                             f"file: try again, or fetch {url} by hand and put it at {target}.{moved}")
         os.replace(tmp, target)
-        return target
     finally:
         tmp.unlink(missing_ok=True)
+    if moved:
+        warnings.warn(f"downloaded a verified copy of {target.name} to {target}.{moved}", stacklevel=2)
+    return target
+
+
+_MISMATCH_SUFFIX = ".sha256-mismatch"
+
+
+def _move_aside(target: Path, found: str, sha256: str) -> str:
+    """Move a cached file with the wrong digest to ``<name>.sha256-mismatch`` (it may be someone's own copy, put
+    there by hand); the sentence that says so."""
+    aside = target.with_name(target.name + _MISMATCH_SUFFIX)
+    expected = sha256 if len(sha256) == 64 else f"one starting with {sha256}"
+    try:
+        os.replace(target, aside)
+    except FileNotFoundError:  # another process moved it aside first
+        return ""
+    except OSError as e:
+        raise ValueError(f"the file at {target} has sha256 {found}, not the expected {expected}, and could not be "
+                         f"moved aside to make room for a verified copy ({e}); move or delete it yourself.") from e
+    return (f" The file that was already at {target} has sha256 {found}, not the expected {expected}: it was "
+            f"not deleted but moved to {aside}.")
+
+
+_PART = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.part")  # tempfile.mkstemp(prefix=".<name>.", suffix=".part")
+_STALE_PART_S = 24 * 3600  # a live download writes its part file at least every minute (socket timeout, stall check)
+
+
+def _remove_stale_parts(cache: Path, name: str) -> None:
+    """Delete this file's temporary ``.<name>.XXXXXXXX.part`` files left by a killed download (SIGKILL, power
+    loss): those untouched for a day. A running download writes to its own far more often than that."""
+    now = time.time()
+    for entry in os.scandir(cache):
+        match = _PART.fullmatch(entry.name)
+        if not match or match["name"] != name:
+            continue
+        try:
+            stale = now - entry.stat(follow_symlinks=False).st_mtime > _STALE_PART_S
+            if stale and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+        except OSError:  # gone already (another process cleaned it) or not ours to delete: leave it
+            pass
+
+
+# A transfer is abandoned when fewer than _STALL_MIN_BYTES arrive in _STALL_WINDOW_S seconds: the socket timeout
+# alone only bounds each read, and a server that trickles a byte a minute would hold the download for ever.
+_STALL_WINDOW_S, _STALL_MIN_BYTES = 120.0, 64 * 1024
+_READ_TIMEOUT_S = 60
 
 
 def _fetch(url: str, out, target: Path, progress: bool) -> str:
     """Stream ``url`` into ``out`` with a progress bar; the sha256 of what arrived. Complete or raise."""
     digest, received, expected = hashlib.sha256(), 0, None
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            length = response.headers.get("Content-Length")
-            expected = int(length) if length else None
+        with urllib.request.urlopen(url, timeout=_READ_TIMEOUT_S) as response:
+            expected = _content_length(response.headers.get("Content-Length"))
+            read = getattr(response, "read1", response.read)  # read1: what has arrived, so the stall check runs
+            window_start, window_bytes = time.monotonic(), 0
             with tqdm(total=expected, unit="B", unit_scale=True, desc=target.name, disable=not progress) as bar:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
+                for chunk in iter(lambda: read(1 << 20), b""):
                     out.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+                    window_bytes += len(chunk)
+                    now = time.monotonic()
+                    if now - window_start >= _STALL_WINDOW_S:
+                        if window_bytes < _STALL_MIN_BYTES:
+                            raise DownloadError(
+                                f"the download of {url} stalled: only {window_bytes} bytes arrived in the last "
+                                f"{now - window_start:.0f} s ({received} of {expected or '?'} in all); nothing was "
+                                f"kept. Try again later, or point mirror= or ${MIRROR_ENV} at a faster server, or "
+                                f"fetch the file by other means and put it at {target}.")
+                        window_start, window_bytes = now, 0
+    except DownloadError:
+        raise
+    except urllib.error.HTTPError as e:  # the server answered, with an error or a redirect loop
+        raise DownloadError(_http_error_message(url, target, e)) from e
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         if received:
             raise DownloadError(f"the download of {url} was interrupted after {received} of {expected or '?'} "
@@ -338,10 +419,41 @@ def _fetch(url: str, out, target: Path, progress: bool) -> str:
     return digest.hexdigest()
 
 
+def _content_length(value: str | None) -> int | None:
+    """The Content-Length header as a byte count; None (read to the end) where absent or not a number."""
+    try:
+        length = int(value) if value is not None else None
+    except ValueError:
+        return None
+    return length if length is not None and length >= 0 else None
+
+
 def _offline_message(url: str, target: Path, error: Exception) -> str:
     return (f"could not download {url} ({getattr(error, 'reason', error)}). Without network access, fetch that "
             f"file by other means and put it at {target} (keep the file name; its sha256 is checked). Or point "
             f"mirror= or ${MIRROR_ENV} at a server holding a copy, or ${CACHE_ENV} at a directory that has it.")
+
+
+def _http_error_message(url: str, target: Path, error: urllib.error.HTTPError) -> str:
+    """A server was reached and refused: say which, what it answered, and what to check."""
+    host = urllib.parse.urlsplit(url).netloc or url
+    reason = str(error.reason).splitlines()[0] if error.reason else ""
+    if 300 <= error.code < 400:
+        what = "it redirects in a loop, or without a usable Location"
+    elif error.code in (404, 410):
+        what = "it has no such file"
+    elif error.code in (401, 403):
+        what = "it refuses access (it may need credentials, or block this client or network)"
+    elif error.code >= 500:
+        what = "it failed on its side (it may be down or overloaded: try again later)"
+    else:
+        what = "it refused the request"
+    mirror = os.environ.get(MIRROR_ENV)
+    now = f" (now {mirror!r})" if mirror else ""
+    return (f"the server at {host} answered HTTP {error.code}{f' ({reason})' if reason else ''} for {url}: "
+            f"{what}. If that address is a mirror (mirror= or ${MIRROR_ENV}{now}), check that it serves the file "
+            f"under the name {target.name} directly below the base URL given. Otherwise fetch the file by other "
+            f"means and put it at {target} (keep the file name; its sha256 is checked).")
 
 
 def pretrained(name: str, weights: Any = "DEFAULT", *, file: str | os.PathLike | None = None,

@@ -181,3 +181,50 @@ def test_a_missing_user_file_is_named(tmp_path):
     for name in ("resnet50", f"{MODEL}.{TAG}"):
         with pytest.raises(FileNotFoundError, match="is not a file; give the path of a local copy"):
             pretrained(name, file=tmp_path / "nothing.pth")
+
+
+class RefusingHub(http.server.BaseHTTPRequestHandler):
+    """A server that answers every request with an HTTP error: 403 for one repository, 404 (no hub error code,
+    as from a plain web server) for any other."""
+
+    def _refuse(self):
+        self.send_response(403 if "fb_ssl_yfcc100m_ft_in1k" in self.path else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET = _refuse
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_answers_with_an_error_is_not_called_no_network(tmp_path):
+    """huggingface_hub reports a 403 or a 404 from HF_ENDPOINT as "not in the local cache"; the error says that
+    the server answered, with what, and what to check, instead of advising network access."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_DISABLE_XET": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    try:
+        proc = run_python(f"""
+            from resnet_jax import weights_info
+            for name in ("{MODEL}.{TAG}", "resnet50.other_tag"):
+                try:
+                    weights_info(name)
+                except Exception as err:
+                    print(type(err).__name__, err)
+        """, env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    refused, missing = proc.stdout.splitlines()
+    host = endpoint.removeprefix("http://")
+    assert refused.startswith(f"HubUnavailable the server at {host} answered HTTP 403 for {endpoint}/timm/{MODEL}.{TAG}"
+                              f"/resolve/main/config.json: access is refused")
+    assert missing.startswith(f"HubUnavailable the server at {host} answered HTTP 404 for {endpoint}/timm/resnet50."
+                              "other_tag/resolve/main/config.json: it does not serve that file as the hub does")
+    for line in (refused, missing):
+        assert f"HF_ENDPOINT (now {endpoint!r})" in line and "not a missing network" in line
+        assert "run once with network access" not in line and "file=PATH" in line

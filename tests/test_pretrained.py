@@ -2,7 +2,10 @@
 
 import hashlib
 import http.server
+import os
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ import torchvision
 
 from resnet_jax.pretrained import WEIGHTS, DownloadError, Weights, download, pretrained, weights_info
 from resnet_jax.torchvision import to_torchvision
+
+pretrained_module = sys.modules["resnet_jax.pretrained"]  # the package exports the function by that name
 
 
 def torchvision_rows(tags):
@@ -74,22 +79,43 @@ def test_weights_info_errors_are_clear():
 
 
 class Server:
-    """A real HTTP server on 127.0.0.1 serving ``files``; paths under /cut/ send half the body, then hang up."""
+    """A real HTTP server on 127.0.0.1 serving ``files``; paths under /cut/ send half the body, then hang up; under
+    /badlen/ the body with a Content-Length that is not a number; under /slow/ the right Content-Length, then a
+    byte every 50 ms (for 20 s at most); /status/<code>/... answers that HTTP error, /loop/... redirects to itself."""
 
     def __init__(self, files):
         files = dict(files)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                cut = self.path.startswith("/cut/")
-                body = files.get(self.path.removeprefix("/cut") if cut else self.path)
+                if self.path.startswith("/status/"):
+                    self.send_error(int(self.path.split("/")[2]))
+                    return
+                if self.path.startswith("/loop/"):
+                    self.send_response(302)
+                    self.send_header("Location", self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                mode, _, rest = self.path[1:].partition("/")
+                special = mode in ("cut", "badlen", "slow")
+                body = files.get(f"/{rest}" if special else self.path)
                 if body is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", "abc" if mode == "badlen" else str(len(body)))
                 self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if cut else body)
+                if mode == "slow":
+                    try:
+                        for i in range(400):  # until the client gives up
+                            self.wfile.write(body[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    except OSError:
+                        pass
+                    return
+                self.wfile.write(body[: len(body) // 2] if mode == "cut" else body)
                 self.close_connection = True
 
             def log_message(self, *args):
@@ -145,7 +171,38 @@ def test_wrong_hash_discards_the_file(tmp_path, server, payload):
 
 def test_damaged_cached_file_is_fetched_again(tmp_path, server, payload):
     (tmp_path / "file.bin").write_bytes(payload[:1000])
-    assert download(f"{server.url}/w/file.bin", sha(payload), cache_dir=tmp_path).read_bytes() == payload
+    with pytest.warns(UserWarning, match="moved to"):
+        assert download(f"{server.url}/w/file.bin", sha(payload), cache_dir=tmp_path).read_bytes() == payload
+
+
+def test_a_mismatching_file_in_the_cache_is_moved_aside_not_deleted(tmp_path, server, payload):
+    """A file put in the cache by hand with another digest is kept as <name>.sha256-mismatch (replacing an older
+    one), and the error (offline) or the warning (downloaded) names it with both digests."""
+    url, mine = f"{server.url}/w/file.bin", b"my own fine-tuned weights"
+    target, aside = tmp_path / "file.bin", tmp_path / "file.bin.sha256-mismatch"
+    aside.write_bytes(b"an older mismatch")
+    target.write_bytes(mine)
+    dead = Server({})
+    dead.stop()
+    with pytest.raises(DownloadError) as info:
+        download(f"{dead.url}/w/file.bin", sha(payload), cache_dir=tmp_path)
+    msg = str(info.value)
+    assert f"put it at {target}" in msg  # the offline advice stands
+    assert f"The file that was already at {target} has sha256 {sha(mine)}, not the expected {sha(payload)}" in msg
+    assert f"not deleted but moved to {aside}" in msg
+    assert aside.read_bytes() == mine and not target.exists()
+
+    target.write_bytes(mine + b"!")
+    with pytest.warns(UserWarning, match=f"has sha256 {sha(mine + b'!')}, not the expected one starting with "
+                                         f"{sha(payload)[:8]}: it was not deleted but moved to"):
+        assert download(url, sha(payload)[:8], cache_dir=tmp_path).read_bytes() == payload
+    assert aside.read_bytes() == mine + b"!"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin", "file.bin.sha256-mismatch"]
+
+    target.write_bytes(mine)
+    with pytest.raises(ValueError, match=f"it was discarded.*not deleted but moved to {aside}"):
+        download(url, sha(b"something else"), cache_dir=tmp_path)  # the download fails its digest: discarded
+    assert aside.read_bytes() == mine and not target.exists()
 
 
 def test_interrupted_transfer_leaves_nothing(tmp_path, server, payload):
@@ -167,8 +224,71 @@ def test_offline_error_says_what_to_fetch_and_where(tmp_path, server, payload):
 
 
 def test_missing_file_on_server_is_a_clear_error(tmp_path, server):
-    with pytest.raises(DownloadError, match="could not download .*/w/nope.bin.*Not Found"):
+    host = server.url.removeprefix("http://")
+    with pytest.raises(DownloadError, match=f"the server at {host} answered HTTP 404 .Not Found. for .*/w/nope.bin"):
         download(f"{server.url}/w/nope.bin", "0" * 64, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("path, code, what", [
+    ("/status/403/file.bin", 403, "it refuses access"),
+    ("/status/500/file.bin", 500, "it failed on its side"),
+    ("/status/404/file.bin", 404, "it has no such file"),
+    ("/loop/file.bin", 302, "it redirects in a loop"),
+])
+def test_http_errors_are_not_reported_as_no_network(tmp_path, server, monkeypatch, path, code, what):
+    """A server that answers, with an error or a redirect loop, is named with its answer and what to check; the
+    advice for a missing network is kept for connections that fail."""
+    monkeypatch.setenv("RESNET_JAX_WEIGHTS_MIRROR", server.url)
+    url, host = f"{server.url}{path}", server.url.removeprefix("http://")
+    with pytest.raises(DownloadError) as info:
+        download(url, "0" * 64, cache_dir=tmp_path)
+    msg = str(info.value)
+    assert msg.startswith(f"the server at {host} answered HTTP {code} ") and f" for {url}: {what}" in msg
+    assert f"$RESNET_JAX_WEIGHTS_MIRROR (now {server.url!r})" in msg and "the name file.bin" in msg
+    assert f"put it at {tmp_path / 'file.bin'}" in msg
+    assert "could not download" not in msg and "Without network" not in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_content_length_that_is_not_a_number_is_read_as_unknown(tmp_path, server, payload):
+    path = download(f"{server.url}/badlen/w/file.bin", sha(payload), cache_dir=tmp_path, progress=False)
+    assert path.read_bytes() == payload
+
+
+def test_a_trickling_server_is_abandoned_as_stalled(tmp_path, server, payload, monkeypatch):
+    """The read timeout bounds each read only; a server sending a byte every 50 ms is dropped once a window passes
+    with too few bytes (here 0.2 s and 10 kB, in place of 2 minutes and 64 KiB)."""
+    monkeypatch.setattr(pretrained_module, "_STALL_WINDOW_S", 0.2)
+    monkeypatch.setattr(pretrained_module, "_STALL_MIN_BYTES", 10_000)
+    with pytest.raises(DownloadError, match=r"download of .*/slow/w/file.bin stalled: only \d+ bytes arrived in the "
+                                            r"last \d+ s \(\d+ of 300000 in all\); nothing was kept"):
+        download(f"{server.url}/slow/w/file.bin", sha(payload), cache_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_dir_that_is_a_file_is_named(tmp_path, server, payload):
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a directory")
+    for cache, where in ((blocker, "is a file"), (blocker / "sub", f"cannot be a directory: {blocker} is a file")):
+        with pytest.raises(NotADirectoryError, match=f"the weights cache {cache} {where}; give cache_dir= or "
+                                                     r"\$RESNET_JAX_CACHE a directory, or move that file away"):
+            download(f"{server.url}/w/file.bin", sha(payload), cache_dir=cache)
+    assert blocker.read_text() == "not a directory"
+
+
+def test_stale_part_files_of_killed_downloads_are_removed(tmp_path, server, payload):
+    """A download killed outright leaves its .<name>.XXXXXXXX.part behind; the next download of that file removes
+    those a day old. Younger ones (possibly a live download's), other files' and other names are left alone."""
+    day_old = time.time() - 25 * 3600
+    names = [".file.bin.abcd_123.part", ".file.bin.zz99zz99.part", ".other.bin.abcd_123.part", "notes.part",
+             ".file.bin.part"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"partial")
+        os.utime(tmp_path / name, (day_old, day_old))
+    (tmp_path / ".file.bin.fresh123.part").write_bytes(b"being written")
+    download(f"{server.url}/w/file.bin", sha(payload), cache_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".file.bin.fresh123.part", ".other.bin.abcd_123.part", "notes.part", ".file.bin.part", "file.bin"])
 
 
 def test_short_digest_is_refused(tmp_path):
