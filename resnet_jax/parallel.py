@@ -37,7 +37,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         if count is not None or index is not None:
             raise ValueError("coordinator address 'auto' takes the process count and id from the cluster; "
                              "do not also set them")
-        jax.distributed.initialize()
+        _initialize(address)
         return jax.process_count() > 1
     if address is None and count is None and index is None:
         return False
@@ -45,8 +45,53 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         raise ValueError("multi-process training needs all three of coordinator address, process count and "
                          f"process id; got address={address!r}, count={count!r}, id={index!r}")
     if count > 1:
-        jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index)
+        _initialize(address, count, index)
     return count > 1
+
+
+def _initialize(address: str, count: int | None = None, index: int | None = None) -> None:
+    """``jax.distributed.initialize``, once per program (a second ``train`` in the same script, a sweep, finds
+    it started), with its failures said in one sentence that names the address."""
+    if _distributed_started():
+        if count is not None and (jax.process_count(), jax.process_index()) != (count, index):
+            raise ValueError(f"this program already runs as process {jax.process_index()} of "
+                             f"{jax.process_count()}; a later run in it cannot be process {index} of {count}")
+        return
+    kwargs = {} if address == "auto" else dict(coordinator_address=address, num_processes=count, process_id=index)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as err:  # jax's JaxRuntimeError is one too
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "before any JAX" in first:
+            raise ValueError("multi-process training must start before the program's first JAX computation "
+                             "initialises a single-process backend; start training (or call "
+                             "jax.distributed.initialize) before any other JAX call") from err
+        where = f"{address} as process {index} of {count}" if kwargs else "the cluster's coordinator"
+        raise ValueError(f"could not join the multi-process run at {where} ({first}); process 0 listens at that "
+                         f"address, so it must be process 0's host and the port must be free") from err
+
+
+def _distributed_started() -> bool:
+    started = getattr(jax.distributed, "is_initialized", None)
+    if started is not None:
+        return bool(started())
+    from jax._src import distributed  # jax < 0.5 has no public test
+
+    return distributed.global_state.client is not None
+
+
+def process_strings(text: str) -> list[str]:
+    """Every process's ``text``, in process order (what one process sees of the others' settings)."""
+    if jax.process_count() == 1:
+        return [text]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [bytes(row[:n]).decode() for row, n in zip(rows, lengths)]
 
 
 def _env_int(name: str) -> int | None:

@@ -237,3 +237,79 @@ def test_auto_address_refuses_an_explicit_process_count():
 
     with pytest.raises(ValueError, match="from the cluster"):
         initialize_distributed("auto", num_processes=2)
+
+
+def run_both(spawn, workdirs, **kw):
+    """Both processes of one run, process i in ``workdirs[i]`` with the settings ``kw[key][i]``; (returncode,
+    stderr) of each."""
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        cfg = config(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                     **{key: values[pid] for key, values in kw.items()})
+        procs.append(spawn(worker_command(workdirs[pid], cfg), worker_env(1)))
+    return [(p.returncode, err) for p, (_, err) in ((p, p.communicate(timeout=300)) for p in procs)]
+
+
+@pytest.mark.multiprocess
+def test_processes_given_different_settings_refuse_to_start_and_write_nothing(tmp_path, spawn):
+    """A replicated state assumes one config: with another seed a process would train other weights, silently
+    (process 0's copy alone is checkpointed). Both processes refuse, naming the setting."""
+    results = run_both(spawn, [tmp_path / "run"] * 2, seed=[0, 1], learning_rate=[1.6, 1.6])
+    for code, err in results:
+        assert code != 0 and "different settings from process 0's (process 1: seed: 0 -> 1)" in err, err[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.multiprocess
+def test_a_workdir_not_shared_by_the_processes_is_refused_before_anything_is_saved(tmp_path, spawn):
+    """Two hosts with local disks: Orbax's first save would wait in a barrier for minutes and leave nothing."""
+    results = run_both(spawn, [tmp_path / "host0", tmp_path / "host1"], seed=[0, 0])
+    for code, err in results:
+        assert code != 0 and "is not one directory that all processes share: process(es) 1 do not see" in err, \
+            err[-3000:]
+    assert not any(tmp_path.iterdir())
+
+
+DISTRIBUTED_TWICE_CHILD = """
+import json, sys
+import jax, jax.numpy as jnp
+from resnet_jax.parallel import initialize_distributed
+address, pid = sys.argv[1], int(sys.argv[2])
+if pid < 0:  # a single-process computation first: too late to join
+    jnp.ones(2).block_until_ready()
+    try:
+        initialize_distributed(address, 2, 0)
+    except ValueError as err:
+        print(json.dumps({"late": str(err)}), flush=True)
+    sys.exit()
+report = {"first": initialize_distributed(address, 2, pid), "second": initialize_distributed(address, 2, pid)}
+try:
+    initialize_distributed(address, 3, pid)
+except ValueError as err:
+    report["other count"] = str(err)
+report["processes"] = jax.process_count()
+print(json.dumps(report), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.multiprocess
+def test_joining_twice_in_one_program_and_joining_too_late(tmp_path):
+    """A second train() in the same script (a sweep) finds the processes joined; a program that computed
+    before joining, or whose coordinator port is taken, gets one sentence."""
+    address = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", DISTRIBUTED_TWICE_CHILD, address, str(pid)], env=worker_env(1),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1, -1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    for report in reports[:2]:
+        assert report["first"] and report["second"] and report["processes"] == 2
+        assert "already runs as process" in report["other count"]
+    assert "must start before the program's first JAX computation" in reports[2]["late"]
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        out = run_python("from resnet_jax.parallel import initialize_distributed\n"
+                         f"try:\n    initialize_distributed({busy!r}, 2, 0)\n"
+                         "except ValueError as err:\n    print(err)", env=worker_env(1), timeout=120)
+    assert f"could not join the multi-process run at {busy} as process 0 of 2" in out.stdout

@@ -81,6 +81,7 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
                            config.num_processes if config.num_processes > 0 else None,
                            config.process_id if config.process_id >= 0 else None)
     mesh = make_mesh()
+    run_dir.check_processes_agree(config)
     check_batch_size(config.batch_size, mesh)
     check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     if config.grad_accum_steps > 1:
@@ -123,6 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
     run = setup(config)
     workdir = Path(workdir)
     run_dir.check(workdir, run.config, log)
+    run_dir.check_shared(workdir)
     log(f"{run.config.model} on {run.mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
         f"{ops.describe(getattr(run.model, 'conv_impl', 'auto'))}")
     with compilation_cache(run.config.compilation_cache_dir):

@@ -15,9 +15,12 @@ from. Nothing here ever deletes a file.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import shutil
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +28,7 @@ import jax
 import ml_collections
 
 from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch
-from resnet_jax.parallel import sync_processes
+from resnet_jax.parallel import process_strings, sync_processes
 from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, base_config
 from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
@@ -35,6 +38,8 @@ PREVIOUS_RUNS = "previous_runs"
 # Everything a run writes; what ``move_aside`` moves.
 RUN_FILES = (CHECKPOINTS, DAMAGED_DIR, METRICS_FILE, TENSORBOARD_DIR, CURVES_FILE, CONFIG_FILE)
 HISTORY_FILES = (METRICS_FILE, TENSORBOARD_DIR, CURVES_FILE)
+# The settings the processes of one run may hold differently: where this host keeps things, and who it is.
+PER_PROCESS = ("process_id", "coordinator_address", "data_dir", "compilation_cache_dir", "progress_bar")
 
 
 def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str], None]) -> None:
@@ -59,6 +64,57 @@ def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str],
                              "--config.restart=True to move the old run aside and start over")
     if changes:
         log(f"continuing the run in {workdir} with changed settings: {_describe(changes)}")
+
+
+def check_processes_agree(config: ml_collections.ConfigDict) -> None:
+    """Refuse a multi-process run whose processes were given different settings (a seed, a batch size): each
+    would start from other weights or run another program while the state is declared replicated, and the
+    checkpoint would hold process 0's copy. Raised on every process, naming each difference, before anything is
+    compiled or written. Also refuses processes with different numbers of devices, which the batch split needs
+    to be equal."""
+    if jax.process_count() == 1:
+        return
+    devices = collections.Counter(d.process_index for d in jax.devices())
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"the processes have different numbers of devices ({_by_process(devices)}); give every "
+                         f"process the same number (CUDA_VISIBLE_DEVICES, TPU slice, or XLA device count)")
+    mine = {k: v for k, v in _flatten(as_plain_dict(config)).items() if k.split(".")[0] not in PER_PROCESS}
+    theirs = [json.loads(text) for text in process_strings(json.dumps(mine, sort_keys=True))]
+    differing = {i: config_changes_flat(theirs[0], other) for i, other in enumerate(theirs) if other != theirs[0]}
+    if differing:
+        listed = "; ".join(f"process {i}: {_describe(changes)}" for i, changes in differing.items())
+        raise ValueError(f"the processes of this run have different settings from process 0's ({listed}); start "
+                         f"every process with the same config (only {', '.join(PER_PROCESS)} may differ)")
+
+
+def check_shared(workdir: Path, wait_s: float = 10.0) -> None:
+    """With several processes, ``workdir`` must be one directory all of them see: Orbax writes every checkpoint
+    from all processes together, and with a local directory per host the first save waits in a barrier for
+    minutes and leaves nothing. Process 0 writes a probe file; each process looks for it (for up to ``wait_s``,
+    as a network filesystem may show it late). Only that probe is written, and removed again."""
+    if jax.process_count() == 1:
+        return
+    probe = workdir / f".shared-check-{process_strings(uuid.uuid4().hex)[0]}"
+    created = False
+    if jax.process_index() == 0:
+        created = not workdir.exists()
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("written by process 0 to check that every process sees this directory\n")
+    sync_processes("shared_probe_written")
+    deadline = time.monotonic() + wait_s
+    while not probe.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = process_strings("yes" if probe.exists() else "no")
+    if jax.process_index() == 0:
+        probe.unlink()
+    missing = [i for i, answer in enumerate(seen) if answer != "yes"]
+    if missing and created and jax.process_index() == 0 and not any(workdir.iterdir()):
+        workdir.rmdir()
+    sync_processes("shared_probe_removed")
+    if missing:
+        raise ValueError(f"--workdir {workdir} is not one directory that all processes share: process(es) "
+                         f"{', '.join(map(str, missing))} do not see a file process 0 wrote there; use a directory "
+                         f"on a filesystem every host mounts (every process writes to each checkpoint)")
 
 
 def saved_config(workdir: Path) -> dict[str, Any] | None:
@@ -92,8 +148,11 @@ def as_plain_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (old, new)}`` for every compared key that differs. The saved side is completed with
     today's defaults, so a key added to the library since the run started counts as unchanged at its default."""
-    before = _flatten({**as_plain_dict(base_config()), **old})
-    after = _flatten(new)
+    return config_changes_flat(_flatten({**as_plain_dict(base_config()), **old}), _flatten(new))
+
+
+def config_changes_flat(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``config_changes`` of two flattened configs (dotted keys)."""
     missing = object()
     changes = {}
     for key in sorted(set(before) | set(after)):
@@ -152,6 +211,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _by_process(counts: collections.Counter) -> str:
+    return ", ".join(f"process {i}: {n}" for i, n in sorted(counts.items()))
 
 
 def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
