@@ -100,7 +100,8 @@ class ResNet(nn.Module):
         BF16) computes in float32 throughout and returns its features in bfloat16 (``rules.compute_dtype``):
         there bfloat16 has no instructions to run on, and converting around every float32 convolution made
         it slower than float32 (BENCHMARKS.md, 2026-12-04).
-      bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (torchvision's momentum 0.1 = 0.9).
+      bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (torchvision's momentum 0.1 = 0.9);
+        the running variance averages the unbiased batch variance, as torch's does (``ops.batchnorm``).
       conv_impl: how convolutions are computed; parameters and outputs are identical for every choice.
         "auto" (the default) picks per layer shape, dtype and backend (``ops.choose``): oneDNN kernels on CPU
         where the extension is usable (Linux x86_64 with a C++ compiler; its wheels are default

@@ -91,23 +91,43 @@ def test_bfloat16_compute_keeps_float32_statistics_and_matches_flax(extension):
     assert dx.dtype == jnp.bfloat16 and relative(dx, want_dx) < 2e-2
 
 
-def test_module_has_flax_batchnorms_variables_and_running_average_update():
-    x, _, _, residual, _ = inputs((4, 6, 6, 8))
-    ours, theirs = BatchNorm(use_running_average=False, momentum=0.9), nn.BatchNorm(use_running_average=False,
-                                                                                     momentum=0.9)
+@pytest.mark.parametrize("axis", [-1, 1])  # channels last: the fused path; channels first: flax's own
+def test_module_has_flax_batchnorms_variables_and_torchs_running_averages(axis):
+    """Output and variables as flax's BatchNorm; the running averages as ``torch.nn.BatchNorm2d``'s, whose
+    variance averages in the unbiased batch variance (flax: the biased one, 1/(n-1) lower; n = 4*3*3 here)."""
+    torch = pytest.importorskip("torch")
+    x, _, _, residual, _ = inputs((4, 3, 3, 8))
+    if axis == 1:
+        x, residual = x.transpose(0, 3, 1, 2), residual.transpose(0, 3, 1, 2)
+    ours = BatchNorm(use_running_average=False, momentum=0.9, axis=axis)
+    theirs = nn.BatchNorm(use_running_average=False, momentum=0.9, axis=axis)
     variables = theirs.init(jax.random.key(0), x)
     assert jax.tree_util.tree_structure(ours.init(jax.random.key(0), x)) == jax.tree_util.tree_structure(variables)
     variables = {"params": {"scale": jnp.linspace(0.5, 2, 8), "bias": jnp.linspace(-1, 1, 8)},
                  "batch_stats": {"mean": jnp.full(8, 0.3), "var": jnp.full(8, 2.0)}}
     got, got_stats = ours.apply(variables, x, residual=residual, relu=True, mutable=["batch_stats"])
-    want, want_stats = theirs.apply(variables, x, mutable=["batch_stats"])
+    want = theirs.apply(variables, x, mutable=["batch_stats"])[0]
     assert relative(got, jax.nn.relu(want + residual)) < 2e-6
-    for key in ("mean", "var"):
-        assert relative(got_stats["batch_stats"][key], want_stats["batch_stats"][key]) < 2e-6
+    reference = torch.nn.BatchNorm2d(8, momentum=0.1, eps=1e-5).train()
+    reference.running_mean.fill_(0.3)
+    reference.running_var.fill_(2.0)
+    nchw = np.asarray(x if axis == 1 else x.transpose(0, 3, 1, 2), np.float32)
+    reference(torch.from_numpy(nchw.copy()))
+    for key, buffer in (("mean", reference.running_mean), ("var", reference.running_var)):
+        assert relative(got_stats["batch_stats"][key], buffer.numpy()) < 2e-6, key
     # evaluation uses the running averages, as flax does, then the epilogue
-    evaluated = BatchNorm(use_running_average=True).apply(variables, x, residual=residual, relu=True)
-    expected = jax.nn.relu(nn.BatchNorm(use_running_average=True).apply(variables, x) + residual)
+    evaluated = BatchNorm(use_running_average=True, axis=axis).apply(variables, x, residual=residual, relu=True)
+    expected = jax.nn.relu(nn.BatchNorm(use_running_average=True, axis=axis).apply(variables, x) + residual)
     np.testing.assert_array_equal(evaluated, expected)
+
+
+def test_training_on_one_value_per_channel_is_refused_as_torch_does():
+    """torch: "Expected more than 1 value per channel when training"; the normalised value would be 0."""
+    x = jnp.ones((1, 1, 1, 8))
+    variables = BatchNorm(use_running_average=True).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="one value per channel"):
+        BatchNorm(use_running_average=False).apply(variables, x, mutable=["batch_stats"])
+    BatchNorm(use_running_average=True).apply(variables, x)  # evaluation on one image is fine
 
 
 def test_models_train_through_the_fused_batchnorm():

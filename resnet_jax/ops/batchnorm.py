@@ -101,8 +101,13 @@ def _bn_act_jvp(relu, epsilon, out_dtype, extension, primals, tangents):
 
 
 class BatchNorm(nn.BatchNorm):
-    """``flax.linen.BatchNorm`` (same fields, variables and running-average update) that also takes the
-    block's epilogue: ``__call__(x, residual=None, relu=False)`` is ``relu(bn(x) + residual)``.
+    """``flax.linen.BatchNorm`` (same fields and variables) that also takes the block's epilogue:
+    ``__call__(x, residual=None, relu=False)`` is ``relu(bn(x) + residual)``.
+
+    The running variance averages in the *unbiased* batch variance (times n / (n - 1), n values per channel),
+    as ``torch.nn.BatchNorm2d`` does, where flax averages the biased one: these models' weights go to and come
+    from torchvision and timm, and with small batches or feature maps the two drift apart (3% at n = 8). As in
+    torch, training on one value per channel is refused: its normalised output is 0 whatever the input.
 
     In training mode over NHWC features the three run as ``batch_norm_act`` (one reduction and one write each
     way), in C++ where ``rules.may_use_extension(conv_impl, backend)`` allows (the model passes its own
@@ -117,12 +122,25 @@ class BatchNorm(nn.BatchNorm):
                  mask=None):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
-        fused = (not use_running_average and not self.is_initializing() and mask is None
-                 and self.axis_name is None and self.axis in (-1, x.ndim - 1) and self.use_scale
-                 and self.use_bias and self.use_fast_variance and self.force_float32_reductions)
+        training = not use_running_average and not self.is_initializing()
+        # values each channel's statistics reduce over (where it is known here: one feature axis, no mask, no
+        # statistics shared over a named axis)
+        plain = mask is None and self.axis_name is None and isinstance(self.axis, int) and x.ndim > 0
+        per_channel = x.size // x.shape[self.axis] if plain else 0
+        if training and per_channel == 1:
+            raise ValueError(f"BatchNorm cannot train on one value per channel (input of shape {x.shape}): its "
+                             "output would be 0 for any input; use a larger batch or larger images")
+        fused = (training and mask is None and self.axis_name is None and self.axis in (-1, x.ndim - 1)
+                 and self.use_scale and self.use_bias and self.use_fast_variance and self.force_float32_reductions)
         if not fused:
+            before = self.get_variable("batch_stats", "var") if training else None
             y = super().__call__(x, mask=mask, **({} if self.use_running_average is not None
                                                   else {"use_running_average": use_running_average}))
+            if training and plain:
+                # flax has averaged in the biased variance v: new = m * before + (1 - m) * v; add torch's
+                # correction (1 - m) * v / (n - 1) = (new - m * before) / (n - 1)
+                ra_var = self.variable("batch_stats", "var")
+                ra_var.value = ra_var.value + (ra_var.value - self.momentum * before) / (per_channel - 1)
             y = y if residual is None else y + residual
             return jax.nn.relu(y) if relu else y
         features = (x.shape[-1],)
@@ -135,5 +153,5 @@ class BatchNorm(nn.BatchNorm):
         y, mean, var = batch_norm_act(x, scale, bias, residual, relu=relu, epsilon=self.epsilon, dtype=dtype,
                                       extension=extension)
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * (per_channel / (per_channel - 1))
         return y
