@@ -253,7 +253,8 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
 
     Returns the (nested) variables and the Flax paths left unfilled because ``skip_head`` dropped the head.
     Every missing, unexpected, mis-shaped or unnamed entry is collected and raised as one ``ValueError``.
-    A model without a head (``features_only`` or ``num_classes=0``) ignores the file's head entries, and a
+    RGB weights loaded into a model of other ``in_channels`` have their first convolution adapted as timm does
+    (``adapt_input_conv``). A model without a head (``features_only`` or ``num_classes=0``) ignores the file's head entries, and a
     ``features_only`` pre-activation model its closing BatchNorm's too (``_AFTER_STAGES``).
     """
     expected = _expected_shapes(model)
@@ -273,6 +274,8 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         seen.add(path)
         shape, dtype = expected[path]
         needed = _torch_shape(path, shape, naming, model)  # compared before the layout change, which may not apply
+        if _is_input_conv(np.shape(value), needed, model):
+            value = adapt_input_conv(to_numpy(value), model.in_channels)
         if tuple(np.shape(value)) != needed:
             misshaped.append(f"{name}: file has {tuple(np.shape(value))}, model needs {needed}")
             head_misshaped |= path[1] == "fc"
@@ -297,6 +300,29 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         raise ValueError(f"{source} does not fit {model_name}:\n  " + "\n  ".join(problems) + hint +
                          "\nCheck the model name and options (num_classes, in_channels, ...) match the file.")
     return unflatten_dict(flat), head
+
+
+def _is_input_conv(have: tuple[int, ...], needed: tuple[int, ...], model: ResNet) -> bool:
+    """An RGB file's first convolution for a model of other input channels: the one kernel (O, 3, kh, kw) where
+    the model needs (O, in_channels, kh, kw); no later convolution takes 3 channels."""
+    return (len(have) == 4 and have[1] == 3 and model.in_channels != 3 and tuple(needed) ==
+            (have[0], model.in_channels, *have[2:]))
+
+
+def adapt_input_conv(kernel: np.ndarray, in_channels: int) -> np.ndarray:
+    """An RGB first-layer kernel (O, 3, kh, kw) for ``in_channels`` inputs, as timm adapts pretrained weights
+    (``timm.models._manipulate.adapt_input_conv``): summed over the colours for one channel (a grey image then
+    gives what the RGB model gave the same grey in colour), else the colours repeated and scaled by
+    3 / in_channels, so an input with every channel alike still sums to the same response."""
+    kernel = np.asarray(kernel)
+    dtype = kernel.dtype
+    kernel = kernel.astype(np.float32)
+    if in_channels == 1:
+        adapted = kernel.sum(axis=1, keepdims=True)
+    else:
+        repeats = -(-in_channels // 3)
+        adapted = np.tile(kernel, (1, repeats, 1, 1))[:, :in_channels] * (3 / in_channels)
+    return adapted.astype(dtype)
 
 
 def _fits_naming(model: ResNet, state_dict: Mapping[str, Any], naming: str) -> bool:

@@ -93,6 +93,27 @@ def test_outputs_match_timm(name):
         assert_close(np.asarray(ours).transpose(0, 3, 1, 2), ref.numpy(), f"{name} layer{i + 1}")
 
 
+@pytest.mark.parametrize("name, in_channels", [("resnet18", 1), ("resnet50d", 4), ("resnetv2_18", 2)])
+def test_rgb_weights_load_into_other_input_channels_as_timm_adapts_them(name, in_channels):
+    """timm's pretrained loading with ``in_chans`` != 3 adapts the first convolution (summed for one channel,
+    repeated and scaled otherwise: ``adapt_input_conv``); loading the RGB file into ``in_channels`` must give the
+    logits of timm's model holding timm's adaptation, on the plain, the deep (ResNet-D) and the ResNetV2 stem."""
+    from timm.models._manipulate import adapt_input_conv as timm_adapt
+
+    rgb = timm_model(name, layers=list(SMALL))
+    state = dict(rgb.state_dict())
+    first = next(k for k, v in state.items() if v.ndim == 4 and v.shape[1] == 3)
+    state[first] = timm_adapt(in_channels, state[first].clone())
+    reference = timm.create_model(name, layers=list(SMALL), in_chans=in_channels).eval()
+    reference.load_state_dict(state)
+    model = create_model(name, stage_sizes=SMALL, in_channels=in_channels)
+    variables, _ = convert_state_dict(model, rgb.state_dict(), naming="timm", model_name=name)
+    x = np.random.default_rng(1).standard_normal((2, 48, 40, in_channels), dtype=np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert_close(model.apply(variables, x), expected, f"{name} with {in_channels} input channels")
+
+
 @pytest.mark.parametrize("name", GRADIENT)
 def test_input_gradient_matches_timm_in_float64(name):
     """The gradient of weighted logits with respect to the image equals timm's, both in float64.
