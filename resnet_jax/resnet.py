@@ -350,6 +350,28 @@ def model_config(name: str) -> dict[str, Any]:
     return dict(MODEL_CONFIGS[name])
 
 
+# timm's create_model keywords that mean something here under another name, or are not options here
+_TIMM_KEYWORDS = {
+    "in_chans": "in_channels",
+    "zero_init_last": "zero_init_residual",
+    "stem_type": "stem ('imagenet', 'cifar', 'deep', 'deep_tiered')",
+    "avg_down": "shortcut='avg_pool'",
+    "cardinality": "groups",
+    "base_width": "width_per_group",
+    "global_pool": "nothing: the pooling is always the global average (num_classes=0 returns it)",
+    "out_indices": "nothing: features_only=True returns the four stages (strides 4 to 32) and has no index choice",
+    "drop_rate": "nothing: there is no dropout before the head (drop_path_rate is stochastic depth)",
+    "pretrained": "pretrained(name) or load_timm / load_torchvision, which build the model and load its weights",
+}
+
+
+def _option_hint(option: str) -> str:
+    if option in _TIMM_KEYWORDS:
+        return f"{option!r} (timm's) is {_TIMM_KEYWORDS[option]}"
+    close = difflib.get_close_matches(option, sorted(_FIELDS), n=2)
+    return f"{option!r}: did you mean {' or '.join(map(repr, close))}?" if close else f"{option!r} is not an option"
+
+
 def create_model(name: str, **overrides: Any) -> ResNet:
     """Build a named model, e.g. ``create_model("resnet50", num_classes=10, dtype=jnp.bfloat16)``.
 
@@ -358,7 +380,8 @@ def create_model(name: str, **overrides: Any) -> ResNet:
     config = model_config(name)
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for create_model({name!r}); valid options are "
+        hints = "; ".join(_option_hint(option) for option in unknown)
+        raise ValueError(f"unknown option(s) {unknown} for create_model({name!r}): {hints}. Valid options are "
                          f"{sorted(_FIELDS)}")
     config.update(overrides)
     return ResNet(**config)

@@ -234,8 +234,14 @@ def test_unknown_model_names_close_matches():
 
 
 def test_unknown_option_is_named():
-    with pytest.raises(ValueError, match="num_clases"):
+    with pytest.raises(ValueError, match="'num_clases': did you mean 'num_classes'"):
         create_model("resnet18", num_clases=10)
+    # timm's keywords (timm.create_model's own) get our name for the same thing, or why there is none
+    with pytest.raises(ValueError, match="'in_chans' \\(timm's\\) is in_channels.*'zero_init_last' \\(timm's\\) "
+                                         "is zero_init_residual"):
+        create_model("resnet18", in_chans=1, zero_init_last=True)
+    with pytest.raises(ValueError, match="'global_pool' \\(timm's\\) is nothing: the pooling is always"):
+        create_model("resnet18", global_pool="max")
     with pytest.raises(ValueError, match="stem"):
         create_model("resnet18", stem="fancy")
 
