@@ -80,8 +80,8 @@ class ResNet(nnx.Module):
             return {}
         if self.rngs is None:
             raise ValueError(f"this model has drop_path_rate={self.linen_module.drop_path_rate} and trains with "
-                             "random masks: build it with rngs=nnx.Rngs(dropout=seed) (create_model, from_linen), "
-                             "or call model.eval() for inference")
+                             "random masks: build it with rngs=nnx.Rngs(dropout=seed) (create_model, from_linen, "
+                             "load_torchvision, load_timm, pretrained), or call model.eval() for inference")
         return {"dropout": self.rngs.dropout()}
 
     def linen_variables(self) -> dict[str, Any]:
@@ -158,19 +158,23 @@ def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> ResNet:
     return ResNet(module, module.init(rngs.params(), x, train=False), rngs=rngs)
 
 
-def load_torchvision(name: str, source: str | os.PathLike | Mapping[str, Any], **kwargs: Any) -> ResNet:
-    """``resnet_jax.load_torchvision`` (same arguments) as an NNX model."""
-    return from_linen(*_weights.load_torchvision(name, source, **kwargs))
+def load_torchvision(name: str, source: str | os.PathLike | Mapping[str, Any], *, rngs: nnx.Rngs | None = None,
+                     **kwargs: Any) -> ResNet:
+    """``resnet_jax.load_torchvision`` (same arguments) as an NNX model; ``rngs`` as ``from_linen`` (the
+    ``dropout`` stream that fine-tuning with ``drop_path_rate`` needs)."""
+    return from_linen(*_weights.load_torchvision(name, source, **kwargs), rngs=rngs)
 
 
-def load_timm(name: str, source: str | os.PathLike | Mapping[str, Any], **kwargs: Any) -> ResNet:
-    """``resnet_jax.load_timm`` (same arguments) as an NNX model."""
-    return from_linen(*_weights.load_timm(name, source, **kwargs))
+def load_timm(name: str, source: str | os.PathLike | Mapping[str, Any], *, rngs: nnx.Rngs | None = None,
+              **kwargs: Any) -> ResNet:
+    """``resnet_jax.load_timm`` (same arguments) as an NNX model; ``rngs`` as in ``load_torchvision``."""
+    return from_linen(*_weights.load_timm(name, source, **kwargs), rngs=rngs)
 
 
-def pretrained(name: str, weights: str = "DEFAULT", **kwargs: Any) -> ResNet:
-    """``resnet_jax.pretrained`` (same arguments: cached, sha256-checked download) as an NNX model."""
-    return from_linen(*_linen_pretrained(name, weights, **kwargs))
+def pretrained(name: str, weights: str = "DEFAULT", *, rngs: nnx.Rngs | None = None, **kwargs: Any) -> ResNet:
+    """``resnet_jax.pretrained`` (same arguments: cached, sha256-checked download) as an NNX model; ``rngs`` as
+    in ``load_torchvision``."""
+    return from_linen(*_linen_pretrained(name, weights, **kwargs), rngs=rngs)
 
 
 __all__ = ["Layer", "ResNet", "create_model", "from_linen", "load_timm", "load_torchvision", "pretrained",

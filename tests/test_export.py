@@ -433,3 +433,21 @@ def test_onnx_of_a_pre_activation_model_equals_timm(name, tmp_path):
     with torch.no_grad():
         want = tm(torch.from_numpy(data.normalize(batch, *prep.per_channel(3)).transpose(0, 3, 1, 2))).numpy()
     np.testing.assert_allclose(exported.run(batch), want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.parametrize("mode, says", [("center", "shorter side to resize_size"),
+                                        ("squash", "both sides to resize_size (aspect ratio not kept)"),
+                                        ("border", "longer side to resize_size (keeping the aspect ratio")])
+def test_the_manifest_describes_each_crop_mode_as_it_is_done(tmp_path, mode, says):
+    """A serving process may follow the text alone: it must say what EvalTransform does in that mode (the text
+    had described the centre mode's resize for all three)."""
+    from resnet_jax.export.manifest import Preprocessing, write_manifest
+
+    artifact = tmp_path / "model.onnx"
+    artifact.write_bytes(b"stand-in artifact bytes")
+    prep = Preprocessing(image_size=20, mean=(0.5,), std=(0.25,), resize_size=24, interpolation="bicubic",
+                         crop_mode=mode)
+    path = write_manifest(artifact, fmt="onnx", model_name="resnet18", num_classes=2, channels=3,
+                          preprocessing=prep, class_names=["a", "b"], extra={})
+    resize = json.loads(path.read_text())["preprocessing"]["resize"]
+    assert resize.startswith(f"bicubic (Pillow, antialiased), {mode} mode: {says}"), resize

@@ -246,3 +246,20 @@ def test_stochastic_depth_draws_from_the_dropout_stream():
     untrained = rnnx.from_linen(module, variables)
     with pytest.raises(ValueError, match=r"drop_path_rate=0.5 .* rngs=nnx.Rngs\(dropout=seed\)"):
         untrained(x)
+
+
+def test_loaded_weights_fine_tune_with_stochastic_depth():
+    """Fine-tuning published weights with drop_path_rate (as timm's RSB recipes do) needs the ``dropout`` stream:
+    the loaders take ``rngs`` as ``from_linen`` does, and train as linen does with the same key."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    state = timm.create_model("resnet18d").state_dict()
+    model = rnnx.load_timm("resnet18d", state, drop_path_rate=0.2, rngs=nnx.Rngs(dropout=3))
+    module, variables = resnet_jax.load_timm("resnet18d", state, drop_path_rate=0.2)
+    x = images((2, 32, 32, 3))
+    want = module.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": nnx.Rngs(dropout=3)
+                                                                                   .dropout()})[0]
+    np.testing.assert_allclose(call(model, x), want, rtol=1e-5, atol=1e-5)
+    tv = rnnx.load_torchvision("resnet18", torchvision.models.resnet18().state_dict(), drop_path_rate=0.1,
+                               rngs=nnx.Rngs(dropout=0))
+    assert call(tv, x).shape == (2, 1000)

@@ -108,8 +108,7 @@ def write_manifest(artifact: Path, *, fmt: str, model_name: str, num_classes: in
     if preprocessing.resize_size is not None:  # a version 1 reader would crop these wrongly: it must refuse them
         manifest["format_version"] = 2
         manifest["preprocessing"].update(
-            resize=(f"{preprocessing.interpolation} (Pillow, antialiased), {preprocessing.crop_mode} mode: shorter "
-                    f"side to resize_size (the longer one truncated, as torchvision does), centre crop image_size"),
+            resize=f"{preprocessing.interpolation} (Pillow, antialiased), {_RESIZE_BY_MODE[preprocessing.crop_mode]}",
             resize_size=int(preprocessing.resize_size), interpolation=preprocessing.interpolation,
             crop_mode=preprocessing.crop_mode)
     else:
@@ -117,6 +116,17 @@ def write_manifest(artifact: Path, *, fmt: str, model_name: str, num_classes: in
     path = manifest_path(artifact)
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
+
+
+# What a serving process must do for each crop mode (data.transforms.EvalTransform.crop), said in the manifest's
+# text as its fields say it: the one sentence for every mode had described "center" for all three.
+_RESIZE_BY_MODE = {
+    "center": ("center mode: shorter side to resize_size (the longer one truncated, as torchvision does), then "
+               "the centre image_size x image_size"),
+    "squash": "squash mode: both sides to resize_size (aspect ratio not kept), then the centre image_size square",
+    "border": ("border mode: longer side to resize_size (keeping the aspect ratio, rounded), then the centre "
+               "image_size square, padded with round(255 * mean) where the image is smaller"),
+}
 
 
 def read_manifest(artifact: str | Path, content: bytes | None = None) -> dict[str, Any]:
