@@ -127,6 +127,9 @@ TIMM_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "re
                "seresnext26d_32x4d", "seresnext50_32x4d", "seresnext101_32x4d", "seresnext101_32x8d",
                "seresnext101d_32x8d", "seresnext101_64x4d", "ecaresnet26t", "ecaresnet50d", "ecaresnet50t",
                "ecaresnet101d")
+# torchvision's own ResNets (torchvision.models.<name>); tests/test_torchvision.py checks the list against it
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                      "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 # the settings that decide what a model computes from given weights; the others (num_classes, in_channels,
 # dtype, remat, features_only, conv_impl...) are checked by the shapes or do not change the function
 _ARCHITECTURE = ("stage_sizes", "block", "stage_widths", "stem", "stem_width", "shortcut", "groups",
@@ -432,15 +435,31 @@ def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return _export(variables, "torchvision", None)
 
 
+def torch_library(model: ResNet | str) -> tuple[str, str] | None:
+    """``(library, name)`` of a PyTorch model with ``model``'s architecture: ``("torchvision", "resnet50")`` where
+    ``torchvision.models.resnet50`` is it, else ``("timm", "resnet50d")`` for ``timm.create_model``, else None
+    (CIFAR ResNets, changed depths or widths: no library builds them; ``preact_resnet18`` is timm's
+    ``resnetv2_18``). A model of other
+    ``in_channels`` is timm's (``in_chans``), as torchvision's constructors have no such option."""
+    model = create_model(model) if isinstance(model, str) else model
+    # torchvision's constructors take no input channel count; timm's take in_chans
+    libraries = (("torchvision", TORCHVISION_MODELS),) if model.in_channels == 3 else ()
+    for library, names in (*libraries, ("timm", TIMM_MODELS)):
+        for arch in names:
+            config = model_config(arch)
+            if all(getattr(model, k) == config.get(k, _default(k)) for k in _ARCHITECTURE):
+                return library, arch
+    return None
+
+
 def to_timm(model: ResNet | str, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``model``'s variables -> a timm state_dict that ``timm.create_model(name).load_state_dict(sd)`` accepts
     strictly. timm spells ResNet-D's layers by the model's settings, which the variables do not record, so the
-    model (or its name) is needed; a model timm does not have (pre-activation, CIFAR...) is refused."""
+    model (or its name) is needed; a model timm does not have (CIFAR, other depths...) is refused."""
     model = create_model(model) if isinstance(model, str) else model
-    for arch in TIMM_MODELS:
-        config = model_config(arch)
-        if all(getattr(model, k) == config.get(k, _default(k)) for k in _ARCHITECTURE):
-            return _export(variables, "timm", model)
+    if any(all(getattr(model, k) == model_config(arch).get(k, _default(k)) for k in _ARCHITECTURE)
+           for arch in TIMM_MODELS):
+        return _export(variables, "timm", model)
     raise ValueError(f"timm has no model with this architecture (stem={model.stem!r}, shortcut={model.shortcut!r}, "
                      f"preact={model.preact}, stage_sizes={tuple(model.stage_sizes)}...); timm's files hold only "
                      f"{list(TIMM_MODELS)}. Use save_torchvision for the others.")

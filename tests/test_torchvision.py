@@ -20,7 +20,8 @@ from flax.traverse_util import flatten_dict
 from conftest import assert_close, random_batch_stats, run_python
 from resnet_jax import create_model, list_models
 from resnet_jax.resnet import model_config
-from resnet_jax.torchvision import load_torchvision, save_torchvision, to_torchvision
+from resnet_jax.torchvision import (TORCHVISION_MODELS, load_torchvision, save_torchvision, to_timm, to_torchvision,
+                                    torch_library)
 
 NAMES = sorted(n for n in list_models() if hasattr(torchvision.models, n))
 SMALL = (1, 2, 1, 1)  # every kind of block and shortcut (layer2.1: identity after stride 2), few of them
@@ -118,7 +119,33 @@ def test_torchvision_builds_each_name_as_its_kind():
 
 def test_every_torchvision_resnet_is_a_name_here():
     builders = {n for n in torchvision.models.resnet.__all__ if n[0].islower()}  # resnet18 ... wide_resnet101_2
-    assert len(builders) == 10 and set(NAMES) == builders
+    assert len(builders) == 10 and set(NAMES) == builders == set(TORCHVISION_MODELS)
+
+
+@pytest.mark.parametrize("name, expected", [("resnet50", ("torchvision", "resnet50")),
+                                            ("resnet50d", ("timm", "resnet50d")),
+                                            ("seresnet18", ("timm", "seresnet18")),
+                                            ("preact_resnet18", ("timm", "resnetv2_18")),  # the same network
+                                            ("resnet20", None), ("resnet18_cifar", None)])
+def test_torch_library_names_the_pytorch_model_that_loads_the_weights(name, expected, tmp_path):
+    """What an export of ``name`` is for: the library's model of that name loads ``save_torchvision`` /
+    ``save_timm`` output strictly (torchvision first, where it has it); with other input channels or depths it
+    is timm's (``in_chans``) or none."""
+    model = create_model(name, num_classes=7)
+    assert torch_library(model) == expected
+    if expected is not None:
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+        variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+        library, arch = expected
+        if library == "torchvision":
+            getattr(torchvision.models, arch)(num_classes=7).load_state_dict(
+                {k: torch.from_numpy(v) for k, v in to_torchvision(variables).items()}, strict=True)
+        else:
+            timm = pytest.importorskip("timm")
+            timm.create_model(arch, num_classes=7).load_state_dict(
+                {k: torch.from_numpy(v) for k, v in to_timm(model, variables).items()}, strict=True)
+    assert torch_library(create_model("resnet50", in_channels=1)) == ("timm", "resnet50")
+    assert torch_library(create_model("resnet50", stage_sizes=(1, 1, 1, 1))) is None
 
 
 @pytest.fixture(scope="module")

@@ -189,10 +189,22 @@ class Classifier:
         return save_variables(workdir, self._require_variables(), self.config.to_dict(), self.class_names)
 
     def export_torchvision(self, path: str | Path) -> Path:
-        """A ``.pth`` (or ``.safetensors``) that ``torchvision.models.<model>(num_classes=...)`` loads strictly."""
+        """A ``.pth`` (or ``.safetensors``) state_dict in torchvision's names and layouts:
+        ``torchvision.models.<model>(num_classes=...)`` loads it strictly where torchvision has the architecture
+        (``resnet_jax.torchvision.torch_library``). Other architectures (ResNet-D, CIFAR, pre-activation) get
+        names by the same rules, which ``load_torchvision`` reads back; ``export_timm`` writes timm's."""
         from resnet_jax.torchvision import save_torchvision
 
         save_torchvision(self._require_variables(), path)
+        return Path(path)
+
+    def export_timm(self, path: str | Path) -> Path:
+        """A ``.pth`` (or ``.safetensors``) state_dict that ``timm.create_model(<model>, num_classes=...,
+        in_chans=...)`` loads strictly, for the architectures timm has (``TIMM_MODELS``: ResNet-D, SE, ECA,
+        ResNetV2 among them); others are refused, naming them."""
+        from resnet_jax.torchvision import save_timm
+
+        save_timm(self.model, self._require_variables(), path)
         return Path(path)
 
     def export(self, path: str | Path, format: str | None = None, platforms: Sequence[str] | None = None
