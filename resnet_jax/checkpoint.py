@@ -2,18 +2,23 @@
 
 A checkpoint holds everything a run needs to continue exactly where it was: the ``TrainState`` arrays, each
 process's Grain iterator position, the metric sums of the unfinished logging window and epoch, the number of
-processes that wrote it, and a fingerprint of the parameters.
+processes that wrote it, and a fingerprint and a checksum of the arrays.
 
 Restoring tells two failures apart, because they need opposite answers:
 
 - A checkpoint whose tree, shapes or dtypes differ from the state this config builds, or that another number
   of processes wrote, belongs to a *different run*: ``ConfigMismatch``, raised at once. Nothing is moved; the
   fix is the config or the workdir, not the checkpoint.
-- A checkpoint that matches but cannot be read (a truncated file, flipped bytes caught by the fingerprint) is
+- A checkpoint that matches but cannot be read (a truncated file, flipped bits caught by the checksum) is
   *damaged*: the next older one is tried. Once one restores, the damaged newer ones are moved to
   ``checkpoints_damaged/`` (never deleted), so Orbax does not refuse the next saves for being older than them.
   When none restores, ``CheckpointError`` lists every checkpoint with its reason and nothing is moved, so the
   run never starts over silently.
+
+Loading weights for inference (``load_variables``: ``Classifier.load``, ``train.evaluate``/``predict``/``export``,
+``config.init_from`` a workdir) reads one checkpoint and checks it the same way, checksum included, but moves,
+deletes and falls back to nothing: a damaged one is a ``CheckpointError`` naming the step, its folder and the
+steps that could be loaded instead. A saved model (``save_variables``) carries a checksum too.
 """
 
 from __future__ import annotations
@@ -44,10 +49,38 @@ DAMAGED_DIR = "checkpoints_damaged"
 
 def fingerprint(tree: Any) -> list[float]:
     """Per-leaf sums of |x| over the whole state, computed on device: a cheap check that restored arrays are
-    the saved ones (Orbax notices a truncated file, but not flipped bytes inside one)."""
-    leaves = jax.tree.leaves(tree)
-    sums = jax.jit(lambda ls: [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in ls])(leaves)
-    return [float(s) for s in jax.device_get(sums)]
+    the saved ones (Orbax notices a truncated file, but not flipped bytes inside one). A change in the low bits
+    of one value is below its tolerance: ``checksum`` catches those."""
+    return _sums(tree)[0]
+
+
+def checksum(tree: Any) -> list[int]:
+    """Per-leaf sums of the arrays' bits, each element's weighted by an odd number (2 * its flat index + 1),
+    modulo 2**32, computed on device: exact integer arithmetic in any order and sharding, so any single flipped
+    bit in a stored value changes its leaf's sum."""
+    return _sums(tree)[1]
+
+
+def _sums(tree: Any) -> tuple[list[float], list[int]]:
+    """``(fingerprint, checksum)`` of ``tree`` in one compiled computation."""
+    abs_sums, bit_sums = jax.device_get(_leaf_sums(jax.tree.leaves(tree)))
+    return [float(s) for s in abs_sums], [int(s) for s in bit_sums]
+
+
+@jax.jit
+def _leaf_sums(leaves: list) -> tuple[list, list]:
+    return [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves], [_bit_sum(x) for x in leaves]
+
+
+def _bit_sum(x: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32))
+    # 8-byte values become two words each; the state is replicated (parallel.py), so flattening moves nothing
+    bits = bits.astype(jnp.uint32).reshape(-1)
+    return jnp.sum(bits * (jnp.arange(bits.size, dtype=jnp.uint32) * 2 + 1), dtype=jnp.uint32)
 
 
 class CheckpointError(RuntimeError):
@@ -102,7 +135,9 @@ class Checkpointer:
     Keeps the ``keep`` latest checkpoints plus the one with the best validation accuracy.
     """
 
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        """``read_only``: for reading only (``load_variables``): the directory is neither created nor cleaned of
+        temporary directories, which may be the save a running training process is writing."""
         self.directory = Path(directory).absolute()
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
@@ -112,22 +147,28 @@ class Checkpointer:
         # the best one; the policy above decides what is kept. cleanup_tmp_directories: a save cut short by a
         # crash leaves a temporary directory, not a checkpoint.
         self._options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_score,
-                                                     cleanup_tmp_directories=True,
-                                                     enable_async_checkpointing=async_save)
+                                                     cleanup_tmp_directories=not read_only, create=not read_only,
+                                                     enable_async_checkpointing=async_save and not read_only)
         self._manager = self._open()
 
     def _open(self) -> _Manager:
-        return _Manager(self.directory, options=self._options, handler_registry=_registry())
+        manager = _Manager(self.directory, options=self._options, handler_registry=_registry())
+        # Orbax removes unfinished saves of an earlier process in a background thread; waited for here, because a
+        # run that stops with an error before its first save (a config problem found late) left that thread
+        # running into interpreter shutdown, which added a traceback after the one-line error.
+        getattr(manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+        return manager
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state_arrays: Any, iterator: Any, meta: dict, config: dict,
              val_accuracy: float | None = None) -> None:
-        sums = fingerprint(state_arrays)
+        sums, bits = _sums(state_arrays)
         if not np.isfinite(sums).all():
             raise NonFiniteState(f"the state at step {step} holds NaN or infinite values; not saved")
-        meta = {**meta, "fingerprint": sums, "process_count": jax.process_count(), "saved_at": time.time()}
+        meta = {**meta, "fingerprint": sums, "checksum": bits, "process_count": jax.process_count(),
+                "saved_at": time.time()}
         items = {"state": ocp.args.StandardSave(state_arrays), "meta": ocp.args.JsonSave(meta),
                  "config": ocp.args.JsonSave(config)}
         if iterator is not None:
@@ -149,7 +190,7 @@ class Checkpointer:
                 try:
                     arrays, meta = self._restore(step, abstract_arrays, iterator)
                 except Exception as err:  # noqa: BLE001 - any failure means this checkpoint cannot be trusted
-                    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                    reason = _reason(err)[:300]
                 else:
                     for bad, _ in failures:
                         log(f"moved the damaged checkpoint at step {bad} to {self._quarantine(bad)}")
@@ -192,9 +233,10 @@ class Checkpointer:
             items["data"] = _IterRestore(iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         meta = restored["meta"]
-        saved, actual = np.asarray(meta["fingerprint"]), np.asarray(fingerprint(restored["state"]))
-        if saved.shape != actual.shape or not np.allclose(saved, actual, rtol=1e-6, atol=0):
-            raise ValueError("the restored arrays do not match the fingerprint saved with the checkpoint")
+        if "fingerprint" not in meta:  # every checkpoint this module writes has one
+            raise ValueError("the checkpoint's meta has no fingerprint of its arrays")
+        if (record := _mismatch(meta, restored["state"])) is not None:
+            raise ValueError(f"the restored arrays do not match the {record} saved with the checkpoint")
         return restored["state"], meta
 
     def _quarantine(self, step: int) -> Path:
@@ -241,6 +283,26 @@ class Checkpointer:
         self._manager.close()
 
 
+def _mismatch(saved: dict, tree: Any, ordered: bool = True) -> str | None:
+    """``None`` when restored arrays are the ones saved with ``saved`` (a checkpoint's meta or a saved model's
+    info), else the record they contradict: their ``checksum`` where one was saved, else their ``fingerprint``
+    (files from before the checksum); with neither there is nothing to check. ``ordered=False`` compares per-leaf
+    values as sorted lists, for a tree restored without the saved structure (Orbax gives tuples back as lists or
+    dicts, whose leaves may come in another order); a changed value still changes its leaf's value."""
+    key = "checksum" if "checksum" in saved else "fingerprint" if "fingerprint" in saved else None
+    if key is None:
+        return None
+    expected, actual = list(saved[key]), _sums(tree)[key == "checksum"]
+    if not ordered:
+        expected, actual = sorted(expected), sorted(actual)
+    if key == "checksum":
+        same = [int(v) for v in expected] == actual
+    else:
+        same = len(expected) == len(actual) and bool(np.allclose(np.asarray(expected, np.float64), actual,
+                                                                 rtol=1e-6, atol=0))
+    return None if same else key
+
+
 def _score(metrics: dict) -> float:
     """Validation accuracy, with checkpoints saved without an evaluation ranked below every evaluated one."""
     return metrics.get(BEST_METRIC, -1.0)
@@ -267,13 +329,16 @@ MODEL_DIR, MODEL_INFO = "model", "model.json"
 
 
 def save_variables(directory: str | Path, variables: dict, config: dict, class_names: list[str]) -> Path:
-    """An inference checkpoint (variables + config + class names, no optimizer state) in ``directory``."""
+    """An inference checkpoint (variables + config + class names, no optimizer state) in ``directory``; its
+    ``model.json`` also holds the arrays' ``checksum``, which ``load_variables`` checks (files saved before it
+    had one still load, unchecked)."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
+    tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     with ocp.StandardCheckpointer() as saver:
-        saver.save(directory / MODEL_DIR, {"params": variables["params"],
-                                           "batch_stats": variables.get("batch_stats", {})}, force=True)
-    (directory / MODEL_INFO).write_text(json.dumps({"config": config, "class_names": list(class_names)}, indent=1))
+        saver.save(directory / MODEL_DIR, tree, force=True)
+    info = {"config": config, "class_names": list(class_names), "checksum": checksum(tree)}
+    (directory / MODEL_INFO).write_text(json.dumps(info, indent=1))
     return directory
 
 
@@ -281,25 +346,27 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
                    ) -> tuple[dict, dict, list[str]]:
     """``(config, {"params", "batch_stats"}, class_names)`` from ``save_variables`` output or from a training
     run's checkpoints (latest, a ``step``, or ``"best"``), as host numpy arrays; with ``use_ema`` the moving
-    average of the weights a run kept (``config.model_ema``) instead of the weights themselves."""
+    average of the weights a run kept (``config.model_ema``) instead of the weights themselves.
+
+    The arrays are checked against the checksum saved with them. A checkpoint or saved model that cannot be read
+    or does not match is a ``CheckpointError`` naming it and what to do; nothing is moved or changed, and no other
+    step is loaded in its place (a training run's resume does that, ``Checkpointer.restore_latest``)."""
     workdir = Path(workdir).absolute()
     if not workdir.exists():
         raise FileNotFoundError(f"{workdir} does not exist; give the workdir of a training run or a saved model")
     checkpoints = workdir / "checkpoints"
     has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
-    if (workdir / MODEL_DIR).exists() and not has_checkpoints:
-        if use_ema:
-            raise ValueError(f"{workdir} is a saved model, which holds one set of weights and no moving average; "
-                             "load it without use_ema")
-        info = json.loads((workdir / MODEL_INFO).read_text())
-        with ocp.StandardCheckpointer() as loader:
-            variables = loader.restore(workdir / MODEL_DIR)
-        return info["config"], jax.device_get(variables), info["class_names"]
+    if not has_checkpoints and ((workdir / MODEL_DIR).exists() or (workdir / MODEL_INFO).exists()):
+        return _load_saved_model(workdir, use_ema)
     if not has_checkpoints:  # said before opening Orbax's manager, which would create the directory: a read
         # changes nothing, and an empty checkpoints/ left behind had hidden a saved model from the next load
         raise CheckpointError(f"no checkpoint in {checkpoints}: train first (python -m train --workdir=...) or "
                               "point at the workdir of a finished run or a saved model")
-    ckpt = Checkpointer(checkpoints, async_save=False)
+    try:
+        ckpt = Checkpointer(checkpoints, async_save=False, read_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever Orbax meets while listing the directory
+        raise CheckpointError(f"cannot read the checkpoints in {checkpoints} ({_reason(err)}); nothing was changed. "
+                              "Restore the directory from a copy, or point at another run") from None
     try:
         if step == "best":
             step = ckpt.best_step() or ckpt.latest_step()  # no evaluation saved: the latest
@@ -308,14 +375,80 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
         step = ckpt.latest_step() if step is None else int(step)
         if step not in ckpt.steps():
             raise CheckpointError(f"no checkpoint at step {step} in {ckpt.directory}; it has steps {ckpt.steps()}")
-        restored = ckpt._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
-        state = jax.device_get(restored["state"])
-        if use_ema and "ema" not in state:
+        try:
+            restored = ckpt._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+            if (record := _mismatch(restored["meta"], restored["state"], ordered=False)) is not None:
+                raise ValueError(f"its arrays do not match the {record} saved with them (changed bytes in a file)")
+            state = jax.device_get(restored["state"])
+            config, class_names = restored["config"], restored["meta"].get("class_names", [])
+            has_ema = "ema" in state
+            if not use_ema or has_ema:
+                variables = state["ema"]["variables"] if use_ema else state
+                variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        except Exception as err:  # noqa: BLE001 - any failure to read it: say which checkpoint, and what to do
+            raise _damaged(ckpt, step, err) from None
+        if use_ema and not has_ema:
             raise ValueError(f"the run in {workdir} kept no moving average of its weights (config.model_ema was "
                              "False); load it without use_ema")
-        variables = state["ema"]["variables"] if use_ema else state
-        variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-        return restored["config"], variables, restored["meta"].get("class_names", [])
+        return config, variables, class_names
     finally:
         ckpt.close()
+
+
+def _load_saved_model(workdir: Path, use_ema: bool) -> tuple[dict, dict, list[str]]:
+    """A ``save_variables`` directory, checked against its checksum where it has one."""
+    if use_ema:
+        raise ValueError(f"{workdir} is a saved model, which holds one set of weights and no moving average; "
+                         "load it without use_ema")
+    advice = ("nothing was changed. Save the model again (Classifier.save) or restore the directory from a copy")
+    info_path, arrays_path = workdir / MODEL_INFO, workdir / MODEL_DIR
+    try:
+        info = json.loads(info_path.read_text())
+        missing = [key for key in ("config", "class_names") if not isinstance(info, dict) or key not in info]
+        if missing:
+            raise ValueError(f"it has no {' or '.join(map(repr, missing))}")
+        config, class_names = info["config"], list(info["class_names"])
+    except Exception as err:  # noqa: BLE001 - missing, unreadable, not JSON, or without its keys
+        raise CheckpointError(f"the saved model in {workdir} is incomplete or damaged: its {MODEL_INFO} (config and "
+                              f"class names) cannot be read ({_reason(err)}); {advice}") from None
+    try:
+        with ocp.StandardCheckpointer() as loader:
+            variables = loader.restore(arrays_path)
+        if (record := _mismatch(info, variables, ordered=False)) is not None:
+            raise ValueError(f"they do not match the {record} saved with them (changed bytes in a file)")
+        variables = jax.device_get(variables)
+        variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    except Exception as err:  # noqa: BLE001 - missing, truncated or changed arrays
+        raise CheckpointError(f"the saved model in {workdir} is incomplete or damaged: its arrays in {arrays_path} "
+                              f"cannot be used ({_reason(err)}); {advice}") from None
+    return config, variables, class_names
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as one short line: its type and first line, without TensorStore's multi-kilobyte spec, with
+    the underlying cause where the message itself says little."""
+    keyed = isinstance(err, KeyError) and err.args and isinstance(err.args[0], str)  # str() would quote it
+    text = err.args[0] if keyed else str(err)
+    text = (text.splitlines() or [""])[0].split(" See full TensorStore details")[0].strip()
+    reason = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    cause = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    if cause is not None and type(err) is Exception:  # Orbax's bare wrapper around TensorStore's error
+        reason += f" ({_reason(cause)})"
+    return reason[:400]
+
+
+def _damaged(ckpt: Checkpointer, step: int, err: BaseException) -> CheckpointError:
+    """The error for a checkpoint that cannot be loaded: which one, why, and the steps that could be instead."""
+    folder = next((p for p in ckpt.directory.iterdir() if p.name == str(step) or p.name.endswith(f"_{step}")),
+                  ckpt.directory / str(step))
+    others = [s for s in ckpt.steps() if s != step]
+    earlier = [s for s in others if s < step]
+    if others:
+        pick = (earlier or others)[-1]
+        advice = (f"load another step (--step={pick}, or step={pick} from Python; steps there: {ckpt.steps()}), or "
+                  f"restore {folder} from a copy")
+    else:
+        advice = f"it is the only checkpoint there: restore {folder} from a copy, or train again"
+    return CheckpointError(f"the checkpoint at step {step} ({folder}) is damaged or incomplete: {_reason(err)}. "
+                           f"Nothing was changed or moved; {advice}")

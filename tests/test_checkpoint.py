@@ -1,4 +1,8 @@
-"""The checkpoint module with real Orbax on disk: which step "best" means, and that keep-last-N keeps it."""
+"""The checkpoint module with real Orbax on disk: which step "best" means, that keep-last-N keeps it, and that a
+damaged checkpoint or saved model is one clear error from ``load_variables`` that changes nothing."""
+
+import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -67,3 +71,184 @@ def test_reading_a_directory_without_checkpoints_changes_nothing(tmp_path):
     _, variables, names = load_variables(tmp_path)
     np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], 7.0)
     assert names == ["a", "b", "c"]
+
+
+# --- damaged checkpoints and saved models: load_variables says which, why and what to do, and changes nothing ----
+
+def two_checkpoints(directory):
+    """Steps 1 and 2, the state's values drawn at random (so a flipped low bit changes a value by little)."""
+    rng = np.random.default_rng(0)
+    checkpoints = Checkpointer(directory / "checkpoints", async_save=False)
+    for step in (1, 2):
+        state = {"params": {"w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)},
+                 "batch_stats": {"m": jnp.ones(3)}, "step": jnp.asarray(step)}
+        checkpoints.save(step, state, None, {"class_names": ["a"]}, {"model": "m"})
+    checkpoints.close()
+    return directory / "checkpoints" / "2"
+
+
+def biggest_file(directory):
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def flip_one_bit(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def files_of(directory):
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda d: flip_one_bit(biggest_file(d / "state")), "do not match the checksum saved with them"),
+    (lambda d: biggest_file(d / "state").write_bytes(biggest_file(d / "state").read_bytes()[:100]), "Error"),
+    (lambda d: (d / "meta" / "metadata").write_text("{"), "JSONDecodeError"),
+    (lambda d: shutil.rmtree(d / "state"), 'Item "state" was not found'),
+    (lambda d: (d / "state" / "_METADATA").write_text("xx"), "JSONDecodeError"),
+    (lambda d: [shutil.rmtree(p) for p in d.iterdir() if p.is_dir()], "KeyError"),
+], ids=["one-flipped-bit", "truncated-array-file", "garbage-meta", "state-deleted", "garbage-array-metadata",
+        "empty-step-folder"])
+def test_a_damaged_checkpoint_is_one_clear_error_naming_it_and_nothing_moves(tmp_path, damage, reason):
+    """Used to be: a flipped bit served as the weights (no check of what was saved), and the rest raw KeyError,
+    JSON or TensorStore messages naming no checkpoint."""
+    step_dir = two_checkpoints(tmp_path)
+    damage(step_dir)
+    before = files_of(tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        load_variables(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"the checkpoint at step 2 ({step_dir}) is damaged or incomplete: "), message
+    assert reason in message and "Nothing was changed or moved" in message, message
+    assert "--step=1" in message and "steps there: [1, 2]" in message, message
+    assert "\n" not in message and "TensorStore(" not in message and len(message) < 1000, message
+    assert files_of(tmp_path) == before
+    _, variables, _ = load_variables(tmp_path, step=1)  # the step the message suggests loads
+    assert variables["params"]["w"].shape == (64, 64)
+
+
+def test_the_only_checkpoint_damaged_says_to_restore_it(tmp_path):
+    step_dir = two_checkpoints(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "1")
+    flip_one_bit(biggest_file(step_dir / "state"))
+    with pytest.raises(CheckpointError, match=r"it is the only checkpoint there: restore .*/2 from a copy"):
+        load_variables(tmp_path)
+
+
+def test_every_single_bit_flip_changes_the_checksum():
+    """The fingerprint (sums of |x|) missed a flipped low mantissa bit; the checksum weighs each element's bits
+    by an odd number, so no single flip leaves it unchanged, whatever the dtype."""
+    from resnet_jax.checkpoint import checksum
+
+    rng = np.random.default_rng(1)
+    for dtype, bits in ((np.float32, np.uint32), (jnp.bfloat16, np.uint16), (np.int8, np.uint8)):
+        x = np.asarray(rng.standard_normal((5, 7)) * 3).astype(dtype)
+        base = checksum({"x": x})
+        for index in (0, 17, 34):
+            for bit in range(8 * np.dtype(bits).itemsize):
+                flipped = x.copy().reshape(-1).view(bits)
+                flipped[index] ^= bits(1 << bit)
+                assert checksum({"x": flipped.view(x.dtype).reshape(x.shape)}) != base, (dtype, index, bit)
+
+
+def test_reading_leaves_a_running_save_in_progress_alone(tmp_path):
+    """Orbax's manager deletes unfinished (temporary) step directories when it opens: an evaluation started while
+    training was saving deleted the save in progress. load_variables opens the directory read-only."""
+    two_checkpoints(tmp_path)
+    in_progress = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234567"
+    (in_progress / "state").mkdir(parents=True)
+    (in_progress / "state" / "partial").write_bytes(b"x" * 10)
+    load_variables(tmp_path)
+    assert (in_progress / "state" / "partial").exists()
+
+
+def saved_model(directory):
+    from resnet_jax.checkpoint import save_variables
+
+    rng = np.random.default_rng(2)
+    variables = {"params": {"fc": {"kernel": rng.standard_normal((32, 32)).astype(np.float32)}},
+                 "batch_stats": {"bn": {"mean": np.ones(3, np.float32)}}}
+    save_variables(directory, variables, {"model": "m"}, ["a", "b"])
+    return variables
+
+
+def test_a_saved_model_is_checked_and_a_damaged_one_is_a_clear_error(tmp_path):
+    saved_model(tmp_path)
+    assert "checksum" in json.loads((tmp_path / "model.json").read_text())
+    flip_one_bit(biggest_file(tmp_path / "model"))
+    before = files_of(tmp_path)
+    with pytest.raises(CheckpointError, match=r"the saved model in .* is incomplete or damaged: its arrays in "
+                                              r".*model cannot be used \(ValueError: they do not match the checksum"):
+        load_variables(tmp_path)
+    assert files_of(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda d: (d / "model.json").unlink(), "FileNotFoundError"),
+    (lambda d: (d / "model.json").write_text("{"), "JSONDecodeError"),
+    (lambda d: (d / "model.json").write_text("{}"), "ValueError: it has no 'config' or 'class_names'"),
+], ids=["deleted", "garbage", "without-keys"])
+def test_a_saved_model_without_a_readable_model_json_is_a_clear_error(tmp_path, damage, reason):
+    saved_model(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        load_variables(tmp_path)
+    message = str(error.value)
+    assert "its model.json (config and class names) cannot be read" in message and reason in message, message
+    assert "Save the model again (Classifier.save) or restore the directory from a copy" in message
+
+
+def test_a_saved_model_without_its_arrays_is_a_clear_error(tmp_path):
+    saved_model(tmp_path)
+    shutil.rmtree(tmp_path / "model")
+    with pytest.raises(CheckpointError, match="the saved model in .* is incomplete or damaged: its arrays"):
+        load_variables(tmp_path)
+
+
+def test_a_saved_model_from_before_the_checksum_still_loads(tmp_path):
+    variables = saved_model(tmp_path)
+    info = json.loads((tmp_path / "model.json").read_text())
+    del info["checksum"]
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    config, loaded, names = load_variables(tmp_path)
+    np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
+    assert (config, names) == ({"model": "m"}, ["a", "b"])
+
+
+def test_a_checkpoint_from_before_the_checksum_is_checked_by_its_fingerprint(tmp_path):
+    """Older checkpoints carry only the fingerprint: they load, and one changed value is still caught."""
+    step_dir = two_checkpoints(tmp_path)
+    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    del meta["checksum"]
+    (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
+    load_variables(tmp_path)
+    meta["fingerprint"][0] += 1.0
+    (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not match the fingerprint saved with them"):
+        load_variables(tmp_path)
+
+
+def test_opening_waits_until_orbax_has_removed_unfinished_saves(tmp_path, monkeypatch):
+    """Orbax removes an earlier process's unfinished saves in a background thread. A run that stopped with an error
+    before its first save (a weights cache that is a file) left that thread running into interpreter shutdown,
+    whose traceback followed the CLI's one-line error. Opening now waits for it. (The removal is slowed down here so
+    that a Checkpointer that does not wait would be seen returning before it; only the order is checked.)"""
+    import asyncio
+
+    from orbax.checkpoint._src.path import temporary_paths
+
+    original = temporary_paths.cleanup_temporary_paths
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(1.0)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow)
+    unfinished = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1234567"
+    unfinished.mkdir(parents=True)
+    checkpoints = Checkpointer(tmp_path / "checkpoints")
+    try:
+        assert not unfinished.exists()
+    finally:
+        checkpoints.close()

@@ -1,4 +1,5 @@
-"""The README's main job, verbatim (``python -m train``), and the evaluate / predict / export commands on it."""
+"""The README's main job, verbatim (``python -m train``), and the evaluate / predict / export commands on it; each
+command's bad input (a bad config, a damaged checkpoint, a weights cache that is a file) as one line."""
 
 import json
 import re
@@ -147,3 +148,62 @@ def test_sigterm_exits_75_with_a_checkpoint_and_a_changed_seed_is_refused_with_e
     assert refused.stderr.strip().splitlines()[-1].startswith(f"error: {workdir} holds a run with other settings")
     assert "(seed: 0 -> 1)" in refused.stderr
     assert snapshot(workdir) == before
+
+
+@pytest.fixture(scope="module")
+def damaged_run(tmp_path_factory):
+    """A workdir whose latest checkpoint (step 2) has lost its arrays, and a copy whose step 2 has one flipped bit."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from resnet_jax.checkpoint import Checkpointer
+
+    root = tmp_path_factory.mktemp("damaged")
+    for name in ("no_state", "flipped"):
+        checkpoints = Checkpointer(root / name / "checkpoints", async_save=False)
+        for step in (1, 2):
+            weights = np.random.default_rng(step).standard_normal((64, 64))
+            checkpoints.save(step, {"params": {"w": jnp.asarray(weights, jnp.float32)},
+                                    "batch_stats": {"m": jnp.ones(3)}}, None, {"class_names": []}, {"model": "m"})
+        checkpoints.close()
+    shutil.rmtree(root / "no_state" / "checkpoints" / "2" / "state")
+    biggest = max((p for p in (root / "flipped" / "checkpoints" / "2" / "state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    raw = bytearray(biggest.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    biggest.write_bytes(bytes(raw))
+    return root
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "export"])
+@pytest.mark.parametrize("damage,reason", [("no_state", 'Item "state" was not found'),
+                                           ("flipped", "do not match the checksum saved with them")])
+def test_a_damaged_checkpoint_is_one_line_naming_it_from_each_command(damaged_run, tmp_path, command, damage,
+                                                                      reason):
+    """Used to be: a 31-line traceback (arrays deleted) or the flipped weights used as if nothing were wrong."""
+    workdir = damaged_run / damage
+    args = {"evaluate": [], "predict": [str(tmp_path / "image.png")],
+            "export": [f"--output={tmp_path / 'out.pth'}"]}[command]
+    proc = run(f"train.{command}", f"--workdir={workdir}", *args, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the checkpoint at step 2 ({workdir / 'checkpoints' / '2'}) is damaged"), last
+    assert reason in last and "--step=1" in last and "steps there: [1, 2]" in last, last
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_a_weights_cache_that_is_a_file_is_one_line(tmp_path):
+    """``$RESNET_JAX_CACHE`` (or cache_dir) naming a file: the run stops at the download with one line, not
+    FileExistsError's traceback (nor Orbax's background thread's, after it)."""
+    cache = tmp_path / "cache"
+    cache.write_text("not a directory")
+    proc = run_python(module="train", args=[f"--workdir={tmp_path / 'run'}", "--config.model=resnet18",
+                                            "--config.init_from=resnet18", "--config.image_size=32",
+                                            "--config.model_overrides.in_channels=1", "--config.mean=0.5",
+                                            "--config.std=0.5", "--config.max_steps=1", "--config.progress_bar=False"],
+                      env={**worker_env(), "RESNET_JAX_CACHE": str(cache)}, timeout=300, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(cache) in lines[0], lines
+    assert cache.read_text() == "not a directory"

@@ -1,5 +1,6 @@
-"""``python -m train``'s flags: a misspelt config key is one sentence naming the nearest valid keys with exit code
-2 (not ml_collections' traceback), and every ResNet field is settable as ``--config.model_overrides.FIELD``.
+"""``python -m train``'s flags: a misspelt config key, or a config file that is missing or fails to load, is one
+sentence with exit code 2 (not ml_collections' traceback), every ResNet field is settable as
+``--config.model_overrides.FIELD``, and a path the run cannot use is one line with exit code 1.
 
 ``parse_flags`` is what ``app.run`` calls on the command line; it runs here in-process (it defines the flags
 afresh each time), and once through a real ``python -m train`` (long)."""
@@ -58,3 +59,62 @@ def test_the_command_exits_2_with_one_line():
                       check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --config.modle=resnet18 sets config.modle, which is not a config key; did you mean 'model'?"]
+
+
+def broken_configs(tmp_path):
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "raises.py").write_text("def get_config():\n    raise RuntimeError('no data here')\n")
+    (tmp_path / "folder").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("value,message", [
+    ("/nonexistent/cfg.py", "--config=/nonexistent/cfg.py: no such file; give a config file, e.g. "
+                            "--config=train/configs/default.py (the recipes are in train/configs/)"),
+    ("{tmp}/folder", "--config={tmp}/folder: {tmp}/folder is a directory, not a config file; give a config file, "
+                     "e.g. --config=train/configs/default.py"),
+    ("", "--config= names no file; give a config file, e.g. --config=train/configs/default.py"),
+    ("{tmp}/syntax.py", "--config={tmp}/syntax.py: the config file failed at line 1 of {tmp}/syntax.py "
+                        "(SyntaxError: invalid syntax"),
+    ("{tmp}/raises.py", "--config={tmp}/raises.py: the config file failed at line 2 of {tmp}/raises.py "
+                        "(RuntimeError: no data here); a config file is Python whose get_config() returns the config"),
+    ("train/configs/imagenet_resnet50.py:cosin", "flag --config=train/configs/imagenet_resnet50.py:cosin: the config "
+                                                 "file raised ValueError: unknown variant 'cosin' of imagenet_resnet50"),
+], ids=["missing", "directory", "empty", "syntax-error", "get_config-raises", "unknown-variant"])
+def test_a_config_file_that_cannot_be_loaded_is_one_sentence_and_exit_code_2(tmp_path, value, message, capsys):
+    """Used to be: ml_collections' OSError traceback (38 lines) for a missing file, the config file's own traceback
+    for one that raises, and "Error whilst parsing config file:" without the error for an unknown variant."""
+    tmp = broken_configs(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        parse(f"--config={value.format(tmp=tmp)}")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"error: {message.format(tmp=tmp)}" in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("error,line", [
+    (NotADirectoryError("the weights cache /x/cache is a file; give cache_dir= or $RESNET_JAX_CACHE a directory"),
+     "error: the weights cache /x/cache is a file; give cache_dir= or $RESNET_JAX_CACHE a directory"),
+    (FileExistsError(17, "File exists", "/x/cache"), "error: FileExistsError: [Errno 17] File exists: '/x/cache'"),
+    (PermissionError(13, "Permission denied", "/x/run"), "error: PermissionError: [Errno 13] Permission denied: "
+                                                          "'/x/run'"),
+])
+def test_a_path_the_run_cannot_use_is_one_line_and_exit_code_1(error, line, monkeypatch, capsys):
+    """Only FileNotFoundError was caught: any other OSError (a weights cache that is a file, a workdir that cannot
+    be written) was a traceback."""
+    from absl import logging
+
+    import resnet_jax.training
+
+    def train(config, workdir):
+        raise error
+
+    parse("--workdir=unused")
+    monkeypatch.setattr(resnet_jax.training, "train", train)
+    monkeypatch.setattr(cli, "show_library_info", lambda: None)  # leaves the session's loggers as they are
+    verbosity = logging.get_verbosity()
+    try:
+        assert cli.main(["train"]) == 1
+    finally:
+        logging.set_verbosity(verbosity)
+    assert capsys.readouterr().err.strip().splitlines() == [line]

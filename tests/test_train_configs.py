@@ -1,4 +1,5 @@
-"""Every recipe in train/configs/ loads, validates and builds its model (shapes only: no data, no compile)."""
+"""Every recipe in train/configs/ loads, validates and builds its model (shapes only: no data, no compile), and
+a float setting that is NaN or infinite is refused."""
 
 import importlib
 from pathlib import Path
@@ -58,3 +59,21 @@ def test_min_image_size_is_what_the_model_downsamples_by(name, overrides):
     x = jax.ShapeDtypeStruct((1, 2 * size, 2 * size, model.in_channels), jnp.float32)
     features = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=False)[0], x)
     assert features[-1].shape[1:3] == (2, 2)
+
+
+FLOATS_WITH_A_RANGE = ("learning_rate", "warmup_epochs", "weight_decay", "mixup_alpha", "cutmix_alpha", "momentum",
+                       "lr_decay", "eval_crop_fraction", "label_smoothing", "random_erasing", "bce_target_threshold",
+                       "model_ema_decay")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("key", FLOATS_WITH_A_RANGE)
+def test_a_float_setting_that_is_not_finite_is_one_sentence(key, value):
+    """NaN passed every ``x <= 0`` / ``x < 0`` check and infinity every lower bound (``--config.learning_rate=nan``
+    was accepted and trained on NaN)."""
+    from resnet_jax.training.config import base_config
+
+    config = base_config()
+    config[key] = value
+    with pytest.raises(ValueError, match=rf"^config\.{key} must be a finite number, got {value}$"):
+        validate(config)

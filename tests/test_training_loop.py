@@ -236,10 +236,11 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_a_diverged_update_is_never_saved(tmp_path):
-    """An infinite learning rate: step 1's loss is still finite (it is computed before the update), but the state
-    it leaves is not, and a checkpoint due at step 1 must not keep it."""
+    """The largest float32 learning rate (an infinite one is refused up front): step 1's loss is still finite (it
+    is computed before the update), but the state it leaves overflows, and a checkpoint due at step 1 must not
+    keep it."""
     with pytest.raises(TrainingDiverged, match="state at step 1 holds NaN or infinite values.*no checkpoint"):
-        train(tiny_config(learning_rate=float("inf"), checkpoint_every_steps=1), tmp_path / "run")
+        train(tiny_config(learning_rate=3.4e38, checkpoint_every_steps=1), tmp_path / "run")
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -13,7 +13,7 @@ turns that off).
 
 Any ResNet field is settable as ``--config.model_overrides.FIELD=VALUE`` (``conv_impl=xla``,
 ``stage_sizes=1,1,1``); a misspelt key (``--config.modle=resnet18``) is one line naming the nearest valid keys,
-exit code 2, like every other usage error.
+exit code 2, like every other usage error (a ``--config`` file that is missing or fails to load included).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import ast
 import dataclasses
 import difflib
 import sys
+import traceback
 from pathlib import Path
 
 from absl import app, flags
@@ -50,18 +51,93 @@ def parse_flags(argv: list[str]) -> list[str]:
         try:
             _define_config_flag(rest)
             remaining = flags.FLAGS(rest)
+            config = flags.FLAGS.config
+            config.keys()  # a config file ml_collections could not read fails here, at first use, not while parsing
         except flags.Error as err:
-            raise UsageError(str(err).splitlines()[0]) from None
+            raise UsageError(_flag_error_message(err)) from None
+        except OSError as err:
+            raise UsageError(_unreadable_config_message(rest, err)) from None
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise UsageError(_unknown_key_message(rest) or f"cannot apply the --config flags: {err}") from None
+        except Exception as err:  # noqa: BLE001 - re-raised below unless the config file itself raised it
+            message = _broken_config_message(rest, err)
+            if message is None:
+                raise
+            raise UsageError(message) from None
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    config = flags.FLAGS.config
     with config.unlocked():
         for key, value in overrides.items():
             config.model_overrides[key] = value
     return remaining
+
+
+CONFIG_EXAMPLE = "e.g. --config=train/configs/default.py (the recipes are in train/configs/)"
+
+
+def _config_argument(argv: list[str]) -> str:
+    """The value of the last ``--config=FILE[:ARG]`` (or ``--config FILE``) in ``argv``; the default config's path
+    when there is none."""
+    value = DEFAULT_CONFIG
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            value = arg[len("--config="):]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _unreadable_config_message(argv: list[str], err: OSError) -> str:
+    """ml_collections' multi-line "Failed loading config file config_config / Attempted ..." as one sentence."""
+    value = _config_argument(argv)
+    path = Path(value.split(":", 1)[0]).expanduser()
+    if not value.split(":", 1)[0]:
+        return f"--config= names no file; give a config file, {CONFIG_EXAMPLE}"
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (in {Path.cwd()})"
+        return f"--config={value}: no such file{where}; give a config file, {CONFIG_EXAMPLE}"
+    if path.is_dir():
+        return f"--config={value}: {path} is a directory, not a config file; give a config file, {CONFIG_EXAMPLE}"
+    cause = err.__cause__ or err
+    detail = [line.strip() for line in str(cause).splitlines() if line.strip()][-1:] or [type(cause).__name__]
+    return f"--config={value}: cannot load {path} ({detail[0]}); give a readable config file, {CONFIG_EXAMPLE}"
+
+
+def _broken_config_message(argv: list[str], err: Exception) -> str | None:
+    """For an error raised while the config file ran (a syntax error, a failed import, its own ``get_config``):
+    one sentence naming the file, the line and the error; ``None`` for any other error."""
+    value = _config_argument(argv)
+    path = Path(value.split(":", 1)[0]).expanduser()
+    try:
+        target = path.resolve()
+    except OSError:
+        return None
+    lines = [(Path(frame.filename), frame.lineno) for frame in traceback.extract_tb(err.__traceback__)]
+    if isinstance(err, SyntaxError) and err.filename:
+        lines.append((Path(err.filename), err.lineno))
+    lines = [line for file, line in lines if _same_file(file, target)]
+    if not lines:
+        return None
+    what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+    return (f"--config={value}: the config file failed at line {lines[-1]} of {path} ({what}); a config file is "
+            f"Python whose get_config() returns the config, {CONFIG_EXAMPLE}")
+
+
+def _same_file(file: Path, target: Path) -> bool:
+    try:
+        return file.resolve() == target
+    except OSError:
+        return False
+
+
+def _flag_error_message(err: Exception) -> str:
+    """absl's flag error as one line. ml_collections puts an exception the config file raised (an unknown variant,
+    a wrong number of arguments) on the last line of a traceback below "Error whilst parsing config file:"."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith("Error whilst parsing config file:"):
+        return f"{lines[0].removesuffix(' Error whilst parsing config file:')} the config file raised {lines[-1]}"
+    return lines[0] if lines else type(err).__name__
 
 
 def _define_config_flag(argv: list[str]) -> None:
@@ -142,6 +218,15 @@ def _unknown_key_message(argv: list[str]) -> str | None:
     return None
 
 
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (its lines joined), with its type where the message alone says little
+    (``[Errno 17] File exists: '/x'``)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if isinstance(err, OSError) and err.errno is not None:  # the system's words ("[Errno 17] ..."), not ours
+        text = f"{type(err).__name__}: {text}"
+    return text or type(err).__name__
+
+
 def show_library_info() -> None:
     """resnet_jax's own INFO lines on stderr: that the oneDNN extension is being built (a minute, once), or why
     it is off and what to run. Other libraries' INFO stays hidden."""
@@ -173,8 +258,10 @@ def main(argv: list[str]) -> int:
     except Preempted as stopped:
         print(f"preempted: {stopped}", file=sys.stderr)
         return stopped.exit_code
-    except (ValueError, FileNotFoundError, TrainingDiverged, CheckpointError, DownloadError, HubUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, TrainingDiverged, CheckpointError, DownloadError, HubUnavailable) as err:
+        # OSError: a path of the config that cannot be used (a weights cache_dir that is a file, a workdir that
+        # cannot be written), as FileNotFoundError always was; DownloadError is one too
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     val = [r for r in result.history if r["split"] == "val"]
     final = f"; final val accuracy {val[-1]['accuracy']:.4f}" if val else ""

@@ -23,8 +23,8 @@ def main(argv: list[str]) -> int:
     try:
         clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step, use_ema=flags.FLAGS.use_ema)
         metrics = clf.evaluate(split=flags.FLAGS.split, batch_size=flags.FLAGS.batch_size)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as err:  # CheckpointError is a RuntimeError
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         return 1
     print(json.dumps({"dataset": clf.config.dataset, "split": flags.FLAGS.split or clf.config.val_split,
                       **metrics}))

@@ -55,8 +55,8 @@ def main(argv: list[str]) -> int:
             path = clf.export_torchvision(output)
         else:
             path = clf.export(output, format=fmt, platforms=platforms)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, ImportError) as err:  # CheckpointError is a RuntimeError
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         return 1
     manifest = " and its manifest " + path.name + ".json" if fmt in ("stablehlo", "onnx") else ""
     print(f"wrote {path}{manifest} ({fmt}, {clf.config.model}, {clf.num_classes} classes)")

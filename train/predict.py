@@ -88,8 +88,8 @@ def main(argv: list[str]) -> int:
                                      flags.FLAGS.pretrained, flags.FLAGS.weights_file)
         labels, images = read_inputs(paths, channels)
         predictions = model.predict(images, top_k=flags.FLAGS.top_k)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, ImportError) as err:  # CheckpointError is a RuntimeError
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         return 1
     for label, top in zip(labels, predictions):
         print(label)

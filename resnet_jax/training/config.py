@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 
 import ml_collections
 
@@ -124,6 +125,12 @@ CONTINUABLE = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_s
 PER_INVOCATION = ("restart", "coordinator_address", "num_processes", "process_id")
 
 
+# The float settings with a range, checked to be finite before their ranges are.
+RANGED_FLOATS = ("learning_rate", "warmup_epochs", "weight_decay", "mixup_alpha", "cutmix_alpha", "momentum",
+                 "lr_decay", "eval_crop_fraction", "label_smoothing", "random_erasing", "bce_target_threshold",
+                 "model_ema_decay")
+
+
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
@@ -152,6 +159,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "keep_checkpoints", "image_size"):
         if int(full[key]) <= 0:
             raise ValueError(f"config.{key} must be positive, got {full[key]}")
+    for key in RANGED_FLOATS:  # NaN fails no `x < 0` or `x <= 0` test, and infinity passes the lower bounds
+        if not math.isfinite(full[key]):
+            raise ValueError(f"config.{key} must be a finite number, got {full[key]}")
     if full.learning_rate <= 0:
         raise ValueError(f"config.learning_rate must be positive, got {full.learning_rate}")
     _check_schedule_numbers(full)
