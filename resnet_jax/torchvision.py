@@ -435,7 +435,8 @@ def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return _export(variables, "torchvision", None)
 
 
-def torch_library(model: ResNet | str) -> tuple[str, str] | None:
+def torch_library(model: ResNet | str, libraries: tuple[str, ...] = ("torchvision", "timm")
+                  ) -> tuple[str, str] | None:
     """``(library, name)`` of a PyTorch model with ``model``'s architecture: ``("torchvision", "resnet50")`` where
     ``torchvision.models.resnet50`` is it, else ``("timm", "resnet50d")`` for ``timm.create_model``, else None
     (CIFAR ResNets, changed depths or widths: no library builds them; ``preact_resnet18`` is timm's
@@ -443,9 +444,9 @@ def torch_library(model: ResNet | str) -> tuple[str, str] | None:
     ``in_channels`` is timm's (``in_chans``), as torchvision's constructors have no such option."""
     model = create_model(model) if isinstance(model, str) else model
     # torchvision's constructors take no input channel count; timm's take in_chans
-    libraries = (("torchvision", TORCHVISION_MODELS),) if model.in_channels == 3 else ()
-    for library, names in (*libraries, ("timm", TIMM_MODELS)):
-        for arch in names:
+    names = {"torchvision": TORCHVISION_MODELS if model.in_channels == 3 else (), "timm": TIMM_MODELS}
+    for library in libraries:
+        for arch in names[library]:
             config = model_config(arch)
             if all(getattr(model, k) == config.get(k, _default(k)) for k in _ARCHITECTURE):
                 return library, arch

@@ -3,8 +3,11 @@
 - ``stablehlo`` (``.stablehlo``): a ``jax.export`` artifact of the inference function, BatchNorm folded, batch
   size free; runs with ``jax`` alone (``jax.export.deserialize``) or ``resnet_jax.export.load_exported``.
 - ``onnx`` (``.onnx``): the same folded graph as ONNX, batch size free; runs in onnxruntime.
-- ``torchvision`` (``.pth``) / ``safetensors`` (``.safetensors``): the state_dict that
-  ``torchvision.models.<model>(num_classes=N)`` loads.
+- ``torchvision`` (``.pth``) / ``safetensors`` (``.safetensors``): the state_dict, in the names of the PyTorch
+  library that has the architecture (``--naming=auto``): ``torchvision.models.<model>(num_classes=N)`` where
+  torchvision has it, else ``timm.create_model(<model>, num_classes=N)`` (ResNet-D, SE, ECA, ResNetV2, other
+  input channels). Architectures neither has (the CIFAR ResNets) get torchvision's naming rules, which
+  ``resnet_jax.load_torchvision`` reads back; the line printed says which.
 
 The two inference formats get a JSON manifest beside them (``FILE.json``: class names, preprocessing). The
 format defaults to the one the output's suffix names.
@@ -24,6 +27,8 @@ flags.DEFINE_string("output", None, "file to write (.stablehlo, .onnx, .pth or .
 flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest)")
 flags.DEFINE_bool("use_ema", False, "the run's moving average of the weights (config.model_ema) instead")
 flags.DEFINE_enum("format", None, list(FORMATS), "what to write (default: from the output's suffix)")
+flags.DEFINE_enum("naming", "auto", ["auto", "torchvision", "timm"],
+                  ".pth/.safetensors: whose parameter names (auto: the library that has the architecture)")
 flags.DEFINE_list("platforms", None, "stablehlo only: backends to lower for, e.g. cpu,cuda (default: this one's)")
 
 
@@ -52,15 +57,35 @@ def main(argv: list[str]) -> int:
             raise ValueError("--platforms applies to --format=stablehlo only")
         clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step, use_ema=flags.FLAGS.use_ema)
         if fmt in ("torchvision", "safetensors"):
-            path = clf.export_torchvision(output)
+            path, described = state_dict_export(clf, output, flags.FLAGS.naming)
         else:
             path = clf.export(output, format=fmt, platforms=platforms)
+            described = f"{fmt}, {clf.config.model}, {clf.num_classes} classes"
     except (ValueError, OSError, RuntimeError, ImportError) as err:  # CheckpointError is a RuntimeError
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         return 1
     manifest = " and its manifest " + path.name + ".json" if fmt in ("stablehlo", "onnx") else ""
-    print(f"wrote {path}{manifest} ({fmt}, {clf.config.model}, {clf.num_classes} classes)")
+    print(f"wrote {path}{manifest} ({described})")
     return 0
+
+
+def state_dict_export(clf, output: Path, naming: str) -> tuple[Path, str]:
+    """Write the state_dict in ``naming``'s names (``auto``: the library that has the architecture); the path and
+    a description of what loads it."""
+    from resnet_jax.torchvision import torch_library
+
+    if naming == "auto":
+        naming = (torch_library(clf.model) or ("torchvision",))[0]
+    path = clf.export_timm(output) if naming == "timm" else clf.export_torchvision(output)  # timm: or refused
+    library = torch_library(clf.model, (naming,))
+    if library is None:
+        return path, (f"torchvision's naming rules for {clf.config.model}, which torchvision does not build; "
+                      f"resnet_jax.load_torchvision reads it back")
+    options = f"num_classes={clf.num_classes}" + (f", in_chans={clf.model.in_channels}"
+                                                  if clf.model.in_channels != 3 else "")
+    loader = (f"torchvision.models.{library[1]}({options})" if naming == "torchvision"
+              else f"timm.create_model({library[1]!r}, {options})")
+    return path, f"{naming} state_dict: {loader}.load_state_dict(...) loads it"
 
 
 if __name__ == "__main__":
