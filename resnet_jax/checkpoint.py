@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from resnet_jax.parallel import sync_processes
+from resnet_jax.parallel import process_strings, sync_processes
 
 try:
     from grain.checkpoint import (CheckpointHandler as _IterHandler, CheckpointRestore as _IterRestore,
@@ -228,9 +228,9 @@ class Checkpointer:
                                  "position), or pass --config.restart=True to start over")
 
     def _restore(self, step: int, abstract_arrays: Any, iterator: Any):
-        items = {"state": ocp.args.StandardRestore(abstract_arrays), "meta": ocp.args.JsonRestore()}
         if iterator is not None:
-            items["data"] = _IterRestore(iterator)
+            self._restore_data_position(step, iterator)
+        items = {"state": ocp.args.StandardRestore(abstract_arrays), "meta": ocp.args.JsonRestore()}
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         meta = restored["meta"]
         if "fingerprint" not in meta:  # every checkpoint this module writes has one
@@ -239,9 +239,28 @@ class Checkpointer:
             raise ValueError(f"the restored arrays do not match the {record} saved with the checkpoint")
         return restored["state"], meta
 
+    def _restore_data_position(self, step: int, iterator: Any) -> None:
+        """This process's data position (its own file), then every process's verdict on it: a file damaged for
+        one process (truncated on one host) makes the checkpoint damaged for all, so they fall back to the same
+        older step together instead of one going on alone into barriers the others never reach. Read by Grain's
+        handler directly, without the manager's barriers, which a process that failed would skip."""
+        reason = None
+        try:
+            _IterHandler().restore(self._step_dir(step) / "data", args=_IterRestore(iterator))
+        except Exception as err:  # noqa: BLE001 - reported as damage, by every process
+            reason = f"its data position: {_reason(err)}"
+        if jax.process_count() > 1:
+            failed = [(i, r) for i, r in enumerate(process_strings(reason or "")) if r]
+            reason = "; ".join(f"process {i} cannot read {r}" for i, r in failed) if failed else None
+        if reason is not None:
+            raise ValueError(reason)
+
+    def _step_dir(self, step: int) -> Path:
+        return next(p for p in self.directory.iterdir() if p.name == str(step) or p.name.endswith(f"_{step}"))
+
     def _quarantine(self, step: int) -> Path:
         self._manager.wait_until_finished()
-        source = next(p for p in self.directory.iterdir() if p.name == str(step) or p.name.endswith(f"_{step}"))
+        source = self._step_dir(step)
         target = self.directory.parent / DAMAGED_DIR / f"{source.name}-{int(time.time())}"
         sync_processes("before_quarantine")  # every process is done reading it
         if jax.process_index() == 0:

@@ -313,3 +313,19 @@ def test_joining_twice_in_one_program_and_joining_too_late(tmp_path):
                          f"try:\n    initialize_distributed({busy!r}, 2, 0)\n"
                          "except ValueError as err:\n    print(err)", env=worker_env(1), timeout=120)
     assert f"could not join the multi-process run at {busy} as process 0 of 2" in out.stdout
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_damaged_in_one_processs_part_is_skipped_by_both(two_processes, tmp_path, spawn):
+    """Process 1's data position in the newest checkpoint is truncated (a crash mid-copy on one host). Process 0
+    reads its own part fine; both must still agree that the checkpoint is damaged and resume from the one before
+    it together (they had gone separate ways: one restored, the other fell back, and both failed in barriers)."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(two_processes[0], workdir)
+    newest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    (workdir / "checkpoints" / str(newest) / "data" / "process_1-of-2.json").write_text('{\n    "next_in')
+    results = finish(start_processes(spawn, workdir, max_steps=STEPS + 3))
+    assert results[0]["resumed_from"] == newest - 3 and results[0]["step"] == STEPS + 3
+    assert [p.name.split("-")[0] for p in (workdir / "checkpoints_damaged").iterdir()] == [str(newest)]
