@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
                                         # ("resnet50", "resnet50.IMAGENET1K_V2", "resnet50.a1_in1k") to start from
     c.weights_file = ""                 # a local copy of the published weights init_from names (no download)
     # data
-    c.dataset = "digits"                # "digits", "synthetic", or any TFDS name ("cifar10", "imagenet2012", ...)
+    c.dataset = "digits"                # "digits", "synthetic", "folder:PATH" (class folders), or any TFDS name
     c.data_dir = ""                     # TFDS data_dir ("" = TFDS default)
     c.train_split = "train"
     c.val_split = "validation"
