@@ -58,7 +58,7 @@ def test_other_windows_equal_max_pool(pool, kind, extension):
 def test_model_stem_uses_it_on_cpu():
     """ResNet-50's stem pools with the sliced form on CPU: no reduce_window in the gradient of the model."""
     model = create_model("resnet18", num_classes=3)
-    x = jnp.ones((1, 32, 32, 3))
+    x = jnp.ones((2, 32, 32, 3))  # two images: training BatchNorm needs more than one value per channel
     variables = jax.eval_shape(model.init, jax.random.key(0), x)  # the gradient's jaxpr needs only shapes
 
     def loss(params, batch_stats):
