@@ -138,3 +138,37 @@ def test_training_reads_the_folders(photos, tmp_path):
     assert result.class_names == ["ant", "bee", "zebra"] and int(result.state.step) == 2
     val = [r for r in result.history if r["split"] == "val"]
     assert val and np.isfinite(val[-1]["loss"])
+
+
+def test_a_model_is_not_evaluated_on_folders_of_other_classes(photos):
+    """Folder labels are positions in the folder's own class list: evaluating a model on folders of other
+    classes would score a dog as whatever class 0 was; refused, as training refuses such splits."""
+    import jax
+    import jax.numpy as jnp
+
+    from resnet_jax.training import Classifier
+
+    clf = Classifier("resnet20", num_classes=3, image_size=16, class_names=["ant", "bee", "zebra"],
+                     model_overrides={"stage_sizes": (1, 1, 1)})
+    clf.variables = jax.jit(lambda: clf.model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))()
+    assert clf.evaluate(f"folder:{photos}", "val", batch_size=4)["accuracy"] >= 0  # the same classes: evaluated
+    (photos / "val" / "zebra" / "v.png").rename(photos / "val" / "bee" / "w.png")
+    (photos / "val" / "zebra").rmdir()
+    write_image(photos / "val" / "yak" / "y.png", "RGB", 40)
+    message = refusal(lambda: clf.evaluate(f"folder:{photos}", "val", batch_size=4))
+    assert "has the classes ant, bee, yak but this model was trained on ant, bee, zebra" in message
+
+
+def test_folder_paths_are_recorded_absolute_and_read_as_torchvision_reads_them(photos, monkeypatch):
+    """The config is the run's record: a relative folder (or ~) would name another folder when the run is resumed
+    or evaluated from elsewhere. An existing split folder is taken by its name even with brackets in it."""
+    from resnet_jax.training import validate
+
+    monkeypatch.chdir(photos.parent)
+    monkeypatch.setenv("HOME", str(photos.parent))
+    assert validate(tiny_config(dataset="folder:photos")).dataset == f"folder:{photos}"
+    assert validate(tiny_config(dataset="folder:~/photos")).dataset == f"folder:{photos}"
+    assert validate(tiny_config(dataset="digits")).dataset == "digits"
+    assert len(data.get_source("folder:~/photos", "val")) == 3  # torchvision's VisionDataset expands ~ too
+    (photos / "val").rename(photos / "val [2024]")
+    assert data.get_source(f"folder:{photos}", "val [2024]").class_names == ["ant", "bee", "zebra"]

@@ -247,3 +247,27 @@ def test_imagenet_manual_dir_names_its_tar_files_and_spots_extracted_folders(tmp
     (manual / "train" / "n01440764").mkdir(parents=True)
     message = refusal(lambda: prep.prepare("imagenet2012", data_dir=tmp_path, manual_dir=manual))
     assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in message and f"'folder:{manual}'" in message
+
+
+class NeedsManualFiles(tfds.core.GeneratorBasedBuilder):
+    """Fails as TFDS's own builders report missing manual files (imagenet2012_subset without its train tar)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {"image": tfds.features.Image(shape=(4, 4, 3)), "label": tfds.features.ClassLabel(names=["a"])}))
+
+    def _split_generators(self, dl_manager):
+        raise AssertionError("ImageNet requires manual download of the data.\nPlease download the train and val set")
+
+    def _generate_examples(self):
+        yield from ()
+
+
+def test_a_builders_assertion_is_one_sentence_and_a_config_typo_keeps_tfdss_hint(tmp_path):
+    pytest.importorskip("tensorflow")
+    message = refusal(lambda: prep.prepare("needs_manual_files", data_dir=tmp_path))
+    assert message.startswith("preparing 'needs_manual_files' failed: ImageNet requires manual download")
+    typo = refusal(lambda: data.get_source("tiny_shapes/nope", "train", data_dir=tmp_path))
+    assert "did you mean" not in typo and "BuilderConfig nope not found" in typo  # TFDS's, not "unknown dataset"

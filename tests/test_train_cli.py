@@ -236,3 +236,28 @@ def test_a_state_dict_export_is_named_for_the_library_that_has_the_model(tmp_pat
     proc = run("train.export", f"--workdir={tmp_path / 'saved'}", f"--output={out}", "--naming=timm", timeout=300)
     if model == "resnet20":  # timm has no CIFAR ResNet: refused in one line
         assert proc.returncode == 1 and "timm has no model with this architecture" in proc.stderr
+
+
+def test_the_loader_named_for_a_dilated_model_computes_what_it_computes(tmp_path):
+    """output_stride=16 keeps the weights and dilates the last stage: the default constructor loads the file but
+    computes another function, so the line printed must carry torchvision's replace_stride_with_dilation."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import torchvision
+
+    from resnet_jax.training import Classifier
+    from train.export import state_dict_export
+
+    clf = Classifier("resnet50", num_classes=5, image_size=64, model_overrides={"output_stride": 16})
+    shapes = jax.eval_shape(lambda x: clf.model.init(jax.random.key(0), x, train=False), jnp.zeros((1, 64, 64, 3)))
+    rng = np.random.default_rng(0)
+    clf.variables = random_batch_stats(jax.tree.map(lambda s: 0.05 * rng.standard_normal(s.shape, s.dtype), shapes), 0)
+    path, described = state_dict_export(clf, tmp_path / "os16.pth", "auto")
+    assert "torchvision.models.resnet50(num_classes=5, replace_stride_with_dilation=[False, False, True])" in described
+    reference = torchvision.models.resnet50(num_classes=5, replace_stride_with_dilation=[False, False, True]).eval()
+    reference.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x = rng.standard_normal((1, 64, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(clf.model.apply(clf.variables, x), expected, rtol=1e-4, atol=1e-4)

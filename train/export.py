@@ -83,6 +83,10 @@ def state_dict_export(clf, output: Path, naming: str) -> tuple[Path, str]:
                       f"resnet_jax.load_torchvision reads it back")
     options = f"num_classes={clf.num_classes}" + (f", in_chans={clf.model.in_channels}"
                                                   if clf.model.in_channels != 3 else "")
+    stride = clf.model.output_stride
+    if stride != 32:  # the same weights, dilated: the constructor must be told, or it computes another function
+        options += (f", replace_stride_with_dilation={[False, stride == 8, True]}" if naming == "torchvision"
+                    else f", output_stride={stride}")
     loader = (f"torchvision.models.{library[1]}({options})" if naming == "torchvision"
               else f"timm.create_model({library[1]!r}, {options})")
     return path, f"{naming} state_dict: {loader}.load_state_dict(...) loads it"

@@ -31,9 +31,13 @@ class FolderSource(Source):
     """``root/<split>/<class>/**/<image>``: every image file under each class folder, labelled by the class's
     index among the sorted class folders."""
 
+    labels_by_name = True  # a label is an index into this folder's class list, not a fixed meaning
+
     def __init__(self, root, split: str):
-        root = os.fspath(root)
-        folder, start, stop = _parse_split(split)
+        root = os.path.expanduser(os.fspath(root))
+        # a folder that exists is taken as named ("train [2024]"), before its name is read as a slice
+        folder, start, stop = ((split, 0, 100) if isinstance(split, str) and split and
+                               os.path.isdir(os.path.join(root, split)) else _parse_split(split))
         if not os.path.isdir(root):
             raise ValueError(f"image folder {root!r} does not exist; point 'folder:PATH' at the directory holding "
                              f"one subfolder per split (e.g. train/, val/), each with one subfolder per class.")

@@ -23,6 +23,9 @@ class Source:
     num_classes: int = 0
     class_names: list[str] = []
     image_shape: tuple[int | None, int | None, int] = (None, None, 3)
+    # True where labels are positions in ``class_names`` as this source found them (class folders), so data with
+    # other class names means other labels; False where the dataset fixes each label's meaning (TFDS, digits)
+    labels_by_name: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError

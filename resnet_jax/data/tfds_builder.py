@@ -30,11 +30,16 @@ def _unknown_name(name: str, tfds) -> ValueError:
     if os.path.isdir(name):
         return ValueError(f"Unknown dataset {name!r}: it is a directory; for class folders (torchvision's "
                           f"ImageFolder layout) name it 'folder:{name}'.")
-    known = ["digits", "synthetic", *tfds.list_builders()]
-    close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known, n=3)
+    known = list(dict.fromkeys(["digits", "synthetic", *tfds.list_builders()]))
+    close = difflib.get_close_matches(_base_name(name), known, n=3)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     return ValueError(f"Unknown dataset {name!r}: {hint}Use 'digits', 'synthetic', 'folder:PATH' (class folders) "
                       f"or a TFDS dataset name (tfds.list_builders()).")
+
+
+def _base_name(name: str) -> str:
+    """The dataset of a TFDS name: "imagenette" of "imagenette/320px-v2:1.0.0"."""
+    return name.split("/")[0].split(":")[0]
 
 
 def open_builder(name: str, data_dir=None):
@@ -46,8 +51,16 @@ def open_builder(name: str, data_dir=None):
                          f"TFDS data directory.")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except (tfds.core.registered.DatasetNotFoundError, ValueError):  # ValueError: not a name TFDS can parse
+    except tfds.core.registered.DatasetNotFoundError:
         raise _unknown_name(name, tfds) from None
+    except ValueError as err:  # a known dataset with an unknown config or version, or not a name at all
+        if _base_name(name) not in tfds.list_builders():
+            raise _unknown_name(name, tfds) from None
+        text = " ".join(str(err).split()).split(" Here are ")[0].rstrip(":. ")  # TFDS's, without its list
+        configs = [c.name for c in getattr(tfds.builder_cls(_base_name(name)), "BUILDER_CONFIGS", [])]
+        close = difflib.get_close_matches(name.split("/", 1)[-1].split(":")[0], configs, n=3) or configs[:5]
+        hint = f"; {_base_name(name)}'s configs include {', '.join(close)}" if close else ""
+        raise ValueError(f"cannot open {name!r}: {text}{hint}.") from None
     if not builder.is_prepared():
         return tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if builder.info.file_format is not None and builder.info.file_format.value != "array_record":
@@ -99,8 +112,7 @@ def tensorflow_installed() -> bool:
 
 # The files a manual-download builder reads, where TFDS documents them; any one makes a split (ImageNet can be
 # prepared with only its validation tar, to evaluate published weights).
-MANUAL_FILES = {name: ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-                for name in ("imagenet2012", "imagenet2012_subset")}
+MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
 
 
 def prepare_builder(builder, *, manual_dir=None) -> None:
@@ -123,7 +135,11 @@ def prepare_builder(builder, *, manual_dir=None) -> None:
                          f"is no network; prepare it on a connected machine and copy the data_dir here.")
     import tensorflow_datasets as tfds
 
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except AssertionError as err:  # how TFDS's builders report missing manual files (imagenet2012_subset: both)
+        text = " ".join(str(err).split()).rstrip(".")
+        raise ValueError(f"preparing {name!r} failed: {text}.") from None
     if not builder.is_prepared():
         raise ValueError(f"preparing {name!r} left no complete dataset in {builder.data_dir}; delete that folder "
                          f"and prepare it again.")

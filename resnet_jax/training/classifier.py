@@ -112,6 +112,10 @@ class Classifier:
         source = data.get_source(dataset or self.config.dataset, split or self.config.val_split,
                                  image_size=self.config.image_size, seed=self.config.seed,
                                  data_dir=self.config.data_dir or None)
+        if source.labels_by_name and list(source.class_names) != self.class_names:
+            raise ValueError(f"{source!r} has the classes {_listed(source.class_names)} but this model was trained "
+                             f"on {_listed(self.class_names)}: the same label would mean another class; evaluate "
+                             f"on folders of the model's classes")
         mean, std = self._stats()
         loader = data.eval_loader(source, batch_size=batch_size, image_size=self.config.image_size, mean=mean,
                                   std=std, channels=self.model.in_channels,
@@ -232,6 +236,10 @@ class Classifier:
 
     def _stats(self):
         return normalization_stats(self.config)
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(map(str, names[:6])) + (f", ... ({len(names)})" if len(names) > 6 else "")
 
 
 class _Evaluable:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 
 import ml_collections
 
@@ -138,6 +139,16 @@ def _choice(key: str, value, choices) -> None:
         raise ValueError(f"config.{key}={value!r} is not one of {list(choices)}{hint}")
 
 
+def _absolute_folder(dataset: str) -> str:
+    """``folder:PATH`` with PATH absolute (``~`` expanded): the config is the run's record, and a relative path
+    would name another folder when the run is resumed or evaluated from another directory."""
+    from resnet_jax.data.folder import PREFIX
+
+    if not isinstance(dataset, str) or not dataset.startswith(PREFIX):
+        return dataset
+    return PREFIX + os.path.abspath(os.path.expanduser(dataset[len(PREFIX):]))
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Return ``config`` completed with defaults; raise ``ValueError`` (one sentence) on any bad setting."""
     full = base_config()
@@ -147,6 +158,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         hints = ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in close.items())
         raise ValueError(f"unknown config key(s) {hints}")
     full.update(config)
+    full.dataset = _absolute_folder(full.dataset)
     if full.model not in MODEL_CONFIGS:
         create_model(full.model)  # raises the registry's error with close matches
     _choice("optimizer", full.optimizer, OPTIMIZERS)
