@@ -327,6 +327,14 @@ def _score(metrics: dict) -> float:
     return metrics.get(BEST_METRIC, -1.0)
 
 
+def _on_this_device(metadata: Any) -> Any:
+    """The saved arrays' shapes and dtypes, placed on this process's first device: a restore target, so that
+    loading for inference does not depend on how many devices trained the run (without one, Orbax asks for the
+    saved topology)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=device), metadata)
+
+
 def _leaf_specs(tree: Any) -> dict[str, tuple]:
     """``{"params/conv1/kernel": (shape, dtype)}`` for arrays or array metadata; path entries by name, so a
     saved tuple index and a live namedtuple field compare equal."""
@@ -396,7 +404,8 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
             raise CheckpointError(f"no checkpoint at step {step} in {ckpt.directory}; it has steps {ckpt.steps()}")
         try:
             restored = ckpt._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(_on_this_device(ckpt._manager.item_metadata(step)["state"])),
+                meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
             if (record := _mismatch(restored["meta"], restored["state"], ordered=False)) is not None:
                 raise ValueError(f"its arrays do not match the {record} saved with them (changed bytes in a file)")
             state = jax.device_get(restored["state"])
@@ -433,7 +442,8 @@ def _load_saved_model(workdir: Path, use_ema: bool) -> tuple[dict, dict, list[st
                               f"class names) cannot be read ({_reason(err)}); {advice}") from None
     try:
         with ocp.StandardCheckpointer() as loader:
-            variables = loader.restore(arrays_path)
+            metadata = loader.metadata(arrays_path)
+            variables = loader.restore(arrays_path, _on_this_device(getattr(metadata, "item_metadata", metadata)))
         if (record := _mismatch(info, variables, ordered=False)) is not None:
             raise ValueError(f"they do not match the {record} saved with them (changed bytes in a file)")
         variables = jax.device_get(variables)

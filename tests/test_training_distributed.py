@@ -262,13 +262,19 @@ def test_processes_given_different_settings_refuse_to_start_and_write_nothing(tm
 
 
 @pytest.mark.multiprocess
-def test_a_workdir_not_shared_by_the_processes_is_refused_before_anything_is_saved(tmp_path, spawn):
-    """Two hosts with local disks: Orbax's first save would wait in a barrier for minutes and leave nothing."""
+@pytest.mark.parametrize("leftover", [False, True])
+def test_a_workdir_not_shared_by_the_processes_is_refused_before_anything_is_saved(tmp_path, spawn, leftover):
+    """Two hosts with local disks: Orbax's first save would wait in a barrier for minutes and leave nothing. With
+    an old file in one host's directory only, that host's own workdir check must not run first (it refused
+    alone while the other waited in a barrier: both hung)."""
+    if leftover:
+        (tmp_path / "host1").mkdir()
+        (tmp_path / "host1" / "metrics.jsonl").write_text("")
     results = run_both(spawn, [tmp_path / "host0", tmp_path / "host1"], seed=[0, 0])
     for code, err in results:
         assert code != 0 and "is not one directory that all processes share: process(es) 1 do not see" in err, \
             err[-3000:]
-    assert not any(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == (["host1"] if leftover else [])
 
 
 DISTRIBUTED_TWICE_CHILD = """

@@ -107,7 +107,9 @@ class BatchNorm(nn.BatchNorm):
     The running variance averages in the *unbiased* batch variance (times n / (n - 1), n values per channel),
     as ``torch.nn.BatchNorm2d`` does, where flax averages the biased one: these models' weights go to and come
     from torchvision and timm, and with small batches or feature maps the two drift apart (3% at n = 8). As in
-    torch, training on one value per channel is refused: its normalised output is 0 whatever the input.
+    torch, training on one value per channel is refused: its normalised output is 0 whatever the input. With a
+    ``mask`` or an ``axis_name`` (statistics over a masked or a named-axis count, which the models never use) the
+    running variance stays flax's biased one.
 
     In training mode over NHWC features the three run as ``batch_norm_act`` (one reduction and one write each
     way), in C++ where ``rules.may_use_extension(conv_impl, backend)`` allows (the model passes its own

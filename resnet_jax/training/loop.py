@@ -123,8 +123,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
     log = log or _print_on_main
     run = setup(config)
     workdir = Path(workdir)
+    run_dir.check_shared(workdir)  # first: with local disks, each host's check below could see other files
     run_dir.check(workdir, run.config, log)
-    run_dir.check_shared(workdir)
     log(f"{run.config.model} on {run.mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
         f"{ops.describe(getattr(run.model, 'conv_impl', 'auto'))}")
     with compilation_cache(run.config.compilation_cache_dir):
