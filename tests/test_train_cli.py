@@ -177,7 +177,7 @@ def damaged_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict", "export"])
-@pytest.mark.parametrize("damage,reason", [("no_state", 'Item "state" was not found'),
+@pytest.mark.parametrize("damage,reason", [("no_state", "Unknown key: state"),
                                            ("flipped", "do not match the checksum saved with them")])
 def test_a_damaged_checkpoint_is_one_line_naming_it_from_each_command(damaged_run, tmp_path, command, damage,
                                                                       reason):
@@ -247,13 +247,12 @@ def test_the_loader_named_for_a_dilated_model_computes_what_it_computes(tmp_path
     import torchvision
 
     from resnet_jax.training import Classifier
-    from train.export import state_dict_export
 
     clf = Classifier("resnet50", num_classes=5, image_size=64, model_overrides={"output_stride": 16})
     shapes = jax.eval_shape(lambda x: clf.model.init(jax.random.key(0), x, train=False), jnp.zeros((1, 64, 64, 3)))
     rng = np.random.default_rng(0)
     clf.variables = random_batch_stats(jax.tree.map(lambda s: 0.05 * rng.standard_normal(s.shape, s.dtype), shapes), 0)
-    path, described = state_dict_export(clf, tmp_path / "os16.pth", "auto")
+    path, described = clf.export_state_dict(tmp_path / "os16.pth")
     assert "torchvision.models.resnet50(num_classes=5, replace_stride_with_dilation=[False, False, True])" in described
     reference = torchvision.models.resnet50(num_classes=5, replace_stride_with_dilation=[False, False, True]).eval()
     reference.load_state_dict(torch.load(path, weights_only=True), strict=True)

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
             raise ValueError("--platforms applies to --format=stablehlo only")
         clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step, use_ema=flags.FLAGS.use_ema)
         if fmt in ("torchvision", "safetensors"):
-            path, described = state_dict_export(clf, output, flags.FLAGS.naming)
+            path, described = clf.export_state_dict(output, flags.FLAGS.naming)
         else:
             path = clf.export(output, format=fmt, platforms=platforms)
             described = f"{fmt}, {clf.config.model}, {clf.num_classes} classes"
@@ -67,29 +67,6 @@ def main(argv: list[str]) -> int:
     manifest = " and its manifest " + path.name + ".json" if fmt in ("stablehlo", "onnx") else ""
     print(f"wrote {path}{manifest} ({described})")
     return 0
-
-
-def state_dict_export(clf, output: Path, naming: str) -> tuple[Path, str]:
-    """Write the state_dict in ``naming``'s names (``auto``: the library that has the architecture); the path and
-    a description of what loads it."""
-    from resnet_jax.torchvision import torch_library
-
-    if naming == "auto":
-        naming = (torch_library(clf.model) or ("torchvision",))[0]
-    path = clf.export_timm(output) if naming == "timm" else clf.export_torchvision(output)  # timm: or refused
-    library = torch_library(clf.model, (naming,))
-    if library is None:
-        return path, (f"torchvision's naming rules for {clf.config.model}, which torchvision does not build; "
-                      f"resnet_jax.load_torchvision reads it back")
-    options = f"num_classes={clf.num_classes}" + (f", in_chans={clf.model.in_channels}"
-                                                  if clf.model.in_channels != 3 else "")
-    stride = clf.model.output_stride
-    if stride != 32:  # the same weights, dilated: the constructor must be told, or it computes another function
-        options += (f", replace_stride_with_dilation={[False, stride == 8, True]}" if naming == "torchvision"
-                    else f", output_stride={stride}")
-    loader = (f"torchvision.models.{library[1]}({options})" if naming == "torchvision"
-              else f"timm.create_model({library[1]!r}, {options})")
-    return path, f"{naming} state_dict: {loader}.load_state_dict(...) loads it"
 
 
 if __name__ == "__main__":

@@ -211,6 +211,31 @@ class Classifier:
         save_timm(self.model, self._require_variables(), path)
         return Path(path)
 
+    def export_state_dict(self, path: str | Path, naming: str = "auto") -> tuple[Path, str]:
+        """The state_dict in ``naming``'s names ("torchvision", "timm", or "auto": the PyTorch library that has
+        the architecture, ``torch_library``); returns the path and a sentence naming the constructor that loads
+        it (with ``in_chans`` and the dilation a model of other input channels or ``output_stride`` needs)."""
+        from resnet_jax.torchvision import torch_library
+
+        if naming not in ("auto", "torchvision", "timm"):
+            raise ValueError(f"naming must be 'auto', 'torchvision' or 'timm', got {naming!r}")
+        if naming == "auto":
+            naming = (torch_library(self.model) or ("torchvision",))[0]
+        path = self.export_timm(path) if naming == "timm" else self.export_torchvision(path)  # timm: or refused
+        library = torch_library(self.model, (naming,))
+        if library is None:
+            return path, (f"torchvision's naming rules for {self.config.model}, which torchvision does not build; "
+                          f"resnet_jax.load_torchvision reads it back")
+        options = f"num_classes={self.num_classes}" + (f", in_chans={self.model.in_channels}"
+                                                       if self.model.in_channels != 3 else "")
+        stride = self.model.output_stride
+        if stride != 32:  # the same weights, dilated: the constructor must be told, or it computes another function
+            options += (f", replace_stride_with_dilation={[False, stride == 8, True]}" if naming == "torchvision"
+                        else f", output_stride={stride}")
+        loader = (f"torchvision.models.{library[1]}({options})" if naming == "torchvision"
+                  else f"timm.create_model({library[1]!r}, {options})")
+        return path, f"{naming} state_dict: {loader}.load_state_dict(...) loads it"
+
     def export(self, path: str | Path, format: str | None = None, platforms: Sequence[str] | None = None
                ) -> Path:
         """An inference artifact with BatchNorm folded and this run's preprocessing: "stablehlo" (jax.export) or
