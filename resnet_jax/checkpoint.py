@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from resnet_jax.parallel import process_strings, sync_processes
+from resnet_jax.parallel import process_failures, sync_processes
 
 try:
     from grain.checkpoint import (CheckpointHandler as _IterHandler, CheckpointRestore as _IterRestore,
@@ -250,13 +250,15 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001 - reported as damage, by every process
             reason = f"its data position: {_reason(err)}"
         if jax.process_count() > 1:
-            failed = [(i, r) for i, r in enumerate(process_strings(reason or "")) if r]
+            failed = process_failures(reason)
             reason = "; ".join(f"process {i} cannot read {r}" for i, r in failed) if failed else None
         if reason is not None:
             raise ValueError(reason)
 
     def _step_dir(self, step: int) -> Path:
-        return next(p for p in self.directory.iterdir() if p.name == str(step) or p.name.endswith(f"_{step}"))
+        """The folder of the checkpoint at ``step`` (Orbax may prefix its name); ``directory/step`` if none is."""
+        return next((p for p in self.directory.iterdir() if p.name == str(step) or p.name.endswith(f"_{step}")),
+                    self.directory / str(step))
 
     def _quarantine(self, step: int) -> Path:
         self._manager.wait_until_finished()
@@ -469,8 +471,7 @@ def _reason(err: BaseException) -> str:
 
 def _damaged(ckpt: Checkpointer, step: int, err: BaseException) -> CheckpointError:
     """The error for a checkpoint that cannot be loaded: which one, why, and the steps that could be instead."""
-    folder = next((p for p in ckpt.directory.iterdir() if p.name == str(step) or p.name.endswith(f"_{step}")),
-                  ckpt.directory / str(step))
+    folder = ckpt._step_dir(step)
     others = [s for s in ckpt.steps() if s != step]
     earlier = [s for s in others if s < step]
     if others:

@@ -94,6 +94,12 @@ def process_strings(text: str) -> list[str]:
     return [bytes(row[:n]).decode() for row, n in zip(rows, lengths)]
 
 
+def process_failures(reason: str | None) -> list[tuple[int, str]]:
+    """``(process index, reason)`` of every process that found something wrong (``reason`` not None), known to
+    all of them, so that they all act alike: a check that fails on one host only must stop every host."""
+    return [(i, r) for i, r in enumerate(process_strings(reason or "")) if r]
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return None if value in (None, "") else int(value)

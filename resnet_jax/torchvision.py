@@ -257,8 +257,8 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
     Returns the (nested) variables and the Flax paths left unfilled because ``skip_head`` dropped the head.
     Every missing, unexpected, mis-shaped or unnamed entry is collected and raised as one ``ValueError``.
     RGB weights loaded into a model of other ``in_channels`` have their first convolution adapted as timm does
-    (``adapt_input_conv``). A model without a head (``features_only`` or ``num_classes=0``) ignores the file's head entries, and a
-    ``features_only`` pre-activation model its closing BatchNorm's too (``_AFTER_STAGES``).
+    (``adapt_input_conv``). A model without a head (``features_only`` or ``num_classes=0``) ignores the file's
+    head entries, and a ``features_only`` pre-activation model its closing BatchNorm's too (``_AFTER_STAGES``).
     """
     expected = _expected_shapes(model)
     built = {k[1] for k in expected}
@@ -440,8 +440,8 @@ def torch_library(model: ResNet | str, libraries: tuple[str, ...] = ("torchvisio
     """``(library, name)`` of a PyTorch model with ``model``'s architecture: ``("torchvision", "resnet50")`` where
     ``torchvision.models.resnet50`` is it, else ``("timm", "resnet50d")`` for ``timm.create_model``, else None
     (CIFAR ResNets, changed depths or widths: no library builds them; ``preact_resnet18`` is timm's
-    ``resnetv2_18``). A model of other
-    ``in_channels`` is timm's (``in_chans``), as torchvision's constructors have no such option."""
+    ``resnetv2_18``). A model of other ``in_channels`` is timm's (``in_chans``), as torchvision's constructors
+    have no such option. ``libraries``: which to consider, in that order."""
     model = create_model(model) if isinstance(model, str) else model
     # torchvision's constructors take no input channel count; timm's take in_chans
     names = {"torchvision": TORCHVISION_MODELS if model.in_channels == 3 else (), "timm": TIMM_MODELS}
@@ -458,8 +458,7 @@ def to_timm(model: ResNet | str, variables: Mapping[str, Any]) -> dict[str, np.n
     strictly. timm spells ResNet-D's layers by the model's settings, which the variables do not record, so the
     model (or its name) is needed; a model timm does not have (CIFAR, other depths...) is refused."""
     model = create_model(model) if isinstance(model, str) else model
-    if any(all(getattr(model, k) == model_config(arch).get(k, _default(k)) for k in _ARCHITECTURE)
-           for arch in TIMM_MODELS):
+    if torch_library(model, ("timm",)) is not None:
         return _export(variables, "timm", model)
     raise ValueError(f"timm has no model with this architecture (stem={model.stem!r}, shortcut={model.shortcut!r}, "
                      f"preact={model.preact}, stage_sizes={tuple(model.stage_sizes)}...); timm's files hold only "

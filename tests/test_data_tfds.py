@@ -184,9 +184,9 @@ class OwnPhotos(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"), features=tfds.features.FeaturesDict(
-            {{"image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=["a", "b"]),
-              "file": tfds.features.Text()}}))
+        features = tfds.features.FeaturesDict({{"image": tfds.features.Image(), "file": tfds.features.Text(),
+                                                "label": tfds.features.ClassLabel(names=["a", "b"])}})
+        return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"), features=features)
 
     def _split_generators(self, dl_manager):
         return {{"train": self._generate_examples()}}

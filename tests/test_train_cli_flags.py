@@ -78,8 +78,9 @@ def broken_configs(tmp_path):
                         "(SyntaxError: invalid syntax"),
     ("{tmp}/raises.py", "--config={tmp}/raises.py: the config file failed at line 2 of {tmp}/raises.py "
                         "(RuntimeError: no data here); a config file is Python whose get_config() returns the config"),
-    ("train/configs/imagenet_resnet50.py:cosin", "flag --config=train/configs/imagenet_resnet50.py:cosin: the config "
-                                                 "file raised ValueError: unknown variant 'cosin' of imagenet_resnet50"),
+    ("train/configs/imagenet_resnet50.py:cosin",
+     "flag --config=train/configs/imagenet_resnet50.py:cosin: the config file raised ValueError: unknown variant "
+     "'cosin' of imagenet_resnet50"),
 ], ids=["missing", "directory", "empty", "syntax-error", "get_config-raises", "unknown-variant"])
 def test_a_config_file_that_cannot_be_loaded_is_one_sentence_and_exit_code_2(tmp_path, value, message, capsys):
     """Used to be: ml_collections' OSError traceback (38 lines) for a missing file, the config file's own traceback

@@ -252,12 +252,15 @@ def run_both(spawn, workdirs, **kw):
 
 
 @pytest.mark.multiprocess
-def test_processes_given_different_settings_refuse_to_start_and_write_nothing(tmp_path, spawn):
+@pytest.mark.parametrize("key, values, named", [("seed", [0, 1], "seed: 0 -> 1"),
+                                                ("restart", [False, True], "restart: false -> true")])
+def test_processes_given_different_settings_refuse_to_start_and_write_nothing(tmp_path, spawn, key, values, named):
     """A replicated state assumes one config: with another seed a process would train other weights, silently
-    (process 0's copy alone is checkpointed). Both processes refuse, naming the setting."""
-    results = run_both(spawn, [tmp_path / "run"] * 2, seed=[0, 1], learning_rate=[1.6, 1.6])
+    (process 0's copy alone is checkpointed). Both processes refuse, naming the setting, also one the workdir
+    comparison leaves out (restart: only process 0 would move the old run aside)."""
+    results = run_both(spawn, [tmp_path / "run"] * 2, **{key: values})
     for code, err in results:
-        assert code != 0 and "different settings from process 0's (process 1: seed: 0 -> 1)" in err, err[-3000:]
+        assert code != 0 and f"different settings from process 0's (process 1: {named})" in err, err[-3000:]
     assert not (tmp_path / "run").exists()
 
 

@@ -1,4 +1,5 @@
-"""Input pipeline: random-access sources (TFDS, class folders, bundled digits, synthetic) -> Grain -> sharded float32 batches.
+"""Input pipeline: random-access sources (TFDS, class folders, bundled digits, synthetic) -> Grain -> sharded
+float32 batches.
 
     src = data.get_source("cifar10", "train[:90%]")
     loader = data.train_loader(src, batch_size=256, image_size=32, augment="cifar", seed=0)

@@ -20,10 +20,14 @@ __all__ = ["PROBE_ENV", "prepare", "main"]
 
 def prepare(name: str, *, data_dir=None, manual_dir=None) -> str:
     """Prepare TFDS dataset `name` in `data_dir` (TFDS's default if None); returns the prepared directory."""
+    return _prepared_builder(name, data_dir, manual_dir).data_dir
+
+
+def _prepared_builder(name: str, data_dir, manual_dir):
     builder = open_builder(name, data_dir)
     if not builder.is_prepared():
         prepare_builder(builder, manual_dir=manual_dir)
-    return builder.data_dir
+    return builder
 
 
 def main(argv=None) -> None:
@@ -33,12 +37,12 @@ def main(argv=None) -> None:
     parser.add_argument("--manual_dir", default=None, help="where manually downloaded files are (ImageNet)")
     args = parser.parse_args(argv)
     try:
-        prepared = prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir)
+        builder = _prepared_builder(args.name, args.data_dir, args.manual_dir)
     except ValueError as err:
         parser.exit(1, f"error: {err}\n")
-    print(prepared)
+    print(builder.data_dir)
     print("splits: " + ", ".join(f"{name} ({split.num_examples} examples)" for name, split in
-                                 sorted(open_builder(args.name, args.data_dir).info.splits.items())))
+                                 sorted(builder.info.splits.items())))
 
 
 if __name__ == "__main__":

@@ -132,8 +132,8 @@ class BatchNorm(nn.BatchNorm):
         if training and per_channel == 1:
             raise ValueError(f"BatchNorm cannot train on one value per channel (input of shape {x.shape}): its "
                              "output would be 0 for any input; use a larger batch or larger images")
-        fused = (training and mask is None and self.axis_name is None and self.axis in (-1, x.ndim - 1)
-                 and self.use_scale and self.use_bias and self.use_fast_variance and self.force_float32_reductions)
+        fused = (training and plain and self.axis in (-1, x.ndim - 1) and self.use_scale and self.use_bias
+                 and self.use_fast_variance and self.force_float32_reductions)
         if not fused:
             before = self.get_variable("batch_stats", "var") if training else None
             y = super().__call__(x, mask=mask, **({} if self.use_running_average is not None

@@ -220,9 +220,11 @@ class Classifier:
         if naming not in ("auto", "torchvision", "timm"):
             raise ValueError(f"naming must be 'auto', 'torchvision' or 'timm', got {naming!r}")
         if naming == "auto":
-            naming = (torch_library(self.model) or ("torchvision",))[0]
+            library = torch_library(self.model)
+            naming = library[0] if library else "torchvision"
+        else:
+            library = torch_library(self.model, (naming,))
         path = self.export_timm(path) if naming == "timm" else self.export_torchvision(path)  # timm: or refused
-        library = torch_library(self.model, (naming,))
         if library is None:
             return path, (f"torchvision's naming rules for {self.config.model}, which torchvision does not build; "
                           f"resnet_jax.load_torchvision reads it back")

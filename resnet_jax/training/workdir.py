@@ -28,7 +28,7 @@ import jax
 import ml_collections
 
 from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch
-from resnet_jax.parallel import process_strings, sync_processes
+from resnet_jax.parallel import process_failures, process_strings, sync_processes
 from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, base_config
 from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
@@ -80,7 +80,7 @@ def check_processes_agree(config: ml_collections.ConfigDict) -> None:
                          f"process the same number (CUDA_VISIBLE_DEVICES, TPU slice, or XLA device count)")
     mine = {k: v for k, v in _flatten(as_plain_dict(config)).items() if k.split(".")[0] not in PER_PROCESS}
     theirs = [json.loads(text) for text in process_strings(json.dumps(mine, sort_keys=True))]
-    differing = {i: config_changes_flat(theirs[0], other) for i, other in enumerate(theirs) if other != theirs[0]}
+    differing = {i: changes for i, other in enumerate(theirs) if (changes := _differences(theirs[0], other))}
     if differing:
         listed = "; ".join(f"process {i}: {_describe(changes)}" for i, changes in differing.items())
         raise ValueError(f"the processes of this run have different settings from process 0's ({listed}); start "
@@ -104,10 +104,9 @@ def check_shared(workdir: Path, wait_s: float = 10.0) -> None:
     deadline = time.monotonic() + wait_s
     while not probe.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
-    seen = process_strings("yes" if probe.exists() else "no")
+    missing = [i for i, _ in process_failures(None if probe.exists() else "does not see the probe")]
     if jax.process_index() == 0:
         probe.unlink()
-    missing = [i for i, answer in enumerate(seen) if answer != "yes"]
     if missing and created and jax.process_index() == 0 and not any(workdir.iterdir()):
         workdir.rmdir()
     sync_processes("shared_probe_removed")
@@ -148,16 +147,15 @@ def as_plain_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (old, new)}`` for every compared key that differs. The saved side is completed with
     today's defaults, so a key added to the library since the run started counts as unchanged at its default."""
-    return config_changes_flat(_flatten({**as_plain_dict(base_config()), **old}), _flatten(new))
+    changes = _differences(_flatten({**as_plain_dict(base_config()), **old}), _flatten(new))
+    return {key: change for key, change in changes.items() if key.split(".")[0] not in PER_INVOCATION}
 
 
-def config_changes_flat(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``config_changes`` of two flattened configs (dotted keys)."""
+def _differences(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (before, after)}`` for every key of two flattened configs whose values differ."""
     missing = object()
     changes = {}
     for key in sorted(set(before) | set(after)):
-        if key.split(".")[0] in PER_INVOCATION:
-            continue
         a, b = before.get(key, missing), after.get(key, missing)
         if a != b:
             changes[key] = (None if a is missing else a, None if b is missing else b)
