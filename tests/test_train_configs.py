@@ -63,7 +63,7 @@ def test_min_image_size_is_what_the_model_downsamples_by(name, overrides):
 
 FLOATS_WITH_A_RANGE = ("learning_rate", "warmup_epochs", "weight_decay", "mixup_alpha", "cutmix_alpha", "momentum",
                        "lr_decay", "eval_crop_fraction", "label_smoothing", "random_erasing", "bce_target_threshold",
-                       "model_ema_decay")
+                       "model_ema_decay", "drop_path_rate", "lars_trust_coefficient")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -76,4 +76,27 @@ def test_a_float_setting_that_is_not_finite_is_one_sentence(key, value):
     config = base_config()
     config[key] = value
     with pytest.raises(ValueError, match=rf"^config\.{key} must be a finite number, got {value}$"):
+        validate(config)
+
+
+@pytest.mark.parametrize("key, values, message", [
+    ("mean", (0.5, float("nan"), 0.5), "must be finite numbers"),
+    ("std", (0.2, 0.2, float("inf")), "must be finite numbers"),
+    ("class_weights", (1.0, float("nan")), "must be finite numbers"),
+    ("std", (0.2, 0.0, 0.2), "must be positive"),
+    ("std", (-0.2, 0.2, 0.2), "must be positive"),
+    ("class_weights", (1.0, -1.0), "must be 0 or more with at least one positive"),
+    ("class_weights", (0.0, 0.0), "must be 0 or more with at least one positive"),
+    ("lars_trust_coefficient", 0.0, "must be positive"),
+])
+def test_per_channel_numbers_out_of_range_are_one_sentence(key, values, message):
+    """A NaN mean or class weight trained on NaN, a zero std divided by zero (torchvision's ``Normalize`` refuses
+    it), negative or all-zero class weights gave a loss without a minimum or without a gradient."""
+    from resnet_jax.training.config import base_config
+
+    config = base_config()
+    config[key] = values
+    if key in ("mean", "std"):
+        config["mean" if key == "std" else "std"] = (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match=rf"^config\.{key} {message}"):
         validate(config)

@@ -129,7 +129,7 @@ PER_INVOCATION = ("restart", "coordinator_address", "num_processes", "process_id
 # The float settings with a range, checked to be finite before their ranges are.
 RANGED_FLOATS = ("learning_rate", "warmup_epochs", "weight_decay", "mixup_alpha", "cutmix_alpha", "momentum",
                  "lr_decay", "eval_crop_fraction", "label_smoothing", "random_erasing", "bce_target_threshold",
-                 "model_ema_decay")
+                 "model_ema_decay", "drop_path_rate", "lars_trust_coefficient")
 
 
 def _choice(key: str, value, choices) -> None:
@@ -174,8 +174,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in RANGED_FLOATS:  # NaN fails no `x < 0` or `x <= 0` test, and infinity passes the lower bounds
         if not math.isfinite(full[key]):
             raise ValueError(f"config.{key} must be a finite number, got {full[key]}")
-    if full.learning_rate <= 0:
-        raise ValueError(f"config.learning_rate must be positive, got {full.learning_rate}")
+    for key in ("learning_rate", "lars_trust_coefficient"):
+        if full[key] <= 0:
+            raise ValueError(f"config.{key} must be positive, got {full[key]}")
+    _check_per_channel_numbers(full)
     _check_schedule_numbers(full)
     if not 0.0 <= full.eval_crop_fraction <= 1.0:
         raise ValueError(f"config.eval_crop_fraction must be in (0, 1] (or 0 for the dataset's default), "
@@ -186,6 +188,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_recipe_keys(full)
     _check_eval_preprocessing(full)
     return full
+
+
+def _check_per_channel_numbers(full: ml_collections.ConfigDict) -> None:
+    """``mean``, ``std`` and ``class_weights`` value by value: a NaN there trains on NaN from the first step, a zero
+    std divides by zero (torchvision's ``Normalize`` refuses it too), and negative or all-zero class weights make a
+    loss without a minimum or without a gradient."""
+    for key in ("mean", "std", "class_weights"):
+        values = tuple(full[key])
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ValueError(f"config.{key} must be finite numbers, got {values}")
+    if any(v <= 0 for v in full.std):
+        raise ValueError(f"config.std must be positive (inputs are divided by it), got {tuple(full.std)}")
+    weights = tuple(full.class_weights)
+    if weights and (min(weights) < 0 or max(weights) == 0):
+        raise ValueError(f"config.class_weights must be 0 or more with at least one positive, got {weights}")
 
 
 def _check_schedule_numbers(full: ml_collections.ConfigDict) -> None:
