@@ -477,7 +477,10 @@ def pretrained(name: str, weights: Any = "DEFAULT", *, file: str | os.PathLike |
     if file is not None and _on_the_hub(*_model_and_tag(name, weights)):
         # the user's copy of a hub tag's weights: timm's names and the file's own head size; the repository's
         # config.json (the preprocessing) is not needed to load it, so this works offline
-        return load_timm(_model_and_tag(name, weights)[0], _existing(file, name), **overrides)
+        path = _existing(file, name)
+        if not overrides.get("new_head") and not overrides.get("features_only"):
+            overrides.setdefault("num_classes", _head_size(path))
+        return load_timm(_model_and_tag(name, weights)[0], path, **overrides)
     info = weights_info(name, weights)
     if file is not None:
         path = _existing(file, info.url)
@@ -491,6 +494,15 @@ def pretrained(name: str, weights: Any = "DEFAULT", *, file: str | os.PathLike |
         overrides.setdefault("num_classes", info.num_classes)
     load = load_timm if info.naming == "timm" else load_torchvision
     return load(info.model, path, **overrides)
+
+
+def _head_size(path: Path) -> int:
+    """The classes of a weights file's head (``fc.weight``, timm's ``head.fc.weight``; 1000 when it has none): a
+    hub tag's head size is otherwise read from its config.json, which a local copy is loaded without."""
+    from resnet_jax.torchvision import load_state_dict
+
+    rows = [v.shape[0] for k, v in load_state_dict(path).items() if k == "fc.weight" or k.endswith(".fc.weight")]
+    return rows[0] if len(rows) == 1 else 1000
 
 
 def _existing(file: str | os.PathLike, what: str) -> Path:

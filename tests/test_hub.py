@@ -228,3 +228,22 @@ def test_a_server_that_answers_with_an_error_is_not_called_no_network(tmp_path):
     for line in (refused, missing):
         assert f"HF_ENDPOINT (now {endpoint!r})" in line and "not a missing network" in line
         assert "run once with network access" not in line and "file=PATH" in line
+
+
+def test_a_local_copy_of_a_hub_tag_keeps_its_own_head(tmp_path):
+    """A hub tag's head size comes from its config.json, which a local copy (``file=``) is loaded without: the
+    file's own head is used, and the logits equal timm's model of that head (an 11-class head was refused as a
+    mismatch against 1000)."""
+    from safetensors.torch import save_file
+
+    from resnet_jax import pretrained
+
+    torch.manual_seed(0)
+    reference = timm.create_model(MODEL, num_classes=11).eval()
+    save_file(reference.state_dict(), tmp_path / "model.safetensors")
+    model, variables = pretrained(f"{MODEL}.{TAG}", file=tmp_path / "model.safetensors")
+    assert model.num_classes == 11
+    x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    assert_close(model.apply(variables, x, train=False), expected, "logits")
