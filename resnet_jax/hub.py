@@ -135,14 +135,13 @@ def _http_message(model: str, tag: str, filename: str, error) -> str:
     import os
     from urllib.parse import urlsplit
 
+    from resnet_jax.pretrained import http_status_meaning
+
     url, code = file_url(model, tag, filename), error.response.status_code
     host = urlsplit(str(error.response.url)).netloc or urlsplit(url).netloc
+    what = http_status_meaning(code)
     if code in (401, 403):
-        what = "access is refused: check your token (HF_TOKEN, or `hf auth login`) and its permissions"
-    elif code >= 500 or code in (408, 429):
-        what = "the server is failing or busy: try again later"
-    else:
-        what = "it does not serve that file as the hub does"
+        what += "; check your token (HF_TOKEN, or `hf auth login`) and its permissions"
     endpoint = os.environ.get("HF_ENDPOINT")
     check = (f"check that HF_ENDPOINT (now {endpoint!r}) is a Hugging Face hub or a mirror of one" if endpoint else
              "if you use a mirror, point HF_ENDPOINT at it")

@@ -222,9 +222,10 @@ def test_a_server_that_answers_with_an_error_is_not_called_no_network(tmp_path):
     refused, missing = proc.stdout.splitlines()
     host = endpoint.removeprefix("http://")
     assert refused.startswith(f"HubUnavailable the server at {host} answered HTTP 403 for {endpoint}/timm/{MODEL}.{TAG}"
-                              f"/resolve/main/config.json: access is refused")
+                              f"/resolve/main/config.json: it refuses access")
+    assert "check your token (HF_TOKEN" in refused
     assert missing.startswith(f"HubUnavailable the server at {host} answered HTTP 404 for {endpoint}/timm/resnet50."
-                              "other_tag/resolve/main/config.json: it does not serve that file as the hub does")
+                              "other_tag/resolve/main/config.json: it has no such file")
     for line in (refused, missing):
         assert f"HF_ENDPOINT (now {endpoint!r})" in line and "not a missing network" in line
         assert "run once with network access" not in line and "file=PATH" in line

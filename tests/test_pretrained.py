@@ -231,7 +231,8 @@ def test_missing_file_on_server_is_a_clear_error(tmp_path, server):
 
 @pytest.mark.parametrize("path, code, what", [
     ("/status/403/file.bin", 403, "it refuses access"),
-    ("/status/500/file.bin", 500, "it failed on its side"),
+    ("/status/500/file.bin", 500, "it is failing or busy"),
+    ("/status/429/file.bin", 429, "it is failing or busy"),
     ("/status/404/file.bin", 404, "it has no such file"),
     ("/loop/file.bin", 302, "it redirects in a loop"),
 ])
