@@ -255,8 +255,7 @@ def main(argv: list[str]) -> int:
 
     try:
         result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-    except Preempted as stopped:
-        print(f"preempted: {stopped}", file=sys.stderr)
+    except Preempted as stopped:  # the run has logged where its checkpoint is and how to resume
         return stopped.exit_code
     except (ValueError, OSError, TrainingDiverged, CheckpointError, DownloadError, HubUnavailable) as err:
         # OSError: a path of the config that cannot be used (a weights cache_dir that is a file, a workdir that
