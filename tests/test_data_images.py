@@ -58,6 +58,8 @@ BAD = [
     (np.zeros((2, 8, 8, 2), np.uint8), 1, r"shape \(2, 8, 8, 2\)"),
     (np.zeros((8,), np.uint8), 1, r"shape \(8,\)"),
     (np.zeros((8, 8), np.float32), 1, "uint8"),
+    (np.zeros((8, 8), np.uint16), 3, r"uint16 in the image; for 16-bit images keep the top 8 bits with \(x >> 8\)"),
+    (np.zeros((40, 60, 2), np.uint8), 3, r"greyscale image with alpha: keep the grey band with image\[\.\.\., 0\]"),
     ([np.zeros((2, 8, 8, 1), np.uint8)], 1, "item 0 of the list has shape"),
     ([np.zeros((8, 8, 2), np.uint8)], 1, "item 0 of the list has shape"),
     (np.zeros((0, 8), np.uint8), 1, "holds no pixels"),
@@ -112,7 +114,9 @@ def pil_image(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_pil_images_read_as_their_files(mode, tmp_path):
     """A PIL image in a list (or alone) gives the pixels its saved file gives, in prepare_batch (Classifier and
-    exported predict) and EvalTransform.prepare (published weights), equal to torchvision on .convert("RGB")."""
+    exported predict) and EvalTransform.prepare (published weights), equal to torchvision on the RGB image
+    torchvision reads from the file: Pillow's ``.convert("RGB")``, or for 16-bit greyscale ``decode_image`` and
+    ``to_dtype(uint8, scale=True)`` (its top 8 bits; Pillow's conversion clips it to white)."""
     torchvision = pytest.importorskip("torchvision")
     from resnet_jax.data.augment import normalize
     from resnet_jax.pretrained import WEIGHTS
@@ -122,14 +126,23 @@ def test_pil_images_read_as_their_files(mode, tmp_path):
     img.save(path)
     with Image.open(path) as saved:
         assert saved.mode == mode  # the file really holds this mode
+    rgb = img.convert("RGB")
+    if mode == "I;16":
+        import torch
+        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2.functional import to_dtype
+
+        decoded = to_dtype(decode_image(str(path), mode=ImageReadMode.RGB), torch.uint8, scale=True)
+        rgb = Image.fromarray(decoded.permute(1, 2, 0).numpy())
+        assert np.asarray(rgb).max() < 255 < int(np.asarray(img).max())  # 400 -> 1, where Pillow's gives 255
     for channels in (1, 3):
         want = prepare([path], channels=channels, size=64)
         np.testing.assert_array_equal(prepare([img], channels=channels, size=64), want)
         np.testing.assert_array_equal(prepare(img, channels=channels, size=64), want)
-        np.testing.assert_array_equal(prepare([img.convert("RGB")], channels=channels, size=64), want)
+        np.testing.assert_array_equal(prepare([rgb], channels=channels, size=64), want)
     transform = WEIGHTS["resnet18"]["IMAGENET1K_V1"].transforms()
     want = transform.prepare([path])
     np.testing.assert_array_equal(transform.prepare([img]), want)
     np.testing.assert_array_equal(transform.prepare(img), want)
-    theirs = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()(img.convert("RGB"))
+    theirs = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()(rgb)
     np.testing.assert_array_equal(normalize(want[0], transform.mean, transform.std), theirs.permute(1, 2, 0).numpy())

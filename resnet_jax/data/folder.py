@@ -6,8 +6,9 @@ without a preparing step and get the class indices torchvision would give the sa
 
 As torchvision's ``ImageFolder``: the classes are the sorted subfolder names, images are found recursively
 under each class (links followed), by file extension (case-insensitive), in sorted order, and read with Pillow
-and converted to RGB. One difference: names starting with "." are skipped, so ``.ipynb_checkpoints`` is not a
-class and macOS's ``._photo.jpg`` resource forks are not images. A split can take a percentage slice of every
+and converted to RGB. Two differences: names starting with "." are skipped, so ``.ipynb_checkpoints`` is not a
+class and macOS's ``._photo.jpg`` resource forks are not images; and 16-bit greyscale keeps its top 8 bits (as
+torchvision's ``decode_image`` reads it) where ``ImageFolder``'s Pillow conversion clips it to white. A split can take a percentage slice of every
 class (``"train[:90%]"``, ``"train[90%:]"``): one folder then gives a training and a validation split with the
 classes in the same proportions and no image in both.
 """
@@ -71,10 +72,12 @@ class FolderSource(Source):
     def __getitem__(self, index: int) -> dict:
         from PIL import Image
 
+        from resnet_jax.data.images import pil_pixels
+
         path = os.path.join(self._root, self._paths[index])
         try:
             with Image.open(path) as img:
-                image = np.asarray(img.convert("RGB"))
+                image = np.asarray(pil_pixels(img, "RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise ValueError(f"cannot read image {path!r} ({err}); replace or remove the file.") from None
         return {"image": image, "label": int(self._labels[index])}

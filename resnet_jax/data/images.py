@@ -79,9 +79,21 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def pil_to_array(img: Any) -> np.ndarray:
     """A PIL image as ``read_image`` reads a file: ``L`` and ``RGB`` as they are, every other mode converted to
-    RGB by PIL. Why: ``np.asarray`` of the raw bands would be palette indices (``P``), ink (``CMYK``, 4 bands
-    that look like RGBA) or 16-bit values (``I;16``), not pixels; files and PIL objects must read alike."""
-    return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
+    RGB (``pil_pixels``). Why: ``np.asarray`` of the raw bands would be palette indices (``P``), ink (``CMYK``, 4
+    bands that look like RGBA) or 16-bit values (``I;16``), not pixels; files and PIL objects must read alike."""
+    return np.asarray(img if img.mode in ("L", "RGB") else pil_pixels(img, "RGB"))
+
+
+def pil_pixels(img: Any, mode: str) -> Any:
+    """``img`` as 8-bit ``mode`` ("L", "RGB", "RGBA"): what every reader here (predict, ``folder:``, TFDS) decodes
+    with. 16-bit greyscale keeps its top 8 bits, as torchvision's ``decode_image`` + ``to_dtype(uint8,
+    scale=True)`` does; Pillow's own ``convert`` (torchvision's ``ImageFolder`` loader) clips it at 255 instead,
+    which turns a 16-bit scan almost entirely white. Every other mode is Pillow's conversion."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8), "L")
+    return img if img.mode == mode else img.convert(mode)
 
 
 def _is_pil(image: Any) -> bool:
@@ -106,6 +118,9 @@ def _one_image(image: Any, what: str, allowed: set[int]) -> np.ndarray:
                          "1/3/4 (channels last)")
     if 0 in image.shape:
         raise ValueError(f"{what} has shape {image.shape}, which holds no pixels; pass a non-empty image")
+    if image.dtype == np.uint16:
+        raise ValueError(f"predict expects uint8 images (0..255), got uint16 in {what}; for 16-bit images keep "
+                         "the top 8 bits with (x >> 8).astype(np.uint8), as files of 16-bit images are read")
     if image.dtype != np.uint8:
         raise ValueError(f"predict expects uint8 images (0..255), got {image.dtype}; convert with "
                          "np.clip(x * 255, 0, 255).astype(np.uint8) if they are floats in [0, 1]")
@@ -133,6 +148,8 @@ def _shape_error(shape: tuple[int, ...], channels: int) -> str:
     elif len(shape) == 3 and shape[0] in CHANNELS:  # not a greyscale batch: adding an axis would split the colours
         hint = (" (it looks like one channels-first image: transpose with image.transpose(1, 2, 0); only if it is "
                 f"{shape[0]} greyscale images, add a channel axis with images[..., None])")
+    elif len(shape) == 3 and shape[-1] == 2:  # np.asarray of an "LA" PNG: an axis added would split its rows
+        hint = " (it looks like one greyscale image with alpha: keep the grey band with image[..., 0])"
     elif len(shape) == 3:
         hint = (f" (a greyscale batch (N, H, W) needs a one-channel model; this one takes {channels} channels, "
                 "so add a channel axis with images[..., None])")

@@ -19,11 +19,14 @@ _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # declared channels -> the Pillow mo
 
 
 def _decode(encoded: bytes, mode: str) -> np.ndarray:
-    """An encoded image as uint8 (H, W, C) in ``mode``; Pillow converts any other mode (P, CMYK, I;16, LA, ...)."""
+    """An encoded image as uint8 (H, W, C) in ``mode``, from any other mode (P, CMYK, I;16, LA, ...) as a file is
+    read (``pil_pixels``)."""
     from PIL import Image
 
+    from resnet_jax.data.images import pil_pixels
+
     with Image.open(io.BytesIO(encoded)) as img:
-        array = np.asarray(img if img.mode == mode else img.convert(mode))
+        array = np.asarray(pil_pixels(img, mode))
     return array[:, :, None] if array.ndim == 2 else array
 
 
