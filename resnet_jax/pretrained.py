@@ -181,6 +181,19 @@ def imagenet_classes() -> list[str]:
     return (Path(__file__).with_name("imagenet_classes.txt")).read_text(encoding="utf-8").splitlines()
 
 
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids (``n01440764``...) in logit order, which is their sorted order: the folder
+    names of the extracted ILSVRC2012 archives (as TFDS's and timm's synset lists give them)."""
+    return (Path(__file__).with_name("imagenet_wnids.txt")).read_text(encoding="utf-8").split()
+
+
+def same_classes(names: list[str], model_names: list[str]) -> bool:
+    """Whether a dataset's class names, in label order, are the model's: equal, or ImageNet's WordNet-id folders
+    for a model with ImageNet's class names (the same classes in the same order, by other names)."""
+    names, model_names = list(names), list(model_names)
+    return names == model_names or (names == imagenet_wnids() and model_names == imagenet_classes())
+
+
 def weights_info(name: str, weights: Any = "DEFAULT") -> Weights:
     """The ``Weights`` record for a model and tag: torchvision's ``"IMAGENET1K_V1"``/``"IMAGENET1K_V2"``, timm's
     (``"a1_in1k"``...), or ``"DEFAULT"`` (torchvision's best where it has weights for the model, else timm's).

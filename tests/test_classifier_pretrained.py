@@ -89,6 +89,55 @@ def test_config_keys_of_the_model_build_the_model_the_weights_load_into(torch_re
     assert clf.variables["params"]["conv1"]["kernel"].dtype == jnp.float32  # float32 master weights
 
 
+def test_evaluate_defaults_to_imagenet_and_refuses_a_dataset_of_other_classes(clf):
+    """A pretrained classifier kept the default config's dataset (digits): ``evaluate()`` scored its 1000 ImageNet
+    logits against 10 digit labels (accuracy 0.0, no error)."""
+    assert (clf.config.dataset, clf.config.val_split) == ("imagenet2012", "validation")
+    with pytest.raises(ValueError, match=r"^digits has 10 classes but this model has 1000 \(tench, goldfish, "):
+        clf.evaluate("digits", "train")
+
+
+def test_imagenet_wordnet_ids_are_the_weights_classes_in_order():
+    """The bundled WordNet ids are timm's ImageNet-1k synset list, and each names the class torchvision's weights
+    give that logit (its name is one of the synset's lemmas, but for torchvision's two disambiguated names)."""
+    import timm.data
+
+    from resnet_jax.pretrained import imagenet_classes, imagenet_wnids
+
+    info = timm.data.ImageNetInfo()
+    assert imagenet_wnids() == [info.index_to_label_name(i) for i in range(1000)] == sorted(imagenet_wnids())
+    lemmas = [info.index_to_description(i).lower() for i in range(1000)]
+    names = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    assert names == imagenet_classes()
+    odd = [i for i in range(1000) if names[i].lower() not in lemmas[i]]
+    assert odd == [134, 639] and [names[i] for i in odd] == ["crane bird", "maillot tank suit"]
+
+
+def test_extracted_imagenet_folders_evaluate_with_the_weights_labels(torch_resnet18, tmp_path):
+    """The extracted ILSVRC2012 folders are named by WordNet id, the weights' classes by name: they are the same
+    classes in the same order (they were refused as "other classes"). The loss equals torchvision's model on
+    ``ImageFolder`` of the same folders with the same preprocessing, so every label is the logit it should be."""
+    import torchvision.transforms as T
+
+    from resnet_jax.pretrained import imagenet_wnids
+
+    rng = np.random.default_rng(0)
+    for wnid in imagenet_wnids():
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), np.uint8)).save(tmp_path / "val" / wnid / "a.png")
+    model, path = torch_resnet18
+    clf = Classifier.from_pretrained(TAG, file=path, image_size=32)  # 32 px: 1000 images in a second
+    ours = clf.evaluate(f"folder:{tmp_path}", "val")
+    transform = T.Compose([T.Resize(clf.config.eval_resize), T.CenterCrop(32), T.ToTensor(),
+                           T.Normalize(clf.config.mean, clf.config.std)])
+    reference = torchvision.datasets.ImageFolder(tmp_path / "val", transform)
+    images, labels = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in reference]))
+    with torch.no_grad():
+        logits = model(images)
+    assert ours["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-4)
+    assert ours["accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+
+
 def test_fine_tuning_at_another_size_evaluates_at_that_size(clf):
     """``from_pretrained`` derived the tag's 256/224 for its 224 crop; ``fit`` at 64 px derives them again around
     64 (kept at 224, a fine-tune at 64 px scored chance), keeping any evaluation key given to ``fit``."""

@@ -30,6 +30,7 @@ from resnet_jax.checkpoint import load_variables
 from resnet_jax.data.images import prepare_batch, top_classes
 from resnet_jax.ops import fold_batchnorm
 from resnet_jax.parallel import batch_multiple, make_mesh
+from resnet_jax.pretrained import same_classes
 from resnet_jax.training.config import (base_config, eval_transform, model_arguments, model_from_config,
                                         normalization_stats, validate)
 from resnet_jax.training.loop import evaluate_loader, train
@@ -59,7 +60,9 @@ class Classifier:
         ``"resnet50.IMAGENET1K_V1"``, ``"resnet50.a1_in1k"``, or ``name`` plus ``weights``. It predicts,
         evaluates and exports with the preprocessing the weights' accuracy was measured with
         (``weights_info(...).transforms()``: resize, crop, interpolation, mean/std), and ``fit`` fine-tunes it
-        with a new head for the dataset's classes (``config.init_from`` names the weights).
+        with a new head for the dataset's classes (``config.init_from`` names the weights). ImageNet-1k weights
+        evaluate on ``imagenet2012``'s validation split unless told another dataset of their classes (the
+        extracted WordNet-id folders, ``folder:PATH``, are).
 
         ``file``: a local copy of the weights instead of the download (no digest check, the file is the user's;
         the preprocessing is still the tag's). ``config``: config keys, e.g. ``image_size`` to fine-tune at; those
@@ -69,8 +72,9 @@ class Classifier:
 
         info = weights_info(name, weights)
         tagged = f"{info.model}.{info.tag}"
+        imagenet = {"dataset": "imagenet2012", "val_split": "validation"} if info.num_classes == 1000 else {}
         settings = {"image_size": info.crop_size, "augment": "imagenet", "init_from": tagged,
-                    "weights_file": str(file) if file is not None else "", **config}
+                    "weights_file": str(file) if file is not None else "", **imagenet, **config}
         clf = cls(info.model, info.num_classes, class_names=info.categories, **settings)
         _, clf.variables = pretrained(tagged, file=file, **model_arguments(clf.config, info.num_classes))
         return clf
@@ -112,7 +116,11 @@ class Classifier:
         source = data.get_source(dataset or self.config.dataset, split or self.config.val_split,
                                  image_size=self.config.image_size, seed=self.config.seed,
                                  data_dir=self.config.data_dir or None)
-        if source.labels_by_name and list(source.class_names) != self.class_names:
+        if source.num_classes != self.num_classes:
+            raise ValueError(f"{source.name} has {source.num_classes} classes but this model has {self.num_classes} "
+                             f"({_listed(self.class_names)}); evaluate it on a dataset of its classes: "
+                             f"evaluate(dataset, split)")
+        if source.labels_by_name and not same_classes(source.class_names, self.class_names):
             raise ValueError(f"{source!r} has the classes {_listed(source.class_names)} but this model was trained "
                              f"on {_listed(self.class_names)}: the same label would mean another class; evaluate "
                              f"on folders of the model's classes")
