@@ -138,6 +138,33 @@ def test_extracted_imagenet_folders_evaluate_with_the_weights_labels(torch_resne
     assert ours["accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
 
 
+def test_a_one_channel_model_of_rgb_weights_predicts_a_grey_photo_as_the_rgb_model_does(torch_resnet18):
+    """``in_channels=1`` sums the RGB kernels (timm's ``adapt_input_conv``), so a grey photo should score as the
+    RGB model scores it in colour; the weights' three means and stds left it unable to predict at all ("mean/std
+    have 3/3 values but the images have 1 channels"). It takes their average, the value the summed kernel sees."""
+    model, path = torch_resnet18
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    clf = Classifier.from_pretrained(TAG, file=path, in_channels=1)
+    assert clf.config.mean == pytest.approx([np.mean(weights.transforms().mean)])
+    assert clf.config.std == pytest.approx([np.mean(weights.transforms().std)])
+    grey = np.asarray(Image.fromarray(photos()[0]).convert("L"))
+    ours = clf.predict(grey)[0]
+    names, probs = torchvision_top5(model, np.asarray(Image.fromarray(grey).convert("RGB")))
+    assert ours[0][0] == names[0] and {n for n, _ in ours} == set(names)
+    assert max(abs(p - dict(zip(names, probs))[n]) for n, p in ours) < 0.05
+    four = Classifier.from_pretrained(TAG, file=path, in_channels=4)  # the colours repeated: R, G, B, R
+    assert four.config.mean == pytest.approx([*weights.transforms().mean, weights.transforms().mean[0]])
+
+
+@pytest.mark.parametrize("given", [{"num_classes": 10}, {"class_names": ["cat", "dog"]}])
+def test_another_head_is_refused_with_the_way_to_get_one(torch_resnet18, given):
+    """timm's habit, ``create_model(name, pretrained=True, num_classes=10)``, was a bare TypeError ("got multiple
+    values for argument 'num_classes'"); the weights' own count is accepted."""
+    with pytest.raises(ValueError, match=r"keeps the weights' head of 1000 classes .* clf\.fit\(dataset\) replaces"):
+        Classifier.from_pretrained(TAG, file=torch_resnet18[1], **given)
+    assert Classifier.from_pretrained(TAG, file=torch_resnet18[1], num_classes=1000).num_classes == 1000
+
+
 def test_fine_tuning_at_another_size_evaluates_at_that_size(clf):
     """``from_pretrained`` derived the tag's 256/224 for its 224 crop; ``fit`` at 64 px derives them again around
     64 (kept at 224, a fine-tune at 64 px scored chance), keeping any evaluation key given to ``fit``."""

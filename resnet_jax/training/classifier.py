@@ -42,9 +42,10 @@ class Classifier:
 
     def __init__(self, model: str = "resnet20", num_classes: int = 10, *, in_channels: int = 3,
                  image_size: int = 32, class_names: Sequence[str] | None = None, **config: Any):
+        overrides = {**config.pop("model_overrides", {}), "in_channels": in_channels}  # known to validate
         self.config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "model": model,
-                                                          "image_size": image_size, **config}))
-        self.config.model_overrides.in_channels = in_channels
+                                                          "image_size": image_size, **config,
+                                                          "model_overrides": overrides}))
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.model = model_from_config(self.config, num_classes)
@@ -71,6 +72,11 @@ class Classifier:
         from resnet_jax.pretrained import pretrained, weights_info
 
         info = weights_info(name, weights)
+        if config.get("num_classes", info.num_classes) != info.num_classes or "class_names" in config:
+            raise ValueError(f"from_pretrained keeps the weights' head of {info.num_classes} classes and their "
+                             f"names; for another head, fine-tune: clf.fit(dataset) replaces it with one for the "
+                             f"dataset's classes and names")
+        config.pop("num_classes", None)
         tagged = f"{info.model}.{info.tag}"
         imagenet = {"dataset": "imagenet2012", "val_split": "validation"} if info.num_classes == 1000 else {}
         settings = {"image_size": info.crop_size, "augment": "imagenet", "init_from": tagged,

@@ -288,7 +288,8 @@ def _check_eval_preprocessing(full: ml_collections.ConfigDict) -> None:
         full.eval_interpolation = full.eval_interpolation or info.interpolation
         full.eval_crop_mode = full.eval_crop_mode or info.crop_mode
         if not full.mean and not full.std:
-            full.mean, full.std = tuple(info.mean), tuple(info.std)
+            channels = full.model_overrides.get("in_channels", 3)
+            full.mean, full.std = (stats_for_channels(v, channels) for v in (info.mean, info.std))
     full.eval_interpolation = full.eval_interpolation or "bilinear"
     full.eval_crop_mode = full.eval_crop_mode or "center"
     if full.eval_resize < 0 or full.eval_crop < 0:
@@ -299,9 +300,22 @@ def _check_eval_preprocessing(full: ml_collections.ConfigDict) -> None:
     if len(full.mean) != len(full.std):
         raise ValueError(f"config.mean and config.std need the same number of values, got {len(full.mean)} and "
                          f"{len(full.std)}")
-    if len(full.mean) not in (0, 1, 3):
-        raise ValueError(f"config.mean and config.std need one value per channel (3) or one for all, got "
+    channels = full.model_overrides.get("in_channels", 3)
+    if len(full.mean) not in (0, 1, channels):
+        raise ValueError(f"config.mean and config.std need one value per channel ({channels}) or one for all, got "
                          f"{len(full.mean)}")
+
+
+def stats_for_channels(values, channels: int) -> tuple[float, ...]:
+    """RGB weights' mean or std for a model of ``channels`` inputs, following how ``adapt_input_conv`` (timm's
+    rule) feeds them the RGB kernel: one channel gets the sum of the three kernels, so the three values' mean;
+    more channels repeat R, G, B in turn, so each takes its colour's value."""
+    values = tuple(float(v) for v in values)
+    if channels == len(values) or len(values) != 3:
+        return values
+    if channels == 1:
+        return (sum(values) / 3,)
+    return tuple(values[c % 3] for c in range(channels))
 
 
 def eval_transform(config: ml_collections.ConfigDict):
