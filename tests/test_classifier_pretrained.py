@@ -196,14 +196,56 @@ def test_export_carries_the_preprocessing_and_the_artifact_predicts_the_same(clf
 
 
 def test_predict_command_prints_torchvisions_top5(torch_resnet18, tmp_path):
+    """Also past a file that cannot be read: it is named on stderr and the exit code is 1, but the photos around
+    it are still predicted (one truncated JPEG among many stopped the run with "image file is truncated")."""
+    path, broken = tmp_path / "photo.png", tmp_path / "broken.jpg"
+    Image.fromarray(photos()[1]).save(path)
+    Image.fromarray(photos()[0]).save(broken)
+    broken.write_bytes(broken.read_bytes()[:2000])
+    proc = run_python(module="train.predict", args=[f"--pretrained={TAG}", f"--weights_file={torch_resnet18[1]}",
+                                                     str(path), str(broken), str(path)], env=worker_env(), check=False)
+    assert proc.returncode == 1
+    errors = proc.stderr.strip().splitlines()[-2:]
+    assert errors[0].startswith(f"error: cannot read image {broken} (") and "replace or remove it" in errors[0]
+    assert errors[1] == "error: 1 of the inputs could not be read (said above); the others were predicted"
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == lines[6] == str(path) and len(lines) == 12
+    printed = [line.split("%", 1)[1].strip() for line in lines[1:6]]
+    assert printed == torchvision_top5(torch_resnet18[0], photos()[1])[0]
+
+
+def test_many_photos_are_predicted_a_piece_at_a_time_as_torchvision_predicts_each(clf, torch_resnet18, tmp_path):
+    """More photos than one piece (``PREDICT_CHUNK``), the last piece padded: every row is still its photo's."""
+    from resnet_jax.data.images import PREDICT_CHUNK
+
+    rng = np.random.default_rng(1)
+    images = [np.ascontiguousarray(photos()[i % 2][rng.integers(0, 60):, rng.integers(0, 60):])
+              for i in range(PREDICT_CHUNK + 3)]
+    ours = clf.predict(images)
+    assert len(ours) == PREDICT_CHUNK + 3
+    for image, top in zip(images[PREDICT_CHUNK - 2:], ours[PREDICT_CHUNK - 2:]):  # across the piece boundary
+        assert [name for name, _ in top] == torchvision_top5(torch_resnet18[0], image)[0]
+
+
+def test_encoded_bytes_and_open_files_read_as_their_path(clf, tmp_path):
+    """``requests.get(url).content`` or an upload widget's bytes: PIL opens them, so predict does."""
+    import io
+
     path = tmp_path / "photo.png"
     Image.fromarray(photos()[1]).save(path)
-    proc = run_python(module="train.predict", args=[f"--pretrained={TAG}", f"--weights_file={torch_resnet18[1]}",
-                                                     str(path)], env=worker_env())
-    lines = proc.stdout.strip().splitlines()
-    assert lines[0] == str(path)
-    printed = [line.split("%", 1)[1].strip() for line in lines[1:]]
-    assert printed == torchvision_top5(torch_resnet18[0], photos()[1])[0]
+    want = clf.predict(str(path))
+    with open(path, "rb") as f:
+        assert clf.predict(f) == want
+    assert clf.predict(path.read_bytes()) == clf.predict(io.BytesIO(path.read_bytes())) == want
+    for top in clf.predict([path.read_bytes(), str(path)]):  # a batch of two: float32 rounding apart
+        assert [n for n, _ in top] == [n for n, _ in want[0]]
+        np.testing.assert_allclose([p for _, p in top], [p for _, p in want[0]], atol=1e-5)
+    with pytest.raises(ValueError, match=r"^cannot read image from the bytes given \(.*\); replace or remove it$"):
+        clf.predict(b"not an image")
+    with pytest.raises(ValueError, match=r"^https://example\.com/cat\.jpg is a URL; predict reads local files"):
+        clf.predict("https://example.com/cat.jpg")
+    with pytest.raises(ValueError, match=rf"^{tmp_path} is a directory; pass its image files"):
+        clf.predict(str(tmp_path))
 
 
 def test_init_from_takes_a_published_name_and_its_preprocessing(tmp_path):

@@ -55,27 +55,49 @@ def load_model(workdir: str | None, artifact: str | None, step: str | None, pret
     return clf, clf.model.in_channels
 
 
-def read_inputs(paths: list[str], channels: int) -> tuple[list[str], list]:
-    """(label, image) pairs: a file stays a path (read by predict); a ``.npy`` array is split into its images,
-    labelled ``file.npy[i]`` when it holds a batch."""
+def read_input(path: str, channels: int) -> tuple[list[str], list]:
+    """(labels, images) of one argument: an image file read, or a ``.npy`` array split into its images, labelled
+    ``file.npy[i]`` when it holds a batch."""
     import numpy as np
 
-    from resnet_jax.data.images import split_images
+    from resnet_jax.data.images import read_image, split_images
 
-    labels, images = [], []
-    for path in paths:
-        if Path(path).suffix != ".npy":
-            labels.append(path)
-            images.append(path)
+    if Path(path).suffix != ".npy":
+        return [path], [read_image(path)]
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"{path} is not a numeric .npy array ({err}); save images with np.save") from None
+    parts = split_images(array, channels)
+    return ([path] if len(parts) == 1 else [f"{path}[{i}]" for i in range(len(parts))]), parts
+
+
+def predict_files(model, paths: list[str], channels: int, top_k: int) -> int:
+    """Print each input's top-k, a piece of ``PREDICT_CHUNK`` files at a time (memory stays that of one piece,
+    and results appear as they come); a file that cannot be read is said on stderr and the others still run.
+    Returns how many inputs failed."""
+    from resnet_jax.data.images import PREDICT_CHUNK
+
+    failed = 0
+    for start in range(0, len(paths), PREDICT_CHUNK):
+        labels, images = [], []
+        for path in paths[start:start + PREDICT_CHUNK]:
+            try:
+                more_labels, more_images = read_input(path, channels)
+            except (ValueError, OSError) as err:
+                print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+                failed += 1
+                continue
+            labels += more_labels
+            images += more_images
+        if not images:
             continue
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as err:
-            raise ValueError(f"{path} is not a numeric .npy array ({err}); save images with np.save") from None
-        parts = split_images(array, channels)
-        labels += [path] if len(parts) == 1 else [f"{path}[{i}]" for i in range(len(parts))]
-        images += parts
-    return labels, images
+        for label, top in zip(labels, model.predict(images, top_k=top_k)):
+            print(label)
+            for name, prob in top:
+                print(f"  {prob:7.2%}  {name}")
+        sys.stdout.flush()
+    return failed
 
 
 def main(argv: list[str]) -> int:
@@ -84,18 +106,19 @@ def main(argv: list[str]) -> int:
         raise app.UsageError("give one or more image files (or .npy arrays) after the flags")
     logging.set_verbosity(logging.WARNING)
     try:
+        from resnet_jax.data.images import check_top_k
+
+        check_top_k(flags.FLAGS.top_k)
         model, channels = load_model(flags.FLAGS.workdir, flags.FLAGS.artifact, flags.FLAGS.step,
                                      flags.FLAGS.pretrained, flags.FLAGS.weights_file)
-        labels, images = read_inputs(paths, channels)
-        predictions = model.predict(images, top_k=flags.FLAGS.top_k)
+        failed = predict_files(model, paths, channels, flags.FLAGS.top_k)
     except (ValueError, OSError, RuntimeError, ImportError) as err:  # CheckpointError is a RuntimeError
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         return 1
-    for label, top in zip(labels, predictions):
-        print(label)
-        for name, prob in top:
-            print(f"  {prob:7.2%}  {name}")
-    return 0
+    if failed:
+        print(f"error: {failed} of the inputs could not be read (said above); the others were predicted",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from resnet_jax.data.images import prepare_batch, top_classes
+from resnet_jax.data.images import check_top_k, in_chunks, prepare_batch, top_classes
 from resnet_jax.export.manifest import ArtifactError, Preprocessing, read_manifest
 
 
@@ -59,8 +59,9 @@ class ExportedModel:
         return self._runner(np.ascontiguousarray(batch))
 
     def predict(self, images: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """Top-k ``(class name, probability)`` per image, as ``Classifier.predict`` gives them."""
-        return top_classes(self(images), self.class_names, top_k)
+        """Top-k ``(class name, probability)`` per image, as ``Classifier.predict`` gives them (a piece at a time)."""
+        check_top_k(top_k)
+        return [top for chunk in in_chunks(images) for top in top_classes(self(chunk), self.class_names, top_k)]
 
     def __repr__(self) -> str:
         return (f"ExportedModel({self.path.name!r}, format={self.format}, model={self.manifest.get('model')}, "

@@ -27,7 +27,7 @@ import numpy as np
 
 from resnet_jax import data
 from resnet_jax.checkpoint import load_variables
-from resnet_jax.data.images import prepare_batch, top_classes
+from resnet_jax.data.images import PREDICT_CHUNK, check_top_k, in_chunks, prepare_batch, top_classes
 from resnet_jax.ops import fold_batchnorm
 from resnet_jax.parallel import batch_multiple, make_mesh
 from resnet_jax.pretrained import same_classes
@@ -141,9 +141,16 @@ class Classifier:
     def predict(self, images: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """Top-k ``(class name, probability)`` per image. ``images``: one uint8 image ``(H, W)`` or
         ``(H, W, C)``, a batch ``(N, H, W, C)``, a greyscale batch ``(N, H, W)`` for a one-channel model, or a
-        list of arrays or file paths (``resnet_jax.data.images``)."""
-        batch = self.preprocess(images)
-        return top_classes(self._logits(batch), self.class_names, top_k)
+        list of arrays, file paths or encoded images (``resnet_jax.data.images``), read a piece at a time."""
+        check_top_k(top_k)
+        chunks, out = in_chunks(images), []
+        for chunk in chunks:
+            batch = self.preprocess(chunk)
+            n = len(batch)
+            if len(chunks) > 1 and n < PREDICT_CHUNK:  # the last piece padded: one compiled shape for them all
+                batch = jnp.concatenate([batch, jnp.repeat(batch[-1:], PREDICT_CHUNK - n, axis=0)])
+            out += top_classes(self._logits(batch)[:n], self.class_names, top_k)
+        return out
 
     def _logits(self, batch: jnp.ndarray) -> jnp.ndarray:
         """The BatchNorm-folded model, as evaluation runs it, jitted once per model (every later call with a
