@@ -135,8 +135,6 @@ def _http_message(model: str, tag: str, filename: str, error) -> str:
     import os
     from urllib.parse import urlsplit
 
-    from resnet_jax.pretrained import http_status_meaning
-
     url, code = file_url(model, tag, filename), error.response.status_code
     host = urlsplit(str(error.response.url)).netloc or urlsplit(url).netloc
     what = http_status_meaning(code)
@@ -147,6 +145,20 @@ def _http_message(model: str, tag: str, filename: str, error) -> str:
              "if you use a mirror, point HF_ENDPOINT at it")
     return (f"the server at {host} answered HTTP {code} for {url}: {what}. It is reachable, so this is not a "
             f"missing network; {check}, or {_by_hand(filename)}")
+
+
+def http_status_meaning(code: int) -> str:
+    """What an HTTP error status says about a download, for the messages of both download paths (ours and the
+    hub's): the user's next step differs for a missing file, a refusal and a server that is failing."""
+    if 300 <= code < 400:
+        return "it redirects in a loop, or without a usable Location"
+    if code in (404, 410):
+        return "it has no such file"
+    if code in (401, 403):
+        return "it refuses access (it may need credentials, or block this client or network)"
+    if code >= 500 or code in (408, 429):
+        return "it is failing or busy (it may be down or overloaded: try again later)"
+    return "it refused the request"
 
 
 def _offline_mode() -> bool:

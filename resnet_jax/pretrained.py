@@ -447,24 +447,12 @@ def _offline_message(url: str, target: Path, error: Exception) -> str:
             f"mirror= or ${MIRROR_ENV} at a server holding a copy, or ${CACHE_ENV} at a directory that has it.")
 
 
-def http_status_meaning(code: int) -> str:
-    """What an HTTP error status says about a download, for the messages of both download paths (ours and the
-    hub's): the user's next step differs for a missing file, a refusal and a server that is failing."""
-    if 300 <= code < 400:
-        return "it redirects in a loop, or without a usable Location"
-    if code in (404, 410):
-        return "it has no such file"
-    if code in (401, 403):
-        return "it refuses access (it may need credentials, or block this client or network)"
-    if code >= 500 or code in (408, 429):
-        return "it is failing or busy (it may be down or overloaded: try again later)"
-    return "it refused the request"
-
-
 def _http_error_message(url: str, target: Path, error: urllib.error.HTTPError) -> str:
     """A server was reached and refused: say which, what it answered, and what to check."""
     host = urllib.parse.urlsplit(url).netloc or url
     reason = str(error.reason).splitlines()[0] if error.reason else ""
+    from resnet_jax.hub import http_status_meaning
+
     what = http_status_meaning(error.code)
     mirror = os.environ.get(MIRROR_ENV)
     now = f" (now {mirror!r})" if mirror else ""

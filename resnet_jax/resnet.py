@@ -268,6 +268,12 @@ class ResNet(nn.Module):
 
     def _check_input(self, x) -> None:
         shape = tuple(getattr(x, "shape", ()))
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+            # Flax would promote them silently; torch refuses them, and 0..255 pixels are never what was meant
+            raise ValueError(f"expected normalised floating-point images, got {jnp.dtype(dtype).name}: scale and "
+                             f"normalise them first, e.g. resnet_jax.data.normalize(images, mean, std), or "
+                             f"weights_info(name).transforms() for published weights")
         if len(shape) == 4 and shape[-1] == self.in_channels:
             return
         hint = ""
@@ -372,16 +378,19 @@ def _option_hint(option: str) -> str:
     return f"{option!r}: did you mean {' or '.join(map(repr, close))}?" if close else f"{option!r} is not an option"
 
 
-def create_model(name: str, **overrides: Any) -> ResNet:
+def create_model(model_name: str, /, **overrides: Any) -> ResNet:
     """Build a named model, e.g. ``create_model("resnet50", num_classes=10, dtype=jnp.bfloat16)``.
 
-    Any ``ResNet`` attribute can be overridden; an unknown name or attribute raises ``ValueError``.
+    Any ``ResNet`` attribute can be overridden; an unknown name or attribute raises ``ValueError``. ``name`` is
+    Flax's, as for any module: ``create_model("resnet50", name="backbone")`` inside a user's ``nn.compact``
+    module puts its parameters under ``backbone`` (the model's name is positional, so the two never collide).
     """
-    config = model_config(name)
+    config = model_config(model_name)
+    flax_name = overrides.pop("name", None)
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
         hints = "; ".join(_option_hint(option) for option in unknown)
-        raise ValueError(f"unknown option(s) {unknown} for create_model({name!r}): {hints}. Valid options are "
-                         f"{sorted(_FIELDS)}")
+        raise ValueError(f"unknown option(s) {unknown} for create_model({model_name!r}): {hints}. Valid options "
+                         f"are {sorted(_FIELDS)}")
     config.update(overrides)
-    return ResNet(**config)
+    return ResNet(**config, name=flax_name)

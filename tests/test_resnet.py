@@ -254,6 +254,51 @@ def test_wrong_input_shape_gives_clear_error(shape, hint):
         model.init(jax.random.key(0), jnp.zeros(shape))
 
 
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int32, jnp.bool_])
+def test_integer_images_are_refused_as_torch_refuses_them(dtype):
+    """Flax promotes 0..255 pixels silently (the logits of unnormalised images); torchvision's model refuses a
+    uint8 batch ("expected scalar type Byte but found Float"), and so does this one, saying what to do."""
+    with pytest.raises(RuntimeError):
+        torchvision.models.resnet18()(torch.zeros((1, 3, 32, 32), dtype=torch.uint8))
+    model = create_model("resnet18")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match=rf"^expected normalised floating-point images, got {jnp.dtype(dtype).name}: "
+                                         r"scale and normalise them first"):
+        model.apply(variables, jnp.zeros((1, 32, 32, 3), dtype))
+
+
+def test_flax_name_reaches_the_module_inside_a_users_compact_module():
+    """Every Flax module takes ``name=``; ``create_model``'s own first argument took it ("got multiple values for
+    argument 'name'"), so a backbone could not get the stable path that pretrained weights are grafted onto."""
+    import flax.linen as nn
+
+    class WithHead(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            features = create_model("resnet18", num_classes=0, name="backbone")(x)
+            return nn.Dense(2, name="head")(features)
+
+    params = WithHead().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    assert sorted(params) == ["backbone", "head"] and "conv1" in params["backbone"]
+
+
+def test_a_symbolic_batch_exports_on_the_pure_jax_paths(tmp_path):
+    """``jax.export`` with a symbolic batch failed inside the algorithm choice ("_DimExpr is not JSON
+    serializable") on ``conv_impl="jax"``; sizes that are symbols take XLA's convolutions. The reloaded function
+    equals ``model.apply`` at two batch sizes."""
+    from jax import export
+
+    model = create_model("resnet18", num_classes=3, conv_impl="jax")
+    variables = random_variables(model, (2, 32, 32, 3))
+    batch = export.symbolic_shape("b")[0]
+    exported = export.export(jax.jit(lambda v, x: model.apply(v, x)))(
+        variables, jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32))
+    reloaded = export.deserialize(exported.serialize())
+    for n in (1, 3):
+        x = jnp.asarray(np.random.default_rng(n).standard_normal((n, 32, 32, 3)), jnp.float32)
+        np.testing.assert_allclose(reloaded.call(variables, x), model.apply(variables, x), atol=1e-5, rtol=1e-5)
+
+
 def test_basic_block_rejects_groups():
     with pytest.raises(ValueError, match="Bottleneck"):
         init(create_model("resnet18", groups=32), (1, 32, 32, 3))

@@ -167,9 +167,10 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     algorithms do not apply, 1x1 layers included: XLA's bfloat16 dot ran ResNet-50's 1x1 input gradients
     at 9-198 GFLOP/s against oneDNN's 34-388 (BENCHMARKS.md, Machine A2, 2026-12-03). One exception: a 3x3
     stride-1 layer on a small image (``WIDENED_MAX_PIXELS``) takes its kernel gradient, and on the smallest
-    images its forward, in float32 Winograd (``widened_passes``). On GPU/TPU: XLA's own.
+    images its forward, in float32 Winograd (``widened_passes``). On GPU/TPU, and for sizes that are symbols
+    (``jax.export`` with a symbolic batch): XLA's own.
     """
-    if backend != "cpu":
+    if backend != "cpu" or not spec.concrete:
         return ("xla", "xla", "xla")
     if measured:
         tuned = measured_choice(spec, extension)

@@ -102,6 +102,12 @@ class ConvSpec:
         _, ho, wo, cout = self.y_shape
         return 2.0 * self.batch * ho * wo * cout * self.kernel[0] * self.kernel[1] * self.in_channels / self.groups
 
+    @property
+    def concrete(self) -> bool:
+        """Whether every size is a number: under ``jax.export``'s shape polymorphism the batch (or the image) can
+        be a symbol, which no algorithm here but XLA's own can lay out and no measurement can key."""
+        return all(isinstance(v, int) for v in (self.batch, self.height, self.width))
+
     def key(self) -> str:
         """A stable text form (the tuning cache's key; undilated specs keep the key they had before dilation)."""
         dilation = [self.dilation] if self.dilated else []
