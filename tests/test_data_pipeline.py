@@ -198,3 +198,57 @@ def test_two_processes_read_disjoint_shards_and_evaluate_everything_once():
     assert not train[0] & train[1] and len(outs[0]["train"]) == len(outs[1]["train"]) == len(train[0]) == 50
     assert outs[0]["eval_batches"] == outs[1]["eval_batches"]
     assert sorted(outs[0]["eval"] + outs[1]["eval"]) == list(range(101))
+
+
+def test_worker_processes_share_the_cores_for_the_batches_they_hold_ahead(monkeypatch):
+    """Each read thread holds one batch ahead: 16 threads in each of 16 workers held ~33 batches per worker (the
+    V2 recipe's 1024 images at 176 px: ~200 GB); with workers the cores are split among them."""
+    from resnet_jax.data.pipeline import _read_options
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert _read_options(None, 0).num_threads == 16  # in-process: one per core, as before
+    for workers in (2, 16):
+        options = _read_options(None, workers)
+        assert options.num_threads * workers == 16 and options.prefetch_buffer_size == max(2, 16 // workers)
+    assert _read_options(3, 16).num_threads == 3  # as given
+
+
+WORKERS_THEN_WAIT = """
+import sys, time
+from resnet_jax import data
+src = data.get_source("digits", "train", image_size=8)
+it = iter(data.train_loader(src, batch_size=16, image_size=8, augment="cifar", worker_count=2))
+next(it)
+print("running", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.long  # worker processes
+@pytest.mark.multiprocess
+def test_worker_processes_end_when_the_training_process_is_killed():
+    """SIGKILL or the OOM killer runs no clean-up: Grain's workers (with their file lists and batches) lived on
+    for good; like PyTorch's DataLoader workers, they now end with their parent."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", WORKERS_THEN_WAIT], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    workers = []
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(workers) >= 2, [p.cmdline() for p in workers]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, f"{len(alive)} worker(s) still running 20 s after their parent was killed"
+    finally:
+        proc.kill()
+        for p in workers:
+            if p.is_running():
+                p.kill()
