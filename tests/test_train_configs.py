@@ -44,6 +44,29 @@ def test_recipe_validates_and_builds_its_model(name, variant):
         assert {model.in_channels, CHANNELS[config.dataset]} == {1, 3}
 
 
+def test_the_recipes_evaluate_at_the_resolution_they_train_at():
+    """RSB A1 at timm's own sizes for any ``--img-size`` (``floor(size / crop_pct)``, crop_pct 0.95), the V2
+    recipe at its 232/224 for 176 and the same ratios at another size; both fixed at 224 evaluated a 24 px run
+    upsampled (chance accuracy). An explicit evaluation size still wins."""
+    import timm.data
+
+    rsb = importlib.import_module("train.configs.imagenet_resnet50_rsb_a1")
+    for size in (224, 24, 160):
+        config = rsb.get_config()
+        config.image_size = size
+        config = validate(config)
+        timm_resize = timm.data.create_transform(size, crop_pct=0.95, interpolation="bicubic").transforms[0]
+        assert (config.eval_resize, config.eval_crop) == (timm_resize.size, size)
+    tv2 = importlib.import_module("train.configs.imagenet_resnet50_tv2")
+    assert (validate(tv2.get_config()).eval_resize, validate(tv2.get_config()).eval_crop) == (232, 224)
+    config = tv2.get_config()
+    config.image_size = 24
+    assert (validate(config).eval_resize, validate(config).eval_crop) == (32, 31)
+    config.eval_crop, config.eval_resize = 20, 22
+    config.image_size = 32
+    assert (validate(config).eval_resize, validate(config).eval_crop) == (22, 20)
+
+
 def test_an_unknown_variant_is_a_clear_error():
     module = importlib.import_module("train.configs.imagenet_resnet50")
     with pytest.raises(ValueError, match="unknown variant 'cosin'.*'step' or 'cosine'"):

@@ -26,7 +26,11 @@ def get_config():
     c.dataset = "imagenet2012"
     c.normalize = "imagenet"                # train.py: Normalize(IMAGENET mean/std)
     c.image_size = 176                      # --train-crop-size 176
-    c.eval_resize, c.eval_crop = 232, 224   # --val-resize-size 232, --val-crop-size 224 (train.py default)
+    # --val-resize-size 232, --val-crop-size 224 (train.py default). torchvision's flags stay put when the
+    # train crop changes; here they keep their ratio to image_size (232/224 at 176, the recipe's; a 24 px run
+    # evaluated at 224 scored chance). Set eval_resize / eval_crop to fix them instead.
+    c.eval_crop = (c.get_ref("image_size") * 224 + 88) // 176
+    c.eval_resize = (c.get_ref("image_size") * 232 + 88) // 176
     c.eval_interpolation = "bilinear"       # --interpolation bilinear (train.py default)
     c.augment = "imagenet"                  # RandomResizedCrop(176) + RandomHorizontalFlip (presets.py)
     c.auto_augment = "ta_wide"              # --auto-augment ta_wide
