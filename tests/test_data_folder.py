@@ -90,10 +90,26 @@ def test_percentage_slices_split_every_class_without_overlap(tmp_path):
     whole = data.get_source(f"folder:{root}", "all")
     head, tail = (data.get_source(f"folder:{root}", s) for s in ("all[:75%]", "all[75%:]"))
     labels = [[src[i]["label"] for i in range(len(src))] for src in (head, tail)]
-    assert labels == [[0] * 7 + [1] * 3, [0] * 3 + [1]]  # 75% of 10 and of 4, rounded down, per class
+    assert labels == [[0] * 8 + [1] * 3, [0] * 2 + [1]]  # 75% of 10 (7.5) and of 4, per class, as TFDS rounds
     pixels = [src[i]["image"].tobytes() for src in (head, tail) for i in range(len(src))]
     assert sorted(pixels) == sorted(whole[i]["image"].tobytes() for i in range(len(whole)))
-    assert len(data.get_source(f"folder:{root}", "all[10%:20%]")) == 1  # a: [1:2], b: [0:0]
+    assert len(data.get_source(f"folder:{root}", "all[10%:20%]")) == 2  # a: [1:2], b: [0:1] (0.4 and 0.8)
+
+
+def test_slices_round_each_class_to_the_nearest_image_as_tfds_does(tmp_path):
+    """Rounded down, ``train[:90%]`` took no image of a one-image class and exactly one validation image of every
+    class under ten. TFDS's default ("closest") rounds ``percent * count / 100`` with Python's ``round``: for
+    1, 5, 9 and 20 images at 90% that is 1, 4 (4.5 to even), 8 and 18."""
+    root = tmp_path / "rare"
+    for c, n in (("a_one", 1), ("b_five", 5), ("c_nine", 9), ("d_twenty", 20)):
+        for k in range(n):
+            write_image(root / "train" / c / f"{k:02d}.png", "L", k)
+    head, tail = (data.get_source(f"folder:{root}", s) for s in ("train[:90%]", "train[90%:]"))
+    assert list(head.class_counts) == [1, 4, 8, 18] and list(tail.class_counts) == [0, 1, 1, 2]
+    data.check_every_class(head)
+    with pytest.raises(ValueError, match=r"has no image of the class\(es\) a_one \(1 of 4\), which the model "
+                                         r"could then never learn"):
+        data.check_every_class(data.get_source(f"folder:{root}", "train[:50%]"))  # 0.5 rounds to 0
 
 
 def refusal(call) -> str:
@@ -106,9 +122,10 @@ def test_bad_folders_are_refused_with_what_to_do(photos, tmp_path):
     assert "does not exist" in refusal(lambda: FolderSource(tmp_path / "nowhere", "train"))
     assert "no split folder 'validation' (its folders: train, val)" in refusal(
         lambda: data.get_source(f"folder:{photos}", "validation"))
-    (photos / "train" / "empty_class").mkdir()
-    message = refusal(lambda: data.get_source(f"folder:{photos}", "train"))
-    assert "empty_class" in message and "holds no images" in message
+    (photos / "train" / "empty_class").mkdir()  # kept as a class (a validation split may lack one) ...
+    with_empty = data.get_source(f"folder:{photos}", "train")
+    assert with_empty.class_names[2] == "empty_class" and with_empty.class_counts[2] == 0
+    assert "empty_class (1 of 4)" in refusal(lambda: data.check_every_class(with_empty))  # ... but not trained on
     (tmp_path / "flat" / "train").mkdir(parents=True)
     assert "holds no class folders" in refusal(lambda: data.get_source(f"folder:{tmp_path / 'flat'}", "train"))
     for split in ("train[:90]", "train[50%:10%]", "train[:101%]", ""):

@@ -8,14 +8,15 @@ float32 batches.
 
 from resnet_jax.data.augment import (normalize, random_crop_flip, random_resized_crop_flip, resize_center_crop,
                                      to_channels)
-from resnet_jax.data.pipeline import (AUGMENTS, EvalLoader, check_compatible, check_same_classes,
-                                      default_crop_fraction, eval_loader, steps_per_epoch, train_loader)
+from resnet_jax.data.pipeline import (AUGMENTS, EvalLoader, check_compatible, check_every_class,
+                                      check_same_classes, default_crop_fraction, eval_loader, steps_per_epoch,
+                                      train_loader)
 from resnet_jax.data.source import Source
 from resnet_jax.data.sources import get_source
 from resnet_jax.data.stats import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "AUGMENTS", "DATASET_STATS", "EvalLoader", "IMAGENET_MEAN", "IMAGENET_STD", "Source", "check_compatible",
-    "check_same_classes", "default_crop_fraction", "eval_loader", "get_source", "normalize", "random_crop_flip",
-    "random_resized_crop_flip", "resize_center_crop", "steps_per_epoch", "to_channels", "train_loader",
+    "check_every_class", "check_same_classes", "default_crop_fraction", "eval_loader", "get_source", "normalize",
+    "random_crop_flip", "random_resized_crop_flip", "resize_center_crop", "steps_per_epoch", "to_channels", "train_loader",
 ]

@@ -9,8 +9,8 @@ under each class (links followed), by file extension (case-insensitive), in sort
 and converted to RGB. Two differences: names starting with "." are skipped, so ``.ipynb_checkpoints`` is not a
 class and macOS's ``._photo.jpg`` resource forks are not images; and 16-bit greyscale keeps its top 8 bits (as
 torchvision's ``decode_image`` reads it) where ``ImageFolder``'s Pillow conversion clips it to white. A split can take a percentage slice of every
-class (``"train[:90%]"``, ``"train[90%:]"``): one folder then gives a training and a validation split with the
-classes in the same proportions and no image in both.
+class (``"train[:90%]"``, ``"train[90%:]"``, rounded to the nearest image as TFDS's slices are): one folder then
+gives a training and a validation split with the classes in the same proportions and no image in both.
 """
 
 from __future__ import annotations
@@ -55,13 +55,13 @@ class FolderSource(Source):
         paths, labels = [], []
         for label, name in enumerate(classes):
             files = _images_under(os.path.join(split_dir, name))
-            if not files:
-                raise ValueError(f"class folder {os.path.join(split_dir, name)!r} holds no images (extensions "
-                                 f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder.")
-            files = files[len(files) * start // 100:len(files) * stop // 100]
+            files = files[_share(len(files), start):_share(len(files), stop)]
             paths += files
             labels += [label] * len(files)
         self._root, self._paths, self._labels = split_dir, paths, np.asarray(labels, np.int64)
+        # an empty class folder is kept (as ImageFolder(allow_empty=True)): a validation split may lack a class
+        # that its training split has; training on a split without some class is refused (check_every_class)
+        self.class_counts = np.bincount(self._labels, minlength=len(classes))
         self.name, self.split = PREFIX + os.path.basename(os.path.normpath(root)), split
         self.num_classes, self.class_names = len(classes), classes
         self.image_shape = (None, None, 3)
@@ -81,6 +81,13 @@ class FolderSource(Source):
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise ValueError(f"cannot read image {path!r} ({err}); replace or remove the file.") from None
         return {"image": image, "label": int(self._labels[index])}
+
+
+def _share(count: int, percent: int) -> int:
+    """The image index at ``percent`` of a class of ``count`` images, rounded to the nearest as TFDS's default
+    "closest" slices are: rounded down, ``train[:90%]`` took no image of a one-image class (all went to
+    ``train[90%:]``) and one of every class under ten."""
+    return int(round(percent * count / 100.0))
 
 
 def _parse_split(split: str) -> tuple[str, int, int]:

@@ -147,7 +147,22 @@ def check_same_classes(train: Source, other: Source) -> None:
         diff = "; ".join(f"{what}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
                          for what, names in (("missing", missing), ("extra", extra)) if names) or "another order"
         raise ValueError(f"{other!r} has other classes than {train!r} ({diff}), so the same label would mean "
-                         f"another class in each; give both splits the same class folders.")
+                         f"another class in each; give both splits the same class folders (an empty folder is "
+                         f"fine for a class without validation images).")
+
+
+def check_every_class(train: Source) -> None:
+    """A training split with no image of some class (an empty class folder, or a percentage slice of a tiny
+    class) would train a head that never sees it; refused, naming the classes. Only sources that count their
+    classes (``class_counts``: class folders) can say."""
+    counts = getattr(train, "class_counts", None)
+    if counts is None:
+        return
+    empty = [name for name, n in zip(train.class_names, counts) if n == 0]
+    if empty:
+        raise ValueError(f"{train!r} has no image of the class(es) {', '.join(empty[:5])}"
+                         f"{', ...' if len(empty) > 5 else ''} ({len(empty)} of {len(counts)}), which the model "
+                         f"could then never learn; add images there or remove those class folders.")
 
 
 class _Crop:

@@ -92,6 +92,7 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
     val_source = data.get_source(config.dataset, config.val_split, data_dir=data_dir,
                                  image_size=config.image_size, seed=config.seed)
     data.check_same_classes(train_source, val_source)
+    data.check_every_class(train_source)
     check_against_data(config, train_source.num_classes)
     check_init_from(config)
     model = model_from_config(config, train_source.num_classes)
