@@ -65,11 +65,29 @@ def test_without_a_compiler_the_run_says_why_and_what_to_run(tmp_path):
 def test_evaluate_predict_export_commands(default_run, tmp_path):
     workdir, _ = default_run
     proc = run("train.evaluate", f"--workdir={workdir}", "--step=best", check=True)
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"] >= 0.97
+    best = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert best["accuracy"] >= 0.97
 
     from PIL import Image
 
     from resnet_jax import data
+
+    # --dataset: the same validation images as class folders (a held-out folder, or the run's moved folder)
+    val = data.get_source("digits", "validation", image_size=8)
+    for i in range(150):  # a part of them: other metrics than the run's own split
+        record = val[i]
+        (tmp_path / "folders" / "val" / str(record["label"])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(record["image"][:, :, 0]).save(tmp_path / "folders" / "val" / str(record["label"]) / f"{i}.png")
+    proc = run("train.evaluate", f"--workdir={workdir}", "--step=best", f"--dataset=folder:{tmp_path / 'folders'}",
+               "--split=val", check=True)
+    folders = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert folders["dataset"] == f"folder:{tmp_path / 'folders'}" and folders["split"] == "val"
+    from resnet_jax.training import Classifier
+
+    direct = Classifier.load(workdir, "best").evaluate(f"folder:{tmp_path / 'folders'}", "val")
+    assert folders["accuracy"] == pytest.approx(direct["accuracy"]) and direct["accuracy"] > 0.5
+    assert folders["loss"] != best["loss"]  # the folder was read, not the run's own split
+    assert Classifier.load(workdir, "best").evaluate("digits", "validation")["loss"] == pytest.approx(best["loss"])
 
     sample = data.get_source("digits", "validation", image_size=8)[0]
     image = tmp_path / "digit.png"

@@ -1,5 +1,6 @@
-"""``python -m train.evaluate --workdir=DIR [--step=N|best] [--split=NAME] [--use_ema]``: loss / top-1 / top-5 of a run's
-checkpoint on its validation split (or another split of its dataset)."""
+"""``python -m train.evaluate --workdir=DIR [--step=N|best] [--dataset=NAME] [--split=NAME] [--use_ema]``: loss /
+top-1 / top-5 of a run's checkpoint on its validation split, another split, or another dataset of its classes (a
+held-out test folder, or the run's image folder after it moved: ``--dataset=folder:NEW/PATH``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from absl import app, flags, logging
 flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)", required=True)
 flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest)")
 flags.DEFINE_bool("use_ema", False, "the run's moving average of the weights (config.model_ema) instead")
+flags.DEFINE_string("dataset", None, "dataset to evaluate on, of the model's classes (default: the run's "
+                    "config.dataset), e.g. folder:PATH")
 flags.DEFINE_string("split", None, "split to evaluate (default: the run's config.val_split)")
 flags.DEFINE_integer("batch_size", 256, "evaluation batch size")
 
@@ -22,11 +25,12 @@ def main(argv: list[str]) -> int:
 
     try:
         clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step, use_ema=flags.FLAGS.use_ema)
-        metrics = clf.evaluate(split=flags.FLAGS.split, batch_size=flags.FLAGS.batch_size)
+        metrics = clf.evaluate(flags.FLAGS.dataset, flags.FLAGS.split, batch_size=flags.FLAGS.batch_size)
     except (ValueError, OSError, RuntimeError) as err:  # CheckpointError is a RuntimeError
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         return 1
-    print(json.dumps({"dataset": clf.config.dataset, "split": flags.FLAGS.split or clf.config.val_split,
+    print(json.dumps({"dataset": flags.FLAGS.dataset or clf.config.dataset,
+                      "split": flags.FLAGS.split or clf.config.val_split,
                       **metrics}))
     return 0
 
