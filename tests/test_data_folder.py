@@ -172,6 +172,32 @@ def test_training_reads_the_folders(photos, tmp_path):
     assert val and np.isfinite(val[-1]["loss"])
 
 
+@pytest.mark.slow
+def test_a_run_resumes_from_its_moved_folder_and_refuses_changed_images(photos, tmp_path):
+    """The same files at another path (node-local scratch, a new mount) are the same run: it resumes exactly
+    where it stopped (torchvision's and timm's scripts take the data path afresh at every launch; here the path
+    is recorded, so a moved folder was refused as another run). Any added, removed or renamed image is refused:
+    the rest of the epoch would mix two shuffles (it resumed silently)."""
+    from resnet_jax.checkpoint import ConfigMismatch
+    from resnet_jax.training import train
+
+    workdir = tmp_path / "run"
+    first = train(folder_config(photos), workdir, log=lambda _: None)
+    assert int(first.state.step) == 2
+    moved = photos.rename(tmp_path / "scratch_job2")
+    config = folder_config(moved)
+    config.num_epochs = 2
+    said = []
+    second = train(config, workdir, log=said.append)
+    assert second.resumed_from == 2 and int(second.state.step) == 4
+    assert any(f"dataset: \"folder:{photos}\" -> \"folder:{moved}\"" in line for line in said), said
+    write_image(moved / "train" / "ant" / "new.png", "RGB", 40)
+    config.num_epochs = 3
+    with pytest.raises(ConfigMismatch, match=r"training images of the run in .* changed since it started \(8 files "
+                                             r"then, 9 now, or other names\)"):
+        train(config, workdir, log=lambda _: None)
+
+
 def test_a_model_is_not_evaluated_on_folders_of_other_classes(photos):
     """Folder labels are positions in the folder's own class list: evaluating a model on folders of other
     classes would score a dog as whatever class 0 was; refused, as training refuses such splits."""

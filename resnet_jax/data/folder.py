@@ -15,6 +15,7 @@ gives a training and a validation split with the classes in the same proportions
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -62,9 +63,23 @@ class FolderSource(Source):
         # an empty class folder is kept (as ImageFolder(allow_empty=True)): a validation split may lack a class
         # that its training split has; training on a split without some class is refused (check_every_class)
         self.class_counts = np.bincount(self._labels, minlength=len(classes))
+        self._fingerprint = None
         self.name, self.split = PREFIX + os.path.basename(os.path.normpath(root)), split
         self.num_classes, self.class_names = len(classes), classes
         self.image_shape = (None, None, 3)
+
+    def fingerprint(self) -> dict:
+        """The class names, files (relative to the split's folder) and labels, hashed, with the file count: equal
+        for the same images wherever the folder now is, different after any image is added, removed or renamed."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> dict:
+        digest = hashlib.sha256("\0".join(self.class_names).encode())
+        for path, label in zip(self._paths, self._labels.tolist()):
+            digest.update(f"\n{label}\0{path}".encode())
+        return {"files": len(self._paths), "sha256": digest.hexdigest()}
 
     def __len__(self) -> int:
         return len(self._paths)

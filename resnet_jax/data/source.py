@@ -27,6 +27,12 @@ class Source:
     # other class names means other labels; False where the dataset fixes each label's meaning (TFDS, digits)
     labels_by_name: bool = False
 
+    def fingerprint(self) -> dict[str, Any] | None:
+        """What identifies the examples of a dataset whose contents can change (a user's folders): a resumed run
+        compares it with the one its workdir recorded. ``None`` where the dataset is fixed (TFDS versions,
+        digits)."""
+        return None
+
     def __len__(self) -> int:
         raise NotImplementedError
 

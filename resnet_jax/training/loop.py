@@ -125,7 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
     run = setup(config)
     workdir = Path(workdir)
     run_dir.check_shared(workdir)  # first: with local disks, each host's check below could see other files
-    run_dir.check(workdir, run.config, log)
+    run_dir.check(workdir, run.config, log, run.train_source.fingerprint())
     log(f"{run.config.model} on {run.mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
         f"{ops.describe(getattr(run.model, 'conv_impl', 'auto'))}")
     with compilation_cache(run.config.compilation_cache_dir):
@@ -173,7 +173,7 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
         state = shapes.with_arrays(arrays)
         progress = meta["loop"]
         log(f"resumed from the checkpoint at step {step} (epoch {step / spe:.2f}) in {checkpoints.directory}")
-    run_dir.write_config(workdir, config)
+    run_dir.write_config(workdir, config, run.train_source.fingerprint())
     return _Loop(setup=run, workdir=workdir, log=log, class_names=class_names, checkpoints=checkpoints,
                  iterator=iterator, val_loader=val_loader,
                  metrics_log=MetricsLog(workdir, resume_step=resumed_from),

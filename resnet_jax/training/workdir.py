@@ -33,17 +33,24 @@ from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, base_config
 from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"  # the training split's fingerprint, for datasets whose contents can change (folders)
 CHECKPOINTS = "checkpoints"
 PREVIOUS_RUNS = "previous_runs"
 # Everything a run writes; what ``move_aside`` moves.
-RUN_FILES = (CHECKPOINTS, DAMAGED_DIR, METRICS_FILE, TENSORBOARD_DIR, CURVES_FILE, CONFIG_FILE)
+RUN_FILES = (CHECKPOINTS, DAMAGED_DIR, METRICS_FILE, TENSORBOARD_DIR, CURVES_FILE, CONFIG_FILE, DATA_FILE)
 HISTORY_FILES = (METRICS_FILE, TENSORBOARD_DIR, CURVES_FILE)
 # The settings the processes of one run may hold differently: where this host keeps things, and who it is.
 PER_PROCESS = ("process_id", "coordinator_address", "data_dir", "compilation_cache_dir", "progress_bar")
 
 
-def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str], None]) -> None:
+def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str], None],
+          data: dict[str, Any] | None = None) -> None:
     """Refuse (``ConfigMismatch``) a config that changes the run saved in ``workdir``; log accepted changes.
+
+    ``data``: the training split's fingerprint (``Source.fingerprint``), for datasets whose files can change.
+    Against the one recorded (``DATA_FILE``): other files are refused (the rest of an epoch would mix two
+    shuffles, some images seen twice and others never), and the same files at another path are the same run (a
+    folder moved to node-local disk, a new mount), so ``dataset`` may then change.
 
     Reads only. With ``config.restart`` there is nothing to compare: the old run will be moved aside.
     """
@@ -57,7 +64,15 @@ def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str],
                                  "--config.restart=True to move them aside and start over")
         return
     changes = config_changes(saved, as_plain_dict(config))
-    refused = {k: v for k, v in changes.items() if k.split(".")[0] not in CONTINUABLE}
+    recorded = _saved_data(workdir)
+    if recorded is not None and data is not None and recorded != data:
+        raise ConfigMismatch(f"the training images of the run in {workdir} changed since it started "
+                             f"({recorded['files']} files then, {data['files']} now, or other names): resuming "
+                             f"would mix two orders within an epoch; set them back, use a new --workdir with "
+                             f"--config.init_from={workdir} to start from its weights, or pass "
+                             f"--config.restart=True")
+    continuable = CONTINUABLE + (("dataset",) if recorded is not None and recorded == data else ())
+    refused = {k: v for k, v in changes.items() if k.split(".")[0] not in continuable}
     if refused:
         raise ConfigMismatch(f"{workdir} holds a run with other settings, which cannot change within a run "
                              f"({_describe(refused)}); use a new --workdir, set them back, or pass "
@@ -184,12 +199,27 @@ def move_aside(workdir: Path, log: Callable[[str], None], why: str, names: tuple
     return target
 
 
-def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """Record the run's config (process 0); all processes continue once it is written."""
+def write_config(workdir: Path, config: ml_collections.ConfigDict, data: dict[str, Any] | None = None) -> None:
+    """Record the run's config, and its training split's fingerprint where it has one (process 0); all
+    processes continue once they are written."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+        if data is not None:
+            (workdir / DATA_FILE).write_text(json.dumps({"train": data}, indent=2))
     sync_processes("write_config")
+
+
+def _saved_data(workdir: Path) -> dict[str, Any] | None:
+    """The training split's fingerprint the run recorded (``None`` for a dataset without one, or a run from
+    before it was recorded)."""
+    try:
+        return json.loads((workdir / DATA_FILE).read_text())["train"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigMismatch(f"{workdir / DATA_FILE} cannot be read ({err}); it records the run's training "
+                             f"images: restore it, or delete it to resume without that check") from None
 
 
 def has_history(workdir: Path) -> bool:
