@@ -281,17 +281,18 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
             value = adapt_input_conv(to_numpy(value), model.in_channels)
         if tuple(np.shape(value)) != needed:
             misshaped.append(f"{name}: file has {tuple(np.shape(value))}, model needs {needed}")
-            head_misshaped |= path[1] == "fc"
+            head_misshaped |= path[1] == "fc" and np.shape(value)[:1] != needed[:1]  # other classes, same width
             continue
         flat[path] = jnp.asarray(layout(to_numpy(value)), dtype)
     head = [p for p in expected if p[1] == "fc"] if skip_head else []
-    missing = [flax_to_torch_name(p, naming, model)[0] for p in expected if p not in seen and p not in head]
+    missing = sorted((flax_to_torch_name(p, naming, model)[0] for p in expected if p not in seen and p not in head),
+                     key=lambda name: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in name.split(".")])
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (the model has no such entry): {', '.join(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected (the model has no such entry): {', '.join(_some(unexpected))}")
     if missing:
-        problems.append(f"{len(missing)} missing (the model needs them): {', '.join(missing)}")
+        problems.append(f"{len(missing)} missing (the model needs them): {', '.join(_some(missing))}")
     if misshaped:
-        problems.append(f"{len(misshaped)} mis-shaped:\n    " + "\n    ".join(misshaped))
+        problems.append(f"{len(misshaped)} mis-shaped:\n    " + "\n    ".join(_some(misshaped)))
     if problems:
         hint = ""
         if head_misshaped:
@@ -303,6 +304,12 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
         raise ValueError(f"{source} does not fit {model_name}:\n  " + "\n  ".join(problems) + hint +
                          "\nCheck the model name and options (num_classes, in_channels, ...) match the file.")
     return unflatten_dict(flat), head
+
+
+def _some(items: list[str], shown: int = 12) -> list[str]:
+    """The first ``shown`` of ``items`` and how many more: a file of another depth gave a message of hundreds of
+    names (6 KB), where the first few say what is wrong."""
+    return items if len(items) <= shown else [*items[:shown], f"... and {len(items) - shown} more"]
 
 
 def _is_input_conv(have: tuple[int, ...], needed: tuple[int, ...], model: ResNet) -> bool:

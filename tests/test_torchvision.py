@@ -233,6 +233,18 @@ def test_wrong_model_name_is_a_clear_error(resnet18):
         load_torchvision("resnet34", resnet18[1])
 
 
+def test_a_file_of_another_depth_is_named_briefly_without_the_head_advice(resnet18):
+    """ResNet-50's weights for a ResNet-18: every stage differs, and the message listed hundreds of names (6 KB)
+    ending in "pass num_classes=N and new_head=True", although both heads have 1000 classes."""
+    torch.manual_seed(0)
+    state = torchvision.models.resnet50().state_dict()
+    with pytest.raises(ValueError) as info:
+        load_torchvision("resnet18", state)
+    msg = str(info.value)
+    assert len(msg) < 3000 and "more" in msg and "new_head" not in msg
+    assert "fc.weight: file has (1000, 2048), model needs (1000, 512)" in msg or "... and" in msg
+
+
 def test_other_class_count_needs_new_head(resnet18):
     _, state = resnet18
     with pytest.raises(ValueError, match=r"fc\.weight: file has \(1000, 512\), model needs \(10, 512\)"

@@ -18,5 +18,6 @@ from resnet_jax.data.stats import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD
 __all__ = [
     "AUGMENTS", "DATASET_STATS", "EvalLoader", "IMAGENET_MEAN", "IMAGENET_STD", "Source", "check_compatible",
     "check_every_class", "check_same_classes", "default_crop_fraction", "eval_loader", "get_source", "normalize",
-    "random_crop_flip", "random_resized_crop_flip", "resize_center_crop", "steps_per_epoch", "to_channels", "train_loader",
+    "random_crop_flip", "random_resized_crop_flip", "resize_center_crop", "steps_per_epoch", "to_channels",
+    "train_loader",
 ]

@@ -8,9 +8,10 @@ As torchvision's ``ImageFolder``: the classes are the sorted subfolder names, im
 under each class (links followed), by file extension (case-insensitive), in sorted order, and read with Pillow
 and converted to RGB. Two differences: names starting with "." are skipped, so ``.ipynb_checkpoints`` is not a
 class and macOS's ``._photo.jpg`` resource forks are not images; and 16-bit greyscale keeps its top 8 bits (as
-torchvision's ``decode_image`` reads it) where ``ImageFolder``'s Pillow conversion clips it to white. A split can take a percentage slice of every
-class (``"train[:90%]"``, ``"train[90%:]"``, rounded to the nearest image as TFDS's slices are): one folder then
-gives a training and a validation split with the classes in the same proportions and no image in both.
+torchvision's ``decode_image`` reads it) where ``ImageFolder``'s Pillow conversion clips it to white. A split
+can take a percentage slice of every class (``"train[:90%]"``, ``"train[90%:]"``, rounded to the nearest image as
+TFDS's slices are): one folder then gives a training and a validation split with the classes in the same
+proportions and no image in both.
 """
 
 from __future__ import annotations
