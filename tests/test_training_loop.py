@@ -392,3 +392,26 @@ def test_with_an_ema_its_accuracy_ranks_checkpoints_and_stops_early(tmp_path, mo
     monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
     plot_learning_curves(tmp_path)
     assert [ax.get_legend_handles_labels()[1] for ax in drawn[0].axes] == [["train", "val", "val_ema"]] * 2
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_max_steps_inside_an_epoch_continues_that_epoch(tmp_path):
+    """Stopped at step 50 of 88 (44 per epoch) and continued: its epoch-2 summary is the mean of all 44 of the
+    epoch's steps, as the train rows of metrics.jsonl give them (the stop ended the epoch: "epoch 2/2" was
+    printed twice, the second covering steps 51-88 alone), and the stop's evaluation is labelled as the step it
+    was (it was "epoch 2")."""
+    said = []
+    first = train(tiny_config(max_steps=50), tmp_path, log=said.append)
+    assert len([line for line in said if line.startswith("epoch 2/2 (to step 50): train loss")]) == 1, said
+    assert [r["epoch"] for r in first.history if r["split"] == "val"] == [1, pytest.approx(50 / 44)]
+    second = train(tiny_config(max_steps=-1), tmp_path, log=said.append)
+    assert second.resumed_from == 50 and int(second.state.step) == 88
+    summary = [line for line in said if line.startswith("epoch 2/2:")]
+    assert len(summary) == 1, said
+    rows = [r for r in second.history if r["split"] == "train"]
+    steps = [r["step"] for r in rows]
+    window = {r["step"]: r["step"] - before for r, before in zip(rows, [0, *steps])}  # steps each row averages
+    epoch2 = [r for r in rows if 44 < r["step"] <= 88]
+    assert sum(window[r["step"]] for r in epoch2) == 44
+    mean = {k: sum(r[k] * window[r["step"]] for r in epoch2) / 44 for k in ("loss", "accuracy")}
+    assert summary[0].startswith(f"epoch 2/2: train loss {mean['loss']:.4f} acc {mean['accuracy']:.4f} | val")

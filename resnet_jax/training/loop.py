@@ -290,15 +290,21 @@ class _Loop:
         the best-checkpoint record and early stopping see every evaluation); True when early stopping is due."""
         config = self.setup.config
         epoch = (self.step - 1) // self.setup.steps_per_epoch  # the epoch this step belonged to, from 0
+        # the run's last step inside an epoch (max_steps): evaluated, but the epoch goes on if the run is
+        # continued, so its sums are kept (saved with the checkpoint) and this evaluation is no epoch's for early
+        # stopping (it printed the epoch twice, the second half alone, and counted one evaluation too many)
+        partial = self.step % self.setup.steps_per_epoch != 0
         self.bar.close()
         self.bar = None
         train_m = _checked_means(self.epoch_sums, self.step, self.checkpoints)
-        self.epoch_sums = None
-        summary = f"epoch {epoch + 1}/{config.num_epochs}: train loss {train_m['loss']:.4f} " \
-                  f"acc {train_m['accuracy']:.4f}"
+        if not partial:
+            self.epoch_sums = None
+        summary = f"epoch {epoch + 1}/{config.num_epochs}{f' (to step {self.step})' if partial else ''}: train " \
+                  f"loss {train_m['loss']:.4f} acc {train_m['accuracy']:.4f}"
         val_accuracy = None
         if (epoch + 1) % config.eval_every_epochs == 0 or self.step == self.setup.total_steps:
-            val_accuracy, shown = self._evaluate(epoch)
+            val_accuracy, shown = self._evaluate(self.step / self.setup.steps_per_epoch if partial else epoch + 1,
+                                                 counts=not partial)
             summary += shown
         self.log(summary)
         self._save(val_accuracy)
@@ -310,23 +316,24 @@ class _Loop:
         patience = self.setup.config.early_stopping_patience
         return bool(patience) and self.bad_epochs >= patience
 
-    def _evaluate(self, epoch: int) -> tuple[float, str]:
-        """The validation pass: a val row in metrics.jsonl (and a val_ema row with ``model_ema``) and the
-        early-stopping count updated; returns the accuracy that ranks this checkpoint and the summary's text.
+    def _evaluate(self, epoch: float, counts: bool = True) -> tuple[float, str]:
+        """The validation pass: a val row in metrics.jsonl (and a val_ema row with ``model_ema``) at ``epoch`` and,
+        where it ``counts`` (an epoch's end), the early-stopping count updated; returns the accuracy that ranks
+        this checkpoint and the summary's text.
 
         With an EMA, the averaged weights are the ones a run delivers, so their accuracy ranks the checkpoints
         and drives early stopping, as timm's train.py ranks by its EMA's metrics when it keeps one."""
         val_m = evaluate_loader(self.state, self.eval_step, self.val_loader, self.setup.mesh)
-        self.metrics_log.write({"step": self.step, "epoch": epoch + 1, "split": "val", **val_m})
+        self.metrics_log.write({"step": self.step, "epoch": epoch, "split": "val", **val_m})
         shown = f" | val loss {val_m['loss']:.4f} acc {val_m['accuracy']:.4f} top5 {val_m['top5']:.4f}"
         ranked = val_m
         if self.state.ema is not None:
             ranked = evaluate_loader(self.state.ema_view(), self.eval_step, self.val_loader, self.setup.mesh)
-            self.metrics_log.write({"step": self.step, "epoch": epoch + 1, "split": "val_ema", **ranked})
+            self.metrics_log.write({"step": self.step, "epoch": epoch, "split": "val_ema", **ranked})
             shown += f" | ema acc {ranked['accuracy']:.4f}"
         if ranked["accuracy"] > self.best:
             self.best, self.bad_epochs = ranked["accuracy"], 0
-        else:
+        elif counts:
             self.bad_epochs += 1
         return ranked["accuracy"], shown
 
