@@ -57,6 +57,9 @@ def test_the_recipes_evaluate_at_the_resolution_they_train_at():
         config = validate(config)
         timm_resize = timm.data.create_transform(size, crop_pct=0.95, interpolation="bicubic").transforms[0]
         assert (config.eval_resize, config.eval_crop) == (timm_resize.size, size)
+    config = rsb.get_config()  # an evaluation size set by hand is that alone (it once set image_size too)
+    config.eval_crop, config.eval_resize = 200, 210
+    assert (validate(config).image_size, validate(config).eval_crop, validate(config).eval_resize) == (224, 200, 210)
     tv2 = importlib.import_module("train.configs.imagenet_resnet50_tv2")
     assert (validate(tv2.get_config()).eval_resize, validate(tv2.get_config()).eval_crop) == (232, 224)
     config = tv2.get_config()

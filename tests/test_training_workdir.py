@@ -192,3 +192,35 @@ def test_a_per_invocation_key_is_not_compared(saved, key):
     messages = []
     check(saved, new, messages.append)
     assert messages == []
+
+
+def with_checkpoint(workdir):
+    (workdir / "checkpoints" / "8").mkdir(parents=True)
+    (workdir / "checkpoints" / "8" / "x").write_text("")
+    return workdir
+
+
+def test_images_changed_before_the_first_checkpoint_are_no_mixed_epoch(tmp_path):
+    """A run that died on an unreadable image before its first save: the image fixed, the same command was
+    refused as a "mixed epoch" (with advice to start from weights it never saved). With a checkpoint, refused."""
+    write_config(tmp_path, config(), {"files": 8, "sha256": "a" * 64})
+    check(tmp_path, config(), lambda _: None, {"files": 7, "sha256": "b" * 64})
+    with pytest.raises(ConfigMismatch, match=r"\(8 files then, 7 now, or other names\)"):
+        check(with_checkpoint(tmp_path), config(), lambda _: None, {"files": 7, "sha256": "b" * 64})
+
+
+@pytest.mark.parametrize("split, refused", [("train[:90%]", True), ("train", False)])
+def test_a_folder_run_from_before_the_record_of_its_images(tmp_path, split, refused):
+    """Its percentage slice was cut rounded down, which now names other files (an 11-image class gains one):
+    refused; a whole folder continues, said once, and is recorded from then on."""
+    write_config(with_checkpoint(tmp_path), config(train_split=split))
+    data = {"files": 8, "sha256": "a" * 64}
+    said = []
+    if refused:
+        with pytest.raises(ConfigMismatch, match=r"predates the record of its training images, and its split "
+                                                 r"'train\[:90%\]' now cuts each class to the nearest image"):
+            check(tmp_path, config(train_split=split), said.append, data)
+    else:
+        check(tmp_path, config(train_split=split), said.append, data)
+        assert said == [f"the run in {tmp_path} predates the record of its training images; continuing with the "
+                        f"files as they are now, which are recorded from here on"]

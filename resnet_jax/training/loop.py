@@ -195,7 +195,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: Path, train_loader, abs
     checkpoints = Checkpointer(workdir / run_dir.CHECKPOINTS, keep=config.keep_checkpoints)
     if not checkpoints.steps() and run_dir.has_history(workdir):
         run_dir.move_aside(workdir, log, "no checkpoint to resume from",
-                           names=(*run_dir.HISTORY_FILES, run_dir.CONFIG_FILE))
+                           names=(*run_dir.HISTORY_FILES, run_dir.CONFIG_FILE, run_dir.DATA_FILE))
     iterator = iter(train_loader)
     try:
         return checkpoints, iterator, checkpoints.restore_latest(abstract, iterator, log)

@@ -65,7 +65,10 @@ def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str],
         return
     changes = config_changes(saved, as_plain_dict(config))
     recorded = _saved_data(workdir)
-    if recorded is not None and data is not None and recorded != data:
+    resumable = bool(_present(workdir, (CHECKPOINTS,)))  # before its first save a run has nothing to mix
+    if recorded is None and data is not None and resumable:
+        _check_unrecorded(workdir, saved, log)
+    if recorded is not None and data is not None and recorded != data and resumable:
         raise ConfigMismatch(f"the training images of the run in {workdir} changed since it started "
                              f"({recorded['files']} files then, {data['files']} now, or other names): resuming "
                              f"would mix two orders within an epoch; set them back, use a new --workdir with "
@@ -208,6 +211,20 @@ def write_config(workdir: Path, config: ml_collections.ConfigDict, data: dict[st
         if data is not None:
             (workdir / DATA_FILE).write_text(json.dumps({"train": data}, indent=2))
     sync_processes("write_config")
+
+
+def _check_unrecorded(workdir: Path, saved: dict[str, Any], log: Callable[[str], None]) -> None:
+    """A folder run from before its training files were recorded: a percentage slice of it was cut by an older
+    rule (rounded down, not to the nearest image), so it now names other files and is refused; a whole folder
+    is continued as it is now, said once."""
+    split = str(saved.get("train_split", ""))
+    if "[" in split:
+        raise ConfigMismatch(f"the run in {workdir} predates the record of its training images, and its split "
+                             f"{split!r} now cuts each class to the nearest image (it rounded down): resuming "
+                             f"would read other files; pass --config.restart=True, or start a new run from its "
+                             f"weights with --config.init_from={workdir}")
+    log(f"the run in {workdir} predates the record of its training images; continuing with the files as they "
+        f"are now, which are recorded from here on")
 
 
 def _saved_data(workdir: Path) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ def get_config():
     # Table 1: test resolution 224, crop ratio 0.95: 235/224 (timm: floor(224/0.95)). timm's --img-size sets
     # both resolutions, so these follow image_size: --config.image_size=24 evaluates at 25/24, as timm would
     # (fixed at 235/224, a 24 px run was evaluated upsampled and scored chance).
-    c.eval_crop = c.get_ref("image_size")
+    c.eval_crop = c.get_ref("image_size") * 1  # a reference of its own: setting eval_crop must not set image_size
     c.eval_resize = c.get_ref("image_size") * 100 // 95
     c.eval_interpolation = "bicubic"        # timm's resnet50.a1_in1k pretrained config: bicubic
     c.augment = "imagenet"                  # Table 1: RRC, horizontal flip
