@@ -333,3 +333,46 @@ def test_a_checkpoint_damaged_in_one_processs_part_is_skipped_by_both(two_proces
     results = finish(start_processes(spawn, workdir, max_steps=STEPS + 3))
     assert results[0]["resumed_from"] == newest - 3 and results[0]["step"] == STEPS + 3
     assert [p.name.split("-")[0] for p in (workdir / "checkpoints_damaged").iterdir()] == [str(newest)]
+
+
+AGREED_CHILD = """
+import json, sys
+from resnet_jax.parallel import initialize_distributed
+from resnet_jax.training.workdir import agreed
+address, pid = sys.argv[1], int(sys.argv[2])
+initialize_distributed(address, 2, pid)
+
+def differing_copies():
+    return "source", {"files": 8 + pid, "sha256": "ab"[pid] * 64}
+
+def missing_on_one_host():
+    if pid == 1:
+        raise ValueError("image folder '/data/photos' does not exist")
+    return "source", None
+
+report = {"same": agreed(lambda: ("source", {"files": 8}))[0]}
+for name, build in (("differ", differing_copies), ("missing", missing_on_one_host)):
+    try:
+        agreed(build)
+    except ValueError as err:
+        report[name] = str(err)
+print(json.dumps(report), flush=True)
+"""
+
+
+@pytest.mark.multiprocess
+def test_processes_that_see_other_data_refuse_together():
+    """Each host reads its own copy of a folder. A copy that differs (an rsync cut short) trained inconsistent
+    shards, and a folder missing on one host raised there while the other waited for JAX's timeout; now both
+    processes raise, naming the process."""
+    address = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", AGREED_CHILD, address, str(pid)], env=worker_env(1),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for out, err in outs:
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["same"] == "source"
+        assert report["differ"].startswith("the processes see other training images than process 0 (process(es) "
+                                           '1: {"files": 9, "sha256": "bbbb')
+        assert report["missing"] == ("the data could not be opened on every process (process 1: ValueError: image "
+                                     "folder '/data/photos' does not exist)")

@@ -86,11 +86,7 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
     check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     if config.grad_accum_steps > 1:
         check_batch_size(config.batch_size // config.grad_accum_steps, mesh, "batch_size / grad_accum_steps")
-    data_dir = config.data_dir or None
-    train_source = data.get_source(config.dataset, config.train_split, data_dir=data_dir,
-                                   image_size=config.image_size, seed=config.seed)
-    val_source = data.get_source(config.dataset, config.val_split, data_dir=data_dir,
-                                 image_size=config.image_size, seed=config.seed)
+    train_source, val_source = run_dir.agreed(lambda: _sources(config))
     data.check_same_classes(train_source, val_source)
     data.check_every_class(train_source)
     check_against_data(config, train_source.num_classes)
@@ -110,6 +106,17 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
         total = min(total, config.max_steps)
     mean, std = normalization_stats(config)
     return RunSetup(config, mesh, model, train_source, val_source, mean, std, steps_per_epoch, total)
+
+
+def _sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any]:
+    """``(train source, validation source, what every process must see alike)``: the training files' fingerprint
+    where the dataset has one (class folders are each host's own copy)."""
+    data_dir = config.data_dir or None
+    train_source = data.get_source(config.dataset, config.train_split, data_dir=data_dir,
+                                   image_size=config.image_size, seed=config.seed)
+    val_source = data.get_source(config.dataset, config.val_split, data_dir=data_dir,
+                                 image_size=config.image_size, seed=config.seed)
+    return train_source, val_source, train_source.fingerprint()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[str], None] | None = None

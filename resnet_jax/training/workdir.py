@@ -105,6 +105,33 @@ def check_processes_agree(config: ml_collections.ConfigDict) -> None:
                          f"every process with the same config (only {', '.join(PER_PROCESS)} may differ)")
 
 
+def agreed(build: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
+    """``build()``'s result but its last item, once every process built it and got the same last item (JSON).
+    Why: with several processes, a dataset only one host cannot read (its folder missing) raised there while the
+    others waited in the next collective until JAX's timeout, and hosts whose copies of a folder differ trained
+    on inconsistent shards; now every process raises, naming the processes and what they saw."""
+    try:
+        *result, shared = build()
+        failure, seen = None, json.dumps(shared, sort_keys=True)
+    except (ValueError, OSError) as err:
+        if jax.process_count() == 1:
+            raise
+        result, failure, seen = None, f"{type(err).__name__}: {err}", ""
+    failed = process_failures(failure)
+    if failed:
+        if failure is not None and len(failed) == jax.process_count():
+            raise ValueError(failure)  # the same error everywhere: said as it is
+        listed = "; ".join(f"process {i}: {reason}" for i, reason in failed)
+        raise ValueError(f"the data could not be opened on every process ({listed})")
+    views = process_strings(seen)
+    differing = [i for i, view in enumerate(views) if view != views[0]]
+    if differing:
+        raise ValueError(f"the processes see other training images than process 0 (process(es) "
+                         f"{', '.join(map(str, differing))}: {', '.join(views[i] for i in differing)}; process 0: "
+                         f"{views[0]}); give every host the same copy of the data")
+    return tuple(result)
+
+
 def check_shared(workdir: Path, wait_s: float = 10.0) -> None:
     """With several processes, ``workdir`` must be one directory all of them see: Orbax writes every checkpoint
     from all processes together, and with a local directory per host the first save waits in a barrier for
