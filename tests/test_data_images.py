@@ -146,3 +146,20 @@ def test_pil_images_read_as_their_files(mode, tmp_path):
     np.testing.assert_array_equal(transform.prepare(img), want)
     theirs = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()(rgb)
     np.testing.assert_array_equal(normalize(want[0], transform.mean, transform.std), theirs.permute(1, 2, 0).numpy())
+
+
+def test_a_16_bit_pgm_keeps_its_top_8_bits_and_a_file_named_like_a_scheme_is_a_file(tmp_path, monkeypatch):
+    """Pillow opens 16-bit PGM files (and, before 10.3, PNG files) as mode "I", which its conversion clipped to
+    white too; and a file named "gs" or "http" was refused as a URL."""
+    from resnet_jax.data.images import read_image
+
+    values = (np.arange(12 * 10, dtype=np.uint16) * 541).reshape(12, 10)
+    header = b"P5 10 12 65535\n"
+    (tmp_path / "scan.pgm").write_bytes(header + values.astype(">u2").tobytes())
+    with Image.open(tmp_path / "scan.pgm") as img:
+        assert img.mode == "I"
+    np.testing.assert_array_equal(read_image(tmp_path / "scan.pgm"), np.repeat((values >> 8).astype(np.uint8)[..., None],
+                                                                               3, axis=-1))
+    Image.fromarray(np.full((4, 4), 7, np.uint8)).save(tmp_path / "gs", format="PNG")
+    monkeypatch.chdir(tmp_path)
+    assert read_image("gs").max() == 7

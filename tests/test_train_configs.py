@@ -126,3 +126,17 @@ def test_per_channel_numbers_out_of_range_are_one_sentence(key, values, message)
         config["mean" if key == "std" else "std"] = (0.5, 0.5, 0.5)
     with pytest.raises(ValueError, match=rf"^config\.{key} {message}"):
         validate(config)
+
+
+def test_numpy_numbers_are_numbers():
+    """``np.float32`` statistics (as computed from a dataset) were refused as "must be finite numbers"."""
+    import numpy as np
+
+    from resnet_jax.training.config import base_config
+
+    config = base_config()
+    config.mean, config.std = tuple(np.float32([0.5, 0.4, 0.3])), tuple(np.float64([0.2, 0.2, 0.2]))
+    assert validate(config).mean == pytest.approx((0.5, 0.4, 0.3))
+    config.mean = (True, 0.4, 0.3)
+    with pytest.raises(ValueError, match="must be finite numbers"):
+        validate(config)

@@ -87,7 +87,8 @@ def check_top_k(k: Any) -> None:
 def read_image(path: str | Path) -> np.ndarray:
     """An image file as a uint8 array: greyscale ``(H, W)`` or RGB ``(H, W, 3)`` (other modes become RGB). A file
     that cannot be read is named, so that one bad photo among many can be found."""
-    if isinstance(path, str) and path.split("://", 1)[0].lower() in ("http", "https", "ftp", "s3", "gs"):
+    if isinstance(path, str) and "://" in path and path.split("://", 1)[0].lower() in ("http", "https", "ftp", "s3",
+                                                                                       "gs"):
         raise ValueError(f"{path} is a URL; predict reads local files and image data: download it first (e.g. "
                          f"urllib.request.urlretrieve), or pass its bytes")
     path = Path(path)
@@ -117,13 +118,14 @@ def pil_to_array(img: Any) -> np.ndarray:
 
 def pil_pixels(img: Any, mode: str) -> Any:
     """``img`` as 8-bit ``mode`` ("L", "RGB", "RGBA"): what every reader here (predict, ``folder:``, TFDS) decodes
-    with. 16-bit greyscale keeps its top 8 bits, as torchvision's ``decode_image`` + ``to_dtype(uint8,
-    scale=True)`` does; Pillow's own ``convert`` (torchvision's ``ImageFolder`` loader) clips it at 255 instead,
-    which turns a 16-bit scan almost entirely white. Every other mode is Pillow's conversion."""
+    with. 16-bit greyscale (Pillow's ``I;16``, and the ``I`` it gives 16-bit PGM files and, before Pillow 10.3,
+    PNG files) keeps its top 8 bits, as torchvision's ``decode_image`` + ``to_dtype(uint8, scale=True)`` does;
+    Pillow's own ``convert`` (torchvision's ``ImageFolder`` loader) clips it at 255 instead, which turns a 16-bit
+    scan almost entirely white. Every other mode is Pillow's conversion."""
     from PIL import Image
 
-    if img.mode.startswith("I;16"):
-        img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8), "L")
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format in ("PNG", "PPM")):  # PNG/PGM: 16 bits
+        img = Image.fromarray((np.asarray(img).clip(0, 65535).astype(np.uint16) >> 8).astype(np.uint8), "L")
     return img if img.mode == mode else img.convert(mode)
 
 

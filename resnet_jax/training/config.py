@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import os
 
 import ml_collections
@@ -196,7 +197,7 @@ def _check_per_channel_numbers(full: ml_collections.ConfigDict) -> None:
     loss without a minimum or without a gradient."""
     for key in ("mean", "std", "class_weights"):
         values = tuple(full[key])
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise ValueError(f"config.{key} must be finite numbers, got {values}")
     if any(v <= 0 for v in full.std):
         raise ValueError(f"config.std must be positive (inputs are divided by it), got {tuple(full.std)}")
