@@ -225,6 +225,9 @@ def test_many_photos_are_predicted_a_piece_at_a_time_as_torchvision_predicts_eac
     assert len(ours) == PREDICT_CHUNK + 3
     for image, top in zip(images[PREDICT_CHUNK - 2:], ours[PREDICT_CHUNK - 2:]):  # across the piece boundary
         assert [name for name, _ in top] == torchvision_top5(torch_resnet18[0], image)[0]
+    images[PREDICT_CHUNK + 1] = images[0].astype(np.uint16)  # a bad item is named by its place in the whole list
+    with pytest.raises(ValueError, match=rf"uint16 in item {PREDICT_CHUNK + 1} of the list"):
+        clf.predict(images)
 
 
 def test_encoded_bytes_and_open_files_read_as_their_path(clf, tmp_path):

@@ -29,27 +29,30 @@ from resnet_jax.data.augment import resize_center_crop, to_channels
 CHANNELS = (1, 3, 4)  # what a trailing axis may hold: greyscale, RGB, RGBA (or whatever the model takes)
 
 
-def prepare_batch(images: Any, *, size: int, crop_fraction: float, channels: int) -> np.ndarray:
-    """A uint8 ``(N, size, size, channels)`` batch from any accepted form of ``images`` (see the module doc)."""
-    out = [_fit(image, size, crop_fraction, channels) for image in split_images(images, channels)]
+def prepare_batch(images: Any, *, size: int, crop_fraction: float, channels: int, first: int = 0) -> np.ndarray:
+    """A uint8 ``(N, size, size, channels)`` batch from any accepted form of ``images`` (see the module doc);
+    ``first``: the index of its first image in what the user passed (``in_chunks``), for messages."""
+    out = [_fit(image, size, crop_fraction, channels) for image in split_images(images, channels, first)]
     return np.stack(out)
 
 
 PREDICT_CHUNK = 32  # images per piece of a large predict
 
 
-def in_chunks(images: Any, size: int = PREDICT_CHUNK) -> list[Any]:
-    """``images`` in pieces of at most ``size`` images: a list (or tuple) or a batch ``(N, H, W, C)`` is cut,
-    anything else is one piece. Why: predict then reads files, and holds full-resolution photos, a piece at a time;
-    all at once it took ~6 MB a photo (20 GB for 2000 ResNet-50 photos)."""
+def in_chunks(images: Any, size: int = PREDICT_CHUNK) -> list[tuple[int, Any]]:
+    """``(index of its first image, piece)`` for ``images`` in pieces of at most ``size`` images: a list (or
+    tuple) or a batch ``(N, H, W, C)`` is cut, anything else is one piece. Why: predict then reads files, and holds
+    full-resolution photos, a piece at a time; all at once it took ~6 MB a photo (20 GB for 2000 ResNet-50
+    photos)."""
     if isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4):
         if len(images) > size:
-            return [images[i:i + size] for i in range(0, len(images), size)]
-    return [images]
+            return [(i, images[i:i + size]) for i in range(0, len(images), size)]
+    return [(0, images)]
 
 
-def split_images(images: Any, channels: int) -> list[np.ndarray]:
-    """The individual images in ``images``, each a uint8 ``(H, W, C)`` array (files are read here)."""
+def split_images(images: Any, channels: int, first: int = 0) -> list[np.ndarray]:
+    """The individual images in ``images``, each a uint8 ``(H, W, C)`` array (files are read here); messages
+    number them from ``first``."""
     allowed = {*CHANNELS, channels}
     if isinstance(images, (str, Path, bytes, bytearray)) or _is_pil(images) or _is_file(images):
         what = str(images) if isinstance(images, (str, Path)) else "the image"
@@ -57,12 +60,12 @@ def split_images(images: Any, channels: int) -> list[np.ndarray]:
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("predict got an empty list; pass at least one image (an array or a file path)")
-        return [_one_image(_decoded(x), f"item {i} of the list", allowed) for i, x in enumerate(images)]
+        return [_one_image(_decoded(x), f"item {i} of the list", allowed) for i, x in enumerate(images, first)]
     array = np.asarray(images)
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in allowed):
         return [_one_image(array, "the image", allowed)]
     if (array.ndim == 3 and channels == 1) or (array.ndim == 4 and array.shape[-1] in allowed):
-        return [_one_image(image, f"image {i} of the batch", allowed) for i, image in enumerate(array)]
+        return [_one_image(image, f"image {i} of the batch", allowed) for i, image in enumerate(array, first)]
     raise ValueError(_shape_error(array.shape, channels))
 
 

@@ -75,14 +75,16 @@ class EvalTransform:
         """float32 ``(N, crop_size, crop_size, 3)`` from a list of images, or a uint8 ``(N, H, W, C)`` array."""
         return np.stack([self(image) for image in images])
 
-    def prepare(self, images: Any, channels: int = 3) -> np.ndarray:
+    def prepare(self, images: Any, channels: int = 3, first: int = 0) -> np.ndarray:
         """uint8 ``(N, crop_size, crop_size, channels)`` from anything ``Classifier.predict`` accepts (one image,
         a batch, a list of arrays or file paths: ``resnet_jax.data.images.split_images``), resized and cropped
-        here and converted to the model's channels (RGB <-> greyscale); normalising is left to the caller."""
+        here and converted to the model's channels (RGB <-> greyscale); normalising is left to the caller.
+        ``first``: the index of the first image in what the user passed, for messages."""
         from resnet_jax.data.augment import to_channels
         from resnet_jax.data.images import split_images
 
-        return np.stack([to_channels(self.crop(image), channels) for image in split_images(images, channels)])
+        return np.stack([to_channels(self.crop(image), channels)
+                         for image in split_images(images, channels, first)])
 
     def crop(self, image: Any) -> np.ndarray:
         """The resized and cropped uint8 ``(crop_size, crop_size, 3)`` image, before scaling and normalising."""

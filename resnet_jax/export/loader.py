@@ -37,13 +37,13 @@ class ExportedModel:
     def __call__(self, images: Any) -> np.ndarray:
         return self.run(self.prepare(images))
 
-    def prepare(self, images: Any) -> np.ndarray:
+    def prepare(self, images: Any, first: int = 0) -> np.ndarray:
         """Images as the artifact takes them: uint8 ``(N, S, S, C)``, resized, cropped, channels converted (with
-        the published weights' own resize when the manifest names one)."""
+        the published weights' own resize when the manifest names one); ``first`` numbers them in messages."""
         if self.transform is not None:
-            return self.transform.prepare(images, self.channels)
+            return self.transform.prepare(images, self.channels, first)
         return prepare_batch(images, size=self.image_size, crop_fraction=self.crop_fraction,
-                             channels=self.channels)
+                             channels=self.channels, first=first)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits of a prepared batch; a batch of another size, channel count or dtype is refused."""
@@ -61,7 +61,8 @@ class ExportedModel:
     def predict(self, images: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """Top-k ``(class name, probability)`` per image, as ``Classifier.predict`` gives them (a piece at a time)."""
         check_top_k(top_k)
-        return [top for chunk in in_chunks(images) for top in top_classes(self(chunk), self.class_names, top_k)]
+        return [top for first, chunk in in_chunks(images)
+                for top in top_classes(self.run(self.prepare(chunk, first)), self.class_names, top_k)]
 
     def __repr__(self) -> str:
         return (f"ExportedModel({self.path.name!r}, format={self.format}, model={self.manifest.get('model')}, "

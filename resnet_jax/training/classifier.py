@@ -144,8 +144,8 @@ class Classifier:
         list of arrays, file paths or encoded images (``resnet_jax.data.images``), read a piece at a time."""
         check_top_k(top_k)
         chunks, out = in_chunks(images), []
-        for chunk in chunks:
-            batch = self.preprocess(chunk)
+        for first, chunk in chunks:
+            batch = self.preprocess(chunk, first)
             n = len(batch)
             if len(chunks) > 1 and n < PREDICT_CHUNK:  # the last piece padded: one compiled shape for them all
                 batch = jnp.concatenate([batch, jnp.repeat(batch[-1:], PREDICT_CHUNK - n, axis=0)])
@@ -175,15 +175,16 @@ class Classifier:
             self._folded_for = (leaves, folded)
         return self._compiled_logits(self._folded_for[1], batch)
 
-    def preprocess(self, images: Any) -> jnp.ndarray:
+    def preprocess(self, images: Any, first: int = 0) -> jnp.ndarray:
         """Images as the model saw them in evaluation: resized, centre-cropped, channels fixed, normalised; with
-        the published weights' preprocessing (``config.eval_resize``...) when it has one."""
+        the published weights' preprocessing (``config.eval_resize``...) when it has one. ``first``: the index of
+        the first image in what the user passed, for messages."""
         transform = eval_transform(self.config)
         if transform is not None:
-            batch = transform.prepare(images, self.model.in_channels)
+            batch = transform.prepare(images, self.model.in_channels, first)
         else:
             batch = prepare_batch(images, size=self.config.image_size, crop_fraction=self.crop_fraction,
-                                  channels=self.model.in_channels)
+                                  channels=self.model.in_channels, first=first)
         return jnp.asarray(data.normalize(batch, *self._stats()))
 
     @property
