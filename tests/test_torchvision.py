@@ -6,6 +6,7 @@ As in test_timm.py: outputs and the round trip are compared with torchvision on 
 on the names and shapes of its weights in test_resnet.py (torchvision's meta device, ``jax.eval_shape``).
 """
 
+import re
 import textwrap
 
 import jax
@@ -241,8 +242,8 @@ def test_a_file_of_another_depth_is_named_briefly_without_the_head_advice(resnet
     with pytest.raises(ValueError) as info:
         load_torchvision("resnet18", state)
     msg = str(info.value)
-    assert len(msg) < 3000 and "more" in msg and "new_head" not in msg
-    assert "fc.weight: file has (1000, 2048), model needs (1000, 512)" in msg or "... and" in msg
+    assert len(msg) < 3000 and "new_head" not in msg
+    assert re.search(r"\d+ mis-shaped:(\n    \S+: file has .*){12}\n    \.\.\. and \d+ more", msg), msg
 
 
 def test_other_class_count_needs_new_head(resnet18):

@@ -137,6 +137,8 @@ def test_numpy_numbers_are_numbers():
     config = base_config()
     config.mean, config.std = tuple(np.float32([0.5, 0.4, 0.3])), tuple(np.float64([0.2, 0.2, 0.2]))
     assert validate(config).mean == pytest.approx((0.5, 0.4, 0.3))
+    import json  # stored as Python floats: numpy scalars made config.json "unserializable" and the checkpoint fail
+    assert json.loads(validate(config).to_json())["std"] == pytest.approx([0.2, 0.2, 0.2])
     config.mean = (True, 0.4, 0.3)
     with pytest.raises(ValueError, match="must be finite numbers"):
         validate(config)

@@ -350,8 +350,13 @@ def missing_on_one_host():
         raise ValueError("image folder '/data/photos' does not exist")
     return "source", None
 
+def any_error_on_one_host():  # e.g. TFDS's DownloadError, which is no ValueError: the other process waited
+    if pid == 0:
+        raise RuntimeError("download failed")
+    return "source", None
+
 report = {"same": agreed(lambda: ("source", {"files": 8}))[0]}
-for name, build in (("differ", differing_copies), ("missing", missing_on_one_host)):
+for name, build in (("differ", differing_copies), ("missing", missing_on_one_host), ("other", any_error_on_one_host)):
     try:
         agreed(build)
     except ValueError as err:
@@ -372,7 +377,8 @@ def test_processes_that_see_other_data_refuse_together():
     for out, err in outs:
         report = json.loads(out.strip().splitlines()[-1])
         assert report["same"] == "source"
-        assert report["differ"].startswith("the processes see other training images than process 0 (process(es) "
+        assert report["differ"].startswith("the processes see other images than process 0 (process(es) "
                                            '1: {"files": 9, "sha256": "bbbb')
         assert report["missing"] == ("the data could not be opened on every process (process 1: ValueError: image "
                                      "folder '/data/photos' does not exist)")
+        assert report["other"] == "the data could not be opened on every process (process 0: RuntimeError: download failed)"

@@ -404,6 +404,9 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_continues_that_epoch(tmp_pat
     first = train(tiny_config(max_steps=50), tmp_path, log=said.append)
     assert len([line for line in said if line.startswith("epoch 2/2 (to step 50): train loss")]) == 1, said
     assert [r["epoch"] for r in first.history if r["split"] == "val"] == [1, pytest.approx(50 / 44)]
+    loop = [json.loads((tmp_path / "checkpoints" / str(step) / "meta" / "metadata").read_text())["loop"]
+            for step in (44, 50)]
+    assert [(m["best"], m["bad_epochs"]) for m in loop] == [(loop[0]["best"], loop[0]["bad_epochs"])] * 2
     second = train(tiny_config(max_steps=-1), tmp_path, log=said.append)
     assert second.resumed_from == 50 and int(second.state.step) == 88
     summary = [line for line in said if line.startswith("epoch 2/2:")]

@@ -209,18 +209,22 @@ def test_images_changed_before_the_first_checkpoint_are_no_mixed_epoch(tmp_path)
         check(with_checkpoint(tmp_path), config(), lambda _: None, {"files": 7, "sha256": "b" * 64})
 
 
-@pytest.mark.parametrize("split, refused", [("train[:90%]", True), ("train", False)])
+@pytest.mark.parametrize("split, refused", [("train[:90%]", True), ("train", False), ("train [90%:]", False)])
 def test_a_folder_run_from_before_the_record_of_its_images(tmp_path, split, refused):
     """Its percentage slice was cut rounded down, which now names other files (an 11-image class gains one):
-    refused; a whole folder continues, said once, and is recorded from then on."""
-    write_config(with_checkpoint(tmp_path), config(train_split=split))
+    refused; a whole folder (also one whose name has brackets) continues, said once, and is recorded from then
+    on."""
+    (tmp_path / "photos" / "train [90%:]").mkdir(parents=True)
+    run = with_checkpoint(tmp_path / "run")
+    settings = config(dataset=f"folder:{tmp_path / 'photos'}", train_split=split)
+    write_config(run, settings)
     data = {"files": 8, "sha256": "a" * 64}
     said = []
     if refused:
         with pytest.raises(ConfigMismatch, match=r"predates the record of its training images, and its split "
-                                                 r"'train\[:90%\]' now cuts each class to the nearest image"):
-            check(tmp_path, config(train_split=split), said.append, data)
+                                                 r"'train\[:90%\]' is now cut to the nearest image of each class"):
+            check(run, settings, said.append, data)
     else:
-        check(tmp_path, config(train_split=split), said.append, data)
-        assert said == [f"the run in {tmp_path} predates the record of its training images; continuing with the "
+        check(run, settings, said.append, data)
+        assert said == [f"the run in {run} predates the record of its training images; continuing with the "
                         f"files as they are now, which are recorded from here on"]

@@ -99,6 +99,15 @@ class FolderSource(Source):
         return {"image": image, "label": int(self._labels[index])}
 
 
+def is_slice(root: str, split: str) -> bool:
+    """Whether ``split`` names a percentage slice of a split folder of ``root``, as ``FolderSource`` reads it (an
+    existing folder is taken by name, brackets and all)."""
+    if os.path.isdir(os.path.join(os.path.expanduser(root), split)):
+        return False
+    match = _SPLIT.fullmatch(split)
+    return bool(match and (match["start"] or match["stop"]))
+
+
 def _share(count: int, percent: int) -> int:
     """The image index at ``percent`` of a class of ``count`` images, rounded to the nearest as TFDS's default
     "closest" slices are: rounded down, ``train[:90%]`` took no image of a one-image class (all went to

@@ -199,6 +199,7 @@ def _check_per_channel_numbers(full: ml_collections.ConfigDict) -> None:
         values = tuple(full[key])
         if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise ValueError(f"config.{key} must be finite numbers, got {values}")
+        full[key] = tuple(float(v) for v in values)  # numpy scalars are not JSON: config.json, checkpoints
     if any(v <= 0 for v in full.std):
         raise ValueError(f"config.std must be positive (inputs are divided by it), got {tuple(full.std)}")
     weights = tuple(full.class_weights)

@@ -109,14 +109,14 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
 
 
 def _sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any]:
-    """``(train source, validation source, what every process must see alike)``: the training files' fingerprint
-    where the dataset has one (class folders are each host's own copy)."""
+    """``(train source, validation source, what every process must see alike)``: both splits' fingerprints where
+    the dataset has them (class folders are each host's own copy)."""
     data_dir = config.data_dir or None
     train_source = data.get_source(config.dataset, config.train_split, data_dir=data_dir,
                                    image_size=config.image_size, seed=config.seed)
     val_source = data.get_source(config.dataset, config.val_split, data_dir=data_dir,
                                  image_size=config.image_size, seed=config.seed)
-    return train_source, val_source, train_source.fingerprint()
+    return train_source, val_source, {"train": train_source.fingerprint(), "val": val_source.fingerprint()}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[str], None] | None = None
@@ -338,7 +338,7 @@ class _Loop:
             ranked = evaluate_loader(self.state.ema_view(), self.eval_step, self.val_loader, self.setup.mesh)
             self.metrics_log.write({"step": self.step, "epoch": epoch, "split": "val_ema", **ranked})
             shown += f" | ema acc {ranked['accuracy']:.4f}"
-        if ranked["accuracy"] > self.best:
+        if counts and ranked["accuracy"] > self.best:
             self.best, self.bad_epochs = ranked["accuracy"], 0
         elif counts:
             self.bad_epochs += 1

@@ -66,8 +66,6 @@ def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str],
     changes = config_changes(saved, as_plain_dict(config))
     recorded = _saved_data(workdir)
     resumable = bool(_present(workdir, (CHECKPOINTS,)))  # before its first save a run has nothing to mix
-    if recorded is None and data is not None and resumable:
-        _check_unrecorded(workdir, saved, log)
     if recorded is not None and data is not None and recorded != data and resumable:
         raise ConfigMismatch(f"the training images of the run in {workdir} changed since it started "
                              f"({recorded['files']} files then, {data['files']} now, or other names): resuming "
@@ -80,6 +78,8 @@ def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str],
         raise ConfigMismatch(f"{workdir} holds a run with other settings, which cannot change within a run "
                              f"({_describe(refused)}); use a new --workdir, set them back, or pass "
                              "--config.restart=True to move the old run aside and start over")
+    if recorded is None and data is not None and resumable:
+        _check_unrecorded(workdir, saved, log)
     if changes:
         log(f"continuing the run in {workdir} with changed settings: {_describe(changes)}")
 
@@ -110,23 +110,25 @@ def agreed(build: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
     Why: with several processes, a dataset only one host cannot read (its folder missing) raised there while the
     others waited in the next collective until JAX's timeout, and hosts whose copies of a folder differ trained
     on inconsistent shards; now every process raises, naming the processes and what they saw."""
+    if jax.process_count() == 1:
+        return tuple(build()[:-1])
+    error = None
     try:
         *result, shared = build()
         failure, seen = None, json.dumps(shared, sort_keys=True)
-    except (ValueError, OSError) as err:
-        if jax.process_count() == 1:
-            raise
-        result, failure, seen = None, f"{type(err).__name__}: {err}", ""
+    except Exception as err:  # noqa: BLE001 - any error: the other processes must hear of it, or they wait
+        error, result, failure, seen = err, None, " ".join(f"{type(err).__name__}: {err}".split()), ""
     failed = process_failures(failure)
     if failed:
-        if failure is not None and len(failed) == jax.process_count():
-            raise ValueError(failure)  # the same error everywhere: said as it is
+        everywhere = len(failed) == jax.process_count() and len({reason for _, reason in failed}) == 1
+        if error is not None and everywhere:
+            raise error  # the same error on every process: as it is
         listed = "; ".join(f"process {i}: {reason}" for i, reason in failed)
-        raise ValueError(f"the data could not be opened on every process ({listed})")
+        raise ValueError(f"the data could not be opened on every process ({listed})") from error
     views = process_strings(seen)
     differing = [i for i, view in enumerate(views) if view != views[0]]
     if differing:
-        raise ValueError(f"the processes see other training images than process 0 (process(es) "
+        raise ValueError(f"the processes see other images than process 0 (process(es) "
                          f"{', '.join(map(str, differing))}: {', '.join(views[i] for i in differing)}; process 0: "
                          f"{views[0]}); give every host the same copy of the data")
     return tuple(result)
@@ -244,12 +246,14 @@ def _check_unrecorded(workdir: Path, saved: dict[str, Any], log: Callable[[str],
     """A folder run from before its training files were recorded: a percentage slice of it was cut by an older
     rule (rounded down, not to the nearest image), so it now names other files and is refused; a whole folder
     is continued as it is now, said once."""
+    from resnet_jax.data.folder import PREFIX, is_slice
+
     split = str(saved.get("train_split", ""))
-    if "[" in split:
+    if is_slice(str(saved.get("dataset", "")).removeprefix(PREFIX), split):
         raise ConfigMismatch(f"the run in {workdir} predates the record of its training images, and its split "
-                             f"{split!r} now cuts each class to the nearest image (it rounded down): resuming "
-                             f"would read other files; pass --config.restart=True, or start a new run from its "
-                             f"weights with --config.init_from={workdir}")
+                             f"{split!r} is now cut to the nearest image of each class (it was rounded down): "
+                             f"resuming could read other files; pass --config.restart=True, or start a new run "
+                             f"from its weights with --config.init_from={workdir}")
     log(f"the run in {workdir} predates the record of its training images; continuing with the files as they "
         f"are now, which are recorded from here on")
 
