@@ -245,8 +245,8 @@ def test_worker_processes_end_when_the_training_process_is_killed():
         assert len(workers) >= 2, [p.cmdline() for p in workers]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        gone, alive = psutil.wait_procs(workers, timeout=20)
-        assert not alive, f"{len(alive)} worker(s) still running 20 s after their parent was killed"
+        gone, alive = psutil.wait_procs(workers, timeout=90)  # one may still be importing JAX (a loaded CI)
+        assert not alive, f"{len(alive)} worker(s) still running 90 s after their parent was killed"
     finally:
         proc.kill()
         for p in workers:

@@ -15,6 +15,7 @@ process; padded rows carry mask=False so metrics count every example exactly onc
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -62,19 +63,20 @@ def _in_workers(ds: grain.IterDataset, options) -> grain.IterDataset:
     """
     _absl_flags_parsed()
     if "worker_init_fn" in inspect.signature(ds.mp_prefetch).parameters:
-        return ds.mp_prefetch(options, worker_init_fn=_worker_setup)
+        return ds.mp_prefetch(options, worker_init_fn=functools.partial(_worker_setup, parent=os.getpid()))
     return ds.mp_prefetch(options)
 
 
-def _worker_setup(worker_index: int, worker_count: int) -> None:
+def _worker_setup(worker_index: int, worker_count: int, parent: int) -> None:
     """Leave Ctrl-C to the training process, and end with it: a trainer killed by SIGKILL or the OOM killer runs
     no clean-up, and Grain's workers (each holding the file list and its batches) lived on for good. As
-    PyTorch's DataLoader workers do, each watches its parent and exits once it is gone."""
+    PyTorch's DataLoader workers do, each watches its parent (``parent``: the training process's id, given
+    before the worker started, since a worker still importing when the trainer died finds another parent) and
+    exits once it is gone."""
     import threading
     import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
