@@ -10,9 +10,11 @@ the forward plus both gradients. Timed interleaved in one process.
     python -m benchmarks.conv_bf16 --model resnet50 [--rounds 2]
 
 ``--model`` instead times every convolution shape of that model (``conv_layers.MODELS``), each pass on its own,
-in float32 "auto", bfloat16 "auto", bfloat16 forced to each algorithm that computes it, and torch's bfloat16
-channels_last kernels (what ``torch.autocast`` calls), and sums seconds per batch (time x uses) per layer group:
-where a bfloat16 model loses against autocast, convolution by convolution.
+in float32 "auto", bfloat16 "auto", bfloat16 forced to oneDNN (and on 1x1 layers to the GEMM), on 3x3 stride-1
+layers bfloat16 by float32 Winograd on the upcast operands (what "auto" widens to on small images), and torch's
+bfloat16 channels_last kernels (what ``torch.autocast`` calls), and sums seconds per batch (time x uses) per layer
+group: where a bfloat16 model loses against autocast, convolution by convolution, and whether the widening rule
+holds on this CPU. Variants this machine cannot run (no extension, no bfloat16 kernels) are left out.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from benchmarks.conv_layers import MODELS, layer_group, output_size
 from resnet_jax.allocator import preload_tcmalloc
 
 LAYERS = [(32, 64), (16, 128), (8, 256), (4, 512)]  # (H=W, channels): ResNet-18-CIFAR's 3x3 stride-1 layers
+# a bfloat16 layer's pass by float32 Winograd on the upcast operands, rounded once (what ``rules.widened_passes``
+# takes on small images): timed on every 3x3 stride-1 layer so the rule can be checked on each CPU
+WIDENED = "bfloat16 winograd_f4@float32"
 VARIANTS = [("float32", "onednn"), ("float32", "onednn_winograd_f4"), ("bfloat16", "onednn"),
             ("float32", "winograd_f2"), ("bfloat16", "winograd_f2")]
 
@@ -68,7 +73,8 @@ def model_runners(h, cin, cout, k, s, batch):
     import numpy as np
     import torch
 
-    from resnet_jax.ops import conv2d
+    from resnet_jax.ops import ConvSpec, conv2d
+    from resnet_jax.ops.registry import REGISTRY
 
     rng = np.random.default_rng(0)
     pad, out = ((k // 2, k // 2),) * 2, output_size(h, k, s)
@@ -77,7 +83,13 @@ def model_runners(h, cin, cout, k, s, batch):
     dy = rng.standard_normal((batch, out, out, cout), np.float32)
     variants = {"float32 auto": ("float32", "auto"), "bfloat16 auto": ("bfloat16", "auto"),
                 "bfloat16 onednn": ("bfloat16", "onednn"),
-                **({"bfloat16 gemm": ("bfloat16", "gemm")} if k == 1 else {})}
+                **({"bfloat16 gemm": ("bfloat16", "gemm")} if k == 1 else {}),
+                **({WIDENED: ("bfloat16", "onednn_winograd_f4@float32")} if (k, s) == (3, 1) else {})}
+    def refused(dtype, name):  # e.g. the extension is not built, or oneDNN has no bfloat16 kernels on this CPU
+        spec = ConvSpec.of(*(jax.ShapeDtypeStruct(a.shape, dtype) for a in (x, w)), (s, s), pad, 1)
+        return name != "auto" and REGISTRY[name].refusal(spec, "cpu") is not None
+
+    variants = {label: v for label, v in variants.items() if not refused(*v)}
     runners = {"forward": {}, "input_grad": {}, "kernel_grad": {}}
     for label, (dtype, name) in variants.items():
         xj, wj, dyj = (jax.device_put(a).astype(dtype) for a in (x, w, dy))
@@ -107,14 +119,16 @@ def model_main(model, rounds, quick, allocator, json_path) -> None:
     batch, layers = MODELS[model]
     if quick:
         batch, rounds, layers = 2, 1, layers[1:2]
-    rows, sums = [], {}
+    rows, sums, results = [], {}, []
     for (h, cin, cout, k, s), uses in layers:
         group = layer_group(k, s)
         runners, flops = model_runners(h, cin, cout, k, s, batch)
         for pass_name, variants in runners.items():
             timed = common.time_interleaved(variants, warmup=1, steps=2, rounds=rounds)
-            rows.append([f"{h} {cin}->{cout} k{k} s{s} x{uses}", pass_name,
-                         " | ".join(f"{n} {flops / t['median_s'] / 1e9:.0f}" for n, t in timed.items())])
+            rates = {n: flops / t["median_s"] / 1e9 for n, t in timed.items()}
+            layer = f"{h} {cin}->{cout} k{k} s{s}"
+            results.append({"layer": layer, "uses": uses, "batch": batch, "pass": pass_name, "gflops": rates})
+            rows.append([f"{layer} x{uses}", pass_name, " | ".join(f"{n} {r:.0f}" for n, r in rates.items())])
             for n, t in timed.items():
                 sums.setdefault((group, pass_name), {}).setdefault(n, 0.0)
                 sums[(group, pass_name)][n] += uses * t["median_s"]
@@ -123,7 +137,7 @@ def model_main(model, rounds, quick, allocator, json_path) -> None:
     common.print_table("seconds per batch (time x uses), per layer group and pass", ["group", "pass", "variants"],
                        [[g, p, " | ".join(f"{n} {v:.3f}" for n, v in by.items())] for (g, p), by in sums.items()])
     common.write_json(json_path, f"conv_bf16_{model}.json", {
-        "environment": common.environment(allocator),
+        "environment": common.environment(allocator), "results": results,
         "seconds": [{"group": g, "pass": p, **by} for (g, p), by in sums.items()]})
 
 

@@ -103,6 +103,25 @@ def test_conv_bf16_smoke(tmp_path):
     assert "forward + both gradients" in stdout
 
 
+def test_conv_bf16_model_smoke(tmp_path):
+    """A model's layers per pass: float32 and bfloat16 "auto", torch's bfloat16, and on a 3x3 stride-1 layer the
+    bfloat16 pass by float32 Winograd (what the small-image rule widens to) wherever the extension computes it."""
+    pytest.importorskip("torch")
+    from resnet_jax.ops import ConvSpec
+    from resnet_jax.ops.registry import REGISTRY
+
+    stdout, results = run_script("benchmarks.conv_bf16", tmp_path, "--model", "resnet18_cifar")
+    assert [(r["layer"], r["pass"]) for r in results] == [
+        ("32 64->64 k3 s1", p) for p in ("forward", "input_grad", "kernel_grad")]  # --quick: the second layer
+    spec = ConvSpec(128, 32, 32, 64, 64, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "bfloat16")
+    widened = REGISTRY["onednn_winograd_f4@float32"].refusal(spec, "cpu") is None
+    for r in results:
+        assert {"float32 auto", "bfloat16 auto", "torch bfloat16"} <= set(r["gflops"])
+        assert ("bfloat16 winograd_f4@float32" in r["gflops"]) == widened
+        assert all(v > 0 for v in r["gflops"].values())
+    assert "seconds per batch (time x uses), per layer group and pass" in stdout
+
+
 def test_dilated_inference_smoke(tmp_path):
     stdout, results = run_script("benchmarks.dilated_inference", tmp_path)
     assert {r["variant"] for r in results} == {"ours auto", "ours xla", "torch NCHW", "torch channels_last"}
