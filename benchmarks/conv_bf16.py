@@ -27,6 +27,7 @@ LAYERS = [(32, 64), (16, 128), (8, 256), (4, 512)]  # (H=W, channels): ResNet-18
 # a bfloat16 layer's pass by float32 Winograd on the upcast operands, rounded once (what ``rules.widened_passes``
 # takes on small images): timed on every 3x3 stride-1 layer so the rule can be checked on each CPU
 WIDENED = "bfloat16 winograd_f4@float32"
+WINOGRAD = "bfloat16 winograd_f4"  # the same arithmetic reading and writing bfloat16 activations itself
 VARIANTS = [("float32", "onednn"), ("float32", "onednn_winograd_f4"), ("bfloat16", "onednn"),
             ("float32", "winograd_f2"), ("bfloat16", "winograd_f2")]
 
@@ -84,7 +85,8 @@ def model_runners(h, cin, cout, k, s, batch):
     variants = {"float32 auto": ("float32", "auto"), "bfloat16 auto": ("bfloat16", "auto"),
                 "bfloat16 onednn": ("bfloat16", "onednn"),
                 **({"bfloat16 gemm": ("bfloat16", "gemm")} if k == 1 else {}),
-                **({WIDENED: ("bfloat16", "onednn_winograd_f4@float32")} if (k, s) == (3, 1) else {})}
+                **({WINOGRAD: ("bfloat16", "onednn_winograd_f4"), WIDENED: ("bfloat16", "onednn_winograd_f4@float32")}
+                   if (k, s) == (3, 1) else {})}
     def refused(dtype, name):  # e.g. the extension is not built, or oneDNN has no bfloat16 kernels on this CPU
         spec = ConvSpec.of(*(jax.ShapeDtypeStruct(a.shape, dtype) for a in (x, w)), (s, s), pad, 1)
         return name != "auto" and REGISTRY[name].refusal(spec, "cpu") is not None

@@ -105,7 +105,7 @@ def test_conv_bf16_smoke(tmp_path):
 
 def test_conv_bf16_model_smoke(tmp_path):
     """A model's layers per pass: float32 and bfloat16 "auto", torch's bfloat16, and on a 3x3 stride-1 layer the
-    bfloat16 pass by float32 Winograd (what the small-image rule widens to) wherever the extension computes it."""
+    bfloat16 pass by the extension's Winograd, directly and through the float32 detour, wherever it is built."""
     pytest.importorskip("torch")
     from resnet_jax.ops import ConvSpec
     from resnet_jax.ops.registry import REGISTRY
@@ -118,6 +118,7 @@ def test_conv_bf16_model_smoke(tmp_path):
     for r in results:
         assert {"float32 auto", "bfloat16 auto", "torch bfloat16"} <= set(r["gflops"])
         assert ("bfloat16 winograd_f4@float32" in r["gflops"]) == widened
+        assert ("bfloat16 winograd_f4" in r["gflops"]) == widened  # and the same reading bfloat16 itself
         assert all(v > 0 for v in r["gflops"].values())
     assert "seconds per batch (time x uses), per layer group and pass" in stdout
 

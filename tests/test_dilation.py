@@ -188,8 +188,9 @@ def test_dilated_gradients_of_each_algorithm(groups, stride, dilation, padding):
 
 
 def test_sub_grid_winograd_with_the_epilogue_and_its_dtypes():
-    """Winograd on the sub-grids with bias, residual and ReLU equals lax's ops in value and all four gradients;
-    it computes float32 (bfloat16 layers take oneDNN's direct kernels, which take the dilation themselves)."""
+    """Winograd on the sub-grids with bias, residual and ReLU equals lax's ops in value and all four gradients. It
+    also reads bfloat16 (lax's float32 result rounded once), but "auto" leaves bfloat16 dilated layers to oneDNN's
+    direct kernels, which take the dilation themselves: the sub-grid route was not measured in bfloat16."""
     require_onednn()
     x = jax.random.normal(jax.random.key(0), (2, 10, 13, 8))
     k = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
@@ -211,8 +212,17 @@ def test_sub_grid_winograd_with_the_epilogue_and_its_dtypes():
     for g, e, what in zip(value_and_grads(ours), value_and_grads(want),
                           ("value", "d/dinput", "d/dkernel", "d/dbias", "d/dresidual")):
         assert_close(g, e, what)
-    spec = ConvSpec.of(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), 1, "SAME", 1, 2)
-    assert "float32 only" in REGISTRY["onednn_winograd_f4@atrous"].refusal(spec, "cpu")
+    xb, kb = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    got = conv2d(xb, kb, 1, "SAME", algorithm="onednn_winograd_f4@atrous", dilation=2)
+    exact = np.asarray(jax.lax.conv_general_dilated(xb.astype(jnp.float32), kb.astype(jnp.float32), (1, 1),
+                                                    ((2, 2), (2, 2)), rhs_dilation=(2, 2),
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest"))
+    assert got.dtype == jnp.bfloat16  # read and written as bfloat16, computed in float32, rounded once
+    np.testing.assert_array_less(np.abs(np.asarray(got, np.float32) - exact),
+                                 np.abs(exact) * 2.0 ** -8 + 1e-4 * np.abs(exact).max())
+    spec = ConvSpec.of(xb, kb, 1, "SAME", 1, 2)
+    assert REGISTRY["onednn_winograd_f4@atrous"].refusal(spec, "cpu") is None
+    assert "onednn_winograd_f4@atrous" not in choose(spec, "cpu", measured=False)  # unmeasured in bfloat16
 
 
 def test_auto_takes_winograd_on_sub_grids_for_large_dilated_layers():

@@ -67,7 +67,14 @@ REFUSED = {
         "ResnetJaxWinogradForward", Y, [X, np.ones((5, 5, 4, 6), np.float32)], dict(**WINOGRAD_FORWARD, **NO_EPILOGUE),
         "the kernel must be HWIO (3, 3, C, O)"),
     "winograd bfloat16 kernel": (
-        "ResnetJaxWinogradForward", Y, [X, bf16(W)], dict(**WINOGRAD_FORWARD, **NO_EPILOGUE), "float32 only"),
+        "ResnetJaxWinogradForward", Y, [X, bf16(W)], dict(**WINOGRAD_FORWARD, **NO_EPILOGUE),
+        "the kernel (or its gradient) must be float32"),
+    "winograd bfloat16 input for a float32 output": (
+        "ResnetJaxWinogradForward", Y, [bf16(X), W], dict(**WINOGRAD_FORWARD, **NO_EPILOGUE),
+        "both float32 or both bfloat16"),
+    "winograd bfloat16 residual for a float32 output": (
+        "ResnetJaxWinogradForward", Y, [X, W, bf16(np.ones(Y))],
+        dict(**WINOGRAD_FORWARD, has_bias=0, has_residual=1, relu=0), "the residual must have the output's shape and dtype"),
     "winograd bias one short": (
         "ResnetJaxWinogradForward", Y, [X, W, np.ones(5, np.float32)],
         dict(**WINOGRAD_FORWARD, has_bias=1, has_residual=0, relu=0), "the bias must be float32 of shape (O,)"),
@@ -76,7 +83,7 @@ REFUSED = {
         dict(**WINOGRAD_FORWARD, has_bias=1, has_residual=0, relu=0), "the bias must be float32 of shape (O,)"),
     "winograd residual of other channels": (
         "ResnetJaxWinogradForward", Y, [X, W, np.ones((2, 8, 8, 5), np.float32)],
-        dict(**WINOGRAD_FORWARD, has_bias=0, has_residual=1, relu=0), "the residual must be float32 of the output's shape"),
+        dict(**WINOGRAD_FORWARD, has_bias=0, has_residual=1, relu=0), "the residual must have the output's shape and dtype"),
     "winograd kernel gradient of other channels": (
         "ResnetJaxWinogradBackwardWeights", (3, 3, 4, 5), [X, np.ones(Y, np.float32)], WINOGRAD,
         "the kernel must be HWIO (3, 3, C, O)"),

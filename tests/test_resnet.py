@@ -296,7 +296,8 @@ def test_a_symbolic_batch_exports_on_the_pure_jax_paths(tmp_path):
     reloaded = export.deserialize(exported.serialize())
     for n in (1, 3):
         x = jnp.asarray(np.random.default_rng(n).standard_normal((n, 32, 32, 3)), jnp.float32)
-        np.testing.assert_allclose(reloaded.call(variables, x), model.apply(variables, x), atol=1e-5, rtol=1e-5)
+        want = np.asarray(model.apply(variables, x))  # other float32 algorithms (rounding differs by CPU): to scale
+        np.testing.assert_allclose(reloaded.call(variables, x), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_basic_block_rejects_groups():

@@ -23,7 +23,7 @@ from resnet_jax.ops.spec import ConvSpec
 
 CHOICES = ("auto", "jax")  # chosen per shape and pass: among all algorithms, or among the pure-JAX ones
 Passes = tuple[str, str, str]  # the algorithm of the forward, of the input gradient, of the kernel gradient
-PASSES = ("forward", "input_grad", "kernel_grad")  # their names, in that order (tuning files, WIDENED_MAX_PIXELS)
+PASSES = ("forward", "input_grad", "kernel_grad")  # their names, in that order (tuning files, BFLOAT16_WINOGRAD_*)
 
 # Below this many 4x4 output tiles per call (``winograd_tiles``), transforming the kernel on every call costs the
 # extension's Winograd more than it saves: per layer, all three passes, ResNet-50's 7x7x512 lost at 4 and 8 tiles
@@ -31,12 +31,19 @@ PASSES = ("forward", "input_grad", "kernel_grad")  # their names, in that order 
 # or more won or tied over its three passes together (one pass lost by up to 12%), down to 0.04 GFLOP
 # (BENCHMARKS.md, 2026-12-05, fourth session)
 WINOGRAD_MIN_TILES = 16
-# A bfloat16 3x3 stride-1 layer's passes by float32 Winograd on upcast operands ("@float32", widened.py) against
-# oneDNN's bfloat16 kernels (BENCHMARKS.md, issue 33): the kernel gradient won on images of at most 8x8 pixels
-# (1.2-1.9x: 4x4x512 and 8x8x256 at batch 128, 7x7x512 at batch 32) and tied at 14x14; the forward won on 4x4x512
-# only (15.7 vs 12.8 ms; 7x7x512 8.6 vs 11.1); both lost below a few GFLOP (7x7x512 at batch 8)
-WIDENED_MAX_PIXELS = {"forward": 16, "kernel_grad": 64}
-WIDENED_MIN_FLOPS = 4e9
+# A bfloat16 3x3 stride-1 layer's passes by the extension's Winograd F(4,3), which reads and writes bfloat16
+# activations and computes in float32, against oneDNN's bfloat16 kernels (BENCHMARKS.md, issue 33), per pass:
+# - With AMX (oneDNN's AMX kernels run 3-4x float32 Winograd on images of 14x14 and larger), measured through the
+#   float32 detour ("@float32": the same arithmetic plus three conversion passes): the kernel gradient won on
+#   images of at most 8x8 pixels (1.1-3.3x: 4x4x512 and 8x8x256 at batch 128, 7x7x512 at batch 32) and lost at
+#   14x14 and 16x16; the forward won on 4x4x512 only; both lost below a few GFLOP (7x7x512 at batch 8).
+# - With AVX-512 BF16 and no AMX (2026-12-06, twelfth session, the native reads): the kernel gradient won on every
+#   layer of ResNet-18-CIFAR and ResNet-50 at batches 8-128 (1.1-2.7x, 7x7x512 at batch 8 included); the forward
+#   and input gradient won on outputs of whole 4x4 tiles up to 32x32 (1.03-1.6x; 28x28 mixed) and lost on 14x14
+#   and 7x7 (a quarter of each tile's outputs discarded: 0.78-0.92x) and on 56x56 (0.93-1.0x).
+BFLOAT16_WINOGRAD_AMX = {"forward": 16, "kernel_grad": 64}  # at most this many pixels, and WINOGRAD_MIN_FLOPS
+BFLOAT16_WINOGRAD_MIN_FLOPS = 4e9
+BFLOAT16_WINOGRAD_AVX512 = {"forward": 1024, "input_grad": 1024, "kernel_grad": None}  # None: any size
 
 
 def names(algorithm: str) -> Passes | None:
@@ -166,8 +173,8 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     bfloat16 takes oneDNN's direct kernels where the CPU has bfloat16 instructions and the float32-only
     algorithms do not apply, 1x1 layers included: XLA's bfloat16 dot ran ResNet-50's 1x1 input gradients
     at 9-198 GFLOP/s against oneDNN's 34-388 (BENCHMARKS.md, Machine A2, 2026-12-03). One exception: a 3x3
-    stride-1 layer on a small image (``WIDENED_MAX_PIXELS``) takes its kernel gradient, and on the smallest
-    images its forward, in float32 Winograd (``widened_passes``). On GPU/TPU, and for sizes that are symbols
+    stride-1 layer takes the extension's Winograd (bfloat16 in and out, float32 inside) for the passes where it
+    beats oneDNN's bfloat16 kernels on this CPU (``bfloat16_passes``). On GPU/TPU, and for sizes that are symbols
     (``jax.export`` with a symbolic batch): XLA's own.
     """
     if backend != "cpu" or not spec.concrete:
@@ -193,9 +200,10 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
         return pure
     # Winograd's fixed costs outweigh the multiplies it saves on few tiles and on the stems' few channels
     small = winograd_tiles(spec) < WINOGRAD_MIN_TILES or spec.in_channels < 8
-    for name in ("onednn",) if small else (winograd, "onednn"):
+    # bfloat16 starts from oneDNN's bfloat16 kernels and takes Winograd pass by pass where it pays
+    for name in ("onednn",) if small or spec.dtype == "bfloat16" else (winograd, "onednn"):
         if ok(name):
-            return patch_kernel_grad(spec, widened_passes(spec, name, ok), ok)
+            return patch_kernel_grad(spec, (name,) * 3 if small else bfloat16_passes(spec, name, ok), ok)
     return pure
 
 
@@ -227,12 +235,23 @@ def patch_kernel_grad(spec: ConvSpec, passes: Passes, ok) -> Passes:
     return ("onednn", "onednn", "onednn_matmul_grad")
 
 
-def widened_passes(spec: ConvSpec, name: str, ok) -> Passes:
-    """``name`` for all three passes, except that a bfloat16 3x3 stride-1 layer on a small image
-    (``WIDENED_MAX_PIXELS``, per pass) takes float32 Winograd on the upcast operands for that pass."""
-    widened = "onednn_winograd_f4@float32"
-    usable = name == "onednn" and spec.dtype == "bfloat16" and spec.direct_flops() >= WIDENED_MIN_FLOPS
-    usable = usable and ok(widened)
+def bfloat16_passes(spec: ConvSpec, name: str, ok) -> Passes:
+    """``name`` for all three passes, except that a bfloat16 3x3 stride-1 layer's passes take the extension's
+    Winograd F(4,3) (bfloat16 activations read and written as such) where it beats oneDNN's bfloat16 kernels on
+    this CPU: with AMX on small images only (``BFLOAT16_WINOGRAD_AMX``), without AMX the kernel gradient always and
+    the other passes on outputs of whole 4x4 tiles up to 32x32 (``BFLOAT16_WINOGRAD_AVX512``)."""
+    winograd = "onednn_winograd_f4"
+    if name != "onednn" or spec.dtype != "bfloat16" or spec.dilated or not ok(winograd):
+        return (name,) * 3
     pixels = spec.height * spec.width
-    return tuple(widened if usable and pixels <= WIDENED_MAX_PIXELS.get(p, 0) else name
+    if cpu.has("amx_bf16"):
+        if spec.direct_flops() < BFLOAT16_WINOGRAD_MIN_FLOPS:
+            return (name,) * 3
+        return tuple(winograd if pixels <= BFLOAT16_WINOGRAD_AMX.get(p, 0) else name for p in PASSES)
+    _, ho, wo, _ = spec.y_shape
+    whole_tiles = ho % 4 == 0 and wo % 4 == 0
+
+    def takes(limit):
+        return limit is None or (whole_tiles and pixels <= limit)
+    return tuple(winograd if p in BFLOAT16_WINOGRAD_AVX512 and takes(BFLOAT16_WINOGRAD_AVX512[p]) else name
                  for p in PASSES)

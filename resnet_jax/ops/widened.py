@@ -9,8 +9,10 @@ per pass, so "auto" (or a caller: ``"onednn/onednn/onednn_winograd_f4@float32"``
 where it wins and keep bfloat16 elsewhere. The activations between layers stay bfloat16; only this pass's
 operands are widened, and its result is as accurate as the float32 algorithm's, rounded once.
 
-On float32 inputs "NAME@float32" is NAME itself. Only the float32-only algorithms are widened: an algorithm that
-computes bfloat16 natively has nothing to gain from the detour.
+On float32 inputs "NAME@float32" is NAME itself. Only algorithms that compute in float32 are widened. The
+extension's Winograd has since learnt to read and write bfloat16 activations itself (the same arithmetic without
+the three conversion passes, bit for bit the detour's result), so "auto" takes it directly; its "@float32" forms
+stay for tuning files and callers that name them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from resnet_jax.ops.onednn import algorithms as onednn_algorithms
 from resnet_jax.ops.spec import Algorithm, ConvSpec
 
 SUFFIX = "@float32"
-WIDENED = ("onednn_gemm", "onednn_winograd_f2", "onednn_winograd_f4")  # float32-only: they refuse bfloat16
+WIDENED = ("onednn_gemm", "onednn_winograd_f2", "onednn_winograd_f4")  # they compute in float32 only
 
 
 def _float32(spec: ConvSpec) -> ConvSpec:

@@ -15,14 +15,17 @@ from resnet_jax.ops.onednn.library import unavailable_reason
 from resnet_jax.ops.spec import Algorithm
 
 
-def _extension_limits(float32_only: bool, shape_limits=None):
+def _extension_limits(bfloat16: str, shape_limits=None):
     """Shapes and dtypes only (the CPU's flags, never the extension itself): whether the library is there is
-    ``unavailable``'s question, asked after these (``Algorithm.refusal``)."""
+    ``unavailable``'s question, asked after these (``Algorithm.refusal``). ``bfloat16``: "never" (float32-only
+    kernels), "native" (oneDNN's, which need the CPU's bfloat16 instructions) or "always" (our own loops, which
+    widen bfloat16 as they read it)."""
     def limits(spec) -> str | None:
         reason = None if shape_limits is None else shape_limits(spec)
         if reason is not None:
             return reason
-        allowed = ("float32",) if float32_only or not cpu.native_bfloat16() else ("float32", "bfloat16")
+        with_bf16 = bfloat16 == "always" or (bfloat16 == "native" and cpu.native_bfloat16())
+        allowed = ("float32", "bfloat16") if with_bf16 else ("float32",)
         if spec.dtype not in allowed:
             return f"computes {' and '.join(allowed)} only, not {spec.dtype}"
         return None
@@ -32,7 +35,7 @@ def _extension_limits(float32_only: bool, shape_limits=None):
 def _direct() -> Algorithm:
     return Algorithm(
         name="onednn", cpu_only=True, dilated=True, unavailable=unavailable_reason,
-        limits=_extension_limits(False),
+        limits=_extension_limits("native"),
         forward=lambda x, kernel, spec: calls.conv_forward(x, kernel, spec),
         fused_forward=calls.conv_forward,
         input_grad=calls.conv_backward_data,
@@ -64,7 +67,7 @@ def _matmul_grad() -> Algorithm:
     (csrc/patches.cc), the extension's counterpart of "matmul_grad"."""
     direct = _direct()
     return Algorithm(name="onednn_matmul_grad", cpu_only=True, unavailable=unavailable_reason,
-                     limits=_extension_limits(True, _outer_products_limits), forward=direct.forward,
+                     limits=_extension_limits("never", _outer_products_limits), forward=direct.forward,
                      fused_forward=direct.fused_forward, input_grad=direct.input_grad,
                      kernel_grad=lambda x, dy, spec: calls.patch_kernel_grad(x, dy, spec, PATCH_BLOCK))
 
@@ -131,7 +134,7 @@ def _gemm() -> Algorithm:
         return dk.reshape(spec.kernel_shape)
 
     return Algorithm(name="onednn_gemm", cpu_only=True, unavailable=unavailable_reason,
-                     limits=_extension_limits(True, gemm.limits),
+                     limits=_extension_limits("never", gemm.limits),
                      forward=forward, input_grad=input_grad, kernel_grad=kernel_grad,
                      summed_input_grad=summed_input_grad)
 
@@ -146,7 +149,7 @@ def _winograd(m: int) -> Algorithm:
 
     return Algorithm(
         name=f"onednn_winograd_f{m}", cpu_only=True, unavailable=unavailable_reason,
-        limits=_extension_limits(True, winograd.limits),
+        limits=_extension_limits("always", winograd.limits),
         forward=lambda x, kernel, spec: fused_forward(x, kernel, spec), fused_forward=fused_forward,
         input_grad=input_grad, summed_input_grad=input_grad,
         kernel_grad=lambda x, dy, spec: calls.winograd_backward_weights(x, dy, spec.padding, m))

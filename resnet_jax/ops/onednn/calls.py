@@ -149,19 +149,27 @@ def winograd_forward(x, kernel, padding, m, bias=None, residual=None, relu=False
     """A 3x3 stride-1 convolution by Winograd F(m x m, 3 x 3), with the same optional epilogue.
 
     ``transposed_kernel``: convolve with ``kernel`` flipped in space and its channels exchanged, the kernel of an
-    input gradient (``winograd.input_grad_as_forward``), read so by the extension instead of copied."""
+    input gradient (``winograd.input_grad_as_forward``), read so by the extension instead of copied.
+
+    ``x`` (and the residual and result) may be bfloat16: the extension reads and writes them so, computing in
+    float32, while the kernel and bias, small, are passed in float32."""
     (top, bottom), (left, right) = padding
     shape = (x.shape[0], output_size(x.shape[1], 3, 1, top, bottom), output_size(x.shape[2], 3, 1, left, right),
              kernel.shape[-2] if transposed_kernel else kernel.shape[-1])
+    bias = None if bias is None else bias.astype(jnp.float32)
     extra, layout, in_place, flags = _epilogue(bias, residual, shape, x.dtype)
-    return _call("ResnetJaxWinogradForward", shape[1:], x.dtype, (x, kernel, *extra), (SPLIT, WHOLE, *layout),
+    return _call("ResnetJaxWinogradForward", shape[1:], x.dtype, (x, kernel.astype(jnp.float32), *extra),
+                 (SPLIT, WHOLE, *layout),
                  dict(padding=_padding(padding), m=m, relu=int(bool(relu)), transposed_kernel=int(transposed_kernel),
                       **flags), in_place=in_place)
 
 
 def winograd_backward_weights(x, dy, padding, m):
-    return _call("ResnetJaxWinogradBackwardWeights", (3, 3, x.shape[-1], dy.shape[-1]), x.dtype, (x, dy),
-                 (SPLIT, SPLIT), dict(padding=_padding(padding), m=m), summed=True)
+    """The kernel gradient, summed in float32 and returned in ``x``'s dtype (``x`` and ``dy`` float32 or both
+    bfloat16, read as they are)."""
+    dw = _call("ResnetJaxWinogradBackwardWeights", (3, 3, x.shape[-1], dy.shape[-1]), jnp.float32, (x, dy),
+               (SPLIT, SPLIT), dict(padding=_padding(padding), m=m), summed=True)
+    return dw.astype(x.dtype)
 
 
 def patch_kernel_grad(x, dy, spec, pixel_block):

@@ -26,6 +26,7 @@
 #include <sstream>
 #include <vector>
 
+#include "bfloat16.h"
 #include "common.h"
 
 namespace {
@@ -41,6 +42,8 @@ using resnet_jax::Run;
 using resnet_jax::RunMatmul;
 using resnet_jax::Stream;
 using resnet_jax::ThreadBuffer;
+using resnet_jax::bf16::Load;
+using resnet_jax::bf16::Store;
 
 // Transform matrices; interpolation points 0, +-1 (F(2,3)) and 0, +-1, +-2 (F(4,3)), and infinity.
 // B^T: input (A x A); G: kernel (A x 3); A^T: output (m x A); their transposes serve the kernel gradient.
@@ -78,18 +81,20 @@ struct Tables<4> {
 enum Epilogue { kBias = 1, kResidual = 2, kRelu = 4 };
 
 // out[i][j] = sum_{k,l} T[i][k] in[k][l] T[j][l] for every channel: `in` holds S*S pointers, `out` R*R, each to
-// `channels` contiguous floats (NHWC rows or rows of a transformed-tile matrix). Vectorised over channels; the
-// constant T folds into adds and a few multiplies. `Flags` adds the forward epilogue on the way out.
-template <int R, int S, const float (&T)[R][S], int Flags = 0>
-inline void Sandwich(const float* const* in, float* const* out, int64_t channels, const float* bias = nullptr,
-                     const float* const* residual = nullptr) {
+// `channels` contiguous elements (NHWC rows or rows of a transformed-tile matrix). Vectorised over channels; the
+// constant T folds into adds and a few multiplies. `Flags` adds the forward epilogue on the way out. `In` and
+// `Out` are float or bfloat16 (uint16_t): an activation in bfloat16 is widened as it is read and rounded once as
+// it is written, so a bfloat16 layer needs no float32 copy of its input or output (bfloat16.h).
+template <int R, int S, const float (&T)[R][S], int Flags = 0, typename In = float, typename Out = float>
+inline void Sandwich(const In* const* in, Out* const* out, int64_t channels, const float* bias = nullptr,
+                     const Out* const* residual = nullptr) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     float d[S][S];
 #pragma GCC unroll 8
     for (int k = 0; k < S; ++k)
 #pragma GCC unroll 8
-      for (int l = 0; l < S; ++l) d[k][l] = in[k * S + l][c];
+      for (int l = 0; l < S; ++l) d[k][l] = Load(in[k * S + l], c);
     float t[R][S];
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i)
@@ -110,9 +115,9 @@ inline void Sandwich(const float* const* in, float* const* out, int64_t channels
         for (int l = 0; l < S; ++l)
           if (T[j][l] != 0.f) acc += t[i][l] * T[j][l];
         if constexpr ((Flags & kBias) != 0) acc += bias[c];
-        if constexpr ((Flags & kResidual) != 0) acc += residual[i * R + j][c];
+        if constexpr ((Flags & kResidual) != 0) acc += Load(residual[i * R + j], c);
         if constexpr ((Flags & kRelu) != 0) acc = acc > 0.f ? acc : 0.f;
-        out[i * R + j][c] = acc;
+        Store(out[i * R + j], c, acc);
       }
   }
 }
@@ -166,48 +171,48 @@ float* Sink(int64_t count) {
 }
 
 // Input tiles [p0, p0 + count) of x into rows [0, count) of v ([A*A][rows][C]).
-template <int M>
-void TransformInput(const float* x, const Tiling& g, int64_t c, int64_t p0, int64_t count, float* v, int64_t rows) {
+template <int M, typename T>
+void TransformInput(const T* x, const Tiling& g, int64_t c, int64_t p0, int64_t count, float* v, int64_t rows) {
   constexpr int kA = Tables<M>::kA;
-  const float* zeros = Zeros(c);
+  const T* zeros = reinterpret_cast<const T*>(Zeros(c));  // zero bits are 0 in both types
   for (int64_t t = 0; t < count; ++t) {
     int64_t image, row, col;
     g.Locate(p0 + t, &image, &row, &col);
-    const float* in[kA * kA];
+    const T* in[kA * kA];
     float* out[kA * kA];
     Window<kA>(x + image * g.h * g.w * c, g.h, g.w, c, row - g.pad_top, col - g.pad_left, zeros, in);
     Rows<kA>(v, rows, c, t, out);
-    Sandwich<kA, kA, Tables<M>::BT>(in, out, c);
+    Sandwich<kA, kA, Tables<M>::BT, 0, T, float>(in, out, c);
   }
 }
 
 // Output tiles [p0, p0 + count) from rows [0, count) of mhat ([A*A][rows][O]) into y, with the epilogue.
-template <int M, int Flags>
-void TransformOutput(float* mhat, int64_t rows, const Tiling& g, int64_t o, int64_t p0, int64_t count, float* y,
-                     const float* bias, const float* residual) {
+template <int M, int Flags, typename T>
+void TransformOutput(float* mhat, int64_t rows, const Tiling& g, int64_t o, int64_t p0, int64_t count, T* y,
+                     const float* bias, const T* residual) {
   constexpr int kA = Tables<M>::kA;
-  float* sink = Sink(o);
-  const float* zeros = Zeros(o);
+  T* sink = reinterpret_cast<T*>(Sink(o));
+  const T* zeros = reinterpret_cast<const T*>(Zeros(o));
   for (int64_t t = 0; t < count; ++t) {
     int64_t image, row, col;
     g.Locate(p0 + t, &image, &row, &col);
     float* in[kA * kA];
-    float* out[M * M];
-    const float* res[M * M];
+    T* out[M * M];
+    const T* res[M * M];
     Rows<kA>(mhat, rows, o, t, in);
     Window<M>(y + image * g.oh * g.ow * o, g.oh, g.ow, o, row, col, sink, out);
     if constexpr ((Flags & kResidual) != 0)
       Window<M>(residual + image * g.oh * g.ow * o, g.oh, g.ow, o, row, col, zeros, res);
-    Sandwich<M, kA, Tables<M>::AT, Flags>(in, out, o, bias, res);
+    Sandwich<M, kA, Tables<M>::AT, Flags, float, T>(in, out, o, bias, res);
   }
 }
 
-template <int M>
+template <int M, typename T>
 void TransformOutputDispatch(int flags, float* mhat, int64_t rows, const Tiling& g, int64_t o, int64_t p0,
-                             int64_t count, float* y, const float* bias, const float* residual) {
+                             int64_t count, T* y, const float* bias, const T* residual) {
   switch (flags) {
 #define CASE(F) \
-  case F: return TransformOutput<M, F>(mhat, rows, g, o, p0, count, y, bias, residual);
+  case F: return TransformOutput<M, F, T>(mhat, rows, g, o, p0, count, y, bias, residual);
     CASE(0) CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7)
 #undef CASE
   }
@@ -244,19 +249,19 @@ void TransformKernelGradient(const float* dwhat, int64_t c, int64_t o, float* dw
 }
 
 // Output-gradient tiles [p0, p0 + count) of dy (N, OH, OW, O) as A dY A^T into rows [0, count) of z.
-template <int M>
-void TransformOutputGradient(const float* dy, const Tiling& g, int64_t o, int64_t p0, int64_t count, float* z,
+template <int M, typename T>
+void TransformOutputGradient(const T* dy, const Tiling& g, int64_t o, int64_t p0, int64_t count, float* z,
                              int64_t rows) {
   constexpr int kA = Tables<M>::kA;
-  const float* zeros = Zeros(o);
+  const T* zeros = reinterpret_cast<const T*>(Zeros(o));
   for (int64_t t = 0; t < count; ++t) {
     int64_t image, row, col;
     g.Locate(p0 + t, &image, &row, &col);
-    const float* in[M * M];
+    const T* in[M * M];
     float* out[kA * kA];
     Window<M>(dy + image * g.oh * g.ow * o, g.oh, g.ow, o, row, col, zeros, in);
     Rows<kA>(z, rows, o, t, out);
-    Sandwich<kA, M, Tables<M>::A>(in, out, o);
+    Sandwich<kA, M, Tables<M>::A, 0, T, float>(in, out, o);
   }
 }
 
@@ -269,9 +274,9 @@ bool Blocked(int kA, int64_t c, int64_t o) { return kA * kA * c * o * 4 <= 4 * 1
 
 thread_local ThreadBuffer u_buffer, v_buffer, m_buffer, w_buffer;
 
-template <int M>
-void Forward(const float* x, const float* w, const float* bias, const float* residual, float* y, const Tiling& g,
-             int64_t c, int64_t o, int flags, bool transposed_kernel) {
+template <int M, typename T>
+void Forward(const T* x, const float* w, const float* bias, const T* residual, T* y, const Tiling& g, int64_t c,
+             int64_t o, int flags, bool transposed_kernel) {
   constexpr int kA = Tables<M>::kA;
   float* u = static_cast<float*>(u_buffer.Get(kA * kA * c * o * sizeof(float)));
   // A transposed kernel w is (3, 3, O, C). On the whole schedule, u is made [A*A][O][C] and each slice read
@@ -336,8 +341,8 @@ void Forward(const float* x, const float* w, const float* bias, const float* res
   errors.Rethrow();
 }
 
-template <int M>
-void KernelGradient(const float* x, const float* dy, float* dw, const Tiling& g, int64_t c, int64_t o) {
+template <int M, typename T>
+void KernelGradient(const T* x, const T* dy, float* dw, const Tiling& g, int64_t c, int64_t o) {
   constexpr int kA = Tables<M>::kA;
   const int64_t tiles = g.Count();
   float* dwhat = static_cast<float*>(u_buffer.Get(kA * kA * c * o * sizeof(float)));
@@ -422,12 +427,16 @@ ffi::ErrorOr<Tiling> MakeTiling(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Di
   return Tiling{x[0], x[1], x[2], y[1], y[2], padding[0], padding[2], m, (y[1] + m - 1) / m, (y[2] + m - 1) / m};
 }
 
-// x (N, H, W, C), the kernel or its gradient (3, 3, C, O) (transposed: (3, 3, O, C)) and y or dy (N, OH, OW, O):
-// all float32.
+// x (N, H, W, C), the kernel or its gradient (3, 3, C, O) (transposed: (3, 3, O, C)) and y or dy (N, OH, OW, O).
+// The kernel (or its gradient) is float32; x and y are both float32 or both bfloat16, the activations a bfloat16
+// model passes between layers, read and written as such (the arithmetic is float32 either way).
 ffi::Error CheckKernel(const ffi::AnyBuffer& x, const ffi::AnyBuffer& kernel, const ffi::AnyBuffer& y, int64_t c,
                        int64_t o, bool transposed = false) {
-  for (const ffi::AnyBuffer* b : {&x, &kernel, &y})
-    if (b->element_type() != ffi::DataType::F32) return ffi::Error::InvalidArgument("Winograd: float32 only");
+  if (kernel.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("Winograd: the kernel (or its gradient) must be float32");
+  if ((x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16) ||
+      y.element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("Winograd: the input and output must be both float32 or both bfloat16");
   if (transposed && !resnet_jax::HasDims(kernel.dimensions(), {3, 3, o, c}))
     return ffi::Error::InvalidArgument("Winograd: a transposed kernel must be (3, 3, O, C), C the input's channels "
                                        "and O the output's");
@@ -447,7 +456,7 @@ ffi::Error WinogradForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArg
   if (static_cast<int64_t>(rest.size()) != has_bias + has_residual)
     return ffi::Error::InvalidArgument("Winograd: optional operands do not match has_bias/has_residual");
   const float* bias = nullptr;
-  const float* residual = nullptr;
+  const void* residual = nullptr;
   if (has_bias) {
     ffi::AnyBuffer b = *rest.get<ffi::AnyBuffer>(0);
     if (b.element_type() != ffi::DataType::F32 || !resnet_jax::HasDims(b.dimensions(), {o}))
@@ -456,18 +465,26 @@ ffi::Error WinogradForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArg
   }
   if (has_residual) {
     ffi::AnyBuffer r = *rest.get<ffi::AnyBuffer>(has_bias);
-    if (r.element_type() != ffi::DataType::F32 || !resnet_jax::SameDims(r.dimensions(), y->dimensions()))
-      return ffi::Error::InvalidArgument("Winograd: the residual must be float32 of the output's shape");
-    residual = r.typed_data<float>();
+    if (r.element_type() != x.element_type() || !resnet_jax::SameDims(r.dimensions(), y->dimensions()))
+      return ffi::Error::InvalidArgument("Winograd: the residual must have the output's shape and dtype");
+    residual = r.untyped_data();
   }
   const int flags = (has_bias ? kBias : 0) | (has_residual ? kResidual : 0) | (relu ? kRelu : 0);
   return Run([&] {
-    if (m == 4)
-      Forward<4>(x.typed_data<float>(), w.typed_data<float>(), bias, residual, y->typed_data<float>(), *tiling, c, o,
-                 flags, transposed_kernel);
+    auto run = [&](auto tag) {
+      using T = decltype(tag);
+      const T* in = static_cast<const T*>(x.untyped_data());
+      const T* res = static_cast<const T*>(residual);
+      T* out = static_cast<T*>(y->untyped_data());
+      if (m == 4)
+        Forward<4>(in, w.typed_data<float>(), bias, res, out, *tiling, c, o, flags, transposed_kernel);
+      else
+        Forward<2>(in, w.typed_data<float>(), bias, res, out, *tiling, c, o, flags, transposed_kernel);
+    };
+    if (x.element_type() == ffi::DataType::F32)
+      run(float{});
     else
-      Forward<2>(x.typed_data<float>(), w.typed_data<float>(), bias, residual, y->typed_data<float>(), *tiling, c, o,
-                 flags, transposed_kernel);
+      run(uint16_t{});
   });
 }
 
@@ -478,10 +495,19 @@ ffi::Error WinogradBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Res
   const int64_t c = x.dimensions()[3], o = dy.dimensions()[3];
   if (auto error = CheckKernel(x, *dw, dy, c, o); error.failure()) return error;
   return Run([&] {
-    if (m == 4)
-      KernelGradient<4>(x.typed_data<float>(), dy.typed_data<float>(), dw->typed_data<float>(), *tiling, c, o);
+    auto run = [&](auto tag) {
+      using T = decltype(tag);
+      const T* in = static_cast<const T*>(x.untyped_data());
+      const T* grad = static_cast<const T*>(dy.untyped_data());
+      if (m == 4)
+        KernelGradient<4>(in, grad, dw->typed_data<float>(), *tiling, c, o);
+      else
+        KernelGradient<2>(in, grad, dw->typed_data<float>(), *tiling, c, o);
+    };
+    if (x.element_type() == ffi::DataType::F32)
+      run(float{});
     else
-      KernelGradient<2>(x.typed_data<float>(), dy.typed_data<float>(), dw->typed_data<float>(), *tiling, c, o);
+      run(uint16_t{});
   });
 }
 
