@@ -109,6 +109,12 @@ def test_auto_bfloat16_winograd_passes_without_amx(monkeypatch):
     assert choose(strided, "cpu", measured=False) == (ONEDNN,) * 3  # Winograd computes stride 1 only
     stem = dataclasses.replace(_spec(128, 32, 64), in_channels=3)
     assert choose(stem, "cpu", measured=False) == (ONEDNN,) * 3
+    # each pass by its own output: y 32x32 from an unpadded 34x34 input, whose 34x34 input gradient is not whole
+    # tiles, and y 32x32 from a 30x30 input padded by 2
+    unpadded = dataclasses.replace(_spec(128, 34, 64), padding=((0, 0), (0, 0)))
+    assert choose(unpadded, "cpu", measured=False) == (WINOGRAD, ONEDNN, WINOGRAD)
+    padded = dataclasses.replace(_spec(128, 30, 64), padding=((2, 2), (2, 2)))
+    assert choose(padded, "cpu", measured=False) == (WINOGRAD, ONEDNN, WINOGRAD)
 
 
 def test_auto_bfloat16_winograd_passes_with_amx(monkeypatch):

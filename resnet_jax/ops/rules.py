@@ -38,12 +38,12 @@ WINOGRAD_MIN_TILES = 16
 #   images of at most 8x8 pixels (1.1-3.3x: 4x4x512 and 8x8x256 at batch 128, 7x7x512 at batch 32) and lost at
 #   14x14 and 16x16; the forward won on 4x4x512 only; both lost below a few GFLOP (7x7x512 at batch 8).
 # - With AVX-512 BF16 and no AMX (2026-12-06, twelfth session, the native reads): the kernel gradient won on every
-#   layer of ResNet-18-CIFAR and ResNet-50 at batches 8-128 (1.1-2.7x, 7x7x512 at batch 8 included); the forward
+#   layer of ResNet-18-CIFAR and ResNet-50 at batches 8-128 (1.06-2.7x, 7x7x512 at batch 8 included); the forward
 #   and input gradient won on outputs of whole 4x4 tiles up to 32x32 (1.03-1.6x; 28x28 mixed) and lost on 14x14
 #   and 7x7 (a quarter of each tile's outputs discarded: 0.78-0.92x) and on 56x56 (0.93-1.0x).
 BFLOAT16_WINOGRAD_AMX = {"forward": 16, "kernel_grad": 64}  # at most this many pixels, and WINOGRAD_MIN_FLOPS
 BFLOAT16_WINOGRAD_MIN_FLOPS = 4e9
-BFLOAT16_WINOGRAD_AVX512 = {"forward": 1024, "input_grad": 1024, "kernel_grad": None}  # None: any size
+BFLOAT16_WINOGRAD_AVX512 = {"forward": 1024, "input_grad": 1024, "kernel_grad": None}  # the pass's output pixels
 
 
 def names(algorithm: str) -> Passes | None:
@@ -170,8 +170,8 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
       sub-grids ("onednn_winograd_f4@atrous", ``atrous.py``) where Winograd pays as above, else oneDNN's direct
       kernels, which take the dilation; without the extension XLA's own, the one pure-JAX algorithm that
       computes them (Winograd's tiles and the patch matmul cannot).
-    bfloat16 takes oneDNN's direct kernels where the CPU has bfloat16 instructions and the float32-only
-    algorithms do not apply, 1x1 layers included: XLA's bfloat16 dot ran ResNet-50's 1x1 input gradients
+    bfloat16 takes oneDNN's direct kernels where the CPU has bfloat16 instructions (the GEMM and the patch
+    kernel gradient compute float32 only), 1x1 layers included: XLA's bfloat16 dot ran ResNet-50's 1x1 input gradients
     at 9-198 GFLOP/s against oneDNN's 34-388 (BENCHMARKS.md, Machine A2, 2026-12-03). One exception: a 3x3
     stride-1 layer takes the extension's Winograd (bfloat16 in and out, float32 inside) for the passes where it
     beats oneDNN's bfloat16 kernels on this CPU (``bfloat16_passes``). On GPU/TPU, and for sizes that are symbols
@@ -238,8 +238,10 @@ def patch_kernel_grad(spec: ConvSpec, passes: Passes, ok) -> Passes:
 def bfloat16_passes(spec: ConvSpec, name: str, ok) -> Passes:
     """``name`` for all three passes, except that a bfloat16 3x3 stride-1 layer's passes take the extension's
     Winograd F(4,3) (bfloat16 activations read and written as such) where it beats oneDNN's bfloat16 kernels on
-    this CPU: with AMX on small images only (``BFLOAT16_WINOGRAD_AMX``), without AMX the kernel gradient always and
-    the other passes on outputs of whole 4x4 tiles up to 32x32 (``BFLOAT16_WINOGRAD_AVX512``)."""
+    this CPU: with AMX on small images only (``BFLOAT16_WINOGRAD_AMX``); without AMX the kernel gradient of every
+    layer that reaches this (16 or more tiles, 8 or more input channels) and the forward and input gradient where
+    their own output (y, or dx) is whole 4x4 tiles of at most 32x32 pixels (``BFLOAT16_WINOGRAD_AVX512``; None:
+    any size)."""
     winograd = "onednn_winograd_f4"
     if name != "onednn" or spec.dtype != "bfloat16" or spec.dilated or not ok(winograd):
         return (name,) * 3
@@ -248,10 +250,9 @@ def bfloat16_passes(spec: ConvSpec, name: str, ok) -> Passes:
         if spec.direct_flops() < BFLOAT16_WINOGRAD_MIN_FLOPS:
             return (name,) * 3
         return tuple(winograd if pixels <= BFLOAT16_WINOGRAD_AMX.get(p, 0) else name for p in PASSES)
-    _, ho, wo, _ = spec.y_shape
-    whole_tiles = ho % 4 == 0 and wo % 4 == 0
+    outputs = {"forward": spec.y_shape[1:3], "input_grad": spec.x_shape[1:3], "kernel_grad": None}
 
-    def takes(limit):
-        return limit is None or (whole_tiles and pixels <= limit)
-    return tuple(winograd if p in BFLOAT16_WINOGRAD_AVX512 and takes(BFLOAT16_WINOGRAD_AVX512[p]) else name
-                 for p in PASSES)
+    def takes(p):
+        limit, out = BFLOAT16_WINOGRAD_AVX512[p], outputs[p]
+        return limit is None or (out[0] % 4 == 0 and out[1] % 4 == 0 and out[0] * out[1] <= limit)
+    return tuple(winograd if takes(p) else name for p in PASSES)

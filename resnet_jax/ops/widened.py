@@ -11,8 +11,9 @@ operands are widened, and its result is as accurate as the float32 algorithm's, 
 
 On float32 inputs "NAME@float32" is NAME itself. Only algorithms that compute in float32 are widened. The
 extension's Winograd has since learnt to read and write bfloat16 activations itself (the same arithmetic without
-the three conversion passes, bit for bit the detour's result), so "auto" takes it directly; its "@float32" forms
-stay for tuning files and callers that name them.
+the three conversion passes, bit for bit the detour's result; an input gradient summed into another rounds once
+where the detour rounds twice), so "auto" takes it directly; its "@float32" forms stay for tuning files and
+callers that name them.
 """
 
 from __future__ import annotations

@@ -436,7 +436,8 @@ ffi::Error CheckKernel(const ffi::AnyBuffer& x, const ffi::AnyBuffer& kernel, co
     return ffi::Error::InvalidArgument("Winograd: the kernel (or its gradient) must be float32");
   if ((x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16) ||
       y.element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("Winograd: the input and output must be both float32 or both bfloat16");
+    return ffi::Error::InvalidArgument("Winograd: x and y (or the output gradient dy) must be both float32 or both "
+                                       "bfloat16");
   if (transposed && !resnet_jax::HasDims(kernel.dimensions(), {3, 3, o, c}))
     return ffi::Error::InvalidArgument("Winograd: a transposed kernel must be (3, 3, O, C), C the input's channels "
                                        "and O the output's");
