@@ -11,10 +11,10 @@ the forward plus both gradients. Timed interleaved in one process.
 
 ``--model`` instead times every convolution shape of that model (``conv_layers.MODELS``), each pass on its own,
 in float32 "auto", bfloat16 "auto", bfloat16 forced to oneDNN (and on 1x1 layers to the GEMM), on 3x3 stride-1
-layers bfloat16 by float32 Winograd on the upcast operands (what "auto" widens to on small images), and torch's
+layers bfloat16 by the extension's Winograd, directly and through the float32 detour ("@float32"), and torch's
 bfloat16 channels_last kernels (what ``torch.autocast`` calls), and sums seconds per batch (time x uses) per layer
-group: where a bfloat16 model loses against autocast, convolution by convolution, and whether the widening rule
-holds on this CPU. Variants this machine cannot run (no extension, no bfloat16 kernels) are left out.
+group: where a bfloat16 model loses against autocast, convolution by convolution, and whether the per-pass
+Winograd rule (``rules.bfloat16_passes``) holds on this CPU. Variants this machine cannot run (no extension, no bfloat16 kernels) are left out.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from benchmarks.conv_layers import MODELS, layer_group, output_size
 from resnet_jax.allocator import preload_tcmalloc
 
 LAYERS = [(32, 64), (16, 128), (8, 256), (4, 512)]  # (H=W, channels): ResNet-18-CIFAR's 3x3 stride-1 layers
-# a bfloat16 layer's pass by float32 Winograd on the upcast operands, rounded once (what ``rules.widened_passes``
-# takes on small images): timed on every 3x3 stride-1 layer so the rule can be checked on each CPU
+# a bfloat16 3x3 stride-1 layer's pass by the extension's Winograd, reading and writing bfloat16 itself (what
+# ``rules.bfloat16_passes`` takes where it pays), and the same arithmetic on upcast operands rounded once: timed on
+# every such layer so the rule can be checked on each CPU
+WINOGRAD = "bfloat16 winograd_f4"
 WIDENED = "bfloat16 winograd_f4@float32"
-WINOGRAD = "bfloat16 winograd_f4"  # the same arithmetic reading and writing bfloat16 activations itself
 VARIANTS = [("float32", "onednn"), ("float32", "onednn_winograd_f4"), ("bfloat16", "onednn"),
             ("float32", "winograd_f2"), ("bfloat16", "winograd_f2")]
 

@@ -245,10 +245,10 @@ def bfloat16_passes(spec: ConvSpec, name: str, ok) -> Passes:
     winograd = "onednn_winograd_f4"
     if name != "onednn" or spec.dtype != "bfloat16" or spec.dilated or not ok(winograd):
         return (name,) * 3
-    pixels = spec.height * spec.width
     if cpu.has("amx_bf16"):
         if spec.direct_flops() < BFLOAT16_WINOGRAD_MIN_FLOPS:
             return (name,) * 3
+        pixels = spec.height * spec.width
         return tuple(winograd if pixels <= BFLOAT16_WINOGRAD_AMX.get(p, 0) else name for p in PASSES)
     outputs = {"forward": spec.y_shape[1:3], "input_grad": spec.x_shape[1:3], "kernel_grad": None}
 

@@ -123,12 +123,7 @@ ffi::Error Dispatch(const char* name, ffi::DataType type, std::initializer_list<
   for (auto* b : same)
     if (b->element_type() != type)
       return ffi::Error::InvalidArgument(std::string(name) + ": every tensor must have the input's dtype");
-  return resnet_jax::Run([&] {
-    if (type == ffi::DataType::F32)
-      body(float{});
-    else
-      body(uint16_t{});
-  });
+  return resnet_jax::Run([&] { WithStorageType(type == ffi::DataType::BF16, body); });
 }
 
 ffi::Error Stats(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out) {

@@ -32,4 +32,13 @@ inline void Store(uint16_t* p, int64_t i, float v) { p[i] = uint16_t(RoundedHigh
 inline float RoundTo(float, float v) { return v; }
 inline float RoundTo(uint16_t, float v) { return FromBits(RoundedHigh(Bits(v)) << 16); }
 
+// Calls body(T{}) with T the storage type: uint16_t for a bfloat16 tensor, float for a float32 one.
+template <typename Body>
+void WithStorageType(bool bfloat16, Body body) {
+  if (bfloat16)
+    body(uint16_t{});
+  else
+    body(float{});
+}
+
 }  // namespace resnet_jax::bf16

@@ -44,6 +44,7 @@ using resnet_jax::Stream;
 using resnet_jax::ThreadBuffer;
 using resnet_jax::bf16::Load;
 using resnet_jax::bf16::Store;
+using resnet_jax::bf16::WithStorageType;
 
 // Transform matrices; interpolation points 0, +-1 (F(2,3)) and 0, +-1, +-2 (F(4,3)), and infinity.
 // B^T: input (A x A); G: kernel (A x 3); A^T: output (m x A); their transposes serve the kernel gradient.
@@ -159,22 +160,26 @@ inline void Rows(float* matrix, int64_t rows, int64_t channels, int64_t t, float
   for (int k = 0; k < S * S; ++k) out[k] = matrix + k * SliceStride(rows, channels) + t * channels;
 }
 
-const float* Zeros(int64_t count) {
-  thread_local std::vector<float> zeros;
-  if (static_cast<int64_t>(zeros.size()) < count) zeros.assign(count, 0.f);
+// `count` zero elements of T: what a tile reads beyond the image's border.
+template <typename T>
+const T* Zeros(int64_t count) {
+  thread_local std::vector<T> zeros;
+  if (static_cast<int64_t>(zeros.size()) < count) zeros.assign(count, T{});
   return zeros.data();
 }
 
-float* Sink(int64_t count) {
+// Room for `count` elements of T: where a tile's outputs beyond the image's border are written and dropped.
+template <typename T>
+T* Sink(int64_t count) {
   thread_local ThreadBuffer sink;
-  return static_cast<float*>(sink.Get(count * sizeof(float)));
+  return static_cast<T*>(sink.Get(count * sizeof(T)));
 }
 
 // Input tiles [p0, p0 + count) of x into rows [0, count) of v ([A*A][rows][C]).
 template <int M, typename T>
 void TransformInput(const T* x, const Tiling& g, int64_t c, int64_t p0, int64_t count, float* v, int64_t rows) {
   constexpr int kA = Tables<M>::kA;
-  const T* zeros = reinterpret_cast<const T*>(Zeros(c));  // zero bits are 0 in both types
+  const T* zeros = Zeros<T>(c);
   for (int64_t t = 0; t < count; ++t) {
     int64_t image, row, col;
     g.Locate(p0 + t, &image, &row, &col);
@@ -191,8 +196,8 @@ template <int M, int Flags, typename T>
 void TransformOutput(float* mhat, int64_t rows, const Tiling& g, int64_t o, int64_t p0, int64_t count, T* y,
                      const float* bias, const T* residual) {
   constexpr int kA = Tables<M>::kA;
-  T* sink = reinterpret_cast<T*>(Sink(o));
-  const T* zeros = reinterpret_cast<const T*>(Zeros(o));
+  T* sink = Sink<T>(o);
+  const T* zeros = Zeros<T>(o);
   for (int64_t t = 0; t < count; ++t) {
     int64_t image, row, col;
     g.Locate(p0 + t, &image, &row, &col);
@@ -253,7 +258,7 @@ template <int M, typename T>
 void TransformOutputGradient(const T* dy, const Tiling& g, int64_t o, int64_t p0, int64_t count, float* z,
                              int64_t rows) {
   constexpr int kA = Tables<M>::kA;
-  const T* zeros = reinterpret_cast<const T*>(Zeros(o));
+  const T* zeros = Zeros<T>(o);
   for (int64_t t = 0; t < count; ++t) {
     int64_t image, row, col;
     g.Locate(p0 + t, &image, &row, &col);
@@ -482,10 +487,7 @@ ffi::Error WinogradForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArg
       else
         Forward<2>(in, w.typed_data<float>(), bias, res, out, *tiling, c, o, flags, transposed_kernel);
     };
-    if (x.element_type() == ffi::DataType::F32)
-      run(float{});
-    else
-      run(uint16_t{});
+    WithStorageType(x.element_type() == ffi::DataType::BF16, run);
   });
 }
 
@@ -505,10 +507,7 @@ ffi::Error WinogradBackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Res
       else
         KernelGradient<2>(in, grad, dw->typed_data<float>(), *tiling, c, o);
     };
-    if (x.element_type() == ffi::DataType::F32)
-      run(float{});
-    else
-      run(uint16_t{});
+    WithStorageType(x.element_type() == ffi::DataType::BF16, run);
   });
 }
 
