@@ -9,8 +9,10 @@ is what ``pmap`` with ``axis_name`` gave, without ``pmap``. The same code runs o
 from __future__ import annotations
 
 import functools
+import errno
 import math
 import os
+import socket
 from typing import Any
 
 import jax
@@ -58,6 +60,8 @@ def _initialize(address: str, count: int | None = None, index: int | None = None
                              f"{jax.process_count()}; a later run in it cannot be process {index} of {count}")
         return
     kwargs = {} if address == "auto" else dict(coordinator_address=address, num_processes=count, process_id=index)
+    if index == 0 and not _backends_started():  # started: jax refuses to join anyway, and says why (below)
+        _check_port_free(address)
     try:
         jax.distributed.initialize(**kwargs)
     except RuntimeError as err:  # jax's JaxRuntimeError is one too
@@ -69,6 +73,38 @@ def _initialize(address: str, count: int | None = None, index: int | None = None
         where = f"{address} as process {index} of {count}" if kwargs else "the cluster's coordinator"
         raise ValueError(f"could not join the multi-process run at {where} ({first}); process 0 listens at that "
                          f"address, so it must be process 0's host and the port must be free") from err
+
+
+def _check_port_free(address: str) -> None:
+    """Process 0 runs the coordinator service, which listens on the address's port on every interface. When that
+    port is taken (a run still going, a process still holding it), jax 0.10's service ends the whole process
+    with SIGSEGV before it can raise anything; asking the kernel first turns that into a sentence. (Another
+    program may still take the port between this check and the service's start: then the crash remains.)"""
+    port = address.rpartition(":")[2]
+    if not port.isdigit():
+        raise ValueError(f"the coordinator address must be host:port, got {address!r}")
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed run's TIME_WAIT is no obstacle
+        probe.bind(("", int(port)))
+    except OSError as err:
+        if err.errno != errno.EADDRINUSE:
+            return  # not ours to judge (a privileged port, no IPv4): the service says what it finds
+        raise ValueError(f"port {port} of the coordinator address {address} is already in use on this host "
+                         "(another run, or a process still holding it); process 0 must listen there, so choose "
+                         "a free port for every process's coordinator address") from err
+    finally:
+        probe.close()
+
+
+def _backends_started() -> bool:
+    """Whether this program has already computed on a single-process backend (jax's own test before joining)."""
+    try:
+        from jax._src import xla_bridge
+    except ImportError:
+        return False
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started()) if started is not None else False
 
 
 def _distributed_started() -> bool:

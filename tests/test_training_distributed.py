@@ -306,8 +306,7 @@ jax.distributed.shutdown()
 @pytest.mark.multiprocess
 def test_joining_twice_in_one_program_and_joining_too_late(tmp_path):
     """A second train() in the same script (a sweep) finds the processes joined; a program that computed
-    before joining gets one sentence. (A coordinator port already taken is not tested: jax 0.10.2's service
-    crashes the process with SIGSEGV there, before anything can be said.)"""
+    before joining gets one sentence."""
     address = f"127.0.0.1:{free_port()}"
     procs = [subprocess.Popen([sys.executable, "-c", DISTRIBUTED_TWICE_CHILD, address, str(pid)], env=worker_env(1),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1, -1)]
@@ -317,6 +316,27 @@ def test_joining_twice_in_one_program_and_joining_too_late(tmp_path):
         assert report["first"] and report["second"] and report["processes"] == 2
         assert "already runs as process" in report["other count"]
     assert "must start before the program's first JAX computation" in reports[2]["late"]
+
+
+PORT_TAKEN_CHILD = """
+import socket, sys
+from resnet_jax.parallel import initialize_distributed
+holder = socket.socket()
+holder.bind(("127.0.0.1", 0))
+holder.listen()
+port = holder.getsockname()[1]
+try:
+    initialize_distributed(f"127.0.0.1:{port}", 2, 0)
+except ValueError as err:
+    print(err)
+"""
+
+
+def test_a_coordinator_port_already_taken_is_said_not_crashed_on():
+    """Process 0's coordinator service listens on the address's port; where another program holds it, jax 0.10's
+    service ends the process with SIGSEGV. The run says which port is taken instead, and the process lives on."""
+    proc = run_python(PORT_TAKEN_CHILD, timeout=120)
+    assert "is already in use on this host" in proc.stdout and "choose a free port" in proc.stdout
 
 
 @pytest.mark.multiprocess
