@@ -448,10 +448,13 @@ def torch_library(model: ResNet | str, libraries: tuple[str, ...] = ("torchvisio
     ``torchvision.models.resnet50`` is it, else ``("timm", "resnet50d")`` for ``timm.create_model``, else None
     (CIFAR ResNets, changed depths or widths: no library builds them; ``preact_resnet18`` is timm's
     ``resnetv2_18``). A model of other ``in_channels`` is timm's (``in_chans``), as torchvision's constructors
-    have no such option. ``libraries``: which to consider, in that order."""
+    have no such option, and so is a dilated ResNet-18/34 (``output_stride`` < 32: torchvision's basic blocks
+    refuse dilation). ``libraries``: which to consider, in that order."""
     model = create_model(model) if isinstance(model, str) else model
-    # torchvision's constructors take no input channel count; timm's take in_chans
-    names = {"torchvision": TORCHVISION_MODELS if model.in_channels == 3 else (), "timm": TIMM_MODELS}
+    # torchvision's constructors take no input channel count (timm's take in_chans), and its basic blocks refuse
+    # dilation (replace_stride_with_dilation raises for ResNet-18/34; timm's output_stride dilates them)
+    torchvision_builds = model.in_channels == 3 and (model.output_stride == 32 or model.block != "basic")
+    names = {"torchvision": TORCHVISION_MODELS if torchvision_builds else (), "timm": TIMM_MODELS}
     for library in libraries:
         for arch in names[library]:
             config = model_config(arch)

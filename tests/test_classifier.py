@@ -142,6 +142,15 @@ def test_unfitted_classifier_says_what_to_do():
         Classifier("resnet20").predict(np.zeros((8, 8, 3), np.uint8))
 
 
+def test_input_channels_given_as_a_model_override_are_refused_not_replaced():
+    """``model_overrides={"in_channels": 1}`` was silently replaced by the argument's default (3): a greyscale
+    classifier built for colour. The sentence names the argument to use; the argument itself works."""
+    with pytest.raises(ValueError, match=r"Classifier\(\.\.\., in_channels=1\)"):
+        Classifier("resnet20", num_classes=10, image_size=8, model_overrides={"in_channels": 1})
+    assert Classifier("resnet20", num_classes=10, image_size=8, in_channels=1,
+                      model_overrides={"in_channels": 1}).model.in_channels == 1
+
+
 def test_predict_compiles_once_and_equals_the_plain_model(fitted, caplog):
     """Repeated predictions reuse one compiled function (it was re-traced and re-compiled on every call), and it
     is the BatchNorm-folded model that evaluation runs, equal to the plain one within float32 rounding; the

@@ -147,6 +147,9 @@ def test_torch_library_names_the_pytorch_model_that_loads_the_weights(name, expe
                 {k: torch.from_numpy(v) for k, v in to_timm(model, variables).items()}, strict=True)
     assert torch_library(create_model("resnet50", in_channels=1)) == ("timm", "resnet50")
     assert torch_library(create_model("resnet50", stage_sizes=(1, 1, 1, 1))) is None
+    # torchvision's BasicBlock raises for dilation: a dilated ResNet-18 is timm's (output_stride), ResNet-50 stays
+    assert torch_library(create_model("resnet18", output_stride=16)) == ("timm", "resnet18")
+    assert torch_library(create_model("resnet50", output_stride=8)) == ("torchvision", "resnet50")
 
 
 @pytest.fixture(scope="module")

@@ -257,25 +257,60 @@ def test_a_state_dict_export_is_named_for_the_library_that_has_the_model(tmp_pat
         assert proc.returncode == 1 and "timm has no model with this architecture" in proc.stderr
 
 
-def test_the_loader_named_for_a_dilated_model_computes_what_it_computes(tmp_path):
-    """output_stride=16 keeps the weights and dilates the last stage: the default constructor loads the file but
-    computes another function, so the line printed must carry torchvision's replace_stride_with_dilation."""
+@pytest.mark.parametrize("name, overrides, naming, constructor", [
+    ("resnet50", {"output_stride": 16}, "auto",
+     "torchvision.models.resnet50(num_classes=5, replace_stride_with_dilation=[False, False, True])"),
+    ("resnet18", {"output_stride": 16}, "auto", "timm.create_model('resnet18', num_classes=5, output_stride=16)"),
+    ("resnet34", {"output_stride": 8}, "auto", "timm.create_model('resnet34', num_classes=5, output_stride=8)"),
+    ("resnet50", {"features_only": True}, "auto",
+     "timm.create_model('resnet50', features_only=True, out_indices=(1, 2, 3, 4))"),
+    ("resnet50d", {"features_only": True, "in_channels": 1}, "auto",
+     "timm.create_model('resnet50d', features_only=True, out_indices=(1, 2, 3, 4), in_chans=1)"),
+    ("preact_resnet18", {"features_only": True}, "auto", "timm.create_model('resnetv2_18', num_classes=0)"),
+    ("resnet18", {"num_classes": 0}, "auto", "timm.create_model('resnet18', num_classes=0)"),
+    ("resnet50", {"features_only": True, "output_stride": 16}, "torchvision",
+     "torchvision.models.resnet50(replace_stride_with_dilation=[False, False, True])"),
+])
+def test_the_loader_named_for_an_export_loads_it_and_computes_what_the_model_computes(name, overrides, naming,
+                                                                                      constructor, tmp_path):
+    """The sentence export_state_dict prints is run as written: its constructor must build (torchvision's basic
+    blocks refuse dilation, so a dilated ResNet-18/34 is timm's), load the file (strictly, unless the sentence
+    says otherwise: torchvision has no headless model) and compute the model's output: dilation must be told
+    (the default constructor loads the file but computes another function), a features_only model is timm's
+    features_only with its four stages."""
     import jax
     import jax.numpy as jnp
+    import timm
     import torch
     import torchvision
 
     from resnet_jax.training import Classifier
 
-    clf = Classifier("resnet50", num_classes=5, image_size=64, model_overrides={"output_stride": 16})
-    shapes = jax.eval_shape(lambda x: clf.model.init(jax.random.key(0), x, train=False), jnp.zeros((1, 64, 64, 3)))
+    overrides = dict(overrides)
+    clf = Classifier(name, num_classes=5, image_size=64, in_channels=overrides.pop("in_channels", 3),
+                     model_overrides=overrides)
+    image = jnp.zeros((1, 64, 64, clf.model.in_channels))
+    shapes = jax.eval_shape(lambda x: clf.model.init(jax.random.key(0), x, train=False), image)
     rng = np.random.default_rng(0)
     clf.variables = random_batch_stats(jax.tree.map(lambda s: 0.05 * rng.standard_normal(s.shape, s.dtype), shapes), 0)
-    path, described = clf.export_state_dict(tmp_path / "os16.pth")
-    assert "torchvision.models.resnet50(num_classes=5, replace_stride_with_dilation=[False, False, True])" in described
-    reference = torchvision.models.resnet50(num_classes=5, replace_stride_with_dilation=[False, False, True]).eval()
-    reference.load_state_dict(torch.load(path, weights_only=True), strict=True)
-    x = rng.standard_normal((1, 64, 64, 3)).astype(np.float32)
+    path, described = clf.export_state_dict(tmp_path / "exported.pth", naming)
+    assert f"{constructor}.load_state_dict(" in described, described
+    reference = eval(constructor, {"torchvision": torchvision, "timm": timm}).eval()
+    strict = "strict=False" not in described
+    result = reference.load_state_dict(torch.load(path, weights_only=True), strict=strict)
+    if not strict:  # what is left out is what the sentence says, and only that
+        left_out = "fc" if naming == "torchvision" else "norm"  # the head; timm ResNetV2's final norm
+        assert {k.split(".")[0] for k in result.missing_keys} == {left_out} and not result.unexpected_keys
+        assert f"without {'the head' if left_out == 'fc' else 'the final norm'}" in described
+        return
+    x = rng.standard_normal((1, 64, 64, clf.model.in_channels)).astype(np.float32)
     with torch.no_grad():
-        expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    np.testing.assert_allclose(clf.model.apply(clf.variables, x), expected, rtol=1e-4, atol=1e-4)
+        expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    ours = clf.model.apply(clf.variables, x)
+    if overrides.get("features_only"):
+        assert len(expected) == len(ours) == 4
+        for got, want in zip(ours, expected):  # unnormalised stage outputs: to their own scale
+            want = want.numpy().transpose(0, 2, 3, 1)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    else:
+        np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-4, atol=1e-4)

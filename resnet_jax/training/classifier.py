@@ -42,7 +42,11 @@ class Classifier:
 
     def __init__(self, model: str = "resnet20", num_classes: int = 10, *, in_channels: int = 3,
                  image_size: int = 32, class_names: Sequence[str] | None = None, **config: Any):
-        overrides = {**config.pop("model_overrides", {}), "in_channels": in_channels}  # known to validate
+        overrides = dict(config.pop("model_overrides", {}))
+        if overrides.get("in_channels", in_channels) != in_channels:  # it was silently replaced by the argument
+            raise ValueError(f"in_channels is Classifier's own argument: Classifier(..., in_channels="
+                             f"{overrides['in_channels']}), not a model override")
+        overrides["in_channels"] = in_channels  # known to validate
         self.config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "model": model,
                                                           "image_size": image_size, **config,
                                                           "model_overrides": overrides}))
@@ -241,8 +245,10 @@ class Classifier:
 
         if naming not in ("auto", "torchvision", "timm"):
             raise ValueError(f"naming must be 'auto', 'torchvision' or 'timm', got {naming!r}")
+        # a model without a head: timm builds it headless (features_only, num_classes=0), torchvision cannot
+        headless = self.model.features_only or self.model.num_classes == 0
         if naming == "auto":
-            library = torch_library(self.model)
+            library = torch_library(self.model, ("timm", "torchvision") if headless else ("torchvision", "timm"))
             naming = library[0] if library else "torchvision"
         else:
             library = torch_library(self.model, (naming,))
@@ -250,14 +256,24 @@ class Classifier:
         if library is None:
             return path, (f"torchvision's naming rules for {self.config.model}, which torchvision does not build; "
                           f"resnet_jax.load_torchvision reads it back")
-        options = f"num_classes={self.num_classes}" + (f", in_chans={self.model.in_channels}"
-                                                       if self.model.in_channels != 3 else "")
-        stride = self.model.output_stride
-        if stride != 32:  # the same weights, dilated: the constructor must be told, or it computes another function
-            options += (f", replace_stride_with_dilation={[False, stride == 8, True]}" if naming == "torchvision"
-                        else f", output_stride={stride}")
-        loader = (f"torchvision.models.{library[1]}({options})" if naming == "torchvision"
-                  else f"timm.create_model({library[1]!r}, {options})")
+        model, stride = self.model, self.model.output_stride
+        if naming == "timm":
+            # timm's features_only model is its stage outputs, but it renames a pre-activation network's modules
+            # (stages.0 -> stages_0): that one is loaded into the headless classifier, whose final norm it lacks
+            stages = model.features_only and not model.preact
+            options = (["features_only=True", "out_indices=(1, 2, 3, 4)"] if stages
+                       else [f"num_classes={0 if model.features_only else model.num_classes}"])
+            options += [f"in_chans={model.in_channels}"] * (model.in_channels != 3)
+            options += [f"output_stride={stride}"] * (stride != 32)
+            loader, missing = f"timm.create_model({library[1]!r}, {', '.join(options)})", (
+                "the final norm" if model.features_only and model.preact else None)
+        else:  # the same weights, dilated: the constructor must be told, or it computes another function
+            options = [f"num_classes={model.num_classes}"] * (not headless)
+            options += [f"replace_stride_with_dilation={[False, stride == 8, True]}"] * (stride != 32)
+            loader, missing = f"torchvision.models.{library[1]}({', '.join(options)})", "the head" if headless else None
+        if missing:
+            return path, (f"{naming} state_dict without {missing}: {loader}.load_state_dict(..., strict=False) "
+                          "loads the rest")
         return path, f"{naming} state_dict: {loader}.load_state_dict(...) loads it"
 
     def export(self, path: str | Path, format: str | None = None, platforms: Sequence[str] | None = None
