@@ -141,6 +141,19 @@ def reference_logits(clf, batch):
 
 
 @pytest.mark.long  # a fresh Python process per check
+def test_the_base_install_declares_what_stablehlo_artifacts_need():
+    """jax.export's serialize/deserialize import flatbuffers, which jax leaves optional; the dev extra brings it
+    by way of onnxruntime and tensorflow, so a base install (Colab's ``pip install``) failed to export or load
+    a .stablehlo artifact while every test passed. The base requirements must name it."""
+    import importlib.metadata
+
+    base = [r for r in importlib.metadata.requires("resnet-jax") if "extra ==" not in r]
+    assert any(re.match(r"flatbuffers\b", r) for r in base), base
+    from jax._src.export import serialization  # the module that needs it, so this list stays true
+
+    assert "flatbuffers" in serialization.__dict__
+
+
 def test_stablehlo_runs_without_resnet_jax_and_equals_model_apply(run, artifacts, tmp_path):
     clf, images, _ = run
     batch = load_exported(artifacts["stablehlo"]).prepare(images)
