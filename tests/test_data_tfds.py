@@ -144,6 +144,28 @@ def test_unknown_name_suggests_close_matches():
     assert "did you mean 'cifar10'" in refusal(lambda: data.get_source("cifar1O", "train"))
 
 
+WITHOUT_TFDS_CHILD = """
+import sys
+sys.modules["tensorflow_datasets"] = None  # the base install: TFDS is the data extra's
+from resnet_jax import data
+for name in sys.argv[1:]:
+    try:
+        data.get_source(name, "train")
+    except ValueError as err:
+        print(name, "->", err)
+"""
+
+
+def test_without_tfds_a_misspelt_name_or_a_folder_is_said_as_such_not_sent_to_install_it(tmp_path):
+    """A base install knows no TFDS names, but "digitz" is a typo of a built-in name and a directory is meant
+    as class folders: both were told to install TensorFlow. A real TFDS name still gets the install line."""
+    out = run_python(WITHOUT_TFDS_CHILD, args=["digitz", str(tmp_path), "cifar10"]).stdout
+    typo, folder, tfds_name = out.strip().splitlines()
+    assert "did you mean 'digits'" in typo and "tensorflow-datasets" not in typo
+    assert f"name it 'folder:{tmp_path}'" in folder
+    assert "needs tensorflow-datasets" in tfds_name
+
+
 def test_missing_data_dir(tmp_path):
     assert "does not exist" in refusal(lambda: data.get_source("cifar10", "train", data_dir=tmp_path / "nope"))
 

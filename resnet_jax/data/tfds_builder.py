@@ -27,10 +27,12 @@ def import_tfds():
 
 
 def _unknown_name(name: str, tfds) -> ValueError:
+    """The sentence for a name that is no dataset: a directory is meant as class folders, else the close names
+    (the built-in ones only where TFDS is not installed, ``tfds`` None)."""
     if os.path.isdir(name):
         return ValueError(f"Unknown dataset {name!r}: it is a directory; for class folders (torchvision's "
                           f"ImageFolder layout) name it 'folder:{name}'.")
-    known = list(dict.fromkeys(["digits", "synthetic", *tfds.list_builders()]))
+    known = list(dict.fromkeys(["digits", "synthetic", *(tfds.list_builders() if tfds else ())]))
     close = difflib.get_close_matches(_base_name(name), known, n=3)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     return ValueError(f"Unknown dataset {name!r}: {hint}Use 'digits', 'synthetic', 'folder:PATH' (class folders) "
@@ -45,7 +47,13 @@ def _base_name(name: str) -> str:
 def open_builder(name: str, data_dir=None):
     """The TFDS builder for `name` (e.g. "cifar10", "imagenette/320px-v2"): the prepared one if on disk, else
     one that will prepare ArrayRecord files, the format random access needs."""
-    tfds = import_tfds()
+    try:
+        tfds = import_tfds()
+    except ValueError:
+        # without TFDS a misspelt built-in name or a folder would be sent to install TensorFlow: say what it is
+        if os.path.isdir(name) or difflib.get_close_matches(_base_name(name), ["digits", "synthetic"], n=1):
+            raise _unknown_name(name, None) from None
+        raise
     if data_dir is not None and not os.path.isdir(os.fspath(data_dir)):
         raise ValueError(f"data_dir {os.fspath(data_dir)!r} does not exist; create it or point data_dir at your "
                          f"TFDS data directory.")
