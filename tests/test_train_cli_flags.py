@@ -70,7 +70,7 @@ def broken_configs(tmp_path):
 
 @pytest.mark.parametrize("value,message", [
     ("/nonexistent/cfg.py", "--config=/nonexistent/cfg.py: no such file; give a config file, e.g. "
-                            "--config=train/configs/default.py (the recipes are in train/configs/)"),
+                            "--config=train/configs/default.py (the recipes are in {recipes})"),
     ("{tmp}/folder", "--config={tmp}/folder: {tmp}/folder is a directory, not a config file; give a config file, "
                      "e.g. --config=train/configs/default.py"),
     ("", "--config= names no file; give a config file, e.g. --config=train/configs/default.py"),
@@ -90,7 +90,24 @@ def test_a_config_file_that_cannot_be_loaded_is_one_sentence_and_exit_code_2(tmp
         parse(f"--config={value.format(tmp=tmp)}")
     err = capsys.readouterr().err
     assert exit_.value.code == 2
-    assert f"error: {message.format(tmp=tmp)}" in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"error: {message.format(tmp=tmp, recipes=cli.RECIPES)}" in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def test_the_readmes_recipe_paths_work_from_any_directory_and_a_local_file_wins(tmp_path, monkeypatch):
+    """After ``pip install`` (Colab's) the recipes are in site-packages: ``--config=train/configs/X.py`` failed in
+    every directory but a clone's. It now reads the installed recipe, unless the working directory has that file."""
+    monkeypatch.chdir(tmp_path)
+    parse("--config=train/configs/imagenet_resnet50.py:cosine")
+    assert flags.FLAGS.config.model == "resnet50" and flags.FLAGS.config.schedule == "cosine"
+    parse("--config", "train/configs/finetune.py")
+    assert flags.FLAGS.config.model == "resnet18"
+    own = tmp_path / "train" / "configs"
+    own.mkdir(parents=True)
+    (own / "finetune.py").write_text("from resnet_jax.training import base_config\n"
+                                     "def get_config():\n    c = base_config()\n    c.model = 'resnet34'\n    return c\n")
+    parse("--config=train/configs/finetune.py")
+    assert flags.FLAGS.config.model == "resnet34"
 
 
 @pytest.mark.parametrize("error,line", [

@@ -47,7 +47,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     ml_collections has no key (and no type) to override; these are taken out, checked against ``ResNet``'s
     fields and converted here, then set on the parsed config."""
     try:
-        rest, overrides = _take_model_overrides(argv)
+        rest, overrides = _take_model_overrides(_installed_recipes(argv))
         try:
             _define_config_flag(rest)
             remaining = flags.FLAGS(rest)
@@ -73,7 +73,29 @@ def parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
-CONFIG_EXAMPLE = "e.g. --config=train/configs/default.py (the recipes are in train/configs/)"
+RECIPES = Path(__file__).parent / "configs"
+CONFIG_EXAMPLE = f"e.g. --config=train/configs/default.py (the recipes are in {RECIPES})"
+
+
+def _installed_recipes(argv: list[str]) -> list[str]:
+    """``--config=train/configs/X.py`` as the README writes it, read from the installed package where the working
+    directory has no such file: after ``pip install`` (Colab's) the recipes live in site-packages, and the
+    command would fail in any directory but a clone's. A file of that name in the working directory wins."""
+    def installed(value: str) -> str:
+        file, colon, arg = value.partition(":")
+        path = Path(file)
+        if path.exists() or path.is_absolute() or path.parts[:2] != ("train", "configs"):
+            return value
+        candidate = RECIPES.joinpath(*path.parts[2:])
+        return f"{candidate}{colon}{arg}" if candidate.is_file() else value
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + installed(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = installed(out[i + 1])
+    return out
 
 
 def _config_argument(argv: list[str]) -> str:
