@@ -27,7 +27,7 @@ def default_run(tmp_path_factory):
 
 @pytest.mark.long
 def test_default_config_reaches_98_percent_on_digits(default_run):
-    """Measured: 99.2-100% over seeds 0-7 on both convolution paths (BENCHMARKS.md); the bound leaves room for
+    """Measured: 98.9-100% over seeds 0-7 on both convolution paths (README, 2026-12-06); the bound leaves room for
     another CPU's rounding (one validation image is 0.28%) and still catches a real regression."""
     workdir, proc = default_run
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
