@@ -115,6 +115,8 @@ def test_auto_augment_runs_torchvisions_policy_after_the_crop_in_the_loader():
 
 @pytest.mark.parametrize("kwargs,message", [({"random_erasing": 1.5}, "probability in \\[0, 1\\]"),
                                             ({"ra_reps": 0}, "at least 1"),
+                                            ({"ra_reps": 3}, "leaves 3 distinct examples per epoch of the 8, fewer "
+                                                             "than one batch of 4"),
                                             ({"auto_augment": "ta-wide"}, "not one of")])
 def test_bad_recipe_settings_are_one_sentence(kwargs, message):
     src = data.get_source("synthetic", "train", image_size=8, num_examples=8)

@@ -105,6 +105,28 @@ def test_a_float_setting_that_is_not_finite_is_one_sentence(key, value):
         validate(config)
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"ra_reps": True}, r"^config\.ra_reps must be a number, got True$"),
+    ({"mixup_alpha": True}, r"^config\.mixup_alpha must be a number, got True$"),
+    ({"num_workers": -1}, r"^config\.num_workers must be 0 \(read in this process\) or more, got -1$"),
+    ({"seed": -1}, r"^config\.seed must be in \[0, 2\*\*32\), got -1$"),
+    ({"nesterov": True, "momentum": 0.0}, r"^config\.nesterov=True needs a momentum"),
+    ({"warmup_epochs": 5.0, "num_epochs": 2}, r"^config\.warmup_epochs=5\.0 is not shorter than config\.num_epochs=2"),
+    ({"bce_target_threshold": 0.2}, r"^config\.bce_target_threshold binarises .* with loss='ce' it would be ignored"),
+])
+def test_mistyped_or_contradictory_settings_are_one_sentence_before_training(changes, message):
+    """Each was accepted and did something else: True as ra_reps 1 or mixup 1.0, nesterov without momentum as
+    plain SGD (torch.optim.SGD refuses it), a warm-up as long as the run never reaching the peak (a shrunk
+    recipe keeps its 5 epochs), a BCE threshold ignored by CE; a negative worker count or seed failed later, in
+    the data pipeline's words, after the run had started."""
+    import ml_collections
+
+    from resnet_jax.training.config import base_config
+
+    with pytest.raises(ValueError, match=message):
+        validate(ml_collections.ConfigDict({**base_config().to_dict(), **changes}))
+
+
 @pytest.mark.parametrize("key, values, message", [
     ("mean", (0.5, float("nan"), 0.5), "must be finite numbers"),
     ("std", (0.2, 0.2, float("inf")), "must be finite numbers"),

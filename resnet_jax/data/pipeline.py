@@ -295,6 +295,10 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
         raise ValueError(f"random_erasing is a probability in [0, 1], not {random_erasing!r}.")
     if int(ra_reps) < 1:
         raise ValueError(f"ra_reps must be at least 1 (1: no repeated augmentation), not {ra_reps!r}.")
+    distinct = -(-len(src) // int(ra_reps))  # the records an epoch holds, each ra_reps times
+    if distinct < batch_size:
+        raise ValueError(f"ra_reps={ra_reps} leaves {distinct} distinct examples per epoch of the {len(src)}, fewer "
+                         f"than one batch of {batch_size}: every batch would repeat the same few; lower ra_reps.")
     ds = grain.MapDataset.source(src).shuffle(seed=int(seed))
     if ra_reps > 1:
         ds = _RepeatedAugmentation(ds, ra_reps)

@@ -62,7 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 128                  # global, across all devices and processes
     c.eval_batch_size = 256
     c.num_epochs = 90
-    c.max_steps = -1                    # stop after this many steps in total (-1: num_epochs decides)
+    c.max_steps = -1                    # stop after this many steps in total (-1: num_epochs decides); the
+                                        # schedule ends there too, so it is no pause point: SIGTERM pauses
     c.optimizer = "sgd"
     c.learning_rate = 0.1               # per 256 images when lr_scaling == "linear"
     c.lr_scaling = "linear"             # "linear": lr * batch_size / 256 (Goyal et al.); "none": as given
@@ -158,6 +159,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         close = {k: difflib.get_close_matches(k, full.keys(), n=1) for k in unknown}
         hints = ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in close.items())
         raise ValueError(f"unknown config key(s) {hints}")
+    for key in (*INTEGERS, *RANGED_FLOATS):  # before update(), which turns True into 1.0 for a float key
+        if key in config and isinstance(config[key], bool):
+            raise ValueError(f"config.{key} must be a number, got {config[key]!r}")
     full.update(config)
     full.dataset = _absolute_folder(full.dataset)
     if full.model not in MODEL_CONFIGS:
@@ -172,6 +176,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "keep_checkpoints", "image_size"):
         if int(full[key]) <= 0:
             raise ValueError(f"config.{key} must be positive, got {full[key]}")
+    _check_kinds(full)
     for key in RANGED_FLOATS:  # NaN fails no `x < 0` or `x <= 0` test, and infinity passes the lower bounds
         if not math.isfinite(full[key]):
             raise ValueError(f"config.{key} must be a finite number, got {full[key]}")
@@ -189,6 +194,27 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_recipe_keys(full)
     _check_eval_preprocessing(full)
     return full
+
+
+# The integer settings: a boolean is an int to Python (True trained with ra_reps=1 and mixup_alpha=1.0 silently)
+INTEGERS = ("batch_size", "eval_batch_size", "num_epochs", "max_steps", "log_every_steps", "checkpoint_every_steps",
+            "keep_checkpoints", "image_size", "ra_reps", "model_ema_steps", "grad_accum_steps", "num_workers", "seed",
+            "eval_every_epochs", "step_epochs", "early_stopping_patience")
+
+
+def _check_kinds(full: ml_collections.ConfigDict) -> None:
+    """Numbers where numbers are meant, and the ranges the data pipeline would otherwise refuse later, in its own
+    words and after the run had started (a negative worker count or seed)."""
+    for key in (*INTEGERS, *RANGED_FLOATS):
+        if not isinstance(full[key], numbers.Real):
+            raise ValueError(f"config.{key} must be a number, got {full[key]!r}")
+    for key in INTEGERS:
+        if int(full[key]) != full[key]:
+            raise ValueError(f"config.{key} must be a whole number, got {full[key]}")
+    if full.num_workers < 0:
+        raise ValueError(f"config.num_workers must be 0 (read in this process) or more, got {full.num_workers}")
+    if not 0 <= full.seed < 2**32:
+        raise ValueError(f"config.seed must be in [0, 2**32), got {full.seed}")
 
 
 def _check_per_channel_numbers(full: ml_collections.ConfigDict) -> None:
@@ -221,6 +247,12 @@ def _check_schedule_numbers(full: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key} must be 0 or more, got {full[key]}")
     if not 0.0 <= full.momentum < 1.0:
         raise ValueError(f"config.momentum must be in [0, 1), got {full.momentum}")
+    if full.nesterov and full.momentum == 0 and full.optimizer in ("sgd", "lars"):  # torch.optim.SGD refuses it too
+        raise ValueError("config.nesterov=True needs a momentum; with config.momentum=0 it would be plain SGD")
+    if 0 < full.num_epochs <= full.warmup_epochs:
+        raise ValueError(f"config.warmup_epochs={full.warmup_epochs} is not shorter than config.num_epochs="
+                         f"{full.num_epochs}: the learning rate would never reach its peak, nor the schedule start; "
+                         "shorten the warm-up with the run")
     if full.lr_decay <= 0:
         raise ValueError(f"config.lr_decay must be positive, got {full.lr_decay}")
     if full.schedule == "multistep" and (list(full.milestones) != sorted(set(full.milestones))
@@ -240,6 +272,9 @@ def _check_recipe_keys(full: ml_collections.ConfigDict) -> None:
     for key in ("random_erasing", "bce_target_threshold", "model_ema_decay"):
         if not 0.0 <= full[key] <= 1.0:
             raise ValueError(f"config.{key} must be in [0, 1], got {full[key]}")
+    if full.bce_target_threshold and full.loss != "bce":
+        raise ValueError(f"config.bce_target_threshold binarises the targets of loss='bce'; with loss="
+                         f"{full.loss!r} it would be ignored: set loss='bce' or leave it 0")
     if full.batch_size % full.grad_accum_steps:
         raise ValueError(f"config.batch_size={full.batch_size} does not split into config.grad_accum_steps="
                          f"{full.grad_accum_steps} equal micro-batches; make it a multiple")
