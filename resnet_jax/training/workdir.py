@@ -170,7 +170,9 @@ def saved_config(workdir: Path) -> dict[str, Any] | None:
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ConfigMismatch(f"{path} is not valid JSON ({err}); restore it, use a new --workdir, or pass "
+            kept = (" (the checkpoints keep the run's config: deleting it resumes from them)"
+                    if (workdir / CHECKPOINTS).is_dir() else "")
+            raise ConfigMismatch(f"{path} is not valid JSON ({err}); restore it{kept}, use a new --workdir, or pass "
                                  "--config.restart=True to move the old run aside") from None
     if not (workdir / CHECKPOINTS).is_dir():
         return None
@@ -236,10 +238,18 @@ def write_config(workdir: Path, config: ml_collections.ConfigDict, data: dict[st
     processes continue once they are written."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+        _write_whole(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2))
         if data is not None:
-            (workdir / DATA_FILE).write_text(json.dumps({"train": data}, indent=2))
+            _write_whole(workdir / DATA_FILE, json.dumps({"train": data}, indent=2))
     sync_processes("write_config")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``path`` by renaming a complete copy over it: a crash mid-write (each start rewrites config.json)
+    leaves the old file or the new one, never half of one that would block the next resume."""
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def _check_unrecorded(workdir: Path, saved: dict[str, Any], log: Callable[[str], None]) -> None:
