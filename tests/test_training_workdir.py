@@ -133,6 +133,20 @@ def test_a_half_written_config_json_says_the_checkpoints_keep_the_config_and_del
     assert not list(run_copy.glob(".config.json.*"))  # no partial copy left beside it
 
 
+def test_checkpoints_of_another_run_are_refused_though_config_json_agrees(run_copy, tmp_path):
+    """The checkpoints carry their own config. Copied in from a run with another learning rate (config.json kept,
+    so ``check`` saw no change), they were resumed under this config without a word."""
+    other = tmp_path / "other"
+    train(config(learning_rate=0.2), other)
+    shutil.rmtree(run_copy / "checkpoints")
+    shutil.copytree(other / "checkpoints", run_copy / "checkpoints")
+    before = snapshot(run_copy)
+    with pytest.raises(ConfigMismatch, match=r"the checkpoint at step 8 .* was saved by a run with other settings "
+                                             r".*learning_rate: 0\.2 -> 1\.6"):
+        train(config(max_steps=12), run_copy)
+    assert snapshot(run_copy) == before
+
+
 # --------------------------------------------------------------------------- the contract, key by key
 
 

@@ -205,7 +205,10 @@ def _restore(config: ml_collections.ConfigDict, workdir: Path, train_loader, abs
                            names=(*run_dir.HISTORY_FILES, run_dir.CONFIG_FILE, run_dir.DATA_FILE))
     iterator = iter(train_loader)
     try:
-        return checkpoints, iterator, checkpoints.restore_latest(abstract, iterator, log)
+        restored = checkpoints.restore_latest(abstract, iterator, log)
+        if restored is not None and not config.restart:
+            run_dir.check_restored(checkpoints.config(restored[0]), config, restored[0], workdir)
+        return checkpoints, iterator, restored
     except Exception:
         checkpoints.close()
         raise

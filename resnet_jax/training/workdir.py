@@ -84,6 +84,21 @@ def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str],
         log(f"continuing the run in {workdir} with changed settings: {_describe(changes)}")
 
 
+def check_restored(checkpoint_config: dict[str, Any], config: ml_collections.ConfigDict, step: int,
+                   workdir: Path) -> None:
+    """Refuse (``ConfigMismatch``) a restored checkpoint saved by another run: ``check`` compared the config with
+    config.json, but the checkpoints carry their own config, and checkpoints copied in from another run (or a
+    config.json edited by hand) resumed those weights under this config without a word. The keys a run may
+    change are those ``check`` lets through; ``dataset`` among them, which ``check`` already held to the recorded
+    training files."""
+    changes = config_changes(checkpoint_config, as_plain_dict(config))
+    refused = {k: v for k, v in changes.items() if k.split(".")[0] not in (*CONTINUABLE, "dataset")}
+    if refused:
+        raise ConfigMismatch(f"the checkpoint at step {step} in {workdir} was saved by a run with other settings "
+                             f"than {CONFIG_FILE} and this config ({_describe(refused)}); it belongs to another "
+                             "run: use that run's workdir, a new --workdir, or pass --config.restart=True")
+
+
 def check_processes_agree(config: ml_collections.ConfigDict) -> None:
     """Refuse a multi-process run whose processes were given different settings (a seed, a batch size): each
     would start from other weights or run another program while the state is declared replicated, and the
