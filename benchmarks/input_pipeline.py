@@ -276,7 +276,8 @@ def main(argv=None):
     for recipe in args.recipes:
         if recipe == "v2":
             batch, warmup, steps = (4, 1, 1) if args.quick else (32, 3, 12)
-            jpegs, labels = make_jpegs(8 if args.quick else 256, rng)
+            # V2 repeats each image 4 times (ra_reps): an epoch must still hold a batch of distinct images
+            jpegs, labels = make_jpegs(16 if args.quick else 256, rng)
             measured = measure(v2_pipelines(jpegs, labels, batch, args.v2_workers), batch, warmup, steps, rounds)
             results.extend(v2_rows(measured, batch, args.v2_workers))
             continue

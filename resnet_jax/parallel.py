@@ -8,8 +8,8 @@ is what ``pmap`` with ``axis_name`` gave, without ``pmap``. The same code runs o
 
 from __future__ import annotations
 
-import functools
 import errno
+import functools
 import math
 import os
 import socket
