@@ -14,7 +14,8 @@ in float32 "auto", bfloat16 "auto", bfloat16 forced to oneDNN (and on 1x1 layers
 layers bfloat16 by the extension's Winograd, directly and through the float32 detour ("@float32"), and torch's
 bfloat16 channels_last kernels (what ``torch.autocast`` calls), and sums seconds per batch (time x uses) per layer
 group: where a bfloat16 model loses against autocast, convolution by convolution, and whether the per-pass
-Winograd rule (``rules.bfloat16_passes``) holds on this CPU. Variants this machine cannot run (no extension, no bfloat16 kernels) are left out.
+Winograd rule (``rules.bfloat16_passes``) holds on this CPU. Variants this machine cannot run (no extension, no
+bfloat16 kernels) are left out.
 """
 
 from __future__ import annotations

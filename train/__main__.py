@@ -90,24 +90,26 @@ def _installed_recipes(argv: list[str]) -> list[str]:
         return f"{candidate}{colon}{arg}" if candidate.is_file() else value
 
     out = list(argv)
-    for i, arg in enumerate(out):
-        if arg.startswith("--config="):
-            out[i] = "--config=" + installed(arg[len("--config="):])
-        elif arg == "--config" and i + 1 < len(out):
-            out[i + 1] = installed(out[i + 1])
+    for i, prefix, value in _config_values(argv):
+        out[i] = prefix + installed(value)
     return out
+
+
+def _config_values(argv: list[str]):
+    """``(index, prefix, value)`` of every ``--config=FILE[:ARG]`` (prefix "--config=") or ``--config FILE`` (the
+    value's own item, prefix "") in ``argv``: ``argv[index] == prefix + value``."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            yield i, "--config=", arg[len("--config="):]
+        elif arg == "--config" and i + 1 < len(argv):
+            yield i + 1, "", argv[i + 1]
 
 
 def _config_argument(argv: list[str]) -> str:
     """The value of the last ``--config=FILE[:ARG]`` (or ``--config FILE``) in ``argv``; the default config's path
     when there is none."""
-    value = DEFAULT_CONFIG
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            value = arg[len("--config="):]
-        elif arg == "--config" and i + 1 < len(argv):
-            value = argv[i + 1]
-    return value
+    values = [value for _, _, value in _config_values(argv)]
+    return values[-1] if values else DEFAULT_CONFIG
 
 
 def _unreadable_config_message(argv: list[str], err: OSError) -> str:

@@ -8,8 +8,6 @@ from resnet_jax.data.folder import FolderSource
 from resnet_jax.data.source import Source
 from resnet_jax.data.synthetic import SyntheticSource
 
-BUILTIN = ("digits", "synthetic")
-
 
 def get_source(name: str, split: str, *, data_dir=None, image_size: int | None = None, seed: int = 0,
                **kwargs) -> Source:

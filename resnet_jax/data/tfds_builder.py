@@ -26,14 +26,22 @@ def import_tfds():
     return tfds
 
 
+BUILTIN = ("digits", "synthetic")  # the names get_source reads itself, without TFDS
+
+
+def _close_names(name: str, tfds) -> list[str]:
+    """The dataset names close to ``name``: the built-in ones, and TFDS's where it is installed (``tfds``)."""
+    known = list(dict.fromkeys([*BUILTIN, *(tfds.list_builders() if tfds else ())]))
+    return difflib.get_close_matches(_base_name(name), known, n=3)
+
+
 def _unknown_name(name: str, tfds) -> ValueError:
     """The sentence for a name that is no dataset: a directory is meant as class folders, else the close names
     (the built-in ones only where TFDS is not installed, ``tfds`` None)."""
     if os.path.isdir(name):
         return ValueError(f"Unknown dataset {name!r}: it is a directory; for class folders (torchvision's "
                           f"ImageFolder layout) name it 'folder:{name}'.")
-    known = list(dict.fromkeys(["digits", "synthetic", *(tfds.list_builders() if tfds else ())]))
-    close = difflib.get_close_matches(_base_name(name), known, n=3)
+    close = _close_names(name, tfds)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     return ValueError(f"Unknown dataset {name!r}: {hint}Use 'digits', 'synthetic', 'folder:PATH' (class folders) "
                       f"or a TFDS dataset name (tfds.list_builders()).")
@@ -51,7 +59,7 @@ def open_builder(name: str, data_dir=None):
         tfds = import_tfds()
     except ValueError:
         # without TFDS a misspelt built-in name or a folder would be sent to install TensorFlow: say what it is
-        if os.path.isdir(name) or difflib.get_close_matches(_base_name(name), ["digits", "synthetic"], n=1):
+        if os.path.isdir(name) or _close_names(name, None):
             raise _unknown_name(name, None) from None
         raise
     if data_dir is not None and not os.path.isdir(os.fspath(data_dir)):

@@ -206,7 +206,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: Path, train_loader, abs
     iterator = iter(train_loader)
     try:
         restored = checkpoints.restore_latest(abstract, iterator, log)
-        if restored is not None and not config.restart:
+        if restored is not None:  # None: a new run (config.restart has moved the old checkpoints aside)
             run_dir.check_restored(checkpoints.config(restored[0]), config, restored[0], workdir)
         return checkpoints, iterator, restored
     except Exception:
