@@ -19,6 +19,8 @@ Loading weights for inference (``load_variables``: ``Classifier.load``, ``train.
 ``config.init_from`` a workdir) reads one checkpoint and checks it the same way, checksum included, but moves,
 deletes and falls back to nothing: a damaged one is a ``CheckpointError`` naming the step, its folder and the
 steps that could be loaded instead. A saved model (``save_variables``) carries a checksum too.
+
+After a failed restore, the reports of Orbax's abandoned reads are kept off stderr (``abandoned_reads`` says why).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from resnet_jax.abandoned_reads import after_failed_restore
 from resnet_jax.parallel import process_failures, sync_processes
 
 try:
@@ -191,6 +194,7 @@ class Checkpointer:
                     arrays, meta = self._restore(step, abstract_arrays, iterator)
                 except Exception as err:  # noqa: BLE001 - any failure means this checkpoint cannot be trusted
                     reason = _reason(err)[:300]
+                    after_failed_restore()
                 else:
                     for bad, _ in failures:
                         log(f"moved the damaged checkpoint at step {bad} to {self._quarantine(bad)}")
@@ -417,6 +421,7 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
                 variables = state["ema"]["variables"] if use_ema else state
                 variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         except Exception as err:  # noqa: BLE001 - any failure to read it: say which checkpoint, and what to do
+            after_failed_restore()
             raise _damaged(ckpt, step, err) from None
         if use_ema and not has_ema:
             raise ValueError(f"the run in {workdir} kept no moving average of its weights (config.model_ema was "
@@ -451,6 +456,7 @@ def _load_saved_model(workdir: Path, use_ema: bool) -> tuple[dict, dict, list[st
         variables = jax.device_get(variables)
         variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     except Exception as err:  # noqa: BLE001 - missing, truncated or changed arrays
+        after_failed_restore()
         raise CheckpointError(f"the saved model in {workdir} is incomplete or damaged: its arrays in {arrays_path} "
                               f"cannot be used ({_reason(err)}); {advice}") from None
     return config, variables, class_names
