@@ -134,6 +134,8 @@ TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet15
 # dtype, remat, features_only, conv_impl...) are checked by the shapes or do not change the function
 _ARCHITECTURE = ("stage_sizes", "block", "stage_widths", "stem", "stem_width", "shortcut", "groups",
                  "width_per_group", "preact", "bn_epsilon", "folded", "attn_layer")
+# those that torchvision's ResNet class (block, layers, groups, width_per_group, norm_layer) cannot set
+_NOT_IN_TORCHVISION = ("stage_widths", "stem", "stem_width", "shortcut", "preact", "attn_layer")
 
 
 def _template_regex(template: str, separator: str) -> re.Pattern:
@@ -357,7 +359,15 @@ def load_torchvision(name: str, source: str | os.PathLike | Mapping[str, Any], *
     every missing, unexpected or mis-shaped entry is named in one ``ValueError``. For fine-tuning, pass
     ``num_classes=N, new_head=True``: the file's ``fc`` is dropped and a new head initialised from ``rng``.
     Returns ``(model, {"params": ..., "batch_stats": ...})``.
+
+    For torchvision's own models (``TORCHVISION_MODELS``), overrides naming what torchvision's ``ResNet`` class
+    cannot build (``shortcut``, ``stem``, ``preact``...) are refused, as ``load_timm`` refuses its: a
+    ``shortcut="avg_pool"`` loads (the shapes agree) and computes something else. What that class does take
+    (``stage_sizes``, ``block``, ``groups``, ``width_per_group``, and ``bn_epsilon`` for a ``norm_layer`` of
+    another eps) stays free. Other names (this library's models, saved by ``save_torchvision``) take any override.
     """
+    if name in TORCHVISION_MODELS:
+        _refuse_architecture_changes("load_torchvision", name, name, "torchvision", overrides, _NOT_IN_TORCHVISION)
     return _load("torchvision", create_model(name, **overrides), name, source, new_head, rng, overrides)
 
 
@@ -378,13 +388,18 @@ def load_timm(name: str, source: str | os.PathLike | Mapping[str, Any], *, new_h
         raise ValueError(f"{arch!r} is not one of the timm models whose architecture resnet_jax builds exactly"
                          f"{missing}; choose one of {list(TIMM_MODELS)} (other timm ResNets, e.g. resnet26d or "
                          f"seresnetaa50d, have no equal here)")
-    config = model_config(arch)
-    changed = sorted(k for k in _ARCHITECTURE if k in overrides and overrides[k] != config.get(k, _default(k)))
-    if changed:
-        raise ValueError(f"load_timm({name!r}) builds timm's {arch} architecture; the option(s) {changed} would "
-                         "change what the weights compute. Drop them, or build that model with create_model and "
-                         "train it.")
+    _refuse_architecture_changes("load_timm", name, arch, "timm", overrides)
     return _load("timm", create_model(arch, **overrides), name, source, new_head, rng, overrides)
+
+
+def _refuse_architecture_changes(loader: str, name: str, arch: str, library: str, overrides: Mapping,
+                                 fields: tuple[str, ...] = _ARCHITECTURE) -> None:
+    config = model_config(arch)
+    changed = sorted(k for k in fields if k in overrides and overrides[k] != config.get(k, _default(k)))
+    if changed:
+        raise ValueError(f"{loader}({name!r}) builds {library}'s {arch} architecture; the option(s) {changed} "
+                         "would change what the weights compute. Drop them, or build that model with create_model "
+                         "and train it.")
 
 
 def _default(field: str) -> Any:

@@ -249,6 +249,20 @@ def test_a_file_of_another_depth_is_named_briefly_without_the_head_advice(resnet
     assert re.search(r"\d+ mis-shaped:(\n    \S+: file has .*){12}\n    \.\.\. and \d+ more", msg), msg
 
 
+def test_overrides_torchvision_cannot_build_are_refused(resnet18):
+    """Used to be: ``load_torchvision("resnet18", file, shortcut="avg_pool")`` (and ``pretrained`` or
+    ``Classifier.from_pretrained`` with it) loaded, the shapes agreeing, and computed other logits than
+    torchvision's (0.59 apart); ``load_timm`` refused the same. What torchvision's ResNet class itself takes
+    (here ``bn_epsilon``, for a ``norm_layer`` of another eps) still loads."""
+    _, state = resnet18
+    for option in ({"shortcut": "avg_pool"}, {"stem": "deep"}, {"attn_layer": "se"}):
+        with pytest.raises(ValueError, match=rf"load_torchvision\('resnet18'\) builds torchvision's resnet18 "
+                                             rf"architecture; the option\(s\) \['{next(iter(option))}'\] would change"):
+            load_torchvision("resnet18", state, **option)
+    model, _ = load_torchvision("resnet18", state, bn_epsilon=1e-3)
+    assert model.bn_epsilon == 1e-3
+
+
 def test_other_class_count_needs_new_head(resnet18):
     _, state = resnet18
     with pytest.raises(ValueError, match=r"fc\.weight: file has \(1000, 512\), model needs \(10, 512\)"
