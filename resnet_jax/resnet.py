@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resnet_jax.blocks import ATTENTION_LAYERS, BLOCKS, SHORTCUTS
 from resnet_jax.ops import BatchNorm, Conv, max_pool
@@ -87,9 +89,11 @@ class ResNet(nn.Module):
       remat: recompute each block's activations in the backward pass instead of storing them.
       features_only: return the list of stage outputs (strides 4/8/16/32 for the ImageNet stem, see
         ``feature_strides``), no head.
-      output_stride: 32, 16 or 8: the stride of the last stage output. Below 32, the last stages replace their
-        stride by dilation (DeepLab; torchvision's ``replace_stride_with_dilation``, timm's ``output_stride``):
-        the same parameters, denser features (ImageNet stem only).
+      output_stride: 32, 16 or 8: the stride of the last stage output of a model with an ImageNet-size stem
+        (stride 4 before the stages). Below 32, the last stages replace their stride by dilation (DeepLab;
+        torchvision's ``replace_stride_with_dilation``, timm's ``output_stride``): the same parameters, denser
+        features. The CIFAR stem's models end at stride 8 (``resnet18_cifar``) or 4 (``resnet20``) and take only
+        the default.
       drop_path_rate: stochastic depth (Huang et al. 2016): in train mode each block's residual branch is
         dropped per sample with a rate rising linearly from 0 (first block) to this (last block), as timm's
         ResNet; needs a ``"dropout"`` rng in ``apply``. Eval is unchanged.
@@ -147,10 +151,17 @@ class ResNet(nn.Module):
             raise ValueError(f"output_stride must be one of {list(OUTPUT_STRIDES)} (the stride of the last feature "
                              f"map), got {self.output_stride!r}")
         if self.output_stride != 32 and self.stem == "cifar":
-            raise ValueError("output_stride applies to the ImageNet-size stems (stride 4 before the stages); the "
-                             "CIFAR stem keeps full resolution already: leave output_stride=32")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+            raise ValueError("output_stride applies to models with an ImageNet-size stem (stride 4 before the "
+                             f"stages, 32 after); this CIFAR-stem model's last stage is at stride "
+                             f"{2 ** (len(self.stage_sizes) - 1)} already, with nothing to trade for dilation: "
+                             "leave output_stride out")
+        rate = self.drop_path_rate
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {rate!r}")
+        if (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, numbers.Integral)
+                or self.num_classes < 0):
+            raise ValueError(f"num_classes must be a whole number >= 0 (0: no head, the pooled features), got "
+                             f"{self.num_classes!r}")
         try:
             algorithm_names(self.conv_impl)
         except ValueError as err:
@@ -267,14 +278,17 @@ class ResNet(nn.Module):
         return (1, size, size, self.in_channels)
 
     def _check_input(self, x) -> None:
-        shape = tuple(getattr(x, "shape", ()))
-        dtype = getattr(x, "dtype", None)
+        if not hasattr(x, "shape"):  # a nested list, say: what jnp would make of it
+            x = np.asarray(x)
+        shape, dtype = tuple(x.shape), getattr(x, "dtype", None)
         if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
             # Flax would promote them silently; torch refuses them, and 0..255 pixels are never what was meant
             raise ValueError(f"expected normalised floating-point images, got {jnp.dtype(dtype).name}: scale and "
                              f"normalise them first, e.g. resnet_jax.data.normalize(images, mean, std), or "
                              f"weights_info(name).transforms() for published weights")
         if len(shape) == 4 and shape[-1] == self.in_channels:
+            if 0 in shape[1:3]:  # the global average pool would divide by zero: NaN logits, no error
+                raise ValueError(f"got images of shape {shape}, with no pixels: height and width must be >= 1")
             return
         hint = ""
         if len(shape) == 4 and shape[1] == self.in_channels:

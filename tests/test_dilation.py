@@ -247,8 +247,11 @@ def test_auto_takes_winograd_on_sub_grids_for_large_dilated_layers():
 def test_bad_output_stride_is_refused():
     with pytest.raises(ValueError, match="output_stride must be one of"):
         create_model("resnet50", output_stride=4)
-    with pytest.raises(ValueError, match="CIFAR stem"):
+    # the message named a stride of 32 for models whose last stage is at 4 (resnet20) or 8 (resnet18_cifar)
+    with pytest.raises(ValueError, match="this CIFAR-stem model's last stage is at stride 4 already"):
         create_model("resnet20", output_stride=16)
+    with pytest.raises(ValueError, match="this CIFAR-stem model's last stage is at stride 8 already"):
+        create_model("resnet18_cifar", output_stride=8)
 
 
 @pytest.mark.long

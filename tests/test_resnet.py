@@ -254,6 +254,30 @@ def test_wrong_input_shape_gives_clear_error(shape, hint):
         model.init(jax.random.key(0), jnp.zeros(shape))
 
 
+def test_images_without_pixels_and_nested_lists_get_true_messages():
+    """Used to be: a (2, 0, 0, 3) batch gave NaN logits without an error (torch refuses an empty image), and a
+    nested list of shape (1, 1, 1, 3) was said to have shape ()."""
+    with pytest.raises(RuntimeError):
+        torchvision.models.resnet18().eval()(torch.zeros((2, 3, 0, 0)))
+    model = create_model("resnet18", num_classes=4)
+    with pytest.raises(ValueError, match=r"shape \(2, 0, 0, 3\), with no pixels: height and width must be >= 1"):
+        model.init(jax.random.key(0), jnp.zeros((2, 0, 0, 3)))
+    variables = model.init(jax.random.key(0), [[[[0.0, 0.0, 0.0]]]])  # a list is an image like any other
+    assert variables["params"]["fc"]["kernel"].shape == (512, 4)
+    with pytest.raises(ValueError, match=r"NHWC images of shape \(batch, height, width, 3\), got shape \(1, 1, 2\)"):
+        model.apply(variables, [[[0.0, 0.0]]])
+
+
+@pytest.mark.parametrize("option,message", [
+    ({"drop_path_rate": None}, "drop_path_rate must be a number in \\[0, 1\\), got None"),
+    ({"num_classes": -1}, "num_classes must be a whole number >= 0 .*got -1"),
+    ({"num_classes": 2.5}, "num_classes must be a whole number >= 0 .*got 2.5")])
+def test_options_of_the_wrong_kind_are_one_sentence(option, message):
+    """Used to be a raw TypeError from a comparison with None, and an MLIRError at the head for -1 classes."""
+    with pytest.raises(ValueError, match=message):
+        create_model("resnet18", **option)
+
+
 @pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int32, jnp.bool_])
 def test_integer_images_are_refused_as_torch_refuses_them(dtype):
     """Flax promotes 0..255 pixels silently (the logits of unnormalised images); torchvision's model refuses a
