@@ -21,6 +21,22 @@ def test_random_crop_flip_is_seeded_and_pads_with_zeros():
     assert np.array_equal(outs[7], again)
 
 
+def test_pad_crop_frames_a_photo_as_evaluation_does_never_squashed():
+    """Used to be: "cifar"/"crop" squashed a photo of another size to size x size (a 3:1 panorama whole, its
+    thirds side by side), while evaluation and predict resize the shorter side and take the centre, as
+    torchvision's Resize + CenterCrop: two framings of one image. Now training takes the same central square."""
+    import torch
+    from torchvision.transforms import v2
+
+    panorama = np.zeros((60, 180, 3), np.uint8)  # red | green | blue thirds
+    panorama[:, :60, 0] = panorama[:, 60:120, 1] = panorama[:, 120:, 2] = 255
+    trained = aug.random_crop_flip(panorama, np.random.default_rng(0), 32, padding=0, flip=False)
+    reference = v2.CenterCrop(32)(v2.Resize(32, antialias=True)(torch.from_numpy(panorama).permute(2, 0, 1)))
+    assert trained[..., 1].mean() > 250 and trained[..., [0, 2]].mean() < 5  # the green centre (squashed: 1/3)
+    np.testing.assert_allclose(trained, reference.permute(1, 2, 0).numpy(), atol=1)
+    np.testing.assert_array_equal(trained, aug.resize_center_crop(panorama, 32, 1.0))
+
+
 def test_flip_happens_about_half_the_time():
     image = ramp(32, 32)
     flips = [aug.random_crop_flip(image, np.random.default_rng(s), 32, padding=0)[0, 0, 0] > 128

@@ -146,9 +146,9 @@ def test_a_directory_named_without_the_prefix_gets_the_hint(photos):
     assert f"'folder:{photos}'" in refusal(lambda: data.get_source(str(photos), "train"))
 
 
-def folder_config(photos):
+def folder_config(photos, augment="imagenet"):
     config = tiny_config(dataset=f"folder:{photos}", val_split="val", batch_size=4, eval_batch_size=4,
-                         num_epochs=1, augment="imagenet")
+                         num_epochs=1, augment=augment)
     config.model_overrides.in_channels = 3  # photos are read as RGB, as torchvision's loader reads them
     return config
 
@@ -160,6 +160,19 @@ def test_splits_with_other_classes_are_refused_before_training(photos):
     (photos / "val" / "bee").rmdir()
     message = refusal(lambda: setup(folder_config(photos)))
     assert "missing: bee" in message and "same class folders" in message
+
+
+def test_evaluation_crops_as_the_augmentation_trained(photos):
+    """The default evaluation crop (saved with the run, used by predict) shows what training saw: the whole central
+    square after "cifar"/"crop" (a folder of 32 x 32 PNGs was evaluated on its central 28 columns, enlarged),
+    the 87.5% centre after random-resized crops, as torchvision evaluates ImageNet."""
+    from resnet_jax.training import setup
+
+    source = data.get_source(f"folder:{photos}", "train")
+    fractions = [data.default_crop_fraction(source, augment) for augment in ("cifar", "crop", "imagenet", "none")]
+    assert fractions == [1.0, 1.0, 0.875, 0.875]
+    assert setup(folder_config(photos, augment="crop")).config.eval_crop_fraction == 1.0
+    assert setup(folder_config(photos)).config.eval_crop_fraction == 0.875
 
 
 @pytest.mark.slow

@@ -32,13 +32,17 @@ def random_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int, pad
                      flip: bool = True) -> np.ndarray:
     """CIFAR recipe: zero-pad by `padding`, take a random size x size crop, flip left-right half the time.
 
+    An image of another size is first brought to size x size as evaluation's ``resize_center_crop(image, size,
+    1.0)`` frames it (shorter side to ``size``, the central square), never squashed: a photo then keeps its
+    proportions, and training and evaluation see the same view (``pipeline.default_crop_fraction``).
+
     ``flip=False`` keeps only the shift, for images whose mirror is another class or no class (digits, text).
     The same random numbers are drawn either way, so the crops do not depend on ``flip``.
 
     Copies the in-bounds part of the shifted window into zeros rather than padding first: same pixels, one
     allocation (this runs once per example per epoch).
     """
-    image = resize(image, size, size)
+    image = resize_center_crop(image, size, 1.0)
     dy, dx, mirror = rng.integers(0, (2 * padding + 1, 2 * padding + 1, 2)) - (padding, padding, 0)
     out = np.zeros_like(image)
     h, w = size - abs(dy), size - abs(dx)

@@ -114,9 +114,12 @@ def _stats(src: Source, mean, std, channels: int | None):
     return mean, std
 
 
-def default_crop_fraction(src: Source) -> float:
-    """Fixed-size datasets (CIFAR, digits) are evaluated whole; photos of varying size get the 87.5% centre."""
-    return 1.0 if None not in src.image_shape[:2] else 0.875
+def default_crop_fraction(src: Source, augment: str = "imagenet") -> float:
+    """The evaluation crop that shows what training showed: fixed-size datasets (CIFAR, digits) are evaluated
+    whole; so is any data trained with the pad-crop augmentations (``"cifar"``, ``"crop"``), which see the whole
+    central square of each image; photos of varying size trained with random-resized crops (``"imagenet"``) or
+    without augmentation get the 87.5% centre, as torchvision's recipes evaluate them."""
+    return 1.0 if None not in src.image_shape[:2] or augment in ("cifar", "crop") else 0.875
 
 
 def check_compatible(src: Source, *, num_classes: int | None = None, channels: int | None = None) -> None:
@@ -290,7 +293,7 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
     if not 0 <= int(seed) < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), not {seed!r}.")
     mean, std = _stats(src, mean, std, channels)
-    crop = _Crop(augment, image_size, crop_fraction or default_crop_fraction(src))
+    crop = _Crop(augment, image_size, crop_fraction or default_crop_fraction(src, augment))
     if not 0.0 <= random_erasing <= 1.0:
         raise ValueError(f"random_erasing is a probability in [0, 1], not {random_erasing!r}.")
     if int(ra_reps) < 1:

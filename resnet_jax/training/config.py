@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_size = 32
     c.augment = "cifar"                 # "cifar" (pad-crop + flip), "crop" (pad-crop, no flip: digits, text),
                                         # "imagenet" (random-resized crop + flip), "none"
-    c.eval_crop_fraction = 0.0          # centre crop at evaluation/predict (0: 1.0 for fixed-size data, else 0.875)
+    c.eval_crop_fraction = 0.0          # centre crop at evaluation/predict (0: 1.0 for fixed-size data or augment
+                                        # "cifar"/"crop", which train on the whole frame; else 0.875)
     c.normalize = "dataset"             # "dataset" (per-dataset mean/std) or "imagenet" (for torchvision weights)
     c.mean = ()                         # per-channel mean/std in 0..1 units, replacing normalize's (published
     c.std = ()                          # weights in init_from set their own)

@@ -93,7 +93,7 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
     check_init_from(config)
     model = model_from_config(config, train_source.num_classes)
     if not config.eval_crop_fraction:  # resolved here and saved with the config, so predict crops the same way
-        config.eval_crop_fraction = data.default_crop_fraction(val_source)
+        config.eval_crop_fraction = data.default_crop_fraction(val_source, config.augment)
     if config.image_size < min_image_size(model):
         raise ValueError(f"config.image_size={config.image_size} is too small for {config.model}, which "
                          f"downsamples by {min_image_size(model)}; use at least {min_image_size(model)}")
