@@ -29,10 +29,13 @@ import lzma
 import struct
 import zipfile
 import zlib
+from pathlib import Path
 from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from resnet_jax.atomic import replace_atomically
 
 # torch's legacy storage classes, as pickled by torch.save, and the numpy dtype of each.
 _STORAGE_DTYPES = {
@@ -460,7 +463,8 @@ class _Opcodes:
 
 
 def write_torch_file(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
-    """Save ``{name: array}`` as a ``.pth`` that ``torch.load(path, weights_only=True)`` reads as a state_dict."""
+    """Save ``{name: array}`` as a ``.pth`` that ``torch.load(path, weights_only=True)`` reads as a state_dict.
+    The file is replaced whole (``atomic``): a failed write keeps the one that was there."""
     arrays = {str(k): np.asarray(v, order="C") for k, v in tensors.items()}
     for name, a in arrays.items():
         if a.dtype not in _DTYPE_STORAGES:
@@ -473,13 +477,16 @@ def write_torch_file(path: str | os.PathLike, tensors: Mapping[str, Any]) -> Non
         ops.tensor(str(key), a)
     ops.out.write(pickle.SETITEMS + pickle.STOP)
 
-    prefix = "archive/"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        z.writestr(prefix + "data.pkl", ops.out.getvalue())
-        z.writestr(prefix + "byteorder", "little")
-        for key, a in enumerate(arrays.values()):
-            z.writestr(prefix + f"data/{key}", a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
-        z.writestr(prefix + "version", "3\n")
+    def write(partial: Path) -> None:
+        prefix = "archive/"
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as z:
+            z.writestr(prefix + "data.pkl", ops.out.getvalue())
+            z.writestr(prefix + "byteorder", "little")
+            for key, a in enumerate(arrays.values()):
+                z.writestr(prefix + f"data/{key}", a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+            z.writestr(prefix + "version", "3\n")
+
+    replace_atomically(path, write)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -494,10 +501,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
-    """Save ``{name: array}`` as ``.safetensors`` (numpy arrays, jax arrays or anything ``np.asarray`` takes)."""
+    """Save ``{name: array}`` as ``.safetensors`` (numpy arrays, jax arrays or anything ``np.asarray`` takes),
+    replacing the file whole (``atomic``)."""
     from safetensors.numpy import save_file
 
-    save_file({str(k): np.asarray(v, order="C") for k, v in tensors.items()}, str(path))
+    arrays = {str(k): np.asarray(v, order="C") for k, v in tensors.items()}
+    replace_atomically(path, lambda partial: save_file(arrays, str(partial)))
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -175,7 +175,8 @@ def test_build_is_locked_cached_per_toolchain_and_reused(tmp_path, monkeypatch):
     built = Path(first)
     assert built.read_text() == "placeholder" and built.is_relative_to(tmp_path / "cache")
     (command,) = log.read_text().splitlines()
-    assert f"-o {built}." in command and command.split(" -o ")[1].split()[0].endswith(".tmp")  # then renamed
+    output = Path(command.split(" -o ")[1].split()[0])  # a partial copy beside it, then renamed
+    assert output.parent == built.parent and output.name.startswith(f".{built.name}.") and output.suffix == ".partial"
     stamp = built.stat().st_mtime_ns
 
     from resnet_jax.ops.onednn import build

@@ -523,3 +523,28 @@ def test_single_byte_damage_loads_or_gives_one_sentence(tmp_path, suffix):
         except Exception as e:  # noqa: BLE001 - what is under test is that no other exception escapes
             pytest.fail(f"byte {at} damaged: {type(e).__name__}: {e}")
     assert refused > 0 and loaded + refused == 300
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_failed_save_keeps_the_file_it_would_replace(tmp_path, suffix):
+    """Used to be: a .pth written in place, so a save that failed mid-write (a full disk) left a truncated file
+    where the previous export was. A child process whose file-size limit lets the first, small export through
+    and stops the second, larger one mid-write (EFBIG, a real failed write): the first stays, whole, and no
+    partial copy is left beside it."""
+    path = tmp_path / f"model{suffix}"
+    proc = run_python(f"""
+        import resource, signal
+        import numpy as np
+        from resnet_jax.torch_file import load_state_dict, save_state_dict
+
+        save_state_dict({str(path)!r}, {{"w": np.ones((64, 64), np.float32)}})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit raises instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        try:
+            save_state_dict({str(path)!r}, {{"w": np.zeros((512, 512), np.float32)}})  # 1 MB
+        except Exception as err:
+            print("failed:", type(err).__name__)
+    """)
+    assert "failed:" in proc.stdout, proc.stdout + proc.stderr
+    np.testing.assert_array_equal(load_state_dict(path)["w"], np.ones((64, 64), np.float32))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

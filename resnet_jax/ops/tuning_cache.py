@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from resnet_jax.atomic import replace_atomically
+
 ENV_VAR = "RESNET_JAX_CONV_TUNING"  # a file to use instead of the default; "0" ignores any tuning
 logger = logging.getLogger("resnet_jax")
 
@@ -55,8 +57,6 @@ def store(machine: str, new: dict[str, Any]) -> Path:
             everything = {}  # a damaged file is replaced by the new measurements
     everything.setdefault(machine, {}).update(new)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(everything, indent=1))
-    os.replace(partial, path)
+    replace_atomically(path, lambda partial: partial.write_text(json.dumps(everything, indent=1)))
     entries.cache_clear()
     return path

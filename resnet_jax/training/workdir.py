@@ -27,6 +27,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from resnet_jax.atomic import replace_atomically
 from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch
 from resnet_jax.parallel import process_failures, process_strings, sync_processes
 from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, base_config
@@ -260,11 +261,9 @@ def write_config(workdir: Path, config: ml_collections.ConfigDict, data: dict[st
 
 
 def _write_whole(path: Path, text: str) -> None:
-    """Write ``path`` by renaming a complete copy over it: a crash mid-write (each start rewrites config.json)
-    leaves the old file or the new one, never half of one that would block the next resume."""
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    partial.write_text(text)
-    partial.replace(path)
+    """Each start rewrites config.json: a crash mid-write must leave the old file or the new one, never half of
+    one that would block the next resume."""
+    replace_atomically(path, lambda partial: partial.write_text(text))
 
 
 def _check_unrecorded(workdir: Path, saved: dict[str, Any], log: Callable[[str], None]) -> None:

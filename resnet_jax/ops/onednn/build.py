@@ -25,6 +25,7 @@ from pathlib import Path
 
 import jax
 
+from resnet_jax.atomic import replace_atomically
 from resnet_jax.ops import cpu
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
@@ -124,15 +125,16 @@ def build(tools: dict[str, str] | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait here, then find the file
         if target.exists():
             return target
-        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        cmd = command(tools, partial)
         logger.info("resnet_jax: building the oneDNN extension once for this machine (about a minute) into %s",
                     target.parent)
         start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise OnednnBuildFailed(f"building it failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")
-        os.replace(partial, target)
+
+        def compile_into(partial: Path) -> None:
+            cmd = command(tools, partial)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise OnednnBuildFailed(f"building it failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}")
+
+        replace_atomically(target, compile_into)
         logger.info("resnet_jax: built the oneDNN extension in %.1f s: %s", time.perf_counter() - start, target)
     return target
