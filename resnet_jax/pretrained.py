@@ -276,13 +276,27 @@ def _hub_weights(model: str, tag: str) -> Weights:
 
 
 def _verified_hub_file(model: str, tag: str) -> Path:
-    """The weights of a hub tag, refused if they are not what the hub published."""
-    from resnet_jax.hub import hub_file
+    """The weights of a hub tag, refused if they are not what the hub published.
+
+    A damaged cached copy is moved aside (``<blob>.sha256-mismatch``, never deleted, as ``download`` does) and
+    fetched once more: huggingface_hub keeps the bytes in ``blobs/<sha256>`` behind a snapshot link, so deleting
+    the link (what the message used to advise) only made it link the same damaged blob again."""
+    from resnet_jax.hub import HubUnavailable, hub_file
 
     path, sha256 = hub_file(model, tag)
+    if sha256 is None or (found := file_sha256(path)) == sha256:
+        return path
+    moved = _move_aside(path.resolve(), found, sha256)
+    path.unlink(missing_ok=True)  # the snapshot's link to the damaged blob
+    what = f"the cached copy of timm/{model}.{tag}'s weights did not have the sha256 the hub published.{moved}"
+    try:
+        path, sha256 = hub_file(model, tag)
+    except HubUnavailable as err:
+        raise HubUnavailable(f"{what} Fetching it again failed: {err}") from err
     if sha256 is not None and file_sha256(path) != sha256:
-        raise ValueError(f"the cached copy of timm/{model}.{tag}'s weights at {path} does not have the sha256 "
-                         f"the hub published ({sha256}); delete that file and download it again.")
+        raise ValueError(f"{what} The copy fetched again at {path} differs too: the hub (or a proxy) serves other "
+                         "bytes than it lists; try later, or download the file by other means and pass file=PATH.")
+    warnings.warn(f"{what} A verified copy was fetched again to {path}.", stacklevel=3)
     return path
 
 

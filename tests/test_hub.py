@@ -137,8 +137,20 @@ def test_offline_uses_the_cache_and_refuses_a_tampered_or_missing_file(hub, onli
     blob = next(p for p in home.rglob("blobs/*") if re.fullmatch(r"[0-9a-f]{64}", p.name))
     blob.write_bytes(blob.read_bytes()[:-8] + b"tampered")
     proc = run_python(LOAD, args=[tmp_path / "x.npz"], env=offline, check=False)
-    assert proc.returncode != 0
-    assert "does not have the sha256 the hub published" in proc.stderr.splitlines()[-1]
+    last = proc.stderr.splitlines()[-1]
+    assert proc.returncode != 0 and "did not have the sha256 the hub published" in last, last
+    assert f"moved to {blob}.sha256-mismatch" in last and "run once with network access" in last, last
+    assert blob.with_name(blob.name + ".sha256-mismatch").is_file() and not blob.exists()
+
+    # online, the damaged copy is replaced by a verified one. Used to be: the message said to delete "that
+    # file", the snapshot's link, and huggingface_hub linked the same damaged blob again, failing alike.
+    damaged = tmp_path / "hf-damaged"
+    shutil.copytree(online[0], damaged, symlinks=True)
+    blob = next(p for p in damaged.rglob("blobs/*") if re.fullmatch(r"[0-9a-f]{64}", p.name))
+    blob.write_bytes(blob.read_bytes()[:-8] + b"tampered")
+    proc = run_python(LOAD, args=[tmp_path / "again.npz"], env={**env, "HF_HOME": str(damaged)})
+    assert "A verified copy was fetched again" in proc.stderr, proc.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npz")["logits"], online[1]["logits"])
 
     proc = run_python(LOAD, args=[tmp_path / "x.npz"], env={**offline, "HF_HOME": str(tmp_path / "empty")},
                       check=False)
