@@ -341,8 +341,13 @@ def download(url: str, sha256: str, *, filename: str | None = None, cache_dir: s
         where = "is a file" if blocker == cache else f"cannot be a directory: {blocker} is a file"
         raise NotADirectoryError(f"the weights cache {cache} {where}; give cache_dir= or ${CACHE_ENV} a directory, "
                                  f"or move that file away.") from e
+    except OSError as e:  # read-only, no permission
+        raise _unwritable(cache, target, e) from e
     _remove_stale_parts(cache, target.name)
-    fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.", suffix=".part")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.", suffix=".part")
+    except OSError as e:
+        raise _unwritable(cache, target, e) from e
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -350,6 +355,8 @@ def download(url: str, sha256: str, *, filename: str | None = None, cache_dir: s
                 digest = _fetch(url, out, target, progress)
             except DownloadError as e:
                 raise DownloadError(f"{e}{moved}") from e.__cause__
+            except _WriteFailed as e:
+                raise _unwritable(cache, target, e.__cause__) from e.__cause__
         if not digest.startswith(sha256):
             raise ValueError(f"the file downloaded from {url} has sha256 {digest}, expected {sha256}; it was "
                              f"discarded. The download was corrupted or the server (or mirror) serves a different "
@@ -363,6 +370,16 @@ def download(url: str, sha256: str, *, filename: str | None = None, cache_dir: s
 
 
 _MISMATCH_SUFFIX = ".sha256-mismatch"
+
+
+class _WriteFailed(Exception):
+    """Writing the download failed (a full disk), not the network: told apart from ``_fetch``'s network errors."""
+
+
+def _unwritable(cache: Path, target: Path, error: OSError) -> OSError:
+    return OSError(f"cannot write into the weights cache {cache} ({error.strerror or error}); nothing was kept. "
+                   f"Free space there, or give cache_dir= or ${CACHE_ENV} a writable directory, or put a copy of "
+                   f"the file fetched by other means at {target} (a read-only cache holding it is fine).")
 
 
 def _move_aside(target: Path, found: str, sha256: str) -> str:
@@ -417,7 +434,10 @@ def _fetch(url: str, out, target: Path, progress: bool) -> str:
             window_start, window_bytes = time.monotonic(), 0
             with tqdm(total=expected, unit="B", unit_scale=True, desc=target.name, disable=not progress) as bar:
                 for chunk in iter(lambda: read(1 << 20), b""):
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as e:
+                        raise _WriteFailed() from e
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
@@ -431,7 +451,11 @@ def _fetch(url: str, out, target: Path, progress: bool) -> str:
                                 f"kept. Try again later, or point mirror= or ${MIRROR_ENV} at a faster server, or "
                                 f"fetch the file by other means and put it at {target}.")
                         window_start, window_bytes = now, 0
-    except DownloadError:
+            try:
+                out.flush()  # here, where a full disk is told apart from the network
+            except OSError as e:
+                raise _WriteFailed() from e
+    except (DownloadError, _WriteFailed):
         raise
     except urllib.error.HTTPError as e:  # the server answered, with an error or a redirect loop
         raise DownloadError(_http_error_message(url, target, e)) from e

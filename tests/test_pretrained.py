@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import run_python
 from resnet_jax.pretrained import WEIGHTS, DownloadError, Weights, download, pretrained, weights_info
 from resnet_jax.torchvision import to_torchvision
 
@@ -275,6 +276,29 @@ def test_a_cache_dir_that_is_a_file_is_named(tmp_path, server, payload):
                                                      r"\$RESNET_JAX_CACHE a directory, or move that file away"):
             download(f"{server.url}/w/file.bin", sha(payload), cache_dir=cache)
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_cache_that_cannot_be_written_is_named_with_what_to_do(tmp_path, server, payload):
+    """Used to be: a full disk mid-download said the download "was interrupted ... Try again" (the network was
+    blamed), and a read-only cache raised a bare OSError naming a .part file. A child whose file-size limit
+    (EFBIG, a real failed write) stops the 300 kB download: one sentence naming the cache and what to do, and
+    nothing left in it."""
+    cache = tmp_path / "cache"
+    proc = run_python(f"""
+        import resource, signal
+        from resnet_jax.pretrained import download
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            download({server.url + "/w/file.bin"!r}, {sha(payload)!r}, cache_dir={str(cache)!r}, progress=False)
+        except OSError as err:
+            print(type(err).__name__, err)
+    """)
+    assert proc.stdout.startswith(f"OSError cannot write into the weights cache {cache} (File too large); nothing "
+                                  "was kept. Free space there, or give cache_dir= or $RESNET_JAX_CACHE a writable "
+                                  f"directory, or put a copy of the file fetched by other means at {cache}/file.bin"), \
+        proc.stdout + proc.stderr
+    assert list(cache.iterdir()) == []
 
 
 def test_stale_part_files_of_killed_downloads_are_removed(tmp_path, server, payload):
