@@ -1,14 +1,18 @@
 """Residual blocks: BasicBlock (two 3x3 convs) and Bottleneck (1x1, 3x3, 1x1), plain or pre-activation.
 
-Blocks receive ``conv_norm`` (a convolution followed by its BatchNorm, optionally a residual add and a ReLU)
-and ``norm`` as pre-configured factories from the stack, so compute dtype, convolution algorithm, BatchNorm
+In the stack, blocks receive ``conv_norm`` (a convolution followed by its BatchNorm, optionally a residual add
+and a ReLU) and ``norm`` as pre-configured factories, so compute dtype, convolution algorithm, BatchNorm
 momentum/epsilon, train/eval mode and BatchNorm folding are decided once in ``resnet.py``, and a block only says
-*where* a convolution or normalisation goes. Module names (``conv1``, ``bn1``, ``downsample_conv``...) mirror
-torchvision's so the weight converter is a rename, not a translation.
+*where* a convolution or normalisation goes. Used on their own (``BasicBlock(64, strides=2)``, in a model of
+one's own), blocks build torchvision's defaults themselves: convolutions padded as torchvision's, BatchNorm with
+momentum 0.9 (torch's 0.1) and epsilon 1e-5, in train mode when ``deterministic=False``. Module names
+(``conv1``, ``bn1``, ``downsample_conv``...) mirror torchvision's so the weight converter is a rename, not a
+translation.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnet_jax.attention import ATTENTION, attention
+from resnet_jax.ops import BatchNorm, Conv
 
 ModuleFactory = Callable[..., nn.Module]
 # conv_norm(features, kernel_size, *, strides, groups, conv_name, norm_name, scale_init, kernel_init) returns
@@ -56,6 +61,49 @@ def drop_path(module: nn.Module, x: jnp.ndarray, rate: float) -> jnp.ndarray:
     return jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
+def padded_conv(features: int, kernel_size: tuple[int, int], strides: int = 1, *, dtype: Any, param_dtype: Any,
+          impl: str = "auto", dilation: int = 1, **kwargs: Any) -> nn.Module:
+    """A conv padded by k//2 on both sides, as torchvision (not XLA "SAME", which pads (2, 3) at stride 2 and
+    would shift every feature map by a pixel against torchvision weights); He-normal fan-out init.
+
+    ``impl`` names the convolution algorithm (``ops.ALGORITHMS``, "auto" or "jax"); parameters do not depend on
+    it. ``dilation`` spaces a kernel's taps (padded by ``dilation * (k // 2)``, which keeps the size, as
+    torchvision and timm pad their dilated 3x3s); a 1x1 kernel ignores it.
+    """
+    dilation = dilation if max(kernel_size) > 1 else 1
+    pad = [(dilation * (k // 2), dilation * (k // 2)) for k in kernel_size]
+    kwargs.setdefault("kernel_init", nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+    return Conv(features, kernel_size, strides=strides, padding=pad, dtype=dtype, param_dtype=param_dtype,
+                algorithm=impl, kernel_dilation=dilation, **kwargs)
+
+
+def conv_norm_factory(conv, norm, folded: bool = False):
+    """The ``conv_norm`` factory blocks receive: conv -> BN (-> + residual) (-> ReLU).
+
+    With ``folded`` the BatchNorm is already inside the convolution (scaled kernel, BN shift as bias, see
+    ``ops.fold_batchnorm``), and the residual add and ReLU become that convolution's epilogue, which the oneDNN
+    algorithm fuses. ``norm_name=None`` is a bare convolution (pre-activation blocks end in one). ``fan_out``
+    also returns the input, for the block's shortcut (``ops.conv2d`` says why).
+    """
+
+    def make(features, kernel_size, *, conv_name, norm_name, strides=1, groups=1, scale_init=None, **conv_kwargs):
+        fold = folded and norm_name is not None
+        c = conv(features, kernel_size, strides=strides, feature_group_count=groups, use_bias=fold, name=conv_name,
+                 **conv_kwargs)
+        if fold or norm_name is None:
+            return lambda x, residual=None, relu=False, fan_out=False: c(x, residual=residual, relu=relu,
+                                                                         fan_out=fan_out)
+        n = norm(name=norm_name, **({} if scale_init is None else {"scale_init": scale_init}))
+
+        def apply(x, residual=None, relu=False, fan_out=False):
+            if fan_out:
+                y, x = c(x, fan_out=True)
+                return n(y, residual=residual, relu=relu), x
+            return n(c(x), residual=residual, relu=relu)
+        return apply
+    return make
+
+
 class Shortcut(nn.Module):
     """The residual path where the shape changes: the configured downsampling to ``features`` channels."""
 
@@ -91,9 +139,9 @@ class ResidualBlock(nn.Module):
     """
 
     width: int
-    strides: int
-    conv_norm: ConvNormFactory
-    norm: ModuleFactory
+    strides: int = 1
+    conv_norm: ConvNormFactory | None = None  # None (a block on its own): torchvision's conv + BN (module doc)
+    norm: ModuleFactory | None = None
     shortcut: str = "projection"
     preact: bool = False
     zero_init_residual: bool = False
@@ -108,6 +156,20 @@ class ResidualBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     expansion = 1
+
+    def factories(self) -> tuple[ConvNormFactory, ModuleFactory]:
+        """``(conv_norm, norm)``: the stack's, or on a block of its own, torchvision's defaults; BatchNorm then
+        normalises by the batch and updates its running averages when ``deterministic=False`` (train mode),
+        by the running averages otherwise, as a ``ResNet`` applied with ``train=`` does."""
+        if self.conv_norm is not None and self.norm is not None:
+            return self.conv_norm, self.norm
+        if self.conv_norm is not None or self.norm is not None:
+            raise ValueError("give a block both conv_norm and norm (as ResNet does), or neither (torchvision's "
+                             "convolution and BatchNorm)")
+        conv = functools.partial(padded_conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(BatchNorm, use_running_average=self.deterministic, momentum=0.9, epsilon=1e-5,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+        return conv_norm_factory(conv, norm), norm
 
     def first_conv(self, conv_norm: Callable[..., Any], x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """``(relu(bn(conv(x))), x)`` with the returned ``x`` the convolution's pass-through (``fan_out``), for
@@ -125,7 +187,7 @@ class ResidualBlock(nn.Module):
         out = self.width * self.expansion
         if self.strides == 1 and x.shape[-1] == out:
             return x
-        return Shortcut(out, self.strides, self.shortcut, self.conv_norm, pre is None, self.dilation,
+        return Shortcut(out, self.strides, self.shortcut, self.factories()[0], pre is None, self.dilation,
                         name="downsample")(x if pre is None else pre)
 
     def close(self, last: Callable[..., jnp.ndarray], y: jnp.ndarray, residual: jnp.ndarray,
@@ -146,17 +208,17 @@ class ResidualBlock(nn.Module):
     def last_conv_norm(self, features: int, kernel_size, conv_name: str, norm_name: str):
         """The conv + BN closing a plain block; zero BN scale makes the block start as identity (Goyal et al.)."""
         init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        return self.conv_norm(features, kernel_size, conv_name=conv_name, norm_name=norm_name, scale_init=init,
+        return self.factories()[0](features, kernel_size, conv_name=conv_name, norm_name=norm_name, scale_init=init,
                               dilation=self.dilation)
 
     def last_conv(self, features: int, name: str):
         """Pre-activation blocks end in a conv, not a BN: zero-init that conv for the same identity start."""
         extra = {"kernel_init": nn.initializers.zeros} if self.zero_init_residual else {}
-        return self.conv_norm(features, (1, 1) if self.expansion > 1 else (3, 3), conv_name=name, norm_name=None,
+        return self.factories()[0](features, (1, 1) if self.expansion > 1 else (3, 3), conv_name=name, norm_name=None,
                               dilation=self.dilation, **extra)
 
     def pre_activation(self, x: jnp.ndarray, norm_name: str) -> jnp.ndarray:
-        return nn.relu(self.norm(name=norm_name)(x))
+        return nn.relu(self.factories()[1](name=norm_name)(x))
 
 
 class BasicBlock(ResidualBlock):
@@ -171,10 +233,10 @@ class BasicBlock(ResidualBlock):
                              "Bottleneck model such as resnext50_32x4d or wide_resnet50_2 for grouped or wide blocks")
         conv1 = dict(strides=self.strides, dilation=self.first_dilation, conv_name="conv1")
         if self.preact:
-            y, pre = self.first_conv(self.conv_norm(self.width, (3, 3), norm_name="bn2", **conv1),
+            y, pre = self.first_conv(self.factories()[0](self.width, (3, 3), norm_name="bn2", **conv1),
                                      self.pre_activation(x, "bn1"))
             return self.close(self.last_conv(self.width, "conv2"), y, self.residual(x, pre), relu=False)
-        y, x = self.first_conv(self.conv_norm(self.width, (3, 3), norm_name="bn1", **conv1), x)
+        y, x = self.first_conv(self.factories()[0](self.width, (3, 3), norm_name="bn1", **conv1), x)
         return self.close(self.last_conv_norm(self.width, (3, 3), "conv2", "bn2"), y, self.residual(x), relu=True)
 
 
@@ -193,12 +255,12 @@ class Bottleneck(ResidualBlock):
         out = self.width * self.expansion
         conv2 = dict(strides=self.strides, groups=self.groups, dilation=self.first_dilation, conv_name="conv2")
         if self.preact:
-            y, pre = self.first_conv(self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn2"),
+            y, pre = self.first_conv(self.factories()[0](inner, (1, 1), conv_name="conv1", norm_name="bn2"),
                                      self.pre_activation(x, "bn1"))
-            y = self.conv_norm(inner, (3, 3), norm_name="bn3", **conv2)(y, relu=True)
+            y = self.factories()[0](inner, (3, 3), norm_name="bn3", **conv2)(y, relu=True)
             return self.close(self.last_conv(out, "conv3"), y, self.residual(x, pre), relu=False)
-        y, x = self.first_conv(self.conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn1"), x)
-        y = self.conv_norm(inner, (3, 3), norm_name="bn2", **conv2)(y, relu=True)
+        y, x = self.first_conv(self.factories()[0](inner, (1, 1), conv_name="conv1", norm_name="bn1"), x)
+        y = self.factories()[0](inner, (3, 3), norm_name="bn2", **conv2)(y, relu=True)
         return self.close(self.last_conv_norm(out, (1, 1), "conv3", "bn3"), y, self.residual(x), relu=True)
 
 

@@ -18,56 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.blocks import ATTENTION_LAYERS, BLOCKS, SHORTCUTS
-from resnet_jax.ops import BatchNorm, Conv, max_pool
+from resnet_jax.blocks import ATTENTION_LAYERS, BLOCKS, SHORTCUTS, conv_norm_factory, padded_conv
+from resnet_jax.ops import BatchNorm, max_pool
 from resnet_jax.ops.rules import compute_dtype
 from resnet_jax.ops.rules import names as algorithm_names
 
 STEMS = ("imagenet", "cifar", "deep", "deep_tiered")
 OUTPUT_STRIDES = (8, 16, 32)
-def _conv(features: int, kernel_size: tuple[int, int], strides: int = 1, *, dtype: Any, param_dtype: Any,
-          impl: str = "auto", dilation: int = 1, **kwargs: Any) -> nn.Module:
-    """A conv padded by k//2 on both sides, as torchvision (not XLA "SAME", which pads (2, 3) at stride 2 and
-    would shift every feature map by a pixel against torchvision weights); He-normal fan-out init.
-
-    ``impl`` names the convolution algorithm (``ops.ALGORITHMS``, "auto" or "jax"); parameters do not depend on
-    it. ``dilation`` spaces a kernel's taps (padded by ``dilation * (k // 2)``, which keeps the size, as
-    torchvision and timm pad their dilated 3x3s); a 1x1 kernel ignores it.
-    """
-    dilation = dilation if max(kernel_size) > 1 else 1
-    pad = [(dilation * (k // 2), dilation * (k // 2)) for k in kernel_size]
-    kwargs.setdefault("kernel_init", nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
-    return Conv(features, kernel_size, strides=strides, padding=pad, dtype=dtype, param_dtype=param_dtype,
-                algorithm=impl, kernel_dilation=dilation, **kwargs)
-
-
-def _conv_norm(conv, norm, folded: bool):
-    """The ``conv_norm`` factory blocks receive: conv -> BN (-> + residual) (-> ReLU).
-
-    With ``folded`` the BatchNorm is already inside the convolution (scaled kernel, BN shift as bias, see
-    ``ops.fold_batchnorm``), and the residual add and ReLU become that convolution's epilogue, which the oneDNN
-    algorithm fuses. ``norm_name=None`` is a bare convolution (pre-activation blocks end in one). ``fan_out``
-    also returns the input, for the block's shortcut (``ops.conv2d`` says why).
-    """
-
-    def make(features, kernel_size, *, conv_name, norm_name, strides=1, groups=1, scale_init=None, **conv_kwargs):
-        fold = folded and norm_name is not None
-        c = conv(features, kernel_size, strides=strides, feature_group_count=groups, use_bias=fold, name=conv_name,
-                 **conv_kwargs)
-        if fold or norm_name is None:
-            return lambda x, residual=None, relu=False, fan_out=False: c(x, residual=residual, relu=relu,
-                                                                         fan_out=fan_out)
-        n = norm(name=norm_name, **({} if scale_init is None else {"scale_init": scale_init}))
-
-        def apply(x, residual=None, relu=False, fan_out=False):
-            if fan_out:
-                y, x = c(x, fan_out=True)
-                return n(y, residual=residual, relu=relu), x
-            return n(c(x), residual=residual, relu=relu)
-        return apply
-    return make
-
-
 class ResNet(nn.Module):
     """A ResNet on NHWC images; ``__call__(x, train)`` returns float32 logits, or the stage outputs.
 
@@ -109,8 +66,8 @@ class ResNet(nn.Module):
       conv_impl: how convolutions are computed; parameters and outputs are identical for every choice.
         "auto" (the default) picks per layer shape, dtype and backend (``ops.choose``): oneDNN kernels on CPU
         where the extension is usable (Linux x86_64 with a C++ compiler; its wheels are default
-        dependencies there), the fastest pure-JAX algorithm otherwise, XLA's own on GPU/TPU; "jax" picks among the pure-JAX algorithms only. Any name in
-        ``ops.ALGORITHMS`` runs that algorithm on every layer it can compute (Winograd: the 3x3 stride-1
+        dependencies there), the fastest pure-JAX algorithm otherwise, XLA's own on GPU/TPU; "jax" picks
+        among the pure-JAX algorithms only. Any name in ``ops.ALGORITHMS`` runs that algorithm on every layer it can compute (Winograd: the 3x3 stride-1
         ones) and "auto" on the rest; three names joined by "/" choose the forward, input-gradient and
         kernel-gradient algorithms apart.
       folded: BatchNorm folded into the convolutions (inference only): made by ``ops.fold_batchnorm``, whose
@@ -178,11 +135,11 @@ class ResNet(nn.Module):
             raise ValueError("this model has its BatchNorm folded into the convolutions (ops.fold_batchnorm), "
                              "which is for inference only; train the unfolded model")
         dtype = self.layer_dtype()
-        conv = functools.partial(_conv, dtype=dtype, param_dtype=self.param_dtype, impl=self.conv_impl)
+        conv = functools.partial(padded_conv, dtype=dtype, param_dtype=self.param_dtype, impl=self.conv_impl)
         norm = functools.partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                                  epsilon=self.bn_epsilon, dtype=dtype, param_dtype=self.param_dtype,
                                  conv_impl=self.conv_impl)
-        conv_norm = _conv_norm(conv, norm, self.folded)
+        conv_norm = conv_norm_factory(conv, norm, self.folded)
         x = self._stem(jnp.asarray(x, dtype), conv_norm)
 
         block_cls = BLOCKS[self.block]
