@@ -126,6 +126,15 @@ def test_bad_folders_are_refused_with_what_to_do(photos, tmp_path):
     with_empty = data.get_source(f"folder:{photos}", "train")
     assert with_empty.class_names[2] == "empty_class" and with_empty.class_counts[2] == 0
     assert "empty_class (1 of 4)" in refusal(lambda: data.check_every_class(with_empty))  # ... but not trained on
+    assert "other formats" not in refusal(lambda: data.check_every_class(with_empty))
+    # a class whose files are all of formats not read (as ImageFolder, which says "Found no valid file for the
+    # classes ... Supported extensions are"): used to be told to add images that are there
+    (photos / "train" / "empty_class" / "clip.gif").write_bytes(b"GIF89a")
+    (photos / "train" / "empty_class" / "IMG_1.HEIC").write_bytes(b"")
+    message = refusal(lambda: data.check_every_class(data.get_source(f"folder:{photos}", "train")))
+    assert ("The folder(s) of empty_class hold only files of other formats (empty_class: IMG_1.HEIC, clip.gif), "
+            "which are skipped, as torchvision's ImageFolder skips them: convert them to one of .jpg .jpeg .png") \
+        in message, message
     (tmp_path / "flat" / "train").mkdir(parents=True)
     assert "holds no class folders" in refusal(lambda: data.get_source(f"folder:{tmp_path / 'flat'}", "train"))
     for split in ("train[:90]", "train[50%:10%]", "train[:101%]", ""):

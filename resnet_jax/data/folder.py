@@ -55,8 +55,11 @@ class FolderSource(Source):
             raise ValueError(f"{split_dir!r} holds no class folders; put each class's images in a subfolder named "
                              f"after it ({split_dir}/<class>/<image>).")
         paths, labels = [], []
+        self.skipped_files = {}  # class -> a few of the files in its folder that are not images by extension
         for label, name in enumerate(classes):
-            files = _images_under(os.path.join(split_dir, name))
+            files, skipped = _images_under(os.path.join(split_dir, name))
+            if skipped:
+                self.skipped_files[name] = skipped
             files = files[_share(len(files), start):_share(len(files), stop)]
             paths += files
             labels += [label] * len(files)
@@ -131,13 +134,20 @@ def _visible_dirs(path: str) -> list[str]:
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
-def _images_under(class_dir: str) -> list[str]:
+def _images_under(class_dir: str) -> tuple[list[str], list[str]]:
     """Image files below ``class_dir`` as paths relative to its parent, in torchvision's order (the walk sorted
-    by directory, each directory's files sorted)."""
+    by directory, each directory's files sorted), and the names of up to three visible files skipped for their
+    extension (a folder of .gif or .heic files, which ImageFolder skips too: said when a class ends up empty)."""
     parent = os.path.dirname(class_dir)
     walked = []
     for directory, subdirs, files in os.walk(class_dir, followlinks=True):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         walked.append((directory, files))
-    return [os.path.relpath(os.path.join(directory, f), parent) for directory, files in sorted(walked)
-            for f in sorted(files) if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    images, skipped = [], []
+    for directory, files in sorted(walked):
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+                images.append(os.path.relpath(os.path.join(directory, f), parent))
+            elif not f.startswith(".") and len(skipped) < 3:
+                skipped.append(f)
+    return images, skipped

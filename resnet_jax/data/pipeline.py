@@ -165,9 +165,19 @@ def check_every_class(train: Source) -> None:
         return
     empty = [name for name, n in zip(train.class_names, counts) if n == 0]
     if empty:
+        skipped = getattr(train, "skipped_files", {})
+        other = {name: skipped[name] for name in empty if name in skipped}
+        formats = ""
+        if other:  # files are there, of formats that are not read
+            from resnet_jax.data.folder import IMAGE_EXTENSIONS
+
+            shown = "; ".join(f"{name}: {', '.join(files)}" for name, files in list(other.items())[:3])
+            formats = (f" The folder(s) of {', '.join(other)} hold only files of other formats ({shown}), which "
+                       f"are skipped, as torchvision's ImageFolder skips them: convert them to one of "
+                       f"{' '.join(IMAGE_EXTENSIONS)}.")
         raise ValueError(f"{train!r} has no image of the class(es) {', '.join(empty[:5])}"
                          f"{', ...' if len(empty) > 5 else ''} ({len(empty)} of {len(counts)}), which the model "
-                         f"could then never learn; add images there or remove those class folders.")
+                         f"could then never learn; add images there or remove those class folders.{formats}")
 
 
 class _Crop:
