@@ -144,3 +144,29 @@ def test_normalise_subtracts_the_mean_and_divides_by_the_std_per_channel(dtype):
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(aug.normalize(image, (0.5,), (0.25,)), (image / 255 - 0.5) / 0.25, rtol=1e-6)
+
+
+def test_random_interpolation_resizes_each_crop_bilinear_or_bicubic_as_timm():
+    """timm's train.py resizes each random-resized crop by a filter drawn per image, bilinear or bicubic
+    (``--train-interpolation random``, its default; the RSB A1 recipe's); here always bilinear before. Each crop
+    equals torchvision's ``resized_crop`` of the PIL image with one of the two filters, both at about even odds."""
+    import torch  # noqa: F401  (torchvision needs it)
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)
+    picked = []
+    for seed in range(40):
+        out = aug.random_resized_crop_flip(image, np.random.default_rng(seed), 24, interpolation="random")
+        left, top, right, bottom = aug.random_resized_crop_box(40, 60, np.random.default_rng(seed))
+        matches = []
+        for mode in (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC):
+            ref = np.asarray(F.resized_crop(Image.fromarray(image), top, left, bottom - top, right - left,
+                                            [24, 24], interpolation=mode))
+            matches.append(np.array_equal(out, ref) or np.array_equal(out, ref[:, ::-1]))
+        assert sum(matches) == 1, (seed, matches)
+        picked.append(matches.index(True))
+    assert 10 <= sum(picked) <= 30, picked  # bicubic about half the time
+    from train.configs import imagenet_resnet50_rsb_a1
+    assert imagenet_resnet50_rsb_a1.get_config().train_interpolation == "random"

@@ -113,6 +113,20 @@ def test_auto_augment_runs_torchvisions_policy_after_the_crop_in_the_loader():
     assert (plain != augmented).any()
 
 
+def test_the_loader_resizes_its_random_resized_crops_with_the_interpolation_asked():
+    """train_loader(train_interpolation=) reaches the crop (as config.train_interpolation, timm's
+    --train-interpolation): bicubic crops differ from bilinear ones, and "random" mixes the two."""
+    src = data.get_source("synthetic", "train", image_size=32, num_examples=16)
+    kwargs = dict(batch_size=16, image_size=16, augment="imagenet", seed=0, mean=0.0, std=1 / 255)
+    batches = {mode: np.round(next(iter(data.train_loader(src, train_interpolation=mode, **kwargs)))["image"])
+               for mode in ("bilinear", "bicubic", "random")}
+    same_as = [[any(np.array_equal(batches["random"][i], b) for b in (batches[m][i], batches[m][i][:, ::-1]))
+                for m in ("bilinear", "bicubic")] for i in range(16)]  # the same box; the flip drawn after the pick
+    assert all(sum(pair) == 1 for pair in same_as) and 0 < sum(b for _, b in same_as) < 16, same_as
+    with pytest.raises(ValueError, match="train_interpolation must be one of"):
+        data.train_loader(src, train_interpolation="lanczos", **kwargs)
+
+
 @pytest.mark.parametrize("kwargs,message", [({"random_erasing": 1.5}, "probability in \\[0, 1\\]"),
                                             ({"ra_reps": 0}, "at least 1"),
                                             ({"ra_reps": 3}, "leaves 3 distinct examples per epoch of the 8, fewer "

@@ -19,12 +19,17 @@ from resnet_jax.data.autoaugment import apply_op  # noqa: F401  (here too: the n
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def resize(image: np.ndarray, height: int, width: int, box: tuple[float, float, float, float] | None = None):
-    """Bilinear resize of `image` (or of its `box` = (left, top, right, bottom) region) to (height, width)."""
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def resize(image: np.ndarray, height: int, width: int, box: tuple[float, float, float, float] | None = None,
+           interpolation: str = "bilinear"):
+    """Resize `image` (or its `box` = (left, top, right, bottom) region) to (height, width), antialiased, by
+    Pillow's "bilinear" or "bicubic" filter (torchvision's resize of a PIL image)."""
     if box is None and image.shape[:2] == (height, width):
         return image
     pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    out = np.asarray(pil.resize((width, height), Image.BILINEAR, box=box))
+    out = np.asarray(pil.resize((width, height), INTERPOLATIONS[interpolation], box=box))
     return out[:, :, None] if out.ndim == 2 else out
 
 
@@ -80,13 +85,17 @@ def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
 
 
 def random_resized_crop_flip(image: np.ndarray, rng: np.random.Generator, size: int,
-                             scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+                             scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "bilinear") -> np.ndarray:
     """ImageNet recipe: a random-resized crop to size x size, flipped left-right half the time.
 
+    ``interpolation``: "bilinear" (torchvision's RandomResizedCrop), "bicubic", or "random", each crop by one
+    of the two drawn at even odds (timm's RandomResizedCropAndInterpolation, the default of timm's train.py).
     Cut out, then resized, as torchvision's ``resized_crop`` does: resizing the box within the whole image
     (Pillow's ``box=``) let the filter reach pixels outside it, which changed ~2% of the pixels, on the border."""
     left, top, right, bottom = random_resized_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
-    crop = resize(np.ascontiguousarray(image[top:bottom, left:right]), size, size)
+    if interpolation == "random":
+        interpolation = ("bilinear", "bicubic")[int(rng.integers(2))]
+    crop = resize(np.ascontiguousarray(image[top:bottom, left:right]), size, size, interpolation=interpolation)
     return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 

@@ -32,6 +32,7 @@ from resnet_jax.data.source import Source
 from resnet_jax.data.stats import DATASET_STATS
 
 AUGMENTS = ("cifar", "crop", "imagenet", "none")  # crop: CIFAR's shift without the flip (digits, text)
+TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")  # the random-resized crop's; random: timm's per-image pick
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -183,9 +184,12 @@ def check_every_class(train: Source) -> None:
 class _Crop:
     """Per example, uint8 in and out: the recipe's crop/flip (seeded) or the evaluation resize + centre crop."""
 
-    def __init__(self, augment: str, image_size: int, crop_fraction: float):
+    def __init__(self, augment: str, image_size: int, crop_fraction: float, interpolation: str = "bilinear"):
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, not {augment!r}.")
+        if interpolation not in TRAIN_INTERPOLATIONS:
+            raise ValueError(f"train_interpolation must be one of {TRAIN_INTERPOLATIONS}, not {interpolation!r}.")
+        self.interpolation = interpolation
         if image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, not {image_size!r}.")
         self.augment, self.size, self.crop_fraction = augment, int(image_size), crop_fraction
@@ -198,7 +202,7 @@ class _Crop:
             padding = max(1, self.size // 8)  # 4 pixels at CIFAR's 32: the same relative shift at any size
             image = aug.random_crop_flip(image, rng, self.size, padding, flip=self.augment == "cifar")
         elif self.augment == "imagenet" and rng is not None:
-            image = aug.random_resized_crop_flip(image, rng, self.size)
+            image = aug.random_resized_crop_flip(image, rng, self.size, interpolation=self.interpolation)
         else:
             image = aug.resize_center_crop(image, self.size, self.crop_fraction)
         return {"image": image, "label": np.int32(record["label"])}
@@ -276,7 +280,8 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
                  process_index: int | None = None, process_count: int | None = None,
                  num_classes: int | None = None, crop_fraction: float | None = None,
                  worker_buffer_size: int = 2, read_threads: int | None = None, auto_augment: str = "",
-                 random_erasing: float = 0.0, ra_reps: int = 1) -> grain.IterDataset:
+                 random_erasing: float = 0.0, ra_reps: int = 1,
+                 train_interpolation: str = "bilinear") -> grain.IterDataset:
     """A Grain IterDataset of {"image": float32 (local_batch, S, S, C), "label": int32 (local_batch,)}.
 
     batch_size is global. All processes agree on one stream: the whole split shuffled with `seed` anew each
@@ -292,7 +297,8 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
 
     auto_augment (``autoaugment.policy``: torchvision's "ta_wide" or "ra", timm's "rand-m7-mstd0.5-inc1") runs
     after the crop, random_erasing (a probability, torchvision's RandomErasing) after normalisation; ra_reps > 1
-    is repeated augmentation (``_RepeatedAugmentation``, torchvision's RASampler).
+    is repeated augmentation (``_RepeatedAugmentation``, torchvision's RASampler). train_interpolation is the
+    random-resized crop's filter ("bilinear", "bicubic", or timm's "random" choice of the two per image).
     """
     index, count = _processes(process_index, process_count)
     local = _local_batch(batch_size, count)
@@ -303,7 +309,7 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
     if not 0 <= int(seed) < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), not {seed!r}.")
     mean, std = _stats(src, mean, std, channels)
-    crop = _Crop(augment, image_size, crop_fraction or default_crop_fraction(src, augment))
+    crop = _Crop(augment, image_size, crop_fraction or default_crop_fraction(src, augment), train_interpolation)
     if not 0.0 <= random_erasing <= 1.0:
         raise ValueError(f"random_erasing is a probability in [0, 1], not {random_erasing!r}.")
     if int(ra_reps) < 1:

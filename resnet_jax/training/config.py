@@ -16,6 +16,7 @@ import os
 import ml_collections
 
 from resnet_jax.data import AUGMENTS
+from resnet_jax.data.pipeline import TRAIN_INTERPOLATIONS
 from resnet_jax.resnet import MODEL_CONFIGS, create_model
 
 OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
@@ -43,6 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_size = 32
     c.augment = "cifar"                 # "cifar" (pad-crop + flip), "crop" (pad-crop, no flip: digits, text),
                                         # "imagenet" (random-resized crop + flip), "none"
+    c.train_interpolation = "bilinear"  # "imagenet"'s resize: "bilinear" (torchvision), "bicubic", or "random"
+                                        # (each crop by one of the two: timm train.py's default)
     c.eval_crop_fraction = 0.0          # centre crop at evaluation/predict (0: 1.0 for fixed-size data or augment
                                         # "cifar"/"crop", which train on the whole frame; else 0.875)
     c.normalize = "dataset"             # "dataset" (per-dataset mean/std) or "imagenet" (for torchvision weights)
@@ -171,6 +174,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice("schedule", full.schedule, SCHEDULES)
     _choice("dtype", full.dtype, DTYPES)
     _choice("augment", full.augment, AUGMENTS)
+    _choice("train_interpolation", full.train_interpolation, TRAIN_INTERPOLATIONS)
     _choice("lr_scaling", full.lr_scaling, ("linear", "none"))
     _choice("normalize", full.normalize, ("dataset", "imagenet"))
     for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",

@@ -157,7 +157,8 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
     train_loader = data.train_loader(run.train_source, batch_size=config.batch_size, augment=config.augment,
                                      seed=config.seed, worker_count=config.num_workers,
                                      auto_augment=config.auto_augment, random_erasing=config.random_erasing,
-                                     ra_reps=config.ra_reps, **loader_args)
+                                     ra_reps=config.ra_reps, train_interpolation=config.train_interpolation,
+                                     **loader_args)
     val_loader = data.eval_loader(run.val_source, batch_size=config.eval_batch_size,
                                   crop_fraction=config.eval_crop_fraction, transform=eval_transform(config),
                                   **loader_args)

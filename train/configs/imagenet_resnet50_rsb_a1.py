@@ -27,6 +27,8 @@ def get_config():
     c.eval_resize = c.get_ref("image_size") * 100 // 95
     c.eval_interpolation = "bicubic"        # timm's resnet50.a1_in1k pretrained config: bicubic
     c.augment = "imagenet"                  # Table 1: RRC, horizontal flip
+    c.train_interpolation = "random"        # timm's train.py default (--train-interpolation random): each crop
+                                            # resized bilinear or bicubic at even odds
     c.auto_augment = "rand-m7-mstd0.5-inc1"  # Table 1: RandAugment 7 / 0.5 (timm --aa rand-m7-mstd0.5-inc1)
     c.random_erasing = 0.0                  # Table 1: erasing no
     c.ra_reps = 3                           # Table 1: repeated augmentation (timm --aug-repeats 3)
