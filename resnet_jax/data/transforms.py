@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax.data.augment import normalize
+from resnet_jax.data.images import pil_pixels
 
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 # timm's crop modes: "center" resizes the short side and crops (torchvision's only mode), "squash" resizes both
@@ -112,11 +113,15 @@ _TIMM_DEFAULTS = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation
 
 
 def _as_rgb_pil(image: Any) -> Image.Image:
+    """A file or PIL image as RGB by ``images.pil_pixels``, as predict and the data readers decode: Pillow's
+    conversion (torchvision's, to the bit) for every 8-bit mode, and the top 8 bits of 16-bit greyscale, which
+    ``convert("RGB")`` clips to white (a 16-bit scan came out all saturated here while predict read it right)."""
     if isinstance(image, (str, Path)):
         with Image.open(image) as opened:
-            return opened.convert("RGB")
+            opened.load()  # read now: an RGB file is returned as opened, and the file closes here
+            return pil_pixels(opened, "RGB")
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return pil_pixels(image, "RGB")
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"the transform takes uint8 images (0-255) or PIL images, got an array of {array.dtype}; "
