@@ -204,17 +204,26 @@ def weights_info(name: str, weights: Any = "DEFAULT") -> Weights:
     model, tag = _model_and_tag(name, weights)
     if tag in WEIGHTS.get(model, {}):
         return WEIGHTS[model][tag]
+    meant = [t for t in WEIGHTS.get(model, {}) if t.lower() == tag.lower() or t.lower().endswith("_" + tag.lower())]
+    if meant:  # "imagenet1k_v2", "V2": torchvision's tags, misspelt, went to the hub as timm tags
+        raise ValueError(f"{model} has no weights {tag!r}; did you mean {meant[0]!r} (tags are case-sensitive, "
+                         f"as torchvision's)?")
     if _on_the_hub(model, tag):
         return _hub_weights(model, tag)
     if model not in WEIGHTS and model in TIMM_MODELS:
         raise ValueError(f"{model} has no weights {tag!r}: only timm publishes weights for it; give one of timm's "
                          f"tags, e.g. {model}.<tag> for the hub repository timm/{model}.<tag>")
     if model not in WEIGHTS:
+        from resnet_jax.resnet import MODEL_CONFIGS
+
         close = difflib.get_close_matches(model, sorted({*WEIGHTS, *TIMM_MODELS}), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        other = ("any other model of resnet_jax (list_models()) can load a file of its own weights with "
+                 "load_torchvision" if model in MODEL_CONFIGS else
+                 f"{model!r} is not a model resnet_jax builds (list_models() lists them), so no file of it loads "
+                 f"here either")
         raise ValueError(f"no published weights for {model!r}.{hint} Models with weights: {sorted(WEIGHTS)}, and "
-                         f"any timm tag of {sorted(set(TIMM_MODELS) - set(WEIGHTS))}; any other model can load a "
-                         f"file with load_torchvision or load_timm.")
+                         f"any timm tag of {sorted(set(TIMM_MODELS) - set(WEIGHTS))}; {other}.")
     more = " or any of timm's tags (hub repositories timm/<model>.<tag>)" if model in TIMM_MODELS else ""
     raise ValueError(f"{model} has no weights {tag!r}; choose one of {sorted(WEIGHTS[model])}{more}")
 

@@ -510,10 +510,23 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> No
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a ``.safetensors`` or a torch ``.pth``/``.pt``/``.bin`` file, chosen by extension."""
-    if str(path).endswith(".safetensors"):
+    """Read a ``.safetensors`` or a torch ``.pth``/``.pt``/``.bin`` file: by extension, and a safetensors file
+    under another name (a ``.bin`` saved by ``safetensors``) by its header, which was refused as "not a PyTorch
+    .pth file"."""
+    if str(path).endswith(".safetensors") or _looks_like_safetensors(path):
         return read_safetensors(path)
     return read_torch_file(path)
+
+
+def _looks_like_safetensors(path: str | os.PathLike) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian) and then that header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False  # the reader says what is wrong with the path
+    return len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8
 
 
 def save_state_dict(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:

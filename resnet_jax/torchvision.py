@@ -338,11 +338,15 @@ def adapt_input_conv(kernel: np.ndarray, in_channels: int) -> np.ndarray:
 
 
 def _fits_naming(model: ResNet, state_dict: Mapping[str, Any], naming: str) -> bool:
-    """Whether every name in the file is one of ``model``'s in another naming (for the error's hint)."""
+    """Whether the file's names, read in another naming, are exactly ``model``'s entries (for the error's hint).
+    Names that merely parse were not enough: a torchvision ResNet-18 given to load_timm("resnet18d") was sent to
+    load_torchvision, which fails as well (the stems differ)."""
+    expected = set(_expected_shapes(model))
     try:
-        return all(torch_to_flax_name(n, naming, model) for n in state_dict)
+        paths = {torch_to_flax_name(n, naming, model)[0] for n in state_dict} - {None}
     except ValueError:
         return False
+    return paths == expected
 
 
 def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...], naming: str, model: ResNet) -> tuple[int, ...]:

@@ -410,3 +410,17 @@ def test_torchvision_weights_enum_members_name_their_tag(tmp_path):
         np.testing.assert_array_equal(v, tm.state_dict()[k].numpy(), err_msg=k)
     clf = Classifier.from_pretrained("resnet18", v1, file=tmp_path / "resnet18.pth")
     assert clf.config.init_from == "resnet18.IMAGENET1K_V1"
+
+
+def test_misspelt_tags_and_models_without_weights_get_true_advice(monkeypatch):
+    """Used to be: "imagenet1k_v2" or "V2" went to the hub as timm tags (offline: "run once with network
+    access"), and timm's resnet26d was told to load a file with load_timm, which refuses it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for tag in ("imagenet1k_v2", "V2"):
+        with pytest.raises(ValueError, match=r"resnet50 has no weights '.*'; did you mean 'IMAGENET1K_V2'"):
+            weights_info("resnet50", tag)
+    with pytest.raises(ValueError, match=r"'resnet26d' is not a model resnet_jax builds") as info:
+        weights_info("resnet26d.a1_in1k")
+    assert "load_timm" not in str(info.value)
+    with pytest.raises(ValueError, match=r"any other model of resnet_jax .* with load_torchvision\.$"):
+        weights_info("resnet20")

@@ -20,6 +20,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+import torchvision
 
 from conftest import assert_close, random_batch_stats, run_python
 from resnet_jax import create_model, list_models
@@ -254,6 +255,12 @@ def test_naming_mismatch_is_named_in_the_error(resnet18d):
     _, variables = load_timm("resnet18d", state)
     with pytest.raises(ValueError, match=r"unexpected.*conv1_0\.weight(.|\n)*load it with load_torchvision"):
         load_timm("resnet18d", to_torchvision(variables))
+    # a file of another architecture fits neither naming: no loader is suggested (a torchvision ResNet-18 was
+    # sent to load_torchvision, which fails too: the stems differ)
+    torchvision_resnet18 = {k: v.numpy() for k, v in torchvision.models.resnet18().state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        load_timm("resnet18d", torchvision_resnet18)
+    assert "load it with" not in str(info.value) and "Check the model name" in str(info.value)
 
 
 def test_loading_needs_no_torch(tmp_path):

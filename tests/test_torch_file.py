@@ -548,3 +548,13 @@ def test_a_failed_save_keeps_the_file_it_would_replace(tmp_path, suffix):
     assert "failed:" in proc.stdout, proc.stdout + proc.stderr
     np.testing.assert_array_equal(load_state_dict(path)["w"], np.ones((64, 64), np.float32))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_safetensors_file_under_another_name_is_read_by_its_header(tmp_path):
+    """A ``.bin`` written by safetensors (as some hub repositories name them) was refused as "not a PyTorch
+    .pth file"; torch files named .bin still read as torch files."""
+    state = {"fc.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    safetensors.torch.save_file(state, tmp_path / "model.bin")
+    torch.save(state, tmp_path / "torch.bin")
+    for name in ("model.bin", "torch.bin"):
+        np.testing.assert_array_equal(load_state_dict(tmp_path / name)["fc.weight"], state["fc.weight"].numpy())
