@@ -78,10 +78,12 @@ class ResNet(nnx.Module):
         """A fresh key from the ``dropout`` stream for stochastic depth (none needed without it)."""
         if not self.linen_module.drop_path_rate:
             return {}
-        if self.rngs is None:
+        if self.rngs is None or not hasattr(self.rngs, "dropout"):  # Rngs(params=0): no dropout or default stream
+            given = "" if self.rngs is None else " (its rngs have no dropout stream, nor a default one)"
             raise ValueError(f"this model has drop_path_rate={self.linen_module.drop_path_rate} and trains with "
-                             "random masks: build it with rngs=nnx.Rngs(dropout=seed) (create_model, from_linen, "
-                             "load_torchvision, load_timm, pretrained), or call model.eval() for inference")
+                             f"random masks{given}: build it with rngs=nnx.Rngs(dropout=seed) or nnx.Rngs(seed) "
+                             "(create_model, from_linen, load_torchvision, load_timm, pretrained), or call "
+                             "model.eval() for inference")
         return {"dropout": self.rngs.dropout()}
 
     def linen_variables(self) -> dict[str, Any]:

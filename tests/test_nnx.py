@@ -246,6 +246,10 @@ def test_stochastic_depth_draws_from_the_dropout_stream():
     untrained = rnnx.from_linen(module, variables)
     with pytest.raises(ValueError, match=r"drop_path_rate=0.5 .* rngs=nnx.Rngs\(dropout=seed\)"):
         untrained(x)
+    # rngs of other streams only (a params stream, no default): Flax's AttributeError before
+    params_only = rnnx.from_linen(module, variables, rngs=nnx.Rngs(params=0))
+    with pytest.raises(ValueError, match=r"its rngs have no dropout stream, nor a default one"):
+        params_only(x)
 
 
 def test_loaded_weights_fine_tune_with_stochastic_depth():
