@@ -398,3 +398,28 @@ def test_bfloat16_computes_in_float32_where_the_cpu_has_no_bfloat16_instructions
                                                 ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (2, 1), (1, 3)])
+def test_bfloat16_kernel_gradient_of_taps_that_see_only_padding_is_zero(height, width):
+    """Used to be: oneDNN's bfloat16 kernel gradient left the accumulators of taps that read only padding (a
+    1-pixel-wide input at a stride-2 3x3) as an earlier call had left them in the scratchpad: up to 1e31 came
+    back, where the gradient is 0 (``onednn`` and ``auto``). A larger kernel gradient runs first to leave values
+    there; the reference is XLA in float32 on the same bfloat16 values."""
+    require_onednn()
+    rng = np.random.default_rng(0)
+
+    def kernel_grad(x, k, dy, algorithm):
+        return jax.vjp(lambda kk: conv2d(x, kk, 2, "SAME", algorithm=algorithm), k)[1](dy)[0]
+
+    def case(h, w, algorithm):
+        x = jnp.asarray(rng.standard_normal((1, h, w, 8)), jnp.bfloat16)
+        k = jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.bfloat16)
+        dy = jnp.asarray(rng.standard_normal(conv2d(x, k, 2, "SAME", algorithm="xla").shape), jnp.bfloat16)
+        f32 = [a.astype(jnp.float32) for a in (x, k, dy)]
+        return np.asarray(kernel_grad(x, k, dy, algorithm).astype(jnp.float32)), np.asarray(kernel_grad(*f32, "xla"))
+
+    for algorithm in ("onednn", "auto"):
+        case(6, 6, algorithm)
+        got, want = case(height, width, algorithm)
+        np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max(), err_msg=algorithm)

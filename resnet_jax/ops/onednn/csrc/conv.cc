@@ -59,6 +59,24 @@ struct Shape {
   memory::dims PadLo() const { return {pad_lo[0], pad_lo[1]}; }
   memory::dims PadHi() const { return {pad_hi[0], pad_hi[1]}; }
 
+  // Whether some tap of the kernel reads only padding at every output position (an input smaller than the
+  // kernel's reach: a 1-pixel-wide image at a stride-2 3x3). oneDNN's bfloat16 kernel gradient leaves such taps'
+  // float32 accumulators in the scratchpad as it found them: stale values of an earlier call, up to 1e31, came
+  // back as their gradient (which is 0).
+  bool HasDeadTap() const {
+    const int64_t in[2] = {h, w}, out[2] = {oh, ow}, taps[2] = {kh, kw};
+    for (int d = 0; d < 2; ++d)
+      for (int64_t k = 0; k < taps[d]; ++k) {
+        bool reads = false;
+        for (int64_t i = 0; i < out[d] && !reads; ++i) {
+          const int64_t at = i * strides[d] - pad_lo[d] + k * dilation[d];
+          reads = at >= 0 && at < in[d];
+        }
+        if (!reads) return true;
+      }
+    return false;
+  }
+
   std::string Key(const char* op) const {
     std::ostringstream k;
     k << op << ':' << static_cast<int>(dtype) << ':' << n << 'x' << h << 'x' << w << 'x' << c << ':' << kh
@@ -330,10 +348,12 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
     memory prim = e->reorder_weights
                       ? memory(e->prim_weights, Engine(), weights_buffer.Get(e->prim_weights.get_size()))
                       : user;
+    memory scratch = Scratchpad(*e);
+    if (s.HasDeadTap()) std::memset(scratch.get_data_handle(), 0, e->scratchpad.get_size());  // Shape says why
     e->prim.execute(Stream(), {{DNNL_ARG_SRC, memory(Nhwc(s.Src(), s.dtype), Engine(), x.untyped_data())},
                                {DNNL_ARG_DIFF_DST, memory(Nhwc(s.Dst(), s.dtype), Engine(), dy.untyped_data())},
                                {DNNL_ARG_DIFF_WEIGHTS, prim},
-                               {DNNL_ARG_SCRATCHPAD, Scratchpad(*e)}});
+                               {DNNL_ARG_SCRATCHPAD, scratch}});
     if (e->reorder_weights) e->weights_reorder.execute(Stream(), prim, user);
     Stream().wait();
   });
