@@ -262,3 +262,27 @@ def test_only_the_batchnorms_without_a_residual_take_the_mask_from_x():
     flags = re.findall(r'custom_call_target="ResnetJaxBatchNormGrad(Sums|Apply)".*?mask_from_x = (\d)', text)
     from_x = [kind for kind, flag in flags if flag == "1"]
     assert sorted(from_x) == ["Apply"] * 5 + ["Sums"] * 5  # the stem's and 4 blocks' first BatchNorms
+
+
+@pytest.mark.parametrize("extension", EXTENSION)
+def test_a_channel_whose_mean_dwarfs_its_spread_keeps_its_statistics(extension):
+    """Used to be: the variance as E[x^2] - mean^2 in float32 (flax's fast variance) lost every digit at a mean
+    1e4 times the spread: variance 0, outputs ~100x too large, input gradients 1e6x off. Sums of x shifted by its
+    first pixel keep them; the reference is torch's batch_norm in float64 (a two-pass variance)."""
+    import torch
+    import torch.nn.functional as F
+
+    if extension:
+        require_onednn()
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 4, 4, 8)) + 1e4).astype(np.float32)
+    ct = rng.standard_normal(x.shape).astype(np.float32)
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
+    y_ref = F.batch_norm(xt, None, None, torch.ones(8, dtype=torch.float64), None, training=True, eps=1e-5)
+    y_ref.backward(torch.tensor(ct.transpose(0, 3, 1, 2), dtype=torch.float64))
+    scale, bias = jnp.ones(8), jnp.zeros(8)
+    (y, mean, var), vjp = jax.vjp(lambda x: batch_norm_act(x, scale, bias, extension=extension), jnp.asarray(x))
+    (dx,) = vjp((jnp.asarray(ct), jnp.zeros(8), jnp.zeros(8)))
+    assert relative(y, y_ref.detach().numpy().transpose(0, 2, 3, 1)) < 1e-3
+    assert relative(dx, xt.grad.numpy().transpose(0, 2, 3, 1)) < 3e-3
+    np.testing.assert_allclose(var, x.reshape(-1, 8).astype(np.float64).var(0), rtol=1e-3)

@@ -3,7 +3,8 @@
 Why: differentiated automatically, ``relu(batchnorm(x) + residual)`` makes XLA save ``x - mean`` for the backward
 pass (a full extra write and read of every activation) and reduce the gradient in separate passes. On CPU these
 passes, not arithmetic, are what BatchNorm costs (BENCHMARKS.md). Here the forward pass reduces ``x`` once (mean
-and mean of squares, as flax's ``use_fast_variance``) and writes the output once.
+and mean of squares, as flax's ``use_fast_variance``, but of ``x`` shifted by its first pixel, which keeps the
+variance exact where a channel's mean is large against its spread: ``_stats``) and writes the output once.
 
 The derivative is a ``custom_jvp`` whose tangent map is a primitive, linear and written in ``x`` and
 per-channel vectors only (``batchnorm_grad.py``): forward mode (``jvp``, ``linearize``, Hessian-vector products)
@@ -13,9 +14,10 @@ CPU, where the model's convolutions may use the oneDNN extension, the passes ove
 and the normalisation forward, the gradient's sums and the input gradient backward) run as its C++ loops:
 XLA:CPU ran them 1.3-1.7x slower (BENCHMARKS.md, 2026-12-04).
 
-The forward values are computed with the same operations in the same order as ``flax.linen.BatchNorm`` followed
-by the add and ReLU. The derivative is exact (per-channel statistics included, so a loss on the returned
-mean/variance differentiates correctly too); it equals automatic differentiation within float32 rounding.
+The forward values are ``flax.linen.BatchNorm``'s followed by the add and ReLU, within float32 rounding (the
+statistics' sums shifted; the normalisation in flax's operations and order). The derivative is exact
+(per-channel statistics included, so a loss on the returned mean/variance differentiates correctly too); it
+equals automatic differentiation within float32 rounding.
 """
 
 from __future__ import annotations
@@ -49,14 +51,21 @@ def batch_norm_act(x, scale, bias, residual=None, *, relu: bool = False, epsilon
 
 
 def _stats(x, extension):
+    """Mean and (biased) variance per channel, from sums of ``d = x - shift`` with ``shift`` the first pixel's
+    value: ``E[d^2] - E[d]^2`` is the variance exactly, and keeps float32 precision where a channel's mean is
+    large against its spread, which flax's ``E[x^2] - mean^2`` (its fast variance) does not: at a mean 1e4 times
+    the spread it gave a variance of 0 (outputs ~100x too large, gradients 1e6x off); torch's two-pass variance
+    is the reference. One pass over ``x`` either way."""
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    shift = lax.stop_gradient(rows[0] if rows.shape[0] else jnp.zeros(x.shape[-1], jnp.float32))  # a constant
+    n = x.size // x.shape[-1]
     if extension:
-        sums = calls.batch_norm_sums(x)
-        n = x.size // x.shape[-1]
-        mean, mean_of_squares = sums[0] / n, sums[1] / n
+        sums = calls.batch_norm_sums(x)  # shifted by the same first pixel (csrc/batchnorm.cc)
+        mean_d, mean_d2 = sums[0] / n, sums[1] / n
     else:
-        xf, axes = x.astype(jnp.float32), tuple(range(x.ndim - 1))
-        mean, mean_of_squares = jnp.mean(xf, axes), jnp.mean(lax.square(xf), axes)
-    return mean, jnp.maximum(0.0, mean_of_squares - lax.square(mean))
+        d, axes = x.astype(jnp.float32) - shift, tuple(range(x.ndim - 1))
+        mean_d, mean_d2 = jnp.mean(d, axes), jnp.mean(lax.square(d), axes)
+    return shift + mean_d, jnp.maximum(0.0, mean_d2 - lax.square(mean_d))
 
 
 def _forward(x, scale, bias, residual, relu, epsilon, out_dtype, extension):

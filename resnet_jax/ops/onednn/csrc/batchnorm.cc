@@ -126,6 +126,10 @@ ffi::Error Dispatch(const char* name, ffi::DataType type, std::initializer_list<
   return resnet_jax::Run([&] { WithStorageType(type == ffi::DataType::BF16, body); });
 }
 
+// out = (sum d, sum d^2) with d = x - x[first row], per channel: sums shifted by a value of the data itself, so
+// the variance E[d^2] - E[d]^2 keeps float32 precision when a channel's mean is large against its spread
+// (unshifted, E[x^2] - mean^2 lost every digit at a mean 1e4 times the spread; torch's two-pass variance does
+// not). batchnorm.py adds the shift back to the mean.
 ffi::Error Stats(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
   if (!resnet_jax::HasDims(out->dimensions(), {2, channels}))
@@ -133,11 +137,15 @@ ffi::Error Stats(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   return Dispatch("BatchNorm sums", x.element_type(), {}, [&](auto tag) {
     using T = decltype(tag);
     const T* px = static_cast<const T*>(x.untyped_data());
+    std::vector<float> shift(channels, 0.f);
+    if (rows > 0)
+      for (int64_t c = 0; c < channels; ++c) shift[c] = Load(px, c);
+    const float* k = shift.data();
     ChannelSums(rows, channels, out->typed_data(), [&](int64_t r, float* a, float* b) {
       const T* row = px + r * channels;
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) {
-        const float v = Load(row, c);
+        const float v = Load(row, c) - k[c];
         a[c] += v;
         b[c] += v * v;
       }
