@@ -418,3 +418,37 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_continues_that_epoch(tmp_pat
     assert sum(window[r["step"]] for r in epoch2) == 44
     mean = {k: sum(r[k] * window[r["step"]] for r in epoch2) / 44 for k in ("loss", "accuracy")}
     assert summary[0].startswith(f"epoch 2/2: train loss {mean['loss']:.4f} acc {mean['accuracy']:.4f} | val")
+
+
+def test_a_fine_tune_resumes_after_its_starting_file_moved_and_a_bad_one_changes_nothing(tmp_path):
+    """Used to be: (1) once the .pth a fine-tune started from had moved, the run could not continue (missing with
+    the old path, a refused change with the new one), though a resume never reads it; (2) an unreadable file
+    failed only after restart=True had moved the old run aside (the same command then started afresh)."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from resnet_jax import create_model
+    from resnet_jax.torchvision import save_torchvision
+
+    model = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=10)
+    save_torchvision(jax.device_get(model.init(jax.random.PRNGKey(7), jnp.zeros((1, 8, 8, 1)))),
+                     tmp_path / "start.pth")
+    run = tmp_path / "ft"
+    train(fine_tune_config(init_from=str(tmp_path / "start.pth")), run, log=lambda _: None)
+    shutil.move(tmp_path / "start.pth", tmp_path / "moved.pth")
+    for more, path in enumerate(("start.pth", "moved.pth"), 1):  # the old path (gone) and the new one
+        settings = fine_tune_config(init_from=str(tmp_path / path))
+        settings.max_steps += more
+        result = train(settings, run, log=lambda _: None)
+        assert result.resumed_from == settings.max_steps - 1 and int(result.state.step) == settings.max_steps
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    (tmp_path / "bad.pth").write_bytes(b"not a weights file")
+    restart = fine_tune_config(init_from=str(tmp_path / "bad.pth"))
+    restart.restart = True
+    with pytest.raises(ValueError, match="bad.pth"):
+        train(restart, run, log=lambda _: None)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing moved aside
+    with pytest.raises(ValueError, match="bad.pth"):
+        train(fine_tune_config(init_from=str(tmp_path / "bad.pth")), tmp_path / "fresh", log=lambda _: None)
+    assert not (tmp_path / "fresh").exists()

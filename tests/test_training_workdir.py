@@ -256,3 +256,17 @@ def test_a_folder_run_from_before_the_record_of_its_images(tmp_path, split, refu
         check(run, settings, said.append, data)
         assert said == [f"the run in {run} predates the record of its training images; continuing with the "
                         f"files as they are now, which are recorded from here on"]
+
+
+@pytest.mark.parametrize("key", ["init_from", "weights_file"])
+def test_the_starting_weights_may_move_once_the_run_has_saved(tmp_path, key):
+    """Used to be: a fine-tune whose .pth had moved (off node-local disk, out of /tmp) could not continue: the old
+    path was refused as missing, the new one as a change of the run. They are read only by a run's first start:
+    with a checkpoint, a change continues and is logged; before one, it is still refused."""
+    write_config(tmp_path, config(**{key: "/old/start.pth"}))
+    with pytest.raises(ConfigMismatch, match=rf'{key}: "/old/start.pth" -> "/new/start.pth"'):
+        check(tmp_path, config(**{key: "/new/start.pth"}), lambda _: None)
+    said = []
+    check(with_checkpoint(tmp_path), config(**{key: "/new/start.pth"}), said.append)
+    assert said == [f'continuing the run in {tmp_path} with changed settings: {key}: "/old/start.pth" -> '
+                    f'"/new/start.pth"']

@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
 CONTINUABLE = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                "eval_every_epochs", "eval_batch_size", "early_stopping_patience", "progress_bar",
                "compilation_cache_dir", "data_dir")
+# Read only by a run's first start: once it has a checkpoint they may change or vanish (a fine-tune's .pth moved
+# off node-local disk blocked its resume).
+STARTING_WEIGHTS = ("init_from", "weights_file")
 # The number of processes is not compared here: it can come from the environment, so the checkpoint records the
 # count that wrote it and a resume with another count is refused there (the data position is saved per process).
 PER_INVOCATION = ("restart", "coordinator_address", "num_processes", "process_id")

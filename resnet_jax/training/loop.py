@@ -35,7 +35,7 @@ from resnet_jax.training.config import (check_against_data, eval_transform, min_
 from resnet_jax.training.metrics_log import MetricsLog, read_metrics
 from resnet_jax.training.optim import make_optimizer, make_schedule
 from resnet_jax.training.preemption import StopOnSignal
-from resnet_jax.training.pretrained_init import check_init_from, initial_variables
+from resnet_jax.training.pretrained_init import initial_variables
 from resnet_jax.training.state import TrainState, create_train_state
 from resnet_jax.training.steps import add_sums, make_eval_step, make_train_step, means
 
@@ -90,7 +90,6 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
     data.check_same_classes(train_source, val_source)
     data.check_every_class(train_source)
     check_against_data(config, train_source.num_classes)
-    check_init_from(config)
     model = model_from_config(config, train_source.num_classes)
     if not config.eval_crop_fraction:  # resolved here and saved with the config, so predict crops the same way
         config.eval_crop_fraction = data.default_crop_fraction(val_source, config.augment)
@@ -170,11 +169,18 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
                             shapes.arrays())
 
+    # The starting weights are read (and checked) before anything in the workdir changes, and only by a run that
+    # starts afresh: a bad file used to fail after restart had moved the old run aside (or after an empty
+    # checkpoints/ was made), and a resumed fine-tune, which never reads them, was refused once they had moved.
+    fresh = config.restart or not run_dir.has_checkpoints(workdir)
+    initial = initial_variables(config, model, input_shape, log) if fresh else None
     checkpoints, iterator, restored = _restore(config, workdir, train_loader, abstract, log)
     progress = {"window": None, "epoch": None, "best": -1.0, "bad_epochs": 0}
     if restored is None:
         step, resumed_from = 0, None
-        state = create(initial_variables(config, model, input_shape, log))
+        if not fresh:  # its checkpoints went in the meantime (another process of this run moved them)
+            initial = initial_variables(config, model, input_shape, log)
+        state = create(initial)
     else:
         step, arrays, meta = restored
         resumed_from = step

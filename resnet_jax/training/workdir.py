@@ -30,7 +30,7 @@ import ml_collections
 from resnet_jax.atomic import replace_atomically
 from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch
 from resnet_jax.parallel import process_failures, process_strings, sync_processes
-from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, base_config
+from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, STARTING_WEIGHTS, base_config
 from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 CONFIG_FILE = "config.json"
@@ -73,7 +73,8 @@ def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str],
                              f"would mix two orders within an epoch; set them back, use a new --workdir with "
                              f"--config.init_from={workdir} to start from its weights, or pass "
                              f"--config.restart=True")
-    continuable = CONTINUABLE + (("dataset",) if recorded is not None and recorded == data else ())
+    continuable = (CONTINUABLE + (("dataset",) if recorded is not None and recorded == data else ())
+                   + (STARTING_WEIGHTS if resumable else ()))
     refused = {k: v for k, v in changes.items() if k.split(".")[0] not in continuable}
     if refused:
         raise ConfigMismatch(f"{workdir} holds a run with other settings, which cannot change within a run "
@@ -93,7 +94,8 @@ def check_restored(checkpoint_config: dict[str, Any], config: ml_collections.Con
     change are those ``check`` lets through; ``dataset`` among them, which ``check`` already held to the recorded
     training files."""
     changes = config_changes(checkpoint_config, as_plain_dict(config))
-    refused = {k: v for k, v in changes.items() if k.split(".")[0] not in (*CONTINUABLE, "dataset")}
+    kept = (*CONTINUABLE, *STARTING_WEIGHTS, "dataset")
+    refused = {k: v for k, v in changes.items() if k.split(".")[0] not in kept}
     if refused:
         raise ConfigMismatch(f"the checkpoint at step {step} in {workdir} was saved by a run with other settings "
                              f"than {CONFIG_FILE} and this config ({_describe(refused)}); it belongs to another "
@@ -296,6 +298,11 @@ def _saved_data(workdir: Path) -> dict[str, Any] | None:
 
 def has_history(workdir: Path) -> bool:
     return bool(_present(workdir, HISTORY_FILES))
+
+
+def has_checkpoints(workdir: Path) -> bool:
+    """Whether the run in ``workdir`` has saved (read without opening Orbax, whose manager creates the folder)."""
+    return bool(_present(workdir, (CHECKPOINTS,)))
 
 
 def _present(workdir: Path, names: tuple[str, ...] = RUN_FILES) -> list[str]:
