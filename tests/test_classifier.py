@@ -197,3 +197,10 @@ def test_predict_follows_new_weights(fitted):
     finally:
         fitted.variables = old
     np.testing.assert_array_equal(fitted._logits(batch), before)
+
+
+def test_class_names_of_another_length_are_refused():
+    """Used to be accepted (2 names for 10 classes), and predict then named classes from a short list."""
+    with pytest.raises(ValueError, match="class_names has 2 names for num_classes=10; give one name per class"):
+        Classifier("resnet20", 10, in_channels=1, image_size=8, class_names=["a", "b"])
+    assert Classifier("resnet20", 2, in_channels=1, image_size=8, class_names=["a", "b"]).class_names == ["a", "b"]

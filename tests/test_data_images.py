@@ -64,6 +64,8 @@ BAD = [
     ([np.zeros((8, 8, 2), np.uint8)], 1, "item 0 of the list has shape"),
     (np.zeros((0, 8), np.uint8), 1, "holds no pixels"),
     ([], 1, "empty list"),
+    (np.zeros((0, 8, 8), np.uint8), 1, r"a batch of no images \(shape \(0, 8, 8\)\)"),  # numpy's stack error before
+    (np.zeros((0, 8, 8, 3), np.uint8), 3, r"a batch of no images \(shape \(0, 8, 8, 3\)\)"),
 ]
 
 

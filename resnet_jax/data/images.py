@@ -65,6 +65,9 @@ def split_images(images: Any, channels: int, first: int = 0) -> list[np.ndarray]
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in allowed):
         return [_one_image(array, "the image", allowed)]
     if (array.ndim == 3 and channels == 1) or (array.ndim == 4 and array.shape[-1] in allowed):
+        if len(array) == 0:  # numpy's "need at least one array to stack" came out of the batching
+            raise ValueError(f"predict got a batch of no images (shape {array.shape}); pass at least one, (N, H, W, C) "
+                             "with N >= 1")
         return [_one_image(image, f"image {i} of the batch", allowed) for i, image in enumerate(array, first)]
     raise ValueError(_shape_error(array.shape, channels))
 

@@ -50,6 +50,9 @@ class Classifier:
         self.config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "model": model,
                                                           "image_size": image_size, **config,
                                                           "model_overrides": overrides}))
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}; give one "
+                             f"name per class, in the order of the labels")
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.model = model_from_config(self.config, num_classes)
