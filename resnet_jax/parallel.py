@@ -159,14 +159,17 @@ def batch_multiple(mesh: Mesh) -> int:
     return math.lcm(mesh.devices.size, jax.process_count())
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
-    """Fail before compiling when a batch (``name`` says which) cannot be split evenly over devices and
-    processes."""
-    multiple = batch_multiple(mesh)
+def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size", parts: int = 1) -> None:
+    """Fail before compiling when a batch (``name`` says which), cut into ``parts`` equal micro-batches
+    (gradient accumulation), cannot be split evenly over devices and processes. The suggestion is a value of
+    the batch itself, the one setting: for micro-batches it named a micro-batch size, which cannot be set."""
+    multiple = batch_multiple(mesh) * parts
     if global_batch_size % multiple:
         suggestion = max(multiple, global_batch_size // multiple * multiple)
-        raise ValueError(f"{name} {global_batch_size} must be divisible by the number of devices "
-                         f"({mesh.devices.size}) and processes ({jax.process_count()}); try {suggestion}")
+        micro = f" in {parts} micro-batches (grad_accum_steps)" if parts > 1 else ""
+        raise ValueError(f"{name} {global_batch_size}{micro} must split evenly over the devices "
+                         f"({mesh.devices.size}) and processes ({jax.process_count()}): a multiple of {multiple}; "
+                         f"try {name}={suggestion}")
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -197,12 +197,18 @@ def test_a_batch_not_divisible_by_devices_fails_before_compiling_with_nothing_wr
     """batch_size, then eval_batch_size, 30 on 4 devices: one 4-device process tries both."""
     keys = ("batch_size", "eval_batch_size")
     configs = {key: config(**{key: 30}).to_dict() for key in keys}
+    # micro-batches of 10 on 4 devices: the hint named a micro-batch size (which no setting takes), 9 then 2
+    configs["accumulated"] = config(batch_size=40, grad_accum_steps=4).to_dict()
     proc = run_python(NOT_DIVISIBLE_CHILD, args=[json.dumps(configs), tmp_path, Path(__file__).parent],
                       env=worker_env(4))
     report = json.loads(proc.stdout.splitlines()[-1])
     for key in keys:
-        assert f"{key} 30 must be divisible by the number of devices (4)" in report[key], report
+        assert (f"{key} 30 must split evenly over the devices (4) and processes (1): a multiple of 4; try "
+                f"{key}=28") in report[key], report
         assert report[f"{key} compiles"] == 0
+    assert ("batch_size 40 in 4 micro-batches (grad_accum_steps) must split evenly over the devices (4) and "
+            "processes (1): a multiple of 16; try batch_size=32") in report["accumulated"], report
+    assert report["accumulated compiles"] == 0
     assert not any(tmp_path.iterdir())
 
 

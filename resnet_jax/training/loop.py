@@ -85,7 +85,7 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
     check_batch_size(config.batch_size, mesh)
     check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     if config.grad_accum_steps > 1:
-        check_batch_size(config.batch_size // config.grad_accum_steps, mesh, "batch_size / grad_accum_steps")
+        check_batch_size(config.batch_size, mesh, parts=config.grad_accum_steps)
     train_source, val_source = run_dir.agreed(lambda: _sources(config))
     data.check_same_classes(train_source, val_source)
     data.check_every_class(train_source)
