@@ -366,6 +366,10 @@ def save_variables(directory: str | Path, variables: dict, config: dict, class_n
     ``model.json`` also holds the arrays' ``checksum``, which ``load_variables`` checks (files saved before it
     had one still load, unchecked)."""
     directory = Path(directory).absolute()
+    checkpoints = directory / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):  # load_variables reads those first
+        raise ValueError(f"{directory} is a training run's workdir: loading it reads its checkpoints, which would "
+                         "hide a model saved there; save into another directory")
     directory.mkdir(parents=True, exist_ok=True)
     tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     with ocp.StandardCheckpointer() as saver:
@@ -390,6 +394,9 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
     checkpoints = workdir / "checkpoints"
     has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
     if not has_checkpoints and ((workdir / MODEL_DIR).exists() or (workdir / MODEL_INFO).exists()):
+        if step is not None:  # it was ignored: the one set of weights was loaded for any step asked
+            raise ValueError(f"{workdir} is a saved model, which holds one set of weights and no steps; load it "
+                             f"without step (asked: {step!r})")
         return _load_saved_model(workdir, use_ema)
     if not has_checkpoints:  # said before opening Orbax's manager, which would create the directory: a read
         # changes nothing, and an empty checkpoints/ left behind had hidden a saved model from the next load

@@ -345,3 +345,21 @@ def test_a_damaged_checkpoint_leaves_no_tracebacks_of_abandoned_reads_on_stderr(
     assert "ValueError: an unrelated report, kept" in proc.stderr, proc.stderr[-3000:]
     hidden = int(proc.stdout.split()[-1])
     assert hidden > 0, f"no restore left an abandoned read behind, so nothing was checked: {proc.stdout}"
+
+
+def test_a_model_is_not_saved_where_a_runs_checkpoints_would_hide_it_nor_loaded_by_a_step(workdir, tmp_path):
+    """Used to be: Classifier.save(dir) into a training run's workdir was accepted, and every later load read the
+    run's checkpoints instead (the saved model was never seen again); and a step asked of a saved model, which
+    has none, was ignored."""
+    from resnet_jax.checkpoint import save_variables
+
+    before = files_of(workdir)
+    with pytest.raises(ValueError, match="is a training run's workdir: loading it reads its checkpoints"):
+        save_variables(workdir, {k: v for k, v in arrays(9).items() if k != "step"}, {"model": "m"}, ["a", "b", "c"])
+    assert files_of(workdir) == before
+    saved = save_variables(tmp_path / "model", {k: v for k, v in arrays(9).items() if k != "step"}, {"model": "m"},
+                           ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"is a saved model, which holds one set of weights and no steps; load it "
+                                         r"without step \(asked: 999\)"):
+        load_variables(saved, 999)
+    np.testing.assert_array_equal(load_variables(saved)[1]["params"]["fc"]["kernel"], 9.0)
