@@ -60,7 +60,7 @@ def _stats(x, extension):
     shift = lax.stop_gradient(rows[0] if rows.shape[0] else jnp.zeros(x.shape[-1], jnp.float32))  # a constant
     n = x.size // x.shape[-1]
     if extension:
-        sums = calls.batch_norm_sums(x)  # shifted by the same first pixel (csrc/batchnorm.cc)
+        sums = calls.batch_norm_sums(x, shift)
         mean_d, mean_d2 = sums[0] / n, sums[1] / n
     else:
         d, axes = x.astype(jnp.float32) - shift, tuple(range(x.ndim - 1))

@@ -220,9 +220,11 @@ def max_pool_grad(ct, first, x_shape, window, strides, padding):
 # BatchNorm's passes over (N, H, W, C) tensors (csrc/batchnorm.cc); the per-channel work between them is jnp.
 # The sums are over the batch, so on a mesh each device sums its shard and the rule adds the shards: the
 # statistics are the global batch's, as XLA's own reduction of a sharded batch gives.
-def batch_norm_sums(x):
-    """``(2, C)`` float32: the per-channel sum of ``x`` and of ``x**2``."""
-    return _call("ResnetJaxBatchNormSums", (2, x.shape[-1]), jnp.float32, (x,), (SPLIT,), {}, summed=True)
+def batch_norm_sums(x, shift):
+    """``(2, C)`` float32: the per-channel sum of ``d`` and of ``d**2``, ``d = x - shift`` with ``shift`` float32
+    ``(C,)``, the same on every shard (a value of the whole batch, which a shard could not pick by itself)."""
+    return _call("ResnetJaxBatchNormSums", (2, x.shape[-1]), jnp.float32, (x, shift), (SPLIT, WHOLE), {},
+                 summed=True)
 
 
 def batch_norm_apply(x, coef, residual=None, relu=False):

@@ -126,21 +126,19 @@ ffi::Error Dispatch(const char* name, ffi::DataType type, std::initializer_list<
   return resnet_jax::Run([&] { WithStorageType(type == ffi::DataType::BF16, body); });
 }
 
-// out = (sum d, sum d^2) with d = x - x[first row], per channel: sums shifted by a value of the data itself, so
-// the variance E[d^2] - E[d]^2 keeps float32 precision when a channel's mean is large against its spread
-// (unshifted, E[x^2] - mean^2 lost every digit at a mean 1e4 times the spread; torch's two-pass variance does
-// not). batchnorm.py adds the shift back to the mean.
-ffi::Error Stats(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+// out = (sum d, sum d^2) with d = x - shift, per channel: sums shifted by a value of the data (batchnorm.py
+// passes the batch's first pixel, the same to every shard), so the variance E[d^2] - E[d]^2 keeps float32
+// precision when a channel's mean is large against its spread (unshifted, E[x^2] - mean^2 lost every digit at a
+// mean 1e4 times the spread; torch's two-pass variance does not). batchnorm.py adds the shift back to the mean.
+ffi::Error Stats(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> shift, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
-  if (!resnet_jax::HasDims(out->dimensions(), {2, channels}))
-    return ffi::Error::InvalidArgument("BatchNorm sums: the result must be (2, channels)");
+  if (!resnet_jax::HasDims(out->dimensions(), {2, channels}) ||
+      !resnet_jax::HasDims(shift.dimensions(), {channels}))
+    return ffi::Error::InvalidArgument("BatchNorm sums: the shift must be (channels,), the result (2, channels)");
   return Dispatch("BatchNorm sums", x.element_type(), {}, [&](auto tag) {
     using T = decltype(tag);
     const T* px = static_cast<const T*>(x.untyped_data());
-    std::vector<float> shift(channels, 0.f);
-    if (rows > 0)
-      for (int64_t c = 0; c < channels; ++c) shift[c] = Load(px, c);
-    const float* k = shift.data();
+    const float* k = shift.typed_data();
     ChannelSums(rows, channels, out->typed_data(), [&](int64_t r, float* a, float* b) {
       const T* row = px + r * channels;
 #pragma omp simd
@@ -267,7 +265,10 @@ ffi::Error GradApply(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi:
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormSums, Stats,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormApply, Apply,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
