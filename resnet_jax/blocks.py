@@ -62,7 +62,7 @@ def drop_path(module: nn.Module, x: jnp.ndarray, rate: float) -> jnp.ndarray:
 
 
 def padded_conv(features: int, kernel_size: tuple[int, int], strides: int = 1, *, dtype: Any, param_dtype: Any,
-          impl: str = "auto", dilation: int = 1, **kwargs: Any) -> nn.Module:
+                impl: str = "auto", dilation: int = 1, **kwargs: Any) -> nn.Module:
     """A conv padded by k//2 on both sides, as torchvision (not XLA "SAME", which pads (2, 3) at stride 2 and
     would shift every feature map by a pixel against torchvision weights); He-normal fan-out init.
 
@@ -208,14 +208,16 @@ class ResidualBlock(nn.Module):
     def last_conv_norm(self, features: int, kernel_size, conv_name: str, norm_name: str):
         """The conv + BN closing a plain block; zero BN scale makes the block start as identity (Goyal et al.)."""
         init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        return self.factories()[0](features, kernel_size, conv_name=conv_name, norm_name=norm_name, scale_init=init,
-                              dilation=self.dilation)
+        conv_norm = self.factories()[0]
+        return conv_norm(features, kernel_size, conv_name=conv_name, norm_name=norm_name, scale_init=init,
+                         dilation=self.dilation)
 
     def last_conv(self, features: int, name: str):
         """Pre-activation blocks end in a conv, not a BN: zero-init that conv for the same identity start."""
         extra = {"kernel_init": nn.initializers.zeros} if self.zero_init_residual else {}
-        return self.factories()[0](features, (1, 1) if self.expansion > 1 else (3, 3), conv_name=name, norm_name=None,
-                              dilation=self.dilation, **extra)
+        conv_norm = self.factories()[0]
+        return conv_norm(features, (1, 1) if self.expansion > 1 else (3, 3), conv_name=name, norm_name=None,
+                         dilation=self.dilation, **extra)
 
     def pre_activation(self, x: jnp.ndarray, norm_name: str) -> jnp.ndarray:
         return nn.relu(self.factories()[1](name=norm_name)(x))

@@ -67,9 +67,9 @@ class ResNet(nn.Module):
         "auto" (the default) picks per layer shape, dtype and backend (``ops.choose``): oneDNN kernels on CPU
         where the extension is usable (Linux x86_64 with a C++ compiler; its wheels are default
         dependencies there), the fastest pure-JAX algorithm otherwise, XLA's own on GPU/TPU; "jax" picks
-        among the pure-JAX algorithms only. Any name in ``ops.ALGORITHMS`` runs that algorithm on every layer it can compute (Winograd: the 3x3 stride-1
-        ones) and "auto" on the rest; three names joined by "/" choose the forward, input-gradient and
-        kernel-gradient algorithms apart.
+        among the pure-JAX algorithms only. Any name in ``ops.ALGORITHMS`` runs that algorithm on every layer
+        it can compute (Winograd: the 3x3 stride-1 ones) and "auto" on the rest; three names joined by "/"
+        choose the forward, input-gradient and kernel-gradient algorithms apart.
       folded: BatchNorm folded into the convolutions (inference only): made by ``ops.fold_batchnorm``, whose
         variables it takes; ``train=True`` is refused.
     """
