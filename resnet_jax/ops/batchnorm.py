@@ -56,8 +56,8 @@ def _stats(x, extension):
     large against its spread, which flax's ``E[x^2] - mean^2`` (its fast variance) does not: at a mean 1e4 times
     the spread it gave a variance of 0 (outputs ~100x too large, gradients 1e6x off); torch's two-pass variance
     is the reference. One pass over ``x`` either way."""
-    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    shift = lax.stop_gradient(rows[0] if rows.shape[0] else jnp.zeros(x.shape[-1], jnp.float32))  # a constant
+    first = x.reshape(-1, x.shape[-1])[0] if x.size else jnp.zeros(x.shape[-1])
+    shift = lax.stop_gradient(first.astype(jnp.float32))  # a constant: the sums move by it exactly
     n = x.size // x.shape[-1]
     if extension:
         sums = calls.batch_norm_sums(x, shift)
