@@ -234,11 +234,12 @@ class BasicBlock(ResidualBlock):
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64 (as torchvision); use a "
                              "Bottleneck model such as resnext50_32x4d or wide_resnet50_2 for grouped or wide blocks")
         conv1 = dict(strides=self.strides, dilation=self.first_dilation, conv_name="conv1")
+        conv_norm, _ = self.factories()
         if self.preact:
-            y, pre = self.first_conv(self.factories()[0](self.width, (3, 3), norm_name="bn2", **conv1),
+            y, pre = self.first_conv(conv_norm(self.width, (3, 3), norm_name="bn2", **conv1),
                                      self.pre_activation(x, "bn1"))
             return self.close(self.last_conv(self.width, "conv2"), y, self.residual(x, pre), relu=False)
-        y, x = self.first_conv(self.factories()[0](self.width, (3, 3), norm_name="bn1", **conv1), x)
+        y, x = self.first_conv(conv_norm(self.width, (3, 3), norm_name="bn1", **conv1), x)
         return self.close(self.last_conv_norm(self.width, (3, 3), "conv2", "bn2"), y, self.residual(x), relu=True)
 
 
@@ -256,13 +257,14 @@ class Bottleneck(ResidualBlock):
         inner = int(self.width * (self.width_per_group / 64.0)) * self.groups
         out = self.width * self.expansion
         conv2 = dict(strides=self.strides, groups=self.groups, dilation=self.first_dilation, conv_name="conv2")
+        conv_norm, _ = self.factories()
         if self.preact:
-            y, pre = self.first_conv(self.factories()[0](inner, (1, 1), conv_name="conv1", norm_name="bn2"),
+            y, pre = self.first_conv(conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn2"),
                                      self.pre_activation(x, "bn1"))
-            y = self.factories()[0](inner, (3, 3), norm_name="bn3", **conv2)(y, relu=True)
+            y = conv_norm(inner, (3, 3), norm_name="bn3", **conv2)(y, relu=True)
             return self.close(self.last_conv(out, "conv3"), y, self.residual(x, pre), relu=False)
-        y, x = self.first_conv(self.factories()[0](inner, (1, 1), conv_name="conv1", norm_name="bn1"), x)
-        y = self.factories()[0](inner, (3, 3), norm_name="bn2", **conv2)(y, relu=True)
+        y, x = self.first_conv(conv_norm(inner, (1, 1), conv_name="conv1", norm_name="bn1"), x)
+        y = conv_norm(inner, (3, 3), norm_name="bn2", **conv2)(y, relu=True)
         return self.close(self.last_conv_norm(out, (1, 1), "conv3", "bn3"), y, self.residual(x), relu=True)
 
 

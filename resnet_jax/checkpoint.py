@@ -361,13 +361,19 @@ def _spec(spec) -> str:
 MODEL_DIR, MODEL_INFO = "model", "model.json"
 
 
+def has_checkpoints(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a training run's checkpoints (read without opening Orbax, whose manager would
+    create the folder)."""
+    checkpoints = Path(directory) / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+
 def save_variables(directory: str | Path, variables: dict, config: dict, class_names: list[str]) -> Path:
     """An inference checkpoint (variables + config + class names, no optimizer state) in ``directory``; its
     ``model.json`` also holds the arrays' ``checksum``, which ``load_variables`` checks (files saved before it
     had one still load, unchecked)."""
     directory = Path(directory).absolute()
-    checkpoints = directory / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):  # load_variables reads those first
+    if has_checkpoints(directory):  # load_variables reads those first
         raise ValueError(f"{directory} is a training run's workdir: loading it reads its checkpoints, which would "
                          "hide a model saved there; save into another directory")
     directory.mkdir(parents=True, exist_ok=True)
@@ -392,13 +398,13 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
     if not workdir.exists():
         raise FileNotFoundError(f"{workdir} does not exist; give the workdir of a training run or a saved model")
     checkpoints = workdir / "checkpoints"
-    has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
-    if not has_checkpoints and ((workdir / MODEL_DIR).exists() or (workdir / MODEL_INFO).exists()):
+    saved_run = has_checkpoints(workdir)
+    if not saved_run and ((workdir / MODEL_DIR).exists() or (workdir / MODEL_INFO).exists()):
         if step is not None:  # it was ignored: the one set of weights was loaded for any step asked
             raise ValueError(f"{workdir} is a saved model, which holds one set of weights and no steps; load it "
                              f"without step (asked: {step!r})")
         return _load_saved_model(workdir, use_ema)
-    if not has_checkpoints:  # said before opening Orbax's manager, which would create the directory: a read
+    if not saved_run:  # said before opening Orbax's manager, which would create the directory: a read
         # changes nothing, and an empty checkpoints/ left behind had hidden a saved model from the next load
         raise CheckpointError(f"no checkpoint in {checkpoints}: train first (python -m train --workdir=...) or "
                               "point at the workdir of a finished run or a saved model")

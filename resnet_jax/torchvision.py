@@ -301,7 +301,7 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
             hint = ("\nThe classifier head differs: to fine-tune with another number of classes pass "
                     "num_classes=N and new_head=True (a fresh head is initialised from rng).")
         other = {"torchvision": "timm", "timm": "torchvision"}[naming]
-        if unexpected and missing and _fits_naming(model, state_dict, other):
+        if unexpected and missing and _fits_naming(model, state_dict, other, set(expected)):
             hint += f"\nThe names are {other}'s: load it with load_{other} instead."
         raise ValueError(f"{source} does not fit {model_name}:\n  " + "\n  ".join(problems) + hint +
                          "\nCheck the model name and options (num_classes, in_channels, ...) match the file.")
@@ -337,11 +337,10 @@ def adapt_input_conv(kernel: np.ndarray, in_channels: int) -> np.ndarray:
     return adapted.astype(dtype)
 
 
-def _fits_naming(model: ResNet, state_dict: Mapping[str, Any], naming: str) -> bool:
+def _fits_naming(model: ResNet, state_dict: Mapping[str, Any], naming: str, expected: set) -> bool:
     """Whether the file's names, read in another naming, are exactly ``model``'s entries (for the error's hint).
     Names that merely parse were not enough: a torchvision ResNet-18 given to load_timm("resnet18d") was sent to
-    load_torchvision, which fails as well (the stems differ)."""
-    expected = set(_expected_shapes(model))
+    load_torchvision, which fails as well (the stems differ). ``expected``: the model's entries (Flax paths)."""
     try:
         paths = {torch_to_flax_name(n, naming, model)[0] for n in state_dict} - {None}
     except ValueError:

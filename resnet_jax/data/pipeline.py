@@ -189,10 +189,10 @@ class _Crop:
             raise ValueError(f"augment must be one of {AUGMENTS}, not {augment!r}.")
         if interpolation not in TRAIN_INTERPOLATIONS:
             raise ValueError(f"train_interpolation must be one of {TRAIN_INTERPOLATIONS}, not {interpolation!r}.")
-        self.interpolation = interpolation
         if image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, not {image_size!r}.")
         self.augment, self.size, self.crop_fraction = augment, int(image_size), crop_fraction
+        self.interpolation = interpolation
 
     def __call__(self, record: dict, rng: np.random.Generator | None) -> dict:
         image = np.asarray(record["image"])

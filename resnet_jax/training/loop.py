@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from resnet_jax import data, ops
-from resnet_jax.checkpoint import Checkpointer, NonFiniteState
+from resnet_jax.checkpoint import Checkpointer, NonFiniteState, has_checkpoints
 from resnet_jax.parallel import (check_batch_size, initialize_distributed, make_mesh, replicate, replicated,
                                  shard_batch, sync_processes)
 from resnet_jax.training import workdir as run_dir
@@ -172,7 +172,7 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
     # The starting weights are read (and checked) before anything in the workdir changes, and only by a run that
     # starts afresh: a bad file used to fail after restart had moved the old run aside (or after an empty
     # checkpoints/ was made), and a resumed fine-tune, which never reads them, was refused once they had moved.
-    fresh = config.restart or not run_dir.has_checkpoints(workdir)
+    fresh = config.restart or not has_checkpoints(workdir)
     initial = initial_variables(config, model, input_shape, log) if fresh else None
     checkpoints, iterator, restored = _restore(config, workdir, train_loader, abstract, log)
     progress = {"window": None, "epoch": None, "best": -1.0, "bad_epochs": 0}

@@ -28,7 +28,7 @@ import jax
 import ml_collections
 
 from resnet_jax.atomic import replace_atomically
-from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch
+from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch, has_checkpoints
 from resnet_jax.parallel import process_failures, process_strings, sync_processes
 from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, STARTING_WEIGHTS, base_config
 from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
@@ -66,7 +66,7 @@ def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str],
         return
     changes = config_changes(saved, as_plain_dict(config))
     recorded = _saved_data(workdir)
-    resumable = bool(_present(workdir, (CHECKPOINTS,)))  # before its first save a run has nothing to mix
+    resumable = has_checkpoints(workdir)  # before its first save a run has nothing to mix
     if recorded is not None and data is not None and recorded != data and resumable:
         raise ConfigMismatch(f"the training images of the run in {workdir} changed since it started "
                              f"({recorded['files']} files then, {data['files']} now, or other names): resuming "
@@ -298,11 +298,6 @@ def _saved_data(workdir: Path) -> dict[str, Any] | None:
 
 def has_history(workdir: Path) -> bool:
     return bool(_present(workdir, HISTORY_FILES))
-
-
-def has_checkpoints(workdir: Path) -> bool:
-    """Whether the run in ``workdir`` has saved (read without opening Orbax, whose manager creates the folder)."""
-    return bool(_present(workdir, (CHECKPOINTS,)))
 
 
 def _present(workdir: Path, names: tuple[str, ...] = RUN_FILES) -> list[str]:
