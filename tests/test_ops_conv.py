@@ -29,6 +29,7 @@ CASES = [  # (kernel, stride, groups, batch, height, width, cin, cout, padding)
     (7, 2, 1, 2, 15, 13, 3, 8, ((3, 3), (3, 3))),  # ImageNet stem
     (3, 2, 4, 2, 9, 9, 8, 12, ((1, 1), (1, 1))),  # ResNeXt grouped
     (1, 1, 2, 2, 5, 5, 4, 6, ((0, 0), (0, 0))),
+    (3, 1, 1, 2, 8, 8, 8, 8, ((-1, 1), (1, 0))),  # a negative padding crops the input: XLA's own only
 ]
 # Relative to the output's (or gradient's) largest value. Direct algorithms differ from lax only in summation
 # order (~1e-6). Winograd's transforms add rounding that grows with the tile: F(2,3) stays near 1e-6, F(4,3)
@@ -50,17 +51,24 @@ def spec_of(case, dtype="float32"):
 
 def shape_limit(name, case):
     """None when the algorithm's record says it computes this shape, else what it cannot do. The record's
-    ``limits`` looks at shapes and dtypes only (it never builds or loads the extension), so this runs at
+    ``shape_limit`` looks at shapes and dtypes only (it never builds or loads the extension), so this runs at
     collection time: the cases below are only the (algorithm, shape) pairs it computes."""
-    return REGISTRY[name].limits(spec_of(case))
+    return REGISTRY[name].shape_limit(spec_of(case))
 
 
 # What each algorithm's docstring says it computes, written here independently of its ``limits``, so that a
 # record refusing shapes it should compute (and so dropping them from the cases below unseen) fails a test
+def padded(family):
+    """``family`` on zero or positive padding only: a negative one (a crop) is XLA's own alone."""
+    return lambda k, s, g, pad: all(p >= 0 for side in pad for p in side) and family(k, s, g, pad)
+
+
+@padded
 def winograd(k, s, g, pad):
-    return k == 3 and s == 1 and g == 1 and all(0 <= p <= 2 for side in pad for p in side)
+    return k == 3 and s == 1 and g == 1 and all(p <= 2 for side in pad for p in side)
 
 
+@padded
 def gemm(k, s, g, pad):
     return k == 1 and g == 1
 
@@ -69,9 +77,10 @@ def every(k, s, g, pad):
     return True
 
 
-FAMILIES = {"xla": every, "matmul_grad": every, "im2col": lambda k, s, g, pad: g == 1, "gemm": gemm,
-            "polyphase": lambda k, s, g, pad: s == 2 and k >= 2, "winograd_f2": winograd, "winograd_f4": winograd,
-            "onednn": every, "onednn_matmul_grad": lambda k, s, g, pad: g == 1, "onednn_gemm": gemm,
+FAMILIES = {"xla": every, "matmul_grad": padded(every), "im2col": padded(lambda k, s, g, pad: g == 1),
+            "gemm": gemm, "polyphase": padded(lambda k, s, g, pad: s == 2 and k >= 2), "winograd_f2": winograd,
+            "winograd_f4": winograd, "onednn": padded(every),
+            "onednn_matmul_grad": padded(lambda k, s, g, pad: g == 1), "onednn_gemm": gemm,
             "onednn_winograd_f2": winograd, "onednn_winograd_f4": winograd}
 FAMILIES.update({name + "@float32": FAMILIES[name] for name in ("onednn_gemm", "onednn_winograd_f2",
                                                                 "onednn_winograd_f4")})  # same shapes, any dtype
@@ -243,6 +252,19 @@ def test_forced_algorithm_that_cannot_compute_a_shape_says_why():
         conv2d(x, k, algorithm="xla/winograd_f4")
     with pytest.raises(ValueError, match=r"'gemm' computes ungrouped 1x1"):
         conv2d(x, k, algorithm="xla/xla/gemm")
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "jax"])
+@pytest.mark.parametrize("case", [(3, 1, 1, 2, 8, 8, 8, 8, ((-1, 1), (1, 0))), (1, 1, 1, 2, 6, 7, 8, 16, ((0, -1), (-2, 1))),
+                                  (3, 2, 1, 2, 9, 9, 8, 8, ((1, -1), (0, 0)))], ids=case_id)
+def test_negative_padding_is_computed_by_xla_under_every_choice(algorithm, case):
+    """lax crops the input where padding is negative; the other algorithms pad with zeros only, so the choices
+    hand such a layer to XLA's own (it had failed in oneDNN, ``jnp.pad`` or an index, or padded wrongly)."""
+    ksize, stride, groups, *_, padding = case
+    conv = lambda a, b: conv2d(a, b, (stride, stride), padding, groups, algorithm=algorithm)  # noqa: E731
+    for part, got, want in zip(PARTS, value_and_grads(conv, *inputs(case, jnp.float32)), lax_passes(case)):
+        assert_close(got, want, DEFAULT_TOLERANCE, f"{algorithm} {part}")
+    assert choose(spec_of(case), "cpu") == choose(spec_of(case), "cpu", extension=False) == ("xla",) * 3
 
 
 def test_extension_algorithms_refuse_other_backends():

@@ -174,10 +174,10 @@ def choose(spec: ConvSpec, backend: str, extension: bool = True, measured: bool 
     kernel gradient compute float32 only), 1x1 layers included: XLA's bfloat16 dot ran ResNet-50's 1x1 input gradients
     at 9-198 GFLOP/s against oneDNN's 34-388 (BENCHMARKS.md, Machine A2, 2026-12-03). One exception: a 3x3
     stride-1 layer takes the extension's Winograd (bfloat16 in and out, float32 inside) for the passes where it
-    beats oneDNN's bfloat16 kernels on this CPU (``bfloat16_passes``). On GPU/TPU, and for sizes that are symbols
-    (``jax.export`` with a symbolic batch): XLA's own.
+    beats oneDNN's bfloat16 kernels on this CPU (``bfloat16_passes``). On GPU/TPU, for sizes that are symbols
+    (``jax.export`` with a symbolic batch) and for negative padding (a crop): XLA's own.
     """
-    if backend != "cpu" or not spec.concrete:
+    if backend != "cpu" or not spec.concrete or spec.cropped:
         return ("xla", "xla", "xla")
     if measured:
         tuned = measured_choice(spec, extension)

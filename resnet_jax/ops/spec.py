@@ -83,6 +83,12 @@ class ConvSpec:
         return self.dilation != (1, 1)
 
     @property
+    def cropped(self) -> bool:
+        """Whether some padding is negative: ``lax.conv_general_dilated`` then crops the input, which only XLA's
+        own convolution computes (the others pad with ``jnp.pad`` or in their kernels, zeros only)."""
+        return any(p < 0 for pair in self.padding for p in pair)
+
+    @property
     def x_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, self.height, self.width, self.in_channels)
 
@@ -118,6 +124,7 @@ class ConvSpec:
         (kh, kw), (sh, sw) = self.kernel, self.strides
         groups = f", groups {self.groups}" if self.groups != 1 else ""
         groups += f", dilation {self.dilation[0]}x{self.dilation[1]}" if self.dilated else ""
+        groups += f", padding {self.padding}" if self.cropped else ""
         return f"{kh}x{kw} stride {sh}x{sw}{groups} on {self.height}x{self.width}x{self.in_channels}"
 
 
@@ -190,13 +197,21 @@ class Algorithm:
             return self.summed_input_grad(dy, kernel, spec, acc)
         return acc + self.input_grad(dy, kernel, spec).astype(acc.dtype)
 
+    def shape_limit(self, spec: ConvSpec) -> str | None:
+        """``limits`` and the rules every algorithm shares: None when the shapes and dtype are its to compute, else
+        what it cannot do. Like ``limits`` it never loads or builds anything."""
+        reason = self.limits(spec)
+        if reason is None and spec.dilated and not self.dilated:
+            reason = "computes undilated convolutions only"
+        if reason is None and spec.cropped and not self.xla_ops_only:
+            reason = "computes non-negative padding only"
+        return reason
+
     def refusal(self, spec: ConvSpec, backend: str) -> str | None:
         """None when this algorithm computes ``spec`` on ``backend``, else a sentence saying why not."""
         if self.cpu_only and backend != "cpu":
             return f"algorithm {self.name!r} runs on CPU only (this backend is {backend})"
-        reason = self.limits(spec)
-        if reason is None and spec.dilated and not self.dilated:
-            reason = "computes undilated convolutions only"
+        reason = self.shape_limit(spec)
         if reason is None and self.unavailable is not None:
             missing = self.unavailable()
             reason = None if missing is None else f"is unavailable ({missing})"
