@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import data
+from resnet_jax.checkpoint import ConfigMismatch
 from resnet_jax.training.classifier import Classifier
 from training_helpers import once_per_session
 
@@ -201,6 +202,43 @@ def test_predict_follows_new_weights(fitted):
 
 def test_class_names_of_another_length_are_refused():
     """Used to be accepted (2 names for 10 classes), and predict then named classes from a short list."""
-    with pytest.raises(ValueError, match="class_names has 2 names for num_classes=10; give one name per class"):
+    with pytest.raises(ValueError, match=r"class_names has 2 names for a model of 10 classes \(num_classes\); give "
+                                         r"one name per class"):
         Classifier("resnet20", 10, in_channels=1, image_size=8, class_names=["a", "b"])
     assert Classifier("resnet20", 2, in_channels=1, image_size=8, class_names=["a", "b"]).class_names == ["a", "b"]
+
+
+TINY = dict(in_channels=1, image_size=8, model_overrides={"stage_sizes": (1, 1, 1)})
+ONE_STEP = dict(max_steps=1, batch_size=32, augment="none", progress_bar=False, compilation_cache_dir="")
+
+
+@pytest.mark.parametrize("given", [{"num_classes": 5}, {"class_names": ["a", "b", "c"]}])
+def test_fit_refuses_a_dataset_of_another_class_count_than_the_model_was_made_for(tmp_path, given):
+    """``Classifier("resnet20", 5).fit("digits")`` trained a 10-class model without a word (the head followed
+    the data). Refused before anything is written; without a class count the head still follows the data."""
+    clf = Classifier("resnet20", **given, **TINY)
+    count = given.get("num_classes") or len(given["class_names"])
+    with pytest.raises(ValueError, match=rf"the model is for {count} classes .* but digits has 10 classes"):
+        clf.fit("digits", workdir=tmp_path / "run", **ONE_STEP)
+    assert not (tmp_path / "run").exists()
+    assert clf.num_classes == count and clf.variables is None
+    follows = Classifier("resnet20", **TINY)
+    follows.fit("digits", workdir=tmp_path / "follows", **ONE_STEP)
+    assert follows.num_classes == 10 and follows.model.num_classes == 10
+
+
+def test_class_names_given_for_index_labelled_data_are_kept_by_fit_save_and_load(tmp_path):
+    """digits' labels are numbers: the names a user gives were replaced by "0".."9" at fit (and so lost in the
+    saved run); they now name the predictions, in memory and loaded back."""
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    clf = Classifier("resnet20", class_names=names, **TINY)
+    assert clf.num_classes == 10
+    clf.fit("digits", workdir=tmp_path / "run", **ONE_STEP)
+    loaded = Classifier.load(tmp_path / "run")
+    assert clf.class_names == loaded.class_names == names
+    assert {name for top in loaded.predict(validation_images(4)[0], top_k=3) for name, _ in top} <= set(names)
+    # the run's advice in fit's own words: keyword arguments, not the command line's flags
+    with pytest.raises(ConfigMismatch) as refused:
+        clf.fit("digits", workdir=tmp_path / "run", **{**ONE_STEP, "learning_rate": 0.5})
+    assert "use a new workdir" in str(refused.value) and "pass restart=True" in str(refused.value)
+    assert "--" not in str(refused.value)

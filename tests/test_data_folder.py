@@ -171,6 +171,19 @@ def test_splits_with_other_classes_are_refused_before_training(photos):
     assert "missing: bee" in message and "same class folders" in message
 
 
+def test_class_names_given_for_folders_must_be_the_folders(photos):
+    """A folder's label is the position of its class in the sorted folder names: names given in another order
+    would label every prediction with another class's name, so they are refused; the same names are taken."""
+    from resnet_jax.training import setup
+
+    config = folder_config(photos)
+    config.class_names = ("bee", "ant", "zebra")
+    message = refusal(lambda: setup(config))
+    assert "config.class_names are bee, ant, zebra but" in message and "in label order, are ant, bee, zebra" in message
+    config.class_names = ("ant", "bee", "zebra")
+    assert setup(config).train_source.class_names == ["ant", "bee", "zebra"]
+
+
 def test_evaluation_crops_as_the_augmentation_trained(photos):
     """The default evaluation crop (saved with the run, used by predict) shows what training saw: the whole central
     square after "cifar"/"crop" (a folder of 32 x 32 PNGs was evaluated on its central 28 columns, enlarged),

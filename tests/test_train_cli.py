@@ -287,7 +287,8 @@ def test_the_loader_named_for_an_export_loads_it_and_computes_what_the_model_com
     from resnet_jax.training import Classifier
 
     overrides = dict(overrides)
-    clf = Classifier(name, num_classes=5, image_size=64, in_channels=overrides.pop("in_channels", 3),
+    clf = Classifier(name, num_classes=overrides.pop("num_classes", 5), image_size=64,
+                     in_channels=overrides.pop("in_channels", 3),
                      model_overrides=overrides)
     image = jnp.zeros((1, 64, 64, clf.model.in_channels))
     shapes = jax.eval_shape(lambda x: clf.model.init(jax.random.key(0), x, train=False), image)

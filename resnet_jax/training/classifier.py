@@ -16,6 +16,7 @@ for notebooks and scripts.
 from __future__ import annotations
 
 import functools
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,29 +38,60 @@ from resnet_jax.training.loop import evaluate_loader, train
 from resnet_jax.training.steps import make_eval_step
 
 
+def _in_keyword_terms(err: Exception) -> None:
+    """``err`` with the training run's advice in ``fit``'s words: it names command-line flags (``use a new
+    --workdir, or pass --config.restart=True``), which through ``fit`` are keyword arguments (``workdir=``,
+    ``restart=True``). Reworded in place, so the exception keeps its type and traceback."""
+    if len(err.args) == 1 and isinstance(err.args[0], str):
+        words = re.sub(r"--config\.(\w+)", r"\1", re.sub(r"(?<!python -m train )--workdir", "workdir", err.args[0]))
+        err.args = (words,)
+
+
 class Classifier:
     """An image classifier: a ResNet, its variables, its class names and how to preprocess images."""
 
-    def __init__(self, model: str = "resnet20", num_classes: int = 10, *, in_channels: int = 3,
+    def __init__(self, model: str = "resnet20", num_classes: int | None = None, *, in_channels: int = 3,
                  image_size: int = 32, class_names: Sequence[str] | None = None, **config: Any):
+        """``num_classes`` and ``class_names`` (in label order) say which classes the model is for, and ``fit``
+        refuses a dataset of others; either one alone sets the count. Both left out, the head follows the dataset
+        ``fit`` trains on (until then: 10 classes named by their labels)."""
         overrides = dict(config.pop("model_overrides", {}))
         if overrides.get("in_channels", in_channels) != in_channels:  # it was silently replaced by the argument
             raise ValueError(f"in_channels is Classifier's own argument: Classifier(..., in_channels="
                              f"{overrides['in_channels']}), not a model override")
         overrides["in_channels"] = in_channels  # known to validate
-        self.config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "model": model,
-                                                          "image_size": image_size, **config,
-                                                          "model_overrides": overrides}))
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}; give one "
-                             f"name per class, in the order of the labels")
-        self.num_classes = num_classes
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.model = model_from_config(self.config, num_classes)
+        if num_classes is not None:
+            if overrides.get("num_classes", num_classes) != num_classes:
+                raise ValueError(f"num_classes is Classifier's own argument: Classifier(..., num_classes="
+                                 f"{overrides['num_classes']}), not a model override")
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+                raise ValueError(f"num_classes must be a whole number, 1 or more (0: a headless backbone), got "
+                                 f"{num_classes!r}")
+            overrides["num_classes"] = num_classes
+        if class_names is not None:
+            if isinstance(class_names, str):
+                raise ValueError(f"class_names must be a list of names, one per class, got the string "
+                                 f"{class_names!r}")
+            config["class_names"] = tuple(class_names)
+        try:
+            self.config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "model": model,
+                                                              "image_size": image_size, **config,
+                                                              "model_overrides": overrides}))
+        except ValueError as e:  # the config's words for Classifier's own arguments
+            raise ValueError(str(e).replace("config.model_overrides.num_classes", "num_classes")
+                             .replace("config.class_names", "class_names")) from None
+        count = overrides.get("num_classes", len(self.config.class_names) or 10)
+        self._set_head(count, list(self.config.class_names))
         self.variables: dict[str, Any] | None = None
         self.workdir: Path | None = None
         self.history: list[dict[str, Any]] = []
         self._compiled_logits, self._compiled_for, self._folded_for = None, None, None
+
+    def _set_head(self, num_classes: int, class_names: Sequence[str]) -> None:
+        """The head this classifier's model has now (its names, else the label numbers) and that model."""
+        self.num_classes = num_classes
+        self.class_names = list(class_names) or [str(i) for i in range(num_classes)]
+        self.model = model_from_config(self.config, num_classes)
 
     @classmethod
     def from_pretrained(cls, name: str, weights: Any = "DEFAULT", *, file: str | Path | None = None,
@@ -88,7 +120,8 @@ class Classifier:
         imagenet = {"dataset": "imagenet2012", "val_split": "validation"} if info.num_classes == 1000 else {}
         settings = {"image_size": info.crop_size, "augment": "imagenet", "init_from": tagged,
                     "weights_file": str(file) if file is not None else "", **imagenet, **config}
-        clf = cls(info.model, info.num_classes, class_names=info.categories, **settings)
+        clf = cls(info.model, **settings)  # no class count of its own: fit puts a head for the dataset's classes
+        clf._set_head(info.num_classes, info.categories)
         _, clf.variables = pretrained(tagged, file=file, **model_arguments(clf.config, info.num_classes))
         return clf
 
@@ -98,10 +131,13 @@ class Classifier:
         ``workdir`` holds checkpoints of the same run. Returns the metrics history. A new ``image_size`` derives
         evaluation's preprocessing again for it (``config.eval_resize`` etc., those not given here)."""
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="resnet_jax_"))
-        result = train(self._fit_config(dataset, config), self.workdir)
-        if result.model.num_classes != self.num_classes:
-            self.num_classes = result.model.num_classes
-        self.config, self.model, self.class_names = result.config, result.model, result.class_names
+        try:
+            result = train(self._fit_config(dataset, config), self.workdir)
+        except Exception as err:
+            _in_keyword_terms(err)
+            raise
+        self.config = result.config
+        self._set_head(result.model.num_classes, result.class_names)
         self.variables, self.history = result.variables, result.history
         return self.history
 
@@ -207,11 +243,10 @@ class Classifier:
         config, variables, class_names = load_variables(workdir, step, use_ema)
         config = validate(ml_collections.ConfigDict(config))
         num_classes = int(np.shape(variables["params"]["fc"]["bias"])[0])
-        clf = cls(config.model, num_classes, in_channels=config.model_overrides.get("in_channels", 3),
-                  class_names=class_names, **{k: v for k, v in config.items()
-                                              if k not in ("model", "model_overrides")})
-        clf.config = config
-        clf.model = model_from_config(config, num_classes)
+        clf = cls(config.model, in_channels=config.model_overrides.get("in_channels", 3),
+                  **{k: v for k, v in config.items() if k not in ("model", "model_overrides")})
+        clf.config = config  # with its own class count and names, if the run was given them
+        clf._set_head(num_classes, class_names)
         clf.variables, clf.workdir = variables, Path(workdir)
         return clf
 

@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_epochs = 0.0               # linear warm-up from 0, for any schedule
     c.label_smoothing = 0.0
     c.class_weights = ()                # per-class loss weights (empty: uniform)
+    c.class_names = ()                  # the classes' names in label order (empty: the dataset's, else the labels)
     c.mixup_alpha = 0.0
     c.cutmix_alpha = 0.0
     c.seed = 0
@@ -199,6 +200,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not 0.0 <= full.label_smoothing < 1.0:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {full.label_smoothing}")
     _check_model_overrides(full.model_overrides)
+    _check_class_names(full)
     _check_recipe_keys(full)
     _check_eval_preprocessing(full)
     return full
@@ -394,12 +396,39 @@ def _check_model_overrides(overrides) -> None:
                              f"{', '.join(sorted(set(fields) - set(_TOP_LEVEL_MODEL_KEYS)))})")
 
 
-def check_against_data(config: ml_collections.ConfigDict, num_classes: int) -> None:
-    """Settings that can only be checked once the dataset is known; called before anything compiles."""
-    head = config.model_overrides.get("num_classes", num_classes)
+def _check_class_names(full: ml_collections.ConfigDict) -> None:
+    """``class_names``: distinct non-empty strings (what predictions print and a saved model keeps), one per class
+    where the class count is given too."""
+    names = tuple(full.class_names)
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"config.class_names must be distinct non-empty strings, one per class in label order, got "
+                         f"{names}")
+    full.class_names = names
+    head = full.model_overrides.get("num_classes", len(names))
+    if names and head != len(names):
+        raise ValueError(f"config.class_names has {len(names)} names for a model of {head} classes "
+                         f"(config.model_overrides.num_classes); give one name per class")
+
+
+def check_against_data(config: ml_collections.ConfigDict, num_classes: int, source=None) -> None:
+    """Settings that can only be checked once the dataset is known; called before anything compiles. A class
+    count or class names given for the model (``Classifier(num_classes=..., class_names=...)``, or these config
+    keys) must be the dataset's: a 5-class head on 10-class labels had silently become a 10-class one. Names are
+    compared with ``source``'s where its labels are positions in its own class list (class folders); elsewhere the
+    dataset fixes each label's meaning and the names only rename them."""
+    head = config.model_overrides.get("num_classes", len(config.class_names) or num_classes)
     if head != num_classes:
-        raise ValueError(f"config.model_overrides.num_classes={head} but {config.dataset} has {num_classes} classes, "
-                         f"which the labels and the loss use; drop the override (the head follows the dataset)")
+        raise ValueError(f"the model is for {head} classes (Classifier's num_classes or class_names; "
+                         f"config.model_overrides.num_classes or config.class_names) but {config.dataset} has "
+                         f"{num_classes} classes, which the labels and the loss use; give {num_classes}, or leave "
+                         f"the classes out and the head follows the dataset")
+    from resnet_jax.pretrained import same_classes
+
+    if source is not None and source.labels_by_name and config.class_names and \
+            not same_classes(source.class_names, config.class_names):
+        raise ValueError(f"config.class_names are {', '.join(config.class_names)} but {config.dataset}'s classes, "
+                         f"in label order, are {', '.join(source.class_names)}: the names would label other classes; "
+                         f"give the dataset's names in its order, or leave them out and the dataset's are taken")
     if len(config.class_weights) and len(config.class_weights) != num_classes:
         raise ValueError(f"config.class_weights has {len(config.class_weights)} entries but {config.dataset} has "
                          f"{num_classes} classes; give one weight per class (or none)")

@@ -89,7 +89,7 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
     train_source, val_source = run_dir.agreed(lambda: _sources(config))
     data.check_same_classes(train_source, val_source)
     data.check_every_class(train_source)
-    check_against_data(config, train_source.num_classes)
+    check_against_data(config, train_source.num_classes, train_source)
     model = model_from_config(config, train_source.num_classes)
     if not config.eval_crop_fraction:  # resolved here and saved with the config, so predict crops the same way
         config.eval_crop_fraction = data.default_crop_fraction(val_source, config.augment)
@@ -150,7 +150,7 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
     so every process has read it as it was."""
     config, mesh, model = run.config, run.mesh, run.model
     num_classes = run.train_source.num_classes
-    class_names = list(run.train_source.class_names) or [str(i) for i in range(num_classes)]
+    class_names = list(config.class_names or run.train_source.class_names) or [str(i) for i in range(num_classes)]
     spe = run.steps_per_epoch
     loader_args = dict(image_size=config.image_size, mean=run.mean, std=run.std, channels=model.in_channels)
     train_loader = data.train_loader(run.train_source, batch_size=config.batch_size, augment=config.augment,
