@@ -33,6 +33,27 @@ def test_multistep_linear_scaling_and_warmup():
                                rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("schedule", [dict(schedule="multistep", milestones=(1, 2, 4)),
+                                      dict(schedule="step", step_epochs=2)])
+def test_decays_due_by_the_end_of_the_warm_up_apply_from_it(schedule):
+    """The decays fall at absolute epochs: from the warm-up's end the rate is torch's ``MultiStepLR``/``StepLR``
+    at that epoch (per epoch, no warm-up). A decay exactly at the warm-up's end, or inside it, had been dropped,
+    leaving the rest of the run at 10x (or 100x) the rate."""
+    import torch
+
+    c = config(batch_size=256, learning_rate=1.0, lr_scaling="none", num_epochs=6, warmup_epochs=2, **schedule)
+    ours = make_schedule(c, steps_per_epoch=10)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    ref = (torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(c.milestones), gamma=0.1)
+           if c.schedule == "multistep" else torch.optim.lr_scheduler.StepLR(opt, step_size=c.step_epochs, gamma=0.1))
+    for epoch in range(6):
+        if epoch >= 2:
+            np.testing.assert_allclose(float(ours(epoch * 10 + 5)), ref.get_last_lr()[0], rtol=1e-6,
+                                       err_msg=f"epoch {epoch}")
+        opt.step()
+        ref.step()
+
+
 def test_cosine_ends_at_zero_and_max_steps_shortens_it():
     c = config(batch_size=256, schedule="cosine", num_epochs=10, max_steps=50)
     s = make_schedule(c, steps_per_epoch=100)

@@ -20,6 +20,10 @@ def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
 
 
 def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate per step: a linear warm-up from 0 over ``warmup_epochs``, then the schedule. The step
+    and multistep decays fall at absolute epochs (Goyal et al.'s convention: the warm-up does not shift them, as
+    torchvision's ``SequentialLR`` would), so after the warm-up the rate is the schedule's at that epoch, every
+    decay due by then applied (one exactly at the warm-up's end had been dropped, leaving 10x the rate)."""
     lr = peak_learning_rate(config)
     total = config.num_epochs * steps_per_epoch
     if config.max_steps > 0:
@@ -32,8 +36,11 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
     else:
         epochs = (range(config.step_epochs, config.num_epochs + 1, config.step_epochs) if config.schedule == "step"
                   else config.milestones)
-        boundaries = {int(e * steps_per_epoch) - warmup: config.lr_decay for e in epochs if e > 0}
-        main = optax.piecewise_constant_schedule(lr, {b: s for b, s in boundaries.items() if b > 0})
+        boundaries: dict[int, float] = {}
+        for e in (e for e in epochs if e > 0):  # a decay due by the warm-up's end applies from its end on
+            b = max(0, int(e * steps_per_epoch) - warmup)
+            boundaries[b] = boundaries.get(b, 1.0) * config.lr_decay
+        main = optax.piecewise_constant_schedule(lr, boundaries)
     if warmup <= 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
