@@ -259,6 +259,9 @@ def _check_schedule_numbers(full: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.momentum must be in [0, 1), got {full.momentum}")
     if full.nesterov and full.momentum == 0 and full.optimizer in ("sgd", "lars"):  # torch.optim.SGD refuses it too
         raise ValueError("config.nesterov=True needs a momentum; with config.momentum=0 it would be plain SGD")
+    if full.nesterov and full.optimizer not in ("sgd", "lars"):  # it was accepted and changed nothing
+        raise ValueError(f"config.nesterov=True applies to the sgd and lars optimizers; {full.optimizer} has no "
+                         f"Nesterov variant here (its moments are Adam's), so drop nesterov or choose sgd/lars")
     if 0 < full.num_epochs <= full.warmup_epochs:
         raise ValueError(f"config.warmup_epochs={full.warmup_epochs} is not shorter than config.num_epochs="
                          f"{full.num_epochs}: the learning rate would never reach its peak, nor the schedule start; "
