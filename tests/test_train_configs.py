@@ -111,6 +111,8 @@ def test_a_float_setting_that_is_not_finite_is_one_sentence(key, value):
     ({"num_workers": -1}, r"^config\.num_workers must be 0 \(read in this process\) or more, got -1$"),
     ({"seed": -1}, r"^config\.seed must be in \[0, 2\*\*32\), got -1$"),
     ({"nesterov": True, "momentum": 0.0}, r"^config\.nesterov=True needs a momentum"),
+    ({"nesterov": True, "optimizer": "adamw"}, r"^config\.nesterov=True applies to the sgd and lars optimizers; adamw"),
+    ({"nesterov": True, "optimizer": "lamb"}, r"^config\.nesterov=True applies to the sgd and lars optimizers; lamb"),
     ({"warmup_epochs": 5.0, "num_epochs": 2}, r"^config\.warmup_epochs=5\.0 is not shorter than config\.num_epochs=2"),
     ({"bce_target_threshold": 0.2}, r"^config\.bce_target_threshold binarises .* with loss='ce' it would be ignored"),
 ])
@@ -164,3 +166,28 @@ def test_numpy_numbers_are_numbers():
     config.mean = (True, 0.4, 0.3)
     with pytest.raises(ValueError, match="must be finite numbers"):
         validate(config)
+
+
+@pytest.mark.parametrize("recipe, decays_everything", [
+    ("imagenet_resnet50", True),  # torchvision's reference train.py: --norm-weight-decay/--bias-weight-decay unset
+    ("imagenet_resnet50:cosine", False),  # He et al. 2019's "no bias decay"
+    ("cifar10_resnet56", True), ("cifar10_resnet18", True),  # torch.optim.SGD(model.parameters(), weight_decay=...)
+    ("imagenet_resnet50_tv2", False), ("imagenet_resnet50_rsb_a1", False),  # --norm-weight-decay 0; timm's factory
+])
+def test_recipes_decay_the_parameters_their_references_decay(recipe, decays_everything):
+    """The seed recipes cite references that decay every parameter, BatchNorm's scale and bias included; they
+    had kept the library's default, which exempts them (all 107 one-dimensional tensors of ResNet-50)."""
+    import jax.numpy as jnp
+
+    from resnet_jax.training import make_optimizer
+
+    name, _, variant = recipe.partition(":")
+    module = importlib.import_module(f"train.configs.{name}")
+    config = validate(module.get_config(variant) if variant else module.get_config())
+    config.update(learning_rate=0.1, lr_scaling="none", schedule="constant", warmup_epochs=0.0, momentum=0.0)
+    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2)}}
+    tx = make_optimizer(config, steps_per_epoch=1)
+    updates, _ = tx.update({"conv": {"kernel": jnp.zeros((3, 3, 2, 2))}, "bn": {"scale": jnp.zeros(2)}},
+                           tx.init(params), params)
+    assert float(updates["conv"]["kernel"].ravel()[0]) < 0  # conv kernels decay in every recipe
+    assert (float(updates["bn"]["scale"][0]) < 0) == decays_everything

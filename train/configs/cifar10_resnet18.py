@@ -16,6 +16,7 @@ def get_config():
     c.learning_rate = 0.2          # per 256 images: 0.1 at batch 128
     c.schedule = "cosine"
     c.weight_decay = 5e-4
+    c.decay_norm_and_bias = True   # the reference decays every parameter (torch.optim.SGD(model.parameters(), ...))
     c.log_every_steps = 100
     c.checkpoint_every_steps = 1000
     return c

@@ -20,6 +20,7 @@ def get_config():
     c.schedule = "multistep"
     c.milestones = (82, 123)
     c.weight_decay = 1e-4
+    c.decay_norm_and_bias = True   # the reference decays every parameter (torch.optim.SGD(model.parameters(), ...))
     c.log_every_steps = 100
     c.checkpoint_every_steps = 1000
     return c

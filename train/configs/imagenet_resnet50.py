@@ -2,7 +2,8 @@
 momentum 0.9, wd 1e-4, 90 epochs, x0.1 at epochs 30 and 60; random-resized crop 224 + flip; 76.1% top-1.
 
 ``--config=train/configs/imagenet_resnet50.py:cosine`` selects the modern variant: 5 warm-up epochs, cosine
-decay, label smoothing 0.1, zero-init residuals, bf16 compute (about 77% top-1 in 90 epochs).
+decay, label smoothing 0.1, zero-init residuals, no weight decay on BatchNorm and biases (He et al. 2019, "Bag of
+Tricks"), bf16 compute (about 77% top-1 in 90 epochs).
 ImageNet needs a manual download; see README, "CIFAR-10 and ImageNet"."""
 
 from resnet_jax.training import base_config
@@ -23,6 +24,7 @@ def get_config(variant: str = "step"):
     c.learning_rate = 0.1
     c.momentum = 0.9
     c.weight_decay = 1e-4
+    c.decay_norm_and_bias = True   # the reference decays every parameter (torch.optim.SGD(model.parameters(), ...))
     c.schedule = "multistep"
     c.milestones = (30, 60)
     c.num_workers = 16
@@ -34,6 +36,7 @@ def get_config(variant: str = "step"):
         c.label_smoothing = 0.1
         c.zero_init_residual = True
         c.dtype = "bfloat16"
+        c.decay_norm_and_bias = False   # Bag of Tricks' "no bias decay", with its cosine and label smoothing
     elif variant != "step":
         raise ValueError(f"unknown variant {variant!r} of imagenet_resnet50; use 'step' or 'cosine'")
     return c
