@@ -111,6 +111,25 @@ def test_class_weights_in_the_train_step_are_the_references(loss):
     np.testing.assert_allclose(float(sums["loss"]) / float(sums["count"]), float(expected), rtol=1e-5)
 
 
+@pytest.mark.parametrize("mixing", [dict(mixup_alpha=0.8), dict(cutmix_alpha=1.0)])
+def test_class_weights_with_mixed_targets_are_torchs(mixing):
+    """Mixup and CutMix make the targets probabilities, for which torch's ``CrossEntropyLoss(weight=,
+    label_smoothing=)`` divides the weighted sum by the batch size; the step divided by the summed weights of the
+    unmixed labels (0.82x torch's loss on one batch). Same logits, the step's own mixing (its key, its lambda)."""
+    from resnet_jax.training.losses import mix_batch
+
+    c = config(label_smoothing=0.1, class_weights=WEIGHTS, **mixing)
+    state, b = initial_state(c), batch()
+    rng = jax.random.fold_in(state.rng, state.step)  # as the step draws its mixing
+    images, targets = mix_batch(rng, jnp.asarray(b["image"]), jax.nn.one_hot(b["label"], 5), c.mixup_alpha,
+                                c.cutmix_alpha)
+    logits = jax.jit(lambda s, x: s.apply_fn(s.variables, x, train=True, mutable=["batch_stats"])[0])(state, images)
+    _, sums = make_train_step(c, 5, make_mesh())(state, b)
+    expected = torch.nn.CrossEntropyLoss(weight=torch.tensor(WEIGHTS), label_smoothing=0.1)(
+        torch.from_numpy(np.array(logits)), torch.from_numpy(np.array(targets)))
+    np.testing.assert_allclose(float(sums["loss"]) / float(sums["count"]), float(expected), rtol=1e-5)
+
+
 def test_gradient_accumulation_is_one_step_on_the_mean_of_the_micro_batch_gradients():
     """k = 2 micro-batches (examples 0, 2, 4, ... and 1, 3, 5, ...): the update is the optimizer's step on the
     mean of their gradients, each computed with that micro-batch's BatchNorm statistics, and the running

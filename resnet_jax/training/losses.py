@@ -21,11 +21,14 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, class_weights: jax.Arra
     return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
 
 
-def loss_normaliser(labels: jax.Array, class_weights: jax.Array | None, loss: str = "ce") -> jax.Array:
+def loss_normaliser(labels: jax.Array, class_weights: jax.Array | None, loss: str = "ce",
+                    mixed: bool = False) -> jax.Array:
     """Each example's share of the batch mean's denominator: its class's weight for cross-entropy (torch's
     ``CrossEntropyLoss(weight=)`` divides by the summed weights of the labels), 1 for binary cross-entropy and
-    without weights (timm's ``BinaryCrossEntropy(weight=)`` averages over every entry)."""
-    if class_weights is None or loss == "bce":
+    without weights (timm's ``BinaryCrossEntropy(weight=)`` averages over every entry), and 1 for ``mixed``
+    targets (mixup/cutmix): they are probabilities, and torch's mean over probability targets divides by the
+    batch size (the labels' weights ignored each partner's class and rescaled every batch's step)."""
+    if class_weights is None or loss == "bce" or mixed:
         return jnp.ones(labels.shape, jnp.float32)
     return class_weights[labels]
 

@@ -45,7 +45,8 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: M
         rng = jax.random.fold_in(state.rng, state.step)
         targets = soft_targets(labels, num_classes, config.label_smoothing)
         images, targets = mix_batch(rng, images, targets, config.mixup_alpha, config.cutmix_alpha)
-        total_weight = jnp.sum(loss_normaliser(labels, class_weights, config.loss))
+        mixed = config.mixup_alpha > 0 or config.cutmix_alpha > 0
+        total_weight = jnp.sum(loss_normaliser(labels, class_weights, config.loss, mixed))
         dropout_key = jax.random.fold_in(rng, 1)  # stochastic depth's draws: deterministic under the run's seed
 
         def loss_fn(params, batch_stats, dropout_key, images, targets):
