@@ -234,8 +234,13 @@ class Checkpointer:
     def _restore(self, step: int, abstract_arrays: Any, iterator: Any):
         if iterator is not None:
             self._restore_data_position(step, iterator)
-        items = {"state": ocp.args.StandardRestore(abstract_arrays), "meta": ocp.args.JsonRestore()}
+        # the config is read here too: the resume compares it next, and a damaged one (a cut JSON file) is damage
+        # like any other, which the previous checkpoint survives; read after the choice, it stopped the resume
+        items = {"state": ocp.args.StandardRestore(abstract_arrays), "meta": ocp.args.JsonRestore(),
+                 "config": ocp.args.JsonRestore()}
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if not isinstance(restored["config"], dict):
+            raise ValueError("the checkpoint's config is not a JSON object")
         meta = restored["meta"]
         if "fingerprint" not in meta:  # every checkpoint this module writes has one
             raise ValueError("the checkpoint's meta has no fingerprint of its arrays")
