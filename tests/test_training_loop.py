@@ -117,6 +117,9 @@ def damage(checkpoint, how):
     if how == "metrics":  # Orbax reads every checkpoint's metrics when it opens the directory
         (checkpoint / "metrics" / "metrics").write_text('{"val_acc')
         return
+    if how == "config":  # the run's config, compared with this run's once a checkpoint is chosen
+        (checkpoint / "config" / "metadata").write_text('{"model": "res')
+        return
     biggest = max((p for p in checkpoint.rglob("*") if p.is_file() and "state" in p.parts),
                   key=lambda p: p.stat().st_size)
     raw = bytearray(biggest.read_bytes())
@@ -128,7 +131,7 @@ def damage(checkpoint, how):
         biggest.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("how", ["truncate", "flip", "metrics"])
+@pytest.mark.parametrize("how", ["truncate", "flip", "metrics", "config"])
 def test_damaged_latest_checkpoint_is_reported_skipped_and_kept(short_run, tmp_path, how):
     workdir = copy_of(short_run, tmp_path)
     damage(workdir / "checkpoints" / "16", how)
@@ -256,7 +259,8 @@ def test_a_diverged_update_is_never_saved(tmp_path):
      "model_overrides has unknown key 'stage_size' \\(did you mean 'stage_sizes'"),
     ({"model_overrides": {"in_channels": 1, "dtype": "bfloat16"}}, "model_overrides.dtype is set by config.dtype"),
     ({"model_overrides": {"in_channels": 1, "num_classes": 12}},
-     "model_overrides.num_classes=12 but digits has 10 classes"),
+     "^config.model_overrides.num_classes=12 but digits has 10 classes"),
+    ({"class_names": ("a", "b", "c")}, "^config.class_names has 3 names but digits has 10 classes"),
     ({"eval_every_epochs": 0}, "eval_every_epochs must be at least 1"),
     ({"schedule": "step", "step_epochs": 0}, "step_epochs must be at least 1"),
     ({"max_steps": 0}, "max_steps must be positive, or -1"),

@@ -40,10 +40,13 @@ from resnet_jax.training.steps import make_eval_step
 
 def _in_keyword_terms(err: Exception) -> None:
     """``err`` with the training run's advice in ``fit``'s words: it names command-line flags (``use a new
-    --workdir, or pass --config.restart=True``), which through ``fit`` are keyword arguments (``workdir=``,
-    ``restart=True``). Reworded in place, so the exception keeps its type and traceback."""
+    --workdir, or pass --config.restart=True``) and config keys Classifier takes as its own arguments
+    (``config.model_overrides.num_classes``), which through ``fit`` are keyword arguments (``workdir=``,
+    ``restart=True``, ``num_classes``). Reworded in place, so the exception keeps its type and traceback."""
     if len(err.args) == 1 and isinstance(err.args[0], str):
-        words = re.sub(r"--config\.(\w+)", r"\1", re.sub(r"(?<!python -m train )--workdir", "workdir", err.args[0]))
+        words = re.sub(r"(?<!python -m train )--workdir", "workdir", err.args[0])
+        words = re.sub(r"--config\.(\w+)", r"\1", words)
+        words = re.sub(r"\bconfig\.(?:model_overrides\.)?(num_classes|class_names)\b", r"\1", words)
         err.args = (words,)
 
 
@@ -78,8 +81,8 @@ class Classifier:
                                                               "image_size": image_size, **config,
                                                               "model_overrides": overrides}))
         except ValueError as e:  # the config's words for Classifier's own arguments
-            raise ValueError(str(e).replace("config.model_overrides.num_classes", "num_classes")
-                             .replace("config.class_names", "class_names")) from None
+            _in_keyword_terms(e)
+            raise
         count = overrides.get("num_classes", len(self.config.class_names) or 10)
         self._set_head(count, list(self.config.class_names))
         self.variables: dict[str, Any] | None = None

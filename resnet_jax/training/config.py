@@ -421,10 +421,10 @@ def check_against_data(config: ml_collections.ConfigDict, num_classes: int, sour
     dataset fixes each label's meaning and the names only rename them."""
     head = config.model_overrides.get("num_classes", len(config.class_names) or num_classes)
     if head != num_classes:
-        raise ValueError(f"the model is for {head} classes (Classifier's num_classes or class_names; "
-                         f"config.model_overrides.num_classes or config.class_names) but {config.dataset} has "
-                         f"{num_classes} classes, which the labels and the loss use; give {num_classes}, or leave "
-                         f"the classes out and the head follows the dataset")
+        given = (f"config.model_overrides.num_classes={head}" if "num_classes" in config.model_overrides
+                 else f"config.class_names has {head} names")
+        raise ValueError(f"{given} but {config.dataset} has {num_classes} classes, which the labels and the loss "
+                         f"use; give {num_classes}, or leave the classes out and the head follows the dataset")
     from resnet_jax.pretrained import same_classes
 
     if source is not None and source.labels_by_name and config.class_names and \
