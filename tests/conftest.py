@@ -31,6 +31,15 @@ import textwrap
 # imported first inside tensorflow_datasets' lazy-import block, it became a placeholder and the report itself
 # failed the test it landed in
 import tracemalloc  # noqa: F401
+
+try:
+    # tensorflow (which the TFDS tests import through tensorflow_datasets) loaded before triton (which importing
+    # torchvision pulls in through torch._dynamo) makes triton's library segfault as it loads: `python -c "import
+    # tensorflow; import torchvision"` exits 139 with tensorflow 2.x and torch 2.14. A pytest-xdist worker that ran
+    # a TFDS test then died in its next torchvision parity test. Loaded first, both work.
+    import torchvision  # noqa: F401
+except ImportError:  # the parity tests skip or fail on their own where the dev extra is missing
+    pass
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
