@@ -16,12 +16,31 @@ from typing import Callable
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """``write(partial)`` a sibling of ``path``, then rename it to ``path``; on any failure the partial copy is
-    removed and the error raised, ``path`` untouched."""
+    removed and the error raised, ``path`` untouched. ``path``'s directory is created if missing (an export to
+    ``out/model.pth`` had failed naming the hidden partial file), and the file gets the permissions an ordinary
+    write gives (the umask's; executables keep their x bits): a writer that makes its file private
+    (safetensors' ``save_file``: 0600) would hide an export from a serving process of another user."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
         write(partial)
+        executable = os.stat(partial).st_mode & 0o111  # a built library keeps its x bits
+        os.chmod(partial, (0o777 if executable else 0o666) & ~_umask())
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` can only be read by setting it, which races
+    with other threads creating files); 0o022, the usual one, where /proc does not say."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022

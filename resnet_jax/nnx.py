@@ -56,6 +56,11 @@ class ResNet(nnx.Module):
         if unknown:
             raise ValueError(f"expected linen variables with the collections {sorted(_COLLECTIONS)}, got the "
                              f"extra collection(s) {unknown}")
+        missing = [c for c in _COLLECTIONS if not variables.get(c)]
+        if missing:  # variables["params"] alone is an easy slip; it failed at the first call, in flax's words
+            raise ValueError(f"the variables have no {' or '.join(map(repr, missing))} collection (a ResNet's "
+                             f"BatchNorm needs its running mean and variance): pass the whole dict linen's init "
+                             f"returns, {{'params': ..., 'batch_stats': ...}}, not one collection of it")
         tree: dict[str, Any] = {}
         for collection, kind in _COLLECTIONS.items():
             _merge(tree, jax.tree.map(kind, dict(variables.get(collection, {}))))

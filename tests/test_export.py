@@ -5,6 +5,7 @@ resnet_jax; ``train.predict`` gives the same top-5 on each artifact as on the wo
 inputs get one sentence each."""
 
 import json
+import os
 import re
 
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_batch_stats, random_variables, run_python
+from conftest import REPO, random_batch_stats, random_variables, run_python
 from resnet_jax import create_model, data
 from resnet_jax.export import FORMAT_VERSION, ArtifactError, Preprocessing, export_model, load_exported
 from resnet_jax.training.classifier import Classifier
@@ -423,6 +424,100 @@ def test_an_unknown_platform_is_refused_before_anything_is_written(tmp_path, pla
     assert list(tmp_path.iterdir()) == []
 
 
+def small_model(num_classes=3):
+    model = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=num_classes)
+    return model, random_variables(model, (1, 8, 8, 1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_failed_export_leaves_the_previous_artifact_and_manifest_loading(tmp_path, fmt):
+    """The artifact was written in place, then its manifest: a re-export that failed mid-write (a full disk, made
+    real here by the file-size limit of a child process) left half a new file beside the old manifest, and neither
+    loaded."""
+    model, variables = small_model()
+    prep = Preprocessing(8, (0.5,), (0.25,))
+    path = export_model(model, variables, tmp_path / f"m.{fmt}", preprocessing=prep, class_names=["a", "b", "c"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    proc = run_python(f"""
+        import resource
+        import numpy as np
+        from conftest import random_variables
+        from resnet_jax import create_model
+        from resnet_jax.export import Preprocessing, export_model
+        model = create_model("resnet20", stage_sizes=(2, 2, 2), in_channels=1, num_classes=300)  # a larger file
+        variables = random_variables(model, (1, 8, 8, 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before[path.name]) + 1000}, resource.RLIM_INFINITY))
+        try:
+            export_model(model, variables, {str(path)!r}, preprocessing=Preprocessing(8, (0.5,), (0.25,)))
+        except OSError as err:
+            print("failed:", err)
+    """, env={**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"})
+    assert "failed: [Errno 27] File too large" in proc.stdout, proc.stdout
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no partial file left
+    assert load_exported(path).class_names == ["a", "b", "c"]
+
+
+def test_class_names_of_any_sequence_are_written_as_text(tmp_path):
+    """numpy arrays of names raised numpy's truth-value error, numpy integer labels a JSON TypeError, and int
+    labels came back from predict as ints where Classifier.predict gives strings."""
+    model, variables = small_model()
+    prep = Preprocessing(8, (0.5,), (0.25,))
+    for i, names in enumerate([np.array(["a", "b", "c"]), np.unique([7, 3, 5]), (0, 1, 2)]):
+        path = export_model(model, variables, tmp_path / f"m{i}.stablehlo", preprocessing=prep, class_names=names)
+        exported = load_exported(path)
+        assert exported.class_names == [str(n) for n in np.asarray(names).tolist()]
+        assert all(isinstance(name, str) for name, _ in exported.predict(np.zeros((8, 8), np.uint8), top_k=3)[0])
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m.pop("class_names"), "has no valid 'class_names' entry"),
+    (lambda m: m.pop("artifact"), "has no valid 'artifact' entry"),
+    (lambda m: m["preprocessing"].pop("image_size"), "has no valid 'preprocessing.image_size' entry"),
+    (lambda m: m.update(format_version="1"), "has format_version '1', not a version number resnet_jax writes"),
+])
+def test_a_manifest_missing_an_entry_is_one_clear_error(small_artifact, tmp_path, edit, says):
+    """A hand-edited or partly copied manifest failed as a bare KeyError (and train.predict with a traceback);
+    a version written as text was called newer than this one."""
+    path = copy_artifact(small_artifact, tmp_path)
+    manifest = json.loads((tmp_path / "small.stablehlo.json").read_text())
+    edit(manifest)
+    (tmp_path / "small.stablehlo.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=re.escape(says)) as err:
+        load_exported(path)
+    one_sentence(err)
+
+
+def test_an_artifact_for_another_platform_is_refused_at_load(small_artifact, tmp_path):
+    """Exported on a GPU machine (platforms cuda), served on CPU: jax's own error came at the first call. A
+    platform given as one string is that platform (it was split into 'c', 'p', 'u')."""
+    path = copy_artifact(small_artifact, tmp_path)
+    manifest = json.loads((tmp_path / "small.stablehlo.json").read_text())
+    manifest["platforms"] = ["cuda"]
+    (tmp_path / "small.stablehlo.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"was exported for cuda only and this process runs on cpu; export it "
+                                            r"again including 'cpu'") as err:
+        load_exported(path)
+    one_sentence(err)
+    model, variables = small_model()
+    path = export_model(model, variables, tmp_path / "one.stablehlo", preprocessing=Preprocessing(8, (0.5,), (0.25,)),
+                        platforms="cpu")
+    assert load_exported(path).manifest["platforms"] == ["cpu"]
+
+
+def test_state_dict_exports_create_their_directory_and_are_readable_by_others(tmp_path):
+    """A .pth into a missing directory failed naming the hidden partial file (the artifacts' directory was
+    created); safetensors' own writer makes its file 0600, unreadable by a serving process of another user."""
+    from resnet_jax.torch_file import write_safetensors, write_torch_file
+
+    write_torch_file(tmp_path / "new" / "dir" / "a.pth", {"w": np.ones(2, np.float32)})
+    write_safetensors(tmp_path / "other" / "a.safetensors", {"w": np.ones(2, np.float32)})
+    for path in (tmp_path / "new" / "dir" / "a.pth", tmp_path / "other" / "a.safetensors"):
+        umask = os.umask(0)
+        os.umask(umask)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
+    assert not [p for p in tmp_path.rglob(".*partial")]
+
+
 @pytest.mark.parametrize("name", ["resnetv2_18d", "resnetv2_50"])
 def test_onnx_of_a_pre_activation_model_equals_timm(name, tmp_path):
     """timm's ResNetV2 at ``SMALL`` depth (random weights, random BatchNorm statistics; a basic one with the
@@ -454,13 +549,11 @@ def test_onnx_of_a_pre_activation_model_equals_timm(name, tmp_path):
 def test_the_manifest_describes_each_crop_mode_as_it_is_done(tmp_path, mode, says):
     """A serving process may follow the text alone: it must say what EvalTransform does in that mode (the text
     had described the centre mode's resize for all three)."""
-    from resnet_jax.export.manifest import Preprocessing, write_manifest
+    from resnet_jax.export.manifest import Preprocessing, manifest_text
 
-    artifact = tmp_path / "model.onnx"
-    artifact.write_bytes(b"stand-in artifact bytes")
     prep = Preprocessing(image_size=20, mean=(0.5,), std=(0.25,), resize_size=24, interpolation="bicubic",
                          crop_mode=mode)
-    path = write_manifest(artifact, fmt="onnx", model_name="resnet18", num_classes=2, channels=3,
-                          preprocessing=prep, class_names=["a", "b"], extra={})
-    resize = json.loads(path.read_text())["preprocessing"]["resize"]
+    text = manifest_text(tmp_path / "model.onnx", b"stand-in artifact bytes", fmt="onnx", model_name="resnet18",
+                         num_classes=2, channels=3, preprocessing=prep, class_names=["a", "b"], extra={})
+    resize = json.loads(text)["preprocessing"]["resize"]
     assert resize.startswith(f"bicubic (Pillow, antialiased), {mode} mode: {says}"), resize

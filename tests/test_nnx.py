@@ -223,6 +223,9 @@ def test_bad_input_is_a_clear_error(resnet18d):
         rnnx.from_linen(module, {**variables, "intermediates": {}})
     with pytest.raises(ValueError, match="unknown model 'resnet5'"):
         rnnx.create_model("resnet5", rngs=nnx.Rngs(0))
+    # variables["params"] alone (an easy slip) failed at the first call, as AttributeError or flax's scope error
+    with pytest.raises(ValueError, match=r"the variables have no 'batch_stats' collection .* not one collection"):
+        rnnx.from_linen(module, {"params": variables["params"]})
 
 
 def test_stochastic_depth_draws_from_the_dropout_stream():

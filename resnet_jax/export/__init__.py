@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from resnet_jax.export.loader import ExportedModel, load_exported
-from resnet_jax.export.manifest import FORMAT_VERSION, FORMATS, ArtifactError, Preprocessing, write_manifest
+from resnet_jax.atomic import replace_atomically
+from resnet_jax.export.manifest import (FORMAT_VERSION, FORMATS, ArtifactError, Preprocessing, manifest_path,
+                                        manifest_text)
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's names for the backends a StableHLO artifact can serve
 
@@ -41,9 +43,8 @@ def export_model(model, variables: dict[str, Any], path: str | Path, *, preproce
         raise ValueError(f"unknown export format {format or path.suffix!r} for {path.name}; choose one of "
                          f"{list(FORMATS)} (or name the file .stablehlo / .onnx)")
     num_classes = int(model.num_classes)
-    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for a model with {num_classes} outputs; give one name per class")
+    names = _class_names(class_names, num_classes)
+    platforms = (platforms,) if isinstance(platforms, str) else platforms  # "cpu" is one platform, not three
     if platforms and fmt != "stablehlo":
         raise ValueError("platforms applies to StableHLO artifacts only; an ONNX model runs wherever onnxruntime "
                          "does")
@@ -51,18 +52,32 @@ def export_model(model, variables: dict[str, Any], path: str | Path, *, preproce
     if unknown:  # jax.export lowers for any name, and the artifact then runs nowhere
         hint = " (NVIDIA GPUs are 'cuda', AMD's 'rocm')" if {"gpu", "GPU"} & set(unknown) else ""
         raise ValueError(f"unknown platform(s) {unknown}{hint}; choose from {list(PLATFORMS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "stablehlo":
         from resnet_jax.export.stablehlo import export_stablehlo
 
-        extra = export_stablehlo(model, variables, path, preprocessing, platforms)
+        content, extra = export_stablehlo(model, variables, preprocessing, platforms)
     else:
         from resnet_jax.export.onnx_graph import export_onnx
 
-        extra = export_onnx(model, variables, path, preprocessing)
-    write_manifest(path, fmt=fmt, model_name=model_name, num_classes=num_classes, channels=model.in_channels,
-                   preprocessing=preprocessing, class_names=names, extra=extra)
+        content, extra = export_onnx(model, variables, preprocessing)
+    text = manifest_text(path, content, fmt=fmt, model_name=model_name, num_classes=num_classes,
+                         channels=model.in_channels, preprocessing=preprocessing, class_names=names, extra=extra)
+    # both built before either is written, each replaced whole: a failed export (a full disk) leaves the previous
+    # artifact and manifest as they were, a pair that still loads
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(path, lambda partial: partial.write_bytes(content))
+    replace_atomically(manifest_path(path), lambda partial: partial.write_text(text))
     return path
+
+
+def _class_names(class_names: Sequence[Any] | None, num_classes: int) -> list[str]:
+    """One string per output: the names given (any sequence, numpy's included; labels such as numpy ints become
+    their text, as ``Classifier`` names index-labelled classes), else the output indices."""
+    names = [str(i) for i in range(num_classes)] if class_names is None else [
+        n if isinstance(n, str) else str(n.item() if hasattr(n, "item") else n) for n in class_names]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a model with {num_classes} outputs; give one name per class")
+    return names
 
 
 __all__ = ["FORMATS", "FORMAT_VERSION", "ArtifactError", "ExportedModel", "Preprocessing", "export_model",

@@ -77,6 +77,8 @@ def load_exported(path: str | Path) -> ExportedModel:
     if manifest["format"] == "stablehlo":
         from resnet_jax.export.stablehlo import run_serialized
 
+        _check_platform(path, manifest.get("platforms"))
+
         try:
             runner = run_serialized(data)
         except Exception as err:  # noqa: BLE001 - jax raises assorted types for a module it cannot read
@@ -88,6 +90,19 @@ def load_exported(path: str | Path) -> ExportedModel:
         raise ArtifactError(f"{path}'s manifest names format {manifest['format']!r}; this resnet_jax reads "
                             "'stablehlo' and 'onnx' artifacts")
     return ExportedModel(path, manifest, runner)
+
+
+def _check_platform(path: Path, platforms: list[str] | None) -> None:
+    """A StableHLO artifact runs only on the backends it was lowered for (its manifest lists them): say so at
+    load, not as jax's error at the first call (an artifact exported on a GPU machine, served on CPU)."""
+    import jax
+
+    backend = jax.default_backend()
+    names = {"gpu": ("cuda", "rocm")}.get(backend, (backend,))
+    if platforms and not set(names) & set(platforms):
+        raise ArtifactError(f"{path} was exported for {', '.join(platforms)} only and this process runs on "
+                            f"{backend}; export it again including {names[0]!r} (export_model(..., platforms=...), "
+                            f"python -m train.export --platforms={','.join([*platforms, names[0]])})")
 
 
 def _onnx_runner(path: Path, data: bytes) -> Callable[[np.ndarray], np.ndarray]:

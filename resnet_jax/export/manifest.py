@@ -83,16 +83,18 @@ def manifest_path(artifact: str | Path) -> Path:
     return artifact.with_name(artifact.name + ".json")
 
 
-def write_manifest(artifact: Path, *, fmt: str, model_name: str, num_classes: int, channels: int,
-                   preprocessing: Preprocessing, class_names: Sequence[str], extra: dict[str, Any]) -> Path:
-    """Describe the already written ``artifact`` (size and sha256 are read from it) in its manifest."""
+def manifest_text(artifact: Path, content: bytes, *, fmt: str, model_name: str, num_classes: int, channels: int,
+                  preprocessing: Preprocessing, class_names: Sequence[str], extra: dict[str, Any]) -> str:
+    """The JSON manifest of the artifact ``content`` that will be written at ``artifact`` (its name, size and
+    sha256). Built, and serialized, before either file is written: a manifest that cannot be written (a class name
+    JSON cannot hold) must fail the export while the previous pair is still intact."""
     mean, std = preprocessing.per_channel(channels)
     size = preprocessing.image_size
     manifest = {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
         "format": fmt,
-        "artifact": {"file": artifact.name, "bytes": artifact.stat().st_size, "sha256": file_sha256(artifact)},
+        "artifact": {"file": artifact.name, "bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()},
         "model": model_name,
         "class_names": list(class_names),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, channels]},
@@ -113,9 +115,27 @@ def write_manifest(artifact: Path, *, fmt: str, model_name: str, num_classes: in
             crop_mode=preprocessing.crop_mode)
     else:
         manifest["format_version"] = 1  # unchanged from version 1: older readers keep reading it
-    path = manifest_path(artifact)
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    return json.dumps(manifest, indent=2) + "\n"
+
+
+# The entries a reader uses, by section: "" is the manifest itself
+_REQUIRED = {"": {"format": str, "class_names": list, "artifact": dict, "preprocessing": dict},
+             "artifact": {"bytes": int, "sha256": str},
+             "preprocessing": {"image_size": int, "channels": int, "crop_fraction": (int, float), "mean": list,
+                               "std": list}}
+
+
+def _check_entries(manifest: dict[str, Any], path: Path) -> None:
+    """``ArtifactError`` naming the first entry a reader needs that is missing or of another kind (a hand-edited
+    or partly copied manifest had failed later, as a bare ``KeyError``)."""
+    for section, entries in _REQUIRED.items():
+        where = manifest[section] if section else manifest
+        for key, kind in entries.items():
+            value = where.get(key)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                name = f"{section}.{key}" if section else key
+                raise ArtifactError(f"{path} has no valid {name!r} entry (got {value!r}): the manifest was edited or "
+                                    "damaged; copy it again or export the model again")
 
 
 # What a serving process must do for each crop mode (data.transforms.EvalTransform.crop), said in the manifest's
@@ -152,10 +172,14 @@ def read_manifest(artifact: str | Path, content: bytes | None = None) -> dict[st
         raise ArtifactError(f"{path} is not a resnet_jax export manifest (no \"kind\": \"{KIND}\"); give the "
                             "file written by resnet_jax export")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ArtifactError(f"{path} has format_version {version!r}, not a version number resnet_jax writes: the "
+                            "manifest was edited or damaged; export the model again")
+    if version > FORMAT_VERSION:
         raise ArtifactError(f"{artifact} was written in export format version {version}, newer than the version "
                             f"{FORMAT_VERSION} this resnet_jax reads; upgrade resnet-jax, or export the model again "
                             "with this version")
+    _check_entries(manifest, path)
     expected, actual = manifest["artifact"]["bytes"], artifact.stat().st_size
     if actual != expected:
         raise ArtifactError(f"{artifact} is {actual} bytes but its manifest says {expected}: the file is "

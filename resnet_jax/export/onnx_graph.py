@@ -30,7 +30,6 @@ for pre-activation models against timm's logits (tests/test_export.py).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -219,10 +218,9 @@ def build_onnx(model, variables: dict[str, Any], preprocessing: Preprocessing):
     return proto
 
 
-def export_onnx(model, variables: dict[str, Any], path: Path, preprocessing: Preprocessing) -> dict[str, Any]:
-    """Write the ONNX model to ``path``; returns the manifest entries specific to this format."""
-    proto = build_onnx(model, variables, preprocessing)
-    path.write_bytes(proto.SerializeToString())
+def export_onnx(model, variables: dict[str, Any], preprocessing: Preprocessing) -> tuple[bytes, dict[str, Any]]:
+    """The serialized ONNX model and the manifest entries specific to this format (``export_model`` writes both)."""
     import onnx
 
-    return {"opset": OPSET, "onnx_version": onnx.__version__}
+    return build_onnx(model, variables, preprocessing).SerializeToString(), {"opset": OPSET,
+                                                                             "onnx_version": onnx.__version__}

@@ -13,7 +13,6 @@ guarantee, so without this the export would fail, not the deployment).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -53,17 +52,16 @@ def check_exportable(model) -> None:
                          "(features_only=True or num_classes=0): give it a head, or use jax.export directly")
 
 
-def export_stablehlo(model, variables: dict[str, Any], path: Path, preprocessing: Preprocessing,
-                     platforms: Sequence[str] | None = None) -> dict[str, Any]:
-    """Write the serialized artifact to ``path``; returns the manifest entries specific to this format."""
+def export_stablehlo(model, variables: dict[str, Any], preprocessing: Preprocessing,
+                     platforms: Sequence[str] | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The serialized artifact and the manifest entries specific to this format (``export_model`` writes both)."""
     size, channels = preprocessing.image_size, model.in_channels
     batch = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((*batch, size, size, channels), jnp.uint8)
     exported = jax.export.export(jax.jit(inference_function(model, variables, preprocessing)),
                                  platforms=tuple(platforms) if platforms else None)(spec)
-    path.write_bytes(exported.serialize())
-    return {"platforms": list(exported.platforms), "jax_version": jax.__version__,
-            "calling_convention_version": exported.calling_convention_version}
+    return bytes(exported.serialize()), {"platforms": list(exported.platforms), "jax_version": jax.__version__,
+                                         "calling_convention_version": exported.calling_convention_version}
 
 
 def run_serialized(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
