@@ -457,6 +457,18 @@ def test_a_failed_export_leaves_the_previous_artifact_and_manifest_loading(tmp_p
     assert load_exported(path).class_names == ["a", "b", "c"]
 
 
+def test_a_format_other_than_the_suffix_says_is_refused(tmp_path):
+    """--format=stablehlo --output=x.onnx wrote a StableHLO file named .onnx, which onnxruntime then misreads."""
+    model, variables = small_model()
+    with pytest.raises(ValueError, match=r"x.onnx's suffix says onnx but format='stablehlo'; name it x.stablehlo") as err:
+        export_model(model, variables, tmp_path / "x.onnx", preprocessing=Preprocessing(8, (0.5,), (0.25,)),
+                     format="stablehlo")
+    one_sentence(err)
+    assert list(tmp_path.iterdir()) == []
+    assert export_model(model, variables, tmp_path / "x.bin", preprocessing=Preprocessing(8, (0.5,), (0.25,)),
+                        format="onnx").exists()  # a suffix of no format is the user's choice
+
+
 def test_class_names_of_any_sequence_are_written_as_text(tmp_path):
     """numpy arrays of names raised numpy's truth-value error, numpy integer labels a JSON TypeError, and int
     labels came back from predict as ints where Classifier.predict gives strings."""

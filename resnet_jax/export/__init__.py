@@ -42,6 +42,9 @@ def export_model(model, variables: dict[str, Any], path: str | Path, *, preproce
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {format or path.suffix!r} for {path.name}; choose one of "
                          f"{list(FORMATS)} (or name the file .stablehlo / .onnx)")
+    if format and SUFFIXES.get(path.suffix, format) != format:  # runtimes go by the name: onnxruntime on a .onnx
+        raise ValueError(f"{path.name}'s suffix says {SUFFIXES[path.suffix]} but format={format!r}; name it "
+                         f"{path.stem}.{format} (or leave the format to the suffix)")
     num_classes = int(model.num_classes)
     names = _class_names(class_names, num_classes)
     platforms = (platforms,) if isinstance(platforms, str) else platforms  # "cpu" is one platform, not three
