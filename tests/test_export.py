@@ -460,7 +460,8 @@ def test_a_failed_export_leaves_the_previous_artifact_and_manifest_loading(tmp_p
 def test_a_format_other_than_the_suffix_says_is_refused(tmp_path):
     """--format=stablehlo --output=x.onnx wrote a StableHLO file named .onnx, which onnxruntime then misreads."""
     model, variables = small_model()
-    with pytest.raises(ValueError, match=r"x.onnx's suffix says onnx but format='stablehlo'; name it x.stablehlo") as err:
+    says = r"x.onnx's suffix says onnx but format='stablehlo'; name it x.stablehlo"
+    with pytest.raises(ValueError, match=says) as err:
         export_model(model, variables, tmp_path / "x.onnx", preprocessing=Preprocessing(8, (0.5,), (0.25,)),
                      format="stablehlo")
     one_sentence(err)

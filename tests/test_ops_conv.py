@@ -255,7 +255,8 @@ def test_forced_algorithm_that_cannot_compute_a_shape_says_why():
 
 
 @pytest.mark.parametrize("algorithm", ["auto", "jax"])
-@pytest.mark.parametrize("case", [(3, 1, 1, 2, 8, 8, 8, 8, ((-1, 1), (1, 0))), (1, 1, 1, 2, 6, 7, 8, 16, ((0, -1), (-2, 1))),
+@pytest.mark.parametrize("case", [(3, 1, 1, 2, 8, 8, 8, 8, ((-1, 1), (1, 0))),
+                                  (1, 1, 1, 2, 6, 7, 8, 16, ((0, -1), (-2, 1))),
                                   (3, 2, 1, 2, 9, 9, 8, 8, ((1, -1), (0, 0)))], ids=case_id)
 def test_negative_padding_is_computed_by_xla_under_every_choice(algorithm, case):
     """lax crops the input where padding is negative; the other algorithms pad with zeros only, so the choices
