@@ -63,7 +63,8 @@ class ResNet(nn.Module):
         it slower than float32 (BENCHMARKS.md, 2026-12-04).
       bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon (torchvision's momentum 0.1 = 0.9);
         the running variance averages the unbiased batch variance, as torch's does (``ops.batchnorm``).
-      conv_impl: how convolutions are computed; parameters and outputs are identical for every choice.
+      conv_impl: how convolutions are computed; parameters are identical for every choice and outputs agree
+        within float32 rounding (Winograd's a few times coarser than direct kernels; README "Speed on CPU").
         "auto" (the default) picks per layer shape, dtype and backend (``ops.choose``): oneDNN kernels on CPU
         where the extension is usable (Linux x86_64 with a C++ compiler; its wheels are default
         dependencies there), the fastest pure-JAX algorithm otherwise, XLA's own on GPU/TPU; "jax" picks
@@ -123,6 +124,7 @@ class ResNet(nn.Module):
             algorithm_names(self.conv_impl)
         except ValueError as err:
             raise ValueError(f"conv_impl: {err}") from None
+        _check_kinds(self)
         if len(self.stage_sizes) != len(self.stage_widths):
             raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and stage_widths {tuple(self.stage_widths)} "
                              "must have the same length (one entry per stage)")
@@ -256,6 +258,41 @@ class ResNet(nn.Module):
             hint = f" Build the model with in_channels={shape[-1]} or convert the images."
         raise ValueError(f"expected NHWC images of shape (batch, height, width, {self.in_channels}), "
                          f"got shape {shape}.{hint}")
+
+
+_FLAGS = ("preact", "zero_init_residual", "remat", "features_only", "folded")
+_COUNTS = ("in_channels", "stem_width", "groups", "width_per_group")  # each a whole number >= 1
+_PER_STAGE = {"stage_sizes": 0, "stage_widths": 1}  # sequences of whole numbers, each at least this
+
+
+def _whole(value, least: int = 1) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def _check_kinds(model: "ResNet") -> None:
+    """The fields whose wrong kind built another model or failed deep inside it: a flag given as text took its
+    truthiness ("False" built a pre-activation model), a zero count divided by zero in the initialisers, a
+    negative stage size was accepted, an unknown dtype failed at the first call."""
+    for field in _FLAGS:
+        if not isinstance(getattr(model, field), (bool, np.bool_)):
+            raise ValueError(f"{field} must be True or False, got {getattr(model, field)!r}")
+    for field in _COUNTS:
+        if not _whole(getattr(model, field)):
+            raise ValueError(f"{field} must be a whole number >= 1, got {getattr(model, field)!r}")
+    for field, least in _PER_STAGE.items():
+        value = getattr(model, field)
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
+                not all(_whole(v, least) for v in value):
+            raise ValueError(f"{field} must be a sequence of whole numbers >= {least}, one per stage (e.g. "
+                             f"(2, 2, 2, 2)), got {value!r}")
+    for field in ("dtype", "param_dtype"):
+        try:
+            floating = jnp.issubdtype(jnp.dtype(getattr(model, field)), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise ValueError(f"{field} must be a floating dtype (jnp.float32, jnp.bfloat16, jnp.float16), got "
+                             f"{getattr(model, field)!r}")
 
 
 def _check_choice(field: str, value: str, choices) -> None:

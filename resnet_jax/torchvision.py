@@ -262,6 +262,11 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
     (``adapt_input_conv``). A model without a head (``features_only`` or ``num_classes=0``) ignores the file's
     head entries, and a ``features_only`` pre-activation model its closing BatchNorm's too (``_AFTER_STAGES``).
     """
+    nested = [k for k, v in state_dict.items() if isinstance(v, Mapping)]
+    if nested:  # a training checkpoint ({"model": state_dict, "epoch": 3, ...}) rather than the state_dict itself
+        raise ValueError(f"{source} holds dictionaries under {', '.join(map(repr, nested))}, not tensors: it looks "
+                         f"like a training checkpoint around a state_dict; pass the state_dict itself, e.g. "
+                         f"checkpoint[{nested[0]!r}]")
     expected = _expected_shapes(model)
     built = {k[1] for k in expected}
     flat, problems, unexpected, misshaped, seen, head_misshaped = {}, [], [], [], set(), False
@@ -285,7 +290,9 @@ def convert_state_dict(model: ResNet, state_dict: Mapping[str, Any], *, skip_hea
             misshaped.append(f"{name}: file has {tuple(np.shape(value))}, model needs {needed}")
             head_misshaped |= path[1] == "fc" and np.shape(value)[:1] != needed[:1]  # other classes, same width
             continue
-        flat[path] = jnp.asarray(layout(to_numpy(value)), dtype)
+        # a copy: jnp.asarray of a numpy view of a torch tensor (BatchNorm's vectors and biases, which need no
+        # transpose) shared its memory on CPU, so editing or training the torch model changed these weights
+        flat[path] = jnp.array(layout(to_numpy(value)), dtype, copy=True)
     head = [p for p in expected if p[1] == "fc"] if skip_head else []
     missing = sorted((flax_to_torch_name(p, naming, model)[0] for p in expected if p not in seen and p not in head),
                      key=lambda name: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in name.split(".")])

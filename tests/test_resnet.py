@@ -271,9 +271,22 @@ def test_images_without_pixels_and_nested_lists_get_true_messages():
 @pytest.mark.parametrize("option,message", [
     ({"drop_path_rate": None}, "drop_path_rate must be a number in \\[0, 1\\), got None"),
     ({"num_classes": -1}, "num_classes must be a whole number >= 0 .*got -1"),
-    ({"num_classes": 2.5}, "num_classes must be a whole number >= 0 .*got 2.5")])
+    ({"num_classes": 2.5}, "num_classes must be a whole number >= 0 .*got 2.5"),
+    # a flag given as text took its truthiness: "False" built a pre-activation model, zeroed the residual BNs
+    ({"preact": "False"}, "preact must be True or False, got 'False'"),
+    ({"zero_init_residual": "False"}, "zero_init_residual must be True or False, got 'False'"),
+    ({"features_only": "no"}, "features_only must be True or False, got 'no'"),
+    # a zero count divided by zero in the initialisers; a negative stage size was accepted
+    ({"groups": 0}, "groups must be a whole number >= 1, got 0"),
+    ({"stem_width": 0}, "stem_width must be a whole number >= 1, got 0"),
+    ({"in_channels": "1"}, "in_channels must be a whole number >= 1, got '1'"),
+    ({"stage_sizes": (2, -1, 2, 2)}, r"stage_sizes must be a sequence of whole numbers >= 0.*got \(2, -1, 2, 2\)"),
+    ({"stage_sizes": 2}, "stage_sizes must be a sequence of whole numbers >= 0.*got 2"),
+    ({"dtype": "float8"}, "dtype must be a floating dtype .*got 'float8'"),
+    ({"param_dtype": jnp.int32}, "param_dtype must be a floating dtype")])
 def test_options_of_the_wrong_kind_are_one_sentence(option, message):
-    """Used to be a raw TypeError from a comparison with None, and an MLIRError at the head for -1 classes."""
+    """Used to be a raw TypeError from a comparison with None, an MLIRError at the head for -1 classes, a
+    ZeroDivisionError, or another model than asked for."""
     with pytest.raises(ValueError, match=message):
         create_model("resnet18", **option)
 

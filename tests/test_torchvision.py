@@ -300,6 +300,25 @@ def test_a_compiled_models_state_dict_loads():
         assert_state_dicts_equal(to_torchvision(variables), model.state_dict())
 
 
+def test_loaded_weights_do_not_share_memory_with_the_torch_model():
+    """BatchNorm's vectors and biases (no transpose on the way) were numpy views of the torch tensors that
+    jnp.asarray kept on CPU: a train-mode forward of the torch model (its running statistics) or any in-place edit
+    changed the JAX weights after loading."""
+    tm = torchvision_model("resnet18")
+    _, variables = load_torchvision("resnet18", tm.state_dict())
+    before = jax.tree.map(np.array, variables)
+    with torch.no_grad():
+        for tensor in tm.state_dict().values():
+            tensor.add_(1)
+    jax.tree.map(np.testing.assert_array_equal, variables, before)
+
+
+def test_a_training_checkpoint_around_the_state_dict_says_to_take_it_out(resnet18):
+    """{"model": state_dict, "epoch": 3} was reported as 2 unexpected and 102 missing entries."""
+    with pytest.raises(ValueError, match=r"holds dictionaries under 'model', not tensors: .* checkpoint\['model'\]"):
+        load_torchvision("resnet18", {"model": resnet18[1], "epoch": 3})
+
+
 def test_bad_source_type_is_a_clear_error():
     with pytest.raises(TypeError, match="file path or a mapping"):
         load_torchvision("resnet18", 42)
