@@ -138,7 +138,12 @@ def process_failures(reason: str | None) -> list[tuple[int, str]]:
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
-    return None if value in (None, "") else int(value)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:  # int()'s own message named neither the variable nor what it is for
+        raise ValueError(f"the environment variable {name}={value!r} must be a whole number") from None
 
 
 def make_mesh(devices: list[Any] | None = None) -> Mesh:

@@ -245,6 +245,16 @@ def test_auto_address_refuses_an_explicit_process_count():
         initialize_distributed("auto", num_processes=2)
 
 
+def test_a_process_count_that_is_not_a_number_names_its_variable(monkeypatch):
+    """int()'s own message ("invalid literal for int() with base 10: 'abc'") named neither the variable nor its
+    use."""
+    from resnet_jax.parallel import initialize_distributed
+
+    monkeypatch.setenv("RESNET_JAX_NUM_PROCESSES", "abc")
+    with pytest.raises(ValueError, match=r"^the environment variable RESNET_JAX_NUM_PROCESSES='abc' must be a whole"):
+        initialize_distributed()
+
+
 def run_both(spawn, workdirs, **kw):
     """Both processes of one run, process i in ``workdirs[i]`` with the settings ``kw[key][i]``; (returncode,
     stderr) of each."""
@@ -267,6 +277,20 @@ def test_processes_given_different_settings_refuse_to_start_and_write_nothing(tm
     results = run_both(spawn, [tmp_path / "run"] * 2, **{key: values})
     for code, err in results:
         assert code != 0 and f"different settings from process 0's (process 1: {named})" in err, err[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.multiprocess
+def test_a_process_whose_config_is_refused_stops_the_others_with_its_reason(tmp_path, spawn):
+    """Process 1's config failed validation and it exited without joining: process 0 waited for it until JAX's
+    five-minute timeout aborted it with a C++ trace. Process 1 now joins to hand over its reason, and both stop."""
+    start = time.monotonic()
+    results = run_both(spawn, [tmp_path / "run"] * 2, max_steps=[STEPS, 0])
+    assert time.monotonic() - start < 120
+    (code0, err0), (code1, err1) = results
+    assert code1 != 0 and "config.max_steps must be positive" in err1, err1[-3000:]
+    assert code0 != 0 and ("a process of this run refused its config (process 1: ValueError: config.max_steps must "
+                           "be positive") in err0, err0[-3000:]
     assert not (tmp_path / "run").exists()
 
 

@@ -116,11 +116,25 @@ def check_processes_agree(config: ml_collections.ConfigDict) -> None:
                          f"process the same number (CUDA_VISIBLE_DEVICES, TPU slice, or XLA device count)")
     mine = {k: v for k, v in _flatten(as_plain_dict(config)).items() if k.split(".")[0] not in PER_PROCESS}
     theirs = [json.loads(text) for text in process_strings(json.dumps(mine, sort_keys=True))]
+    refused = [(i, other[_REFUSED]) for i, other in enumerate(theirs) if _REFUSED in other]
+    if refused:
+        listed = "; ".join(f"process {i}: {reason}" for i, reason in refused)
+        raise ValueError(f"a process of this run refused its config ({listed}); fix it there and start every "
+                         "process again")
     differing = {i: changes for i, other in enumerate(theirs) if (changes := _differences(theirs[0], other))}
     if differing:
         listed = "; ".join(f"process {i}: {_describe(changes)}" for i, changes in differing.items())
         raise ValueError(f"the processes of this run have different settings from process 0's ({listed}); start "
                          f"every process with the same config (only {', '.join(PER_PROCESS)} may differ)")
+
+
+_REFUSED = "__refused__"  # the settings a process sends when its own config failed validation
+
+
+def refuse_with_processes(reason: str) -> None:
+    """The part of ``check_processes_agree`` a process whose config failed validation takes: it sends its reason
+    where its settings would go, so every other process raises naming it (the caller raises its own error)."""
+    process_strings(json.dumps({_REFUSED: reason}))
 
 
 def agreed(build: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
