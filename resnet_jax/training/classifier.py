@@ -32,8 +32,8 @@ from resnet_jax.data.images import PREDICT_CHUNK, check_top_k, in_chunks, prepar
 from resnet_jax.ops import fold_batchnorm
 from resnet_jax.parallel import batch_multiple, make_mesh
 from resnet_jax.pretrained import same_classes
-from resnet_jax.training.config import (base_config, eval_transform, model_arguments, model_from_config,
-                                        normalization_stats, validate)
+from resnet_jax.training.config import (base_config, declared_classes, eval_transform, model_arguments,
+                                        model_from_config, normalization_stats, validate)
 from resnet_jax.training.loop import evaluate_loader, train
 from resnet_jax.training.steps import make_eval_step
 
@@ -67,9 +67,6 @@ class Classifier:
             if overrides.get("num_classes", num_classes) != num_classes:
                 raise ValueError(f"num_classes is Classifier's own argument: Classifier(..., num_classes="
                                  f"{overrides['num_classes']}), not a model override")
-            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-                raise ValueError(f"num_classes must be a whole number, 1 or more (0: a headless backbone), got "
-                                 f"{num_classes!r}")
             overrides["num_classes"] = num_classes
         if class_names is not None:
             if isinstance(class_names, str):
@@ -83,8 +80,8 @@ class Classifier:
         except ValueError as e:  # the config's words for Classifier's own arguments
             _in_keyword_terms(e)
             raise
-        count = overrides.get("num_classes", len(self.config.class_names) or 10)
-        self._set_head(count, list(self.config.class_names))
+        declared = declared_classes(self.config)  # its kind is checked by the model (ResNet's num_classes)
+        self._set_head(10 if declared is None else declared, list(self.config.class_names))
         self.variables: dict[str, Any] | None = None
         self.workdir: Path | None = None
         self.history: list[dict[str, Any]] = []
@@ -92,9 +89,9 @@ class Classifier:
 
     def _set_head(self, num_classes: int, class_names: Sequence[str]) -> None:
         """The head this classifier's model has now (its names, else the label numbers) and that model."""
+        self.model = model_from_config(self.config, num_classes)  # first: ResNet checks num_classes's kind
         self.num_classes = num_classes
         self.class_names = list(class_names) or [str(i) for i in range(num_classes)]
-        self.model = model_from_config(self.config, num_classes)
 
     @classmethod
     def from_pretrained(cls, name: str, weights: Any = "DEFAULT", *, file: str | Path | None = None,

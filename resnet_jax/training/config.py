@@ -407,10 +407,16 @@ def _check_class_names(full: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.class_names must be distinct non-empty strings, one per class in label order, got "
                          f"{names}")
     full.class_names = names
-    head = full.model_overrides.get("num_classes", len(names))
+    head = declared_classes(full)
     if names and head != len(names):
         raise ValueError(f"config.class_names has {len(names)} names for a model of {head} classes "
                          f"(config.model_overrides.num_classes); give one name per class")
+
+
+def declared_classes(config: ml_collections.ConfigDict) -> int | None:
+    """The class count the config fixes for the model: ``model_overrides.num_classes``, else one per name of
+    ``class_names``; None where it leaves the count to the dataset."""
+    return config.model_overrides.get("num_classes", len(config.class_names) or None)
 
 
 def check_against_data(config: ml_collections.ConfigDict, num_classes: int, source=None) -> None:
@@ -419,8 +425,8 @@ def check_against_data(config: ml_collections.ConfigDict, num_classes: int, sour
     keys) must be the dataset's: a 5-class head on 10-class labels had silently become a 10-class one. Names are
     compared with ``source``'s where its labels are positions in its own class list (class folders); elsewhere the
     dataset fixes each label's meaning and the names only rename them."""
-    head = config.model_overrides.get("num_classes", len(config.class_names) or num_classes)
-    if head != num_classes:
+    head = declared_classes(config)
+    if head is not None and head != num_classes:
         given = (f"config.model_overrides.num_classes={head}" if "num_classes" in config.model_overrides
                  else f"config.class_names has {head} names")
         raise ValueError(f"{given} but {config.dataset} has {num_classes} classes, which the labels and the loss "
