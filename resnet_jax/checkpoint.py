@@ -181,7 +181,8 @@ class Checkpointer:
 
     def restore_latest(self, abstract_arrays: Any, iterator: Any = None, log=print):
         """Restore the newest good checkpoint into the structure/shardings of ``abstract_arrays`` (and
-        ``iterator``); returns ``(step, arrays, meta)``, or ``None`` when there is no checkpoint at all.
+        ``iterator``); returns ``(step, arrays, meta, config)`` (the config saved with it), or ``None`` when there
+        is no checkpoint at all.
 
         Raises ``ConfigMismatch`` for a checkpoint of another structure and ``CheckpointError`` when every
         checkpoint is damaged (see the module docstring)."""
@@ -191,14 +192,14 @@ class Checkpointer:
             if reason is None:
                 self._check_fits(step, abstract_arrays)
                 try:
-                    arrays, meta = self._restore(step, abstract_arrays, iterator)
+                    arrays, meta, config = self._restore(step, abstract_arrays, iterator)
                 except Exception as err:  # noqa: BLE001 - any failure means this checkpoint cannot be trusted
                     reason = _reason(err)[:300]
                     after_failed_restore()
                 else:
                     for bad, _ in failures:
                         log(f"moved the damaged checkpoint at step {bad} to {self._quarantine(bad)}")
-                    return step, arrays, meta
+                    return step, arrays, meta, config
             log(f"checkpoint at step {step} is damaged ({reason}); trying the previous one")
             failures.append((step, reason))
         if failures:
@@ -234,8 +235,8 @@ class Checkpointer:
     def _restore(self, step: int, abstract_arrays: Any, iterator: Any):
         if iterator is not None:
             self._restore_data_position(step, iterator)
-        # the config is read here too: the resume compares it next, and a damaged one (a cut JSON file) is damage
-        # like any other, which the previous checkpoint survives; read after the choice, it stopped the resume
+        # the config is read with the state: the resume compares it next, and a damaged one (a cut JSON file) is
+        # damage like any other, which the previous checkpoint survives; read after the choice, it stopped the resume
         items = {"state": ocp.args.StandardRestore(abstract_arrays), "meta": ocp.args.JsonRestore(),
                  "config": ocp.args.JsonRestore()}
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -246,7 +247,7 @@ class Checkpointer:
             raise ValueError("the checkpoint's meta has no fingerprint of its arrays")
         if (record := _mismatch(meta, restored["state"])) is not None:
             raise ValueError(f"the restored arrays do not match the {record} saved with the checkpoint")
-        return restored["state"], meta
+        return restored["state"], meta, restored["config"]
 
     def _restore_data_position(self, step: int, iterator: Any) -> None:
         """This process's data position (its own file), then every process's verdict on it: a file damaged for

@@ -328,7 +328,7 @@ def test_a_damaged_checkpoint_leaves_no_tracebacks_of_abandoned_reads_on_stderr(
             victim = files[attempt % min(4, len(files))]
             victim.write_bytes(victim.read_bytes()[:100])
             checkpoints = Checkpointer(work)
-            step, _, _ = checkpoints.restore_latest(abstract, log=lambda line: None)
+            step, *_ = checkpoints.restore_latest(abstract, log=lambda line: None)
             checkpoints.close()
             gc.collect(); time.sleep(0.3); gc.collect()
             if abandoned_reads.hidden:

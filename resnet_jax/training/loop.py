@@ -201,7 +201,7 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
             initial = initial_variables(config, model, input_shape, log)
         state = create(initial)
     else:
-        step, arrays, meta = restored
+        step, arrays, meta, _ = restored
         resumed_from = step
         state = shapes.with_arrays(arrays)
         progress = meta["loop"]
@@ -233,7 +233,8 @@ def _restore(config: ml_collections.ConfigDict, workdir: Path, train_loader, abs
     try:
         restored = checkpoints.restore_latest(abstract, iterator, log)
         if restored is not None:  # None: a new run (config.restart has moved the old checkpoints aside)
-            run_dir.check_restored(checkpoints.config(restored[0]), config, restored[0], workdir)
+            step, _, _, saved_config = restored
+            run_dir.check_restored(saved_config, config, step, workdir)
         return checkpoints, iterator, restored
     except Exception:
         checkpoints.close()
