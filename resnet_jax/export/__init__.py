@@ -18,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from resnet_jax.export.loader import ExportedModel, load_exported
 from resnet_jax.atomic import replace_atomically
+from resnet_jax.export.loader import ExportedModel, load_exported
 from resnet_jax.export.manifest import (FORMAT_VERSION, FORMATS, ArtifactError, Preprocessing, manifest_path,
                                         manifest_text)
 

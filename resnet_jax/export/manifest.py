@@ -86,8 +86,8 @@ def manifest_path(artifact: str | Path) -> Path:
 def manifest_text(artifact: Path, content: bytes, *, fmt: str, model_name: str, num_classes: int, channels: int,
                   preprocessing: Preprocessing, class_names: Sequence[str], extra: dict[str, Any]) -> str:
     """The JSON manifest of the artifact ``content`` that will be written at ``artifact`` (its name, size and
-    sha256). Built, and serialized, before either file is written: a manifest that cannot be written (a class name
-    JSON cannot hold) must fail the export while the previous pair is still intact."""
+    sha256). Built, and serialized, before either file is written: an export that fails must fail while the
+    previous artifact and manifest are still intact."""
     mean, std = preprocessing.per_channel(channels)
     size = preprocessing.image_size
     manifest = {
