@@ -136,3 +136,23 @@ def test_a_path_the_run_cannot_use_is_one_line_and_exit_code_1(error, line, monk
     finally:
         logging.set_verbosity(verbosity)
     assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+@pytest.mark.parametrize("module,args,message", [
+    ("train", ["--workdir=unused", "runs/x"], "error: unexpected arguments ['runs/x']; options are --workdir and "
+                                              "--config[.key=value]"),
+    ("train.evaluate", ["runs/x"], "error: flag --workdir=None: Flag --workdir must have a value other than None; "
+                                   "--helpshort lists the flags"),
+    ("train.evaluate", ["--workdir=unused", "runs/x"], "error: unexpected arguments ['runs/x']; the options are flags"),
+    ("train.export", ["--workdir=unused", "--outptu=a.onnx"], "error: Unknown command line flag 'outptu'. Did you "
+                                                              "mean: output ?; --helpshort lists the flags"),
+    ("train.export", ["--workdir=unused", "--output=a.onnx", "b.onnx"], "error: unexpected arguments ['b.onnx']"),
+    ("train.predict", ["--workdir=unused"], "error: give one or more image files (or .npy arrays) after the flags"),
+])
+def test_every_command_s_usage_mistake_is_one_line_and_exit_code_2(module, args, message):
+    """absl would print the whole help and exit 1 (the code of a run that failed), and evaluate/export would
+    drop a stray argument unread: a path without ``--workdir=`` then evaluated nothing the user named."""
+    proc = run_python(module=module, args=args, env={**worker_env(), "RESNET_JAX_TCMALLOC": "0"}, check=False,
+                      timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr[-3000:]

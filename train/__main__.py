@@ -28,6 +28,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from train.usage import no_arguments, usage_error
+
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "default.py")
 flags.DEFINE_string("workdir", "runs/default", "directory for checkpoints, metrics and plots (resumes if present)")
 # --config is defined by parse_flags, from the command line it is given: ml_collections reads the
@@ -65,8 +67,7 @@ def parse_flags(argv: list[str]) -> list[str]:
                 raise
             raise UsageError(message) from None
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        usage_error(str(err))
     with config.unlocked():
         for key, value in overrides.items():
             config.model_overrides[key] = value
@@ -266,8 +267,7 @@ def show_library_info() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --workdir and --config[.key=value]")
+    no_arguments(argv, "options are --workdir and --config[.key=value]")
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO

@@ -9,6 +9,8 @@ import sys
 
 from absl import app, flags, logging
 
+from train.usage import no_arguments, parse_flags
+
 flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)", required=True)
 flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest)")
 flags.DEFINE_bool("use_ema", False, "the run's moving average of the weights (config.model_ema) instead")
@@ -19,7 +21,7 @@ flags.DEFINE_integer("batch_size", 256, "evaluation batch size")
 
 
 def main(argv: list[str]) -> int:
-    del argv
+    no_arguments(argv, "the options are flags, e.g. --workdir=DIR (--helpshort lists them)")
     logging.set_verbosity(logging.WARNING)
     from resnet_jax.training.classifier import Classifier
 
@@ -36,4 +38,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

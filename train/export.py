@@ -20,6 +20,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from train.usage import no_arguments, parse_flags
+
 FORMATS = {"stablehlo": ".stablehlo", "onnx": ".onnx", "torchvision": ".pth", "safetensors": ".safetensors"}
 
 flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)", required=True)
@@ -46,7 +48,7 @@ def output_format(output: Path, fmt: str | None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    del argv
+    no_arguments(argv, "the options are flags, e.g. --workdir=DIR --output=FILE (--helpshort lists them)")
     logging.set_verbosity(logging.WARNING)
     from resnet_jax.training.classifier import Classifier
 
@@ -70,4 +72,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from train.usage import parse_flags, usage_error
+
 flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)")
 flags.DEFINE_string("artifact", None, "an exported model (.stablehlo or .onnx, its .json manifest beside it)")
 flags.DEFINE_string("pretrained", None, "published weights, e.g. resnet50, resnet50.IMAGENET1K_V1, resnet50.a1_in1k")
@@ -103,7 +105,7 @@ def predict_files(model, paths: list[str], channels: int, top_k: int) -> int:
 def main(argv: list[str]) -> int:
     paths = argv[1:]
     if not paths:
-        raise app.UsageError("give one or more image files (or .npy arrays) after the flags")
+        usage_error("give one or more image files (or .npy arrays) after the flags")
     logging.set_verbosity(logging.WARNING)
     try:
         from resnet_jax.data.images import check_top_k
@@ -122,4 +124,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
