@@ -423,7 +423,10 @@ def _load(naming: str, model: ResNet, name: str, source, new_head: bool, rng, ov
         label, state_dict = "the state_dict", source
     else:
         raise TypeError(f"source must be a file path or a mapping of names to arrays, got {type(source).__name__}")
-    variables, head = convert_state_dict(model, _strip_wrapper_prefix(state_dict), skip_head=new_head,
+    state_dict = _strip_wrapper_prefix(state_dict)
+    if naming == "timm":
+        state_dict = _unflatten_timm_features(state_dict)
+    variables, head = convert_state_dict(model, state_dict, skip_head=new_head,
                                          source=label, model_name=_describe(name, overrides), naming=naming)
     if head:
         key = jax.random.key(rng) if isinstance(rng, int) else rng
@@ -461,6 +464,18 @@ def _strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     return state_dict
 
 
+_TIMM_FLATTENED = re.compile(r"^(stem|stages)_")
+
+
+def _unflatten_timm_features(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The classifier's names for a timm ``features_only`` ResNetV2's: timm's feature wrapper flattens the model's
+    top-level sequences into one, joining their names with "_" (``stem.conv1`` -> ``stem_conv1``, ``stages.0``
+    -> ``stages_0``). ResNet's own features_only keeps its names (its stem and stages are top-level already)."""
+    if any(k.startswith(("stem.", "stages.")) for k in state_dict):
+        return state_dict
+    return {_TIMM_FLATTENED.sub(r"\1.", k): v for k, v in state_dict.items()}
+
+
 def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``{"params", "batch_stats"}`` -> a torchvision state_dict (names, layouts, float32/int64 numpy arrays)
     that ``torchvision.models.X().load_state_dict(sd)`` accepts strictly, ``num_batches_tracked`` included."""
@@ -494,10 +509,33 @@ def to_timm(model: ResNet | str, variables: Mapping[str, Any]) -> dict[str, np.n
     model (or its name) is needed; a model timm does not have (CIFAR, other depths...) is refused."""
     model = create_model(model) if isinstance(model, str) else model
     if torch_library(model, ("timm",)) is not None:
+        _check_variables_are_the_models(model, variables)
         return _export(variables, "timm", model)
     raise ValueError(f"timm has no model with this architecture (stem={model.stem!r}, shortcut={model.shortcut!r}, "
                      f"preact={model.preact}, stage_sizes={tuple(model.stage_sizes)}...); timm's files hold only "
                      f"{list(TIMM_MODELS)}. Use save_torchvision for the others.")
+
+
+def _check_variables_are_the_models(model: ResNet, variables: Mapping[str, Any]) -> None:
+    """Refuse variables of another architecture than ``model``: the timm names are spelt by the model's settings,
+    so resnet18d's variables given as "resnet50d" (or "resnet18") would be written under names no timm model of
+    either has. The head's width is the variables' own (any class count, or none, exports)."""
+    flat = {k: tuple(np.shape(v)) for k, v in flatten_dict(dict(variables)).items()}
+    head = flat.get(("params", "fc", "kernel"))
+    model = model.clone(num_classes=0 if head is None else head[-1], features_only=False)
+    expected = {k: shape for k, (shape, _) in _expected_shapes(model).items()}
+    wrong = ([f"missing {'/'.join(k)}" for k in expected if k not in flat]
+             + [f"unexpected {'/'.join(k)}" for k in flat if k not in expected]
+             + [f"{'/'.join(k)}: {flat[k]}, the model's {shape}" for k, shape in expected.items()
+                if k in flat and flat[k] != shape])
+    if wrong:
+        raise ValueError(f"these variables do not fit {_name_of(model)}: {'; '.join(_some(wrong, 6))}. Pass the "
+                         f"model (or name) they were made with.")
+
+
+def _name_of(model: ResNet) -> str:
+    found = torch_library(model, ("timm",))
+    return f"timm's {found[1]!r}" if found else "the model"
 
 
 def _export(variables: Mapping[str, Any], naming: str, model: ResNet | None) -> dict[str, np.ndarray]:

@@ -307,3 +307,36 @@ def test_loading_needs_no_torch(tmp_path):
             load_into_timm(name, written)
             for k, v in state.items():
                 assert torch.equal(written[k], v), (name, suffix, k)
+
+
+def test_to_timm_refuses_variables_of_another_model(resnet18d):
+    """timm's names are spelt by the model's settings, not the variables: resnet18d's variables given as another
+    name were written under names no timm model has (a deeper one, a plain stem), for timm to refuse at load."""
+    _, variables = load_timm("resnet18d", resnet18d[1])
+    with pytest.raises(ValueError, match=r"do not fit timm's 'resnet34d': missing .*layer1_2.*Pass the model"):
+        to_timm("resnet34d", variables)
+    with pytest.raises(ValueError, match=r"do not fit timm's 'resnet18': missing .*unexpected params/conv1_0"):
+        to_timm("resnet18", variables)
+    _, headless = load_timm("resnet18d", resnet18d[1], num_classes=0)
+    exported = {k: torch.from_numpy(v) for k, v in to_timm("resnet18d", variables).items()}
+    load_into_timm("resnet18d", exported)  # the right name still exports, and the head's width is the variables'
+
+    assert "fc.weight" not in to_timm("resnet18d", headless)
+
+
+@pytest.mark.parametrize("name", ["resnetv2_18", "resnet18d"])
+def test_a_timm_features_only_state_dict_loads_as_a_backbone(name):
+    """timm's ``features_only`` wrapper renames ResNetV2's weights (``stem_conv1``, ``stages_0``: its top-level
+    sequences flattened into one); ResNet's keep their names. Both load as our backbone and compute timm's
+    features."""
+    torch.manual_seed(0)
+    tm = timm.create_model(name, features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    tm.load_state_dict(random_batch_stats(tm.state_dict(), 0))
+    model, variables = load_timm(name, tm.state_dict(), features_only=True)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = [f.numpy().transpose(0, 2, 3, 1) for f in tm(x)]
+    features = model.apply(variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), train=False)
+    assert len(features) == len(expected) == 4
+    for ours, ref in zip(features, expected):
+        assert_close(ours, ref)
