@@ -295,6 +295,26 @@ def test_a_process_whose_config_is_refused_stops_the_others_with_its_reason(tmp_
 
 
 @pytest.mark.multiprocess
+def test_a_command_line_mistake_in_one_process_stops_the_others_with_it(tmp_path, spawn):
+    """``python -m train`` itself, one process's command line misspelt: it exited 2 before joining, and the other
+    waited for it until JAX's timeout. It now says its error, joins only to hand it over, and both stop."""
+    port = free_port()
+    run = [sys.executable, "-m", "train", f"--workdir={tmp_path / 'run'}", "--config.max_steps=2",
+           f"--config.coordinator_address=127.0.0.1:{port}", "--config.num_processes=2"]
+    start = time.monotonic()
+    procs = [spawn(run + ["--config.process_id=0"], worker_env(1)),
+             spawn(run + ["--config.process_id", "1", "--config.lerning_rate=0.1"], worker_env(1))]
+    err0, err1 = [p.communicate(timeout=300)[1] for p in procs]
+    code0, code1 = [p.returncode for p in procs]
+    assert time.monotonic() - start < 120
+    assert code1 == 2 and err1.startswith("error: --config.lerning_rate=0.1 sets config.lerning_rate, which is "
+                                          "not a config key; did you mean 'learning_rate'?"), err1[-3000:]
+    assert code0 == 1 and ("a process of this run refused its config (process 1: its command line: "
+                           "--config.lerning_rate=0.1 sets") in err0, err0[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("leftover", [False, True])
 def test_a_workdir_not_shared_by_the_processes_is_refused_before_anything_is_saved(tmp_path, spawn, leftover):
     """Two hosts with local disks: Orbax's first save would wait in a barrier for minutes and leave nothing. With

@@ -19,8 +19,10 @@ exit code 2, like every other usage error (a ``--config`` file that is missing o
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -67,11 +69,37 @@ def parse_flags(argv: list[str]) -> list[str]:
                 raise
             raise UsageError(message) from None
     except UsageError as err:
-        usage_error(str(err))
+        usage_error(str(err), before_exit=lambda: _join_to_refuse(argv, str(err)))
     with config.unlocked():
         for key, value in overrides.items():
             config.model_overrides[key] = value
     return remaining
+
+
+_RUN_KEYS = {"coordinator_address": str, "num_processes": int, "process_id": int}
+_RUN_VARIABLES = ("RESNET_JAX_COORDINATOR", "RESNET_JAX_NUM_PROCESSES", "RESNET_JAX_PROCESS_ID")
+
+
+def _join_to_refuse(argv: list[str], message: str) -> None:
+    """A command line mistake in one process of a multi-process run (the flags or environment name the run): the
+    process joins the others only to hand it over, or they would wait for it until JAX's timeout
+    (``workdir.join_to_refuse``). A one-process command line imports nothing more."""
+    settings = {}
+    for i, arg in enumerate(argv):
+        for key, kind in _RUN_KEYS.items():
+            flag = f"--config.{key}"
+            if arg.startswith(flag + "="):
+                value = arg[len(flag) + 1:]
+            elif arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
+            else:
+                continue
+            with contextlib.suppress(ValueError):  # a count that is no number names no run
+                settings[key] = kind(value)
+    if settings or any(os.environ.get(name) for name in _RUN_VARIABLES):
+        from resnet_jax.training.workdir import join_to_refuse
+
+        join_to_refuse(settings, f"its command line: {message}")
 
 
 RECIPES = Path(__file__).parent / "configs"

@@ -5,13 +5,16 @@ default of the whole help text and exit code 1: a script can tell a mistyped com
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from absl import flags
 
 
-def usage_error(message: str) -> NoReturn:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+def usage_error(message: str, before_exit: Callable[[], None] | None = None) -> NoReturn:
+    """Say ``message`` on one line, run ``before_exit`` (which may wait: the line is out first), exit 2."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    if before_exit is not None:
+        before_exit()
     sys.exit(2)
 
 

@@ -74,27 +74,12 @@ class RunSetup:
     total_steps: int
 
 
-def _tell_the_other_processes(config: ml_collections.ConfigDict, err: ValueError) -> None:
-    """A process whose config fails validation still joins its run's other processes, when it can tell which run
-    (address, count and id), and hands them its error in the settings exchange they are waiting in
-    (``check_processes_agree``): it had exited without joining, and the others waited for it until JAX's
-    five-minute timeout aborted them with a C++ trace."""
-    get = lambda key, default: config.get(key, default) if hasattr(config, "get") else default  # noqa: E731
-    try:
-        count, index = get("num_processes", 0), get("process_id", -1)
-        if initialize_distributed(get("coordinator_address", "") or None, count if count > 0 else None,
-                                  index if index >= 0 else None):
-            run_dir.refuse_with_processes(" ".join(f"{type(err).__name__}: {err}".split()))
-    except Exception:  # noqa: BLE001 - the run cannot be joined: this process's own error is what remains
-        pass
-
-
 def setup(config: ml_collections.ConfigDict) -> RunSetup:
     """Validate and build the pieces of a run; every configuration error surfaces here, before compiling."""
     try:
         config = validate(config)
     except ValueError as err:
-        _tell_the_other_processes(config, err)
+        run_dir.join_to_refuse(config if hasattr(config, "get") else {}, f"{type(err).__name__}: {err}")
         raise
     initialize_distributed(config.coordinator_address or None,
                            config.num_processes if config.num_processes > 0 else None,

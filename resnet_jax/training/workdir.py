@@ -22,14 +22,14 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
 
 from resnet_jax.atomic import replace_atomically
 from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch, has_checkpoints
-from resnet_jax.parallel import process_failures, process_strings, sync_processes
+from resnet_jax.parallel import initialize_distributed, process_failures, process_strings, sync_processes
 from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, STARTING_WEIGHTS, base_config
 from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
@@ -131,10 +131,20 @@ def check_processes_agree(config: ml_collections.ConfigDict) -> None:
 _REFUSED = "__refused__"  # the settings a process sends when its own config failed validation
 
 
-def refuse_with_processes(reason: str) -> None:
-    """The part of ``check_processes_agree`` a process whose config failed validation takes: it sends its reason
-    where its settings would go, so every other process raises naming it (the caller raises its own error)."""
-    process_strings(json.dumps({_REFUSED: reason}))
+def join_to_refuse(settings: Mapping[str, Any], reason: str) -> None:
+    """A process that cannot take part in its run (its config failed validation, its command line was wrong)
+    still joins the run's other processes, when ``settings`` (or the environment) say which run (address, count
+    and id), and hands them ``reason`` in the settings exchange they wait in (``check_processes_agree``), so every
+    other process raises naming it. It had exited without joining, and the others waited for it until JAX's
+    five-minute timeout aborted them with a C++ trace. Nothing here raises: the caller's own error is what
+    remains, the run cannot always be joined."""
+    count, index = settings.get("num_processes", 0), settings.get("process_id", -1)
+    try:
+        if initialize_distributed(settings.get("coordinator_address", "") or None, count if count > 0 else None,
+                                  index if index >= 0 else None):
+            process_strings(json.dumps({_REFUSED: " ".join(reason.split())}))
+    except Exception:  # noqa: BLE001 - the run cannot be joined: this process's own error is what remains
+        pass
 
 
 def agreed(build: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
