@@ -55,3 +55,17 @@ def test_stats_cover_named_datasets():
     for name in ("cifar10", "cifar100", "digits", "mnist", "synthetic"):
         mean, std = data.DATASET_STATS[name]
         assert len(mean) == len(std) and all(0 < s < 1 for s in std)
+
+
+@pytest.mark.parametrize("spelling,base", [("tfds:cifar10", "cifar10"), ("cifar10:3.0.2", "cifar10"),
+                                           ("tfds:cifar100:3.*.*", "cifar100"), ("mnist:3.0.1", "mnist"),
+                                           ("imagenette/320px:1.0.0", "imagenette")])
+def test_a_pinned_version_or_config_normalises_with_its_dataset_s_statistics(spelling, base):
+    """A training run with ``dataset="cifar10:3.0.2"`` normalised with ImageNet's mean/std (the lookup used the
+    whole name) while the loaders' own default took CIFAR-10's: both take the base name's statistics."""
+    from resnet_jax.training import base_config
+    from resnet_jax.training.config import normalization_stats
+
+    config = base_config()
+    config.dataset = spelling
+    assert normalization_stats(config) == data.DATASET_STATS[base]

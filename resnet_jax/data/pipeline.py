@@ -29,7 +29,7 @@ from resnet_jax.data import augment as aug
 from resnet_jax.data.autoaugment import policy
 from resnet_jax.data.erasing import draw_erasing
 from resnet_jax.data.source import Source
-from resnet_jax.data.stats import DATASET_STATS
+from resnet_jax.data.stats import known_stats
 
 AUGMENTS = ("cifar", "crop", "imagenet", "none")  # crop: CIFAR's shift without the flip (digits, text)
 TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")  # the random-resized crop's; random: timm's per-image pick
@@ -100,11 +100,10 @@ def _stats(src: Source, mean, std, channels: int | None):
     """The mean/std to normalise with: as given, else the dataset's (by base name: "imagenette/320px" ->
     "imagenette"); checked against the channel count now rather than at the first batch."""
     if mean is None or std is None:
-        base = src.name.split("/")[0].split(":")[0]
-        if base not in DATASET_STATS:
+        if known_stats(src.name) is None:
             raise ValueError(f"No known mean/std for dataset {src.name!r}; pass mean= and std= "
                              f"(per channel, 0..1 units).")
-        mean, std = DATASET_STATS[base]
+        mean, std = known_stats(src.name)
     out = channels or src.image_shape[2]
     if np.size(mean) not in (1, out) or np.size(std) not in (1, out):
         model = (f"the model takes {out} (its in_channels; config.model_overrides.in_channels in a config), "

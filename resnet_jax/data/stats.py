@@ -21,3 +21,10 @@ DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     # Uniform random bytes: mean 127.5/255, std sqrt((256**2 - 1) / 12) / 255.
     "synthetic": ((0.5,), (0.2898,)),
 }
+
+
+def known_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``DATASET_STATS`` of a dataset by its base name, whatever spelling picks it: ``tfds:cifar10``,
+    ``cifar10:3.0.2`` (a pinned version), ``imagenette/320px`` (a config) all have their dataset's statistics;
+    None where the dataset has none listed."""
+    return DATASET_STATS.get(dataset.removeprefix("tfds:").split("/")[0].split(":")[0])

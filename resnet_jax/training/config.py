@@ -472,10 +472,11 @@ def normalization_stats(config: ml_collections.ConfigDict):
     """Per-channel mean/std for the inputs: ImageNet's for torchvision weights (``normalize="imagenet"``) and for
     datasets without known statistics, otherwise the dataset's own."""
     from resnet_jax import data
+    from resnet_jax.data.stats import known_stats
 
     imagenet = (data.IMAGENET_MEAN, data.IMAGENET_STD)
     if config.get("mean"):
         return tuple(config.mean), tuple(config.std)
     if config.normalize == "imagenet":
         return imagenet
-    return data.DATASET_STATS.get(config.dataset.removeprefix("tfds:"), imagenet)
+    return known_stats(config.dataset) or imagenet
