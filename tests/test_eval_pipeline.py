@@ -50,6 +50,19 @@ def test_batches_equal_torchvisions_image_classification_per_pixel():
         np.testing.assert_array_equal(images[i], expected)
 
 
+@pytest.mark.parametrize("variant", ["step", "cosine"])
+def test_the_imagenet_recipe_evaluates_as_torchvision_s_reference(variant):
+    """The seed recipe's evaluation is torchvision's reference's (resize 256, crop 224, what its ResNet-50 V1
+    weights publish): it was the default box resize, which rounds otherwise. At another image size it keeps the
+    ratio."""
+    from train.configs import imagenet_resnet50
+
+    recipe = validate(imagenet_resnet50.get_config(variant))
+    assert eval_transform(recipe) == weights_info("resnet50.IMAGENET1K_V1").transforms()
+    recipe.image_size = 112
+    assert (validate(recipe).eval_resize, recipe.eval_crop) == (128, 112)
+
+
 def test_published_weights_in_init_from_set_evaluations_preprocessing_at_the_runs_resolution():
     """At their own crop size exactly the weights' preprocessing; at another ``image_size`` (a fine-tune at 64 px)
     their resize : crop ratio, interpolation and crop mode around the run's crop (evaluating at their 224 a model

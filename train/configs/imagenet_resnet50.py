@@ -16,6 +16,10 @@ def get_config(variant: str = "step"):
     c.train_split = "train"
     c.val_split = "validation"
     c.image_size = 224
+    # evaluation as torchvision's reference (--val-resize-size 256 --val-crop-size 224, its weights' transforms()):
+    # the default box resize of crop_fraction 0.875 rounds otherwise and moves a third of a photo's values
+    c.eval_crop = c.get_ref("image_size") * 1  # a reference of its own: setting eval_crop must not set image_size
+    c.eval_resize = c.get_ref("image_size") * 256 // 224
     c.augment = "imagenet"
     c.normalize = "imagenet"
     c.batch_size = 256
