@@ -142,12 +142,20 @@ def test_bad_folders_are_refused_with_what_to_do(photos, tmp_path):
     assert "extra kwargs" not in refusal(lambda: data.get_source(f"folder:{photos}", "val", num_examples=3))
 
 
-def test_a_corrupt_image_names_its_file(photos):
+def test_a_corrupt_image_names_its_file_and_advice_that_lets_the_run_resume(photos):
+    """The advice was "replace or remove the file", and a removed file changes the folder's fingerprint, which a
+    resume refuses: replacing it under the same name keeps the run's record, as the message now says."""
     bad = photos / "val" / "bee" / "v.png"
-    bad.write_bytes(bad.read_bytes()[:40])
+    good = bad.read_bytes()
+    before = data.get_source(f"folder:{photos}", "val").fingerprint()
+    bad.write_bytes(good[:40])
     src = data.get_source(f"folder:{photos}", "val")
     message = refusal(lambda: src[1])
-    assert str(bad) in message and "replace or remove" in message
+    assert str(bad) in message and "replace it with a readable image of the same name" in message
+    bad.write_bytes(good)
+    assert data.get_source(f"folder:{photos}", "val").fingerprint() == before
+    bad.unlink()
+    assert data.get_source(f"folder:{photos}", "val").fingerprint() != before
 
 
 def test_a_directory_named_without_the_prefix_gets_the_hint(photos):

@@ -98,7 +98,9 @@ class FolderSource(Source):
             with Image.open(path) as img:
                 image = np.asarray(pil_pixels(img, "RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise ValueError(f"cannot read image {path!r} ({err}); replace or remove the file.") from None
+            raise ValueError(f"cannot read image {path!r} ({err}); replace it with a readable image of the same name "
+                             f"(a run then resumes with the same command; removing the file changes the folder's "
+                             f"list of files, which a resumed run refuses)") from None
         return {"image": image, "label": int(self._labels[index])}
 
 
