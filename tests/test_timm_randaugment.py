@@ -74,3 +74,28 @@ def test_how_often_images_change_matches_timms_draws():
     ours_transform, rng = policy("rand-m7-mstd0.5-inc1"), np.random.default_rng(0)
     ours = np.mean([np.array_equal(ours_transform(PHOTO[:16, :16], rng), PHOTO[:16, :16]) for _ in range(n)])
     assert 0.2 < theirs < 0.4 and abs(ours - theirs) < 0.08
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "random"])
+def test_the_training_crop_s_interpolation_reaches_the_operations_as_timm_passes_it(interpolation):
+    """timm's create_transform gives RandAugment the training interpolation unless it is "random"; ours drew
+    bilinear or bicubic per operation whatever the run's ``train_interpolation``."""
+    from resnet_jax.data.pipeline import _Crop, _TrainCrop
+
+    hparams = dict(HPARAMS)
+    if interpolation != "random":  # create_transform's own condition
+        hparams["interpolation"] = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+    theirs = {op.kwargs["resample"] for op in rand_augment_transform("rand-m9-mstd0.5-inc1", hparams).ops}
+    crop = _Crop("imagenet", 32, 0.875, interpolation)
+    ours = _TrainCrop(crop, "rand-m9-mstd0.5-inc1", mean=(0.485, 0.456, 0.406)).policy
+    assert ours.interpolation == interpolation
+    resampled = {"bilinear": {Image.BILINEAR}, "bicubic": {Image.BICUBIC}, "random": {(Image.BILINEAR, Image.BICUBIC)}}
+    assert {r if not isinstance(r, list) else tuple(r) for r in theirs} == resampled[interpolation]
+    # and it is the filter the operation runs with: a rotation at full level, applied every time
+    rotate = TimmRandAugment(magnitude=10, num_layers=1, prob=1.0, ops=("Rotate",), fill=FILL,
+                             interpolation=interpolation)
+    outputs = {(f, s): apply_timm_op(PHOTO, "Rotate", 10, s, f, FILL) for f in ("bilinear", "bicubic") for s in (1, -1)}
+    rng = np.random.default_rng(0)
+    results = [rotate(PHOTO, rng) for _ in range(12)]
+    used = {f for out in results for (f, _), ref in outputs.items() if np.array_equal(out, ref)}
+    assert used == ({"bilinear", "bicubic"} if interpolation == "random" else {interpolation})

@@ -160,10 +160,12 @@ def rand_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int = 2, 
 POLICIES = ("ta_wide", "ra", "rand-m<M>-mstd<S>-inc1")
 
 
-def policy(name: str, mean=(0.485, 0.456, 0.406)) -> Callable[[np.ndarray, np.random.Generator], np.ndarray] | None:
+def policy(name: str, mean=(0.485, 0.456, 0.406), interpolation: str = "random"
+           ) -> Callable[[np.ndarray, np.random.Generator], np.ndarray] | None:
     """The augmentation policy a config names (``config.auto_augment``): torchvision's ``--auto-augment`` names
-    "ta_wide" and "ra", or timm's ``rand-...`` strings (``timm_randaugment``, which fills with the dataset's
-    ``mean`` colour as timm does); ``image, rng -> image`` on uint8 HWC, or None for ``""``."""
+    "ta_wide" and "ra" (bilinear, as its reference builds them), or timm's ``rand-...`` strings
+    (``timm_randaugment``, which fills with the dataset's ``mean`` colour and takes the training crop's
+    ``interpolation``, as timm's create_transform does); ``image, rng -> image`` on uint8 HWC, or None for ``""``."""
     if name == "":
         return None
     if name == "ta_wide":  # partials, not lambdas: Grain's worker processes receive them pickled
@@ -174,5 +176,6 @@ def policy(name: str, mean=(0.485, 0.456, 0.406)) -> Callable[[np.ndarray, np.ra
         from resnet_jax.data.timm_randaugment import TimmRandAugment
 
         mean = np.broadcast_to(np.ravel(mean), (3,))
-        return TimmRandAugment.parse(name, fill=tuple(min(255, round(255 * float(m))) for m in mean))
+        return TimmRandAugment.parse(name, fill=tuple(min(255, round(255 * float(m))) for m in mean),
+                                     interpolation=interpolation)
     raise ValueError(f"auto_augment {name!r} is not one of {['', *POLICIES]}")

@@ -212,7 +212,8 @@ class _TrainCrop(grain.transforms.RandomMap):
     erasing will blank once the batch is normalised (``"erase"``: top, left, height, width; zeros for none)."""
 
     def __init__(self, crop: _Crop, auto_augment: str = "", erasing: float = 0.0, mean=(0.5,)):
-        self.crop, self.policy, self.erasing = crop, policy(auto_augment, mean), float(erasing)
+        self.crop, self.erasing = crop, float(erasing)
+        self.policy = policy(auto_augment, mean, crop.interpolation)
 
     def random_map(self, element, rng: np.random.Generator):
         record = self.crop(element, rng)

@@ -91,9 +91,18 @@ class TimmRandAugment:
     magnitude_std: float = 0.0
     ops: tuple[str, ...] = INCREASING
     fill: tuple[int, ...] = (128, 128, 128)
+    # the geometric operations' filter: timm's create_transform passes the training crop's interpolation on, and
+    # only its "random" leaves each operation a random pick of bilinear and bicubic
+    interpolation: str = "random"
+
+    def __post_init__(self):
+        if self.interpolation not in ("random", *INTERPOLATIONS):
+            raise ValueError(f"interpolation must be 'random' or one of {sorted(INTERPOLATIONS)}, not "
+                             f"{self.interpolation!r}")
 
     @classmethod
-    def parse(cls, spec: str, fill: tuple[int, ...] = (128, 128, 128)) -> TimmRandAugment:
+    def parse(cls, spec: str, fill: tuple[int, ...] = (128, 128, 128), interpolation: str = "random"
+              ) -> TimmRandAugment:
         """timm's config string: ``rand`` then dash-separated ``m<int>``, ``n<int>``, ``p<float>``,
         ``mstd<float>`` (above 100: uniform in [0, m]) and ``inc<0|1>``; ``inc1`` is the set this module has."""
         parts = spec.split("-")
@@ -106,7 +115,8 @@ class TimmRandAugment:
         if settings.get("inc") != 1.0:
             raise ValueError(f"{spec!r}: only timm's increasing operation set (inc1) is implemented; add -inc1")
         return cls(magnitude=settings.get("m", 10.0), num_layers=int(settings.get("n", 2)),
-                   prob=settings.get("p", 0.5), magnitude_std=settings.get("mstd", 0.0), fill=tuple(fill))
+                   prob=settings.get("p", 0.5), magnitude_std=settings.get("mstd", 0.0), fill=tuple(fill),
+                   interpolation=interpolation)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         for _ in range(self.num_layers):
@@ -120,6 +130,8 @@ class TimmRandAugment:
                 level = rng.normal(level, self.magnitude_std)
             level = max(0.0, min(level, 10.0))
             sign = -1 if rng.random() > 0.5 else 1
-            interpolation = ("bilinear", "bicubic")[rng.integers(2)]
+            interpolation = self.interpolation
+            if interpolation == "random":
+                interpolation = ("bilinear", "bicubic")[rng.integers(2)]
             image = apply_timm_op(image, name, level, sign, interpolation, self.fill)
         return image
