@@ -25,12 +25,18 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
         write(partial)
-        executable = os.stat(partial).st_mode & 0o111  # a built library keeps its x bits
-        os.chmod(partial, (0o777 if executable else 0o666) & ~_umask())
+        give_ordinary_permissions(partial)
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def give_ordinary_permissions(path: str | os.PathLike) -> None:
+    """The mode an ordinary write gives a file (the umask's; x bits kept), for files made private by how they
+    were created (``tempfile.mkstemp``, safetensors: 0600)."""
+    executable = os.stat(path).st_mode & 0o111  # a built library keeps its x bits
+    os.chmod(path, (0o777 if executable else 0o666) & ~_umask())
 
 
 def _umask() -> int:

@@ -37,6 +37,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from resnet_jax.atomic import give_ordinary_permissions
+
 OFFICIAL_BASE = "https://download.pytorch.org/models"
 CACHE_ENV, MIRROR_ENV = "RESNET_JAX_CACHE", "RESNET_JAX_WEIGHTS_MIRROR"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -370,6 +372,7 @@ def download(url: str, sha256: str, *, filename: str | None = None, cache_dir: s
             raise ValueError(f"the file downloaded from {url} has sha256 {digest}, expected {sha256}; it was "
                              f"discarded. The download was corrupted or the server (or mirror) serves a different "
                              f"file: try again, or fetch {url} by hand and put it at {target}.{moved}")
+        give_ordinary_permissions(tmp)  # mkstemp's 0600 would hide a shared cache's weights from other users
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

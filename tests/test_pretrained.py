@@ -156,6 +156,14 @@ def test_download_verifies_and_caches(tmp_path, server, payload):
     assert download(f"{server.url}/w/file.bin", sha(payload)[:8], cache_dir=tmp_path) == path  # prefix is enough
 
 
+def test_a_downloaded_file_gets_an_ordinary_file_s_permissions(tmp_path, server, payload):
+    """mkstemp makes its file 0600, which the rename kept: a cache shared by a team (or filled as root while
+    building an image) held weights other users could not read. It gets what open() gives, as torch.save's."""
+    path = download(f"{server.url}/w/file.bin", sha(payload), cache_dir=tmp_path)
+    (tmp_path / "ordinary").write_bytes(b"")
+    assert path.stat().st_mode & 0o777 == (tmp_path / "ordinary").stat().st_mode & 0o777 != 0o600
+
+
 def test_cache_hit_needs_no_network(tmp_path, server, payload):
     url = f"{server.url}/w/file.bin"
     download(url, sha(payload), cache_dir=tmp_path)
