@@ -23,6 +23,7 @@ import _compat_pickle
 import collections
 import functools
 import io
+import json
 import os
 import pickle
 import lzma
@@ -513,8 +514,28 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for bad headers / short files
+        unreadable = _safetensors_dtypes(path) - _SAFETENSORS_READ
+        if unreadable:  # a sound file of a dtype numpy has no type for: "download it again" would not help
+            raise UnsupportedDtypeError(
+                f"cannot read {path}: it holds tensors of dtype {', '.join(sorted(unreadable))}, which this reader "
+                f"does not support. Cast those tensors to float32 or bfloat16 and save the file again.") from e
         raise WeightsFileError(f"{path} is not a valid .safetensors file ({_one_line(e)}); it may be truncated: "
                                "save or download it again.") from e
+
+
+# the safetensors dtypes its numpy reader turns into arrays (float8's have no numpy type)
+_SAFETENSORS_READ = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "C64"}
+
+
+def _safetensors_dtypes(path: str | os.PathLike) -> set[str]:
+    """The dtypes a .safetensors header names (an 8-byte length, then JSON); empty where the header is unreadable."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(size, 100_000_000)))
+        return {str(entry.get("dtype")) for name, entry in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:

@@ -398,6 +398,15 @@ def test_bad_safetensors_is_a_clear_error(tmp_path):
         read_safetensors(tmp_path / "a.safetensors")
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_safetensors_file_of_a_dtype_without_numpy_type_says_to_cast_not_to_download_again(tmp_path, dtype):
+    """A sound float8 file was called "not a valid .safetensors file ... truncated: download it again"."""
+    safetensors.torch.save_file({"w": torch.zeros(4, dtype=dtype), "b": torch.zeros(2)}, tmp_path / "f8.safetensors")
+    with pytest.raises(torch_file.UnsupportedDtypeError, match=r"dtype F8_E.M.*Cast those tensors to float32") as err:
+        read_safetensors(tmp_path / "f8.safetensors")
+    assert "truncated" not in str(err.value)
+
+
 def test_pickled_module_is_refused_with_a_hint(tmp_path):
     """A whole pickled nn.Module (torch.save(model)) needs its class imported: refused, with the way out."""
     torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "module.pth")
