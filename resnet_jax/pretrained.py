@@ -521,8 +521,8 @@ def pretrained(name: str, weights: Any = "DEFAULT", *, file: str | os.PathLike |
     ``weights``: ``"DEFAULT"``, a torchvision tag (``"IMAGENET1K_V2"``, or torchvision's own
     ``ResNet50_Weights.IMAGENET1K_V2``) or a timm tag (``"a1_in1k"``); see
     ``weights_info`` for the preprocessing and class names. The file is cached in ``cache_dir`` (default
-    ``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``) and fetched from ``mirror`` (a base URL holding the files
-    under ``Weights.filename``; default ``$RESNET_JAX_WEIGHTS_MIRROR``, else the publisher's URL); timm tags not
+    ``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``) and fetched from ``mirror`` (a base URL, or a directory,
+    holding the files under ``Weights.filename``; default ``$RESNET_JAX_WEIGHTS_MIRROR``, else the publisher's URL); timm tags not
     pinned here come through huggingface_hub and its cache. ``file``: a local copy of the weights to use instead
     (no download and no digest check: the file is the user's). ``overrides`` go to
     ``load_torchvision``/``load_timm``, e.g. ``num_classes=10, new_head=True`` for fine-tuning or
@@ -544,6 +544,8 @@ def pretrained(name: str, weights: Any = "DEFAULT", *, file: str | os.PathLike |
         path = _verified_hub_file(info.model, info.tag)
     else:
         base = mirror or os.environ.get(MIRROR_ENV)
+        if base and "://" not in base:  # a directory holding the files (a shared drive): read as a file:// URL
+            base = Path(base).expanduser().resolve().as_uri()
         url = f"{base.rstrip('/')}/{info.filename}" if base else info.url
         path = download(url, info.sha256, filename=info.filename, cache_dir=cache_dir, progress=progress)
     if info.num_classes != 1000 and not overrides.get("new_head"):

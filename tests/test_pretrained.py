@@ -353,6 +353,22 @@ def test_pretrained_end_to_end_from_a_mirror(tmp_path, monkeypatch):
     assert to_torchvision(again).keys() == expected.keys()
 
 
+def test_a_mirror_may_be_a_directory(tmp_path, monkeypatch):
+    """A copy on a shared drive: ``mirror="/mnt/weights"`` failed with urllib's "unknown url type", without the
+    advice the download errors give. A directory is read as a file:// URL, checked and cached the same."""
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "src.pth")
+    data = (tmp_path / "src.pth").read_bytes()
+    filename = f"resnet18-{sha(data)[:8]}.pth"
+    monkeypatch.setitem(WEIGHTS["resnet18"], "TEST", Weights("resnet18", "TEST", filename, sha(data), 0.0))
+    (tmp_path / "drive").mkdir()
+    (tmp_path / "drive" / filename).write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    pretrained("resnet18", "TEST", cache_dir=tmp_path / "cache", mirror="drive", progress=False)
+    assert (tmp_path / "cache" / filename).read_bytes() == data
+    with pytest.raises(DownloadError, match=r"file://.*/elsewhere/resnet18-"):
+        pretrained("resnet18", "TEST", cache_dir=tmp_path / "other", mirror=str(tmp_path / "elsewhere"), progress=False)
+
+
 def test_pretrained_offline_names_the_official_file(tmp_path, monkeypatch):
     monkeypatch.delenv("RESNET_JAX_WEIGHTS_MIRROR", raising=False)
     dead = Server({})
