@@ -307,6 +307,24 @@ def test_init_from_missing_file_is_a_clear_error_with_nothing_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_init_from_reads_a_safetensors_file_under_another_name(tmp_path):
+    """``init_from`` chose its reader by suffix, so a safetensors file saved as ``.bin`` (as hubs name them) was
+    refused as "not a PyTorch .pth file", while load_torchvision and pretrained(file=) read it by its header."""
+    import jax.numpy as jnp
+
+    from resnet_jax.torch_file import write_safetensors
+    from resnet_jax.torchvision import to_torchvision
+    from resnet_jax.training.config import model_from_config, validate
+    from resnet_jax.training.pretrained_init import initial_variables
+
+    config = validate(tiny_config(init_from=str(tmp_path / "weights.bin")))
+    model = model_from_config(config, 10)
+    variables = jax.device_get(model.init(jax.random.PRNGKey(7), jnp.zeros((1, 16, 16, 1))))
+    write_safetensors(tmp_path / "weights.bin", to_torchvision(variables))
+    loaded = initial_variables(config, model, (1, 16, 16, 1), log=lambda _: None)
+    np.testing.assert_array_equal(loaded["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
+
+
 @pytest.mark.long  # whole training runs
 def test_fine_tune_from_a_torchvision_file_with_another_head(tmp_path):
     """A .pth for 5 classes starts a 10-class digits run: backbone taken, head initialised afresh."""

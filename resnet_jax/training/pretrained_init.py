@@ -73,10 +73,10 @@ def _published_variables(config, model, name: str) -> dict[str, Any]:
 def _torchvision_variables(config, model, source: Path) -> dict[str, Any]:
     """Convert a torchvision file for this model (its overrides included); a head for another number of
     classes is dropped by the converter and initialised afresh."""
-    from resnet_jax.torch_file import read_safetensors, read_torch_file
+    from resnet_jax.torch_file import load_state_dict
     from resnet_jax.torchvision import load_torchvision
 
-    state = read_safetensors(source) if source.suffix == ".safetensors" else read_torch_file(source)
+    state = load_state_dict(source)  # by suffix, and by header for a safetensors file under another name
     head = state.get(f"{HEAD}.weight")
     new_head = head is not None and np.shape(head)[0] != model.num_classes
     overrides = {**dict(config.model_overrides), "num_classes": model.num_classes}
