@@ -75,6 +75,27 @@ def test_values_and_gradients_equal_flax_batchnorm_add_relu(shape, with_residual
 
 
 @pytest.mark.parametrize("extension", EXTENSION)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_residual_that_is_not_differentiated_still_masks_the_relu(dtype, extension):
+    """A residual without a tangent (a frozen stem's output entering the first block, a stop_gradient) reached
+    the backward pass as "no residual", whose C++ passes rebuild the ReLU's mask from ``bn(x)`` alone: the
+    forward computed ``relu(bn(x) + residual)``, and the input gradient was 76% off (of its scale)."""
+    if extension:
+        require_onednn()
+    x, scale, bias, residual, dy = inputs((4, 13, 11, 24), dtype)
+
+    def loss(fn):
+        return jax.jit(jax.grad(lambda x, scale, bias: jnp.vdot(
+            fn(x, scale, bias, jax.lax.stop_gradient(residual))[0].astype(jnp.float32), dy.astype(jnp.float32)),
+            argnums=(0, 1, 2)))
+
+    got = loss(lambda *a: batch_norm_act(*a, relu=True, extension=extension))(x, scale, bias)
+    want = loss(lambda *a: reference(*a, relu=True, dtype=dtype))(x, scale, bias)
+    for name, g, w in zip(("x", "scale", "bias"), got, want):
+        assert relative(g, w) < (1e-5 if dtype == jnp.float32 else 3e-2), name
+
+
+@pytest.mark.parametrize("extension", EXTENSION)
 def test_bfloat16_compute_keeps_float32_statistics_and_matches_flax(extension):
     if extension:
         require_onednn()

@@ -102,6 +102,10 @@ def _bn_act_jvp(relu, epsilon, out_dtype, extension, primals, tangents):
     dx = jnp.zeros_like(x) if dx is None else dx
     dscale = jnp.zeros_like(scale) if dscale is None else dscale
     dbias = jnp.zeros_like(bias) if dbias is None else dbias
+    if residual is not None and dresidual is None:
+        # a residual that is not differentiated (a frozen branch, a stop_gradient) is still in the forward's sum:
+        # the derivative must know it, or the ReLU's mask is rebuilt from bn(x) alone, without the residual
+        dresidual = jnp.zeros_like(residual)
     t, dmean, dvar = batchnorm_grad.tangent(dx, dscale, dbias, dresidual, x, y, mean, var, scale, coef, relu=relu,
                                             epsilon=epsilon, extension=extension)
     r = lax.rsqrt(var + epsilon)
