@@ -268,6 +268,33 @@ def test_negative_padding_is_computed_by_xla_under_every_choice(algorithm, case)
     assert choose(spec_of(case), "cpu") == choose(spec_of(case), "cpu", extension=False) == ("xla",) * 3
 
 
+def test_float64_convolutions_compute_in_float64_under_every_choice():
+    """The 1x1 GEMM and the patch matmul of the kernel gradient (what "auto" and "jax" choose for float64)
+    accumulated in float32: float64 results with float32's precision (1e-7 off lax in float64)."""
+    from conftest import run_python
+
+    out = run_python("""
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        from jax import lax
+        from resnet_jax.ops import conv2d
+        rng = np.random.default_rng(0)
+        worst = 0.0
+        for kh in (1, 3):
+            x, k = jnp.asarray(rng.standard_normal((2, 8, 8, 16))), jnp.asarray(rng.standard_normal((kh, kh, 16, 32)))
+            ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            want, vjp = jax.vjp(ref, x, k)
+            ct = jnp.asarray(rng.standard_normal(want.shape))
+            for algorithm in ("auto", "jax"):
+                got, got_vjp = jax.vjp(lambda x, k: conv2d(x, k, algorithm=algorithm), x, k)
+                assert got.dtype == jnp.float64
+                for a, b in zip((got, *got_vjp(ct)), (want, *vjp(ct))):
+                    worst = max(worst, float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))))
+        print(worst)
+    """).stdout
+    assert float(out) < 1e-13
+
+
 def test_extension_algorithms_refuse_other_backends():
     g = ConvSpec(1, 8, 8, 4, 4, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
     for name in EXTENSION:

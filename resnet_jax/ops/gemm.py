@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax.ops.spec import Algorithm
+from resnet_jax.ops.spec import Algorithm, accumulation_dtype
 
 
 def kept_pixels(x, spec):
@@ -23,7 +23,7 @@ def forward(x, kernel, spec):
     x = kept_pixels(x, spec)
     n, h, w, cin = x.shape
     y = lax.dot_general(x.reshape(-1, cin), kernel.reshape(cin, -1), (((1,), (0,)), ((), ())),
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=accumulation_dtype(x.dtype))
     return y.reshape(n, h, w, -1).astype(x.dtype)
 
 

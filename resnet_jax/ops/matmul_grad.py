@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax.ops.spec import Algorithm
+from resnet_jax.ops.spec import Algorithm, accumulation_dtype
 from resnet_jax.ops.xla import XLA
 
 
@@ -32,13 +32,13 @@ def kernel_grad(x, dy, spec):
     if spec.groups != 1:
         return XLA.kernel_grad(x, dy, spec)
     dk = lax.dot_general(patches(x, spec), dy.reshape(-1, spec.out_channels), (((0,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=accumulation_dtype(x.dtype))
     return dk.reshape(spec.kernel_shape).astype(x.dtype)
 
 
 def im2col_forward(x, kernel, spec):
     y = lax.dot_general(patches(x, spec), kernel.reshape(-1, spec.out_channels), (((1,), (0,)), ((), ())),
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=accumulation_dtype(x.dtype))
     return y.reshape(spec.y_shape).astype(x.dtype)
 
 

@@ -20,6 +20,12 @@ from jax import lax
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """What the matmul-based algorithms accumulate in: float32 for float32 and narrower inputs, float64 for float64
+    (a float32 product there silently dropped a float64 model's convolutions to float32's precision)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def output_size(size: int, window: int, stride: int, low: int, high: int) -> int:
     """Outputs along one axis of a window (convolution kernel, pool window) sliding at ``stride`` over ``size``
     inputs padded by ``low`` and ``high``: the one copy of this arithmetic in ops/."""
