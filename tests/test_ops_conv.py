@@ -268,6 +268,26 @@ def test_negative_padding_is_computed_by_xla_under_every_choice(algorithm, case)
     assert choose(spec_of(case), "cpu") == choose(spec_of(case), "cpu", extension=False) == ("xla",) * 3
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "jax", "onednn", "onednn_winograd_f4", "gemm", "winograd_f4"])
+def test_linear_transpose_gives_the_input_and_kernel_gradients(algorithm):
+    """jax.linear_transpose of the convolution in x (and in the kernel) is the input (kernel) gradient, as for
+    lax's: on every extension path it failed ("no transpose rule for custom_vmap_call"), the custom_jvp that
+    wraps a fused epilogue being in the way of a plain convolution too."""
+    if algorithm.startswith("onednn"):
+        require_onednn()
+    kernel_size = 1 if algorithm == "gemm" else 3
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 16, 24)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((2, 8, 8, 24)), jnp.float32)
+    ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, k: conv2d(x, k, algorithm=algorithm)
+    for argnum, primal in ((0, x), (1, k)):
+        transposed = [jax.jit(jax.linear_transpose(
+            lambda a, f=f: f(a, k) if argnum == 0 else f(x, a), primal))(ct)[0] for f in (ours, ref)]
+        assert_close(*transposed, 2e-5, f"{algorithm}, transposed in {'xk'[argnum]}")
+
+
 def test_float64_convolutions_compute_in_float64_under_every_choice():
     """The 1x1 GEMM and the patch matmul of the kernel gradient (what "auto" and "jax" choose for float64)
     accumulated in float32: float64 results with float32's precision (1e-7 off lax in float64)."""

@@ -61,6 +61,10 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (
     if all(REGISTRY[name].xla_ops_only for name in passes):  # plain lax, which every transformation knows
         y = _epilogue(lax_conv(x, kernel, spec.strides, spec.padding, groups, spec.dilation), bias, residual, relu)
         return (y, x) if fan_out else y
+    if bias is None and residual is None and not relu and not fan_out:
+        # no epilogue: the bilinear primitive itself, which jax.linear_transpose can transpose too (the
+        # custom_jvp around a fused epilogue cannot be); it runs the same forward pass
+        return linear.conv(x, kernel, passes, spec)
     if fan_out and REGISTRY[passes[1]].summed_input_grad is None:  # nothing to fuse: autodiff's add, as before
         return _composed(x, kernel, bias, residual, spec, relu, passes), x
     return _composed(x, kernel, bias, residual, spec, relu, passes, bool(fan_out))
