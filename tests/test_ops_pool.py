@@ -55,6 +55,19 @@ def test_other_windows_equal_max_pool(pool, kind, extension):
     test_values_and_gradients_equal_max_pool((2, 7, 9, 3), kind, jnp.float32, extension, pool)
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "jax"])
+def test_a_window_of_more_than_127_taps_equals_max_pool(algorithm):
+    """A global pool over a 12x12 map (144 taps): the strided views record the winning tap in an int8, and
+    failed ("max-pool: inconsistent shapes" from the extension, an int8 overflow without it)."""
+    x = inputs((2, 12, 12, 3), jnp.float32, "relu")
+    pool = ((12, 12), (1, 1), ((0, 0), (0, 0)))
+    got, got_vjp = jax.vjp(jax.jit(lambda a: max_pool(a, *pool, algorithm=algorithm)), x)
+    want, want_vjp = jax.vjp(lambda a: reference(a, pool), x)
+    dy = jnp.ones_like(want)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_vjp(dy)[0], want_vjp(dy)[0])
+
+
 def test_model_stem_uses_it_on_cpu():
     """ResNet-50's stem pools with the sliced form on CPU: no reduce_window in the gradient of the model."""
     model = create_model("resnet18", num_classes=3)

@@ -26,6 +26,9 @@ from resnet_jax.ops.pool_grad import pooled_shape, route, taps
 from resnet_jax.ops.rules import max_pool_method, may_use_extension
 
 Pair = tuple[int, int]
+# the strided views record each window's first maximum as an int8 tap index; a larger window (a global pool over
+# a 12x12 map) is XLA's own reduce_window, which a window of that many views would not beat anyway
+MAX_TAPS = 127
 
 
 def max_pool(x: jnp.ndarray, window: Pair = (3, 3), strides: Pair = (2, 2),
@@ -38,7 +41,7 @@ def max_pool(x: jnp.ndarray, window: Pair = (3, 3), strides: Pair = (2, 2),
     """
     window, strides = tuple(window), tuple(strides)
     padding = tuple(tuple(p) for p in padding)
-    if max_pool_method(algorithm, jax.default_backend()) == "reduce_window":
+    if max_pool_method(algorithm, jax.default_backend()) == "reduce_window" or window[0] * window[1] > MAX_TAPS:
         return nn.max_pool(x, window, strides=strides, padding=padding)
     return _sliced_max_pool(x, window, strides, padding, may_use_extension(algorithm, jax.default_backend()))
 
