@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
 from resnet_jax.training import base_config, make_optimizer, make_schedule
 from resnet_jax.training.losses import cross_entropy, loss_normaliser, mix_batch, soft_targets, topk_correct
@@ -39,8 +40,6 @@ def test_decays_due_by_the_end_of_the_warm_up_apply_from_it(schedule):
     """The decays fall at absolute epochs: from the warm-up's end the rate is torch's ``MultiStepLR``/``StepLR``
     at that epoch (per epoch, no warm-up). A decay exactly at the warm-up's end, or inside it, had been dropped,
     leaving the rest of the run at 10x (or 100x) the rate."""
-    import torch
-
     c = config(batch_size=256, learning_rate=1.0, lr_scaling="none", num_epochs=6, warmup_epochs=2, **schedule)
     ours = make_schedule(c, steps_per_epoch=10)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -118,7 +117,6 @@ def test_label_smoothing_and_class_weights():
 def test_class_weights_are_torchs_with_and_without_smoothing(smoothing):
     """torch's CrossEntropyLoss(weight=, label_smoothing=): each class's term weighted inside the smoothed sum, the
     mean over the labels' weights; with probability targets (mixup) per example the same weighted sum."""
-    import torch
     import torch.nn.functional as F
 
     rng = np.random.default_rng(0)
@@ -141,6 +139,27 @@ def test_topk_correct():
     np.testing.assert_array_equal(topk_correct(logits, labels, 1), [0, 0])
     np.testing.assert_array_equal(topk_correct(logits, labels, 2), [1, 0])
     np.testing.assert_array_equal(topk_correct(logits, labels, 5), [1, 0])
+
+
+@pytest.mark.parametrize("case", ["constant", "ties", "nan_rows", "nan_entries"])
+def test_topk_correct_ranks_ties_and_nans_as_torch(case):
+    """A tie with the label or a NaN logit counted as a hit: constant logits (a dead head) or NaN weights scored
+    100% top-1. The reference is torch's stable descending sort (torch.topk's order: ties by index, NaN first)."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((64, 10)).astype(np.float32)
+    if case == "constant":
+        logits[:] = 0.5
+    elif case == "ties":
+        logits = np.round(logits)  # five or so distinct values per row
+    elif case == "nan_rows":
+        logits[::3] = np.nan
+    else:
+        logits[rng.random(logits.shape) < 0.1] = np.nan
+    labels = rng.integers(0, 10, 64)
+    order = torch.sort(torch.from_numpy(logits), dim=1, descending=True, stable=True).indices.numpy()
+    for k in (1, 5):
+        expected = (order[:, :k] == labels[:, None]).any(axis=1).astype(np.float32)
+        np.testing.assert_array_equal(topk_correct(jnp.asarray(logits), jnp.asarray(labels), k), expected)
 
 
 def labelled_images(n=6, size=8):

@@ -84,7 +84,14 @@ def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, mixup_alpha
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the ``k`` highest logits (k clipped to the number of classes)."""
+    """1.0 where the label is among the ``k`` highest logits (k clipped to the number of classes), ranked as
+    torch's ``topk``/``sort(descending=True)`` rank them: ties by the lower class index, NaN above every number.
+    Counting only the logits strictly above the label's made every tie (constant logits, an untrained or dead
+    head) and every NaN a hit: a model of NaN weights scored 100%."""
     k = min(k, logits.shape[-1])
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
+    nan, label_nan = jnp.isnan(logits), jnp.isnan(label_logit)
+    above = (logits > label_logit) | (nan & ~label_nan)
+    tied = (logits == label_logit) | (nan & label_nan)
+    earlier = jnp.arange(logits.shape[-1]) < labels[:, None]
+    return (jnp.sum(above | (tied & earlier), axis=-1) < k).astype(jnp.float32)
