@@ -129,6 +129,18 @@ def test_save_load_round_trip_and_load_from_run(fitted, fitted_record, tmp_path)
                                    rtol=1e-5)
 
 
+def test_fit_continues_from_the_weights_the_classifier_has(fitted, tmp_path):
+    """A loaded (or fitted) classifier's ``fit`` trained a new model from scratch, silently: a 94% model fitted
+    one more step at a tiny rate came out at chance. It continues from its weights now, as a Keras model's fit."""
+    clf = Classifier.load(fitted.workdir)
+    before = clf.evaluate()["accuracy"]
+    clf.fit("digits", workdir=tmp_path / "more", max_steps=1, learning_rate=1e-9, schedule="constant",
+            progress_bar=False, compilation_cache_dir="")
+    assert before > 0.8 and abs(clf.evaluate()["accuracy"] - before) < 0.02
+    jax.tree.map(lambda new, old: np.testing.assert_allclose(new, old, atol=1e-6), clf.variables["params"],
+                 fitted.variables["params"])
+
+
 def test_export_torchvision_round_trips(fitted, tmp_path):
     from resnet_jax.torch_file import read_torch_file
 

@@ -129,10 +129,18 @@ class Classifier:
     def fit(self, dataset: str = "digits", *, workdir: str | Path | None = None, **config: Any) -> list[dict]:
         """Train on ``dataset`` (any ``get_source`` name); config keys as keyword arguments. Resumes if
         ``workdir`` holds checkpoints of the same run. Returns the metrics history. A new ``image_size`` derives
-        evaluation's preprocessing again for it (``config.eval_resize`` etc., those not given here)."""
+        evaluation's preprocessing again for it (``config.eval_resize`` etc., those not given here).
+
+        A classifier that has weights (loaded, published, or fitted before) continues from them, as a Keras
+        model's ``fit`` does (a head for another class count is initialised afresh); ``init_from=`` names other
+        starting weights, and a new ``Classifier`` starts from scratch."""
+        # its own weights, unless they are exactly init_from's (from_pretrained, no run yet: the run reads them
+        # by name, as the record says)
+        own = self.variables is not None and self.workdir is not None and "init_from" not in config
+        start_from = self.variables if own else None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="resnet_jax_"))
         try:
-            result = train(self._fit_config(dataset, config), self.workdir)
+            result = train(self._fit_config(dataset, config), self.workdir, start_from=start_from)
         except Exception as err:
             _in_keyword_terms(err)
             raise

@@ -122,9 +122,11 @@ def _sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any]:
     return train_source, val_source, {"train": train_source.fingerprint(), "val": val_source.fingerprint()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[str], None] | None = None
-          ) -> TrainResult:
+def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[str], None] | None = None,
+          start_from: dict[str, Any] | None = None) -> TrainResult:
     """Train (or resume training) in ``workdir``; returns the final state and the metrics history.
+    ``start_from``: variables a new run starts from instead of ``config.init_from`` (a different head is
+    initialised afresh, as there); a resumed run takes its checkpoint's.
 
     Raises ``ValueError`` for a bad config and ``ConfigMismatch`` for a config that changes the run already in
     ``workdir`` (nothing written in either case), ``CheckpointError`` when no checkpoint there restores, and
@@ -139,7 +141,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
     log(f"{run.config.model} on {run.mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
         f"{ops.describe(getattr(run.model, 'conv_impl', 'auto'))}")
     with compilation_cache(run.config.compilation_cache_dir):
-        loop = _start(run, workdir, log)
+        loop = _start(run, workdir, log, start_from)
         try:
             stop_reason = loop.run()
         finally:
@@ -147,7 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
         return loop.result(stop_reason)
 
 
-def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
+def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from=None) -> _Loop:
     """The setup/restore phase: the loaders and the state's structure, then the state restored (``_restore``)
     or initialised, and the loop's pieces. Separate from the loop because it alone decides where a run starts,
     and it is the first phase that writes: nothing before ``_restore``'s ``sync_processes`` changes the workdir,
@@ -177,13 +179,13 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None]) -> _Loop:
     # starts afresh: a bad file used to fail after restart had moved the old run aside (or after an empty
     # checkpoints/ was made), and a resumed fine-tune, which never reads them, was refused once they had moved.
     fresh = config.restart or not has_checkpoints(workdir)
-    initial = initial_variables(config, model, input_shape, log) if fresh else None
+    initial = initial_variables(config, model, input_shape, log, start_from) if fresh else None
     checkpoints, iterator, restored = _restore(config, workdir, train_loader, abstract, log)
     progress = {"window": None, "epoch": None, "best": -1.0, "bad_epochs": 0}
     if restored is None:
         step, resumed_from = 0, None
         if not fresh:  # its checkpoints went in the meantime (another process of this run moved them)
-            initial = initial_variables(config, model, input_shape, log)
+            initial = initial_variables(config, model, input_shape, log, start_from)
         state = create(initial)
     else:
         step, arrays, meta, _ = restored

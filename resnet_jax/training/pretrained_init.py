@@ -39,13 +39,17 @@ def check_init_from(config) -> Path | str | None:
     return source
 
 
-def initial_variables(config, model, input_shape, log: Callable[[str], None]) -> dict[str, Any] | None:
+def initial_variables(config, model, input_shape, log: Callable[[str], None],
+                      start_from: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Variables to start from, or ``None`` for a fresh initialisation. Only a run that starts at step 0 reads
-    them; a resumed one takes everything from its checkpoint."""
-    source = check_init_from(config)
+    them; a resumed one takes everything from its checkpoint. ``start_from``: variables in memory (a
+    ``Classifier``'s own, which ``fit`` continues from), used instead of ``config.init_from``."""
+    source = "the weights given" if start_from is not None else check_init_from(config)
     if source is None:
         return None
-    if isinstance(source, str):
+    if start_from is not None:
+        loaded = jax.device_get(start_from)
+    elif isinstance(source, str):
         loaded = _published_variables(config, model, source)
     elif source.is_dir():
         from resnet_jax.checkpoint import load_variables
