@@ -141,6 +141,17 @@ def test_fit_continues_from_the_weights_the_classifier_has(fitted, tmp_path):
                  fitted.variables["params"])
 
 
+def test_a_fit_on_other_data_derives_the_evaluation_crop_again(fitted):
+    """The digits run derived a centre crop of 1.0 (fixed-size images); kept for a fit on photographs, those
+    evaluated and predicted on the whole image, not torchvision's 87.5% crop. Given to fit, it is kept."""
+    assert fitted.config.eval_crop_fraction == 1.0
+    assert fitted._fit_config("imagenette/160px", {"augment": "imagenet"}).eval_crop_fraction == 0.0  # derived anew
+    assert fitted._fit_config("digits", {"augment": "imagenet"}).eval_crop_fraction == 0.0
+    assert fitted._fit_config("digits", {}).eval_crop_fraction == 1.0  # the same data: the same run's value
+    given = fitted._fit_config("imagenette/160px", {"augment": "imagenet", "eval_crop_fraction": 0.9})
+    assert given.eval_crop_fraction == 0.9
+
+
 def test_export_torchvision_round_trips(fitted, tmp_path):
     from resnet_jax.torch_file import read_torch_file
 

@@ -153,11 +153,15 @@ class Classifier:
         """This classifier's config with ``config``'s keys. Evaluation's preprocessing was derived for the old
         ``image_size`` (published weights': 256/224 for a 224 crop): kept at a new one, a run fine-tuning at 64 px
         would evaluate at 224 and score chance, so those not given here go back to unset and ``validate`` derives
-        them."""
+        them; likewise the centre crop the last run derived for its dataset and augmentation (digits' 1.0 kept
+        for photographs, which evaluate at 0.875)."""
         cfg = ml_collections.ConfigDict(self.config.to_dict())
+        unset = {}
         if config.get("image_size", cfg.image_size) != cfg.image_size:
-            unset = dict(eval_resize=0, eval_crop=0, eval_interpolation="", eval_crop_mode="")
-            cfg.update({k: v for k, v in unset.items() if k not in config})
+            unset.update(eval_resize=0, eval_crop=0, eval_interpolation="", eval_crop_mode="")
+        if dataset != cfg.dataset or config.get("augment", cfg.augment) != cfg.augment:
+            unset.update(eval_crop_fraction=0.0)  # the last run derived it for its own data (1.0 for digits)
+        cfg.update({k: v for k, v in unset.items() if k not in config})
         cfg.update({"dataset": dataset, **config})
         return validate(cfg)
 
