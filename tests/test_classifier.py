@@ -101,6 +101,10 @@ def test_predict_takes_a_greyscale_batch_and_refuses_other_shapes_in_one_sentenc
     assert got == fitted.predict(images, top_k=2) == fitted.predict(list(images[:, :, :, 0]), top_k=2)
     with pytest.raises(ValueError, match=r"cannot read images of shape \(1, 4, 8, 8, 1\)"):
         fitted.predict(images[None])
+    # np.asarray of a greyscale PNG with alpha, (H, W, 2): read as H images 2 pixels wide, it gave 8 predictions
+    with_alpha = np.concatenate([images[0], np.full_like(images[0], 255)], axis=-1)
+    with pytest.raises(ValueError, match=r"shape \(8, 8, 2\).*greyscale image with alpha: keep the grey band"):
+        fitted.predict(with_alpha)
 
 
 def test_predict_reads_image_files_and_rejects_floats(fitted, tmp_path):

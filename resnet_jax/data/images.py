@@ -64,7 +64,9 @@ def split_images(images: Any, channels: int, first: int = 0) -> list[np.ndarray]
     array = np.asarray(images)
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in allowed):
         return [_one_image(array, "the image", allowed)]
-    if (array.ndim == 3 and channels == 1) or (array.ndim == 4 and array.shape[-1] in allowed):
+    # a trailing axis of 2 is a greyscale image's alpha (np.asarray of an "LA" PNG), not a batch of 2-wide images
+    greyscale_batch = array.ndim == 3 and channels == 1 and array.shape[-1] != 2
+    if greyscale_batch or (array.ndim == 4 and array.shape[-1] in allowed):
         if len(array) == 0:  # numpy's "need at least one array to stack" came out of the batching
             raise ValueError(f"predict got a batch of no images (shape {array.shape}); pass at least one, (N, H, W, C) "
                              "with N >= 1")
