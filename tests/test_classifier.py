@@ -156,6 +156,14 @@ def test_a_fit_on_other_data_derives_the_evaluation_crop_again(fitted):
     assert given.eval_crop_fraction == 0.9
 
 
+def test_evaluate_on_a_folder_without_the_run_s_split_says_which_argument_to_pass(fitted, tmp_path):
+    """The folder's message named the run's config keys (config.val_split), which evaluate takes as split=."""
+    (tmp_path / "held_out" / "0").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"no split folder 'validation' \(its folders: held_out\); name one of "
+                                         r"them as the split \(evaluate\(dataset, split=NAME\)\)"):
+        fitted.evaluate(f"folder:{tmp_path}")
+
+
 def test_export_torchvision_round_trips(fitted, tmp_path):
     from resnet_jax.torch_file import read_torch_file
 

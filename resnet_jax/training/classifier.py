@@ -174,9 +174,15 @@ class Classifier:
         mesh = make_mesh()
         multiple = batch_multiple(mesh)
         batch_size = max(multiple, batch_size // multiple * multiple)
-        source = data.get_source(dataset or self.config.dataset, split or self.config.val_split,
-                                 image_size=self.config.image_size, seed=self.config.seed,
-                                 data_dir=self.config.data_dir or None)
+        try:
+            source = data.get_source(dataset or self.config.dataset, split or self.config.val_split,
+                                     image_size=self.config.image_size, seed=self.config.seed,
+                                     data_dir=self.config.data_dir or None)
+        except ValueError as err:  # the data's advice names the run's config keys; here the split is an argument
+            if len(err.args) == 1 and isinstance(err.args[0], str):
+                err.args = (err.args[0].replace("(config.train_split / config.val_split)", "(evaluate(dataset, "
+                                                "split=NAME))"),)
+            raise
         if source.num_classes != self.num_classes:
             raise ValueError(f"{source.name} has {source.num_classes} classes but this model has {self.num_classes} "
                              f"({_listed(self.class_names)}); evaluate it on a dataset of its classes: "
