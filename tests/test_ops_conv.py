@@ -239,6 +239,36 @@ def test_fused_epilogue_equals_the_unfused_ops_in_value_and_gradients(name):
         assert_close(g, e, TOLERANCE.get(name, DEFAULT_TOLERANCE), f"d/d{part}")
 
 
+@pytest.mark.parametrize("x_shape, kernel_shape, groups, match", [
+    ((8, 8, 16), (3, 3, 16, 16), 1, r"rank 4.*got shapes \(8, 8, 16\).*x\[None\]"),
+    ((2, 8, 8, 16), (3, 3, 8, 16), 1, r"16 input channels in 1 group\(s\) need a kernel \(HWIO\) of 16 input"),
+    ((2, 8, 8, 16), (1, 1, 8, 16), 1, r"need a kernel \(HWIO\) of 16 input channels"),
+    ((2, 8, 8, 16), (3, 3, 5, 15), 3, r"groups=3 does not divide the image's 16 channels"),
+])
+@pytest.mark.parametrize("algorithm", ["auto", "xla"])
+def test_a_call_that_cannot_be_a_convolution_is_one_sentence_on_every_path(x_shape, kernel_shape, groups, match,
+                                                                           algorithm):
+    """The extension's kernels said "INVALID_ARGUMENT: oneDNN conv: inconsistent channel counts or groups" from
+    inside the compiled program, and a rank-3 image "not enough values to unpack"."""
+    with pytest.raises(ValueError, match=match):
+        conv2d(jnp.ones(x_shape), jnp.ones(kernel_shape), groups=groups, algorithm=algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "onednn"])
+def test_no_input_channels_and_a_broadcast_residual_compute_as_lax(algorithm):
+    """Zero input channels (zeros, as lax gives) failed to build oneDNN's kernel; a residual of a broadcastable
+    shape was refused by the fused epilogue while XLA's path broadcast it."""
+    require_onednn()
+    x, k = jnp.ones((2, 8, 8, 0)), jnp.ones((3, 3, 0, 16))
+    np.testing.assert_array_equal(conv2d(x, k, algorithm=algorithm), jnp.zeros((2, 8, 8, 16)))
+    rng = np.random.default_rng(0)
+    x, k = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32), jnp.ones((3, 3, 16, 16)) / 100
+    residual = jnp.asarray(rng.standard_normal((2, 8, 8, 1)), jnp.float32)
+    got = conv2d(x, k, residual=residual, relu=True, algorithm=algorithm)
+    want = conv2d(x, k, residual=residual, relu=True, algorithm="xla")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_forced_algorithm_that_cannot_compute_a_shape_says_why():
     x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
     with pytest.raises(ValueError, match=r"'gemm' computes ungrouped 1x1 convolutions only; this convolution is "

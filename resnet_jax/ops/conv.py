@@ -49,6 +49,7 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (
     if x.dtype != kernel.dtype:
         raise ValueError(f"conv2d computes in one dtype, but x is {x.dtype} and the kernel {kernel.dtype}; cast "
                          "one of them (as lax.conv_general_dilated requires too)")
+    _check_shapes(x.shape, kernel.shape, groups)
     strides, padding = geometry(x.shape[1:3], kernel.shape[:2], strides, padding, dilation)
     dtype = compute_dtype(jnp.dtype(x.dtype).name, algorithm, jax.default_backend())
     if dtype != jnp.dtype(x.dtype).name:
@@ -57,8 +58,12 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (
                      relu=relu, algorithm=algorithm, fallback=fallback, dilation=dilation, fan_out=fan_out)
         return tuple(o.astype(x.dtype) for o in out) if fan_out else out.astype(x.dtype)
     spec = ConvSpec.of(x, kernel, strides, padding, groups, dilation)
+    if residual is not None and residual.shape != spec.y_shape:  # broadcast as lax's add would, on every path
+        residual = jnp.broadcast_to(residual, spec.y_shape)
     passes = resolve(algorithm, spec, jax.default_backend(), fallback)
-    if all(REGISTRY[name].xla_ops_only for name in passes):  # plain lax, which every transformation knows
+    # plain lax, which every transformation knows; and a convolution of nothing (no input channels: zeros, as lax
+    # gives), which the extension's kernels cannot be built for
+    if all(REGISTRY[name].xla_ops_only for name in passes) or 0 in x.shape[1:] or 0 in kernel.shape:
         y = _epilogue(lax_conv(x, kernel, spec.strides, spec.padding, groups, spec.dilation), bias, residual, relu)
         return (y, x) if fan_out else y
     if bias is None and residual is None and not relu and not fan_out:
@@ -68,6 +73,21 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (
     if fan_out and REGISTRY[passes[1]].summed_input_grad is None:  # nothing to fuse: autodiff's add, as before
         return _composed(x, kernel, bias, residual, spec, relu, passes), x
     return _composed(x, kernel, bias, residual, spec, relu, passes, bool(fan_out))
+
+
+def _check_shapes(x_shape, kernel_shape, groups) -> None:
+    """One sentence for a call that cannot be a convolution, whichever algorithm would run it (the extension's
+    kernels said "inconsistent channel counts or groups" from inside the compiled program, a rank-3 image
+    "not enough values to unpack")."""
+    if len(x_shape) != 4 or len(kernel_shape) != 4:
+        raise ValueError(f"conv2d takes NHWC images (rank 4) and an HWIO kernel (rank 4), got shapes {x_shape} and "
+                         f"{kernel_shape}; a single image needs a batch axis: x[None]")
+    if groups < 1 or x_shape[3] % groups:
+        raise ValueError(f"conv2d: groups={groups} does not divide the image's {x_shape[3]} channels")
+    if x_shape[3] // groups != kernel_shape[2] or kernel_shape[3] % groups:
+        raise ValueError(f"conv2d: {x_shape[3]} input channels in {groups} group(s) need a kernel (HWIO) of "
+                         f"{x_shape[3] // groups} input channels and output channels divisible by {groups}, got "
+                         f"{kernel_shape}")
 
 
 def _epilogue(y, bias, residual, relu):
