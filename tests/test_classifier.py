@@ -114,8 +114,12 @@ def test_predict_reads_image_files_and_rejects_floats(fitted, tmp_path):
     path = tmp_path / "digit.png"
     Image.fromarray(images[0][:, :, 0]).save(path)
     assert fitted.predict([str(path)], top_k=1)[0][0][0] == fitted.predict(images[0], top_k=1)[0][0][0]
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ValueError, match=r"uint8.*np\.clip\(x \* 255"):
         fitted.predict(images.astype(np.float32) / 255)
+    # integers in 0..255 (np.asarray of a list, arithmetic in int64) need a cast, not the floats' "x * 255"
+    with pytest.raises(ValueError, match=r"got int64 in the image; if its values are 0\.\.255, convert with "
+                                         r"x\.astype\(np\.uint8\)"):
+        fitted.predict(images[0].astype(np.int64))
     with pytest.raises(FileNotFoundError):
         fitted.predict([str(tmp_path / "missing.png")])
 

@@ -174,6 +174,9 @@ def _one_image(image: Any, what: str, allowed: set[int]) -> np.ndarray:
     if image.dtype == np.uint16:
         raise ValueError(f"predict expects uint8 images (0..255), got uint16 in {what}; for 16-bit images keep "
                          "the top 8 bits with (x >> 8).astype(np.uint8), as files of 16-bit images are read")
+    if image.dtype != np.uint8 and np.issubdtype(image.dtype, np.integer):
+        raise ValueError(f"predict expects uint8 images (0..255), got {image.dtype} in {what}; if its values are "
+                         f"0..255, convert with x.astype(np.uint8)")
     if image.dtype != np.uint8:
         raise ValueError(f"predict expects uint8 images (0..255), got {image.dtype}; convert with "
                          "np.clip(x * 255, 0, 255).astype(np.uint8) if they are floats in [0, 1]")
