@@ -3,7 +3,10 @@ as ArrayRecord on disk and read back without TensorFlow, and each failure as one
 
 import importlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -253,6 +256,58 @@ def test_a_users_builder_in_a_package_prepares_offline_and_reads_every_mode_as_t
             if image.mode == "I;16":  # torchvision's decode_image keeps the top 8 bits (test_data_folder.py)
                 expected = np.repeat((np.asarray(image) >> 8).astype(np.uint8)[:, :, None], 3, axis=-1)
         np.testing.assert_array_equal(src[i]["image"], expected, err_msg=str(name))
+
+
+RACING_BUILDER = """
+import time
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+class RacingShapes(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(8, 8, 3)),
+                                               "label": tfds.features.ClassLabel(names=["a", "b"])})
+        return tfds.core.DatasetInfo(builder=self, supervised_keys=("image", "label"), features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(40)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            time.sleep(0.05)  # long enough for the other process to find it unprepared too
+            yield i, {"image": np.full((8, 8, 3), i, np.uint8), "label": i % 2}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_processes_that_find_a_dataset_unprepared_prepare_it_once(tmp_path):
+    """Every process of a run (one per GPU on one host) found the dataset unprepared and prepared it at once; all
+    but the first failed at TFDS's rename ("Destination ... 1.0.0 already exists"). One prepares, the others wait
+    and read it."""
+    pytest.importorskip("tensorflow")
+    (tmp_path / "racepkg").mkdir()
+    (tmp_path / "racepkg" / "__init__.py").write_text("")
+    (tmp_path / "racepkg" / "racing_shapes.py").write_text(RACING_BUILDER)
+    (tmp_path / "tfds").mkdir()
+    reader = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import racepkg.racing_shapes
+        from resnet_jax import data
+        print("examples", len(data.get_source("racing_shapes", "train", data_dir={str(tmp_path / 'tfds')!r})))
+    """)
+    with socket.socket() as closed:  # no network needed: a user's builder reading nothing
+        closed.bind(("127.0.0.1", 0))
+        env = {**os.environ, prep.PROBE_ENV: f"127.0.0.1:{closed.getsockname()[1]}"}
+    procs = [subprocess.Popen([sys.executable, "-c", reader], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "examples 40" in out, err[-3000:]
 
 
 def test_an_incomplete_dataset_folder_is_refused_not_taken_as_prepared(tmp_path):

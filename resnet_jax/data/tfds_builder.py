@@ -8,7 +8,9 @@ minutes offline).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import fcntl
 import importlib.util
 import os
 import socket
@@ -132,7 +134,30 @@ MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val
 
 
 def prepare_builder(builder, *, manual_dir=None) -> None:
-    """download_and_prepare `builder` as ArrayRecord after the fast checks; raises ValueError if one fails."""
+    """download_and_prepare `builder` as ArrayRecord after the fast checks; raises ValueError if one fails.
+
+    One process at a time per dataset and data_dir (a file lock beside it): every process of a run that found the
+    dataset unprepared prepared it at once, and all but the first failed at TFDS's final rename ("Destination
+    ... already exists"). A process that waited finds it prepared and reads its info instead."""
+    with _preparation_lock(builder):
+        if builder.is_prepared():
+            builder.info.read_from_directory(builder.data_dir)
+            return
+        _prepare(builder, manual_dir)
+
+
+@contextlib.contextmanager
+def _preparation_lock(builder):
+    root = os.fspath(builder._data_dir_root)
+    with open(os.path.join(root, f".{builder.name}.prepare.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare(builder, manual_dir) -> None:
     name = builder.name
     if not tensorflow_installed():
         raise ValueError(f"Preparing {name!r} needs TensorFlow, which is not installed: {INSTALL_HINT} "
