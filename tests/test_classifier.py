@@ -168,6 +168,18 @@ def test_evaluate_on_a_folder_without_the_run_s_split_says_which_argument_to_pas
         fitted.evaluate(f"folder:{tmp_path}")
 
 
+def test_a_refused_fit_leaves_no_directory_and_keeps_the_classifier_s_workdir(fitted, tmp_path, monkeypatch):
+    """A fit refused before writing anything left an empty temporary directory, and pointed the classifier at it
+    (its next fit then took that for the run its weights came from)."""
+    import tempfile
+
+    clf = Classifier.load(fitted.workdir)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(ValueError, match="learning_rate"):
+        clf.fit("digits", learning_rate=-1.0)
+    assert list(tmp_path.iterdir()) == [] and clf.workdir == fitted.workdir
+
+
 def test_export_torchvision_round_trips(fitted, tmp_path):
     from resnet_jax.torch_file import read_torch_file
 

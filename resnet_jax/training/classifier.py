@@ -138,12 +138,17 @@ class Classifier:
         # by name, as the record says)
         own = self.variables is not None and self.workdir is not None and "init_from" not in config
         start_from = self.variables if own else None
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="resnet_jax_"))
+        run_dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="resnet_jax_"))
         try:
-            result = train(self._fit_config(dataset, config), self.workdir, start_from=start_from)
+            result = train(self._fit_config(dataset, config), run_dir, start_from=start_from)
         except Exception as err:
+            if run_dir.is_dir() and any(run_dir.iterdir()):
+                self.workdir = run_dir  # a run to resume or look into (a preempted fit: the same call resumes it)
+            elif not workdir:
+                run_dir.rmdir()  # refused before anything was written: no empty temporary directory left behind
             _in_keyword_terms(err)
             raise
+        self.workdir = run_dir
         self.config = result.config
         self._set_head(result.model.num_classes, result.class_names)
         self.variables, self.history = result.variables, result.history
