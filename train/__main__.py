@@ -12,7 +12,8 @@ another tcmalloc) is installed the command runs under it (``resnet_jax/allocator
 turns that off).
 
 Any ResNet field is settable as ``--config.model_overrides.FIELD=VALUE`` (``conv_impl=xla``,
-``stage_sizes=1,1,1``); a misspelt key (``--config.modle=resnet18``) is one line naming the nearest valid keys,
+``stage_sizes=1,1,1``) but the four that are config keys of their own (dtype, remat, zero_init_residual,
+drop_path_rate); a misspelt key (``--config.modle=resnet18``) is one line naming the nearest valid keys,
 exit code 2, like every other usage error (a ``--config`` file that is missing or fails to load included).
 """
 
