@@ -100,10 +100,11 @@ def _stats(src: Source, mean, std, channels: int | None):
     """The mean/std to normalise with: as given, else the dataset's (by base name: "imagenette/320px" ->
     "imagenette"); checked against the channel count now rather than at the first batch."""
     if mean is None or std is None:
-        if known_stats(src.name) is None:
+        stats = known_stats(src.name)
+        if stats is None:
             raise ValueError(f"No known mean/std for dataset {src.name!r}; pass mean= and std= "
                              f"(per channel, 0..1 units).")
-        mean, std = known_stats(src.name)
+        mean, std = stats
     out = channels or src.image_shape[2]
     if np.size(mean) not in (1, out) or np.size(std) not in (1, out):
         model = (f"the model takes {out} (its in_channels; config.model_overrides.in_channels in a config), "
