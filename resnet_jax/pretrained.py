@@ -522,8 +522,8 @@ def pretrained(name: str, weights: Any = "DEFAULT", *, file: str | os.PathLike |
     ``ResNet50_Weights.IMAGENET1K_V2``) or a timm tag (``"a1_in1k"``); see
     ``weights_info`` for the preprocessing and class names. The file is cached in ``cache_dir`` (default
     ``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``) and fetched from ``mirror`` (a base URL, or a directory,
-    holding the files under ``Weights.filename``; default ``$RESNET_JAX_WEIGHTS_MIRROR``, else the publisher's URL); timm tags not
-    pinned here come through huggingface_hub and its cache. ``file``: a local copy of the weights to use instead
+    holding the files under ``Weights.filename``; default ``$RESNET_JAX_WEIGHTS_MIRROR``, else the publisher's
+    URL); timm tags not pinned here come through huggingface_hub and its cache. ``file``: a local copy of the weights to use instead
     (no download and no digest check: the file is the user's). ``overrides`` go to
     ``load_torchvision``/``load_timm``, e.g. ``num_classes=10, new_head=True`` for fine-tuning or
     ``features_only=True`` for a backbone.

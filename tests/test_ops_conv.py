@@ -332,7 +332,8 @@ def test_float64_convolutions_compute_in_float64_under_every_choice():
         worst = 0.0
         for kh in (1, 3):
             x, k = jnp.asarray(rng.standard_normal((2, 8, 8, 16))), jnp.asarray(rng.standard_normal((kh, kh, 16, 32)))
-            ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
             want, vjp = jax.vjp(ref, x, k)
             ct = jnp.asarray(rng.standard_normal(want.shape))
             for algorithm in ("auto", "jax"):
