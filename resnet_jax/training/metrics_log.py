@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 
+from resnet_jax.atomic import replace_atomically
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "learning_curves.png"
 TENSORBOARD_DIR = "tensorboard"
@@ -34,7 +36,9 @@ class MetricsLog:
             self.workdir.mkdir(parents=True, exist_ok=True)
             if resume_step is not None and self.path.exists():
                 kept = [r for r in read_metrics(self.workdir) if r["step"] <= resume_step]
-                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                text = "".join(json.dumps(r) + "\n" for r in kept)
+                # replaced whole: rewritten in place, a full disk or a kill mid-write cut the rows to keep too
+                replace_atomically(self.path, lambda partial: partial.write_text(text))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
