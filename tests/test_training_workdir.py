@@ -4,6 +4,7 @@ starting over is explicit and moves the old run aside, and no history is ever tr
 import copy
 import json
 import shutil
+import textwrap
 
 import ml_collections
 import pytest
@@ -89,6 +90,7 @@ def test_restart_moves_the_old_run_aside_and_starts_over(run_copy):
     result = train(config(restart=True, model="resnet32", max_steps=4), run_copy, log=messages.append)
     assert result.resumed_from is None and int(result.state.step) == 4
     (aside,) = (run_copy / "previous_runs").iterdir()
+    old.pop(".lock")  # the workdir's lock stays with the workdir (held by the new run), not with the run's files
     assert snapshot(aside) == old  # checkpoints, metrics, config, TensorBoard, curves: all of it, unchanged
     assert {"checkpoints", "metrics.jsonl", "config.json", "tensorboard", "learning_curves.png"} <= \
         {p.name for p in aside.iterdir()}
@@ -183,6 +185,33 @@ def saved(tmp_path):
     """A workdir whose config.json records the tiny run: what ``train`` compares a resumed run's config with."""
     write_config(tmp_path, config())
     return tmp_path
+
+
+def test_a_workdir_in_use_by_another_run_is_refused_naming_it(tmp_path):
+    """Two runs in one workdir trained side by side: each deleted the other's old checkpoints (one ended in a
+    traceback) and their metrics.jsonl rows interleaved. While a process holds the workdir (here another process
+    running the run's own lock), a run there is refused, writing nothing; once it is gone, the run starts."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from resnet_jax.training.workdir import lock
+        held = lock(Path({str(workdir)!r}))
+        print("held", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"{workdir} is in use by another run \(process {holder.pid} on this machine\)"):
+            train(config(), workdir)
+        assert [p.name for p in workdir.iterdir()] == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(config(max_steps=2), workdir).stop_reason
 
 
 def test_every_key_is_refused_continuable_or_per_invocation():

@@ -180,7 +180,12 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from=
     # checkpoints/ was made), and a resumed fine-tune, which never reads them, was refused once they had moved.
     fresh = config.restart or not has_checkpoints(workdir)
     initial = initial_variables(config, model, input_shape, log, start_from) if fresh else None
-    checkpoints, iterator, restored = _restore(config, workdir, train_loader, abstract, log)
+    held = run_dir.lock(workdir)  # from the first write to the run's end
+    try:
+        checkpoints, iterator, restored = _restore(config, workdir, train_loader, abstract, log)
+    except BaseException:
+        held.close()
+        raise
     progress = {"window": None, "epoch": None, "best": -1.0, "bad_epochs": 0}
     if restored is None:
         step, resumed_from = 0, None
@@ -194,7 +199,7 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from=
         progress = meta["loop"]
         log(f"resumed from the checkpoint at step {step} (epoch {step / spe:.2f}) in {checkpoints.directory}")
     run_dir.write_config(workdir, config, run.train_source.fingerprint())
-    return _Loop(setup=run, workdir=workdir, log=log, class_names=class_names, checkpoints=checkpoints,
+    return _Loop(setup=run, workdir=workdir, log=log, held=held, class_names=class_names, checkpoints=checkpoints,
                  iterator=iterator, val_loader=val_loader,
                  metrics_log=MetricsLog(workdir, resume_step=resumed_from),
                  train_step=make_train_step(config, num_classes, mesh), eval_step=make_eval_step(mesh, model),
@@ -237,6 +242,7 @@ class _Loop:
     setup: RunSetup
     workdir: Path
     log: Callable[[str], None]
+    held: Any  # the workdir's lock (workdir.lock), released by close
     class_names: list[str]
     checkpoints: Checkpointer
     iterator: Any
@@ -399,6 +405,7 @@ class _Loop:
         self.metrics_log.close()
         if hasattr(self.iterator, "close"):
             self.iterator.close()
+        self.held.close()
 
     def result(self, stop_reason: str) -> TrainResult:
         """The finish: ``Preempted`` once everything is closed (its message says where the checkpoint is and

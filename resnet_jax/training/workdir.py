@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import collections
 import datetime
+import fcntl
 import json
+import os
 import shutil
 import time
 import uuid
@@ -251,6 +253,50 @@ def _differences(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tup
         if a != b:
             changes[key] = (None if a is missing else a, None if b is missing else b)
     return changes
+
+
+LOCK_FILE = ".lock"
+
+
+class _Unlocked:
+    def close(self) -> None:
+        pass
+
+
+def lock(workdir: Path):
+    """Hold ``workdir`` for this run until the returned handle is closed (process 0 takes a file lock in it; the
+    kernel drops it when the process dies, kill -9 included). A second run started in the same workdir trained
+    beside the first: both deleted each other's old checkpoints (one ended in a traceback) and their
+    metrics.jsonl rows interleaved. It is refused now, on every process of its own, naming the holder."""
+    failure, handle = None, _Unlocked()
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        handle = open(workdir / LOCK_FILE, "a")  # never written: a refused run leaves the workdir as it was
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            failure = (f"{workdir} is in use by another run ({_lock_holder(workdir / LOCK_FILE)}); wait for it to "
+                       f"end (or stop it), or give another workdir")
+    if jax.process_count() > 1:
+        failure = next((reason for _, reason in process_failures(failure)), None)
+    if failure is not None:
+        handle.close()
+        raise ValueError(failure)
+    return handle
+
+
+def _lock_holder(path: Path) -> str:
+    """Who holds ``path``'s lock, from Linux's table of locks (``1: FLOCK ADVISORY WRITE <pid> <dev>:<inode> ...``)."""
+    try:
+        inode = str(os.stat(path).st_ino)
+        with open("/proc/locks") as table:
+            for fields in map(str.split, table):
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == inode:
+                    return f"process {fields[4]} on this machine"
+    except OSError:
+        pass
+    return "a process on another machine, or one this machine does not show"
 
 
 def move_aside(workdir: Path, log: Callable[[str], None], why: str, names: tuple[str, ...] = RUN_FILES
