@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from resnet_jax.abandoned_reads import after_failed_restore
+from resnet_jax.atomic import replace_atomically
 from resnet_jax.parallel import process_failures, sync_processes
 
 try:
@@ -384,11 +386,42 @@ def save_variables(directory: str | Path, variables: dict, config: dict, class_n
                          "hide a model saved there; save into another directory")
     directory.mkdir(parents=True, exist_ok=True)
     tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    with ocp.StandardCheckpointer() as saver:
-        saver.save(directory / MODEL_DIR, tree, force=True)
-    info = {"config": config, "class_names": list(class_names), "checksum": checksum(tree)}
-    (directory / MODEL_INFO).write_text(json.dumps(info, indent=1))
+    # a new arrays folder each time, and model.json, replaced whole, names it: a save that fails (a full disk)
+    # leaves the model saved before it loadable (overwriting model/ in place had deleted it first)
+    previous, name = _arrays_folder(directory), f"{MODEL_DIR}-{uuid.uuid4().hex[:12]}"
+    try:
+        with ocp.StandardCheckpointer() as saver:
+            saver.save(directory / name, tree)
+        info = {"config": config, "class_names": list(class_names), "checksum": checksum(tree), "arrays": name}
+        replace_atomically(directory / MODEL_INFO, lambda path: path.write_text(json.dumps(info, indent=1)))
+    except BaseException:
+        for partial in directory.glob(f"{name}*"):  # the folder and Orbax's temporary one
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if previous is not None:
+        shutil.rmtree(directory / previous, ignore_errors=True)
     return directory
+
+
+def _looks_saved(directory: Path) -> bool:
+    """A ``save_variables`` directory, whole or damaged: its model.json, or an arrays folder (``model-*``, or
+    ``model`` of the earlier layout) without it."""
+    return (directory / MODEL_INFO).exists() or any(
+        p.is_dir() and (p.name == MODEL_DIR or p.name.startswith(f"{MODEL_DIR}-")) for p in directory.iterdir())
+
+
+def _arrays_folder(directory: Path) -> str | None:
+    """The arrays folder a saved model's model.json names (``model`` before it named one), where it exists."""
+    try:
+        name = json.loads((directory / MODEL_INFO).read_text()).get("arrays", MODEL_DIR)
+    except (OSError, ValueError, AttributeError):
+        name = MODEL_DIR
+    return name if _plain_name(name) and (directory / name).is_dir() else None
+
+
+def _plain_name(name: Any) -> bool:
+    """A folder directly inside the model's directory: model.json is read from files anyone may hand over."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
 
 
 def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: bool = False
@@ -405,7 +438,7 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
         raise FileNotFoundError(f"{workdir} does not exist; give the workdir of a training run or a saved model")
     checkpoints = workdir / "checkpoints"
     saved_run = has_checkpoints(workdir)
-    if not saved_run and ((workdir / MODEL_DIR).exists() or (workdir / MODEL_INFO).exists()):
+    if not saved_run and _looks_saved(workdir):
         if step is not None:  # it was ignored: the one set of weights was loaded for any step asked
             raise ValueError(f"{workdir} is a saved model, which holds one set of weights and no steps; load it "
                              f"without step (asked: {step!r})")
@@ -463,6 +496,9 @@ def _load_saved_model(workdir: Path, use_ema: bool) -> tuple[dict, dict, list[st
         if missing:
             raise ValueError(f"it has no {' or '.join(map(repr, missing))}")
         config, class_names = info["config"], list(info["class_names"])
+        if not _plain_name(info.get("arrays", MODEL_DIR)):
+            raise ValueError(f"its arrays entry {info['arrays']!r} is not a folder of the model's directory")
+        arrays_path = workdir / info.get("arrays", MODEL_DIR)
     except Exception as err:  # noqa: BLE001 - missing, unreadable, not JSON, or without its keys
         raise CheckpointError(f"the saved model in {workdir} is incomplete or damaged: its {MODEL_INFO} (config and "
                               f"class names) cannot be read ({_reason(err)}); {advice}") from None

@@ -175,13 +175,18 @@ def saved_model(directory):
     return variables
 
 
+def arrays_of(directory):
+    """The arrays folder a saved model's model.json names."""
+    return directory / json.loads((directory / "model.json").read_text())["arrays"]
+
+
 def test_a_saved_model_is_checked_and_a_damaged_one_is_a_clear_error(tmp_path):
     saved_model(tmp_path)
     assert "checksum" in json.loads((tmp_path / "model.json").read_text())
-    flip_one_bit(biggest_file(tmp_path / "model"))
+    flip_one_bit(biggest_file(arrays_of(tmp_path)))
     before = files_of(tmp_path)
     with pytest.raises(CheckpointError, match=r"the saved model in .* is incomplete or damaged: its arrays in "
-                                              r".*model cannot be used \(ValueError: they do not match the checksum"):
+                                              r".*model-\w+ cannot be used \(ValueError: they do not match the checksum"):
         load_variables(tmp_path)
     assert files_of(tmp_path) == before
 
@@ -203,8 +208,51 @@ def test_a_saved_model_without_a_readable_model_json_is_a_clear_error(tmp_path, 
 
 def test_a_saved_model_without_its_arrays_is_a_clear_error(tmp_path):
     saved_model(tmp_path)
-    shutil.rmtree(tmp_path / "model")
+    shutil.rmtree(arrays_of(tmp_path))
     with pytest.raises(CheckpointError, match="the saved model in .* is incomplete or damaged: its arrays"):
+        load_variables(tmp_path)
+
+
+def test_a_saved_model_of_the_earlier_layout_still_loads(tmp_path):
+    """Before model.json named its arrays folder, the arrays were always in model/."""
+    variables = saved_model(tmp_path)
+    arrays_of(tmp_path).rename(tmp_path / "model")
+    info = json.loads((tmp_path / "model.json").read_text())
+    del info["arrays"]
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    _, loaded, _ = load_variables(tmp_path)
+    np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
+    saved_model(tmp_path)  # saved again: the old folder goes once the new one is in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.json", arrays_of(tmp_path).name])
+
+
+def test_a_save_that_fails_leaves_the_model_saved_before_it(tmp_path):
+    """Saving over a saved model deleted its arrays first: a full disk in the second save (here a file-size limit)
+    left neither. The old model stays loadable until model.json names the new arrays."""
+    from conftest import run_python
+
+    first = saved_model(tmp_path)
+    proc = run_python(f"""
+        import resource
+        import numpy as np
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))
+        from resnet_jax.checkpoint import save_variables
+        kernel = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)  # incompressible
+        big = {{"params": {{"fc": {{"kernel": kernel}}}}, "batch_stats": {{}}}}
+        save_variables({str(tmp_path)!r}, big, {{"model": "other"}}, ["x"])
+    """, check=False)
+    assert proc.returncode != 0
+    config, loaded, names = load_variables(tmp_path)
+    assert (config, names) == ({"model": "m"}, ["a", "b"])
+    np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"], first["params"]["fc"]["kernel"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.json", arrays_of(tmp_path).name])
+
+
+def test_a_model_json_naming_a_folder_outside_the_model_is_refused(tmp_path):
+    saved_model(tmp_path)
+    info = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**info, "arrays": "../elsewhere"}))
+    with pytest.raises(CheckpointError, match=r"arrays entry '\.\./elsewhere' is not a folder of the model's"):
         load_variables(tmp_path)
 
 
