@@ -2,11 +2,16 @@
 them, deterministically; a damaged or disabled file leaves the shipped rules in charge."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import run_python
 from resnet_jax import create_model
 from resnet_jax.ops import ConvSpec, choose, rules, tuning, tuning_cache
 from resnet_jax.ops.registry import REGISTRY
@@ -67,6 +72,86 @@ def test_damaged_or_disabled_tuning_leaves_the_rules(cache, monkeypatch, caplog)
     assert choose(g, "cpu") == by_rules
     with pytest.raises(ValueError, match="RESNET_JAX_CONV_TUNING=0 turns tuning off"):
         tuning.tune(tiny(), SHAPE, repeats=1)
+
+
+@pytest.mark.parametrize("mine", [
+    {"KEY": []},                                                     # an entry that is no mapping
+    {"KEY": {"auto": ["gemm", "gemm", "gemm"]}},                    # without "jax"
+    {"KEY": {"auto": ["onednn", "onednn"], "jax": ["xla", "xla"]}},  # two names, not three
+    [],                                                              # the machine's entries no mapping
+], ids=["list-entry", "no-jax", "two-names", "list-machine"])
+def test_a_tuning_file_of_another_shape_leaves_the_rules(cache, mine, caplog):
+    """Valid JSON of another shape (an edited or foreign file) made every convolution fail (AttributeError,
+    KeyError), or passed a two-name list as the three passes' choice."""
+    g = ConvSpec(2, 8, 8, 16, 16, (3, 3), (1, 1), ((1, 1), (1, 1)), 1, "float32")
+    by_rules = choose(g, "cpu", measured=False)
+    entry = json.loads(json.dumps(mine).replace("KEY", g.key().replace('"', '\\"')))
+    cache.write_text(json.dumps({rules.machine_key(): entry}))
+    with caplog.at_level("WARNING", logger="resnet_jax"):
+        assert choose(g, "cpu") == by_rules and choose(g, "cpu", extension=False) == choose(
+            g, "cpu", extension=False, measured=False)
+    assert any("tuning file" in r.message for r in caplog.records)
+    cache.write_text("[1, 2]")  # not even a mapping at the top: replaced by the next tuning, not a crash
+    tuning_cache.store(rules.machine_key(), {g.key(): {"auto": list(by_rules), "jax": list(by_rules)}})
+    assert tuning_cache.entries(rules.machine_key()) == {g.key(): {"auto": list(by_rules), "jax": list(by_rules)}}
+
+
+def test_two_tunings_at_once_keep_both_sets_of_entries(cache):
+    """store read the file, merged and replaced it without a lock: of two processes storing 300 entries each,
+    about a third of the entries were lost."""
+    from conftest import run_python
+
+    writer = f"""
+        import os, sys
+        os.environ[{tuning_cache.ENV_VAR!r}] = {str(cache)!r}
+        from resnet_jax.ops import tuning_cache
+        for i in range(150):
+            tuning_cache.store("machine", {{f"{{sys.argv[1]}}-{{i}}": {{"auto": ["xla"] * 3, "jax": ["xla"] * 3}}}})
+    """
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(writer), name]) for name in "ab"]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert len(json.loads(cache.read_text())["machine"]) == 300
+
+
+def test_tuning_into_an_unwritable_place_says_so_before_measuring(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv(tuning_cache.ENV_VAR, str(blocker / "tuning.json"))
+    messages = []
+    with pytest.raises(ValueError, match=r"cannot write the tuning file .*a_file/tuning\.json"):
+        tuning.tune(tiny(), SHAPE, repeats=1, log=messages.append)
+    assert messages == []  # nothing was measured (and lost)
+
+
+def test_the_machine_key_follows_the_threads_this_process_may_run():
+    """os.cpu_count() ignored taskset, a container's cpuset and OMP_NUM_THREADS: a 1-core run reused choices
+    measured on every core."""
+    key = "from resnet_jax.ops import rules; print(rules.machine_key())"
+    one_core = "import os; os.sched_setaffinity(0, {0}); " + key
+    every = run_python(key).stdout.strip()
+    assert run_python(one_core).stdout.strip() != every
+    assert run_python(key, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.strip() != every
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_bfloat16_model_is_tuned_under_the_dtype_auto_computes_it_in(native, monkeypatch):
+    """On a CPU without bfloat16 instructions "auto" computes bfloat16 layers in float32 and looks up float32
+    keys; tune stored them as bfloat16, so its measurements never applied. (The CPU's answer is set here, as
+    this machine's CPU cannot change.)"""
+    from resnet_jax.ops import cpu
+
+    import flax.linen as nn
+
+    from resnet_jax.ops import Conv
+
+    class TwoLayers(nn.Module):  # ops.Conv in a model of one's own (a ResNet asks the question for its layers)
+        @nn.compact
+        def __call__(self, x):
+            x = Conv(16, (3, 3), dtype=jax.numpy.bfloat16)(x)
+            return Conv(16, (1, 1), dtype=jax.numpy.bfloat16)(x)
+
+    monkeypatch.setattr(cpu, "native_bfloat16", lambda: native)
+    assert {g.dtype for g in tuning.model_specs(TwoLayers(), (2, 8, 8, 16))} == {"bfloat16" if native else "float32"}
 
 
 def test_unknown_candidate_is_a_clear_error(cache):

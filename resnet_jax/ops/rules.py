@@ -10,6 +10,7 @@ their algorithms themselves.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 
@@ -18,6 +19,7 @@ import jax
 from resnet_jax.ops import cpu, tuning_cache
 from resnet_jax.ops.onednn import library as onednn_library
 from resnet_jax.ops.onednn.library import available as extension_available
+from resnet_jax.ops.onednn.library import built_library as extension_build
 from resnet_jax.ops.registry import ALGORITHMS, REGISTRY
 from resnet_jax.ops.spec import ConvSpec
 
@@ -131,10 +133,15 @@ def compute_dtype(dtype: str, algorithm: str, backend: str, native_bfloat16: boo
     return dtype if native else "float32"
 
 
+@functools.cache
 def machine_key() -> str:
-    """What a measured ranking depends on: the CPU, jax's version, the backend and whether the extension is
-    there. Tuning files are keyed by it, so a different machine never reuses another's measurements."""
-    parts = [cpu.flags(), jax.__version__, jax.default_backend(), str(extension_available()), str(os.cpu_count())]
+    """What a measured ranking depends on: the CPU, jax's version, the backend, the extension's build (its
+    library's path holds its sources' and oneDNN's hash) and the threads this process may run (its CPU affinity,
+    OMP_NUM_THREADS, XLA_FLAGS: os.cpu_count() saw neither taskset nor a container's cpuset). Tuning files are
+    keyed by it, so a different machine, build or thread budget never reuses another's measurements."""
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts = [cpu.flags(), jax.__version__, jax.default_backend(), extension_build(), str(threads),
+             os.environ.get("OMP_NUM_THREADS", ""), os.environ.get("XLA_FLAGS", "")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

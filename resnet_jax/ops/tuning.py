@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -36,7 +37,9 @@ def model_specs(model, input_shape: tuple[int, ...], dtype=jnp.float32) -> list[
     for call in module_calls(model, input_shape, dtype):
         if isinstance(call.module, Conv):
             m, x = call.module, call.args[0]
-            x = jax.ShapeDtypeStruct(x.shape, m.dtype or x.dtype)  # the dtype the convolution computes in
+            # the dtype the convolution computes in: bfloat16 is float32 on CPUs without its instructions
+            computed = rules.compute_dtype(jnp.dtype(m.dtype or x.dtype).name, "auto", jax.default_backend())
+            x = jax.ShapeDtypeStruct(x.shape, computed)
             kernel = jax.ShapeDtypeStruct((*m.kernel_size, x.shape[-1] // m.feature_group_count, m.features), x.dtype)
             spec = ConvSpec.of(x, kernel, m.strides, m.padding, m.feature_group_count, m.kernel_dilation)
             found.setdefault(spec.key(), spec)
@@ -76,8 +79,16 @@ def tune(model, input_shape: tuple[int, ...], dtype=jnp.float32, repeats: int = 
     """Measure every convolution of ``model`` at ``input_shape``, store the fastest algorithms per pass for
     this machine in the tuning file (merged with what is there) and return {spec key: choice}. ``candidates``
     limits the algorithms timed (default: all of ``ops.ALGORITHMS``); "xla" is always one of them."""
-    if tuning_cache.cache_file() is None:
+    path = tuning_cache.cache_file()
+    if path is None:
         raise ValueError(f"{tuning_cache.ENV_VAR}=0 turns tuning off; unset it to tune")
+    try:  # before measuring: the measurements were taken, then lost to a file that could not be written
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(f"{path.parent} is not writable")
+    except OSError as err:
+        raise ValueError(f"cannot write the tuning file {path} ({err}); point {tuning_cache.ENV_VAR} at a file in a "
+                         f"writable directory") from None
     if candidates is not None:
         unknown = sorted(set(candidates) - set(REGISTRY))
         if unknown:

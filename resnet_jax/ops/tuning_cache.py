@@ -7,6 +7,7 @@ file can serve several machines without one ever reading another's measurements.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
@@ -32,31 +33,56 @@ def cache_file() -> Path | None:
 
 @functools.cache
 def entries(machine: str) -> dict[str, Any]:
-    """This machine's measured choices ({} when there are none); a damaged file is reported once and ignored."""
+    """This machine's measured choices ({} when there are none). A damaged file, or entries not of the form
+    ``{"auto": [3 names], "jax": [3 names]}``, are reported once and left out: a file of valid JSON in another
+    shape had made every convolution fail (AttributeError, KeyError) and a two-name entry passed as a choice."""
     path = cache_file()
     if path is None or not path.exists():
         return {}
     try:
-        return json.loads(path.read_text()).get(machine, {})
-    except (OSError, ValueError, AttributeError) as err:
+        mine = _read(path).get(machine, {})
+        if not isinstance(mine, dict):
+            raise ValueError(f"its entry for this machine is a {type(mine).__name__}, not a mapping")
+    except (OSError, ValueError) as err:
         logger.warning("resnet_jax: ignoring the convolution tuning file %s (%s); delete it or run the tuning "
                        "again (python -m resnet_jax.ops.tuning)", path, err)
         return {}
+    good = {key: entry for key, entry in mine.items() if _well_formed(entry)}
+    if len(good) < len(mine):
+        logger.warning("resnet_jax: ignoring %d malformed entries of the convolution tuning file %s; run the tuning "
+                       "again (python -m resnet_jax.ops.tuning)", len(mine) - len(good), path)
+    return good
+
+
+def _well_formed(entry: Any) -> bool:
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(k), list) and len(entry[k]) == 3 and all(isinstance(n, str) for n in entry[k])
+        for k in ("auto", "jax"))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The whole file as a mapping; ValueError where it is not one."""
+    everything = json.loads(path.read_text())
+    if not isinstance(everything, dict):
+        raise ValueError(f"it holds a {type(everything).__name__}, not a mapping")
+    return everything
 
 
 def store(machine: str, new: dict[str, Any]) -> Path:
-    """Merge ``new`` into this machine's entries on disk (atomically); returns the file."""
+    """Merge ``new`` into this machine's entries on disk (atomically, one writer at a time: two tunings at once
+    each read the file before the other wrote and lost the other's entries); returns the file."""
     path = cache_file()
     if path is None:
         raise ValueError(f"{ENV_VAR}=0 turns tuning off; unset it to tune")
-    everything = {}
-    if path.exists():
-        try:
-            everything = json.loads(path.read_text())
-        except ValueError:
-            everything = {}  # a damaged file is replaced by the new measurements
-    everything.setdefault(machine, {}).update(new)
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, lambda partial: partial.write_text(json.dumps(everything, indent=1)))
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            everything = _read(path) if path.exists() else {}
+        except (OSError, ValueError):
+            everything = {}  # a damaged file is replaced by the new measurements
+        mine = everything.get(machine)
+        everything[machine] = {**(mine if isinstance(mine, dict) else {}), **new}
+        replace_atomically(path, lambda partial: partial.write_text(json.dumps(everything, indent=1)))
     entries.cache_clear()
     return path

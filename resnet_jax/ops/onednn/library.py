@@ -47,6 +47,11 @@ def _open_with_passive_openmp(path: Path) -> ctypes.CDLL:
             del os.environ["OMP_WAIT_POLICY"]
 
 
+def built_library() -> str:
+    """The loaded extension's file ("" where there is none): its path names its build (sources, oneDNN, jaxlib)."""
+    return str(load()._name) if available() else ""
+
+
 @functools.cache
 def load() -> ctypes.CDLL:
     """The loaded extension with its targets registered (built first if needed); raises ``OnednnUnavailable``."""
