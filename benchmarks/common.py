@@ -58,6 +58,37 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+JAX_PLATFORMS = {"cpu": "cpu", "gpu": "cuda"}
+
+
+def device_env(device: str) -> dict[str, str]:
+    """This process's environment with JAX pinned to ``--device``'s platform: left to choose, JAX fell back to
+    the CPU where it found no GPU, and results labelled gpu were measured on the CPU."""
+    return dict(os.environ, JAX_PLATFORMS=JAX_PLATFORMS[device])
+
+
+def check_device(device: str, torch_too: bool = False) -> None:
+    """Exit at once, saying what is missing, where ``--device`` is not here (JAX's platform, and torch's CUDA
+    when torch is measured too), rather than after compiling, or never. JAX is asked in a child process: this
+    one's backend, once started on a GPU, would hold most of its memory from the measurements' children."""
+    import subprocess
+
+    unpinned = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # pinned, jax says only "assert"
+    probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"], env=unpinned,
+                           capture_output=True, text=True, timeout=600)
+    found = probe.stdout.strip() if probe.returncode == 0 else "none: " + (
+        probe.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    if found != device:
+        sys.exit(f"error: --device {device}: JAX finds no {device.upper()} here (its default backend: {found}); run "
+                 f"it on a machine with one (and jax[cuda12] installed), or measure --device cpu")
+    if torch_too and device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("error: --device gpu: torch finds no CUDA device; install a CUDA build of torch, or pass "
+                     "--no-torch to measure this project alone")
+
+
 def environment(allocator: str) -> dict:
     """What a result depends on: machine, versions, allocator, date, command."""
     import jax

@@ -60,7 +60,9 @@ def main(argv=None):
     allocator = preload_tcmalloc(args.tcmalloc and args.device == "cpu")
     case = common.CASES[args.case]
     case = dataclasses.replace(common.quick(case) if args.quick else case, device=args.device)
-    env = dict(os.environ, **({"JAX_PLATFORMS": "cpu"} if args.device == "cpu" else {}))
+    if args.device != "cpu":
+        common.check_device(args.device)
+    env = common.device_env(args.device)
     results, rows = [], []
     for impl in args.conv_impl or (["matmul_grad"] if args.quick else ["xla", "matmul_grad"]):
         with tempfile.TemporaryDirectory(prefix="jax_cache_") as cache:

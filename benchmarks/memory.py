@@ -54,7 +54,9 @@ def main(argv=None):
     case = common.CASES[args.case]
     case = common.quick(case) if args.quick else dataclasses.replace(case, batch=args.batch)
     case = dataclasses.replace(case, device=args.device)
-    env = dict(os.environ, **({"JAX_PLATFORMS": "cpu"} if args.device == "cpu" else {}))
+    if args.device != "cpu":
+        common.check_device(args.device)
+    env = common.device_env(args.device)
     results, rows = [], []
     for remat in (False, True):
         cmd = [sys.executable, "-m", "benchmarks.memory", "--child", "--conv-impl", args.conv_impl,

@@ -88,6 +88,9 @@ def main(argv=None):
     allocator = preload_tcmalloc(args.tcmalloc and args.device == "cpu")
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    else:
+        common.check_device(args.device, torch_too=args.torch)
+        os.environ["JAX_PLATFORMS"] = common.JAX_PLATFORMS[args.device]
     names = args.case or [n for n, c in common.CASES.items() if c.device == args.device]
     if args.quick:
         args.steps, args.rounds, args.warmup = 1, 1, 1

@@ -160,3 +160,18 @@ def test_cpu_peak_smoke(tmp_path):
     assert resnet50["macs_per_image"] + classifier_macs == pytest.approx(want, rel=1e-3)
     assert resnet50["gflop"]["1x1"]["forward"] == pytest.approx(135.64, rel=1e-3)  # half of the 261.6 at batch 32
     assert "ms at peak" in stdout
+
+
+@pytest.mark.parametrize("module", ["benchmarks.train_step", "benchmarks.memory", "benchmarks.compile_time"])
+def test_device_gpu_without_one_says_so_at_once(module, tmp_path):
+    """Left to choose, JAX fell back to the CPU: `--device gpu` wrote results labelled gpu that were measured on
+    the CPU (with torch, it failed only after compiling). Where JAX has no GPU, each script stops first."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("this machine has a GPU: the scripts measure it (their smoke tests above run them)")
+    proc = run_python(module=module, args=["--device", "gpu", "--quick", "--json", tmp_path / "r.json"],
+                      check=False, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --device gpu: JAX finds no GPU here (its default backend: cpu)"), proc.stderr[-2000:]
+    assert not (tmp_path / "r.json").exists()
