@@ -48,9 +48,28 @@ def preload_tcmalloc(enabled: bool = True) -> str:
     if library is None:
         return "tcmalloc" if any("tcmalloc" in p for p in preloaded) else "glibc"
     if library in preloaded:
-        return "tcmalloc"
+        return _after_preload(library, preloaded)
+    if sys.argv[0] in ("", "-"):  # a program read from stdin (or typed): a second process could not read it again
+        return "glibc"
     env = dict(os.environ, LD_PRELOAD=":".join([library, *filter(None, preloaded)]))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)  # keeps "-m module" and every flag
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _after_preload(library: str, preloaded: list[str]) -> str:
+    """"tcmalloc" where ``library`` is mapped into this process. One that the loader could not load (a broken
+    file) is ignored by it with an error line, and was reported as tcmalloc (a benchmark recorded the wrong
+    allocator): it is said once, and taken out of LD_PRELOAD so that child processes do not repeat the error."""
+    try:
+        with open("/proc/self/maps") as maps:
+            if any(line.rstrip().endswith(os.path.realpath(library)) or line.rstrip().endswith(library)
+                   for line in maps):
+                return "tcmalloc"
+    except OSError:
+        return "tcmalloc"  # no /proc to ask: as the loader was told
+    print(f"warning: {library} could not be preloaded (see the loader's error above); running with the default "
+          f"allocator (set {ENV_VAR}=0 to silence this)", file=sys.stderr)
+    os.environ["LD_PRELOAD"] = ":".join(p for p in preloaded if p and p != library)
+    return "glibc"

@@ -50,3 +50,25 @@ def test_a_missing_library_is_reported_and_the_command_still_runs():
     runs, err = run_probe("/nonexistent/libtcmalloc_minimal.so.4")
     assert runs == [{"allocator": "glibc", "preload": "", "argv": []}]
     assert "/nonexistent/libtcmalloc_minimal.so.4" in err and "not a file" in err
+
+
+def test_a_library_the_loader_cannot_load_is_reported_and_left_out(tmp_path):
+    """A broken file in LD_PRELOAD is skipped by the loader with an error line, and was reported as tcmalloc (a
+    benchmark recorded the wrong allocator), with the error repeated by every child process."""
+    broken = tmp_path / "libtcmalloc_minimal.so.4"
+    broken.write_bytes(b"")
+    runs, err = run_probe(str(broken))
+    assert runs == [{"allocator": "glibc", "preload": "", "argv": []}]
+    assert f"warning: {broken} could not be preloaded" in err
+
+
+def test_a_program_read_from_stdin_runs_without_the_re_exec():
+    """``python - < script``: the re-executed process found stdin read already, ran nothing and exited 0."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["RESNET_JAX_TCMALLOC"] = loaded_libc()
+    proc = subprocess.run([sys.executable, "-"], input=PROBE + "\nprint('ran to the end')\n", env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "ran to the end", proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[0])["allocator"] == "glibc"
