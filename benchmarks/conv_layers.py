@@ -155,7 +155,7 @@ def main(argv=None) -> None:
         table.append([model, side, *(f"{seconds[p]:.3f}" for p in PASSES), f"{sum(seconds.values()):.3f}"])
     common.print_table("seconds per batch summed over each model's convolutions (shape time x uses)",
                        ["model", "algorithm", *PASSES, "all three"], table)
-    common.write_json(args.json, "conv_layers.json", {
+    common.write_json(args.json, f"conv_layers{'_quick' if args.quick else ''}.json", {
         "environment": common.environment(allocator), "results": results,
         "network_seconds": [{"model": m, "algorithm": s, **{p: sum(t) for p, t in v.items()}}
                             for (m, s), v in totals.items()]})

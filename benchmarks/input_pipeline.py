@@ -268,8 +268,11 @@ def main(argv=None):
                    help="worker processes for the V2 recipe, the same on both sides")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 2 small batches")
-    p.add_argument("--json", default=str(Path(__file__).parent / "results" / "input_pipeline.json"))
+    p.add_argument("--json", default=None, help="where to write the results (default: benchmarks/results/"
+                   "input_pipeline.json, input_pipeline_quick.json for --quick: a smoke run keeps the real results)")
     args = p.parse_args(argv)
+    args.json = args.json or str(Path(__file__).parent / "results" /
+                                 f"input_pipeline{'_quick' if args.quick else ''}.json")
     rng = np.random.default_rng(0)
     rounds = 1 if args.quick else args.rounds
     results = []
