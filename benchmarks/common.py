@@ -104,6 +104,16 @@ def environment(allocator: str) -> dict:
     for name in ("flax", "optax", "torch", "torchvision"):  # only those this run used: importing torch costs ~5 s
         if name in sys.modules:
             env[name] = sys.modules[name].__version__
+    from resnet_jax.ops import cpu
+    from resnet_jax.ops.onednn.library import available
+
+    # what the two sides ran with: torch's threads (one per physical core by default) against XLA's (every CPU
+    # this process may use), the CPU's vector and bfloat16 instructions, and whether our extension ran
+    env["cpu_flags"] = sorted(f for f in cpu.flags().split() if f.startswith(("avx", "amx", "fma")))
+    env["threads_available"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    env["extension"] = available()
+    if "torch" in sys.modules:
+        env["torch_threads"] = sys.modules["torch"].get_num_threads()
     return env
 
 

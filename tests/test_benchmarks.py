@@ -18,6 +18,8 @@ def run_script(module, tmp_path, *extra):
     assert "|---" in proc.stdout, proc.stdout  # a markdown table was printed
     data = json.loads(out.read_text())
     assert data["environment"]["jax"] and data["environment"]["cpu"]
+    # what a figure depends on: the CPU's instructions, the threads, whether the extension ran
+    assert {"cpu_flags", "threads_available", "extension"} <= set(data["environment"])
     return proc.stdout, data["results"]
 
 
