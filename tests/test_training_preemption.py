@@ -76,3 +76,40 @@ def test_ctrl_c_to_the_process_group_stops_cleanly_with_worker_processes(tmp_pat
     assert proc.returncode == 75, output[-3000:]
     assert "stopped by SIGINT" in output and "checkpoint saved" in output
     assert "KeyboardInterrupt" not in output, output[-3000:]
+
+
+STARTUP = """
+import os, signal, sys, time
+sys.path.insert(0, "tests")
+from training_helpers import tiny_config
+from resnet_jax.training import Preempted, train
+
+workdir, when, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def log(line):
+    print(line, flush=True)
+    if line.startswith(when):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+
+try:
+    train(tiny_config(max_steps=steps, checkpoint_every_steps=2), workdir, log=log)
+except Preempted as stopped:
+    print("PREEMPTED", stopped.exit_code, stopped)
+"""
+
+
+def test_a_signal_during_start_up_stops_with_the_preemption_exit_not_a_kill(tmp_path):
+    """The handlers were installed only when the loop began: a SIGTERM while the run opened its data, restored
+    or compiled (minutes on ImageNet) killed the process silently with 143, which a job script that requeues on
+    75 took for a failure. It now stops at the next point where nothing is half-done, with 75's message."""
+    workdir = tmp_path / "run"
+    first = run_python(STARTUP, args=[workdir, "resnet20 on", 4], env=worker_env(), timeout=600)
+    assert ("PREEMPTED 75 stopped by SIGTERM before it started; nothing was written; run the same command again to "
+            "resume (exit code 75)") in first.stdout, first.stdout[-3000:]
+    assert not workdir.exists()
+    run_python(STARTUP, args=[workdir, "never", 4], env=worker_env(), timeout=600)  # a run to resume
+    resumed = run_python(STARTUP, args=[workdir, "resumed from the checkpoint", 8], env=worker_env(), timeout=600)
+    assert ("PREEMPTED 75 stopped by SIGTERM before its first step; its checkpoints are as they were (step 4)"
+            in resumed.stdout), resumed.stdout[-3000:]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]

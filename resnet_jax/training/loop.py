@@ -134,22 +134,39 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
     for the length of the call (``compile_cache.py``).
     """
     log = log or _print_on_main
-    run = setup(config)
-    workdir = Path(workdir)
-    run_dir.check_shared(workdir)  # first: with local disks, each host's check below could see other files
-    run_dir.check(workdir, run.config, log, run.train_source.fingerprint())
-    log(f"{run.config.model} on {run.mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
-        f"{ops.describe(getattr(run.model, 'conv_impl', 'auto'))}")
-    with compilation_cache(run.config.compilation_cache_dir):
-        loop = _start(run, workdir, log, start_from)
-        try:
-            stop_reason = loop.run()
-        finally:
-            loop.close()
-        return loop.result(stop_reason)
+    # from the start: a signal during start-up (opening data, restoring, compiling: minutes on ImageNet) killed
+    # the process with no word and exit code 143, which a job script that requeues on 75 took for a failure
+    with StopOnSignal() as stop:
+        run = setup(config)
+        stop.mesh = run.mesh
+        workdir = Path(workdir)
+        run_dir.check_shared(workdir)  # first: with local disks, each host's check below could see other files
+        run_dir.check(workdir, run.config, log, run.train_source.fingerprint())
+        log(f"{run.config.model} on {run.mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
+            f"{ops.describe(getattr(run.model, 'conv_impl', 'auto'))}")
+        if stop.received_anywhere():
+            _stopped_before_starting(stop, log, 0, "before it started", "nothing was written")
+        with compilation_cache(run.config.compilation_cache_dir):
+            loop = _start(run, workdir, log, start_from, stop)
+            try:
+                if stop.received_anywhere():
+                    _stopped_before_starting(stop, log, loop.step, "before its first step",
+                                             f"its checkpoints are as they were (step {loop.step})")
+                stop_reason = loop.run()
+            finally:
+                loop.close()
+            return loop.result(stop_reason)
 
 
-def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from=None) -> _Loop:
+def _stopped_before_starting(stop: StopOnSignal, log: Callable[[str], None], step: int, when: str,
+                             message: str) -> None:
+    interrupted = stop.interrupted(step, message, when)
+    log(str(interrupted))
+    raise interrupted
+
+
+def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from=None,
+           stop: StopOnSignal | None = None) -> _Loop:
     """The setup/restore phase: the loaders and the state's structure, then the state restored (``_restore``)
     or initialised, and the loop's pieces. Separate from the loop because it alone decides where a run starts,
     and it is the first phase that writes: nothing before ``_restore``'s ``sync_processes`` changes the workdir,
@@ -207,7 +224,8 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from=
                  schedule=make_schedule(config, spe), state=state, step=step, resumed_from=resumed_from,
                  window=None if progress["window"] is None else replicate(_as_f32(progress["window"]), mesh),
                  epoch_sums=None if progress["epoch"] is None else replicate(_as_f32(progress["epoch"]), mesh),
-                 best=progress["best"], bad_epochs=progress["bad_epochs"], saved_step=step)
+                 best=progress["best"], bad_epochs=progress["bad_epochs"], saved_step=step,
+                 stop=stop or StopOnSignal(mesh))
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: Path, train_loader, abstract, log: Callable[[str], None]):
@@ -261,7 +279,7 @@ class _Loop:
     bad_epochs: int                 # evaluations since it last improved
     saved_step: int
     bar: Any = None
-    stop: StopOnSignal | None = None
+    stop: StopOnSignal = dataclasses.field(default_factory=StopOnSignal)
     timer: _Throughput = dataclasses.field(default_factory=lambda: _Throughput())
 
     def run(self) -> str:
@@ -269,23 +287,21 @@ class _Loop:
         A stop signal is acted on only between steps, and on every process at the same step (see
         preemption.py), so the checkpoint it leaves is one that every process agrees on."""
         config, spe, total = self.setup.config, self.setup.steps_per_epoch, self.setup.total_steps
-        self.stop = StopOnSignal(self.setup.mesh)
         if self._early_stop_due():  # it stopped early before: run again (a requeued job), it stays stopped
             return self._early_stop_reason()
-        with self.stop:
-            while self.step < total:
-                self._one_step()
-                end_of_epoch = self.step % spe == 0 or self.step == total
-                if self.step % config.log_every_steps == 0 or end_of_epoch:
-                    self._write_train_row()
-                if end_of_epoch and self._end_epoch():
-                    return self._early_stop_reason()
-                if not end_of_epoch and self.step % config.checkpoint_every_steps == 0:
-                    _checked_means(self.epoch_sums, self.step, self.checkpoints)
-                    self._save()
-                if self.stop.requested():
-                    self._save_before_stopping()
-                    return "preempted"
+        while self.step < total:  # the signal handlers are train()'s, installed before the run's start-up
+            self._one_step()
+            end_of_epoch = self.step % spe == 0 or self.step == total
+            if self.step % config.log_every_steps == 0 or end_of_epoch:
+                self._write_train_row()
+            if end_of_epoch and self._end_epoch():
+                return self._early_stop_reason()
+            if not end_of_epoch and self.step % config.checkpoint_every_steps == 0:
+                _checked_means(self.epoch_sums, self.step, self.checkpoints)
+                self._save()
+            if self.stop.requested():
+                self._save_before_stopping()
+                return "preempted"
         return "finished"
 
     def _one_step(self) -> None:

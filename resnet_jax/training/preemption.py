@@ -45,8 +45,8 @@ class StopOnSignal:
     the signals keep their usual behaviour and ``requested()`` stays False.
     """
 
-    def __init__(self, mesh):
-        self.mesh = mesh
+    def __init__(self, mesh=None):
+        self.mesh = mesh  # set once the run has one (its start-up installs the handlers first)
         self.received: str | None = None
         self._previous: dict[int, object] = {}
         self._pending = None  # the previous step's cross-process reduction, not read yet
@@ -77,8 +77,16 @@ class StopOnSignal:
         previous, self._pending = self._pending, any_process(self.received is not None, self.mesh)
         return previous is not None and bool(previous)
 
-    def interrupted(self, step: int, message: str) -> Preempted:
-        """The exception to raise once the checkpoint at ``step`` is saved (``message`` says where it is)."""
+    def received_anywhere(self) -> bool:
+        """Whether any process has received a signal, now (a blocking reduction, at a point every process reaches
+        together): for the run's start-up, before the loop's one-step-old reading applies."""
+        if jax.process_count() == 1 or self.mesh is None:
+            return self.received is not None
+        return bool(any_process(self.received is not None, self.mesh))
+
+    def interrupted(self, step: int, message: str, when: str | None = None) -> Preempted:
+        """The exception to raise once the checkpoint at ``step`` is saved (``message`` says where it is);
+        ``when`` says when it stopped instead of "at step N" (before the first step, nothing was saved)."""
         name = self.received or "a signal on another process"
-        return Preempted(f"stopped by {name} at step {step}; {message}; run the same command again to resume "
-                         f"(exit code {EXIT_CODE})", step, name)
+        return Preempted(f"stopped by {name} {when or f'at step {step}'}; {message}; run the same command again to "
+                         f"resume (exit code {EXIT_CODE})", step, name)
