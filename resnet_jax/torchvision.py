@@ -522,15 +522,21 @@ def _check_variables_are_the_models(model: ResNet, variables: Mapping[str, Any])
     either has. The head's width is the variables' own (any class count, or none, exports)."""
     flat = {k: tuple(np.shape(v)) for k, v in flatten_dict(dict(variables)).items()}
     head = flat.get(("params", "fc", "kernel"))
-    model = model.clone(num_classes=0 if head is None else head[-1], features_only=False)
-    expected = {k: shape for k, (shape, _) in _expected_shapes(model).items()}
-    wrong = ([f"missing {'/'.join(k)}" for k in expected if k not in flat]
-             + [f"unexpected {'/'.join(k)}" for k in flat if k not in expected]
-             + [f"{'/'.join(k)}: {flat[k]}, the model's {shape}" for k, shape in expected.items()
-                if k in flat and flat[k] != shape])
-    if wrong:
-        raise ValueError(f"these variables do not fit {_name_of(model)}: {'; '.join(_some(wrong, 6))}. Pass the "
+    model = model.clone(num_classes=0 if head is None else head[-1])
+    # without a head they may be the backbone's (features_only: a pre-activation one has no closing BatchNorm)
+    kinds = [model] if head is not None else [model, model.clone(features_only=not model.features_only)]
+    wrong = [_differences(flat, kind) for kind in kinds]
+    if all(wrong):
+        raise ValueError(f"these variables do not fit {_name_of(model)}: {'; '.join(_some(wrong[0], 6))}. Pass the "
                          f"model (or name) they were made with.")
+
+
+def _differences(flat: dict[tuple[str, ...], tuple[int, ...]], model: ResNet) -> list[str]:
+    expected = {k: shape for k, (shape, _) in _expected_shapes(model).items()}
+    return ([f"missing {'/'.join(k)}" for k in expected if k not in flat]
+            + [f"unexpected {'/'.join(k)}" for k in flat if k not in expected]
+            + [f"{'/'.join(k)}: {flat[k]}, the model's {shape}" for k, shape in expected.items()
+               if k in flat and flat[k] != shape])
 
 
 def _name_of(model: ResNet) -> str:
