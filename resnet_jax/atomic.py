@@ -8,10 +8,12 @@ directory), so a reader finds the old file or the new one, and a failed write le
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -30,6 +32,16 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def one_at_a_time(lock_file: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (created where missing, never written) for the block: processes
+    that would build or change the same thing (the extension, a TFDS dataset, the tuning file) take turns, and
+    each one that waited finds the first one's work. The system releases it when the holder ends, however."""
+    with open(lock_file, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def give_ordinary_permissions(path: str | os.PathLike) -> None:

@@ -8,14 +8,14 @@ minutes offline).
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import fcntl
 import importlib.util
 import os
 import socket
 import threading
 from urllib.parse import urlparse
+
+from resnet_jax.atomic import one_at_a_time
 
 INSTALL_HINT = 'pip install -e ".[data]" in the clone of resnet-jax'
 
@@ -139,22 +139,11 @@ def prepare_builder(builder, *, manual_dir=None) -> None:
     One process at a time per dataset and data_dir (a file lock beside it): every process of a run that found the
     dataset unprepared prepared it at once, and all but the first failed at TFDS's final rename ("Destination
     ... already exists"). A process that waited finds it prepared and reads its info instead."""
-    with _preparation_lock(builder):
+    with one_at_a_time(os.path.join(os.fspath(builder._data_dir_root), f".{builder.name}.prepare.lock")):
         if builder.is_prepared():
             builder.info.read_from_directory(builder.data_dir)
             return
         _prepare(builder, manual_dir)
-
-
-@contextlib.contextmanager
-def _preparation_lock(builder):
-    root = os.fspath(builder._data_dir_root)
-    with open(os.path.join(root, f".{builder.name}.prepare.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _prepare(builder, manual_dir) -> None:

@@ -7,7 +7,6 @@ file can serve several machines without one ever reading another's measurements.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import logging
@@ -15,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from resnet_jax.atomic import replace_atomically
+from resnet_jax.atomic import one_at_a_time, replace_atomically
 
 ENV_VAR = "RESNET_JAX_CONV_TUNING"  # a file to use instead of the default; "0" ignores any tuning
 logger = logging.getLogger("resnet_jax")
@@ -75,8 +74,7 @@ def store(machine: str, new: dict[str, Any]) -> Path:
     if path is None:
         raise ValueError(f"{ENV_VAR}=0 turns tuning off; unset it to tune")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with one_at_a_time(path.with_name(f".{path.name}.lock")):
         try:
             everything = _read(path) if path.exists() else {}
         except (OSError, ValueError):

@@ -10,7 +10,6 @@ process builds while the others wait, then all load the same file.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from resnet_jax.atomic import replace_atomically
+from resnet_jax.atomic import one_at_a_time, replace_atomically
 from resnet_jax.ops import cpu
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
@@ -121,8 +120,7 @@ def build(tools: dict[str, str] | None = None) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name("build.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait here, then find the file
+    with one_at_a_time(target.with_name("build.lock")):  # one process builds; the others wait, then find it
         if target.exists():
             return target
         logger.info("resnet_jax: building the oneDNN extension once for this machine (about a minute) into %s",
