@@ -165,8 +165,7 @@ def _stopped_before_starting(stop: StopOnSignal, log: Callable[[str], None], ste
     raise interrupted
 
 
-def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from=None,
-           stop: StopOnSignal | None = None) -> _Loop:
+def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from, stop: StopOnSignal) -> _Loop:
     """The setup/restore phase: the loaders and the state's structure, then the state restored (``_restore``)
     or initialised, and the loop's pieces. Separate from the loop because it alone decides where a run starts,
     and it is the first phase that writes: nothing before ``_restore``'s ``sync_processes`` changes the workdir,
@@ -224,8 +223,7 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from=
                  schedule=make_schedule(config, spe), state=state, step=step, resumed_from=resumed_from,
                  window=None if progress["window"] is None else replicate(_as_f32(progress["window"]), mesh),
                  epoch_sums=None if progress["epoch"] is None else replicate(_as_f32(progress["epoch"]), mesh),
-                 best=progress["best"], bad_epochs=progress["bad_epochs"], saved_step=step,
-                 stop=stop or StopOnSignal(mesh))
+                 best=progress["best"], bad_epochs=progress["bad_epochs"], saved_step=step, stop=stop)
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: Path, train_loader, abstract, log: Callable[[str], None]):
@@ -261,6 +259,7 @@ class _Loop:
     workdir: Path
     log: Callable[[str], None]
     held: Any  # the workdir's lock (workdir.lock), released by close
+    stop: StopOnSignal  # train()'s, whose signal handlers cover the start-up too
     class_names: list[str]
     checkpoints: Checkpointer
     iterator: Any
@@ -279,7 +278,6 @@ class _Loop:
     bad_epochs: int                 # evaluations since it last improved
     saved_step: int
     bar: Any = None
-    stop: StopOnSignal = dataclasses.field(default_factory=StopOnSignal)
     timer: _Throughput = dataclasses.field(default_factory=lambda: _Throughput())
 
     def run(self) -> str:
