@@ -496,9 +496,10 @@ def _load_saved_model(workdir: Path, use_ema: bool) -> tuple[dict, dict, list[st
         if missing:
             raise ValueError(f"it has no {' or '.join(map(repr, missing))}")
         config, class_names = info["config"], list(info["class_names"])
-        if not _plain_name(info.get("arrays", MODEL_DIR)):
-            raise ValueError(f"its arrays entry {info['arrays']!r} is not a folder of the model's directory")
-        arrays_path = workdir / info.get("arrays", MODEL_DIR)
+        arrays = info.get("arrays", MODEL_DIR)
+        if not _plain_name(arrays):
+            raise ValueError(f"its arrays entry {arrays!r} is not a folder of the model's directory")
+        arrays_path = workdir / arrays
     except Exception as err:  # noqa: BLE001 - missing, unreadable, not JSON, or without its keys
         raise CheckpointError(f"the saved model in {workdir} is incomplete or damaged: its {MODEL_INFO} (config and "
                               f"class names) cannot be read ({_reason(err)}); {advice}") from None

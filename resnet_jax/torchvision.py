@@ -508,15 +508,16 @@ def to_timm(model: ResNet | str, variables: Mapping[str, Any]) -> dict[str, np.n
     strictly. timm spells ResNet-D's layers by the model's settings, which the variables do not record, so the
     model (or its name) is needed; a model timm does not have (CIFAR, other depths...) is refused."""
     model = create_model(model) if isinstance(model, str) else model
-    if torch_library(model, ("timm",)) is not None:
-        _check_variables_are_the_models(model, variables)
+    found = torch_library(model, ("timm",))
+    if found is not None:
+        _check_variables_are_the_models(model, variables, f"timm's {found[1]!r}")
         return _export(variables, "timm", model)
     raise ValueError(f"timm has no model with this architecture (stem={model.stem!r}, shortcut={model.shortcut!r}, "
                      f"preact={model.preact}, stage_sizes={tuple(model.stage_sizes)}...); timm's files hold only "
                      f"{list(TIMM_MODELS)}. Use save_torchvision for the others.")
 
 
-def _check_variables_are_the_models(model: ResNet, variables: Mapping[str, Any]) -> None:
+def _check_variables_are_the_models(model: ResNet, variables: Mapping[str, Any], name: str) -> None:
     """Refuse variables of another architecture than ``model``: the timm names are spelt by the model's settings,
     so resnet18d's variables given as "resnet50d" (or "resnet18") would be written under names no timm model of
     either has. The head's width is the variables' own (any class count, or none, exports)."""
@@ -527,8 +528,8 @@ def _check_variables_are_the_models(model: ResNet, variables: Mapping[str, Any])
     kinds = [model] if head is not None else [model, model.clone(features_only=not model.features_only)]
     wrong = [_differences(flat, kind) for kind in kinds]
     if all(wrong):
-        raise ValueError(f"these variables do not fit {_name_of(model)}: {'; '.join(_some(wrong[0], 6))}. Pass the "
-                         f"model (or name) they were made with.")
+        raise ValueError(f"these variables do not fit {name}: {'; '.join(_some(wrong[0], 6))}. Pass the model (or "
+                         f"name) they were made with.")
 
 
 def _differences(flat: dict[tuple[str, ...], tuple[int, ...]], model: ResNet) -> list[str]:
@@ -537,11 +538,6 @@ def _differences(flat: dict[tuple[str, ...], tuple[int, ...]], model: ResNet) ->
             + [f"unexpected {'/'.join(k)}" for k in flat if k not in expected]
             + [f"{'/'.join(k)}: {flat[k]}, the model's {shape}" for k, shape in expected.items()
                if k in flat and flat[k] != shape])
-
-
-def _name_of(model: ResNet) -> str:
-    found = torch_library(model, ("timm",))
-    return f"timm's {found[1]!r}" if found else "the model"
 
 
 def _export(variables: Mapping[str, Any], naming: str, model: ResNet | None) -> dict[str, np.ndarray]:
