@@ -86,15 +86,8 @@ def _join_to_refuse(argv: list[str], message: str) -> None:
     process joins the others only to hand it over, or they would wait for it until JAX's timeout
     (``workdir.join_to_refuse``). A one-process command line imports nothing more."""
     settings = {}
-    for i, arg in enumerate(argv):
-        for key, kind in _RUN_KEYS.items():
-            flag = f"--config.{key}"
-            if arg.startswith(flag + "="):
-                value = arg[len(flag) + 1:]
-            elif arg == flag and i + 1 < len(argv):
-                value = argv[i + 1]
-            else:
-                continue
+    for key, kind in _RUN_KEYS.items():
+        for _, _, value in _flag_values(argv, f"--config.{key}"):
             with contextlib.suppress(ValueError):  # a count that is no number names no run
                 settings[key] = kind(value)
     if settings or any(os.environ.get(name) for name in _RUN_VARIABLES):
@@ -120,25 +113,25 @@ def _installed_recipes(argv: list[str]) -> list[str]:
         return f"{candidate}{colon}{arg}" if candidate.is_file() else value
 
     out = list(argv)
-    for i, prefix, value in _config_values(argv):
+    for i, prefix, value in _flag_values(argv):
         out[i] = prefix + installed(value)
     return out
 
 
-def _config_values(argv: list[str]):
-    """``(index, prefix, value)`` of every ``--config=FILE[:ARG]`` (prefix "--config=") or ``--config FILE`` (the
-    value's own item, prefix "") in ``argv``: ``argv[index] == prefix + value``."""
+def _flag_values(argv: list[str], flag: str = "--config"):
+    """``(index, prefix, value)`` of every ``FLAG=VALUE`` (prefix "FLAG=") or ``FLAG VALUE`` (the value's own item,
+    prefix "") in ``argv``: ``argv[index] == prefix + value``. ``--config=FILE[:ARG]`` by default."""
     for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            yield i, "--config=", arg[len("--config="):]
-        elif arg == "--config" and i + 1 < len(argv):
+        if arg.startswith(f"{flag}="):
+            yield i, f"{flag}=", arg[len(flag) + 1:]
+        elif arg == flag and i + 1 < len(argv):
             yield i + 1, "", argv[i + 1]
 
 
 def _config_argument(argv: list[str]) -> str:
     """The value of the last ``--config=FILE[:ARG]`` (or ``--config FILE``) in ``argv``; the default config's path
     when there is none."""
-    values = [value for _, _, value in _config_values(argv)]
+    values = [value for _, _, value in _flag_values(argv)]
     return values[-1] if values else DEFAULT_CONFIG
 
 
