@@ -20,12 +20,16 @@ Loading weights for inference (``load_variables``: ``Classifier.load``, ``train.
 deletes and falls back to nothing: a damaged one is a ``CheckpointError`` naming the step, its folder and the
 steps that could be loaded instead. A saved model (``save_variables``) carries a checksum too.
 
-After a failed restore, the reports of Orbax's abandoned reads are kept off stderr (``abandoned_reads`` says why).
+Saving fails as one ``CheckpointError`` too (a full disk): which step, why, and where the run would resume. The
+reports of the reads and writes Orbax abandons when one fails are kept off stderr (``abandoned_io`` says why).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
 import time
 import uuid
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from resnet_jax.abandoned_reads import after_failed_restore
+from resnet_jax import abandoned_io
 from resnet_jax.atomic import replace_atomically
 from resnet_jax.parallel import process_failures, sync_processes
 
@@ -155,6 +159,9 @@ class Checkpointer:
                                                      cleanup_tmp_directories=not read_only, create=not read_only,
                                                      enable_async_checkpointing=async_save and not read_only)
         self._manager = self._open()
+        self._unfinished: int | None = None  # the step an asynchronous save may still be writing
+        if not read_only:  # a failing save reports itself from Orbax's threads before the save's caller hears
+            abandoned_io.install()
 
     def _open(self) -> _Manager:
         manager = _Manager(self.directory, options=self._options, handler_registry=_registry())
@@ -179,7 +186,23 @@ class Checkpointer:
         if iterator is not None:
             items["data"] = _IterSave(iterator)
         metrics = {} if val_accuracy is None else {BEST_METRIC: float(val_accuracy)}  # {}: not evaluated
-        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        self.wait()  # the previous save's failure is reported as that step's, not this one's
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        except Exception as err:  # noqa: BLE001 - whatever stopped the write, the run needs the same answer
+            raise self._save_failed(step, err) from None
+        self._unfinished = step
+
+    def _save_failed(self, step: int, err: Exception) -> CheckpointError:
+        """One line for a save that did not finish: which step, why (the system's words where a write failed)
+        and where the run would continue from."""
+        self._unfinished = None
+        saved = [s for s in self.steps() if s != step]
+        resume = (f"it resumes from step {saved[-1]}, the last checkpoint saved" if saved else
+                  "no checkpoint was saved before it, so it starts from the beginning")
+        return CheckpointError(f"saving the checkpoint at step {step} in {self.directory} failed ({_write_reason(err)}); "
+                               f"its unfinished files are removed when the run starts again. {_write_advice(err)} "
+                               f"and run the same command again: {resume}")
 
     def restore_latest(self, abstract_arrays: Any, iterator: Any = None, log=print):
         """Restore the newest good checkpoint into the structure/shardings of ``abstract_arrays`` (and
@@ -197,7 +220,7 @@ class Checkpointer:
                     arrays, meta, config = self._restore(step, abstract_arrays, iterator)
                 except Exception as err:  # noqa: BLE001 - any failure means this checkpoint cannot be trusted
                     reason = _reason(err)[:300]
-                    after_failed_restore()
+                    abandoned_io.install()
                 else:
                     for bad, _ in failures:
                         log(f"moved the damaged checkpoint at step {bad} to {self._quarantine(bad)}")
@@ -309,11 +332,20 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Until the last asynchronous save is written; ``CheckpointError`` if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - as in save
+            if self._unfinished is None:  # reported already: Orbax raises a failed save's error at every wait
+                return
+            raise self._save_failed(self._unfinished, err) from None
+        self._unfinished = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def _mismatch(saved: dict, tree: Any, ordered: bool = True) -> str | None:
@@ -473,7 +505,7 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
                 variables = state["ema"]["variables"] if use_ema else state
                 variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
         except Exception as err:  # noqa: BLE001 - any failure to read it: say which checkpoint, and what to do
-            after_failed_restore()
+            abandoned_io.install()
             raise _damaged(ckpt, step, err) from None
         if use_ema and not has_ema:
             raise ValueError(f"the run in {workdir} kept no moving average of its weights (config.model_ema was "
@@ -512,7 +544,7 @@ def _load_saved_model(workdir: Path, use_ema: bool) -> tuple[dict, dict, list[st
         variables = jax.device_get(variables)
         variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     except Exception as err:  # noqa: BLE001 - missing, truncated or changed arrays
-        after_failed_restore()
+        abandoned_io.install()
         raise CheckpointError(f"the saved model in {workdir} is incomplete or damaged: its arrays in {arrays_path} "
                               f"cannot be used ({_reason(err)}); {advice}") from None
     return config, variables, class_names
@@ -529,6 +561,36 @@ def _reason(err: BaseException) -> str:
     if cause is not None and type(err) is Exception:  # Orbax's bare wrapper around TensorStore's error
         reason += f" ({_reason(cause)})"
     return reason[:400]
+
+
+_NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file-size limit was reached",
+            errno.EDQUOT: "the disk quota is used up"}
+
+
+def _write_errno(err: BaseException) -> int | None:
+    """The system error behind a failed write: an ``OSError``'s, or the code TensorStore's message carries
+    (``[os_error_code='28']``), anywhere in the exception's chain."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err.errno
+        found = re.search(r"os_error_code='(\d+)'", str(err))
+        if found:
+            return int(found.group(1))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _write_reason(err: BaseException) -> str:
+    code = _write_errno(err)
+    if code is None:
+        return _reason(err)
+    return f"{_NO_ROOM.get(code, 'a write failed')}: [Errno {code}] {os.strerror(code)}"
+
+
+def _write_advice(err: BaseException) -> str:
+    if _write_errno(err) in _NO_ROOM:
+        return "Free space there (older runs' workdirs, or a smaller config.keep_checkpoints)"
+    return "Fix the cause"
 
 
 def _damaged(ckpt: Checkpointer, step: int, err: BaseException) -> CheckpointError:

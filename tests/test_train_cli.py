@@ -228,6 +228,31 @@ def test_a_weights_cache_that_is_a_file_is_one_line(tmp_path):
     assert cache.read_text() == "not a directory"
 
 
+@pytest.mark.long
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_starts_again(tmp_path):
+    """Used to be: ~450 lines of Orbax's threads' tracebacks, then "error: OSError: [Errno 27] File too large"
+    from the learning-curve plot's write (the same full disk, met while closing), which hid the checkpoint's
+    failure. Now the run's lines and one error naming the step; the same command then trains from the start."""
+    args = [f"--workdir={tmp_path}", "--config.model=resnet20", "--config.model_overrides.stage_sizes=(1,1,1)",
+            "--config.model_overrides.in_channels=1", "--config.image_size=8", "--config.num_epochs=2",
+            "--config.augment=none", "--config.progress_bar=False"]
+    proc = run_python("""
+        import resource, runpy, sys
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))  # a checkpoint's file won't fit
+        sys.argv = ["train", *sys.argv[1:]]
+        runpy.run_module("train", run_name="__main__", alter_sys=True)
+    """, args=[*args, "--config.compilation_cache_dir="], env={  # JAX warns of each cache entry it cannot write
+        k: v for k, v in worker_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}, timeout=300, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert all(line.startswith(("resnet20 on", "epoch ")) for line in lines[:-1]), lines
+    assert re.match(r"error: saving the checkpoint at step 22 in \S+ failed \(a file-size limit was reached: "
+                    r"\[Errno 27\] File too large\).*no checkpoint was saved before it", lines[-1]), lines[-1]
+    again = run("train", *args, timeout=300)
+    assert again.returncode == 0 and "finished: step 44" in again.stdout, again.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["22", "44"]
+
+
 @pytest.mark.parametrize("model, loads", [("resnet18d", "timm.create_model('resnet18d', num_classes=10, in_chans=1)"),
                                           ("resnet20", "resnet_jax.load_torchvision reads it back")])
 def test_a_state_dict_export_is_named_for_the_library_that_has_the_model(tmp_path, model, loads):

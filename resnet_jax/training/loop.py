@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from resnet_jax import data, ops
-from resnet_jax.checkpoint import Checkpointer, NonFiniteState, has_checkpoints
+from resnet_jax.checkpoint import CheckpointError, Checkpointer, NonFiniteState, has_checkpoints
 from resnet_jax.parallel import (check_batch_size, initialize_distributed, make_mesh, replicate, replicated,
                                  shard_batch, sync_processes)
 from resnet_jax.training import workdir as run_dir
@@ -153,8 +153,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
                     _stopped_before_starting(stop, log, loop.step, "before its first step",
                                              f"its checkpoints are as they were (step {loop.step})")
                 stop_reason = loop.run()
-            finally:
-                loop.close()
+            except BaseException:
+                loop.close(failing=True)
+                raise
+            loop.close()
             return loop.result(stop_reason)
 
 
@@ -409,17 +411,24 @@ class _Loop:
             raise TrainingDiverged(f"{err}; {_last_good(self.checkpoints)}. {_DIVERGED_HINT}") from None
         self.saved_step = self.step
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
         """Passed or failed: the last asynchronous save finished first (it may still be writing this run's
         state), then the metrics' files and plot, then the Grain worker processes stopped and their shared
-        memory released."""
+        memory released. Each step runs even if one before it fails; the first failure is raised after all of
+        them, or none when the run is ``failing`` already: its own error says what happened, and the same cause
+        (a full disk) failing the plot's write as well had replaced it."""
+        steps = [self.checkpoints.close, self.metrics_log.close, getattr(self.iterator, "close", None),
+                 self.held.close]
         if self.bar is not None:
-            self.bar.close()
-        self.checkpoints.close()
-        self.metrics_log.close()
-        if hasattr(self.iterator, "close"):
-            self.iterator.close()
-        self.held.close()
+            steps.insert(0, self.bar.close)
+        first = None
+        for step in filter(None, steps):
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 - the others still run; raised below
+                first = first or err
+        if first is not None and not failing:
+            raise first
 
     def result(self, stop_reason: str) -> TrainResult:
         """The finish: ``Preempted`` once everything is closed (its message says where the checkpoint is and
@@ -455,7 +464,10 @@ _DIVERGED_HINT = "Lower config.learning_rate, add warm-up (config.warmup_epochs)
 
 
 def _last_good(checkpoints: Checkpointer) -> str:
-    checkpoints.wait()
+    try:
+        checkpoints.wait()
+    except CheckpointError:  # the last save failed too; the divergence is what the run reports
+        pass
     last = checkpoints.steps()
     return f"the last good checkpoint is step {last[-1]} in {checkpoints.directory}" if last else \
         "no checkpoint was written"
