@@ -8,13 +8,14 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 from torchvision.transforms.autoaugment import _apply_op
 
-from resnet_jax.data.autoaugment import (OPS, _draw, apply_op, rand_augment, rand_augment_space, trivial_augment_wide,
-                                         wide_space)
+from resnet_jax.data.autoaugment import (OPS, _draw, apply_op, policy, rand_augment, rand_augment_space,
+                                         trivial_augment_wide, wide_space)
 
 # Odd, non-square photographs: the centre of rotation and shear falls between pixels.
 PHOTO = load_sample_image("china.jpg")[101:222, 200:361]
 GREY = np.asarray(Image.fromarray(load_sample_image("flower.jpg")[50:147, 60:189]).convert("L"))[:, :, None]
-MODES = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR}
+MODES = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
+         "bicubic": T.InterpolationMode.BICUBIC}
 
 
 def torchvision_op(image, name, magnitude, interpolation="nearest", fill=None):
@@ -39,13 +40,35 @@ def test_every_operation_equals_torchvision(name):
                                           err_msg=f"{name} {magnitude} {image.shape}")
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("name", ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"])
-def test_geometric_operations_with_bilinear_and_a_fill(name):
+def test_geometric_operations_with_an_interpolation_and_a_fill(name, interpolation):
     magnitude = {"ShearX": 0.41, "ShearY": -0.33, "TranslateX": -13.0, "TranslateY": 21.0, "Rotate": 37.5}[name]
     for fill in ([128, 64, 32], 200):
-        ours = apply_op(PHOTO, name, magnitude, interpolation="bilinear", fill=fill)
-        theirs = torchvision_op(PHOTO, name, magnitude, "bilinear", fill if isinstance(fill, list) else [fill])
+        ours = apply_op(PHOTO, name, magnitude, interpolation=interpolation, fill=fill)
+        theirs = torchvision_op(PHOTO, name, magnitude, interpolation, fill if isinstance(fill, list) else [fill])
         np.testing.assert_array_equal(ours, theirs, err_msg=f"{name} fill={fill}")
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "random"])
+@pytest.mark.parametrize("name", ["ta_wide", "ra"])
+def test_the_policies_take_the_training_crops_interpolation(name, interpolation):
+    """Used to be: both torchvision policies always bilinear, though torchvision's presets.py builds them with
+    the run's --interpolation (a 30-degree bicubic rotation differs from the bilinear one by up to 68 grey levels).
+    Each image's operations are redrawn from a copy of the generator and applied by torchvision's ``_apply_op``;
+    "random" picks bilinear or bicubic per image, as the crop does."""
+    augment = policy(name, interpolation=interpolation)
+    space = wide_space() if name == "ta_wide" else rand_augment_space(31, *PHOTO.shape[:2])
+    used = set()
+    for seed in range(12):
+        rng, replay = np.random.default_rng(seed), np.random.default_rng(seed)
+        mode = ("bilinear", "bicubic")[replay.integers(2)] if interpolation == "random" else interpolation
+        used.add(mode)
+        expected = PHOTO
+        for _ in range(1 if name == "ta_wide" else 2):
+            expected = torchvision_op(expected, *_draw(space, replay, None if name == "ta_wide" else 9), mode)
+        np.testing.assert_array_equal(augment(PHOTO, rng), expected, err_msg=f"seed {seed}")
+    assert used == ({"bilinear", "bicubic"} if interpolation == "random" else {interpolation})
 
 
 def assert_same_space(ours, theirs):

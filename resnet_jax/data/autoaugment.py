@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-RESAMPLING = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR}
+RESAMPLING = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 def _inverse_affine(center, angle, translate, shear) -> tuple[float, ...]:
@@ -142,6 +142,7 @@ def _wide_space_once(num_bins: int) -> dict[str, tuple[np.ndarray, bool]]:
 
 def trivial_augment_wide(image: np.ndarray, rng: np.random.Generator, num_bins: int = 31, **op_kwargs):
     """TrivialAugmentWide (Mueller & Hutter 2021, torchvision's): one operation, one uniform magnitude bin."""
+    op_kwargs = _per_image(op_kwargs, rng)
     name, magnitude = _draw(_wide_space_once(int(num_bins)), rng, None)
     return apply_op(image, name, magnitude, **op_kwargs)
 
@@ -149,29 +150,38 @@ def trivial_augment_wide(image: np.ndarray, rng: np.random.Generator, num_bins: 
 def rand_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int = 2, magnitude: int = 9,
                  num_bins: int = 31, **op_kwargs):
     """RandAugment (Cubuk et al. 2020, torchvision's): ``num_ops`` operations at the fixed ``magnitude`` bin."""
+    op_kwargs = _per_image(op_kwargs, rng)
     space = rand_augment_space(num_bins, *np.shape(image)[:2])
     for _ in range(num_ops):
         image = apply_op(image, *_draw(space, rng, magnitude), **op_kwargs)
     return image
 
 
-# torchvision's references/classification (presets.py) builds both policies with interpolation=BILINEAR, the
-# interpolation of its training crops, and fills moved-in pixels with 0.
+def _per_image(op_kwargs: dict, rng: np.random.Generator) -> dict:
+    """``interpolation="random"`` (timm's per-image pick, ``config.train_interpolation``) as bilinear or bicubic
+    for this image; torchvision's policies take one interpolation, which has no random choice of its own."""
+    if op_kwargs.get("interpolation") != "random":
+        return op_kwargs
+    return {**op_kwargs, "interpolation": ("bilinear", "bicubic")[rng.integers(2)]}
+
+
+# torchvision's references/classification (presets.py) builds both policies with the interpolation of its training
+# crops (its --interpolation, bilinear by default), and fills moved-in pixels with 0.
 POLICIES = ("ta_wide", "ra", "rand-m<M>-mstd<S>-inc1")
 
 
 def policy(name: str, mean=(0.485, 0.456, 0.406), interpolation: str = "random"
            ) -> Callable[[np.ndarray, np.random.Generator], np.ndarray] | None:
     """The augmentation policy a config names (``config.auto_augment``): torchvision's ``--auto-augment`` names
-    "ta_wide" and "ra" (bilinear, as its reference builds them), or timm's ``rand-...`` strings
-    (``timm_randaugment``, which fills with the dataset's ``mean`` colour and takes the training crop's
-    ``interpolation``, as timm's create_transform does); ``image, rng -> image`` on uint8 HWC, or None for ``""``."""
+    "ta_wide" and "ra", or timm's ``rand-...`` strings (``timm_randaugment``, which fills with the dataset's
+    ``mean`` colour), each with the training crop's ``interpolation`` as torchvision's presets.py and timm's
+    create_transform pass it; ``image, rng -> image`` on uint8 HWC, or None for ``""``."""
     if name == "":
         return None
     if name == "ta_wide":  # partials, not lambdas: Grain's worker processes receive them pickled
-        return functools.partial(trivial_augment_wide, interpolation="bilinear")
+        return functools.partial(trivial_augment_wide, interpolation=interpolation)
     if name == "ra":
-        return functools.partial(rand_augment, interpolation="bilinear")
+        return functools.partial(rand_augment, interpolation=interpolation)
     if name.startswith("rand-"):
         from resnet_jax.data.timm_randaugment import TimmRandAugment
 
