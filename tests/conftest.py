@@ -77,6 +77,18 @@ def share_one_compilation_cache() -> None:
 share_one_compilation_cache()
 
 
+def assert_same_distribution(ours, theirs, what: str, p_min: float = 1e-3) -> None:
+    """Two samples (ours, and the reference library's own draws) from one distribution: the two-sample
+    Kolmogorov-Smirnov test does not reject at ``p_min``. Seeded on both sides, so a pass is not luck that can
+    change; a distribution drawn differently (another parameter, a lost sign) gives p far below it."""
+    from scipy.stats import ks_2samp
+
+    result = ks_2samp(np.ravel(ours), np.ravel(theirs))
+    assert result.pvalue > p_min, (f"{what}: ours and the reference's draws differ (KS statistic "
+                                   f"{result.statistic:.3f}, p={result.pvalue:.2g}; means {np.mean(ours):.4g} "
+                                   f"against {np.mean(theirs):.4g})")
+
+
 def assert_close(actual, expected, what: str = "", rtol_of_scale: float = 1e-4, min_scale: float = 0.0) -> None:
     """``max |actual - expected| <= rtol_of_scale * max(min_scale, max |expected|)``, after checking that shape and
     dtype agree. The bound is relative to the reference's scale, not to each entry, so float32 rounding in entries

@@ -170,3 +170,25 @@ def test_random_interpolation_resizes_each_crop_bilinear_or_bicubic_as_timm():
     assert 10 <= sum(picked) <= 30, picked  # bicubic about half the time
     from train.configs import imagenet_resnet50_rsb_a1
     assert imagenet_resnet50_rsb_a1.get_config().train_interpolation == "random"
+
+
+@pytest.mark.parametrize("height,width,scale,ratio", [(60, 90, (0.08, 1.0), (3 / 4, 4 / 3)),
+                                                      (90, 60, (0.25, 1.0), (0.3, 3.0))])
+def test_random_resized_crop_boxes_are_drawn_as_torchvisions(height, width, scale, ratio):
+    """The box's draw against ``RandomResizedCrop.get_params``: width, height, top and left have one
+    distribution on both sides (the second case's wide ratio range sends some draws to the fallback). The
+    tests above feed one box to both libraries or check bounds; this fails for another area or ratio law."""
+    import torch
+    import torchvision.transforms as T
+
+    from conftest import assert_same_distribution
+
+    draws, rng = 4000, np.random.default_rng(0)
+    ours = np.array([aug.random_resized_crop_box(height, width, rng, scale, ratio) for _ in range(draws)])
+    ours = np.stack([ours[:, 2] - ours[:, 0], ours[:, 3] - ours[:, 1], ours[:, 1], ours[:, 0]], 1)
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width)
+    theirs = np.array([T.RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(draws)])
+    theirs = theirs[:, [3, 2, 0, 1]]  # (top, left, h, w) -> (w, h, top, left)
+    for column, what in enumerate(("width", "height", "top", "left")):
+        assert_same_distribution(ours[:, column], theirs[:, column], what)

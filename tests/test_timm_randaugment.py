@@ -99,3 +99,39 @@ def test_the_training_crop_s_interpolation_reaches_the_operations_as_timm_passes
     results = [rotate(PHOTO, rng) for _ in range(12)]
     used = {f for out in results for (f, _), ref in outputs.items() if np.array_equal(out, ref)}
     assert used == ({"bilinear", "bicubic"} if interpolation == "random" else {interpolation})
+
+
+@pytest.mark.parametrize("spec", ["rand-m7-mstd0.5-inc1", "rand-m9-mstd101-inc1"])
+def test_operations_magnitudes_and_signs_are_drawn_as_timm_draws_them(spec, monkeypatch):
+    """The draws themselves against timm's transform, instrumented (each operation's function records its
+    arguments and returns the image): which operations run, and a rotation's signed angle, whose magnitude timm
+    draws from N(m, mstd) clipped to [0, 10] (uniform in [0, m] above mstd 100) and whose sign is a coin. Fails
+    for a fixed level, a lost sign or another operation choice."""
+    from scipy.stats import chi2_contingency
+
+    from conftest import assert_same_distribution
+    from resnet_jax.data import timm_randaugment
+
+    images, small = 6000, PHOTO[:8, :8]
+    theirs_transform, theirs = rand_augment_transform(spec, dict(HPARAMS)), []
+    for op in theirs_transform.ops:
+        op.aug_fn = lambda img, *args, _name=op.name, **kwargs: theirs.append((_name, args)) or img
+    random.seed(0)
+    np.random.seed(0)
+    pil = Image.fromarray(small)
+    for _ in range(images):
+        theirs_transform(pil)
+
+    ours = []
+    monkeypatch.setattr(timm_randaugment, "apply_timm_op", lambda image, name, level, sign, *rest: ours.append(
+        (name, sign * (level / 10) * 30 if name == "Rotate" else None)) or image)  # timm's degrees per level
+    ours_transform, rng = policy(spec), np.random.default_rng(0)
+    for _ in range(images):
+        ours_transform(small, rng)
+
+    names = sorted({name for name, _ in theirs})
+    assert names == sorted(ours_transform.ops)
+    counts = np.array([[sum(n == name for n, _ in side) for name in names] for side in (ours, theirs)])
+    assert chi2_contingency(counts).pvalue > 1e-3, counts  # the same operations, as often
+    angles = [args[0] for name, args in theirs if name == "Rotate"], [a for name, a in ours if name == "Rotate"]
+    assert_same_distribution(angles[1], angles[0], "signed rotation angle")

@@ -204,3 +204,50 @@ def test_cutmix_weight_is_one_minus_the_box_area_even_when_the_box_is_clipped():
         rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
         clipped += bool(box.any()) and (rows[0] == 0 or cols[0] == 0 or rows[-1] == 15 or cols[-1] == 15)
     assert clipped  # the seeds include boxes that the border cut
+
+
+def _lams_and_boxes(mixed_images, mixed_targets):
+    """Per draw of a batch (ones, zeros): example 0's label weight, and the box the partner's zeros fill (first
+    row, first column, height, width; -1 and 0s where nothing was cut), which only CutMix leaves."""
+    images, lams = np.asarray(mixed_images)[:, 0, :, :, 0], np.asarray(mixed_targets)[:, 0, 0]
+    boxes = []
+    for image in images:
+        cut = image == 0
+        rows, cols = np.flatnonzero(cut.any(1)), np.flatnonzero(cut.any(0))
+        boxes.append((rows[0], cols[0], len(rows), len(cols)) if cut.any() else (-1, -1, 0, 0))
+    is_cutmix = np.isin(images, [0.0, 1.0]).reshape(len(images), -1).all(1)
+    return lams, np.array(boxes), is_cutmix
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
+def test_mixup_and_cutmix_draw_as_torchvisions_v2(mixup, cutmix):
+    """The draws themselves against torchvision's v2 MixUp / CutMix / RandomChoice of both (its reference
+    recipe's mixup 0.2, cutmix 1.0): the label weight (Beta(alpha, alpha); CutMix's corrected by the box), the
+    box's place and size on a non-square image, and how often CutMix is the one picked. The weights' agreement
+    with the pixels is checked above; this fails for a wrong alpha, a wrong switch probability or a box drawn
+    elsewhere."""
+    import torch
+    from torchvision.transforms import v2
+
+    from conftest import assert_same_distribution
+
+    draws, height, width = 3000, 24, 40
+    images = jnp.stack([jnp.ones((height, width, 1)), jnp.zeros((height, width, 1))])
+    targets = jnp.eye(2)
+    keys = jax.random.split(jax.random.PRNGKey(0), draws)
+    ours = _lams_and_boxes(*jax.vmap(lambda k: mix_batch(k, images, targets, mixup, cutmix))(keys))
+
+    parts = ([v2.MixUp(alpha=mixup, num_classes=2)] if mixup else []) + (
+        [v2.CutMix(alpha=cutmix, num_classes=2)] if cutmix else [])
+    mix = parts[0] if len(parts) == 1 else v2.RandomChoice(parts)
+    torch.manual_seed(0)
+    batch, labels = torch.stack([torch.ones(1, height, width), torch.zeros(1, height, width)]), torch.arange(2)
+    out = [mix(batch, labels) for _ in range(draws)]
+    theirs = _lams_and_boxes(torch.stack([o[0] for o in out]).permute(0, 1, 3, 4, 2).numpy(),
+                             torch.stack([o[1] for o in out]).numpy())
+
+    assert_same_distribution(ours[0], theirs[0], "label weight")
+    for column, what in enumerate(("box top", "box left", "box height", "box width")):
+        assert_same_distribution(ours[1][:, column], theirs[1][:, column], what)
+    share, reference = ours[2].mean(), theirs[2].mean()
+    assert abs(share - reference) < 4 * np.sqrt(0.25 * 2 / draws), (share, reference)
