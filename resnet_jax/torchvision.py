@@ -405,7 +405,7 @@ def load_timm(name: str, source: str | os.PathLike | Mapping[str, Any], *, new_h
 def _refuse_architecture_changes(loader: str, name: str, arch: str, library: str, overrides: Mapping,
                                  fields: tuple[str, ...] = _ARCHITECTURE) -> None:
     config = model_config(arch)
-    changed = sorted(k for k in fields if k in overrides and overrides[k] != config.get(k, _default(k)))
+    changed = sorted(k for k in fields if k in overrides and not _same(overrides[k], config.get(k, _default(k))))
     if changed:
         raise ValueError(f"{loader}({name!r}) builds {library}'s {arch} architecture; the option(s) {changed} "
                          "would change what the weights compute. Drop them, or build that model with create_model "
@@ -414,6 +414,14 @@ def _refuse_architecture_changes(loader: str, name: str, arch: str, library: str
 
 def _default(field: str) -> Any:
     return ResNet.__dataclass_fields__[field].default
+
+
+def _same(setting: Any, architecture: Any) -> bool:
+    """One setting of a model equals an architecture's: ``stage_sizes=[2, 2, 2, 2]`` is resnet18's ``(2, 2, 2, 2)``
+    (create_model takes either)."""
+    def plain(value):
+        return tuple(value) if isinstance(value, list) else value
+    return plain(setting) == plain(architecture)
 
 
 def _load(naming: str, model: ResNet, name: str, source, new_head: bool, rng, overrides) -> tuple[ResNet, dict]:
@@ -479,7 +487,27 @@ def _unflatten_timm_features(state_dict: Mapping[str, Any]) -> Mapping[str, Any]
 def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``{"params", "batch_stats"}`` -> a torchvision state_dict (names, layouts, float32/int64 numpy arrays)
     that ``torchvision.models.X().load_state_dict(sd)`` accepts strictly, ``num_batches_tracked`` included."""
+    _check_batchnorm_kept(variables)
     return _export(variables, "torchvision", None)
+
+
+def _check_batchnorm_kept(variables: Mapping[str, Any]) -> None:
+    """Refuse variables torch's strict load would: parameters without their BatchNorm statistics (an optimizer's
+    params alone), or BatchNorm folded into the convolutions (``ops.fold_batchnorm``), which torchvision's and
+    timm's ResNets keep as layers of their own (their convolutions have no bias)."""
+    flat = flatten_dict(dict(variables))
+    norms = sorted({p[1:-1] for p in flat if p[0] == "params" and p[-1] == "scale"})
+    convolutions = {p[:-1] for p, v in flat.items() if p[-1] == "kernel" and np.ndim(v) == 4}
+    if not norms and any(p[:-1] in convolutions and p[-1] == "bias" for p in flat):
+        raise ValueError("these variables have BatchNorm folded into the convolutions (ops.fold_batchnorm): "
+                         "torchvision's and timm's models keep BatchNorm layers and convolutions without bias. "
+                         "Export the variables from before folding")
+    unpaired = [m for m in norms if not {("batch_stats", *m, "mean"), ("batch_stats", *m, "var")} <= flat.keys()]
+    if unpaired:
+        raise ValueError(f"these variables hold no BatchNorm statistics (batch_stats) for {len(unpaired)} of their "
+                         f"{len(norms)} BatchNorm layers ({', '.join('/'.join(m) for m in unpaired[:3])}...), which "
+                         "torch's state_dict needs as running_mean/running_var. Pass the whole variables "
+                         "{'params': ..., 'batch_stats': ...} (a TrainState's or Classifier's), not the params alone")
 
 
 def torch_library(model: ResNet | str, libraries: tuple[str, ...] = ("torchvision", "timm")
@@ -498,7 +526,7 @@ def torch_library(model: ResNet | str, libraries: tuple[str, ...] = ("torchvisio
     for library in libraries:
         for arch in names[library]:
             config = model_config(arch)
-            if all(getattr(model, k) == config.get(k, _default(k)) for k in _ARCHITECTURE):
+            if all(_same(getattr(model, k), config.get(k, _default(k))) for k in _ARCHITECTURE):
                 return library, arch
     return None
 
@@ -508,6 +536,10 @@ def to_timm(model: ResNet | str, variables: Mapping[str, Any]) -> dict[str, np.n
     strictly. timm spells ResNet-D's layers by the model's settings, which the variables do not record, so the
     model (or its name) is needed; a model timm does not have (CIFAR, other depths...) is refused."""
     model = create_model(model) if isinstance(model, str) else model
+    _check_batchnorm_kept(variables)
+    if model.folded:
+        raise ValueError("this model has BatchNorm folded into its convolutions (ops.fold_batchnorm); timm's models "
+                         "keep BatchNorm layers. Export the model and variables from before folding")
     found = torch_library(model, ("timm",))
     if found is not None:
         _check_variables_are_the_models(model, variables, f"timm's {found[1]!r}")

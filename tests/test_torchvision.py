@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import timm
 import torchvision
 from flax.traverse_util import flatten_dict
 
@@ -261,6 +262,40 @@ def test_overrides_torchvision_cannot_build_are_refused(resnet18):
             load_torchvision("resnet18", state, **option)
     model, _ = load_torchvision("resnet18", state, bn_epsilon=1e-3)
     assert model.bn_epsilon == 1e-3
+
+
+def test_a_list_for_a_tuple_setting_is_the_same_architecture(resnet18):
+    """Used to be: ``stage_sizes=[2, 2, 2, 2]`` (which create_model takes) was "an option that would change what
+    the weights compute" to the loaders, and a model built with it had no PyTorch library for ``to_timm``."""
+    _, state = resnet18
+    model, variables = load_torchvision("resnet18", state, stage_sizes=[2, 2, 2, 2])
+    listed = create_model("resnet18", stage_sizes=[2, 2, 2, 2], stage_widths=[64, 128, 256, 512])
+    assert torch_library(listed) == ("torchvision", "resnet18")
+    fresh = timm.create_model("resnet18")
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in to_timm(listed, variables).items()}, strict=True)
+
+
+def test_params_alone_or_folded_batchnorm_are_refused_not_written_for_torch_to_reject(resnet18):
+    """Used to be: the params alone (an optimizer's, no ``batch_stats``) or ``ops.fold_batchnorm``'s variables
+    were written without a word, as state_dicts torch's strict ``load_state_dict`` rejects (missing
+    running_mean/running_var; unexpected conv biases); to_timm blamed a folded model's architecture."""
+    from resnet_jax import ops
+
+    tm, state = resnet18
+    model, variables = load_torchvision("resnet18", state)
+    with pytest.raises(ValueError, match=r"no BatchNorm statistics \(batch_stats\) for 20 of their 20 BatchNorm "
+                                         r"layers \(bn1, layer1_0/bn1, layer1_0/bn2\.\.\.\).*not the params alone"):
+        to_torchvision({"params": variables["params"]})
+    with pytest.raises(ValueError, match="no BatchNorm statistics"):
+        to_timm(model, {"params": variables["params"]})
+    folded_model, folded = ops.fold_batchnorm(model, variables, (1, 32, 32, 3))
+    with pytest.raises(ValueError, match=r"BatchNorm folded into the convolutions \(ops.fold_batchnorm\).*before "
+                                         r"folding"):
+        to_torchvision(folded)
+    with pytest.raises(ValueError, match="BatchNorm folded into its convolutions"):
+        to_timm(folded_model, variables)
+    torchvision.models.resnet18().load_state_dict(  # what is refused above is what torch refuses
+        {k: torch.from_numpy(v) for k, v in to_torchvision(variables).items()}, strict=True)
 
 
 def test_other_class_count_needs_new_head(resnet18):
