@@ -548,12 +548,25 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> No
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a ``.safetensors`` or a torch ``.pth``/``.pt``/``.bin`` file: by extension, and a safetensors file
-    under another name (a ``.bin`` saved by ``safetensors``) by its header, which was refused as "not a PyTorch
-    .pth file"."""
-    if str(path).endswith(".safetensors") or _looks_like_safetensors(path):
+    """Read a ``.safetensors`` or a torch ``.pth``/``.pt``/``.bin`` file, by what its first bytes are: a
+    safetensors file under another name (a ``.bin`` saved by ``safetensors``) had been refused as "not a PyTorch
+    .pth file", and a torch file named ``.safetensors`` as a truncated safetensors file. The extension decides
+    only for a file that is neither (whose reader then says what is wrong with it)."""
+    if _looks_like_safetensors(path):
         return read_safetensors(path)
-    return read_torch_file(path)
+    if _looks_like_torch_file(path) or not str(path).endswith(".safetensors"):
+        return read_torch_file(path)
+    return read_safetensors(path)
+
+
+def _looks_like_torch_file(path: str | os.PathLike) -> bool:
+    """``torch.save``'s zip archive (``PK\\x03\\x04``), or its legacy format (a pickle, protocol 2 or later)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _looks_like_safetensors(path: str | os.PathLike) -> bool:

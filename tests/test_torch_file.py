@@ -608,11 +608,19 @@ def test_a_failed_save_keeps_the_file_it_would_replace(tmp_path, suffix):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
-def test_a_safetensors_file_under_another_name_is_read_by_its_header(tmp_path):
+def test_a_file_under_another_formats_name_is_read_by_its_first_bytes(tmp_path):
     """A ``.bin`` written by safetensors (as some hub repositories name them) was refused as "not a PyTorch
-    .pth file"; torch files named .bin still read as torch files."""
+    .pth file", and a torch file named ``.safetensors`` as a truncated safetensors file ("download it again");
+    each now reads as what it is, and a damaged ``.safetensors`` is still a safetensors error."""
     state = {"fc.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     safetensors.torch.save_file(state, tmp_path / "model.bin")
     torch.save(state, tmp_path / "torch.bin")
-    for name in ("model.bin", "torch.bin"):
+    torch.save(state, tmp_path / "torch.safetensors")
+    torch.save(state, tmp_path / "legacy.safetensors", _use_new_zipfile_serialization=False)
+    for name in ("model.bin", "torch.bin", "torch.safetensors"):
         np.testing.assert_array_equal(load_state_dict(tmp_path / name)["fc.weight"], state["fc.weight"].numpy())
+    with pytest.raises(WeightsFileError, match="legacy"):
+        load_state_dict(tmp_path / "legacy.safetensors")  # torch's reader says what it is
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "model.bin").read_bytes()[:40])
+    with pytest.raises(WeightsFileError, match="not a valid .safetensors file"):
+        load_state_dict(tmp_path / "cut.safetensors")
