@@ -375,10 +375,11 @@ VARIANTS = [  # (name, overrides, image size): one block per stage keeps them sm
     ("preact_resnet18", {"stage_sizes": (1, 1, 1, 1)}, 32),                 # pre-activation, unfolded BNs
     ("preact_resnet50", {"stage_sizes": (1, 1, 1, 1), "stem": "deep"}, 32),  # pre-activation bottleneck, deep stem
     ("resnet18_cifar", {"stage_sizes": (1, 1, 1, 1)}, 16),                  # CIFAR stem with projections
+    ("preact_resnet18", {"stage_sizes": (1, 1, 1, 1), "stem": "cifar"}, 16),  # a bare stem feeding the shortcut
 ]
 
 
-@pytest.mark.parametrize("name,overrides,size", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("name,overrides,size", VARIANTS, ids=[v[0] + v[1].get("stem", "") for v in VARIANTS])
 def test_onnx_covers_every_variant(name, overrides, size, tmp_path):
     model = create_model(name, num_classes=11, **overrides)
     channels = model.in_channels

@@ -5,8 +5,11 @@ with ``s = gamma / sqrt(var + eps)``. The folded model skips one pass over every
 add and ReLU that follow become the convolution's epilogue, which the oneDNN algorithms fuse into the kernel.
 
 Which BatchNorm belongs to which convolution is read off the model's calls (``trace.py``, shapes only): a
-BatchNorm whose input is exactly a ``Conv``'s output is that convolution's partner. A model takes part by
-saying how it is built without those BatchNorms, a small protocol (every resnet_jax model implements it):
+BatchNorm whose input is exactly a ``Conv``'s output is that convolution's partner, where the folded model
+agrees (a bias on that convolution, no such BatchNorm). The trace alone cannot see a plain addition: a
+pre-activation block's BatchNorm reading a bare stem convolution's output, which its identity shortcut also
+takes, must stay. A model takes part by saying how it is built without its foldable BatchNorms, a small protocol
+(every resnet_jax model implements it):
 
     with_batchnorm_folded() -> the same network with a bias on every convolution whose output feeds a BatchNorm
                                directly and no such BatchNorm, called the same way; ValueError if already folded
@@ -94,7 +97,9 @@ def fold_batchnorm(model: nn.Module, variables: dict[str, Any],
     folded_model = make_folded()
     params, stats = _copy(dict(variables["params"])), _copy(dict(variables.get("batch_stats", {})))
     shape = _input_shape(model, input_shape)
-    pairs = conv_batchnorm_pairs(model, shape)
+    expected = _variable_shapes(folded_model, shape)
+    pairs = {conv: pair for conv, pair in conv_batchnorm_pairs(model, shape).items()
+             if _has(expected, ("params", *conv, "bias")) and not _has(expected, ("params", *pair[0]))}
     for conv_path, (bn_path, eps, compute_dtype) in pairs.items():
         bn, moments = _get(params, bn_path), _get(stats, bn_path)
         scale = bn["scale"] * jax.lax.rsqrt(moments["var"] + eps)
@@ -105,8 +110,21 @@ def fold_batchnorm(model: nn.Module, variables: dict[str, Any],
         _set(params, bn_path, None)
         _set(stats, bn_path, None)
     result = {"params": _prune(params), "batch_stats": _prune(stats)}
-    _check_structure(folded_model, result, shape)
+    _check_structure(expected, result)
     return folded_model, result
+
+
+def _variable_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+    return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+
+
+def _has(tree: dict, path: Path) -> bool:
+    for name in path:
+        if not isinstance(tree, dict) or name not in tree:
+            return False
+        tree = tree[name]
+    return True
 
 
 def _prune(tree: Any) -> Any:
@@ -117,9 +135,7 @@ def _prune(tree: Any) -> Any:
     return {k: v for k, v in kept.items() if not (isinstance(v, dict) and not v)}
 
 
-def _check_structure(folded_model, variables, shape) -> None:
-    expected = jax.eval_shape(lambda: folded_model.init(jax.random.key(0), jnp.zeros(shape)))
-    expected = {k: v for k, v in expected.items() if k in ("params", "batch_stats")}
+def _check_structure(expected, variables) -> None:
     got = {k: v for k, v in variables.items() if v or k in expected}
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
     if shapes(jax.tree.map(jnp.asarray, got)) != shapes({k: expected.get(k, {}) for k in got}):
