@@ -6,6 +6,8 @@ every other primitive, a primitive with several outputs and a value of another d
 it, before any file is written. bfloat16 models export, checked in onnxruntime against ``model.apply``.
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -89,6 +91,52 @@ def test_what_cannot_be_translated_is_refused_in_one_sentence_before_writing(aft
     assert named in text and text.endswith("; export --format=stablehlo instead"), text
     assert "\n" not in text and ". " not in text, text
     assert list(tmp_path.iterdir()) == []  # neither the artifact nor its manifest
+
+
+def _conv(x, padding):
+    channels = x.shape[-1]
+    kernel = np.random.default_rng(3).standard_normal((3, 3, channels, channels)).astype(np.float32)
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# What the images go through before the stem: constructs of the input's NHWC layout.
+BEFORE = {
+    "cropping_conv": lambda x: _conv(x, ((-1, 1), (1, -1))),  # negative padding: lax crops there
+    "wide_pool_padding": lambda x: jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 1, 1, 1),
+                                                         ((0, 0), (0, 3), (0, 3), (0, 0))),
+    "scalar_shift": lambda x: _conv(x, "SAME") + jnp.full((1, 1, 1, 1), 0.3),  # one value for every channel
+}
+
+
+class Prepended(ResNet):
+    """A ResNet whose input goes through ``BEFORE[before]`` first."""
+
+    before: str = "scalar_shift"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return super().__call__(BEFORE[self.before](x), train)
+
+
+@pytest.mark.parametrize("before,named", [("cropping_conv", "convolutions with negative padding (cropping)"),
+                                          ("wide_pool_padding", "pooling padding of the window's size or more")])
+def test_input_constructs_onnx_cannot_hold_are_refused_not_written_invalid(before, named, tmp_path):
+    """Used to be: written, onnx.checker content, then refused by onnx's shape inference (negative Conv pads) or
+    by onnxruntime at load (pads >= the pooling window)."""
+    model = Prepended(stage_sizes=(1, 1, 1), stage_widths=(8, 16, 32), stem="cifar", stem_width=8, in_channels=1,
+                      num_classes=5, conv_impl="xla", before=before)
+    with pytest.raises(ValueError, match=f"cannot export to ONNX: {re.escape(named)}"):
+        export_model(model, random_variables(model, (1, SIZE, SIZE, 1)), tmp_path / "m.onnx", preprocessing=PREP)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scalar_added_to_a_convolution_stays_an_add(tmp_path):
+    """Used to be: fused into the Conv as a bias of one value for a convolution of several output channels, which
+    onnxruntime refused to run ("bias must be a 1D tensor of size output_channels")."""
+    model = Prepended(stage_sizes=(1, 1, 1), stage_widths=(8, 16, 32), stem="cifar", stem_width=8, in_channels=4,
+                      num_classes=5, conv_impl="xla")
+    graph = exported_equals_apply(model, random_variables(model, (1, SIZE, SIZE, 4)), tmp_path, channels=4)
+    assert sum(n.op_type == "Add" for n in graph.node) >= 1
 
 
 def exported_equals_apply(model, variables, tmp_path, prep=PREP, channels=1, bound=1e-4):

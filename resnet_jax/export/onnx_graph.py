@@ -166,7 +166,8 @@ class _Translator:
         return [np.asarray(r) for r in (results if eqn.primitive.multiple_results else [results])]
 
     def fuse_conv_bias(self) -> None:
-        """``Add(Conv(x, w), b)`` with a per-channel constant ``b`` -> ``Conv(x, w, b)``: the folded BatchNorm's
+        """``Add(Conv(x, w), b)`` with a constant ``b`` of one value per output channel -> ``Conv(x, w, b)``
+        (a broadcast scalar stays an Add: Conv's bias has the output's channels): the folded BatchNorm's
         shift becomes the convolution's bias, as in the StableHLO artifact's fused convolution. Initializers
         left unused are dropped."""
         arrays = {t.name: t for t in self.initializers}
@@ -180,7 +181,8 @@ class _Translator:
             if conv is None or conv.op_type != "Conv" or len(conv.input) != 2 or uses[conv.output[0]] != 1:
                 continue
             value = self.numpy_helper.to_array(bias) if bias is not None else None
-            if value is None or value.shape != (1, value.size, 1, 1):
+            channels = self.numpy_helper.to_array(arrays[conv.input[1]]).shape[0] if conv.input[1] in arrays else None
+            if value is None or value.shape != (1, channels, 1, 1):  # one value per output channel: Conv's bias
                 continue
             conv.input.append(self.const(value.reshape(-1), "bias"))
             conv.output[0] = add.output[0]

@@ -80,6 +80,8 @@ def conv_general_dilated(t, p, args, out_shape):
         raise refuse("only NHWC convolutions with constant kernels are translated")
     if any(d != 1 for d in p["lhs_dilation"]) or p["batch_group_count"] != 1:
         raise refuse("transposed or batch-grouped convolutions are not translated")
+    if any(lo < 0 or hi < 0 for lo, hi in p["padding"]):  # lax crops there; ONNX's pads must be >= 0
+        raise refuse("convolutions with negative padding (cropping) are not translated")
     oihw = np.asarray(kernel).transpose(dn.rhs_spec)
     pads = [lo for lo, _ in p["padding"]] + [hi for _, hi in p["padding"]]
     return t.node("Conv", [x.name, t.const(oihw, "w", nchw=False)], kernel_shape=list(oihw.shape[2:]),
@@ -95,6 +97,9 @@ def pool(max_pool: bool):
             raise refuse("only spatial pooling windows are translated")
         if any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"])):
             raise refuse("dilated pooling windows are not translated")
+        if any(not 0 <= pad < size for (lo, hi), size in zip(padding[1:3], window[1:3]) for pad in (lo, hi)):
+            raise refuse("pooling padding of the window's size or more (or negative) is not translated: ONNX's "
+                         "pooling operators take pads smaller than the window")
         attrs = dict(kernel_shape=list(window[1:3]), strides=list(strides[1:3]),
                      pads=[padding[1][0], padding[2][0], padding[1][1], padding[2][1]])
         if max_pool:  # reduce_window_max pads with the dtype's lowest value; MaxPool ignores its padding: equal
