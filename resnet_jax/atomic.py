@@ -9,6 +9,7 @@ directory), so a reader finds the old file or the new one, and a failed write le
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import uuid
@@ -22,15 +23,30 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -
     ``out/model.pth`` had failed naming the hidden partial file), and the file gets the permissions an ordinary
     write gives (the umask's; executables keep their x bits): a writer that makes its file private
     (safetensors' ``save_file``: 0600) would hide an export from a serving process of another user."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    replace_together({path: write})
+
+
+def replace_together(writes: dict[str | os.PathLike, Callable[[Path], None]]) -> None:
+    """``replace_atomically`` for files that only make sense together (an artifact and its manifest): every
+    partial copy is written before any is renamed, so a failed write (a full disk) leaves all the old files.
+    A target that is a directory is refused before anything is written (the rename's error named the hidden
+    partial file)."""
+    writes = {Path(path): write for path, write in writes.items()}
+    for path in writes:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, f"{path} is a directory; name the file to write (e.g. "
+                                                  f"{path / 'model'}{''.join(path.suffixes)})")
+    partials = {path: path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial") for path in writes}
     try:
-        write(partial)
-        give_ordinary_permissions(partial)
-        os.replace(partial, path)
+        for path, write in writes.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(partials[path])
+            give_ordinary_permissions(partials[path])
+        for path, partial in partials.items():
+            os.replace(partial, path)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        for partial in partials.values():
+            partial.unlink(missing_ok=True)
         raise
 
 

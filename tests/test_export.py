@@ -261,7 +261,18 @@ def test_export_command_writes_each_format(digits_run, tmp_path):
     written = [("stablehlo", "m.stablehlo"), ("onnx", "m.onnx"), (None, "m.pth"), ("safetensors", "m.safetensors")]
     runs = [[f"--workdir={clf.workdir}", f"--output={tmp_path / name}", *([f"--format={fmt}"] if fmt else [])]
             for fmt, name in written]
-    *results, refused = cli_runs("train.export", *runs, [f"--workdir={clf.workdir}", f"--output={tmp_path / 'm.bin'}"])
+    (tmp_path / "dir.onnx").mkdir()
+    *results, refused, other_suffix, directory = cli_runs(
+        "train.export", *runs, [f"--workdir={clf.workdir}", f"--output={tmp_path / 'm.bin'}"],
+        [f"--workdir={clf.workdir}", f"--output={tmp_path / 'a.pth'}", "--format=onnx"],
+        [f"--workdir={clf.workdir}", f"--output={tmp_path / 'dir.onnx'}"])
+    # an ONNX graph named .pth had been written, which torch.load then failed on; a directory named the hidden file
+    assert other_suffix["code"] == 1 and other_suffix["stderr"].strip().splitlines() == [
+        "error: a.pth's suffix says torchvision but --format=onnx; name it a.onnx (or leave the format to the suffix)"]
+    assert directory["code"] == 1 and directory["stderr"].strip().splitlines() == [
+        f"error: [Errno 21] {tmp_path / 'dir.onnx'} is a directory; name the file to write (e.g. "
+        f"{tmp_path / 'dir.onnx' / 'model.onnx'})"]
+    assert not (tmp_path / "a.pth").exists() and list((tmp_path / "dir.onnx").iterdir()) == []
     for (_, name), result in zip(written, results, strict=True):
         assert result["code"] == 0 and result["stdout"].startswith(f"wrote {tmp_path / name}"), result
         assert (tmp_path / name).exists()
@@ -365,6 +376,16 @@ def test_symbolic_batch_serves_any_batch_size(small_artifact):
     assert model.manifest["input"]["shape"] == ["batch", 8, 8, 1]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_empty_batch_gives_no_logits_in_both_formats(tmp_path, fmt):
+    """ONNX returned (0, classes) where StableHLO raised jax's "Expected value >= 1 for dimension variable"."""
+    model, variables = small_model()
+    exported = load_exported(export_model(model, variables, tmp_path / f"m.{fmt}",
+                                          preprocessing=Preprocessing(8, (0.5,), (0.25,))))
+    out = exported.run(np.zeros((0, 8, 8, 1), np.uint8))
+    assert out.shape == (0, 3) and out.dtype == np.float32
+
+
 # --------------------------------------------------------------------------- every architecture knob in ONNX
 
 VARIANTS = [  # (name, overrides, image size): one block per stage keeps them small; 40 px gives odd feature maps
@@ -458,6 +479,64 @@ def test_a_failed_export_leaves_the_previous_artifact_and_manifest_loading(tmp_p
     assert load_exported(path).class_names == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_manifest_that_cannot_be_written_leaves_the_previous_pair(tmp_path, fmt):
+    """The artifact was renamed into place before the manifest was written: a full disk at the manifest (here a
+    file-size limit the new artifact fits under and its manifest, with long class names, does not) left the new
+    artifact beside the old manifest, a pair that failed its checksum."""
+    model, variables = small_model()
+    prep = Preprocessing(8, (0.5,), (0.25,))
+    path = export_model(model, variables, tmp_path / f"m.{fmt}", preprocessing=prep, class_names=["a", "b", "c"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    proc = run_python(f"""
+        import resource
+        from conftest import random_variables
+        from resnet_jax import create_model
+        from resnet_jax.export import Preprocessing, export_model
+        model = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=3)
+        variables = random_variables(model, (1, 8, 8, 1), seed=1)  # other weights, the same size
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before[path.name]) + 1000}, resource.RLIM_INFINITY))
+        try:
+            export_model(model, variables, {str(path)!r}, preprocessing=Preprocessing(8, (0.5,), (0.25,)),
+                         class_names=[c * 2_000_000 for c in "xyz"])
+        except OSError as err:
+            print("failed:", err)
+    """, env={**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}"})
+    assert "failed: [Errno 27] File too large" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert load_exported(path).class_names == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"variables": "params_only"}, "do not fit the model: missing batch_stats/bn1/mean"),
+    ({"variables": "other_classes"}, "do not fit the model: params/fc/bias is (5,), the model's (3,)"),
+    ({"class_names": "abc"}, "class_names must be a list of names, one per class, not the single string 'abc'"),
+    ({"name": "m.pth", "format": "onnx"}, "m.pth's suffix is a PyTorch state_dict's"),
+    ({"prep": dict(crop_mode="zoom")}, "crop_mode 'zoom' is not one of ['center', 'squash', 'border']"),
+    ({"prep": dict(interpolation="foo", resize_size=10)}, "interpolation 'foo' is not one of"),
+    ({"prep": dict(resize_size=0)}, "resize_size must be a positive whole number of pixels, got 0"),
+    ({"prep": dict(crop_fraction=-1.0)}, "crop_fraction must be in (0, 1]"),
+    ({"prep": dict(std=(0.0,))}, "std must be finite numbers, all above 0"),
+    ({"prep": dict(image_size="8")}, "image_size must be a positive whole number of pixels, got '8'"),
+])
+def test_bad_export_arguments_are_one_sentence_before_anything_is_written(tmp_path, change, says):
+    """Each had been written (over any previous pair) and failed only when loaded or run (a std of 0: every
+    prediction NaN; a bad interpolation: at load), or failed on a bare KeyError, jax's multi-line TypeError, or
+    "this model's BatchNorm placement is not supported" for another model's variables; a string of class names
+    was split into letters."""
+    model, variables = small_model()
+    if change.get("variables") == "params_only":
+        variables = {"params": variables["params"]}
+    elif change.get("variables") == "other_classes":
+        variables = small_model(num_classes=5)[1]
+    prep = {"image_size": 8, "mean": (0.5,), "std": (0.25,), **change.get("prep", {})}
+    with pytest.raises((ValueError, TypeError), match=re.escape(says)) as err:
+        export_model(model, variables, tmp_path / change.get("name", "m.onnx"), preprocessing=Preprocessing(**prep),
+                     class_names=change.get("class_names"), format=change.get("format"))
+    one_sentence(err)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_format_other_than_the_suffix_says_is_refused(tmp_path):
     """--format=stablehlo --output=x.onnx wrote a StableHLO file named .onnx, which onnxruntime then misreads."""
     model, variables = small_model()
@@ -484,6 +563,14 @@ def test_class_names_of_any_sequence_are_written_as_text(tmp_path):
 
 
 @pytest.mark.parametrize("edit, says", [
+    (lambda m: m.update(class_names=["a", "b"]), "returns 3 logits, the manifest says 8x8 images of 1 channels "
+                                                 "and 2 class names"),
+    (lambda m: m.update(class_names=["a", "b", "c", "d"]), "and 4 class names"),
+    (lambda m: m["preprocessing"].update(image_size=16), "the artifact takes (N, 8, 8, 1) images"),
+    (lambda m: m["preprocessing"].update(channels=3), "the manifest says 8x8 images of 3 channels"),
+    (lambda m: m.update(class_names=[0, 1, 2]), "class_names are not all text"),
+    (lambda m: m["preprocessing"].update(resize_size=10, interpolation="foo"),
+     "holds invalid preprocessing (Preprocessing's interpolation 'foo' is not one of"),
     (lambda m: m.pop("class_names"), "has no valid 'class_names' entry"),
     (lambda m: m.pop("artifact"), "has no valid 'artifact' entry"),
     (lambda m: m["preprocessing"].pop("image_size"), "has no valid 'preprocessing.image_size' entry"),

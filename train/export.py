@@ -44,6 +44,9 @@ def output_format(output: Path, fmt: str | None) -> str:
                          f"the file {', '.join(FORMATS.values())}")
     if fmt in ("torchvision", "safetensors") and output.suffix != FORMATS[fmt]:
         raise ValueError(f"a {fmt} file must end in {FORMATS[fmt]}, got {output.name}")
+    if by_suffix.get(output.suffix, fmt) != fmt:  # a .pth holding ONNX: torch.load, onnxruntime go by the name
+        raise ValueError(f"{output.name}'s suffix says {by_suffix[output.suffix]} but --format={fmt}; name it "
+                         f"{output.stem}{FORMATS[fmt]} (or leave the format to the suffix)")
     return fmt
 
 

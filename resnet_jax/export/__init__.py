@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from resnet_jax.atomic import replace_atomically
+from resnet_jax.atomic import replace_together
 from resnet_jax.export.loader import ExportedModel, load_exported
 from resnet_jax.export.manifest import (FORMAT_VERSION, FORMATS, ArtifactError, Preprocessing, manifest_path,
                                         manifest_text)
@@ -26,6 +26,7 @@ from resnet_jax.export.manifest import (FORMAT_VERSION, FORMATS, ArtifactError, 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export's names for the backends a StableHLO artifact can serve
 
 SUFFIXES = {".stablehlo": "stablehlo", ".onnx": "onnx"}
+STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")  # the weights alone: save_torchvision / export_state_dict
 
 
 def export_model(model, variables: dict[str, Any], path: str | Path, *, preprocessing: Preprocessing,
@@ -45,6 +46,11 @@ def export_model(model, variables: dict[str, Any], path: str | Path, *, preproce
     if format and SUFFIXES.get(path.suffix, format) != format:  # runtimes go by the name: onnxruntime on a .onnx
         raise ValueError(f"{path.name}'s suffix says {SUFFIXES[path.suffix]} but format={format!r}; name it "
                          f"{path.stem}.{format} (or leave the format to the suffix)")
+    if path.suffix in STATE_DICT_SUFFIXES:
+        raise ValueError(f"{path.name}'s suffix is a PyTorch state_dict's, which loaders would read as weights; "
+                         f"name the {fmt} artifact {path.stem}.{fmt} (save_torchvision / save_timm write weights)")
+    if not isinstance(preprocessing, Preprocessing):
+        raise TypeError(f"preprocessing must be a resnet_jax.export.Preprocessing, got {type(preprocessing).__name__}")
     num_classes = int(model.num_classes)
     names = _class_names(class_names, num_classes)
     platforms = (platforms,) if isinstance(platforms, str) else platforms  # "cpu" is one platform, not three
@@ -55,6 +61,8 @@ def export_model(model, variables: dict[str, Any], path: str | Path, *, preproce
     if unknown:  # jax.export lowers for any name, and the artifact then runs nowhere
         hint = " (NVIDIA GPUs are 'cuda', AMD's 'rocm')" if {"gpu", "GPU"} & set(unknown) else ""
         raise ValueError(f"unknown platform(s) {unknown}{hint}; choose from {list(PLATFORMS)}")
+    _check_variables_fit(model, variables, (1, preprocessing.image_size, preprocessing.image_size,
+                                            model.in_channels))
     if fmt == "stablehlo":
         from resnet_jax.export.stablehlo import export_stablehlo
 
@@ -65,17 +73,39 @@ def export_model(model, variables: dict[str, Any], path: str | Path, *, preproce
         content, extra = export_onnx(model, variables, preprocessing)
     text = manifest_text(path, content, fmt=fmt, model_name=model_name, num_classes=num_classes,
                          channels=model.in_channels, preprocessing=preprocessing, class_names=names, extra=extra)
-    # both built before either is written, each replaced whole: a failed export (a full disk) leaves the previous
-    # artifact and manifest as they were, a pair that still loads
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, lambda partial: partial.write_bytes(content))
-    replace_atomically(manifest_path(path), lambda partial: partial.write_text(text))
+    # both built, then both written, before either replaces its file: a failed export (a full disk) leaves the
+    # previous artifact and manifest as they were, a pair that still loads
+    replace_together({path: lambda partial: partial.write_bytes(content),
+                      manifest_path(path): lambda partial: partial.write_text(text)})
     return path
+
+
+def _check_variables_fit(model, variables: dict[str, Any], input_shape: tuple[int, ...]) -> None:
+    """Refuse variables of another model (another class count, the params alone) before folding, which would
+    have blamed the model's BatchNorm placement or failed on a bare KeyError."""
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict
+
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
+    expected = {k: tuple(v.shape) for k, v in flatten_dict({c: expected.get(c, {}) for c in ("params", "batch_stats")
+                                                            }).items()}
+    got = {k: tuple(jnp.shape(v)) for k, v in flatten_dict(dict(variables)).items()}
+    differences = ([f"missing {'/'.join(k)}" for k in expected if k not in got]
+                   + [f"unexpected {'/'.join(k)}" for k in got if k not in expected]
+                   + [f"{'/'.join(k)} is {got[k]}, the model's {shape}" for k, shape in expected.items()
+                      if k in got and got[k] != shape])
+    if differences:
+        more = f" (and {len(differences) - 4} more)" if len(differences) > 4 else ""
+        raise ValueError(f"these variables do not fit the model: {'; '.join(differences[:4])}{more}; pass the model's "
+                         "own variables, {'params': ..., 'batch_stats': ...}, as it was made")
 
 
 def _class_names(class_names: Sequence[Any] | None, num_classes: int) -> list[str]:
     """One string per output: the names given (any sequence, numpy's included; labels such as numpy ints become
     their text, as ``Classifier`` names index-labelled classes), else the output indices."""
+    if isinstance(class_names, (str, bytes)):  # a string is a sequence of one-letter names
+        raise ValueError(f"class_names must be a list of names, one per class, not the single string {class_names!r}")
     names = [str(i) for i in range(num_classes)] if class_names is None else [
         n if isinstance(n, str) else str(n.item() if hasattr(n, "item") else n) for n in class_names]
     if len(names) != num_classes:

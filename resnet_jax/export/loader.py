@@ -32,7 +32,11 @@ class ExportedModel:
         self.image_size: int = int(prep["image_size"])
         self.channels: int = int(prep["channels"])
         self.crop_fraction: float = float(prep["crop_fraction"])
-        self.transform = Preprocessing.from_manifest(prep).transform()  # published weights' resize, or None
+        try:
+            self.transform = Preprocessing.from_manifest(prep).transform()  # published weights' resize, or None
+        except (ValueError, TypeError) as err:
+            raise ArtifactError(f"{path}'s manifest holds invalid preprocessing ({err}): it was edited or damaged; "
+                                "copy it again or export the model again") from None
 
     def __call__(self, images: Any) -> np.ndarray:
         return self.run(self.prepare(images))
@@ -56,6 +60,8 @@ class ExportedModel:
         if batch.dtype != np.uint8:
             raise ValueError(f"{self.path.name} takes uint8 images (0..255), got {batch.dtype}; convert with "
                              "np.clip(x * 255, 0, 255).astype(np.uint8) if they are floats in [0, 1]")
+        if len(batch) == 0:  # no logits to compute; StableHLO's symbolic batch starts at 1, onnxruntime's at 0
+            return np.zeros((0, len(self.class_names)), np.float32)
         return self._runner(np.ascontiguousarray(batch))
 
     def predict(self, images: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
@@ -80,16 +86,32 @@ def load_exported(path: str | Path) -> ExportedModel:
         _check_platform(path, manifest.get("platforms"))
 
         try:
-            runner = run_serialized(data)
+            runner, signature = run_serialized(data)
         except Exception as err:  # noqa: BLE001 - jax raises assorted types for a module it cannot read
             raise ArtifactError(f"{path} could not be deserialized by this jax ({err}); it was exported with jax "
                                 f"{manifest.get('jax_version')}: use that version or newer, or export again") from None
     elif manifest["format"] == "onnx":
-        runner = _onnx_runner(path, data)
+        runner, signature = _onnx_runner(path, data)
     else:
         raise ArtifactError(f"{path}'s manifest names format {manifest['format']!r}; this resnet_jax reads "
                             "'stablehlo' and 'onnx' artifacts")
+    _check_signature(path, manifest, signature)
     return ExportedModel(path, manifest, runner)
+
+
+def _check_signature(path: Path, manifest: dict[str, Any], signature: tuple[tuple, tuple]) -> None:
+    """The manifest's image size, channels and class names against what the artifact itself takes and returns
+    (its checksum covers the artifact, not the manifest): a mismatch had loaded, then failed inside the runtime
+    or mislabelled the classes."""
+    prep = manifest["preprocessing"]
+    said = (prep["image_size"], prep["image_size"], prep["channels"]), (len(manifest["class_names"]),)
+    if tuple(map(tuple, signature)) != said:
+        (inputs, outputs), ((size, _, channels), (names,)) = signature, said
+        raise ArtifactError(f"{path}'s manifest does not describe it: the artifact takes (N, "
+                            f"{', '.join(map(str, inputs))}) images and returns {', '.join(map(str, outputs))} "
+                            f"logits, the manifest says {size}x{size} images of {channels} channels and {names} class "
+                            "names; it was edited or belongs to another export: copy both files again or export "
+                            "again")
 
 
 def _check_platform(path: Path, platforms: list[str] | None) -> None:
@@ -115,4 +137,6 @@ def _onnx_runner(path: Path, data: bytes) -> Callable[[np.ndarray], np.ndarray]:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - onnxruntime's own exception types
         raise ArtifactError(f"onnxruntime cannot load {path} ({err}); export it again") from None
-    return lambda batch: session.run(None, {session.get_inputs()[0].name: batch})[0]
+    name = session.get_inputs()[0].name
+    signature = tuple(session.get_inputs()[0].shape[1:]), tuple(session.get_outputs()[0].shape[1:])
+    return (lambda batch: session.run(None, {name: batch})[0]), signature

@@ -50,6 +50,34 @@ class Preprocessing:
     interpolation: str = "bilinear"
     crop_mode: str = "center"
 
+    def __post_init__(self):
+        """Checked when made, so an export refuses it before writing anything (a std of 0 had made every
+        prediction NaN, an unknown interpolation failed only when the artifact was loaded)."""
+        from resnet_jax.data.transforms import CROP_MODES, INTERPOLATIONS
+
+        for name in ("image_size",) + (() if self.resize_size is None else ("resize_size",)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"Preprocessing's {name} must be a positive whole number of pixels, got {value!r}")
+        fraction = self.crop_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not (
+                0 < fraction <= 1 or (self.resize_size is not None and 0 < fraction < np.inf)):
+            raise ValueError(f"Preprocessing's crop_fraction must be in (0, 1] (the share of the resized image the "
+                             f"centre crop keeps), got {fraction!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"Preprocessing's interpolation {self.interpolation!r} is not one of "
+                             f"{sorted(INTERPOLATIONS)}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"Preprocessing's crop_mode {self.crop_mode!r} is not one of {list(CROP_MODES)}")
+        for name in ("mean", "std"):
+            try:
+                values = np.asarray(getattr(self, name), np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                values = np.array([np.nan])
+            if values.size == 0 or not np.isfinite(values).all() or (name == "std" and (values <= 0).any()):
+                raise ValueError(f"Preprocessing's {name} must be finite numbers{', all above 0' * (name == 'std')}"
+                                 f" (one per channel, or one for all), got {getattr(self, name)!r}")
+
     def transform(self):
         """The ``EvalTransform`` this preprocessing names, or ``None`` for the crop-fraction resize."""
         from resnet_jax.data.transforms import EvalTransform
@@ -136,6 +164,9 @@ def _check_entries(manifest: dict[str, Any], path: Path) -> None:
                 name = f"{section}.{key}" if section else key
                 raise ArtifactError(f"{path} has no valid {name!r} entry (got {value!r}): the manifest was edited or "
                                     "damaged; copy it again or export the model again")
+    if not all(isinstance(name, str) for name in manifest["class_names"]):
+        raise ArtifactError(f"{path}'s class_names are not all text (export writes every name as a string): the "
+                            "manifest was edited or damaged; copy it again or export the model again")
 
 
 # What a serving process must do for each crop mode (data.transforms.EvalTransform.crop), said in the manifest's

@@ -64,8 +64,10 @@ def export_stablehlo(model, variables: dict[str, Any], preprocessing: Preprocess
                                          "calling_convention_version": exported.calling_convention_version}
 
 
-def run_serialized(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
-    """A jitted runner of a serialized artifact (what ``load_exported`` uses)."""
+def run_serialized(data: bytes) -> tuple[Callable[[np.ndarray], np.ndarray], tuple[tuple, tuple]]:
+    """A jitted runner of a serialized artifact (what ``load_exported`` uses), and its signature: the input's
+    and the output's shapes after the batch axis."""
     exported = jax.export.deserialize(bytearray(data))
     call = jax.jit(exported.call)
-    return lambda batch: np.asarray(call(batch))
+    signature = tuple(exported.in_avals[0].shape[1:]), tuple(exported.out_avals[0].shape[1:])
+    return (lambda batch: np.asarray(call(batch))), signature
