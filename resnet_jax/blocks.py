@@ -53,9 +53,9 @@ def drop_path(module: nn.Module, x: jnp.ndarray, rate: float) -> jnp.ndarray:
     and the kept ones scaled by ``1 / (1 - rate)``, so the expected branch is unchanged. Draws from the
     ``"dropout"`` rng."""
     if not module.has_rng("dropout"):
-        raise ValueError(f"drop_path_rate > 0 drops residual branches at random in train mode: pass an rng for "
-                         f"them, model.apply(variables, x, train=True, rngs={{'dropout': key}}, ...), or build the "
-                         f"model with drop_path_rate=0")
+        raise ValueError("drop_path_rate > 0 drops residual branches at random in train mode: pass an rng for "
+                         "them, model.apply(variables, x, train=True, rngs={'dropout': key}, ...), or build the "
+                         "model with drop_path_rate=0")
     keep = 1.0 - rate
     kept = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))

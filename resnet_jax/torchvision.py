@@ -31,6 +31,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from resnet_jax.resnet import ResNet, create_model, model_config
 from resnet_jax.torch_file import load_state_dict, save_state_dict
+from resnet_jax.variable_fit import differences, shapes_of
 
 Layout = Callable[[np.ndarray], np.ndarray]
 NAMINGS = ("torchvision", "timm")
@@ -553,7 +554,7 @@ def _check_variables_are_the_models(model: ResNet, variables: Mapping[str, Any],
     """Refuse variables of another architecture than ``model``: the timm names are spelt by the model's settings,
     so resnet18d's variables given as "resnet50d" (or "resnet18") would be written under names no timm model of
     either has. The head's width is the variables' own (any class count, or none, exports)."""
-    flat = {k: tuple(np.shape(v)) for k, v in flatten_dict(dict(variables)).items()}
+    flat = shapes_of(variables)
     head = flat.get(("params", "fc", "kernel"))
     model = model.clone(num_classes=0 if head is None else head[-1])
     # without a head they may be the backbone's (features_only: a pre-activation one has no closing BatchNorm)
@@ -565,11 +566,7 @@ def _check_variables_are_the_models(model: ResNet, variables: Mapping[str, Any],
 
 
 def _differences(flat: dict[tuple[str, ...], tuple[int, ...]], model: ResNet) -> list[str]:
-    expected = {k: shape for k, (shape, _) in _expected_shapes(model).items()}
-    return ([f"missing {'/'.join(k)}" for k in expected if k not in flat]
-            + [f"unexpected {'/'.join(k)}" for k in flat if k not in expected]
-            + [f"{'/'.join(k)}: {flat[k]}, the model's {shape}" for k, shape in expected.items()
-               if k in flat and flat[k] != shape])
+    return differences({k: shape for k, (shape, _) in _expected_shapes(model).items()}, flat)
 
 
 def _export(variables: Mapping[str, Any], naming: str, model: ResNet | None) -> dict[str, np.ndarray]:

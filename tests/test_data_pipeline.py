@@ -231,7 +231,6 @@ def test_worker_processes_end_when_the_training_process_is_killed():
     for good; like PyTorch's DataLoader workers, they now end with their parent."""
     import os
     import signal
-    import time
 
     import psutil
 

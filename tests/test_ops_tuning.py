@@ -99,7 +99,6 @@ def test_a_tuning_file_of_another_shape_leaves_the_rules(cache, mine, caplog):
 def test_two_tunings_at_once_keep_both_sets_of_entries(cache):
     """store read the file, merged and replaced it without a lock: of two processes storing 300 entries each,
     about a third of the entries were lost."""
-    from conftest import run_python
 
     writer = f"""
         import os, sys

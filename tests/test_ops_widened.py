@@ -12,7 +12,7 @@ import pytest
 from jax import lax
 
 from conftest import require_onednn
-from resnet_jax.ops import ConvSpec, choose, conv2d, cpu, onednn
+from resnet_jax.ops import ConvSpec, choose, conv2d, cpu
 from resnet_jax.ops.widened import SUFFIX, WIDENED
 
 CASES = {  # (kernel, stride, batch, height, width, cin, cout, padding): a shape each widened algorithm computes

@@ -70,7 +70,8 @@ def parse_flags(argv: list[str]) -> list[str]:
                 raise
             raise UsageError(message) from None
     except UsageError as err:
-        usage_error(str(err), before_exit=lambda: _join_to_refuse(argv, str(err)))
+        message = str(err)
+        usage_error(message, before_exit=lambda: _join_to_refuse(argv, message))
     with config.unlocked():
         for key, value in overrides.items():
             config.model_overrides[key] = value

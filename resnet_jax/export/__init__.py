@@ -83,22 +83,13 @@ def export_model(model, variables: dict[str, Any], path: str | Path, *, preproce
 def _check_variables_fit(model, variables: dict[str, Any], input_shape: tuple[int, ...]) -> None:
     """Refuse variables of another model (another class count, the params alone) before folding, which would
     have blamed the model's BatchNorm placement or failed on a bare KeyError."""
-    import jax
-    import jax.numpy as jnp
-    from flax.traverse_util import flatten_dict
+    from resnet_jax.variable_fit import differences, model_shapes, shapes_of
 
-    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
-    expected = {k: tuple(v.shape) for k, v in flatten_dict({c: expected.get(c, {}) for c in ("params", "batch_stats")
-                                                            }).items()}
-    got = {k: tuple(jnp.shape(v)) for k, v in flatten_dict(dict(variables)).items()}
-    differences = ([f"missing {'/'.join(k)}" for k in expected if k not in got]
-                   + [f"unexpected {'/'.join(k)}" for k in got if k not in expected]
-                   + [f"{'/'.join(k)} is {got[k]}, the model's {shape}" for k, shape in expected.items()
-                      if k in got and got[k] != shape])
-    if differences:
-        more = f" (and {len(differences) - 4} more)" if len(differences) > 4 else ""
-        raise ValueError(f"these variables do not fit the model: {'; '.join(differences[:4])}{more}; pass the model's "
-                         "own variables, {'params': ..., 'batch_stats': ...}, as it was made")
+    wrong = differences(model_shapes(model, input_shape), shapes_of(variables))
+    if wrong:
+        more = f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""
+        raise ValueError(f"these variables do not fit the model: {'; '.join(wrong[:4])}{more}; pass the model's own "
+                         "variables, {'params': ..., 'batch_stats': ...}, as it was made")
 
 
 def _class_names(class_names: Sequence[Any] | None, num_classes: int) -> list[str]:
