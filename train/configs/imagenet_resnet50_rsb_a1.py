@@ -4,7 +4,9 @@ arXiv:2110.00476; timm's ``resnet50.a1_in1k``, 80.4% top-1).
 Source: the paper's Table 1, column A1, and timm's train.py for what the table states as a name (the values of
 ``--aa``, ``--bce-target-thresh`` and ``--aug-repeats`` are those of timm's published A1 arguments). Where this
 project does a step differently, the line says so:
-- the warm-up starts at 0 (timm: ``--warmup-lr`` 1e-6) and the cosine decays per step (timm: per epoch);
+- the warm-up starts at 0 (timm: ``--warmup-lr`` 1e-6) and the cosine decays per step (timm: per epoch), from
+  the warm-up's end to 0 (timm's scheduler counts its cosine from epoch 0, the warm-up's rates standing in for
+  its first epochs, and ends at ``--min-lr``): at most a few thousandths of the peak rate apart;
 - LAMB clips the gradient's global norm to 1 inside the optimizer, as timm's ``Lamb`` does by default (the
   table's "gradient clipping: no" is train.py's separate ``--clip-grad``);
 - BatchNorm normalises over the whole global batch.
