@@ -6,7 +6,7 @@ Source: the paper's Table 1, column A1, and timm's train.py for what the table s
 project does a step differently, the line says so:
 - the warm-up starts at 0 (timm: ``--warmup-lr`` 1e-6) and the cosine decays per step (timm: per epoch), from
   the warm-up's end to 0 (timm's scheduler counts its cosine from epoch 0, the warm-up's rates standing in for
-  its first epochs, and ends at ``--min-lr``): at most a few thousandths of the peak rate apart;
+  its first epochs, and ends at ``--min-lr``): under 1% of the peak rate apart at any epoch;
 - LAMB clips the gradient's global norm to 1 inside the optimizer, as timm's ``Lamb`` does by default (the
   table's "gradient clipping: no" is train.py's separate ``--clip-grad``);
 - BatchNorm normalises over the whole global batch.
