@@ -26,6 +26,7 @@ from flax import nnx
 from resnet_jax import resnet as _linen
 from resnet_jax import torchvision as _weights
 from resnet_jax.pretrained import pretrained as _linen_pretrained  # the package's `pretrained` is this function
+from resnet_jax.variable_fit import differences, listed, model_shapes, shapes_of
 
 # linen collection <-> NNX Variable type; every collection a ResNet has
 _COLLECTIONS: dict[str, type[nnx.Variable]] = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
@@ -61,6 +62,11 @@ class ResNet(nnx.Module):
             raise ValueError(f"the variables have no {' or '.join(map(repr, missing))} collection (a ResNet's "
                              f"BatchNorm needs its running mean and variance): pass the whole dict linen's init "
                              f"returns, {{'params': ..., 'batch_stats': ...}}, not one collection of it")
+        shape = (1, 32, 32, linen_module.in_channels)  # another model's variables failed at the first call
+        wrong = differences(model_shapes(linen_module, shape), shapes_of(variables))
+        if wrong:
+            raise ValueError(f"these variables do not fit the linen module: {listed(wrong)}; pass the variables made "
+                             "with this module (its init, or the loader that built both)")
         tree: dict[str, Any] = {}
         for collection, kind in _COLLECTIONS.items():
             _merge(tree, jax.tree.map(kind, dict(variables.get(collection, {}))))

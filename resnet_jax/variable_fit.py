@@ -35,3 +35,9 @@ def differences(expected: Shapes, got: Shapes) -> list[str]:
             + [f"{'/'.join(k)} is {got[k]}, the model's {shape}" for k, shape in expected.items()
                if k in got and got[k] != shape])
 
+
+
+def listed(wrong: list[str], most: int = 4) -> str:
+    """The first ``most`` differences and how many more: another depth's variables differ in hundreds of entries,
+    and the first few say what is wrong."""
+    return "; ".join(wrong[:most]) + (f" (and {len(wrong) - most} more)" if len(wrong) > most else "")

@@ -226,6 +226,10 @@ def test_bad_input_is_a_clear_error(resnet18d):
     # variables["params"] alone (an easy slip) failed at the first call, as AttributeError or flax's scope error
     with pytest.raises(ValueError, match=r"the variables have no 'batch_stats' collection .* not one collection"):
         rnnx.from_linen(module, {"params": variables["params"]})
+    # another model's variables (here another class count) failed only at the first call, in flax's words
+    with pytest.raises(ValueError, match=r"these variables do not fit the linen module: params/fc/bias is \(5,\), the "
+                                         r"model's \(10,\); params/fc/kernel is \(512, 5\)"):
+        rnnx.from_linen(module.clone(num_classes=10), variables)
 
 
 def test_stochastic_depth_draws_from_the_dropout_stream():

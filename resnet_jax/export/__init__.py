@@ -83,13 +83,12 @@ def export_model(model, variables: dict[str, Any], path: str | Path, *, preproce
 def _check_variables_fit(model, variables: dict[str, Any], input_shape: tuple[int, ...]) -> None:
     """Refuse variables of another model (another class count, the params alone) before folding, which would
     have blamed the model's BatchNorm placement or failed on a bare KeyError."""
-    from resnet_jax.variable_fit import differences, model_shapes, shapes_of
+    from resnet_jax.variable_fit import differences, listed, model_shapes, shapes_of
 
     wrong = differences(model_shapes(model, input_shape), shapes_of(variables))
     if wrong:
-        more = f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""
-        raise ValueError(f"these variables do not fit the model: {'; '.join(wrong[:4])}{more}; pass the model's own "
-                         "variables, {'params': ..., 'batch_stats': ...}, as it was made")
+        raise ValueError(f"these variables do not fit the model: {listed(wrong)}; pass the model's own variables, "
+                         "{'params': ..., 'batch_stats': ...}, as it was made")
 
 
 def _class_names(class_names: Sequence[Any] | None, num_classes: int) -> list[str]:
