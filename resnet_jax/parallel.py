@@ -43,9 +43,14 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         return jax.process_count() > 1
     if address is None and count is None and index is None:
         return False
+    if count == 1 and index in (None, 0) and address is None:  # one process of one: nothing to coordinate
+        return False
     if address is None or count is None or index is None:
         raise ValueError("multi-process training needs all three of coordinator address, process count and "
                          f"process id; got address={address!r}, count={count!r}, id={index!r}")
+    if count < 1 or not 0 <= index < count:  # ignored for one process, it had run alone whatever it was told
+        raise ValueError(f"process id {index} of {count} processes is impossible: ids run from 0 to the count - 1 "
+                         "(each process of the run gets its own); check the launcher's process count and id")
     if count > 1:
         _initialize(address, count, index)
     return count > 1

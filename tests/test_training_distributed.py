@@ -245,6 +245,26 @@ def test_auto_address_refuses_an_explicit_process_count():
         initialize_distributed("auto", num_processes=2)
 
 
+@pytest.mark.parametrize("count, index", [(1, 5), (2, 2), (2, -1), (0, 0)])
+def test_an_impossible_process_id_is_refused_before_anything_starts(count, index):
+    """Used to be: with a count of 1 the id was ignored (process 5 of 1 trained alone: a launcher that gave every
+    host the count 1 started N separate runs), and the others reached jax's own message."""
+    from resnet_jax.parallel import initialize_distributed
+
+    with pytest.raises(ValueError, match=rf"^process id {index} of {count} processes is impossible"):
+        initialize_distributed("127.0.0.1:1", count, index)
+
+
+def test_one_process_of_one_needs_nothing_else(monkeypatch):
+    """RESNET_JAX_NUM_PROCESSES=1 alone asked for a coordinator address and a process id, which one process
+    does not use."""
+    from resnet_jax.parallel import initialize_distributed
+
+    monkeypatch.setenv("RESNET_JAX_NUM_PROCESSES", "1")
+    assert initialize_distributed() is False
+    assert initialize_distributed(num_processes=1, process_id=0) is False
+
+
 def test_a_process_count_that_is_not_a_number_names_its_variable(monkeypatch):
     """int()'s own message ("invalid literal for int() with base 10: 'abc'") named neither the variable nor its
     use."""
