@@ -104,6 +104,26 @@ def test_one_and_four_devices_give_the_same_losses(four_devices, tmp_path):
 
 
 @pytest.mark.multiprocess
+def test_a_run_resumes_on_another_number_of_devices(tmp_path):
+    """README: "The number of devices may change". Half the steps on 4 devices, the rest on 1 (the checkpoint
+    at step 3 restored onto one device, the data position with it) ends as a 1-device run that never stopped,
+    to float32 rounding (the gradient's all-reduce sums in another order: see the 2 x 2 test for the bound). A
+    constant rate: the cosine's length follows max_steps, which the two halves set differently."""
+    constant = {"schedule": "constant", "learning_rate": 0.4}
+    workdir = tmp_path / "run"
+    first = run_worker(workdir, config(max_steps=STEPS // 2, **constant), devices=4)
+    assert first["devices"] == 4 and first["step"] == STEPS // 2
+    resumed = run_worker(workdir, config(**constant), devices=1, extra_args=[str(tmp_path / "resumed.npz")])
+    assert resumed["devices"] == 1 and resumed["resumed_from"] == STEPS // 2 and resumed["step"] == STEPS
+    whole = run_worker(tmp_path / "whole", config(**constant), devices=1, extra_args=[str(tmp_path / "whole.npz")])
+    np.testing.assert_allclose(resumed["losses"], whole["losses"], rtol=1e-5)
+    ones, wholes = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "whole.npz")
+    assert sorted(ones.files) == sorted(wholes.files)
+    for name in wholes.files:
+        np.testing.assert_allclose(ones[name], wholes[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.multiprocess
 def test_two_processes_match_one_process_with_the_same_devices(four_devices, two_processes):
     """Same batches, same devices, same programs. Only the gradient all-reduce differs (Gloo across processes,
     XLA's own within one), summing in another order, so results agree to float32 rounding rather than bit for
