@@ -54,7 +54,9 @@ def replace_together(writes: dict[str | os.PathLike, Callable[[Path], None]]) ->
 def one_at_a_time(lock_file: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_file`` (created where missing, never written) for the block: processes
     that would build or change the same thing (the extension, a TFDS dataset, the tuning file) take turns, and
-    each one that waited finds the first one's work. The system releases it when the holder ends, however."""
+    each one that waited finds the first one's work. The system releases it when the holder ends, however. The
+    lock's directory is created where missing (TFDS's default data_dir, on a fresh machine, is not there yet)."""
+    Path(lock_file).parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield

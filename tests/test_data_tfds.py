@@ -350,3 +350,23 @@ def test_a_builders_assertion_is_one_sentence_and_a_config_typo_keeps_tfdss_hint
     assert message.startswith("preparing 'needs_manual_files' failed: ImageNet requires manual download")
     typo = refusal(lambda: data.get_source("tiny_shapes/nope", "train", data_dir=tmp_path))
     assert "did you mean" not in typo and "BuilderConfig nope not found" in typo  # TFDS's, not "unknown dataset"
+
+
+def test_on_a_fresh_machine_the_default_data_dir_is_made_not_a_lock_files_error(tmp_path):
+    """Used to be: with TFDS's default data_dir (~/tensorflow_datasets) not there yet, every dataset failed on
+    the preparation lock's FileNotFoundError, before TFDS could create the folder, download or say why not. Here
+    a fresh HOME and no network: the library's own "no network" sentence, and the folder made."""
+    pytest.importorskip("tensorflow")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"}
+    proc = run_python("""
+        from resnet_jax import data
+        try:
+            data.get_source("mnist", "train")
+        except ValueError as err:
+            print("refused:", err)
+    """, env={**env, "HOME": str(tmp_path), prep.PROBE_ENV: f"127.0.0.1:{port}"})
+    assert "refused:" in proc.stdout and "no network" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert (tmp_path / "tensorflow_datasets").is_dir()

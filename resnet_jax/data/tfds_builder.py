@@ -8,6 +8,7 @@ minutes offline).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import os
@@ -139,7 +140,9 @@ def prepare_builder(builder, *, manual_dir=None) -> None:
     One process at a time per dataset and data_dir (a file lock beside it): every process of a run that found the
     dataset unprepared prepared it at once, and all but the first failed at TFDS's final rename ("Destination
     ... already exists"). A process that waited finds it prepared and reads its info instead."""
-    with one_at_a_time(os.path.join(os.fspath(builder._data_dir_root), f".{builder.name}.prepare.lock")):
+    root = os.fspath(builder._data_dir_root)
+    local = "://" not in root  # a bucket (gs://) takes no file lock: its processes prepare as TFDS lets them
+    with one_at_a_time(os.path.join(root, f".{builder.name}.prepare.lock")) if local else contextlib.nullcontext():
         if builder.is_prepared():
             builder.info.read_from_directory(builder.data_dir)
             return
