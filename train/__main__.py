@@ -62,8 +62,9 @@ def parse_flags(argv: list[str]) -> list[str]:
             raise UsageError(_flag_error_message(err)) from None
         except OSError as err:
             raise UsageError(_unreadable_config_message(rest, err)) from None
-        except (AttributeError, KeyError, TypeError, ValueError) as err:
-            raise UsageError(_unknown_key_message(rest) or f"cannot apply the --config flags: {err}") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as err:  # the file's own first (a typo in it)
+            raise UsageError(_broken_config_message(rest, err) or _unknown_key_message(rest)
+                             or f"cannot apply the --config flags: {err}") from None
         except Exception as err:  # noqa: BLE001 - re-raised below unless the config file itself raised it
             message = _broken_config_message(rest, err)
             if message is None:
