@@ -85,6 +85,17 @@ def test_a_model_with_other_channel_counts_gets_a_sentence():
     assert split_images(np.zeros((2, 8, 8, 5), np.uint8), 5)[0].shape == (8, 8, 5)  # a model's own count passes
 
 
+def test_top_classes_rank_as_torch_topk_where_probabilities_underflow():
+    """Ranked by float32 probabilities, classes more than ~100 logits below the top all had probability 0 and
+    came out in index order."""
+    import torch
+
+    logits = np.array([[0.0, -200.0, -150.0, -300.0, -120.0, -150.0]], np.float32)
+    names = list("abcdef")
+    want = [names[i] for i in torch.topk(torch.from_numpy(logits), 6).indices[0].tolist()]
+    assert [name for name, _ in top_classes(logits, names, 6)[0]] == want == ["a", "e", "c", "f", "b", "d"]
+
+
 def test_top_classes_orders_by_probability():
     top = top_classes(np.array([[0.0, 2.0, 1.0], [5.0, 0.0, 0.0]]), ["a", "b", "c"], 2)
     assert [[n for n, _ in row] for row in top] == [["b", "c"], ["a", "b"]]

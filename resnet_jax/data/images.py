@@ -75,12 +75,14 @@ def split_images(images: Any, channels: int, first: int = 0) -> list[np.ndarray]
 
 
 def top_classes(logits: Any, class_names: list[str], k: int) -> list[list[tuple[str, float]]]:
-    """The ``k`` most probable ``(class name, probability)`` per row of ``logits``: what every predict returns."""
+    """The ``k`` most probable ``(class name, probability)`` per row of ``logits``: what every predict returns.
+    Ranked by the logits, as ``torch.topk`` ranks them (ties by the lower index): classes whose probabilities
+    underflow to 0 (logits over ~100 below the top) had come out in index order."""
     check_top_k(k)
     logits = np.asarray(logits, np.float32)
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
-    order = np.argsort(-probs, axis=-1, kind="stable")[:, :min(k, probs.shape[-1])]
+    order = np.argsort(-logits, axis=-1, kind="stable")[:, :min(k, probs.shape[-1])]
     return [[(class_names[i], float(p[i])) for i in row] for p, row in zip(probs, order)]
 
 
