@@ -200,9 +200,9 @@ class Checkpointer:
         saved = [s for s in self.steps() if s != step]
         resume = (f"it resumes from step {saved[-1]}, the last checkpoint saved" if saved else
                   "no checkpoint was saved before it, so it starts from the beginning")
-        return CheckpointError(f"saving the checkpoint at step {step} in {self.directory} failed ({_write_reason(err)}); "
-                               f"its unfinished files are removed when the run starts again. {_write_advice(err)} "
-                               f"and run the same command again: {resume}")
+        return CheckpointError(f"saving the checkpoint at step {step} in {self.directory} failed "
+                               f"({_write_reason(err)}); its unfinished files are removed when the run starts again. "
+                               f"{_write_advice(err)} and run the same command again: {resume}")
 
     def restore_latest(self, abstract_arrays: Any, iterator: Any = None, log=print):
         """Restore the newest good checkpoint into the structure/shardings of ``abstract_arrays`` (and
