@@ -432,7 +432,7 @@ def _load(naming: str, model: ResNet, name: str, source, new_head: bool, rng, ov
         label, state_dict = "the state_dict", source
     else:
         raise TypeError(f"source must be a file path or a mapping of names to arrays, got {type(source).__name__}")
-    state_dict = _strip_wrapper_prefix(state_dict)
+    state_dict = strip_wrapper_prefix(state_dict)
     if naming == "timm":
         state_dict = _unflatten_timm_features(state_dict)
     variables, head = convert_state_dict(model, state_dict, skip_head=new_head,
@@ -462,7 +462,7 @@ def _describe(name: str, overrides: Mapping[str, Any]) -> str:
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # nn.DataParallel / DDP, torch.compile
 
 
-def _strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+def strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """Drop the prefixes that wrappers put on every name: ``module.`` (``nn.DataParallel``, DDP) and
     ``_orig_mod.`` (``torch.compile``), in any nesting (a compiled DDP model saves both)."""
     while state_dict:

@@ -294,3 +294,22 @@ def test_class_names_given_for_index_labelled_data_are_kept_by_fit_save_and_load
         clf.fit("digits", workdir=tmp_path / "run", **{**ONE_STEP, "learning_rate": 0.5})
     assert "use a new workdir" in str(refused.value) and "pass restart=True" in str(refused.value)
     assert "--" not in str(refused.value)
+
+
+def test_fit_given_an_array_says_it_takes_a_dataset_name(tmp_path):
+    """Used to be numpy's "The truth value of an array with more than one element is ambiguous"."""
+    with pytest.raises(ValueError, match=r"^fit takes a dataset's name \('digits', .*not ndarray; write in-memory "
+                                         r"images to a folder"):
+        Classifier("resnet20", in_channels=1).fit(np.zeros((4, 8, 8, 1), np.uint8), workdir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_class_weights_from_numpy_as_sklearn_computes_them():
+    """``compute_class_weight`` returns an array (and torch's CrossEntropyLoss takes one); ml_collections refused
+    it as "cannot be casted to type tuple", in Classifier(...) and in fit(...)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weights = compute_class_weight("balanced", classes=np.arange(3), y=np.array([0, 0, 1, 2, 2, 2]))
+    clf = Classifier("resnet20", 3, in_channels=1, class_weights=weights, mean=np.array([0.5]), std=np.array([0.25]))
+    assert clf.config.class_weights == tuple(weights.tolist()) and tuple(clf.config.mean) == (0.5,)
+    assert clf._fit_config("digits", {"class_weights": weights[::-1].copy()}).class_weights == tuple(weights[::-1])

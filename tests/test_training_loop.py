@@ -474,3 +474,56 @@ def test_a_fine_tune_resumes_after_its_starting_file_moved_and_a_bad_one_changes
     with pytest.raises(ValueError, match="bad.pth"):
         train(fine_tune_config(init_from=str(tmp_path / "bad.pth")), tmp_path / "fresh", log=lambda _: None)
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_data_parallel_file_for_another_class_count_gets_a_new_head(tmp_path):
+    """Used to be: the head was looked up as "fc.weight" before the "module." prefix of a DataParallel/DDP (or
+    "_orig_mod." of a compiled) model's file came off, so a 5-class file into a 10-class run was refused as
+    mis-shaped, with advice no config could follow. torchvision's way: strip the prefix, replace fc."""
+    import jax.numpy as jnp
+
+    from resnet_jax import create_model
+    from resnet_jax.torch_file import save_state_dict
+    from resnet_jax.torchvision import to_torchvision
+    from resnet_jax.training.config import model_from_config, validate
+    from resnet_jax.training.pretrained_init import initial_variables
+
+    five = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=5)
+    variables = jax.device_get(five.init(jax.random.PRNGKey(7), jnp.zeros((1, 8, 8, 1))))
+    save_state_dict(tmp_path / "ddp.pth", {f"module._orig_mod.{k}": v for k, v in to_torchvision(variables).items()})
+    config = validate(tiny_config(init_from=str(tmp_path / "ddp.pth")))
+    model = model_from_config(config, 10)
+    loaded = initial_variables(config, model, (1, 8, 8, 1), log=lambda _: None)
+    np.testing.assert_array_equal(loaded["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
+    assert loaded["params"]["fc"]["kernel"].shape == (64, 10)
+
+
+def test_init_from_an_existing_path_is_kept_absolute(tmp_path, monkeypatch):
+    """A fine-tune's config recorded init_from="srcrun" as given: read later from another directory (train.evaluate
+    from /), or after the source run moved, it was taken for a published weights name and the finished run could
+    not be loaded, evaluated or resumed."""
+    from resnet_jax.training.config import validate
+
+    (tmp_path / "srcrun").mkdir()
+    (tmp_path / "w.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    config = validate(tiny_config(init_from="srcrun"))
+    assert config.init_from == str(tmp_path / "srcrun")
+    monkeypatch.chdir("/")
+    assert validate(config).init_from == str(tmp_path / "srcrun")  # as Classifier.load reads it back
+    (tmp_path / "srcrun").rename(tmp_path / "moved")
+    assert validate(config).init_from == str(tmp_path / "srcrun")
+
+
+def test_a_warm_up_not_shorter_than_max_steps_is_refused(tmp_path):
+    """README lists "a warm-up as long as the run" among the refused contradictions; only num_epochs was checked,
+    so max_steps=10 with a 5-epoch warm-up (220 steps here) trained at most at 10/220 of the peak rate."""
+    from resnet_jax.training import make_schedule
+    from resnet_jax.training.optim import peak_learning_rate
+
+    with pytest.raises(ValueError, match=r"warmup_epochs=5.0 \(220 steps of 44 per epoch\) is not shorter than the "
+                                         r"run's 10 steps \(config.max_steps=10\)"):
+        train(tiny_config(num_epochs=90, warmup_epochs=5, max_steps=10), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    longer = tiny_config(num_epochs=90, warmup_epochs=5, max_steps=221)  # one step past the warm-up: accepted
+    assert make_schedule(longer, 44)(220) == pytest.approx(peak_learning_rate(longer))

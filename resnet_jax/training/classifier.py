@@ -16,6 +16,7 @@ for notebooks and scripts.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -58,6 +59,7 @@ class Classifier:
         """``num_classes`` and ``class_names`` (in label order) say which classes the model is for, and ``fit``
         refuses a dataset of others; either one alone sets the count. Both left out, the head follows the dataset
         ``fit`` trains on (until then: 10 classes named by their labels)."""
+        config = _plain_values(config)
         overrides = dict(config.pop("model_overrides", {}))
         if overrides.get("in_channels", in_channels) != in_channels:  # it was silently replaced by the argument
             raise ValueError(f"in_channels is Classifier's own argument: Classifier(..., in_channels="
@@ -134,6 +136,11 @@ class Classifier:
         A classifier that has weights (loaded, published, or fitted before) continues from them, as a Keras
         model's ``fit`` does (a head for another class count is initialised afresh); ``init_from=`` names other
         starting weights, and a new ``Classifier`` starts from scratch."""
+        if not isinstance(dataset, (str, os.PathLike)) or not str(dataset):  # an array: numpy's truth-value error
+            raise ValueError(f"fit takes a dataset's name ('digits', 'cifar10', 'folder:/path/to/images', any TFDS "
+                             f"name), not {type(dataset).__name__}; write in-memory images to a folder of one "
+                             "sub-folder per class and pass 'folder:' and its path")
+        dataset = str(dataset)
         # its own weights, unless they are exactly init_from's (from_pretrained, no run yet: the run reads them
         # by name, as the record says)
         own = self.variables is not None and self.workdir is not None and "init_from" not in config
@@ -160,6 +167,7 @@ class Classifier:
         would evaluate at 224 and score chance, so those not given here go back to unset and ``validate`` derives
         them; likewise the centre crop the last run derived for its dataset and augmentation (digits' 1.0 kept
         for photographs, which evaluate at 0.875)."""
+        config = _plain_values(config)
         cfg = ml_collections.ConfigDict(self.config.to_dict())
         unset = {}
         if config.get("image_size", cfg.image_size) != cfg.image_size:
@@ -362,6 +370,14 @@ class Classifier:
 
     def _stats(self):
         return normalization_stats(self.config)
+
+
+def _plain_values(config: dict[str, Any]) -> dict[str, Any]:
+    """Arrays given for the config's sequence keys as tuples: ``class_weights=compute_class_weight(...)`` (a numpy
+    array, as torch's ``CrossEntropyLoss(weight=...)`` takes) failed in ml_collections as "cannot be casted to
+    type tuple"; ``mean``/``std`` likewise."""
+    return {k: tuple(np.asarray(v).tolist()) if isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) == 1 else v
+            for k, v in config.items()}
 
 
 def _listed(names: Sequence[str]) -> str:

@@ -202,8 +202,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_model_overrides(full.model_overrides)
     _check_class_names(full)
     _check_recipe_keys(full)
+    _absolute_weight_paths(full)
     _check_eval_preprocessing(full)
     return full
+
+
+def _absolute_weight_paths(full: ml_collections.ConfigDict) -> None:
+    """``init_from``/``weights_file`` naming an existing file or workdir, as absolute paths: the run's saved config
+    keeps them, and a relative one (``init_from="srcrun"``) read later from another directory, or after the
+    source moved, was taken for a published weights name and made the finished run unloadable."""
+    from pathlib import Path
+
+    for key in ("init_from", "weights_file"):
+        value = full.get(key)
+        if value and Path(value).expanduser().exists():
+            full[key] = str(Path(value).expanduser().resolve())
 
 
 # The integer settings: a boolean is an int to Python (True trained with ra_reps=1 and mixup_alpha=1.0 silently)

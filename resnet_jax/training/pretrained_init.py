@@ -78,9 +78,10 @@ def _torchvision_variables(config, model, source: Path) -> dict[str, Any]:
     """Convert a torchvision file for this model (its overrides included); a head for another number of
     classes is dropped by the converter and initialised afresh."""
     from resnet_jax.torch_file import load_state_dict
-    from resnet_jax.torchvision import load_torchvision
+    from resnet_jax.torchvision import load_torchvision, strip_wrapper_prefix
 
-    state = load_state_dict(source)  # by suffix, and by header for a safetensors file under another name
+    # by its first bytes; a DataParallel/compiled model's prefix off first, or its head is not found as one
+    state = strip_wrapper_prefix(load_state_dict(source))
     head = state.get(f"{HEAD}.weight")
     new_head = head is not None and np.shape(head)[0] != model.num_classes
     overrides = {**dict(config.model_overrides), "num_classes": model.num_classes}
