@@ -476,7 +476,7 @@ def test_a_fine_tune_resumes_after_its_starting_file_moved_and_a_bad_one_changes
     assert not (tmp_path / "fresh").exists()
 
 
-def test_a_data_parallel_file_for_another_class_count_gets_a_new_head(tmp_path):
+def test_a_data_parallel_or_headless_file_gets_a_new_head(tmp_path):
     """Used to be: the head was looked up as "fc.weight" before the "module." prefix of a DataParallel/DDP (or
     "_orig_mod." of a compiled) model's file came off, so a 5-class file into a 10-class run was refused as
     mis-shaped, with advice no config could follow. torchvision's way: strip the prefix, replace fc."""
@@ -490,12 +490,16 @@ def test_a_data_parallel_file_for_another_class_count_gets_a_new_head(tmp_path):
 
     five = create_model("resnet20", stage_sizes=(1, 1, 1), in_channels=1, num_classes=5)
     variables = jax.device_get(five.init(jax.random.PRNGKey(7), jnp.zeros((1, 8, 8, 1))))
-    save_state_dict(tmp_path / "ddp.pth", {f"module._orig_mod.{k}": v for k, v in to_torchvision(variables).items()})
-    config = validate(tiny_config(init_from=str(tmp_path / "ddp.pth")))
-    model = model_from_config(config, 10)
-    loaded = initial_variables(config, model, (1, 8, 8, 1), log=lambda _: None)
-    np.testing.assert_array_equal(loaded["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
-    assert loaded["params"]["fc"]["kernel"].shape == (64, 10)
+    state = to_torchvision(variables)
+    save_state_dict(tmp_path / "ddp.pth", {f"module._orig_mod.{k}": v for k, v in state.items()})
+    # and a backbone saved without its head (torch loads it with strict=False): it had been "2 missing: fc..."
+    save_state_dict(tmp_path / "backbone.pth", {k: v for k, v in state.items() if not k.startswith("fc.")})
+    for name in ("ddp.pth", "backbone.pth"):
+        config = validate(tiny_config(init_from=str(tmp_path / name)))
+        model = model_from_config(config, 10)
+        loaded = initial_variables(config, model, (1, 8, 8, 1), log=lambda _: None)
+        np.testing.assert_array_equal(loaded["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
+        assert loaded["params"]["fc"]["kernel"].shape == (64, 10), name
 
 
 def test_init_from_an_existing_path_is_kept_absolute(tmp_path, monkeypatch):

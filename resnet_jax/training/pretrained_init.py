@@ -3,7 +3,7 @@ published weights by name (``"resnet50.IMAGENET1K_V2"``, ``"resnet50.a1_in1k"``:
 downloads them once, or reads ``config.weights_file``, a local copy).
 
 Every parameter and BatchNorm statistic is taken from the source except the classifier head when the class
-count differs, which keeps its fresh initialisation (the usual fine-tuning recipe). Anything else that does not
+count differs or the source has none, which keeps its fresh initialisation (the usual fine-tuning recipe). Anything else that does not
 match is listed in one error instead of being silently re-initialised.
 """
 
@@ -76,14 +76,15 @@ def _published_variables(config, model, name: str) -> dict[str, Any]:
 
 def _torchvision_variables(config, model, source: Path) -> dict[str, Any]:
     """Convert a torchvision file for this model (its overrides included); a head for another number of
-    classes is dropped by the converter and initialised afresh."""
+    classes, or none (a backbone saved without ``fc``, which torch loads with ``strict=False``), is initialised
+    afresh."""
     from resnet_jax.torch_file import load_state_dict
     from resnet_jax.torchvision import load_torchvision, strip_wrapper_prefix
 
     # by its first bytes; a DataParallel/compiled model's prefix off first, or its head is not found as one
     state = strip_wrapper_prefix(load_state_dict(source))
     head = state.get(f"{HEAD}.weight")
-    new_head = head is not None and np.shape(head)[0] != model.num_classes
+    new_head = head is None or np.shape(head)[0] != model.num_classes
     overrides = {**dict(config.model_overrides), "num_classes": model.num_classes}
     _, variables = load_torchvision(config.model, state, new_head=new_head, rng=config.seed, **overrides)
     return variables
