@@ -3,8 +3,8 @@ published weights by name (``"resnet50.IMAGENET1K_V2"``, ``"resnet50.a1_in1k"``:
 downloads them once, or reads ``config.weights_file``, a local copy).
 
 Every parameter and BatchNorm statistic is taken from the source except the classifier head when the class
-count differs or the source has none, which keeps its fresh initialisation (the usual fine-tuning recipe). Anything else that does not
-match is listed in one error instead of being silently re-initialised.
+count differs or the source has none, which keeps its fresh initialisation (the usual fine-tuning recipe).
+Anything else that does not match is listed in one error instead of being silently re-initialised.
 """
 
 from __future__ import annotations
