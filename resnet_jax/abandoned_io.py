@@ -41,14 +41,16 @@ hidden = 0  # reports dropped so far in this process
 
 
 def is_abandoned_read(unraisable) -> bool:
-    """Whether an unraisable report is one of an abandoned Orbax read or write: the read coroutine itself, or a
-    callback into the closed event loop (``call_soon_threadsafe`` raising "Event loop is closed")."""
+    """Whether an unraisable report is one of an abandoned Orbax read or write: the read coroutine itself, or
+    TensorStore's native thread calling back into the closed event loop (``call_soon_threadsafe`` raising "Event
+    loop is closed" with no Python caller and no object: Python code doing the same, a ``__del__``, is reported)."""
     code = getattr(unraisable.object, "cr_code", None)
     if code is not None:
         return code.co_name == _READ_COROUTINE
     if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != "Event loop is closed":
         return False
-    return any(frame.f_code.co_name == "call_soon_threadsafe" for frame in _frames(unraisable.exc_traceback))
+    frames = list(_frames(unraisable.exc_traceback))
+    return unraisable.object is None and bool(frames) and frames[0].f_code.co_name == "call_soon_threadsafe"
 
 
 def is_orbax_failure_log(record: logging.LogRecord) -> bool:

@@ -336,8 +336,8 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001 - as in save
-            if self._unfinished is None:  # reported already: Orbax raises a failed save's error at every wait
-                return
+            if self._unfinished is None:  # reported already (Orbax raises a failed save's error once per thread
+                return                     # that waits: close() after the run's error, another thread's wait)
             raise self._save_failed(self._unfinished, err) from None
         self._unfinished = None
 

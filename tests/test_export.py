@@ -515,7 +515,7 @@ def test_a_manifest_that_cannot_be_written_leaves_the_previous_pair(tmp_path, fm
     ({"prep": dict(crop_mode="zoom")}, "crop_mode 'zoom' is not one of ['center', 'squash', 'border']"),
     ({"prep": dict(interpolation="foo", resize_size=10)}, "interpolation 'foo' is not one of"),
     ({"prep": dict(resize_size=0)}, "resize_size must be a positive whole number of pixels, got 0"),
-    ({"prep": dict(crop_fraction=-1.0)}, "crop_fraction must be in (0, 1]"),
+    ({"prep": dict(crop_fraction=-1.0)}, "crop_fraction must be a number in (0, 1]"),
     ({"prep": dict(std=(0.0,))}, "std must be finite numbers, all above 0"),
     ({"prep": dict(image_size="8")}, "image_size must be a positive whole number of pixels, got '8'"),
 ])
@@ -535,6 +535,14 @@ def test_bad_export_arguments_are_one_sentence_before_anything_is_written(tmp_pa
                      class_names=change.get("class_names"), format=change.get("format"))
     one_sentence(err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_preprocessing_takes_numbers_of_any_library(tmp_path):
+    """numpy's and jax's scalars are numbers (a crop fraction computed with jnp exported before the checks came)."""
+    model, variables = small_model()
+    prep = Preprocessing(jnp.int32(8), np.float32(0.5), (0.25,), crop_fraction=jnp.float32(0.875))
+    exported = load_exported(export_model(model, variables, tmp_path / "m.onnx", preprocessing=prep))
+    assert (exported.image_size, exported.crop_fraction) == (8, 0.875)
 
 
 def test_a_format_other_than_the_suffix_says_is_refused(tmp_path):

@@ -76,8 +76,9 @@ def split_images(images: Any, channels: int, first: int = 0) -> list[np.ndarray]
 
 def top_classes(logits: Any, class_names: list[str], k: int) -> list[list[tuple[str, float]]]:
     """The ``k`` most probable ``(class name, probability)`` per row of ``logits``: what every predict returns.
-    Ranked by the logits, as ``torch.topk`` ranks them (ties by the lower index): classes whose probabilities
-    underflow to 0 (logits over ~100 below the top) had come out in index order."""
+    Ranked by the logits, as ``torch.topk`` ranks numbers (ties by the lower index; NaN, whose probabilities are
+    NaN anyway, last): classes whose probabilities underflow to 0 (logits over ~100 below the top) had come out in
+    index order."""
     check_top_k(k)
     logits = np.asarray(logits, np.float32)
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -57,13 +58,17 @@ class Preprocessing:
 
         for name in ("image_size",) + (() if self.resize_size is None else ("resize_size",)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            if _number(value, operator.index) is None or value <= 0:  # numpy's and jax's integer scalars too
                 raise ValueError(f"Preprocessing's {name} must be a positive whole number of pixels, got {value!r}")
-        fraction = self.crop_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not (
-                0 < fraction <= 1 or (self.resize_size is not None and 0 < fraction < np.inf)):
-            raise ValueError(f"Preprocessing's crop_fraction must be in (0, 1] (the share of the resized image the "
-                             f"centre crop keeps), got {fraction!r}")
+        fraction = _number(self.crop_fraction, float)
+        if fraction is None or not (0 < fraction <= 1 or (self.resize_size is not None and 0 < fraction < np.inf)):
+            raise ValueError(f"Preprocessing's crop_fraction must be a number in (0, 1] (the share of the resized "
+                             f"image the centre crop keeps), got {self.crop_fraction!r}")
+        # stored as Python numbers: the ONNX graph's shapes and the JSON manifest take nothing else
+        object.__setattr__(self, "image_size", operator.index(self.image_size))
+        object.__setattr__(self, "crop_fraction", fraction)
+        if self.resize_size is not None:
+            object.__setattr__(self, "resize_size", operator.index(self.resize_size))
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"Preprocessing's interpolation {self.interpolation!r} is not one of "
                              f"{sorted(INTERPOLATIONS)}")
@@ -103,6 +108,17 @@ class Preprocessing:
                                  "one value per channel (or one for all)")
             out.append(np.broadcast_to(values, (channels,)).copy())
         return out[0], out[1]
+
+
+def _number(value: Any, kind: Callable[[Any], Any]) -> Any:
+    """``kind(value)`` (``operator.index`` or ``float``) for a number of any library, else None: a bool or a text
+    is not one."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def manifest_path(artifact: str | Path) -> Path:
