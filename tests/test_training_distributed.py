@@ -116,7 +116,7 @@ def test_a_run_resumes_on_another_number_of_devices(tmp_path):
     resumed = run_worker(workdir, config(**constant), devices=1, extra_args=[str(tmp_path / "resumed.npz")])
     assert resumed["devices"] == 1 and resumed["resumed_from"] == STEPS // 2 and resumed["step"] == STEPS
     whole = run_worker(tmp_path / "whole", config(**constant), devices=1, extra_args=[str(tmp_path / "whole.npz")])
-    np.testing.assert_allclose(resumed["losses"], whole["losses"], rtol=1e-5)
+    np.testing.assert_allclose(resumed["losses"], whole["losses"], rtol=1e-4)  # a lost data position: 5e-2
     ones, wholes = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "whole.npz")
     assert sorted(ones.files) == sorted(wholes.files)
     for name in wholes.files:
