@@ -517,17 +517,3 @@ def test_init_from_an_existing_path_is_kept_absolute(tmp_path, monkeypatch):
     assert validate(config).init_from == str(tmp_path / "srcrun")  # as Classifier.load reads it back
     (tmp_path / "srcrun").rename(tmp_path / "moved")
     assert validate(config).init_from == str(tmp_path / "srcrun")
-
-
-def test_a_warm_up_not_shorter_than_max_steps_is_refused(tmp_path):
-    """README lists "a warm-up as long as the run" among the refused contradictions; only num_epochs was checked,
-    so max_steps=10 with a 5-epoch warm-up (220 steps here) trained at most at 10/220 of the peak rate."""
-    from resnet_jax.training import make_schedule
-    from resnet_jax.training.optim import peak_learning_rate
-
-    with pytest.raises(ValueError, match=r"warmup_epochs=5.0 \(220 steps of 44 per epoch\) is not shorter than the "
-                                         r"run's 10 steps \(config.max_steps=10\)"):
-        train(tiny_config(num_epochs=90, warmup_epochs=5, max_steps=10), tmp_path / "run")
-    assert not (tmp_path / "run").exists()
-    longer = tiny_config(num_epochs=90, warmup_epochs=5, max_steps=221)  # one step past the warm-up: accepted
-    assert make_schedule(longer, 44)(220) == pytest.approx(peak_learning_rate(longer))

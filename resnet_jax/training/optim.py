@@ -29,10 +29,6 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
     if config.max_steps > 0:
         total = min(total, config.max_steps)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    if 0 < total <= warmup:  # validate checks num_epochs; max_steps ends the run in steps, known only here
-        raise ValueError(f"config.warmup_epochs={config.warmup_epochs} ({warmup} steps of {steps_per_epoch} per "
-                         f"epoch) is not shorter than the run's {total} steps (config.max_steps="
-                         f"{config.max_steps}): the learning rate would never reach its peak; shorten the warm-up")
     if config.schedule == "constant":
         main = optax.constant_schedule(lr)
     elif config.schedule == "cosine":
