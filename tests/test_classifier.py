@@ -313,3 +313,25 @@ def test_class_weights_from_numpy_as_sklearn_computes_them():
     clf = Classifier("resnet20", 3, in_channels=1, class_weights=weights, mean=np.array([0.5]), std=np.array([0.25]))
     assert clf.config.class_weights == tuple(weights.tolist()) and tuple(clf.config.mean) == (0.5,)
     assert clf._fit_config("digits", {"class_weights": weights[::-1].copy()}).class_weights == tuple(weights[::-1])
+
+
+def test_a_greyscale_folder_trains_a_one_channel_model_without_asking_for_its_statistics(tmp_path):
+    """A folder dataset has no known statistics, so ImageNet's three values were used, and a one-channel model
+    refused them ("mean/std have 3/3 values but the images have 1 channels"): fitted to one channel as published
+    RGB weights are for such a model (stats_for_channels: the three values' mean)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        for name in ("a", "b"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), "L").save(
+                    tmp_path / "data" / split / name / f"{i}.png")
+    clf = Classifier("resnet20", in_channels=1, image_size=8, model_overrides={"stage_sizes": (1, 1, 1)})
+    clf.fit(f"folder:{tmp_path / 'data'}", workdir=tmp_path / "run", max_steps=1, batch_size=4, eval_batch_size=4,
+            progress_bar=False, compilation_cache_dir="")
+    mean, std = clf._stats()
+    assert mean == pytest.approx((np.mean([0.485, 0.456, 0.406]),)) and std == pytest.approx((np.mean([0.229, 0.224,
+                                                                                                        0.225]),))
+    assert clf.class_names == ["a", "b"] and len(clf.predict(np.zeros((8, 8), np.uint8))[0]) == 2

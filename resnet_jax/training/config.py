@@ -483,13 +483,15 @@ def min_image_size(model) -> int:
 
 def normalization_stats(config: ml_collections.ConfigDict):
     """Per-channel mean/std for the inputs: ImageNet's for torchvision weights (``normalize="imagenet"``) and for
-    datasets without known statistics, otherwise the dataset's own."""
+    datasets without known statistics, otherwise the dataset's own; the defaults fitted to the model's channel
+    count as ``stats_for_channels`` says (a greyscale folder for an ``in_channels=1`` model had been refused
+    ImageNet's three values and asked for ``mean``/``std``)."""
     from resnet_jax import data
     from resnet_jax.data.stats import known_stats
 
-    imagenet = (data.IMAGENET_MEAN, data.IMAGENET_STD)
     if config.get("mean"):
         return tuple(config.mean), tuple(config.std)
-    if config.normalize == "imagenet":
-        return imagenet
-    return known_stats(config.dataset) or imagenet
+    imagenet = (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    mean, std = imagenet if config.normalize == "imagenet" else known_stats(config.dataset) or imagenet
+    channels = config.model_overrides.get("in_channels", 3)
+    return stats_for_channels(mean, channels), stats_for_channels(std, channels)
