@@ -40,7 +40,7 @@ _lock = threading.Lock()
 hidden = 0  # reports dropped so far in this process
 
 
-def is_abandoned_read(unraisable) -> bool:
+def is_abandoned_io(unraisable) -> bool:
     """Whether an unraisable report is one of an abandoned Orbax read or write: the read coroutine itself, or
     TensorStore's native thread calling back into the closed event loop (``call_soon_threadsafe`` raising "Event
     loop is closed" with no Python caller and no object: Python code doing the same, a ``__del__``, is reported)."""
@@ -96,7 +96,7 @@ def install() -> None:
 
         def hook(unraisable):
             global hidden
-            if is_abandoned_read(unraisable):
+            if is_abandoned_io(unraisable):
                 hidden += 1
             else:
                 previous(unraisable)

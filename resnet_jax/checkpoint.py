@@ -200,9 +200,10 @@ class Checkpointer:
         saved = [s for s in self.steps() if s != step]
         resume = (f"it resumes from step {saved[-1]}, the last checkpoint saved" if saved else
                   "no checkpoint was saved before it, so it starts from the beginning")
-        return CheckpointError(f"saving the checkpoint at step {step} in {self.directory} failed "
-                               f"({_write_reason(err)}); its unfinished files are removed when the run starts again. "
-                               f"{_write_advice(err)} and run the same command again: {resume}")
+        reason, advice = _write_failure(err)
+        return CheckpointError(f"saving the checkpoint at step {step} in {self.directory} failed ({reason}); its "
+                               f"unfinished files are removed when the run starts again. {advice} and run the same "
+                               f"command again: {resume}")
 
     def restore_latest(self, abstract_arrays: Any, iterator: Any = None, log=print):
         """Restore the newest good checkpoint into the structure/shardings of ``abstract_arrays`` (and
@@ -580,17 +581,14 @@ def _write_errno(err: BaseException) -> int | None:
     return None
 
 
-def _write_reason(err: BaseException) -> str:
+def _write_failure(err: BaseException) -> tuple[str, str]:
+    """Why a write failed (the system's words where it says) and what to do about it."""
     code = _write_errno(err)
-    if code is None:
-        return _reason(err)
-    return f"{_NO_ROOM.get(code, 'a write failed')}: [Errno {code}] {os.strerror(code)}"
-
-
-def _write_advice(err: BaseException) -> str:
-    if _write_errno(err) in _NO_ROOM:
-        return "Free space there (older runs' workdirs, or a smaller config.keep_checkpoints)"
-    return "Fix the cause"
+    reason = _reason(err) if code is None else f"{_NO_ROOM.get(code, 'a write failed')}: [Errno {code}] " \
+                                               f"{os.strerror(code)}"
+    if code in _NO_ROOM:
+        return reason, "Free space there (older runs' workdirs, or a smaller config.keep_checkpoints)"
+    return reason, "Fix the cause"
 
 
 def _damaged(ckpt: Checkpointer, step: int, err: BaseException) -> CheckpointError:

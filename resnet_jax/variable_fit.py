@@ -36,7 +36,6 @@ def differences(expected: Shapes, got: Shapes) -> list[str]:
                if k in got and got[k] != shape])
 
 
-
 def listed(wrong: list[str], most: int = 4) -> str:
     """The first ``most`` differences and how many more: another depth's variables differ in hundreds of entries,
     and the first few say what is wrong."""

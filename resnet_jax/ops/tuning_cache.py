@@ -73,7 +73,6 @@ def store(machine: str, new: dict[str, Any]) -> Path:
     path = cache_file()
     if path is None:
         raise ValueError(f"{ENV_VAR}=0 turns tuning off; unset it to tune")
-    path.parent.mkdir(parents=True, exist_ok=True)
     with one_at_a_time(path.with_name(f".{path.name}.lock")):
         try:
             everything = _read(path) if path.exists() else {}

@@ -119,7 +119,6 @@ def build(tools: dict[str, str] | None = None) -> Path:
     target = cache_dir() / cache_key(tools) / "libresnet_jax_onednn.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with one_at_a_time(target.with_name("build.lock")):  # one process builds; the others wait, then find it
         if target.exists():
             return target
