@@ -25,10 +25,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from resnet_jax.ops.conv import Conv
 from resnet_jax.ops.trace import module_calls
-from resnet_jax.variable_fit import model_shapes, shapes_of
 
 Path = tuple[str, ...]
 
@@ -97,10 +97,9 @@ def fold_batchnorm(model: nn.Module, variables: dict[str, Any],
     folded_model = make_folded()
     params, stats = _copy(dict(variables["params"])), _copy(dict(variables.get("batch_stats", {})))
     shape = _input_shape(model, input_shape)
-    expected = model_shapes(folded_model, shape)
-    kept_norms = {path[1:-1] for path in expected if path[0] == "params"}
+    expected = _variable_shapes(folded_model, shape)
     pairs = {conv: pair for conv, pair in conv_batchnorm_pairs(model, shape).items()
-             if ("params", *conv, "bias") in expected and pair[0] not in kept_norms}
+             if _has(expected, ("params", *conv, "bias")) and not _has(expected, ("params", *pair[0]))}
     for conv_path, (bn_path, eps, compute_dtype) in pairs.items():
         bn, moments = _get(params, bn_path), _get(stats, bn_path)
         scale = bn["scale"] * jax.lax.rsqrt(moments["var"] + eps)
@@ -115,6 +114,19 @@ def fold_batchnorm(model: nn.Module, variables: dict[str, Any],
     return folded_model, result
 
 
+def _variable_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+    return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+
+
+def _has(tree: dict, path: Path) -> bool:
+    for name in path:
+        if not isinstance(tree, dict) or name not in tree:
+            return False
+        tree = tree[name]
+    return True
+
+
 def _prune(tree: Any) -> Any:
     """Drop the None leaves left by folding, and the dicts they empty."""
     if not isinstance(tree, dict):
@@ -124,6 +136,8 @@ def _prune(tree: Any) -> Any:
 
 
 def _check_structure(expected, variables) -> None:
-    if shapes_of(variables) != expected:
+    got = {k: v for k, v in variables.items() if v or k in expected}
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
+    if shapes(jax.tree.map(jnp.asarray, got)) != shapes({k: expected.get(k, {}) for k in got}):
         raise ValueError("folding BatchNorm into the convolutions gave variables that do not fit the folded model; "
                          "this model's BatchNorm placement is not supported by fold_batchnorm")
