@@ -95,31 +95,48 @@ def apply_op(image: np.ndarray, name: str, magnitude: float, *, interpolation: s
     return out[:, :, None] if out.ndim == 2 else out
 
 
+def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps)`` in float32 to the bit, as torchvision's policies build their bins.
+    Why not ``np.linspace``: torchvision truncates translations with ``int()``, and torch's bin 15 of 0..32 is
+    15.999999 (its second half counts back from ``end`` in one fused multiply-add), not 16.0: a one-pixel
+    different shift. The float64 expression below rounds once to float32, as the fused operation does."""
+    start, end = np.float32(start), np.float32(end)
+    if steps == 1:
+        return np.array([start])
+    step = np.float64(np.float32((end - start) / np.float32(steps - 1)))
+    index = np.arange(steps)
+    forward = np.float64(start) + step * index
+    backward = np.float64(end) - step * (steps - 1 - index)
+    return np.where(index < steps // 2, forward, backward).astype(np.float32)
+
+
 def wide_space(num_bins: int = 31) -> dict[str, tuple[np.ndarray, bool]]:
     """TrivialAugmentWide's operations: name -> (magnitude bins, signed), torchvision's ranges."""
     return {"Identity": (np.zeros(1), False),
-            "ShearX": (np.linspace(0.0, 0.99, num_bins), True), "ShearY": (np.linspace(0.0, 0.99, num_bins), True),
-            "TranslateX": (np.linspace(0.0, 32.0, num_bins), True),
-            "TranslateY": (np.linspace(0.0, 32.0, num_bins), True),
-            "Rotate": (np.linspace(0.0, 135.0, num_bins), True),
-            **{op: (np.linspace(0.0, 0.99, num_bins), True) for op in ("Brightness", "Color", "Contrast",
+            "ShearX": (torch_linspace(0.0, 0.99, num_bins), True),
+            "ShearY": (torch_linspace(0.0, 0.99, num_bins), True),
+            "TranslateX": (torch_linspace(0.0, 32.0, num_bins), True),
+            "TranslateY": (torch_linspace(0.0, 32.0, num_bins), True),
+            "Rotate": (torch_linspace(0.0, 135.0, num_bins), True),
+            **{op: (torch_linspace(0.0, 0.99, num_bins), True) for op in ("Brightness", "Color", "Contrast",
                                                                          "Sharpness")},
             "Posterize": (8 - np.round(np.arange(num_bins) / ((num_bins - 1) / 6)).astype(int), False),
-            "Solarize": (np.linspace(255.0, 0.0, num_bins), False),
+            "Solarize": (torch_linspace(255.0, 0.0, num_bins), False),
             "AutoContrast": (np.zeros(1), False), "Equalize": (np.zeros(1), False)}
 
 
 def rand_augment_space(num_bins: int, height: int, width: int) -> dict[str, tuple[np.ndarray, bool]]:
     """RandAugment's operations (torchvision's): translations scale with the image, rotations to 30 degrees."""
     return {"Identity": (np.zeros(1), False),
-            "ShearX": (np.linspace(0.0, 0.3, num_bins), True), "ShearY": (np.linspace(0.0, 0.3, num_bins), True),
-            "TranslateX": (np.linspace(0.0, 150.0 / 331.0 * width, num_bins), True),
-            "TranslateY": (np.linspace(0.0, 150.0 / 331.0 * height, num_bins), True),
-            "Rotate": (np.linspace(0.0, 30.0, num_bins), True),
-            **{op: (np.linspace(0.0, 0.9, num_bins), True) for op in ("Brightness", "Color", "Contrast",
+            "ShearX": (torch_linspace(0.0, 0.3, num_bins), True),
+            "ShearY": (torch_linspace(0.0, 0.3, num_bins), True),
+            "TranslateX": (torch_linspace(0.0, 150.0 / 331.0 * width, num_bins), True),
+            "TranslateY": (torch_linspace(0.0, 150.0 / 331.0 * height, num_bins), True),
+            "Rotate": (torch_linspace(0.0, 30.0, num_bins), True),
+            **{op: (torch_linspace(0.0, 0.9, num_bins), True) for op in ("Brightness", "Color", "Contrast",
                                                                         "Sharpness")},
             "Posterize": (8 - np.round(np.arange(num_bins) / ((num_bins - 1) / 4)).astype(int), False),
-            "Solarize": (np.linspace(255.0, 0.0, num_bins), False),
+            "Solarize": (torch_linspace(255.0, 0.0, num_bins), False),
             "AutoContrast": (np.zeros(1), False), "Equalize": (np.zeros(1), False)}
 
 
