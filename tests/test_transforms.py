@@ -2,6 +2,8 @@
 torchvision's ``weights.transforms()`` and timm's ``create_transform(**resolve_data_config(...))``, on
 photographs of several shapes; and every tag's numbers are the publisher's own."""
 
+import io
+
 import numpy as np
 import pytest
 import timm.data
@@ -109,6 +111,21 @@ def test_batch_crop_and_image_files(tmp_path):
 def test_bad_images_are_refused_in_one_sentence(image, message):
     with pytest.raises(ValueError, match=message):
         WEIGHTS["resnet50"]["DEFAULT"].transforms()(image)
+
+
+def test_bad_image_files_are_named(tmp_path):
+    """Used to be: a truncated or non-image file given by path came out as Pillow's own "Truncated File Read" or
+    UnidentifiedImageError, naming no file (in a batch of paths, no way to tell which one)."""
+    encoded = io.BytesIO()
+    Image.fromarray(PHOTOS["odd_333x501"]).save(encoded, "JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(encoded.getvalue()[:300])
+    (tmp_path / "notes.jpg").write_text("not an image")
+    transform = WEIGHTS["resnet50"]["DEFAULT"].transforms()
+    for name in ("truncated.jpg", "notes.jpg"):
+        with pytest.raises(ValueError, match=f"cannot read image .*{name}.*replace or remove it"):
+            transform.batch([PHOTOS["odd_333x501"], tmp_path / name])
+    with pytest.raises(FileNotFoundError, match="missing.jpg does not exist"):
+        transform(str(tmp_path / "missing.jpg"))
 
 
 @pytest.mark.parametrize("field,value", [("crop_mode", "zoom"), ("interpolation", "lanczos5"), ("crop_size", 0)])

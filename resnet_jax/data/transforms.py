@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax.data.augment import normalize
-from resnet_jax.data.images import pil_pixels
+from resnet_jax.data.images import pil_pixels, read_image
 
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 # timm's crop modes: "center" resizes the short side and crops (torchvision's only mode), "squash" resizes both
@@ -117,10 +117,8 @@ def _as_rgb_pil(image: Any) -> Image.Image:
     conversion (torchvision's, to the bit) for every 8-bit mode, and the top 8 bits of 16-bit greyscale, which
     ``convert("RGB")`` clips to white (a 16-bit scan came out all saturated here while predict read it right)."""
     if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            opened.load()  # read now: an RGB file is returned as opened, and the file closes here
-            return pil_pixels(opened, "RGB")
-    if isinstance(image, Image.Image):
+        image = read_image(image)  # a missing, damaged or non-image file named in one ValueError
+    elif isinstance(image, Image.Image):
         return pil_pixels(image, "RGB")
     array = np.asarray(image)
     if array.dtype != np.uint8:
