@@ -234,6 +234,9 @@ def test_a_users_builder_in_a_package_prepares_offline_and_reads_every_mode_as_t
     for i, mode in enumerate(MODES):
         write_image(photos / f"{i}_{mode.replace(';', '')}.{'jpg' if mode in ('RGB', 'L', 'CMYK') else 'png'}",
                     mode, i)
+    damaged = photos / "9_truncated.jpg"  # sorted last: TFDS stores its bytes unread
+    write_image(damaged, "RGB", 9)
+    damaged.write_bytes(damaged.read_bytes()[:300])
     package = tmp_path / "ownpkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -246,8 +249,12 @@ def test_a_users_builder_in_a_package_prepares_offline_and_reads_every_mode_as_t
     (tmp_path / "tfds").mkdir()
     prep.prepare("own_photos", data_dir=tmp_path / "tfds")
     src = data.get_source("own_photos", "train", data_dir=tmp_path / "tfds")
-    assert len(src) == len(MODES) and src.image_shape == (None, None, 3)
-    for i in range(len(src)):
+    assert len(src) == len(MODES) + 1 and src.image_shape == (None, None, 3)
+    # used to be Pillow's own "Truncated File Read", from a reader thread mid-epoch, naming nothing
+    with pytest.raises(ValueError, match=f"cannot read the image of record {len(MODES)} of 'own_photos' split "
+                                         "'train' .*prepare it again"):
+        src[len(MODES)]
+    for i in range(len(MODES)):
         name = src._ds[i]["file"]
         # torchvision's loader (datasets.folder.pil_loader) is Image.open(file).convert("RGB"); torch itself is
         # not imported here, as it crashes a process that has TensorFlow loaded

@@ -98,7 +98,14 @@ class TfdsSource(Source):
         record = self._ds[index]
         image = record[self.image_key]
         if self._mode:
-            image = _decode(image, self._mode)
+            from PIL import Image
+
+            try:
+                image = _decode(image, self._mode)
+            except (OSError, ValueError, Image.DecompressionBombError) as err:  # TFDS stores a file's bytes unread
+                raise ValueError(f"cannot read the image of record {index} of {self.name!r} split {self.split!r} "
+                                 f"({err}); TFDS stored the file's bytes as they were: replace the damaged source "
+                                 f"file, delete the prepared dataset and prepare it again") from None
         return {"image": image, "label": int(record[self.label_key])}
 
     def __repr__(self) -> str:
