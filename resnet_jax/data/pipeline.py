@@ -294,7 +294,9 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
     boundaries; count steps with `steps_per_epoch`); with num_epochs set, the stream is cut to whole global
     batches so every process yields the same number of batches. `iter(loader)` has `get_state()` /
     `set_state()`; save it with `grain.checkpoint.CheckpointHandler`. Batches are the same for any
-    worker_count (workers build alternate batches, read back in order).
+    worker_count (workers build alternate batches, read back in order), but a saved state is Grain's for one
+    kind of loader: with workers or without (its ``set_state`` raises KeyError on the other kind's; the
+    training CLI refuses a resume that changes ``num_workers``).
 
     auto_augment (``autoaugment.policy``: torchvision's "ta_wide" or "ra", timm's "rand-m7-mstd0.5-inc1") runs
     after the crop, random_erasing (a probability, torchvision's RandomErasing) after normalisation; ra_reps > 1
