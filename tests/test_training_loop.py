@@ -246,6 +246,18 @@ def test_a_diverged_update_is_never_saved(tmp_path):
         train(tiny_config(learning_rate=3.4e38, checkpoint_every_steps=1), tmp_path / "run")
 
 
+def test_the_divergence_advice_names_a_way_that_is_taken(tmp_path):
+    """Used to be: "Lower config.learning_rate ...", which the same workdir then refused (settings are fixed
+    within a run). The advice names restart (or a new workdir); following it with a lower rate trains."""
+    config = tiny_config(learning_rate=3.4e38, checkpoint_every_steps=1)
+    with pytest.raises(TrainingDiverged, match=r"Lower config.learning_rate.*in a new run: --config.restart=True"):
+        train(config, tmp_path / "run")
+    config.learning_rate, config.restart, config.max_steps = 0.05, True, 2
+    train(config, tmp_path / "run")
+    _, variables, _ = load_variables(tmp_path / "run")
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"modle": "resnet20"}, "unknown config key.*'modle'.*did you mean 'model'"),
     ({"model": "resnet5O"}, "unknown model 'resnet5O'"),

@@ -460,7 +460,11 @@ def _checked_means(sums, step: int, checkpoints: Checkpointer) -> dict[str, floa
     return m
 
 
-_DIVERGED_HINT = "Lower config.learning_rate, add warm-up (config.warmup_epochs) or check the input data."
+# settings are fixed within a run (workdir.py): the advice names the ways that take a changed one
+_DIVERGED_HINT = ("Lower config.learning_rate, add warm-up (config.warmup_epochs) or check the input data, in a new "
+                  "run: --config.restart=True (the old run is moved aside) or a new --workdir, where "
+                  "--config.init_from=<this workdir> starts from the last good checkpoint's weights; resuming "
+                  "here with the same settings diverges again.")
 
 
 def _last_good(checkpoints: Checkpointer) -> str:
