@@ -36,6 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""                    # torchvision .pth/.safetensors file, a run's workdir, or published weights
                                         # ("resnet50", "resnet50.IMAGENET1K_V2", "resnet50.a1_in1k") to start from
     c.weights_file = ""                 # a local copy of the published weights init_from names (no download)
+    c.init_from_step = ""               # init_from=<a run's workdir>: "" its latest checkpoint, "best", or a step
+    c.init_from_ema = False             # init_from=<a run's workdir>: its moving average (config.model_ema)
     # data
     c.dataset = "digits"                # "digits", "synthetic", "folder:PATH" (class folders), or any TFDS name
     c.data_dir = ""                     # TFDS data_dir ("" = TFDS default)
@@ -130,7 +132,7 @@ CONTINUABLE = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_s
                "compilation_cache_dir", "data_dir")
 # Read only by a run's first start: once it has a checkpoint they may change or vanish (a fine-tune's .pth moved
 # off node-local disk blocked its resume).
-STARTING_WEIGHTS = ("init_from", "weights_file")
+STARTING_WEIGHTS = ("init_from", "weights_file", "init_from_step", "init_from_ema")
 # The number of processes is not compared here: it can come from the environment, so the checkpoint records the
 # count that wrote it and a resume with another count is refused there (the data position is saved per process).
 PER_INVOCATION = ("restart", "coordinator_address", "num_processes", "process_id")

@@ -26,17 +26,34 @@ def check_init_from(config) -> Path | str | None:
     from resnet_jax.training.config import published_weights
 
     if not config.init_from:
+        if config.get("init_from_step", "") != "" or config.get("init_from_ema", False):
+            raise ValueError("config.init_from_step/init_from_ema choose among the checkpoints of the run "
+                             "config.init_from names, which is empty; set it to that run's workdir")
         return None
     if published_weights(config.init_from) is not None:
         if config.get("weights_file") and not Path(config.weights_file).expanduser().is_file():
             raise FileNotFoundError(f"config.weights_file={config.weights_file!r} is not a file; give the path of "
                                     f"a local copy of {config.init_from}'s weights")
+        _check_checkpoint_choice(config, "published weights, one set")
         return config.init_from
     source = Path(config.init_from).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"config.init_from={config.init_from!r} does not exist; give a torchvision "
                                 ".pth/.safetensors file or the workdir of an earlier run")
+    _check_checkpoint_choice(config, None if source.is_dir() else "a file, which holds one set of weights")
     return source
+
+
+def _check_checkpoint_choice(config, not_a_run: str | None) -> None:
+    """``init_from_step``/``init_from_ema`` pick among a run's checkpoints, as ``train.export``'s ``--step`` and
+    ``--use_ema`` do; set for a file or published weights (``not_a_run`` says which) they would be ignored."""
+    step, ema = config.get("init_from_step", ""), config.get("init_from_ema", False)
+    if not_a_run and (step != "" or ema):
+        raise ValueError(f"config.init_from_step/init_from_ema choose among a run's checkpoints, but "
+                         f"config.init_from={config.init_from!r} is {not_a_run}; leave them unset")
+    if not (step == "" or step == "best" or str(step).isdigit()):
+        raise ValueError(f"config.init_from_step={step!r} is not a step: give a step number, 'best' (the highest "
+                         "validation accuracy) or leave it empty for the latest checkpoint")
 
 
 def initial_variables(config, model, input_shape, log: Callable[[str], None],
@@ -52,15 +69,43 @@ def initial_variables(config, model, input_shape, log: Callable[[str], None],
     elif isinstance(source, str):
         loaded = _published_variables(config, model, source)
     elif source.is_dir():
-        from resnet_jax.checkpoint import load_variables
-
-        _, loaded, _ = load_variables(source)
+        loaded, source = _run_variables(config, model, source)
     else:
         loaded = _torchvision_variables(config, model, source)
     fresh = jax.jit(lambda: model.init(jax.random.PRNGKey(config.seed), jnp.zeros(input_shape), train=False))()
     merged, replaced = merge_pretrained(jax.device_get(fresh), loaded)
     log(f"initialised from {source}" + (f" (new head: {', '.join(replaced)})" if replaced else ""))
     return merged
+
+
+def _run_variables(config, model, source: Path) -> tuple[dict[str, Any], str]:
+    """Another run's (or a saved model's) weights: the checkpoint ``init_from_step`` picks (the latest by
+    default, as ``train.export`` takes), its moving average with ``init_from_ema``; the RGB first convolution
+    adapted to the model's ``in_channels`` as a torchvision file's is. Returns them and how the log names them."""
+    from resnet_jax.checkpoint import load_variables
+
+    step = config.get("init_from_step", "") or None
+    _, loaded, _ = load_variables(source, step=step, use_ema=config.get("init_from_ema", False))
+    which = [f"{'the best' if step == 'best' else 'the latest' if step is None else f'the step {step}'} checkpoint"]
+    which += ["its moving average"] if config.get("init_from_ema", False) else []
+    if _adapt_first_convolution(loaded, model.in_channels):
+        which.append(f"the first convolution adapted to {model.in_channels} input channels")
+    return loaded, f"{source} ({', '.join(which)})"
+
+
+def _adapt_first_convolution(variables: dict[str, Any], in_channels: int) -> bool:
+    """An RGB run's first kernel (Flax's (kh, kw, 3, O), ``conv1`` or the deep stem's ``conv1_0``) for a model of
+    other input channels, by ``torchvision.adapt_input_conv`` (timm's rule, which a torchvision file gets too)."""
+    from resnet_jax.torchvision import adapt_input_conv
+
+    params = variables.get("params", {})
+    for name in ("conv1", "conv1_0"):
+        kernel = params.get(name, {}).get("kernel")
+        if kernel is not None and np.ndim(kernel) == 4 and np.shape(kernel)[2] == 3 and in_channels != 3:
+            oihw = adapt_input_conv(np.transpose(np.asarray(kernel), (3, 2, 0, 1)), in_channels)
+            params[name] = {**params[name], "kernel": np.transpose(oihw, (2, 3, 1, 0))}
+            return True
+    return False
 
 
 def _published_variables(config, model, name: str) -> dict[str, Any]:
