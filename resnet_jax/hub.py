@@ -61,15 +61,32 @@ def hub_file(model: str, tag: str) -> tuple[Path, str | None]:
     """The local copy of the weights file of ``timm/<model>.<tag>`` (safetensors where published) and the sha256
     the hub published for it (the name huggingface_hub gave the blob), or None where it gave none."""
     missing = None
-    for filename in WEIGHT_FILES:
+    for index, filename in enumerate(WEIGHT_FILES):
         try:
             path = Path(_download(model, tag, filename))
         except FileNotFoundError as err:  # this repository publishes the other format
             missing = err
             continue
+        except HubUnavailable:  # offline, the first name's miss is no answer: a later format may be cached
+            path = _cached(model, tag, WEIGHT_FILES[index + 1:])
+            if path is None:
+                raise
         blob = path.resolve().name  # the snapshot's file links to blobs/<sha256>; keep the name (its suffix)
         return path, blob if _SHA256.fullmatch(blob) else None
     raise HubUnavailable(f"{repo_id(model, tag)} publishes none of {list(WEIGHT_FILES)}") from missing
+
+
+def _cached(model: str, tag: str, filenames) -> Path | None:
+    """The first of ``filenames`` in huggingface_hub's cache. Why: offline, ``hf_hub_download`` of
+    ``model.safetensors`` fails as a cache miss, not as the missing file it is for a repository that publishes
+    only ``pytorch_model.bin``, so its cached copy was never tried and the advice said to go online."""
+    import huggingface_hub
+
+    for filename in filenames:
+        found = huggingface_hub.try_to_load_from_cache(repo_id(model, tag), filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
 
 
 def _download(model: str, tag: str, filename: str) -> str:

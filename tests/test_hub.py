@@ -160,6 +160,26 @@ def test_offline_uses_the_cache_and_refuses_a_tampered_or_missing_file(hub, onli
     assert "Classifier.from_pretrained, even with file=, needs this config.json" in last  # no advice it ignores
 
 
+def test_a_tag_published_only_as_pytorch_model_bin_loads_offline_from_the_cache(hub, tmp_path):
+    """Used to be: online it loaded, offline with the file in the cache it failed ("huggingface_hub's cache has no
+    copy; run once with network access"): the miss of model.safetensors ended the search."""
+    repo, env = hub
+    tag = "gluon_in1k"  # a real timm tag, not pinned; its repository written with the pickle only
+    torch.manual_seed(1)
+    model = timm.create_model(f"{MODEL}.{tag}", pretrained=False).eval()
+    model.load_state_dict(random_batch_stats(model.state_dict(), 1))
+    timm.models.save_for_hf(model, repo.parents[1] / "timm" / f"{MODEL}.{tag}", safe_serialization=False)
+    load = LOAD.replace(f"{MODEL}.{TAG}", f"{MODEL}.{tag}")
+    home = {**env, "HF_HOME": str(tmp_path / "hf")}
+    run_python(load, args=[tmp_path / "online.npz"], env=home)
+    run_python(load, args=[tmp_path / "offline.npz"], env={**home, "HF_HUB_OFFLINE": "1"})
+    np.testing.assert_array_equal(np.load(tmp_path / "offline.npz")["logits"],
+                                  np.load(tmp_path / "online.npz")["logits"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.load(tmp_path / "online.npz")["x"]).permute(2, 0, 1)[None]).numpy()
+    assert_close(np.load(tmp_path / "offline.npz")["logits"], expected, "logits")
+
+
 def test_a_tag_the_hub_lacks_is_named(hub, tmp_path):
     _, env = hub
     proc = run_python("""
