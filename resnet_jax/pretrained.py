@@ -334,9 +334,10 @@ def download(url: str, sha256: str, *, filename: str | None = None, cache_dir: s
     in the cache under that name with another digest (a copy put there by hand, say) is never deleted: it is
     moved aside to ``<name>.sha256-mismatch`` (replacing an older one), and the error or warning says so.
     """
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{8,64}", sha256.lower()):  # before any traffic
+        raise ValueError(f"a sha256 of at least 8 hex digits (and at most 64) is needed to verify {url}, got "
+                         f"{sha256!r}")
     sha256 = sha256.lower()
-    if len(sha256) < 8:
-        raise ValueError(f"a sha256 of at least 8 hex digits is needed to verify {url}, got {sha256!r}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / (filename or url.rstrip("/").rsplit("/", 1)[-1])
     moved = ""  # what became of a mismatching file found at target, for the messages

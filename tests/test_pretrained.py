@@ -324,9 +324,12 @@ def test_stale_part_files_of_killed_downloads_are_removed(tmp_path, server, payl
         [".file.bin.fresh123.part", ".other.bin.abcd_123.part", "notes.part", ".file.bin.part", "file.bin"])
 
 
-def test_short_digest_is_refused(tmp_path):
+@pytest.mark.parametrize("digest", ["abc", "zzzzzzzzzz", " 1871b7a0", "1871b7a0" * 9])
+def test_a_digest_that_is_not_one_is_refused_before_downloading(tmp_path, digest):
+    """Used to be: only the length was checked, so a non-hex digest fetched the whole file first (port 9 here
+    refuses connections: a download attempt fails otherwise)."""
     with pytest.raises(ValueError, match="at least 8 hex digits"):
-        download("http://127.0.0.1:9/x.pth", "abc", cache_dir=tmp_path)
+        download("http://127.0.0.1:9/x.pth", digest, cache_dir=tmp_path)
 
 
 def test_pretrained_end_to_end_from_a_mirror(tmp_path, monkeypatch):
