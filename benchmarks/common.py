@@ -7,6 +7,7 @@ so a noisy shared machine moves both alike and the ratio ours/PyTorch is what to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -241,6 +242,14 @@ def torch_model(case: Case):
     return model
 
 
+def torch_inference_model(model, memory_format):
+    """``model`` in eval mode with each BatchNorm folded into the convolution before it (fx's conv-BN fusion), as
+    ours is (``jax_runner``): torch's inference had run BatchNorm as a pass of its own."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(model.eval()).to(memory_format=memory_format)
+
+
 def torch_runner(case: Case, train: bool, channels_last: bool, compile: bool) -> Callable[[], None]:
     """One torch step (same model, batch, optimizer); AMP bf16 when the case is bf16; synchronised on GPU."""
     import torch
@@ -252,8 +261,9 @@ def torch_runner(case: Case, train: bool, channels_last: bool, compile: bool) ->
     amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16")
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     if not train:
-        model.eval()
-        fwd = torch.compile(model) if compile else model
+        model = torch_inference_model(model, fmt)
+        # inductor's freezing also folds BatchNorm and keeps mkldnn's packed weights; it is off by default
+        fwd = torch.compile(model, options={"freezing": True}) if compile else model
 
         def infer():
             with torch.inference_mode(), amp:
@@ -276,6 +286,44 @@ def torch_runner(case: Case, train: bool, channels_last: bool, compile: bool) ->
         step()
         sync()
     return run
+
+
+class TorchProcess:
+    """torch's runners in a child process (``benchmarks/torch_child.py`` says why), each a no-argument callable
+    that runs one step there and returns its seconds. Its environment is this process's (tcmalloc's preload
+    included) without the extension's OpenMP setting; ``info`` records its torch version and threads."""
+
+    def __init__(self):
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self._child = subprocess.Popen([sys.executable, "-m", "benchmarks.torch_child"], cwd=root, text=True,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ))
+        self.info: dict = {}
+        self._built = 0
+
+    def _ask(self, request: dict) -> dict:
+        self._child.stdin.write(json.dumps(request) + "\n")
+        self._child.stdin.flush()
+        line = self._child.stdout.readline()
+        if not line:
+            raise RuntimeError(f"torch's benchmark process ended (exit status {self._child.wait()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
+
+    def runner(self, case: Case, train: bool, channels_last: bool, compile: bool) -> Callable[[], float]:
+        name, self._built = str(self._built), self._built + 1
+        answer = self._ask({"build": name, "case": dataclasses.asdict(case), "train": train,
+                            "channels_last": channels_last, "compile": compile})
+        self.info = {"torch": answer["torch"], "torch_threads": answer["threads"], "torch_process": "own"}
+        return lambda: self._ask({"run": name})["seconds"]
+
+    def close(self) -> None:
+        if self._child.poll() is None:
+            self._child.stdin.close()
+            self._child.wait(timeout=60)
 
 
 def openvino_runner(case: Case, precision: str) -> Callable[[], None]:
@@ -323,7 +371,8 @@ def openvino_images_per_s(case: Case, precision: str, steps: int) -> float | Non
 
 
 def time_interleaved(runners: dict[str, Callable[[], None]], warmup: int, steps: int, rounds: int) -> dict:
-    """Median seconds per step of each runner; runners alternate within each round so load hits all alike."""
+    """Median seconds per step of each runner; runners alternate within each round so load hits all alike. A
+    runner that returns a float (``TorchProcess``'s, timed in its own process) gives its own step time."""
     for run in runners.values():
         for _ in range(warmup):
             run()
@@ -332,8 +381,9 @@ def time_interleaved(runners: dict[str, Callable[[], None]], warmup: int, steps:
         for name, run in runners.items():
             for _ in range(steps):
                 start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+                own = run()
+                elapsed = time.perf_counter() - start
+                times[name].append(own if isinstance(own, float) else elapsed)
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "samples": len(t)} for name, t in times.items()}
 
 

@@ -1,4 +1,4 @@
-"""Training-step and inference throughput, this project vs torchvision, same model/batch/precision, one process.
+"""Training-step and inference throughput, this project vs torchvision, same model/batch/precision, interleaved.
 
     python -m benchmarks.train_step                      # the CPU cases (ResNet-18 CIFAR b128, ResNet-50 b32,
                                                          # the digits ResNet-20 b64 16 px)
@@ -16,6 +16,11 @@ layout. Ratios compare each of ours with torch's best variant. Where ``openvino`
 also times OpenVINO on torchvision's same model (float32 pinned for float32 cases, its default precision for
 bfloat16 ones) in a child process under glibc's malloc, as an anchor for what an inference engine reaches; it
 is not interleaved and not part of the ratios.
+
+torch runs in a process of its own (``benchmarks/torch_child.py``: in ours, it had shared our extension's OpenMP
+runtime and its sleep policy), stepped in turn with ours. For inference both sides fold BatchNorm into the
+convolutions: ours by ``fold_batchnorm``, torch's eager models by fx's conv-BN fusion and its compiled one by
+inductor's freezing (before, torch's inference ran BatchNorm as its own pass).
 """
 
 from __future__ import annotations
@@ -54,18 +59,18 @@ def argparse_bool():
     return argparse.BooleanOptionalAction
 
 
-def variants(case, mode, args):
-    """name -> zero-argument step runner, ours first."""
+def variants(case, mode, args, torch_side):
+    """name -> zero-argument step runner, ours first; torch's run in ``torch_side`` (a ``common.TorchProcess``)."""
     train = mode == "train"
     runners = {}
     for impl in args.conv_impl or ["auto", "jax"]:
         runners[f"jax conv_impl={impl}"] = common.jax_runner(common.jax_model(case, conv_impl=impl), case, train)
-    if args.torch:
-        runners["torch NCHW"] = common.torch_runner(case, train, channels_last=False, compile=False)
-        runners["torch channels_last"] = common.torch_runner(case, train, channels_last=True, compile=False)
+    if torch_side is not None:
+        runners["torch NCHW"] = torch_side.runner(case, train, channels_last=False, compile=False)
+        runners["torch channels_last"] = torch_side.runner(case, train, channels_last=True, compile=False)
         if args.compile:
             try:
-                run = common.torch_runner(case, train, channels_last=True, compile=True)
+                run = torch_side.runner(case, train, channels_last=True, compile=True)
                 run()  # compiles here, so a failure is caught and reported, not fatal
                 runners["torch channels_last+compile"] = run
             except Exception as e:  # inductor needs a C++ toolchain; report and go on without it
@@ -95,6 +100,16 @@ def main(argv=None):
     if args.quick:
         args.steps, args.rounds, args.warmup = 1, 1, 1
     results = []
+    torch_side = common.TorchProcess() if args.torch else None
+    try:
+        run_cases(args, names, results, torch_side)
+    finally:
+        if torch_side is not None:
+            torch_side.close()
+    report(args, allocator, results, torch_side)
+
+
+def run_cases(args, names, results, torch_side):
     for name in names:
         for dtype in args.dtype or default_dtypes(args.device):
             case = common.CASES[name]
@@ -104,7 +119,8 @@ def main(argv=None):
             for mode in args.mode or ["train", "inference"]:
                 print(f"\n== {name} {mode}: {case.model} batch {case.batch} {case.image}px {case.dtype} "
                       f"{case.device}", flush=True)
-                times = common.time_interleaved(variants(case, mode, args), args.warmup, args.steps, args.rounds)
+                times = common.time_interleaved(variants(case, mode, args, torch_side), args.warmup, args.steps,
+                                                args.rounds)
                 for variant, t in times.items():
                     results.append(dict(case=name, mode=mode, variant=variant, **dataclasses.asdict(case),
                                         images_per_s=case.batch / t["median_s"], **t))
@@ -117,6 +133,9 @@ def main(argv=None):
                     else:
                         results.append(dict(case=name, mode=mode, variant=f"openvino {precision} (own process, "
                                             "glibc)", **dataclasses.asdict(case), images_per_s=rate))
+
+
+def report(args, allocator, results, torch_side):
     rows, ratios = [], {}
     groups = dict.fromkeys((r["case"], r["mode"], r["dtype"]) for r in results)
     for name, mode, dtype in groups:
@@ -139,7 +158,8 @@ def main(argv=None):
                            ["case", "mode", *dtypes],
                            [[name, mode, *(by.get(d, "-") for d in dtypes)] for (name, mode), by in ratios.items()])
     common.write_json(args.json, f"train_step_{args.device}{'_quick' if args.quick else ''}.json",
-                      {"environment": common.environment(allocator), "results": results})
+                      {"environment": {**common.environment(allocator), **(torch_side.info if torch_side else {})},
+                       "results": results})
 
 
 if __name__ == "__main__":
