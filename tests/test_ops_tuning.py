@@ -122,6 +122,31 @@ def test_tuning_into_an_unwritable_place_says_so_before_measuring(tmp_path, monk
     assert messages == []  # nothing was measured (and lost)
 
 
+def test_a_directory_or_no_repeats_is_refused_before_measuring(tmp_path, monkeypatch):
+    """Used to be: every layer measured, then IsADirectoryError (a directory) or, after the first layer's
+    compile, statistics' "no median for empty data" (repeats=0)."""
+    monkeypatch.setenv(tuning_cache.ENV_VAR, str(tmp_path))
+    messages = []
+    with pytest.raises(ValueError, match=f"names the directory {tmp_path}; name the file to write in it"):
+        tuning.tune(tiny(), SHAPE, repeats=1, log=messages.append)
+    monkeypatch.setenv(tuning_cache.ENV_VAR, str(tmp_path / "tuning.json"))
+    with pytest.raises(ValueError, match="repeats must be 1 or more"):
+        tuning.tune(tiny(), SHAPE, repeats=0, log=messages.append)
+    assert messages == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--repeats", "0"], "repeats must be 1 or more"),
+    (["--batch", "0"], "--batch, --image-size and the input channels must be positive"),
+])
+def test_the_command_line_says_what_tune_refuses_in_one_line(cache, capsys, args, message):
+    """Used to be: a traceback ending in tune's ValueError, or a ZeroDivisionError for a batch of 0."""
+    with pytest.raises(SystemExit):
+        tuning.main(["resnet_jax:create_model", "resnet20", "--image-size", "8", "--in-channels", "1", *args])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_the_machine_key_follows_the_threads_this_process_may_run():
     """os.cpu_count() ignored taskset, a container's cpuset and OMP_NUM_THREADS: a 1-core run reused choices
     measured on every core."""

@@ -61,9 +61,11 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: int | Sequence[int] = (
     if residual is not None and residual.shape != spec.y_shape:  # broadcast as lax's add would, on every path
         residual = jnp.broadcast_to(residual, spec.y_shape)
     passes = resolve(algorithm, spec, jax.default_backend(), fallback)
-    # plain lax, which every transformation knows; and a convolution of nothing (no input channels: zeros, as lax
-    # gives), which the extension's kernels cannot be built for
-    if all(REGISTRY[name].xla_ops_only for name in passes) or 0 in x.shape[1:] or 0 in kernel.shape:
+    # plain lax, which every transformation knows; and a convolution of nothing (no images, no input channels, an
+    # empty output: what lax gives), which the extension's kernels and the pure-JAX algorithms' tilings cannot
+    # be built for (a batch of 0 divided by zero in them; an empty output's gradient failed in oneDNN)
+    if (all(REGISTRY[name].xla_ops_only for name in passes) or 0 in x.shape or 0 in kernel.shape
+            or 0 in spec.y_shape):
         y = _epilogue(lax_conv(x, kernel, spec.strides, spec.padding, groups, spec.dilation), bias, residual, relu)
         return (y, x) if fan_out else y
     if bias is None and residual is None and not relu and not fan_out:

@@ -24,6 +24,7 @@ import numpy as np
 from resnet_jax.ops.onednn import calls
 from resnet_jax.ops.pool_grad import pooled_shape, route, taps
 from resnet_jax.ops.rules import max_pool_method, may_use_extension
+from resnet_jax.ops.spec import geometry, positive_pair
 
 Pair = tuple[int, int]
 # the strided views record each window's first maximum as an int8 tap index; a larger window (a global pool over
@@ -39,9 +40,11 @@ def max_pool(x: jnp.ndarray, window: Pair = (3, 3), strides: Pair = (2, 2),
     ``rules.max_pool_method`` says: a model of XLA's own convolutions keeps XLA's own window op, as the plain-XLA
     reference and the exported artifacts do; otherwise the strided views run on CPU.
     """
-    window, strides = tuple(window), tuple(strides)
-    padding = tuple(tuple(p) for p in padding)
-    if max_pool_method(algorithm, jax.default_backend()) == "reduce_window" or window[0] * window[1] > MAX_TAPS:
+    window = positive_pair("window", window)
+    strides, padding = geometry(x.shape[1:3], window, strides, padding)  # checked: a 0 divided by zero
+    empty = 0 in x.shape or min(pooled_shape(x.shape, window, strides, padding)) < 1  # flax's (N, 0, 0, C)
+    if (max_pool_method(algorithm, jax.default_backend()) == "reduce_window" or window[0] * window[1] > MAX_TAPS
+            or empty):
         return nn.max_pool(x, window, strides=strides, padding=padding)
     return _sliced_max_pool(x, window, strides, padding, may_use_extension(algorithm, jax.default_backend()))
 

@@ -49,10 +49,32 @@ def geometry(in_hw: Sequence[int], window_hw: Sequence[int], strides: int | Sequ
     """``(strides, padding)`` as int pairs: one stride for both axes or two, "SAME"/"VALID" (as lax pads them,
     for the dilated window) or explicit ``((top, bottom), (left, right))``. The one place a layer's or a
     caller's geometry is read."""
-    strides = pair(strides)
+    strides = positive_pair("strides", strides)
+    positive_pair("dilation", dilation)
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads(tuple(in_hw), dilated_window(window_hw, dilation), strides, padding)
-    return strides, tuple((int(lo), int(hi)) for lo, hi in padding)
+        if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
+            raise ValueError(f"padding {padding!r} is not 'SAME', 'VALID' or ((top, bottom), (left, right))")
+        padding = lax.padtype_to_pads(tuple(in_hw), dilated_window(window_hw, dilation), strides, padding.upper())
+    try:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    except (TypeError, ValueError):
+        pads = ()
+    if len(pads) != 2:
+        raise ValueError(f"padding must be 'SAME', 'VALID' or two (low, high) pairs, ((top, bottom), (left, "
+                         f"right)), got {padding!r}")
+    return strides, pads
+
+
+def positive_pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+    """``value`` as a pair of positive ints, or ``ValueError`` naming it (a 0 divided by zero, a negative one
+    reached the compiler as an MLIR error)."""
+    try:
+        values = pair(value)
+    except (TypeError, ValueError, IndexError):
+        values = ()
+    if len(values) != 2 or min(values) < 1:
+        raise ValueError(f"{name} must be one positive integer or two, got {value!r}")
+    return values
 
 
 @dataclasses.dataclass(frozen=True)

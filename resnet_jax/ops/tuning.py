@@ -82,6 +82,11 @@ def tune(model, input_shape: tuple[int, ...], dtype=jnp.float32, repeats: int = 
     path = tuning_cache.cache_file()
     if path is None:
         raise ValueError(f"{tuning_cache.ENV_VAR}=0 turns tuning off; unset it to tune")
+    if repeats < 1:
+        raise ValueError(f"repeats must be 1 or more (each time is the median of that many runs), got {repeats}")
+    if path.is_dir():
+        raise ValueError(f"{tuning_cache.ENV_VAR} names the directory {path}; name the file to write in it, e.g. "
+                         f"{path / 'tuning.json'}")
     try:  # before measuring: the measurements were taken, then lost to a file that could not be written
         path.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(path.parent, os.W_OK):
@@ -137,7 +142,13 @@ def main(argv=None) -> None:
     except ValueError as err:
         p.error(str(err))
     channels = args.in_channels or getattr(model, "in_channels", 3)
-    tune(model, (args.batch, args.image_size, args.image_size, channels), jnp.dtype(args.dtype), args.repeats)
+    if min(args.batch, args.image_size, channels) < 1:
+        p.error(f"--batch, --image-size and the input channels must be positive, got {args.batch}, "
+                f"{args.image_size} and {channels}")
+    try:
+        tune(model, (args.batch, args.image_size, args.image_size, channels), jnp.dtype(args.dtype), args.repeats)
+    except ValueError as err:  # what tune refuses before measuring: one line, as the factory's errors
+        p.error(str(err))
 
 
 if __name__ == "__main__":
