@@ -105,6 +105,16 @@ def test_missing_compiler_falls_back_with_the_reason(tmp_path):
     assert "no C++ compiler to build it with (CXX=" in done.stderr and "not found" in done.stderr
 
 
+def test_an_unwritable_build_cache_falls_back_naming_it(tmp_path):
+    """Used to be: the reason was "[Errno 2] No such file or directory: '/proc/...'" alone."""
+    require_onednn_toolchain()
+    done = run_probe(tmp_path, XDG_CACHE_HOME="/proc/no-such-dir")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "available False" in done.stdout
+    assert "cannot write its build cache /proc/no-such-dir/resnet_jax/onednn" in done.stderr
+    assert "set XDG_CACHE_HOME to a writable directory" in done.stderr
+
+
 def test_failed_build_falls_back_with_the_compiler_output(tmp_path):
     require_onednn_toolchain()
     broken = tmp_path / "broken-cxx"

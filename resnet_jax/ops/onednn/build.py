@@ -119,6 +119,11 @@ def build(tools: dict[str, str] | None = None) -> Path:
     target = cache_dir() / cache_key(tools) / "libresnet_jax_onednn.so"
     if target.exists():
         return target
+    try:  # the cache itself: its reason alone ("No such file or directory: '/x'") had named neither
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OnednnBuildFailed(f"cannot write its build cache {cache_dir()} ({err}); set XDG_CACHE_HOME to a "
+                                "writable directory") from err
     with one_at_a_time(target.with_name("build.lock")):  # one process builds; the others wait, then find it
         if target.exists():
             return target
