@@ -53,6 +53,18 @@ def test_every_resnet_field_is_settable_from_the_command_line():
     assert set(cli._field_types()) == fields  # every field has a parser: none is left out
 
 
+@pytest.mark.parametrize("args,names", [
+    (["--config.class_names=zero,one, two"], ("zero", "one", "two")),            # used to be one name
+    (["--config.class_names", "a,b"], ("a", "b")),
+    (["--config.class_names=('tiger, cat', 'dog')"], ("tiger, cat", "dog")),     # a name holding a comma
+    (["--config.class_names=cat"], ("cat",)),
+])
+def test_class_names_are_listed_with_commas_as_numbers_are(args, names):
+    """Used to be: ``--config.class_names=zero,one,...,nine`` was one name, and the error said "has 1 names"."""
+    parse(*args)
+    assert tuple(flags.FLAGS.config.class_names) == names
+
+
 @pytest.mark.long
 def test_the_command_exits_2_with_one_line():
     proc = run_python(module="train", args=["--workdir=unused", "--config.modle=resnet18"], env=worker_env(),

@@ -52,7 +52,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     ml_collections has no key (and no type) to override; these are taken out, checked against ``ResNet``'s
     fields and converted here, then set on the parsed config."""
     try:
-        rest, overrides = _take_model_overrides(_installed_recipes(argv))
+        rest, overrides = _take_model_overrides(_listed_names(_installed_recipes(argv)))
         try:
             _define_config_flag(rest)
             remaining = flags.FLAGS(rest)
@@ -195,6 +195,27 @@ def _define_config_flag(argv: list[str]) -> None:
         delattr(flags.FLAGS, name)
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "training config file", lock_config=True,
                                     sys_argv=argv)
+
+
+NAME_LISTS = ("--config.class_names",)
+
+
+def _listed_names(argv: list[str]) -> list[str]:
+    """``--config.class_names=zero,one,two`` as the tuple of names it lists, as ``1,2`` lists numbers: ml_collections
+    reads text that is no Python literal as one string, so ten names became one ("has 1 names"). A literal
+    (``"('a, b', 'c')"``) is kept, for names that hold a comma."""
+    out, args = [], iter(argv)
+    for arg in args:
+        key, has_value, text = arg.partition("=")
+        if key not in NAME_LISTS:
+            out.append(arg)
+            continue
+        if not has_value:
+            text = next(args, "")
+        if text.strip() and not text.strip().startswith(("(", "[")):
+            text = repr(tuple(name.strip() for name in text.split(",")))
+        out.append(f"{key}={text}")
+    return out
 
 
 def _take_model_overrides(argv: list[str]) -> tuple[list[str], dict]:
