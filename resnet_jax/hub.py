@@ -80,8 +80,10 @@ def _cached(model: str, tag: str, filenames) -> Path | None:
     """The first of ``filenames`` in huggingface_hub's cache. Why: offline, ``hf_hub_download`` of
     ``model.safetensors`` fails as a cache miss, not as the missing file it is for a repository that publishes
     only ``pytorch_model.bin``, so its cached copy was never tried and the advice said to go online."""
-    import huggingface_hub
-
+    try:
+        import huggingface_hub
+    except ImportError:  # nothing is cached without it; the caller's "pip install huggingface_hub" stands
+        return None
     for filename in filenames:
         found = huggingface_hub.try_to_load_from_cache(repo_id(model, tag), filename)
         if isinstance(found, str):

@@ -199,12 +199,16 @@ def test_pinned_tags_and_user_files_need_no_huggingface_hub(hub, tmp_path):
         from resnet_jax import pretrained, weights_info
         assert weights_info("resnet50.a1_in1k").crop_size == 288
         pretrained("{MODEL}.{TAG}", file="{repo / 'model.safetensors'}")
-        try:
-            weights_info("{MODEL}.{TAG}")
-        except Exception as err:
-            print(type(err).__name__, err)
+        from resnet_jax.hub import hub_file
+        for fetch in (lambda: weights_info("{MODEL}.{TAG}"), lambda: hub_file("{MODEL}", "{TAG}")):
+            try:
+                fetch()
+            except Exception as err:
+                print(type(err).__name__, err)
     """)
-    assert proc.stdout.startswith("HubUnavailable") and "pip install huggingface_hub" in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("HubUnavailable") and "pip install huggingface_hub" in line
+                                   for line in lines), lines
 
 
 def test_a_missing_user_file_is_named(tmp_path):
