@@ -1,7 +1,9 @@
 """Shared pieces of the benchmarks: the cases, the JAX train/eval steps, the torch peers, timing and reporting.
 
-Both frameworks run in one process and are timed interleaved (round-robin, several rounds, median step time),
-so a noisy shared machine moves both alike and the ratio ours/PyTorch is what to trust.
+Both frameworks are timed interleaved (round-robin, several rounds, median step time), so a noisy shared machine
+moves both alike and the ratio ours/PyTorch is what to trust. ``train_step`` runs torch in a process of its own
+(``TorchProcess``); the per-layer benchmarks still time torch's kernels in this one, on our extension's OpenMP
+runtime (which changed no model-level figure measurably: BENCHMARKS.md, eighteenth session).
 """
 
 from __future__ import annotations
