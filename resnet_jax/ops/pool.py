@@ -42,7 +42,8 @@ def max_pool(x: jnp.ndarray, window: Pair = (3, 3), strides: Pair = (2, 2),
     """
     window = positive_pair("window", window)
     strides, padding = geometry(x.shape[1:3], window, strides, padding)  # checked: a 0 divided by zero
-    empty = 0 in x.shape or min(pooled_shape(x.shape, window, strides, padding)) < 1  # flax's (N, 0, 0, C)
+    # flax's (N, 0, 0, C); the batch only by equality, which a symbolic one (jax.export) can answer
+    empty = 0 in x.shape or min(pooled_shape(x.shape, window, strides, padding)[1:3]) < 1
     if (max_pool_method(algorithm, jax.default_backend()) == "reduce_window" or window[0] * window[1] > MAX_TAPS
             or empty):
         return nn.max_pool(x, window, strides=strides, padding=padding)
