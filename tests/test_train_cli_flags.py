@@ -65,6 +65,12 @@ def test_class_names_are_listed_with_commas_as_numbers_are(args, names):
     assert tuple(flags.FLAGS.config.class_names) == names
 
 
+def test_class_names_without_a_value_is_still_absls_missing_value(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse("--config.class_names")
+    assert exit_.value.code == 2 and "Missing value for flag --config.class_names" in capsys.readouterr().err
+
+
 @pytest.mark.long
 def test_the_command_exits_2_with_one_line():
     proc = run_python(module="train", args=["--workdir=unused", "--config.modle=resnet18"], env=worker_env(),

@@ -211,7 +211,10 @@ def _listed_names(argv: list[str]) -> list[str]:
             out.append(arg)
             continue
         if not has_value:
-            text = next(args, "")
+            text = next(args, None)
+            if text is None:  # absl's own "Missing value for flag", as before
+                out.append(arg)
+                continue
         if text.strip() and not text.strip().startswith(("(", "[")):
             text = repr(tuple(name.strip() for name in text.split(",")))
         out.append(f"{key}={text}")
