@@ -82,6 +82,9 @@ def tune(model, input_shape: tuple[int, ...], dtype=jnp.float32, repeats: int = 
     path = tuning_cache.cache_file()
     if path is None:
         raise ValueError(f"{tuning_cache.ENV_VAR}=0 turns tuning off; unset it to tune")
+    if len(input_shape) != 4 or min(input_shape) < 1:  # a batch of 0 divided by zero in the measuring
+        raise ValueError(f"input_shape must be (batch, height, width, channels), each 1 or more (--batch, "
+                         f"--image-size and the input channels on the command line), got {tuple(input_shape)}")
     if repeats < 1:
         raise ValueError(f"repeats must be 1 or more (each time is the median of that many runs), got {repeats}")
     if path.is_dir():
@@ -142,9 +145,6 @@ def main(argv=None) -> None:
     except ValueError as err:
         p.error(str(err))
     channels = args.in_channels or getattr(model, "in_channels", 3)
-    if min(args.batch, args.image_size, channels) < 1:
-        p.error(f"--batch, --image-size and the input channels must be positive, got {args.batch}, "
-                f"{args.image_size} and {channels}")
     try:
         tune(model, (args.batch, args.image_size, args.image_size, channels), jnp.dtype(args.dtype), args.repeats)
     except ValueError as err:  # what tune refuses before measuring: one line, as the factory's errors
