@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import flatten_dict
 from timm.models._manipulate import adapt_input_conv
 
 from resnet_jax.checkpoint import CheckpointError, load_variables
@@ -36,18 +37,10 @@ def start(workdir, in_channels=3, **keys):
 
 def assert_same_variables(got, expected):
     for collection in ("params", "batch_stats"):
-        flat_got = {k: np.asarray(v) for k, v in _flat(got[collection]).items()}
-        flat_expected = {k: np.asarray(v) for k, v in _flat(expected[collection]).items()}
+        flat_got, flat_expected = (flatten_dict(tree[collection], sep="/") for tree in (got, expected))
         assert flat_got.keys() == flat_expected.keys()
         for key in flat_expected:
             np.testing.assert_array_equal(flat_got[key], flat_expected[key], err_msg=key)
-
-
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 def test_the_step_and_the_moving_average_are_chosen(rgb_ema_run):
