@@ -17,6 +17,9 @@ from resnet_jax.data.autoaugment import apply_op  # noqa: F401  (here too: the n
 
 # ITU-R BT.601 luma, what Pillow's "L" conversion and torchvision's Grayscale use.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# The same weights in 16-bit fixed point, as Pillow's "L" conversion computes them: on uint8 images the float
+# product rounded differs from Pillow's by 1 on about 1 pixel in 2,500, so it is done in integers instead.
+_LUMA_FIXED = np.array([19595, 38470, 7471], np.uint32)
 
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -118,7 +121,9 @@ def to_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
     if have == 1 and channels == 3:
         return np.repeat(image, 3, axis=-1)
     if have == 3 and channels == 1:
-        return np.round(image.astype(np.float32) @ _LUMA)[..., None].astype(np.uint8)
+        if image.dtype == np.uint8:
+            return ((image.astype(np.uint32) @ _LUMA_FIXED + 0x8000) >> 16)[..., None].astype(np.uint8)
+        return np.round(image.astype(np.float32) @ _LUMA)[..., None].astype(image.dtype)
     raise ValueError(f"Cannot convert {have}-channel images to {channels} channels; only 1 <-> 3 is supported.")
 
 
