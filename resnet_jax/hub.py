@@ -18,14 +18,19 @@ import json
 import re
 from pathlib import Path
 
+from resnet_jax.pretrained import DownloadError
+
 HUB_ORGANISATION = "timm"
 HUB_ENDPOINT = "https://huggingface.co"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's preference order
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class HubUnavailable(RuntimeError):
-    """``huggingface_hub`` is not installed, or the hub (or its cache, offline) does not have the file."""
+class HubUnavailable(DownloadError, RuntimeError):
+    """``huggingface_hub`` is not installed, or the hub (or its cache, offline) does not have the file.
+
+    A ``DownloadError`` as a failed torchvision download is, so one ``except DownloadError`` covers weights
+    from either place; still a RuntimeError, as it was first."""
 
 
 def repo_id(model: str, tag: str) -> str:

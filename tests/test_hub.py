@@ -189,6 +189,20 @@ def test_a_tag_the_hub_lacks_is_named(hub, tmp_path):
     assert "the hub has no repository timm/resnet18.no_such_tag" in proc.stderr.splitlines()[-1]
 
 
+def test_weights_the_hub_cannot_give_are_a_download_error_as_torchvisions_are(hub, tmp_path):
+    """One ``except DownloadError`` covers weights from either place (the hub's was a RuntimeError only)."""
+    _, env = hub
+    said = run_python(f"""
+        from resnet_jax import weights_info
+        from resnet_jax.pretrained import DownloadError
+        try:
+            weights_info("{MODEL}.{TAG}")  # offline, with nothing in the cache
+        except DownloadError as err:
+            print(isinstance(err, RuntimeError), err)
+    """, env={**env, "HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}).stdout
+    assert said.startswith("True ") and "HF_HUB_OFFLINE is set" in said, said
+
+
 def test_pinned_tags_and_user_files_need_no_huggingface_hub(hub, tmp_path):
     """Without huggingface_hub: pinned tags keep their records, a hub tag's own file loads with file=, and a hub
     tag that would need the hub says what to install."""
