@@ -111,6 +111,23 @@ def test_class_weights_in_the_train_step_are_the_references(loss):
     np.testing.assert_allclose(float(sums["loss"]) / float(sums["count"]), float(expected), rtol=1e-5)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_batch_whose_labels_all_weigh_zero_teaches_nothing(smoothing):
+    """Zero class weights are allowed; a batch of only such labels had a loss of 0/0 (NaN; torch's mean too) or,
+    smoothed, x/0 = inf, and its NaN gradient ended the run as diverged. Now it leaves the weights as they were."""
+    c = config(label_smoothing=smoothing, class_weights=(0.0, 1.0, 1.0, 1.0, 1.0), weight_decay=0.0)
+    state, b = initial_state(c), batch()
+    b["label"][:] = 0
+    before = [np.array(p) for p in jax.tree.leaves(state.params)]  # the step donates the state's buffers
+    new, sums = make_train_step(c, 5, make_mesh())(state, b)
+    assert float(sums["loss"]) == 0.0
+    for was, now in zip(before, jax.tree.leaves(new.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(now), was)
+    b["label"][0] = 1  # one weighed label: an ordinary step again
+    _, sums = make_train_step(c, 5, make_mesh())(initial_state(c), b)
+    assert np.isfinite(float(sums["loss"])) and float(sums["loss"]) > 0
+
+
 @pytest.mark.parametrize("mixing", [dict(mixup_alpha=0.8), dict(cutmix_alpha=1.0)])
 def test_class_weights_with_mixed_targets_are_torchs(mixing):
     """Mixup and CutMix make the targets probabilities, for which torch's ``CrossEntropyLoss(weight=,

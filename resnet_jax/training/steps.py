@@ -46,7 +46,11 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: M
         targets = soft_targets(labels, num_classes, config.label_smoothing)
         images, targets = mix_batch(rng, images, targets, config.mixup_alpha, config.cutmix_alpha)
         mixed = config.mixup_alpha > 0 or config.cutmix_alpha > 0
+        # A batch whose labels all weigh 0 teaches nothing: loss and gradient 0 (torch's mean is 0/0 = NaN there,
+        # or x/0 = inf with label smoothing, and one such batch would end the run as diverged).
         total_weight = jnp.sum(loss_normaliser(labels, class_weights, config.loss, mixed))
+        weighed = total_weight > 0
+        total_weight = jnp.where(weighed, total_weight, 1.0)
         dropout_key = jax.random.fold_in(rng, 1)  # stochastic depth's draws: deterministic under the run's seed
 
         def loss_fn(params, batch_stats, dropout_key, images, targets):
@@ -54,7 +58,8 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: M
                                              train=True, mutable=["batch_stats"],
                                              rngs={"dropout": dropout_key})  # drop_path_rate
             per_example = loss_of(logits, targets)
-            return jnp.sum(per_example) / total_weight, (logits, per_example, updates["batch_stats"])
+            loss = jnp.where(weighed, jnp.sum(per_example) / total_weight, 0.0)
+            return loss, (logits, per_example, updates["batch_stats"])
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
         if config.grad_accum_steps == 1:
@@ -68,7 +73,8 @@ def make_train_step(config: ml_collections.ConfigDict, num_classes: int, mesh: M
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         # the logged loss is the one minimised: the sum over the batch's normaliser, counted per example
         ones = jnp.ones(labels.shape, jnp.float32)
-        return new_state, _sums(per_example * (labels.shape[0] / total_weight), logits, labels, ones)
+        return new_state, _sums(jnp.where(weighed, per_example * (labels.shape[0] / total_weight), 0.0), logits,
+                                labels, ones)
 
     return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
