@@ -64,7 +64,10 @@ for args in runs:
     flags.FLAGS.unparse_flags()
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = module.main(flags.FLAGS([name, *args]))
+        try:
+            code = module.main(flags.FLAGS([name, *args]))
+        except SystemExit as exit:  # a usage error exits, as it does from the command line
+            code = exit.code
     print(json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}))
 """
 
@@ -266,8 +269,9 @@ def test_export_command_writes_each_format(digits_run, tmp_path):
         "train.export", *runs, [f"--workdir={clf.workdir}", f"--output={tmp_path / 'm.bin'}"],
         [f"--workdir={clf.workdir}", f"--output={tmp_path / 'a.pth'}", "--format=onnx"],
         [f"--workdir={clf.workdir}", f"--output={tmp_path / 'dir.onnx'}"])
-    # an ONNX graph named .pth had been written, which torch.load then failed on; a directory named the hidden file
-    assert other_suffix["code"] == 1 and other_suffix["stderr"].strip().splitlines() == [
+    # an ONNX graph named .pth had been written, which torch.load then failed on; a directory named the hidden file.
+    # A format the flags cannot name is a usage mistake (exit 2, as an unknown flag); a failed write exits 1.
+    assert other_suffix["code"] == 2 and other_suffix["stderr"].strip().splitlines() == [
         "error: a.pth's suffix says torchvision but --format=onnx; name it a.onnx (or leave the format to the suffix)"]
     assert directory["code"] == 1 and directory["stderr"].strip().splitlines() == [
         f"error: [Errno 21] {tmp_path / 'dir.onnx'} is a directory; name the file to write (e.g. "
@@ -279,7 +283,7 @@ def test_export_command_writes_each_format(digits_run, tmp_path):
     want = [row[0][0] for row in clf.predict(images, top_k=1)]
     for name in ("m.stablehlo", "m.onnx"):
         assert [row[0][0] for row in load_exported(tmp_path / name).predict(images, top_k=1)] == want
-    assert refused["code"] == 1 and refused["stderr"].strip().splitlines() == [
+    assert refused["code"] == 2 and refused["stderr"].strip().splitlines() == [
         "error: cannot tell the format from m.bin; pass --format=stablehlo|onnx|torchvision|safetensors or name the "
         "file .stablehlo, .onnx, .pth, .safetensors"]
 

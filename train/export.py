@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from train.usage import no_arguments, parse_flags
+from train.usage import no_arguments, parse_flags, usage_error
 
 FORMATS = {"stablehlo": ".stablehlo", "onnx": ".onnx", "torchvision": ".pth", "safetensors": ".safetensors"}
 
@@ -56,10 +56,13 @@ def main(argv: list[str]) -> int:
     from resnet_jax.training.classifier import Classifier
 
     output, platforms = Path(flags.FLAGS.output), flags.FLAGS.platforms
-    try:
+    try:  # a format the flags cannot name is a usage mistake (exit 2), found before the checkpoint is read
         fmt = output_format(output, flags.FLAGS.format)
         if platforms and fmt != "stablehlo":
             raise ValueError("--platforms applies to --format=stablehlo only")
+    except ValueError as err:
+        usage_error(str(err))
+    try:
         clf = Classifier.load(flags.FLAGS.workdir, flags.FLAGS.step, use_ema=flags.FLAGS.use_ema)
         if fmt in ("torchvision", "safetensors"):
             path, described = clf.export_state_dict(output, flags.FLAGS.naming)
