@@ -202,12 +202,22 @@ def test_predict_command_prints_torchvisions_top5(torch_resnet18, tmp_path):
     Image.fromarray(photos()[1]).save(path)
     Image.fromarray(photos()[0]).save(broken)
     broken.write_bytes(broken.read_bytes()[:2000])
+    # .npy inputs that cannot be used: an empty file (was a traceback that predicted nothing) and arrays of the
+    # wrong dtype or layout (their errors did not say which file)
+    empty, floats, planar = tmp_path / "empty.npy", tmp_path / "floats.npy", tmp_path / "planar.npy"
+    empty.write_bytes(b"")
+    np.save(floats, np.zeros((40, 50, 3), np.float32))
+    np.save(planar, np.zeros((3, 40, 50), np.uint8))
     proc = run_python(module="train.predict", args=[f"--pretrained={TAG}", f"--weights_file={torch_resnet18[1]}",
-                                                     str(path), str(broken), str(path)], env=worker_env(), check=False)
+                                                     str(path), str(broken), str(empty), str(floats), str(planar),
+                                                     str(path)], env=worker_env(), check=False)
     assert proc.returncode == 1
-    errors = proc.stderr.strip().splitlines()[-2:]
+    errors = proc.stderr.strip().splitlines()[-5:]
     assert errors[0].startswith(f"error: cannot read image {broken} (") and "replace or remove it" in errors[0]
-    assert errors[1] == "error: 1 of the inputs could not be read (said above); the others were predicted"
+    assert errors[1].startswith(f"error: {empty} is not a numeric .npy array (")
+    assert errors[2].startswith(f"error: {floats}: ") and "uint8" in errors[2]
+    assert errors[3].startswith(f"error: {planar}: ") and "(3, 40, 50)" in errors[3]
+    assert errors[4] == "error: 4 of the inputs could not be read (said above); the others were predicted"
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == lines[6] == str(path) and len(lines) == 12
     printed = [line.split("%", 1)[1].strip() for line in lines[1:6]]

@@ -173,6 +173,10 @@ def test_a_path_the_run_cannot_use_is_one_line_and_exit_code_1(error, line, monk
                                                               "mean: output ?; --helpshort lists the flags"),
     ("train.export", ["--workdir=unused", "--output=a.onnx", "b.onnx"], "error: unexpected arguments ['b.onnx']"),
     ("train.predict", ["--workdir=unused"], "error: give one or more image files (or .npy arrays) after the flags"),
+    ("train.predict", ["x.png"], "error: give exactly one of --workdir (a training run), --artifact"),
+    ("train.predict", ["--workdir=a", "--artifact=b", "x.png"], "error: give exactly one of --workdir"),
+    ("train.predict", ["--pretrained=resnet18", "--step=1", "x.png"], "error: --step picks a checkpoint of a workdir"),
+    ("train.predict", ["--workdir=unused", "--top_k=0", "x.png"], "error: top_k must be a positive integer"),
 ])
 def test_every_command_s_usage_mistake_is_one_line_and_exit_code_2(module, args, message):
     """absl would print the whole help and exit 1 (the code of a run that failed), and evaluate/export would

@@ -27,24 +27,30 @@ flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the late
 flags.DEFINE_integer("top_k", 5, "how many classes to show per image")
 
 
-def load_model(workdir: str | None, artifact: str | None, step: str | None, pretrained: str | None = None,
-               weights_file: str | None = None):
-    """``(model, channels it takes)``: a ``Classifier`` or an ``ExportedModel``, both with ``predict``."""
+def check_sources(workdir: str | None, artifact: str | None, step: str | None, pretrained: str | None = None,
+                  weights_file: str | None = None) -> None:
+    """ValueError where the flags do not name one model to load: a usage mistake, said before anything loads."""
     if sum(map(bool, (workdir, artifact, pretrained))) != 1:
         raise ValueError("give exactly one of --workdir (a training run), --artifact (an exported model) and "
                          "--pretrained (published weights, e.g. resnet50)")
     if weights_file and not pretrained:
         raise ValueError("--weights_file is a local copy of the weights --pretrained names; give --pretrained too")
+    if step and pretrained:
+        raise ValueError("--step picks a checkpoint of a workdir; published weights have no steps")
+    if step and artifact:
+        raise ValueError("--step picks a checkpoint of a workdir; an exported artifact has only its own weights")
+
+
+def load_model(workdir: str | None, artifact: str | None, step: str | None, pretrained: str | None = None,
+               weights_file: str | None = None):
+    """``(model, channels it takes)``: a ``Classifier`` or an ``ExportedModel``, both with ``predict``."""
+    check_sources(workdir, artifact, step, pretrained, weights_file)
     if pretrained:
-        if step:
-            raise ValueError("--step picks a checkpoint of a workdir; published weights have no steps")
         from resnet_jax.training.classifier import Classifier
 
         clf = Classifier.from_pretrained(pretrained, file=weights_file or None)
         return clf, clf.model.in_channels
     if artifact:
-        if step:
-            raise ValueError("--step picks a checkpoint of a workdir; an exported artifact has only its own weights")
         from resnet_jax.export import load_exported
 
         exported = load_exported(artifact)
@@ -68,9 +74,13 @@ def read_input(path: str, channels: int) -> tuple[list[str], list]:
         return [path], [read_image(path)]
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise ValueError(f"{path} is not a numeric .npy array ({err}); save images with np.save") from None
-    parts = split_images(array, channels)
+    except (ValueError, EOFError) as err:  # EOFError: an empty file
+        raise ValueError(f"{path} is not a numeric .npy array ({err or 'the file is empty'}); save images with "
+                         "np.save") from None
+    try:
+        parts = split_images(array, channels)
+    except ValueError as err:  # the array's dtype or shape: said with the file it came from
+        raise ValueError(f"{path}: {err}") from None
     return ([path] if len(parts) == 1 else [f"{path}[{i}]" for i in range(len(parts))]), parts
 
 
@@ -107,10 +117,15 @@ def main(argv: list[str]) -> int:
     if not paths:
         usage_error("give one or more image files (or .npy arrays) after the flags")
     logging.set_verbosity(logging.WARNING)
-    try:
-        from resnet_jax.data.images import check_top_k
+    from resnet_jax.data.images import check_top_k
 
+    try:  # flags that name no single model, or no valid top-k: a usage mistake (exit 2), before anything loads
         check_top_k(flags.FLAGS.top_k)
+        check_sources(flags.FLAGS.workdir, flags.FLAGS.artifact, flags.FLAGS.step, flags.FLAGS.pretrained,
+                      flags.FLAGS.weights_file)
+    except ValueError as err:
+        usage_error(str(err))
+    try:
         model, channels = load_model(flags.FLAGS.workdir, flags.FLAGS.artifact, flags.FLAGS.step,
                                      flags.FLAGS.pretrained, flags.FLAGS.weights_file)
         failed = predict_files(model, paths, channels, flags.FLAGS.top_k)
