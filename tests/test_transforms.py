@@ -107,10 +107,25 @@ def test_batch_crop_and_image_files(tmp_path):
     (np.zeros((8, 8, 3), np.float32), "uint8"),
     (np.zeros((2, 8, 8, 3), np.uint8), r"\.batch"),
     (np.zeros((8, 8, 2), np.uint8), "C in 1/3/4"),
+    (np.zeros((0, 5, 3), np.uint8), "holds no pixels"),  # these three were ZeroDivisionError, numpy's message and
+    (Image.new("RGB", (0, 5)), "0x5, which holds no pixels"),  # advice to scale floats by 255
+    (["photo.png"], r"got a list of 1; for several images use \.batch"),
 ])
 def test_bad_images_are_refused_in_one_sentence(image, message):
     with pytest.raises(ValueError, match=message):
         WEIGHTS["resnet50"]["DEFAULT"].transforms()(image)
+    with pytest.raises(ValueError, match="batch.. got no images"):
+        WEIGHTS["resnet50"]["DEFAULT"].transforms().batch([])
+
+
+def test_encoded_images_are_read_as_predict_reads_them():
+    """Bytes, an open file and BytesIO, which predict takes, were refused with advice to scale floats by 255."""
+    encoded = io.BytesIO()
+    Image.fromarray(PHOTOS["odd_333x501"]).save(encoded, "PNG")
+    transform = WEIGHTS["resnet50"]["DEFAULT"].transforms()
+    want = transform(PHOTOS["odd_333x501"])
+    for image in (encoded.getvalue(), io.BytesIO(encoded.getvalue())):
+        np.testing.assert_array_equal(transform(image), want)
 
 
 def test_bad_image_files_are_named(tmp_path):

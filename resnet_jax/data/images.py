@@ -56,11 +56,11 @@ def split_images(images: Any, channels: int, first: int = 0) -> list[np.ndarray]
     allowed = {*CHANNELS, channels}
     if isinstance(images, (str, Path, bytes, bytearray)) or _is_pil(images) or _is_file(images):
         what = str(images) if isinstance(images, (str, Path)) else "the image"
-        return [_one_image(_decoded(images), what, allowed)]
+        return [_one_image(decoded(images), what, allowed)]
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("predict got an empty list; pass at least one image (an array or a file path)")
-        return [_one_image(_decoded(x), f"item {i} of the list", allowed) for i, x in enumerate(images, first)]
+        return [_one_image(decoded(x), f"item {i} of the list", allowed) for i, x in enumerate(images, first)]
     array = np.asarray(images)
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in allowed):
         return [_one_image(array, "the image", allowed)]
@@ -151,7 +151,7 @@ def _is_file(image: Any) -> bool:
     return hasattr(image, "read") and hasattr(image, "seek")
 
 
-def _decoded(image: Any) -> Any:
+def decoded(image: Any) -> Any:
     """A file path, encoded bytes, an open file or a PIL image as a uint8 array (the one way all are read);
     anything else as it is."""
     import io

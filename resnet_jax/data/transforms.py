@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from resnet_jax.data.augment import normalize
-from resnet_jax.data.images import pil_pixels, read_image
+from resnet_jax.data.images import decoded, pil_pixels
 
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 # timm's crop modes: "center" resizes the short side and crops (torchvision's only mode), "squash" resizes both
@@ -74,6 +73,8 @@ class EvalTransform:
 
     def batch(self, images) -> np.ndarray:
         """float32 ``(N, crop_size, crop_size, 3)`` from a list of images, or a uint8 ``(N, H, W, C)`` array."""
+        if len(images) == 0:  # numpy's "need at least one array to stack"
+            raise ValueError("batch() got no images; pass at least one")
         return np.stack([self(image) for image in images])
 
     def prepare(self, images: Any, channels: int = 3, first: int = 0) -> np.ndarray:
@@ -113,14 +114,20 @@ _TIMM_DEFAULTS = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation
 
 
 def _as_rgb_pil(image: Any) -> Image.Image:
-    """A file or PIL image as RGB by ``images.pil_pixels``, as predict and the data readers decode: Pillow's
+    """A file (a path, encoded bytes, an open file), an array or a PIL image as RGB by ``images.pil_pixels``, as predict and the data readers decode: Pillow's
     conversion (torchvision's, to the bit) for every 8-bit mode, and the top 8 bits of 16-bit greyscale, which
     ``convert("RGB")`` clips to white (a 16-bit scan came out all saturated here while predict read it right)."""
-    if isinstance(image, (str, Path)):
-        image = read_image(image)  # a missing, damaged or non-image file named in one ValueError
-    elif isinstance(image, Image.Image):
+    if isinstance(image, Image.Image):
+        if 0 in image.size:
+            raise ValueError(f"the image is {image.size[0]}x{image.size[1]}, which holds no pixels; pass a non-empty "
+                             "image")
         return pil_pixels(image, "RGB")
-    array = np.asarray(image)
+    if isinstance(image, (list, tuple)):
+        raise ValueError(f"the transform takes one image, got a {type(image).__name__} of {len(image)}; for several "
+                         "images use .batch(images)")
+    # a path, encoded bytes or an open file read as predict reads them (a missing, damaged or non-image file
+    # named in one ValueError); arrays as they are
+    array = np.asarray(decoded(image))
     if array.dtype != np.uint8:
         raise ValueError(f"the transform takes uint8 images (0-255) or PIL images, got an array of {array.dtype}; "
                          f"convert it first, e.g. (x * 255).round().astype(np.uint8) for values in [0, 1]")
@@ -129,6 +136,8 @@ def _as_rgb_pil(image: Any) -> Image.Image:
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
         raise ValueError(f"the transform takes one image, (H, W) or (H, W, C) with C in 1/3/4, got shape "
                          f"{array.shape}; for several images use .batch(images)")
+    if 0 in array.shape:
+        raise ValueError(f"the image has shape {array.shape}, which holds no pixels; pass a non-empty image")
     return Image.fromarray(array).convert("RGB")
 
 
