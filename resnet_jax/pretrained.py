@@ -245,6 +245,9 @@ def _model_and_tag(name: str, weights: Any) -> tuple[str, str]:
         tag = named
     if owner and owner.lower() not in (model, f"{model}_weights"):
         raise ValueError(f"weights={weights!r} are not {model}'s; give {model}'s own, e.g. the tag {tag!r} alone")
+    if not tag.strip():  # would have asked the hub for the repository "timm/resnet50."
+        raise ValueError(f"the weights' tag is empty in {name!r} (weights={weights!r}); give {model!r} alone for its "
+                         f"default weights, or a tag, e.g. {model}.<tag>")
     return model, tag
 
 

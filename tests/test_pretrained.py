@@ -451,3 +451,6 @@ def test_misspelt_tags_and_models_without_weights_get_true_advice(monkeypatch):
     assert "load_timm" not in str(info.value)
     with pytest.raises(ValueError, match=r"any other model of resnet_jax .* with load_torchvision\.$"):
         weights_info("resnet20")
+    for args in (("resnet50.",), ("resnet50", ""), ("resnet50", " ")):  # was huggingface_hub's HFValidationError
+        with pytest.raises(ValueError, match=r"the weights' tag is empty in 'resnet50.*; give 'resnet50' alone"):
+            weights_info(*args)
