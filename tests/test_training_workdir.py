@@ -10,9 +10,9 @@ import ml_collections
 import pytest
 
 from resnet_jax.checkpoint import ConfigMismatch
-from resnet_jax.training import base_config, train
+from resnet_jax.training import base_config, train, validate
 from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION
-from resnet_jax.training.workdir import check, write_config
+from resnet_jax.training.workdir import CONFIG_FILE, check, write_config
 from training_helpers import count_compiles, snapshot, tiny_config
 
 # The parametrisations below derive their keys from config.py, so a new key is covered the day it is added; these
@@ -240,6 +240,26 @@ def test_changing_a_continuable_key_continues_and_logs_the_change(saved, key):
     messages = []
     check(saved, new, messages.append)
     assert messages == [f"continuing the run in {saved} with changed settings: {described}"]
+
+
+def test_a_run_saved_before_a_key_existed_resumes_at_the_value_its_default_resolves_to(tmp_path):
+    """Runs saved before ``eval_interpolation``/``eval_crop_mode`` existed were refused ('eval_interpolation: ""
+    -> "bilinear"'): the saved side was completed with the raw default "", which validate turns into "bilinear"
+    (or, for published weights in init_from, which came with these keys, the weights' own). Setting such a key
+    otherwise is still a change."""
+    c = validate(config())  # train compares the validated config
+    write_config(tmp_path, c)
+    recorded = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for key in ("eval_interpolation", "eval_crop_mode"):
+        del recorded[key]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(recorded))
+    messages = []
+    check(tmp_path, c, messages.append)
+    assert messages == []
+    other = copy.deepcopy(c)
+    other.eval_crop_mode = "squash"
+    with pytest.raises(ConfigMismatch, match='eval_crop_mode: "center" -> "squash"'):
+        check(tmp_path, other, messages.append)
 
 
 @pytest.mark.parametrize("key", PER_INVOCATION)

@@ -32,7 +32,7 @@ import ml_collections
 from resnet_jax.atomic import replace_atomically
 from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch, has_checkpoints
 from resnet_jax.parallel import initialize_distributed, process_failures, process_strings, sync_processes
-from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, STARTING_WEIGHTS, base_config
+from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, STARTING_WEIGHTS, base_config, validate
 from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 CONFIG_FILE = "config.json"
@@ -238,9 +238,21 @@ def as_plain_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (old, new)}`` for every compared key that differs. The saved side is completed with
-    today's defaults, so a key added to the library since the run started counts as unchanged at its default."""
-    changes = _differences(_flatten({**as_plain_dict(base_config()), **old}), _flatten(new))
+    """``{dotted key: (old, new)}`` for every compared key that differs. A key added to the library since the
+    run started counts as unchanged unless set otherwise: the saved side takes the value its default resolves to
+    under the new config's other settings (``validate`` turns ``eval_interpolation``'s "" into "bilinear" or
+    the published weights' own; compared with the raw "", a run saved before the key existed was refused, and
+    setting it back could not help)."""
+    defaults = as_plain_dict(base_config())
+    added = {key: value for key, value in defaults.items() if key not in old}
+    completed = {**defaults, **old}
+    if added:
+        try:
+            resolved = as_plain_dict(validate(ml_collections.ConfigDict({**new, **added})))
+        except ValueError:  # the added keys' defaults do not validate under the new settings: compare them raw
+            resolved = defaults
+        completed.update({key: resolved[key] for key in added})
+    changes = _differences(_flatten(completed), _flatten(new))
     return {key: change for key, change in changes.items() if key.split(".")[0] not in PER_INVOCATION}
 
 
