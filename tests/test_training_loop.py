@@ -281,6 +281,10 @@ def test_the_divergence_advice_names_a_way_that_is_taken(tmp_path):
     ({"mixup_alpha": -0.2}, "mixup_alpha must be 0 or more"),
     ({"momentum": 1.5}, "momentum must be in \\[0, 1\\)"),
     ({"schedule": "multistep", "milestones": (60, 30)}, "milestones must be increasing"),
+    # were int()'s TypeError naming no key, a True taken as a 1 px resize, and str/int comparisons in the schedule
+    ({"num_epochs": None}, "config.num_epochs must be a number, got None"),
+    ({"eval_resize": True}, "config.eval_resize must be a number, got True"),
+    ({"schedule": "multistep", "milestones": ("30", "60")}, "milestones must be whole numbers of epochs"),
 ])
 def test_bad_configs_fail_before_compiling_with_nothing_written(tmp_path, overrides, message):
     with count_compiles() as compiles, pytest.raises(ValueError, match=message):

@@ -183,11 +183,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice("train_interpolation", full.train_interpolation, TRAIN_INTERPOLATIONS)
     _choice("lr_scaling", full.lr_scaling, ("linear", "none"))
     _choice("normalize", full.normalize, ("dataset", "imagenet"))
+    _check_kinds(full)  # first: the checks after it compare numbers (None had been int()'s TypeError)
     for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "image_size"):
         if int(full[key]) <= 0:
             raise ValueError(f"config.{key} must be positive, got {full[key]}")
-    _check_kinds(full)
     for key in RANGED_FLOATS:  # NaN fails no `x < 0` or `x <= 0` test, and infinity passes the lower bounds
         if not math.isfinite(full[key]):
             raise ValueError(f"config.{key} must be a finite number, got {full[key]}")
@@ -224,7 +224,7 @@ def _absolute_weight_paths(full: ml_collections.ConfigDict) -> None:
 # The integer settings: a boolean is an int to Python (True trained with ra_reps=1 and mixup_alpha=1.0 silently)
 INTEGERS = ("batch_size", "eval_batch_size", "num_epochs", "max_steps", "log_every_steps", "checkpoint_every_steps",
             "keep_checkpoints", "image_size", "ra_reps", "model_ema_steps", "grad_accum_steps", "num_workers", "seed",
-            "eval_every_epochs", "step_epochs", "early_stopping_patience")
+            "eval_every_epochs", "step_epochs", "early_stopping_patience", "eval_resize", "eval_crop")
 
 
 def _check_kinds(full: ml_collections.ConfigDict) -> None:
@@ -236,6 +236,9 @@ def _check_kinds(full: ml_collections.ConfigDict) -> None:
     for key in INTEGERS:
         if int(full[key]) != full[key]:
             raise ValueError(f"config.{key} must be a whole number, got {full[key]}")
+    milestones = tuple(full.milestones)
+    if not all(isinstance(m, numbers.Integral) and not isinstance(m, bool) for m in milestones):
+        raise ValueError(f"config.milestones must be whole numbers of epochs, got {milestones}")
     if full.num_workers < 0:
         raise ValueError(f"config.num_workers must be 0 (read in this process) or more, got {full.num_workers}")
     if not 0 <= full.seed < 2**32:
