@@ -85,6 +85,7 @@ def broken_configs(tmp_path):
     (tmp_path / "typo.py").write_text("from resnet_jax.training import base_config\n\n\ndef get_config():\n"
                                       "    c = base_config()\n    c.learning_rate = c.lr * 2\n    return c\n")
     (tmp_path / "key.py").write_text("def get_config():\n    return {}['missing']\n")
+    (tmp_path / "plain_dict.py").write_text("def get_config():\n    return {'model': 'resnet20'}\n")
     (tmp_path / "folder").mkdir()
     return tmp_path
 
@@ -105,8 +106,10 @@ def broken_configs(tmp_path):
     # a typo inside the file (an AttributeError or KeyError of its own) had been "cannot apply the --config flags"
     ("{tmp}/typo.py", "--config={tmp}/typo.py: the config file failed at line 6 of {tmp}/typo.py (AttributeError: "),
     ("{tmp}/key.py", "--config={tmp}/key.py: the config file failed at line 2 of {tmp}/key.py (KeyError: 'missing')"),
+    # a dict had met config.unlocked() as a traceback
+    ("{tmp}/plain_dict.py", "the config file's get_config() returned a dict; return an ml_collections.ConfigDict"),
 ], ids=["missing", "directory", "empty", "syntax-error", "get_config-raises", "unknown-variant", "attribute-typo",
-        "key-error"])
+        "key-error", "returns-a-dict"])
 def test_a_config_file_that_cannot_be_loaded_is_one_sentence_and_exit_code_2(tmp_path, value, message, capsys):
     """Used to be: ml_collections' OSError traceback (38 lines) for a missing file, the config file's own traceback
     for one that raises, and "Error whilst parsing config file:" without the error for an unknown variant."""

@@ -283,6 +283,7 @@ def test_the_divergence_advice_names_a_way_that_is_taken(tmp_path):
     ({"schedule": "multistep", "milestones": (60, 30)}, "milestones must be increasing"),
     # were int()'s TypeError naming no key, a True taken as a 1 px resize, and str/int comparisons in the schedule
     ({"num_epochs": None}, "config.num_epochs must be a number, got None"),
+    ({"num_epochs": 2.5}, "a config value has the wrong type: .*'num_epochs'"),  # was ml_collections' TypeError
     ({"eval_resize": True}, "config.eval_resize must be a number, got True"),
     ({"schedule": "multistep", "milestones": ("30", "60")}, "milestones must be whole numbers of epochs"),
 ])

@@ -28,6 +28,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -70,6 +71,9 @@ def parse_flags(argv: list[str]) -> list[str]:
             if message is None:
                 raise
             raise UsageError(message) from None
+        if not isinstance(config, ml_collections.ConfigDict):  # a dict had met config.unlocked() as a traceback
+            raise UsageError(f"the config file's get_config() returned a {type(config).__name__}; return an "
+                             "ml_collections.ConfigDict, e.g. resnet_jax.training.base_config() with changes")
     except UsageError as err:
         message = str(err)
         usage_error(message, before_exit=lambda: _join_to_refuse(argv, message))

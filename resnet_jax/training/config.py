@@ -172,7 +172,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in (*INTEGERS, *RANGED_FLOATS):  # before update(), which turns True into 1.0 for a float key
         if key in config and isinstance(config[key], bool):
             raise ValueError(f"config.{key} must be a number, got {config[key]!r}")
-    full.update(config)
+    try:
+        full.update(config)
+    except TypeError as err:  # a ConfigDict not made by base_config: ml_collections' type check, then a traceback
+        raise ValueError(f"a config value has the wrong type: {err}") from None
     full.dataset = _absolute_folder(full.dataset)
     if full.model not in MODEL_CONFIGS:
         create_model(full.model)  # raises the registry's error with close matches
