@@ -1,5 +1,5 @@
 """Fine-tune torchvision ResNet-18 weights on the bundled digits (a new 10-class head, ImageNet
-normalisation, a small constant learning rate). Point ``--config.init_from`` at a torchvision ``.pth`` (or
+normalisation, a small learning rate on a cosine schedule). Point ``--config.init_from`` at a torchvision ``.pth`` (or
 ``python -m train.export`` output, or another run's workdir)."""
 
 from resnet_jax.training import base_config
