@@ -486,8 +486,12 @@ def load_variables(workdir: str | Path, step: int | str | None = None, use_ema: 
         raise CheckpointError(f"cannot read the checkpoints in {checkpoints} ({_reason(err)}); nothing was changed. "
                               "Restore the directory from a copy, or point at another run") from None
     try:
-        if step == "best":
-            step = ckpt.best_step() or ckpt.latest_step()  # no evaluation saved: the latest
+        if step == "best":  # without an evaluation there is no best; the latest in its place went unsaid
+            step = ckpt.best_step()
+            if step is None:
+                raise CheckpointError(f"no checkpoint in {ckpt.directory} was saved with an evaluation, so none is "
+                                      f"the best; leave the step out for the latest ({ckpt.latest_step()}), or "
+                                      f"give one of the steps {ckpt.steps()}")
         if isinstance(step, str) and not step.isdigit():
             raise ValueError(f"step {step!r} is neither a number nor 'best'")
         step = ckpt.latest_step() if step is None else int(step)

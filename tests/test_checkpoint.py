@@ -56,6 +56,18 @@ def test_step_best_loads_the_best_checkpoint_and_a_number_that_one(workdir):
     np.testing.assert_array_equal(fifth["params"]["fc"]["kernel"], 5.0)
 
 
+def test_best_of_a_run_never_evaluated_is_a_clear_error(tmp_path):
+    """It loaded the latest instead, unsaid (train.init_from_step="best" then logged "the best checkpoint")."""
+    checkpoints = Checkpointer(tmp_path / "checkpoints", keep=2)
+    for step in (1, 2):
+        checkpoints.save(step, arrays(step), None, {"class_names": ["a", "b", "c"]}, {"model": "m"}, None)
+    checkpoints.close()
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* was saved with an evaluation, so none is the "
+                                              r"best; leave the step out for the latest \(2\), or give one of "
+                                              r"the steps \[1, 2\]"):
+        load_variables(tmp_path, "best")
+
+
 def test_a_step_that_was_not_kept_is_a_clear_error(workdir):
     with pytest.raises(CheckpointError, match=r"no checkpoint at step 3 .* it has steps \[2, 5, 6\]"):
         load_variables(workdir, 3)
