@@ -533,6 +533,8 @@ def _load_saved_model(workdir: Path, use_ema: bool) -> tuple[dict, dict, list[st
         if missing:
             raise ValueError(f"it has no {' or '.join(map(repr, missing))}")
         config, class_names = info["config"], list(info["class_names"])
+        if not isinstance(config, dict):  # Classifier.load met it as an AttributeError
+            raise ValueError(f"its config is a JSON {type(config).__name__}, not a config's keys")
         arrays = info.get("arrays", MODEL_DIR)
         if not _plain_name(arrays):
             raise ValueError(f"its arrays entry {arrays!r} is not a folder of the model's directory")

@@ -208,7 +208,9 @@ def test_a_saved_model_is_checked_and_a_damaged_one_is_a_clear_error(tmp_path):
     (lambda d: (d / "model.json").unlink(), "FileNotFoundError"),
     (lambda d: (d / "model.json").write_text("{"), "JSONDecodeError"),
     (lambda d: (d / "model.json").write_text("{}"), "ValueError: it has no 'config' or 'class_names'"),
-], ids=["deleted", "garbage", "without-keys"])
+    (lambda d: (d / "model.json").write_text('{"config": "x", "class_names": []}'),  # was an AttributeError
+     "ValueError: its config is a JSON str, not a config's keys"),
+], ids=["deleted", "garbage", "without-keys", "config-not-a-mapping"])
 def test_a_saved_model_without_a_readable_model_json_is_a_clear_error(tmp_path, damage, reason):
     saved_model(tmp_path)
     damage(tmp_path)

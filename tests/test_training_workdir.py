@@ -135,6 +135,16 @@ def test_a_half_written_config_json_says_the_checkpoints_keep_the_config_and_del
     assert not list(run_copy.glob(".config.json.*"))  # no partial copy left beside it
 
 
+@pytest.mark.parametrize("text,kind", [("[]", "list"), ("null", "NoneType"), ('"x"', "str")])
+def test_a_config_json_of_another_json_shape_is_named_damaged(run_copy, text, kind):
+    """Valid JSON but no mapping: a TypeError traceback ("'list' object is not a mapping"), or for null "no
+    config.json" though there was one."""
+    (run_copy / "config.json").write_text(text)
+    with pytest.raises(ConfigMismatch, match=rf"config.json is damaged: it holds a JSON {kind}, not a config's keys; "
+                                             r"restore it \(the checkpoints keep the run's config"):
+        train(config(), run_copy)
+
+
 def test_checkpoints_of_another_run_are_refused_though_config_json_agrees(run_copy, tmp_path):
     """The checkpoints carry their own config. Copied in from a run with another learning rate (config.json kept,
     so ``check`` saw no change), they were resumed under this config without a word."""

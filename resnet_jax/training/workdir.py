@@ -212,11 +212,15 @@ def saved_config(workdir: Path) -> dict[str, Any] | None:
     path = workdir / CONFIG_FILE
     if path.exists():
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict):  # valid JSON of another shape: a TypeError traceback, or "no config"
+                raise ValueError(f"it holds a JSON {type(saved).__name__}, not a config's keys")
+            return saved
+        except ValueError as err:  # json.JSONDecodeError is one
             kept = (" (the checkpoints keep the run's config: deleting it resumes from them)"
                     if (workdir / CHECKPOINTS).is_dir() else "")
-            raise ConfigMismatch(f"{path} is not valid JSON ({err}); restore it{kept}, use a new --workdir, or pass "
+            what = f"is not valid JSON ({err})" if isinstance(err, json.JSONDecodeError) else f"is damaged: {err}"
+            raise ConfigMismatch(f"{path} {what}; restore it{kept}, use a new --workdir, or pass "
                                  "--config.restart=True to move the old run aside") from None
     if not (workdir / CHECKPOINTS).is_dir():
         return None
