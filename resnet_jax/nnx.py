@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,6 +28,14 @@ from resnet_jax import resnet as _linen
 from resnet_jax import torchvision as _weights
 from resnet_jax.pretrained import pretrained as _linen_pretrained  # the package's `pretrained` is this function
 from resnet_jax.variable_fit import differences, listed, model_shapes, shapes_of
+
+# The NNX API this face uses (Variable.set_value, nnx.to_pure_dict) is flax 0.12.3's; the linen models need only
+# the package's flax>=0.10, so the floor is checked here, where an older flax failed at first use.
+NNX_FLAX = (0, 12, 3)
+_found = tuple(int(part) for part in flax.__version__.split(".")[:3] if part.isdigit())
+if _found < NNX_FLAX:
+    raise ImportError(f"resnet_jax.nnx needs flax >= {'.'.join(map(str, NNX_FLAX))} (nnx.view: 0.12.4), found "
+                      f"{flax.__version__}; pip install -U flax (the linen models work with flax >= 0.10)")
 
 # linen collection <-> NNX Variable type; every collection a ResNet has
 _COLLECTIONS: dict[str, type[nnx.Variable]] = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
@@ -57,7 +66,9 @@ class ResNet(nnx.Module):
         if unknown:
             raise ValueError(f"expected linen variables with the collections {sorted(_COLLECTIONS)}, got the "
                              f"extra collection(s) {unknown}")
-        missing = [c for c in _COLLECTIONS if not variables.get(c)]
+        # a folded model (ops.fold_batchnorm) has its BatchNorm inside the convolutions: no statistics, inference only
+        needed = [c for c in _COLLECTIONS if not (linen_module.folded and c == "batch_stats")]
+        missing = [c for c in needed if not variables.get(c)]
         if missing:  # variables["params"] alone is an easy slip; it failed at the first call, in flax's words
             raise ValueError(f"the variables have no {' or '.join(map(repr, missing))} collection (a ResNet's "
                              f"BatchNorm needs its running mean and variance): pass the whole dict linen's init "
@@ -73,7 +84,7 @@ class ResNet(nnx.Module):
         for name, value in tree.items():
             setattr(self, name, Layer(value))
         self.linen_module = linen_module
-        self.use_running_average = use_running_average
+        self.use_running_average = use_running_average or linen_module.folded  # a folded model only infers
         self.rngs = rngs
 
     def __call__(self, x: jax.Array) -> jax.Array | list[jax.Array]:
@@ -107,7 +118,12 @@ class ResNet(nnx.Module):
         return out
 
     def set_view(self, use_running_average: bool | None = None) -> None:
-        """Used by ``nnx.view(model, use_running_average=...)``, as ``nnx.BatchNorm.set_view``."""
+        """Used by ``nnx.view(model, use_running_average=...)``, as ``nnx.BatchNorm.set_view``.
+
+        Args:
+          use_running_average: if True, BatchNorm uses the stored running averages (eval mode); if False, the
+            batch's statistics, updating the running averages (train mode).
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 

@@ -12,7 +12,7 @@ from flax import nnx
 from flax.traverse_util import flatten_dict
 
 import resnet_jax
-from conftest import assert_close, random_batch_stats
+from conftest import assert_close, random_batch_stats, run_python
 from conftest import random_variables as conftest_random_variables
 from resnet_jax import nnx as rnnx
 
@@ -142,6 +142,21 @@ def test_split_merge_and_view(resnet18d):
     train_view = nnx.view(model, use_running_average=False)
     assert not train_view.use_running_average and model.use_running_average
     np.testing.assert_array_equal(call(train_view, x), linen_apply(module, variables, x, train=True)[0])
+    # flax's view_info reads set_view's "Args:" section, as nnx.BatchNorm has it (it was a KeyError)
+    assert "use_running_average" in str(nnx.view_info(model))
+
+
+def test_a_folded_model_becomes_an_inference_only_nnx_model(resnet18d):
+    """``from_linen(*fold_batchnorm(...))`` was refused for its empty batch_stats ("pass the whole dict")."""
+    from resnet_jax.ops import fold_batchnorm
+
+    module, variables = resnet18d
+    folded_module, folded = fold_batchnorm(module, variables)
+    model = rnnx.from_linen(folded_module, folded)
+    x = images((2, 32, 32, 3))
+    assert model.use_running_average  # it has no batch statistics to normalise a batch with
+    np.testing.assert_array_equal(call(model, x), linen_apply(folded_module, folded, x))
+    np.testing.assert_allclose(call(model, x), linen_apply(module, variables, x), rtol=1e-4, atol=1e-4)
 
 
 def test_linen_round_trip_and_torchvision_weights(tmp_path):
@@ -274,3 +289,15 @@ def test_loaded_weights_fine_tune_with_stochastic_depth():
     tv = rnnx.load_torchvision("resnet18", torchvision.models.resnet18().state_dict(), drop_path_rate=0.1,
                                rngs=nnx.Rngs(dropout=0))
     assert call(tv, x).shape == (2, 1000)
+
+
+def test_an_older_flax_is_named_on_import():
+    """flax 0.10 (which the package allows for its linen models) lacks the NNX API used here: the face failed at
+    the first create_model with "module 'flax.nnx' has no attribute 'to_pure_dict'"."""
+    proc = run_python("""
+        import flax
+        flax.__version__ = "0.10.0"
+        import resnet_jax.nnx
+    """, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "ImportError: resnet_jax.nnx needs flax >= 0.12.3 (nnx.view: 0.12.4), found 0.10.0" in last, last
