@@ -116,6 +116,12 @@ class ResNet(nn.Module):
         rate = self.drop_path_rate
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
             raise ValueError(f"drop_path_rate must be a number in [0, 1), got {rate!r}")
+        momentum, epsilon = self.bn_momentum, self.bn_epsilon  # out of range: NaN logits, no error
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"bn_momentum is the running averages' decay, in [0, 1] (flax's convention: torch's "
+                             f"momentum 0.1 is 0.9), got {momentum!r}")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0.0 <= epsilon < float("inf"):
+            raise ValueError(f"bn_epsilon must be a finite number >= 0 (added to the variance), got {epsilon!r}")
         if (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, numbers.Integral)
                 or self.num_classes < 0):
             raise ValueError(f"num_classes must be a whole number >= 0 (0: no head, the pooled features), got "
@@ -252,6 +258,8 @@ class ResNet(nn.Module):
         hint = ""
         if len(shape) == 4 and shape[1] == self.in_channels:
             hint = " It looks channels-first (NCHW): transpose with x.transpose(0, 2, 3, 1)."
+        elif len(shape) == 3 and self.in_channels == 1 and shape[-1] != 1:  # x[None] led to "in_channels=W"
+            hint = " A greyscale batch (N, H, W) needs its channel axis: x[..., None]."
         elif len(shape) == 3:
             hint = " Add a batch axis with x[None]."
         elif len(shape) == 4:

@@ -268,6 +268,16 @@ def test_images_without_pixels_and_nested_lists_get_true_messages():
         model.apply(variables, [[[0.0, 0.0]]])
 
 
+def test_a_greyscale_batch_without_its_channel_axis_is_told_to_add_it():
+    """(N, H, W) to a one-channel model had the advice x[None], which then asked for in_channels=W."""
+    model = create_model("resnet20", in_channels=1)
+    with pytest.raises(ValueError, match=r"got shape \(8, 16, 16\)\. A greyscale batch \(N, H, W\) needs its "
+                                         r"channel axis: x\[\.\.\., None\]"):
+        model.init(jax.random.key(0), jnp.zeros((8, 16, 16)))
+    with pytest.raises(ValueError, match=r"Add a batch axis with x\[None\]"):  # one image, channels last
+        model.init(jax.random.key(0), jnp.zeros((16, 16, 1)))
+
+
 @pytest.mark.parametrize("option,message", [
     ({"drop_path_rate": None}, "drop_path_rate must be a number in \\[0, 1\\), got None"),
     ({"num_classes": -1}, "num_classes must be a whole number >= 0 .*got -1"),
@@ -283,7 +293,10 @@ def test_images_without_pixels_and_nested_lists_get_true_messages():
     ({"stage_sizes": (2, -1, 2, 2)}, r"stage_sizes must be a sequence of whole numbers >= 0.*got \(2, -1, 2, 2\)"),
     ({"stage_sizes": 2}, "stage_sizes must be a sequence of whole numbers >= 0.*got 2"),
     ({"dtype": "float8"}, "dtype must be a floating dtype .*got 'float8'"),
-    ({"param_dtype": jnp.int32}, "param_dtype must be a floating dtype")])
+    ({"param_dtype": jnp.int32}, "param_dtype must be a floating dtype"),
+    # out of range, these gave NaN logits without an error
+    ({"bn_epsilon": -1.0}, r"bn_epsilon must be a finite number >= 0 .*got -1.0"),
+    ({"bn_momentum": 1.5}, r"bn_momentum is the running averages' decay, in \[0, 1\] .*got 1.5")])
 def test_options_of_the_wrong_kind_are_one_sentence(option, message):
     """Used to be a raw TypeError from a comparison with None, an MLIRError at the head for -1 classes, a
     ZeroDivisionError, or another model than asked for."""
