@@ -134,6 +134,7 @@ class ResNet(nn.Module):
         if len(self.stage_sizes) != len(self.stage_widths):
             raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and stage_widths {tuple(self.stage_widths)} "
                              "must have the same length (one entry per stage)")
+        _check_widths(self)
         super().__post_init__()
 
     @nn.compact
@@ -275,6 +276,22 @@ _PER_STAGE = {"stage_sizes": 0, "stage_widths": 1}  # sequences of whole numbers
 
 def _whole(value, least: int = 1) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def _check_widths(model: "ResNet") -> None:
+    """Widths the layers cannot be built with: a deep stem's first convolutions take half the stem width (the
+    tiered one 3/8 of it, rounded down), which reached 0 (ZeroDivisionError in the initialiser); the zero_pad
+    shortcut pads channels and cannot narrow them (numpy's "index can't contain negative values")."""
+    least = {"deep": 2, "deep_tiered": 8}.get(model.stem, 1)
+    if model.stem_width < least:
+        raise ValueError(f"stem={model.stem!r} needs stem_width >= {least} (its first convolutions are narrower), "
+                         f"got {model.stem_width}")
+    if model.shortcut == "zero_pad":
+        expansion = BLOCKS[model.block].expansion
+        widths = [model.stem_width, *(w * expansion for w, n in zip(model.stage_widths, model.stage_sizes) if n)]
+        if any(b < a for a, b in zip(widths, widths[1:])):
+            raise ValueError(f"shortcut='zero_pad' pads the channels, so the widths cannot shrink from the stem on: "
+                             f"got {widths} (stem, then each stage's output); use shortcut='projection'")
 
 
 def _check_kinds(model: "ResNet") -> None:

@@ -296,7 +296,11 @@ def test_a_greyscale_batch_without_its_channel_axis_is_told_to_add_it():
     ({"param_dtype": jnp.int32}, "param_dtype must be a floating dtype"),
     # out of range, these gave NaN logits without an error
     ({"bn_epsilon": -1.0}, r"bn_epsilon must be a finite number >= 0 .*got -1.0"),
-    ({"bn_momentum": 1.5}, r"bn_momentum is the running averages' decay, in \[0, 1\] .*got 1.5")])
+    ({"bn_momentum": 1.5}, r"bn_momentum is the running averages' decay, in \[0, 1\] .*got 1.5"),
+    # a zero-width first convolution (ZeroDivisionError) and a zero_pad shortcut asked to narrow (numpy's error)
+    ({"stem": "deep_tiered", "stem_width": 6}, r"stem='deep_tiered' needs stem_width >= 8 .*got 6"),
+    ({"shortcut": "zero_pad", "stage_widths": (64, 32, 256, 512)},
+     r"shortcut='zero_pad' pads the channels, so the widths cannot shrink .*got \[64, 64, 32, 256, 512\]")])
 def test_options_of_the_wrong_kind_are_one_sentence(option, message):
     """Used to be a raw TypeError from a comparison with None, an MLIRError at the head for -1 classes, a
     ZeroDivisionError, or another model than asked for."""
