@@ -143,6 +143,10 @@ def test_greyscale_equals_pillows_l_conversion_on_every_pixel():
     pillow = np.asarray(Image.fromarray(rgb).convert("L"))
     np.testing.assert_array_equal(aug.to_channels(rgb, 1)[..., 0], pillow)
     np.testing.assert_array_equal(aug.to_channels(rgb[None], 1)[0, ..., 0], pillow)  # a batch, the same
+    floats = rgb.astype(np.float32) / 255  # other dtypes keep theirs, unrounded (was uint8 of rounded 0..1 values)
+    grey = aug.to_channels(floats, 1)
+    assert grey.dtype == np.float32
+    np.testing.assert_allclose(grey[..., 0] * 255, pillow, atol=0.5 + 1e-3)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])

@@ -123,7 +123,8 @@ def to_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
     if have == 3 and channels == 1:
         if image.dtype == np.uint8:
             return ((image.astype(np.uint32) @ _LUMA_FIXED + 0x8000) >> 16)[..., None].astype(np.uint8)
-        return np.round(image.astype(np.float32) @ _LUMA)[..., None].astype(image.dtype)
+        grey = image.astype(np.float32) @ _LUMA
+        return (np.round(grey) if np.issubdtype(image.dtype, np.integer) else grey)[..., None].astype(image.dtype)
     raise ValueError(f"Cannot convert {have}-channel images to {channels} channels; only 1 <-> 3 is supported.")
 
 
