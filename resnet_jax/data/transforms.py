@@ -114,9 +114,10 @@ _TIMM_DEFAULTS = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation
 
 
 def _as_rgb_pil(image: Any) -> Image.Image:
-    """A file (a path, encoded bytes, an open file), an array or a PIL image as RGB by ``images.pil_pixels``, as predict and the data readers decode: Pillow's
-    conversion (torchvision's, to the bit) for every 8-bit mode, and the top 8 bits of 16-bit greyscale, which
-    ``convert("RGB")`` clips to white (a 16-bit scan came out all saturated here while predict read it right)."""
+    """A file (a path, encoded bytes, an open file), an array or a PIL image as RGB by ``images.pil_pixels``, as
+    predict and the data readers decode: Pillow's conversion (torchvision's, to the bit) for every 8-bit mode, and
+    the top 8 bits of 16-bit greyscale, which ``convert("RGB")`` clips to white (a 16-bit scan came out all
+    saturated here while predict read it right)."""
     if isinstance(image, Image.Image):
         if 0 in image.size:
             raise ValueError(f"the image is {image.size[0]}x{image.size[1]}, which holds no pixels; pass a non-empty "

@@ -253,7 +253,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
     if added:
         try:
             resolved = as_plain_dict(validate(ml_collections.ConfigDict({**new, **added})))
-        except ValueError:  # the added keys' defaults do not validate under the new settings: compare them raw
+        except (ValueError, TypeError, OSError):  # they do not validate under the new settings: compare them raw
             resolved = defaults
         completed.update({key: resolved[key] for key in added})
     changes = _differences(_flatten(completed), _flatten(new))
