@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from resnet_jax.pretrained import DownloadError
+from resnet_jax.errors import DownloadError
 
 HUB_ORGANISATION = "timm"
 HUB_ENDPOINT = "https://huggingface.co"

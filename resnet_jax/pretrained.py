@@ -38,14 +38,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from resnet_jax.atomic import give_ordinary_permissions
+from resnet_jax.errors import DownloadError
 
 OFFICIAL_BASE = "https://download.pytorch.org/models"
 CACHE_ENV, MIRROR_ENV = "RESNET_JAX_CACHE", "RESNET_JAX_WEIGHTS_MIRROR"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class DownloadError(ConnectionError):
-    """A weights file could not be fetched (no network, server error, interrupted transfer)."""
 
 
 @dataclasses.dataclass(frozen=True)
