@@ -43,8 +43,8 @@ def check_sources(workdir: str | None, artifact: str | None, step: str | None, p
 
 def load_model(workdir: str | None, artifact: str | None, step: str | None, pretrained: str | None = None,
                weights_file: str | None = None):
-    """``(model, channels it takes)``: a ``Classifier`` or an ``ExportedModel``, both with ``predict``."""
-    check_sources(workdir, artifact, step, pretrained, weights_file)
+    """``(model, channels it takes)``: a ``Classifier`` or an ``ExportedModel``, both with ``predict``; the flags
+    already passed ``check_sources`` (``main`` checks them before anything loads)."""
     if pretrained:
         from resnet_jax.training.classifier import Classifier
 
