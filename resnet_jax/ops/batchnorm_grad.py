@@ -11,9 +11,10 @@ one for the two per-channel sums, one for the input gradient.
 
 The first three or four operands are the linear ones; ``x, y, mean, var, scale`` are the primal input, output,
 batch statistics and scale, ``coef`` the forward's ``(mean, mul, bias)`` (the C++ passes recompute the ReLU's mask
-from ``x`` with them where there is no residual, instead of reading ``y``). Both primitives evaluate,
-differentiate (to any order) and ``vmap`` through their jnp reference (``_tangent``, ``_cotangent``), so every
-transformation stays exact; only the lowering of ``cotangent_p`` with ``extension=True`` runs the C++ passes.
+from ``x`` with them where there is no residual, instead of reading ``y``, and centre ``x`` by its mean). Both
+primitives evaluate, differentiate (to any order) and ``vmap`` through their jnp reference (``_tangent``,
+``_cotangent``), so every transformation stays exact; only the lowering of ``cotangent_p`` with ``extension=True``
+runs the C++ passes.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def _axes(x):
 
 # --------------------------------------------------------------------------------------- jnp references
 def _tangent(*args, relu, epsilon, has_residual, extension, dtypes):
-    """The derivative of ``relu(bn(x) + residual), mean, var``, linear in the tangents. Written in ``x`` and
-    per-channel vectors only (``(x - mean) * s`` as ``x * s - mean * s``), so its transpose reads ``x`` and ``y``,
-    which exist anyway, and never a saved ``x - mean``."""
+    """The derivative of ``relu(bn(x) + residual), mean, var``, linear in the tangents, in ``x`` and per-channel
+    vectors. ``x`` appears only as ``x - mean``, centred before it multiplies: ``x * s - mean * s`` cancels where a
+    channel's mean is large against its spread (torch's backward centres too)."""
     del extension, dtypes
     n = _linear_count(has_residual)
     (dx, dscale, dbias), dres = args[:3], (args[3] if has_residual else None)
@@ -53,10 +54,11 @@ def _tangent(*args, relu, epsilon, has_residual, extension, dtypes):
     r = lax.rsqrt(var + epsilon)
     dxf = dx.astype(jnp.float32)
     dmean = jnp.mean(dxf, _axes(x))
-    dvar = 2.0 * (jnp.mean(xf * dxf, _axes(x)) - mean * dmean)
+    centred = xf - mean
+    dvar = 2.0 * jnp.mean(centred * dxf, _axes(x))
     s = -0.5 * r * r * r * dvar * scale_f + r * dscale.astype(jnp.float32)
-    per_channel = -dmean * r * scale_f - mean * s + dbias.astype(jnp.float32)
-    t = (dxf * (r * scale_f) + xf * s + per_channel).astype(y.dtype)
+    per_channel = -dmean * r * scale_f + dbias.astype(jnp.float32)
+    t = (dxf * (r * scale_f) + centred * s + per_channel).astype(y.dtype)
     if dres is not None:
         t = t + dres.astype(y.dtype)
     if relu:
@@ -65,13 +67,15 @@ def _tangent(*args, relu, epsilon, has_residual, extension, dtypes):
 
 
 def _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon):
-    """From the sums ``(sum g, sum g * x)``: the scale's gradient and ``dx = g * a + x * b + c`` per channel."""
+    """From the sums ``(sum g, sum g * (x - mean))``: the scale's gradient and ``dx = g * a + (x - mean) * b + c``
+    per channel. (The sums centred as they are taken: ``sum g * x - mean * sum g`` cancels, to no correct digit
+    where a channel's mean is 1e4 times its spread.)"""
     n = x.size // x.shape[-1]
-    sum_g, sum_gx = sums[0], sums[1]
+    sum_g, sum_g_centred = sums[0], sums[1]
     r, scale_f = lax.rsqrt(var + epsilon), scale.astype(jnp.float32)
-    dscale = r * (sum_gx - mean * sum_g)
+    dscale = r * sum_g_centred
     b = 2.0 * ct_var / n - r * r * scale_f * dscale / n
-    c = (ct_mean - r * scale_f * sum_g) / n - b * mean
+    c = (ct_mean - r * scale_f * sum_g) / n
     return dscale, sum_g, jnp.stack([r * scale_f, b, c])
 
 
@@ -84,10 +88,10 @@ def _cotangent(ct, ct_mean, ct_var, x, y, mean, var, scale, coef, *, relu, epsil
     """The transpose of ``_tangent``: the backward pass of BatchNorm + residual + ReLU (jnp)."""
     del extension, coef
     g = _masked(ct, y, relu)
-    gf, xf = g.astype(jnp.float32), x.astype(jnp.float32)
-    sums = jnp.stack([jnp.sum(gf, _axes(x)), jnp.sum(gf * xf, _axes(x))])
+    gf, centred = g.astype(jnp.float32), x.astype(jnp.float32) - mean
+    sums = jnp.stack([jnp.sum(gf, _axes(x)), jnp.sum(gf * centred, _axes(x))])
     dscale, dbias, coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
-    dx = gf * coef[0] + xf * coef[1] + coef[2]
+    dx = gf * coef[0] + centred * coef[1] + coef[2]
     return _cast([dx, dscale, dbias] + ([g] if has_residual else []), dtypes)
 
 
@@ -101,16 +105,16 @@ def _cotangent_extension(ct, ct_mean, ct_var, x, y, mean, var, scale, coef, *, r
         # there the block's first convolution adds g inside its own kernel (fanout.py; the extension's GEMM and
         # Winograd are float32 algorithms); in bfloat16 XLA's add of the two gradients masks ct as it reads it,
         # and writing g first made a ResNet-18-CIFAR step 1% slower (BENCHMARKS.md, 2026-12-06)
-        sums, g = calls.batch_norm_grad_sums_masked(ct, y, x)
+        sums, g = calls.batch_norm_grad_sums_masked(ct, y, x, coef)
         dscale, dbias, grad_coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
-        dx = calls.batch_norm_grad_apply(g, y, x, grad_coef, False)
+        dx = calls.batch_norm_grad_apply(g, y, x, grad_coef, coef, False)
         return _cast([dx, dscale, dbias, g], dtypes)
     # without a residual the ReLU's mask is the sign of the forward's BatchNorm, recomputed from x (read anyway) by
     # the forward's own coefficients: y need not be read (BENCHMARKS.md, 2026-12-06, eighth session)
-    forward = coef if relu and not has_residual else None
-    sums = calls.batch_norm_grad_sums(ct, y, x, relu, forward)
+    from_x = relu and not has_residual
+    sums = calls.batch_norm_grad_sums(ct, y, x, coef, relu, from_x)
     dscale, dbias, grad_coef = _coefficients(sums, x, mean, var, scale, ct_mean, ct_var, epsilon)
-    dx = calls.batch_norm_grad_apply(ct, y, x, grad_coef, relu, forward)
+    dx = calls.batch_norm_grad_apply(ct, y, x, grad_coef, coef, relu, from_x)
     # the residual's gradient is the masked cotangent: XLA fuses it into whatever reads it
     return _cast([dx, dscale, dbias] + ([_masked(ct, y, relu)] if has_residual else []), dtypes)
 

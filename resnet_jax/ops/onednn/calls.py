@@ -236,33 +236,34 @@ def batch_norm_apply(x, coef, residual=None, relu=False):
                  dict(relu=int(bool(relu)), has_residual=int(residual is not None)))
 
 
-def _mask_operands(y, x, forward):
-    """The gradient passes' ReLU mask: ``y`` (``y > 0``), or with ``forward`` (the forward's ``(mean, mul, bias)``,
-    no residual) the sign of the BatchNorm recomputed from ``x``, ``y`` then a placeholder the call ignores."""
-    if forward is None:
-        return (y, jnp.zeros((1,), jnp.float32)), (SPLIT, WHOLE), 0
-    return (jnp.zeros((1,), x.dtype), forward), (WHOLE, WHOLE), 1
+def _mask_operands(y, x, mask_from_x):
+    """The gradient passes' ReLU mask: ``y`` (``y > 0``), or with ``mask_from_x`` (no residual) the sign of the
+    BatchNorm recomputed from ``x`` by the forward's coefficients, ``y`` then a placeholder the call ignores."""
+    return (jnp.zeros((1,), x.dtype), WHOLE) if mask_from_x else (y, SPLIT)
 
 
-def batch_norm_grad_sums(ct, y, x, relu, forward=None):
-    """``(2, C)`` float32: the per-channel sums of ``g`` and ``g * x``, ``g = ct`` where ``y > 0`` (with ``relu``;
-    with ``forward``, where ``x``'s BatchNorm by those coefficients is positive, as ``batch_norm_apply`` wrote
-    it)."""
-    mask, layout, from_x = _mask_operands(y, x, forward)
-    return _call("ResnetJaxBatchNormGradSums", (2, x.shape[-1]), jnp.float32, (ct, mask[0], x, mask[1]),
-                 (SPLIT, layout[0], SPLIT, layout[1]), dict(relu=int(bool(relu)), mask_from_x=from_x), summed=True)
+def batch_norm_grad_sums(ct, y, x, forward, relu, mask_from_x=False):
+    """``(2, C)`` float32: the per-channel sums of ``g`` and ``g * (x - mean)``, ``g = ct`` where ``y > 0`` (with
+    ``relu``; with ``mask_from_x``, where ``x``'s BatchNorm by ``forward`` is positive, as ``batch_norm_apply``
+    wrote it). ``forward`` is the forward's ``(mean, mul, bias)``, float32 ``(3, C)``: ``x`` is centred by its mean
+    as it is read, which keeps the second sum exact where a channel's mean is large against its spread."""
+    mask, layout = _mask_operands(y, x, mask_from_x)
+    return _call("ResnetJaxBatchNormGradSums", (2, x.shape[-1]), jnp.float32, (ct, mask, x, forward),
+                 (SPLIT, layout, SPLIT, WHOLE), dict(relu=int(bool(relu)), mask_from_x=int(bool(mask_from_x))),
+                 summed=True)
 
 
-def batch_norm_grad_sums_masked(ct, y, x):
+def batch_norm_grad_sums_masked(ct, y, x, forward):
     """``(sums, g)``: ``batch_norm_grad_sums`` with the ReLU, and the masked cotangent ``g`` itself, written over
     ``ct``'s buffer (XLA copies ``ct`` first only where it is still needed)."""
     return _call_results("ResnetJaxBatchNormGradSumsMasked", [((2, x.shape[-1]), jnp.float32, True, None),
                                                               (x.shape[1:], x.dtype, False, 0)],
-                         (ct, y, x), (SPLIT, SPLIT, SPLIT), {})
+                         (ct, y, x, forward), (SPLIT, SPLIT, SPLIT, WHOLE), {})
 
 
-def batch_norm_grad_apply(ct, y, x, coef, relu, forward=None):
-    """``g * coef[0] + x * coef[1] + coef[2]`` in ``x``'s dtype, ``g`` as in ``batch_norm_grad_sums``."""
-    mask, layout, from_x = _mask_operands(y, x, forward)
-    return _call("ResnetJaxBatchNormGradApply", x.shape[1:], x.dtype, (ct, mask[0], x, coef, mask[1]),
-                 (SPLIT, layout[0], SPLIT, WHOLE, layout[1]), dict(relu=int(bool(relu)), mask_from_x=from_x))
+def batch_norm_grad_apply(ct, y, x, coef, forward, relu, mask_from_x=False):
+    """``g * coef[0] + (x - mean) * coef[1] + coef[2]`` in ``x``'s dtype, ``g``, ``mean`` and ``forward`` as in
+    ``batch_norm_grad_sums``."""
+    mask, layout = _mask_operands(y, x, mask_from_x)
+    return _call("ResnetJaxBatchNormGradApply", x.shape[1:], x.dtype, (ct, mask, x, coef, forward),
+                 (SPLIT, layout, SPLIT, WHOLE, WHOLE), dict(relu=int(bool(relu)), mask_from_x=int(bool(mask_from_x))))

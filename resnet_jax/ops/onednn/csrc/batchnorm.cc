@@ -1,6 +1,8 @@
 // Training-mode BatchNorm + residual + ReLU as four passes over (rows, channels) tensors, channels last:
-//   forward:  Stats (sum x, sum x^2)            then Apply     (y = relu((x - mean) * mul + bias + residual))
-//   backward: GradSums (sum g, sum g * x, with g = ct masked by y > 0)  then GradApply (dx = g * a + x * b + c);
+//   forward:  Stats (sums of x - shift, and of its square) then Apply     (y = relu((x - mean) * mul + bias + residual))
+//   backward: GradSums (sum g, sum g * (x - mean), with g = ct masked by y > 0)  then GradApply
+//             (dx = g * a + (x - mean) * b + c); x centred by the forward's mean as it is read, not
+//             sum g * x - mean * sum g after, which cancels where a channel's mean is large against its spread;
 //             GradSumsMasked also writes g (a residual's gradient), and GradApply reads it unmasked; without a
 //             residual both passes may take the mask from x and the forward's coefficients instead of reading y
 // The per-channel arithmetic between the passes (statistics, coefficients) stays in JAX (batchnorm.py,
@@ -80,10 +82,11 @@ void WithFlag(bool flag, Body body) {
 
 // The ReLU's mask in the gradient passes: y > 0 read from the output, or (`from_x`, no residual) the sign of the
 // forward's BatchNorm recomputed from x and the coefficients Apply used, which saves reading y: x is read anyway.
+// The forward's mean also centres x in both gradient passes, with or without from_x.
 template <typename T>
 struct Mask {
   const T* y;
-  const float *mean, *mul, *bias;  // the forward's coefficients (from_x only)
+  const float *mean, *mul, *bias;  // the forward's coefficients
 };
 
 // The masked cotangent g of both gradient passes: ct where the ReLU passed, ct without it.
@@ -96,19 +99,17 @@ inline float Masked(WithRelu, FromX, const T* ct, const Mask<T>& mask, const T* 
   return g;
 }
 
-// Whether the mask's source fits: y with x's element count or, with from_x, the forward's (3, channels)
-// coefficients (y then a placeholder).
-bool MaskFits(const ffi::AnyBuffer& y, const ffi::Buffer<ffi::F32>* forward, bool from_x, int64_t count,
+// Whether the operands fit: the forward's (3, channels) coefficients, and y with x's element count unless the
+// mask comes from x (y then a placeholder).
+bool MaskFits(const ffi::AnyBuffer& y, const ffi::Buffer<ffi::F32>& forward, bool from_x, int64_t count,
               int64_t channels) {
-  return from_x ? forward != nullptr && resnet_jax::HasDims(forward->dimensions(), {3, channels})
-                : y.element_count() == count;
+  return resnet_jax::HasDims(forward.dimensions(), {3, channels}) && (from_x || y.element_count() == count);
 }
 
 template <typename T>
-Mask<T> MakeMask(const ffi::AnyBuffer& y, const ffi::Buffer<ffi::F32>* forward, int64_t channels) {
-  const float* mean = forward ? forward->typed_data() : nullptr;
-  return {static_cast<const T*>(y.untyped_data()), mean, mean ? mean + channels : nullptr,
-          mean ? mean + 2 * channels : nullptr};
+Mask<T> MakeMask(const ffi::AnyBuffer& y, const ffi::Buffer<ffi::F32>& forward, int64_t channels) {
+  const float* mean = forward.typed_data();
+  return {static_cast<const T*>(y.untyped_data()), mean, mean + channels, mean + 2 * channels};
 }
 
 bool Supported(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
@@ -184,9 +185,9 @@ ffi::Error Apply(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef, ffi::AnyBuffer re
   });
 }
 
-// The masked cotangent g = ct where the ReLU passed (every element without it): out = (sum g, sum g * x); with
-// `masked`, g itself is written there too (GradSumsMasked).
-ffi::Error Sums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, const ffi::Buffer<ffi::F32>* forward,
+// The masked cotangent g = ct where the ReLU passed (every element without it): out = (sum g, sum g * (x - mean)),
+// mean the forward's; with `masked`, g itself is written there too (GradSumsMasked).
+ffi::Error Sums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, const ffi::Buffer<ffi::F32>& forward,
                 ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::AnyBuffer* masked, int64_t relu, int64_t from_x) {
   const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
   if (ct.element_count() != x.element_count() || (masked && masked->element_count() != x.element_count()) ||
@@ -209,7 +210,7 @@ ffi::Error Sums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, const ffi
               const float g = Masked(with_relu, mask_from_x, pg, mask, px, o + c, c);
               if constexpr (with_store) Store(pm, o + c, g);  // each element read before it is overwritten
               a[c] += g;
-              b[c] += g * Load(px, o + c);
+              b[c] += g * (Load(px, o + c) - mask.mean[c]);
             }
           });
         });
@@ -220,29 +221,29 @@ ffi::Error Sums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, const ffi
 
 ffi::Error GradSums(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> forward,
                     ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t relu, int64_t mask_from_x) {
-  return Sums(ct, y, x, &forward, out, nullptr, relu, mask_from_x);
+  return Sums(ct, y, x, forward, out, nullptr, relu, mask_from_x);
 }
 
 // GradSums that also writes g, in ct's buffer where XLA hands it over: a block's last BatchNorm, whose g is also
 // the shortcut's gradient. It saves the separate masking pass (read ct and y, write g), and GradApply then reads
 // g without y.
-ffi::Error GradSumsMasked(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x,
+ffi::Error GradSumsMasked(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> forward,
                           ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::AnyBuffer> g) {
-  return Sums(ct, y, x, nullptr, out, &*g, 1, 0);
+  return Sums(ct, y, x, forward, out, &*g, 1, 0);
 }
 
-// dx = g * coef[0] + x * coef[1] + coef[2], per channel, g as in GradSums.
+// dx = g * coef[0] + (x - mean) * coef[1] + coef[2], per channel, g and mean as in GradSums.
 ffi::Error GradApply(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef,
                      ffi::Buffer<ffi::F32> forward, ffi::Result<ffi::AnyBuffer> dx, int64_t relu,
                      int64_t mask_from_x) {
   const int64_t channels = Channels(x), rows = x.element_count() / std::max<int64_t>(channels, 1);
   if (ct.element_count() != x.element_count() || dx->element_count() != x.element_count() ||
-      !MaskFits(y, &forward, mask_from_x, x.element_count(), channels) ||
+      !MaskFits(y, forward, mask_from_x, x.element_count(), channels) ||
       !resnet_jax::HasDims(coef.dimensions(), {3, channels}))
     return ffi::Error::InvalidArgument("BatchNorm input gradient: inconsistent shapes");
   return Dispatch("BatchNorm input gradient", x.element_type(), {&ct, &y, &*dx}, [&](auto tag) {
     using T = decltype(tag);
-    const Mask<T> mask = MakeMask<T>(y, &forward, channels);
+    const Mask<T> mask = MakeMask<T>(y, forward, channels);
     const T *pg = static_cast<const T*>(ct.untyped_data()), *px = static_cast<const T*>(x.untyped_data());
     T* out = static_cast<T*>(dx->untyped_data());
     const float *a = coef.typed_data(), *b = a + channels, *k = b + channels;
@@ -254,7 +255,7 @@ ffi::Error GradApply(ffi::AnyBuffer ct, ffi::AnyBuffer y, ffi::AnyBuffer x, ffi:
 #pragma omp simd
           for (int64_t c = 0; c < channels; ++c) {
             const float g = Masked(with_relu, from_x, pg, mask, px, o + c, c);
-            Store(out, o + c, g * a[c] + Load(px, o + c) * b[c] + k[c]);
+            Store(out, o + c, g * a[c] + (Load(px, o + c) - mask.mean[c]) * b[c] + k[c]);
           }
         }
       });
@@ -291,6 +292,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormGradSumsMasked, GradSumsMasked,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxBatchNormGradApply, GradApply,
