@@ -291,6 +291,37 @@ def test_init_from_takes_a_published_name_and_its_preprocessing(tmp_path):
     assert logs == [f"initialised from {TAG} (new head: params/fc/bias, params/fc/kernel)"]
 
 
+def test_a_fine_tune_from_a_published_name_resumes_without_it(tmp_path):
+    """``init_from`` is read only by a run's first start, so a resume may leave it out; the evaluation keys and
+    mean/std the name filled in stay the run's. Used to be refused ("eval_resize: 37 -> 0, mean: [0.485, ...] ->
+    [] ..."), and the way out was to copy them from config.json. A key set to another value is still refused."""
+    import ml_collections
+
+    from resnet_jax.checkpoint import ConfigMismatch
+    from resnet_jax.training.config import base_config
+    from resnet_jax.training.loop import train
+
+    torch.manual_seed(3)
+    source = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    torch.save(random_batch_stats(source.state_dict(), 3), tmp_path / "small.pth")
+    run = dict(model="resnet18", model_overrides={"stage_sizes": (1, 1, 1, 1)}, batch_size=16, eval_batch_size=64,
+               progress_bar=False, compilation_cache_dir="")
+
+    def config(**keys):
+        return ml_collections.ConfigDict({**base_config().to_dict(), **run, **keys})
+
+    first = train(config(init_from=TAG, weights_file=str(tmp_path / "small.pth"), max_steps=1), tmp_path / "run")
+    filled = [first.config[key] for key in ("eval_resize", "eval_interpolation", "mean", "std")]
+    assert filled[0] == 37 and tuple(filled[2]) == (0.485, 0.456, 0.406)  # the tag's 256/224 around 32 px
+    with pytest.raises(ConfigMismatch, match="eval_resize"):
+        train(config(max_steps=2, eval_resize=40), tmp_path / "run")
+    logs = []
+    resumed = train(config(max_steps=2), tmp_path / "run", log=logs.append)
+    assert resumed.resumed_from == 1 and int(resumed.state.step) == 2
+    assert [resumed.config[key] for key in ("eval_resize", "eval_interpolation", "mean", "std")] == filled
+    assert any('init_from: "resnet18.IMAGENET1K_V1" -> ""' in line for line in logs), logs
+
+
 def test_init_from_a_published_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
     import ml_collections
 

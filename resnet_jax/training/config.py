@@ -133,6 +133,9 @@ CONTINUABLE = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_s
 # Read only by a run's first start: once it has a checkpoint they may change or vanish (a fine-tune's .pth moved
 # off node-local disk blocked its resume).
 STARTING_WEIGHTS = ("init_from", "weights_file", "init_from_step", "init_from_ema")
+# What published weights named in init_from fill in where the config leaves them unset (_check_eval_preprocessing).
+# A resumed run keeps its saved values of these instead (workdir.kept_preprocessing): init_from is not read again.
+FILLED_BY_WEIGHTS = ("eval_resize", "eval_crop", "eval_interpolation", "eval_crop_mode", "mean", "std")
 # The number of processes is not compared here: it can come from the environment, so the checkpoint records the
 # count that wrote it and a resume with another count is refused there (the data position is saved per process).
 PER_INVOCATION = ("restart", "coordinator_address", "num_processes", "process_id")

@@ -74,16 +74,23 @@ class RunSetup:
     total_steps: int
 
 
-def setup(config: ml_collections.ConfigDict) -> RunSetup:
-    """Validate and build the pieces of a run; every configuration error surfaces here, before compiling."""
+def setup(config: ml_collections.ConfigDict, workdir: Path | None = None) -> RunSetup:
+    """Validate and build the pieces of a run; every configuration error surfaces here, before compiling.
+    ``workdir``: where the run will train; a run resuming there keeps the evaluation and normalisation keys its
+    saved config holds where ``config`` leaves them unset (``workdir.kept_preprocessing``)."""
     try:
-        config = validate(config)
+        given, config = config, validate(config)
     except ValueError as err:
         run_dir.join_to_refuse(config if hasattr(config, "get") else {}, f"{type(err).__name__}: {err}")
         raise
     initialize_distributed(config.coordinator_address or None,
                            config.num_processes if config.num_processes > 0 else None,
                            config.process_id if config.process_id >= 0 else None)
+    if workdir is not None:
+        run_dir.check_shared(workdir)  # first: with local disks, each host would read other saved settings
+        kept = run_dir.kept_preprocessing(given, config, workdir)
+        if kept:
+            config = validate(ml_collections.ConfigDict({**dict(given.items()), **kept}))
     mesh = make_mesh()
     run_dir.check_processes_agree(config)
     check_batch_size(config.batch_size, mesh)
@@ -137,10 +144,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
     # from the start: a signal during start-up (opening data, restoring, compiling: minutes on ImageNet) killed
     # the process with no word and exit code 143, which a job script that requeues on 75 took for a failure
     with StopOnSignal() as stop:
-        run = setup(config)
-        stop.mesh = run.mesh
         workdir = Path(workdir)
-        run_dir.check_shared(workdir)  # first: with local disks, each host's check below could see other files
+        run = setup(config, workdir)
+        stop.mesh = run.mesh
         run_dir.check(workdir, run.config, log, run.train_source.fingerprint())
         log(f"{run.config.model} on {run.mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
             f"{ops.describe(getattr(run.model, 'conv_impl', 'auto'))}")

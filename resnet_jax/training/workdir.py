@@ -32,7 +32,8 @@ import ml_collections
 from resnet_jax.atomic import replace_atomically
 from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch, has_checkpoints
 from resnet_jax.parallel import initialize_distributed, process_failures, process_strings, sync_processes
-from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, STARTING_WEIGHTS, base_config, validate
+from resnet_jax.training.config import (CONTINUABLE, FILLED_BY_WEIGHTS, PER_INVOCATION, STARTING_WEIGHTS, base_config,
+                                        validate)
 from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 CONFIG_FILE = "config.json"
@@ -234,6 +235,29 @@ def saved_config(workdir: Path) -> dict[str, Any] | None:
         return None
     finally:
         checkpoints.close()
+
+
+def kept_preprocessing(given: ml_collections.ConfigDict, validated: ml_collections.ConfigDict,
+                       workdir: Path) -> dict[str, Any]:
+    """For a run that will resume in ``workdir``: the saved values of the keys published weights fill in
+    (``FILLED_BY_WEIGHTS``) that the ``given`` config leaves unset and ``validated`` resolved otherwise; ``{}`` for
+    a new run or a restart.
+
+    Why: ``init_from`` is read only by a run's first start, so a resume may drop or change it (STARTING_WEIGHTS),
+    but validate fills these keys from the published weights it names; without the name they fell back to their
+    defaults, and the resume was refused as changing the run's evaluation and normalisation. A key the config
+    sets is left to the comparison with the saved run (``check``), which refuses another value."""
+    if given.get("restart") or not has_checkpoints(workdir):
+        return {}
+    saved = saved_config(workdir) or {}
+    defaults, resolved = as_plain_dict(base_config()), as_plain_dict(validated)
+    kept = {}
+    for key in FILLED_BY_WEIGHTS:
+        value = given.get(key, defaults[key])
+        unset = (list(value) if isinstance(value, (list, tuple)) else value) == defaults[key]
+        if unset and key in saved and saved[key] != resolved[key]:
+            kept[key] = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+    return kept
 
 
 def as_plain_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
