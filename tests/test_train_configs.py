@@ -115,6 +115,7 @@ def test_a_float_setting_that_is_not_finite_is_one_sentence(key, value):
     ({"nesterov": True, "optimizer": "lamb"}, r"^config\.nesterov=True applies to the sgd and lars optimizers; lamb"),
     ({"warmup_epochs": 5.0, "num_epochs": 2}, r"^config\.warmup_epochs=5\.0 is not shorter than config\.num_epochs=2"),
     ({"bce_target_threshold": 0.2}, r"^config\.bce_target_threshold binarises .* with loss='ce' it would be ignored"),
+    ({"bce_target_threshold": 1.0, "loss": "bce"}, r"^config\.bce_target_threshold must be in \[0, 1\) \(0 = off\)"),
 ])
 def test_mistyped_or_contradictory_settings_are_one_sentence_before_training(changes, message):
     """Each was accepted and did something else: True as ra_reps 1 or mixup 1.0, nesterov without momentum as
@@ -191,3 +192,24 @@ def test_recipes_decay_the_parameters_their_references_decay(recipe, decays_ever
                            tx.init(params), params)
     assert float(updates["conv"]["kernel"].ravel()[0]) < 0  # conv kernels decay in every recipe
     assert (float(updates["bn"]["scale"][0]) < 0) == decays_everything
+
+
+@pytest.mark.parametrize("threshold, smoothing, made", [(0.95, 0.1, 0), (0.9, 0.0, None), (0.005, 0.1, 1),
+                                                        (0.91, 0.1, 0)])
+def test_a_bce_threshold_outside_the_targets_values_is_refused_once_the_classes_are_known(threshold, smoothing, made):
+    """Targets are binarised as timm does (1 above the threshold, else 0) after smoothing: with 0.1 over 10
+    classes they are 0.01 and 0.91, and a threshold at or above 0.91 made every target 0 (the loss then only
+    pushed every logit down), one below 0.01 every target 1; both were accepted. 0.9 without smoothing (targets 0
+    and 1) binarises as it should."""
+    import ml_collections
+
+    from resnet_jax.training.config import base_config, check_against_data
+
+    config = validate(ml_collections.ConfigDict({**base_config().to_dict(), "loss": "bce",
+                                                 "bce_target_threshold": threshold, "label_smoothing": smoothing}))
+    if made is None:
+        check_against_data(config, 10)
+        return
+    with pytest.raises(ValueError, match=rf"^config\.bce_target_threshold={threshold} makes every target {made}: "
+                                         rf"with label_smoothing=0\.1 over 10 classes the targets are 0\.01 and 0\.91"):
+        check_against_data(config, 10)

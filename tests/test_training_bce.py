@@ -36,3 +36,18 @@ def test_equals_timm_on_mixed_targets(threshold):
     ours = binary_cross_entropy(jnp.asarray(LOGITS), jnp.asarray(targets), threshold)
     assert ours.shape == (6,)
     np.testing.assert_allclose(float(ours.mean()), expected, rtol=1e-6)
+
+
+def test_its_gradient_is_torchs_at_a_logit_of_zero():
+    """A zero-initialised head, or features a dead ReLU zeroed, gives logits of exactly 0. The loss was written
+    with max(z, 0) and |z|, whose derivatives JAX takes at the kink as 0.5 and 1: the gradient there was -t
+    instead of sigmoid(0) - t. Reference: torch's binary_cross_entropy_with_logits (timm's BCE calls it)."""
+    import jax
+
+    logits = np.array([[0.0, 0.0, 1e-3, -2.0], [0.0, 3.0, 0.0, 0.0]], np.float32)
+    targets = np.array([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.3, 0.9]], np.float32)
+    ours = jax.grad(lambda z: binary_cross_entropy(z, jnp.asarray(targets)).sum())(jnp.asarray(logits))
+    z = torch.from_numpy(logits).requires_grad_()
+    torch.nn.functional.binary_cross_entropy_with_logits(z, torch.from_numpy(targets), reduction="none").mean(
+        -1).sum().backward()
+    np.testing.assert_allclose(np.asarray(ours), z.grad.numpy(), rtol=1e-6, atol=1e-7)

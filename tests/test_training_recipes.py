@@ -114,7 +114,9 @@ def test_class_weights_in_the_train_step_are_the_references(loss):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_a_batch_whose_labels_all_weigh_zero_teaches_nothing(smoothing):
     """Zero class weights are allowed; a batch of only such labels had a loss of 0/0 (NaN; torch's mean too) or,
-    smoothed, x/0 = inf, and its NaN gradient ended the run as diverged. Now it leaves the weights as they were."""
+    smoothed, x/0 = inf, and its NaN gradient ended the run as diverged. Now its loss and gradient are 0: from a
+    fresh state without weight decay the weights stay as they were (momentum and weight decay still apply, as in
+    torch's optimizer step on a zero gradient)."""
     c = config(label_smoothing=smoothing, class_weights=(0.0, 1.0, 1.0, 1.0, 1.0), weight_decay=0.0)
     state, b = initial_state(c), batch()
     b["label"][:] = 0

@@ -306,9 +306,11 @@ def _check_recipe_keys(full: ml_collections.ConfigDict) -> None:
     for key in ("ra_reps", "model_ema_steps", "grad_accum_steps"):
         if int(full[key]) < 1:
             raise ValueError(f"config.{key} must be at least 1, got {full[key]}")
-    for key in ("random_erasing", "bce_target_threshold", "model_ema_decay"):
+    for key in ("random_erasing", "model_ema_decay"):
         if not 0.0 <= full[key] <= 1.0:
             raise ValueError(f"config.{key} must be in [0, 1], got {full[key]}")
+    if not 0.0 <= full.bce_target_threshold < 1.0:  # no target is above 1: every one would become 0
+        raise ValueError(f"config.bce_target_threshold must be in [0, 1) (0 = off), got {full.bce_target_threshold}")
     if full.bce_target_threshold and full.loss != "bce":
         raise ValueError(f"config.bce_target_threshold binarises the targets of loss='bce'; with loss="
                          f"{full.loss!r} it would be ignored: set loss='bce' or leave it 0")
@@ -462,6 +464,14 @@ def check_against_data(config: ml_collections.ConfigDict, num_classes: int, sour
         raise ValueError(f"config.class_names are {', '.join(config.class_names)} but {config.dataset}'s classes, "
                          f"in label order, are {', '.join(source.class_names)}: the names would label other classes; "
                          f"give the dataset's names in its order, or leave them out and the dataset's are taken")
+    threshold = config.bce_target_threshold if config.loss == "bce" else 0.0
+    off = config.label_smoothing / num_classes  # the smoothed targets' values (losses.soft_targets), as timm's
+    on = 1.0 - config.label_smoothing + off
+    if threshold and not off <= threshold < on:
+        raise ValueError(f"config.bce_target_threshold={threshold} makes every target {1 if threshold < off else 0}: "
+                         f"with label_smoothing={config.label_smoothing} over {num_classes} classes the targets are "
+                         f"{off:g} and {on:g} (mixup blends between them); give a value in [{off:g}, {on:g}), "
+                         f"timm's recipes use 0.2")
     if len(config.class_weights) and len(config.class_weights) != num_classes:
         raise ValueError(f"config.class_weights has {len(config.class_weights)} entries but {config.dataset} has "
                          f"{num_classes} classes; give one weight per class (or none)")

@@ -45,7 +45,9 @@ def binary_cross_entropy(logits: jax.Array, targets: jax.Array, target_threshold
     logits = logits.astype(jnp.float32)
     if target_threshold is not None:
         targets = (targets > target_threshold).astype(jnp.float32)
-    per_class = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))  # stable form
+    # softplus(z) - z * t: stable at any |z|, and its derivative is sigmoid(z) - t everywhere (the form with
+    # max(z, 0) and |z| has the same value, but at z = 0 JAX differentiates both kinks and gave -t, 0.5 off)
+    per_class = jax.nn.softplus(logits) - logits * targets
     if class_weights is not None:
         per_class = per_class * class_weights
     return per_class.sum(-1) if sum_classes else per_class.mean(-1)
