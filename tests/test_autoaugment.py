@@ -130,3 +130,9 @@ def test_rand_augment_applies_num_ops_at_the_fixed_bin():
 def test_bad_arguments_are_one_sentence(args, message):
     with pytest.raises(ValueError, match=message):
         apply_op(*args)
+
+
+def test_a_rand_augment_magnitude_outside_its_bins_is_refused():
+    """31 ran at bin 30 (the last); torchvision's RandAugment(magnitude=31) fails on it too."""
+    with pytest.raises(ValueError, match="magnitude is one of the 31 bins, 0 to 30; got 31"):
+        rand_augment(PHOTO, np.random.default_rng(0), magnitude=31)

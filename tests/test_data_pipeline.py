@@ -139,6 +139,14 @@ def test_evaluation_is_reiterable_and_unaugmented():
     (dict(batch_size=8, augment="autoaugment"), "augment must be one of"),
     (dict(batch_size=4096), "larger than the dataset"),
     (dict(batch_size=8, mean=(0.1, 0.2, 0.3), std=(0.2, 0.2, 0.2)), "batches have 1 channels"),
+    # each was taken: mean alone normalised by the dataset's mean and std, std 0 gave infinite batches, 2.5
+    # repeats ran as 2, True as an erasing probability of 1, a crop fraction above 1 failed in Pillow's words
+    (dict(batch_size=8, mean=(0.0,)), r"^mean= was given without std=; give both"),
+    (dict(batch_size=8, std=(1.0,)), r"^std= was given without mean=; give both"),
+    (dict(batch_size=8, mean=(0.1,), std=(0.0,)), "std positive"),
+    (dict(batch_size=8, ra_reps=2.5), "ra_reps must be a whole number"),
+    (dict(batch_size=8, random_erasing=True), "random_erasing is a probability"),
+    (dict(batch_size=8, crop_fraction=1.5), r"crop_fraction is the share of the shorter side kept, in \(0, 1\]"),
     # RGB statistics for a one-channel model (the digits config on photos): the fix is in the model, say so
     (dict(batch_size=8, channels=1, mean=(0.1, 0.2, 0.3), std=(0.2, 0.2, 0.2), source="synthetic"),
      r"'synthetic' has 3, the model takes 1 \(its in_channels; config.model_overrides.in_channels"),
@@ -147,6 +155,13 @@ def test_misfits_fail_before_any_batch(kwargs, match):
     src = data.get_source(kwargs.pop("source", "digits"), "train")
     with pytest.raises(ValueError, match=match):
         data.train_loader(src, image_size=32, seed=0, **{"augment": "none", **kwargs})
+
+
+@pytest.mark.parametrize("source", ["digits", "synthetic"])
+def test_an_image_size_of_zero_is_refused(source):
+    """0 was read as "unset" and gave 32 px images."""
+    with pytest.raises(ValueError, match="image_size must be a positive number of pixels, not 0"):
+        data.get_source(source, "train", image_size=0)
 
 
 def test_unknown_stats_ask_for_mean_and_std():

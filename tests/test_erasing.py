@@ -65,6 +65,7 @@ def test_probability_and_random_values():
 
 
 @pytest.mark.parametrize("kwargs,message", [({"p": 1.5}, "probability"), ({"scale": (0.5, 0.1)}, "scale"),
+                                            ({"scale": (0.5, 2.0)}, r"0 <= low <= high <= 1"),  # torchvision's bound
                                             ({"value": "mean"}, "'random'")])
 def test_bad_settings_are_one_sentence(kwargs, message):
     with pytest.raises(ValueError, match=message):

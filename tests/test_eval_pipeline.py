@@ -50,6 +50,16 @@ def test_batches_equal_torchvisions_image_classification_per_pixel():
         np.testing.assert_array_equal(images[i], expected)
 
 
+def test_a_transform_normalises_with_its_own_mean_and_std():
+    """Given only the transform (as ``weights_info(...).transforms()`` gives it), the loader normalised with the
+    dataset's statistics (synthetic data's own), up to 0.9 off the transform's batch."""
+    src = data.get_source("synthetic", "validation", image_size=40, num_examples=3)
+    transform = weights_info("resnet18.IMAGENET1K_V1").transforms()
+    images = np.concatenate([b["image"] for b in data.eval_loader(src, batch_size=3, image_size=224,
+                                                                 transform=transform)])
+    np.testing.assert_allclose(images, transform.batch([src[i]["image"] for i in range(3)]), atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", ["step", "cosine"])
 def test_the_imagenet_recipe_evaluates_as_torchvision_s_reference(variant):
     """The seed recipe's evaluation is torchvision's reference's (resize 256, crop 224, what its ResNet-50 V1

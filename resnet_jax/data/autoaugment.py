@@ -167,6 +167,8 @@ def trivial_augment_wide(image: np.ndarray, rng: np.random.Generator, num_bins: 
 def rand_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int = 2, magnitude: int = 9,
                  num_bins: int = 31, **op_kwargs):
     """RandAugment (Cubuk et al. 2020, torchvision's): ``num_ops`` operations at the fixed ``magnitude`` bin."""
+    if not 0 <= magnitude < num_bins:  # it was clamped to the last bin; torchvision's RandAugment fails on it
+        raise ValueError(f"magnitude is one of the {num_bins} bins, 0 to {num_bins - 1}; got {magnitude}")
     op_kwargs = _per_image(op_kwargs, rng)
     space = rand_augment_space(num_bins, *np.shape(image)[:2])
     for _ in range(num_ops):

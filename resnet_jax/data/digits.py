@@ -37,7 +37,7 @@ class DigitsSource(Source):
         if split not in _SPLITS:
             raise ValueError(f"The digits dataset has splits 'train' and 'validation' (or 'test'), not {split!r}.")
         self.name, self.split = "digits", _SPLITS[split]
-        self.size = int(image_size or 32)
+        self.size = 32 if image_size is None else int(image_size)  # 0 was taken as "unset", 32
         if self.size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, not {image_size!r}.")
         self._images, self._labels = _load_split(self.split)

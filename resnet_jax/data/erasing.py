@@ -42,8 +42,9 @@ def random_erasing(image: np.ndarray, rng: np.random.Generator, p: float = 0.5, 
     to standard normal noise per pixel and channel with ``value="random"``. Returns a new array."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"the erasing probability p must be in [0, 1], got {p}")
-    if not (0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"scale and ratio must be (low, high) with 0 < low <= high, got {scale} and {ratio}")
+    if not (0 <= scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):  # torchvision's bounds for scale
+        raise ValueError(f"scale (a share of the image's area) must be (low, high) with 0 <= low <= high <= 1, and "
+                         f"ratio (low, high) with 0 < low <= high; got {scale} and {ratio}")
     if isinstance(value, str) and value != "random":
         raise ValueError(f"value must be a number or 'random', got {value!r}")
     image = np.array(image, copy=True)

@@ -98,13 +98,21 @@ def _absl_flags_parsed() -> None:
 
 def _stats(src: Source, mean, std, channels: int | None):
     """The mean/std to normalise with: as given, else the dataset's (by base name: "imagenette/320px" ->
-    "imagenette"); checked against the channel count now rather than at the first batch."""
-    if mean is None or std is None:
+    "imagenette"); checked against the channel count now rather than at the first batch. One of the two alone is
+    refused: the other was replaced with the dataset's without a word (``mean=(0.0,)`` normalised by the dataset's
+    mean as well)."""
+    if (mean is None) != (std is None):
+        given, missing = ("mean", "std") if std is None else ("std", "mean")
+        raise ValueError(f"{given}= was given without {missing}=; give both (per channel, 0..1 units), or neither "
+                         f"for the dataset's own.")
+    if mean is None:
         stats = known_stats(src.name)
         if stats is None:
             raise ValueError(f"No known mean/std for dataset {src.name!r}; pass mean= and std= "
                              f"(per channel, 0..1 units).")
         mean, std = stats
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(np.asarray(std) > 0)):
+        raise ValueError(f"mean/std must be finite and std positive (0..1 units), got {mean} and {std}.")
     out = channels or src.image_shape[2]
     if np.size(mean) not in (1, out) or np.size(std) not in (1, out):
         model = (f"the model takes {out} (its in_channels; config.model_overrides.in_channels in a config), "
@@ -191,6 +199,8 @@ class _Crop:
             raise ValueError(f"train_interpolation must be one of {TRAIN_INTERPOLATIONS}, not {interpolation!r}.")
         if image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, not {image_size!r}.")
+        if crop_fraction is not None and not 0.0 < crop_fraction <= 1.0:  # Pillow's "box offset can't be negative"
+            raise ValueError(f"crop_fraction is the share of the shorter side kept, in (0, 1], not {crop_fraction!r}.")
         self.augment, self.size, self.crop_fraction = augment, int(image_size), crop_fraction
         self.interpolation = interpolation
 
@@ -313,10 +323,10 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
         raise ValueError(f"seed must be an integer in [0, 2**32), not {seed!r}.")
     mean, std = _stats(src, mean, std, channels)
     crop = _Crop(augment, image_size, crop_fraction or default_crop_fraction(src, augment), train_interpolation)
-    if not 0.0 <= random_erasing <= 1.0:
+    if isinstance(random_erasing, bool) or not 0.0 <= random_erasing <= 1.0:
         raise ValueError(f"random_erasing is a probability in [0, 1], not {random_erasing!r}.")
-    if int(ra_reps) < 1:
-        raise ValueError(f"ra_reps must be at least 1 (1: no repeated augmentation), not {ra_reps!r}.")
+    if isinstance(ra_reps, bool) or ra_reps != int(ra_reps) or int(ra_reps) < 1:  # 2.5 was taken as 2
+        raise ValueError(f"ra_reps must be a whole number, at least 1 (1: no repeated augmentation), not {ra_reps!r}.")
     distinct = -(-len(src) // int(ra_reps))  # the records an epoch holds, each ra_reps times
     if distinct < batch_size:
         raise ValueError(f"ra_reps={ra_reps} leaves {distinct} distinct examples per epoch of the {len(src)}, fewer "
@@ -398,7 +408,10 @@ def eval_loader(src: Source, *, batch_size: int, image_size: int, mean=None, std
 
     ``transform``: an ``EvalTransform`` (``resnet_jax.data.transforms``; ``config.eval_transform``) to resize
     and crop with instead of ``image_size``/``crop_fraction``: the batched form of published weights'
-    preprocessing, equal per pixel to torchvision's/timm's, normalised with ``mean``/``std``.
+    preprocessing, equal per pixel to torchvision's/timm's, normalised with the transform's mean/std unless
+    ``mean``/``std`` are given (it used the dataset's: a batch then differed from ``transform.batch``).
+    ``crop_fraction`` defaults to the fraction for ``augment="imagenet"`` training (``default_crop_fraction``);
+    a model trained with "cifar" or "crop" on photos is evaluated on the whole square (pass 1.0).
 
     Process p reads the contiguous slice p of ceil(len / process_count) examples; the last batch is padded with
     blank images, label 0 and mask False, and shorter slices get extra padded batches, so all processes run the
@@ -407,6 +420,8 @@ def eval_loader(src: Source, *, batch_size: int, image_size: int, mean=None, std
     index, count = _processes(process_index, process_count)
     local = _local_batch(batch_size, count)
     check_compatible(src, num_classes=num_classes, channels=channels)
+    if transform is not None and mean is None and std is None:
+        mean, std = transform.mean, transform.std
     mean, std = _stats(src, mean, std, channels)
     if transform is None:
         crop = _Crop("none", image_size, crop_fraction or default_crop_fraction(src))

@@ -26,7 +26,9 @@ def get_source(name: str, split: str, *, data_dir=None, image_size: int | None =
         _no_extra_kwargs(name, kwargs)
         return DigitsSource(split, image_size=image_size)
     if name == "synthetic":
-        size = int(image_size or 32)
+        size = 32 if image_size is None else int(image_size)
+        if size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, not {image_size!r}.")
         kwargs.setdefault("image_shape", (size, size, 3))
         allowed = {"num_examples", "num_classes", "image_shape"}
         _no_extra_kwargs(name, {k: v for k, v in kwargs.items() if k not in allowed})
