@@ -213,6 +213,19 @@ def test_ema_in_the_loop_follows_torchvisions_train_py():
         assert int(state.ema.count) == int(reference.n_averaged)
 
 
+def test_the_ema_copies_the_weights_until_a_fractional_warm_up_ends():
+    """warmup_epochs=0.5 of 4 steps: the learning rate's warm-up ends after step 2 (index 1), and the EMA stops
+    copying there; it copied to the end of the epoch (``epoch < 0.5``). No reference takes fractions
+    (torchvision's is whole epochs, where the two rules agree: the test above)."""
+    c = config(model_ema=True, model_ema_steps=1, warmup_epochs=0.5, num_epochs=3, batch_size=4)
+    state, update = initial_state(c), make_ema_update(c, 4, replicated(make_mesh()))
+    counts = []
+    for step in range(5):
+        state = update(state, step)
+        counts.append(int(state.ema.count))
+    assert counts == [0, 0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"optimizer": "lambs"}, "did you mean 'lamb'"), ({"loss": "bc"}, "config.loss='bc' is not one of"),
     ({"grad_accum_steps": 3}, "does not split into config.grad_accum_steps=3"),

@@ -64,11 +64,14 @@ def make_ema_update(config, steps_per_epoch: int, sharding) -> Callable[[Any, in
     """``update(state, step_index) -> state``: the loop's EMA step after the training step ``step_index``
     (counted from 0), as torchvision's train.py runs it: an update after every ``model_ema_steps``-th batch of
     each epoch (its ``i % model_ema_steps == 0``), with the count reset after it in the warm-up epochs (its
-    ``epoch < lr_warmup_epochs``), so that until warm-up ends the average is a copy of the weights. The decay is
+    ``epoch < lr_warmup_epochs``), so that until warm-up ends the average is a copy of the weights. Counted in
+    steps, where the learning rate's warm-up ends (``round(warmup_epochs * steps_per_epoch)``): the same steps
+    for whole epochs, and a fractional warm-up (0.5) no longer copied to the end of its epoch. The decay is
     ``adjusted_decay`` of ``model_ema_decay``. Whether and how to update depends on the step alone, so a resumed
     run updates exactly where an uninterrupted one does."""
     decay = adjusted_decay(config.model_ema_decay, global_batch=config.batch_size,
                            update_every=config.model_ema_steps, epochs=config.num_epochs)
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))  # as optim.make_schedule counts them
 
     def averaged(state, reset: bool):
         ema = state.ema.update(state.variables, decay)
@@ -78,9 +81,8 @@ def make_ema_update(config, steps_per_epoch: int, sharding) -> Callable[[Any, in
                              out_shardings=sharding, donate_argnums=0) for reset in (False, True)}
 
     def update(state, step_index: int):
-        epoch, batch = divmod(step_index, steps_per_epoch)
-        if batch % config.model_ema_steps:
+        if step_index % steps_per_epoch % config.model_ema_steps:
             return state
-        return jitted[epoch < config.warmup_epochs](state)
+        return jitted[step_index < warmup_steps](state)
 
     return update
