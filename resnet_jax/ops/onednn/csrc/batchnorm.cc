@@ -1,5 +1,5 @@
 // Training-mode BatchNorm + residual + ReLU as four passes over (rows, channels) tensors, channels last:
-//   forward:  Stats (sums of x - shift, and of its square) then Apply     (y = relu((x - mean) * mul + bias + residual))
+//   forward:  Stats (sums of x - shift and of its square)  then Apply (y = relu((x - mean) * mul + bias + residual))
 //   backward: GradSums (sum g, sum g * (x - mean), with g = ct masked by y > 0)  then GradApply
 //             (dx = g * a + (x - mean) * b + c); x centred by the forward's mean as it is read, not
 //             sum g * x - mean * sum g after, which cancels where a channel's mean is large against its spread;
