@@ -291,6 +291,7 @@ def test_init_from_takes_a_published_name_and_its_preprocessing(tmp_path):
     assert logs == [f"initialised from {TAG} (new head: params/fc/bias, params/fc/kernel)"]
 
 
+@pytest.mark.long  # two short training runs (~50 s); the quick suite's fit test covers the first start
 def test_a_fine_tune_from_a_published_name_resumes_without_it(tmp_path):
     """``init_from`` is read only by a run's first start, so a resume may leave it out; the evaluation keys and
     mean/std the name filled in stay the run's. Used to be refused ("eval_resize: 37 -> 0, mean: [0.485, ...] ->
