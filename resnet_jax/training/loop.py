@@ -86,13 +86,13 @@ def setup(config: ml_collections.ConfigDict, workdir: Path | None = None) -> Run
     initialize_distributed(config.coordinator_address or None,
                            config.num_processes if config.num_processes > 0 else None,
                            config.process_id if config.process_id >= 0 else None)
-    if workdir is not None:
-        run_dir.check_shared(workdir)  # first: with local disks, each host would read other saved settings
-        kept = run_dir.kept_preprocessing(given, config, workdir)
-        if kept:
-            config = validate(ml_collections.ConfigDict({**dict(given.items()), **kept}))
     mesh = make_mesh()
-    run_dir.check_processes_agree(config)
+    run_dir.check_processes_agree(config)  # first: a process that refused its config waits in this exchange
+    if workdir is not None:
+        run_dir.check_shared(workdir)  # before reading it: with local disks, each host would read other settings
+        kept = run_dir.kept_preprocessing(given, config, workdir)
+        if kept:  # the same on every process, read from the one shared workdir
+            config = validate(ml_collections.ConfigDict({**dict(given.items()), **kept}))
     check_batch_size(config.batch_size, mesh)
     check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     if config.grad_accum_steps > 1:
