@@ -180,6 +180,12 @@ def test_a_path_the_run_cannot_use_is_one_line_and_exit_code_1(error, line, monk
     ("train.predict", ["--workdir=a", "--artifact=b", "x.png"], "error: give exactly one of --workdir"),
     ("train.predict", ["--pretrained=resnet18", "--step=1", "x.png"], "error: --step picks a checkpoint of a workdir"),
     ("train.predict", ["--workdir=unused", "--top_k=0", "x.png"], "error: top_k must be a positive integer"),
+    # an empty workdir was the current directory (a run's files loose there); a file failed in the system's words
+    ("train", ["--workdir="], "error: --workdir is empty; give a run's directory, e.g. --workdir=runs/default"),
+    ("train", ["--workdir=/etc/passwd"], "error: --workdir=/etc/passwd is a file, not a directory"),
+    ("train.evaluate", ["--workdir="], "error: --workdir is empty"),
+    ("train.evaluate", ["--workdir=/etc/passwd"], "error: --workdir=/etc/passwd is a file, not a directory"),
+    ("train.export", ["--workdir=", "--output=a.onnx"], "error: --workdir is empty"),
 ])
 def test_every_command_s_usage_mistake_is_one_line_and_exit_code_2(module, args, message):
     """absl would print the whole help and exit 1 (the code of a run that failed), and evaluate/export would

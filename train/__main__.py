@@ -32,7 +32,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from train.usage import no_arguments, usage_error
+from train.usage import no_arguments, usage_error, workdir_problem
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "default.py")
 flags.DEFINE_string("workdir", "runs/default", "directory for checkpoints, metrics and plots (resumes if present)")
@@ -74,6 +74,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         if not isinstance(config, ml_collections.ConfigDict):  # a dict had met config.unlocked() as a traceback
             raise UsageError(f"the config file's get_config() returned a {type(config).__name__}; return an "
                              "ml_collections.ConfigDict, e.g. resnet_jax.training.base_config() with changes")
+        if workdir_problem(flags.FLAGS.workdir):
+            raise UsageError(workdir_problem(flags.FLAGS.workdir))
     except UsageError as err:
         message = str(err)
         usage_error(message, before_exit=lambda: _join_to_refuse(argv, message))

@@ -9,7 +9,7 @@ import sys
 
 from absl import app, flags, logging
 
-from train.usage import no_arguments, parse_flags
+from train.usage import no_arguments, parse_flags, usage_error, workdir_problem
 
 flags.DEFINE_string("workdir", None, "workdir of a training run (or a Classifier.save directory)", required=True)
 flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest)")
@@ -22,6 +22,8 @@ flags.DEFINE_integer("batch_size", 256, "evaluation batch size")
 
 def main(argv: list[str]) -> int:
     no_arguments(argv, "the options are flags, e.g. --workdir=DIR (--helpshort lists them)")
+    if workdir_problem(flags.FLAGS.workdir):
+        usage_error(workdir_problem(flags.FLAGS.workdir))
     logging.set_verbosity(logging.WARNING)
     from resnet_jax.training.classifier import Classifier
 

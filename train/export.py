@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from train.usage import no_arguments, parse_flags, usage_error
+from train.usage import no_arguments, parse_flags, usage_error, workdir_problem
 
 FORMATS = {"stablehlo": ".stablehlo", "onnx": ".onnx", "torchvision": ".pth", "safetensors": ".safetensors"}
 
@@ -57,6 +57,8 @@ def main(argv: list[str]) -> int:
 
     output, platforms = Path(flags.FLAGS.output), flags.FLAGS.platforms
     try:  # a format the flags cannot name is a usage mistake (exit 2), found before the checkpoint is read
+        if workdir_problem(flags.FLAGS.workdir):
+            raise ValueError(workdir_problem(flags.FLAGS.workdir))
         fmt = output_format(output, flags.FLAGS.format)
         if platforms and fmt != "stablehlo":
             raise ValueError("--platforms applies to --format=stablehlo only")

@@ -5,6 +5,7 @@ default of the whole help text and exit code 1: a script can tell a mistyped com
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 from absl import flags
@@ -25,6 +26,16 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as err:
         usage_error(f"{str(err).rstrip('.')}; --helpshort lists the flags")
+
+
+def workdir_problem(workdir: str) -> str | None:
+    """Why ``--workdir`` names no run's directory, or None: empty (it was the current directory: a run wrote its
+    files loose there, and a restart would have moved the user's own files aside), or an existing file."""
+    if not workdir.strip():
+        return "--workdir is empty; give a run's directory, e.g. --workdir=runs/default"
+    if Path(workdir).expanduser().exists() and not Path(workdir).expanduser().is_dir():
+        return f"--workdir={workdir} is a file, not a directory; give a run's directory"
+    return None
 
 
 def no_arguments(argv: list[str], options: str) -> None:
