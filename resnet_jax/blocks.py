@@ -18,6 +18,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from resnet_jax.attention import ATTENTION, attention
@@ -37,9 +38,19 @@ SHORTCUTS = ("projection", "avg_pool", "zero_pad")
 
 
 def _avg_pool_ceil(x: jnp.ndarray) -> jnp.ndarray:
-    """2x2/2 average pool with a partial last window on odd sizes (torch's ceil_mode, count_include_pad=False)."""
-    pad = ((0, x.shape[1] % 2), (0, x.shape[2] % 2))
-    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding=pad, count_include_pad=False)
+    """2x2/2 average pool with a partial last window on odd sizes (torch's ceil_mode, count_include_pad=False).
+    On odd sizes: the input zero-padded to even ones, its four 2x2 phases (strided slices) added, and each window's
+    sum divided by its cells. Not by a padded ``reduce_window`` (``nn.avg_pool``'s padding, or a pad XLA folds into
+    one): XLA:CPU (jaxlib 0.10.2) summed a 1x1 input padded so as 4x once the batch held 4096 values (a ResNet-D
+    bottleneck's last shortcut at 16 px, batch 4: logits 8 off those of one image at a time)."""
+    rows, cols = x.shape[1] % 2, x.shape[2] % 2
+    if not (rows or cols):
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    padded = jnp.pad(x, ((0, 0), (0, rows), (0, cols), (0, 0)))
+    summed = sum(lax.slice(padded, (0, i, j, 0), padded.shape, (1, 2, 2, 1)) for i in (0, 1) for j in (0, 1))
+    per_row, per_col = np.full(summed.shape[1], 2.0), np.full(summed.shape[2], 2.0)
+    per_row[-1], per_col[-1] = 2 - rows, 2 - cols  # the cells of the last row's and column's windows
+    return summed * jnp.asarray(1.0 / np.outer(per_row, per_col)[None, :, :, None], x.dtype)
 
 
 def _avg_pool_same(x: jnp.ndarray) -> jnp.ndarray:

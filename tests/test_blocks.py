@@ -47,3 +47,16 @@ def test_a_block_on_its_own_equals_torchvisions_in_both_modes(ours, theirs):
 def test_a_block_takes_both_factories_or_neither():
     with pytest.raises(ValueError, match="give a block both conv_norm and norm"):
         BasicBlock(64, norm=lambda **kw: None).init(jax.random.key(0), jnp.zeros((1, 8, 8, 64)))
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 1, 1024), (1, 1, 1, 4096), (2, 5, 7, 8), (3, 1, 6, 700), (2, 4, 6, 3)])
+def test_the_resnet_d_shortcuts_pool_equals_torchs_ceil_mode_pool(shape):
+    """ResNet-D's shortcut pool (torch's AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)). It was
+    reduce_window with its own padding, which XLA:CPU (jaxlib 0.10.2) summed as 4x on a 1x1 input once the
+    batch held 4096 values: a resnet50d at 16 px gave other logits at batch 4 than one image at a time."""
+    from resnet_jax.blocks import _avg_pool_ceil
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    pool = torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+    expected = pool(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(jax.jit(_avg_pool_ceil)(jnp.asarray(x))), expected, rtol=1e-6, atol=1e-6)
