@@ -11,7 +11,7 @@ import pytest
 
 from resnet_jax.checkpoint import ConfigMismatch
 from resnet_jax.training import base_config, train, validate
-from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION
+from resnet_jax.training.config import CONTINUABLE, PER_INVOCATION, STARTING_WEIGHTS
 from resnet_jax.training.workdir import CONFIG_FILE, check, write_config
 from training_helpers import count_compiles, snapshot, tiny_config
 
@@ -26,7 +26,9 @@ DEFINES_THE_RUN = ("model", "model_overrides", "dtype", "remat", "zero_init_resi
 CONTINUES = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
              "eval_every_epochs", "eval_batch_size", "early_stopping_patience", "progress_bar",
              "compilation_cache_dir", "data_dir")
-REFUSED = sorted((set(base_config()) - set(CONTINUABLE) - set(PER_INVOCATION)) | set(DEFINES_THE_RUN))
+# once the run has a checkpoint (only then is a config compared), the starting weights may change too
+REFUSED = sorted(((set(base_config()) - set(CONTINUABLE) - set(PER_INVOCATION)) | set(DEFINES_THE_RUN))
+                 - set(STARTING_WEIGHTS))
 
 
 def config(**kw):
@@ -192,9 +194,10 @@ def shown(value):
 
 @pytest.fixture
 def saved(tmp_path):
-    """A workdir whose config.json records the tiny run: what ``train`` compares a resumed run's config with."""
+    """A workdir whose config.json records the tiny run, with a checkpoint: what ``train`` compares a resumed run's
+    config with."""
     write_config(tmp_path, config())
-    return tmp_path
+    return with_checkpoint(tmp_path)
 
 
 def test_a_workdir_in_use_by_another_run_is_refused_naming_it(tmp_path):
@@ -258,7 +261,7 @@ def test_a_run_saved_before_a_key_existed_resumes_at_the_value_its_default_resol
     (or, for published weights in init_from, which came with these keys, the weights' own). Setting such a key
     otherwise is still a change."""
     c = validate(config())  # train compares the validated config
-    write_config(tmp_path, c)
+    write_config(with_checkpoint(tmp_path), c)
     recorded = json.loads((tmp_path / CONFIG_FILE).read_text())
     for key in ("eval_interpolation", "eval_crop_mode"):
         del recorded[key]
@@ -285,6 +288,18 @@ def with_checkpoint(workdir):
     (workdir / "checkpoints" / "8").mkdir(parents=True)
     (workdir / "checkpoints" / "8" / "x").write_text("")
     return workdir
+
+
+def test_a_run_without_a_checkpoint_takes_any_new_config(tmp_path):
+    """A run stopped during start-up, or one that failed compiling (out of memory), leaves config.json but never
+    took a step: a lower batch size, another seed was refused as changing the run. It cannot be continued, so a
+    new config is taken (its history, if any, moved aside: the test above) and logged as nothing."""
+    write_config(tmp_path, config())
+    said = []
+    check(tmp_path, config(batch_size=8, seed=1), said.append)
+    assert said == []
+    with pytest.raises(ConfigMismatch, match="batch_size: 32 -> 8"):
+        check(with_checkpoint(tmp_path), config(batch_size=8), said.append)
 
 
 def test_images_changed_before_the_first_checkpoint_are_no_mixed_epoch(tmp_path):
@@ -321,10 +336,8 @@ def test_a_folder_run_from_before_the_record_of_its_images(tmp_path, split, refu
 def test_the_starting_weights_may_move_once_the_run_has_saved(tmp_path, key):
     """Used to be: a fine-tune whose .pth had moved (off node-local disk, out of /tmp) could not continue: the old
     path was refused as missing, the new one as a change of the run. They are read only by a run's first start:
-    with a checkpoint, a change continues and is logged; before one, it is still refused."""
+    with a checkpoint, a change continues and is logged."""
     write_config(tmp_path, config(**{key: "/old/start.pth"}))
-    with pytest.raises(ConfigMismatch, match=rf'{key}: "/old/start.pth" -> "/new/start.pth"'):
-        check(tmp_path, config(**{key: "/new/start.pth"}), lambda _: None)
     said = []
     check(with_checkpoint(tmp_path), config(**{key: "/new/start.pth"}), said.append)
     assert said == [f'continuing the run in {tmp_path} with changed settings: {key}: "/old/start.pth" -> '

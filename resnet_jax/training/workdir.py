@@ -56,7 +56,10 @@ def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str],
     shuffles, some images seen twice and others never), and the same files at another path are the same run (a
     folder moved to node-local disk, a new mount), so ``dataset`` may then change.
 
-    Reads only. With ``config.restart`` there is nothing to compare: the old run will be moved aside.
+    Reads only. With ``config.restart`` there is nothing to compare: the old run will be moved aside. Nor where
+    the run has no checkpoint: it cannot be continued (stopped during start-up, or failed compiling, e.g. out of
+    memory), its history is moved aside (``_restore``) and its config.json replaced; refusing a new config there
+    kept a user from lowering the batch size of a run that never took a step.
     """
     if config.restart:
         return
@@ -67,23 +70,24 @@ def check(workdir: Path, config: ml_collections.ConfigDict, log: Callable[[str],
                                  f"{CONFIG_FILE} to compare with; use a new --workdir, or pass "
                                  "--config.restart=True to move them aside and start over")
         return
+    if not has_checkpoints(workdir):
+        return
     changes = config_changes(saved, as_plain_dict(config))
     recorded = _saved_data(workdir)
-    resumable = has_checkpoints(workdir)  # before its first save a run has nothing to mix
-    if recorded is not None and data is not None and recorded != data and resumable:
+    if recorded is not None and data is not None and recorded != data:
         raise ConfigMismatch(f"the training images of the run in {workdir} changed since it started "
                              f"({recorded['files']} files then, {data['files']} now, or other names): resuming "
                              f"would mix two orders within an epoch; set them back, use a new --workdir with "
                              f"--config.init_from={workdir} to start from its weights, or pass "
                              f"--config.restart=True")
     continuable = (CONTINUABLE + (("dataset",) if recorded is not None and recorded == data else ())
-                   + (STARTING_WEIGHTS if resumable else ()))
+                   + STARTING_WEIGHTS)
     refused = {k: v for k, v in changes.items() if k.split(".")[0] not in continuable}
     if refused:
         raise ConfigMismatch(f"{workdir} holds a run with other settings, which cannot change within a run "
                              f"({_describe(refused)}); use a new --workdir, set them back, or pass "
                              "--config.restart=True to move the old run aside and start over")
-    if recorded is None and data is not None and resumable:
+    if recorded is None and data is not None:
         _check_unrecorded(workdir, saved, log)
     if changes:
         log(f"continuing the run in {workdir} with changed settings: {_describe(changes)}")
