@@ -10,7 +10,7 @@ project does a step differently, the line says so:
 - LAMB clips the gradient's global norm to 1 inside the optimizer, as timm's ``Lamb`` does by default (the
   table's "gradient clipping: no" is train.py's separate ``--clip-grad``);
 - BatchNorm normalises over the whole global batch.
-ImageNet needs a manual download; see README, "Training on ImageNet".
+ImageNet needs a manual download; see README, "CIFAR-10 and ImageNet".
 """
 
 from resnet_jax.training import base_config

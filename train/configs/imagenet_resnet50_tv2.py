@@ -14,7 +14,7 @@ differently, the line says so:
 - the cosine decays per step, torchvision's per epoch;
 - "no decay on norms" also exempts the classifier's bias here (torchvision decays it: no ``--bias-weight-decay``);
 - BatchNorm normalises over the whole global batch (torchvision: per GPU, 128 images).
-ImageNet needs a manual download; see README, "Training on ImageNet".
+ImageNet needs a manual download; see README, "CIFAR-10 and ImageNet".
 """
 
 from resnet_jax.training import base_config
