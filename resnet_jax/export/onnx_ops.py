@@ -132,6 +132,9 @@ def dot_general(t, p, args, out_shape):
 
 
 def reshape(t, p, args, out_shape):
+    if p.get("dimensions") is not None:  # the rule below reshapes in the given order: the transposition was lost
+        raise refuse(f"'reshape' transposes its operand first (dimensions={tuple(p['dimensions'])}), which is not "
+                     "translated")
     shape = [d if isinstance(d, (int, np.integer)) else -1 for d in out_shape]
     out = t.node("Reshape", [t.to_logical(args[0]), t.const(np.array(shape, np.int64), "shape")])
     return t.from_logical(out, len(out_shape))
