@@ -74,8 +74,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         if not isinstance(config, ml_collections.ConfigDict):  # a dict had met config.unlocked() as a traceback
             raise UsageError(f"the config file's get_config() returned a {type(config).__name__}; return an "
                              "ml_collections.ConfigDict, e.g. resnet_jax.training.base_config() with changes")
-        if workdir_problem(flags.FLAGS.workdir):
-            raise UsageError(workdir_problem(flags.FLAGS.workdir))
+        if problem := workdir_problem(flags.FLAGS.workdir):
+            raise UsageError(problem)
     except UsageError as err:
         message = str(err)
         usage_error(message, before_exit=lambda: _join_to_refuse(argv, message))

@@ -22,8 +22,8 @@ flags.DEFINE_integer("batch_size", 256, "evaluation batch size")
 
 def main(argv: list[str]) -> int:
     no_arguments(argv, "the options are flags, e.g. --workdir=DIR (--helpshort lists them)")
-    if workdir_problem(flags.FLAGS.workdir):
-        usage_error(workdir_problem(flags.FLAGS.workdir))
+    if problem := workdir_problem(flags.FLAGS.workdir):
+        usage_error(problem)
     logging.set_verbosity(logging.WARNING)
     from resnet_jax.training.classifier import Classifier
 

@@ -57,8 +57,8 @@ def main(argv: list[str]) -> int:
 
     output, platforms = Path(flags.FLAGS.output), flags.FLAGS.platforms
     try:  # a format the flags cannot name is a usage mistake (exit 2), found before the checkpoint is read
-        if workdir_problem(flags.FLAGS.workdir):
-            raise ValueError(workdir_problem(flags.FLAGS.workdir))
+        if problem := workdir_problem(flags.FLAGS.workdir):
+            raise ValueError(problem)
         fmt = output_format(output, flags.FLAGS.format)
         if platforms and fmt != "stablehlo":
             raise ValueError("--platforms applies to --format=stablehlo only")
