@@ -16,6 +16,7 @@ process; padded rows carry mask=False so metrics count every example exactly onc
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import math
 import os
@@ -292,21 +293,21 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
                  num_classes: int | None = None, crop_fraction: float | None = None,
                  worker_buffer_size: int = 2, read_threads: int | None = None, auto_augment: str = "",
                  random_erasing: float = 0.0, ra_reps: int = 1,
-                 train_interpolation: str = "bilinear") -> grain.IterDataset:
+                 train_interpolation: str = "bilinear", shuffle_seeding: str = "hashed") -> grain.IterDataset:
     """A Grain IterDataset of {"image": float32 (local_batch, S, S, C), "label": int32 (local_batch,)}.
 
-    batch_size is global. All processes agree on one stream: the whole split shuffled with `seed` anew each
-    epoch, augmented per position, cut into local batches of batch_size // process_count; process p takes local
-    batches p, p + process_count, ... So global step k is the same examples, with the same augmentations, in
-    the same order, for any number of processes: N processes train exactly as one process would on the same
-    devices. Grain's datasets are lazy, so each process reads and decodes only the records of its own batches.
-    The last partial batch is dropped. num_epochs=None streams forever (batches then straddle epoch
-    boundaries; count steps with `steps_per_epoch`); with num_epochs set, the stream is cut to whole global
-    batches so every process yields the same number of batches. `iter(loader)` has `get_state()` /
-    `set_state()`; save it with `grain.checkpoint.CheckpointHandler`. Batches are the same for any
-    worker_count (workers build alternate batches, read back in order), but a saved state is Grain's for one
-    kind of loader: with workers or without (its ``set_state`` raises KeyError on the other kind's; the
-    training CLI refuses a resume that changes ``num_workers``).
+    batch_size is global. All processes agree on one stream: the whole split shuffled anew each epoch (with
+    ``shuffle_seed(seed, shuffle_seeding)``), augmented per position, cut into local batches of batch_size //
+    process_count; process p takes local batches p, p + process_count, ... So global step k is the same examples,
+    with the same augmentations, in the same order, for any number of processes: N processes train exactly as one
+    process would on the same devices. Grain's datasets are lazy, so each process reads and decodes only the records
+    of its own batches. The last partial batch is dropped. num_epochs=None streams forever (batches then straddle
+    epoch boundaries; count steps with `steps_per_epoch`); with num_epochs set, the stream is cut to whole global
+    batches so every process yields the same number of batches. `iter(loader)` has `get_state()` / `set_state()`;
+    save it with `grain.checkpoint.CheckpointHandler`. Batches are the same for any worker_count (workers build
+    alternate batches, read back in order), but a saved state is Grain's for one kind of loader: with workers or
+    without (its ``set_state`` raises KeyError on the other kind's; the training CLI refuses a resume that changes
+    ``num_workers``).
 
     auto_augment (``autoaugment.policy``: torchvision's "ta_wide" or "ra", timm's "rand-m7-mstd0.5-inc1") runs
     after the crop, random_erasing (a probability, torchvision's RandomErasing) after normalisation; ra_reps > 1
@@ -331,7 +332,7 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
     if distinct < batch_size:
         raise ValueError(f"ra_reps={ra_reps} leaves {distinct} distinct examples per epoch of the {len(src)}, fewer "
                          f"than one batch of {batch_size}: every batch would repeat the same few; lower ra_reps.")
-    ds = grain.MapDataset.source(src).shuffle(seed=int(seed))
+    ds = grain.MapDataset.source(src).shuffle(seed=shuffle_seed(int(seed), shuffle_seeding))
     if ra_reps > 1:
         ds = _RepeatedAugmentation(ds, ra_reps)
     ds = (ds.repeat(num_epochs)
@@ -346,6 +347,23 @@ def train_loader(src: Source, *, batch_size: int, image_size: int, augment: str 
         ds = _in_workers(ds, grain.MultiprocessingOptions(num_workers=worker_count,
                                                           per_worker_buffer_size=worker_buffer_size))
     return ds
+
+
+SHUFFLE_SEEDINGS = ("hashed", "offset")
+
+
+def shuffle_seed(seed: int, seeding: str = "hashed") -> int:
+    """The seed Grain's shuffle is given for the run's ``seed``. Grain shuffles epoch e with its seed + e, so
+    handing it ``seed`` itself ("offset", how runs saved before 2026-12-08 were shuffled) gave seed s + 1 the orders
+    of seed s one epoch later: a sweep over consecutive seeds trained on shifted copies of one sequence. "hashed"
+    gives each seed orders of its own: the first 32 bits of BLAKE2b of it (hashlib's digests are fixed for good,
+    so a saved run resumes in the same order under any later numpy or Grain)."""
+    if seeding not in SHUFFLE_SEEDINGS:
+        raise ValueError(f"shuffle_seeding must be one of {SHUFFLE_SEEDINGS}, not {seeding!r}.")
+    if seeding == "offset":
+        return seed
+    digest = hashlib.blake2b(f"resnet_jax shuffle {seed}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 class _PaddedShard:

@@ -16,7 +16,7 @@ import os
 import ml_collections
 
 from resnet_jax.data import AUGMENTS
-from resnet_jax.data.pipeline import TRAIN_INTERPOLATIONS
+from resnet_jax.data.pipeline import SHUFFLE_SEEDINGS, TRAIN_INTERPOLATIONS
 from resnet_jax.resnet import MODEL_CONFIGS, create_model
 
 OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
@@ -89,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mixup_alpha = 0.0
     c.cutmix_alpha = 0.0
     c.seed = 0
+    c.shuffle_seeding = "hashed"        # how seed orders the epochs: "hashed" (each seed its own orders) or "offset"
+                                        # (Grain's shuffle seeded with seed itself, epoch e with seed + e: seed s + 1
+                                        # saw seed s's orders one epoch later); runs saved before this key resume
+                                        # with "offset" (VALUE_BEFORE_ADDED)
     # the parts of torchvision's V2 and timm's ResNet Strikes Back recipes (train/configs/imagenet_resnet50_*.py)
     c.auto_augment = ""                 # after the crop/flip: "ta_wide" (TrivialAugmentWide), "ra" (RandAugment,
                                         # 2 ops at magnitude 9), both torchvision's, or timm's "rand-m7-mstd0.5-inc1"
@@ -134,8 +138,12 @@ CONTINUABLE = ("num_epochs", "max_steps", "log_every_steps", "checkpoint_every_s
 # off node-local disk blocked its resume).
 STARTING_WEIGHTS = ("init_from", "weights_file", "init_from_step", "init_from_ema")
 # What published weights named in init_from fill in where the config leaves them unset (_check_eval_preprocessing).
-# A resumed run keeps its saved values of these instead (workdir.kept_preprocessing): init_from is not read again.
+# A resumed run keeps its saved values of these instead (workdir.kept_values): init_from is not read again.
 FILLED_BY_WEIGHTS = ("eval_resize", "eval_crop", "eval_interpolation", "eval_crop_mode", "mean", "std")
+# Keys whose default changed what a run computes when they were added: the value runs saved before the key existed
+# used. A resume of such a run keeps it (workdir.kept_values) and the comparison completes the saved config with it,
+# so an old run goes on exactly as it started; a new run takes the default.
+VALUE_BEFORE_ADDED = {"shuffle_seeding": "offset"}
 # The number of processes is not compared here: it can come from the environment, so the checkpoint records the
 # count that wrote it and a resume with another count is refused there (the data position is saved per process).
 PER_INVOCATION = ("restart", "coordinator_address", "num_processes", "process_id")
@@ -189,6 +197,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice("train_interpolation", full.train_interpolation, TRAIN_INTERPOLATIONS)
     _choice("lr_scaling", full.lr_scaling, ("linear", "none"))
     _choice("normalize", full.normalize, ("dataset", "imagenet"))
+    _choice("shuffle_seeding", full.shuffle_seeding, SHUFFLE_SEEDINGS)
     _check_kinds(full)  # first: the checks after it compare numbers (None had been int()'s TypeError)
     for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "image_size"):

@@ -32,7 +32,8 @@ import ml_collections
 from resnet_jax.atomic import replace_atomically
 from resnet_jax.checkpoint import DAMAGED_DIR, Checkpointer, ConfigMismatch, has_checkpoints
 from resnet_jax.parallel import initialize_distributed, process_failures, process_strings, sync_processes
-from resnet_jax.training.config import (CONTINUABLE, FILLED_BY_WEIGHTS, PER_INVOCATION, STARTING_WEIGHTS, base_config,
+from resnet_jax.training.config import (CONTINUABLE, FILLED_BY_WEIGHTS, PER_INVOCATION, STARTING_WEIGHTS,
+                                        VALUE_BEFORE_ADDED, base_config,
                                         validate)
 from resnet_jax.training.metrics_log import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
@@ -241,22 +242,25 @@ def saved_config(workdir: Path) -> dict[str, Any] | None:
         checkpoints.close()
 
 
-def kept_preprocessing(given: ml_collections.ConfigDict, validated: ml_collections.ConfigDict,
-                       workdir: Path) -> dict[str, Any]:
-    """For a run that will resume in ``workdir``: the saved values of the keys published weights fill in
-    (``FILLED_BY_WEIGHTS``) that the ``given`` config leaves unset and ``validated`` resolved otherwise; ``{}`` for
-    a new run or a restart.
+def kept_values(given: ml_collections.ConfigDict, validated: ml_collections.ConfigDict,
+                workdir: Path) -> dict[str, Any]:
+    """For a run that will resume in ``workdir``: the saved values of the keys the ``given`` config leaves unset
+    where ``validated`` resolved them otherwise; ``{}`` for a new run or a restart. Two kinds of key:
 
-    Why: ``init_from`` is read only by a run's first start, so a resume may drop or change it (STARTING_WEIGHTS),
-    but validate fills these keys from the published weights it names; without the name they fell back to their
-    defaults, and the resume was refused as changing the run's evaluation and normalisation. A key the config
-    sets is left to the comparison with the saved run (``check``), which refuses another value."""
+    - those published weights fill in (``FILLED_BY_WEIGHTS``): ``init_from`` is read only by a run's first start,
+      so a resume may drop or change it (STARTING_WEIGHTS), but validate fills these keys from the weights it
+      names; without the name they fell back to their defaults, and the resume was refused as changing the run's
+      evaluation and normalisation;
+    - those added with a new default (``VALUE_BEFORE_ADDED``): a run saved before the key existed used the old
+      value, and resumed under the new one it would change course mid-run (another order of the epoch's rest).
+
+    A key the config sets is left to the comparison with the saved run (``check``), which refuses another value."""
     if given.get("restart") or not has_checkpoints(workdir):
         return {}
-    saved = saved_config(workdir) or {}
+    saved = {**VALUE_BEFORE_ADDED, **(saved_config(workdir) or {})}
     defaults, resolved = as_plain_dict(base_config()), as_plain_dict(validated)
     kept = {}
-    for key in FILLED_BY_WEIGHTS:
+    for key in (*FILLED_BY_WEIGHTS, *VALUE_BEFORE_ADDED):
         value = given.get(key, defaults[key])
         unset = (list(value) if isinstance(value, (list, tuple)) else value) == defaults[key]
         if unset and key in saved and saved[key] != resolved[key]:
@@ -274,7 +278,8 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
     run started counts as unchanged unless set otherwise: the saved side takes the value its default resolves to
     under the new config's other settings (``validate`` turns ``eval_interpolation``'s "" into "bilinear" or
     the published weights' own; compared with the raw "", a run saved before the key existed was refused, and
-    setting it back could not help)."""
+    setting it back could not help). A key whose default changed what runs compute takes the value runs used
+    before it existed (``VALUE_BEFORE_ADDED``), which ``kept_values`` gives the resumed run."""
     defaults = as_plain_dict(base_config())
     added = {key: value for key, value in defaults.items() if key not in old}
     completed = {**defaults, **old}
@@ -283,7 +288,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
             resolved = as_plain_dict(validate(ml_collections.ConfigDict({**new, **added})))
         except (ValueError, TypeError, OSError):  # they do not validate under the new settings: compare them raw
             resolved = defaults
-        completed.update({key: resolved[key] for key in added})
+        completed.update({key: VALUE_BEFORE_ADDED.get(key, resolved[key]) for key in added})
     changes = _differences(_flatten(completed), _flatten(new))
     return {key: change for key, change in changes.items() if key.split(".")[0] not in PER_INVOCATION}
 
