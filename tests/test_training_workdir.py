@@ -1,9 +1,12 @@
 """A workdir is the record of one run: a changed config is refused with nothing written, safe changes continue,
 starting over is explicit and moves the old run aside, and no history is ever truncated by a fresh start."""
 
+import contextlib
 import copy
 import json
 import shutil
+import subprocess
+import sys
 import textwrap
 
 import ml_collections
@@ -200,14 +203,9 @@ def saved(tmp_path):
     return with_checkpoint(tmp_path)
 
 
-def test_a_workdir_in_use_by_another_run_is_refused_naming_it(tmp_path):
-    """Two runs in one workdir trained side by side: each deleted the other's old checkpoints (one ended in a
-    traceback) and their metrics.jsonl rows interleaved. While a process holds the workdir (here another process
-    running the run's own lock), a run there is refused, writing nothing; once it is gone, the run starts."""
-    import subprocess
-    import sys
-
-    workdir = tmp_path / "run"
+@contextlib.contextmanager
+def held_elsewhere(workdir):
+    """Another process holding ``workdir`` with the run's own lock; yields its pid."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
@@ -218,13 +216,32 @@ def test_a_workdir_in_use_by_another_run_is_refused_naming_it(tmp_path):
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ValueError, match=rf"{workdir} is in use by another run \(process {holder.pid} on this machine\)"):
-            train(config(), workdir)
-        assert [p.name for p in workdir.iterdir()] == [".lock"]
+        yield holder.pid
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_workdir_in_use_by_another_run_is_refused_naming_it(tmp_path):
+    """Two runs in one workdir trained side by side: each deleted the other's old checkpoints (one ended in a
+    traceback) and their metrics.jsonl rows interleaved. While a process holds the workdir (here another process
+    running the run's own lock), a run there is refused, writing nothing; once it is gone, the run starts."""
+    workdir = tmp_path / "run"
+    with held_elsewhere(workdir) as pid:
+        with pytest.raises(ValueError, match=rf"{workdir} is in use by another run \(process {pid} on this machine\)"):
+            train(config(), workdir)
+        assert [p.name for p in workdir.iterdir()] == [".lock"]
     assert train(config(max_steps=2), workdir).stop_reason
+
+
+def test_a_changed_config_refused_as_in_use_does_not_say_it_continues(run_copy):
+    """The accepted change was logged ("continuing the run ... with changed settings") before the lock refused
+    the run: it now comes once the run holds the workdir."""
+    said = []
+    with held_elsewhere(run_copy):
+        with pytest.raises(ValueError, match="is in use by another run"):
+            train(config(max_steps=12), run_copy, log=said.append)
+    assert said and not any("continuing" in line for line in said), said
 
 
 def test_every_key_is_refused_continuable_or_per_invocation():
@@ -273,6 +290,28 @@ def test_a_run_saved_before_a_key_existed_resumes_at_the_value_its_default_resol
     other.eval_crop_mode = "squash"
     with pytest.raises(ConfigMismatch, match='eval_crop_mode: "center" -> "squash"'):
         check(tmp_path, other, messages.append)
+
+
+def test_a_run_saved_before_its_shuffle_was_hashed_resumes_in_its_own_order(tmp_path):
+    """``shuffle_seeding`` came with a new default ("hashed"); a run saved before it was shuffled "offset". Resumed
+    as is, the rest of its epoch would follow another order (images seen twice, others never): ``setup`` keeps
+    "offset" for it (``VALUE_BEFORE_ADDED``) and ``check`` finds no change; asking for "hashed" there is refused,
+    a restart or a new run takes "hashed"."""
+    from resnet_jax.training.loop import setup
+
+    write_config(with_checkpoint(tmp_path), setup(config()).config)  # as train records it
+    recorded = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert recorded.pop("shuffle_seeding") == "hashed"
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(recorded))
+    resumed = setup(config(), tmp_path).config
+    assert resumed.shuffle_seeding == "offset"
+    messages = []
+    check(tmp_path, resumed, messages.append)
+    assert messages == []
+    with pytest.raises(ConfigMismatch, match='shuffle_seeding: "offset" -> "hashed"'):
+        check(tmp_path, setup(config(shuffle_seeding="hashed")).config, messages.append)
+    assert setup(config(restart=True), tmp_path).config.shuffle_seeding == "hashed"
+    assert setup(config(), tmp_path / "new").config.shuffle_seeding == "hashed"
 
 
 @pytest.mark.parametrize("key", PER_INVOCATION)

@@ -76,8 +76,9 @@ class RunSetup:
 
 def setup(config: ml_collections.ConfigDict, workdir: Path | None = None) -> RunSetup:
     """Validate and build the pieces of a run; every configuration error surfaces here, before compiling.
-    ``workdir``: where the run will train; a run resuming there keeps the evaluation and normalisation keys its
-    saved config holds where ``config`` leaves them unset (``workdir.kept_preprocessing``)."""
+    ``workdir``: where the run will train; a run resuming there keeps the evaluation and normalisation keys, and
+    those whose default came later, as its saved config holds them where ``config`` leaves them unset
+    (``workdir.kept_values``)."""
     try:
         given, config = config, validate(config)
     except ValueError as err:
@@ -90,7 +91,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path | None = None) -> Run
     run_dir.check_processes_agree(config)  # first: a process that refused its config waits in this exchange
     if workdir is not None:
         run_dir.check_shared(workdir)  # before reading it: with local disks, each host would read other settings
-        kept = run_dir.kept_preprocessing(given, config, workdir)
+        kept = run_dir.kept_values(given, config, workdir)
         if kept:  # the same on every process, read from the one shared workdir
             config = validate(ml_collections.ConfigDict({**dict(given.items()), **kept}))
     check_batch_size(config.batch_size, mesh)
@@ -147,13 +148,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[
         workdir = Path(workdir)
         run = setup(config, workdir)
         stop.mesh = run.mesh
-        run_dir.check(workdir, run.config, log, run.train_source.fingerprint())
+        accepted: list[str] = []  # logged once the run holds the workdir: a run refused as in use continues nothing
+        run_dir.check(workdir, run.config, accepted.append, run.train_source.fingerprint())
         log(f"{run.config.model} on {run.mesh.devices.size} {jax.default_backend()} device(s); convolutions: "
             f"{ops.describe(getattr(run.model, 'conv_impl', 'auto'))}")
         if stop.received_anywhere():
             _stopped_before_starting(stop, log, 0, "before it started", "nothing was written")
         with compilation_cache(run.config.compilation_cache_dir):
-            loop = _start(run, workdir, log, start_from, stop)
+            loop = _start(run, workdir, log, start_from, stop, accepted)
             try:
                 if stop.received_anywhere():
                     _stopped_before_starting(stop, log, loop.step, "before its first step",
@@ -173,11 +175,13 @@ def _stopped_before_starting(stop: StopOnSignal, log: Callable[[str], None], ste
     raise interrupted
 
 
-def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from, stop: StopOnSignal) -> _Loop:
+def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from, stop: StopOnSignal,
+           accepted: list[str] = ()) -> _Loop:
     """The setup/restore phase: the loaders and the state's structure, then the state restored (``_restore``)
     or initialised, and the loop's pieces. Separate from the loop because it alone decides where a run starts,
     and it is the first phase that writes: nothing before ``_restore``'s ``sync_processes`` changes the workdir,
-    so every process has read it as it was."""
+    so every process has read it as it was. ``accepted``: what ``workdir.check`` accepted of a changed config,
+    logged once the lock is held (it had announced "continuing the run" for a run then refused as in use)."""
     config, mesh, model = run.config, run.mesh, run.model
     num_classes = run.train_source.num_classes
     class_names = list(config.class_names or run.train_source.class_names) or [str(i) for i in range(num_classes)]
@@ -187,6 +191,7 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from,
                                      seed=config.seed, worker_count=config.num_workers,
                                      auto_augment=config.auto_augment, random_erasing=config.random_erasing,
                                      ra_reps=config.ra_reps, train_interpolation=config.train_interpolation,
+                                     shuffle_seeding=config.shuffle_seeding,
                                      **loader_args)
     val_loader = data.eval_loader(run.val_source, batch_size=config.eval_batch_size,
                                   crop_fraction=config.eval_crop_fraction, transform=eval_transform(config),
@@ -205,6 +210,8 @@ def _start(run: RunSetup, workdir: Path, log: Callable[[str], None], start_from,
     fresh = config.restart or not has_checkpoints(workdir)
     initial = initial_variables(config, model, input_shape, log, start_from) if fresh else None
     held = run_dir.lock(workdir)  # from the first write to the run's end
+    for line in accepted:  # what ``check`` accepted of a changed config
+        log(line)
     try:
         checkpoints, iterator, restored = _restore(config, workdir, train_loader, abstract, log)
     except BaseException:
