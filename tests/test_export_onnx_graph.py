@@ -46,6 +46,14 @@ AFTER = {
     "reshape_transposed": lambda z: jax.lax.reshape(z.reshape(z.shape[0], 1, z.shape[1]), z.shape,
                                                     dimensions=(0, 2, 1)),
     "custom_vjp": _doubled,
+    # a broadcast is held at size 1 on its new axes (keep-dims) for the elementwise op that consumes it; a sum over
+    # such an axis summed one copy (1/4 of these logits), after a multiply as well, and came out without a word
+    "sum_of_broadcast": lambda z: jnp.broadcast_to(z[:, None, :], (z.shape[0], 4, z.shape[1])).sum(axis=1),
+    "sum_of_scaled_broadcast": lambda z: (jnp.broadcast_to(z[:, None, :], (z.shape[0], 4, z.shape[1])) * 2).sum(1),
+    # written as (batch, 1) where (batch, 5) is declared: was onnx.checker's ShapeInferenceError
+    "broadcast_output": lambda z: jnp.broadcast_to(jax.lax.slice_in_dim(z, 0, 1, axis=1), z.shape),
+    # elementwise all the way: exported
+    "broadcast_added": lambda z: jnp.broadcast_to(jax.lax.slice_in_dim(z, 0, 1, axis=1), z.shape) * 2 + z,
 }
 
 
@@ -82,6 +90,9 @@ REFUSED = [  # (after, what the sentence names)
     ("top_k", "'top_k' returns 2 values and the translation handles one"),
     ("int32", "'convert_element_type' computes int32 values and the translation handles float32"),
     ("reshape_transposed", "'reshape' transposes its operand first (dimensions=(0, 2, 1)), which is not translated"),
+    ("sum_of_broadcast", "reduce_sum takes a broadcast value, which the translation holds at size 1 on its new axes"),
+    ("sum_of_scaled_broadcast", "reduce_sum takes a broadcast value"),
+    ("broadcast_output", "the output takes a broadcast value"),
 ]
 
 
@@ -156,6 +167,12 @@ def exported_equals_apply(model, variables, tmp_path, prep=PREP, channels=1, bou
 
 def test_a_custom_vjp_function_is_inlined_as_its_forward_computation(tmp_path):
     exported_equals_apply(*wrapped("custom_vjp"), tmp_path)
+
+
+def test_a_broadcast_consumed_elementwise_exports_at_size_one(tmp_path):
+    """The keep-dims broadcast the refusals above guard: consumed elementwise (a multiply, then an add with a full
+    value), it exports and equals model.apply."""
+    exported_equals_apply(*wrapped("broadcast_added"), tmp_path)
 
 
 def test_a_remat_model_exports(tmp_path):

@@ -3,14 +3,16 @@
 The graph is not a second description of the network. ``inference_function`` (normalisation + the
 BatchNorm-folded model, ``export/stablehlo.py``) is traced once with a symbolic batch axis, and each equation of
 its jaxpr becomes an ONNX node. So every model ``create_model`` builds, and any block changed later, is exported
-as exactly what ``model.apply`` computes: fixing a block fixes every artifact.
+as the computation ``model.apply`` describes: fixing a block fixes every artifact. (A bfloat16 model's artifact
+computes in bfloat16 everywhere; ``model.apply`` runs it in float32 on a CPU without bfloat16 instructions.)
 
 How the translation stays small:
 - Everything that does not depend on the images (folded weights, BatchNorm's ``rsqrt(var + eps)`` in
   pre-activation blocks, average-pool divisors, broadcasts of constants) is evaluated here, in numpy, and
   stored as an initializer.
 - A broadcast whose shape holds the symbolic batch axis keeps its size-1 axes (numpy-style keep-dims); the
-  elementwise op that consumes it broadcasts it, as ONNX ops do.
+  elementwise op that consumes it broadcasts it, as ONNX ops do. Any other consumer of such a value (a
+  reduction, a reshape, a convolution) is refused, as is a keep-dims output.
 - Image tensors (rank 4, NHWC in JAX) live in ONNX's NCHW. Rank-4 constants are transposed to match, and
   convolution, pooling, reduction, pad and slice map their axes through that one permutation.
 
@@ -53,6 +55,10 @@ CALLS = {"jit": "jaxpr", "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "ca
 # intermediates in float32 instead, so the artifact equals model.apply within bfloat16 rounding, not bit for bit.
 EMULATED = {np.dtype(jnp.bfloat16), np.dtype(np.float16)}
 TRANSLATED = EMULATED | {np.dtype(np.float32)}  # the dtypes of image-dependent values the rules handle
+# The consumers a keep-dims broadcast may reach (ONNX broadcasts their operands, and their results keep the
+# operands' size-1 axes); any other primitive given one is refused (a reduction would sum the size-1 axis, a
+# reshape or a convolution would read the wrong shape).
+BROADCASTING = {*ELEMENTWISE, *UNARY, "convert_element_type"}
 
 
 def _concrete(shape) -> bool:
@@ -62,6 +68,20 @@ def _concrete(shape) -> bool:
 def _body(value) -> tuple[Jaxpr, list]:
     """A call's body and its constants (remat2 holds an open jaxpr, the others a closed one)."""
     return (value.jaxpr, value.consts) if isinstance(value, ClosedJaxpr) else (value, [])
+
+
+def _broadcast(shapes) -> tuple:
+    """The shape ONNX gives an elementwise result (numpy's rule): per axis from the right, the one size other
+    than 1, else 1. Where an operand is a keep-dims broadcast, so is the result (its aval's shape is larger)."""
+    rank = max(len(s) for s in shapes)
+    padded = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]
+    return tuple(next((d for d in axis if not (isinstance(d, (int, np.integer)) and d == 1)), 1)
+                 for axis in zip(*padded))
+
+
+def _unexpanded(consumer: str) -> ValueError:
+    return refuse(f"{consumer} takes a broadcast value, which the translation holds at size 1 on its new axes "
+                  "(numpy-style keep-dims), valid for elementwise operations only")
 
 
 def _has_body(params: dict) -> bool:
@@ -140,8 +160,12 @@ class _Translator:
         if np.dtype(aval.dtype) not in TRANSLATED:
             raise refuse(f"{name!r} computes {aval.dtype} values and the translation handles float32, bfloat16 "
                          "and float16")
+        shapes = [a.shape if isinstance(a, Tensor) else np.shape(a) for a in args]
+        broadcasting = name in BROADCASTING
+        if not broadcasting and any(tuple(s) != tuple(v.aval.shape) for s, v in zip(shapes, eqn.invars)):
+            raise _unexpanded(name)
         out = RULES[name](self, params, args, tuple(aval.shape))
-        out, shape = out if isinstance(out, tuple) else (out, tuple(aval.shape))
+        out, shape = out if isinstance(out, tuple) else (out, _broadcast(shapes) if broadcasting else aval.shape)
         if np.dtype(aval.dtype) in EMULATED:  # rounded to its dtype, as the model computes it
             narrow = self.helper.np_dtype_to_tensor_dtype(np.dtype(aval.dtype))
             out = self.node("Cast", [self.node("Cast", [out], to=narrow)], to=self.float)
@@ -207,6 +231,10 @@ def build_onnx(model, variables: dict[str, Any], preprocessing: Preprocessing):
     t = _Translator()
     nchw = t.node("Transpose", [INPUT_NAME], perm=list(NCHW))
     (logits,) = t.run(closed.jaxpr, [Tensor(nchw, images.shape, images.dtype)], closed.consts)
+    if not isinstance(logits, Tensor):
+        raise refuse("the logits do not depend on the images")
+    if logits.shape != tuple(closed.jaxpr.outvars[0].aval.shape):
+        raise _unexpanded("the output")
     t.nodes.append(helper.make_node("Identity", [logits.name], [OUTPUT_NAME]))
     t.fuse_conv_bias()
     graph = helper.make_graph(
